@@ -1,0 +1,29 @@
+# spool_ext — PGXS build (PostgreSQL 15)
+
+MODULE_big = spool_ext
+OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
+
+EXTENSION = spool_ext
+DATA = $(sort $(wildcard spool_ext--*.sql))
+PGFILEDESC = "spool_ext - leases, fencing, nonces and Kafka-fed pipelines"
+
+PG_CPPFLAGS = -I$(srcdir)/src
+SHLIB_LINK =
+
+# Every test layer runs against a throwaway instance with the library preloaded.
+TEMP_CONF = $(srcdir)/test/spool_test.conf
+REGRESS = setup lease nonce errors security
+REGRESS_OPTS = --temp-instance=$(CURDIR)/tmp_regress --temp-config=$(TEMP_CONF)
+ISOLATION = lease_race fence_steal nonce_concurrent nonce_holes
+ISOLATION_OPTS = --temp-instance=$(CURDIR)/tmp_isolation --temp-config=$(TEMP_CONF) \
+	--load-extension=spool_ext
+TAP_TESTS = 1
+PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
+PROVE_FLAGS = -I $(srcdir)/test
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+.PHONY: check-all
+check-all: installcheck

@@ -1,0 +1,109 @@
+/*-------------------------------------------------------------------------
+ *
+ * guc.c
+ *	  The spool.* configuration settings (documented in docs/operations.md).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "utils/guc.h"
+
+#include "spool.h"
+
+char	   *spool_database = NULL;
+int			spool_nonce_workers = 2;
+int			spool_nonce_queue_size = 1024;
+int			spool_nonce_batch_max = 256;
+int			spool_nonce_lease_ttl_ms = 10000;
+int			spool_nonce_request_timeout_ms = 10000;
+int			spool_nonce_stall_timeout_ms = 3000;
+int			spool_lease_wait_timeout_ms = 1000;
+int			spool_lease_max_ttl_s = 86400;
+int			spool_test_worker_pause_ms = 0;
+
+void
+spool_define_gucs(void)
+{
+	DefineCustomStringVariable("spool.database",
+							   "Database in which the spool launcher runs the extension's workers.",
+							   NULL,
+							   &spool_database,
+							   "postgres",
+							   PGC_POSTMASTER, 0,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_workers",
+							"Number of nonce service workers for spool.nonce_request (0 disables worker-queue mode).",
+							NULL,
+							&spool_nonce_workers,
+							2, 0, SPOOL_MAX_NONCE_WORKERS,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_queue_size",
+							"Number of worker-queue nonce requests that can wait at once.",
+							NULL,
+							&spool_nonce_queue_size,
+							1024, 16, 65536,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_batch_max",
+							"Most requests a nonce worker commits in one transaction.",
+							NULL,
+							&spool_nonce_batch_max,
+							256, 1, 65536,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_lease_ttl",
+							"Lease time-to-live a nonce worker uses for the signers it serves.",
+							NULL,
+							&spool_nonce_lease_ttl_ms,
+							10000, 100, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_request_timeout",
+							"How long spool.nonce_request waits for its nonce before raising an error.",
+							NULL,
+							&spool_nonce_request_timeout_ms,
+							10000, 10, 3600 * 1000,
+							PGC_USERSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_stall_timeout",
+							"How long a nonce worker with pending requests may make no progress before it is replaced.",
+							NULL,
+							&spool_nonce_stall_timeout_ms,
+							3000, 100, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.lease_wait_timeout",
+							"How long acquiring an expired lease waits for the old holder's fenced transactions, before and after terminating them.",
+							NULL,
+							&spool_lease_wait_timeout_ms,
+							1000, 1, 600 * 1000,
+							PGC_SUSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.lease_max_ttl",
+							"Longest lease time-to-live accepted by the lease functions.",
+							NULL,
+							&spool_lease_max_ttl_s,
+							86400, 1, 365 * 86400,
+							PGC_SUSET, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.test_worker_pause",
+							"Testing only: a nonce worker waits this long after fencing a batch, before committing it.",
+							NULL,
+							&spool_test_worker_pause_ms,
+							0, 0, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS | GUC_NOT_IN_SAMPLE,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("spool");
+}

@@ -1,0 +1,586 @@
+/*-------------------------------------------------------------------------
+ *
+ * lease.c
+ *	  Leases with fencing tokens: acquire, renew, release, fence.
+ *
+ * A lease is a row of spool.lease_store.  Its token only grows, and a row is
+ * never deleted, so tokens keep increasing across restarts and crash
+ * recovery (the row is WAL-logged).  The database clock decides expiry.
+ *
+ * fence() takes a FOR KEY SHARE lock on the row; granting a new token takes
+ * FOR UPDATE, which conflicts with it.  So a new token cannot be granted while
+ * a transaction fenced with the old one is still open (L-2).  Renewal and
+ * release only take FOR NO KEY UPDATE, which does not conflict with fences.
+ *
+ * A fenced transaction that outlives its lease would block a rival forever;
+ * fence() therefore records (resource, token) in shared memory, and an
+ * acquirer that waits longer than spool.lease_wait_timeout terminates the
+ * backends holding fences with the stale token, then waits once more.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <signal.h>
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/proc.h"
+#include "storage/spin.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "spool.h"
+
+PG_FUNCTION_INFO_V1(spool_lease_acquire);
+PG_FUNCTION_INFO_V1(spool_lease_renew);
+PG_FUNCTION_INFO_V1(spool_lease_release);
+PG_FUNCTION_INFO_V1(spool_fence);
+
+/* A lease row as read by SPI. */
+typedef struct LeaseRow
+{
+	bool		found;
+	char	   *owner;			/* NULL when never granted */
+	int64		token;
+	bool		live;			/* expires_at > clock_timestamp() */
+	TimestampTz expires_at;
+} LeaseRow;
+
+#define LEASE_COLS "owner, token, expires_at, " \
+	"coalesce(expires_at > clock_timestamp(), false)"
+
+static SPIPlanPtr plan_read = NULL;
+static SPIPlanPtr plan_lock = NULL;
+static SPIPlanPtr plan_fence = NULL;
+static SPIPlanPtr plan_insert = NULL;
+static SPIPlanPtr plan_renew = NULL;
+static SPIPlanPtr plan_grant = NULL;
+static SPIPlanPtr plan_release = NULL;
+static bool fence_callback_registered = false;
+
+static LeaseRow lease_fetch(SPIPlanPtr plan, const char *resource);
+static bool lease_lock(const char *resource, LeaseRow *row);
+static bool lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row);
+static bool lease_renew_locked(const char *resource, const char *owner,
+							   int64 token, int64 ttl_us, TimestampTz *expires);
+static void fence_register(const char *resource, int64 token);
+static void fence_xact_callback(XactEvent event, void *arg);
+static int	fence_terminate_holders(const char *resource, int64 token);
+static void lease_report_not_held(const char *resource, const char *owner,
+								  int64 token, const char *action);
+
+static inline uint32
+resource_hash(const char *resource)
+{
+	return hash_bytes((const unsigned char *) resource, strlen(resource));
+}
+
+static inline bool
+same_owner(const char *a, const char *b)
+{
+	return a != NULL && b != NULL && strcmp(a, b) == 0;
+}
+
+static LeaseRow
+lease_fetch(SPIPlanPtr plan, const char *resource)
+{
+	Datum		arg = CStringGetTextDatum(resource);
+	LeaseRow	row = {0};
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	spool_exec(plan, &arg, NULL, false, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return row;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	row.found = true;
+	row.owner = SPI_getvalue(tup, desc, 1);
+	row.token = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+	row.expires_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
+	if (isnull)
+		row.expires_at = DT_NOBEGIN;
+	row.live = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+	return row;
+}
+
+static SPIPlanPtr
+read_plan(void)
+{
+	Oid			t[1] = {TEXTOID};
+
+	return spool_plan(&plan_read,
+					  "SELECT " LEASE_COLS " FROM spool.lease_store WHERE resource = $1",
+					  1, t);
+}
+
+/*
+ * Lock the row FOR UPDATE, waiting at most spool.lease_wait_timeout; if a
+ * fenced transaction with the old token still blocks, terminate it and wait
+ * once more.  Returns false (and leaves the lease alone) if still blocked.
+ */
+static bool
+lease_lock(const char *resource, LeaseRow *row)
+{
+	int64		stale_token = row->token;
+
+	if (lease_try_lock(resource, spool_lease_wait_timeout_ms, row))
+		return true;
+	if (fence_terminate_holders(resource, stale_token) == 0)
+		return false;
+	return lease_try_lock(resource, spool_lease_wait_timeout_ms, row);
+}
+
+/* One bounded attempt at SELECT ... FOR UPDATE, in a subtransaction. */
+static bool
+lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	int			save_timeout = LockTimeout;
+	volatile bool locked = false;
+	Oid			t[1] = {TEXTOID};
+
+	spool_plan(&plan_lock,
+			   "SELECT " LEASE_COLS " FROM spool.lease_store WHERE resource = $1 FOR UPDATE",
+			   1, t);
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		LockTimeout = timeout_ms;
+		*row = lease_fetch(plan_lock, resource);
+		LockTimeout = save_timeout;
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		locked = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		LockTimeout = save_timeout;
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+			ReThrowError(edata);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return locked;
+}
+
+static bool
+lease_renew_locked(const char *resource, const char *owner, int64 token,
+				   int64 ttl_us, TimestampTz *expires)
+{
+	Oid			t[4] = {TEXTOID, TEXTOID, INTERVALOID, INT8OID};
+	Datum		v[4];
+	bool		isnull;
+
+	spool_plan(&plan_renew,
+			   "UPDATE spool.lease_store SET expires_at = clock_timestamp() + $3,"
+			   " renewed_at = clock_timestamp()"
+			   " WHERE resource = $1 AND owner = $2 AND token = $4"
+			   " AND expires_at > clock_timestamp() RETURNING expires_at",
+			   4, t);
+	v[0] = CStringGetTextDatum(resource);
+	v[1] = CStringGetTextDatum(owner);
+	v[2] = spool_ttl_datum(ttl_us);
+	v[3] = Int64GetDatum(token);
+	if (spool_exec(plan_renew, v, NULL, false, SPI_OK_UPDATE_RETURNING) == 0)
+		return false;
+	*expires = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+												 SPI_tuptable->tupdesc, 1, &isnull));
+	return true;
+}
+
+/*
+ * Acquire or renew resource for owner.  The caller is connected to SPI.
+ * may_steal, when given, allows taking a live lease from a holder it approves
+ * (the nonce workers use it to take over from a dead or replaced worker).
+ */
+SpoolLease
+spool_lease_acquire_internal(const char *resource, const char *owner,
+							 int64 ttl_us, spool_may_steal_fn may_steal)
+{
+	SpoolLease	result = {0};
+	int			attempt;
+
+	for (attempt = 0; attempt < 4; attempt++)
+	{
+		LeaseRow	row = lease_fetch(read_plan(), resource);
+		Oid			t[3] = {TEXTOID, TEXTOID, INTERVALOID};
+		Datum		v[3];
+		bool		isnull;
+
+		if (!row.found)
+		{
+			Oid			ti[1] = {TEXTOID};
+			Datum		arg = CStringGetTextDatum(resource);
+
+			spool_plan(&plan_insert,
+					   "INSERT INTO spool.lease_store (resource) VALUES ($1)"
+					   " ON CONFLICT DO NOTHING",
+					   1, ti);
+			spool_exec(plan_insert, &arg, NULL, false, SPI_OK_INSERT);
+			continue;
+		}
+
+		/* Same owner, live lease: a renewal that keeps the token. */
+		if (row.live && same_owner(row.owner, owner))
+		{
+			if (lease_renew_locked(resource, owner, row.token, ttl_us,
+								   &result.expires_at))
+			{
+				result.held = true;
+				result.token = row.token;
+				return result;
+			}
+			continue;			/* it expired or moved meanwhile */
+		}
+
+		if (row.live && !(may_steal && row.owner && may_steal(row.owner)))
+			return result;		/* another owner holds a live lease */
+
+		/* Free, expired or stealable: a new grant needs the row lock. */
+		if (!lease_lock(resource, &row))
+		{
+			ereport(DEBUG1,
+					(errmsg("lease \"%s\" is still fenced by a transaction of its previous holder",
+							resource)));
+			return result;
+		}
+		if (row.live && same_owner(row.owner, owner))
+		{
+			if (!lease_renew_locked(resource, owner, row.token, ttl_us,
+									&result.expires_at))
+				elog(ERROR, "could not renew locked lease \"%s\"", resource);
+			result.held = true;
+			result.token = row.token;
+			return result;
+		}
+		if (row.live && !(may_steal && row.owner && may_steal(row.owner)))
+			return result;
+
+		spool_plan(&plan_grant,
+				   "UPDATE spool.lease_store SET owner = $2, token = token + 1,"
+				   " expires_at = clock_timestamp() + $3,"
+				   " granted_at = clock_timestamp(), renewed_at = NULL,"
+				   " grants = grants + 1"
+				   " WHERE resource = $1 RETURNING token, expires_at",
+				   3, t);
+		v[0] = CStringGetTextDatum(resource);
+		v[1] = CStringGetTextDatum(owner);
+		v[2] = spool_ttl_datum(ttl_us);
+		if (spool_exec(plan_grant, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
+			elog(ERROR, "lease \"%s\" vanished while locked", resource);
+		result.held = true;
+		result.token = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+												   SPI_tuptable->tupdesc, 1, &isnull));
+		result.expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+															  SPI_tuptable->tupdesc, 2, &isnull));
+		return result;
+	}
+	elog(ERROR, "could not acquire lease \"%s\": it kept changing", resource);
+	return result;				/* keep compiler quiet */
+}
+
+/*
+ * Raise the precise reason why owner does not hold resource with token.
+ */
+static void
+lease_report_not_held(const char *resource, const char *owner, int64 token,
+					  const char *action)
+{
+	LeaseRow	row = lease_fetch(read_plan(), resource);
+
+	if (!row.found)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("lease \"%s\" does not exist", resource),
+				 errhint("Call spool.lease_acquire first.")));
+	if (!same_owner(row.owner, owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
+				 errmsg("cannot %s lease \"%s\": it is not held by \"%s\"",
+						action, resource, owner),
+				 row.owner ? errdetail("It was last granted to \"%s\" with token " INT64_FORMAT ".",
+									   row.owner, row.token) : 0));
+	if (row.token != token)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
+				 errmsg("cannot %s lease \"%s\": token " INT64_FORMAT " is stale",
+						action, resource, token),
+				 errdetail("The current token is " INT64_FORMAT ".", row.token),
+				 errhint("The lease was granted again since; acquire it again.")));
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
+			 errmsg("cannot %s lease \"%s\": it has expired", action, resource),
+			 errhint("Acquire it again; the new grant will carry a new token.")));
+}
+
+/*
+ * Check that token is the current token of a live lease on resource and lock
+ * the row FOR KEY SHARE until the end of the transaction.  owner, when given,
+ * must be the holder; signer, when given, words the errors for a signer.
+ */
+void
+spool_fence_internal(const char *resource, int64 token, const char *owner,
+					 const char *signer)
+{
+	Oid			t[1] = {TEXTOID};
+	LeaseRow	row;
+
+	row = lease_fetch(spool_plan(&plan_fence,
+								 "SELECT " LEASE_COLS " FROM spool.lease_store"
+								 " WHERE resource = $1 FOR KEY SHARE",
+								 1, t),
+					  resource);
+	if (!row.found || row.owner == NULL)
+	{
+		if (signer)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+					 errmsg("signer \"%s\" has no lease", signer),
+					 errhint("Acquire the lease \"%s\" with spool.lease_acquire first.", resource)));
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("lease \"%s\" does not exist", resource),
+				 errhint("Call spool.lease_acquire first.")));
+	}
+	if (row.token != token)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
+				 errmsg("fencing token " INT64_FORMAT " for lease \"%s\" is stale",
+						token, resource),
+				 errdetail("The current token is " INT64_FORMAT ", held by \"%s\".",
+						   row.token, row.owner),
+				 errhint("Another owner took the lease over; this write must not happen.")));
+	if (owner && !same_owner(row.owner, owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
+				 errmsg("lease \"%s\" is not held by \"%s\"", resource, owner),
+				 errdetail("Token " INT64_FORMAT " belongs to \"%s\".", row.token, row.owner)));
+	if (!row.live)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
+				 errmsg("lease \"%s\" with token " INT64_FORMAT " has expired",
+						resource, token),
+				 errhint("Renew the lease before it expires, or acquire it again.")));
+	fence_register(resource, token);
+}
+
+/* Record (resource, token) for this backend until the transaction ends. */
+static void
+fence_register(const char *resource, int64 token)
+{
+	SpoolFenceSlot *slot;
+	uint32		h = resource_hash(resource);
+	int			i;
+
+	spool_require_shmem();
+	if (!fence_callback_registered)
+	{
+		RegisterXactCallback(fence_xact_callback, NULL);
+		fence_callback_registered = true;
+	}
+	slot = &spool_fence_slots[MyProc->pgprocno];
+	SpinLockAcquire(&slot->mutex);
+	slot->pid = MyProcPid;
+	for (i = 0; i < slot->nfences; i++)
+		if (slot->reshash[i] == h && slot->token[i] == token)
+			break;
+	if (i == slot->nfences && i < SPOOL_FENCES_PER_BACKEND)
+	{
+		slot->reshash[i] = h;
+		slot->token[i] = token;
+		slot->nfences++;
+	}
+	SpinLockRelease(&slot->mutex);
+}
+
+static void
+fence_xact_callback(XactEvent event, void *arg)
+{
+	SpoolFenceSlot *slot;
+
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			if (spool_fence_slots == NULL || MyProc == NULL)
+				return;
+			slot = &spool_fence_slots[MyProc->pgprocno];
+			if (slot->nfences == 0)
+				return;
+			SpinLockAcquire(&slot->mutex);
+			slot->nfences = 0;
+			SpinLockRelease(&slot->mutex);
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * Terminate the backends whose open transaction fenced resource with token,
+ * the way pg_terminate_backend would.  Returns how many were signalled.
+ */
+static int
+fence_terminate_holders(const char *resource, int64 token)
+{
+	uint32		h = resource_hash(resource);
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < MaxBackends; i++)
+	{
+		SpoolFenceSlot *slot = &spool_fence_slots[i];
+		pid_t		pid = 0;
+		int			j;
+
+		SpinLockAcquire(&slot->mutex);
+		for (j = 0; j < slot->nfences; j++)
+			if (slot->reshash[j] == h && slot->token[j] == token)
+				pid = slot->pid;
+		SpinLockRelease(&slot->mutex);
+		if (pid == 0 || pid == MyProcPid)
+			continue;
+		ereport(LOG,
+				(errmsg("terminating backend %d: its transaction fenced with token " INT64_FORMAT
+						" outlived lease \"%s\"", (int) pid, token, resource)));
+		if (kill(pid, SIGTERM) == 0)
+			n++;
+	}
+	return n;
+}
+
+char *
+spool_signer_resource(const char *signer)
+{
+	return psprintf("signer:%s", signer);
+}
+
+/*
+ * SQL: spool.lease_acquire(resource, owner, ttl) RETURNS spool.lease
+ */
+Datum
+spool_lease_acquire(PG_FUNCTION_ARGS)
+{
+	char	   *resource = spool_arg_name(fcinfo, 0, "resource");
+	char	   *owner = spool_arg_name(fcinfo, 1, "owner");
+	int64		ttl_us = spool_arg_ttl(fcinfo, 2);
+	SpoolLease	lease;
+	TupleDesc	desc;
+	Datum		values[4];
+	bool		nulls[4] = {0};
+
+	spool_require_shmem();
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SPI_connect();
+	lease = spool_lease_acquire_internal(resource, owner, ttl_us, NULL);
+	SPI_finish();
+
+	if (!lease.held)
+		PG_RETURN_NULL();
+	values[0] = CStringGetTextDatum(resource);
+	values[1] = CStringGetTextDatum(owner);
+	values[2] = Int64GetDatum(lease.token);
+	values[3] = TimestampTzGetDatum(lease.expires_at);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc),
+													  values, nulls)));
+}
+
+/*
+ * SQL: spool.lease_renew(resource, owner, token, ttl) RETURNS timestamptz
+ */
+Datum
+spool_lease_renew(PG_FUNCTION_ARGS)
+{
+	char	   *resource = spool_arg_name(fcinfo, 0, "resource");
+	char	   *owner = spool_arg_name(fcinfo, 1, "owner");
+	int64		token = spool_arg_int64(fcinfo, 2, "token", true);
+	int64		ttl_us = spool_arg_ttl(fcinfo, 3);
+	TimestampTz expires;
+
+	SPI_connect();
+	if (!lease_renew_locked(resource, owner, token, ttl_us, &expires))
+		lease_report_not_held(resource, owner, token, "renew");
+	SPI_finish();
+	PG_RETURN_TIMESTAMPTZ(expires);
+}
+
+/*
+ * SQL: spool.lease_release(resource, owner, token) RETURNS boolean
+ *
+ * true when the live lease was released now; false when this owner's lease
+ * with this token had already expired or been released (a harmless repeat).
+ * Another owner or a stale token is an error.
+ */
+Datum
+spool_lease_release(PG_FUNCTION_ARGS)
+{
+	char	   *resource = spool_arg_name(fcinfo, 0, "resource");
+	char	   *owner = spool_arg_name(fcinfo, 1, "owner");
+	int64		token = spool_arg_int64(fcinfo, 2, "token", true);
+	Oid			t[3] = {TEXTOID, TEXTOID, INT8OID};
+	Datum		v[3];
+	bool		released;
+
+	SPI_connect();
+	spool_plan(&plan_release,
+			   "UPDATE spool.lease_store SET expires_at = clock_timestamp(),"
+			   " released_at = clock_timestamp()"
+			   " WHERE resource = $1 AND owner = $2 AND token = $3"
+			   " AND expires_at > clock_timestamp()",
+			   3, t);
+	v[0] = CStringGetTextDatum(resource);
+	v[1] = CStringGetTextDatum(owner);
+	v[2] = Int64GetDatum(token);
+	released = spool_exec(plan_release, v, NULL, false, SPI_OK_UPDATE) > 0;
+	if (!released)
+	{
+		LeaseRow	row = lease_fetch(read_plan(), resource);
+
+		/* A repeat of a release (or an expired lease) is harmless. */
+		if (!(row.found && same_owner(row.owner, owner) && row.token == token))
+			lease_report_not_held(resource, owner, token, "release");
+	}
+	SPI_finish();
+	PG_RETURN_BOOL(released);
+}
+
+/*
+ * SQL: spool.fence(resource, token) RETURNS void
+ */
+Datum
+spool_fence(PG_FUNCTION_ARGS)
+{
+	char	   *resource = spool_arg_name(fcinfo, 0, "resource");
+	int64		token = spool_arg_int64(fcinfo, 1, "token", true);
+
+	spool_require_shmem();
+	SPI_connect();
+	spool_fence_internal(resource, token, NULL, NULL);
+	SPI_finish();
+	PG_RETURN_VOID();
+}

@@ -1,0 +1,434 @@
+/*-------------------------------------------------------------------------
+ *
+ * nonce.c
+ *	  The per-signer nonce allocator, basic mode: allocate, mark used, mark
+ *	  recyclable.  Every write is fenced by the signer's lease
+ *	  ('signer:' || signer) and by the caller's owner name.
+ *
+ * spool.nonce_signer holds the next new nonce and how many are RELEASED;
+ * spool.nonce_store holds one row per nonce handed out.  Allocation locks
+ * the signer row, so allocations on one signer are serialised and the lowest
+ * RELEASED nonce is always reused first.  A batch of n allocations with no
+ * RELEASED holes costs one signer update and one multi-row insert, which is
+ * what the worker-queue mode relies on.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+
+#include "spool.h"
+
+PG_FUNCTION_INFO_V1(spool_nonce_allocate);
+PG_FUNCTION_INFO_V1(spool_nonce_mark_used);
+PG_FUNCTION_INFO_V1(spool_nonce_mark_recyclable);
+
+static SPIPlanPtr plan_find_req = NULL;
+static SPIPlanPtr plan_forget_req = NULL;
+static SPIPlanPtr plan_bump = NULL;
+static SPIPlanPtr plan_insert_many = NULL;
+static SPIPlanPtr plan_lock_signer = NULL;
+static SPIPlanPtr plan_new_signer = NULL;
+static SPIPlanPtr plan_reuse = NULL;
+static SPIPlanPtr plan_unrelease = NULL;
+static SPIPlanPtr plan_get_nonce = NULL;
+static SPIPlanPtr plan_set_state = NULL;
+static SPIPlanPtr plan_release_count = NULL;
+
+static bool nonce_take_new(const char *signer, const char *owner, int64 token,
+						   int n, const char **request_ids, int64 *nonces);
+static int64 nonce_reuse_lowest(const char *signer, const char *owner,
+								int64 token, const char *request_id);
+static void nonce_lookup_requests(const char *signer, int n,
+								  const char **request_ids, int64 *nonces);
+static void nonce_mark(FunctionCallInfo fcinfo, const char *target);
+
+static ArrayType *
+text_array(int n, const char **items)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = (items[i] == NULL);
+		d[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum(items[i]);
+	}
+	return construct_md_array(d, nulls, 1, dims, lbs, TEXTOID, -1, false, 'i');
+}
+
+/*
+ * Fill nonces[i] for request ids that already own a nonce that is not
+ * RELEASED (a repeated request).  A request whose nonce was RELEASED since
+ * gets a fresh allocation: its old row forgets the request id.
+ */
+static void
+nonce_lookup_requests(const char *signer, int n, const char **request_ids,
+					  int64 *nonces)
+{
+	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
+	Datum		v[2];
+	uint64		i;
+	int			j;
+	bool		any = false;
+
+	for (j = 0; j < n; j++)
+		any |= (request_ids[j] != NULL);
+	if (!any)
+		return;
+
+	spool_plan(&plan_find_req,
+			   "SELECT request_id, nonce, state = 'released'"
+			   " FROM spool.nonce_store"
+			   " WHERE signer = $1 AND request_id = ANY ($2)",
+			   2, t);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = PointerGetDatum(text_array(n, request_ids));
+	spool_exec(plan_find_req, v, NULL, false, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return;
+
+	{
+		SPITupleTable *tt = SPI_tuptable;
+		uint64		nfound = SPI_processed;
+
+		for (i = 0; i < nfound; i++)
+		{
+			bool		isnull;
+			char	   *rid = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+			int64		nonce = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 2, &isnull));
+			bool		released = DatumGetBool(SPI_getbinval(tt->vals[i], tt->tupdesc, 3, &isnull));
+
+			if (released)
+			{
+				Oid			tf[2] = {TEXTOID, INT8OID};
+				Datum		vf[2];
+
+				spool_plan(&plan_forget_req,
+						   "UPDATE spool.nonce_store SET request_id = NULL"
+						   " WHERE signer = $1 AND nonce = $2",
+						   2, tf);
+				vf[0] = CStringGetTextDatum(signer);
+				vf[1] = Int64GetDatum(nonce);
+				spool_exec(plan_forget_req, vf, NULL, false, SPI_OK_UPDATE);
+				continue;
+			}
+			for (j = 0; j < n; j++)
+				if (request_ids[j] && strcmp(request_ids[j], rid) == 0)
+					nonces[j] = nonce;
+		}
+	}
+}
+
+/*
+ * Fast path: when the signer has no RELEASED nonces, hand out the next n new
+ * nonces with one update and one insert.  Returns false (and does nothing)
+ * when the signer row is missing or has RELEASED nonces.
+ */
+static bool
+nonce_take_new(const char *signer, const char *owner, int64 token,
+			   int n, const char **request_ids, int64 *nonces)
+{
+	Oid			tb[2] = {TEXTOID, INT8OID};
+	Oid			ti[5] = {TEXTOID, INT8OID, TEXTOID, INT8OID, TEXTARRAYOID};
+	Datum		v[5];
+	bool		isnull;
+	int64		base;
+	int			i;
+
+	spool_plan(&plan_bump,
+			   "UPDATE spool.nonce_signer SET next_nonce = next_nonce + $2"
+			   " WHERE signer = $1 AND released = 0"
+			   " RETURNING next_nonce - $2",
+			   2, tb);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = Int64GetDatum((int64) n);
+	if (spool_exec(plan_bump, v, NULL, false, SPI_OK_UPDATE_RETURNING) == 0)
+		return false;
+	base = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
+
+	spool_plan(&plan_insert_many,
+			   "INSERT INTO spool.nonce_store"
+			   " (signer, nonce, state, owner, token, request_id)"
+			   " SELECT $1, $2 + u.o - 1, 'allocated', $3, $4, u.r"
+			   " FROM unnest($5::text[]) WITH ORDINALITY AS u(r, o)",
+			   5, ti);
+	v[1] = Int64GetDatum(base);
+	v[2] = CStringGetTextDatum(owner);
+	v[3] = Int64GetDatum(token);
+	v[4] = PointerGetDatum(text_array(n, request_ids));
+	spool_exec(plan_insert_many, v, NULL, false, SPI_OK_INSERT);
+	for (i = 0; i < n; i++)
+		nonces[i] = base + i;
+	return true;
+}
+
+/*
+ * Slow path, one nonce: lock the signer row (creating it on first use) and
+ * reuse the lowest RELEASED nonce.  Returns -1 when the signer has none, so
+ * the caller can take the fast path again.
+ */
+static int64
+nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
+				   const char *request_id)
+{
+	Oid			t1[1] = {TEXTOID};
+	Oid			t4[4] = {TEXTOID, TEXTOID, INT8OID, TEXTOID};
+	Datum		v[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	bool		isnull;
+	int64		released;
+	int64		nonce;
+
+	v[0] = CStringGetTextDatum(signer);
+	spool_plan(&plan_lock_signer,
+			   "SELECT released FROM spool.nonce_signer WHERE signer = $1"
+			   " FOR NO KEY UPDATE",
+			   1, t1);
+	if (spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT) == 0)
+	{
+		spool_plan(&plan_new_signer,
+				   "INSERT INTO spool.nonce_signer (signer) VALUES ($1)"
+				   " ON CONFLICT DO NOTHING",
+				   1, t1);
+		spool_exec(plan_new_signer, v, NULL, false, SPI_OK_INSERT);
+		return -1;
+	}
+	released = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										   SPI_tuptable->tupdesc, 1, &isnull));
+	if (released == 0)
+		return -1;
+
+	spool_plan(&plan_reuse,
+			   "UPDATE spool.nonce_store SET state = 'allocated', owner = $2,"
+			   " token = $3, request_id = $4, updated_at = clock_timestamp()"
+			   " WHERE signer = $1 AND nonce = (SELECT min(nonce)"
+			   "   FROM spool.nonce_store WHERE signer = $1 AND state = 'released')"
+			   " RETURNING nonce",
+			   4, t4);
+	v[1] = CStringGetTextDatum(owner);
+	v[2] = Int64GetDatum(token);
+	if (request_id)
+		v[3] = CStringGetTextDatum(request_id);
+	else
+		nulls[3] = 'n';
+	if (spool_exec(plan_reuse, v, nulls, false, SPI_OK_UPDATE_RETURNING) != 1)
+		elog(ERROR, "signer \"%s\" counts " INT64_FORMAT " released nonces but none was found",
+			 signer, released);
+	nonce = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										SPI_tuptable->tupdesc, 1, &isnull));
+
+	spool_plan(&plan_unrelease,
+			   "UPDATE spool.nonce_signer SET released = released - 1"
+			   " WHERE signer = $1",
+			   1, t1);
+	spool_exec(plan_unrelease, v, NULL, false, SPI_OK_UPDATE);
+	return nonce;
+}
+
+/*
+ * Allocate n nonces for signer in the current transaction, fenced by
+ * (owner, token).  request_ids[i] may be NULL; a repeated id returns the
+ * nonce it got before, also when it repeats within the batch.  The caller is
+ * connected to SPI.
+ */
+void
+spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
+						   int n, const char **request_ids, int64 *nonces)
+{
+	const char **pending_ids = palloc(sizeof(char *) * n);
+	int		   *pending_at = palloc(sizeof(int) * n);
+	int64	   *got = palloc(sizeof(int64) * n);
+	int			npending = 0;
+	int			done = 0;
+	int			i;
+	int			j;
+	int			guard;
+
+	spool_fence_internal(spool_signer_resource(signer), token, owner, signer);
+
+	for (i = 0; i < n; i++)
+		nonces[i] = -1;
+	nonce_lookup_requests(signer, n, request_ids, nonces);
+
+	/* Pending: no nonce yet, and not a repeat of an earlier request in the batch. */
+	for (i = 0; i < n; i++)
+	{
+		bool		repeat = false;
+
+		if (nonces[i] >= 0)
+			continue;
+		for (j = 0; j < npending && request_ids[i]; j++)
+			if (pending_ids[j] && strcmp(pending_ids[j], request_ids[i]) == 0)
+				repeat = true;
+		if (repeat)
+			continue;
+		pending_ids[npending] = request_ids[i];
+		pending_at[npending] = i;
+		npending++;
+	}
+
+	/* Reuse RELEASED holes one at a time, then take new ones in one go. */
+	for (guard = 0; done < npending; guard++)
+	{
+		int64		nonce;
+
+		if (guard > npending + 4)
+			elog(ERROR, "nonce allocation for signer \"%s\" made no progress", signer);
+		if (nonce_take_new(signer, owner, token, npending - done,
+						   pending_ids + done, got + done))
+		{
+			done = npending;
+			break;
+		}
+		nonce = nonce_reuse_lowest(signer, owner, token, pending_ids[done]);
+		if (nonce >= 0)
+			got[done++] = nonce;
+	}
+
+	for (i = 0; i < npending; i++)
+		nonces[pending_at[i]] = got[i];
+	/* In-batch repeats of a request id share its nonce. */
+	for (i = 0; i < n; i++)
+		if (nonces[i] < 0)
+			for (j = 0; j < npending; j++)
+				if (pending_ids[j] && request_ids[i] &&
+					strcmp(pending_ids[j], request_ids[i]) == 0)
+					nonces[i] = got[j];
+}
+
+/*
+ * SQL: spool.nonce_allocate(signer, owner, token, request_id) RETURNS bigint
+ */
+Datum
+spool_nonce_allocate(PG_FUNCTION_ARGS)
+{
+	char	   *signer = spool_arg_name(fcinfo, 0, "signer");
+	char	   *owner = spool_arg_name(fcinfo, 1, "owner");
+	int64		token = spool_arg_int64(fcinfo, 2, "token", true);
+	const char *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
+	int64		nonce;
+
+	spool_require_shmem();
+	SPI_connect();
+	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, &nonce);
+	SPI_finish();
+	PG_RETURN_INT64(nonce);
+}
+
+/*
+ * Move a nonce to target ('consumed' or 'released').  ALLOCATED may move to
+ * either; repeating the same move is harmless; CONSUMED is final and a
+ * RELEASED nonce cannot be consumed (it was given back).
+ */
+static void
+nonce_mark(FunctionCallInfo fcinfo, const char *target)
+{
+	char	   *signer = spool_arg_name(fcinfo, 0, "signer");
+	int64		nonce = spool_arg_int64(fcinfo, 1, "nonce", true);
+	char	   *owner = spool_arg_name(fcinfo, 2, "owner");
+	int64		token = spool_arg_int64(fcinfo, 3, "token", true);
+	bool		to_released = strcmp(target, "released") == 0;
+	Oid			t2[2] = {TEXTOID, INT8OID};
+	Oid			t5[5] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID};
+	Datum		v[5];
+	char	   *state;
+
+	spool_require_shmem();
+	SPI_connect();
+	spool_fence_internal(spool_signer_resource(signer), token, owner, signer);
+
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = Int64GetDatum(nonce);
+	/* Signer row first, in the same order as allocation (no deadlock). */
+	if (to_released)
+	{
+		Oid			t1[1] = {TEXTOID};
+
+		spool_plan(&plan_lock_signer,
+				   "SELECT released FROM spool.nonce_signer WHERE signer = $1"
+				   " FOR NO KEY UPDATE",
+				   1, t1);
+		spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT);
+	}
+	spool_plan(&plan_get_nonce,
+			   "SELECT state::text FROM spool.nonce_store"
+			   " WHERE signer = $1 AND nonce = $2 FOR UPDATE",
+			   2, t2);
+	if (spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
+				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated",
+						nonce, signer),
+				 errhint("Only nonces returned by spool.nonce_allocate or spool.nonce_request can be marked.")));
+	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+	if (strcmp(state, target) == 0)
+	{
+		SPI_finish();
+		return;					/* a repeat: nothing to do */
+	}
+	if (strcmp(state, "consumed") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_NONCE_TRANSITION),
+				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
+						nonce, signer),
+				 errdetail("CONSUMED is final.")));
+	if (strcmp(state, "released") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_NONCE_TRANSITION),
+				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" is released and cannot be marked used",
+						nonce, signer),
+				 errdetail("A released nonce was given back and may be handed out again."),
+				 errhint("Allocate it again with spool.nonce_allocate before using it.")));
+
+	spool_plan(&plan_set_state,
+			   "UPDATE spool.nonce_store SET state = $3::spool.nonce_state,"
+			   " owner = $4, token = $5, updated_at = clock_timestamp()"
+			   " WHERE signer = $1 AND nonce = $2",
+			   5, t5);
+	v[2] = CStringGetTextDatum(target);
+	v[3] = CStringGetTextDatum(owner);
+	v[4] = Int64GetDatum(token);
+	spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
+
+	if (to_released)
+	{
+		Oid			t1[1] = {TEXTOID};
+
+		spool_plan(&plan_release_count,
+				   "UPDATE spool.nonce_signer SET released = released + 1"
+				   " WHERE signer = $1",
+				   1, t1);
+		spool_exec(plan_release_count, v, NULL, false, SPI_OK_UPDATE);
+	}
+	SPI_finish();
+}
+
+/*
+ * SQL: spool.nonce_mark_used(signer, nonce, owner, token) RETURNS void
+ */
+Datum
+spool_nonce_mark_used(PG_FUNCTION_ARGS)
+{
+	nonce_mark(fcinfo, "consumed");
+	PG_RETURN_VOID();
+}
+
+/*
+ * SQL: spool.nonce_mark_recyclable(signer, nonce, owner, token) RETURNS void
+ */
+Datum
+spool_nonce_mark_recyclable(PG_FUNCTION_ARGS)
+{
+	nonce_mark(fcinfo, "released");
+	PG_RETURN_VOID();
+}

@@ -1,0 +1,267 @@
+/*-------------------------------------------------------------------------
+ *
+ * nonce_queue.c
+ *	  Worker-queue mode, caller side: spool.nonce_request routes a request by
+ *	  a stable hash of the signer to one nonce service worker through shared
+ *	  memory and sleeps on a condition variable until the nonce is committed.
+ *	  Also the shared queue primitives the workers and the launcher use, and
+ *	  the spool.nonce_workers status function.
+ *
+ * All request and worker-slot fields are guarded by spool_shared->queue_lock.
+ * Every request carries a request id (callers without one get an 'auto:' id)
+ * so that a request re-queued after its worker was replaced returns the
+ * nonce the old worker may already have committed, instead of a second one.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "common/hashfn.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "spool.h"
+
+PG_FUNCTION_INFO_V1(spool_nonce_request);
+PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
+PG_FUNCTION_INFO_V1(spool_launcher_wakeup);
+
+static uint64 auto_request_counter = 0;
+
+static void request_abandon(int code, Datum arg);
+
+/* Stable routing: the same signer always goes to the same worker slot. */
+int
+spool_route_signer(const char *signer, int nworkers)
+{
+	return (int) (hash_bytes((const unsigned char *) signer, strlen(signer)) %
+				  (uint32) nworkers);
+}
+
+/* Return request idx to the free list.  Caller holds queue_lock. */
+void
+spool_request_free(int idx)
+{
+	SpoolNonceReq *req = &spool_requests[idx];
+
+	req->state = REQ_FREE;
+	req->in_queue = false;
+	req->next = spool_shared->free_head;
+	spool_shared->free_head = idx;
+}
+
+/* Append request idx to worker w's queue.  Caller holds queue_lock. */
+void
+spool_request_enqueue(int w, int idx, bool at_head)
+{
+	SpoolNonceWorkerSlot *slot = &spool_shared->workers[w];
+	SpoolNonceReq *req = &spool_requests[idx];
+
+	req->state = REQ_QUEUED;
+	req->worker = w;
+	req->in_queue = true;
+	if (slot->nqueued == 0 && slot->ninprogress == 0)
+		slot->heartbeat = GetCurrentTimestamp();	/* stall clock starts now */
+	if (slot->head < 0)
+	{
+		req->next = -1;
+		slot->head = slot->tail = idx;
+	}
+	else if (at_head)
+	{
+		req->next = slot->head;
+		slot->head = idx;
+	}
+	else
+	{
+		req->next = -1;
+		spool_requests[slot->tail].next = idx;
+		slot->tail = idx;
+	}
+	slot->nqueued++;
+}
+
+/*
+ * Give up on a request after a timeout or an error.  A queued or in-progress
+ * request is left for its worker to free; a finished one is freed here.
+ * Caller holds queue_lock.
+ */
+static void
+request_abandon_locked(int idx)
+{
+	SpoolNonceReq *req = &spool_requests[idx];
+
+	if (req->state == REQ_DONE || req->state == REQ_FAILED)
+		spool_request_free(idx);
+	else if (req->state == REQ_QUEUED || req->state == REQ_INPROGRESS)
+		req->state = REQ_ABANDONED;
+}
+
+static void
+request_abandon(int code, Datum arg)
+{
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	request_abandon_locked(DatumGetInt32(arg));
+	LWLockRelease(spool_shared->queue_lock);
+}
+
+/*
+ * SQL: spool.nonce_request(signer, request_id) RETURNS bigint
+ */
+Datum
+spool_nonce_request(PG_FUNCTION_ARGS)
+{
+	char	   *signer = spool_arg_name(fcinfo, 0, "signer");
+	char	   *request_id = spool_arg_name_opt(fcinfo, 1, "request_id");
+	SpoolNonceReq *req;
+	Latch	   *latch;
+	TimestampTz deadline;
+	SpoolReqState state = REQ_QUEUED;
+	int			nworkers;
+	int			w;
+	int			idx;
+	int64		nonce = -1;
+	int			sqlerrcode = 0;
+	char		errmsg_buf[SPOOL_ERRMSG_MAX];
+
+	spool_require_shmem();
+	nworkers = spool_shared->nworkers;
+	if (nworkers == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("worker-queue mode is disabled"),
+				 errhint("Set spool.nonce_workers to a positive number and restart the server, or use spool.nonce_allocate.")));
+	if (request_id == NULL)
+		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
+							  (long) MyStartTimestamp,
+							  (unsigned long) ++auto_request_counter);
+	w = spool_route_signer(signer, nworkers);
+
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	idx = spool_shared->free_head;
+	if (idx < 0)
+	{
+		LWLockRelease(spool_shared->queue_lock);
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("nonce request queue is full"),
+				 errdetail("%d requests are already waiting.", spool_shared->queue_size),
+				 errhint("Raise spool.nonce_queue_size, or check spool.nonce_workers for a stuck worker.")));
+	}
+	req = &spool_requests[idx];
+	spool_shared->free_head = req->next;
+	strlcpy(req->signer, signer, sizeof(req->signer));
+	strlcpy(req->request_id, request_id, sizeof(req->request_id));
+	req->nonce = -1;
+	req->sqlerrcode = 0;
+	req->errmsg[0] = '\0';
+	spool_request_enqueue(w, idx, false);
+	latch = spool_shared->workers[w].latch;
+	LWLockRelease(spool_shared->queue_lock);
+	if (latch)
+		SetLatch(latch);
+
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+										   spool_nonce_request_timeout_ms);
+	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
+	{
+		ConditionVariablePrepareToSleep(&req->cv);
+		for (;;)
+		{
+			long		remaining;
+
+			LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
+			state = req->state;
+			LWLockRelease(spool_shared->queue_lock);
+			if (state == REQ_DONE || state == REQ_FAILED)
+				break;
+			remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+														deadline);
+			if (remaining <= 0)
+				break;
+			ConditionVariableTimedSleep(&req->cv, remaining, PG_WAIT_EXTENSION);
+		}
+		ConditionVariableCancelSleep();
+	}
+	PG_END_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
+
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	state = req->state;
+	nonce = req->nonce;
+	sqlerrcode = req->sqlerrcode;
+	strlcpy(errmsg_buf, req->errmsg, sizeof(errmsg_buf));
+	request_abandon_locked(idx);
+	LWLockRelease(spool_shared->queue_lock);
+
+	if (state == REQ_FAILED)
+		ereport(ERROR,
+				(errcode(sqlerrcode),
+				 errmsg("%s", errmsg_buf),
+				 errdetail("Reported by nonce worker %d for signer \"%s\".", w, signer)));
+	if (state != REQ_DONE)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("timed out waiting for a nonce for signer \"%s\"", signer),
+				 errdetail("Nonce worker %d did not answer within %d ms; request id \"%s\".",
+						   w, spool_nonce_request_timeout_ms, request_id),
+				 errhint("Repeat the call with the same request_id: it returns the nonce if one was committed meanwhile.")));
+	PG_RETURN_INT64(nonce);
+}
+
+/*
+ * SQL: spool.nonce_worker_status() — one row per nonce worker slot.
+ */
+Datum
+spool_nonce_worker_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			w;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+
+	for (w = 0; w < spool_shared->nworkers; w++)
+	{
+		SpoolNonceWorkerSlot *slot = &spool_shared->workers[w];
+		SpoolNonceWorkerSlot copy;
+		Datum		values[11];
+		bool		nulls[11] = {0};
+
+		LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
+		copy = *slot;
+		LWLockRelease(spool_shared->queue_lock);
+
+		values[0] = Int32GetDatum(w);
+		values[1] = Int32GetDatum(copy.pid);
+		nulls[1] = (copy.pid == 0);
+		values[2] = Int64GetDatum(copy.generation);
+		values[3] = CStringGetTextDatum(copy.owner);
+		nulls[3] = (copy.owner[0] == '\0');
+		values[4] = Int32GetDatum(copy.nqueued);
+		values[5] = Int32GetDatum(copy.ninprogress);
+		values[6] = Int64GetDatum((int64) copy.served);
+		values[7] = Int64GetDatum((int64) copy.batches);
+		values[8] = Int32GetDatum(copy.last_batch);
+		values[9] = Int64GetDatum((int64) copy.takeovers);
+		values[10] = TimestampTzGetDatum(copy.heartbeat);
+		nulls[10] = (copy.heartbeat == 0);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * SQL: spool._launcher_wakeup() — called at CREATE EXTENSION so the launcher
+ * starts the workers at once instead of at its next periodic check.
+ */
+Datum
+spool_launcher_wakeup(PG_FUNCTION_ARGS)
+{
+	if (spool_shared != NULL)
+		spool_wake_launcher();
+	PG_RETURN_VOID();
+}

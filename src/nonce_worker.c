@@ -1,0 +1,465 @@
+/*-------------------------------------------------------------------------
+ *
+ * nonce_worker.c
+ *	  A nonce service worker: takes the requests routed to its slot, groups
+ *	  them by signer and commits each batch in one transaction, fenced by the
+ *	  signer leases it holds as owner 'nonce-worker:<slot>:<pid>'.
+ *
+ * A replacement worker takes a signer's lease over at once from any
+ * 'nonce-worker:' owner that no running slot claims (a dead or replaced
+ * worker), which bumps the token; a replaced worker that wakes up finds its
+ * generation gone and exits, and any write it still attempts is rejected by
+ * the fence.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "spool.h"
+
+PGDLLEXPORT void spool_nonce_worker_main(Datum main_arg);
+
+/* A request copied out of shared memory for the batch being worked on. */
+typedef struct BatchItem
+{
+	int			idx;
+	char	   *signer;
+	char	   *request_id;
+	int64		nonce;
+	int			sqlerrcode;
+	char	   *errmsg;
+} BatchItem;
+
+/* Leases this worker believes it holds. */
+typedef struct HeldLease
+{
+	char		signer[SPOOL_SIGNER_MAX];
+	int64		token;
+	TimestampTz expires_at;
+} HeldLease;
+
+static int	my_slot = -1;
+static uint32 my_generation = 0;
+static char my_owner[SPOOL_OWNER_MAX];
+static HTAB *held_leases = NULL;
+
+static void worker_detach(int code, Datum arg);
+static bool worker_superseded_locked(void);
+static int	worker_dequeue(BatchItem *items, int max);
+static void worker_process(BatchItem *items, int n);
+static bool worker_run_groups(BatchItem *items, int n, bool isolate_errors);
+static void worker_serve_signer(BatchItem *items, int n);
+static void worker_complete(BatchItem *items, int n);
+static void worker_test_pause(void);
+static void forget_leases(void);
+
+static int
+batch_item_cmp(const void *a, const void *b)
+{
+	const BatchItem *x = a;
+	const BatchItem *y = b;
+	int			c = strcmp(x->signer, y->signer);
+
+	return c != 0 ? c : (x->idx - y->idx);
+}
+
+/*
+ * Is holder a nonce worker owner that no running slot claims?  Such a lease
+ * belongs to a dead or replaced worker and may be taken over at once.
+ */
+bool
+spool_owner_is_stale_worker(const char *holder)
+{
+	bool		claimed = false;
+	int			w;
+
+	if (strncmp(holder, "nonce-worker:", 13) != 0)
+		return false;
+	LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
+	for (w = 0; w < spool_shared->nworkers; w++)
+		if (strcmp(spool_shared->workers[w].owner, holder) == 0)
+			claimed = true;
+	LWLockRelease(spool_shared->queue_lock);
+	return !claimed;
+}
+
+static bool
+worker_superseded_locked(void)
+{
+	return spool_shared->workers[my_slot].generation != my_generation;
+}
+
+static void
+worker_detach(int code, Datum arg)
+{
+	SpoolNonceWorkerSlot *slot = &spool_shared->workers[my_slot];
+
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	if (!worker_superseded_locked())
+	{
+		slot->pid = 0;
+		slot->latch = NULL;
+		slot->owner[0] = '\0';
+	}
+	LWLockRelease(spool_shared->queue_lock);
+}
+
+void
+spool_nonce_worker_main(Datum main_arg)
+{
+	SpoolNonceWorkerSlot *slot;
+	MemoryContext loop_cxt;
+	BatchItem  *items;
+	HASHCTL		ctl;
+
+	my_slot = DatumGetInt32(main_arg);
+	memcpy(&my_generation, MyBgworkerEntry->bgw_extra, sizeof(uint32));
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+
+	snprintf(my_owner, sizeof(my_owner), "nonce-worker:%d:%d", my_slot, (int) MyProcPid);
+	slot = &spool_shared->workers[my_slot];
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	if (worker_superseded_locked())
+	{
+		LWLockRelease(spool_shared->queue_lock);
+		proc_exit(0);
+	}
+	slot->pid = MyProcPid;
+	slot->latch = MyLatch;
+	slot->heartbeat = GetCurrentTimestamp();
+	slot->started_at = slot->heartbeat;
+	strlcpy(slot->owner, my_owner, sizeof(slot->owner));
+	LWLockRelease(spool_shared->queue_lock);
+	before_shmem_exit(worker_detach, (Datum) 0);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = SPOOL_SIGNER_MAX;
+	ctl.entrysize = sizeof(HeldLease);
+	held_leases = hash_create("spool held leases", 64, &ctl, HASH_ELEM | HASH_STRINGS);
+
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool nonce worker loop",
+									 ALLOCSET_DEFAULT_SIZES);
+	items = MemoryContextAlloc(TopMemoryContext,
+							   sizeof(BatchItem) * spool_shared->queue_size);
+	ereport(LOG, (errmsg("spool nonce worker %d started as \"%s\"", my_slot, my_owner)));
+
+	for (;;)
+	{
+		int			n;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+
+		n = worker_dequeue(items, Min(spool_nonce_batch_max, spool_shared->queue_size));
+		if (n < 0)
+		{
+			ereport(LOG,
+					(errmsg("spool nonce worker %d (\"%s\") was replaced; exiting",
+							my_slot, my_owner)));
+			proc_exit(0);
+		}
+		if (n > 0)
+		{
+			worker_process(items, n);
+			continue;
+		}
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1000L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+/*
+ * Move up to max queued requests into items.  Returns -1 when this worker
+ * was replaced (it must not touch the queue any more).
+ */
+static int
+worker_dequeue(BatchItem *items, int max)
+{
+	SpoolNonceWorkerSlot *slot = &spool_shared->workers[my_slot];
+	int			n = 0;
+
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	if (worker_superseded_locked())
+	{
+		LWLockRelease(spool_shared->queue_lock);
+		return -1;
+	}
+	slot->heartbeat = GetCurrentTimestamp();
+	while (slot->head >= 0 && n < max)
+	{
+		int			idx = slot->head;
+		SpoolNonceReq *req = &spool_requests[idx];
+
+		slot->head = req->next;
+		if (slot->head < 0)
+			slot->tail = -1;
+		slot->nqueued--;
+		req->in_queue = false;
+		if (req->state == REQ_ABANDONED)
+		{
+			spool_request_free(idx);
+			continue;
+		}
+		req->state = REQ_INPROGRESS;
+		req->generation = my_generation;
+		items[n].idx = idx;
+		items[n].signer = pstrdup(req->signer);
+		items[n].request_id = pstrdup(req->request_id);
+		items[n].nonce = -1;
+		items[n].sqlerrcode = 0;
+		items[n].errmsg = NULL;
+		n++;
+	}
+	slot->ninprogress = n;
+	LWLockRelease(spool_shared->queue_lock);
+	return n;
+}
+
+/*
+ * Serve a batch: first all signers in one transaction; if that fails, each
+ * signer in a transaction of its own so one bad signer fails only its own
+ * requests.
+ */
+static void
+worker_process(BatchItem *items, int n)
+{
+	qsort(items, n, sizeof(BatchItem), batch_item_cmp);
+	pgstat_report_activity(STATE_RUNNING, "serving nonce requests");
+	if (!worker_run_groups(items, n, false))
+		(void) worker_run_groups(items, n, true);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	worker_complete(items, n);
+}
+
+/*
+ * Run every signer group of the sorted batch.  With isolate_errors, each
+ * group gets its own transaction and a failing group records its error in
+ * its items; otherwise one transaction covers all and false is returned on
+ * failure (nothing committed).
+ */
+static bool
+worker_run_groups(BatchItem *items, int n, bool isolate_errors)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			start = 0;
+
+	while (start < n)
+	{
+		int			end = isolate_errors ? start + 1 : n;
+
+		if (isolate_errors)
+			while (end < n && strcmp(items[end].signer, items[start].signer) == 0)
+				end++;
+
+		PG_TRY();
+		{
+			int			g;
+
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			SPI_connect();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			for (g = start; g < end;)
+			{
+				int			ge = g + 1;
+
+				while (ge < end && strcmp(items[ge].signer, items[g].signer) == 0)
+					ge++;
+				worker_serve_signer(items + g, ge - g);
+				g = ge;
+			}
+			worker_test_pause();
+			PopActiveSnapshot();
+			SPI_finish();
+			CommitTransactionCommand();
+			MemoryContextSwitchTo(cxt);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+			int			i;
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			MemoryContextSwitchTo(cxt);
+			forget_leases();
+			if (edata->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
+				edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+				ReThrowError(edata);
+			if (!isolate_errors)
+			{
+				ereport(LOG,
+						(errmsg("spool nonce worker %d: batch of %d failed, retrying per signer: %s",
+								my_slot, n, edata->message)));
+				FreeErrorData(edata);
+				for (i = 0; i < n; i++)
+					items[i].nonce = -1;
+				return false;
+			}
+			for (i = start; i < end; i++)
+			{
+				items[i].nonce = -1;
+				items[i].sqlerrcode = edata->sqlerrcode;
+				items[i].errmsg = pstrdup(edata->message);
+			}
+			FreeErrorData(edata);
+		}
+		PG_END_TRY();
+		start = end;
+	}
+	return true;
+}
+
+/* Allocate for one signer's requests, (re)acquiring its lease when needed. */
+static void
+worker_serve_signer(BatchItem *items, int n)
+{
+	const char *signer = items[0].signer;
+	const char **ids = palloc(sizeof(char *) * n);
+	int64	   *nonces = palloc(sizeof(int64) * n);
+	int64		ttl_us = (int64) spool_nonce_lease_ttl_ms * 1000;
+	TimestampTz now = GetCurrentTimestamp();
+	HeldLease  *hl;
+	bool		found;
+	int			i;
+
+	hl = hash_search(held_leases, signer, HASH_ENTER, &found);
+	if (!found || hl->expires_at - now < ttl_us / 2)
+	{
+		SpoolLease	lease;
+
+		lease = spool_lease_acquire_internal(spool_signer_resource(signer), my_owner,
+											 ttl_us, spool_owner_is_stale_worker);
+		if (!lease.held)
+		{
+			hash_search(held_leases, signer, HASH_REMOVE, NULL);
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_SIGNER_LEASED),
+					 errmsg("signer \"%s\" is leased by another owner", signer),
+					 errhint("Serve a signer either through spool.nonce_request or through a client holding its lease, not both.")));
+		}
+		if (found && lease.token != hl->token)
+		{
+			LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+			spool_shared->workers[my_slot].takeovers++;
+			LWLockRelease(spool_shared->queue_lock);
+		}
+		hl->token = lease.token;
+		hl->expires_at = lease.expires_at;
+	}
+
+	for (i = 0; i < n; i++)
+		ids[i] = items[i].request_id;
+	spool_nonce_allocate_batch(signer, my_owner, hl->token, n, ids, nonces);
+	for (i = 0; i < n; i++)
+		items[i].nonce = nonces[i];
+}
+
+/* Whatever we believed about our leases may be wrong after an error. */
+static void
+forget_leases(void)
+{
+	HASH_SEQ_STATUS st;
+	HeldLease  *hl;
+
+	hash_seq_init(&st, held_leases);
+	while ((hl = hash_seq_search(&st)) != NULL)
+		(void) hash_search(held_leases, hl->signer, HASH_REMOVE, NULL);
+}
+
+/* Testing hook: hold the fenced, uncommitted batch open for a while. */
+static void
+worker_test_pause(void)
+{
+	TimestampTz until;
+
+	if (spool_test_worker_pause_ms <= 0)
+		return;
+	until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), spool_test_worker_pause_ms);
+	for (;;)
+	{
+		long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
+
+		if (ms <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* Hand results back to the callers and wake them. */
+static void
+worker_complete(BatchItem *items, int n)
+{
+	SpoolNonceWorkerSlot *slot = &spool_shared->workers[my_slot];
+	int			i;
+
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	if (worker_superseded_locked())
+	{
+		/* The launcher gave these requests to our replacement. */
+		LWLockRelease(spool_shared->queue_lock);
+		return;
+	}
+	for (i = 0; i < n; i++)
+	{
+		SpoolNonceReq *req = &spool_requests[items[i].idx];
+
+		if (req->state == REQ_ABANDONED)
+		{
+			spool_request_free(items[i].idx);
+			continue;
+		}
+		req->nonce = items[i].nonce;
+		if (items[i].nonce >= 0)
+			req->state = REQ_DONE;
+		else
+		{
+			req->state = REQ_FAILED;
+			req->sqlerrcode = items[i].sqlerrcode ? items[i].sqlerrcode
+				: ERRCODE_INTERNAL_ERROR;
+			strlcpy(req->errmsg, items[i].errmsg ? items[i].errmsg : "nonce allocation failed",
+					sizeof(req->errmsg));
+		}
+	}
+	slot->ninprogress = 0;
+	slot->served += n;
+	slot->batches++;
+	slot->last_batch = n;
+	slot->heartbeat = GetCurrentTimestamp();
+	LWLockRelease(spool_shared->queue_lock);
+
+	for (i = 0; i < n; i++)
+		ConditionVariableBroadcast(&spool_requests[items[i].idx].cv);
+}

@@ -1,0 +1,189 @@
+/*-------------------------------------------------------------------------
+ *
+ * spool.h
+ *	  Declarations shared by the spool_ext sources: SQLSTATEs, GUCs, shared
+ *	  memory layout, and the internal lease and nonce entry points.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef SPOOL_H
+#define SPOOL_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "storage/condition_variable.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+
+/*
+ * SQLSTATEs of class SP (documented in docs/sql-reference.md; stable).
+ */
+#define ERRCODE_SPOOL_INVALID_ARGUMENT		MAKE_SQLSTATE('S','P','0','0','1')
+#define ERRCODE_SPOOL_LEASE_NOT_HELD		MAKE_SQLSTATE('S','P','0','0','2')
+#define ERRCODE_SPOOL_FENCE_REJECTED		MAKE_SQLSTATE('S','P','0','0','3')
+#define ERRCODE_SPOOL_UNKNOWN_OBJECT		MAKE_SQLSTATE('S','P','0','0','4')
+#define ERRCODE_SPOOL_UNKNOWN_NONCE			MAKE_SQLSTATE('S','P','0','0','5')
+#define ERRCODE_SPOOL_NONCE_TRANSITION		MAKE_SQLSTATE('S','P','0','0','6')
+#define ERRCODE_SPOOL_SERVICE_UNAVAILABLE	MAKE_SQLSTATE('S','P','0','0','7')
+#define ERRCODE_SPOOL_SIGNER_LEASED			MAKE_SQLSTATE('S','P','0','0','8')
+
+/* Longest resource/owner/signer/request id we accept (bytes). */
+#define SPOOL_NAME_MAX		200
+/* Fixed-size copies kept in shared memory for worker-queue requests. */
+#define SPOOL_SIGNER_MAX	(SPOOL_NAME_MAX + 1)
+#define SPOOL_REQID_MAX		(SPOOL_NAME_MAX + 1)
+#define SPOOL_ERRMSG_MAX	256
+#define SPOOL_OWNER_MAX		64
+#define SPOOL_FENCES_PER_BACKEND 4
+#define SPOOL_MAX_NONCE_WORKERS 64
+
+/* GUCs (guc.c) */
+extern char *spool_database;
+extern int	spool_nonce_workers;
+extern int	spool_nonce_queue_size;
+extern int	spool_nonce_batch_max;
+extern int	spool_nonce_lease_ttl_ms;
+extern int	spool_nonce_request_timeout_ms;
+extern int	spool_nonce_stall_timeout_ms;
+extern int	spool_lease_wait_timeout_ms;
+extern int	spool_lease_max_ttl_s;
+extern int	spool_test_worker_pause_ms;
+
+extern void spool_define_gucs(void);
+
+/*
+ * Shared memory (shmem.c)
+ */
+
+/* What one backend has fenced in its current transaction. */
+typedef struct SpoolFenceSlot
+{
+	slock_t		mutex;
+	pid_t		pid;
+	int			nfences;
+	uint32		reshash[SPOOL_FENCES_PER_BACKEND];
+	int64		token[SPOOL_FENCES_PER_BACKEND];
+} SpoolFenceSlot;
+
+typedef enum SpoolReqState
+{
+	REQ_FREE = 0,
+	REQ_QUEUED,
+	REQ_INPROGRESS,
+	REQ_DONE,
+	REQ_FAILED,
+	REQ_ABANDONED
+} SpoolReqState;
+
+/* One worker-queue nonce request; lives in a shared pool. */
+typedef struct SpoolNonceReq
+{
+	SpoolReqState state;
+	int			worker;			/* routed to this worker slot */
+	uint32		generation;		/* worker generation that took it */
+	int			next;			/* queue / free list link, -1 = end */
+	bool		in_queue;		/* linked in a worker's FIFO */
+	char		signer[SPOOL_SIGNER_MAX];
+	char		request_id[SPOOL_REQID_MAX];
+	int64		nonce;
+	int			sqlerrcode;
+	char		errmsg[SPOOL_ERRMSG_MAX];
+	ConditionVariable cv;
+} SpoolNonceReq;
+
+/* One nonce service worker slot (the process in it may be replaced). */
+typedef struct SpoolNonceWorkerSlot
+{
+	pid_t		pid;
+	uint32		generation;		/* bumped when the launcher replaces it */
+	Latch	   *latch;
+	TimestampTz heartbeat;
+	int			head;			/* FIFO of QUEUED requests */
+	int			tail;
+	int			nqueued;
+	int			ninprogress;
+	char		owner[SPOOL_OWNER_MAX];	/* lease owner name while running */
+	uint64		served;
+	uint64		batches;
+	uint64		takeovers;
+	int			last_batch;
+	TimestampTz started_at;
+} SpoolNonceWorkerSlot;
+
+typedef struct SpoolShared
+{
+	LWLock	   *queue_lock;		/* guards requests and worker slots */
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch;
+	int			free_head;
+	int			nworkers;
+	int			queue_size;
+	SpoolNonceWorkerSlot workers[SPOOL_MAX_NONCE_WORKERS];
+	/* followed by SpoolFenceSlot[MaxBackends] and SpoolNonceReq[queue_size] */
+} SpoolShared;
+
+extern SpoolShared *spool_shared;
+extern SpoolFenceSlot *spool_fence_slots;
+extern SpoolNonceReq *spool_requests;
+
+extern void spool_shmem_request(void);
+extern void spool_shmem_startup(void);
+extern void spool_require_shmem(void);
+
+/*
+ * Argument checks and SPI helpers (util.c)
+ */
+#include "executor/spi.h"
+#include "fmgr.h"
+
+extern char *spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what);
+extern char *spool_arg_name_opt(FunctionCallInfo fcinfo, int argno, const char *what);
+extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *what,
+							 bool nonnegative);
+extern int64 spool_arg_ttl(FunctionCallInfo fcinfo, int argno);
+extern Datum spool_ttl_datum(int64 ttl_us);
+extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
+							 Oid *argtypes);
+extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
+						 bool read_only, int expected);
+
+/*
+ * Leases (lease.c)
+ */
+typedef struct SpoolLease
+{
+	bool		held;			/* false: another owner has it */
+	int64		token;
+	TimestampTz expires_at;
+} SpoolLease;
+
+typedef bool (*spool_may_steal_fn) (const char *holder);
+
+extern SpoolLease spool_lease_acquire_internal(const char *resource,
+											   const char *owner,
+											   int64 ttl_us,
+											   spool_may_steal_fn may_steal);
+extern void spool_fence_internal(const char *resource, int64 token,
+								 const char *owner, const char *signer);
+extern char *spool_signer_resource(const char *signer);
+
+/*
+ * Nonces (nonce.c)
+ */
+extern void spool_nonce_allocate_batch(const char *signer, const char *owner,
+									   int64 token, int n,
+									   const char **request_ids,
+									   int64 *nonces);
+
+/*
+ * Workers (launcher.c, nonce_worker.c)
+ */
+extern int	spool_route_signer(const char *signer, int nworkers);
+extern void spool_request_free(int idx);
+extern void spool_request_enqueue(int w, int idx, bool at_head);
+extern void spool_register_launcher(void);
+extern void spool_wake_launcher(void);
+extern bool spool_owner_is_stale_worker(const char *holder);
+
+#endif							/* SPOOL_H */
