@@ -83,10 +83,14 @@ CREATE VIEW @extschema@.leases AS
 
 CREATE TYPE @extschema@.nonce_state AS ENUM ('allocated', 'consumed', 'released');
 
+-- One row per signer, created by the first grant of its lease.  lease_token
+-- mirrors the token of lease 'signer:' || signer and is written under this
+-- row's lock by every new grant, so nonce operations fence on this row.
 CREATE TABLE @extschema@.nonce_signer (
 	signer		text PRIMARY KEY CHECK (signer <> ''),
 	next_nonce	bigint NOT NULL DEFAULT 0 CHECK (next_nonce >= 0),
-	released	bigint NOT NULL DEFAULT 0 CHECK (released >= 0)
+	released	bigint NOT NULL DEFAULT 0 CHECK (released >= 0),
+	lease_token	bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 50);
 
 CREATE TABLE @extschema@.nonce_store (

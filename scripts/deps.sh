@@ -7,7 +7,6 @@ packages=(
 	build-essential
 	postgresql-15
 	postgresql-server-dev-15
-	postgresql-contrib-15
 	libipc-run-perl
 	librdkafka-dev
 	libjansson-dev

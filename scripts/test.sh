@@ -2,7 +2,11 @@
 # Run every spool_ext test: pg_regress, isolation specs, and TAP tests, each
 # against throwaway servers run by an unprivileged user.  Exits non-zero if
 # any test fails.
+#
+# Usage: bash scripts/test.sh [all|regress|isolation|tap] [TAP test file ...]
 set -euo pipefail
+layer=${1:-all}
+shift || true
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
@@ -10,7 +14,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 tree=$(prepare_build_tree "$here")
 echo "spool_ext: testing in $tree"
 status=0
-as_user make -C "$tree" PG_CONFIG="$PG_CONFIG" installcheck || status=$?
+case $layer in
+	all) only=() ;;
+	regress) only=(ISOLATION= TAP_TESTS=) ;;
+	isolation) only=(REGRESS= TAP_TESTS=) ;;
+	tap) only=(REGRESS= ISOLATION=)
+		[ $# -gt 0 ] && only+=("PROVE_TESTS=$*") ;;
+	*) echo "usage: $0 [all|regress|isolation|tap] [TAP test files]" >&2; exit 2 ;;
+esac
+as_user make -C "$tree" PG_CONFIG="$PG_CONFIG" "${only[@]}" installcheck || status=$?
 if [ $status -ne 0 ]; then
 	for f in "$tree"/regression.diffs "$tree"/output_iso/regression.diffs; do
 		[ -s "$f" ] && { echo "==== $f"; head -c 20000 "$f"; }

@@ -12,6 +12,11 @@
  * a transaction fenced with the old one is still open (L-2).  Renewal and
  * release only take FOR NO KEY UPDATE, which does not conflict with fences.
  *
+ * Leases named 'signer:<signer>' belong to the nonce allocator: a new grant
+ * also locks the signer's row in spool.nonce_signer and writes the new token
+ * there, so nonce operations (which lock that row anyway) are fenced by it
+ * without a second row lock (see nonce.c).
+ *
  * A fenced transaction that outlives its lease would block a rival forever;
  * fence() therefore records (resource, token) in shared memory, and an
  * acquirer that waits longer than spool.lease_wait_timeout terminates the
@@ -62,14 +67,15 @@ static SPIPlanPtr plan_insert = NULL;
 static SPIPlanPtr plan_renew = NULL;
 static SPIPlanPtr plan_grant = NULL;
 static SPIPlanPtr plan_release = NULL;
+static SPIPlanPtr plan_lock_signer = NULL;
+static SPIPlanPtr plan_signer_token = NULL;
 static bool fence_callback_registered = false;
 
 static LeaseRow lease_fetch(SPIPlanPtr plan, const char *resource);
 static bool lease_lock(const char *resource, LeaseRow *row);
 static bool lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row);
-static bool lease_renew_locked(const char *resource, const char *owner,
+static bool lease_extend(const char *resource, const char *owner,
 							   int64 token, int64 ttl_us, TimestampTz *expires);
-static void fence_register(const char *resource, int64 token);
 static void fence_xact_callback(XactEvent event, void *arg);
 static int	fence_terminate_holders(const char *resource, int64 token);
 static void lease_report_not_held(const char *resource, const char *owner,
@@ -148,9 +154,15 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 	volatile bool locked = false;
 	Oid			t[1] = {TEXTOID};
 
+	const char *signer = spool_resource_signer(resource);
+
 	spool_plan(&plan_lock,
 			   "SELECT " LEASE_COLS " FROM spool.lease_store WHERE resource = $1 FOR UPDATE",
 			   1, t);
+	if (signer)
+		spool_plan(&plan_lock_signer,
+				   "SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
+				   1, t);
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -158,6 +170,12 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 	{
 		LockTimeout = timeout_ms;
 		*row = lease_fetch(plan_lock, resource);
+		if (signer)
+		{
+			Datum		arg = CStringGetTextDatum(signer);
+
+			spool_exec(plan_lock_signer, &arg, NULL, false, SPI_OK_SELECT);
+		}
 		LockTimeout = save_timeout;
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
@@ -184,7 +202,7 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 }
 
 static bool
-lease_renew_locked(const char *resource, const char *owner, int64 token,
+lease_extend(const char *resource, const char *owner, int64 token,
 				   int64 ttl_us, TimestampTz *expires)
 {
 	Oid			t[4] = {TEXTOID, TEXTOID, INTERVALOID, INT8OID};
@@ -243,7 +261,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		/* Same owner, live lease: a renewal that keeps the token. */
 		if (row.live && same_owner(row.owner, owner))
 		{
-			if (lease_renew_locked(resource, owner, row.token, ttl_us,
+			if (lease_extend(resource, owner, row.token, ttl_us,
 								   &result.expires_at))
 			{
 				result.held = true;
@@ -266,7 +284,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		}
 		if (row.live && same_owner(row.owner, owner))
 		{
-			if (!lease_renew_locked(resource, owner, row.token, ttl_us,
+			if (!lease_extend(resource, owner, row.token, ttl_us,
 									&result.expires_at))
 				elog(ERROR, "could not renew locked lease \"%s\"", resource);
 			result.held = true;
@@ -293,6 +311,19 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 												   SPI_tuptable->tupdesc, 1, &isnull));
 		result.expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 															  SPI_tuptable->tupdesc, 2, &isnull));
+		if (spool_resource_signer(resource))
+		{
+			Oid			ts[2] = {TEXTOID, INT8OID};
+			Datum		vs[2];
+
+			spool_plan(&plan_signer_token,
+					   "INSERT INTO spool.nonce_signer (signer, lease_token) VALUES ($1, $2)"
+					   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token",
+					   2, ts);
+			vs[0] = CStringGetTextDatum(spool_resource_signer(resource));
+			vs[1] = Int64GetDatum(result.token);
+			spool_exec(plan_signer_token, vs, NULL, false, SPI_OK_INSERT);
+		}
 		return result;
 	}
 	elog(ERROR, "could not acquire lease \"%s\": it kept changing", resource);
@@ -323,7 +354,7 @@ lease_report_not_held(const char *resource, const char *owner, int64 token,
 	if (row.token != token)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
-				 errmsg("cannot %s lease \"%s\": token " INT64_FORMAT " is stale",
+				 errmsg("cannot %s lease \"%s\": token " INT64_FORMAT " is not current",
 						action, resource, token),
 				 errdetail("The current token is " INT64_FORMAT ".", row.token),
 				 errhint("The lease was granted again since; acquire it again.")));
@@ -365,7 +396,7 @@ spool_fence_internal(const char *resource, int64 token, const char *owner,
 	if (row.token != token)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
-				 errmsg("fencing token " INT64_FORMAT " for lease \"%s\" is stale",
+				 errmsg("fencing token " INT64_FORMAT " for lease \"%s\" is not current",
 						token, resource),
 				 errdetail("The current token is " INT64_FORMAT ", held by \"%s\".",
 						   row.token, row.owner),
@@ -381,12 +412,12 @@ spool_fence_internal(const char *resource, int64 token, const char *owner,
 				 errmsg("lease \"%s\" with token " INT64_FORMAT " has expired",
 						resource, token),
 				 errhint("Renew the lease before it expires, or acquire it again.")));
-	fence_register(resource, token);
+	spool_fence_register(resource, token);
 }
 
 /* Record (resource, token) for this backend until the transaction ends. */
-static void
-fence_register(const char *resource, int64 token)
+void
+spool_fence_register(const char *resource, int64 token)
 {
 	SpoolFenceSlot *slot;
 	uint32		h = resource_hash(resource);
@@ -478,6 +509,15 @@ spool_signer_resource(const char *signer)
 	return psprintf("signer:%s", signer);
 }
 
+/* The signer named by a 'signer:<signer>' resource, or NULL for other leases. */
+const char *
+spool_resource_signer(const char *resource)
+{
+	if (strncmp(resource, "signer:", 7) == 0 && resource[7] != '\0')
+		return resource + 7;
+	return NULL;
+}
+
 /*
  * SQL: spool.lease_acquire(resource, owner, ttl) RETURNS spool.lease
  */
@@ -523,7 +563,7 @@ spool_lease_renew(PG_FUNCTION_ARGS)
 	TimestampTz expires;
 
 	SPI_connect();
-	if (!lease_renew_locked(resource, owner, token, ttl_us, &expires))
+	if (!lease_extend(resource, owner, token, ttl_us, &expires))
 		lease_report_not_held(resource, owner, token, "renew");
 	SPI_finish();
 	PG_RETURN_TIMESTAMPTZ(expires);

@@ -5,12 +5,18 @@
  *	  recyclable.  Every write is fenced by the signer's lease
  *	  ('signer:' || signer) and by the caller's owner name.
  *
- * spool.nonce_signer holds the next new nonce and how many are RELEASED;
- * spool.nonce_store holds one row per nonce handed out.  Allocation locks
- * the signer row, so allocations on one signer are serialised and the lowest
- * RELEASED nonce is always reused first.  A batch of n allocations with no
- * RELEASED holes costs one signer update and one multi-row insert, which is
- * what the worker-queue mode relies on.
+ * spool.nonce_signer holds the next new nonce, how many are RELEASED, and
+ * the signer lease's current token; spool.nonce_store holds one row per nonce
+ * handed out.  Every operation locks the signer row first, so operations on
+ * one signer are serialised and the lowest RELEASED nonce is reused first.
+ *
+ * Fencing: a new grant of lease 'signer:<signer>' writes its token into the
+ * signer row under that row's lock (lease.c).  An operation that holds the
+ * signer row lock and sees its token there therefore commits before any newer
+ * grant can, which is L-2 without a second row lock on the lease.
+ *
+ * The common case (no RELEASED holes) is one statement for a batch of n:
+ * bump next_nonce with the token check, and insert the n rows.
  *
  *-------------------------------------------------------------------------
  */
@@ -29,10 +35,8 @@ PG_FUNCTION_INFO_V1(spool_nonce_mark_recyclable);
 
 static SPIPlanPtr plan_find_req = NULL;
 static SPIPlanPtr plan_forget_req = NULL;
-static SPIPlanPtr plan_bump = NULL;
-static SPIPlanPtr plan_insert_many = NULL;
+static SPIPlanPtr plan_take_new = NULL;
 static SPIPlanPtr plan_lock_signer = NULL;
-static SPIPlanPtr plan_new_signer = NULL;
 static SPIPlanPtr plan_reuse = NULL;
 static SPIPlanPtr plan_unrelease = NULL;
 static SPIPlanPtr plan_get_nonce = NULL;
@@ -41,10 +45,14 @@ static SPIPlanPtr plan_release_count = NULL;
 
 static bool nonce_take_new(const char *signer, const char *owner, int64 token,
 						   int n, const char **request_ids, int64 *nonces);
+static int64 signer_lock_and_check(const char *signer, const char *owner,
+									int64 token);
 static int64 nonce_reuse_lowest(const char *signer, const char *owner,
 								int64 token, const char *request_id);
-static void nonce_lookup_requests(const char *signer, int n,
+static int	nonce_lookup_requests(const char *signer, int n,
 								  const char **request_ids, int64 *nonces);
+static void nonce_forget_released_requests(const char *signer, int n,
+										   const char **request_ids);
 static void nonce_mark(FunctionCallInfo fcinfo, const char *target);
 
 static ArrayType *
@@ -66,23 +74,27 @@ text_array(int n, const char **items)
 
 /*
  * Fill nonces[i] for request ids that already own a nonce that is not
- * RELEASED (a repeated request).  A request whose nonce was RELEASED since
- * gets a fresh allocation: its old row forgets the request id.
+ * RELEASED (a repeated request).  Returns how many looked-up ids own a
+ * RELEASED nonce: those get a fresh allocation, and their old rows must
+ * forget the id first (nonce_forget_released_requests).
  */
-static void
+static int
 nonce_lookup_requests(const char *signer, int n, const char **request_ids,
 					  int64 *nonces)
 {
 	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
 	Datum		v[2];
+	SPITupleTable *tt;
+	uint64		nfound;
 	uint64		i;
 	int			j;
+	int			nreleased = 0;
 	bool		any = false;
 
 	for (j = 0; j < n; j++)
 		any |= (request_ids[j] != NULL);
 	if (!any)
-		return;
+		return 0;
 
 	spool_plan(&plan_find_req,
 			   "SELECT request_id, nonce, state = 'released'"
@@ -92,89 +104,150 @@ nonce_lookup_requests(const char *signer, int n, const char **request_ids,
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
 	spool_exec(plan_find_req, v, NULL, false, SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		return;
-
+	tt = SPI_tuptable;
+	nfound = SPI_processed;
+	for (i = 0; i < nfound; i++)
 	{
-		SPITupleTable *tt = SPI_tuptable;
-		uint64		nfound = SPI_processed;
+		bool		isnull;
+		char	   *rid = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+		int64		nonce = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 2, &isnull));
 
-		for (i = 0; i < nfound; i++)
+		if (DatumGetBool(SPI_getbinval(tt->vals[i], tt->tupdesc, 3, &isnull)))
 		{
-			bool		isnull;
-			char	   *rid = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
-			int64		nonce = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 2, &isnull));
-			bool		released = DatumGetBool(SPI_getbinval(tt->vals[i], tt->tupdesc, 3, &isnull));
-
-			if (released)
-			{
-				Oid			tf[2] = {TEXTOID, INT8OID};
-				Datum		vf[2];
-
-				spool_plan(&plan_forget_req,
-						   "UPDATE spool.nonce_store SET request_id = NULL"
-						   " WHERE signer = $1 AND nonce = $2",
-						   2, tf);
-				vf[0] = CStringGetTextDatum(signer);
-				vf[1] = Int64GetDatum(nonce);
-				spool_exec(plan_forget_req, vf, NULL, false, SPI_OK_UPDATE);
-				continue;
-			}
-			for (j = 0; j < n; j++)
-				if (request_ids[j] && strcmp(request_ids[j], rid) == 0)
-					nonces[j] = nonce;
+			nreleased++;
+			continue;
 		}
+		for (j = 0; j < n; j++)
+			if (request_ids[j] && strcmp(request_ids[j], rid) == 0)
+				nonces[j] = nonce;
 	}
+	return nreleased;
+}
+
+/* RELEASED rows forget the request ids about to be allocated afresh. */
+static void
+nonce_forget_released_requests(const char *signer, int n, const char **request_ids)
+{
+	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
+	Datum		v[2];
+
+	spool_plan(&plan_forget_req,
+			   "UPDATE spool.nonce_store SET request_id = NULL"
+			   " WHERE signer = $1 AND request_id = ANY ($2) AND state = 'released'",
+			   2, t);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = PointerGetDatum(text_array(n, request_ids));
+	spool_exec(plan_forget_req, v, NULL, false, SPI_OK_UPDATE);
 }
 
 /*
- * Fast path: when the signer has no RELEASED nonces, hand out the next n new
- * nonces with one update and one insert.  Returns false (and does nothing)
- * when the signer row is missing or has RELEASED nonces.
+ * Fast path: when the signer has no RELEASED nonces and (owner, token) holds
+ * its live lease, hand out the next n new nonces in one statement.  Returns
+ * false (and does nothing) otherwise; signer_lock_and_check says why.
  */
 static bool
 nonce_take_new(const char *signer, const char *owner, int64 token,
 			   int n, const char **request_ids, int64 *nonces)
 {
-	Oid			tb[2] = {TEXTOID, INT8OID};
-	Oid			ti[5] = {TEXTOID, INT8OID, TEXTOID, INT8OID, TEXTARRAYOID};
+	Oid			t[5] = {TEXTOID, INT8OID, TEXTOID, INT8OID, TEXTARRAYOID};
 	Datum		v[5];
 	bool		isnull;
 	int64		base;
 	int			i;
 
-	spool_plan(&plan_bump,
-			   "UPDATE spool.nonce_signer SET next_nonce = next_nonce + $2"
-			   " WHERE signer = $1 AND released = 0"
-			   " RETURNING next_nonce - $2",
-			   2, tb);
+	spool_plan(&plan_take_new,
+			   "WITH s AS ("
+			   "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
+			   "   WHERE ns.signer = $1 AND ns.released = 0 AND ns.lease_token = $4"
+			   "     AND EXISTS (SELECT FROM spool.lease_store l"
+			   "                  WHERE l.resource = 'signer:' || $1 AND l.owner = $3"
+			   "                    AND l.token = $4 AND l.expires_at > clock_timestamp())"
+			   "  RETURNING ns.next_nonce - $2 AS base),"
+			   " ins AS ("
+			   "  INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id)"
+			   "  SELECT $1, s.base + u.o - 1, 'allocated', $3, $4, u.r"
+			   "    FROM s, unnest($5::text[]) WITH ORDINALITY AS u(r, o))"
+			   " SELECT base FROM s",
+			   5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum((int64) n);
-	if (spool_exec(plan_bump, v, NULL, false, SPI_OK_UPDATE_RETURNING) == 0)
-		return false;
-	base = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-									   SPI_tuptable->tupdesc, 1, &isnull));
-
-	spool_plan(&plan_insert_many,
-			   "INSERT INTO spool.nonce_store"
-			   " (signer, nonce, state, owner, token, request_id)"
-			   " SELECT $1, $2 + u.o - 1, 'allocated', $3, $4, u.r"
-			   " FROM unnest($5::text[]) WITH ORDINALITY AS u(r, o)",
-			   5, ti);
-	v[1] = Int64GetDatum(base);
 	v[2] = CStringGetTextDatum(owner);
 	v[3] = Int64GetDatum(token);
 	v[4] = PointerGetDatum(text_array(n, request_ids));
-	spool_exec(plan_insert_many, v, NULL, false, SPI_OK_INSERT);
+	if (spool_exec(plan_take_new, v, NULL, false, SPI_OK_SELECT) == 0)
+		return false;
+	base = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
 	for (i = 0; i < n; i++)
 		nonces[i] = base + i;
+	spool_fence_register(spool_signer_resource(signer), token);
 	return true;
 }
 
 /*
- * Slow path, one nonce: lock the signer row (creating it on first use) and
- * reuse the lowest RELEASED nonce.  Returns -1 when the signer has none, so
- * the caller can take the fast path again.
+ * Lock the signer row and check that (owner, token) holds the signer's live
+ * lease, raising the precise error otherwise.  Returns the number of
+ * RELEASED nonces.  After it returns, no newer grant of the signer lease can
+ * commit before this transaction ends.
+ */
+static int64
+signer_lock_and_check(const char *signer, const char *owner, int64 token)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1];
+	SPITupleTable *tt;
+	bool		isnull;
+	int64		released;
+	int64		current;
+	char	   *holder;
+	bool		live;
+
+	spool_plan(&plan_lock_signer,
+			   "SELECT ns.released, ns.lease_token, l.owner,"
+			   "       coalesce(l.expires_at > clock_timestamp(), false)"
+			   "  FROM spool.nonce_signer ns"
+			   "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
+			   " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
+			   1, t);
+	v[0] = CStringGetTextDatum(signer);
+	if (spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("signer \"%s\" has no lease", signer),
+				 errhint("Acquire the lease \"signer:%s\" with spool.lease_acquire first.", signer)));
+	tt = SPI_tuptable;
+	released = DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 1, &isnull));
+	current = DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 2, &isnull));
+	holder = SPI_getvalue(tt->vals[0], tt->tupdesc, 3);
+	live = DatumGetBool(SPI_getbinval(tt->vals[0], tt->tupdesc, 4, &isnull));
+
+	if (current != token)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
+				 errmsg("fencing token " INT64_FORMAT " for signer \"%s\" is not current",
+						token, signer),
+				 errdetail("The current token is " INT64_FORMAT ", held by \"%s\".",
+						   current, holder ? holder : "nobody"),
+				 errhint("Another owner took the signer lease over; this write must not happen.")));
+	if (holder == NULL || strcmp(holder, owner) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
+				 errmsg("lease of signer \"%s\" is not held by \"%s\"", signer, owner),
+				 errdetail("Token " INT64_FORMAT " belongs to \"%s\".",
+						   token, holder ? holder : "nobody")));
+	if (!live)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
+				 errmsg("lease of signer \"%s\" with token " INT64_FORMAT " has expired",
+						signer, token),
+				 errhint("Renew the lease before it expires, or acquire it again.")));
+	spool_fence_register(spool_signer_resource(signer), token);
+	return released;
+}
+
+/*
+ * Reuse the lowest RELEASED nonce of a signer whose row the caller has
+ * locked and checked.
  */
 static int64
 nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
@@ -185,27 +258,7 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	Datum		v[4];
 	char		nulls[4] = {' ', ' ', ' ', ' '};
 	bool		isnull;
-	int64		released;
 	int64		nonce;
-
-	v[0] = CStringGetTextDatum(signer);
-	spool_plan(&plan_lock_signer,
-			   "SELECT released FROM spool.nonce_signer WHERE signer = $1"
-			   " FOR NO KEY UPDATE",
-			   1, t1);
-	if (spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT) == 0)
-	{
-		spool_plan(&plan_new_signer,
-				   "INSERT INTO spool.nonce_signer (signer) VALUES ($1)"
-				   " ON CONFLICT DO NOTHING",
-				   1, t1);
-		spool_exec(plan_new_signer, v, NULL, false, SPI_OK_INSERT);
-		return -1;
-	}
-	released = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-										   SPI_tuptable->tupdesc, 1, &isnull));
-	if (released == 0)
-		return -1;
 
 	spool_plan(&plan_reuse,
 			   "UPDATE spool.nonce_store SET state = 'allocated', owner = $2,"
@@ -214,6 +267,7 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 			   "   FROM spool.nonce_store WHERE signer = $1 AND state = 'released')"
 			   " RETURNING nonce",
 			   4, t4);
+	v[0] = CStringGetTextDatum(signer);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
 	if (request_id)
@@ -221,8 +275,7 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	else
 		nulls[3] = 'n';
 	if (spool_exec(plan_reuse, v, nulls, false, SPI_OK_UPDATE_RETURNING) != 1)
-		elog(ERROR, "signer \"%s\" counts " INT64_FORMAT " released nonces but none was found",
-			 signer, released);
+		elog(ERROR, "signer \"%s\" counts released nonces but none was found", signer);
 	nonce = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										SPI_tuptable->tupdesc, 1, &isnull));
 
@@ -249,15 +302,13 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 	int64	   *got = palloc(sizeof(int64) * n);
 	int			npending = 0;
 	int			done = 0;
+	int64		released;
 	int			i;
 	int			j;
-	int			guard;
-
-	spool_fence_internal(spool_signer_resource(signer), token, owner, signer);
 
 	for (i = 0; i < n; i++)
 		nonces[i] = -1;
-	nonce_lookup_requests(signer, n, request_ids, nonces);
+	released = nonce_lookup_requests(signer, n, request_ids, nonces);
 
 	/* Pending: no nonce yet, and not a repeat of an earlier request in the batch. */
 	for (i = 0; i < n; i++)
@@ -276,22 +327,22 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 		npending++;
 	}
 
-	/* Reuse RELEASED holes one at a time, then take new ones in one go. */
-	for (guard = 0; done < npending; guard++)
+	/* Common case: one fenced statement; otherwise lock, check, and reuse holes. */
+	if (npending == 0 || released > 0 ||
+		!nonce_take_new(signer, owner, token, npending, pending_ids, got))
 	{
-		int64		nonce;
-
-		if (guard > npending + 4)
-			elog(ERROR, "nonce allocation for signer \"%s\" made no progress", signer);
-		if (nonce_take_new(signer, owner, token, npending - done,
-						   pending_ids + done, got + done))
+		released = signer_lock_and_check(signer, owner, token);
+		if (npending > 0)
+			nonce_forget_released_requests(signer, npending, pending_ids);
+		for (; done < npending && released > 0; released--)
 		{
-			done = npending;
-			break;
+			got[done] = nonce_reuse_lowest(signer, owner, token, pending_ids[done]);
+			done++;
 		}
-		nonce = nonce_reuse_lowest(signer, owner, token, pending_ids[done]);
-		if (nonce >= 0)
-			got[done++] = nonce;
+		if (done < npending &&
+			!nonce_take_new(signer, owner, token, npending - done,
+							pending_ids + done, got + done))
+			elog(ERROR, "nonce allocation for signer \"%s\" failed under its lock", signer);
 	}
 
 	for (i = 0; i < npending; i++)
@@ -344,21 +395,11 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 
 	spool_require_shmem();
 	SPI_connect();
-	spool_fence_internal(spool_signer_resource(signer), token, owner, signer);
+	/* Signer row first, in the same order as allocation (no deadlock). */
+	(void) signer_lock_and_check(signer, owner, token);
 
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum(nonce);
-	/* Signer row first, in the same order as allocation (no deadlock). */
-	if (to_released)
-	{
-		Oid			t1[1] = {TEXTOID};
-
-		spool_plan(&plan_lock_signer,
-				   "SELECT released FROM spool.nonce_signer WHERE signer = $1"
-				   " FOR NO KEY UPDATE",
-				   1, t1);
-		spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT);
-	}
 	spool_plan(&plan_get_nonce,
 			   "SELECT state::text FROM spool.nonce_store"
 			   " WHERE signer = $1 AND nonce = $2 FOR UPDATE",

@@ -166,7 +166,9 @@ extern SpoolLease spool_lease_acquire_internal(const char *resource,
 											   spool_may_steal_fn may_steal);
 extern void spool_fence_internal(const char *resource, int64 token,
 								 const char *owner, const char *signer);
+extern void spool_fence_register(const char *resource, int64 token);
 extern char *spool_signer_resource(const char *signer);
+extern const char *spool_resource_signer(const char *resource);
 
 /*
  * Nonces (nonce.c)
