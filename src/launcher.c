@@ -258,6 +258,8 @@ reclaim_worker(int w, const char *why)
 			spool_request_free(i);
 	}
 	slot->ninprogress = 0;
+	/* The stall clock restarts for the replacement. */
+	slot->heartbeat = GetCurrentTimestamp();
 	LWLockRelease(spool_shared->queue_lock);
 	if (requeued > 0)
 		ereport(LOG,

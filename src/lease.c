@@ -280,6 +280,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 			ereport(DEBUG1,
 					(errmsg("lease \"%s\" is still fenced by a transaction of its previous holder",
 							resource)));
+			result.blocked = true;
 			return result;
 		}
 		if (row.live && same_owner(row.owner, owner))
@@ -307,6 +308,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		if (spool_exec(plan_grant, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
 			elog(ERROR, "lease \"%s\" vanished while locked", resource);
 		result.held = true;
+		result.took_over = row.owner != NULL && !same_owner(row.owner, owner);
 		result.token = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 												   SPI_tuptable->tupdesc, 1, &isnull));
 		result.expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],

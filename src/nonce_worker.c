@@ -278,6 +278,11 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 			while (end < n && strcmp(items[end].signer, items[start].signer) == 0)
 				end++;
 
+		/* Alive and working: a bounded lock wait below is not a stall. */
+		LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+		spool_shared->workers[my_slot].heartbeat = GetCurrentTimestamp();
+		LWLockRelease(spool_shared->queue_lock);
+
 		PG_TRY();
 		{
 			int			g;
@@ -362,12 +367,17 @@ worker_serve_signer(BatchItem *items, int n)
 		if (!lease.held)
 		{
 			hash_search(held_leases, signer, HASH_REMOVE, NULL);
+			if (lease.blocked)
+				ereport(ERROR,
+						(errcode(ERRCODE_SPOOL_LEASE_BLOCKED),
+						 errmsg("signer \"%s\" is still locked by a stalled transaction of its previous holder",
+								signer)));
 			ereport(ERROR,
 					(errcode(ERRCODE_SPOOL_SIGNER_LEASED),
 					 errmsg("signer \"%s\" is leased by another owner", signer),
 					 errhint("Serve a signer either through spool.nonce_request or through a client holding its lease, not both.")));
 		}
-		if (found && lease.token != hl->token)
+		if (lease.took_over)
 		{
 			LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
 			spool_shared->workers[my_slot].takeovers++;
@@ -441,6 +451,13 @@ worker_complete(BatchItem *items, int n)
 			spool_request_free(items[i].idx);
 			continue;
 		}
+		if (items[i].sqlerrcode == ERRCODE_SPOOL_LEASE_BLOCKED)
+		{
+			/* Retry once the stalled holder is gone; the caller keeps waiting. */
+			spool_request_enqueue(my_slot, items[i].idx, false);
+			items[i].idx = -1;
+			continue;
+		}
 		req->nonce = items[i].nonce;
 		if (items[i].nonce >= 0)
 			req->state = REQ_DONE;
@@ -461,5 +478,6 @@ worker_complete(BatchItem *items, int n)
 	LWLockRelease(spool_shared->queue_lock);
 
 	for (i = 0; i < n; i++)
-		ConditionVariableBroadcast(&spool_requests[items[i].idx].cv);
+		if (items[i].idx >= 0)
+			ConditionVariableBroadcast(&spool_requests[items[i].idx].cv);
 }

@@ -27,6 +27,7 @@
 #define ERRCODE_SPOOL_NONCE_TRANSITION		MAKE_SQLSTATE('S','P','0','0','6')
 #define ERRCODE_SPOOL_SERVICE_UNAVAILABLE	MAKE_SQLSTATE('S','P','0','0','7')
 #define ERRCODE_SPOOL_SIGNER_LEASED			MAKE_SQLSTATE('S','P','0','0','8')
+#define ERRCODE_SPOOL_LEASE_BLOCKED			MAKE_SQLSTATE('S','P','0','0','9')
 
 /* Longest resource/owner/signer/request id we accept (bytes). */
 #define SPOOL_NAME_MAX		200
@@ -154,6 +155,9 @@ extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 typedef struct SpoolLease
 {
 	bool		held;			/* false: another owner has it */
+	bool		took_over;		/* newly granted; another owner had it before */
+	bool		blocked;		/* not granted: the old holder's fenced
+								 * transaction is still open */
 	int64		token;
 	TimestampTz expires_at;
 } SpoolLease;

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The main job, end to end: install what is missing, build, start a throwaway
+# PostgreSQL with spool_ext, and show leases, fencing and the nonce allocator
+# surviving a stalled owner, a terminated worker and a stalled worker.
+#
+# (Later releases extend this to the Kafka-fed pipeline.)
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+"$here/scripts/deps.sh"
+. "$here/scripts/common.sh"
+
+tree=$(prepare_build_tree "$here")
+work=$(mktemp -d /tmp/spool_ext-demo.XXXXXX)
+[ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"
+PORT=${SPOOL_DEMO_PORT:-54339}
+cleanup() {
+	[ -n "${stopped_pid:-}" ] && kill -CONT "$stopped_pid" 2>/dev/null || true
+	as_user pg_ctl -D "$work/data" -m fast stop >/dev/null 2>&1 || true
+	rm -rf "$work" "$tree"
+}
+trap cleanup EXIT
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+sql() { as_user "$PG_BIN/psql" -X -q -h "$work" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 "$@"; }
+val() { sql -At -c "$1"; }
+
+say "Starting a throwaway PostgreSQL 15 with shared_preload_libraries = 'spool_ext'"
+as_user initdb -D "$work/data" -A trust >/dev/null
+cat >> "$work/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'spool_ext'
+listen_addresses = ''
+unix_socket_directories = '$work'
+port = $PORT
+max_worker_processes = 16
+spool.database = 'postgres'
+spool.nonce_workers = 2
+spool.nonce_stall_timeout = '3s'
+CONF
+as_user pg_ctl -D "$work/data" -l "$work/log" -w start >/dev/null
+sql -c "CREATE EXTENSION spool_ext"
+echo "server running on $work port $PORT; extension created"
+
+say "1. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
+sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-a', '2 s')"
+echo "node-a allocates three nonces and sends the first transaction:"
+sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1, 'tx-a1') AS a1,
+               spool.nonce_allocate('0xa11ce', 'node-a', 1, 'tx-a2') AS a2,
+               spool.nonce_allocate('0xa11ce', 'node-a', 1, 'tx-a3') AS a3"
+sql -c "SELECT spool.nonce_mark_used('0xa11ce', 0, 'node-a', 1)"
+echo "node-b tries to take over while node-a's lease is live: it gets NULL"
+sql -c "SELECT coalesce((spool.lease_acquire('signer:0xa11ce', 'node-b', '10 s')).token::text, 'NULL (held by node-a)') AS node_b"
+
+say "2. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
+sleep 2.5
+sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-b', '30 s')"
+echo "node-b gives nonce 2 back (its transaction was never sent) and allocates: the hole is reused first"
+sql -c "SELECT spool.nonce_mark_recyclable('0xa11ce', 2, 'node-b', 2)"
+sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b1') AS b1, spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b2') AS b2"
+
+say "3. node-a wakes up and carries on with its old token: every write is rejected"
+for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
+         "SELECT spool.nonce_mark_used('0xa11ce', 1, 'node-a', 1)" \
+         "SELECT spool.lease_renew('signer:0xa11ce', 'node-a', 1)"; do
+	echo "node-a> $q"
+	{ sql -c "$q" 2>&1 || true; } | sed -n 's/^ERROR: */   rejected: /p'
+done
+sql -c "SELECT signer, nonce, state, owner, token, request_id FROM spool.nonces WHERE signer = '0xa11ce' ORDER BY nonce"
+
+say "4. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
+cat > "$work/queue.sql" <<'SQL'
+\set s random(1, 4)
+SELECT spool.nonce_request('0xfeed' || :s, 'req-' || :client_id || '-' || random());
+SQL
+chmod 644 "$work/queue.sql"
+as_user "$PG_BIN/pgbench" -n -h "$work" -p "$PORT" -c 8 -j 2 -T 10 -f "$work/queue.sql" postgres > "$work/pgbench.out" 2>&1 &
+bench=$!
+sql -c "SELECT worker, pid IS NOT NULL AS running, generation, owner FROM spool.nonce_workers ORDER BY worker"
+sleep 2
+victim=$(val "SELECT pid FROM spool.nonce_workers WHERE worker = 0")
+echo "terminating nonce worker 0 (pid $victim) under load"
+val "SELECT pg_terminate_backend($victim)" >/dev/null
+sleep 3
+stopped_pid=$(val "SELECT pid FROM spool.nonce_workers WHERE worker = 1")
+echo "stalling nonce worker 1 (pid $stopped_pid) with SIGSTOP under load"
+kill -STOP "$stopped_pid"
+wait "$bench" || true
+kill -CONT "$stopped_pid"
+echo "load finished; the stalled worker was continued and exits on its own"
+grep -E "^(number of transactions actually processed|number of failed|tps)" "$work/pgbench.out" || cat "$work/pgbench.out"
+
+say "5. What happened"
+sql -c "SELECT worker, pid, generation, owner, served, batches, takeovers FROM spool.nonce_workers ORDER BY worker"
+sql -c "SELECT resource, owner, token, grants FROM spool.leases WHERE resource LIKE 'signer:0xfeed%' ORDER BY resource"
+sql -c "SELECT signer, count(*) AS nonces, max(nonce) AS max_nonce,
+               count(DISTINCT nonce) = count(*) AS no_duplicates,
+               max(nonce) + 1 = count(*) AS gap_free
+          FROM spool.nonces WHERE signer LIKE '0xfeed%' GROUP BY signer ORDER BY signer"
+echo "server log lines from spool_ext:"
+grep -E "spool (nonce worker|launcher)|terminating backend|replacing|re-queued|was replaced" "$work/log" | sed 's/^/  /' | tail -n 12
+say "Done. (The server is stopped and its files removed.)"
