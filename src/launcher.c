@@ -110,6 +110,7 @@ spool_launcher_main(Datum main_arg)
 	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
 	spool_shared->launcher_pid = MyProcPid;
 	spool_shared->launcher_latch = MyLatch;
+	spool_shared->database_oid = MyDatabaseId;
 	LWLockRelease(spool_shared->queue_lock);
 	before_shmem_exit(launcher_detach, (Datum) 0);
 

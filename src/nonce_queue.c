@@ -135,6 +135,12 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("worker-queue mode is disabled"),
 				 errhint("Set spool.nonce_workers to a positive number and restart the server, or use spool.nonce_allocate.")));
+	if (OidIsValid(spool_shared->database_oid) &&
+		spool_shared->database_oid != MyDatabaseId)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("worker-queue mode serves database \"%s\" only", spool_database),
+				 errhint("Call spool.nonce_request in that database, set spool.database, or use spool.nonce_allocate here.")));
 	if (request_id == NULL)
 		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
 							  (long) MyStartTimestamp,

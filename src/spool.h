@@ -116,6 +116,7 @@ typedef struct SpoolShared
 {
 	LWLock	   *queue_lock;		/* guards requests and worker slots */
 	pid_t		launcher_pid;
+	Oid			database_oid;	/* where the launcher runs, once known */
 	Latch	   *launcher_latch;
 	int			free_head;
 	int			nworkers;

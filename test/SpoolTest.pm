@@ -1,0 +1,216 @@
+
+# Shared helpers for the spool_ext TAP tests (PostgreSQL 15 test framework).
+#
+#   spool_node($name, %conf)      a started node with spool_ext preloaded and
+#                                 the extension created in 'postgres'
+#   SpoolTest::Session->new(...)  a long-lived psql driven through IPC::Run
+#                                 pipes: query() returns output and SQLSTATE
+#   start_pgbench / finish_pgbench  bounded pgbench runs in the background
+#   poll_ok                       poll_query_until as a test assertion
+#   wait_pid_gone                 wait until a server process has exited
+package SpoolTest;
+
+use strict;
+use warnings;
+
+use Exporter 'import';
+use IPC::Run;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time);
+
+our @EXPORT = qw(spool_node poll_ok start_pgbench finish_pgbench
+  wait_pid_gone wait_workers worker_row sql_list);
+
+# A node with spool_ext preloaded and created in database 'postgres'.
+# %conf overrides or adds postgresql.conf settings (values verbatim).
+sub spool_node
+{
+	my ($name, %conf) = @_;
+	my %c = (
+		shared_preload_libraries => "'spool_ext'",
+		'spool.database' => "'postgres'",
+		max_worker_processes => 16,
+		max_connections => 40,
+		log_line_prefix => "'%m [%p] %b '",
+		%conf);
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf',
+		join('', map { "$_ = $c{$_}\n" } sort keys %c));
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION spool_ext');
+	return $node;
+}
+
+# poll_query_until as an assertion, with a message saying what we waited for.
+sub poll_ok
+{
+	my ($node, $query, $what, $expected) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $t0 = time;
+	my $ok = $node->poll_query_until('postgres', $query,
+		defined $expected ? $expected : 't');
+	ok($ok, sprintf('waited for %s (%.1fs)', $what, time - $t0));
+	return $ok;
+}
+
+# Wait until process $pid is gone (from the OS and from pg_stat_activity).
+sub wait_pid_gone
+{
+	my ($node, $pid, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	return poll_ok($node,
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $pid",
+		"$what (pid $pid) to exit")
+	  && ok(!kill(0, $pid), "$what (pid $pid) no longer exists");
+}
+
+# Wait until all $n nonce workers run; returns { worker => pid }.
+sub wait_workers
+{
+	my ($node, $n, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	poll_ok($node,
+		"SELECT count(*) = $n FROM spool.nonce_workers w"
+		  . " JOIN pg_stat_activity a ON a.pid = w.pid"
+		  . " WHERE a.backend_type = 'spool nonce worker ' || w.worker",
+		$what || "$n nonce workers to run");
+	my %w = map { split /\|/ } split /\n/,
+	  $node->safe_psql('postgres',
+		'SELECT worker, pid FROM spool.nonce_workers WHERE pid IS NOT NULL');
+	return \%w;
+}
+
+# One row of spool.nonce_workers as a hash.
+sub worker_row
+{
+	my ($node, $w) = @_;
+	my @cols = qw(worker pid generation owner queued in_progress served
+	  batches last_batch takeovers);
+	my $r = $node->safe_psql('postgres',
+		'SELECT ' . join(', ', map { "coalesce($_::text, '')" } @cols)
+		  . " FROM spool.nonce_workers WHERE worker = $w");
+	my %h;
+	@h{@cols} = split /\|/, $r, -1;
+	return \%h;
+}
+
+# 'a','b' for IN lists.
+sub sql_list
+{
+	return join(', ', map { "'$_'" } @_);
+}
+
+# Start pgbench in the background with $script (text) and extra @args.
+sub start_pgbench
+{
+	my ($node, $name, $script, @args) = @_;
+	my $file = "$PostgreSQL::Test::Utils::tmp_check/$name.pgbench";
+	open my $fh, '>', $file or die "cannot write $file: $!";
+	print $fh $script;
+	close $fh;
+	my %run = (out => '', err => '', name => $name);
+	my @cmd = (
+		'pgbench', '-n', '-h', $node->host, '-p', $node->port,
+		'-f', $file, @args, 'postgres');
+	note "starting: @cmd";
+	$run{h} = IPC::Run::start(\@cmd, '>', \$run{out}, '2>', \$run{err},
+		IPC::Run::timeout($PostgreSQL::Test::Utils::timeout_default));
+	return \%run;
+}
+
+# Wait for a pgbench run; returns its exit code.  The output goes to the log.
+sub finish_pgbench
+{
+	my ($run) = @_;
+	$run->{h}->finish;
+	my $rc = $run->{h}->result(0);
+	note "pgbench $run->{name} exited with $rc\n$run->{out}\n"
+	  . substr($run->{err}, 0, 4000);
+	return $rc;
+}
+
+package SpoolTest::Session;
+
+use strict;
+use warnings;
+use IPC::Run;
+use Test::More;
+
+# A long-lived psql session without ON_ERROR_STOP: every query reports its
+# SQLSTATE, and a lost connection ends the session.
+sub new
+{
+	my ($class, $node, $name) = @_;
+	my $self = bless {
+		in => '',
+		out => '',
+		err => '',
+		n => 0,
+		name => $name || 'session',
+		node => $node
+	}, $class;
+	$self->{timer} =
+	  IPC::Run::timeout($PostgreSQL::Test::Utils::timeout_default);
+	$self->{h} = IPC::Run::start(
+		[
+			'psql', '-XAtq', '-v', 'ON_ERROR_STOP=0',
+			'-v', 'VERBOSITY=default',
+			'-d', $node->connstr('postgres'), '-f', '-'
+		],
+		'<', \$self->{in},
+		'>', \$self->{out},
+		'2>', \$self->{err},
+		$self->{timer});
+	$self->{pid} = $self->query_ok('SELECT pg_backend_pid()');
+	return $self;
+}
+
+sub pid { return $_[0]->{pid} }
+
+# Run $sql; returns (output, sqlstate, stderr).  sqlstate is '00000' on
+# success and 'EXIT' when psql ended (connection lost).
+sub query
+{
+	my ($self, $sql) = @_;
+	$sql =~ s/;\s*\z//;
+	my $mark = '__spool_done_' . (++$self->{n}) . '__';
+	$self->{out} = '';
+	$self->{err} = '';
+	return ('', 'EXIT', 'session already ended') unless $self->{h}->pumpable;
+	$self->{in} .= "$sql;\n\\echo $mark :SQLSTATE\n";
+	$self->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	while ($self->{out} !~ /\Q$mark\E (\S+)\n/)
+	{
+		last unless $self->{h}->pumpable;
+		$self->{h}->pump;
+	}
+	my ($out, $state) = ($self->{out}, 'EXIT');
+	if ($out =~ s/\Q$mark\E (\S+)\n//) { $state = $1; }
+	chomp $out;
+	my $err = $self->{err};
+	note "[$self->{name}] $sql => $state" . ($err ne '' ? " ($err)" : '');
+	return ($out, $state, $err);
+}
+
+# Run $sql and fail the test unless it succeeded; returns its output.
+sub query_ok
+{
+	my ($self, $sql) = @_;
+	my ($out, $state, $err) = $self->query($sql);
+	die "[$self->{name}] query failed ($state): $sql\n$err" if $state ne '00000';
+	return $out;
+}
+
+# Close the session (harmlessly if psql already ended).
+sub quit
+{
+	my ($self) = @_;
+	$self->{in} .= "\\q\n" if $self->{h}->pumpable;
+	eval { $self->{h}->finish; };
+	return;
+}
+
+1;
