@@ -17,28 +17,15 @@ CLIENTS=${3:-16}
 . "$here/scripts/common.sh"
 tree=$(prepare_build_tree "$here")
 work=$(mktemp -d /tmp/spool_ext-bench.XXXXXX)
-[ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"
 PORT=${SPOOL_BENCH_PORT:-54329}
 export PGHOST=$work PGPORT=$PORT PGUSER=$RUN_AS PGDATABASE=postgres
-
 cleanup() {
-	as_user pg_ctl -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+	stop_server "$work"
 	rm -rf "$work" "$tree"
 }
 trap cleanup EXIT
-
-as_user initdb -D "$work/data" -A trust -U "$RUN_AS" >/dev/null
-cat >> "$work/data/postgresql.conf" <<CONF
-shared_preload_libraries = 'spool_ext'
-listen_addresses = ''
-unix_socket_directories = '$work'
-port = $PORT
-max_connections = 100
-shared_buffers = 256MB
-max_worker_processes = 16
-spool.nonce_workers = 2
-CONF
-as_user pg_ctl -D "$work/data" -l "$work/log" -w start >/dev/null
+start_server "$work" "$PORT" "shared_buffers = 256MB
+spool.nonce_workers = 2"
 psql() { as_user env PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" PGDATABASE="$PGDATABASE" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$@"; }
 pgbench() { as_user env PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" PGDATABASE="$PGDATABASE" "$PG_BIN/pgbench" "$@"; }
 

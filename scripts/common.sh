@@ -32,3 +32,26 @@ prepare_build_tree() {
 	as_root make -s -C "$tree" PG_CONFIG="$PG_CONFIG" install >&2
 	echo "$tree"
 }
+
+# start_server WORK PORT [EXTRA_CONF_LINES]: initdb a throwaway cluster in
+# WORK/data (WORK must exist), preload spool_ext, listen only on a unix socket
+# in WORK, and start it.  stop_server WORK stops it.
+start_server() {
+	local work=$1 port=$2 extra=${3:-}
+	[ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"
+	as_user initdb -D "$work/data" -A trust -U "$RUN_AS" >/dev/null
+	cat >> "$work/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'spool_ext'
+listen_addresses = ''
+unix_socket_directories = '$work'
+port = $port
+max_worker_processes = 16
+spool.database = 'postgres'
+$extra
+CONF
+	as_user pg_ctl -D "$work/data" -l "$work/log" -w start >/dev/null
+}
+
+stop_server() {
+	as_user pg_ctl -D "$1/data" -m fast stop >/dev/null 2>&1 || true
+}

@@ -11,11 +11,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 tree=$(prepare_build_tree "$here")
 work=$(mktemp -d /tmp/spool_ext-demo.XXXXXX)
-[ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"
 PORT=${SPOOL_DEMO_PORT:-54339}
 cleanup() {
 	[ -n "${stopped_pid:-}" ] && kill -CONT "$stopped_pid" 2>/dev/null || true
-	as_user pg_ctl -D "$work/data" -m fast stop >/dev/null 2>&1 || true
+	stop_server "$work"
 	rm -rf "$work" "$tree"
 }
 trap cleanup EXIT
@@ -25,18 +24,8 @@ sql() { as_user "$PG_BIN/psql" -X -q -h "$work" -p "$PORT" -d postgres -v ON_ERR
 val() { sql -At -c "$1"; }
 
 say "Starting a throwaway PostgreSQL 15 with shared_preload_libraries = 'spool_ext'"
-as_user initdb -D "$work/data" -A trust >/dev/null
-cat >> "$work/data/postgresql.conf" <<CONF
-shared_preload_libraries = 'spool_ext'
-listen_addresses = ''
-unix_socket_directories = '$work'
-port = $PORT
-max_worker_processes = 16
-spool.database = 'postgres'
-spool.nonce_workers = 2
-spool.nonce_stall_timeout = '3s'
-CONF
-as_user pg_ctl -D "$work/data" -l "$work/log" -w start >/dev/null
+start_server "$work" "$PORT" "spool.nonce_workers = 2
+spool.nonce_stall_timeout = '3s'"
 sql -c "CREATE EXTENSION spool_ext"
 echo "server running on $work port $PORT; extension created"
 

@@ -23,9 +23,9 @@ SELECT pg_sleep(0.4);
 SELECT token FROM spool.lease_acquire('err:stolen', 'e2', '1 h');
 SELECT token FROM spool.lease_acquire('signer:err-st', 'e2', '1 h');
 SELECT resource, owner, token, live FROM spool.leases
- WHERE resource LIKE 'err:%' OR resource LIKE 'signer:err-%' ORDER BY resource;
+ WHERE resource LIKE 'err:%' OR resource LIKE 'signer:err-%' ORDER BY resource COLLATE "C";
 SELECT signer, nonce, state, owner, token FROM spool.nonces
- WHERE signer LIKE 'err-%' ORDER BY signer, nonce;
+ WHERE signer LIKE 'err-%' ORDER BY signer COLLATE "C", nonce;
 
 SELECT spool_state() AS state0 \gset
 
@@ -195,6 +195,6 @@ SELECT spool.nonce_mark_used('err-s', 2, 'e1', 1);
 -- The fixtures are exactly as they were.
 SELECT spool_state() = :'state0' AS unchanged;
 SELECT resource, owner, token, live FROM spool.leases
- WHERE resource LIKE 'err:%' OR resource LIKE 'signer:err-%' ORDER BY resource;
+ WHERE resource LIKE 'err:%' OR resource LIKE 'signer:err-%' ORDER BY resource COLLATE "C";
 SELECT signer, nonce, state, owner, token FROM spool.nonces
- WHERE signer LIKE 'err-%' ORDER BY signer, nonce;
+ WHERE signer LIKE 'err-%' ORDER BY signer COLLATE "C", nonce;

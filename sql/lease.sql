@@ -86,7 +86,6 @@ SELECT owner, token, live, grants FROM spool.leases WHERE resource = 'lease:b';
 -- Tokens strictly increase by one per grant, whoever gets it.
 DO $$
 DECLARE
-	t bigint;
 	prev bigint := 0;
 	l spool.lease;
 BEGIN
