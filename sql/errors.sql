@@ -15,11 +15,11 @@ SELECT token FROM spool.lease_acquire('signer:err-s', 'e1', '1 h');
 SELECT spool.nonce_allocate('err-s', 'e1', 1) FROM generate_series(1, 3);
 SELECT spool.nonce_mark_used('err-s', 1, 'e1', 1);
 SELECT spool.nonce_mark_recyclable('err-s', 2, 'e1', 1);
-SELECT token FROM spool.lease_acquire('signer:err-x', 'e1', '200 ms');
+SELECT token FROM spool.lease_acquire('signer:err-x', 'e1', '500 ms');
 SELECT spool.nonce_allocate('err-x', 'e1', 1);
-SELECT token FROM spool.lease_acquire('signer:err-st', 'e1', '200 ms');
+SELECT token FROM spool.lease_acquire('signer:err-st', 'e1', '500 ms');
 SELECT spool.nonce_allocate('err-st', 'e1', 1);
-SELECT pg_sleep(0.4);
+SELECT pg_sleep(0.7);
 SELECT token FROM spool.lease_acquire('err:stolen', 'e2', '1 h');
 SELECT token FROM spool.lease_acquire('signer:err-st', 'e2', '1 h');
 SELECT resource, owner, token, live FROM spool.leases

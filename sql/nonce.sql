@@ -75,9 +75,9 @@ SELECT spool.nonce_allocate('n-b', 'node1', 1) AS n_b_first;
 SELECT spool.nonce_allocate('n-b', 'node1', 1, 'req-1') AS n_b_req1;
 
 -- A takeover: node1's lease expires and node2 gets token 2.
-SELECT token FROM spool.lease_acquire('signer:n-c', 'node1', '200 ms');
+SELECT token FROM spool.lease_acquire('signer:n-c', 'node1', '500 ms');
 SELECT spool.nonce_allocate('n-c', 'node1', 1) AS before_expiry;
-SELECT pg_sleep(0.4);
+SELECT pg_sleep(0.7);
 -- The expired holder can no longer allocate or mark (SP003).
 SELECT try($$SELECT spool.nonce_allocate('n-c', 'node1', 1)$$);
 SELECT try($$SELECT spool.nonce_mark_used('n-c', 0, 'node1', 1)$$);

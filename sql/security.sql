@@ -131,7 +131,7 @@ RESET ROLE;
 
 -- The rows written by the clients are where they belong.
 SELECT resource, owner, token, grants FROM spool.lease_store
- WHERE resource LIKE 'sec:%' OR resource = 'signer:sec-s' ORDER BY resource COLLATE "C" COLLATE "C";
+ WHERE resource LIKE 'sec:%' OR resource = 'signer:sec-s' ORDER BY resource COLLATE "C";
 
 DROP SCHEMA regress_spool_evil CASCADE;
 DROP ROLE regress_spool_plain;
