@@ -11,11 +11,11 @@ PG_CPPFLAGS = -I$(srcdir)/src
 SHLIB_LINK =
 
 # Every test layer runs against a throwaway instance with the library preloaded.
-TEMP_CONF = $(srcdir)/test/spool_test.conf
+SPOOL_TEMP_CONF = $(srcdir)/test/spool_test.conf
 REGRESS = setup lease nonce errors security
-REGRESS_OPTS = --temp-instance=$(CURDIR)/tmp_regress --temp-config=$(TEMP_CONF)
+REGRESS_OPTS = --temp-instance=$(CURDIR)/tmp_regress --temp-config=$(SPOOL_TEMP_CONF)
 ISOLATION = lease_race fence_steal nonce_concurrent nonce_holes
-ISOLATION_OPTS = --temp-instance=$(CURDIR)/tmp_isolation --temp-config=$(TEMP_CONF) \
+ISOLATION_OPTS = --temp-instance=$(CURDIR)/tmp_isolation --temp-config=$(SPOOL_TEMP_CONF) \
 	--load-extension=spool_ext
 TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))

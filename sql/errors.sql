@@ -120,6 +120,11 @@ SELECT spool_state() = :'state0' AS unchanged;
 SELECT try($$SELECT spool.nonce_allocate(NULL, 'e1', 1)$$);
 SELECT try($$SELECT spool.nonce_allocate('', 'e1', 1)$$);
 SELECT try($$SELECT spool.nonce_allocate(repeat('s', 201), 'e1', 1)$$);
+-- A signer must leave room for its lease name 'signer:' || signer (200 bytes).
+SELECT try($$SELECT spool.nonce_allocate(repeat('s', 194), 'e1', 1)$$);
+SELECT try($$SELECT spool.nonce_request(repeat('s', 194))$$);
+SELECT try($$SELECT spool.nonce_allocate(repeat('s', 193), 'e1', 1)$$);
+SELECT try($$SELECT spool.lease_acquire('signer:' || repeat('s', 194), 'e1', '1 min')$$);
 SELECT try($$SELECT spool.nonce_allocate('err-s', NULL, 1)$$);
 SELECT try($$SELECT spool.nonce_allocate('err-s', '', 1)$$);
 SELECT try($$SELECT spool.nonce_allocate('err-s', repeat('o', 201), 1)$$);

@@ -362,7 +362,7 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 Datum
 spool_nonce_allocate(PG_FUNCTION_ARGS)
 {
-	char	   *signer = spool_arg_name(fcinfo, 0, "signer");
+	char	   *signer = spool_arg_signer(fcinfo, 0);
 	char	   *owner = spool_arg_name(fcinfo, 1, "owner");
 	int64		token = spool_arg_int64(fcinfo, 2, "token", true);
 	const char *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
@@ -383,7 +383,7 @@ spool_nonce_allocate(PG_FUNCTION_ARGS)
 static void
 nonce_mark(FunctionCallInfo fcinfo, const char *target)
 {
-	char	   *signer = spool_arg_name(fcinfo, 0, "signer");
+	char	   *signer = spool_arg_signer(fcinfo, 0);
 	int64		nonce = spool_arg_int64(fcinfo, 1, "nonce", true);
 	char	   *owner = spool_arg_name(fcinfo, 2, "owner");
 	int64		token = spool_arg_int64(fcinfo, 3, "token", true);

@@ -115,7 +115,7 @@ request_abandon(int code, Datum arg)
 Datum
 spool_nonce_request(PG_FUNCTION_ARGS)
 {
-	char	   *signer = spool_arg_name(fcinfo, 0, "signer");
+	char	   *signer = spool_arg_signer(fcinfo, 0);
 	char	   *request_id = spool_arg_name_opt(fcinfo, 1, "request_id");
 	SpoolNonceReq *req;
 	Latch	   *latch;

@@ -31,6 +31,8 @@
 
 /* Longest resource/owner/signer/request id we accept (bytes). */
 #define SPOOL_NAME_MAX		200
+/* A signer's lease is 'signer:' || signer, which must fit SPOOL_NAME_MAX. */
+#define SPOOL_SIGNER_NAME_MAX (SPOOL_NAME_MAX - 7)
 /* Fixed-size copies kept in shared memory for worker-queue requests. */
 #define SPOOL_SIGNER_MAX	(SPOOL_NAME_MAX + 1)
 #define SPOOL_REQID_MAX		(SPOOL_NAME_MAX + 1)
@@ -140,6 +142,7 @@ extern void spool_require_shmem(void);
 #include "fmgr.h"
 
 extern char *spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what);
+extern char *spool_arg_signer(FunctionCallInfo fcinfo, int argno);
 extern char *spool_arg_name_opt(FunctionCallInfo fcinfo, int argno, const char *what);
 extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *what,
 							 bool nonnegative);

@@ -14,12 +14,31 @@
 
 #include "spool.h"
 
+static char *arg_text(FunctionCallInfo fcinfo, int argno, const char *what,
+					  int maxlen);
+
 /*
  * Return argument argno as a C string, raising SP001 when it is NULL, empty
  * or longer than SPOOL_NAME_MAX bytes.
  */
 char *
 spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	return arg_text(fcinfo, argno, what, SPOOL_NAME_MAX);
+}
+
+/*
+ * A signer name: short enough that its lease name 'signer:' || signer fits
+ * in SPOOL_NAME_MAX bytes.
+ */
+char *
+spool_arg_signer(FunctionCallInfo fcinfo, int argno)
+{
+	return arg_text(fcinfo, argno, "signer", SPOOL_SIGNER_NAME_MAX);
+}
+
+static char *
+arg_text(FunctionCallInfo fcinfo, int argno, const char *what, int maxlen)
 {
 	text	   *t;
 	int			len;
@@ -34,11 +53,11 @@ spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("%s must not be empty", what)));
-	if (len > SPOOL_NAME_MAX)
+	if (len > maxlen)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("%s is too long", what),
-				 errdetail("It has %d bytes; at most %d are allowed.", len, SPOOL_NAME_MAX)));
+				 errdetail("It has %d bytes; at most %d are allowed.", len, maxlen)));
 	return text_to_cstring(t);
 }
 
