@@ -90,7 +90,7 @@ sub worker_row
 	my @cols = qw(worker pid generation owner queued in_progress served
 	  batches last_batch takeovers);
 	my $r = $node->safe_psql('postgres',
-		'SELECT ' . join(', ', map { "coalesce($_::text, '')" } @cols)
+		'SELECT ' . join(', ', map { "coalesce(${_}::text, '')" } @cols)
 		  . " FROM spool.nonce_workers WHERE worker = $w");
 	my %h;
 	@h{@cols} = split /\|/, $r, -1;
