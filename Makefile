@@ -19,11 +19,13 @@ ISOLATION_OPTS = --temp-instance=$(CURDIR)/tmp_isolation --temp-config=$(SPOOL_T
 	--load-extension=spool_ext
 TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
-PROVE_FLAGS = -I $(srcdir)/test
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Set after PGXS, which resets it: lets TAP tests find test/SpoolTest.pm.
+PROVE_FLAGS = -I $(srcdir)/test
 
 .PHONY: check-all
 check-all: installcheck

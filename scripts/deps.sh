@@ -12,6 +12,7 @@ packages=(
 	libjansson-dev
 	kcat
 	rsync
+	bc
 )
 
 missing=()
