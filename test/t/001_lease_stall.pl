@@ -13,7 +13,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use FindBin;
-use lib "$FindBin::RealBin/..";    # SpoolTest.pm (Makefile PROVE_FLAGS is overridden by PGXS)
+use lib "$FindBin::RealBin/..";    # SpoolTest.pm, also when run without make
 use SpoolTest;
 use Test::More;
 use Time::HiRes qw(time);
