@@ -8,7 +8,7 @@ DATA = $(sort $(wildcard spool_ext--*.sql))
 PGFILEDESC = "spool_ext - leases, fencing, nonces and Kafka-fed pipelines"
 
 PG_CPPFLAGS = -I$(srcdir)/src
-SHLIB_LINK =
+SHLIB_LINK = -lrdkafka -ljansson
 
 # Every test layer runs against a throwaway instance with the library preloaded.
 SPOOL_TEMP_CONF = $(srcdir)/test/spool_test.conf
@@ -23,6 +23,9 @@ PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Every object depends on the shared headers (PGXS tracks no header dependencies).
+$(OBJS): $(wildcard src/*.h)
 
 # Set after PGXS, which resets it: lets TAP tests find test/SpoolTest.pm.
 PROVE_FLAGS = -I $(srcdir)/test

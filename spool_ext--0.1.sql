@@ -162,6 +162,249 @@ COMMENT ON FUNCTION @extschema@._launcher_wakeup() IS
 'Internal: wake the spool launcher so it notices a newly created extension';
 
 ------------------------------------------------------------------------------
+-- Kafka sources, staging, the spool and its segments
+------------------------------------------------------------------------------
+
+-- One row per source.  options holds the validated options with defaults
+-- filled in; options->'kafka' may hold credentials and is never shown to
+-- non-owners (see spool.source_config).
+CREATE TABLE @extschema@.sources (
+	name		text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,48}$'),
+	brokers		text NOT NULL CHECK (brokers <> ''),
+	topics		text[] NOT NULL,
+	options		jsonb NOT NULL,
+	enabled		boolean NOT NULL DEFAULT false,
+	owner		regrole NOT NULL,
+	skip_gap	boolean NOT NULL DEFAULT false,
+	stopped_reason text,
+	created_at	timestamptz NOT NULL DEFAULT now()
+);
+
+-- Where each partition resumes: written in the transaction that makes its
+-- entries durable (I-3).
+CREATE TABLE @extschema@.offsets (
+	source		text NOT NULL REFERENCES @extschema@.sources ON DELETE CASCADE,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	next_offset	bigint NOT NULL,
+	updated_at	timestamptz NOT NULL,
+	PRIMARY KEY (source, topic, kafka_partition)
+);
+
+-- Written fast by the ingest workers, emptied by the promoter; after a crash
+-- it is empty and the workers re-read from offsets.  kind: 'm' message,
+-- 'd' dead letter, 'g' gap [kafka_offset, gap_to].
+CREATE UNLOGGED TABLE @extschema@.staging (
+	batch_id	bigint NOT NULL,
+	source		text NOT NULL,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	kafka_offset bigint NOT NULL,
+	kind		"char" NOT NULL,
+	key			bytea,
+	value		jsonb,
+	payload		bytea,
+	headers		jsonb,
+	kafka_ts	timestamptz,
+	error		text,
+	gap_to		bigint,
+	gap_stop	boolean
+);
+CREATE UNLOGGED SEQUENCE @extschema@.staging_batch;
+
+-- The spool: WAL-logged, partitioned into segments by cursor range.
+CREATE TABLE @extschema@.entries (
+	cursor		bigint NOT NULL,
+	source		text NOT NULL,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	kafka_offset bigint NOT NULL,
+	key			bytea,
+	value		jsonb,
+	payload		bytea,
+	headers		jsonb,
+	kafka_ts	timestamptz,
+	spooled_at	timestamptz NOT NULL,
+	PRIMARY KEY (cursor)
+) PARTITION BY RANGE (cursor);
+
+-- The next cursor; its row lock serialises promotions, so cursors commit in order.
+CREATE TABLE @extschema@.spool_state (
+	id			int PRIMARY KEY CHECK (id = 1),
+	next_cursor	bigint NOT NULL CHECK (next_cursor >= 1)
+);
+INSERT INTO @extschema@.spool_state VALUES (1, 1);
+
+CREATE TABLE @extschema@.segment_info (
+	segment		int PRIMARY KEY,
+	lo			bigint NOT NULL,
+	hi			bigint NOT NULL,		-- exclusive
+	rows		bigint NOT NULL DEFAULT 0,
+	created_at	timestamptz NOT NULL DEFAULT now(),
+	sealed_at	timestamptz,
+	dropped_at	timestamptz
+);
+
+-- Registered readers of the spool: a segment is kept until every consumer's
+-- committed cursor has passed it.
+CREATE TABLE @extschema@.consumers (
+	name		text PRIMARY KEY CHECK (name <> ''),
+	committed_cursor bigint NOT NULL CHECK (committed_cursor >= 0),
+	updated_at	timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE @extschema@.dead_letters (
+	id			bigserial PRIMARY KEY,
+	source		text NOT NULL,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	kafka_offset bigint NOT NULL,
+	key			bytea,
+	payload		bytea,
+	error		text NOT NULL,
+	at			timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE @extschema@.gaps (
+	id			bigserial PRIMARY KEY,
+	source		text NOT NULL,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	from_offset	bigint NOT NULL,
+	to_offset	bigint NOT NULL,
+	action		text NOT NULL CHECK (action IN ('continued', 'stopped')),
+	at			timestamptz NOT NULL DEFAULT now()
+);
+
+-- Runtime state written by the workers (lost on crash, rewritten at once).
+CREATE UNLOGGED TABLE @extschema@.source_runtime (
+	source		text PRIMARY KEY,
+	pid			int,
+	state		text NOT NULL,
+	last_error	text,
+	last_error_at timestamptz,
+	updated_at	timestamptz NOT NULL
+);
+CREATE UNLOGGED TABLE @extschema@.partition_runtime (
+	source		text NOT NULL,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	high_watermark bigint,
+	position	bigint,
+	msgs_per_sec float8,
+	updated_at	timestamptz NOT NULL,
+	PRIMARY KEY (source, topic, kafka_partition)
+);
+
+CREATE FUNCTION @extschema@.create_source(name text, brokers text, topics text[],
+										  options jsonb DEFAULT '{}')
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_create_source'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.create_source(text, text, text[], jsonb) IS
+'Define a Kafka source (created stopped; see start_source); options are validated now';
+
+CREATE FUNCTION @extschema@.start_source(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_start_source'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.start_source(text) IS
+'Enable a source: the launcher starts its ingest worker (after a stop on a gap, the gap is accepted)';
+
+CREATE FUNCTION @extschema@.stop_source(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_stop_source'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.stop_source(text) IS
+'Disable a source: its ingest worker stops; offsets and entries stay';
+
+CREATE FUNCTION @extschema@.drop_source(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_drop_source'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.drop_source(text) IS
+'Remove a source and its offsets; its entries stay in the spool until retention removes them';
+
+-- Options without secrets: values under "kafka" are masked unless the caller
+-- owns the source or is a superuser.
+CREATE VIEW @extschema@.source_config AS
+	SELECT s.name, s.brokers, s.topics,
+		   CASE WHEN pg_has_role(s.owner, 'MEMBER')
+					 OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
+				THEN s.options
+				ELSE s.options || jsonb_build_object('kafka',
+						coalesce((SELECT jsonb_object_agg(k, '********')
+									FROM jsonb_object_keys(s.options->'kafka') k), '{}'))
+		   END AS options,
+		   s.enabled, s.owner, s.stopped_reason, s.created_at
+	  FROM @extschema@.sources s;
+
+CREATE VIEW @extschema@.source_status AS
+	SELECT s.name AS source, p.topic, p.kafka_partition,
+		   o.next_offset, p.high_watermark,
+		   greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0) AS lag,
+		   CASE WHEN NOT s.enabled THEN 'stopped' ELSE coalesce(r.state, 'starting') END AS state,
+		   r.last_error, r.last_error_at, p.msgs_per_sec, p.position, r.pid,
+		   greatest(p.updated_at, r.updated_at) AS updated_at
+	  FROM @extschema@.sources s
+	  LEFT JOIN @extschema@.source_runtime r ON r.source = s.name
+	  LEFT JOIN @extschema@.partition_runtime p ON p.source = s.name
+	  LEFT JOIN @extschema@.offsets o
+			 ON (o.source, o.topic, o.kafka_partition) = (p.source, p.topic, p.kafka_partition);
+
+CREATE VIEW @extschema@.segments AS
+	SELECT i.segment, i.lo AS min_cursor, i.hi - 1 AS max_cursor, i.rows,
+		   coalesce(pg_catalog.pg_total_relation_size(
+				pg_catalog.to_regclass('@extschema@.entries_' || i.segment)), 0) AS bytes,
+		   CASE WHEN i.dropped_at IS NOT NULL THEN 'dropped'
+				WHEN i.sealed_at IS NOT NULL THEN 'sealed'
+				ELSE 'active' END AS state,
+		   i.created_at, i.sealed_at, i.dropped_at
+	  FROM @extschema@.segment_info i;
+
+CREATE FUNCTION @extschema@.read(after_cursor bigint, max_entries int DEFAULT 1000,
+								 wait interval DEFAULT '0 s')
+RETURNS SETOF @extschema@.entries
+AS 'MODULE_PATHNAME', 'spool_read'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.read(bigint, int, interval) IS
+'Entries with cursor > after_cursor in cursor order; waits up to wait for the first one';
+
+CREATE FUNCTION @extschema@.register_consumer(name text, start_cursor bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+	INSERT INTO @extschema@.consumers (name, committed_cursor)
+	VALUES (name, coalesce(start_cursor,
+		(SELECT next_cursor - 1 FROM @extschema@.spool_state WHERE id = 1)))
+	ON CONFLICT ON CONSTRAINT consumers_pkey DO UPDATE SET updated_at = now()
+	RETURNING committed_cursor;
+END;
+COMMENT ON FUNCTION @extschema@.register_consumer(text, bigint) IS
+'Register a spool reader; segments it has not passed are kept.  Returns its committed cursor';
+
+CREATE FUNCTION @extschema@.commit_consumer(name text, cursor bigint)
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+	UPDATE @extschema@.consumers c
+	   SET committed_cursor = greatest(c.committed_cursor, commit_consumer.cursor),
+		   updated_at = now()
+	 WHERE c.name = commit_consumer.name;
+END;
+COMMENT ON FUNCTION @extschema@.commit_consumer(text, bigint) IS
+'Record that a consumer has processed every entry up to cursor (never moves back)';
+
+CREATE FUNCTION @extschema@.drop_consumer(name text)
+RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+	DELETE FROM @extschema@.consumers c WHERE c.name = drop_consumer.name RETURNING true;
+END;
+COMMENT ON FUNCTION @extschema@.drop_consumer(text) IS
+'Unregister a consumer so it no longer holds segments back';
+
+------------------------------------------------------------------------------
 -- Privileges: nothing to PUBLIC; clients get the lease and nonce API.
 ------------------------------------------------------------------------------
 
@@ -181,5 +424,19 @@ GRANT EXECUTE ON FUNCTION
 	TO spool_client;
 GRANT SELECT ON @extschema@.leases, @extschema@.nonces, @extschema@.nonce_workers
 	TO spool_client;
+GRANT EXECUTE ON FUNCTION
+	@extschema@.create_source(text, text, text[], jsonb),
+	@extschema@.start_source(text),
+	@extschema@.stop_source(text),
+	@extschema@.drop_source(text),
+	@extschema@.register_consumer(text, bigint),
+	@extschema@.commit_consumer(text, bigint),
+	@extschema@.drop_consumer(text)
+	TO spool_admin;
+GRANT EXECUTE ON FUNCTION @extschema@.read(bigint, int, interval) TO spool_admin, spool_client;
+GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
+	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
+	@extschema@.consumers
+	TO spool_admin, spool_client;
 
 SELECT @extschema@._launcher_wakeup();

@@ -33,7 +33,8 @@ SELECT p.oid::regprocedure AS function,
        has_function_privilege('spool_client', p.oid, 'EXECUTE') AS client_execute
   FROM pg_proc p WHERE p.pronamespace = 'spool'::regnamespace
  ORDER BY p.proname COLLATE "C";
--- What spool_client may read: the views only, never the tables behind them.
+-- What spool_client may read: the views and the spool's records (dead letters,
+-- gaps, consumers), never the internal tables behind them.
 SELECT c.relname, c.relkind,
        has_table_privilege('spool_client', c.oid, 'SELECT') AS client_select,
        has_table_privilege('spool_client', c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') AS client_write

@@ -21,6 +21,8 @@ int			spool_nonce_stall_timeout_ms = 3000;
 int			spool_lease_wait_timeout_ms = 1000;
 int			spool_lease_max_ttl_s = 86400;
 int			spool_test_worker_pause_ms = 0;
+int			spool_segment_size = 1000000;
+int			spool_min_retention_s = 86400;
 
 void
 spool_define_gucs(void)
@@ -103,6 +105,22 @@ spool_define_gucs(void)
 							&spool_test_worker_pause_ms,
 							0, 0, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS | GUC_NOT_IN_SAMPLE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.segment_size",
+							"Number of cursors in one spool segment (a partition of spool.entries).",
+							NULL,
+							&spool_segment_size,
+							1000000, 100, INT_MAX / 2,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.min_retention",
+							"A sealed segment is kept at least this long, even when every consumer has passed it.",
+							NULL,
+							&spool_min_retention_s,
+							86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("spool");

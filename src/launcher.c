@@ -2,11 +2,13 @@
  *
  * launcher.c
  *	  The spool launcher: a static background worker in the database named by
- *	  spool.database.  Once the extension exists there, it starts the nonce
- *	  service workers and supervises them: a worker that exits is restarted
- *	  with backoff, and a worker that makes no progress on pending requests
- *	  for spool.nonce_stall_timeout is replaced (its requests are re-queued
- *	  for the replacement, which takes the signer leases over).
+ *	  spool.database.  Once the extension exists there, it starts and
+ *	  supervises the dynamic workers: the promoter, one ingest worker per
+ *	  enabled source, and the nonce service workers.  A worker that exits is
+ *	  restarted with backoff (no crash loop while a broker is down); a nonce
+ *	  worker that makes no progress on pending requests for
+ *	  spool.nonce_stall_timeout is replaced (its requests are re-queued for
+ *	  the replacement, which takes the signer leases over).
  *
  *-------------------------------------------------------------------------
  */
@@ -16,6 +18,7 @@
 
 #include "access/xact.h"
 #include "commands/extension.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -37,21 +40,34 @@ PGDLLEXPORT void spool_launcher_main(Datum main_arg);
 #define RESTART_BACKOFF_MIN_MS		1000
 #define RESTART_BACKOFF_MAX_MS		30000
 #define HEALTHY_RUN_MS				10000
+#define SOURCE_CHECK_MS				1000
+#define MAX_SOURCES					256
 
+/* A dynamic worker the launcher keeps running. */
 typedef struct WorkerTrack
 {
+	char		name[NAMEDATALEN];	/* source name, for ingest workers */
 	BackgroundWorkerHandle *handle;
 	TimestampTz started_at;
 	TimestampTz next_start;
 	int			backoff_ms;
+	bool		wanted;
 } WorkerTrack;
 
 static WorkerTrack tracks[SPOOL_MAX_NONCE_WORKERS];
+static WorkerTrack promoter_track;
+static WorkerTrack source_tracks[MAX_SOURCES];
+static int	nsource_tracks = 0;
 
 static void launcher_detach(int code, Datum arg);
 static bool extension_installed(void);
 static void supervise_worker(int w, TimestampTz now);
 static void start_worker(int w, TimestampTz now);
+static bool track_exited(WorkerTrack *t, TimestampTz now, const char *what);
+static bool track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now);
+static void fill_worker(BackgroundWorker *bgw, const char *function, const char *name);
+static void supervise_promoter(TimestampTz now);
+static void supervise_sources(TimestampTz now, bool refresh);
 static void reclaim_worker(int w, const char *why);
 static void stop_all_workers(void);
 
@@ -99,6 +115,7 @@ void
 spool_launcher_main(Datum main_arg)
 {
 	TimestampTz next_check = 0;
+	TimestampTz next_source_check = 0;
 	bool		installed = false;
 	int			w;
 
@@ -145,13 +162,24 @@ spool_launcher_main(Datum main_arg)
 				stop_all_workers();
 		}
 		if (installed)
+		{
+			supervise_promoter(now);
+			supervise_sources(now, now >= next_source_check);
+			if (now >= next_source_check)
+				next_source_check = TimestampTzPlusMilliseconds(now, SOURCE_CHECK_MS);
 			for (w = 0; w < spool_shared->nworkers; w++)
 				supervise_worker(w, now);
+		}
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   LAUNCHER_NAPTIME_MS, PG_WAIT_EXTENSION);
-		if ((rc & WL_LATCH_SET) && !installed)
-			next_check = 0;		/* a wakeup (CREATE EXTENSION) checks at once */
+		if (rc & WL_LATCH_SET)
+		{
+			/* A wakeup: CREATE EXTENSION, or a source started or stopped. */
+			if (!installed)
+				next_check = 0;
+			next_source_check = 0;
+		}
 		ResetLatch(MyLatch);
 	}
 }
@@ -180,24 +208,8 @@ supervise_worker(int w, TimestampTz now)
 
 	if (t->handle != NULL)
 	{
-		pid_t		pid;
-		BgwHandleStatus status = GetBackgroundWorkerPid(t->handle, &pid);
-
-		if (status == BGWH_STOPPED || status == BGWH_POSTMASTER_DIED)
-		{
-			bool		healthy = now - t->started_at >= (int64) HEALTHY_RUN_MS * 1000;
-
-			pfree(t->handle);
-			t->handle = NULL;
-			t->backoff_ms = healthy ? 0 :
-				Min(Max(t->backoff_ms * 2, RESTART_BACKOFF_MIN_MS), RESTART_BACKOFF_MAX_MS);
-			t->next_start = TimestampTzPlusMilliseconds(now, t->backoff_ms);
+		if (track_exited(t, now, psprintf("spool nonce worker %d", w)))
 			reclaim_worker(w, "it exited");
-			if (t->backoff_ms > 0)
-				ereport(LOG,
-						(errmsg("spool nonce worker %d exited; restarting in %d ms",
-								w, t->backoff_ms)));
-		}
 		else
 		{
 			TimestampTz heartbeat;
@@ -279,28 +291,161 @@ start_worker(int w, TimestampTz now)
 	generation = spool_shared->workers[w].generation;
 	LWLockRelease(spool_shared->queue_lock);
 
-	memset(&bgw, 0, sizeof(bgw));
-	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	bgw.bgw_restart_time = BGW_NEVER_RESTART;
-	snprintf(bgw.bgw_library_name, BGW_MAXLEN, "spool_ext");
-	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "spool_nonce_worker_main");
-	snprintf(bgw.bgw_name, BGW_MAXLEN, "spool nonce worker %d", w);
-	snprintf(bgw.bgw_type, BGW_MAXLEN, "spool nonce worker %d", w);
+	fill_worker(&bgw, "spool_nonce_worker_main", psprintf("spool nonce worker %d", w));
 	bgw.bgw_main_arg = Int32GetDatum(w);
 	memcpy(bgw.bgw_extra, &generation, sizeof(uint32));
-	bgw.bgw_notify_pid = MyProcPid;
+	(void) track_start(t, &bgw, now);
+}
 
-	if (!RegisterDynamicBackgroundWorker(&bgw, &t->handle))
+/* A dynamic worker in our database, reporting its state changes to us. */
+static void
+fill_worker(BackgroundWorker *bgw, const char *function, const char *name)
+{
+	memset(bgw, 0, sizeof(*bgw));
+	bgw->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	bgw->bgw_start_time = BgWorkerStart_RecoveryFinished;
+	bgw->bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(bgw->bgw_library_name, BGW_MAXLEN, "spool_ext");
+	snprintf(bgw->bgw_function_name, BGW_MAXLEN, "%s", function);
+	snprintf(bgw->bgw_name, BGW_MAXLEN, "%s", name);
+	snprintf(bgw->bgw_type, BGW_MAXLEN, "%s", name);
+	bgw->bgw_notify_pid = MyProcPid;
+}
+
+static bool
+track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
+{
+	if (!RegisterDynamicBackgroundWorker(bgw, &t->handle))
 	{
 		t->handle = NULL;
 		t->next_start = TimestampTzPlusMilliseconds(now, RESTART_BACKOFF_MIN_MS * 5);
 		ereport(WARNING,
-				(errmsg("could not start spool nonce worker %d", w),
-				 errhint("Raise max_worker_processes: each nonce worker needs one slot, and a replaced, stalled worker keeps its slot until it exits.")));
-		return;
+				(errmsg("could not start %s", bgw->bgw_name),
+				 errhint("Raise max_worker_processes: the launcher needs one slot for the promoter, one per enabled source and one per nonce worker (plus one per nonce worker being replaced).")));
+		return false;
 	}
 	t->started_at = now;
+	return true;
+}
+
+/*
+ * If t's process has exited, forget it and schedule its restart: at once
+ * after a healthy run, else with a backoff doubling from 1 s to 30 s.
+ */
+static bool
+track_exited(WorkerTrack *t, TimestampTz now, const char *what)
+{
+	pid_t		pid;
+	BgwHandleStatus status;
+	bool		healthy;
+
+	if (t->handle == NULL)
+		return false;
+	status = GetBackgroundWorkerPid(t->handle, &pid);
+	if (status != BGWH_STOPPED && status != BGWH_POSTMASTER_DIED)
+		return false;
+	healthy = now - t->started_at >= (int64) HEALTHY_RUN_MS * 1000;
+	pfree(t->handle);
+	t->handle = NULL;
+	t->backoff_ms = healthy ? 0 :
+		Min(Max(t->backoff_ms * 2, RESTART_BACKOFF_MIN_MS), RESTART_BACKOFF_MAX_MS);
+	t->next_start = TimestampTzPlusMilliseconds(now, t->backoff_ms);
+	if (t->backoff_ms > 0)
+		ereport(LOG,
+				(errmsg("%s exited; restarting in %d ms", what, t->backoff_ms)));
+	return true;
+}
+
+static void
+supervise_promoter(TimestampTz now)
+{
+	BackgroundWorker bgw;
+
+	(void) track_exited(&promoter_track, now, "spool promoter");
+	if (promoter_track.handle != NULL || now < promoter_track.next_start)
+		return;
+	fill_worker(&bgw, "spool_promoter_main", "spool promoter");
+	(void) track_start(&promoter_track, &bgw, now);
+}
+
+/*
+ * Keep one ingest worker per enabled source.  With refresh, re-read the
+ * enabled sources; a worker whose source was stopped or dropped is
+ * terminated.
+ */
+static void
+supervise_sources(TimestampTz now, bool refresh)
+{
+	int			i;
+
+	if (refresh)
+	{
+		uint64		n;
+
+		for (i = 0; i < nsource_tracks; i++)
+			source_tracks[i].wanted = false;
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "reading spool.sources");
+		if (SPI_execute("SELECT name FROM spool.sources WHERE enabled ORDER BY name",
+						true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read spool.sources");
+		for (n = 0; n < SPI_processed; n++)
+		{
+			char	   *name = SPI_getvalue(SPI_tuptable->vals[n], SPI_tuptable->tupdesc, 1);
+
+			for (i = 0; i < nsource_tracks; i++)
+				if (strcmp(source_tracks[i].name, name) == 0)
+					break;
+			if (i == nsource_tracks)
+			{
+				if (nsource_tracks == MAX_SOURCES)
+				{
+					ereport(WARNING, (errmsg("more than %d enabled sources; \"%s\" is not started",
+											 MAX_SOURCES, name)));
+					continue;
+				}
+				memset(&source_tracks[i], 0, sizeof(WorkerTrack));
+				strlcpy(source_tracks[i].name, name, NAMEDATALEN);
+				nsource_tracks++;
+			}
+			source_tracks[i].wanted = true;
+		}
+		PopActiveSnapshot();
+		SPI_finish();
+		CommitTransactionCommand();
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+
+	for (i = 0; i < nsource_tracks; i++)
+	{
+		WorkerTrack *t = &source_tracks[i];
+		char	   *what = psprintf("spool ingest %s", t->name);
+
+		(void) track_exited(t, now, what);
+		if (!t->wanted)
+		{
+			if (t->handle != NULL)
+				TerminateBackgroundWorker(t->handle);
+			if (t->handle == NULL)
+			{
+				/* forget it: move the last track here */
+				source_tracks[i] = source_tracks[--nsource_tracks];
+				i--;
+			}
+			continue;
+		}
+		if (t->handle == NULL && now >= t->next_start)
+		{
+			BackgroundWorker bgw;
+
+			fill_worker(&bgw, "spool_ingest_main", what);
+			strlcpy(bgw.bgw_extra, t->name, BGW_EXTRALEN);
+			(void) track_start(t, &bgw, now);
+		}
+	}
 }
 
 static void
@@ -317,4 +462,11 @@ stop_all_workers(void)
 		tracks[w].handle = NULL;
 		reclaim_worker(w, "the extension was dropped");
 	}
+	for (w = 0; w < nsource_tracks; w++)
+		if (source_tracks[w].handle)
+			TerminateBackgroundWorker(source_tracks[w].handle);
+	nsource_tracks = 0;
+	if (promoter_track.handle)
+		TerminateBackgroundWorker(promoter_track.handle);
+	promoter_track.handle = NULL;
 }

@@ -72,6 +72,8 @@ spool_shmem_startup(void)
 			ConditionVariableInit(&spool_requests[i].cv);
 		}
 		spool_shared->free_head = 0;
+		pg_atomic_init_u64(&spool_shared->published_cursor, 0);
+		ConditionVariableInit(&spool_shared->spool_cv);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include "datatype/timestamp.h"
+#include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -28,6 +29,7 @@
 #define ERRCODE_SPOOL_SERVICE_UNAVAILABLE	MAKE_SQLSTATE('S','P','0','0','7')
 #define ERRCODE_SPOOL_SIGNER_LEASED			MAKE_SQLSTATE('S','P','0','0','8')
 #define ERRCODE_SPOOL_LEASE_BLOCKED			MAKE_SQLSTATE('S','P','0','0','9')
+#define ERRCODE_SPOOL_DUPLICATE_OBJECT		MAKE_SQLSTATE('S','P','0','1','0')
 
 /* Longest resource/owner/signer/request id we accept (bytes). */
 #define SPOOL_NAME_MAX		200
@@ -52,6 +54,8 @@ extern int	spool_nonce_stall_timeout_ms;
 extern int	spool_lease_wait_timeout_ms;
 extern int	spool_lease_max_ttl_s;
 extern int	spool_test_worker_pause_ms;
+extern int	spool_segment_size;
+extern int	spool_min_retention_s;
 
 extern void spool_define_gucs(void);
 
@@ -119,6 +123,9 @@ typedef struct SpoolShared
 	LWLock	   *queue_lock;		/* guards requests and worker slots */
 	pid_t		launcher_pid;
 	Oid			database_oid;	/* where the launcher runs, once known */
+	Latch	   *promoter_latch;
+	pg_atomic_uint64 published_cursor;	/* highest committed cursor */
+	ConditionVariable spool_cv; /* broadcast after each promotion */
 	Latch	   *launcher_latch;
 	int			free_head;
 	int			nworkers;

@@ -1,0 +1,1051 @@
+/*-------------------------------------------------------------------------
+ *
+ * ingest.c
+ *	  The ingest worker of one source: consumes its Kafka partitions with
+ *	  librdkafka and writes each batch into the UNLOGGED staging table with a
+ *	  heap multi-insert.  The promoter makes staged rows durable and moves the
+ *	  stored offsets in the same transaction (promoter.c).
+ *
+ * The worker assigns partitions itself (no consumer-group rebalancing) at the
+ * offsets stored in spool.offsets, so where to resume is decided by
+ * PostgreSQL only (I-3).  It waits on its latch and on a pipe that librdkafka
+ * writes to when the consumer queue becomes non-empty; it never blocks inside
+ * librdkafka without a timeout.  Messages that cannot be stored become
+ * dead-letter rows and retention holes become gap rows, both through staging,
+ * so they are recorded exactly once as well (I-4).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "access/heapam.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
+#include "commands/sequence.h"
+#include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "spool.h"
+#include "source.h"
+#include "json_check.h"
+
+PGDLLEXPORT void spool_ingest_main(Datum main_arg);
+
+#define STATUS_INTERVAL_MS	1000
+#define COMMIT_INTERVAL_MS	5000
+#define KAFKA_CALL_TIMEOUT_MS 5000
+#define STAGING_NATTS		14
+
+/* One assigned partition. */
+typedef struct PartState
+{
+	char	   *topic;
+	int32		partition;
+	int64		position;		/* next offset expected; -1 unknown */
+	int64		high;			/* high watermark, -1 unknown */
+	uint64		count;			/* messages since the last status */
+} PartState;
+
+/* One staged row, as built from a message. */
+typedef struct Staged
+{
+	int			part;
+	int64		offset;
+	char		kind;			/* 'm' message, 'd' dead letter, 'g' gap */
+	bytea	   *key;
+	char	   *json;			/* json source: text to convert to jsonb */
+	Datum		value;
+	bool		has_value;
+	bytea	   *payload;
+	Jsonb	   *headers;
+	TimestampTz ts;
+	bool		has_ts;
+	char	   *error;
+	int64		gap_to;
+	bool		gap_stop;
+} Staged;
+
+static char source_name[SPOOL_SOURCE_NAME_MAX + 1];
+static SpoolSourceOptions *opts;
+static char *brokers;
+static bool skip_gap;
+static rd_kafka_t *rk;
+static PartState *parts;
+static int	nparts;
+static Staged *batch;
+static int	nbatch;
+static int	wake_pipe[2] = {-1, -1};
+static char *last_error = NULL;
+static TimestampTz last_error_at = 0;
+static const char *state = "starting";
+static TimestampTz last_status = 0;
+static TimestampTz last_commit = 0;
+static bool stop_after_batch = false;
+static MemoryContext batch_cxt;
+static TupleTableSlot **slots;
+
+static bool load_source(List **topics, List **offsets_topic, List **offsets_part,
+						List **offsets_next);
+static bool discover_and_assign(List *topics, List *off_topic, List *off_part,
+								List *off_next);
+static void handle_message(rd_kafka_message_t *rkm);
+static void handle_gap(const char *topic, int32 partition);
+static void stage_batch(void);
+static void convert_json_values(void);
+static void refresh_status(bool force);
+static void set_error(const char *fmt,...) pg_attribute_printf(1, 2);
+static void drain_pipe(void);
+static int	find_part(const char *topic, int32 partition);
+static Staged *new_staged(int part, int64 offset, char kind);
+static void wait_until_promoted_stop(void);
+
+static void
+set_error(const char *fmt,...)
+{
+	va_list		ap;
+	char		buf[1024];
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (last_error)
+		pfree(last_error);
+	last_error = pstrdup(buf);
+	last_error_at = GetCurrentTimestamp();
+	state = "error";
+	MemoryContextSwitchTo(old);
+}
+
+static void
+drain_pipe(void)
+{
+	char		buf[256];
+
+	while (read(wake_pipe[0], buf, sizeof(buf)) > 0)
+		;
+}
+
+static int
+find_part(const char *topic, int32 partition)
+{
+	static int	last = 0;
+	int			i;
+
+	if (last < nparts && parts[last].partition == partition &&
+		strcmp(parts[last].topic, topic) == 0)
+		return last;
+	for (i = 0; i < nparts; i++)
+		if (parts[i].partition == partition && strcmp(parts[i].topic, topic) == 0)
+			return last = i;
+	return -1;
+}
+
+static Staged *
+new_staged(int part, int64 offset, char kind)
+{
+	Staged	   *s = &batch[nbatch++];
+
+	memset(s, 0, sizeof(Staged));
+	s->part = part;
+	s->offset = offset;
+	s->kind = kind;
+	return s;
+}
+
+/*
+ * Read the source's definition and stored offsets.  Returns false when the
+ * source is gone or disabled (the worker then exits quietly).
+ */
+static bool
+load_source(List **topics, List **off_topic, List **off_part, List **off_next)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1];
+	bool		found = false;
+	bool		isnull;
+	uint64		i;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	v[0] = CStringGetTextDatum(source_name);
+	if (SPI_execute_with_args("SELECT brokers, topics, options, enabled, skip_gap"
+							  " FROM spool.sources WHERE name = $1",
+							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read source \"%s\"", source_name);
+	if (SPI_processed == 1 &&
+		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull)))
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		ArrayType  *arr;
+		Datum	   *elems;
+		int			n;
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		found = true;
+		brokers = SPI_getvalue(tup, desc, 1);
+		arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull));
+		deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
+		for (int j = 0; j < n; j++)
+			*topics = lappend(*topics, TextDatumGetCString(elems[j]));
+		opts = spool_parse_source_options(DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull)));
+		skip_gap = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+
+		MemoryContextSwitchTo(old);
+		if (SPI_execute_with_args("SELECT topic, kafka_partition, next_offset"
+								  " FROM spool.offsets WHERE source = $1",
+								  1, t, v, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read offsets of source \"%s\"", source_name);
+		old = MemoryContextSwitchTo(TopMemoryContext);
+		for (i = 0; i < SPI_processed; i++)
+		{
+			tup = SPI_tuptable->vals[i];
+			desc = SPI_tuptable->tupdesc;
+			*off_topic = lappend(*off_topic, SPI_getvalue(tup, desc, 1));
+			*off_part = lappend_int(*off_part, DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)));
+			*off_next = lappend(*off_next, psprintf(INT64_FORMAT,
+													DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull))));
+		}
+		MemoryContextSwitchTo(old);
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	return found;
+}
+
+/*
+ * Find the partitions of every topic and assign them at the stored offsets
+ * (or at the start option for partitions never seen).  Returns false, with
+ * last_error set, when the brokers do not answer or a topic is unknown.
+ */
+static bool
+discover_and_assign(List *topics, List *off_topic, List *off_part, List *off_next)
+{
+	rd_kafka_topic_partition_list_t *list;
+	ListCell   *lc;
+	int			cap = 64;
+	rd_kafka_resp_err_t err;
+
+	parts = MemoryContextAlloc(TopMemoryContext, sizeof(PartState) * cap);
+	nparts = 0;
+	list = rd_kafka_topic_partition_list_new(cap);
+	foreach(lc, topics)
+	{
+		char	   *topic = lfirst(lc);
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+		const struct rd_kafka_metadata *md = NULL;
+		int			p;
+
+		err = rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_CALL_TIMEOUT_MS);
+		rd_kafka_topic_destroy(rkt);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			set_error("could not fetch metadata for topic \"%s\" from %s: %s",
+					  topic, brokers, rd_kafka_err2str(err));
+			rd_kafka_topic_partition_list_destroy(list);
+			return false;
+		}
+		if (md->topic_cnt < 1 || md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
+			md->topics[0].partition_cnt == 0)
+		{
+			set_error("topic \"%s\" is not available: %s", topic,
+					  md->topic_cnt < 1 ? "no metadata" : rd_kafka_err2str(md->topics[0].err));
+			rd_kafka_metadata_destroy(md);
+			rd_kafka_topic_partition_list_destroy(list);
+			return false;
+		}
+		for (p = 0; p < md->topics[0].partition_cnt; p++)
+		{
+			int32		partition = md->topics[0].partitions[p].id;
+			int64		offset = opts->start_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
+			ListCell   *a,
+					   *b,
+					   *c;
+			PartState  *ps;
+
+			forthree(a, off_topic, b, off_part, c, off_next)
+			{
+				if (strcmp(lfirst(a), topic) == 0 && lfirst_int(b) == partition)
+					offset = strtoll(lfirst(c), NULL, 10);
+			}
+			if (nparts == cap)
+			{
+				cap *= 2;
+				parts = repalloc(parts, sizeof(PartState) * cap);
+			}
+			ps = &parts[nparts++];
+			ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
+			ps->partition = partition;
+			ps->position = offset >= 0 ? offset : -1;
+			ps->high = -1;
+			ps->count = 0;
+			rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
+		}
+		rd_kafka_metadata_destroy(md);
+	}
+	err = rd_kafka_assign(rk, list);
+	rd_kafka_topic_partition_list_destroy(list);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		set_error("could not assign partitions: %s", rd_kafka_err2str(err));
+		return false;
+	}
+	return true;
+}
+
+/* Kafka headers as a JSON object; values that are not UTF-8 become "\x<hex>". */
+static Jsonb *
+headers_jsonb(rd_kafka_message_t *rkm)
+{
+	rd_kafka_headers_t *hdrs;
+	StringInfoData buf;
+	const char *name;
+	const void *val;
+	size_t		size;
+	size_t		i;
+
+	if (rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return NULL;
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+	{
+		char	   *text;
+
+		if (i > 0)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, pg_verify_mbstr(PG_UTF8, name, strlen(name), true) ? name : "\\x?");
+		appendStringInfoString(&buf, ": ");
+		if (val == NULL)
+		{
+			appendStringInfoString(&buf, "null");
+			continue;
+		}
+		if (pg_verify_mbstr(PG_UTF8, val, size, true) && memchr(val, '\0', size) == NULL)
+			text = pnstrdup(val, size);
+		else
+		{
+			text = palloc(size * 2 + 3);
+			strcpy(text, "\\x");
+			hex_encode(val, size, text + 2);
+			text[size * 2 + 2] = '\0';
+		}
+		escape_json(&buf, text);
+	}
+	appendStringInfoChar(&buf, '}');
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+static bytea *
+make_bytea(const void *data, size_t len)
+{
+	bytea	   *b = palloc(VARHDRSZ + len);
+
+	SET_VARSIZE(b, VARHDRSZ + len);
+	memcpy(VARDATA(b), data, len);
+	return b;
+}
+
+/* Turn one consumed message (or consumer error) into a staged row. */
+static void
+handle_message(rd_kafka_message_t *rkm)
+{
+	const char *topic;
+	int			pi;
+	Staged	   *s;
+	rd_kafka_timestamp_type_t tstype;
+	int64		ts;
+
+	if (rkm->err)
+	{
+		if (rkm->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+			return;
+		if (rkm->rkt &&
+			(rkm->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
+			 rkm->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE))
+		{
+			handle_gap(rd_kafka_topic_name(rkm->rkt), rkm->partition);
+			return;
+		}
+		set_error("%s%s%s", rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "",
+				  rkm->rkt ? ": " : "", rd_kafka_message_errstr(rkm));
+		return;
+	}
+
+	topic = rd_kafka_topic_name(rkm->rkt);
+	pi = find_part(topic, rkm->partition);
+	if (pi < 0)
+		return;					/* not ours (cannot happen with assign) */
+	if (parts[pi].position >= 0 && rkm->offset < parts[pi].position)
+		return;					/* already staged (a re-fetch after seek) */
+	parts[pi].position = rkm->offset + 1;
+	parts[pi].count++;
+	state = "running";
+
+	s = new_staged(pi, rkm->offset, 'm');
+	if (rkm->key)
+		s->key = make_bytea(rkm->key, rkm->key_len);
+	ts = rd_kafka_message_timestamp(rkm, &tstype);
+	if (tstype != RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0)
+	{
+		s->ts = (TimestampTz) (ts - ((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000)) * 1000;
+		s->has_ts = true;
+	}
+	s->headers = headers_jsonb(rkm);
+
+	if (rkm->payload == NULL)
+	{
+		s->kind = 'd';
+		s->error = "null value (tombstone)";
+		return;
+	}
+	if (rkm->len > (size_t) opts->max_message_bytes)
+	{
+		s->kind = 'd';
+		s->error = psprintf("value of %zu bytes exceeds max_message_bytes (%d); payload not kept",
+							rkm->len, opts->max_message_bytes);
+		return;
+	}
+	switch (opts->format)
+	{
+		case SPOOL_FORMAT_JSON:
+			{
+				char		why[256];
+
+				if (!spool_json_valid(rkm->payload, rkm->len, why, sizeof(why)))
+				{
+					s->kind = 'd';
+					s->payload = make_bytea(rkm->payload, rkm->len);
+					s->error = psprintf("invalid JSON: %s", why);
+					return;
+				}
+				s->json = pnstrdup(rkm->payload, rkm->len);
+				break;
+			}
+		case SPOOL_FORMAT_TEXT:
+			s->payload = make_bytea(rkm->payload, rkm->len);
+			if (!pg_verify_mbstr(PG_UTF8, rkm->payload, rkm->len, true) ||
+				memchr(rkm->payload, '\0', rkm->len) != NULL)
+			{
+				s->kind = 'd';
+				s->error = "invalid UTF-8 text";
+			}
+			break;
+		case SPOOL_FORMAT_BYTES:
+			s->payload = make_bytea(rkm->payload, rkm->len);
+			break;
+	}
+}
+
+/*
+ * The broker no longer has the offset we need: record the hole [position,
+ * log start - 1] as a gap row and, unless on_gap is 'stop', continue from
+ * the log start.
+ */
+static void
+handle_gap(const char *topic, int32 partition)
+{
+	int			pi = find_part(topic, partition);
+	int64		low = -1;
+	int64		high = -1;
+	rd_kafka_resp_err_t err;
+	Staged	   *s;
+	bool		stop;
+
+	if (pi < 0)
+		return;
+	err = rd_kafka_query_watermark_offsets(rk, topic, partition, &low, &high,
+										   KAFKA_CALL_TIMEOUT_MS);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		set_error("%s [%d]: offset out of range, and the log start is unknown: %s",
+				  topic, partition, rd_kafka_err2str(err));
+		return;
+	}
+	if (parts[pi].position < 0 || parts[pi].position >= low)
+	{
+		/* Not a hole behind us (e.g. we asked beyond the end): resume at the end. */
+		set_error("%s [%d]: offset " INT64_FORMAT " out of range [" INT64_FORMAT ", " INT64_FORMAT "]",
+				  topic, partition, parts[pi].position, low, high);
+		return;
+	}
+
+	stop = opts->on_gap_stop && !skip_gap;
+	s = new_staged(pi, parts[pi].position, 'g');
+	s->gap_to = low - 1;
+	s->gap_stop = stop;
+	ereport(WARNING,
+			(errmsg("source \"%s\": retention gap in %s [%d], offsets " INT64_FORMAT " to " INT64_FORMAT " are gone",
+					source_name, topic, partition, parts[pi].position, low - 1),
+			 errdetail(stop ? "on_gap is 'stop': the source stops; spool.start_source continues past the gap."
+					   : "The source continues from the log start.")));
+	if (stop)
+	{
+		stop_after_batch = true;
+		return;
+	}
+	{
+		rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+		rd_kafka_error_t *serr;
+
+		rd_kafka_topic_partition_list_add(list, topic, partition)->offset = low;
+		serr = rd_kafka_seek_partitions(rk, list, KAFKA_CALL_TIMEOUT_MS);
+		if (serr)
+		{
+			set_error("%s [%d]: could not seek to " INT64_FORMAT ": %s",
+					  topic, partition, low, rd_kafka_error_string(serr));
+			rd_kafka_error_destroy(serr);
+		}
+		rd_kafka_topic_partition_list_destroy(list);
+	}
+	parts[pi].position = low;
+}
+
+/*
+ * Convert the json texts of the batch to jsonb.  jansson already rejected
+ * invalid documents; the rare text it accepts and jsonb does not becomes a
+ * dead letter, found by converting one message per subtransaction.
+ */
+static void
+convert_json_values(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = false;
+	int			i;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		for (i = 0; i < nbatch; i++)
+			if (batch[i].kind == 'm' && batch[i].json)
+			{
+				batch[i].value = DirectFunctionCall1(jsonb_in, CStringGetDatum(batch[i].json));
+				batch[i].has_value = true;
+			}
+		ReleaseCurrentSubTransaction();
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	if (ok)
+		return;
+
+	for (i = 0; i < nbatch; i++)
+	{
+		Staged	   *s = &batch[i];
+
+		if (s->kind != 'm' || s->json == NULL)
+			continue;
+		s->has_value = false;
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(cxt);
+		PG_TRY();
+		{
+			s->value = DirectFunctionCall1(jsonb_in, CStringGetDatum(s->json));
+			s->has_value = true;
+			ReleaseCurrentSubTransaction();
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			s->kind = 'd';
+			s->payload = make_bytea(s->json, strlen(s->json));
+			s->error = psprintf("invalid JSON: %s", edata->message);
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+}
+
+/* Write the batch into spool.staging in one transaction and wake the promoter. */
+static void
+stage_batch(void)
+{
+	Oid			staging_oid;
+	Oid			seq_oid;
+	Relation	rel;
+	BulkInsertState bistate;
+	int64		batch_id;
+	int			i;
+	int			nslots = 0;
+	CommandId	cid;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "staging a batch");
+
+	if (opts->format == SPOOL_FORMAT_JSON)
+		convert_json_values();
+
+	staging_oid = RangeVarGetRelid(makeRangeVar("spool", "staging", -1), RowExclusiveLock, false);
+	seq_oid = RangeVarGetRelid(makeRangeVar("spool", "staging_batch", -1), NoLock, false);
+	batch_id = DatumGetInt64(DirectFunctionCall1(nextval_oid, ObjectIdGetDatum(seq_oid)));
+	rel = table_open(staging_oid, RowExclusiveLock);
+	if (RelationGetDescr(rel)->natts != STAGING_NATTS)
+		elog(ERROR, "spool.staging has %d columns, expected %d",
+			 RelationGetDescr(rel)->natts, STAGING_NATTS);
+	if (slots == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+		TupleDesc	desc = CreateTupleDescCopy(RelationGetDescr(rel));
+
+		slots = palloc(sizeof(TupleTableSlot *) * 1000);
+		for (i = 0; i < 1000; i++)
+			slots[i] = MakeSingleTupleTableSlot(desc, &TTSOpsVirtual);
+		MemoryContextSwitchTo(old);
+	}
+	bistate = GetBulkInsertState();
+	cid = GetCurrentCommandId(true);
+
+	for (i = 0; i < nbatch; i++)
+	{
+		Staged	   *s = &batch[i];
+		TupleTableSlot *slot = slots[nslots];
+		Datum	   *v = slot->tts_values;
+		bool	   *n = slot->tts_isnull;
+
+		ExecClearTuple(slot);
+		memset(n, true, sizeof(bool) * STAGING_NATTS);
+		v[0] = Int64GetDatum(batch_id);
+		n[0] = false;
+		v[1] = CStringGetTextDatum(source_name);
+		n[1] = false;
+		v[2] = CStringGetTextDatum(parts[s->part].topic);
+		n[2] = false;
+		v[3] = Int32GetDatum(parts[s->part].partition);
+		n[3] = false;
+		v[4] = Int64GetDatum(s->offset);
+		n[4] = false;
+		v[5] = CharGetDatum(s->kind);
+		n[5] = false;
+		if (s->key)
+		{
+			v[6] = PointerGetDatum(s->key);
+			n[6] = false;
+		}
+		if (s->kind == 'm' && s->has_value)
+		{
+			v[7] = s->value;
+			n[7] = false;
+		}
+		if (s->payload)
+		{
+			v[8] = PointerGetDatum(s->payload);
+			n[8] = false;
+		}
+		if (s->headers)
+		{
+			v[9] = JsonbPGetDatum(s->headers);
+			n[9] = false;
+		}
+		if (s->has_ts)
+		{
+			v[10] = TimestampTzGetDatum(s->ts);
+			n[10] = false;
+		}
+		if (s->error)
+		{
+			v[11] = CStringGetTextDatum(s->error);
+			n[11] = false;
+		}
+		if (s->kind == 'g')
+		{
+			v[12] = Int64GetDatum(s->gap_to);
+			n[12] = false;
+			v[13] = BoolGetDatum(s->gap_stop);
+			n[13] = false;
+		}
+		ExecStoreVirtualTuple(slot);
+		if (++nslots == 1000 || i == nbatch - 1)
+		{
+			table_multi_insert(rel, slots, nslots, cid, 0, bistate);
+			nslots = 0;
+		}
+	}
+	FreeBulkInsertState(bistate);
+	table_close(rel, NoLock);
+
+	refresh_status(false);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	spool_wake_promoter();
+	nbatch = 0;
+}
+
+/*
+ * Write the runtime state (at most once a second unless forced) and, every
+ * few seconds, commit the promoted offsets to the broker for lag monitoring.
+ * Runs inside the caller's transaction, or in one of its own.
+ */
+static void
+refresh_status(bool force)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		own_xact = !IsTransactionState();
+	double		secs;
+	Oid			t[6] = {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, INT4OID};
+	Datum		v[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	Oid			tp[6] = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, FLOAT8ARRAYOID};
+	Datum		vp[6];
+	Datum	   *d_topic,
+			   *d_part,
+			   *d_high,
+			   *d_pos,
+			   *d_rate;
+	bool	   *pn_high,
+			   *pn_pos;
+	int			dims[1];
+	int			lbs[1] = {1};
+	int			i;
+
+	if (!force && now - last_status < (int64) STATUS_INTERVAL_MS * 1000)
+		return;
+	secs = last_status ? (double) (now - last_status) / 1000000.0 : 1.0;
+	last_status = now;
+
+	if (own_xact)
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+	}
+	SPI_connect();
+
+	v[0] = CStringGetTextDatum(source_name);
+	v[1] = Int32GetDatum(MyProcPid);
+	v[2] = CStringGetTextDatum(state);
+	if (last_error)
+	{
+		v[3] = CStringGetTextDatum(last_error);
+		v[4] = TimestampTzGetDatum(last_error_at);
+	}
+	else
+		nulls[3] = nulls[4] = 'n';
+	v[5] = Int32GetDatum(0);
+	SPI_execute_with_args("INSERT INTO spool.source_runtime AS r"
+						  " (source, pid, state, last_error, last_error_at, updated_at)"
+						  " VALUES ($1, $2, $3, $4, $5, clock_timestamp())"
+						  " ON CONFLICT (source) DO UPDATE SET pid = EXCLUDED.pid,"
+						  " state = EXCLUDED.state, last_error = EXCLUDED.last_error,"
+						  " last_error_at = EXCLUDED.last_error_at, updated_at = EXCLUDED.updated_at",
+						  5, t, v, nulls, false, 0);
+
+	d_topic = palloc(sizeof(Datum) * Max(nparts, 1));
+	d_part = palloc(sizeof(Datum) * Max(nparts, 1));
+	d_high = palloc(sizeof(Datum) * Max(nparts, 1));
+	d_pos = palloc(sizeof(Datum) * Max(nparts, 1));
+	d_rate = palloc(sizeof(Datum) * Max(nparts, 1));
+	pn_high = palloc(sizeof(bool) * Max(nparts, 1));
+	pn_pos = palloc(sizeof(bool) * Max(nparts, 1));
+	for (i = 0; i < nparts; i++)
+	{
+		int64		low = -1;
+		int64		high = -1;
+
+		if (rk && rd_kafka_get_watermark_offsets(rk, parts[i].topic, parts[i].partition,
+												 &low, &high) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+			high >= 0)
+			parts[i].high = high;
+		d_topic[i] = CStringGetTextDatum(parts[i].topic);
+		d_part[i] = Int32GetDatum(parts[i].partition);
+		d_high[i] = Int64GetDatum(parts[i].high);
+		pn_high[i] = parts[i].high < 0;
+		d_pos[i] = Int64GetDatum(parts[i].position);
+		pn_pos[i] = parts[i].position < 0;
+		d_rate[i] = Float8GetDatum(parts[i].count / secs);
+		parts[i].count = 0;
+	}
+	if (nparts > 0)
+	{
+		dims[0] = nparts;
+		vp[0] = CStringGetTextDatum(source_name);
+		vp[1] = PointerGetDatum(construct_array(d_topic, nparts, TEXTOID, -1, false, TYPALIGN_INT));
+		vp[2] = PointerGetDatum(construct_array(d_part, nparts, INT4OID, 4, true, TYPALIGN_INT));
+		vp[3] = PointerGetDatum(construct_md_array(d_high, pn_high, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		vp[4] = PointerGetDatum(construct_md_array(d_pos, pn_pos, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		vp[5] = PointerGetDatum(construct_array(d_rate, nparts, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		SPI_execute_with_args("INSERT INTO spool.partition_runtime AS p"
+							  " (source, topic, kafka_partition, high_watermark, position, msgs_per_sec, updated_at)"
+							  " SELECT $1, u.t, u.p, u.h, u.o, u.r, clock_timestamp()"
+							  " FROM unnest($2, $3, $4, $5, $6) AS u(t, p, h, o, r)"
+							  " ON CONFLICT (source, topic, kafka_partition) DO UPDATE SET"
+							  " high_watermark = EXCLUDED.high_watermark, position = EXCLUDED.position,"
+							  " msgs_per_sec = EXCLUDED.msgs_per_sec, updated_at = EXCLUDED.updated_at",
+							  6, tp, vp, NULL, false, 0);
+	}
+
+	/* Broker-side commit of the durable offsets: for lag monitoring only. */
+	if (rk && now - last_commit >= (int64) COMMIT_INTERVAL_MS * 1000)
+	{
+		Oid			to[1] = {TEXTOID};
+		Datum		vo[1];
+
+		last_commit = now;
+		vo[0] = CStringGetTextDatum(source_name);
+		if (SPI_execute_with_args("SELECT topic, kafka_partition, next_offset FROM spool.offsets"
+								  " WHERE source = $1", 1, to, vo, NULL, true, 0) == SPI_OK_SELECT &&
+			SPI_processed > 0)
+		{
+			rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new((int) SPI_processed);
+			bool		isnull;
+			uint64		j;
+
+			for (j = 0; j < SPI_processed; j++)
+			{
+				HeapTuple	tup = SPI_tuptable->vals[j];
+				TupleDesc	desc = SPI_tuptable->tupdesc;
+
+				rd_kafka_topic_partition_list_add(list, SPI_getvalue(tup, desc, 1),
+												  DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)))->offset =
+					DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+			}
+			(void) rd_kafka_commit(rk, list, 1);	/* async; failures only affect monitoring */
+			rd_kafka_topic_partition_list_destroy(list);
+		}
+	}
+
+	SPI_finish();
+	if (own_xact)
+	{
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+}
+
+/*
+ * After staging a gap with on_gap 'stop', wait (bounded) until the promoter
+ * has recorded it and disabled the source, so that the launcher does not
+ * restart us into the same gap.
+ */
+static void
+wait_until_promoted_stop(void)
+{
+	int			i;
+
+	for (i = 0; i < 600; i++)
+	{
+		bool		enabled = true;
+		List	   *a = NIL,
+				   *b = NIL,
+				   *c = NIL,
+				   *d = NIL;
+
+		enabled = load_source(&a, &b, &c, &d);
+		if (!enabled)
+			return;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 100L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+void
+spool_ingest_main(Datum main_arg)
+{
+	List	   *topics = NIL;
+	List	   *off_topic = NIL;
+	List	   *off_part = NIL;
+	List	   *off_next = NIL;
+	char		errbuf[512];
+	rd_kafka_conf_t *conf;
+	rd_kafka_queue_t *queue;
+	char	   *default_group;
+	int			retry_ms = 1000;
+
+	memcpy(source_name, MyBgworkerEntry->bgw_extra, sizeof(source_name));
+	source_name[SPOOL_SOURCE_NAME_MAX] = '\0';
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+	pgstat_report_appname(psprintf("spool ingest %s", source_name));
+
+	if (!load_source(&topics, &off_topic, &off_part, &off_next))
+		proc_exit(0);
+
+	batch_cxt = AllocSetContextCreate(TopMemoryContext, "spool ingest batch",
+									  ALLOCSET_DEFAULT_SIZES);
+	batch = MemoryContextAlloc(TopMemoryContext, sizeof(Staged) * (opts->batch_size + 64));
+	StartTransactionCommand();
+	default_group = MemoryContextStrdup(TopMemoryContext,
+										psprintf("spool_ext.%s.%s",
+												 get_database_name(MyDatabaseId), source_name));
+	CommitTransactionCommand();
+
+	PG_TRY();
+	{
+		conf = spool_kafka_conf(brokers, opts, default_group, errbuf, sizeof(errbuf));
+		if (conf == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid Kafka configuration: %s", errbuf)));
+		rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
+		if (rk == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("could not create Kafka consumer: %s", errbuf)));
+		rd_kafka_poll_set_consumer(rk);
+
+		if (pipe(wake_pipe) != 0 ||
+			fcntl(wake_pipe[0], F_SETFL, O_NONBLOCK) != 0 ||
+			fcntl(wake_pipe[1], F_SETFL, O_NONBLOCK) != 0)
+			elog(ERROR, "could not create wake-up pipe: %m");
+		queue = rd_kafka_queue_get_consumer(rk);
+		rd_kafka_queue_io_event_enable(queue, wake_pipe[1], "1", 1);
+
+		/* Until the brokers answer: keep retrying, with the reason visible. */
+		state = "connecting";
+		refresh_status(true);
+		while (!discover_and_assign(topics, off_topic, off_part, off_next))
+		{
+			refresh_status(true);
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 retry_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+			retry_ms = Min(retry_ms * 2, 30000);
+		}
+		state = "running";
+		refresh_status(true);
+		ereport(LOG, (errmsg("spool ingest worker for source \"%s\" assigned %d partitions",
+							 source_name, nparts)));
+
+		for (;;)
+		{
+			TimestampTz first = 0;
+
+			CHECK_FOR_INTERRUPTS();
+			if (ConfigReloadPending)
+			{
+				ConfigReloadPending = false;
+				ProcessConfigFile(PGC_SIGHUP);
+			}
+			MemoryContextReset(batch_cxt);
+			MemoryContextSwitchTo(batch_cxt);
+
+			while (nbatch < opts->batch_size && !stop_after_batch)
+			{
+				rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 0);
+				long		timeout;
+				int			rc;
+
+				if (rkm)
+				{
+					if (nbatch == 0)
+						first = GetCurrentTimestamp();
+					handle_message(rkm);
+					rd_kafka_message_destroy(rkm);
+					continue;
+				}
+				if (nbatch > 0)
+				{
+					timeout = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+															  TimestampTzPlusMilliseconds(first, opts->batch_ms));
+					if (timeout <= 0)
+						break;
+				}
+				else
+					timeout = STATUS_INTERVAL_MS;
+				rc = WaitLatchOrSocket(MyLatch,
+									   WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+									   wake_pipe[0], timeout, PG_WAIT_EXTENSION);
+				if (rc & WL_LATCH_SET)
+				{
+					ResetLatch(MyLatch);
+					CHECK_FOR_INTERRUPTS();
+				}
+				if (rc & WL_SOCKET_READABLE)
+					drain_pipe();
+				if ((rc & WL_TIMEOUT) && nbatch == 0)
+					break;
+			}
+
+			if (nbatch > 0)
+				stage_batch();
+			else
+				refresh_status(false);
+			if (stop_after_batch)
+			{
+				state = "stopped";
+				refresh_status(true);
+				wait_until_promoted_stop();
+				proc_exit(0);
+			}
+		}
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(TopMemoryContext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		if (edata->sqlerrcode != ERRCODE_ADMIN_SHUTDOWN)
+		{
+			set_error("%s", edata->message);
+			state = "failed";
+			PG_TRY();
+			{
+				refresh_status(true);
+			}
+			PG_CATCH();
+			{
+				FlushErrorState();
+				AbortOutOfAnyTransaction();
+			}
+			PG_END_TRY();
+		}
+		RESUME_INTERRUPTS();
+		ReThrowError(edata);
+	}
+	PG_END_TRY();
+}

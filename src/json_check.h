@@ -1,0 +1,7 @@
+/* json_check.h: JSON validation for ingest (see json_check.c) */
+#ifndef SPOOL_JSON_CHECK_H
+#define SPOOL_JSON_CHECK_H
+
+extern bool spool_json_valid(const char *data, size_t len, char *errbuf, size_t errlen);
+
+#endif							/* SPOOL_JSON_CHECK_H */

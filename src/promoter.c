@@ -1,0 +1,352 @@
+/*-------------------------------------------------------------------------
+ *
+ * promoter.c
+ *	  The promoter: moves staged rows into the WAL-logged spool in one
+ *	  transaction that also stores each partition's next offset (I-3),
+ *	  assigns cursors in commit order (I-2), records dead letters and gaps,
+ *	  creates segments ahead of the cursor and drops the ones every consumer
+ *	  has passed (retention).
+ *
+ * Cursor order: the promotion transaction locks the single spool_state row
+ * before it assigns cursors and keeps it until commit, so promotions commit
+ * one after another in cursor order and a reader's snapshot always sees a
+ * prefix of the cursors.
+ *
+ * Exactly once (I-1): staged rows at or beyond the partition's stored next
+ * offset are promoted once (duplicates from a re-read are dropped), and the
+ * stored offset moves in the same transaction.  Per source, staging batches
+ * commit in offset order, and a promotion takes everything its snapshot sees,
+ * so it never skips an earlier batch of a partition.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "spool.h"
+#include "source.h"
+
+PGDLLEXPORT void spool_promoter_main(Datum main_arg);
+
+#define RETENTION_INTERVAL_MS 10000
+
+static void promoter_detach(int code, Datum arg);
+static uint64 promote_once(void);
+static void ensure_segments(int64 upto);
+static void seal_and_count(int64 lo, int64 n);
+static void retention(void);
+static int64 spi_int8(const char *sql);
+
+void
+spool_wake_promoter(void)
+{
+	Latch	   *latch = spool_shared->promoter_latch;
+
+	if (latch)
+		SetLatch(latch);
+}
+
+static void
+promoter_detach(int code, Datum arg)
+{
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	if (spool_shared->promoter_latch == MyLatch)
+		spool_shared->promoter_latch = NULL;
+	LWLockRelease(spool_shared->queue_lock);
+}
+
+static int64
+spi_int8(const char *sql)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute(sql, false, 0) < 0 || SPI_processed != 1)
+		elog(ERROR, "query returned no row: %s", sql);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? -1 : DatumGetInt64(d);
+}
+
+/*
+ * Segments are partitions spool.entries_<n> of spool.entries, each covering
+ * spool.segment_size cursors.  Create them (ATTACH, which does not block
+ * readers) until one covers upto plus a quarter segment of headroom.
+ */
+static void
+ensure_segments(int64 upto)
+{
+	int64		hi = spi_int8("SELECT coalesce(max(hi), 1) FROM spool.segment_info");
+	int64		seg = spi_int8("SELECT coalesce(max(segment), 0) FROM spool.segment_info");
+	int64		target = upto + Max(spool_segment_size / 4, 1);
+
+	while (hi <= target)
+	{
+		int64		lo = hi;
+		char	   *sql;
+
+		hi = lo + spool_segment_size;
+		seg++;
+		sql = psprintf("CREATE TABLE spool.entries_" INT64_FORMAT
+					   " (LIKE spool.entries INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+					   " INCLUDING STORAGE);"
+					   " ALTER TABLE spool.entries ATTACH PARTITION spool.entries_" INT64_FORMAT
+					   " FOR VALUES FROM (" INT64_FORMAT ") TO (" INT64_FORMAT ");"
+					   " INSERT INTO spool.segment_info (segment, lo, hi)"
+					   " VALUES (" INT64_FORMAT ", " INT64_FORMAT ", " INT64_FORMAT ")",
+					   seg, seg, lo, hi, seg, lo, hi);
+		if (SPI_execute(sql, false, 0) < 0)
+			elog(ERROR, "could not create segment " INT64_FORMAT, seg);
+		ereport(DEBUG1, (errmsg("spool segment " INT64_FORMAT " covers cursors [" INT64_FORMAT ", " INT64_FORMAT ")",
+								seg, lo, hi)));
+	}
+}
+
+/* Count n new entries from cursor lo into their segments; seal full ones. */
+static void
+seal_and_count(int64 lo, int64 n)
+{
+	Oid			t[2] = {INT8OID, INT8OID};
+	Datum		v[2];
+
+	v[0] = Int64GetDatum(lo);
+	v[1] = Int64GetDatum(lo + n);
+	if (SPI_execute_with_args("UPDATE spool.segment_info SET"
+							  " rows = rows + (least(hi, $2) - greatest(lo, $1)),"
+							  " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
+							  " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL",
+							  2, t, v, NULL, false, 0) < 0)
+		elog(ERROR, "could not update segment counts");
+}
+
+/*
+ * One promotion: everything staged and visible now, in one REPEATABLE READ
+ * transaction.  Returns the number of staged rows consumed.
+ */
+static uint64
+promote_once(void)
+{
+	int64		next;
+	int64		nmsg;
+	int64		ntotal;
+	int64		inserted = 0;
+	Oid			t[1] = {INT8OID};
+	Datum		v[1];
+	bool		isnull;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	XactIsoLevel = XACT_REPEATABLE_READ;
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "promoting staged entries");
+
+	next = spi_int8("SELECT next_cursor FROM spool.spool_state WHERE id = 1 FOR UPDATE");
+	if (SPI_execute("SELECT count(*) FILTER (WHERE kind = 'm'), count(*) FROM spool.staging",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not count staged rows");
+	nmsg = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	ntotal = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+
+	if (ntotal > 0)
+	{
+		ensure_segments(next + nmsg);
+		v[0] = Int64GetDatum(next);
+		if (SPI_execute_with_args(
+								  "WITH moved AS (DELETE FROM spool.staging RETURNING *),"
+								  " fresh AS ("
+								  "  SELECT DISTINCT ON (m.source, m.topic, m.kafka_partition, m.kafka_offset) m.*"
+								  "    FROM moved m"
+								  "    JOIN spool.sources s ON s.name = m.source"
+								  "    LEFT JOIN spool.offsets o ON o.source = m.source AND o.topic = m.topic"
+								  "         AND o.kafka_partition = m.kafka_partition"
+								  "   WHERE m.kafka_offset >= coalesce(o.next_offset, 0)"
+								  "   ORDER BY m.source, m.topic, m.kafka_partition, m.kafka_offset, m.batch_id),"
+								  " numbered AS ("
+								  "  SELECT f.*, $1 + row_number() OVER (ORDER BY f.batch_id, f.source, f.topic,"
+								  "         f.kafka_partition, f.kafka_offset) - 1 AS cur"
+								  "    FROM fresh f WHERE f.kind = 'm'),"
+								  " ins AS ("
+								  "  INSERT INTO spool.entries (cursor, source, topic, kafka_partition, kafka_offset,"
+								  "         key, value, payload, headers, kafka_ts, spooled_at)"
+								  "  SELECT cur, source, topic, kafka_partition, kafka_offset, key, value, payload,"
+								  "         headers, kafka_ts, clock_timestamp() FROM numbered),"
+								  " dl AS ("
+								  "  INSERT INTO spool.dead_letters (source, topic, kafka_partition, kafka_offset,"
+								  "         key, payload, error)"
+								  "  SELECT source, topic, kafka_partition, kafka_offset, key, payload, error"
+								  "    FROM fresh WHERE kind = 'd'),"
+								  " gp AS ("
+								  "  INSERT INTO spool.gaps (source, topic, kafka_partition, from_offset, to_offset, action)"
+								  "  SELECT source, topic, kafka_partition, kafka_offset, gap_to,"
+								  "         CASE WHEN gap_stop THEN 'stopped' ELSE 'continued' END"
+								  "    FROM fresh WHERE kind = 'g'),"
+								  " stop AS ("
+								  "  UPDATE spool.sources s SET enabled = false, skip_gap = false,"
+								  "         stopped_reason = format('gap in %s [%s]: offsets %s to %s are gone',"
+								  "           f.topic, f.kafka_partition, f.kafka_offset, f.gap_to)"
+								  "    FROM fresh f WHERE f.source = s.name AND f.kind = 'g' AND f.gap_stop),"
+								  " skip AS ("
+								  "  UPDATE spool.sources s SET skip_gap = false"
+								  "    FROM fresh f WHERE f.source = s.name AND f.kind = 'g' AND NOT f.gap_stop"
+								  "     AND s.skip_gap),"
+								  " adv AS ("
+								  "  INSERT INTO spool.offsets AS o (source, topic, kafka_partition, next_offset, updated_at)"
+								  "  SELECT source, topic, kafka_partition, max(coalesce(gap_to, kafka_offset)) + 1,"
+								  "         clock_timestamp()"
+								  "    FROM fresh WHERE NOT (kind = 'g' AND gap_stop)"
+								  "   GROUP BY source, topic, kafka_partition"
+								  "  ON CONFLICT (source, topic, kafka_partition) DO UPDATE"
+								  "     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset),"
+								  "         updated_at = EXCLUDED.updated_at)"
+								  " SELECT count(*) FROM numbered",
+								  1, t, v, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not promote staged rows");
+		inserted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (inserted > 0)
+		{
+			Oid			t2[1] = {INT8OID};
+			Datum		v2[1];
+
+			v2[0] = Int64GetDatum(next + inserted);
+			if (SPI_execute_with_args("UPDATE spool.spool_state SET next_cursor = $1 WHERE id = 1",
+									  1, t2, v2, NULL, false, 0) != SPI_OK_UPDATE)
+				elog(ERROR, "could not advance the cursor");
+			seal_and_count(next, inserted);
+		}
+	}
+
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (inserted > 0)
+	{
+		pg_atomic_write_u64(&spool_shared->published_cursor, (uint64) (next + inserted - 1));
+		ConditionVariableBroadcast(&spool_shared->spool_cv);
+	}
+	return (uint64) ntotal;
+}
+
+/*
+ * Drop sealed segments that every consumer has passed and that are older
+ * than spool.min_retention; one segment per transaction, with a short lock
+ * timeout so that readers are never held up for long.
+ */
+static void
+retention(void)
+{
+	for (;;)
+	{
+		int64		seg = -1;
+		bool		isnull;
+		Oid			t[1] = {INT4OID};
+		Datum		v[1];
+		int			save_timeout = LockTimeout;
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		v[0] = Int32GetDatum(spool_min_retention_s);
+		if (SPI_execute_with_args("SELECT i.segment FROM spool.segment_info i"
+								  " WHERE i.dropped_at IS NULL AND i.sealed_at IS NOT NULL"
+								  "   AND i.sealed_at < clock_timestamp() - make_interval(secs => $1)"
+								  "   AND i.hi - 1 <= coalesce((SELECT min(committed_cursor)"
+								  "                             FROM spool.consumers), i.hi - 1)"
+								  " ORDER BY i.segment LIMIT 1",
+								  1, t, v, NULL, false, 0) == SPI_OK_SELECT && SPI_processed == 1)
+			seg = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (seg >= 0)
+		{
+			LockTimeout = 200;
+			PG_TRY();
+			{
+				if (SPI_execute(psprintf("DROP TABLE spool.entries_" INT64_FORMAT, seg), false, 0) < 0 ||
+					SPI_execute(psprintf("UPDATE spool.segment_info SET dropped_at = clock_timestamp()"
+										 " WHERE segment = " INT64_FORMAT, seg), false, 0) < 0)
+					elog(ERROR, "could not drop segment " INT64_FORMAT, seg);
+			}
+			PG_FINALLY();
+			{
+				LockTimeout = save_timeout;
+			}
+			PG_END_TRY();
+			ereport(LOG, (errmsg("spool segment " INT64_FORMAT " dropped by retention", seg)));
+		}
+		PopActiveSnapshot();
+		SPI_finish();
+		CommitTransactionCommand();
+		if (seg < 0)
+			return;
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+void
+spool_promoter_main(Datum main_arg)
+{
+	TimestampTz next_retention = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+
+	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	spool_shared->promoter_latch = MyLatch;
+	LWLockRelease(spool_shared->queue_lock);
+	before_shmem_exit(promoter_detach, (Datum) 0);
+
+	/* Publish the committed cursor so waiting readers start from the truth. */
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pg_atomic_write_u64(&spool_shared->published_cursor,
+						(uint64) spi_int8("SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1"));
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+
+	for (;;)
+	{
+		uint64		moved;
+		TimestampTz now;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		ResetLatch(MyLatch);
+		moved = promote_once();
+
+		now = GetCurrentTimestamp();
+		if (now >= next_retention)
+		{
+			retention();
+			next_retention = TimestampTzPlusMilliseconds(now, RETENTION_INTERVAL_MS);
+		}
+		if (moved > 0)
+			continue;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1000L, PG_WAIT_EXTENSION);
+	}
+}

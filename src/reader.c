@@ -1,0 +1,101 @@
+/*-------------------------------------------------------------------------
+ *
+ * reader.c
+ *	  spool.read: entries after a cursor, in cursor order, optionally waiting
+ *	  (on a condition variable the promoter broadcasts) for the first one.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/timestamp.h"
+
+#include "spool.h"
+
+PG_FUNCTION_INFO_V1(spool_read);
+
+#define READ_MAX_ENTRIES 100000
+#define READ_MAX_WAIT_MS (3600 * 1000)
+
+static SPIPlanPtr plan_read = NULL;
+
+/* Run the read query into the SRF's tuplestore; returns rows read. */
+static uint64
+read_into(ReturnSetInfo *rsinfo, int64 after, int32 max)
+{
+	Oid			t[2] = {INT8OID, INT4OID};
+	Datum		v[2];
+	uint64		i;
+	uint64		n;
+
+	SPI_connect();
+	spool_plan(&plan_read,
+			   "SELECT * FROM spool.entries WHERE cursor > $1 ORDER BY cursor LIMIT $2",
+			   2, t);
+	v[0] = Int64GetDatum(after);
+	v[1] = Int32GetDatum(max);
+	n = spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
+	for (i = 0; i < n; i++)
+		tuplestore_puttuple(rsinfo->setResult, SPI_tuptable->vals[i]);
+	SPI_finish();
+	return n;
+}
+
+/*
+ * SQL: spool.read(after_cursor, max_entries, wait) RETURNS SETOF spool.entries
+ */
+Datum
+spool_read(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int64		after = spool_arg_int64(fcinfo, 0, "after_cursor", true);
+	int32		max;
+	int64		wait_ms = 0;
+	TimestampTz deadline;
+
+	spool_require_shmem();
+	if (PG_ARGISNULL(1) || PG_GETARG_INT32(1) < 1 || PG_GETARG_INT32(1) > READ_MAX_ENTRIES)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("max_entries must be between 1 and %d", READ_MAX_ENTRIES)));
+	max = PG_GETARG_INT32(1);
+	if (!PG_ARGISNULL(2))
+	{
+		Interval   *iv = PG_GETARG_INTERVAL_P(2);
+
+		wait_ms = (iv->time + (int64) iv->day * USECS_PER_DAY +
+				   (int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY) / 1000;
+		if (wait_ms < 0 || wait_ms > READ_MAX_WAIT_MS)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("wait must be between 0 and 1 hour")));
+	}
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (read_into(rsinfo, after, max) > 0 || wait_ms == 0)
+		return (Datum) 0;
+
+	/* Nothing yet: sleep until the promoter publishes a cursor past ours. */
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
+	ConditionVariablePrepareToSleep(&spool_shared->spool_cv);
+	for (;;)
+	{
+		long		remaining;
+
+		if (pg_atomic_read_u64(&spool_shared->published_cursor) > (uint64) after)
+			break;
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (remaining <= 0)
+			break;
+		(void) ConditionVariableTimedSleep(&spool_shared->spool_cv, Min(remaining, 1000),
+										   PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+	(void) read_into(rsinfo, after, max);
+	return (Datum) 0;
+}

@@ -1,0 +1,326 @@
+/*-------------------------------------------------------------------------
+ *
+ * source.c
+ *	  SQL functions that define and control Kafka sources: create_source,
+ *	  start_source, stop_source, drop_source.  The launcher starts and stops
+ *	  the ingest workers; these functions change spool.sources and wake it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+
+#include "spool.h"
+#include "source.h"
+
+PG_FUNCTION_INFO_V1(spool_create_source);
+PG_FUNCTION_INFO_V1(spool_start_source);
+PG_FUNCTION_INFO_V1(spool_stop_source);
+PG_FUNCTION_INFO_V1(spool_drop_source);
+
+#define PROBE_TIMEOUT_MS 3000
+
+static void check_source_name(const char *name);
+static void check_brokers(const char *brokers);
+static int	check_topics(ArrayType *topics, char ***out);
+static void probe_topics(const char *brokers, SpoolSourceOptions *o,
+						 char **topics, int ntopics);
+
+static void
+check_source_name(const char *name)
+{
+	const char *p;
+
+	if (strlen(name) > SPOOL_SOURCE_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("source name \"%s\" is too long", name),
+				 errdetail("At most %d bytes are allowed.", SPOOL_SOURCE_NAME_MAX)));
+	for (p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid source name \"%s\"", name),
+					 errdetail("Source names use letters, digits, '_', '.' and '-' only.")));
+}
+
+/* brokers is a comma-separated list of host:port. */
+static void
+check_brokers(const char *brokers)
+{
+	char	   *copy = pstrdup(brokers);
+	char	   *save = NULL;
+	char	   *item;
+	int			n = 0;
+
+	for (item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save))
+	{
+		char	   *colon = strrchr(item, ':');
+		char	   *end;
+		long		port;
+
+		while (*item == ' ')
+			item++;
+		if (colon == NULL || colon == item)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid broker address \"%s\"", item),
+					 errhint("Use host:port, separated by commas, e.g. 'kafka1:9092,kafka2:9092'.")));
+		port = strtol(colon + 1, &end, 10);
+		if (*end != '\0' || port < 1 || port > 65535)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid port in broker address \"%s\"", item)));
+		n++;
+	}
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("brokers must not be empty")));
+}
+
+static int
+check_topics(ArrayType *topics, char ***out)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	int			i;
+
+	if (ARR_NDIM(topics) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("topics must be a one-dimensional array")));
+	deconstruct_array(topics, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("topics must not be empty")));
+	if (n > 64)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("a source reads at most 64 topics")));
+	*out = palloc(sizeof(char *) * n);
+	for (i = 0; i < n; i++)
+	{
+		char	   *t;
+		const char *p;
+		int			j;
+
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("topics must not contain NULL")));
+		t = TextDatumGetCString(elems[i]);
+		if (t[0] == '\0' || strlen(t) > 249)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid topic name \"%s\"", t),
+					 errdetail("Kafka topic names have 1 to 249 characters.")));
+		for (p = t; *p; p++)
+			if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
+				ereport(ERROR,
+						(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+						 errmsg("invalid topic name \"%s\"", t),
+						 errdetail("Kafka topic names use letters, digits, '_', '.' and '-' only.")));
+		for (j = 0; j < i; j++)
+			if (strcmp((*out)[j], t) == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+						 errmsg("topic \"%s\" is listed twice", t)));
+		(*out)[i] = t;
+	}
+	return n;
+}
+
+/*
+ * Ask the brokers, briefly, whether the topics exist.  An unreachable
+ * cluster is only a warning (it may come up later; the source status will
+ * show the error); a reachable cluster without the topic is an error.
+ */
+static void
+probe_topics(const char *brokers, SpoolSourceOptions *o, char **topics, int ntopics)
+{
+	char		errbuf[512];
+	rd_kafka_conf_t *conf;
+	rd_kafka_t *rk;
+	int			i;
+	char	   *missing = NULL;
+	char	   *unreachable = NULL;
+
+	conf = spool_kafka_conf(brokers, o, "spool_ext.probe", errbuf, sizeof(errbuf));
+	if (conf == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("invalid Kafka configuration for source"),
+				 errdetail("%s", errbuf)));
+	rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", NULL, 0);
+	rd_kafka_conf_set(conf, "socket.connection.setup.timeout.ms", "2000", NULL, 0);
+	rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
+	if (rk == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("invalid Kafka configuration for source"),
+				 errdetail("%s", errbuf)));
+
+	for (i = 0; i < ntopics && !missing && !unreachable; i++)
+	{
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topics[i], NULL);
+		const struct rd_kafka_metadata *md = NULL;
+		rd_kafka_resp_err_t err;
+
+		err = rd_kafka_metadata(rk, 0, rkt, &md, PROBE_TIMEOUT_MS);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			unreachable = pstrdup(rd_kafka_err2str(err));
+		else if (md->topic_cnt < 1 ||
+				 md->topics[0].err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART ||
+				 md->topics[0].partition_cnt == 0)
+			missing = topics[i];
+		if (md)
+			rd_kafka_metadata_destroy(md);
+		rd_kafka_topic_destroy(rkt);
+	}
+	rd_kafka_destroy(rk);
+
+	if (missing)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("Kafka topic \"%s\" does not exist", missing),
+				 errdetail("The brokers at \"%s\" answered and do not know it.", brokers)));
+	if (unreachable)
+		ereport(WARNING,
+				(errmsg("could not reach Kafka at \"%s\": %s", brokers, unreachable),
+				 errdetail("The source was created; spool.source_status will show the error until the brokers answer.")));
+}
+
+/*
+ * SQL: spool.create_source(name, brokers, topics, options) RETURNS void
+ */
+Datum
+spool_create_source(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	char	   *brokers = spool_arg_name(fcinfo, 1, "brokers");
+	ArrayType  *topics_arr;
+	Jsonb	   *options;
+	SpoolSourceOptions *o;
+	char	  **topics;
+	int			ntopics;
+	char		errbuf[512];
+	rd_kafka_conf_t *conf;
+	Oid			t[5] = {TEXTOID, TEXTOID, TEXTARRAYOID, JSONBOID, OIDOID};
+	Datum		v[5];
+	int			rc;
+
+	spool_require_shmem();
+	check_source_name(name);
+	check_brokers(brokers);
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("topics must not be null")));
+	topics_arr = PG_GETARG_ARRAYTYPE_P(2);
+	ntopics = check_topics(topics_arr, &topics);
+	if (PG_ARGISNULL(3))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("options must not be null"),
+				 errhint("Pass '{}' for the defaults.")));
+	options = PG_GETARG_JSONB_P(3);
+	o = spool_parse_source_options(options);
+
+	conf = spool_kafka_conf(brokers, o, "spool_ext.check", errbuf, sizeof(errbuf));
+	if (conf == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("invalid Kafka property in source options"),
+				 errdetail("%s", errbuf)));
+	rd_kafka_conf_destroy(conf);
+
+	SPI_connect();
+	v[0] = CStringGetTextDatum(name);
+	v[1] = CStringGetTextDatum(brokers);
+	v[2] = PointerGetDatum(topics_arr);
+	v[3] = JsonbPGetDatum(spool_source_options_jsonb(o));
+	v[4] = ObjectIdGetDatum(GetOuterUserId());
+	rc = SPI_execute_with_args("INSERT INTO spool.sources (name, brokers, topics, options, owner)"
+							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+							   5, t, v, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "could not insert source: %s", SPI_result_code_string(rc));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_DUPLICATE_OBJECT),
+				 errmsg("source \"%s\" already exists", name)));
+	SPI_finish();
+
+	/* Last, so that bad arguments fail fast without touching the network. */
+	probe_topics(brokers, o, topics, ntopics);
+	PG_RETURN_VOID();
+}
+
+/* Run sql with $1 = name; raise SP004 when no source row matched. */
+static void
+source_update(const char *name, const char *sql)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1];
+	int			rc;
+
+	spool_require_shmem();
+	SPI_connect();
+	v[0] = CStringGetTextDatum(name);
+	rc = SPI_execute_with_args(sql, 1, t, v, NULL, false, 0);
+	if (rc < 0)
+		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("source \"%s\" does not exist", name)));
+	SPI_finish();
+	spool_wake_launcher();
+}
+
+/*
+ * SQL: spool.start_source(name).  After a stop on a retention gap, starting
+ * again accepts that gap: the worker continues from the log start.
+ */
+Datum
+spool_start_source(PG_FUNCTION_ARGS)
+{
+	source_update(spool_arg_name(fcinfo, 0, "name"),
+				  "UPDATE spool.sources SET enabled = true,"
+				  " skip_gap = coalesce(stopped_reason LIKE 'gap%', false),"
+				  " stopped_reason = NULL WHERE name = $1");
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.stop_source(name) */
+Datum
+spool_stop_source(PG_FUNCTION_ARGS)
+{
+	source_update(spool_arg_name(fcinfo, 0, "name"),
+				  "UPDATE spool.sources SET enabled = false,"
+				  " stopped_reason = 'stopped by spool.stop_source' WHERE name = $1");
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.drop_source(name).  Entries stay until retention removes them. */
+Datum
+spool_drop_source(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+
+	source_update(name,
+				  "WITH d AS (DELETE FROM spool.sources WHERE name = $1 RETURNING name),"
+				  " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
+				  " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
+				  " SELECT * FROM d");
+	PG_RETURN_VOID();
+}
