@@ -192,10 +192,13 @@ CREATE TABLE @extschema@.offsets (
 );
 
 -- Written fast by the ingest workers, emptied by the promoter; after a crash
--- it is empty and the workers re-read from offsets.  kind: 'm' message,
--- 'd' dead letter, 'g' gap [kafka_offset, gap_to].
-CREATE UNLOGGED TABLE @extschema@.staging (
+-- they are empty and the workers re-read from offsets.  Two tables take
+-- turns: the workers write into the active one while the promoter moves the
+-- other out whole and truncates it, so staging never holds dead tuples.
+-- kind: 'm' message, 'd' dead letter, 'g' gap [kafka_offset, gap_to].
+CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	batch_id	bigint NOT NULL,
+	idx			int,			-- messages: 0, 1, ... within the batch
 	source		text NOT NULL,
 	topic		text NOT NULL,
 	kafka_partition int NOT NULL,
@@ -209,7 +212,11 @@ CREATE UNLOGGED TABLE @extschema@.staging (
 	error		text,
 	gap_to		bigint,
 	gap_stop	boolean
-);
+) WITH (autovacuum_enabled = false);
+CREATE UNLOGGED TABLE @extschema@.staging_1 (LIKE @extschema@.staging_0)
+	WITH (autovacuum_enabled = false);
+CREATE VIEW @extschema@.staging AS
+	SELECT * FROM @extschema@.staging_0 UNION ALL SELECT * FROM @extschema@.staging_1;
 CREATE UNLOGGED SEQUENCE @extschema@.staging_batch;
 
 -- The spool: WAL-logged, partitioned into segments by cursor range.

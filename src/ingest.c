@@ -57,7 +57,7 @@ PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 #define STATUS_INTERVAL_MS	1000
 #define COMMIT_INTERVAL_MS	5000
 #define KAFKA_CALL_TIMEOUT_MS 5000
-#define STAGING_NATTS		14
+#define STAGING_NATTS		15
 
 /* One assigned partition. */
 typedef struct PartState
@@ -218,8 +218,19 @@ load_source(List **topics, List **off_topic, List **off_part, List **off_next)
 		skip_gap = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
 
 		MemoryContextSwitchTo(old);
-		if (SPI_execute_with_args("SELECT topic, kafka_partition, next_offset"
-								  " FROM spool.offsets WHERE source = $1",
+		/*
+		 * Resume after whatever is durable or already staged (staged rows of
+		 * an earlier incarnation will be promoted; re-staging them would
+		 * duplicate them).  A staged 'stop' gap is not passed.
+		 */
+		if (SPI_execute_with_args("SELECT topic, kafka_partition, max(n) FROM ("
+								  "  SELECT topic, kafka_partition, next_offset AS n"
+								  "    FROM spool.offsets WHERE source = $1"
+								  "  UNION ALL"
+								  "  SELECT topic, kafka_partition, max(coalesce(gap_to, kafka_offset)) + 1"
+								  "    FROM spool.staging WHERE source = $1 AND NOT coalesce(gap_stop, false)"
+								  "   GROUP BY topic, kafka_partition) x"
+								  " GROUP BY topic, kafka_partition",
 								  1, t, v, NULL, true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read offsets of source \"%s\"", source_name);
 		old = MemoryContextSwitchTo(TopMemoryContext);
@@ -437,15 +448,6 @@ handle_message(rd_kafka_message_t *rkm)
 	{
 		case SPOOL_FORMAT_JSON:
 			{
-				char		why[256];
-
-				if (!spool_json_valid(rkm->payload, rkm->len, why, sizeof(why)))
-				{
-					s->kind = 'd';
-					s->payload = make_bytea(rkm->payload, rkm->len);
-					s->error = psprintf("invalid JSON: %s", why);
-					return;
-				}
 				s->json = pnstrdup(rkm->payload, rkm->len);
 				break;
 			}
@@ -528,13 +530,9 @@ handle_gap(const char *topic, int32 partition)
 	parts[pi].position = low;
 }
 
-/*
- * Convert the json texts of the batch to jsonb.  jansson already rejected
- * invalid documents; the rare text it accepts and jsonb does not becomes a
- * dead letter, found by converting one message per subtransaction.
- */
-static void
-convert_json_values(void)
+/* Convert every pending json text of the batch in one subtransaction. */
+static bool
+convert_batch_json(void)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -563,7 +561,41 @@ convert_json_values(void)
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
 	CurrentResourceOwner = owner;
-	if (ok)
+	return ok;
+}
+
+/*
+ * Convert the json texts of the batch to jsonb.  The common case is one
+ * subtransaction for the whole batch.  When it fails, jansson (which reports
+ * errors as values) finds the invalid documents, which become dead letters,
+ * and the batch is converted again; should jsonb still refuse a document
+ * jansson accepted, the last resort is one subtransaction per message.
+ */
+static void
+convert_json_values(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	int			i;
+
+	if (convert_batch_json())
+		return;
+
+	for (i = 0; i < nbatch; i++)
+	{
+		Staged	   *s = &batch[i];
+		char		why[256];
+
+		s->has_value = false;
+		if (s->kind == 'm' && s->json &&
+			!spool_json_valid(s->json, strlen(s->json), why, sizeof(why)))
+		{
+			s->kind = 'd';
+			s->payload = make_bytea(s->json, strlen(s->json));
+			s->error = psprintf("invalid JSON: %s", why);
+		}
+	}
+	if (convert_batch_json())
 		return;
 
 	for (i = 0; i < nbatch; i++)
@@ -606,11 +638,14 @@ stage_batch(void)
 	Oid			staging_oid;
 	Oid			seq_oid;
 	Relation	rel;
-	BulkInsertState bistate;
 	int64		batch_id;
 	int			i;
 	int			nslots = 0;
+	int			nmsg = 0;
+	uint32		which;
 	CommandId	cid;
+	Datum		source_datum;
+	Datum	   *topic_datums;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -620,12 +655,24 @@ stage_batch(void)
 	if (opts->format == SPOOL_FORMAT_JSON)
 		convert_json_values();
 
-	staging_oid = RangeVarGetRelid(makeRangeVar("spool", "staging", -1), RowExclusiveLock, false);
+	/*
+	 * Write into the active staging table.  Check the flag again once we hold
+	 * the lock: if the promoter flipped it meanwhile, it may be about to move
+	 * and truncate the table we locked, so use the new active one.
+	 */
+	for (;;)
+	{
+		which = pg_atomic_read_u32(&spool_shared->staging_active);
+		staging_oid = RangeVarGetRelid(makeRangeVar("spool", which ? "staging_1" : "staging_0", -1),
+									   RowExclusiveLock, false);
+		if (pg_atomic_read_u32(&spool_shared->staging_active) == which)
+			break;
+	}
 	seq_oid = RangeVarGetRelid(makeRangeVar("spool", "staging_batch", -1), NoLock, false);
 	batch_id = DatumGetInt64(DirectFunctionCall1(nextval_oid, ObjectIdGetDatum(seq_oid)));
 	rel = table_open(staging_oid, RowExclusiveLock);
 	if (RelationGetDescr(rel)->natts != STAGING_NATTS)
-		elog(ERROR, "spool.staging has %d columns, expected %d",
+		elog(ERROR, "spool staging table has %d columns, expected %d",
 			 RelationGetDescr(rel)->natts, STAGING_NATTS);
 	if (slots == NULL)
 	{
@@ -637,8 +684,15 @@ stage_batch(void)
 			slots[i] = MakeSingleTupleTableSlot(desc, &TTSOpsVirtual);
 		MemoryContextSwitchTo(old);
 	}
-	bistate = GetBulkInsertState();
+	/*
+	 * No BulkInsertState: its ring buffer would push staging pages out of
+	 * shared buffers just before the promoter reads them.
+	 */
 	cid = GetCurrentCommandId(true);
+	source_datum = CStringGetTextDatum(source_name);
+	topic_datums = palloc(sizeof(Datum) * nparts);
+	for (i = 0; i < nparts; i++)
+		topic_datums[i] = CStringGetTextDatum(parts[i].topic);
 
 	for (i = 0; i < nbatch; i++)
 	{
@@ -651,62 +705,68 @@ stage_batch(void)
 		memset(n, true, sizeof(bool) * STAGING_NATTS);
 		v[0] = Int64GetDatum(batch_id);
 		n[0] = false;
-		v[1] = CStringGetTextDatum(source_name);
-		n[1] = false;
-		v[2] = CStringGetTextDatum(parts[s->part].topic);
+		if (s->kind == 'm')
+		{
+			v[1] = Int32GetDatum(nmsg++);
+			n[1] = false;
+		}
+		v[2] = source_datum;
 		n[2] = false;
-		v[3] = Int32GetDatum(parts[s->part].partition);
+		v[3] = topic_datums[s->part];
 		n[3] = false;
-		v[4] = Int64GetDatum(s->offset);
+		v[4] = Int32GetDatum(parts[s->part].partition);
 		n[4] = false;
-		v[5] = CharGetDatum(s->kind);
+		v[5] = Int64GetDatum(s->offset);
 		n[5] = false;
+		v[6] = CharGetDatum(s->kind);
+		n[6] = false;
 		if (s->key)
 		{
-			v[6] = PointerGetDatum(s->key);
-			n[6] = false;
+			v[7] = PointerGetDatum(s->key);
+			n[7] = false;
 		}
 		if (s->kind == 'm' && s->has_value)
 		{
-			v[7] = s->value;
-			n[7] = false;
+			v[8] = s->value;
+			n[8] = false;
 		}
 		if (s->payload)
 		{
-			v[8] = PointerGetDatum(s->payload);
-			n[8] = false;
+			v[9] = PointerGetDatum(s->payload);
+			n[9] = false;
 		}
 		if (s->headers)
 		{
-			v[9] = JsonbPGetDatum(s->headers);
-			n[9] = false;
+			v[10] = JsonbPGetDatum(s->headers);
+			n[10] = false;
 		}
 		if (s->has_ts)
 		{
-			v[10] = TimestampTzGetDatum(s->ts);
-			n[10] = false;
+			v[11] = TimestampTzGetDatum(s->ts);
+			n[11] = false;
 		}
 		if (s->error)
 		{
-			v[11] = CStringGetTextDatum(s->error);
-			n[11] = false;
+			v[12] = CStringGetTextDatum(s->error);
+			n[12] = false;
 		}
 		if (s->kind == 'g')
 		{
-			v[12] = Int64GetDatum(s->gap_to);
-			n[12] = false;
-			v[13] = BoolGetDatum(s->gap_stop);
+			v[13] = Int64GetDatum(s->gap_to);
 			n[13] = false;
+			v[14] = BoolGetDatum(s->gap_stop);
+			n[14] = false;
 		}
 		ExecStoreVirtualTuple(slot);
 		if (++nslots == 1000 || i == nbatch - 1)
 		{
-			table_multi_insert(rel, slots, nslots, cid, 0, bistate);
+			table_multi_insert(rel, slots, nslots, cid, 0, NULL);
 			nslots = 0;
 		}
 	}
-	FreeBulkInsertState(bistate);
 	table_close(rel, NoLock);
+	/* Before commit, while we hold the table: the promoter sizes segments by it. */
+	pg_atomic_fetch_add_u64(&spool_shared->staged_msgs[which], (uint64) nmsg);
 
 	refresh_status(false);
 	PopActiveSnapshot();

@@ -12,20 +12,22 @@
  * one after another in cursor order and a reader's snapshot always sees a
  * prefix of the cursors.
  *
- * Exactly once (I-1): staged rows at or beyond the partition's stored next
- * offset are promoted once (duplicates from a re-read are dropped), and the
- * stored offset moves in the same transaction.  Per source, staging batches
- * commit in offset order, and a promotion takes everything its snapshot sees,
- * so it never skips an earlier batch of a partition.
+ * Exactly once (I-1): the ingest worker stages each offset once (a restarted
+ * worker resumes after what is staged), the promoter moves a staging table
+ * out whole and the stored offset moves in the same transaction.  Per
+ * source, batches are staged in offset order and every batch written before
+ * a flip of the staging tables is promoted before any batch written after.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
@@ -33,7 +35,9 @@
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -46,7 +50,7 @@ PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 #define RETENTION_INTERVAL_MS 10000
 
 static void promoter_detach(int code, Datum arg);
-static uint64 promote_once(void);
+static uint64 promote_once(bool flip);
 static void ensure_segments(int64 upto);
 static void seal_and_count(int64 lo, int64 n);
 static void retention(void);
@@ -134,57 +138,76 @@ seal_and_count(int64 lo, int64 n)
 }
 
 /*
- * One promotion: everything staged and visible now, in one REPEATABLE READ
- * transaction.  Returns the number of staged rows consumed.
+ * One promotion.  With flip, first make the other staging table the active
+ * one; then move the inactive table out whole (messages, dead letters, gaps,
+ * offsets) and truncate it, in one transaction.  The exclusive lock on that
+ * table is taken before the snapshot, so it waits for the ingest
+ * transactions still writing into it and the snapshot sees all their rows.
+ * Returns the number of staged rows consumed.
  */
 static uint64
-promote_once(void)
+promote_once(bool flip)
 {
 	int64		next;
-	int64		nmsg;
+	int64		nmsg = 0;
 	int64		ntotal;
 	int64		inserted = 0;
-	Oid			t[1] = {INT8OID};
-	Datum		v[1];
 	bool		isnull;
+	uint32		old;
+	const char *tab;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	XactIsoLevel = XACT_REPEATABLE_READ;
+	old = pg_atomic_read_u32(&spool_shared->staging_active);
+	if (flip)
+		pg_atomic_write_u32(&spool_shared->staging_active, 1 - old);
+	else
+		old = 1 - old;
+	tab = old ? "spool.staging_1" : "spool.staging_0";
+	(void) RangeVarGetRelid(makeRangeVar("spool", old ? "staging_1" : "staging_0", -1),
+							AccessExclusiveLock, false);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "promoting staged entries");
 
 	next = spi_int8("SELECT next_cursor FROM spool.spool_state WHERE id = 1 FOR UPDATE");
-	if (SPI_execute("SELECT count(*) FILTER (WHERE kind = 'm'), count(*) FROM spool.staging",
-					true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not count staged rows");
-	nmsg = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	ntotal = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 
+	/*
+	 * The table is truncated after every move and only appended to in
+	 * between, so a plain sequential scan returns rows in the order they were
+	 * staged, which keeps each partition's offset order; a running count of
+	 * messages in that order numbers the cursors without sorting wide rows.
+	 * The writers' counter bounds how many there are, for the segments.
+	 */
+	ntotal = spi_int8(psprintf("SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 1) x", tab));
+	nmsg = (int64) pg_atomic_read_u64(&spool_shared->staged_msgs[old]);
 	if (ntotal > 0)
 	{
+		Oid			t[1] = {INT8OID};
+		Datum		v[1];
+		int64		moved_msgs;
+
 		ensure_segments(next + nmsg);
 		v[0] = Int64GetDatum(next);
-		if (SPI_execute_with_args(
-								  "WITH moved AS (DELETE FROM spool.staging RETURNING *),"
+		if (SPI_execute_with_args(psprintf(
+								  "WITH moved AS ("
+								  "  SELECT s.*, count(*) FILTER (WHERE s.kind = 'm')"
+								  "           OVER (ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS n"
+								  "    FROM %s s),"
 								  " fresh AS ("
-								  "  SELECT DISTINCT ON (m.source, m.topic, m.kafka_partition, m.kafka_offset) m.*"
-								  "    FROM moved m"
+								  "  SELECT m.* FROM moved m"
 								  "    JOIN spool.sources s ON s.name = m.source"
 								  "    LEFT JOIN spool.offsets o ON o.source = m.source AND o.topic = m.topic"
 								  "         AND o.kafka_partition = m.kafka_partition"
-								  "   WHERE m.kafka_offset >= coalesce(o.next_offset, 0)"
-								  "   ORDER BY m.source, m.topic, m.kafka_partition, m.kafka_offset, m.batch_id),"
-								  " numbered AS ("
-								  "  SELECT f.*, $1 + row_number() OVER (ORDER BY f.batch_id, f.source, f.topic,"
-								  "         f.kafka_partition, f.kafka_offset) - 1 AS cur"
-								  "    FROM fresh f WHERE f.kind = 'm'),"
+								  "   WHERE m.kafka_offset >= coalesce(o.next_offset, 0)),"
 								  " ins AS ("
 								  "  INSERT INTO spool.entries (cursor, source, topic, kafka_partition, kafka_offset,"
 								  "         key, value, payload, headers, kafka_ts, spooled_at)"
-								  "  SELECT cur, source, topic, kafka_partition, kafka_offset, key, value, payload,"
-								  "         headers, kafka_ts, clock_timestamp() FROM numbered),"
+								  "  SELECT $1 + f.n - 1, f.source, f.topic, f.kafka_partition, f.kafka_offset,"
+								  "         f.key, f.value, f.payload, f.headers, f.kafka_ts, clock_timestamp()"
+								  "    FROM fresh f WHERE f.kind = 'm'"
+								  "  RETURNING 1),"
 								  " dl AS ("
 								  "  INSERT INTO spool.dead_letters (source, topic, kafka_partition, kafka_offset,"
 								  "         key, payload, error)"
@@ -197,7 +220,7 @@ promote_once(void)
 								  "    FROM fresh WHERE kind = 'g'),"
 								  " stop AS ("
 								  "  UPDATE spool.sources s SET enabled = false, skip_gap = false,"
-								  "         stopped_reason = format('gap in %s [%s]: offsets %s to %s are gone',"
+								  "         stopped_reason = format('gap in %%s [%%s]: offsets %%s to %%s are gone',"
 								  "           f.topic, f.kafka_partition, f.kafka_offset, f.gap_to)"
 								  "    FROM fresh f WHERE f.source = s.name AND f.kind = 'g' AND f.gap_stop),"
 								  " skip AS ("
@@ -213,10 +236,17 @@ promote_once(void)
 								  "  ON CONFLICT (source, topic, kafka_partition) DO UPDATE"
 								  "     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset),"
 								  "         updated_at = EXCLUDED.updated_at)"
-								  " SELECT count(*) FROM numbered",
+								  " SELECT (SELECT count(*) FROM ins),"
+								  "        (SELECT count(*) FROM fresh WHERE kind = 'm')", tab),
 								  1, t, v, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not promote staged rows");
 		inserted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		moved_msgs = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+		/* Never lose a message: every moved one must have become an entry. */
+		if (inserted != moved_msgs || inserted > nmsg)
+			elog(ERROR, "promotion would insert " INT64_FORMAT " entries for " INT64_FORMAT
+				 " staged messages (" INT64_FORMAT " counted); rolled back",
+				 inserted, moved_msgs, nmsg);
 		if (inserted > 0)
 		{
 			Oid			t2[1] = {INT8OID};
@@ -228,6 +258,9 @@ promote_once(void)
 				elog(ERROR, "could not advance the cursor");
 			seal_and_count(next, inserted);
 		}
+		if (SPI_execute(psprintf("TRUNCATE %s", tab), false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "could not empty %s", tab);
+		pg_atomic_write_u64(&spool_shared->staged_msgs[old], 0);
 	}
 
 	PopActiveSnapshot();
@@ -307,11 +340,22 @@ spool_promoter_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+	/* Hash joins and aggregates over a whole backlog stay in memory. */
+	SetConfigOption("work_mem", "262144", PGC_USERSET, PGC_S_SESSION);
+	/* Staging is read in physical order: no scan may start mid-table. */
+	SetConfigOption("synchronize_seqscans", "off", PGC_USERSET, PGC_S_SESSION);
+	SetConfigOption("max_parallel_workers_per_gather", "0", PGC_USERSET, PGC_S_SESSION);
 
 	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
 	spool_shared->promoter_latch = MyLatch;
 	LWLockRelease(spool_shared->queue_lock);
 	before_shmem_exit(promoter_detach, (Datum) 0);
+
+	/*
+	 * The inactive staging table may hold rows a failed round left behind;
+	 * they are older than anything in the active one, so they go first.
+	 */
+	(void) promote_once(false);
 
 	/* Publish the committed cursor so waiting readers start from the truth. */
 	SetCurrentStatementStartTimestamp();
@@ -336,7 +380,7 @@ spool_promoter_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 		ResetLatch(MyLatch);
-		moved = promote_once();
+		moved = promote_once(true);
 
 		now = GetCurrentTimestamp();
 		if (now >= next_retention)

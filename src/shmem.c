@@ -73,6 +73,9 @@ spool_shmem_startup(void)
 		}
 		spool_shared->free_head = 0;
 		pg_atomic_init_u64(&spool_shared->published_cursor, 0);
+		pg_atomic_init_u32(&spool_shared->staging_active, 0);
+		pg_atomic_init_u64(&spool_shared->staged_msgs[0], 0);
+		pg_atomic_init_u64(&spool_shared->staged_msgs[1], 0);
 		ConditionVariableInit(&spool_shared->spool_cv);
 	}
 	LWLockRelease(AddinShmemInitLock);

@@ -125,6 +125,8 @@ typedef struct SpoolShared
 	Oid			database_oid;	/* where the launcher runs, once known */
 	Latch	   *promoter_latch;
 	pg_atomic_uint64 published_cursor;	/* highest committed cursor */
+	pg_atomic_uint32 staging_active;	/* staging table the workers fill: 0/1 */
+	pg_atomic_uint64 staged_msgs[2];	/* messages staged per table, upper bound */
 	ConditionVariable spool_cv; /* broadcast after each promotion */
 	Latch	   *launcher_latch;
 	int			free_head;
