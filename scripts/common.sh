@@ -29,6 +29,7 @@ prepare_build_tree() {
 	[ "$(id -u)" -eq 0 ] && chown -R "$RUN_AS" "$tree"
 	chmod 755 "$tree"
 	as_user make -s -C "$tree" PG_CONFIG="$PG_CONFIG" -j2 >&2
+	as_user make -s -C "$tree/test/kafka" >&2	# the test Kafka cluster
 	as_root make -s -C "$tree" PG_CONFIG="$PG_CONFIG" install >&2
 	echo "$tree"
 }

@@ -194,6 +194,17 @@ load_source(List **topics, List **off_topic, List **off_part, List **off_next)
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	v[0] = CStringGetTextDatum(source_name);
+
+	/*
+	 * One worker per source, ever: a second one (e.g. started by a restarted
+	 * launcher while the first still runs) would stage offsets twice.  The
+	 * session lock lives as long as this process.
+	 */
+	if (SPI_execute_with_args("SELECT pg_try_advisory_lock(hashtext('spool_ext ingest'), hashtext($1))",
+							  1, t, v, NULL, false, 1) != SPI_OK_SELECT ||
+		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+		ereport(ERROR,
+				(errmsg("another ingest worker is running for source \"%s\"", source_name)));
 	if (SPI_execute_with_args("SELECT brokers, topics, options, enabled, skip_gap"
 							  " FROM spool.sources WHERE name = $1",
 							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
@@ -767,6 +778,8 @@ stage_batch(void)
 	table_close(rel, NoLock);
 	/* Before commit, while we hold the table: the promoter sizes segments by it. */
 	pg_atomic_fetch_add_u64(&spool_shared->staged_msgs[which], (uint64) nmsg);
+	if (nbatch > nmsg)
+		pg_atomic_fetch_add_u64(&spool_shared->staged_other[which], (uint64) (nbatch - nmsg));
 
 	refresh_status(false);
 	PopActiveSnapshot();
@@ -1010,6 +1023,7 @@ spool_ingest_main(Datum main_arg)
 							 retry_ms, PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
 			CHECK_FOR_INTERRUPTS();
+			spool_exit_if_orphaned();
 			retry_ms = Min(retry_ms * 2, 30000);
 		}
 		state = "running";
@@ -1022,6 +1036,7 @@ spool_ingest_main(Datum main_arg)
 			TimestampTz first = 0;
 
 			CHECK_FOR_INTERRUPTS();
+			spool_exit_if_orphaned();
 			if (ConfigReloadPending)
 			{
 				ConfigReloadPending = false;

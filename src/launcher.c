@@ -65,7 +65,6 @@ static void supervise_worker(int w, TimestampTz now);
 static void start_worker(int w, TimestampTz now);
 static bool track_exited(WorkerTrack *t, TimestampTz now, const char *what);
 static bool track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now);
-static void fill_worker(BackgroundWorker *bgw, const char *function, const char *name);
 static void supervise_promoter(TimestampTz now);
 static void supervise_sources(TimestampTz now, bool refresh);
 static void reclaim_worker(int w, const char *why);
@@ -124,6 +123,8 @@ spool_launcher_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
 
+	/* Workers of an earlier launcher see the new generation and exit. */
+	pg_atomic_fetch_add_u32(&spool_shared->launcher_generation, 1);
 	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
 	spool_shared->launcher_pid = MyProcPid;
 	spool_shared->launcher_latch = MyLatch;
@@ -291,15 +292,19 @@ start_worker(int w, TimestampTz now)
 	generation = spool_shared->workers[w].generation;
 	LWLockRelease(spool_shared->queue_lock);
 
-	fill_worker(&bgw, "spool_nonce_worker_main", psprintf("spool nonce worker %d", w));
-	bgw.bgw_main_arg = Int32GetDatum(w);
+	spool_fill_worker(&bgw, "spool_nonce_worker_main", psprintf("spool nonce worker %d", w));
+	bgw.bgw_main_arg = Int64GetDatum(DatumGetInt64(bgw.bgw_main_arg) | w);
 	memcpy(bgw.bgw_extra, &generation, sizeof(uint32));
 	(void) track_start(t, &bgw, now);
 }
 
-/* A dynamic worker in our database, reporting its state changes to us. */
-static void
-fill_worker(BackgroundWorker *bgw, const char *function, const char *name)
+/*
+ * A dynamic worker in our database, reporting its state changes to us.  Its
+ * bgw_main_arg carries our generation in the high 32 bits (see
+ * spool_exit_if_orphaned); callers may use the low 32 bits.
+ */
+void
+spool_fill_worker(BackgroundWorker *bgw, const char *function, const char *name)
 {
 	memset(bgw, 0, sizeof(*bgw));
 	bgw->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -310,6 +315,24 @@ fill_worker(BackgroundWorker *bgw, const char *function, const char *name)
 	snprintf(bgw->bgw_name, BGW_MAXLEN, "%s", name);
 	snprintf(bgw->bgw_type, BGW_MAXLEN, "%s", name);
 	bgw->bgw_notify_pid = MyProcPid;
+	bgw->bgw_main_arg = Int64GetDatum((int64) pg_atomic_read_u32(&spool_shared->launcher_generation) << 32);
+}
+
+/*
+ * Exit quietly when the launcher that started this worker is gone (a new
+ * launcher has started its own workers, or will).  Called in worker loops.
+ */
+void
+spool_exit_if_orphaned(void)
+{
+	uint32		mine = (uint32) (DatumGetInt64(MyBgworkerEntry->bgw_main_arg) >> 32);
+
+	if (pg_atomic_read_u32(&spool_shared->launcher_generation) != mine)
+	{
+		ereport(LOG, (errmsg("%s: the launcher that started it is gone; exiting",
+							 MyBgworkerEntry->bgw_name)));
+		proc_exit(0);
+	}
 }
 
 static bool
@@ -364,7 +387,7 @@ supervise_promoter(TimestampTz now)
 	(void) track_exited(&promoter_track, now, "spool promoter");
 	if (promoter_track.handle != NULL || now < promoter_track.next_start)
 		return;
-	fill_worker(&bgw, "spool_promoter_main", "spool promoter");
+	spool_fill_worker(&bgw, "spool_promoter_main", "spool promoter");
 	(void) track_start(&promoter_track, &bgw, now);
 }
 
@@ -389,6 +412,14 @@ supervise_sources(TimestampTz now, bool refresh)
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "reading spool.sources");
+		/* The extension may have been dropped since the last check. */
+		if (!OidIsValid(get_extension_oid("spool_ext", true)))
+		{
+			PopActiveSnapshot();
+			SPI_finish();
+			CommitTransactionCommand();
+			return;
+		}
 		if (SPI_execute("SELECT name FROM spool.sources WHERE enabled ORDER BY name",
 						true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read spool.sources");
@@ -441,7 +472,7 @@ supervise_sources(TimestampTz now, bool refresh)
 		{
 			BackgroundWorker bgw;
 
-			fill_worker(&bgw, "spool_ingest_main", what);
+			spool_fill_worker(&bgw, "spool_ingest_main", what);
 			strlcpy(bgw.bgw_extra, t->name, BGW_EXTRALEN);
 			(void) track_start(t, &bgw, now);
 		}

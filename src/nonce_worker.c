@@ -127,7 +127,7 @@ spool_nonce_worker_main(Datum main_arg)
 	BatchItem  *items;
 	HASHCTL		ctl;
 
-	my_slot = DatumGetInt32(main_arg);
+	my_slot = (int) (DatumGetInt64(main_arg) & 0xFFFFFFFF);
 	memcpy(&my_generation, MyBgworkerEntry->bgw_extra, sizeof(uint32));
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);

@@ -74,8 +74,11 @@ spool_shmem_startup(void)
 		spool_shared->free_head = 0;
 		pg_atomic_init_u64(&spool_shared->published_cursor, 0);
 		pg_atomic_init_u32(&spool_shared->staging_active, 0);
+		pg_atomic_init_u32(&spool_shared->launcher_generation, 0);
 		pg_atomic_init_u64(&spool_shared->staged_msgs[0], 0);
 		pg_atomic_init_u64(&spool_shared->staged_msgs[1], 0);
+		pg_atomic_init_u64(&spool_shared->staged_other[0], 0);
+		pg_atomic_init_u64(&spool_shared->staged_other[1], 0);
 		ConditionVariableInit(&spool_shared->spool_cv);
 	}
 	LWLockRelease(AddinShmemInitLock);

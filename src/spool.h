@@ -16,6 +16,7 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
+#include "postmaster/bgworker.h"
 
 /*
  * SQLSTATEs of class SP (documented in docs/sql-reference.md; stable).
@@ -122,11 +123,13 @@ typedef struct SpoolShared
 {
 	LWLock	   *queue_lock;		/* guards requests and worker slots */
 	pid_t		launcher_pid;
+	pg_atomic_uint32 launcher_generation;	/* bumped by each launcher start */
 	Oid			database_oid;	/* where the launcher runs, once known */
 	Latch	   *promoter_latch;
 	pg_atomic_uint64 published_cursor;	/* highest committed cursor */
 	pg_atomic_uint32 staging_active;	/* staging table the workers fill: 0/1 */
 	pg_atomic_uint64 staged_msgs[2];	/* messages staged per table, upper bound */
+	pg_atomic_uint64 staged_other[2];	/* dead-letter and gap rows staged per table */
 	ConditionVariable spool_cv; /* broadcast after each promotion */
 	Latch	   *launcher_latch;
 	int			free_head;
@@ -204,5 +207,8 @@ extern void spool_request_enqueue(int w, int idx, bool at_head);
 extern void spool_register_launcher(void);
 extern void spool_wake_launcher(void);
 extern bool spool_owner_is_stale_worker(const char *holder);
+extern void spool_fill_worker(BackgroundWorker *bgw, const char *function,
+							  const char *name);
+extern void spool_exit_if_orphaned(void);
 
 #endif							/* SPOOL_H */
