@@ -1,0 +1,213 @@
+# A test Kafka cluster for the spool_ext TAP tests.
+#
+# Drives test/kafka/spool_kafka_mock (a librdkafka mock cluster on
+# 127.0.0.1, see the comment at the top of spool_kafka_mock.c for the full
+# command protocol) through IPC::Run pipes.
+#
+#   use SpoolKafka;
+#   my $kafka = SpoolKafka->start(brokers => 3, topics => ['t1:4']);
+#   my $bootstrap = $kafka->bootstrap;        # "127.0.0.1:p1,127.0.0.1:p2,..."
+#   $kafka->cmd('produce t1 1000');           # "OK produced 1000"
+#   my ($low, $high) = $kafka->wmarks('t1', 0);
+#   my $ans = $kafka->cmd('down 1', allow_error => 1);   # no die on ERR
+#   $kafka->stop;                              # or just let it go out of scope
+#
+# The program is $ENV{SPOOL_KAFKA_MOCK} or kafka/spool_kafka_mock next to
+# this module; build it with "make -C test/kafka".  Every wait is bounded:
+# start-up by $SpoolKafka::START_TIMEOUT seconds, each command by the
+# object's timeout (default $SpoolKafka::CMD_TIMEOUT, overridable with
+# $ENV{SPOOL_KAFKA_TIMEOUT}, with start(timeout => S) or per command).
+package SpoolKafka;
+
+use strict;
+use warnings;
+
+use Carp;
+use File::Basename qw(dirname);
+use File::Spec;
+use IPC::Run;
+
+our $START_TIMEOUT = 30;
+our $CMD_TIMEOUT = $ENV{SPOOL_KAFKA_TIMEOUT} || 180;
+our $STOP_TIMEOUT = 30;
+
+# Path of the mock cluster program.
+sub program
+{
+	return $ENV{SPOOL_KAFKA_MOCK} if $ENV{SPOOL_KAFKA_MOCK};
+	return File::Spec->catfile(dirname(File::Spec->rel2abs(__FILE__)),
+		'kafka', 'spool_kafka_mock');
+}
+
+# SpoolKafka->start(%opt) starts a cluster and waits for its BOOTSTRAP line.
+#   brokers => N              number of brokers (ids 1..N), default 1
+#   topics => ['name:parts']  topics created before start-up
+#   message_timeout => MS     internal producer's message.timeout.ms
+#   timeout => S              default per-command timeout in seconds
+#   verbose => 1              keep librdkafka's log lines (on stderr)
+#   stderr => FILE            send the program's stderr to FILE (else it is
+#                             kept in memory: see ->stderr)
+sub start
+{
+	my ($class, %opt) = @_;
+	my $prog = program();
+	croak "SpoolKafka: $prog is not built (run: make -C test/kafka)"
+	  unless -x $prog;
+
+	my @cmd = ($prog);
+	push @cmd, '--brokers', $opt{brokers} if defined $opt{brokers};
+	push @cmd, '--topic', $_ for @{ $opt{topics} || [] };
+	push @cmd, '--message-timeout', $opt{message_timeout}
+	  if defined $opt{message_timeout};
+	push @cmd, '--quiet' unless $opt{verbose};
+
+	my $self = bless {
+		in => '',
+		out => '',
+		err => '',
+		timeout => $opt{timeout} || $CMD_TIMEOUT,
+		timer => IPC::Run::timer($START_TIMEOUT),
+	}, $class;
+
+	$self->{harness} = IPC::Run::start(
+		\@cmd,
+		'<' => \$self->{in},
+		'>' => \$self->{out},
+		'2>' => (defined $opt{stderr} ? $opt{stderr} : \$self->{err}),
+		$self->{timer});
+
+	my $line = $self->_read_line($START_TIMEOUT, 'BOOTSTRAP line');
+	unless ($line =~ /^BOOTSTRAP (\S+)$/)
+	{
+		$self->_kill;
+		croak "SpoolKafka: unexpected first line '$line'";
+	}
+	$self->{bootstrap} = $1;
+	return $self;
+}
+
+# The bootstrap.servers list of the cluster.
+sub bootstrap { return $_[0]->{bootstrap}; }
+
+# What the program wrote on stderr so far (when not sent to a file).
+sub stderr { return $_[0]->{err}; }
+
+# The IPC::Run harness (e.g. for ->signal).
+sub harness { return $_[0]->{harness}; }
+
+# $kafka->cmd($line, %opt): send one command line and return its answer
+# line (without newline).  Dies on an "ERR ..." answer unless
+# allow_error => 1; timeout => S overrides the per-command timeout.
+sub cmd
+{
+	my ($self, $line, %opt) = @_;
+	croak "SpoolKafka: not running" unless $self->{harness} && !$self->{stopped};
+	croak "SpoolKafka: a command is one line" if $line =~ /[\r\n]/;
+
+	$self->{in} .= "$line\n";
+	my $ans = $self->_read_line($opt{timeout} || $self->{timeout},
+		"answer to '$line'");
+	croak "SpoolKafka: '$line' failed: $ans"
+	  if $ans =~ /^ERR/ && !$opt{allow_error};
+	croak "SpoolKafka: '$line': malformed answer '$ans'"
+	  unless $ans =~ /^(?:OK|ERR)\b/;
+	return $ans;
+}
+
+# Convenience wrappers.
+sub produce
+{
+	my ($self, $topic, $count, @rest) = @_;
+	return $self->cmd(join(' ', 'produce', $topic, $count, @rest));
+}
+
+sub wmarks
+{
+	my ($self, $topic, $partition) = @_;
+	my $ans = $self->cmd("wmarks $topic $partition");
+	my ($low, $high) = $ans =~ /^OK (-?\d+) (-?\d+)$/
+	  or croak "SpoolKafka: bad wmarks answer '$ans'";
+	return ($low, $high);
+}
+
+# Stop the cluster: "quit", then wait (bounded) for a clean exit, killing
+# the program if it does not exit in time.  Returns its exit status.
+sub stop
+{
+	my ($self) = @_;
+	return $self->{exit} if $self->{stopped} || !$self->{harness};
+	$self->{stopped} = 1;
+
+	my $ok = eval {
+		$self->{in} .= "quit\n";
+		$self->{timer}->start($STOP_TIMEOUT);
+		$self->{harness}->pump
+		  while $self->{harness}->pumpable
+		  && $self->{out} !~ /\n/
+		  && !$self->{timer}->is_expired;
+		$self->{timer}->start($STOP_TIMEOUT);
+		$self->{harness}->finish;
+		1;
+	};
+	if (!$ok)
+	{
+		carp "SpoolKafka: stop: $@";
+		$self->_kill;
+		return $self->{exit} = -1;
+	}
+	return $self->{exit} = $self->{harness}->result(0);
+}
+
+# Read one stdout line, waiting at most $timeout seconds.
+sub _read_line
+{
+	my ($self, $timeout, $what) = @_;
+	my $h = $self->{harness};
+
+	$self->{timer}->start($timeout);
+	while ($self->{out} !~ /\n/)
+	{
+		if ($self->{timer}->is_expired)
+		{
+			# A late answer would be taken for the next command's: the
+			# conversation cannot go on, so the program is stopped.
+			$self->_kill;
+			croak "SpoolKafka: timed out after ${timeout}s waiting for "
+			  . "$what; stderr: $self->{err}";
+		}
+		if (!$h->pumpable)
+		{
+			croak "SpoolKafka: program exited while waiting for $what; "
+			  . "stderr: $self->{err}";
+		}
+		# pump returns on I/O or when the timer fires; it dies if the
+		# program goes away in the middle.
+		eval { $h->pump; 1 }
+		  or croak "SpoolKafka: waiting for $what: $@; stderr: $self->{err}";
+		# Keep an in-memory stderr from growing without bound.
+		substr($self->{err}, 0, length($self->{err}) - 65536, '')
+		  if length($self->{err}) > 131072;
+	}
+	$self->{out} =~ s/^([^\n]*)\n//;
+	return $1;
+}
+
+# TERM, then KILL after a grace period.  The program exits 0 on TERM.
+sub _kill
+{
+	my ($self) = @_;
+	return unless $self->{harness};
+	$self->{stopped} = 1;
+	eval { $self->{harness}->kill_kill(grace => 5); 1 };
+	return;
+}
+
+sub DESTROY
+{
+	my ($self) = @_;
+	local ($@, $!, $?);
+	$self->_kill if $self->{harness} && !$self->{stopped};
+	return;
+}
+
+1;

@@ -1,0 +1,1246 @@
+/*
+ * spool_kafka_mock.c -- a scriptable test Kafka cluster for spool_ext tests.
+ *
+ * There is no real Kafka broker on the test machines.  librdkafka ships a
+ * mock cluster (rdkafka_mock.h) that speaks the real Kafka wire protocol on
+ * TCP, so any Kafka client (librdkafka, kcat, ...) can talk to it.  This
+ * program starts such a cluster, prints where it listens, and then takes
+ * commands on stdin so that a test can produce data and inject failures.
+ *
+ * USAGE
+ *   spool_kafka_mock [--brokers N] [--topic NAME:PARTITIONS]... [--quiet]
+ *                    [--message-timeout MS]
+ *
+ *   --brokers N            brokers in the cluster, ids 1..N (default 1)
+ *   --topic NAME:PARTS     create a topic before announcing (repeatable)
+ *   --quiet                no librdkafka log lines on stderr
+ *   --message-timeout MS   how long the internal producer keeps trying to
+ *                          deliver one message (default 30000); a produce
+ *                          command waits at most this long plus 10 s
+ *
+ * PROTOCOL (stdout carries nothing else; logs go to stderr)
+ *   On start-up exactly one line:   BOOTSTRAP 127.0.0.1:p1,127.0.0.1:p2,...
+ *   Then one command per stdin line, each answered by exactly one line that
+ *   starts with "OK" or "ERR <reason>" (stdout is flushed after every line):
+ *
+ *   topic NAME PARTITIONS                    OK
+ *   produce TOPIC COUNT [PARTITION] [SIZE] [START]
+ *                                            OK produced COUNT
+ *       COUNT messages with seq i = START .. START+COUNT-1 (START default 0),
+ *       key "k<i>", value ~SIZE bytes (default 200) of JSON:
+ *         {"seq":i,"key":"k<i>","amount":i%1000,"ts":<unix ms>,"pad":"xx.."}
+ *       PARTITION -1 or omitted: message i goes to partition i % partitions
+ *       (so the placement of a seq does not depend on how the produce
+ *       commands were split).  Waits until every message is acknowledged
+ *       (acks=all); otherwise "ERR delivery failed: F of COUNT ...".
+ *   produce_one TOPIC PARTITION KEY VALUE    OK produced 1 PARTITION OFFSET
+ *       VALUE is the rest of the line after the single space that follows
+ *       KEY, sent byte for byte (invalid JSON is fine).  Special VALUEs:
+ *       \null (NULL value, a tombstone), \empty (zero-length value),
+ *       \big:N (N bytes of 'x').  KEY \null sends no key.  PARTITION -1
+ *       lets the default (key hash) partitioner choose.
+ *   produce_hdr TOPIC PARTITION KEY H=V[,H=V...] VALUE
+ *                                            OK produced 1 PARTITION OFFSET
+ *       As produce_one, with message headers.  A header written without
+ *       '=' has a NULL value; names and values cannot hold ',' or spaces.
+ *   down BROKER_ID / up BROKER_ID            OK  (-1 = all brokers)
+ *       Disconnects the broker and refuses connections / accepts them
+ *       again.  The mock does not move partition leadership.
+ *   rtt BROKER_ID MS                         OK  (-1 = all brokers)
+ *       Adds MS milliseconds of round-trip delay to every response.
+ *   error APIKEY ERRCODE COUNT               OK
+ *       The next COUNT requests with that Kafka ApiKey (0 Produce, 1 Fetch,
+ *       2 ListOffsets, 3 Metadata, ...) fail with ERRCODE (numeric Kafka
+ *       error code, e.g. 6 NOT_LEADER_OR_FOLLOWER; -195 = the broker drops
+ *       the connection).
+ *   clear APIKEY                             OK  (drops pending errors)
+ *   wmarks TOPIC PARTITION                   OK LOW HIGH
+ *       Log start and end offsets, from ListOffsets requests sent by the
+ *       internal producer (5 s timeout).
+ *   bootstrap                                OK 127.0.0.1:p1,...
+ *   quit  (or EOF on stdin)                  OK, then the cluster is
+ *       destroyed and the program exits 0.  SIGTERM and SIGINT also make it
+ *       shut down cleanly and exit 0 (no answer line).
+ *   Empty lines are ignored (no answer).  ERR reasons are one line; a
+ *   command interrupted by SIGTERM/SIGINT answers "ERR interrupted".
+ *
+ * LISTENERS
+ *   librdkafka 2.0.2's mock brokers bind to INADDR_LOOPBACK with an
+ *   ephemeral port (checked with `ss -ltnp`: 127.0.0.1:<port> only, one
+ *   listener per broker).  The program also checks every entry of the
+ *   bootstrap list and refuses to run if one is not 127.0.0.1.
+ *
+ * RETENTION ("holes" below the log start)
+ *   The mock keeps at most 5 MiB (5242880 bytes) or 100000 message sets
+ *   (batches, not messages) per partition; when an append goes over either
+ *   limit, the oldest whole batches are dropped and the low watermark moves
+ *   forward.  Measured with librdkafka 2.0.2 and SIZE 200 (a record then
+ *   takes ~215 bytes in its batch, and the default batch.size of 1 MB holds
+ *   ~4655 of them): low stays 0 up to ~24300 messages (~5.2 MB) in one
+ *   partition, and the next batch moves it to 4655; "produce t 30000 0"
+ *   into an empty single partition leaves "wmarks t 0" at OK 9305 30000,
+ *   "produce t 20000 0" leaves OK 0 20000.  So: produce a bit more than
+ *   5 MiB of record data into one partition to move low; it moves in steps
+ *   of whole batches, so read the exact value with wmarks.  The 100000
+ *   message-set limit only matters for ~100k separate produce_one calls.
+ *   A consumer that fetches below the low watermark gets
+ *   OFFSET_OUT_OF_RANGE from the mock, as from a real broker (kcat: with
+ *   auto.offset.reset=error it reports "Offset out of range"; with the
+ *   defaults it resets to the end, or to low with earliest).
+ *
+ * OTHER MOCK BEHAVIOUR WORTH KNOWING
+ *   - Unknown topics are auto-created (4 partitions) by any metadata
+ *     request, so "wmarks nosuch 0" answers OK 0 0.
+ *   - "down" does not move leadership: requests for partitions led by a
+ *     down broker fail or wait.  wmarks then answers "ERR Local: Timed out"
+ *     after 5 s, produce fails on metadata or after --message-timeout.
+ *   - Retriable injected errors (e.g. "error 0 6 2") are retried by the
+ *     internal producer, so the produce command still answers OK.
+ *
+ * DRIVING IT FROM BASH
+ *   With a coproc (bash >= 4):
+ *
+ *     coproc KMOCK { exec ./spool_kafka_mock --quiet --topic t1:4; }
+ *     read -t 10 -r tag BOOTSTRAP <&"${KMOCK[0]}"    # tag == BOOTSTRAP
+ *     kcmd() { echo "$*" >&"${KMOCK[1]}";
+ *              read -t 120 -r REPLY <&"${KMOCK[0]}" && echo "$REPLY"; }
+ *     kcmd produce t1 1000           # -> OK produced 1000
+ *     kcmd wmarks t1 0               # -> OK 0 250
+ *     kcmd quit; wait "$KMOCK_PID"
+ *
+ *   ("exec" makes $KMOCK_PID the program itself, so that "kill -TERM
+ *   $KMOCK_PID" reaches it.  Do not pipe the driving script's output into
+ *   another command without stopping the program: it keeps that pipe open.)
+ *
+ *   With fifos (any POSIX shell; keep both ends open with exec):
+ *
+ *     d=$(mktemp -d); mkfifo "$d/in" "$d/out"
+ *     ./spool_kafka_mock --quiet --topic t1:4 <"$d/in" >"$d/out" & pid=$!
+ *     exec 7>"$d/in" 8<"$d/out"
+ *     read -r tag BOOTSTRAP <&8
+ *     echo "produce t1 1000" >&7; read -r reply <&8; echo "$reply"
+ *     echo quit >&7; read -r reply <&8; exec 7>&- 8<&-; wait $pid
+ *
+ *   selftest.sh next to this file uses the coproc recipe.
+ *
+ * BUILD
+ *   make            (cc -O2 -Wall -Wextra -std=c99 ... -lrdkafka)
+ */
+
+#define _POSIX_C_SOURCE 200809L
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+
+/* Limits that keep every loop and buffer bounded. */
+#define MAX_LINE          (4 * 1024 * 1024)  /* one command line */
+#define MAX_TOPICS_ARG    64                 /* --topic options */
+#define MAX_PARTITIONS    10000
+#define MAX_BROKERS       32
+#define MAX_COUNT         100000000L         /* messages per produce */
+#define MAX_VALUE_SIZE    (64 * 1024 * 1024) /* bytes per generated value */
+#define MAX_ERRORS_PUSHED 100000
+#define MAX_HEADERS       64
+#define META_TIMEOUT_MS   10000
+#define WMARK_TIMEOUT_MS  5000
+#define POLL_TICK_MS      200
+
+/* Set by the SIGTERM/SIGINT handler; checked by every waiting loop. */
+static volatile sig_atomic_t stop_requested = 0;
+
+static int quiet = 0;
+
+/* Global state: the mock cluster, its owner handle and our producer. */
+static struct {
+	rd_kafka_t *owner;             /* handle the mock cluster hangs off */
+	rd_kafka_mock_cluster_t *mc;
+	rd_kafka_t *producer;          /* internal producer for produce/wmarks */
+	char bootstrap[4096];
+	int brokers;
+	int message_timeout_ms;
+} g;
+
+/* Delivery report bookkeeping for the command in progress. */
+static struct {
+	long delivered;
+	long failed;
+	rd_kafka_resp_err_t first_err;
+	int32_t last_partition;
+	int64_t last_offset;
+} dr;
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                        */
+/* ------------------------------------------------------------------ */
+
+static void
+on_signal(int sig)
+{
+	(void) sig;
+	stop_requested = 1;
+}
+
+static int64_t
+mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t
+wall_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Print one protocol line on stdout and flush it. */
+static void
+reply(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vfprintf(stdout, fmt, ap);
+	va_end(ap);
+	fputc('\n', stdout);
+	fflush(stdout);
+}
+
+static void
+note(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (quiet)
+		return;
+	va_start(ap, fmt);
+	fputs("spool_kafka_mock: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+}
+
+/* Parse a whole string as a long within [lo, hi]; 0 on success. */
+static int
+parse_long(const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	long v;
+
+	if (s == NULL || *s == '\0')
+		return -1;
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno != 0 || *end != '\0' || v < lo || v > hi)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/*
+ * Split off the next space-separated token of *p.  Leading spaces are
+ * skipped; the token is NUL-terminated in place and *p is left just after
+ * the single space that ended it (so the remainder can be taken verbatim).
+ * Returns NULL when there is no token left.
+ */
+static char *
+next_token(char **p)
+{
+	char *s = *p;
+	char *tok;
+
+	while (*s == ' ' || *s == '\t')
+		s++;
+	if (*s == '\0')
+	{
+		*p = s;
+		return NULL;
+	}
+	tok = s;
+	while (*s != '\0' && *s != ' ' && *s != '\t')
+		s++;
+	if (*s != '\0')
+		*s++ = '\0';
+	*p = s;
+	return tok;
+}
+
+/* librdkafka log callback: stderr unless --quiet. */
+static void
+log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+	if (quiet)
+		return;
+	fprintf(stderr, "spool_kafka_mock: rdkafka %d %s %s: %s\n",
+			level, rd_kafka_name(rk), fac, buf);
+}
+
+/* Delivery report callback: called from rd_kafka_poll()/flush(). */
+static void
+dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+	(void) rk;
+	(void) opaque;
+	if (m->err)
+	{
+		if (dr.failed == 0)
+			dr.first_err = m->err;
+		dr.failed++;
+	}
+	else
+	{
+		dr.delivered++;
+		dr.last_partition = m->partition;
+		dr.last_offset = m->offset;
+	}
+}
+
+static void
+dr_reset(void)
+{
+	memset(&dr, 0, sizeof(dr));
+	dr.last_partition = -1;
+	dr.last_offset = -1;
+}
+
+static int
+conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
+{
+	char errstr[512];
+
+	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) !=
+		RD_KAFKA_CONF_OK)
+	{
+		fprintf(stderr, "spool_kafka_mock: config %s=%s: %s\n",
+				name, value, errstr);
+		return -1;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Cluster and producer set-up                                          */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Check that every "host:port" of the bootstrap list is on 127.0.0.1.
+ */
+static int
+bootstrap_is_loopback(const char *list)
+{
+	const char *p = list;
+	int n = 0;
+
+	while (*p != '\0' && n < 1000)
+	{
+		const char *comma = strchr(p, ',');
+		size_t len = comma ? (size_t) (comma - p) : strlen(p);
+
+		if (len < 11 || strncmp(p, "127.0.0.1:", 10) != 0)
+			return 0;
+		n++;
+		if (comma == NULL)
+			break;
+		p = comma + 1;
+	}
+	return n > 0;
+}
+
+static rd_kafka_t *
+new_handle(rd_kafka_conf_t *conf, const char *what)
+{
+	char errstr[512];
+	rd_kafka_t *rk;
+
+	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (rk == NULL)
+	{
+		fprintf(stderr, "spool_kafka_mock: creating %s: %s\n", what, errstr);
+		rd_kafka_conf_destroy(conf);
+	}
+	return rk;
+}
+
+static int
+setup_cluster(int brokers)
+{
+	rd_kafka_conf_t *conf;
+	char num[32];
+
+	/*
+	 * The owner handle only anchors the mock cluster; it never connects
+	 * anywhere.  It must stay alive until the cluster is destroyed.
+	 */
+	conf = rd_kafka_conf_new();
+	rd_kafka_conf_set_log_cb(conf, log_cb);
+	if (conf_set(conf, "client.id", "spool_kafka_mock_owner") != 0 ||
+		/* silence its "no bootstrap.servers" notice */
+		conf_set(conf, "log_level", "4") != 0)
+	{
+		rd_kafka_conf_destroy(conf);
+		return -1;
+	}
+	g.owner = new_handle(conf, "mock owner handle");
+	if (g.owner == NULL)
+		return -1;
+
+	g.mc = rd_kafka_mock_cluster_new(g.owner, brokers);
+	if (g.mc == NULL)
+	{
+		fprintf(stderr, "spool_kafka_mock: rd_kafka_mock_cluster_new failed\n");
+		return -1;
+	}
+	g.brokers = brokers;
+	snprintf(g.bootstrap, sizeof(g.bootstrap), "%s",
+			 rd_kafka_mock_cluster_bootstraps(g.mc));
+	if (!bootstrap_is_loopback(g.bootstrap))
+	{
+		fprintf(stderr, "spool_kafka_mock: mock listeners are not all on "
+				"127.0.0.1: %s\n", g.bootstrap);
+		return -1;
+	}
+
+	/*
+	 * The internal producer: acks=all, a short linger for batching, and
+	 * queues large enough that 200k-message bursts rarely hit QUEUE_FULL.
+	 */
+	conf = rd_kafka_conf_new();
+	rd_kafka_conf_set_log_cb(conf, log_cb);
+	rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
+	snprintf(num, sizeof(num), "%d", g.message_timeout_ms);
+	if (conf_set(conf, "bootstrap.servers", g.bootstrap) != 0 ||
+		conf_set(conf, "client.id", "spool_kafka_mock_producer") != 0 ||
+		conf_set(conf, "acks", "all") != 0 ||
+		conf_set(conf, "linger.ms", "5") != 0 ||
+		conf_set(conf, "batch.num.messages", "10000") != 0 ||
+		conf_set(conf, "queue.buffering.max.messages", "1000000") != 0 ||
+		conf_set(conf, "queue.buffering.max.kbytes", "1048576") != 0 ||
+		conf_set(conf, "message.max.bytes", "100000000") != 0 ||
+		conf_set(conf, "message.timeout.ms", num) != 0 ||
+		conf_set(conf, "topic.metadata.refresh.interval.ms", "10000") != 0)
+	{
+		rd_kafka_conf_destroy(conf);
+		return -1;
+	}
+	g.producer = new_handle(conf, "internal producer");
+	if (g.producer == NULL)
+		return -1;
+	return 0;
+}
+
+static void
+teardown(void)
+{
+	if (g.producer != NULL)
+	{
+		/* Bounded: anything still queued is purged, not waited for. */
+		rd_kafka_purge(g.producer,
+					   RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+		rd_kafka_flush(g.producer, 1000);
+		rd_kafka_destroy(g.producer);
+		g.producer = NULL;
+	}
+	if (g.mc != NULL)
+	{
+		rd_kafka_mock_cluster_destroy(g.mc);
+		g.mc = NULL;
+	}
+	if (g.owner != NULL)
+	{
+		rd_kafka_destroy(g.owner);
+		g.owner = NULL;
+	}
+}
+
+static rd_kafka_resp_err_t
+create_topic(const char *name, int partitions)
+{
+	int rf = g.brokers < 3 ? g.brokers : 3;
+
+	return rd_kafka_mock_topic_create(g.mc, name, partitions, rf);
+}
+
+/* ------------------------------------------------------------------ */
+/* Producing                                                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Wait until every queued message got its delivery report, at most until
+ * deadline (monotonic ms) or a stop request.  Whatever is left then is
+ * purged so that it cannot leak into the next command's counters.
+ * Returns 0 when everything was reported, -1 otherwise.
+ */
+static int
+wait_delivered(int64_t deadline)
+{
+	int i;
+
+	while (rd_kafka_outq_len(g.producer) > 0 && !stop_requested &&
+		   mono_ms() < deadline)
+		rd_kafka_flush(g.producer, POLL_TICK_MS);
+	if (rd_kafka_outq_len(g.producer) == 0)
+		return 0;
+
+	rd_kafka_purge(g.producer,
+				   RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+	/* Serve the purge delivery reports, bounded. */
+	for (i = 0; i < 50 && rd_kafka_outq_len(g.producer) > 0; i++)
+		rd_kafka_flush(g.producer, 100);
+	return -1;
+}
+
+/* Number of partitions of topic from broker metadata, or -1. */
+static int
+topic_partitions(const char *topic, char *why, size_t whylen)
+{
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR__TIMED_OUT;
+	int n = -1;
+	int i;
+
+	rkt = rd_kafka_topic_new(g.producer, topic, NULL);
+	if (rkt == NULL)
+	{
+		snprintf(why, whylen, "bad topic: %s",
+				 rd_kafka_err2str(rd_kafka_last_error()));
+		return -1;
+	}
+	/* In one-second slices, so that a stop request is noticed. */
+	for (i = 0; i < META_TIMEOUT_MS / 1000; i++)
+	{
+		err = rd_kafka_metadata(g.producer, 0, rkt, &md, 1000);
+		if (err != RD_KAFKA_RESP_ERR__TIMED_OUT &&
+			err != RD_KAFKA_RESP_ERR__TRANSPORT)
+			break;
+		if (stop_requested)
+			break;
+	}
+	if (err)
+		snprintf(why, whylen, "metadata: %s", rd_kafka_err2str(err));
+	else if (md->topic_cnt != 1)
+		snprintf(why, whylen, "metadata: %d topics returned", md->topic_cnt);
+	else if (md->topics[0].err)
+		snprintf(why, whylen, "metadata: %s",
+				 rd_kafka_err2str(md->topics[0].err));
+	else
+		n = md->topics[0].partition_cnt;
+	if (md != NULL)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+	if (n == 0)
+	{
+		snprintf(why, whylen, "topic has no partitions");
+		n = -1;
+	}
+	return n;
+}
+
+/*
+ * Enqueue one message, retrying while the local queue is full (serving
+ * delivery reports meanwhile).  Returns 0 or the error.
+ */
+static rd_kafka_resp_err_t
+enqueue(const char *topic, int32_t partition,
+		const void *key, size_t keylen, const void *val, size_t vallen,
+		rd_kafka_headers_t *hdrs, int64_t deadline)
+{
+	rd_kafka_resp_err_t err;
+
+	for (;;)
+	{
+		if (hdrs != NULL)
+			err = rd_kafka_producev(g.producer,
+									RD_KAFKA_V_TOPIC(topic),
+									RD_KAFKA_V_PARTITION(partition),
+									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+									RD_KAFKA_V_KEY(key, keylen),
+									RD_KAFKA_V_VALUE((void *) val, vallen),
+									RD_KAFKA_V_HEADERS(hdrs),
+									RD_KAFKA_V_END);
+		else
+			err = rd_kafka_producev(g.producer,
+									RD_KAFKA_V_TOPIC(topic),
+									RD_KAFKA_V_PARTITION(partition),
+									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+									RD_KAFKA_V_KEY(key, keylen),
+									RD_KAFKA_V_VALUE((void *) val, vallen),
+									RD_KAFKA_V_END);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			return err;
+		if (stop_requested || mono_ms() >= deadline)
+			return err;
+		rd_kafka_poll(g.producer, 10);
+	}
+}
+
+/* produce TOPIC COUNT [PARTITION] [SIZE] [START] */
+static void
+cmd_produce(char *args)
+{
+	char *topic = next_token(&args);
+	char *s_count = next_token(&args);
+	char *s_part = next_token(&args);
+	char *s_size = next_token(&args);
+	char *s_start = next_token(&args);
+	long count, part = -1, size = 200, start = 0;
+	int nparts;
+	char why[512];
+	char *buf = NULL;
+	long i, enq = 0;
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	int64_t deadline;
+
+	if (topic == NULL || parse_long(s_count, 0, MAX_COUNT, &count) != 0 ||
+		(s_part && parse_long(s_part, -1, MAX_PARTITIONS - 1, &part) != 0) ||
+		(s_size && parse_long(s_size, 0, MAX_VALUE_SIZE, &size) != 0) ||
+		(s_start && parse_long(s_start, 0, LONG_MAX - MAX_COUNT, &start) != 0) ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: produce TOPIC COUNT [PARTITION] [SIZE] [START]");
+		return;
+	}
+	nparts = topic_partitions(topic, why, sizeof(why));
+	if (nparts < 0)
+	{
+		reply("ERR %s", why);
+		return;
+	}
+	if (part >= nparts)
+	{
+		reply("ERR partition %ld out of range (topic has %d)", part, nparts);
+		return;
+	}
+	buf = malloc((size_t) size + 256);
+	if (buf == NULL)
+	{
+		reply("ERR out of memory");
+		return;
+	}
+
+	dr_reset();
+	deadline = mono_ms() + g.message_timeout_ms + 10000;
+	for (i = 0; i < count && !stop_requested; i++)
+	{
+		long seq = start + i;
+		char key[32];
+		int keylen, len;
+		long pad;
+
+		keylen = snprintf(key, sizeof(key), "k%ld", seq);
+		len = snprintf(buf, 256,
+					   "{\"seq\":%ld,\"key\":\"k%ld\",\"amount\":%ld,"
+					   "\"ts\":%lld,\"pad\":\"",
+					   seq, seq, seq % 1000, (long long) wall_ms());
+		/* Pad so that the whole value is about size bytes. */
+		pad = size - len - 2;
+		if (pad > 0)
+		{
+			memset(buf + len, 'x', (size_t) pad);
+			len += (int) pad;
+		}
+		buf[len++] = '"';
+		buf[len++] = '}';
+
+		err = enqueue(topic, (int32_t) (part >= 0 ? part : seq % nparts),
+					  key, (size_t) keylen, buf, (size_t) len, NULL, deadline);
+		if (err)
+			break;
+		enq++;
+		/* Serve delivery reports now and then to keep memory flat. */
+		if ((i & 1023) == 1023)
+			rd_kafka_poll(g.producer, 0);
+	}
+	free(buf);
+
+	if (wait_delivered(deadline) != 0 && !stop_requested)
+		note("produce: purged undelivered messages after timeout");
+	if (stop_requested)
+		reply("ERR interrupted");
+	else if (err)
+		reply("ERR enqueue failed after %ld of %ld messages: %s",
+			  enq, count, rd_kafka_err2str(err));
+	else if (dr.delivered != count)
+		reply("ERR delivery failed: %ld of %ld messages not delivered "
+			  "(first error: %s)", count - dr.delivered, count,
+			  dr.failed ? rd_kafka_err2str(dr.first_err) : "timed out");
+	else
+		reply("OK produced %ld", count);
+}
+
+/*
+ * Interpret a KEY or VALUE argument with its escapes.  On success sets
+ * *out and *outlen (*out is NULL for \null) and returns 0; *to_free is set to
+ * memory the caller must free.
+ */
+static int
+special_bytes(const char *arg, int allow_big, const char **out,
+			  size_t *outlen, char **to_free, char *why, size_t whylen)
+{
+	long n;
+
+	*to_free = NULL;
+	if (strcmp(arg, "\\null") == 0)
+	{
+		*out = NULL;
+		*outlen = 0;
+		return 0;
+	}
+	if (strcmp(arg, "\\empty") == 0)
+	{
+		*out = "";
+		*outlen = 0;
+		return 0;
+	}
+	if (allow_big && strncmp(arg, "\\big:", 5) == 0)
+	{
+		if (parse_long(arg + 5, 0, 1000000000L - 1, &n) != 0)
+		{
+			snprintf(why, whylen, "bad \\big:N size");
+			return -1;
+		}
+		*to_free = malloc((size_t) n + 1);
+		if (*to_free == NULL)
+		{
+			snprintf(why, whylen, "out of memory");
+			return -1;
+		}
+		memset(*to_free, 'x', (size_t) n);
+		*out = *to_free;
+		*outlen = (size_t) n;
+		return 0;
+	}
+	*out = arg;
+	*outlen = strlen(arg);
+	return 0;
+}
+
+/* Parse "H=V,H2=V2" (NAME without '=' = NULL value) into headers. */
+static rd_kafka_headers_t *
+parse_headers(char *spec, char *why, size_t whylen)
+{
+	rd_kafka_headers_t *hdrs = rd_kafka_headers_new(8);
+	char *item = spec;
+	int n = 0;
+
+	while (item != NULL && *item != '\0')
+	{
+		char *comma = strchr(item, ',');
+		char *eq;
+		rd_kafka_resp_err_t err;
+
+		if (++n > MAX_HEADERS)
+		{
+			snprintf(why, whylen, "too many headers (max %d)", MAX_HEADERS);
+			rd_kafka_headers_destroy(hdrs);
+			return NULL;
+		}
+		if (comma != NULL)
+			*comma = '\0';
+		eq = strchr(item, '=');
+		if (eq != NULL)
+		{
+			*eq = '\0';
+			err = rd_kafka_header_add(hdrs, item, -1, eq + 1, -1);
+		}
+		else
+			err = rd_kafka_header_add(hdrs, item, -1, NULL, 0);
+		if (err || *item == '\0')
+		{
+			snprintf(why, whylen, "bad header '%s'", item);
+			rd_kafka_headers_destroy(hdrs);
+			return NULL;
+		}
+		item = comma ? comma + 1 : NULL;
+	}
+	return hdrs;
+}
+
+/*
+ * produce_one TOPIC PARTITION KEY VALUE
+ * produce_hdr TOPIC PARTITION KEY HEADERS VALUE
+ */
+static void
+cmd_produce_single(char *args, int with_headers)
+{
+	const char *usage = with_headers
+		? "ERR usage: produce_hdr TOPIC PARTITION KEY H=V[,H=V...] VALUE"
+		: "ERR usage: produce_one TOPIC PARTITION KEY VALUE";
+	char *topic = next_token(&args);
+	char *s_part = next_token(&args);
+	char *s_key = next_token(&args);
+	char *s_hdrs = with_headers ? next_token(&args) : NULL;
+	char *s_val = args;          /* the rest of the line, verbatim */
+	long part;
+	const char *key, *val;
+	size_t keylen, vallen;
+	char *key_free = NULL, *val_free = NULL;
+	rd_kafka_headers_t *hdrs = NULL;
+	rd_kafka_resp_err_t err;
+	char why[512];
+	int64_t deadline;
+
+	if (topic == NULL || s_key == NULL ||
+		parse_long(s_part, -1, MAX_PARTITIONS - 1, &part) != 0 ||
+		(with_headers && s_hdrs == NULL))
+	{
+		reply("%s", usage);
+		return;
+	}
+	if (special_bytes(s_key, 0, &key, &keylen, &key_free, why,
+					  sizeof(why)) != 0 ||
+		special_bytes(s_val, 1, &val, &vallen, &val_free, why,
+					  sizeof(why)) != 0)
+	{
+		reply("ERR %s", why);
+		goto done;
+	}
+	if (with_headers)
+	{
+		hdrs = parse_headers(s_hdrs, why, sizeof(why));
+		if (hdrs == NULL)
+		{
+			reply("ERR %s", why);
+			goto done;
+		}
+	}
+
+	dr_reset();
+	deadline = mono_ms() + g.message_timeout_ms + 10000;
+	err = enqueue(topic, part < 0 ? RD_KAFKA_PARTITION_UA : (int32_t) part,
+				  key, keylen, val, vallen, hdrs, deadline);
+	if (err)
+	{
+		/* On failure the headers are still ours to free. */
+		reply("ERR enqueue failed: %s", rd_kafka_err2str(err));
+		goto done;
+	}
+	hdrs = NULL;                 /* owned by librdkafka now */
+	wait_delivered(deadline);
+	if (stop_requested)
+		reply("ERR interrupted");
+	else if (dr.delivered != 1)
+		reply("ERR delivery failed: %s",
+			  dr.failed ? rd_kafka_err2str(dr.first_err) : "timed out");
+	else
+		reply("OK produced 1 %d %lld", (int) dr.last_partition,
+			  (long long) dr.last_offset);
+done:
+	if (hdrs != NULL)
+		rd_kafka_headers_destroy(hdrs);
+	free(key_free);
+	free(val_free);
+}
+
+/* ------------------------------------------------------------------ */
+/* Other commands                                                       */
+/* ------------------------------------------------------------------ */
+
+static void
+cmd_topic(char *args)
+{
+	char *name = next_token(&args);
+	long n;
+	rd_kafka_resp_err_t err;
+
+	if (name == NULL ||
+		parse_long(next_token(&args), 1, MAX_PARTITIONS, &n) != 0 ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: topic NAME PARTITIONS");
+		return;
+	}
+	err = create_topic(name, (int) n);
+	if (err)
+		reply("ERR %s", rd_kafka_err2str(err));
+	else
+		reply("OK");
+}
+
+/* down / up / rtt: per-broker switches.  which: 'd', 'u' or 'r'. */
+static void
+cmd_broker(char *args, char which)
+{
+	long id, ms = 0;
+	rd_kafka_resp_err_t err;
+
+	if (parse_long(next_token(&args), -1, MAX_BROKERS, &id) != 0 ||
+		(which == 'r' &&
+		 parse_long(next_token(&args), 0, 3600000, &ms) != 0) ||
+		next_token(&args) != NULL)
+	{
+		reply(which == 'r' ? "ERR usage: rtt BROKER_ID MS"
+			  : which == 'd' ? "ERR usage: down BROKER_ID"
+			  : "ERR usage: up BROKER_ID");
+		return;
+	}
+	if (id == 0 || id > g.brokers)
+	{
+		reply("ERR no broker %ld (ids are 1..%d, -1 = all)", id, g.brokers);
+		return;
+	}
+	if (which == 'd')
+		err = rd_kafka_mock_broker_set_down(g.mc, (int32_t) id);
+	else if (which == 'u')
+		err = rd_kafka_mock_broker_set_up(g.mc, (int32_t) id);
+	else
+		err = rd_kafka_mock_broker_set_rtt(g.mc, (int32_t) id, (int) ms);
+	if (err)
+		reply("ERR %s", rd_kafka_err2str(err));
+	else
+		reply("OK");
+}
+
+/* error APIKEY ERRCODE COUNT */
+static void
+cmd_error(char *args)
+{
+	long apikey, code, count, i;
+	rd_kafka_resp_err_t *errs;
+
+	if (parse_long(next_token(&args), 0, 32767, &apikey) != 0 ||
+		parse_long(next_token(&args), -200, 32767, &code) != 0 ||
+		parse_long(next_token(&args), 1, MAX_ERRORS_PUSHED, &count) != 0 ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: error APIKEY ERRCODE COUNT");
+		return;
+	}
+	errs = malloc(sizeof(*errs) * (size_t) count);
+	if (errs == NULL)
+	{
+		reply("ERR out of memory");
+		return;
+	}
+	for (i = 0; i < count; i++)
+		errs[i] = (rd_kafka_resp_err_t) code;
+	rd_kafka_mock_push_request_errors_array(g.mc, (int16_t) apikey,
+											(size_t) count, errs);
+	free(errs);
+	reply("OK");
+}
+
+/* clear APIKEY */
+static void
+cmd_clear(char *args)
+{
+	long apikey;
+
+	if (parse_long(next_token(&args), 0, 32767, &apikey) != 0 ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: clear APIKEY");
+		return;
+	}
+	rd_kafka_mock_clear_request_errors(g.mc, (int16_t) apikey);
+	reply("OK");
+}
+
+/*
+ * One ListOffsets query: the offset at "timestamp" -2 (earliest = low
+ * watermark) or -1 (latest = high watermark) of topic/partition.
+ *
+ * rd_kafka_query_watermark_offsets() is not used: in librdkafka 2.0.2 it
+ * does not honour its timeout when the partition leader is down (it waits
+ * for the ListOffsets replies, which never come while the broker refuses
+ * connections), and since the main thread would be stuck there, the "up"
+ * command that could end the wait would never be read.
+ * rd_kafka_offsets_for_times() with the special timestamps sends the same
+ * request but gives up after timeout_ms.
+ */
+static rd_kafka_resp_err_t
+list_offset(const char *topic, int32_t partition, int64_t which,
+			int64_t *out)
+{
+	rd_kafka_topic_partition_list_t *parts;
+	rd_kafka_resp_err_t err;
+
+	parts = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(parts, topic, partition)->offset = which;
+	err = rd_kafka_offsets_for_times(g.producer, parts, WMARK_TIMEOUT_MS);
+	if (!err)
+		err = parts->elems[0].err;
+	if (!err)
+		*out = parts->elems[0].offset;
+	rd_kafka_topic_partition_list_destroy(parts);
+	return err;
+}
+
+/* wmarks TOPIC PARTITION */
+static void
+cmd_wmarks(char *args)
+{
+	char *topic = next_token(&args);
+	long part;
+	int64_t lo = -1, hi = -1;
+	rd_kafka_resp_err_t err;
+
+	if (topic == NULL ||
+		parse_long(next_token(&args), 0, MAX_PARTITIONS - 1, &part) != 0 ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: wmarks TOPIC PARTITION");
+		return;
+	}
+	err = list_offset(topic, (int32_t) part, RD_KAFKA_OFFSET_BEGINNING, &lo);
+	if (!err)
+		err = list_offset(topic, (int32_t) part, RD_KAFKA_OFFSET_END, &hi);
+	if (err)
+		reply("ERR %s", rd_kafka_err2str(err));
+	else
+		reply("OK %lld %lld", (long long) lo, (long long) hi);
+}
+
+/*
+ * Execute one command line.  Returns 1 when the program should exit.
+ */
+static int
+dispatch(char *line)
+{
+	char *p = line;
+	char *cmd = next_token(&p);
+
+	if (cmd == NULL)
+		return 0;                /* empty line: no answer */
+	if (strcmp(cmd, "quit") == 0)
+	{
+		reply("OK");
+		return 1;
+	}
+	if (strcmp(cmd, "produce") == 0)
+		cmd_produce(p);
+	else if (strcmp(cmd, "produce_one") == 0)
+		cmd_produce_single(p, 0);
+	else if (strcmp(cmd, "produce_hdr") == 0)
+		cmd_produce_single(p, 1);
+	else if (strcmp(cmd, "topic") == 0)
+		cmd_topic(p);
+	else if (strcmp(cmd, "down") == 0)
+		cmd_broker(p, 'd');
+	else if (strcmp(cmd, "up") == 0)
+		cmd_broker(p, 'u');
+	else if (strcmp(cmd, "rtt") == 0)
+		cmd_broker(p, 'r');
+	else if (strcmp(cmd, "error") == 0)
+		cmd_error(p);
+	else if (strcmp(cmd, "clear") == 0)
+		cmd_clear(p);
+	else if (strcmp(cmd, "wmarks") == 0)
+		cmd_wmarks(p);
+	else if (strcmp(cmd, "bootstrap") == 0)
+		reply("OK %s", g.bootstrap);
+	else
+		reply("ERR unknown command '%s'", cmd);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Input loop                                                           */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Read stdin line by line without blocking signals out: poll() with a
+ * short tick so that SIGTERM/SIGINT are noticed within POLL_TICK_MS, and
+ * the producer's callbacks are served while idle.  A line longer than
+ * MAX_LINE is answered with ERR and skipped.
+ */
+static void
+command_loop(void)
+{
+	static char buf[MAX_LINE + 1];
+	size_t used = 0;
+	int overlong = 0;
+	int eof = 0;
+
+	while (!stop_requested)
+	{
+		char *nl;
+
+		/* Handle every complete line already buffered. */
+		while ((nl = memchr(buf, '\n', used)) != NULL)
+		{
+			size_t len = (size_t) (nl - buf);
+			int done = 0;
+
+			*nl = '\0';
+			if (len > 0 && buf[len - 1] == '\r')
+				buf[len - 1] = '\0';
+			if (overlong)
+			{
+				reply("ERR line too long (max %d bytes)", MAX_LINE);
+				overlong = 0;
+			}
+			else
+				done = dispatch(buf);
+			used -= len + 1;
+			memmove(buf, nl + 1, used);
+			if (done || stop_requested)
+				return;
+		}
+		if (eof)
+		{
+			/* A last line without newline still counts as a command. */
+			if (used > 0 && !overlong)
+			{
+				buf[used] = '\0';
+				dispatch(buf);
+			}
+			return;
+		}
+		if (used == MAX_LINE)
+		{
+			overlong = 1;        /* drop what we have, keep reading */
+			used = 0;
+		}
+
+		{
+			struct pollfd pfd = {STDIN_FILENO, POLLIN, 0};
+			int rc = poll(&pfd, 1, POLL_TICK_MS);
+			ssize_t n;
+
+			rd_kafka_poll(g.producer, 0);
+			if (rc < 0)
+			{
+				if (errno == EINTR)
+					continue;
+				perror("spool_kafka_mock: poll");
+				return;
+			}
+			if (rc == 0)
+				continue;
+			n = read(STDIN_FILENO, buf + used, MAX_LINE - used);
+			if (n < 0)
+			{
+				if (errno == EINTR || errno == EAGAIN)
+					continue;
+				perror("spool_kafka_mock: read");
+				return;
+			}
+			if (n == 0)
+				eof = 1;
+			used += (size_t) n;
+		}
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* main                                                                 */
+/* ------------------------------------------------------------------ */
+
+static void
+usage(void)
+{
+	fprintf(stderr,
+			"usage: spool_kafka_mock [--brokers N] [--topic NAME:PARTITIONS]..."
+			" [--quiet] [--message-timeout MS]\n");
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *topics[MAX_TOPICS_ARG];
+	int ntopics = 0;
+	long brokers = 1, mto = 30000;
+	struct sigaction sa;
+	int i;
+
+	for (i = 1; i < argc; i++)
+	{
+		const char *a = argv[i];
+		const char *v = (i + 1 < argc) ? argv[i + 1] : NULL;
+
+		if (strcmp(a, "--quiet") == 0)
+			quiet = 1;
+		else if (strcmp(a, "--brokers") == 0 &&
+				 parse_long(v, 1, MAX_BROKERS, &brokers) == 0)
+			i++;
+		else if (strcmp(a, "--message-timeout") == 0 &&
+				 parse_long(v, 100, 3600000, &mto) == 0)
+			i++;
+		else if (strcmp(a, "--topic") == 0 && v != NULL &&
+				 ntopics < MAX_TOPICS_ARG)
+		{
+			topics[ntopics++] = v;
+			i++;
+		}
+		else
+		{
+			usage();
+			return 2;
+		}
+	}
+	g.message_timeout_ms = (int) mto;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = 0;             /* no SA_RESTART: interrupt poll() */
+	if (sigaction(SIGTERM, &sa, NULL) != 0 ||
+		sigaction(SIGINT, &sa, NULL) != 0)
+	{
+		perror("spool_kafka_mock: sigaction");
+		return 1;
+	}
+	signal(SIGPIPE, SIG_IGN);    /* a closed stdout shows as write errors */
+
+	if (setup_cluster((int) brokers) != 0)
+	{
+		teardown();
+		return 1;
+	}
+
+	for (i = 0; i < ntopics; i++)
+	{
+		char name[256];
+		const char *colon = strrchr(topics[i], ':');
+		long parts;
+		rd_kafka_resp_err_t err;
+
+		if (colon == NULL || colon == topics[i] ||
+			(size_t) (colon - topics[i]) >= sizeof(name) ||
+			parse_long(colon + 1, 1, MAX_PARTITIONS, &parts) != 0)
+		{
+			fprintf(stderr, "spool_kafka_mock: bad --topic '%s' "
+					"(want NAME:PARTITIONS)\n", topics[i]);
+			teardown();
+			return 2;
+		}
+		memcpy(name, topics[i], (size_t) (colon - topics[i]));
+		name[colon - topics[i]] = '\0';
+		err = create_topic(name, (int) parts);
+		if (err)
+		{
+			fprintf(stderr, "spool_kafka_mock: creating topic %s: %s\n",
+					name, rd_kafka_err2str(err));
+			teardown();
+			return 1;
+		}
+	}
+
+	printf("BOOTSTRAP %s\n", g.bootstrap);
+	fflush(stdout);
+	note("mock cluster with %ld broker(s) at %s", brokers, g.bootstrap);
+
+	command_loop();
+
+	note("shutting down%s", stop_requested ? " (signal)" : "");
+	teardown();
+	return 0;
+}
