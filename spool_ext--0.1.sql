@@ -379,37 +379,24 @@ COMMENT ON FUNCTION @extschema@.read(bigint, int, interval) IS
 
 CREATE FUNCTION @extschema@.register_consumer(name text, start_cursor bigint DEFAULT NULL)
 RETURNS bigint
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-	INSERT INTO @extschema@.consumers (name, committed_cursor)
-	VALUES (name, coalesce(start_cursor,
-		(SELECT next_cursor - 1 FROM @extschema@.spool_state WHERE id = 1)))
-	ON CONFLICT ON CONSTRAINT consumers_pkey DO UPDATE SET updated_at = now()
-	RETURNING committed_cursor;
-END;
+AS 'MODULE_PATHNAME', 'spool_register_consumer'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION @extschema@.register_consumer(text, bigint) IS
-'Register a spool reader; segments it has not passed are kept.  Returns its committed cursor';
+'Register a spool reader (at start_cursor, default the current end); segments it has not passed are kept.  Returns its committed cursor';
 
 CREATE FUNCTION @extschema@.commit_consumer(name text, cursor bigint)
-RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-	UPDATE @extschema@.consumers c
-	   SET committed_cursor = greatest(c.committed_cursor, commit_consumer.cursor),
-		   updated_at = now()
-	 WHERE c.name = commit_consumer.name;
-END;
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_commit_consumer'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION @extschema@.commit_consumer(text, bigint) IS
-'Record that a consumer has processed every entry up to cursor (never moves back)';
+'Record that a consumer has processed every entry up to cursor (never moves back); returns its committed cursor';
 
 CREATE FUNCTION @extschema@.drop_consumer(name text)
 RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-	DELETE FROM @extschema@.consumers c WHERE c.name = drop_consumer.name RETURNING true;
-END;
+AS 'MODULE_PATHNAME', 'spool_drop_consumer'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION @extschema@.drop_consumer(text) IS
-'Unregister a consumer so it no longer holds segments back';
+'Unregister a consumer so it no longer holds segments back; false if there was none';
 
 ------------------------------------------------------------------------------
 -- Privileges: nothing to PUBLIC; clients get the lease and nonce API.

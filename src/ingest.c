@@ -487,16 +487,28 @@ handle_gap(const char *topic, int32 partition)
 {
 	int			pi = find_part(topic, partition);
 	int64		low = -1;
-	int64		high = -1;
 	rd_kafka_resp_err_t err;
 	Staged	   *s;
 	bool		stop;
 
 	if (pi < 0)
 		return;
-	err = rd_kafka_query_watermark_offsets(rk, topic, partition, &low, &high,
-										   KAFKA_CALL_TIMEOUT_MS);
-	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	/*
+	 * The log start, asked with ListOffsets(earliest).  (Not
+	 * rd_kafka_query_watermark_offsets: in librdkafka 2.0 it ignores its
+	 * timeout while the partition leader is unreachable.)
+	 */
+	{
+		rd_kafka_topic_partition_list_t *q = rd_kafka_topic_partition_list_new(1);
+
+		rd_kafka_topic_partition_list_add(q, topic, partition)->offset = RD_KAFKA_OFFSET_BEGINNING;
+		err = rd_kafka_offsets_for_times(rk, q, KAFKA_CALL_TIMEOUT_MS);
+		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+			err = q->elems[0].err;
+		low = q->elems[0].offset;
+		rd_kafka_topic_partition_list_destroy(q);
+	}
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR || low < 0)
 	{
 		set_error("%s [%d]: offset out of range, and the log start is unknown: %s",
 				  topic, partition, rd_kafka_err2str(err));
@@ -505,8 +517,8 @@ handle_gap(const char *topic, int32 partition)
 	if (parts[pi].position < 0 || parts[pi].position >= low)
 	{
 		/* Not a hole behind us (e.g. we asked beyond the end): resume at the end. */
-		set_error("%s [%d]: offset " INT64_FORMAT " out of range [" INT64_FORMAT ", " INT64_FORMAT "]",
-				  topic, partition, parts[pi].position, low, high);
+		set_error("%s [%d]: offset " INT64_FORMAT " out of range (log start " INT64_FORMAT ")",
+				  topic, partition, parts[pi].position, low);
 		return;
 	}
 

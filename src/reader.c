@@ -13,6 +13,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "utils/builtins.h"
 #include "utils/timestamp.h"
 
 #include "spool.h"
@@ -98,4 +99,79 @@ spool_read(PG_FUNCTION_ARGS)
 	ConditionVariableCancelSleep();
 	(void) read_into(rsinfo, after, max);
 	return (Datum) 0;
+}
+
+/*
+ * The consumer registry.  A consumer's committed cursor only moves forward;
+ * retention keeps every segment some consumer has not passed.
+ */
+PG_FUNCTION_INFO_V1(spool_register_consumer);
+PG_FUNCTION_INFO_V1(spool_commit_consumer);
+PG_FUNCTION_INFO_V1(spool_drop_consumer);
+
+/* Run sql ($1 = name, $2 = cursor or NULL); return column 1 of its row, or -1 if none. */
+static int64
+consumer_exec(const char *sql, const char *name, bool has_cursor, int64 cursor)
+{
+	Oid			t[2] = {TEXTOID, INT8OID};
+	Datum		v[2];
+	char		nulls[2] = {' ', has_cursor ? ' ' : 'n'};
+	bool		isnull;
+	int64		result = -1;
+
+	SPI_connect();
+	v[0] = CStringGetTextDatum(name);
+	v[1] = Int64GetDatum(cursor);
+	if (SPI_execute_with_args(sql, 2, t, v, nulls, false, 0) < 0)
+		elog(ERROR, "consumer query failed: %s", sql);
+	if (SPI_processed > 0)
+		result = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return result;
+}
+
+/* SQL: spool.register_consumer(name, start_cursor) RETURNS bigint */
+Datum
+spool_register_consumer(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	bool		has = !PG_ARGISNULL(1);
+	int64		start = has ? spool_arg_int64(fcinfo, 1, "start_cursor", true) : 0;
+
+	PG_RETURN_INT64(consumer_exec("INSERT INTO spool.consumers (name, committed_cursor)"
+								  " VALUES ($1, coalesce($2, (SELECT next_cursor - 1"
+								  "   FROM spool.spool_state WHERE id = 1)))"
+								  " ON CONFLICT (name) DO UPDATE SET updated_at = now()"
+								  " RETURNING committed_cursor",
+								  name, has, start));
+}
+
+/* SQL: spool.commit_consumer(name, cursor) RETURNS bigint */
+Datum
+spool_commit_consumer(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	int64		cursor = spool_arg_int64(fcinfo, 1, "cursor", true);
+	int64		committed;
+
+	committed = consumer_exec("UPDATE spool.consumers"
+							  " SET committed_cursor = greatest(committed_cursor, $2), updated_at = now()"
+							  " WHERE name = $1 RETURNING committed_cursor",
+							  name, true, cursor);
+	if (committed < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("consumer \"%s\" does not exist", name),
+				 errhint("Register it with spool.register_consumer first.")));
+	PG_RETURN_INT64(committed);
+}
+
+/* SQL: spool.drop_consumer(name) RETURNS boolean */
+Datum
+spool_drop_consumer(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+
+	PG_RETURN_BOOL(consumer_exec("DELETE FROM spool.consumers WHERE name = $1 RETURNING 1",
+								 name, false, 0) > 0);
 }
