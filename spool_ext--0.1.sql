@@ -349,7 +349,9 @@ CREATE VIEW @extschema@.source_config AS
 CREATE VIEW @extschema@.source_status AS
 	SELECT s.name AS source, p.topic, p.kafka_partition,
 		   o.next_offset, p.high_watermark,
-		   greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0) AS lag,
+		   CASE WHEN p.high_watermark IS NOT NULL
+				THEN greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0)
+		   END AS lag,
 		   CASE WHEN NOT s.enabled THEN 'stopped' ELSE coalesce(r.state, 'starting') END AS state,
 		   r.last_error, r.last_error_at, p.msgs_per_sec, p.position, r.pid,
 		   greatest(p.updated_at, r.updated_at) AS updated_at

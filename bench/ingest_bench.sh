@@ -19,9 +19,8 @@ RUNS=${3:-3}
 tree=$(prepare_build_tree "$here")
 work=$(mktemp -d /tmp/spool_ext-ingest-bench.XXXXXX)
 PORT=${SPOOL_BENCH_PORT:-54349}
-mock_pid=
 cleanup() {
-	[ -n "$mock_pid" ] && kill "$mock_pid" 2>/dev/null || true
+	stop_kafka
 	stop_server "$work"
 	rm -rf "$work" "$tree"
 }
@@ -32,26 +31,10 @@ max_wal_size = 4GB
 spool.nonce_workers = 0"
 sql() { as_user "$PG_BIN/psql" -X -q -At -h "$work" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 "$@"; }
 
-# The test Kafka cluster, driven through a fifo (see test/kafka/spool_kafka_mock.c).
-mkfifo "$work/kin"
-"$tree/test/kafka/spool_kafka_mock" --brokers 1 --topic "bench:$PARTS" < "$work/kin" > "$work/kout" 2> "$work/kerr" &
-mock_pid=$!
-exec 9> "$work/kin"
-for _ in $(seq 1 100); do grep -q '^BOOTSTRAP' "$work/kout" 2>/dev/null && break; sleep 0.1; done
-BOOT=$(sed -n 's/^BOOTSTRAP //p' "$work/kout")
-[ -n "$BOOT" ] || { echo "mock Kafka did not start"; cat "$work/kerr"; exit 1; }
-mock() {
-	local before
-	before=$(wc -l < "$work/kout")
-	echo "$*" >&9
-	for _ in $(seq 1 1200); do
-		[ "$(wc -l < "$work/kout")" -gt "$before" ] && break
-		sleep 0.1
-	done
-	tail -n 1 "$work/kout"
-}
+start_kafka "$work" "$tree" --brokers 1 --topic "bench:$PARTS"
+BOOT=$KAFKA_BOOTSTRAP
 echo "producing $N messages of ~200 bytes over $PARTS partitions to $BOOT ..." >&2
-reply=$(mock "produce bench $N -1 200")
+reply=$(kafka "produce bench $N -1 200")
 case $reply in OK*) ;; *) echo "produce failed: $reply"; exit 1 ;; esac
 
 sql -c "CREATE EXTENSION spool_ext" \

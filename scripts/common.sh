@@ -56,3 +56,35 @@ CONF
 stop_server() {
 	as_user pg_ctl -D "$1/data" -m fast stop >/dev/null 2>&1 || true
 }
+
+# start_kafka WORK TREE [OPTIONS...]: start the test Kafka cluster (a librdkafka
+# mock on 127.0.0.1, test/kafka/spool_kafka_mock) driven through a fifo in
+# WORK; sets KAFKA_PID and KAFKA_BOOTSTRAP.  kafka CMD: send one command and
+# print its one-line answer (bounded wait).
+start_kafka() {
+	local work=$1 tree=$2
+	shift 2
+	mkfifo "$work/kafka.in"
+	"$tree/test/kafka/spool_kafka_mock" --quiet "$@" < "$work/kafka.in" > "$work/kafka.out" 2> "$work/kafka.err" &
+	KAFKA_PID=$!
+	exec 9> "$work/kafka.in"
+	KAFKA_OUT=$work/kafka.out
+	for _ in $(seq 1 100); do grep -q '^BOOTSTRAP' "$KAFKA_OUT" 2>/dev/null && break; sleep 0.1; done
+	KAFKA_BOOTSTRAP=$(sed -n 's/^BOOTSTRAP //p' "$KAFKA_OUT")
+	[ -n "$KAFKA_BOOTSTRAP" ] || { echo "test Kafka cluster did not start:"; cat "$work/kafka.err"; return 1; }
+}
+
+kafka() {
+	local before
+	before=$(wc -l < "$KAFKA_OUT")
+	echo "$*" >&9
+	for _ in $(seq 1 1800); do
+		[ "$(wc -l < "$KAFKA_OUT")" -gt "$before" ] && break
+		sleep 0.1
+	done
+	tail -n 1 "$KAFKA_OUT"
+}
+
+stop_kafka() {
+	[ -n "${KAFKA_PID:-}" ] && kill "$KAFKA_PID" 2>/dev/null || true
+}

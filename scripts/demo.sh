@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end: install what is missing, build, start a throwaway
-# PostgreSQL with spool_ext, and show leases, fencing and the nonce allocator
-# surviving a stalled owner, a terminated worker and a stalled worker.
-#
-# (Later releases extend this to the Kafka-fed pipeline.)
+# PostgreSQL with spool_ext and the test Kafka cluster, ingest a Kafka stream
+# into the spool (showing lag per partition live, through a server crash),
+# then show leases, fencing and the nonce allocator surviving a stalled owner,
+# a terminated worker and a stalled worker.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/deps.sh"
@@ -14,6 +14,7 @@ work=$(mktemp -d /tmp/spool_ext-demo.XXXXXX)
 PORT=${SPOOL_DEMO_PORT:-54339}
 cleanup() {
 	[ -n "${stopped_pid:-}" ] && kill -CONT "$stopped_pid" 2>/dev/null || true
+	stop_kafka
 	stop_server "$work"
 	rm -rf "$work" "$tree"
 }
@@ -28,8 +29,53 @@ start_server "$work" "$PORT" "spool.nonce_workers = 2
 spool.nonce_stall_timeout = '3s'"
 sql -c "CREATE EXTENSION spool_ext"
 echo "server running on $work port $PORT; extension created"
+start_kafka "$work" "$tree" --brokers 1 --topic orders:8
+echo "test Kafka cluster (librdkafka mock, real protocol) at $KAFKA_BOOTSTRAP, topic orders with 8 partitions"
 
-say "1. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
+say "A. Kafka -> spool: a source consumes the topic into the WAL-logged spool"
+sql -c "SELECT spool.create_source('orders', '$KAFKA_BOOTSTRAP', '{orders}', '{\"batch_ms\": 50}')" \
+    -c "SELECT spool.start_source('orders')"
+status() {
+	sql -c "SELECT kafka_partition AS part, next_offset AS durable, high_watermark AS high, lag,
+	               state, round(msgs_per_sec) AS \"msg/s\"
+	          FROM spool.source_status WHERE source = 'orders' ORDER BY 1"
+}
+echo "-- producing 120000 messages (~200-byte JSON) while we watch the spool fill:"
+kafka "produce orders 120000 -1 200 0" >/dev/null &
+producer=$!
+for _ in 1 2 3 4; do
+	sleep 0.7
+	status
+done
+wait "$producer"
+produced=120000
+echo "one message is not JSON: it becomes a dead letter, the stream goes on"
+kafka "produce_one orders 0 bad {not json" >/dev/null
+
+say "B. A backend is killed with SIGKILL mid-stream: PostgreSQL restarts everything"
+kafka "produce orders 20000 -1 200 $produced" >/dev/null
+produced=$((produced + 20000))
+victim=$(val "SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool promoter'")
+echo "kill -9 $victim (the promoter); staging (UNLOGGED) is emptied by crash recovery and re-read from Kafka"
+kill -9 "$victim"
+for _ in $(seq 1 100); do val "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
+kafka "produce orders 20000 -1 200 $produced" >/dev/null
+produced=$((produced + 20000))
+for _ in $(seq 1 300); do
+	n=$(val "SELECT count(*) FROM spool.entries" 2>/dev/null || echo 0)
+	[ "$n" -ge "$produced" ] && break
+	sleep 0.2
+done
+status
+sql -c "SELECT count(*) AS entries, count(DISTINCT (kafka_partition, kafka_offset)) AS distinct_offsets,
+               min(cursor) AS first_cursor, max(cursor) AS last_cursor,
+               count(DISTINCT value->>'seq') AS distinct_seq,
+               $produced AS produced
+          FROM spool.entries"
+sql -c "SELECT topic, kafka_partition, kafka_offset, error FROM spool.dead_letters"
+sql -c "SELECT segment, min_cursor, max_cursor, rows, state FROM spool.segments ORDER BY segment"
+
+say "C. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
 sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-a', '2 s')"
 echo "node-a allocates three nonces and sends the first transaction:"
 sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1, 'tx-a1') AS a1,
@@ -39,14 +85,14 @@ sql -c "SELECT spool.nonce_mark_used('0xa11ce', 0, 'node-a', 1)"
 echo "node-b tries to take over while node-a's lease is live: it gets NULL"
 sql -c "SELECT coalesce((spool.lease_acquire('signer:0xa11ce', 'node-b', '10 s')).token::text, 'NULL (held by node-a)') AS node_b"
 
-say "2. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
+say "D. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
 sleep 2.5
 sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-b', '30 s')"
 echo "node-b gives nonce 2 back (its transaction was never sent) and allocates: the hole is reused first"
 sql -c "SELECT spool.nonce_mark_recyclable('0xa11ce', 2, 'node-b', 2)"
 sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b1') AS b1, spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b2') AS b2"
 
-say "3. node-a wakes up and carries on with its old token: every write is rejected"
+say "E. node-a wakes up and carries on with its old token: every write is rejected"
 for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
          "SELECT spool.nonce_mark_used('0xa11ce', 1, 'node-a', 1)" \
          "SELECT spool.lease_renew('signer:0xa11ce', 'node-a', 1)"; do
@@ -55,7 +101,7 @@ for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
 done
 sql -c "SELECT signer, nonce, state, owner, token, request_id FROM spool.nonces WHERE signer = '0xa11ce' ORDER BY nonce"
 
-say "4. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
+say "F. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
 cat > "$work/queue.sql" <<'SQL'
 \set s random(1, 4)
 SELECT spool.nonce_request('0xfeed' || :s, 'req-' || :client_id || '-' || random());
@@ -77,7 +123,7 @@ kill -CONT "$stopped_pid"
 echo "load finished; the stalled worker was continued and exits on its own"
 grep -E "^(number of transactions actually processed|number of failed|tps)" "$work/pgbench.out" || cat "$work/pgbench.out"
 
-say "5. What happened"
+say "G. What happened to the nonce workers"
 sql -c "SELECT worker, pid, generation, owner, served, batches, takeovers FROM spool.nonce_workers ORDER BY worker"
 sql -c "SELECT resource, owner, token, grants FROM spool.leases WHERE resource LIKE 'signer:0xfeed%' ORDER BY resource"
 sql -c "SELECT signer, count(*) AS nonces, max(nonce) AS max_nonce,
