@@ -198,7 +198,7 @@ CREATE TABLE @extschema@.offsets (
 -- kind: 'm' message, 'd' dead letter, 'g' gap [kafka_offset, gap_to].
 CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	batch_id	bigint NOT NULL,
-	idx			int,			-- messages: 0, 1, ... within the batch
+	pos			bigint,			-- messages: position in this table, reserved per batch
 	source		text NOT NULL,
 	topic		text NOT NULL,
 	kafka_partition int NOT NULL,

@@ -665,6 +665,8 @@ stage_batch(void)
 	int			i;
 	int			nslots = 0;
 	int			nmsg = 0;
+	int			nmsg_total = 0;
+	int64		first_pos;
 	uint32		which;
 	CommandId	cid;
 	Datum		source_datum;
@@ -691,6 +693,14 @@ stage_batch(void)
 		if (pg_atomic_read_u32(&spool_shared->staging_active) == which)
 			break;
 	}
+	/*
+	 * Reserve positions for this batch's messages in the table, while we hold
+	 * it: the promoter numbers cursors by these positions, and the counter
+	 * tells it how many there can be.
+	 */
+	for (i = 0; i < nbatch; i++)
+		nmsg_total += (batch[i].kind == 'm');
+	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_shared->staged_msgs[which], (uint64) nmsg_total);
 	seq_oid = RangeVarGetRelid(makeRangeVar("spool", "staging_batch", -1), NoLock, false);
 	batch_id = DatumGetInt64(DirectFunctionCall1(nextval_oid, ObjectIdGetDatum(seq_oid)));
 	rel = table_open(staging_oid, RowExclusiveLock);
@@ -730,7 +740,7 @@ stage_batch(void)
 		n[0] = false;
 		if (s->kind == 'm')
 		{
-			v[1] = Int32GetDatum(nmsg++);
+			v[1] = Int64GetDatum(first_pos + nmsg++);
 			n[1] = false;
 		}
 		v[2] = source_datum;
@@ -788,8 +798,6 @@ stage_batch(void)
 		}
 	}
 	table_close(rel, NoLock);
-	/* Before commit, while we hold the table: the promoter sizes segments by it. */
-	pg_atomic_fetch_add_u64(&spool_shared->staged_msgs[which], (uint64) nmsg);
 	if (nbatch > nmsg)
 		pg_atomic_fetch_add_u64(&spool_shared->staged_other[which], (uint64) (nbatch - nmsg));
 

@@ -52,7 +52,8 @@ PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 static void promoter_detach(int code, Datum arg);
 static uint64 promote_once(bool flip);
 static void ensure_segments(int64 upto);
-static void seal_and_count(int64 lo, int64 n);
+static void seal_and_count(int64 lo, int64 n, bool dense);
+static const char *segment_for(int64 lo, int64 hi);
 static void retention(void);
 static int64 spi_int8(const char *sql);
 
@@ -120,17 +121,48 @@ ensure_segments(int64 upto)
 	}
 }
 
-/* Count n new entries from cursor lo into their segments; seal full ones. */
+/*
+ * The segment partition that holds every cursor in [lo, hi), so the insert
+ * skips tuple routing; the partitioned table when the range spans two.
+ */
+static const char *
+segment_for(int64 lo, int64 hi)
+{
+	Oid			t[2] = {INT8OID, INT8OID};
+	Datum		v[2];
+	bool		isnull;
+
+	v[0] = Int64GetDatum(lo);
+	v[1] = Int64GetDatum(hi);
+	if (SPI_execute_with_args("SELECT segment FROM spool.segment_info"
+							  " WHERE lo <= $1 AND hi >= $2 AND dropped_at IS NULL",
+							  2, t, v, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		return psprintf("spool.entries_%d",
+						DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
+	return "spool.entries";
+}
+
+/*
+ * Count the entries with cursors in [lo, lo + n) into their segments and seal
+ * the full ones.  When every cursor of the range was used (the rule) the
+ * counts follow from the range; otherwise the touched segments are counted.
+ */
 static void
-seal_and_count(int64 lo, int64 n)
+seal_and_count(int64 lo, int64 n, bool dense)
 {
 	Oid			t[2] = {INT8OID, INT8OID};
 	Datum		v[2];
 
 	v[0] = Int64GetDatum(lo);
 	v[1] = Int64GetDatum(lo + n);
-	if (SPI_execute_with_args("UPDATE spool.segment_info SET"
+	if (SPI_execute_with_args(dense ?
+							  "UPDATE spool.segment_info SET"
 							  " rows = rows + (least(hi, $2) - greatest(lo, $1)),"
+							  " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
+							  " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL" :
+							  "UPDATE spool.segment_info i SET"
+							  " rows = (SELECT count(*) FROM spool.entries e"
+							  "          WHERE e.cursor >= i.lo AND e.cursor < i.hi),"
 							  " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
 							  " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL",
 							  2, t, v, NULL, false, 0) < 0)
@@ -152,6 +184,7 @@ promote_once(bool flip)
 	int64		nmsg = 0;
 	int64		ntotal;
 	int64		inserted = 0;
+	int64		last_cursor = 0;
 	bool		isnull;
 	uint32		old;
 	const char *tab;
@@ -174,11 +207,10 @@ promote_once(bool flip)
 	next = spi_int8("SELECT next_cursor FROM spool.spool_state WHERE id = 1 FOR UPDATE");
 
 	/*
-	 * The table is truncated after every move and only appended to in
-	 * between, so a plain sequential scan returns rows in the order they were
-	 * staged, which keeps each partition's offset order; a running count of
-	 * messages in that order numbers the cursors without sorting wide rows.
-	 * The writers' counter bounds how many there are, for the segments.
+	 * Each staging batch reserved positions 0, 1, ... in this table under its
+	 * lock, in staging order, so next + position numbers the cursors in an
+	 * order that keeps each partition's offsets in order, with no sort.  The
+	 * counter is how many positions were reserved: an upper bound.
 	 */
 	ntotal = spi_int8(psprintf("SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 1) x", tab));
 	nmsg = (int64) pg_atomic_read_u64(&spool_shared->staged_msgs[old]);
@@ -187,8 +219,10 @@ promote_once(bool flip)
 		Oid			t[1] = {INT8OID};
 		Datum		v[1];
 		bool		others;
+		const char *target;
 
 		ensure_segments(next + nmsg);
+		target = segment_for(next, next + nmsg);
 		v[0] = Int64GetDatum(next);
 		/*
 		 * One statement, so every part sees the offsets as they were before
@@ -198,16 +232,12 @@ promote_once(bool flip)
 		 */
 		others = pg_atomic_read_u64(&spool_shared->staged_other[old]) > 0;
 		if (SPI_execute_with_args(psprintf(
-								  "WITH m AS ("
-								  "  SELECT s.*, count(*) FILTER (WHERE s.kind = 'm')"
-								  "           OVER (ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS n"
-								  "    FROM %s s),"
-								  " ins AS ("
-								  "  INSERT INTO spool.entries (cursor, source, topic, kafka_partition, kafka_offset,"
+								  "WITH ins AS ("
+								  "  INSERT INTO %s (cursor, source, topic, kafka_partition, kafka_offset,"
 								  "         key, value, payload, headers, kafka_ts, spooled_at)"
-								  "  SELECT $1 + m.n - 1, m.source, m.topic, m.kafka_partition, m.kafka_offset,"
+								  "  SELECT $1 + m.pos, m.source, m.topic, m.kafka_partition, m.kafka_offset,"
 								  "         m.key, m.value, m.payload, m.headers, m.kafka_ts, now()"
-								  "    FROM m JOIN spool.sources src ON src.name = m.source"
+								  "    FROM %s m JOIN spool.sources src ON src.name = m.source"
 								  "    LEFT JOIN spool.offsets o ON o.source = m.source AND o.topic = m.topic"
 								  "         AND o.kafka_partition = m.kafka_partition"
 								  "   WHERE m.kind = 'm' AND m.kafka_offset >= coalesce(o.next_offset, 0)"
@@ -223,7 +253,7 @@ promote_once(bool flip)
 								  "     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset),"
 								  "         updated_at = EXCLUDED.updated_at)"
 								  " SELECT count(*) FROM ins",
-								  tab,
+								  target, tab,
 								  others ? psprintf(
 													" other AS ("
 													"  SELECT s.* FROM %s s JOIN spool.sources src ON src.name = s.source"
@@ -267,11 +297,16 @@ promote_once(bool flip)
 			Oid			t2[1] = {INT8OID};
 			Datum		v2[1];
 
-			v2[0] = Int64GetDatum(next + inserted);
+			/*
+			 * Cursors used lie in [next, next + nmsg); positions of a staging
+			 * transaction that failed, or of a dropped source, stay unused.
+			 */
+			v2[0] = Int64GetDatum(next + nmsg);
 			if (SPI_execute_with_args("UPDATE spool.spool_state SET next_cursor = $1 WHERE id = 1",
 									  1, t2, v2, NULL, false, 0) != SPI_OK_UPDATE)
 				elog(ERROR, "could not advance the cursor");
-			seal_and_count(next, inserted);
+			seal_and_count(next, nmsg, inserted == nmsg);
+			last_cursor = next + nmsg - 1;
 		}
 		if (SPI_execute(psprintf("TRUNCATE %s", tab), false, 0) != SPI_OK_UTILITY)
 			elog(ERROR, "could not empty %s", tab);
@@ -286,7 +321,7 @@ promote_once(bool flip)
 
 	if (inserted > 0)
 	{
-		pg_atomic_write_u64(&spool_shared->published_cursor, (uint64) (next + inserted - 1));
+		pg_atomic_write_u64(&spool_shared->published_cursor, (uint64) last_cursor);
 		ConditionVariableBroadcast(&spool_shared->spool_cv);
 	}
 	return (uint64) ntotal;
