@@ -121,6 +121,7 @@ static void drain_pipe(void);
 static int	find_part(const char *topic, int32 partition);
 static Staged *new_staged(int part, int64 offset, char kind);
 static void wait_until_promoted_stop(void);
+static void reassign_all(void);
 
 static void
 set_error(const char *fmt,...)
@@ -458,10 +459,17 @@ handle_message(rd_kafka_message_t *rkm)
 	switch (opts->format)
 	{
 		case SPOOL_FORMAT_JSON:
+			/* jsonb_in trusts its input to be server-encoded and stops at a NUL. */
+			if (!pg_verify_mbstr(PG_UTF8, rkm->payload, rkm->len, true) ||
+				memchr(rkm->payload, '\0', rkm->len) != NULL)
 			{
-				s->json = pnstrdup(rkm->payload, rkm->len);
-				break;
+				s->kind = 'd';
+				s->payload = make_bytea(rkm->payload, rkm->len);
+				s->error = "invalid JSON: not valid UTF-8";
+				return;
 			}
+			s->json = pnstrdup(rkm->payload, rkm->len);
+			break;
 		case SPOOL_FORMAT_TEXT:
 			s->payload = make_bytea(rkm->payload, rkm->len);
 			if (!pg_verify_mbstr(PG_UTF8, rkm->payload, rkm->len, true) ||
@@ -536,21 +544,13 @@ handle_gap(const char *topic, int32 partition)
 		stop_after_batch = true;
 		return;
 	}
-	{
-		rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
-		rd_kafka_error_t *serr;
-
-		rd_kafka_topic_partition_list_add(list, topic, partition)->offset = low;
-		serr = rd_kafka_seek_partitions(rk, list, KAFKA_CALL_TIMEOUT_MS);
-		if (serr)
-		{
-			set_error("%s [%d]: could not seek to " INT64_FORMAT ": %s",
-					  topic, partition, low, rd_kafka_error_string(serr));
-			rd_kafka_error_destroy(serr);
-		}
-		rd_kafka_topic_partition_list_destroy(list);
-	}
+	/*
+	 * Continue from the log start.  After an offset-out-of-range error with
+	 * auto.offset.reset=error a seek does not restart fetching; assigning
+	 * every partition again at its position does.
+	 */
 	parts[pi].position = low;
+	reassign_all();
 }
 
 /* Convert every pending json text of the batch in one subtransaction. */
@@ -567,7 +567,7 @@ convert_batch_json(void)
 	PG_TRY();
 	{
 		for (i = 0; i < nbatch; i++)
-			if (batch[i].kind == 'm' && batch[i].json)
+			if (batch[i].kind == 'm' && batch[i].json && !batch[i].has_value)
 			{
 				batch[i].value = DirectFunctionCall1(jsonb_in, CStringGetDatum(batch[i].json));
 				batch[i].has_value = true;
@@ -588,17 +588,70 @@ convert_batch_json(void)
 }
 
 /*
+ * Convert one message's json text in its own subtransaction; a failure makes
+ * it a dead letter, with jansson's wording when it has one.
+ */
+static void
+convert_one_json(Staged *s, const char *why)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	s->has_value = false;
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		s->value = DirectFunctionCall1(jsonb_in, CStringGetDatum(s->json));
+		s->has_value = true;
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		s->kind = 'd';
+		s->payload = make_bytea(s->json, strlen(s->json));
+		s->error = psprintf("invalid JSON: %s", why ? why : edata->message);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+}
+
+/* Assign every partition again, at its current position. */
+static void
+reassign_all(void)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(nparts);
+	rd_kafka_resp_err_t err;
+	int			i;
+
+	for (i = 0; i < nparts; i++)
+		rd_kafka_topic_partition_list_add(list, parts[i].topic, parts[i].partition)->offset =
+			parts[i].position >= 0 ? parts[i].position :
+			opts->start_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
+	err = rd_kafka_assign(rk, list);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		set_error("could not assign partitions again: %s", rd_kafka_err2str(err));
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/*
  * Convert the json texts of the batch to jsonb.  The common case is one
  * subtransaction for the whole batch.  When it fails, jansson (which reports
- * errors as values) finds the invalid documents, which become dead letters,
- * and the batch is converted again; should jsonb still refuse a document
- * jansson accepted, the last resort is one subtransaction per message.
+ * errors as values, no subtransaction needed) points at the suspects; jsonb
+ * has the last word on each of them (jansson refuses some documents jsonb
+ * takes, such as 1e400), and the rest is converted as a batch again.  Should
+ * that still fail, every message gets a subtransaction of its own.
  */
 static void
 convert_json_values(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
 	int			i;
 
 	if (convert_batch_json())
@@ -612,46 +665,13 @@ convert_json_values(void)
 		s->has_value = false;
 		if (s->kind == 'm' && s->json &&
 			!spool_json_valid(s->json, strlen(s->json), why, sizeof(why)))
-		{
-			s->kind = 'd';
-			s->payload = make_bytea(s->json, strlen(s->json));
-			s->error = psprintf("invalid JSON: %s", why);
-		}
+			convert_one_json(s, why);
 	}
 	if (convert_batch_json())
 		return;
-
 	for (i = 0; i < nbatch; i++)
-	{
-		Staged	   *s = &batch[i];
-
-		if (s->kind != 'm' || s->json == NULL)
-			continue;
-		s->has_value = false;
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(cxt);
-		PG_TRY();
-		{
-			s->value = DirectFunctionCall1(jsonb_in, CStringGetDatum(s->json));
-			s->has_value = true;
-			ReleaseCurrentSubTransaction();
-		}
-		PG_CATCH();
-		{
-			ErrorData  *edata;
-
-			MemoryContextSwitchTo(cxt);
-			edata = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			s->kind = 'd';
-			s->payload = make_bytea(s->json, strlen(s->json));
-			s->error = psprintf("invalid JSON: %s", edata->message);
-		}
-		PG_END_TRY();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-	}
+		if (batch[i].kind == 'm' && batch[i].json && !batch[i].has_value)
+			convert_one_json(&batch[i], NULL);
 }
 
 /* Write the batch into spool.staging in one transaction and wake the promoter. */

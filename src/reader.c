@@ -40,7 +40,8 @@ read_into(ReturnSetInfo *rsinfo, int64 after, int32 max)
 			   2, t);
 	v[0] = Int64GetDatum(after);
 	v[1] = Int32GetDatum(max);
-	n = spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
+	/* Not read-only: a fresh snapshot, so a read after a wait sees new entries. */
+	n = spool_exec(plan_read, v, NULL, false, SPI_OK_SELECT);
 	for (i = 0; i < n; i++)
 		tuplestore_puttuple(rsinfo->setResult, SPI_tuptable->vals[i]);
 	SPI_finish();

@@ -11,6 +11,7 @@
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -219,6 +220,11 @@ spool_create_source(PG_FUNCTION_ARGS)
 	int			rc;
 
 	spool_require_shmem();
+	if (GetDatabaseEncoding() != PG_UTF8)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("Kafka sources need a UTF8 database"),
+				 errdetail("This database uses %s.", GetDatabaseEncodingName())));
 	check_source_name(name);
 	check_brokers(brokers);
 	if (PG_ARGISNULL(2))
