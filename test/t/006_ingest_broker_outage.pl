@@ -1,0 +1,305 @@
+
+# Broker outage under a running source, with 1 broker and with 3 brokers
+# (the mock does not move leadership: with 3 brokers the partitions led by
+# the downed broker stall while the others go on).
+#   - produce, ingest;
+#   - "down 1" for several seconds while the test keeps trying to produce
+#     (one message at a time, to each partition; what the cluster
+#     acknowledges is expected in the spool, the rest fails);
+#   - source_status shows state 'error' with a last_error naming the broker;
+#   - "up 1", produce more: everything is ingested exactly once (each offset
+#     once, contiguous, next_offset at the high watermark, every produced seq
+#     once with its key and value) and the state is 'running' again.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use FindBin;
+use lib "$FindBin::RealBin/..";    # SpoolTest.pm, SpoolKafka.pm
+use SpoolTest;
+use SpoolKafka;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $node = spool_node('ingest_broker_outage');
+
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+# The spool holds exactly the offsets 0 .. high - 1 of each partition of
+# $topic once, the stored next offsets are the highs, and every seq in
+# @$seqs is there once with its key and value; plus the messages in
+# $extra (key => [partition, offset]) at their offsets, and those in
+# @$maybe (produce attempts that failed: a timed-out request may still have
+# been written) at most once.
+sub check_exact
+{
+	my ($kafka, $source, $topic, $nparts, $seqs, $extra, $maybe) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $n = 0;
+	for my $p (0 .. $nparts - 1)
+	{
+		my ($low, $high) = $kafka->wmarks($topic, $p);
+		$n += $high;
+	}
+	my $known = @$seqs + keys %$extra;
+	cmp_ok($n, '>=', $known,
+		"$topic holds the $known acknowledged messages ($n in all)");
+	cmp_ok($n - $known, '<=', scalar(@$maybe),
+		'... and at most the ' . scalar(@$maybe) . ' failed attempts besides');
+
+	poll_ok($node,
+		"SELECT count(*) >= $n FROM spool.entries WHERE source = '$source'",
+		"$source: $n entries in the spool");
+	poll_ok($node,
+		"SELECT coalesce(sum(next_offset), 0) = $n FROM spool.offsets WHERE source = '$source'",
+		"$source: stored next offsets to add up to $n");
+	is(sql("SELECT count(*) FROM spool.entries WHERE source = '$source'"),
+		$n, "$source: exactly $n entries");
+	is( sql(qq{SELECT count(*) FROM (SELECT 1 FROM spool.entries
+		WHERE source = '$source' GROUP BY topic, kafka_partition, kafka_offset
+		HAVING count(*) > 1) d}),
+		'0', "$source: no (topic, partition, offset) is in the spool twice");
+	my $sum = 0;
+	for my $p (0 .. $nparts - 1)
+	{
+		my ($low, $high) = $kafka->wmarks($topic, $p);
+		$sum += $high;
+		is( sql(qq{SELECT count(*) || ' ' || count(DISTINCT kafka_offset) || ' '
+			|| coalesce(min(kafka_offset), -1) || ' ' || coalesce(max(kafka_offset), -1)
+			FROM spool.entries WHERE source = '$source' AND kafka_partition = $p}),
+			"$high $high 0 " . ($high - 1),
+			"$source [$p]: offsets 0 .. " . ($high - 1) . ', each once (contiguous)');
+		is( sql(qq{SELECT next_offset FROM spool.offsets
+			WHERE source = '$source' AND topic = '$topic' AND kafka_partition = $p}),
+			$high, "$source [$p]: stored next_offset is the high watermark $high");
+	}
+	is($sum, $n, "$source: the high watermarks did not move while checking");
+	is( sql(qq{SELECT count(*) FROM (SELECT kafka_offset, lag(kafka_offset)
+		OVER (PARTITION BY topic, kafka_partition ORDER BY cursor) AS prev
+		FROM spool.entries WHERE source = '$source') x
+		WHERE kafka_offset <> prev + 1}),
+		'0', "$source: within a partition, cursor order is offset order, step 1");
+
+	my $list = join(',', @$seqs);
+	is( sql(qq{SELECT count(*) || ' ' || count(DISTINCT s) FROM (
+		SELECT (value->>'seq')::bigint AS s FROM spool.entries
+		 WHERE source = '$source' AND value ? 'seq') x}),
+		scalar(@$seqs) . ' ' . scalar(@$seqs), "$source: no seq twice");
+	is( sql(qq{SELECT count(*) FROM unnest('{$list}'::bigint[]) s
+		WHERE NOT EXISTS (SELECT 1 FROM spool.entries e WHERE e.source = '$source'
+		  AND (e.value->>'seq')::bigint = s
+		  AND e.key = convert_to('k' || s, 'UTF8')
+		  AND e.value->>'key' = 'k' || s
+		  AND (e.value->>'amount')::int = s % 1000
+		  AND e.kafka_partition = s % $nparts
+		  AND e.value->>'pad' ~ '^x+\$')}),
+		'0', "$source: every produced seq is there with its key, partition and value");
+	for my $k (sort keys %$extra)
+	{
+		my ($p, $off) = @{ $extra->{$k} };
+		is( sql(qq{SELECT encode(key, 'escape') || ' ' || value::text FROM spool.entries
+			WHERE source = '$source' AND kafka_partition = $p AND kafka_offset = $off}),
+			qq{$k {"during": "$k"}},
+			"$source: the message acknowledged during the outage ($k) is at [$p] $off");
+	}
+	my $maybe_list = join(',', map { "\"$_\"" } @$maybe);
+	is( sql(qq{SELECT count(*) FROM (SELECT value->>'during' AS k FROM spool.entries
+		WHERE source = '$source' AND value ? 'during'
+		  AND value->>'during' = ANY ('{$maybe_list}'::text[])) x}),
+		$n - $known, "$source: the failed attempts that the cluster kept are there once each");
+	is( sql(qq{SELECT count(*) FROM spool.entries WHERE source = '$source'
+		AND NOT value ? 'seq' AND NOT value ? 'during'}),
+		'0', "$source: no other entries");
+	is(sql("SELECT count(*) FROM spool.dead_letters WHERE source = '$source'"),
+		'0', "$source: no dead letters");
+	is(sql("SELECT count(*) FROM spool.gaps WHERE source = '$source'"),
+		'0', "$source: no gaps");
+}
+
+sub outage
+{
+	my ($nbrokers) = @_;
+	my $source = "out$nbrokers";
+	my $topic = "out${nbrokers}_t";
+	my $nparts = 4;
+	note "==== $nbrokers broker(s)";
+	# Produce attempts during the outage fail after 4 s.
+	my $kafka = SpoolKafka->start(
+		brokers => $nbrokers,
+		topics => ["$topic:$nparts"],
+		message_timeout => 4000);
+	my $bootstrap = $kafka->bootstrap;
+
+	sql(qq{SELECT spool.create_source('$source', '$bootstrap', ARRAY['$topic'],
+		'{"batch_size": 200, "batch_ms": 20,
+		  "kafka": {"reconnect.backoff.max.ms": 1000}}')});
+	sql("SELECT spool.start_source('$source')");
+	poll_ok($node,
+		"SELECT count(*) = $nparts FROM spool.source_status WHERE source = '$source' AND state = 'running'",
+		"$source to run");
+
+	my @seqs;
+	my $next_seq = 0;
+	my $produce = sub {
+		my ($n) = @_;
+		is($kafka->produce($topic, $n, -1, 200, $next_seq), "OK produced $n",
+			"produce seq $next_seq .. " . ($next_seq + $n - 1));
+		push @seqs, $next_seq .. $next_seq + $n - 1;
+		$next_seq += $n;
+	};
+
+	$produce->(3000);
+	poll_ok($node,
+		"SELECT count(*) = 3000 FROM spool.entries WHERE source = '$source'",
+		"$source to ingest the first 3000");
+	is( sql("SELECT count(*) FROM spool.source_status WHERE source = '$source'"
+		  . " AND state = 'running' AND last_error IS NULL"),
+		$nparts, "$source: running, no error before the outage");
+	my $worker_pid = sql(qq{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'});
+	like($worker_pid, qr/^\d+$/, "$source: one ingest worker ($worker_pid)");
+
+	my %extra;
+	my @maybe;
+	# Which broker leads which partitions?  The mock places leaders at
+	# random: time one message per partition with an added round trip.
+	my ($victim, @led);
+	for my $b (1 .. $nbrokers)
+	{
+		$kafka->cmd("rtt $b 700");
+		for my $p (0 .. $nparts - 1)
+		{
+			my $k = "probe${nbrokers}_${b}_$p";
+			my $t = time;
+			my $ans = $kafka->cmd(qq{produce_one $topic $p $k {"during": "$k"}});
+			push @led, $p if time - $t >= 0.6;
+			$extra{$k} = [ $p, $1 ] if $ans =~ /^OK produced 1 $p (\d+)$/;
+		}
+		$kafka->cmd("rtt $b 0");
+		if (@led) { $victim = $b; last; }
+	}
+	ok(defined $victim, "found a broker that leads partitions of $topic: "
+		  . ($victim // 'none') . " leads [@led]");
+	$victim //= 1;
+	@led = (0) unless @led;
+	my @live = grep { my $p = $_; !grep { $_ == $p } @led } 0 .. $nparts - 1;
+
+	# The outage.
+	my $t_down = sql('SELECT clock_timestamp()');
+	is($kafka->cmd("down $victim"), 'OK', "broker $victim down");
+	my $t0 = time;
+	my ($attempts, $acked, $failed) = (0, 0, 0);
+	my $saw_error = 0;
+	# Keep trying to produce, one message per partition in turn, for at
+	# least 6 s and at least once to a partition of each kind (an attempt
+	# on a downed leader fails after the message timeout).
+	my $error_sql = qq{SELECT count(*) > 0 FROM spool.source_status
+		WHERE source = '$source' AND state = 'error' AND last_error IS NOT NULL
+		  AND last_error_at >= '$t_down'};
+	# Each round tries the partitions of the live brokers first.
+	my @order = (@live, @led);
+	my ($tried_led, $tried_live) = (0, !@live);
+	while ($attempts < 12 && (time - $t0 < 6 || !$tried_led || !$tried_live))
+	{
+		my $p = $order[ $attempts % @order ];
+		$tried_led ||= grep { $_ == $p } @led;
+		$tried_live ||= grep { $_ == $p } @live;
+		my $k = "d${nbrokers}_$attempts";
+		my $ans = $kafka->cmd(qq{produce_one $topic $p $k {"during": "$k"}},
+			allow_error => 1);
+		$attempts++;
+		if ($ans =~ /^OK produced 1 $p (\d+)$/)
+		{
+			$extra{$k} = [ $p, $1 ];
+			$acked++;
+		}
+		else
+		{
+			note "produce during the outage: $ans";
+			push @maybe, $k;
+			$failed++;
+		}
+		$saw_error ||= sql($error_sql) eq 't';
+	}
+	note sprintf('%d produce attempts during %.1fs of outage: %d acknowledged, %d failed',
+		$attempts, time - $t0, $acked, $failed);
+	cmp_ok($failed, '>', 0, "producing to the partitions led by broker $victim failed");
+	if (@live)
+	{
+		my $n_live = grep { /^d/ } keys %extra;
+		cmp_ok($n_live, '>', 0, "messages to partitions [@live] were acknowledged during the outage");
+		poll_ok($node,
+			qq{SELECT count(*) = $n_live FROM spool.entries WHERE source = '$source'
+			    AND value->>'during' LIKE 'd%'},
+			"$source: the partitions [@live] of the live brokers to keep flowing during the outage");
+	}
+	# Give the status a little longer (bounded: the ingest worker refreshes
+	# it every second).
+	my $deadline = time + 5;
+	while (!$saw_error && time < $deadline)
+	{
+		usleep(200_000);
+		$saw_error = sql($error_sql) eq 't';
+	}
+	my ($state, $err) = split /\|/, sql(qq{SELECT state, coalesce(last_error, '(null)')
+		FROM spool.source_status WHERE source = '$source' LIMIT 1}), 2;
+	note sprintf('status after %.1fs of outage: %s: %s', time - $t0, $state, $err);
+	my $port = (split /,/, $bootstrap)[ $victim - 1 ];
+	$port =~ s/^127\.0\.0\.1://;
+  TODO:
+	{
+		local $TODO = 'the ingest worker does not report broker errors: librdkafka '
+		  . 'only logs them (no error_cb, rd_kafka_consumer_poll does not return them)';
+		ok($saw_error, "$source: source_status shows state 'error' with last_error"
+			  . " while broker $victim is down");
+		is($state, 'error', "$source: state is 'error' during the outage");
+		like($err, qr/127\.0\.0\.1:$port|broker|Disconnected|Connection refused|down/i,
+			"$source: last_error mentions the broker");
+	}
+	is(sql(qq{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'}),
+		$worker_pid, "$source: the ingest worker ($worker_pid) is still alive during the outage");
+
+	is($kafka->cmd("up $victim"), 'OK', "broker $victim up again");
+	# Until the cluster's producer has reconnected to it (bounded).
+	my $back = 0;
+	for my $i (1 .. 10)
+	{
+		my $k = "u${nbrokers}_$i";
+		my $ans = $kafka->cmd(qq{produce_one $topic $led[0] $k {"during": "$k"}},
+			allow_error => 1);
+		if ($ans =~ /^OK produced 1 $led[0] (\d+)$/)
+		{
+			$extra{$k} = [ $led[0], $1 ];
+			$back = 1;
+			last;
+		}
+		note "produce after up: $ans";
+		push @maybe, $k;
+	}
+	ok($back, "a message to partition $led[0] was acknowledged after the broker came back");
+	$produce->(3000);
+	$produce->(1000);
+
+	check_exact($kafka, $source, $topic, $nparts, \@seqs, \%extra, \@maybe);
+	poll_ok($node,
+		"SELECT count(*) = $nparts FROM spool.source_status WHERE source = '$source'"
+		  . " AND state = 'running' AND lag = 0",
+		"$source: state back to 'running' with lag 0");
+
+	sql("SELECT spool.stop_source('$source')");
+	poll_ok($node,
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'",
+		"$source: the ingest worker to stop");
+	$kafka->stop;
+}
+
+outage(1);
+outage(3);
+
+# Cursors over both sources are 1 .. N.
+my ($n, $min, $max) = split /\|/,
+  sql('SELECT count(*), min(cursor), max(cursor) FROM spool.entries');
+is("$min $max", "1 $n", "the $n cursors are 1 .. $n without holes");
+
+$node->stop;
+done_testing();
