@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include "access/heapam.h"
@@ -56,6 +57,7 @@ PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 
 #define STATUS_INTERVAL_MS	1000
 #define COMMIT_INTERVAL_MS	5000
+#define ERROR_QUIET_MS		15000	/* no error for this long: state back to running */
 #define KAFKA_CALL_TIMEOUT_MS 5000
 #define STAGING_NATTS		15
 
@@ -122,6 +124,42 @@ static int	find_part(const char *topic, int32 partition);
 static Staged *new_staged(int part, int64 offset, char kind);
 static void wait_until_promoted_stop(void);
 static void reassign_all(void);
+
+/*
+ * Errors librdkafka reports on its own threads (a broker down, a failed
+ * connection) are copied here under a mutex and taken over by the main
+ * loop: no PostgreSQL function may run on those threads.
+ */
+static pthread_mutex_t kafka_error_mutex = PTHREAD_MUTEX_INITIALIZER;
+static char kafka_error[512];
+static bool kafka_error_pending = false;
+
+static void
+kafka_error_cb(rd_kafka_t *handle, int err, const char *reason, void *opaque)
+{
+	pthread_mutex_lock(&kafka_error_mutex);
+	snprintf(kafka_error, sizeof(kafka_error), "%s: %s",
+			 rd_kafka_err2name((rd_kafka_resp_err_t) err), reason);
+	kafka_error_pending = true;
+	pthread_mutex_unlock(&kafka_error_mutex);
+}
+
+/* In the main loop: record an error librdkafka reported since the last call. */
+static void
+take_kafka_error(void)
+{
+	char		copy[512];
+	bool		pending;
+
+	pthread_mutex_lock(&kafka_error_mutex);
+	pending = kafka_error_pending;
+	if (pending)
+		strlcpy(copy, kafka_error, sizeof(copy));
+	kafka_error_pending = false;
+	pthread_mutex_unlock(&kafka_error_mutex);
+	if (pending)
+		set_error("%s", copy);
+}
 
 static void
 set_error(const char *fmt,...)
@@ -856,6 +894,11 @@ refresh_status(bool force)
 	int			lbs[1] = {1};
 	int			i;
 
+	take_kafka_error();
+	/* Errors stopped: the state is healthy again (last_error stays, with its time). */
+	if (strcmp(state, "error") == 0 && last_error_at != 0 &&
+		now - last_error_at > (int64) ERROR_QUIET_MS * 1000)
+		state = "running";
 	if (!force && now - last_status < (int64) STATUS_INTERVAL_MS * 1000)
 		return;
 	secs = last_status ? (double) (now - last_status) / 1000000.0 : 1.0;
@@ -1039,6 +1082,7 @@ spool_ingest_main(Datum main_arg)
 			ereport(ERROR,
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("invalid Kafka configuration: %s", errbuf)));
+		rd_kafka_conf_set_error_cb(conf, kafka_error_cb);
 		rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
 		if (rk == NULL)
 			ereport(ERROR,

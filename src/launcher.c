@@ -69,6 +69,7 @@ static void supervise_promoter(TimestampTz now);
 static void supervise_sources(TimestampTz now, bool refresh);
 static void reclaim_worker(int w, const char *why);
 static void stop_all_workers(void);
+static void reset_staging(void);
 
 void
 spool_register_launcher(void)
@@ -161,6 +162,8 @@ spool_launcher_main(Datum main_arg)
 			next_check = TimestampTzPlusMilliseconds(now, EXTENSION_CHECK_MS);
 			if (was && !installed)
 				stop_all_workers();
+			if (!was && installed)
+				reset_staging();
 		}
 		if (installed)
 		{
@@ -477,6 +480,36 @@ supervise_sources(TimestampTz now, bool refresh)
 			(void) track_start(t, &bgw, now);
 		}
 	}
+}
+
+/*
+ * Before this launcher starts any worker: empty both staging tables and
+ * reset the shared counters that describe them.  UNLOGGED tables survive a
+ * clean restart while shared memory does not; staged rows are not durable
+ * (their offsets were not stored), so the ingest workers read them from
+ * Kafka again, exactly as after a crash.  The exclusive locks wait for any
+ * worker of an earlier launcher still writing or promoting.
+ */
+static void
+reset_staging(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "emptying spool staging");
+	if (SPI_execute("LOCK TABLE spool.staging_0, spool.staging_1 IN ACCESS EXCLUSIVE MODE;"
+					" TRUNCATE spool.staging_0, spool.staging_1", false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not empty the staging tables");
+	pg_atomic_write_u64(&spool_shared->staged_msgs[0], 0);
+	pg_atomic_write_u64(&spool_shared->staged_msgs[1], 0);
+	pg_atomic_write_u64(&spool_shared->staged_other[0], 0);
+	pg_atomic_write_u64(&spool_shared->staged_other[1], 0);
+	pg_atomic_write_u32(&spool_shared->staging_active, 0);
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
 static void

@@ -246,16 +246,11 @@ sub outage
 	note sprintf('status after %.1fs of outage: %s: %s', time - $t0, $state, $err);
 	my $port = (split /,/, $bootstrap)[ $victim - 1 ];
 	$port =~ s/^127\.0\.0\.1://;
-  TODO:
-	{
-		local $TODO = 'the ingest worker does not report broker errors: librdkafka '
-		  . 'only logs them (no error_cb, rd_kafka_consumer_poll does not return them)';
-		ok($saw_error, "$source: source_status shows state 'error' with last_error"
-			  . " while broker $victim is down");
-		is($state, 'error', "$source: state is 'error' during the outage");
-		like($err, qr/127\.0\.0\.1:$port|broker|Disconnected|Connection refused|down/i,
-			"$source: last_error mentions the broker");
-	}
+	ok($saw_error, "$source: source_status shows state 'error' with last_error"
+		  . " while broker $victim is down");
+	is($state, 'error', "$source: state is 'error' during the outage");
+	like($err, qr/127\.0\.0\.1:$port|broker|Disconnected|Connection refused|down/i,
+		"$source: last_error mentions the broker");
 	is(sql(qq{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'}),
 		$worker_pid, "$source: the ingest worker ($worker_pid) is still alive during the outage");
 
