@@ -22,6 +22,7 @@ use FindBin;
 use lib "$FindBin::RealBin/..";    # SpoolTest.pm, SpoolKafka.pm
 use SpoolTest;
 use SpoolKafka;
+use SpoolIngest;
 use Test::More;
 
 my $kafka = SpoolKafka->start(
@@ -39,40 +40,7 @@ sub check_offsets_exact
 	my ($source, $topic, $nparts, $n) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
 
-	poll_ok($node,
-		"SELECT count(*) >= $n FROM spool.entries WHERE source = '$source'",
-		"$source: $n entries in the spool");
-	poll_ok($node,
-		"SELECT coalesce(sum(next_offset), 0) = $n FROM spool.offsets WHERE source = '$source'",
-		"$source: stored next offsets to add up to $n");
-	is(sql("SELECT count(*) FROM spool.entries WHERE source = '$source'"),
-		$n, "$source: exactly $n entries");
-	is( sql(qq{SELECT count(*) FROM (SELECT 1 FROM spool.entries
-		WHERE source = '$source' GROUP BY topic, kafka_partition, kafka_offset
-		HAVING count(*) > 1) d}),
-		'0', "$source: no (topic, partition, offset) is in the spool twice");
-	is(sql("SELECT count(*) FROM spool.entries WHERE source = '$source' AND topic <> '$topic'"),
-		'0', "$source: every entry is from topic $topic");
-	my $sum = 0;
-	for my $p (0 .. $nparts - 1)
-	{
-		my ($low, $high) = $kafka->wmarks($topic, $p);
-		$sum += $high;
-		is( sql(qq{SELECT count(*) || ' ' || count(DISTINCT kafka_offset) || ' '
-			|| coalesce(min(kafka_offset), -1) || ' ' || coalesce(max(kafka_offset), -1)
-			FROM spool.entries WHERE source = '$source' AND kafka_partition = $p}),
-			"$high $high 0 " . ($high - 1),
-			"$source [$p]: offsets 0 .. " . ($high - 1) . ', each once (contiguous)');
-		is( sql(qq{SELECT next_offset FROM spool.offsets
-			WHERE source = '$source' AND topic = '$topic' AND kafka_partition = $p}),
-			$high, "$source [$p]: stored next_offset is the high watermark $high");
-	}
-	is($sum, $n, "$source: the high watermarks add up to the $n produced messages");
-	is( sql(qq{SELECT count(*) FROM (SELECT kafka_offset, lag(kafka_offset)
-		OVER (PARTITION BY topic, kafka_partition ORDER BY cursor) AS prev
-		FROM spool.entries WHERE source = '$source') x
-		WHERE kafka_offset <> prev + 1}),
-		'0', "$source: within a partition, cursor order is offset order, step 1");
+	spool_partitions_exact($node, $kafka, $source, $topic, $nparts, $n);
 	is(sql("SELECT count(*) FROM spool.dead_letters WHERE source = '$source'"),
 		'0', "$source: no dead letters");
 	is(sql("SELECT count(*) FROM spool.gaps WHERE source = '$source'"),
