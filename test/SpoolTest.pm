@@ -20,7 +20,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time);
 
-our @EXPORT = qw(spool_node poll_ok start_pgbench finish_pgbench
+our @EXPORT = qw(spool_node poll_ok poll_within start_pgbench finish_pgbench
   wait_pid_gone wait_workers worker_row sql_list);
 
 # A node with spool_ext preloaded and created in database 'postgres'.
@@ -57,6 +57,24 @@ sub poll_ok
 }
 
 # Wait until process $pid is gone (from the OS and from pg_stat_activity).
+# poll_within($node, $secs, $query, $what): poll until $query returns 't',
+# at most $secs seconds; one ok() saying how long it took.  For waits with a
+# bound of their own (poll_ok uses the framework's default timeout).
+sub poll_within
+{
+	my ($node, $secs, $query, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $t0 = time;
+	my $got = '';
+	while (time - $t0 < $secs)
+	{
+		$got = $node->safe_psql('postgres', $query);
+		last if $got eq 't';
+		select(undef, undef, undef, 0.2);
+	}
+	return ok($got eq 't', sprintf('waited for %s (%.1fs)', $what, time - $t0));
+}
+
 sub wait_pid_gone
 {
 	my ($node, $pid, $what) = @_;

@@ -49,24 +49,17 @@ sub produce_one
 
 # poll_ok with a shorter bound (seconds) than the framework's default, for
 # waits that should take a few seconds; shows the source's state on failure.
-sub poll_within
+sub poll_source
 {
 	my ($secs, $query, $what, $source) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	my $t0 = time;
-	my $got = '';
-	while (time - $t0 < $secs)
-	{
-		$got = sql($query);
-		last if $got eq 't';
-		select(undef, undef, undef, 0.2);
-	}
-	ok($got eq 't', sprintf('waited for %s (%.1fs)', $what, time - $t0))
+	my $ok = poll_within($node, $secs, $query, $what);
+	$ok
 	  or diag "source $source: "
 	  . sql(qq{SELECT row_to_json(s)::text || ' ' || coalesce((SELECT row_to_json(o)::text
 		FROM spool.offsets o WHERE o.source = s.source), '')
 		FROM spool.source_status s WHERE source = '$source'});
-	return $got eq 't';
+	return $ok;
 }
 
 sub ingest_pid
@@ -323,7 +316,7 @@ ok( $node->log_contains(
 
 # Starting again accepts the gap.
 sql(q{SELECT spool.start_source('gs')});
-poll_within(60, qq{SELECT next_offset = $high_s FROM spool.offsets WHERE source = 'gs'},
+poll_source(60, qq{SELECT next_offset = $high_s FROM spool.offsets WHERE source = 'gs'},
 	"gs: ingestion to resume and reach $high_s", 'gs');
 check_after_hole('gs', $low_s, $high_s);
 is( sql(q{SELECT count(*) FROM spool.gaps WHERE source = 'gs'
@@ -354,7 +347,7 @@ poll_ok($node,
 	q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'spool ingest gc'},
 	'gc: the ingest worker to start');
 my $pid_c = ingest_pid('gc');
-my $continued = poll_within(60, qq{SELECT next_offset = $high_c FROM spool.offsets WHERE source = 'gc'},
+my $continued = poll_source(60, qq{SELECT next_offset = $high_c FROM spool.offsets WHERE source = 'gc'},
 	"gc: ingestion to continue past the hole to $high_c", 'gc');
 is( sql(q{SELECT topic || '|' || kafka_partition || '|' || from_offset || '|' || to_offset
 		|| '|' || action FROM spool.gaps WHERE source = 'gc'}),
@@ -377,7 +370,7 @@ SKIP:
 {
 skip 'gc did not get past the hole', 2 unless $continued;
 $kafka->cmd("produce gap_c 10 0 200 $high_c");
-poll_within(60,
+poll_source(60,
 	q{SELECT next_offset = } . ($high_c + 10) . q{ FROM spool.offsets WHERE source = 'gc'},
 	'gc: later messages are ingested', 'gc');
 is(sql(q{SELECT count(*) FROM spool.gaps WHERE source = 'gc'}), '1', 'gc: still one gap row');

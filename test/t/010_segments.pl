@@ -33,20 +33,6 @@ my $node = spool_node(
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
 # Bounded wait for $query to return 't'; returns success.
-sub wait_for
-{
-	my ($secs, $query, $what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	my $t0 = time;
-	my $got = '';
-	while (time - $t0 < $secs)
-	{
-		$got = sql($query);
-		last if $got eq 't';
-		select(undef, undef, undef, 0.2);
-	}
-	return ok($got eq 't', sprintf('waited for %s (%.1fs)', $what, time - $t0));
-}
 
 is(sql('SHOW spool.segment_size'), '100', 'spool.segment_size is 100');
 is(sql('SHOW spool.min_retention'), '0', 'spool.min_retention is 0');
@@ -72,7 +58,7 @@ sql(qq{SELECT spool.create_source('sg', '$bootstrap', ARRAY['seg'],
 	'{"batch_size": 64, "batch_ms": 5}')});
 sql(q{SELECT spool.start_source('sg')});
 $kafka->cmd("produce seg $total -1 200 0");
-wait_for(60, "SELECT count(*) = $total FROM spool.entries", "$total entries");
+poll_within($node, 60, "SELECT count(*) = $total FROM spool.entries", "$total entries");
 is(sql('SELECT min(cursor) || \' \' || max(cursor) FROM spool.entries'),
 	"1 $total", "cursors 1 .. $total");
 
@@ -158,7 +144,7 @@ check_partitions('after the ingest');
 
 # Committing c1 to 550 drops exactly the segments with max_cursor <= 550.
 is(sql(q{SELECT spool.commit_consumer('c1', 550)}), '550', 'c1 committed to 550');
-wait_for(30, q{SELECT count(*) = 5 FROM spool.segments WHERE state = 'dropped'},
+poll_within($node, 30, q{SELECT count(*) = 5 FROM spool.segments WHERE state = 'dropped'},
 	'retention to drop 5 segments');
 is( sql(q{SELECT string_agg(segment::text, ',' ORDER BY segment) FROM spool.segments
 		WHERE state = 'dropped'}),
@@ -180,7 +166,7 @@ check_partitions('after commit 550');
 
 # Without consumers every sealed segment goes, never the active one.
 is(sql(q{SELECT spool.drop_consumer('c1')}), 't', 'c1 dropped');
-wait_for(30, q{SELECT count(*) = 0 FROM spool.segments WHERE state = 'sealed'},
+poll_within($node, 30, q{SELECT count(*) = 0 FROM spool.segments WHERE state = 'sealed'},
 	'retention to drop every sealed segment');
 is( sql(q{SELECT string_agg(segment::text, ',' ORDER BY segment) FROM spool.segments
 		WHERE state = 'dropped'}),
@@ -195,7 +181,7 @@ check_partitions('without consumers');
 
 # Ingest goes on after the drops.
 $kafka->cmd("produce seg 100 -1 200 $total");
-wait_for(60, 'SELECT coalesce(max(cursor), 0) = ' . ($total + 100) . ' FROM spool.entries',
+poll_within($node, 60, 'SELECT coalesce(max(cursor), 0) = ' . ($total + 100) . ' FROM spool.entries',
 	'100 more entries');
 is( sql(q{SELECT state || ' ' || rows FROM spool.segments WHERE segment = } . ($nfull + 1)),
 	'sealed 100', 'the formerly active segment is now full and sealed')
