@@ -1021,17 +1021,30 @@ refresh_status(bool force)
 static void
 wait_until_promoted_stop(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1];
 	int			i;
 
 	for (i = 0; i < 600; i++)
 	{
-		bool		enabled = true;
-		List	   *a = NIL,
-				   *b = NIL,
-				   *c = NIL,
-				   *d = NIL;
+		bool		enabled;
+		bool		isnull;
 
-		enabled = load_source(&a, &b, &c, &d);
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		v[0] = CStringGetTextDatum(source_name);
+		if (SPI_execute_with_args("SELECT enabled FROM spool.sources WHERE name = $1",
+								  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read source \"%s\"", source_name);
+		enabled = SPI_processed == 1 &&
+			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		PopActiveSnapshot();
+		SPI_finish();
+		CommitTransactionCommand();
+		MemoryContextSwitchTo(cxt);
 		if (!enabled)
 			return;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

@@ -28,6 +28,7 @@
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -117,6 +118,7 @@ spool_launcher_main(Datum main_arg)
 	TimestampTz next_check = 0;
 	TimestampTz next_source_check = 0;
 	bool		installed = false;
+	MemoryContext loop_cxt;
 	int			w;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -141,11 +143,16 @@ spool_launcher_main(Datum main_arg)
 		if (spool_shared->workers[w].pid != 0)
 			reclaim_worker(w, "the launcher restarted");
 
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool launcher loop",
+									 ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
 		TimestampTz now;
 		int			rc;
 
+		/* Names and messages built in a pass are freed with it. */
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
@@ -191,6 +198,7 @@ spool_launcher_main(Datum main_arg)
 static bool
 extension_installed(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
 	bool		found;
 
 	SetCurrentStatementStartTimestamp();
@@ -200,6 +208,7 @@ extension_installed(void)
 	found = OidIsValid(get_extension_oid("spool_ext", true));
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return found;
 }
@@ -341,7 +350,12 @@ spool_exit_if_orphaned(void)
 static bool
 track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
 {
-	if (!RegisterDynamicBackgroundWorker(bgw, &t->handle))
+	/* The handle outlives the pass: allocate it where the loop reset cannot reach. */
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	bool		ok = RegisterDynamicBackgroundWorker(bgw, &t->handle);
+
+	MemoryContextSwitchTo(old);
+	if (!ok)
 	{
 		t->handle = NULL;
 		t->next_start = TimestampTzPlusMilliseconds(now, RESTART_BACKOFF_MIN_MS * 5);
@@ -402,6 +416,7 @@ supervise_promoter(TimestampTz now)
 static void
 supervise_sources(TimestampTz now, bool refresh)
 {
+	MemoryContext cxt = CurrentMemoryContext;
 	int			i;
 
 	if (refresh)
@@ -421,6 +436,7 @@ supervise_sources(TimestampTz now, bool refresh)
 			PopActiveSnapshot();
 			SPI_finish();
 			CommitTransactionCommand();
+			MemoryContextSwitchTo(cxt);
 			return;
 		}
 		if (SPI_execute("SELECT name FROM spool.sources WHERE enabled ORDER BY name",
@@ -450,6 +466,7 @@ supervise_sources(TimestampTz now, bool refresh)
 		PopActiveSnapshot();
 		SPI_finish();
 		CommitTransactionCommand();
+		MemoryContextSwitchTo(cxt);
 		pgstat_report_activity(STATE_IDLE, NULL);
 	}
 
@@ -493,6 +510,7 @@ supervise_sources(TimestampTz now, bool refresh)
 static void
 reset_staging(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
@@ -509,6 +527,7 @@ reset_staging(void)
 	PopActiveSnapshot();
 	SPI_finish();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
