@@ -2,6 +2,7 @@
 #
 #   use SpoolIngest;
 #   spool_partitions_exact($node, $kafka, $source, $topic, $nparts, $n);
+#   spool_seqs_match($node, $source, $nparts, $seqs_sql, $what);
 #
 # waits (bounded) until source $source has $n entries and stored offsets
 # adding up to $n, then asserts I-1 for every partition of $topic: the spool
@@ -16,7 +17,7 @@ use Exporter 'import';
 use SpoolTest;
 use Test::More;
 
-our @EXPORT = qw(spool_partitions_exact);
+our @EXPORT = qw(spool_partitions_exact spool_seqs_match);
 
 sub spool_partitions_exact
 {
@@ -57,6 +58,25 @@ sub spool_partitions_exact
 		WHERE kafka_offset <> prev + 1}),
 		'0', "$source: within a partition, cursor order is offset order, step 1");
 	return $sum;
+}
+
+# Every seq in the set $seqs_sql (a set-returning SQL expression, such as
+# generate_series(0, 99)) is in the spool with what the test Kafka cluster
+# produced for it: key k<seq>, partition seq % $nparts, and its JSON value.
+sub spool_seqs_match
+{
+	my ($node, $source, $nparts, $seqs_sql, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+
+	is( $node->safe_psql('postgres', qq{SELECT count(*) FROM $seqs_sql s
+		WHERE NOT EXISTS (SELECT 1 FROM spool.entries e WHERE e.source = '$source'
+		  AND (e.value->>'seq')::bigint = s
+		  AND e.key = convert_to('k' || s, 'UTF8')
+		  AND e.value->>'key' = 'k' || s
+		  AND (e.value->>'amount')::int = s % 1000
+		  AND e.kafka_partition = s % $nparts
+		  AND e.value->>'pad' ~ '^x+\$')}),
+		'0', $what);
 }
 
 1;

@@ -21,7 +21,7 @@ use Test::More;
 use Time::HiRes qw(time);
 
 our @EXPORT = qw(spool_node poll_ok poll_within start_pgbench finish_pgbench
-  wait_pid_gone wait_workers worker_row sql_list);
+  wait_pid_gone wait_workers worker_row sql_list crash_restart_ok);
 
 # A node with spool_ext preloaded and created in database 'postgres'.
 # %conf overrides or adds postgresql.conf settings (values verbatim).
@@ -73,6 +73,23 @@ sub poll_within
 		select(undef, undef, undef, 0.2);
 	}
 	return ok($got eq 't', sprintf('waited for %s (%.1fs)', $what, time - $t0));
+}
+
+# crash_restart_ok($node, $pid, $log_offset): after backend $pid was killed
+# with SIGKILL, wait for the server to accept connections again and assert
+# from the log (read from $log_offset) that the postmaster noticed the kill
+# and restarted every backend.
+sub crash_restart_ok
+{
+	my ($node, $pid, $log_offset) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+
+	poll_ok($node, 'SELECT true', 'the server to accept connections after the crash');
+	ok( $node->log_contains(
+			qr/server process \(PID $pid\) was terminated by signal 9/, $log_offset),
+		'the postmaster noticed the killed backend');
+	ok($node->log_contains(qr/all server processes terminated; reinitializing/, $log_offset),
+		'the whole server restarted');
 }
 
 sub wait_pid_gone

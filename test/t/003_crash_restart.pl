@@ -91,12 +91,7 @@ my $log_offset = -s $node->logfile;
 ok(kill('KILL', $victim), "kill -9 backend $victim");
 finish_pgbench($load);    # its clients lose their connections
 
-poll_ok($node, 'SELECT true', 'the server to accept connections after the crash');
-ok( $node->log_contains(
-		qr/server process \(PID $victim\) was terminated by signal 9/, $log_offset),
-	'the postmaster noticed the killed backend');
-ok($node->log_contains(qr/all server processes terminated; reinitializing/, $log_offset),
-	'the whole server restarted');
+crash_restart_ok($node, $victim, $log_offset);
 ok($node->log_contains(qr/automatic recovery in progress|redo done/, $log_offset),
 	'crash recovery ran');
 

@@ -24,6 +24,7 @@ use FindBin;
 use lib "$FindBin::RealBin/..";    # SpoolTest.pm, SpoolKafka.pm
 use SpoolTest;
 use SpoolKafka;
+use SpoolIngest;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
@@ -99,15 +100,8 @@ sub check_exact
 			"$what [$p]: offsets 0 .. " . ($high - 1) . ' once each, next_offset ' . $high);
 	}
 	is($sum, $n, "$what: the high watermarks add up to the $n produced messages");
-	is( sql(qq{SELECT count(*) FROM generate_series(0, $n - 1) s
-		WHERE NOT EXISTS (SELECT 1 FROM spool.entries e WHERE e.source = 'cr'
-		  AND (e.value->>'seq')::bigint = s
-		  AND e.key = convert_to('k' || s, 'UTF8')
-		  AND e.value->>'key' = 'k' || s
-		  AND (e.value->>'amount')::int = s % 1000
-		  AND e.kafka_partition = s % $nparts
-		  AND e.value->>'pad' ~ '^x+\$')}),
-		'0', "$what: every seq 0 .. " . ($n - 1) . ' is there with its key, partition and value');
+	spool_seqs_match($node, 'cr', $nparts, "generate_series(0, $n - 1)",
+		"$what: every seq 0 .. " . ($n - 1) . ' is there with its key, partition and value');
 	is( sql(q{SELECT count(*) - count(DISTINCT value->>'seq') FROM spool.entries
 		WHERE source = 'cr'}),
 		'0', "$what: no seq twice");
@@ -191,12 +185,7 @@ check_exact('warm-up');
 	ok(kill('KILL', $vpid), "kill -9 backend $vpid");
 	$victim->quit;
 
-	poll_ok($node, 'SELECT true', 'the server to accept connections after the crash');
-	ok( $node->log_contains(
-			qr/server process \(PID $vpid\) was terminated by signal 9/, $log_offset),
-		'the postmaster noticed the killed backend');
-	ok($node->log_contains(qr/all server processes terminated; reinitializing/, $log_offset),
-		'the whole server restarted');
+	crash_restart_ok($node, $vpid, $log_offset);
 
 	my $new = wait_worker('a new ingest worker after the crash', $pid);
 	isnt($new, $pid, "the ingest worker is a new process ($new)");
