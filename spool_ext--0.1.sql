@@ -401,6 +401,145 @@ COMMENT ON FUNCTION @extschema@.drop_consumer(text) IS
 'Unregister a consumer so it no longer holds segments back; false if there was none';
 
 ------------------------------------------------------------------------------
+-- Processors: replicated deterministic handlers over the spool
+------------------------------------------------------------------------------
+
+CREATE TYPE @extschema@.output AS (
+	target		text,
+	key			text,
+	payload		jsonb
+);
+
+CREATE TYPE @extschema@.step AS (
+	state		jsonb,
+	outputs		@extschema@.output[]
+);
+
+-- options holds the validated options with defaults filled in.
+CREATE TABLE @extschema@.processors (
+	name		text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,48}$'),
+	handler		regprocedure NOT NULL,
+	run_as		regrole NOT NULL,
+	owner		regrole NOT NULL,
+	options		jsonb NOT NULL,
+	enabled		boolean NOT NULL DEFAULT false,
+	created_at	timestamptz NOT NULL DEFAULT now()
+);
+
+-- The output gate.  The active replica's token is written here at takeover;
+-- every batch commit is a compare-and-set on (token, committed_cursor), in
+-- the transaction that writes the batch's outputs.  state is the latest
+-- snapshot (at state_cursor), from which a replica that starts replays.
+CREATE TABLE @extschema@.processor_checkpoints (
+	processor	text PRIMARY KEY REFERENCES @extschema@.processors ON DELETE CASCADE,
+	token		bigint NOT NULL DEFAULT 0,
+	committed_cursor bigint NOT NULL,
+	state		jsonb,
+	state_cursor bigint NOT NULL,
+	state_hash	bigint,
+	outputs		bigint NOT NULL DEFAULT 0,
+	batches		bigint NOT NULL DEFAULT 0,
+	updated_at	timestamptz NOT NULL DEFAULT now()
+) WITH (fillfactor = 50);
+
+-- The outbox: processor outputs (and, later, application rows).
+CREATE TABLE @extschema@.outbox_store (
+	id			bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	target		text NOT NULL CHECK (target <> ''),
+	key			text,
+	payload		jsonb,
+	barrier		boolean NOT NULL DEFAULT false,
+	processor	text,
+	cursor		bigint,
+	token		bigint,
+	created_at	timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE VIEW @extschema@.outbox AS
+	SELECT id, target, key, payload, barrier, processor, cursor, token, created_at,
+		   false AS delivered
+	  FROM @extschema@.outbox_store;
+
+CREATE FUNCTION @extschema@.create_processor(name text, handler regprocedure,
+											 options jsonb DEFAULT '{}')
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_create_processor'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.create_processor(text, regprocedure, jsonb) IS
+'Define a processor (created stopped; see start_processor); the handler and options are validated now';
+
+CREATE FUNCTION @extschema@.start_processor(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_start_processor'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.start_processor(text) IS
+'Enable a processor: the launcher starts its replicas';
+
+CREATE FUNCTION @extschema@.stop_processor(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_stop_processor'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.stop_processor(text) IS
+'Disable a processor: its replicas stop; the checkpoint and outputs stay';
+
+CREATE FUNCTION @extschema@.drop_processor(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_drop_processor'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.drop_processor(text) IS
+'Remove a processor and its checkpoint (its outbox rows stay); it no longer holds spool segments back';
+
+CREATE FUNCTION @extschema@.window_alert(state jsonb, entries @extschema@.entries[])
+RETURNS @extschema@.step
+AS 'MODULE_PATHNAME', 'spool_window_alert'
+LANGUAGE C STABLE;
+COMMENT ON FUNCTION @extschema@.window_alert(jsonb, @extschema@.entries[]) IS
+'Built-in handler: per-key windowed aggregate with a threshold alert (settings in state->''config'' or the processor''s handler options)';
+
+CREATE FUNCTION @extschema@.current_replica()
+RETURNS int
+AS 'MODULE_PATHNAME', 'spool_current_replica'
+LANGUAGE C STABLE;
+COMMENT ON FUNCTION @extschema@.current_replica() IS
+'Inside a processor replica: its replica number (1..replicas); NULL elsewhere';
+
+CREATE FUNCTION @extschema@.handler_settings()
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'spool_handler_settings'
+LANGUAGE C STABLE;
+COMMENT ON FUNCTION @extschema@.handler_settings() IS
+'Inside a processor replica: the processor''s options->''handler''; NULL elsewhere';
+
+CREATE FUNCTION @extschema@.processor_runtime(
+	OUT processor text, OUT replica int, OUT pid int, OUT role text,
+	OUT cursor bigint, OUT committed_cursor bigint,
+	OUT state_hash bigint, OUT state_hash_cursor bigint, OUT token bigint,
+	OUT takeovers bigint, OUT last_takeover_at timestamptz,
+	OUT last_takeover_ms float8, OUT entries bigint, OUT batches bigint,
+	OUT outputs bigint, OUT hash_checks bigint, OUT hash_mismatches bigint,
+	OUT errors bigint, OUT last_error text, OUT last_error_at timestamptz,
+	OUT started_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_processor_runtime'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.processor_runtime() IS
+'Internal: the processor replicas'' shared-memory state (see spool.processor_status)';
+
+CREATE VIEW @extschema@.processor_status AS
+	SELECT p.name AS processor, r.replica, r.pid,
+		   CASE WHEN NOT p.enabled THEN 'stopped'
+				ELSE coalesce(r.role, 'starting') END AS role,
+		   r.cursor, c.committed_cursor,
+		   greatest((SELECT next_cursor - 1 FROM @extschema@.spool_state) - r.cursor, 0) AS lag,
+		   r.state_hash, r.state_hash_cursor, r.token, r.takeovers,
+		   r.last_takeover_at, r.last_takeover_ms, r.entries, r.batches, r.outputs,
+		   r.hash_checks, r.hash_mismatches, r.errors, r.last_error, r.last_error_at,
+		   r.started_at, c.token AS gate_token, c.state_cursor AS snapshot_cursor
+	  FROM @extschema@.processors p
+	  LEFT JOIN @extschema@.processor_checkpoints c ON c.processor = p.name
+	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
+
+------------------------------------------------------------------------------
 -- Privileges: nothing to PUBLIC; clients get the lease and nonce API.
 ------------------------------------------------------------------------------
 
@@ -427,12 +566,23 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.drop_source(text),
 	@extschema@.register_consumer(text, bigint),
 	@extschema@.commit_consumer(text, bigint),
-	@extschema@.drop_consumer(text)
+	@extschema@.drop_consumer(text),
+	@extschema@.create_processor(text, regprocedure, jsonb),
+	@extschema@.start_processor(text),
+	@extschema@.stop_processor(text),
+	@extschema@.drop_processor(text),
+	@extschema@.processor_runtime()
 	TO spool_admin;
+GRANT EXECUTE ON FUNCTION
+	@extschema@.window_alert(jsonb, @extschema@.entries[]),
+	@extschema@.current_replica(),
+	@extschema@.handler_settings()
+	TO spool_admin, spool_client;
 GRANT EXECUTE ON FUNCTION @extschema@.read(bigint, int, interval) TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
-	@extschema@.consumers
+	@extschema@.consumers, @extschema@.processors, @extschema@.processor_checkpoints,
+	@extschema@.processor_status, @extschema@.outbox
 	TO spool_admin, spool_client;
 
 SELECT @extschema@._launcher_wakeup();

@@ -46,7 +46,7 @@ shared_preload_libraries = 'spool_ext'
 listen_addresses = ''
 unix_socket_directories = '$work'
 port = $port
-max_worker_processes = 16
+max_worker_processes = 32
 spool.database = 'postgres'
 $extra
 CONF

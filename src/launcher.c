@@ -32,6 +32,8 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "launcher.h"
+#include "processor.h"
 #include "spool.h"
 
 PGDLLEXPORT void spool_launcher_main(Datum main_arg);
@@ -44,16 +46,6 @@ PGDLLEXPORT void spool_launcher_main(Datum main_arg);
 #define SOURCE_CHECK_MS				1000
 #define MAX_SOURCES					256
 
-/* A dynamic worker the launcher keeps running. */
-typedef struct WorkerTrack
-{
-	char		name[NAMEDATALEN];	/* source name, for ingest workers */
-	BackgroundWorkerHandle *handle;
-	TimestampTz started_at;
-	TimestampTz next_start;
-	int			backoff_ms;
-	bool		wanted;
-} WorkerTrack;
 
 static WorkerTrack tracks[SPOOL_MAX_NONCE_WORKERS];
 static WorkerTrack promoter_track;
@@ -64,8 +56,6 @@ static void launcher_detach(int code, Datum arg);
 static bool extension_installed(void);
 static void supervise_worker(int w, TimestampTz now);
 static void start_worker(int w, TimestampTz now);
-static bool track_exited(WorkerTrack *t, TimestampTz now, const char *what);
-static bool track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now);
 static void supervise_promoter(TimestampTz now);
 static void supervise_sources(TimestampTz now, bool refresh);
 static void reclaim_worker(int w, const char *why);
@@ -149,6 +139,7 @@ spool_launcher_main(Datum main_arg)
 	{
 		TimestampTz now;
 		int			rc;
+		bool		refresh;
 
 		/* Names and messages built in a pass are freed with it. */
 		MemoryContextReset(loop_cxt);
@@ -175,8 +166,10 @@ spool_launcher_main(Datum main_arg)
 		if (installed)
 		{
 			supervise_promoter(now);
-			supervise_sources(now, now >= next_source_check);
-			if (now >= next_source_check)
+			refresh = now >= next_source_check;
+			supervise_sources(now, refresh);
+			spool_supervise_processors(now, refresh);
+			if (refresh)
 				next_source_check = TimestampTzPlusMilliseconds(now, SOURCE_CHECK_MS);
 			for (w = 0; w < spool_shared->nworkers; w++)
 				supervise_worker(w, now);
@@ -221,7 +214,7 @@ supervise_worker(int w, TimestampTz now)
 
 	if (t->handle != NULL)
 	{
-		if (track_exited(t, now, psprintf("spool nonce worker %d", w)))
+		if (spool_track_exited(t, now, psprintf("spool nonce worker %d", w)))
 			reclaim_worker(w, "it exited");
 		else
 		{
@@ -307,7 +300,7 @@ start_worker(int w, TimestampTz now)
 	spool_fill_worker(&bgw, "spool_nonce_worker_main", psprintf("spool nonce worker %d", w));
 	bgw.bgw_main_arg = Int64GetDatum(DatumGetInt64(bgw.bgw_main_arg) | w);
 	memcpy(bgw.bgw_extra, &generation, sizeof(uint32));
-	(void) track_start(t, &bgw, now);
+	(void) spool_track_start(t, &bgw, now);
 }
 
 /*
@@ -347,8 +340,8 @@ spool_exit_if_orphaned(void)
 	}
 }
 
-static bool
-track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
+bool
+spool_track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
 {
 	/* The handle outlives the pass: allocate it where the loop reset cannot reach. */
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -372,8 +365,8 @@ track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
  * If t's process has exited, forget it and schedule its restart: at once
  * after a healthy run, else with a backoff doubling from 1 s to 30 s.
  */
-static bool
-track_exited(WorkerTrack *t, TimestampTz now, const char *what)
+bool
+spool_track_exited(WorkerTrack *t, TimestampTz now, const char *what)
 {
 	pid_t		pid;
 	BgwHandleStatus status;
@@ -401,11 +394,11 @@ supervise_promoter(TimestampTz now)
 {
 	BackgroundWorker bgw;
 
-	(void) track_exited(&promoter_track, now, "spool promoter");
+	(void) spool_track_exited(&promoter_track, now, "spool promoter");
 	if (promoter_track.handle != NULL || now < promoter_track.next_start)
 		return;
 	spool_fill_worker(&bgw, "spool_promoter_main", "spool promoter");
-	(void) track_start(&promoter_track, &bgw, now);
+	(void) spool_track_start(&promoter_track, &bgw, now);
 }
 
 /*
@@ -475,7 +468,7 @@ supervise_sources(TimestampTz now, bool refresh)
 		WorkerTrack *t = &source_tracks[i];
 		char	   *what = psprintf("spool ingest %s", t->name);
 
-		(void) track_exited(t, now, what);
+		(void) spool_track_exited(t, now, what);
 		if (!t->wanted)
 		{
 			if (t->handle != NULL)
@@ -494,7 +487,7 @@ supervise_sources(TimestampTz now, bool refresh)
 
 			spool_fill_worker(&bgw, "spool_ingest_main", what);
 			strlcpy(bgw.bgw_extra, t->name, BGW_EXTRALEN);
-			(void) track_start(t, &bgw, now);
+			(void) spool_track_start(t, &bgw, now);
 		}
 	}
 }
@@ -552,4 +545,5 @@ stop_all_workers(void)
 	if (promoter_track.handle)
 		TerminateBackgroundWorker(promoter_track.handle);
 	promoter_track.handle = NULL;
+	spool_stop_processors();
 }

@@ -74,8 +74,6 @@ static bool fence_callback_registered = false;
 static LeaseRow lease_fetch(SPIPlanPtr plan, const char *resource);
 static bool lease_lock(const char *resource, LeaseRow *row);
 static bool lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row);
-static bool lease_extend(const char *resource, const char *owner,
-							   int64 token, int64 ttl_us, TimestampTz *expires);
 static void fence_xact_callback(XactEvent event, void *arg);
 static int	fence_terminate_holders(const char *resource, int64 token);
 static void lease_report_not_held(const char *resource, const char *owner,
@@ -201,8 +199,12 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 	return locked;
 }
 
-static bool
-lease_extend(const char *resource, const char *owner, int64 token,
+/*
+ * Renew a live lease held by owner with token; false when it is not.  The
+ * caller is connected to SPI.
+ */
+bool
+spool_lease_extend(const char *resource, const char *owner, int64 token,
 				   int64 ttl_us, TimestampTz *expires)
 {
 	Oid			t[4] = {TEXTOID, TEXTOID, INTERVALOID, INT8OID};
@@ -261,7 +263,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		/* Same owner, live lease: a renewal that keeps the token. */
 		if (row.live && same_owner(row.owner, owner))
 		{
-			if (lease_extend(resource, owner, row.token, ttl_us,
+			if (spool_lease_extend(resource, owner, row.token, ttl_us,
 								   &result.expires_at))
 			{
 				result.held = true;
@@ -285,7 +287,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		}
 		if (row.live && same_owner(row.owner, owner))
 		{
-			if (!lease_extend(resource, owner, row.token, ttl_us,
+			if (!spool_lease_extend(resource, owner, row.token, ttl_us,
 									&result.expires_at))
 				elog(ERROR, "could not renew locked lease \"%s\"", resource);
 			result.held = true;
@@ -565,7 +567,7 @@ spool_lease_renew(PG_FUNCTION_ARGS)
 	TimestampTz expires;
 
 	SPI_connect();
-	if (!lease_extend(resource, owner, token, ttl_us, &expires))
+	if (!spool_lease_extend(resource, owner, token, ttl_us, &expires))
 		lease_report_not_held(resource, owner, token, "renew");
 	SPI_finish();
 	PG_RETURN_TIMESTAMPTZ(expires);

@@ -33,7 +33,7 @@ void
 spool_shmem_request(void)
 {
 	RequestAddinShmemSpace(spool_shmem_size());
-	RequestNamedLWLockTranche("spool_ext", 1);
+	RequestNamedLWLockTranche("spool_ext", 2);
 }
 
 void
@@ -55,7 +55,10 @@ spool_shmem_startup(void)
 		int			i;
 
 		memset(base, 0, spool_shmem_size());
-		spool_shared->queue_lock = &(GetNamedLWLockTranche("spool_ext"))->lock;
+		spool_shared->queue_lock = &(GetNamedLWLockTranche("spool_ext"))[0].lock;
+		spool_shared->processor_lock = &(GetNamedLWLockTranche("spool_ext"))[1].lock;
+		for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
+			ConditionVariableInit(&spool_shared->processors[i].cv);
 		spool_shared->nworkers = spool_nonce_workers;
 		spool_shared->queue_size = spool_nonce_queue_size;
 		for (i = 0; i < SPOOL_MAX_NONCE_WORKERS; i++)

@@ -43,6 +43,9 @@
 #define SPOOL_OWNER_MAX		64
 #define SPOOL_FENCES_PER_BACKEND 4
 #define SPOOL_MAX_NONCE_WORKERS 64
+#define SPOOL_MAX_PROCESSORS 32
+#define SPOOL_MAX_REPLICAS	8
+#define SPOOL_PROC_NAME_MAX 48
 
 /* GUCs (guc.c) */
 extern char *spool_database;
@@ -119,6 +122,61 @@ typedef struct SpoolNonceWorkerSlot
 	TimestampTz started_at;
 } SpoolNonceWorkerSlot;
 
+typedef enum SpoolReplicaRole
+{
+	ROLE_NONE = 0,				/* no process */
+	ROLE_STARTING,				/* loading the checkpoint, replaying */
+	ROLE_STANDBY,				/* shadow: computes, emits nothing */
+	ROLE_ACTIVE					/* holds the output gate */
+} SpoolReplicaRole;
+
+/*
+ * One replica of a processor.  Written by the replica's own process (and
+ * cleared by its exit callback); read by spool.processor_status.
+ */
+typedef struct SpoolReplicaSlot
+{
+	pid_t		pid;
+	SpoolReplicaRole role;
+	int64		cursor;			/* state is as of this cursor */
+	int64		token;			/* gate token while active */
+	uint64		state_hash;
+	int64		state_hash_cursor;	/* -1: none yet */
+	uint64		takeovers;
+	TimestampTz last_takeover_at;
+	double		last_takeover_ms;
+	uint64		entries;
+	uint64		batches;
+	uint64		outputs;
+	uint64		hash_checks;
+	uint64		hash_mismatches;
+	uint64		errors;
+	bool		exit_error;		/* the last process exited on an error */
+	char		last_error[SPOOL_ERRMSG_MAX];
+	TimestampTz last_error_at;
+	TimestampTz started_at;
+} SpoolReplicaSlot;
+
+/*
+ * A processor the launcher runs.  The active replica publishes each commit
+ * (and its state snapshots) here and broadcasts cv, which the standbys wait
+ * on; an exiting active clears active_pid and broadcasts too, so a clean exit
+ * is noticed at once.
+ */
+typedef struct SpoolProcessorSlot
+{
+	bool		in_use;
+	char		name[NAMEDATALEN];
+	pid_t		active_pid;
+	TimestampTz active_gone_at; /* when the last active exited */
+	TimestampTz lease_expires_at;	/* of the active's lease, as last renewed */
+	int64		committed_cursor;
+	int64		snapshot_cursor;
+	uint64		snapshot_hash;
+	ConditionVariable cv;
+	SpoolReplicaSlot replicas[SPOOL_MAX_REPLICAS];
+} SpoolProcessorSlot;
+
 typedef struct SpoolShared
 {
 	LWLock	   *queue_lock;		/* guards requests and worker slots */
@@ -136,6 +194,8 @@ typedef struct SpoolShared
 	int			nworkers;
 	int			queue_size;
 	SpoolNonceWorkerSlot workers[SPOOL_MAX_NONCE_WORKERS];
+	LWLock	   *processor_lock; /* guards processors[] */
+	SpoolProcessorSlot processors[SPOOL_MAX_PROCESSORS];
 	/* followed by SpoolFenceSlot[MaxBackends] and SpoolNonceReq[queue_size] */
 } SpoolShared;
 
@@ -187,6 +247,8 @@ extern SpoolLease spool_lease_acquire_internal(const char *resource,
 extern void spool_fence_internal(const char *resource, int64 token,
 								 const char *owner, const char *signer);
 extern void spool_fence_register(const char *resource, int64 token);
+extern bool spool_lease_extend(const char *resource, const char *owner,
+							   int64 token, int64 ttl_us, TimestampTz *expires);
 extern char *spool_signer_resource(const char *signer);
 extern const char *spool_resource_signer(const char *resource);
 
@@ -210,5 +272,7 @@ extern bool spool_owner_is_stale_worker(const char *holder);
 extern void spool_fill_worker(BackgroundWorker *bgw, const char *function,
 							  const char *name);
 extern void spool_exit_if_orphaned(void);
+extern void spool_register_processor_worker(BackgroundWorker *bgw, int slot,
+											int replica, const char *name);
 
 #endif							/* SPOOL_H */

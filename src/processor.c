@@ -1,0 +1,1120 @@
+/*-------------------------------------------------------------------------
+ *
+ * processor.c
+ *	  A processor replica: a background worker that folds the spool through
+ *	  the processor's handler.  Every replica computes the same state; only
+ *	  the one holding the output gate (role active) commits outputs.
+ *
+ *	  The gate is a lease on 'processor:<name>' plus the checkpoint row.  At
+ *	  takeover the new active writes its token into the checkpoint row; each
+ *	  batch commits its outputs, the new committed cursor and (every
+ *	  checkpoint_every entries) a state snapshot in one transaction that
+ *	  fences the lease (FOR KEY SHARE) and compare-and-sets the checkpoint row
+ *	  on (token, committed_cursor).  A replica whose gate was taken fails the
+ *	  compare-and-set, rolls back and becomes a standby.
+ *
+ *	  Standbys ("shadow") apply the spool up to the committed cursor and no
+ *	  further, so at takeover the new active emits exactly the outputs after
+ *	  it.  An exiting active clears active_pid in shared memory and wakes the
+ *	  standbys; one of them takes the session advisory lock and then the
+ *	  lease (stealing it, since its holder is gone).  A stalled active keeps
+ *	  both until its lease expires.  See docs/processors.md.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/regproc.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "processor.h"
+#include "spool.h"
+#include "window_alert.h"
+
+PGDLLEXPORT void spool_processor_main(Datum main_arg);
+
+#define IDLE_SNAPSHOT_MS	1000	/* snapshot a changed state after this idle time */
+#define STANDBY_POLL_MS		250
+#define ADVISORY_KEY1		0x53504F4F	/* 'SPOO' */
+
+int			spool_current_replica_no = 0;
+
+/* The processor, as loaded at start. */
+static char proc_name[NAMEDATALEN];
+static Oid	handler_oid;
+static Oid	run_as;
+static ArrayType *sources;		/* NULL: every source */
+static int	batch_size;
+static int64 lease_ttl_ms;
+static int64 checkpoint_every;
+static Jsonb *handler_settings;
+static bool fast_path;			/* the handler is spool.window_alert */
+
+static int	my_slot;
+static int	my_replica;			/* 0-based */
+static SpoolProcessorSlot *ps;
+static SpoolReplicaSlot *rs;
+static char lease_resource[NAMEDATALEN + 16];
+static char lease_owner[NAMEDATALEN + 48];
+
+/* The state, as of cursor. */
+static MemoryContext state_cxt;
+static Jsonb *state;			/* generic handlers */
+static WAConfig *wa_config;		/* window_alert */
+static WAState *wa_state;
+static int64 cursor;
+
+/* The gate, while active. */
+static int64 token;
+static TimestampTz next_renew;
+static bool have_advisory;
+static TimestampTz takeover_from;	/* when the gate became free, for latency */
+static int64 since_snapshot;	/* entries applied since the last snapshot */
+static TimestampTz last_snapshot_at;
+static int64 last_checked_snapshot = -1;
+
+static SPIPlanPtr plan_read_entries = NULL;
+static SPIPlanPtr plan_read_rows = NULL;
+static SPIPlanPtr plan_spool_end = NULL;
+static SPIPlanPtr plan_fence = NULL;
+static SPIPlanPtr plan_commit = NULL;
+static SPIPlanPtr plan_outputs = NULL;
+static SPIPlanPtr plan_consumer = NULL;
+
+/* One batch read from the spool. */
+typedef struct Batch
+{
+	int			n;
+	int64		end;			/* cursor the batch brings the state to */
+	Datum		entries;		/* generic: spool.entries[] */
+	WAEntry    *wa;				/* fast path */
+} Batch;
+
+/* What applying a batch produced. */
+typedef struct StepResult
+{
+	Jsonb	   *state;			/* generic: the new state */
+	int			noutputs;
+	Datum		outputs;		/* spool.output[] */
+} StepResult;
+
+static void replica_detach(int code, Datum arg);
+static void load_processor(void);
+static void load_checkpoint(bool publish);
+static void state_reset(Jsonb *snapshot, int64 at);
+static int64 spool_end(void);
+static void read_batch(int64 after, int64 upto, Batch *b);
+static void apply_batch(Batch *b, StepResult *res, bool want_outputs);
+static void state_commit(StepResult *res, int64 end);
+static uint64 state_hash(Jsonb **as_jsonb);
+static bool active_step(void);
+static void standby_step(int64 target);
+static bool try_takeover(void);
+static void become_standby(const char *why);
+static bool renew_lease(void);
+static bool advisory_lock(bool take);
+static bool holder_gone(const char *holder);
+static void wait_for_work(void);
+static void record_error(void);
+static void check_snapshot_hash(void);
+
+Jsonb *
+spool_current_handler_settings(void)
+{
+	return spool_current_replica_no > 0 ? handler_settings : NULL;
+}
+
+/* ---------------------------------------------------------------------
+ * Start and exit
+ * ---------------------------------------------------------------------
+ */
+
+static void
+replica_detach(int code, Datum arg)
+{
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	if (rs->pid == MyProcPid)
+	{
+		rs->pid = 0;
+		rs->role = ROLE_NONE;
+	}
+	if (ps->active_pid == MyProcPid)
+	{
+		ps->active_pid = 0;
+		ps->active_gone_at = GetCurrentTimestamp();
+	}
+	LWLockRelease(spool_shared->processor_lock);
+	/* The standbys notice a clean exit at once. */
+	ConditionVariableBroadcast(&ps->cv);
+}
+
+void
+spool_processor_main(Datum main_arg)
+{
+	int64		arg = DatumGetInt64(main_arg);
+	MemoryContext loop_cxt;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
+
+	my_slot = (int) ((arg & 0xFFFF) >> 4);
+	my_replica = (int) (arg & 0xF);
+	strlcpy(proc_name, MyBgworkerEntry->bgw_extra, NAMEDATALEN);
+	ps = &spool_shared->processors[my_slot];
+	rs = &ps->replicas[my_replica];
+	spool_current_replica_no = my_replica + 1;
+	snprintf(lease_resource, sizeof(lease_resource), "processor:%s", proc_name);
+	snprintf(lease_owner, sizeof(lease_owner), "processor:%s/%d:%d",
+			 proc_name, my_replica + 1, MyProcPid);
+
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	if (!ps->in_use || strcmp(ps->name, proc_name) != 0)
+	{
+		LWLockRelease(spool_shared->processor_lock);
+		proc_exit(0);
+	}
+	rs->pid = MyProcPid;
+	rs->role = ROLE_STARTING;
+	rs->exit_error = false;
+	rs->token = 0;
+	rs->started_at = GetCurrentTimestamp();
+	LWLockRelease(spool_shared->processor_lock);
+	before_shmem_exit(replica_detach, (Datum) 0);
+
+	state_cxt = AllocSetContextCreate(TopMemoryContext, "spool processor state",
+									  ALLOCSET_DEFAULT_SIZES);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool processor loop",
+									 ALLOCSET_DEFAULT_SIZES);
+	PG_TRY();
+	{
+		load_processor();
+		load_checkpoint(true);
+	}
+	PG_CATCH();
+	{
+		record_error();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	rs->role = ROLE_STANDBY;
+	pgstat_report_appname(MyBgworkerEntry->bgw_name);
+
+	for (;;)
+	{
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+		CHECK_FOR_INTERRUPTS();
+		spool_exit_if_orphaned();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		PG_TRY();
+		{
+			if (rs->role == ROLE_ACTIVE)
+			{
+				if (GetCurrentTimestamp() >= next_renew && !renew_lease())
+					become_standby("its lease was lost");
+				else if (!active_step())
+					wait_for_work();
+			}
+			else
+			{
+				int64		committed;
+				int64		snap;
+
+				LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+				committed = ps->committed_cursor;
+				snap = ps->snapshot_cursor;
+				LWLockRelease(spool_shared->processor_lock);
+				/* Stop at the active's snapshot cursor to compare state hashes. */
+				if (snap > cursor && snap < committed)
+					committed = snap;
+				if (cursor < committed)
+					standby_step(committed);
+				else
+				{
+					check_snapshot_hash();
+					if (!try_takeover())
+						wait_for_work();
+				}
+			}
+		}
+		PG_CATCH();
+		{
+			record_error();
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+}
+
+/* Note the error for processor_status; the process then exits. */
+static void
+record_error(void)
+{
+	MemoryContext old = MemoryContextSwitchTo(ErrorContext);
+	ErrorData  *edata = CopyErrorData();
+
+	MemoryContextSwitchTo(old);
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	rs->errors++;
+	rs->exit_error = true;
+	rs->last_error_at = GetCurrentTimestamp();
+	snprintf(rs->last_error, SPOOL_ERRMSG_MAX, "at cursor " INT64_FORMAT ": %s",
+			 cursor, edata->message ? edata->message : "unknown error");
+	LWLockRelease(spool_shared->processor_lock);
+	FreeErrorData(edata);
+}
+
+static void
+begin_txn(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_txn(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Read the processor's definition; exit if it is gone or disabled. */
+static void
+load_processor(void)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1];
+	bool		isnull;
+	bool		enabled;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	Datum		d;
+	MemoryContext top;
+
+	begin_txn("loading processor");
+	v[0] = CStringGetTextDatum(proc_name);
+	if (SPI_execute_with_args("SELECT handler::oid, run_as::oid, enabled,"
+							  " (SELECT array_agg(s) FROM jsonb_array_elements_text("
+							  "    CASE jsonb_typeof(options->'sources') WHEN 'array'"
+							  "    THEN options->'sources' END) s),"
+							  " (options->>'batch_size')::int, (options->>'lease_ttl_ms')::bigint,"
+							  " (options->>'checkpoint_every')::bigint, options->'handler'"
+							  " FROM spool.processors WHERE name = $1",
+							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.processors");
+	if (SPI_processed == 0)
+	{
+		end_txn();
+		ereport(LOG, (errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
+		proc_exit(0);
+	}
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	enabled = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+	if (!enabled)
+	{
+		end_txn();
+		proc_exit(0);
+	}
+	top = MemoryContextSwitchTo(TopMemoryContext);
+	handler_oid = DatumGetObjectId(SPI_getbinval(tup, desc, 1, &isnull));
+	run_as = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
+	d = SPI_getbinval(tup, desc, 4, &isnull);
+	sources = isnull ? NULL : DatumGetArrayTypePCopy(d);
+	batch_size = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+	lease_ttl_ms = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+	checkpoint_every = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
+	d = SPI_getbinval(tup, desc, 8, &isnull);
+	handler_settings = isnull ? NULL : DatumGetJsonbPCopy(d);
+	fast_path = handler_oid == spool_window_alert_oid();
+	if (fast_path)
+		wa_config = spool_wa_parse_config(handler_settings);
+	MemoryContextSwitchTo(top);
+	end_txn();
+}
+
+/*
+ * Load the latest snapshot and its cursor (the state is replayed from
+ * there); with publish, also make the committed cursor known to the others.
+ */
+static void
+load_checkpoint(bool publish)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1];
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	Datum		d;
+	Jsonb	   *snap = NULL;
+	int64		committed;
+	int64		at;
+	int64		hash;
+	bool		hash_null;
+
+	begin_txn("loading checkpoint");
+	v[0] = CStringGetTextDatum(proc_name);
+	if (SPI_execute_with_args("SELECT committed_cursor, state, state_cursor, state_hash"
+							  " FROM spool.processor_checkpoints WHERE processor = $1",
+							  1, t, v, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "the checkpoint of processor \"%s\" is missing", proc_name);
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	committed = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	d = SPI_getbinval(tup, desc, 2, &isnull);
+	if (!isnull)
+	{
+		MemoryContext old = MemoryContextSwitchTo(state_cxt);
+
+		snap = DatumGetJsonbPCopy(d);
+		MemoryContextSwitchTo(old);
+	}
+	at = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+	hash = DatumGetInt64(SPI_getbinval(tup, desc, 4, &hash_null));
+	end_txn();
+
+	state_reset(snap, at);
+	if (publish)
+	{
+		LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+		if (committed > ps->committed_cursor)
+			ps->committed_cursor = committed;
+		if (!hash_null && at > ps->snapshot_cursor)
+		{
+			ps->snapshot_cursor = at;
+			ps->snapshot_hash = (uint64) hash;
+		}
+		LWLockRelease(spool_shared->processor_lock);
+	}
+}
+
+/* Replace the state with snapshot (NULL: the initial state) as of cursor at. */
+static void
+state_reset(Jsonb *snapshot, int64 at)
+{
+	if (fast_path)
+	{
+		if (wa_state)
+			spool_wa_state_free(wa_state);
+		wa_state = spool_wa_state_create(wa_config, snapshot, TopMemoryContext);
+	}
+	else
+	{
+		MemoryContext old = MemoryContextSwitchTo(state_cxt);
+
+		state = snapshot ? snapshot
+			: DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+		MemoryContextSwitchTo(old);
+	}
+	cursor = at;
+	rs->cursor = at;
+	since_snapshot = 0;
+	last_snapshot_at = GetCurrentTimestamp();
+}
+
+/* ---------------------------------------------------------------------
+ * Reading and applying batches
+ * ---------------------------------------------------------------------
+ */
+
+/* The last committed spool cursor (all entries up to it are visible). */
+static int64
+spool_end(void)
+{
+	bool		isnull;
+
+	spool_plan(&plan_spool_end, "SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1",
+			   0, NULL);
+	if (spool_exec(plan_spool_end, NULL, NULL, false, SPI_OK_SELECT) != 1)
+		elog(ERROR, "spool.spool_state is empty");
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * The entries of our sources in (after, upto], at most batch_size of them.
+ * The batch ends at upto unless it is full.  The caller is connected to SPI
+ * and upto is committed, so every entry up to it is visible.
+ */
+static void
+read_batch(int64 after, int64 upto, Batch *b)
+{
+	Oid			t[4] = {INT8OID, INT8OID, TEXTARRAYOID, INT4OID};
+	Datum		v[4];
+	char		nulls[4] = {' ', ' ', sources ? ' ' : 'n', ' '};
+	uint64		n;
+	uint64		i;
+	TupleDesc	desc;
+	bool		isnull;
+
+	v[0] = Int64GetDatum(after);
+	v[1] = Int64GetDatum(upto);
+	v[2] = PointerGetDatum(sources);
+	v[3] = Int32GetDatum(batch_size);
+	memset(b, 0, sizeof(Batch));
+	if (fast_path)
+	{
+		spool_plan(&plan_read_rows,
+				   "SELECT cursor, value, kafka_ts, source, kafka_partition, kafka_offset"
+				   " FROM spool.entries WHERE cursor > $1 AND cursor <= $2"
+				   " AND ($3::text[] IS NULL OR source = ANY ($3))"
+				   " ORDER BY cursor LIMIT $4", 4, t);
+		n = spool_exec(plan_read_rows, v, nulls, true, SPI_OK_SELECT);
+		desc = SPI_tuptable->tupdesc;
+		b->wa = palloc(sizeof(WAEntry) * Max(n, 1));
+		for (i = 0; i < n; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			WAEntry    *e = &b->wa[i];
+			Datum		d;
+
+			e->cursor = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			d = SPI_getbinval(tup, desc, 2, &isnull);
+			e->value = isnull ? NULL : DatumGetJsonbP(d);
+			d = SPI_getbinval(tup, desc, 3, &isnull);
+			e->has_ts = !isnull;
+			e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(d);
+			e->source = SPI_getvalue(tup, desc, 4);
+			e->kafka_partition = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+			e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+		}
+		b->n = (int) n;
+		b->end = (n == (uint64) batch_size) ? b->wa[n - 1].cursor : upto;
+		return;
+	}
+
+	spool_plan(&plan_read_entries,
+			   "SELECT e.cursor, e FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
+			   " AND ($3::text[] IS NULL OR e.source = ANY ($3))"
+			   " ORDER BY e.cursor LIMIT $4", 4, t);
+	n = spool_exec(plan_read_entries, v, nulls, true, SPI_OK_SELECT);
+	b->n = (int) n;
+	b->end = upto;
+	if (n > 0)
+	{
+		Datum	   *elems = palloc(sizeof(Datum) * n);
+		Oid			rowtype = SPI_gettypeid(SPI_tuptable->tupdesc, 2);
+		int64		last = 0;
+
+		for (i = 0; i < n; i++)
+		{
+			elems[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+			last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		b->entries = PointerGetDatum(construct_array(elems, (int) n, rowtype, -1, false,
+													 TYPALIGN_DOUBLE));
+		if (n == (uint64) batch_size)
+			b->end = last;
+	}
+}
+
+/*
+ * Run the handler over a non-empty batch, as the processor's role and in a
+ * read-only state (a handler computes; it must not write).  window_alert
+ * runs natively on the kept state; its outputs are built only if wanted.
+ */
+static void
+apply_batch(Batch *b, StepResult *res, bool want_outputs)
+{
+	Oid			save_user;
+	int			save_sec;
+	bool		save_ro = XactReadOnly;
+
+	memset(res, 0, sizeof(StepResult));
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	SetUserIdAndSecContext(run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	XactReadOnly = true;
+	if (fast_path)
+	{
+		WAOutputs	out = {0};
+		int			i;
+
+		for (i = 0; i < b->n; i++)
+			spool_wa_apply(wa_state, &b->wa[i], &out);
+		res->noutputs = out.n;
+		if (want_outputs && out.n > 0)
+		{
+			const char **targets = palloc(sizeof(char *) * out.n);
+
+			for (i = 0; i < out.n; i++)
+				targets[i] = spool_wa_target(wa_config);
+			res->outputs = spool_make_outputs(out.n, targets, out.keys, out.payloads);
+		}
+	}
+	else
+	{
+		FmgrInfo	flinfo;
+		LOCAL_FCINFO(fc, 2);
+		Datum		result;
+		HeapTupleHeader th;
+		bool		isnull;
+		Datum		d;
+
+		fmgr_info(handler_oid, &flinfo);
+		InitFunctionCallInfoData(*fc, &flinfo, 2, InvalidOid, NULL, NULL);
+		fc->args[0].value = JsonbPGetDatum(state);
+		fc->args[0].isnull = false;
+		fc->args[1].value = b->entries;
+		fc->args[1].isnull = false;
+		result = FunctionCallInvoke(fc);
+		if (fc->isnull)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("handler %s returned NULL", format_procedure(handler_oid)),
+					 errhint("Return a spool.step: (state, outputs).")));
+		th = DatumGetHeapTupleHeader(result);
+		d = GetAttributeByNum(th, 1, &isnull);
+		if (isnull)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("handler %s returned a NULL state", format_procedure(handler_oid)),
+					 errhint("Return the state unchanged, or '{}', never NULL.")));
+		res->state = DatumGetJsonbP(d);
+		d = GetAttributeByNum(th, 2, &isnull);
+		if (!isnull)
+		{
+			ArrayType  *arr = DatumGetArrayTypeP(d);
+
+			res->noutputs = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
+			res->outputs = PointerGetDatum(arr);
+		}
+	}
+	XactReadOnly = save_ro;
+	SetUserIdAndSecContext(save_user, save_sec);
+}
+
+/* After the batch's transaction committed: its state becomes ours. */
+static void
+state_commit(StepResult *res, int64 end)
+{
+	if (!fast_path && res->state)
+	{
+		MemoryContext old = MemoryContextSwitchTo(state_cxt);
+		Jsonb	   *copy = DatumGetJsonbPCopy(JsonbPGetDatum(res->state));
+
+		MemoryContextSwitchTo(old);
+		if (state)
+			pfree(state);
+		state = copy;
+	}
+	cursor = end;
+	rs->cursor = end;
+}
+
+/* Hash of the state as jsonb (equal states, equal hashes); optionally returns it. */
+static uint64
+state_hash(Jsonb **as_jsonb)
+{
+	Jsonb	   *j = fast_path ? spool_wa_state_to_jsonb(wa_state, NULL) : state;
+	uint64		h;
+
+	h = DatumGetUInt64(DirectFunctionCall2(jsonb_hash_extended, JsonbPGetDatum(j),
+										   Int64GetDatum(0)));
+	if (as_jsonb)
+		*as_jsonb = j;
+	return h;
+}
+
+/* ---------------------------------------------------------------------
+ * Active
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * One batch as the active replica: read, apply, and commit the outputs with
+ * the checkpoint under the gate.  Returns false when there was nothing to do.
+ */
+static bool
+active_step(void)
+{
+	Batch		b;
+	StepResult	res;
+	int64		end;
+	bool		snapshot;
+	Jsonb	   *snap = NULL;
+	uint64		hash = 0;
+	bool		ok;
+	bool		isnull;
+	Datum		v[8];
+	char		nulls[8];
+	Oid			ct[7] = {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID};
+	Oid			ot[4] = {0, TEXTOID, INT8OID, INT8OID};
+
+	begin_txn("processing");
+	end = spool_end();
+	snapshot = false;
+	if (end <= cursor)
+	{
+		/* Idle: snapshot a changed state so replicas can compare and restart from it. */
+		if (since_snapshot == 0 ||
+			!TimestampDifferenceExceeds(last_snapshot_at, GetCurrentTimestamp(), IDLE_SNAPSHOT_MS))
+		{
+			end_txn();
+			return false;
+		}
+		memset(&b, 0, sizeof(b));
+		b.end = cursor;
+		snapshot = true;
+	}
+	else
+		read_batch(cursor, end, &b);
+
+	memset(&res, 0, sizeof(res));
+	if (b.n > 0)
+		apply_batch(&b, &res, true);
+	if (since_snapshot + b.n >= checkpoint_every)
+		snapshot = true;
+	if (snapshot)
+	{
+		if (!fast_path && res.state)
+		{
+			Jsonb	   *keep = state;
+
+			state = res.state;
+			hash = state_hash(&snap);
+			state = keep;
+		}
+		else
+			hash = state_hash(&snap);
+	}
+
+	/* The fence: a newer grant of the lease waits for us, then rejects us. */
+	spool_plan(&plan_fence,
+			   "SELECT token = $2 AND expires_at > clock_timestamp()"
+			   " FROM spool.lease_store WHERE resource = $1 FOR KEY SHARE",
+			   2, (Oid[]) {TEXTOID, INT8OID});
+	v[0] = CStringGetTextDatum(lease_resource);
+	v[1] = Int64GetDatum(token);
+	ok = spool_exec(plan_fence, v, NULL, false, SPI_OK_SELECT) == 1 &&
+		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (ok)
+	{
+		spool_fence_register(lease_resource, token);
+		if (res.noutputs > 0)
+		{
+			ot[0] = get_array_type(ARR_ELEMTYPE(DatumGetArrayTypeP(res.outputs)));
+			spool_plan(&plan_outputs,
+					   "INSERT INTO spool.outbox_store (target, key, payload, processor, cursor, token)"
+					   " SELECT o.target, o.key, o.payload, $2, $3, $4 FROM unnest($1) o",
+					   4, ot);
+			v[0] = res.outputs;
+			v[1] = CStringGetTextDatum(proc_name);
+			v[2] = Int64GetDatum(b.end);
+			v[3] = Int64GetDatum(token);
+			spool_exec(plan_outputs, v, NULL, false, SPI_OK_INSERT);
+		}
+		/* The compare-and-set on the checkpoint row. */
+		spool_plan(&plan_commit,
+				   "UPDATE spool.processor_checkpoints SET committed_cursor = $3,"
+				   " outputs = outputs + $7, batches = batches + 1, updated_at = now(),"
+				   " state = CASE WHEN $5 IS NULL THEN state ELSE $5 END,"
+				   " state_cursor = CASE WHEN $5 IS NULL THEN state_cursor ELSE $3 END,"
+				   " state_hash = CASE WHEN $5 IS NULL THEN state_hash ELSE $6 END"
+				   " WHERE processor = $1 AND token = $2 AND committed_cursor = $4",
+				   7, ct);
+		memset(nulls, ' ', sizeof(nulls));
+		v[0] = CStringGetTextDatum(proc_name);
+		v[1] = Int64GetDatum(token);
+		v[2] = Int64GetDatum(b.end);
+		v[3] = Int64GetDatum(cursor);
+		v[4] = snap ? JsonbPGetDatum(snap) : (Datum) 0;
+		nulls[4] = snap ? ' ' : 'n';
+		v[5] = Int64GetDatum((int64) hash);
+		v[6] = Int32GetDatum(res.noutputs);
+		ok = spool_exec(plan_commit, v, nulls, false, SPI_OK_UPDATE) == 1;
+	}
+	if (!ok)
+	{
+		MemoryContext cxt = CurrentMemoryContext;
+
+		PopActiveSnapshot();
+		SPI_finish();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		if (fast_path && b.n > 0)
+			load_checkpoint(false); /* the native state already moved on */
+		become_standby("another replica holds the output gate");
+		return true;
+	}
+	if (snap)
+	{
+		v[0] = CStringGetTextDatum(psprintf("processor:%s", proc_name));
+		v[1] = Int64GetDatum(b.end);
+		spool_plan(&plan_consumer,
+				   "UPDATE spool.consumers SET committed_cursor = greatest(committed_cursor, $2),"
+				   " updated_at = now() WHERE name = $1",
+				   2, (Oid[]) {TEXTOID, INT8OID});
+		spool_exec(plan_consumer, v, NULL, false, SPI_OK_UPDATE);
+	}
+	end_txn();
+
+	state_commit(&res, b.end);
+	since_snapshot = snapshot ? 0 : since_snapshot + b.n;
+	if (snapshot)
+		last_snapshot_at = GetCurrentTimestamp();
+
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	ps->committed_cursor = b.end;
+	if (snapshot)
+	{
+		ps->snapshot_cursor = b.end;
+		ps->snapshot_hash = hash;
+		rs->state_hash = hash;
+		rs->state_hash_cursor = b.end;
+	}
+	rs->entries += b.n;
+	rs->batches++;
+	rs->outputs += res.noutputs;
+	LWLockRelease(spool_shared->processor_lock);
+	ConditionVariableBroadcast(&ps->cv);
+	return true;
+}
+
+/* ---------------------------------------------------------------------
+ * Standby
+ * ---------------------------------------------------------------------
+ */
+
+/* Apply one batch in shadow, up to target (a committed cursor); no outputs. */
+static void
+standby_step(int64 target)
+{
+	Batch		b;
+	StepResult	res;
+
+	begin_txn("following");
+	read_batch(cursor, target, &b);
+	memset(&res, 0, sizeof(res));
+	if (b.n > 0)
+		apply_batch(&b, &res, false);
+	state_commit(&res, b.end);
+	end_txn();
+	rs->entries += b.n;
+	rs->batches++;
+	if (rs->role == ROLE_STARTING)
+		rs->role = ROLE_STANDBY;
+}
+
+/*
+ * At the active's snapshot cursor, compare our state's hash with the
+ * snapshot's.  A mismatch means the handler is not deterministic: it is
+ * reported, and the standby adopts the active's snapshot so that a takeover
+ * does not emit outputs from a diverged state.
+ */
+static void
+check_snapshot_hash(void)
+{
+	int64		snap_cursor;
+	uint64		snap_hash;
+	uint64		mine;
+
+	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	snap_cursor = ps->snapshot_cursor;
+	snap_hash = ps->snapshot_hash;
+	LWLockRelease(spool_shared->processor_lock);
+	if (snap_cursor != cursor || snap_cursor == last_checked_snapshot || snap_cursor == 0)
+		return;
+	last_checked_snapshot = snap_cursor;
+	begin_txn("checking state hash");
+	mine = state_hash(NULL);
+	end_txn();
+
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	rs->state_hash = mine;
+	rs->state_hash_cursor = cursor;
+	rs->hash_checks++;
+	if (mine != snap_hash)
+	{
+		rs->hash_mismatches++;
+		rs->last_error_at = GetCurrentTimestamp();
+		snprintf(rs->last_error, SPOOL_ERRMSG_MAX,
+				 "state diverged from the active's at cursor " INT64_FORMAT
+				 " (hash " INT64_FORMAT ", active's " INT64_FORMAT "): the handler is not deterministic",
+				 cursor, (int64) mine, (int64) snap_hash);
+	}
+	LWLockRelease(spool_shared->processor_lock);
+	if (mine != snap_hash)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("processor \"%s\" replica %d diverged from the active replica at cursor " INT64_FORMAT,
+						proc_name, my_replica + 1, cursor),
+				 errdetail("State hash " INT64_FORMAT ", the active's snapshot " INT64_FORMAT ".",
+						   (int64) mine, (int64) snap_hash),
+				 errhint("Handlers must be deterministic: see docs/processors.md.  This replica now continues from the active's snapshot.")));
+		load_checkpoint(false);
+	}
+}
+
+/*
+ * Session advisory lock on the processor: held by the active replica, so
+ * that after a clean exit exactly one standby goes for the lease at once.
+ * Safety does not depend on it (the lease token does).
+ */
+static bool
+advisory_lock(bool take)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, ADVISORY_KEY1,
+						 hash_bytes((const unsigned char *) proc_name, strlen(proc_name)), 2);
+	if (take)
+		return LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL;
+	return LockRelease(&tag, ExclusiveLock, true);
+}
+
+/* A lease holder is gone when no replica of this processor runs with its pid. */
+static bool
+holder_gone(const char *holder)
+{
+	const char *colon = strrchr(holder, ':');
+	pid_t		pid;
+	bool		alive = false;
+	int			r;
+
+	if (strncmp(holder, "processor:", 10) != 0 || colon == NULL)
+		return false;
+	pid = (pid_t) atoi(colon + 1);
+	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
+		if (ps->replicas[r].pid == pid && pid != 0)
+			alive = true;
+	LWLockRelease(spool_shared->processor_lock);
+	return !alive;
+}
+
+/*
+ * As a caught-up standby: take the gate if it is free (no active, or its
+ * lease expired).  Returns true when we became the active replica.
+ */
+static bool
+try_takeover(void)
+{
+	pid_t		active;
+	TimestampTz expires;
+	TimestampTz gone_at;
+	TimestampTz now = GetCurrentTimestamp();
+	SpoolLease	lease;
+	bool		got_lock = false;
+	bool		isnull;
+	int64		committed = -1;
+	int			save_timeout;
+
+	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	active = ps->active_pid;
+	expires = ps->lease_expires_at;
+	gone_at = ps->active_gone_at;
+	LWLockRelease(spool_shared->processor_lock);
+	if (active != 0 && now < expires)
+		return false;
+
+	begin_txn("taking over");
+	if (!have_advisory)
+		have_advisory = got_lock = advisory_lock(true);
+	if (!have_advisory && active != 0 && now < expires)
+	{
+		end_txn();
+		return false;
+	}
+	lease = spool_lease_acquire_internal(lease_resource, lease_owner,
+										 lease_ttl_ms * 1000, holder_gone);
+	if (lease.held)
+	{
+		Oid			t[2] = {TEXTOID, INT8OID};
+		Datum		v[2];
+
+		/* Our token in the checkpoint row: from here on the old active's commits fail. */
+		v[0] = CStringGetTextDatum(proc_name);
+		v[1] = Int64GetDatum(lease.token);
+		save_timeout = LockTimeout;
+		LockTimeout = spool_lease_wait_timeout_ms;
+		PG_TRY();
+		{
+			if (SPI_execute_with_args("UPDATE spool.processor_checkpoints SET token = $2"
+									  " WHERE processor = $1 AND token <= $2"
+									  " RETURNING committed_cursor",
+									  2, t, v, NULL, false, 0) == SPI_OK_UPDATE_RETURNING &&
+				SPI_processed == 1)
+				committed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		PG_FINALLY();
+		{
+			LockTimeout = save_timeout;
+		}
+		PG_END_TRY();
+	}
+	if (committed < 0)
+	{
+		end_txn();
+		if (got_lock)
+		{
+			advisory_lock(false);
+			have_advisory = false;
+		}
+		return false;
+	}
+	end_txn();
+
+	token = lease.token;
+	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	ps->active_pid = MyProcPid;
+	ps->lease_expires_at = lease.expires_at;
+	if (committed > ps->committed_cursor)
+		ps->committed_cursor = committed;
+	rs->role = ROLE_ACTIVE;
+	rs->token = token;
+	if (lease.took_over)
+	{
+		rs->takeovers++;
+		rs->last_takeover_at = GetCurrentTimestamp();
+		/* From the old active's exit, or from its lease's expiry after a stall. */
+		takeover_from = (active == 0 && gone_at != 0) ? gone_at : expires;
+	}
+	LWLockRelease(spool_shared->processor_lock);
+	ereport(LOG,
+			(errmsg("processor \"%s\" replica %d is active with token " INT64_FORMAT " at cursor " INT64_FORMAT,
+					proc_name, my_replica + 1, token, committed)));
+
+	/* Outputs up to the committed cursor exist: catch up without emitting. */
+	if (committed < cursor)
+		load_checkpoint(false);
+	while (cursor < committed)
+	{
+		CHECK_FOR_INTERRUPTS();
+		standby_step(committed);
+	}
+	/* Takeover latency: from the gate becoming free to ready to commit. */
+	if (lease.took_over && takeover_from != 0)
+	{
+		LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+		rs->last_takeover_ms = (double) (GetCurrentTimestamp() - takeover_from) / 1000.0;
+		LWLockRelease(spool_shared->processor_lock);
+	}
+	return true;
+}
+
+static void
+become_standby(const char *why)
+{
+	ereport(LOG,
+			(errmsg("processor \"%s\" replica %d is now a standby: %s",
+					proc_name, my_replica + 1, why)));
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	if (ps->active_pid == MyProcPid)
+	{
+		ps->active_pid = 0;
+		ps->active_gone_at = GetCurrentTimestamp();
+	}
+	rs->role = ROLE_STANDBY;
+	rs->token = 0;
+	LWLockRelease(spool_shared->processor_lock);
+	token = 0;
+	if (have_advisory)
+	{
+		advisory_lock(false);
+		have_advisory = false;
+	}
+	ConditionVariableBroadcast(&ps->cv);
+}
+
+/* Renew the lease (every third of its TTL); false when it was lost. */
+static bool
+renew_lease(void)
+{
+	TimestampTz expires;
+	bool		ok;
+
+	begin_txn("renewing lease");
+	ok = spool_lease_extend(lease_resource, lease_owner, token, lease_ttl_ms * 1000, &expires);
+	if (ok && !have_advisory)
+		have_advisory = advisory_lock(true);
+	end_txn();
+	if (!ok)
+		return false;
+	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
+	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	ps->lease_expires_at = expires;
+	LWLockRelease(spool_shared->processor_lock);
+	return true;
+}
+
+/*
+ * Sleep until there may be work: the active waits for the promoter's next
+ * cursor, a standby for the active's next commit (or exit).  Both wake in
+ * time to renew the lease or to notice that it expired.
+ */
+static void
+wait_for_work(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		timeout;
+
+	if (rs->role == ROLE_ACTIVE)
+	{
+		timeout = Min(TimestampDifferenceMilliseconds(now, next_renew), IDLE_SNAPSHOT_MS);
+		if (pg_atomic_read_u64(&spool_shared->published_cursor) > (uint64) cursor)
+			return;
+		ConditionVariablePrepareToSleep(&spool_shared->spool_cv);
+		if (pg_atomic_read_u64(&spool_shared->published_cursor) <= (uint64) cursor)
+			(void) ConditionVariableTimedSleep(&spool_shared->spool_cv, Max(timeout, 1),
+											   PG_WAIT_EXTENSION);
+		ConditionVariableCancelSleep();
+	}
+	else
+	{
+		TimestampTz expires;
+		int64		committed;
+
+		LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+		expires = ps->lease_expires_at;
+		committed = ps->committed_cursor;
+		LWLockRelease(spool_shared->processor_lock);
+		if (committed > cursor)
+			return;
+		timeout = STANDBY_POLL_MS;
+		if (expires > now)
+			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, expires) + 1);
+		ConditionVariablePrepareToSleep(&ps->cv);
+		(void) ConditionVariableTimedSleep(&ps->cv, Max(timeout, 1), PG_WAIT_EXTENSION);
+		ConditionVariableCancelSleep();
+	}
+}

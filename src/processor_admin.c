@@ -1,0 +1,609 @@
+/*-------------------------------------------------------------------------
+ *
+ * processor_admin.c
+ *	  SQL functions that define and control processors: create_processor
+ *	  (validating the handler, its run-as role and every option),
+ *	  start_processor, stop_processor, drop_processor, and the runtime view
+ *	  behind spool.processor_status.  The launcher starts and stops the
+ *	  replicas; these functions change spool.processors and wake it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/regproc.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+#include "processor.h"
+#include "spool.h"
+#include "window_alert.h"
+
+PG_FUNCTION_INFO_V1(spool_create_processor);
+PG_FUNCTION_INFO_V1(spool_start_processor);
+PG_FUNCTION_INFO_V1(spool_stop_processor);
+PG_FUNCTION_INFO_V1(spool_drop_processor);
+PG_FUNCTION_INFO_V1(spool_processor_runtime);
+PG_FUNCTION_INFO_V1(spool_current_replica);
+PG_FUNCTION_INFO_V1(spool_handler_settings);
+
+static void bad_option(const char *msg, const char *hint) pg_attribute_noreturn();
+static void check_processor_name(const char *name);
+static void check_handler(Oid handler);
+static Oid	check_run_as(const char *run_as);
+static void check_sources(SpoolProcessorOptions *o);
+static char *processor_owner_check(const char *name);
+
+static void
+bad_option(const char *msg, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+			 errmsg("%s", msg),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+static void
+check_processor_name(const char *name)
+{
+	const char *p;
+
+	if (strlen(name) > SPOOL_PROC_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("processor name \"%s\" is too long", name),
+				 errdetail("At most %d bytes are allowed.", SPOOL_PROC_NAME_MAX)));
+	for (p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid processor name \"%s\"", name),
+					 errdetail("Processor names use letters, digits, '_', '.' and '-' only.")));
+}
+
+static int64
+option_int(JsonbValue *v, const char *what, int64 lo, int64 hi)
+{
+	char	   *s;
+	char	   *end;
+	int64		n;
+
+	if (v->type != jbvNumeric)
+		bad_option(psprintf("option \"%s\" must be a number", what), NULL);
+	s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+	errno = 0;
+	n = strtoll(s, &end, 10);
+	if (*end != '\0' || errno != 0 || n < lo || n > hi)
+		bad_option(psprintf("option \"%s\" must be an integer from " INT64_FORMAT " to " INT64_FORMAT,
+							what, lo, hi), NULL);
+	return n;
+}
+
+/* lease_ttl: an interval string ('2 s') or milliseconds. */
+static int64
+option_ttl_ms(JsonbValue *v)
+{
+	int64		ms;
+
+	if (v->type == jbvNumeric)
+		ms = option_int(v, "lease_ttl", 1, INT64CONST(86400000));
+	else if (v->type == jbvString)
+	{
+		Interval   *iv = DatumGetIntervalP(DirectFunctionCall3(interval_in,
+															   CStringGetDatum(pnstrdup(v->val.string.val,
+																						v->val.string.len)),
+															   ObjectIdGetDatum(InvalidOid),
+															   Int32GetDatum(-1)));
+
+		ms = (iv->time + (int64) iv->day * USECS_PER_DAY +
+			  (int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY) / 1000;
+	}
+	else
+		bad_option("option \"lease_ttl\" must be an interval such as '2 s', or milliseconds", NULL);
+	if (ms < 100)
+		bad_option("option \"lease_ttl\" must be at least 100 ms", NULL);
+	if (ms > (int64) spool_lease_max_ttl_s * 1000)
+		bad_option("option \"lease_ttl\" is longer than spool.lease_max_ttl", NULL);
+	return ms;
+}
+
+/*
+ * Parse and check processor options; unknown keys are rejected.  Handler
+ * settings live under "handler" and are checked with the handler.
+ */
+SpoolProcessorOptions *
+spool_parse_processor_options(Jsonb *options)
+{
+	SpoolProcessorOptions *o = palloc0(sizeof(SpoolProcessorOptions));
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	o->replicas = SPOOL_PROCESSOR_DEFAULT_REPLICAS;
+	o->batch_size = SPOOL_PROCESSOR_DEFAULT_BATCH;
+	o->lease_ttl_ms = SPOOL_PROCESSOR_DEFAULT_TTL_MS;
+	o->checkpoint_every = SPOOL_PROCESSOR_DEFAULT_CHECKPOINT;
+	o->start_cursor = -1;
+	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
+		bad_option("processor options must be a JSON object", "Pass '{}' for the defaults.");
+	it = JsonbIteratorInit(&options->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *key;
+
+		if (tok != WJB_KEY)
+			continue;
+		key = pnstrdup(k.val.string.val, k.val.string.len);
+		(void) JsonbIteratorNext(&it, &v, true);
+		if (strcmp(key, "sources") == 0)
+		{
+			JsonbIterator *ai;
+			JsonbValue	e;
+
+			if (v.type == jbvNull)
+				continue;
+			if (v.type != jbvBinary || !JsonContainerIsArray(v.val.binary.data) ||
+				JsonContainerSize(v.val.binary.data) == 0)
+				bad_option("option \"sources\" must be a non-empty array of source names",
+						   "Leave it out to read every source.");
+			o->sources = palloc(sizeof(char *) * JsonContainerSize(v.val.binary.data));
+			ai = JsonbIteratorInit(v.val.binary.data);
+			while ((tok = JsonbIteratorNext(&ai, &e, true)) != WJB_DONE)
+			{
+				if (tok != WJB_ELEM)
+					continue;
+				if (e.type != jbvString || e.val.string.len == 0)
+					bad_option("option \"sources\" must contain source names (strings)", NULL);
+				o->sources[o->nsources++] = pnstrdup(e.val.string.val, e.val.string.len);
+			}
+		}
+		else if (strcmp(key, "replicas") == 0)
+			o->replicas = option_int(&v, "replicas", 1, SPOOL_MAX_REPLICAS);
+		else if (strcmp(key, "batch_size") == 0)
+			o->batch_size = option_int(&v, "batch_size", 1, SPOOL_PROCESSOR_MAX_BATCH);
+		else if (strcmp(key, "lease_ttl") == 0)
+			o->lease_ttl_ms = option_ttl_ms(&v);
+		else if (strcmp(key, "checkpoint_every") == 0)
+			o->checkpoint_every = option_int(&v, "checkpoint_every", 1, INT64CONST(1000000000));
+		else if (strcmp(key, "start") == 0)
+		{
+			if (v.type == jbvString && v.val.string.len == 8 &&
+				strncmp(v.val.string.val, "earliest", 8) == 0)
+				o->start_cursor = -1;
+			else if (v.type == jbvString && v.val.string.len == 6 &&
+					 strncmp(v.val.string.val, "latest", 6) == 0)
+				o->start_cursor = -2;
+			else if (v.type == jbvNumeric)
+				o->start_cursor = option_int(&v, "start", 0, PG_INT64_MAX);
+			else
+				bad_option("option \"start\" must be \"earliest\", \"latest\" or a cursor", NULL);
+		}
+		else if (strcmp(key, "run_as") == 0)
+		{
+			if (v.type != jbvString || v.val.string.len == 0)
+				bad_option("option \"run_as\" must be a role name", NULL);
+			o->run_as = pnstrdup(v.val.string.val, v.val.string.len);
+		}
+		else if (strcmp(key, "handler") == 0)
+		{
+			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+				bad_option("option \"handler\" must be an object of handler settings", NULL);
+			o->handler = JsonbValueToJsonb(&v);
+		}
+		else
+			bad_option(psprintf("unknown processor option \"%s\"", key),
+					   "Options are sources, replicas, batch_size, lease_ttl, checkpoint_every, start, run_as and handler.");
+	}
+	return o;
+}
+
+/* The options with defaults filled in, as stored in spool.processors. */
+Jsonb *
+spool_processor_options_jsonb(SpoolProcessorOptions *o)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"sources\": ");
+	if (o->nsources == 0)
+		appendStringInfoString(&buf, "null");
+	else
+	{
+		appendStringInfoChar(&buf, '[');
+		for (i = 0; i < o->nsources; i++)
+		{
+			if (i)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, o->sources[i]);
+		}
+		appendStringInfoChar(&buf, ']');
+	}
+	appendStringInfo(&buf, ", \"replicas\": %d, \"batch_size\": %d, \"lease_ttl_ms\": " INT64_FORMAT
+					 ", \"checkpoint_every\": " INT64_FORMAT ", \"start\": ",
+					 o->replicas, o->batch_size, o->lease_ttl_ms, o->checkpoint_every);
+	if (o->start_cursor == -1)
+		appendStringInfoString(&buf, "\"earliest\"");
+	else if (o->start_cursor == -2)
+		appendStringInfoString(&buf, "\"latest\"");
+	else
+		appendStringInfo(&buf, INT64_FORMAT, o->start_cursor);
+	if (o->handler)
+		appendStringInfo(&buf, ", \"handler\": %s",
+						 JsonbToCString(NULL, &o->handler->root, VARSIZE(o->handler)));
+	appendStringInfoChar(&buf, '}');
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+Oid
+spool_window_alert_oid(void)
+{
+	Oid			nsp = get_namespace_oid("spool", false);
+	Oid			argtypes[2];
+	oidvector  *args;
+	Oid			entries_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+											   CStringGetDatum("entries"),
+											   ObjectIdGetDatum(nsp));
+
+	argtypes[0] = JSONBOID;
+	argtypes[1] = get_array_type(entries_type);
+	args = buildoidvector(argtypes, 2);
+	return GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid,
+						   CStringGetDatum("window_alert"), PointerGetDatum(args),
+						   ObjectIdGetDatum(nsp));
+}
+
+/* handler(state jsonb, entries spool.entries[]) RETURNS spool.step, a plain function. */
+static void
+check_handler(Oid handler)
+{
+	HeapTuple	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(handler));
+	Form_pg_proc p;
+	Oid			nsp = get_namespace_oid("spool", false);
+	Oid			step = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+									   CStringGetDatum("step"), ObjectIdGetDatum(nsp));
+	Oid			entries = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+										  CStringGetDatum("entries"), ObjectIdGetDatum(nsp));
+	const char *hint = "A handler is declared as handler(state jsonb, entries spool.entries[]) RETURNS spool.step.";
+
+	if (!HeapTupleIsValid(tup))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("handler function %u does not exist", handler)));
+	p = (Form_pg_proc) GETSTRUCT(tup);
+	if (p->prokind != PROKIND_FUNCTION || p->proretset ||
+		p->pronargs != 2 || p->prorettype != step ||
+		p->proargtypes.values[0] != JSONBOID ||
+		p->proargtypes.values[1] != get_array_type(entries))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("function %s cannot be a processor handler",
+						format_procedure(handler)),
+				 errhint("%s", hint)));
+	ReleaseSysCache(tup);
+}
+
+/*
+ * The role handlers run as: run_as, or the calling role.  Never a superuser
+ * unless explicitly named; a non-superuser may only name a role it belongs to.
+ */
+static Oid
+check_run_as(const char *run_as)
+{
+	Oid			caller = GetOuterUserId();
+	Oid			role = run_as ? get_role_oid(run_as, true) : caller;
+
+	if (!OidIsValid(role))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("role \"%s\" does not exist", run_as)));
+	if (run_as && !superuser_arg(caller) && !has_privs_of_role(caller, role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to run a processor as role \"%s\"", run_as),
+				 errdetail("Only members of a role may name it in run_as.")));
+	if (run_as == NULL && superuser_arg(role))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("a processor handler would run as superuser \"%s\"",
+						GetUserNameFromId(role, false)),
+				 errhint("Create the processor as a member of spool_admin that is not a superuser, or name an unprivileged role in options.run_as.")));
+	return role;
+}
+
+static void
+check_sources(SpoolProcessorOptions *o)
+{
+	int			i;
+	int			j;
+
+	for (i = 0; i < o->nsources; i++)
+	{
+		Oid			t[1] = {TEXTOID};
+		Datum		v[1] = {CStringGetTextDatum(o->sources[i])};
+
+		for (j = 0; j < i; j++)
+			if (strcmp(o->sources[i], o->sources[j]) == 0)
+				bad_option(psprintf("source \"%s\" is listed twice", o->sources[i]), NULL);
+		if (SPI_execute_with_args("SELECT 1 FROM spool.sources WHERE name = $1",
+								  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read spool.sources");
+		if (SPI_processed == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+					 errmsg("source \"%s\" does not exist", o->sources[i])));
+	}
+}
+
+/*
+ * SQL: spool.create_processor(name, handler, options) RETURNS void
+ */
+Datum
+spool_create_processor(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	Oid			handler;
+	SpoolProcessorOptions *o;
+	Oid			run_as;
+	Oid			t[5] = {TEXTOID, OIDOID, OIDOID, OIDOID, JSONBOID};
+	Datum		v[5];
+	Datum		cv[2];
+	Oid			ct[2] = {TEXTOID, INT8OID};
+	int64		start;
+	int			rc;
+
+	spool_require_shmem();
+	check_processor_name(name);
+	if (PG_ARGISNULL(1))
+		bad_option("handler must not be null", NULL);
+	handler = PG_GETARG_OID(1);
+	if (PG_ARGISNULL(2))
+		bad_option("options must not be null", "Pass '{}' for the defaults.");
+	o = spool_parse_processor_options(PG_GETARG_JSONB_P(2));
+
+	check_handler(handler);
+	run_as = check_run_as(o->run_as);
+	if (pg_proc_aclcheck(handler, run_as, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" may not execute handler %s",
+						GetUserNameFromId(run_as, false), format_procedure(handler)),
+				 errhint("GRANT EXECUTE on the handler to the role it runs as.")));
+	if (handler == spool_window_alert_oid())
+	{
+		if (o->handler == NULL)
+			bad_option("spool.window_alert needs its settings in options.handler",
+					   "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.");
+		(void) spool_wa_parse_config(o->handler);
+	}
+
+	SPI_connect();
+	check_sources(o);
+	if (o->start_cursor == -1)
+		start = 0;
+	else if (o->start_cursor == -2)
+	{
+		bool		isnull;
+
+		if (SPI_execute("SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1",
+						true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "could not read spool.spool_state");
+		start = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	else
+		start = o->start_cursor;
+
+	v[0] = CStringGetTextDatum(name);
+	v[1] = ObjectIdGetDatum(handler);
+	v[2] = ObjectIdGetDatum(run_as);
+	v[3] = ObjectIdGetDatum(GetOuterUserId());
+	v[4] = JsonbPGetDatum(spool_processor_options_jsonb(o));
+	rc = SPI_execute_with_args("INSERT INTO spool.processors (name, handler, run_as, owner, options)"
+							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+							   5, t, v, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "could not insert processor: %s", SPI_result_code_string(rc));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_DUPLICATE_OBJECT),
+				 errmsg("processor \"%s\" already exists", name)));
+	cv[0] = v[0];
+	cv[1] = Int64GetDatum(start);
+	if (SPI_execute_with_args("INSERT INTO spool.processor_checkpoints"
+							  " (processor, committed_cursor, state_cursor) VALUES ($1, $2, $2)",
+							  2, ct, cv, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert the processor checkpoint");
+	/* A spool consumer at its snapshot cursor: replay needs what follows it. */
+	if (SPI_execute_with_args("INSERT INTO spool.consumers (name, committed_cursor)"
+							  " VALUES ('processor:' || $1, $2)"
+							  " ON CONFLICT (name) DO UPDATE SET committed_cursor = $2, updated_at = now()",
+							  2, ct, cv, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not register the processor as a spool consumer");
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/*
+ * Check that processor name exists and the caller owns it (or is a
+ * superuser); the caller is connected to SPI.  Returns the name.
+ */
+static char *
+processor_owner_check(const char *name)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1] = {CStringGetTextDatum(name)};
+	bool		isnull;
+	Oid			owner;
+
+	if (SPI_execute_with_args("SELECT owner FROM spool.processors WHERE name = $1 FOR UPDATE",
+							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.processors");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("processor \"%s\" does not exist", name)));
+	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (!has_privs_of_role(GetOuterUserId(), owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be owner of processor \"%s\"", name)));
+	return (char *) name;
+}
+
+static void
+processor_update(FunctionCallInfo fcinfo, const char *sql)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1] = {CStringGetTextDatum(name)};
+
+	spool_require_shmem();
+	SPI_connect();
+	processor_owner_check(name);
+	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
+		elog(ERROR, "could not update processor \"%s\"", name);
+	SPI_finish();
+	spool_wake_launcher();
+}
+
+/* SQL: spool.start_processor(name) */
+Datum
+spool_start_processor(PG_FUNCTION_ARGS)
+{
+	processor_update(fcinfo, "UPDATE spool.processors SET enabled = true WHERE name = $1");
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.stop_processor(name) */
+Datum
+spool_stop_processor(PG_FUNCTION_ARGS)
+{
+	processor_update(fcinfo, "UPDATE spool.processors SET enabled = false WHERE name = $1");
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.drop_processor(name).  Its outbox rows stay. */
+Datum
+spool_drop_processor(PG_FUNCTION_ARGS)
+{
+	processor_update(fcinfo,
+					 "WITH c AS (DELETE FROM spool.consumers WHERE name = 'processor:' || $1)"
+					 " DELETE FROM spool.processors WHERE name = $1");
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.current_replica() */
+Datum
+spool_current_replica(PG_FUNCTION_ARGS)
+{
+	if (spool_current_replica_no <= 0)
+		PG_RETURN_NULL();
+	PG_RETURN_INT32(spool_current_replica_no);
+}
+
+/* SQL: spool.handler_settings() */
+Datum
+spool_handler_settings(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *s = spool_current_handler_settings();
+
+	if (s == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_JSONB_P(s);
+}
+
+static const char *
+role_name(SpoolReplicaRole role, pid_t pid)
+{
+	if (pid == 0)
+		return "down";
+	switch (role)
+	{
+		case ROLE_STARTING:
+			return "starting";
+		case ROLE_STANDBY:
+			return "standby";
+		case ROLE_ACTIVE:
+			return "active";
+		default:
+			return "down";
+	}
+}
+
+/* SQL: spool.processor_runtime(), one row per replica that has run. */
+Datum
+spool_processor_runtime(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+	int			r;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
+	{
+		SpoolProcessorSlot *ps = &spool_shared->processors[i];
+
+		if (!ps->in_use)
+			continue;
+		for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
+		{
+			SpoolReplicaSlot *rs = &ps->replicas[r];
+			Datum		v[21];
+			bool		n[21];
+
+			if (rs->started_at == 0 && rs->errors == 0)
+				continue;
+			memset(n, 0, sizeof(n));
+			v[0] = CStringGetTextDatum(ps->name);
+			v[1] = Int32GetDatum(r + 1);
+			v[2] = Int32GetDatum(rs->pid);
+			n[2] = rs->pid == 0;
+			v[3] = CStringGetTextDatum(role_name(rs->role, rs->pid));
+			v[4] = Int64GetDatum(rs->cursor);
+			v[5] = Int64GetDatum(ps->committed_cursor);
+			v[6] = Int64GetDatum((int64) rs->state_hash);
+			n[6] = rs->state_hash_cursor < 0;
+			v[7] = Int64GetDatum(rs->state_hash_cursor);
+			n[7] = rs->state_hash_cursor < 0;
+			v[8] = Int64GetDatum(rs->token);
+			n[8] = rs->role != ROLE_ACTIVE;
+			v[9] = Int64GetDatum((int64) rs->takeovers);
+			v[10] = TimestampTzGetDatum(rs->last_takeover_at);
+			n[10] = rs->last_takeover_at == 0;
+			v[11] = Float8GetDatum(rs->last_takeover_ms);
+			n[11] = rs->last_takeover_ms < 0;
+			v[12] = Int64GetDatum((int64) rs->entries);
+			v[13] = Int64GetDatum((int64) rs->batches);
+			v[14] = Int64GetDatum((int64) rs->outputs);
+			v[15] = Int64GetDatum((int64) rs->hash_checks);
+			v[16] = Int64GetDatum((int64) rs->hash_mismatches);
+			v[17] = Int64GetDatum((int64) rs->errors);
+			v[18] = CStringGetTextDatum(rs->last_error);
+			n[18] = rs->last_error[0] == '\0';
+			v[19] = TimestampTzGetDatum(rs->last_error_at);
+			n[19] = rs->last_error_at == 0;
+			v[20] = TimestampTzGetDatum(rs->started_at);
+			n[20] = rs->started_at == 0;
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
+		}
+	}
+	LWLockRelease(spool_shared->processor_lock);
+	return (Datum) 0;
+}

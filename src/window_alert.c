@@ -1,0 +1,1168 @@
+/*-------------------------------------------------------------------------
+ *
+ * window_alert.c
+ *	  spool.window_alert, the built-in handler: per key (a JSON path into the
+ *	  entry's value) aggregate a numeric path (sum, count, min, max) over a
+ *	  count window or an event-time tumbling or sliding window, and emit one
+ *	  output each time the aggregate crosses a threshold.  The alert re-arms
+ *	  when the condition stops holding (and, for tumbling windows, when a new
+ *	  window starts).  Semantics are documented in docs/processors.md.
+ *
+ *	  Called from SQL, the state travels as jsonb.  The processor worker
+ *	  keeps the native state (a hash table of keys) across batches instead and
+ *	  serialises it only for snapshots and state hashes; both paths run the
+ *	  same spool_wa_apply, so they cannot disagree.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "common/shortest_dec.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/hsearch.h"
+#include "utils/json.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/syscache.h"
+#include "utils/typcache.h"
+
+#include "spool.h"
+#include "processor.h"
+#include "window_alert.h"
+
+PG_FUNCTION_INFO_V1(spool_window_alert);
+
+#define WA_MAX_PATH		16
+#define WA_MAX_COUNT	100000
+#define WA_STATE_VERSION 1
+
+typedef enum WAAgg
+{
+	WA_SUM,
+	WA_COUNT,
+	WA_MIN,
+	WA_MAX
+} WAAgg;
+
+typedef enum WAKind
+{
+	WA_WINDOW_COUNT,
+	WA_WINDOW_TUMBLING,
+	WA_WINDOW_SLIDING
+} WAKind;
+
+typedef enum WAOp
+{
+	WA_GT,
+	WA_GE,
+	WA_LT,
+	WA_LE
+} WAOp;
+
+static const char *const agg_names[] = {"sum", "count", "min", "max"};
+static const char *const kind_names[] = {"count", "tumbling", "sliding"};
+static const char *const op_names[] = {">", ">=", "<", "<="};
+
+struct WAConfig
+{
+	char	   *key_path[WA_MAX_PATH];
+	int			key_depth;
+	char	   *value_path[WA_MAX_PATH];
+	int			value_depth;	/* 0: none (count) */
+	char	   *time_path[WA_MAX_PATH];
+	int			time_depth;		/* 0: kafka_ts */
+	WAAgg		agg;
+	WAKind		kind;
+	int64		size;			/* entries, or microseconds */
+	double		threshold;
+	WAOp		op;
+	char	   *target;
+};
+
+/* One value in a window: ts is the event time (us) or, for count windows, the cursor. */
+typedef struct WAItem
+{
+	int64		ts;
+	double		val;
+} WAItem;
+
+typedef struct WAKey
+{
+	char	   *key;			/* hash key: points at a copy in the state context */
+	bool		armed;
+	bool		open;			/* a window has started */
+	int64		mark;			/* tumbling: window start; sliding: watermark */
+	int64		n;
+	double		sum;
+	double		min;
+	double		max;
+	WAItem	   *items;			/* count and sliding windows, sorted by ts */
+	int			off;
+	int			nitems;
+	int			cap;
+} WAKey;
+
+struct WAState
+{
+	MemoryContext cxt;
+	WAConfig   *cfg;
+	HTAB	   *keys;
+	int64		skipped;		/* entries without a usable key, value or time */
+	int64		late;			/* entries older than their key's window */
+	StringInfoData buf;			/* scratch */
+};
+
+static void wa_error(const char *msg, const char *detail) pg_attribute_noreturn();
+static int	parse_path(JsonbValue *v, const char *what, char **path);
+static JsonbValue *lookup_path(Jsonb *doc, char *const *path, int depth, JsonbValue *res);
+static bool jsonb_number(JsonbValue *v, double *out);
+static bool entry_time(WAState *st, const WAEntry *e, int64 *ts);
+static void key_text(JsonbValue *v, StringInfo buf);
+static WAKey *key_enter(WAState *st, const char *key);
+static void window_add(WAState *st, WAKey *k, int64 ts, double val);
+static void window_recompute(WAKey *k);
+static double key_aggregate(WAState *st, WAKey *k);
+static bool condition_holds(WAConfig *cfg, double agg);
+static Jsonb *alert_payload(WAState *st, WAKey *k, double agg, const WAEntry *e);
+static void append_double(StringInfo buf, double d);
+static void append_time(StringInfo buf, int64 ts);
+static void load_key(WAState *st, const char *key, JsonbContainer *obj);
+
+static void
+wa_error(const char *msg, const char *detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+			 errmsg("window_alert: %s", msg),
+			 detail ? errdetail("%s", detail) : 0,
+			 errhint("See docs/processors.md for the window_alert settings.")));
+}
+
+/* ---------------------------------------------------------------------
+ * Settings
+ * ---------------------------------------------------------------------
+ */
+
+/* A path is "a.b.c" or ["a", "b", "c"]; returns its depth. */
+static int
+parse_path(JsonbValue *v, const char *what, char **path)
+{
+	int			depth = 0;
+
+	if (v->type == jbvString)
+	{
+		char	   *s = pnstrdup(v->val.string.val, v->val.string.len);
+		char	   *save = NULL;
+		char	   *part;
+
+		if (*s == '\0')
+			wa_error(psprintf("\"%s\" must not be empty", what), NULL);
+		if (s[0] == '.' || s[strlen(s) - 1] == '.' || strstr(s, "..") != NULL)
+			wa_error(psprintf("\"%s\" is not a valid path: \"%s\"", what, s),
+					 "Use dot-separated keys such as \"from.address\", or an array of keys.");
+		for (part = strtok_r(s, ".", &save); part; part = strtok_r(NULL, ".", &save))
+		{
+			if (depth == WA_MAX_PATH)
+				wa_error(psprintf("\"%s\" is nested too deeply", what), NULL);
+			path[depth++] = part;
+		}
+		return depth;
+	}
+	if (v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data))
+	{
+		JsonbIterator *it = JsonbIteratorInit(v->val.binary.data);
+		JsonbValue	elem;
+		JsonbIteratorToken tok;
+
+		while ((tok = JsonbIteratorNext(&it, &elem, true)) != WJB_DONE)
+		{
+			if (tok != WJB_ELEM)
+				continue;
+			if (elem.type != jbvString || elem.val.string.len == 0)
+				wa_error(psprintf("\"%s\" must be an array of non-empty strings", what), NULL);
+			if (depth == WA_MAX_PATH)
+				wa_error(psprintf("\"%s\" is nested too deeply", what), NULL);
+			path[depth++] = pnstrdup(elem.val.string.val, elem.val.string.len);
+		}
+		if (depth == 0)
+			wa_error(psprintf("\"%s\" must not be empty", what), NULL);
+		return depth;
+	}
+	wa_error(psprintf("\"%s\" must be a path: a string such as \"a.b\" or an array of keys", what),
+			 NULL);
+	return 0;					/* not reached */
+}
+
+static int
+name_index(JsonbValue *v, const char *what, const char *const *names, int n)
+{
+	int			i;
+
+	if (v->type == jbvString)
+		for (i = 0; i < n; i++)
+			if (strlen(names[i]) == v->val.string.len &&
+				strncmp(names[i], v->val.string.val, v->val.string.len) == 0)
+				return i;
+	{
+		StringInfoData allowed;
+
+		initStringInfo(&allowed);
+		for (i = 0; i < n; i++)
+			appendStringInfo(&allowed, "%s\"%s\"", i ? ", " : "", names[i]);
+		wa_error(psprintf("\"%s\" must be one of %s", what, allowed.data), NULL);
+	}
+	return -1;					/* not reached */
+}
+
+/* A window size for time windows: an interval string, or seconds. */
+static int64
+parse_duration(JsonbValue *v)
+{
+	if (v->type == jbvNumeric)
+	{
+		double		s;
+
+		if (!jsonb_number(v, &s) || s <= 0 || s > 366.0 * 86400)
+			wa_error("\"window.size\" must be a positive number of seconds, at most a year", NULL);
+		return (int64) (s * USECS_PER_SEC);
+	}
+	if (v->type == jbvString)
+	{
+		char	   *s = pnstrdup(v->val.string.val, v->val.string.len);
+		Interval   *iv;
+
+		iv = DatumGetIntervalP(DirectFunctionCall3(interval_in, CStringGetDatum(s),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
+		if (iv->month != 0)
+			wa_error("\"window.size\" must not use months or years",
+					 "Months have no fixed length; use days.");
+		if (iv->time + (int128) iv->day * USECS_PER_DAY <= 0 ||
+			iv->time + (int128) iv->day * USECS_PER_DAY > (int128) 366 * USECS_PER_DAY)
+			wa_error("\"window.size\" must be positive and at most 366 days", NULL);
+		return iv->time + (int64) iv->day * USECS_PER_DAY;
+	}
+	wa_error("\"window.size\" of a time window must be an interval such as '5 minutes', or seconds", NULL);
+	return 0;
+}
+
+/*
+ * Parse and check window_alert settings (an object).  Raises SP001 with the
+ * reason on any problem; used at create_processor time and at run time.
+ */
+WAConfig *
+spool_wa_parse_config(Jsonb *settings)
+{
+	WAConfig   *cfg = palloc0(sizeof(WAConfig));
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	bool		have_key = false,
+				have_window = false,
+				have_threshold = false,
+				have_target = false;
+
+	if (settings == NULL || !JB_ROOT_IS_OBJECT(settings) || JB_ROOT_IS_SCALAR(settings))
+		wa_error("settings must be a JSON object", NULL);
+	cfg->agg = WA_SUM;
+	cfg->op = WA_GE;
+	it = JsonbIteratorInit(&settings->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *name;
+
+		if (tok != WJB_KEY)
+			continue;
+		name = pnstrdup(k.val.string.val, k.val.string.len);
+		tok = JsonbIteratorNext(&it, &v, true);
+		if (strcmp(name, "key") == 0)
+		{
+			cfg->key_depth = parse_path(&v, "key", cfg->key_path);
+			have_key = true;
+		}
+		else if (strcmp(name, "value") == 0)
+			cfg->value_depth = parse_path(&v, "value", cfg->value_path);
+		else if (strcmp(name, "time") == 0)
+		{
+			if (v.type == jbvString && v.val.string.len == 8 &&
+				strncmp(v.val.string.val, "kafka_ts", 8) == 0)
+				cfg->time_depth = 0;
+			else
+				cfg->time_depth = parse_path(&v, "time", cfg->time_path);
+		}
+		else if (strcmp(name, "aggregate") == 0)
+			cfg->agg = name_index(&v, "aggregate", agg_names, lengthof(agg_names));
+		else if (strcmp(name, "op") == 0)
+			cfg->op = name_index(&v, "op", op_names, lengthof(op_names));
+		else if (strcmp(name, "threshold") == 0)
+		{
+			if (v.type != jbvNumeric || !jsonb_number(&v, &cfg->threshold))
+				wa_error("\"threshold\" must be a finite number", NULL);
+			have_threshold = true;
+		}
+		else if (strcmp(name, "target") == 0)
+		{
+			if (v.type != jbvString || v.val.string.len == 0 ||
+				v.val.string.len > SPOOL_NAME_MAX)
+				wa_error("\"target\" must be a non-empty string of at most 200 bytes", NULL);
+			cfg->target = pnstrdup(v.val.string.val, v.val.string.len);
+			have_target = true;
+		}
+		else if (strcmp(name, "window") == 0)
+		{
+			JsonbValue	wt;
+			JsonbValue	ws;
+			JsonbValue *p;
+
+			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+				wa_error("\"window\" must be an object such as {\"type\": \"count\", \"size\": 10}", NULL);
+			p = getKeyJsonValueFromContainer(v.val.binary.data, "type", 4, &wt);
+			if (p == NULL)
+				wa_error("\"window.type\" is missing", "Use \"count\", \"tumbling\" or \"sliding\".");
+			cfg->kind = name_index(&wt, "window.type", kind_names, lengthof(kind_names));
+			p = getKeyJsonValueFromContainer(v.val.binary.data, "size", 4, &ws);
+			if (p == NULL)
+				wa_error("\"window.size\" is missing", NULL);
+			if (cfg->kind == WA_WINDOW_COUNT)
+			{
+				double		n;
+
+				if (ws.type != jbvNumeric || !jsonb_number(&ws, &n) ||
+					n != floor(n) || n < 1 || n > WA_MAX_COUNT)
+					wa_error(psprintf("\"window.size\" of a count window must be an integer from 1 to %d",
+									  WA_MAX_COUNT), NULL);
+				cfg->size = (int64) n;
+			}
+			else
+				cfg->size = parse_duration(&ws);
+			if (JsonContainerSize(v.val.binary.data) != 2)
+				wa_error("\"window\" takes exactly \"type\" and \"size\"", NULL);
+			have_window = true;
+		}
+		else
+			wa_error(psprintf("unknown setting \"%s\"", name),
+					 "Settings are key, value, aggregate, window, time, threshold, op and target.");
+	}
+	if (!have_key)
+		wa_error("\"key\" is missing", "It is the path of the grouping key in the entry's value.");
+	if (!have_window)
+		wa_error("\"window\" is missing", NULL);
+	if (!have_threshold)
+		wa_error("\"threshold\" is missing", NULL);
+	if (!have_target)
+		wa_error("\"target\" is missing", "It names the outbox target of the alerts.");
+	if (cfg->value_depth == 0 && cfg->agg != WA_COUNT)
+		wa_error(psprintf("\"value\" is missing; aggregate \"%s\" needs it", agg_names[cfg->agg]), NULL);
+	if (cfg->time_depth > 0 && cfg->kind == WA_WINDOW_COUNT)
+		wa_error("\"time\" applies to time windows only", NULL);
+	return cfg;
+}
+
+const char *
+spool_wa_target(WAConfig *cfg)
+{
+	return cfg->target;
+}
+
+/* ---------------------------------------------------------------------
+ * Reading entries
+ * ---------------------------------------------------------------------
+ */
+
+static JsonbValue *
+lookup_path(Jsonb *doc, char *const *path, int depth, JsonbValue *res)
+{
+	JsonbContainer *c = &doc->root;
+	int			i;
+
+	if (JB_ROOT_IS_SCALAR(doc))
+		return NULL;
+	for (i = 0; i < depth; i++)
+	{
+		if (!JsonContainerIsObject(c))
+			return NULL;
+		if (getKeyJsonValueFromContainer(c, path[i], strlen(path[i]), res) == NULL)
+			return NULL;
+		if (i + 1 < depth)
+		{
+			if (res->type != jbvBinary)
+				return NULL;
+			c = res->val.binary.data;
+		}
+	}
+	return res;
+}
+
+/* A JSON number, or a string holding one; false unless finite. */
+static bool
+jsonb_number(JsonbValue *v, double *out)
+{
+	char	   *s;
+	char	   *end;
+	double		d;
+
+	if (v->type == jbvNumeric)
+	{
+		if (numeric_is_nan(v->val.numeric) || numeric_is_inf(v->val.numeric))
+			return false;
+		s = DatumGetCString(DirectFunctionCall1(numeric_out,
+												NumericGetDatum(v->val.numeric)));
+	}
+	else if (v->type == jbvString && v->val.string.len > 0 && v->val.string.len < 64)
+		s = pnstrdup(v->val.string.val, v->val.string.len);
+	else
+		return false;
+	errno = 0;
+	d = strtod(s, &end);
+	if (end == s || *end != '\0' || !isfinite(d))
+		return false;
+	*out = d;
+	return true;
+}
+
+/* Unix epoch in PostgreSQL timestamps (microseconds). */
+#define UNIX_EPOCH_US ((int64) (UNIX_EPOCH_JDATE - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY)
+
+/* The entry's event time: kafka_ts, or a path holding epoch seconds or a timestamp string. */
+static bool
+entry_time(WAState *st, const WAEntry *e, int64 *ts)
+{
+	WAConfig   *cfg = st->cfg;
+	JsonbValue	v;
+	double		secs;
+
+	if (cfg->time_depth == 0)
+	{
+		if (!e->has_ts)
+			return false;
+		*ts = e->kafka_ts;
+		return true;
+	}
+	if (e->value == NULL || lookup_path(e->value, cfg->time_path, cfg->time_depth, &v) == NULL)
+		return false;
+	if (v.type == jbvNumeric)
+	{
+		if (!jsonb_number(&v, &secs) || fabs(secs) > 1e11)
+			return false;
+		*ts = (int64) llround(secs * USECS_PER_SEC) + UNIX_EPOCH_US;
+		return true;
+	}
+	if (v.type == jbvString && v.val.string.len < MAXDATELEN)
+	{
+		char		workbuf[MAXDATELEN + 1];
+		char	   *field[MAXDATEFIELDS];
+		int			ftype[MAXDATEFIELDS];
+		int			nf;
+		int			dtype;
+		struct pg_tm tt;
+		fsec_t		fsec;
+		int			tz;
+		char	   *s = pnstrdup(v.val.string.val, v.val.string.len);
+
+		/* Parse without raising: a bad timestamp skips the entry. */
+		if (ParseDateTime(s, workbuf, sizeof(workbuf), field, ftype,
+						  MAXDATEFIELDS, &nf) != 0 ||
+			DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) != 0 ||
+			dtype != DTK_DATE ||
+			tm2timestamp(&tt, fsec, &tz, ts) != 0)
+			return false;
+		return true;
+	}
+	return false;
+}
+
+/* The grouping key as text: strings as they are, other values as JSON. */
+static void
+key_text(JsonbValue *v, StringInfo buf)
+{
+	resetStringInfo(buf);
+	switch (v->type)
+	{
+		case jbvString:
+			appendBinaryStringInfo(buf, v->val.string.val, v->val.string.len);
+			break;
+		case jbvNumeric:
+			appendStringInfoString(buf, DatumGetCString(DirectFunctionCall1(numeric_out,
+																			NumericGetDatum(v->val.numeric))));
+			break;
+		case jbvBool:
+			appendStringInfoString(buf, v->val.boolean ? "true" : "false");
+			break;
+		case jbvBinary:
+			appendStringInfoString(buf, JsonbToCString(NULL, v->val.binary.data, v->val.binary.len));
+			break;
+		default:
+			break;
+	}
+}
+
+/* ---------------------------------------------------------------------
+ * State
+ * ---------------------------------------------------------------------
+ */
+
+static uint32
+key_hash(const void *key, Size keysize)
+{
+	const char *s = *(char *const *) key;
+
+	return hash_bytes((const unsigned char *) s, strlen(s));
+}
+
+static int
+key_match(const void *a, const void *b, Size keysize)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static WAKey *
+key_enter(WAState *st, const char *key)
+{
+	bool		found;
+	WAKey	   *k = hash_search(st->keys, &key, HASH_ENTER, &found);
+
+	if (!found)
+	{
+		char	   *copy = MemoryContextStrdup(st->cxt, key);
+
+		memset(k, 0, sizeof(WAKey));
+		k->key = copy;
+		k->armed = true;
+	}
+	return k;
+}
+
+/*
+ * A state for cfg, loaded from a jsonb state (NULL or {} for a fresh one),
+ * in its own memory context under parent.
+ */
+WAState *
+spool_wa_state_create(WAConfig *cfg, Jsonb *state, MemoryContext parent)
+{
+	MemoryContext cxt = AllocSetContextCreate(parent, "window_alert state",
+											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	WAState    *st = palloc0(sizeof(WAState));
+	HASHCTL		ctl;
+	JsonbValue	v;
+
+	st->cxt = cxt;
+	st->cfg = cfg;
+	initStringInfo(&st->buf);
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(char *);
+	ctl.entrysize = sizeof(WAKey);
+	ctl.hash = key_hash;
+	ctl.match = key_match;
+	ctl.hcxt = cxt;
+	st->keys = hash_create("window_alert keys", 1024, &ctl,
+						   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+
+	if (state != NULL && JB_ROOT_IS_OBJECT(state) && !JB_ROOT_IS_SCALAR(state))
+	{
+		double		d;
+
+		if (getKeyJsonValueFromContainer(&state->root, "skipped", 7, &v) &&
+			jsonb_number(&v, &d))
+			st->skipped = (int64) d;
+		if (getKeyJsonValueFromContainer(&state->root, "late", 4, &v) &&
+			jsonb_number(&v, &d))
+			st->late = (int64) d;
+		if (getKeyJsonValueFromContainer(&state->root, "keys", 4, &v) &&
+			v.type == jbvBinary && JsonContainerIsObject(v.val.binary.data))
+		{
+			JsonbIterator *it = JsonbIteratorInit(v.val.binary.data);
+			JsonbValue	kv;
+			JsonbValue	val;
+			JsonbIteratorToken tok;
+
+			while ((tok = JsonbIteratorNext(&it, &kv, true)) != WJB_DONE)
+			{
+				char	   *key;
+
+				if (tok != WJB_KEY)
+					continue;
+				key = pnstrdup(kv.val.string.val, kv.val.string.len);
+				tok = JsonbIteratorNext(&it, &val, true);
+				if (val.type != jbvBinary || !JsonContainerIsObject(val.val.binary.data))
+					wa_error(psprintf("state for key \"%s\" is not an object", key), NULL);
+				load_key(st, key, val.val.binary.data);
+			}
+		}
+	}
+	MemoryContextSwitchTo(old);
+	return st;
+}
+
+static double
+field_number(JsonbContainer *obj, const char *name, double dflt)
+{
+	JsonbValue	v;
+	double		d;
+
+	if (getKeyJsonValueFromContainer(obj, name, strlen(name), &v) && jsonb_number(&v, &d))
+		return d;
+	return dflt;
+}
+
+static void
+load_key(WAState *st, const char *key, JsonbContainer *obj)
+{
+	WAKey	   *k = key_enter(st, key);
+	JsonbValue	v;
+
+	if (getKeyJsonValueFromContainer(obj, "armed", 5, &v) && v.type == jbvBool)
+		k->armed = v.val.boolean;
+	k->open = getKeyJsonValueFromContainer(obj, "mark", 4, &v) != NULL;
+	k->mark = (int64) field_number(obj, "mark", 0);
+	k->n = (int64) field_number(obj, "n", 0);
+	k->sum = field_number(obj, "sum", 0);
+	k->min = field_number(obj, "min", 0);
+	k->max = field_number(obj, "max", 0);
+	if (getKeyJsonValueFromContainer(obj, "items", 5, &v) &&
+		v.type == jbvBinary && JsonContainerIsArray(v.val.binary.data))
+	{
+		JsonbIterator *it = JsonbIteratorInit(v.val.binary.data);
+		JsonbValue	pair;
+		JsonbIteratorToken tok;
+
+		k->cap = Max(JsonContainerSize(v.val.binary.data), 4);
+		k->items = MemoryContextAlloc(st->cxt, sizeof(WAItem) * k->cap);
+		while ((tok = JsonbIteratorNext(&it, &pair, true)) != WJB_DONE)
+		{
+			JsonbValue *a;
+			JsonbValue *b;
+			double		ts;
+			double		val;
+
+			if (tok != WJB_ELEM)
+				continue;
+			if (pair.type != jbvBinary || !JsonContainerIsArray(pair.val.binary.data) ||
+				(a = getIthJsonbValueFromContainer(pair.val.binary.data, 0)) == NULL ||
+				(b = getIthJsonbValueFromContainer(pair.val.binary.data, 1)) == NULL ||
+				!jsonb_number(a, &ts) || !jsonb_number(b, &val))
+				wa_error(psprintf("state for key \"%s\" has a malformed item", key), NULL);
+			k->items[k->nitems].ts = (int64) ts;
+			k->items[k->nitems].val = val;
+			k->nitems++;
+		}
+	}
+}
+
+void
+spool_wa_state_free(WAState *st)
+{
+	MemoryContextDelete(st->cxt);
+}
+
+/* Doubles as the shortest text that reads back exactly (null if not finite). */
+static void
+append_double(StringInfo buf, double d)
+{
+	char		tmp[DOUBLE_SHORTEST_DECIMAL_LEN];
+
+	if (!isfinite(d))
+	{
+		appendStringInfoString(buf, "null");
+		return;
+	}
+	double_to_shortest_decimal_buf(d, tmp);
+	appendStringInfoString(buf, tmp);
+}
+
+/* An event time as an ISO 8601 UTC string. */
+static void
+append_time(StringInfo buf, int64 ts)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+	{
+		appendStringInfoString(buf, "null");
+		return;
+	}
+	appendStringInfo(buf, "\"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ\"",
+					 tm.tm_year, tm.tm_mon, tm.tm_mday,
+					 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+}
+
+/*
+ * The state as jsonb.  config, when given, is kept under "config" (the SQL
+ * entry point carries its settings there).  Object keys are sorted by jsonb,
+ * so equal states give equal jsonb whatever the hash table order.
+ */
+Jsonb *
+spool_wa_state_to_jsonb(WAState *st, Jsonb *config)
+{
+	StringInfoData buf;
+	HASH_SEQ_STATUS seq;
+	WAKey	   *k;
+	bool		first = true;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "{\"v\": %d, \"skipped\": " INT64_FORMAT ", \"late\": " INT64_FORMAT,
+					 WA_STATE_VERSION, st->skipped, st->late);
+	if (config)
+		appendStringInfo(&buf, ", \"config\": %s",
+						 JsonbToCString(NULL, &config->root, VARSIZE(config)));
+	appendStringInfoString(&buf, ", \"keys\": {");
+	hash_seq_init(&seq, st->keys);
+	while ((k = hash_seq_search(&seq)) != NULL)
+	{
+		int			i;
+
+		if (!first)
+			appendStringInfoString(&buf, ", ");
+		first = false;
+		escape_json(&buf, k->key);
+		appendStringInfo(&buf, ": {\"armed\": %s", k->armed ? "true" : "false");
+		if (k->open)
+			appendStringInfo(&buf, ", \"mark\": " INT64_FORMAT, k->mark);
+		appendStringInfo(&buf, ", \"n\": " INT64_FORMAT ", \"sum\": ", k->n);
+		append_double(&buf, k->sum);
+		appendStringInfoString(&buf, ", \"min\": ");
+		append_double(&buf, k->min);
+		appendStringInfoString(&buf, ", \"max\": ");
+		append_double(&buf, k->max);
+		if (st->cfg->kind != WA_WINDOW_TUMBLING)
+		{
+			appendStringInfoString(&buf, ", \"items\": [");
+			for (i = 0; i < k->nitems; i++)
+			{
+				WAItem	   *it = &k->items[k->off + i];
+
+				appendStringInfo(&buf, "%s[" INT64_FORMAT ", ", i ? ", " : "", it->ts);
+				append_double(&buf, it->val);
+				appendStringInfoChar(&buf, ']');
+			}
+			appendStringInfoChar(&buf, ']');
+		}
+		appendStringInfoChar(&buf, '}');
+	}
+	appendStringInfoString(&buf, "}}");
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+/* ---------------------------------------------------------------------
+ * Windows
+ * ---------------------------------------------------------------------
+ */
+
+/* n, sum, min and max from the items (count and sliding windows). */
+static void
+window_recompute(WAKey *k)
+{
+	int			i;
+
+	k->n = k->nitems;
+	k->sum = 0;
+	for (i = 0; i < k->nitems; i++)
+	{
+		double		v = k->items[k->off + i].val;
+
+		k->sum += v;
+		if (i == 0 || v < k->min)
+			k->min = v;
+		if (i == 0 || v > k->max)
+			k->max = v;
+	}
+	if (k->nitems == 0)
+		k->min = k->max = 0;
+}
+
+/* Insert (ts, val) keeping items sorted by ts (stable: after equal ts). */
+static void
+items_insert(WAState *st, WAKey *k, int64 ts, double val)
+{
+	int			pos;
+
+	if (k->off + k->nitems == k->cap)
+	{
+		if (k->off > 0)
+		{
+			memmove(k->items, k->items + k->off, sizeof(WAItem) * k->nitems);
+			k->off = 0;
+		}
+		else
+		{
+			k->cap = Max(k->cap * 2, 8);
+			k->items = k->items
+				? repalloc(k->items, sizeof(WAItem) * k->cap)
+				: MemoryContextAlloc(st->cxt, sizeof(WAItem) * k->cap);
+		}
+	}
+	pos = k->off + k->nitems;
+	while (pos > k->off && k->items[pos - 1].ts > ts)
+	{
+		k->items[pos] = k->items[pos - 1];
+		pos--;
+	}
+	k->items[pos].ts = ts;
+	k->items[pos].val = val;
+	k->nitems++;
+}
+
+static void
+window_add(WAState *st, WAKey *k, int64 ts, double val)
+{
+	WAConfig   *cfg = st->cfg;
+	bool		evicted = false;
+
+	switch (cfg->kind)
+	{
+		case WA_WINDOW_COUNT:
+			items_insert(st, k, ts, val);
+			while (k->nitems > cfg->size)
+			{
+				k->off++;
+				k->nitems--;
+				evicted = true;
+			}
+			break;
+		case WA_WINDOW_SLIDING:
+			items_insert(st, k, ts, val);
+			if (!k->open || ts > k->mark)
+				k->mark = ts;
+			k->open = true;
+			/* The window is (mark - size, mark]. */
+			while (k->nitems > 0 && k->items[k->off].ts <= k->mark - cfg->size)
+			{
+				k->off++;
+				k->nitems--;
+				evicted = true;
+			}
+			break;
+		case WA_WINDOW_TUMBLING:
+			k->n++;
+			k->sum += val;
+			if (k->n == 1 || val < k->min)
+				k->min = val;
+			if (k->n == 1 || val > k->max)
+				k->max = val;
+			return;
+	}
+	if (evicted)
+		window_recompute(k);
+	else
+	{
+		k->n = k->nitems;
+		k->sum += val;
+		if (k->n == 1 || val < k->min)
+			k->min = val;
+		if (k->n == 1 || val > k->max)
+			k->max = val;
+	}
+}
+
+static double
+key_aggregate(WAState *st, WAKey *k)
+{
+	switch (st->cfg->agg)
+	{
+		case WA_SUM:
+			return k->sum;
+		case WA_COUNT:
+			return (double) k->n;
+		case WA_MIN:
+			return k->min;
+		case WA_MAX:
+			return k->max;
+	}
+	return 0;
+}
+
+static bool
+condition_holds(WAConfig *cfg, double agg)
+{
+	switch (cfg->op)
+	{
+		case WA_GT:
+			return agg > cfg->threshold;
+		case WA_GE:
+			return agg >= cfg->threshold;
+		case WA_LT:
+			return agg < cfg->threshold;
+		case WA_LE:
+			return agg <= cfg->threshold;
+	}
+	return false;
+}
+
+static Jsonb *
+alert_payload(WAState *st, WAKey *k, double agg, const WAEntry *e)
+{
+	WAConfig   *cfg = st->cfg;
+	StringInfo	buf = &st->buf;
+
+	resetStringInfo(buf);
+	appendStringInfoString(buf, "{\"key\": ");
+	escape_json(buf, k->key);
+	appendStringInfo(buf, ", \"aggregate\": \"%s\", \"value\": ", agg_names[cfg->agg]);
+	append_double(buf, agg);
+	appendStringInfo(buf, ", \"op\": \"%s\", \"threshold\": ", op_names[cfg->op]);
+	append_double(buf, cfg->threshold);
+	appendStringInfo(buf, ", \"count\": " INT64_FORMAT ", \"sum\": ", k->n);
+	append_double(buf, k->sum);
+	appendStringInfoString(buf, ", \"min\": ");
+	append_double(buf, k->min);
+	appendStringInfoString(buf, ", \"max\": ");
+	append_double(buf, k->max);
+	appendStringInfo(buf, ", \"window\": {\"type\": \"%s\"", kind_names[cfg->kind]);
+	if (cfg->kind == WA_WINDOW_COUNT)
+		appendStringInfo(buf, ", \"size\": " INT64_FORMAT "}", cfg->size);
+	else
+	{
+		int64		start = cfg->kind == WA_WINDOW_TUMBLING ? k->mark : k->mark - cfg->size;
+
+		appendStringInfoString(buf, ", \"start\": ");
+		append_time(buf, start);
+		appendStringInfoString(buf, ", \"end\": ");
+		append_time(buf, start + cfg->size);
+		appendStringInfoChar(buf, '}');
+	}
+	appendStringInfo(buf, ", \"cursor\": " INT64_FORMAT, e->cursor);
+	if (e->source)
+	{
+		appendStringInfoString(buf, ", \"source\": ");
+		escape_json(buf, e->source);
+	}
+	appendStringInfo(buf, ", \"kafka_partition\": %d, \"kafka_offset\": " INT64_FORMAT "}",
+					 e->kafka_partition, e->kafka_offset);
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf->data)));
+}
+
+/*
+ * Apply one entry; append an output to out when its key's aggregate crosses
+ * the threshold.  Entries without a usable key, value or time are counted as
+ * skipped; entries older than their key's current window as late.
+ */
+void
+spool_wa_apply(WAState *st, const WAEntry *e, WAOutputs *out)
+{
+	WAConfig   *cfg = st->cfg;
+	JsonbValue	kv;
+	JsonbValue	vv;
+	double		val = 1;
+	int64		ts = e->cursor;
+	WAKey	   *k;
+	double		agg;
+	bool		holds;
+
+	if (e->value == NULL ||
+		lookup_path(e->value, cfg->key_path, cfg->key_depth, &kv) == NULL ||
+		kv.type == jbvNull)
+	{
+		st->skipped++;
+		return;
+	}
+	if (cfg->value_depth > 0 &&
+		(lookup_path(e->value, cfg->value_path, cfg->value_depth, &vv) == NULL ||
+		 !jsonb_number(&vv, &val)))
+	{
+		st->skipped++;
+		return;
+	}
+	if (cfg->kind != WA_WINDOW_COUNT && !entry_time(st, e, &ts))
+	{
+		st->skipped++;
+		return;
+	}
+	key_text(&kv, &st->buf);
+	k = key_enter(st, st->buf.data);
+
+	if (cfg->kind == WA_WINDOW_TUMBLING)
+	{
+		/* Windows are aligned to the Unix epoch. */
+		int64		u = ts - UNIX_EPOCH_US;
+		int64		start = (u >= 0 ? u / cfg->size : -((-u + cfg->size - 1) / cfg->size)) * cfg->size
+			+ UNIX_EPOCH_US;
+
+		if (k->open && start < k->mark)
+		{
+			st->late++;
+			return;
+		}
+		if (!k->open || start > k->mark)
+		{
+			k->open = true;
+			k->mark = start;
+			k->n = 0;
+			k->sum = k->min = k->max = 0;
+			k->armed = true;
+		}
+	}
+	else if (cfg->kind == WA_WINDOW_SLIDING && k->open && ts <= k->mark - cfg->size)
+	{
+		st->late++;
+		return;
+	}
+	window_add(st, k, ts, val);
+
+	agg = key_aggregate(st, k);
+	holds = condition_holds(cfg, agg);
+	if (holds && k->armed)
+	{
+		if (out->n == out->cap)
+		{
+			out->cap = Max(out->cap * 2, 16);
+			out->keys = out->keys ? repalloc(out->keys, sizeof(char *) * out->cap)
+				: palloc(sizeof(char *) * out->cap);
+			out->payloads = out->payloads ? repalloc(out->payloads, sizeof(Jsonb *) * out->cap)
+				: palloc(sizeof(Jsonb *) * out->cap);
+		}
+		out->keys[out->n] = pstrdup(k->key);
+		out->payloads[out->n] = alert_payload(st, k, agg, e);
+		out->n++;
+		k->armed = false;
+	}
+	else if (!holds)
+		k->armed = true;
+}
+
+/* ---------------------------------------------------------------------
+ * Outputs and the SQL entry point
+ * ---------------------------------------------------------------------
+ */
+
+static Oid	output_type = InvalidOid;
+static Oid	output_array_type = InvalidOid;
+
+static void
+lookup_output_type(void)
+{
+	Oid			nsp = get_namespace_oid("spool", false);
+
+	output_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+								  CStringGetDatum("output"), ObjectIdGetDatum(nsp));
+	if (!OidIsValid(output_type))
+		elog(ERROR, "type spool.output does not exist");
+	output_array_type = get_array_type(output_type);
+}
+
+/* A spool.output[] of n outputs (targets[i] may repeat one pointer). */
+Datum
+spool_make_outputs(int n, const char *const *targets, char **keys, Jsonb **payloads)
+{
+	TupleDesc	desc;
+	Datum	   *elems = palloc(sizeof(Datum) * Max(n, 1));
+	int			i;
+
+	/* Re-resolved per call: cheap, and survives DROP/CREATE EXTENSION. */
+	lookup_output_type();
+	desc = lookup_rowtype_tupdesc(output_type, -1);
+	for (i = 0; i < n; i++)
+	{
+		Datum		v[3];
+		bool		nulls[3] = {false, keys[i] == NULL, payloads[i] == NULL};
+		HeapTuple	tup;
+
+		v[0] = CStringGetTextDatum(targets[i]);
+		v[1] = keys[i] ? CStringGetTextDatum(keys[i]) : (Datum) 0;
+		v[2] = payloads[i] ? JsonbPGetDatum(payloads[i]) : (Datum) 0;
+		tup = heap_form_tuple(desc, v, nulls);
+		elems[i] = HeapTupleGetDatum(tup);
+	}
+	ReleaseTupleDesc(desc);
+	return PointerGetDatum(construct_array(elems, n, output_type, -1, false, TYPALIGN_DOUBLE));
+}
+
+/*
+ * SQL: spool.window_alert(state jsonb, entries spool.entries[]) RETURNS spool.step
+ *
+ * Settings come from state->'config' when present (and are kept there in the
+ * returned state), else from the running processor's handler options.
+ */
+Datum
+spool_window_alert(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *state = PG_ARGISNULL(0) ? NULL : PG_GETARG_JSONB_P(0);
+	Jsonb	   *config = NULL;
+	Jsonb	   *settings;
+	WAConfig   *cfg;
+	WAState    *st;
+	WAOutputs	out = {0};
+	TupleDesc	desc;
+	Datum		result[2];
+	bool		nulls[2] = {false, false};
+	const char **targets;
+	int			i;
+
+	if (state != NULL && JB_ROOT_IS_OBJECT(state) && !JB_ROOT_IS_SCALAR(state))
+	{
+		JsonbValue	v;
+
+		if (getKeyJsonValueFromContainer(&state->root, "config", 6, &v))
+		{
+			if (v.type != jbvBinary)
+				wa_error("state->'config' must be an object", NULL);
+			config = JsonbValueToJsonb(&v);
+		}
+	}
+	else if (state != NULL)
+		wa_error("state must be a JSON object", NULL);
+	settings = config ? config : spool_current_handler_settings();
+	if (settings == NULL)
+		wa_error("no settings",
+				 "Outside a processor, pass them in the state: '{\"config\": {...}}'.");
+	cfg = spool_wa_parse_config(settings);
+	st = spool_wa_state_create(cfg, state, CurrentMemoryContext);
+
+	if (!PG_ARGISNULL(1))
+	{
+		ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(1);
+		Datum	   *elems;
+		bool	   *enulls;
+		int			n;
+
+		deconstruct_array(arr, ARR_ELEMTYPE(arr), -1, false, TYPALIGN_DOUBLE,
+						  &elems, &enulls, &n);
+		for (i = 0; i < n; i++)
+		{
+			HeapTupleHeader th;
+			WAEntry		e = {0};
+			bool		isnull;
+			Datum		d;
+
+			if (enulls[i])
+				continue;
+			th = DatumGetHeapTupleHeader(elems[i]);
+			d = GetAttributeByName(th, "cursor", &isnull);
+			e.cursor = isnull ? 0 : DatumGetInt64(d);
+			d = GetAttributeByName(th, "value", &isnull);
+			e.value = isnull ? NULL : DatumGetJsonbP(d);
+			d = GetAttributeByName(th, "kafka_ts", &isnull);
+			e.has_ts = !isnull;
+			e.kafka_ts = isnull ? 0 : DatumGetTimestampTz(d);
+			d = GetAttributeByName(th, "source", &isnull);
+			e.source = isnull ? NULL : TextDatumGetCString(d);
+			d = GetAttributeByName(th, "kafka_partition", &isnull);
+			e.kafka_partition = isnull ? 0 : DatumGetInt32(d);
+			d = GetAttributeByName(th, "kafka_offset", &isnull);
+			e.kafka_offset = isnull ? 0 : DatumGetInt64(d);
+			spool_wa_apply(st, &e, &out);
+		}
+	}
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "window_alert must return spool.step");
+	targets = palloc(sizeof(char *) * Max(out.n, 1));
+	for (i = 0; i < out.n; i++)
+		targets[i] = cfg->target;
+	result[0] = JsonbPGetDatum(spool_wa_state_to_jsonb(st, config));
+	result[1] = spool_make_outputs(out.n, targets, out.keys, out.payloads);
+	spool_wa_state_free(st);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), result, nulls)));
+}
