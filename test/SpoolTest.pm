@@ -31,7 +31,7 @@ sub spool_node
 	my %c = (
 		shared_preload_libraries => "'spool_ext'",
 		'spool.database' => "'postgres'",
-		max_worker_processes => 16,
+		max_worker_processes => 32,
 		max_connections => 40,
 		log_line_prefix => "'%m [%p] %b '",
 		%conf);
