@@ -948,7 +948,8 @@ try_takeover(void)
 	begin_txn("taking over");
 	if (!have_advisory)
 		have_advisory = got_lock = advisory_lock(true);
-	if (!have_advisory && active != 0 && now < expires)
+	/* After a clean exit only the standby with the advisory lock goes for the lease. */
+	if (!have_advisory && now < expires)
 	{
 		end_txn();
 		return false;
