@@ -2,7 +2,8 @@
 # The main job, end to end: install what is missing, build, start a throwaway
 # PostgreSQL with spool_ext and the test Kafka cluster, ingest a Kafka stream
 # into the spool (showing lag per partition live, through a server crash),
-# then show leases, fencing and the nonce allocator surviving a stalled owner,
+# fold it through a processor with 2 replicas (terminating the active
+# mid-stream: the standby takes over, outputs exactly once), then show leases, fencing and the nonce allocator surviving a stalled owner,
 # a terminated worker and a stalled worker.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -75,7 +76,72 @@ sql -c "SELECT count(*) AS entries, count(DISTINCT (kafka_partition, kafka_offse
 sql -c "SELECT topic, kafka_partition, kafka_offset, error FROM spool.dead_letters"
 sql -c "SELECT segment, min_cursor, max_cursor, rows, state FROM spool.segments ORDER BY segment"
 
-say "C. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
+say "C. A processor with 2 replicas folds the spool through spool.window_alert"
+sql -c "CREATE ROLE demo_app; GRANT spool_admin TO demo_app"
+echo "per key (the message's amount, 1000 keys), the sum of its last 3 seqs; one alert when it crosses 483000"
+sql -c "SELECT spool.create_processor('alerts', 'spool.window_alert(jsonb, spool.entries[])', '{
+          \"run_as\": \"demo_app\", \"sources\": [\"orders\"], \"replicas\": 2,
+          \"batch_size\": 200, \"lease_ttl\": \"2 s\", \"checkpoint_every\": 20000,
+          \"handler\": {\"key\": \"amount\", \"value\": \"seq\", \"aggregate\": \"sum\",
+                      \"window\": {\"type\": \"count\", \"size\": 3},
+                      \"threshold\": 483000, \"target\": \"alerts\"}}')" \
+    -c "SELECT spool.start_processor('alerts')"
+pstatus() {
+	sql -c "SELECT replica, pid, role, cursor, committed_cursor AS committed, token, takeovers,
+	               round(last_takeover_ms::numeric, 1) AS takeover_ms, state_hash_cursor AS hash_at,
+	               state_hash, outputs
+	          FROM spool.processor_status WHERE processor = 'alerts' ORDER BY replica"
+}
+for _ in $(seq 1 300); do
+	[ "$(val "SELECT count(*) FROM spool.processor_status WHERE processor = 'alerts'
+	            AND cursor >= (SELECT max(cursor) FROM spool.entries)")" -eq 2 ] && break
+	sleep 0.1
+done
+echo "both replicas computed the same state (equal hashes at equal cursors); only the active wrote outputs:"
+pstatus
+
+say "D. 40000 more messages stream in and the active replica is terminated mid-stream"
+kafka "produce orders 40000 -1 100 $produced" >/dev/null &
+producer=$!
+for _ in $(seq 1 100); do
+	# about half of this stream's alerts (seqs 162000..162999) are out: terminate now
+	[ "$(val "SELECT coalesce(max(committed_cursor), 0) FROM spool.processor_status WHERE processor = 'alerts'")" -gt $((produced + 2500)) ] && break
+	sleep 0.02
+done
+old=$(val "SELECT pid FROM spool.processor_status WHERE processor = 'alerts' AND role = 'active'")
+echo "SELECT pg_terminate_backend($old)  -- the active replica"
+val "SELECT pg_terminate_backend($old)" >/dev/null
+for _ in $(seq 1 100); do
+	new=$(val "SELECT pid FROM spool.processor_status WHERE processor = 'alerts' AND role = 'active'")
+	[ -n "$new" ] && [ "$new" != "$old" ] && break
+	sleep 0.05
+done
+wait "$producer"
+produced=$((produced + 40000))
+for _ in $(seq 1 300); do
+	[ "$(val "SELECT count(*) FROM spool.processor_status WHERE processor = 'alerts'
+	            AND role IN ('active', 'standby') AND cursor >= (SELECT max(cursor) FROM spool.entries)")" -eq 2 ] && break
+	sleep 0.1
+done
+val "SELECT format('replica %s (pid %s) took over with token %s, %s ms after the active exited',
+                   replica, pid, token, round(last_takeover_ms::numeric, 1))
+       FROM spool.processor_status WHERE processor = 'alerts' AND role = 'active'"
+echo "the terminated replica was restarted by the launcher and is a standby again:"
+pstatus
+echo "alerts in the outbox, written by which token, against an independent computation from the spool:"
+sql -c "SELECT token, count(*) AS alerts, min(id), max(id) FROM spool.outbox WHERE processor = 'alerts' GROUP BY 1 ORDER BY 1"
+sql -c "WITH s AS (SELECT value->>'amount' AS k,
+                          sum((value->>'seq')::bigint) OVER (PARTITION BY value->>'amount'
+                              ORDER BY (value->>'seq')::bigint ROWS 2 PRECEDING) AS s3
+                     FROM spool.entries),
+             expected AS (SELECT DISTINCT k FROM s WHERE s3 >= 483000)
+        SELECT (SELECT count(*) FROM expected) AS expected_alerts,
+               (SELECT count(*) FROM spool.outbox WHERE processor = 'alerts') AS outbox_alerts,
+               (SELECT count(DISTINCT key) FROM spool.outbox WHERE processor = 'alerts') AS distinct_keys,
+               (SELECT count(*) FROM expected e WHERE NOT EXISTS
+                   (SELECT 1 FROM spool.outbox o WHERE o.processor = 'alerts' AND o.key = e.k)) AS missing"
+
+say "E. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
 sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-a', '2 s')"
 echo "node-a allocates three nonces and sends the first transaction:"
 sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1, 'tx-a1') AS a1,
@@ -85,14 +151,14 @@ sql -c "SELECT spool.nonce_mark_used('0xa11ce', 0, 'node-a', 1)"
 echo "node-b tries to take over while node-a's lease is live: it gets NULL"
 sql -c "SELECT coalesce((spool.lease_acquire('signer:0xa11ce', 'node-b', '10 s')).token::text, 'NULL (held by node-a)') AS node_b"
 
-say "D. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
+say "F. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
 sleep 2.5
 sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-b', '30 s')"
 echo "node-b gives nonce 2 back (its transaction was never sent) and allocates: the hole is reused first"
 sql -c "SELECT spool.nonce_mark_recyclable('0xa11ce', 2, 'node-b', 2)"
 sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b1') AS b1, spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b2') AS b2"
 
-say "E. node-a wakes up and carries on with its old token: every write is rejected"
+say "G. node-a wakes up and carries on with its old token: every write is rejected"
 for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
          "SELECT spool.nonce_mark_used('0xa11ce', 1, 'node-a', 1)" \
          "SELECT spool.lease_renew('signer:0xa11ce', 'node-a', 1)"; do
@@ -101,7 +167,7 @@ for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
 done
 sql -c "SELECT signer, nonce, state, owner, token, request_id FROM spool.nonces WHERE signer = '0xa11ce' ORDER BY nonce"
 
-say "F. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
+say "H. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
 cat > "$work/queue.sql" <<'SQL'
 \set s random(1, 4)
 SELECT spool.nonce_request('0xfeed' || :s, 'req-' || :client_id || '-' || random());
@@ -123,7 +189,7 @@ kill -CONT "$stopped_pid"
 echo "load finished; the stalled worker was continued and exits on its own"
 grep -E "^(number of transactions actually processed|number of failed|tps)" "$work/pgbench.out" || cat "$work/pgbench.out"
 
-say "G. What happened to the nonce workers"
+say "I. What happened to the nonce workers"
 sql -c "SELECT worker, pid, generation, owner, served, batches, takeovers FROM spool.nonce_workers ORDER BY worker"
 sql -c "SELECT resource, owner, token, grants FROM spool.leases WHERE resource LIKE 'signer:0xfeed%' ORDER BY resource"
 sql -c "SELECT signer, count(*) AS nonces, max(nonce) AS max_nonce,
