@@ -637,18 +637,23 @@ state_commit(StepResult *res, int64 end)
 	rs->cursor = end;
 }
 
-/* Hash of the state as jsonb (equal states, equal hashes); optionally returns it. */
+/*
+ * Hash of the state (equal states, equal hashes); with as_jsonb, also the
+ * state as jsonb for a snapshot.  window_alert hashes its native state.
+ */
 static uint64
 state_hash(Jsonb **as_jsonb)
 {
-	Jsonb	   *j = fast_path ? spool_wa_state_to_jsonb(wa_state, NULL) : state;
-	uint64		h;
-
-	h = DatumGetUInt64(DirectFunctionCall2(jsonb_hash_extended, JsonbPGetDatum(j),
-										   Int64GetDatum(0)));
+	if (fast_path)
+	{
+		if (as_jsonb)
+			*as_jsonb = spool_wa_state_to_jsonb(wa_state, NULL);
+		return spool_wa_state_hash(wa_state);
+	}
 	if (as_jsonb)
-		*as_jsonb = j;
-	return h;
+		*as_jsonb = state;
+	return DatumGetUInt64(DirectFunctionCall2(jsonb_hash_extended, JsonbPGetDatum(state),
+											  Int64GetDatum(0)));
 }
 
 /* ---------------------------------------------------------------------

@@ -631,33 +631,32 @@ load_key(WAState *st, const char *key, JsonbContainer *obj)
 	k->sum = field_number(obj, "sum", 0);
 	k->min = field_number(obj, "min", 0);
 	k->max = field_number(obj, "max", 0);
-	if (getKeyJsonValueFromContainer(obj, "items", 5, &v) &&
+	if (getKeyJsonValueFromContainer(obj, "ts", 2, &v) &&
 		v.type == jbvBinary && JsonContainerIsArray(v.val.binary.data))
 	{
-		JsonbIterator *it = JsonbIteratorInit(v.val.binary.data);
-		JsonbValue	pair;
-		JsonbIteratorToken tok;
+		JsonbValue	vals;
+		int			n = JsonContainerSize(v.val.binary.data);
+		int			i;
 
-		k->cap = Max(JsonContainerSize(v.val.binary.data), 4);
+		if (!getKeyJsonValueFromContainer(obj, "vals", 4, &vals) ||
+			vals.type != jbvBinary || !JsonContainerIsArray(vals.val.binary.data) ||
+			JsonContainerSize(vals.val.binary.data) != n)
+			wa_error(psprintf("state for key \"%s\" has \"ts\" and \"vals\" of different lengths", key), NULL);
+		k->cap = Max(n, 4);
 		k->items = MemoryContextAlloc(st->cxt, sizeof(WAItem) * k->cap);
-		while ((tok = JsonbIteratorNext(&it, &pair, true)) != WJB_DONE)
+		for (i = 0; i < n; i++)
 		{
-			JsonbValue *a;
-			JsonbValue *b;
+			JsonbValue *a = getIthJsonbValueFromContainer(v.val.binary.data, i);
+			JsonbValue *b = getIthJsonbValueFromContainer(vals.val.binary.data, i);
 			double		ts;
 			double		val;
 
-			if (tok != WJB_ELEM)
-				continue;
-			if (pair.type != jbvBinary || !JsonContainerIsArray(pair.val.binary.data) ||
-				(a = getIthJsonbValueFromContainer(pair.val.binary.data, 0)) == NULL ||
-				(b = getIthJsonbValueFromContainer(pair.val.binary.data, 1)) == NULL ||
-				!jsonb_number(a, &ts) || !jsonb_number(b, &val))
+			if (a == NULL || b == NULL || !jsonb_number(a, &ts) || !jsonb_number(b, &val))
 				wa_error(psprintf("state for key \"%s\" has a malformed item", key), NULL);
-			k->items[k->nitems].ts = (int64) ts;
-			k->items[k->nitems].val = val;
-			k->nitems++;
+			k->items[i].ts = (int64) ts;
+			k->items[i].val = val;
 		}
+		k->nitems = n;
 	}
 }
 
@@ -699,61 +698,179 @@ append_time(StringInfo buf, int64 ts)
 					 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
 }
 
+/* JSON building blocks for the state (pushJsonbValue: no text to parse). */
+static void
+push_key(JsonbParseState **ps, const char *key)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	(void) pushJsonbValue(ps, WJB_KEY, &v);
+}
+
+static void
+push_int(JsonbParseState **ps, JsonbIteratorToken tok, int64 n)
+{
+	JsonbValue	v;
+
+	v.type = jbvNumeric;
+	v.val.numeric = int64_to_numeric(n);
+	(void) pushJsonbValue(ps, tok, &v);
+}
+
+/* A double as a numeric that reads back exactly; null if not finite. */
+static void
+push_double(JsonbParseState **ps, JsonbIteratorToken tok, double d)
+{
+	JsonbValue	v;
+
+	if (!isfinite(d))
+		v.type = jbvNull;
+	else if (d == floor(d) && fabs(d) < 9007199254740992.0)
+	{
+		v.type = jbvNumeric;
+		v.val.numeric = int64_to_numeric((int64) d);
+	}
+	else
+	{
+		char		tmp[DOUBLE_SHORTEST_DECIMAL_LEN];
+
+		double_to_shortest_decimal_buf(d, tmp);
+		v.type = jbvNumeric;
+		v.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(tmp),
+															ObjectIdGetDatum(InvalidOid),
+															Int32GetDatum(-1)));
+	}
+	(void) pushJsonbValue(ps, tok, &v);
+}
+
 /*
  * The state as jsonb.  config, when given, is kept under "config" (the SQL
  * entry point carries its settings there).  Object keys are sorted by jsonb,
- * so equal states give equal jsonb whatever the hash table order.
+ * so equal states give equal jsonb whatever the hash table order.  A key's
+ * window items are two parallel arrays, "ts" and "vals" (smaller than pairs).
  */
 Jsonb *
 spool_wa_state_to_jsonb(WAState *st, Jsonb *config)
 {
-	StringInfoData buf;
+	JsonbParseState *ps = NULL;
 	HASH_SEQ_STATUS seq;
 	WAKey	   *k;
-	bool		first = true;
+	JsonbValue *res;
+	JsonbValue	v;
 
-	initStringInfo(&buf);
-	appendStringInfo(&buf, "{\"v\": %d, \"skipped\": " INT64_FORMAT ", \"late\": " INT64_FORMAT,
-					 WA_STATE_VERSION, st->skipped, st->late);
+	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
+	push_key(&ps, "v");
+	push_int(&ps, WJB_VALUE, WA_STATE_VERSION);
+	push_key(&ps, "skipped");
+	push_int(&ps, WJB_VALUE, st->skipped);
+	push_key(&ps, "late");
+	push_int(&ps, WJB_VALUE, st->late);
 	if (config)
-		appendStringInfo(&buf, ", \"config\": %s",
-						 JsonbToCString(NULL, &config->root, VARSIZE(config)));
-	appendStringInfoString(&buf, ", \"keys\": {");
+	{
+		push_key(&ps, "config");
+		v.type = jbvBinary;
+		v.val.binary.data = &config->root;
+		v.val.binary.len = VARSIZE(config) - VARHDRSZ;
+		(void) pushJsonbValue(&ps, WJB_VALUE, &v);
+	}
+	push_key(&ps, "keys");
+	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
 	hash_seq_init(&seq, st->keys);
 	while ((k = hash_seq_search(&seq)) != NULL)
 	{
 		int			i;
 
-		if (!first)
-			appendStringInfoString(&buf, ", ");
-		first = false;
-		escape_json(&buf, k->key);
-		appendStringInfo(&buf, ": {\"armed\": %s", k->armed ? "true" : "false");
+		push_key(&ps, k->key);
+		(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
+		push_key(&ps, "armed");
+		v.type = jbvBool;
+		v.val.boolean = k->armed;
+		(void) pushJsonbValue(&ps, WJB_VALUE, &v);
 		if (k->open)
-			appendStringInfo(&buf, ", \"mark\": " INT64_FORMAT, k->mark);
-		appendStringInfo(&buf, ", \"n\": " INT64_FORMAT ", \"sum\": ", k->n);
-		append_double(&buf, k->sum);
-		appendStringInfoString(&buf, ", \"min\": ");
-		append_double(&buf, k->min);
-		appendStringInfoString(&buf, ", \"max\": ");
-		append_double(&buf, k->max);
+		{
+			push_key(&ps, "mark");
+			push_int(&ps, WJB_VALUE, k->mark);
+		}
+		push_key(&ps, "n");
+		push_int(&ps, WJB_VALUE, k->n);
+		push_key(&ps, "sum");
+		push_double(&ps, WJB_VALUE, k->sum);
+		push_key(&ps, "min");
+		push_double(&ps, WJB_VALUE, k->min);
+		push_key(&ps, "max");
+		push_double(&ps, WJB_VALUE, k->max);
 		if (st->cfg->kind != WA_WINDOW_TUMBLING)
 		{
-			appendStringInfoString(&buf, ", \"items\": [");
+			push_key(&ps, "ts");
+			(void) pushJsonbValue(&ps, WJB_BEGIN_ARRAY, NULL);
 			for (i = 0; i < k->nitems; i++)
-			{
-				WAItem	   *it = &k->items[k->off + i];
-
-				appendStringInfo(&buf, "%s[" INT64_FORMAT ", ", i ? ", " : "", it->ts);
-				append_double(&buf, it->val);
-				appendStringInfoChar(&buf, ']');
-			}
-			appendStringInfoChar(&buf, ']');
+				push_int(&ps, WJB_ELEM, k->items[k->off + i].ts);
+			(void) pushJsonbValue(&ps, WJB_END_ARRAY, NULL);
+			push_key(&ps, "vals");
+			(void) pushJsonbValue(&ps, WJB_BEGIN_ARRAY, NULL);
+			for (i = 0; i < k->nitems; i++)
+				push_double(&ps, WJB_ELEM, k->items[k->off + i].val);
+			(void) pushJsonbValue(&ps, WJB_END_ARRAY, NULL);
 		}
-		appendStringInfoChar(&buf, '}');
+		(void) pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
 	}
-	appendStringInfoString(&buf, "}}");
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	(void) pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
+	res = pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
+	return JsonbValueToJsonb(res);
+}
+
+/* Fold 8 bytes into a running 64-bit hash. */
+static inline uint64
+mix(uint64 h, uint64 v)
+{
+	return hash_combine64(h, hash_bytes_uint32_extended((uint32) v, v >> 32));
+}
+
+static inline uint64
+double_bits(double d)
+{
+	uint64		u;
+
+	memcpy(&u, &d, sizeof(u));
+	return u;
+}
+
+/*
+ * A hash of the state that does not depend on the hash table's layout (keys
+ * are combined by addition), so replicas that built their tables in
+ * different orders (one loaded a snapshot) agree when their states do.
+ * Cheaper than hashing the jsonb form, which it replaces inside processors.
+ */
+uint64
+spool_wa_state_hash(WAState *st)
+{
+	HASH_SEQ_STATUS seq;
+	WAKey	   *k;
+	uint64		total = mix(mix(0, st->skipped), st->late);
+
+	hash_seq_init(&seq, st->keys);
+	while ((k = hash_seq_search(&seq)) != NULL)
+	{
+		uint64		h = hash_bytes_extended((const unsigned char *) k->key, strlen(k->key), 0);
+		int			i;
+
+		h = mix(h, (uint64) k->armed | ((uint64) k->open << 1));
+		h = mix(h, k->mark);
+		h = mix(h, k->n);
+		h = mix(h, double_bits(k->sum));
+		h = mix(h, double_bits(k->min));
+		h = mix(h, double_bits(k->max));
+		for (i = 0; i < k->nitems; i++)
+		{
+			h = mix(h, k->items[k->off + i].ts);
+			h = mix(h, double_bits(k->items[k->off + i].val));
+		}
+		total += h;
+	}
+	return total;
 }
 
 /* ---------------------------------------------------------------------

@@ -45,6 +45,7 @@ extern WAState *spool_wa_state_create(WAConfig *cfg, Jsonb *state,
 									  MemoryContext parent);
 extern void spool_wa_state_free(WAState *st);
 extern Jsonb *spool_wa_state_to_jsonb(WAState *st, Jsonb *config);
+extern uint64 spool_wa_state_hash(WAState *st);
 extern void spool_wa_apply(WAState *st, const WAEntry *e, WAOutputs *out);
 extern Datum spool_make_outputs(int n, const char *const *targets,
 								char **keys, Jsonb **payloads);
