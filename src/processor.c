@@ -46,6 +46,7 @@
 #include "utils/memutils.h"
 #include "utils/regproc.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "processor.h"
@@ -126,7 +127,8 @@ static void state_reset(Jsonb *snapshot, int64 at);
 static int64 spool_end(void);
 static void read_batch(int64 after, int64 upto, Batch *b);
 static void apply_batch(Batch *b, StepResult *res, bool want_outputs);
-static void state_commit(StepResult *res, int64 end);
+static Jsonb *state_stage(StepResult *res);
+static void state_adopt(Jsonb *staged, int64 end);
 static uint64 state_hash(Jsonb **as_jsonb);
 static bool active_step(void);
 static void standby_step(int64 target);
@@ -292,9 +294,17 @@ record_error(void)
 	FreeErrorData(edata);
 }
 
+/*
+ * One transaction with SPI and a snapshot.  Anything allocated between
+ * begin_txn and end_txn lives in SPI's memory and is gone after end_txn;
+ * results that must outlive it are copied out first.
+ */
+static MemoryContext txn_caller_cxt;
+
 static void
 begin_txn(const char *activity)
 {
+	txn_caller_cxt = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
@@ -305,12 +315,20 @@ begin_txn(const char *activity)
 static void
 end_txn(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-
 	PopActiveSnapshot();
 	SPI_finish();
 	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+	MemoryContextSwitchTo(txn_caller_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static void
+abort_txn(void)
+{
+	PopActiveSnapshot();
+	SPI_finish();
+	AbortCurrentTransaction();
+	MemoryContextSwitchTo(txn_caller_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
@@ -333,7 +351,7 @@ load_processor(void)
 							  " (SELECT array_agg(s) FROM jsonb_array_elements_text("
 							  "    CASE jsonb_typeof(options->'sources') WHEN 'array'"
 							  "    THEN options->'sources' END) s),"
-							  " (options->>'batch_size')::int, (options->>'lease_ttl_ms')::bigint,"
+							  " (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
 							  " (options->>'checkpoint_every')::bigint, options->'handler'"
 							  " FROM spool.processors WHERE name = $1",
 							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
@@ -362,6 +380,11 @@ load_processor(void)
 	checkpoint_every = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 	d = SPI_getbinval(tup, desc, 8, &isnull);
 	handler_settings = isnull ? NULL : DatumGetJsonbPCopy(d);
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(run_as)))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("the role processor \"%s\" runs as (oid %u) no longer exists", proc_name, run_as),
+				 errhint("Drop and create the processor again with an existing role.")));
 	fast_path = handler_oid == spool_window_alert_oid();
 	if (fast_path)
 		wa_config = spool_wa_parse_config(handler_settings);
@@ -619,19 +642,33 @@ apply_batch(Batch *b, StepResult *res, bool want_outputs)
 	SetUserIdAndSecContext(save_user, save_sec);
 }
 
-/* After the batch's transaction committed: its state becomes ours. */
-static void
-state_commit(StepResult *res, int64 end)
+/*
+ * Copy a batch's new state out of SPI memory, before the transaction ends
+ * (NULL for window_alert, whose state is kept natively).
+ */
+static Jsonb *
+state_stage(StepResult *res)
 {
-	if (!fast_path && res->state)
-	{
-		MemoryContext old = MemoryContextSwitchTo(state_cxt);
-		Jsonb	   *copy = DatumGetJsonbPCopy(JsonbPGetDatum(res->state));
+	MemoryContext old;
+	Jsonb	   *copy;
 
-		MemoryContextSwitchTo(old);
+	if (fast_path || res->state == NULL)
+		return NULL;
+	old = MemoryContextSwitchTo(state_cxt);
+	copy = DatumGetJsonbPCopy(JsonbPGetDatum(res->state));
+	MemoryContextSwitchTo(old);
+	return copy;
+}
+
+/* After the batch's transaction committed: the staged state becomes ours. */
+static void
+state_adopt(Jsonb *staged, int64 end)
+{
+	if (staged)
+	{
 		if (state)
 			pfree(state);
-		state = copy;
+		state = staged;
 	}
 	cursor = end;
 	rs->cursor = end;
@@ -670,6 +707,8 @@ active_step(void)
 {
 	Batch		b;
 	StepResult	res;
+	Jsonb	   *staged;
+	int			noutputs;
 	int64		end;
 	bool		snapshot;
 	Jsonb	   *snap = NULL;
@@ -719,7 +758,38 @@ active_step(void)
 			hash = state_hash(&snap);
 	}
 
-	/* The fence: a newer grant of the lease waits for us, then rejects us. */
+	/* The outputs first: the fenced part below is kept as short as possible. */
+	if (res.noutputs > 0)
+	{
+		ot[0] = get_array_type(ARR_ELEMTYPE(DatumGetArrayTypeP(res.outputs)));
+		spool_plan(&plan_outputs,
+				   "INSERT INTO spool.outbox_store (target, key, payload, processor, cursor, token)"
+				   " SELECT o.target, o.key, o.payload, $2, $3, $4 FROM unnest($1) o",
+				   4, ot);
+		v[0] = res.outputs;
+		v[1] = CStringGetTextDatum(proc_name);
+		v[2] = Int64GetDatum(b.end);
+		v[3] = Int64GetDatum(token);
+		spool_exec(plan_outputs, v, NULL, false, SPI_OK_INSERT);
+	}
+
+	/* The spool keeps what a replay from this snapshot needs. */
+	if (snap)
+	{
+		v[0] = CStringGetTextDatum(psprintf("processor:%s", proc_name));
+		v[1] = Int64GetDatum(b.end);
+		spool_plan(&plan_consumer,
+				   "UPDATE spool.consumers SET committed_cursor = greatest(committed_cursor, $2),"
+				   " updated_at = now() WHERE name = $1",
+				   2, (Oid[]) {TEXTOID, INT8OID});
+		spool_exec(plan_consumer, v, NULL, false, SPI_OK_UPDATE);
+	}
+
+	/*
+	 * The fence: a newer grant of the lease waits for this transaction, then
+	 * rejects its token.  From here to commit is the only window in which a
+	 * stall delays a takeover (the grant terminates us; we die when resumed).
+	 */
 	spool_plan(&plan_fence,
 			   "SELECT token = $2 AND expires_at > clock_timestamp()"
 			   " FROM spool.lease_store WHERE resource = $1 FOR KEY SHARE",
@@ -731,19 +801,6 @@ active_step(void)
 	if (ok)
 	{
 		spool_fence_register(lease_resource, token);
-		if (res.noutputs > 0)
-		{
-			ot[0] = get_array_type(ARR_ELEMTYPE(DatumGetArrayTypeP(res.outputs)));
-			spool_plan(&plan_outputs,
-					   "INSERT INTO spool.outbox_store (target, key, payload, processor, cursor, token)"
-					   " SELECT o.target, o.key, o.payload, $2, $3, $4 FROM unnest($1) o",
-					   4, ot);
-			v[0] = res.outputs;
-			v[1] = CStringGetTextDatum(proc_name);
-			v[2] = Int64GetDatum(b.end);
-			v[3] = Int64GetDatum(token);
-			spool_exec(plan_outputs, v, NULL, false, SPI_OK_INSERT);
-		}
 		/* The compare-and-set on the checkpoint row. */
 		spool_plan(&plan_commit,
 				   "UPDATE spool.processor_checkpoints SET committed_cursor = $3,"
@@ -766,31 +823,17 @@ active_step(void)
 	}
 	if (!ok)
 	{
-		MemoryContext cxt = CurrentMemoryContext;
-
-		PopActiveSnapshot();
-		SPI_finish();
-		AbortCurrentTransaction();
-		MemoryContextSwitchTo(cxt);
-		pgstat_report_activity(STATE_IDLE, NULL);
+		abort_txn();
 		if (fast_path && b.n > 0)
 			load_checkpoint(false); /* the native state already moved on */
 		become_standby("another replica holds the output gate");
 		return true;
 	}
-	if (snap)
-	{
-		v[0] = CStringGetTextDatum(psprintf("processor:%s", proc_name));
-		v[1] = Int64GetDatum(b.end);
-		spool_plan(&plan_consumer,
-				   "UPDATE spool.consumers SET committed_cursor = greatest(committed_cursor, $2),"
-				   " updated_at = now() WHERE name = $1",
-				   2, (Oid[]) {TEXTOID, INT8OID});
-		spool_exec(plan_consumer, v, NULL, false, SPI_OK_UPDATE);
-	}
+	staged = state_stage(&res);
+	noutputs = res.noutputs;
 	end_txn();
 
-	state_commit(&res, b.end);
+	state_adopt(staged, b.end);
 	since_snapshot = snapshot ? 0 : since_snapshot + b.n;
 	if (snapshot)
 		last_snapshot_at = GetCurrentTimestamp();
@@ -806,7 +849,7 @@ active_step(void)
 	}
 	rs->entries += b.n;
 	rs->batches++;
-	rs->outputs += res.noutputs;
+	rs->outputs += noutputs;
 	LWLockRelease(spool_shared->processor_lock);
 	ConditionVariableBroadcast(&ps->cv);
 	return true;
@@ -823,14 +866,16 @@ standby_step(int64 target)
 {
 	Batch		b;
 	StepResult	res;
+	Jsonb	   *staged;
 
 	begin_txn("following");
 	read_batch(cursor, target, &b);
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, false);
-	state_commit(&res, b.end);
+	staged = state_stage(&res);
 	end_txn();
+	state_adopt(staged, b.end);
 	rs->entries += b.n;
 	rs->batches++;
 	if (rs->role == ROLE_STARTING)

@@ -85,6 +85,9 @@ option_int(JsonbValue *v, const char *what, int64 lo, int64 hi)
 	if (v->type != jbvNumeric)
 		bad_option(psprintf("option \"%s\" must be a number", what), NULL);
 	s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+	/* 2 and 2.0 are the same number in JSON */
+	if ((end = strchr(s, '.')) != NULL && strspn(end + 1, "0") == strlen(end + 1))
+		*end = '\0';
 	errno = 0;
 	n = strtoll(s, &end, 10);
 	if (*end != '\0' || errno != 0 || n < lo || n > hi)
@@ -103,11 +106,8 @@ option_ttl_ms(JsonbValue *v)
 		ms = option_int(v, "lease_ttl", 1, INT64CONST(86400000));
 	else if (v->type == jbvString)
 	{
-		Interval   *iv = DatumGetIntervalP(DirectFunctionCall3(interval_in,
-															   CStringGetDatum(pnstrdup(v->val.string.val,
-																						v->val.string.len)),
-															   ObjectIdGetDatum(InvalidOid),
-															   Int32GetDatum(-1)));
+		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
+											  "option \"lease_ttl\"");
 
 		ms = (iv->time + (int64) iv->day * USECS_PER_DAY +
 			  (int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY) / 1000;
@@ -234,7 +234,7 @@ spool_processor_options_jsonb(SpoolProcessorOptions *o)
 		}
 		appendStringInfoChar(&buf, ']');
 	}
-	appendStringInfo(&buf, ", \"replicas\": %d, \"batch_size\": %d, \"lease_ttl_ms\": " INT64_FORMAT
+	appendStringInfo(&buf, ", \"replicas\": %d, \"batch_size\": %d, \"lease_ttl\": " INT64_FORMAT
 					 ", \"checkpoint_every\": " INT64_FORMAT ", \"start\": ",
 					 o->replicas, o->batch_size, o->lease_ttl_ms, o->checkpoint_every);
 	if (o->start_cursor == -1)

@@ -165,3 +165,32 @@ spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only,
 			 SPI_result_code_string(rc), SPI_result_code_string(expected));
 	return SPI_processed;
 }
+
+/*
+ * Parse an interval given as text in an option, raising SP001 (not the
+ * input function's own error) when it is not one.
+ */
+Interval *
+spool_parse_interval(const char *s, const char *what)
+{
+	Interval   *iv = NULL;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		iv = DatumGetIntervalP(DirectFunctionCall3(interval_in, CStringGetDatum(s),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
+	}
+	PG_CATCH();
+	{
+		/* interval_in holds no resources; replace its error with ours. */
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s must be an interval such as '5 s' or '2 minutes', not \"%s\"", what, s)));
+	}
+	PG_END_TRY();
+	return iv;
+}

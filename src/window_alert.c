@@ -28,6 +28,7 @@
 #include "lib/stringinfo.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "pgtime.h"
 #include "utils/datetime.h"
 #include "utils/hsearch.h"
 #include "utils/json.h"
@@ -239,19 +240,17 @@ parse_duration(JsonbValue *v)
 	}
 	if (v->type == jbvString)
 	{
-		char	   *s = pnstrdup(v->val.string.val, v->val.string.len);
-		Interval   *iv;
+		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
+											  "window_alert: \"window.size\"");
+		int64		us;
 
-		iv = DatumGetIntervalP(DirectFunctionCall3(interval_in, CStringGetDatum(s),
-												   ObjectIdGetDatum(InvalidOid),
-												   Int32GetDatum(-1)));
 		if (iv->month != 0)
 			wa_error("\"window.size\" must not use months or years",
 					 "Months have no fixed length; use days.");
-		if (iv->time + (int128) iv->day * USECS_PER_DAY <= 0 ||
-			iv->time + (int128) iv->day * USECS_PER_DAY > (int128) 366 * USECS_PER_DAY)
+		us = iv->time + (int64) iv->day * USECS_PER_DAY;
+		if (us <= 0 || us > (int64) 366 * USECS_PER_DAY)
 			wa_error("\"window.size\" must be positive and at most 366 days", NULL);
-		return iv->time + (int64) iv->day * USECS_PER_DAY;
+		return us;
 	}
 	wa_error("\"window.size\" of a time window must be an interval such as '5 minutes', or seconds", NULL);
 	return 0;
@@ -405,6 +404,39 @@ lookup_path(Jsonb *doc, char *const *path, int depth, JsonbValue *res)
 	return res;
 }
 
+/* s is a JSON number: -?digits[.digits][(e|E)[+-]digits], nothing else. */
+static bool
+json_number_syntax(const char *s)
+{
+	const char *p = s;
+
+	if (*p == '-')
+		p++;
+	if (!isdigit((unsigned char) *p))
+		return false;
+	while (isdigit((unsigned char) *p))
+		p++;
+	if (*p == '.')
+	{
+		p++;
+		if (!isdigit((unsigned char) *p))
+			return false;
+		while (isdigit((unsigned char) *p))
+			p++;
+	}
+	if (*p == 'e' || *p == 'E')
+	{
+		p++;
+		if (*p == '+' || *p == '-')
+			p++;
+		if (!isdigit((unsigned char) *p))
+			return false;
+		while (isdigit((unsigned char) *p))
+			p++;
+	}
+	return *p == '\0';
+}
+
 /* A JSON number, or a string holding one; false unless finite. */
 static bool
 jsonb_number(JsonbValue *v, double *out)
@@ -421,14 +453,18 @@ jsonb_number(JsonbValue *v, double *out)
 												NumericGetDatum(v->val.numeric)));
 	}
 	else if (v->type == jbvString && v->val.string.len > 0 && v->val.string.len < 64)
+	{
 		s = pnstrdup(v->val.string.val, v->val.string.len);
+		if (!json_number_syntax(s))
+			return false;
+	}
 	else
 		return false;
 	errno = 0;
 	d = strtod(s, &end);
 	if (end == s || *end != '\0' || !isfinite(d))
 		return false;
-	*out = d;
+	*out = d == 0 ? 0.0 : d;	/* no -0: it would not survive a snapshot */
 	return true;
 }
 
@@ -470,15 +506,24 @@ entry_time(WAState *st, const WAEntry *e, int64 *ts)
 		fsec_t		fsec;
 		int			tz;
 		char	   *s = pnstrdup(v.val.string.val, v.val.string.len);
+		pg_tz	   *session = session_timezone;
+		bool		ok;
 
-		/* Parse without raising: a bad timestamp skips the entry. */
-		if (ParseDateTime(s, workbuf, sizeof(workbuf), field, ftype,
-						  MAXDATEFIELDS, &nf) != 0 ||
-			DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) != 0 ||
-			dtype != DTK_DATE ||
-			tm2timestamp(&tt, fsec, &tz, ts) != 0)
+		/*
+		 * Parse without raising: a bad timestamp skips the entry.  Only
+		 * literal dates (no 'now', 'today', ...), and a timestamp without a
+		 * zone is UTC, whatever the session's TimeZone: replicas must agree.
+		 */
+		if (!isdigit((unsigned char) s[0]))
 			return false;
-		return true;
+		session_timezone = pg_tzset("UTC");
+		ok = ParseDateTime(s, workbuf, sizeof(workbuf), field, ftype,
+						   MAXDATEFIELDS, &nf) == 0 &&
+			DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) == 0 &&
+			dtype == DTK_DATE &&
+			tm2timestamp(&tt, fsec, &tz, ts) == 0;
+		session_timezone = session;
+		return ok;
 	}
 	return false;
 }
@@ -1085,7 +1130,7 @@ spool_wa_apply(WAState *st, const WAEntry *e, WAOutputs *out)
 		st->skipped++;
 		return;
 	}
-	if (cfg->value_depth > 0 &&
+	if (cfg->value_depth > 0 && cfg->agg != WA_COUNT &&
 		(lookup_path(e->value, cfg->value_path, cfg->value_depth, &vv) == NULL ||
 		 !jsonb_number(&vv, &val)))
 	{
@@ -1254,7 +1299,10 @@ spool_window_alert(PG_FUNCTION_ARGS)
 			Datum		d;
 
 			if (enulls[i])
+			{
+				st->skipped++;
 				continue;
+			}
 			th = DatumGetHeapTupleHeader(elems[i]);
 			d = GetAttributeByName(th, "cursor", &isnull);
 			e.cursor = isnull ? 0 : DatumGetInt64(d);
