@@ -579,19 +579,21 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.create_processor(text, regprocedure, jsonb),
 	@extschema@.start_processor(text),
 	@extschema@.stop_processor(text),
-	@extschema@.drop_processor(text),
-	@extschema@.processor_runtime()
+	@extschema@.drop_processor(text)
 	TO spool_admin;
 GRANT EXECUTE ON FUNCTION
 	@extschema@.window_alert(jsonb, @extschema@.entries[]),
 	@extschema@.current_replica(),
-	@extschema@.handler_settings()
+	@extschema@.handler_settings(),
+	@extschema@.processor_runtime()
 	TO spool_admin, spool_client;
 GRANT EXECUTE ON FUNCTION @extschema@.read(bigint, int, interval) TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
-	@extschema@.consumers, @extschema@.processors, @extschema@.processor_checkpoints,
+	@extschema@.consumers, @extschema@.processors,
 	@extschema@.processor_status, @extschema@.outbox
 	TO spool_admin, spool_client;
+-- Checkpoints hold processor state, which may be business data.
+GRANT SELECT ON @extschema@.processor_checkpoints TO spool_admin;
 
 SELECT @extschema@._launcher_wakeup();
