@@ -100,7 +100,7 @@ spool_define_gucs(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("spool.test_worker_pause",
-							"Testing only: a nonce worker waits this long after fencing a batch, before committing it.",
+							"Testing only: nonce workers and processor replicas wait this long after fencing a batch, before committing it.",
 							NULL,
 							&spool_test_worker_pause_ms,
 							0, 0, 600 * 1000,

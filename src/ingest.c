@@ -57,7 +57,10 @@ PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 
 #define STATUS_INTERVAL_MS	1000
 #define COMMIT_INTERVAL_MS	5000
-#define ERROR_QUIET_MS		15000	/* no error for this long: state back to running */
+#define ERROR_QUIET_MS		35000	/* no error for this long: state back to running;
+									 * longer than librdkafka's 30 s suppression of a
+									 * repeated identical error, so an outage stays
+									 * visible */
 #define KAFKA_CALL_TIMEOUT_MS 5000
 #define STAGING_NATTS		15
 

@@ -65,7 +65,6 @@ static void worker_process(BatchItem *items, int n);
 static bool worker_run_groups(BatchItem *items, int n, bool isolate_errors);
 static void worker_serve_signer(BatchItem *items, int n);
 static void worker_complete(BatchItem *items, int n);
-static void worker_test_pause(void);
 static void forget_leases(void);
 
 static int
@@ -300,7 +299,7 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 				worker_serve_signer(items + g, ge - g);
 				g = ge;
 			}
-			worker_test_pause();
+			spool_test_pause();
 			PopActiveSnapshot();
 			SPI_finish();
 			CommitTransactionCommand();
@@ -406,27 +405,6 @@ forget_leases(void)
 		(void) hash_search(held_leases, hl->signer, HASH_REMOVE, NULL);
 }
 
-/* Testing hook: hold the fenced, uncommitted batch open for a while. */
-static void
-worker_test_pause(void)
-{
-	TimestampTz until;
-
-	if (spool_test_worker_pause_ms <= 0)
-		return;
-	until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), spool_test_worker_pause_ms);
-	for (;;)
-	{
-		long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
-
-		if (ms <= 0)
-			break;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 ms, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-	}
-}
 
 /* Hand results back to the callers and wake them. */
 static void

@@ -801,6 +801,7 @@ active_step(void)
 	if (ok)
 	{
 		spool_fence_register(lease_resource, token);
+		spool_test_pause();
 		/* The compare-and-set on the checkpoint row. */
 		spool_plan(&plan_commit,
 				   "UPDATE spool.processor_checkpoints SET committed_cursor = $3,"

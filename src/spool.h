@@ -222,6 +222,7 @@ extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *wha
 extern int64 spool_arg_ttl(FunctionCallInfo fcinfo, int argno);
 extern Datum spool_ttl_datum(int64 ttl_us);
 extern Interval *spool_parse_interval(const char *s, const char *what);
+extern void spool_test_pause(void);
 extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
 							 Oid *argtypes);
 extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,

@@ -9,6 +9,9 @@
 #include "postgres.h"
 
 #include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -193,4 +196,29 @@ spool_parse_interval(const char *s, const char *what)
 	}
 	PG_END_TRY();
 	return iv;
+}
+
+/*
+ * Testing hook (spool.test_worker_pause): a worker holds its fenced,
+ * uncommitted unit of work open for a while, waiting on its latch.
+ */
+void
+spool_test_pause(void)
+{
+	TimestampTz until;
+
+	if (spool_test_worker_pause_ms <= 0)
+		return;
+	until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), spool_test_worker_pause_ms);
+	for (;;)
+	{
+		long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
+
+		if (ms <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
 }
