@@ -284,6 +284,8 @@ record_error(void)
 	ErrorData  *edata = CopyErrorData();
 
 	MemoryContextSwitchTo(old);
+	/* The error may have come while we held it; the abort would release it. */
+	LWLockReleaseAll();
 	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
 	rs->errors++;
 	rs->exit_error = true;
