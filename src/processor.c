@@ -221,7 +221,6 @@ spool_processor_main(Datum main_arg)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	rs->role = ROLE_STANDBY;
 	pgstat_report_appname(MyBgworkerEntry->bgw_name);
 
 	for (;;)
@@ -261,6 +260,9 @@ spool_processor_main(Datum main_arg)
 					standby_step(committed);
 				else
 				{
+					/* Caught up: from now on a takeover needs at most one batch. */
+					if (rs->role == ROLE_STARTING)
+						rs->role = ROLE_STANDBY;
 					check_snapshot_hash();
 					if (!try_takeover())
 						wait_for_work();
@@ -881,8 +883,6 @@ standby_step(int64 target)
 	state_adopt(staged, b.end);
 	rs->entries += b.n;
 	rs->batches++;
-	if (rs->role == ROLE_STARTING)
-		rs->role = ROLE_STANDBY;
 }
 
 /*
