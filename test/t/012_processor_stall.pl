@@ -355,7 +355,9 @@ sub fenced_round
 	my $stall = time - $t_stop;
 	my ($npid, $ntoken) = row("SELECT pid, token FROM spool.processor_status"
 		  . " WHERE processor = '$proc' AND role = 'active'");
-	is($npid, $spid, "$what: the standby $spid is the new active");
+	# The standby, or the stopped replica's replacement if it catches up first:
+	# both are ready once the stopped process is gone.
+	isnt($npid, $apid, "$what: a replica other than the stopped $apid is the new active ($npid)");
 	my $gone = !kill(0, $apid)
 	  || sql("SELECT count(*) FROM pg_stat_activity WHERE pid = $apid") eq '0';
 	my $log = slurp_file($node->logfile, $log_offset);
