@@ -57,6 +57,7 @@ PGDLLEXPORT void spool_processor_main(Datum main_arg);
 
 #define IDLE_SNAPSHOT_MS	1000	/* snapshot a changed state after this idle time */
 #define STANDBY_POLL_MS		250
+#define GATE_FREE_POLL_MS	10
 #define ADVISORY_KEY1		0x53504F4F	/* 'SPOO' */
 
 int			spool_current_replica_no = 0;
@@ -121,6 +122,7 @@ typedef struct StepResult
 } StepResult;
 
 static void replica_detach(int code, Datum arg);
+static pid_t active_pid_now(void);
 static void load_processor(void);
 static void load_checkpoint(bool publish);
 static void state_reset(Jsonb *snapshot, int64 at);
@@ -167,6 +169,15 @@ replica_detach(int code, Datum arg)
 		ps->active_gone_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(spool_shared->processor_lock);
+	/*
+	 * Release the advisory lock before waking the standbys (exit would release
+	 * it only later), so the first one to try gets it and takes over at once.
+	 */
+	if (have_advisory)
+	{
+		advisory_lock(false);
+		have_advisory = false;
+	}
 	/* The standbys notice a clean exit at once. */
 	ConditionVariableBroadcast(&ps->cv);
 }
@@ -1131,6 +1142,17 @@ renew_lease(void)
 	return true;
 }
 
+static pid_t
+active_pid_now(void)
+{
+	pid_t		pid;
+
+	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	pid = ps->active_pid;
+	LWLockRelease(spool_shared->processor_lock);
+	return pid;
+}
+
 /*
  * Sleep until there may be work: the active waits for the promoter's next
  * cursor, a standby for the active's next commit (or exit).  Both wake in
@@ -1165,6 +1187,9 @@ wait_for_work(void)
 		if (committed > cursor)
 			return;
 		timeout = STANDBY_POLL_MS;
+		/* The gate is free and another replica is taking it: look again soon. */
+		if (active_pid_now() == 0)
+			timeout = GATE_FREE_POLL_MS;
 		if (expires > now)
 			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, expires) + 1);
 		ConditionVariablePrepareToSleep(&ps->cv);
