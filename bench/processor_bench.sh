@@ -11,7 +11,10 @@
 #       produces PRODUCE_BATCH messages every ~100 ms), with a PL/pgSQL
 #       handler that emits one output per entry (replicas 2, batch_size 100):
 #       (a) TAKEOVERS clean exits (pg_terminate_backend of the active), and
-#       (b) STALLS stalls (SIGSTOP of the active) with lease_ttl '1 s';
+#       (b) STALLS stalls (SIGSTOP of the active) with lease_ttl '1 s',
+#           stopped while it sleeps in its handler (the handler sleeps 40 ms
+#           per batch there: a hung handler; a process stopped inside its
+#           commit's WAL flush holds locks every commit in the server needs);
 #       each starts while the active has >= 300 entries to do (so outputs
 #       are being committed, and the latency does not include waiting for
 #       input); latency = the commit time (track_commit_timestamp) of the
@@ -224,6 +227,10 @@ RETURNS spool.step LANGUAGE plpgsql AS $$
 DECLARE
 	outs spool.output[];
 BEGIN
+	-- (3b) simulates a slow handler: it is where a hung handler stalls.
+	IF spool.handler_settings() ? 'sleep_ms' THEN
+		PERFORM pg_sleep((spool.handler_settings()->>'sleep_ms')::float8 / 1000);
+	END IF;
 	SELECT array_agg(ROW('echo', e.value->>'key',
 						 jsonb_build_object('cursor', e.cursor, 'seq', e.value->'seq'))::spool.output
 					 ORDER BY e.cursor)
@@ -347,12 +354,20 @@ END $$;
 
 -- The busy active replica of p: "pid|token|max outbox id", once the backlog
 -- is there (NULL if it never came).
-CREATE FUNCTION bench_busy_active(p text, min_backlog bigint)
+CREATE FUNCTION bench_busy_active(p text, min_backlog bigint, in_handler boolean DEFAULT false)
 RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+	deadline timestamptz := clock_timestamp() + interval '30 s';
 BEGIN
 	IF NOT bench_wait_backlog(p, min_backlog, 30) THEN
 		RETURN NULL;
 	END IF;
+	-- With in_handler: until the active sleeps in its handler.
+	WHILE in_handler AND clock_timestamp() < deadline AND NOT EXISTS (
+			SELECT 1 FROM pg_stat_activity a JOIN spool.processor_status s ON s.pid = a.pid
+			 WHERE s.processor = p AND s.role = 'active' AND a.wait_event = 'PgSleep') LOOP
+		PERFORM pg_sleep(0.001);
+	END LOOP;
 	RETURN (SELECT pid || '|' || token FROM spool.processor_status WHERE processor = p AND role = 'active')
 		|| '|' || (SELECT coalesce(max(id), 0) FROM spool.outbox_store);
 END $$;
@@ -612,7 +627,7 @@ done
 EXIT_END=$(sql -c "SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = 'tk_exit'")
 sql -c "SELECT spool.create_processor('tk_stall', 'bench_echo(jsonb, spool.entries[])',
 	        '{\"sources\": [\"tk\"], \"replicas\": 2, \"batch_size\": 100, \"run_as\": \"bench_owner\",
-	          \"lease_ttl\": \"1 s\", \"start\": $EXIT_END}')" \
+	          \"lease_ttl\": \"1 s\", \"start\": $EXIT_END, \"handler\": {\"sleep_ms\": 40}}')" \
 	-c "SELECT spool.start_processor('tk_stall')" >/dev/null
 stall_ms=()
 stall_free=()
@@ -623,7 +638,8 @@ TTL_MS=1000
 wait_pair tk_stall 0
 for i in $(seq 1 "$STALLS"); do
 	check_producer
-	res=$(sql -c "SELECT bench_busy_active('tk_stall', $MIN_BACKLOG)")
+	# Stop it inside its handler (a hung handler), not inside a commit.
+	res=$(sql -c "SELECT bench_busy_active('tk_stall', $MIN_BACKLOG, true)")
 	[ -n "$res" ] || { echo "stall $i: tk_stall never had $MIN_BACKLOG entries to do"; exit 1; }
 	IFS='|' read -r apid atok maxid <<< "$res"
 	t0=$(now)
@@ -656,7 +672,7 @@ for i in $(seq 1 "$STALLS"); do
 	wv=$(sql -c "SELECT bench_work_visible('tk_stall', 'tk', $atok)")
 	ms=$(echo "($t1 - $t0) * 1000" | bc -l)
 	[ -n "$wv" ] && [ "$(echo "$wv > $t0" | bc)" = 1 ] && stall_idle=$((stall_idle + 1))
-	wait_pair tk_stall "$apid"
+	wait_pair tk_stall 0
 	ext=$(sql -c "SELECT round(last_takeover_ms::numeric, 1) FROM spool.processor_status WHERE processor = 'tk_stall' AND role = 'active'")
 	stall_ms[$i]=$ms
 	[ -z "$note" ] && stall_free+=("$ms")
