@@ -549,6 +549,113 @@ CREATE VIEW @extschema@.processor_status AS
 	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
 
 ------------------------------------------------------------------------------
+-- Metrics in the Prometheus text format
+------------------------------------------------------------------------------
+
+-- One sample line: name{labels} value, label values escaped as Prometheus wants.
+CREATE FUNCTION @extschema@._metric(name text, labels text[], value numeric)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+	SELECT name
+		|| CASE WHEN cardinality(labels) = 0 THEN '' ELSE
+			'{' || (SELECT string_agg(labels[i] || '="'
+						|| replace(replace(replace(coalesce(labels[i + 1], ''), '\', '\\'), '"', '\"'), E'\n', '\n')
+						|| '"', ',' ORDER BY i)
+					  FROM generate_series(1, cardinality(labels), 2) i) || '}' END
+		|| ' ' || coalesce(value::text, 'NaN')
+$$;
+COMMENT ON FUNCTION @extschema@._metric(text, text[], numeric) IS
+'Internal: one Prometheus sample line; labels are name, value pairs';
+
+CREATE FUNCTION @extschema@.metrics()
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH m(ord, name, type, help, lines) AS (
+		VALUES
+		(1, 'spool_cursor', 'gauge', 'Last committed spool cursor.',
+		 ARRAY(SELECT @extschema@._metric('spool_cursor', '{}', next_cursor - 1)
+				 FROM @extschema@.spool_state)),
+		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which).',
+		 ARRAY(SELECT DISTINCT @extschema@._metric('spool_source_up',
+					ARRAY['source', source, 'state', state], (state = 'running')::int)
+				 FROM @extschema@.source_status)),
+		(3, 'spool_source_lag', 'gauge', 'Kafka messages not yet durable in the spool, per partition.',
+		 ARRAY(SELECT @extschema@._metric('spool_source_lag',
+					ARRAY['source', source, 'topic', topic, 'partition', kafka_partition::text], lag)
+				 FROM @extschema@.source_status WHERE topic IS NOT NULL ORDER BY source, topic, kafka_partition)),
+		(4, 'spool_source_next_offset', 'gauge', 'Next Kafka offset to make durable, per partition.',
+		 ARRAY(SELECT @extschema@._metric('spool_source_next_offset',
+					ARRAY['source', source, 'topic', topic, 'partition', kafka_partition::text], next_offset)
+				 FROM @extschema@.source_status WHERE topic IS NOT NULL ORDER BY source, topic, kafka_partition)),
+		(5, 'spool_dead_letters', 'gauge', 'Messages in spool.dead_letters, per source.',
+		 ARRAY(SELECT @extschema@._metric('spool_dead_letters', ARRAY['source', source], count(*))
+				 FROM @extschema@.dead_letters GROUP BY source ORDER BY source)),
+		(6, 'spool_gaps', 'gauge', 'Retention gaps recorded in spool.gaps, per source.',
+		 ARRAY(SELECT @extschema@._metric('spool_gaps', ARRAY['source', source], count(*))
+				 FROM @extschema@.gaps GROUP BY source ORDER BY source)),
+		(7, 'spool_segments', 'gauge', 'Spool segments by state.',
+		 ARRAY(SELECT @extschema@._metric('spool_segments', ARRAY['state', state], count(*))
+				 FROM @extschema@.segments GROUP BY state ORDER BY state)),
+		(8, 'spool_processor_active', 'gauge', '1 for the replica holding the output gate, 0 otherwise (role label).',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_active',
+					ARRAY['processor', processor, 'replica', replica::text, 'role', role], (role = 'active')::int)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(9, 'spool_processor_lag', 'gauge', 'Spool entries after the replica''s cursor.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_lag',
+					ARRAY['processor', processor, 'replica', replica::text], lag)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(10, 'spool_processor_committed_cursor', 'gauge', 'Outputs exist for every entry up to this cursor.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_committed_cursor', ARRAY['processor', processor],
+					committed_cursor)
+				 FROM @extschema@.processor_checkpoints ORDER BY processor)),
+		(11, 'spool_processor_takeovers_total', 'counter', 'Output gates taken over by the replica.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_takeovers_total',
+					ARRAY['processor', processor, 'replica', replica::text], takeovers)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(12, 'spool_processor_last_takeover_seconds', 'gauge', 'Latency of the replica''s last takeover.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_last_takeover_seconds',
+					ARRAY['processor', processor, 'replica', replica::text], (last_takeover_ms / 1000)::numeric)
+				 FROM @extschema@.processor_status WHERE last_takeover_ms IS NOT NULL ORDER BY processor, replica)),
+		(13, 'spool_processor_entries_total', 'counter', 'Entries the replica applied.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_entries_total',
+					ARRAY['processor', processor, 'replica', replica::text], entries)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(14, 'spool_processor_outputs_total', 'counter', 'Outputs the replica committed.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_outputs_total',
+					ARRAY['processor', processor, 'replica', replica::text], outputs)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(15, 'spool_processor_errors_total', 'counter', 'Errors that made the replica exit.',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_errors_total',
+					ARRAY['processor', processor, 'replica', replica::text], errors)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(16, 'spool_processor_hash_mismatches_total', 'counter', 'State hash mismatches seen by the replica (non-deterministic handler).',
+		 ARRAY(SELECT @extschema@._metric('spool_processor_hash_mismatches_total',
+					ARRAY['processor', processor, 'replica', replica::text], hash_mismatches)
+				 FROM @extschema@.processor_status WHERE replica IS NOT NULL ORDER BY processor, replica)),
+		(17, 'spool_nonce_worker_queued', 'gauge', 'Requests waiting for the nonce worker.',
+		 ARRAY(SELECT @extschema@._metric('spool_nonce_worker_queued', ARRAY['worker', worker::text], queued)
+				 FROM @extschema@.nonce_workers ORDER BY worker)),
+		(18, 'spool_nonce_worker_served_total', 'counter', 'Requests the nonce worker slot served.',
+		 ARRAY(SELECT @extschema@._metric('spool_nonce_worker_served_total', ARRAY['worker', worker::text], served)
+				 FROM @extschema@.nonce_workers ORDER BY worker)),
+		(19, 'spool_nonce_worker_takeovers_total', 'counter', 'Times the nonce worker slot got a new process.',
+		 ARRAY(SELECT @extschema@._metric('spool_nonce_worker_takeovers_total', ARRAY['worker', worker::text], takeovers)
+				 FROM @extschema@.nonce_workers ORDER BY worker)),
+		(20, 'spool_leases_live', 'gauge', 'Leases held and not expired.',
+		 ARRAY(SELECT @extschema@._metric('spool_leases_live', '{}', count(*))
+				 FROM @extschema@.lease_store WHERE expires_at > clock_timestamp()))
+	)
+	SELECT string_agg('# HELP ' || name || ' ' || help || E'\n# TYPE ' || name || ' ' || type
+					  || CASE WHEN cardinality(lines) > 0 THEN E'\n' || array_to_string(lines, E'\n') ELSE '' END,
+					  E'\n' ORDER BY ord) || E'\n'
+	  FROM m
+$$;
+COMMENT ON FUNCTION @extschema@.metrics() IS
+'The spool''s counters and gauges in the Prometheus text exposition format';
+
+------------------------------------------------------------------------------
 -- Privileges: nothing to PUBLIC; clients get the lease and nonce API.
 ------------------------------------------------------------------------------
 
@@ -588,6 +695,7 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.processor_runtime()
 	TO spool_admin, spool_client;
 GRANT EXECUTE ON FUNCTION @extschema@.read(bigint, int, interval) TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@.metrics() TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
 	@extschema@.consumers, @extschema@.processors,
