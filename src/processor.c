@@ -122,7 +122,6 @@ typedef struct StepResult
 } StepResult;
 
 static void replica_detach(int code, Datum arg);
-static pid_t active_pid_now(void);
 static void load_processor(void);
 static void load_checkpoint(bool publish);
 static void state_reset(Jsonb *snapshot, int64 at);
@@ -1142,17 +1141,6 @@ renew_lease(void)
 	return true;
 }
 
-static pid_t
-active_pid_now(void)
-{
-	pid_t		pid;
-
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
-	pid = ps->active_pid;
-	LWLockRelease(spool_shared->processor_lock);
-	return pid;
-}
-
 /*
  * Sleep until there may be work: the active waits for the promoter's next
  * cursor, a standby for the active's next commit (or exit).  Both wake in
@@ -1179,17 +1167,17 @@ wait_for_work(void)
 	{
 		TimestampTz expires;
 		int64		committed;
+		pid_t		active;
 
 		LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
 		expires = ps->lease_expires_at;
 		committed = ps->committed_cursor;
+		active = ps->active_pid;
 		LWLockRelease(spool_shared->processor_lock);
 		if (committed > cursor)
 			return;
-		timeout = STANDBY_POLL_MS;
 		/* The gate is free and another replica is taking it: look again soon. */
-		if (active_pid_now() == 0)
-			timeout = GATE_FREE_POLL_MS;
+		timeout = active == 0 ? GATE_FREE_POLL_MS : STANDBY_POLL_MS;
 		if (expires > now)
 			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, expires) + 1);
 		ConditionVariablePrepareToSleep(&ps->cv);
