@@ -84,7 +84,6 @@ for run in $(seq 1 "$RUNS"); do
 		"$run" "${copy_rate[$run]}" "${spool_rate[$run]}" "${spool_rss[$run]}" >&2
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 mc=$(median "${copy_rate[@]}")
 ms=$(median "${spool_rate[@]}")
 mr=$(median "${spool_rss[@]}")

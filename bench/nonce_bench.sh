@@ -79,7 +79,6 @@ done
 dups=$(psql -Atc "SELECT count(*) FROM (SELECT signer, nonce FROM spool.nonces GROUP BY 1, 2 HAVING count(*) > 1) d")
 gaps=$(psql -Atc "SELECT count(*) FROM (SELECT signer FROM spool.nonces GROUP BY signer HAVING max(nonce) + 1 <> count(*)) g")
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 echo
 echo "nonce allocation, pgbench -M prepared, $CLIENTS clients, ${SECS}s per case, $RUNS runs, $(nproc) cores, $(date -u +%Y-%m-%d)"

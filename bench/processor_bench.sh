@@ -409,7 +409,6 @@ $$;
 SQL
 
 now() { date +%s.%N; }
-median() { printf '%s\n' "$@" | sort -g | awk 'NF {a[++n] = $1} END {if (n) printf "%.1f", (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2}'; }
 # stats VALUES...: "min median p99 max" (p99 by nearest rank); "- - - -" for none
 stats() {
 	printf '%s\n' "$@" | sort -g | awk 'NF {a[++n] = $1} END {
@@ -526,21 +525,10 @@ log "  (2) vs window_alert: $equiv"
 # ---------------------------------------------------------------------------
 # (3) takeovers on a growing spool
 # ---------------------------------------------------------------------------
-# A fast reply wait for the producer loop (the kafka helper polls every 100 ms).
-kafka_q() {
-	local before
-	before=$(wc -l < "$KAFKA_OUT")
-	echo "$*" >&9
-	for _ in $(seq 1 6000); do
-		[ "$(wc -l < "$KAFKA_OUT")" -gt "$before" ] && break
-		sleep 0.01
-	done
-	tail -n 1 "$KAFKA_OUT"
-}
 producer() {
 	local start=0 r
 	while [ ! -e "$work/stop_producing" ] && [ $((start + PRODUCE_BATCH)) -le "$TK_MAX" ]; do
-		r=$(kafka_q "produce tk $PRODUCE_BATCH -1 100 $start")
+		r=$(KAFKA_WAIT_S=60 kafka "produce tk $PRODUCE_BATCH -1 100 $start")
 		case $r in
 			OK*) ;;
 			*) echo "producer: $r" > "$work/producer_error"; return ;;

@@ -72,7 +72,6 @@ for m in leave stall; do
 done
 elapsed=$(($(date +%s) - start))
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR) printf "%.0f", (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 setting() { sed -n "s/^# $1 = //p" "$work/leave.out" "$work/stall.out" 2>/dev/null | head -1; }
 
 echo

@@ -74,17 +74,25 @@ start_kafka() {
 	[ -n "$KAFKA_BOOTSTRAP" ] || { echo "test Kafka cluster did not start:"; cat "$work/kafka.err"; return 1; }
 }
 
+# KAFKA_WAIT_S bounds the wait (default 180 s); the answer is polled every 10 ms.
 kafka() {
 	local before
 	before=$(wc -l < "$KAFKA_OUT")
 	echo "$*" >&9
-	for _ in $(seq 1 1800); do
+	for _ in $(seq 1 $((${KAFKA_WAIT_S:-180} * 100))); do
 		[ "$(wc -l < "$KAFKA_OUT")" -gt "$before" ] && break
-		sleep 0.1
+		sleep 0.01
 	done
 	tail -n 1 "$KAFKA_OUT"
 }
 
 stop_kafka() {
 	[ -n "${KAFKA_PID:-}" ] && kill "$KAFKA_PID" 2>/dev/null || true
+}
+
+# median VALUES...: the median (mean of the middle two for an even count);
+# empty arguments are ignored, nothing is printed for none.  For benchmarks.
+median() {
+	printf '%s\n' "$@" | sort -g | awk 'NF {a[++n] = $1} END {
+		if (n) printf "%.10g\n", (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2 }'
 }

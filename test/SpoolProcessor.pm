@@ -11,7 +11,11 @@
 #   outputs_exact($node, $processor, $nparts, $nseq, $what)
 #       the outbox holds exactly the reference outputs: none lost, none
 #       duplicated, and per key in outbox order.
-#   active_pid / wait_gate / replica_pids
+#   wait_processed($node, $processor, $nseq, $what [, $secs])
+#       all $nseq produced entries are in the spool, committed, one output each
+#   tokens_ordered($node, $processor, $what)
+#       the writer's token never decreases in outbox id order
+#   active_pid / wait_gate / replica_pids / committed_cursor
 #
 # test_handler folds entries of the mock's JSON ({"seq": i, ...}, i on
 # partition i % nparts) into per-group counts, group 'g' || (seq % nparts),
@@ -34,7 +38,7 @@ use Test::More;
 use SpoolTest;
 
 our @EXPORT = qw(processor_setup reference_outputs outputs_exact active_pid
-  wait_gate replica_pids);
+  wait_gate replica_pids committed_cursor wait_spooled wait_processed tokens_ordered);
 
 our $HANDLER = q{
 CREATE TABLE test_faults (seq int NOT NULL, replica int);
@@ -161,6 +165,50 @@ sub wait_gate
 		  . " AND count(*) FILTER (WHERE role = 'standby') = $n - 1"
 		  . " FROM spool.processor_status WHERE processor = '$proc'",
 		$what // "$proc: one active and " . ($n - 1) . " standby replica(s)");
+}
+
+sub committed_cursor
+{
+	my ($node, $proc) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = '$proc'");
+}
+
+# Wait until the $nseq produced entries are in the spool (source 'src').
+sub wait_spooled
+{
+	my ($node, $nseq, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	return poll_ok($node,
+		"SELECT count(*) = $nseq FROM spool.entries WHERE source = 'src'",
+		"$what: all $nseq entries in the spool");
+}
+
+# Wait until the $nseq produced entries are in the spool and $proc committed
+# every entry with one output each: bounded by $secs, or the framework's
+# default timeout.
+sub wait_processed
+{
+	my ($node, $proc, $nseq, $what, $secs) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	wait_spooled($node, $nseq, $what);
+	my $q = "SELECT c.committed_cursor >= (SELECT max(cursor) FROM spool.entries)"
+	  . " AND (SELECT count(*) FROM spool.outbox WHERE processor = '$proc') = $nseq"
+	  . " FROM spool.processor_checkpoints c WHERE c.processor = '$proc'";
+	return defined $secs
+	  ? poll_within($node, $secs, $q, "$what: $proc processed all $nseq entries")
+	  : poll_ok($node, $q, "$what: $proc processed all $nseq entries");
+}
+
+sub tokens_ordered
+{
+	my ($node, $proc, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	return is(
+		$node->safe_psql('postgres',
+			"SELECT count(*) FROM (SELECT token, lag(token) OVER (ORDER BY id) AS prev"
+			  . " FROM spool.outbox WHERE processor = '$proc') x WHERE token < prev"),
+		'0', "$what: the writer token is non-decreasing in outbox id order");
 }
 
 # { replica => pid } of the running replicas.

@@ -75,21 +75,24 @@ sub poll_within
 	return ok($got eq 't', sprintf('waited for %s (%.1fs)', $what, time - $t0));
 }
 
-# crash_restart_ok($node, $pid, $log_offset): after backend $pid was killed
-# with SIGKILL, wait for the server to accept connections again and assert
-# from the log (read from $log_offset) that the postmaster noticed the kill
-# and restarted every backend.
+# crash_restart_ok($node, $pid, $log_offset [, $what]): after process $pid
+# (a backend or a background worker) was killed with SIGKILL, wait for the
+# server to accept connections again and assert from the log (read from
+# $log_offset) that the postmaster noticed the kill and restarted every
+# backend.  $what prefixes the test names.
 sub crash_restart_ok
 {
-	my ($node, $pid, $log_offset) = @_;
+	my ($node, $pid, $log_offset, $what) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $p = defined $what ? "$what: " : '';
 
-	poll_ok($node, 'SELECT true', 'the server to accept connections after the crash');
+	poll_ok($node, 'SELECT true', "${p}the server to accept connections after the crash");
 	ok( $node->log_contains(
-			qr/server process \(PID $pid\) was terminated by signal 9/, $log_offset),
-		'the postmaster noticed the killed backend');
+			qr/(?:server process|background worker "[^"]+") \(PID $pid\) was terminated by signal 9/,
+			$log_offset),
+		"${p}the postmaster noticed the killed process $pid");
 	ok($node->log_contains(qr/all server processes terminated; reinitializing/, $log_offset),
-		'the whole server restarted');
+		"${p}the whole server restarted");
 }
 
 sub wait_pid_gone

@@ -55,30 +55,6 @@ sub produce
 	$next_seq += $n;
 }
 
-# Every produced seq is in the spool.
-sub wait_spooled
-{
-	my ($what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	return poll_ok($node,
-		"SELECT count(*) = $next_seq FROM spool.entries WHERE source = 'src'",
-		"$what: all $next_seq entries in the spool");
-}
-
-# The processor committed every entry in the spool and emitted one output each.
-sub wait_processed
-{
-	my ($what, $secs) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	wait_spooled($what);
-	my $q = "SELECT c.committed_cursor >= (SELECT max(cursor) FROM spool.entries)"
-	  . " AND (SELECT count(*) FROM spool.outbox WHERE processor = '$proc') = $next_seq"
-	  . " FROM spool.processor_checkpoints c WHERE c.processor = '$proc'";
-	return defined $secs
-	  ? poll_within($node, $secs, $q, "$what: all $next_seq entries processed")
-	  : poll_ok($node, $q, "$what: all $next_seq entries processed");
-}
-
 # One replica's processor_status row as a hash.
 sub replica_row
 {
@@ -99,14 +75,9 @@ sub seq_cursor
 		  . " AND (value->>'seq')::int = $seq");
 }
 
-sub committed
-{
-	return sql("SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = '$proc'");
-}
-
 wait_gate($node, $proc, 2);
 produce(500);
-wait_processed('warm-up');
+wait_processed($node, $proc, $next_seq, 'warm-up');
 outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 
 # ---------------------------------------------------------------------------
@@ -124,7 +95,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	sql("INSERT INTO test_faults VALUES ($s, $r)");
 	my $log_offset = -s $node->logfile;
 	produce(400);
-	wait_spooled('(a)');
+	wait_spooled($node, $next_seq, '(a)');
 	my $s_cursor = seq_cursor($s);
 
 	poll_ok($node,
@@ -142,7 +113,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 		"SELECT role = 'active' AND takeovers > 0 FROM spool.processor_status"
 		  . " WHERE processor = '$proc' AND replica = $other",
 		"(a) replica $other to take the gate");
-	wait_processed('(a) after the takeover');
+	wait_processed($node, $proc, $next_seq, '(a) after the takeover');
 	outputs_exact($node, $proc, $nparts, $next_seq, '(a) after the takeover');
 	ok($node->log_contains(qr/ERROR:  injected fault at seq $s in replica $r/, $log_offset),
 		"(a) the handler's error is in the log");
@@ -190,7 +161,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	is(replica_row($other)->{errors}, '0', "(a) replica $other had no error");
 
 	# Nothing was lost or duplicated, and replica $r follows without errors.
-	wait_processed('(a) after the recovery');
+	wait_processed($node, $proc, $next_seq, '(a) after the recovery');
 	outputs_exact($node, $proc, $nparts, $next_seq, '(a) after the recovery');
 	poll_ok($node,
 		"SELECT role = 'standby' AND hash_checks > 0 AND hash_mismatches = 0"
@@ -211,7 +182,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	sql("INSERT INTO test_faults VALUES ($s, NULL)");
 	my $log_offset = -s $node->logfile;
 	produce(400);
-	wait_spooled('(b)');
+	wait_spooled($node, $next_seq, '(b)');
 	my $s_cursor = seq_cursor($s);
 
 	# Each replica fails, is restarted with a backoff, fails again.
@@ -221,7 +192,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 		  . " ELSE $before{2}{errors} END + 2"
 		  . " AND last_error LIKE '%injected fault at seq $s in replica %'",
 		'(b) both replicas to fail on the fault at least twice');
-	my $c1 = committed();
+	my $c1 = committed_cursor($node, $proc);
 	cmp_ok($c1, '<', $s_cursor, "(b) the committed cursor $c1 is below seq ${s}'s cursor $s_cursor");
 	for my $r (1, 2)
 	{
@@ -236,7 +207,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	poll_ok($node,
 		"SELECT sum(errors) >= $e + 2 FROM spool.processor_status WHERE processor = '$proc'",
 		'(b) two more failures');
-	is(committed(), $c1, '(b) the committed cursor stays where it was');
+	is(committed_cursor($node, $proc), $c1, '(b) the committed cursor stays where it was');
 	is( sql(qq{SELECT count(*) FROM spool.outbox o JOIN spool.entries e
 		ON e.source = 'src' AND (e.value->>'seq') = (o.payload->>'seq')
 		WHERE o.processor = '$proc' AND e.cursor > $c1}),
@@ -257,13 +228,13 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	# Fix the handler: everything goes through, within a bound.
 	sql('DELETE FROM test_faults');
 	my $t0 = time;
-	wait_processed('(b) after the fault is removed', 90);
+	wait_processed($node, $proc, $next_seq, '(b) after the fault is removed', 90);
 	note sprintf('(b) processed %.1f s after the fault was removed', time - $t0);
 	outputs_exact($node, $proc, $nparts, $next_seq, '(b) after the fault is removed');
 	wait_gate($node, $proc, 2, '(b) one active and one standby again');
 	my $e2 = sql("SELECT sum(errors) FROM spool.processor_status WHERE processor = '$proc'");
 	produce(300);
-	wait_processed('(b) more input');
+	wait_processed($node, $proc, $next_seq, '(b) more input');
 	outputs_exact($node, $proc, $nparts, $next_seq, '(b) more input');
 	is(sql("SELECT sum(errors) FROM spool.processor_status WHERE processor = '$proc'"),
 		$e2, '(b) no new error after the fix');

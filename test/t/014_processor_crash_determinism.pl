@@ -57,21 +57,6 @@ sub produce
 	$next_seq += $n;
 }
 
-# $p committed every produced entry and emitted one output for each.
-sub wait_processed
-{
-	my ($p, $what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	poll_ok($node,
-		"SELECT count(*) = $next_seq FROM spool.entries WHERE source = 'src'",
-		"$what: all $next_seq entries in the spool");
-	return poll_ok($node,
-		"SELECT c.committed_cursor >= (SELECT max(cursor) FROM spool.entries)"
-		  . " AND (SELECT count(*) FROM spool.outbox WHERE processor = '$p') = $next_seq"
-		  . " FROM spool.processor_checkpoints c WHERE c.processor = '$p'",
-		"$what: $p processed all $next_seq entries");
-}
-
 # P-2 at this instant (one snapshot): one output per entry up to the
 # committed cursor, none beyond it.
 sub outputs_match_cursor
@@ -110,28 +95,9 @@ sub hashes_agree
 	is($h{1}[4] + $h{2}[4], 0, "$what: no hash mismatch");
 }
 
-# After kill -9 of $pid (a client backend or a background worker): the
-# postmaster noticed it, restarted every backend and accepts connections.
-sub crash_restarted_ok
-{
-	my ($pid, $log_offset, $what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	poll_ok($node, 'SELECT true', "$what: the server to accept connections after the crash");
-	ok($node->log_contains(qr/\(PID $pid\) was terminated by signal 9/, $log_offset),
-		"$what: the postmaster noticed the killed process $pid");
-	ok($node->log_contains(qr/all server processes terminated; reinitializing/, $log_offset),
-		"$what: the whole server restarted");
-}
-
-sub committed
-{
-	my ($p) = @_;
-	return sql("SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = '$p'");
-}
-
 wait_gate($node, $proc, 2);
 produce(1000);
-wait_processed($proc, 'warm-up');
+wait_processed($node, $proc, $next_seq, 'warm-up');
 outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 
 # ---------------------------------------------------------------------------
@@ -150,7 +116,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	$holder->query_ok('BEGIN');
 	$holder->query_ok("SELECT committed_cursor FROM spool.processor_checkpoints"
 		  . " WHERE processor = '$proc' FOR UPDATE");
-	my $before = committed($proc);
+	my $before = committed_cursor($node, $proc);
 	produce(3000);
 	poll_ok($node,
 		"SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $apid AND wait_event_type = 'Lock'",
@@ -158,18 +124,18 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	is( sql("SELECT count(*) FROM pg_locks WHERE pid = $apid AND granted"
 			  . " AND relation = 'spool.outbox_store'::regclass AND mode = 'RowExclusiveLock'"),
 		'1', "(a1) the active's open batch transaction has written to the outbox");
-	is(committed($proc), $before, '(a1) the batch is not committed');
+	is(committed_cursor($node, $proc), $before, '(a1) the batch is not committed');
 	my $log_offset = -s $node->logfile;
 	ok(kill('KILL', $apid), "(a1) kill -9 the active replica $apid mid-batch");
 	$holder->quit;
-	crash_restarted_ok($apid, $log_offset, '(a1)');
+	crash_restart_ok($node, $apid, $log_offset, '(a1)');
 
 	wait_gate($node, $proc, 2, '(a1) both replicas back after the crash');
 	ok(!grep({ $_ == $apid } values %{ replica_pids($node, $proc) }),
 		'(a1) the replicas are new processes');
 	outputs_match_cursor($proc, '(a1) right after the crash');
 	produce(1000);
-	wait_processed($proc, '(a1) after the crash');
+	wait_processed($node, $proc, $next_seq, '(a1) after the crash');
 	outputs_exact($node, $proc, $nparts, $next_seq, '(a1) after the crash');
 }
 
@@ -181,7 +147,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	my $vpid = $victim->pid;
 	my $apid = active_pid($node, $proc);
 	my $old_pids = replica_pids($node, $proc);
-	my $base = committed($proc);
+	my $base = committed_cursor($node, $proc);
 	produce(20000);
 
 	# Wait (bounded) for the active to be inside a batch well into the stream.
@@ -214,7 +180,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 	ok(!grep({ $now{$_} } values %$old_pids), '(a2) the replicas are new processes');
 	outputs_match_cursor($proc, '(a2) right after the crash');
 	produce(1000);
-	wait_processed($proc, '(a2) after the crash');
+	wait_processed($node, $proc, $next_seq, '(a2) after the crash');
 	outputs_exact($node, $proc, $nparts, $next_seq, '(a2) after the crash');
 	is(sql('SELECT count(*) FROM spool.dead_letters'), '0', '(a) no dead letters');
 }
@@ -224,7 +190,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 # ---------------------------------------------------------------------------
 {
 	hashes_agree($proc, '(b) before the restart');
-	my $c = committed($proc);
+	my $c = committed_cursor($node, $proc);
 	is(sql("SELECT state_cursor FROM spool.processor_checkpoints WHERE processor = '$proc'"),
 		$c, "(b) the checkpoint holds a state snapshot at the committed cursor $c");
 	my $log_offset = -s $node->logfile;
@@ -247,7 +213,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 		  . " WHERE s.processor = '$proc' AND s.role = 'standby'",
 		"(b) the standby's loaded state to hash like the checkpoint's snapshot");
 	produce(2000);
-	wait_processed($proc, '(b) after the restart');
+	wait_processed($node, $proc, $next_seq, '(b) after the restart');
 	outputs_exact($node, $proc, $nparts, $next_seq, '(b) after the restart');
 	hashes_agree($proc, '(b) after more input');
 }
@@ -276,7 +242,7 @@ outputs_exact($node, $proc, $nparts, $next_seq, 'warm-up');
 			qr/WARNING:  processor "nd" replica \d diverged from the active replica at cursor \d+/,
 			$log_offset),
 		'(c) the log has the divergence WARNING');
-	wait_processed('nd', '(c)');
+	wait_processed($node, 'nd', $next_seq, '(c)');
 	outputs_exact($node, 'nd', $nparts, $next_seq, '(c) nd');
 	is(sql("SELECT sum(errors) FROM spool.processor_status WHERE processor = 'nd'"),
 		'0', '(c) the divergence is not a replica error');
