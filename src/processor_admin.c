@@ -46,7 +46,7 @@ static void check_processor_name(const char *name);
 static void check_handler(Oid handler);
 static Oid	check_run_as(const char *run_as);
 static void check_sources(SpoolProcessorOptions *o);
-static char *processor_owner_check(const char *name);
+static void processor_owner_check(const char *name);
 
 static void
 bad_option(const char *msg, const char *hint)
@@ -440,9 +440,9 @@ spool_create_processor(PG_FUNCTION_ARGS)
 
 /*
  * Check that processor name exists and the caller owns it (or is a
- * superuser); the caller is connected to SPI.  Returns the name.
+ * superuser); the caller is connected to SPI.
  */
-static char *
+static void
 processor_owner_check(const char *name)
 {
 	Oid			t[1] = {TEXTOID};
@@ -462,7 +462,6 @@ processor_owner_check(const char *name)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("must be owner of processor \"%s\"", name)));
-	return (char *) name;
 }
 
 static void

@@ -275,7 +275,5 @@ extern bool spool_owner_is_stale_worker(const char *holder);
 extern void spool_fill_worker(BackgroundWorker *bgw, const char *function,
 							  const char *name);
 extern void spool_exit_if_orphaned(void);
-extern void spool_register_processor_worker(BackgroundWorker *bgw, int slot,
-											int replica, const char *name);
 
 #endif							/* SPOOL_H */
