@@ -10,6 +10,7 @@
 #   $kafka->cmd('produce t1 1000');           # "OK produced 1000"
 #   my ($low, $high) = $kafka->wmarks('t1', 0);
 #   my $ans = $kafka->cmd('down 1', allow_error => 1);   # no die on ERR
+#   my @msgs = $kafka->consume_all('t1', 4);  # every message, with headers
 #   $kafka->stop;                              # or just let it go out of scope
 #
 # The program is $ENV{SPOOL_KAFKA_MOCK} or kafka/spool_kafka_mock next to
@@ -25,6 +26,7 @@ use warnings;
 use Carp;
 use File::Basename qw(dirname);
 use File::Spec;
+use File::Temp;
 use IPC::Run;
 
 our $START_TIMEOUT = 30;
@@ -128,6 +130,91 @@ sub wmarks
 	my ($low, $high) = $ans =~ /^OK (-?\d+) (-?\d+)$/
 	  or croak "SpoolKafka: bad wmarks answer '$ans'";
 	return ($low, $high);
+}
+
+# $kafka->consume($topic, $partition, %opt): the messages of one partition
+# read with the "consume" command, in offset order, as a list of hashes
+#   { partition, offset, key, outbox_id, barrier, value,
+#     headers => [ [name, value], ... ] }
+# key, value and header values are bytes, undef for NULL; outbox_id and
+# barrier are the values of the headers spool-outbox-id and spool-barrier
+# (undef when absent).  Options:
+#   from => N        first offset (default 0; -2 = the log start)
+#   max => N         at most N messages (default: up to the end)
+#   timeout_ms => MS bound of the read (default the program's, 30 s)
+# Dies on an ERR answer, e.g. "Offset out of range" when from is below the
+# log start (the mock drops old batches beyond ~5 MiB per partition).
+sub consume
+{
+	my ($self, $topic, $partition, %opt) = @_;
+	my $from = defined $opt{from} ? $opt{from} : 0;
+	my $max = defined $opt{max} ? $opt{max} : 100_000_000;
+	my $tmp = File::Temp->new(TMPDIR => 1, TEMPLATE => 'spool_consume_XXXXXX');
+	my $file = $tmp->filename;
+	croak "SpoolKafka: temporary file name '$file' has spaces" if $file =~ /\s/;
+	my $line = "consume $topic $partition $from $max $file";
+	my %cmd_opt;
+	if ($opt{timeout_ms})
+	{
+		$line .= " $opt{timeout_ms}";
+		$cmd_opt{timeout} = int($opt{timeout_ms} / 1000) + 30;
+	}
+	my $ans = $self->cmd($line, %cmd_opt);
+	my ($n) = $ans =~ /^OK consumed (\d+) -?\d+$/
+	  or croak "SpoolKafka: bad consume answer '$ans'";
+
+	my @msgs;
+	open my $fh, '<', $file or croak "SpoolKafka: cannot read $file: $!";
+	binmode $fh;
+	while (my $l = <$fh>)
+	{
+		chomp $l;
+		my @f = split /\t/, $l, -1;
+		croak "SpoolKafka: consume line with " . scalar(@f) . " fields: $l"
+		  unless @f == 7;
+		my @headers;
+		for my $h (split /,/, $f[6])
+		{
+			my ($name, $value) = split /=/, $h, 2;
+			push @headers, [ _unescape($name), _unescape($value) ];
+		}
+		push @msgs,
+		  {
+			partition => $f[0],
+			offset => $f[1],
+			key => _unescape($f[2]),
+			outbox_id => _unescape($f[3]),
+			barrier => _unescape($f[4]),
+			value => _unescape($f[5]),
+			headers => \@headers,
+		  };
+	}
+	close $fh;
+	croak "SpoolKafka: consume answered $n but the file has " . scalar(@msgs)
+	  . " lines"
+	  unless @msgs == $n;
+	return @msgs;
+}
+
+# $kafka->consume_all($topic, $nparts, %opt): every message of partitions
+# 0 .. $nparts - 1 (by partition, then offset), as consume() returns them.
+# Reads from offset 0, so it dies if the mock dropped the start of a
+# partition; from => -2 reads from the log start instead.
+sub consume_all
+{
+	my ($self, $topic, $nparts, %opt) = @_;
+	return map { $self->consume($topic, $_, %opt) } 0 .. $nparts - 1;
+}
+
+# Undo the escapes of a consume field (COPY text format plus \xHH).
+sub _unescape
+{
+	my ($s) = @_;
+	return undef if !defined $s || $s eq '\N';
+	my %esc = ('\\' => '\\', t => "\t", n => "\n", r => "\r");
+	$s =~ s/\\(?:x([0-9a-fA-F]{2})|(.))/
+	  defined $1 ? chr(hex $1) : (exists $esc{$2} ? $esc{$2} : $2)/ges;
+	return $s;
 }
 
 # Stop the cluster: "quit", then wait (bounded) for a clean exit, killing

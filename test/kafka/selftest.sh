@@ -4,8 +4,9 @@
 # Builds the program, drives it with a bash coproc (the recipe documented at
 # the top of spool_kafka_mock.c), produces over 4 partitions and consumes
 # with kcat, exercises down/up/wmarks, the retention hole below the low
-# watermark, single messages with headers and tombstones, SIGTERM, and the
-# Perl module.  Exits non-zero on the first failure.  Needs kcat.
+# watermark, single messages with headers and tombstones, reading partitions
+# back with the consume command, SIGTERM, and the Perl module.  Exits non-zero
+# on the first failure.  Needs kcat.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,6 +24,7 @@ coproc KMOCK { exec "$prog" --quiet --topic st:4; }
 mock_pid=$KMOCK_PID
 # On any exit: TERM, then KILL if the program is still there 5 s later.
 cleanup() {
+	rm -f "${out:-}"
 	kill -TERM "$mock_pid" 2>/dev/null || return 0
 	for _ in 1 2 3 4 5 6 7 8 9 10; do
 		kill -0 "$mock_pid" 2>/dev/null || return 0
@@ -106,6 +108,37 @@ want=$'a||10|{"not json\nNULL||-1|NULL\nh|x=1,y=NULL|9|{"seq":5}\nb||100000|'$(p
 [ "$got" = "$want" ] || fail "single messages read back as: $got"
 pass "produce_one / produce_hdr / \\null / \\big read back"
 
+# --- consume: read a partition back with keys and headers -------------------
+out=$(mktemp "${TMPDIR:-/tmp}/selftest_consume.XXXXXX")
+expect 'produce_hdr one 0 a\tb spool-outbox-id=17,spool-barrier=true,z {"v":"a\tb"}' \
+	'^OK produced 1 0 4$'
+expect "consume one 0 0 100 $out" '^OK consumed 5 5$'
+got=$(cut -c1-80 "$out")
+want=$(printf '%s\n' \
+	$'0\t0\ta\t\\N\t\\N\t{"not json\t' \
+	$'0\t1\t\\N\t\\N\t\\N\t\\N\t' \
+	$'0\t2\th\t\\N\t\\N\t{"seq":5}\tx=1,y' \
+	$'0\t3\tb\t\\N\t\\N\t'"$(printf 'x%.0s' $(seq 68))" \
+	$'0\t4\ta\\\\tb\t17\ttrue\t{"v":"a\\\\tb"}\tspool-outbox-id=17,spool-barrier=true,z')
+[ "$got" = "$want" ] || fail "consume wrote:
+$got
+want:
+$want"
+pass "consume: keys, NULLs, values, spool headers and the header list"
+expect "consume one 0 1 2 $out" '^OK consumed 2 3$'
+[ "$(cut -f2 "$out" | tr '\n' ' ')" = "1 2 " ] || fail "consume from 1 max 2: $(cat "$out")"
+pass "consume FROM 1 MAX 2 -> offsets 1 2"
+expect "consume one 0 5 100 $out" '^OK consumed 0 5$'
+[ ! -s "$out" ] || fail "consume at the end wrote something"
+expect "consume one 0 6 100 $out" '^ERR .*Offset out of range'
+expect "consume one 1 0 100 $out" '^ERR partition 1 out of range'
+expect "consume one 0 0 100" '^ERR usage: consume'
+expect "consume st 2 -2 1000 $out" '^OK consumed 279 279$'
+[ "$(wc -l < "$out")" -eq 279 ] || fail "consume st 2 wrote $(wc -l < "$out") lines"
+head -n 1 "$out" | grep -q $'^2\t0\tk2\t\\\\N\t\\\\N\t{"seq":2,' ||
+	fail "first message of st 2: $(head -n 1 "$out" | cut -c1-60)"
+pass "consume -2 reads a whole partition (279 messages)"
+
 # --- retention: more than 5 MiB in one partition moves the log start ------
 expect "topic hole 1" '^OK$'
 expect "produce hole 20000 0 200" '^OK produced 20000$'
@@ -122,6 +155,11 @@ pass "offset 5 < low $low: Offset out of range"
 n=$(count hole)
 [ "$n" -eq $((30000 - low)) ] || fail "kcat read $n, want $((30000 - low))"
 pass "beginning = low watermark ($n messages left)"
+expect "consume hole 0 0 10 $out" '^ERR .*Offset out of range'
+expect "consume hole 0 -2 100000 $out" "^OK consumed $((30000 - low)) 30000\$"
+[ "$(head -n 1 "$out" | cut -f2)" = "$low" ] || fail "consume -2 did not start at $low"
+pass "consume below the log start: Offset out of range; -2 starts at $low"
+rm -f "$out"
 
 # --- quit -----------------------------------------------------------------
 expect "quit" '^OK$'
@@ -148,6 +186,20 @@ if perl -MIPC::Run -e 1 2>/dev/null; then
 		my ($lo, $hi) = $k->wmarks("p", 1);
 		"$lo $hi" eq "0 500" or die "wmarks $lo $hi\n";
 		$k->cmd("bogus", allow_error => 1) =~ /^ERR/ or die "allow_error\n";
+		$k->cmd(q{produce_hdr p 1 k1 spool-outbox-id=7,x=a\\tb {"id":7}});
+		$k->cmd(q{produce_hdr p 1 \null spool-outbox-id=8,spool-barrier=true \null});
+		my @m = $k->consume_all("p", 2);
+		@m == 1002 or die "consume_all read ", scalar(@m), "\n";
+		my @p1 = grep { $_->{partition} == 1 } @m;
+		my ($a, $b) = @p1[-2, -1];
+		$a->{offset} == 500 && $a->{key} eq "k1" && $a->{outbox_id} eq "7"
+		  && !defined $a->{barrier} && $a->{value} eq q({"id":7})
+		  && $a->{headers}[1][0] eq "x" && $a->{headers}[1][1] eq "a\\tb"
+		  or die "consume_all message 500: ", join(" ", %$a), "\n";
+		!defined $b->{key} && !defined $b->{value} && $b->{outbox_id} eq "8"
+		  && $b->{barrier} eq "true" or die "consume_all message 501\n";
+		my @one = $k->consume("p", 1, from => 500, max => 1);
+		@one == 1 && $one[0]{offset} == 500 or die "consume from/max\n";
 		eval { $k->cmd("bogus"); 1 } and die "ERR did not die\n";
 		$k->stop == 0 or die "stop\n";
 		print "selftest: ok: SpoolKafka.pm\n";

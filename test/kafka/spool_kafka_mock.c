@@ -57,6 +57,31 @@
  *   wmarks TOPIC PARTITION                   OK LOW HIGH
  *       Log start and end offsets, from ListOffsets requests sent by the
  *       internal producer (5 s timeout).
+ *   consume TOPIC PARTITION FROM MAX FILE [TIMEOUT_MS]
+ *                                            OK consumed N NEXT
+ *       Reads the partition from offset FROM (-2 = the log start) up to
+ *       its end, or MAX messages, whichever comes first, and writes one
+ *       line per message to FILE (created or truncated; a path without
+ *       spaces).  NEXT is the offset to read next: the end offset when the
+ *       end was reached, else the one after the last message read; N < MAX
+ *       means the end was reached.  Each line has 7 tab-separated fields:
+ *         PARTITION OFFSET KEY OUTBOX_ID BARRIER VALUE HEADERS
+ *       OUTBOX_ID and BARRIER are the values of the headers spool-outbox-id
+ *       and spool-barrier (\N when absent, the last one when a header
+ *       repeats, empty for a NULL value); HEADERS is every header in order
+ *       as NAME=VALUE joined by ',' (NAME alone for a NULL value, empty
+ *       when there are none).  Fields are escaped as in COPY's text format:
+ *       \N is NULL; \\, \t, \n and \r are a backslash, tab, newline and
+ *       carriage return; any other byte below 0x20, 0x7f, and inside
+ *       HEADERS also ',' and '=', are written \xHH.  Each command uses a
+ *       fresh consumer without a group (no offsets committed,
+ *       auto.offset.reset=error), so reading below the log start answers
+ *       "ERR ... Offset out of range"; a partition the topic does not
+ *       have answers ERR at once.  Reading is bounded by TIMEOUT_MS
+ *       (default 30000; the metadata request before it by 10 s): "ERR timed
+ *       out after N messages (next offset X)", FILE then holds those N.
+ *       Any other consumer error also answers ERR (FILE keeps what was read
+ *       before it).
  *   bootstrap                                OK 127.0.0.1:p1,...
  *   quit  (or EOF on stdin)                  OK, then the cluster is
  *       destroyed and the program exits 0.  SIGTERM and SIGINT also make it
@@ -156,6 +181,8 @@
 #define META_TIMEOUT_MS   10000
 #define WMARK_TIMEOUT_MS  5000
 #define POLL_TICK_MS      200
+#define CONSUME_TIMEOUT_MS 30000
+#define MAX_CONSUME_MS    3600000
 
 /* Set by the SIGTERM/SIGINT handler; checked by every waiting loop. */
 static volatile sig_atomic_t stop_requested = 0;
@@ -506,9 +533,9 @@ wait_delivered(int64_t deadline)
 	return -1;
 }
 
-/* Number of partitions of topic from broker metadata, or -1. */
+/* Number of partitions of topic from broker metadata asked by rk, or -1. */
 static int
-topic_partitions(const char *topic, char *why, size_t whylen)
+topic_partitions(rd_kafka_t *rk, const char *topic, char *why, size_t whylen)
 {
 	rd_kafka_topic_t *rkt;
 	const struct rd_kafka_metadata *md = NULL;
@@ -516,7 +543,7 @@ topic_partitions(const char *topic, char *why, size_t whylen)
 	int n = -1;
 	int i;
 
-	rkt = rd_kafka_topic_new(g.producer, topic, NULL);
+	rkt = rd_kafka_topic_new(rk, topic, NULL);
 	if (rkt == NULL)
 	{
 		snprintf(why, whylen, "bad topic: %s",
@@ -526,7 +553,7 @@ topic_partitions(const char *topic, char *why, size_t whylen)
 	/* In one-second slices, so that a stop request is noticed. */
 	for (i = 0; i < META_TIMEOUT_MS / 1000; i++)
 	{
-		err = rd_kafka_metadata(g.producer, 0, rkt, &md, 1000);
+		err = rd_kafka_metadata(rk, 0, rkt, &md, 1000);
 		if (err != RD_KAFKA_RESP_ERR__TIMED_OUT &&
 			err != RD_KAFKA_RESP_ERR__TRANSPORT)
 			break;
@@ -617,7 +644,7 @@ cmd_produce(char *args)
 		reply("ERR usage: produce TOPIC COUNT [PARTITION] [SIZE] [START]");
 		return;
 	}
-	nparts = topic_partitions(topic, why, sizeof(why));
+	nparts = topic_partitions(g.producer, topic, why, sizeof(why));
 	if (nparts < 0)
 	{
 		reply("ERR %s", why);
@@ -1008,6 +1035,276 @@ cmd_wmarks(char *args)
 		reply("OK %lld %lld", (long long) lo, (long long) hi);
 }
 
+/* ------------------------------------------------------------------ */
+/* Consuming                                                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Write len bytes escaped for one field of a consume line (see the
+ * protocol comment); in_headers also escapes ',' and '='.  NULL is \N.
+ */
+static void
+put_field(FILE *f, const void *data, size_t len, int in_headers)
+{
+	const unsigned char *p = data;
+	size_t i;
+
+	if (data == NULL)
+	{
+		fputs("\\N", f);
+		return;
+	}
+	for (i = 0; i < len; i++)
+	{
+		unsigned char c = p[i];
+
+		if (c == '\\')
+			fputs("\\\\", f);
+		else if (c == '\t')
+			fputs("\\t", f);
+		else if (c == '\n')
+			fputs("\\n", f);
+		else if (c == '\r')
+			fputs("\\r", f);
+		else if (c < 0x20 || c == 0x7f ||
+				 (in_headers && (c == ',' || c == '=')))
+			fprintf(f, "\\x%02x", c);
+		else
+			fputc(c, f);
+	}
+}
+
+/* One consume line for message m. */
+static void
+put_message(FILE *f, rd_kafka_message_t *m)
+{
+	rd_kafka_headers_t *hdrs = NULL;
+	const char *names[2] = {"spool-outbox-id", "spool-barrier"};
+	int i;
+
+	fprintf(f, "%d\t%lld\t", (int) m->partition, (long long) m->offset);
+	put_field(f, m->key, m->key_len, 0);
+	if (rd_kafka_message_headers(m, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		hdrs = NULL;
+	for (i = 0; i < 2; i++)
+	{
+		const void *v = NULL;
+		size_t vlen = 0;
+
+		fputc('\t', f);
+		if (hdrs == NULL ||
+			rd_kafka_header_get_last(hdrs, names[i], &v, &vlen) !=
+			RD_KAFKA_RESP_ERR_NO_ERROR)
+			v = NULL;
+		/* A header that is present with a NULL value reads as empty. */
+		else if (v == NULL)
+			v = "";
+		put_field(f, v, vlen, 0);
+	}
+	fputc('\t', f);
+	put_field(f, m->payload, m->len, 0);
+	fputc('\t', f);
+	if (hdrs != NULL)
+	{
+		const char *name;
+		const void *v;
+		size_t vlen;
+		size_t idx;
+
+		for (idx = 0; rd_kafka_header_get_all(hdrs, idx, &name, &v, &vlen) ==
+			 RD_KAFKA_RESP_ERR_NO_ERROR; idx++)
+		{
+			if (idx > 0)
+				fputc(',', f);
+			put_field(f, name, strlen(name), 1);
+			if (v != NULL)
+			{
+				fputc('=', f);
+				put_field(f, v, vlen, 1);
+			}
+		}
+	}
+	fputc('\n', f);
+}
+
+/*
+ * A consumer for one consume command.  It uses the simple (legacy)
+ * consumer API: rd_kafka_assign() needs a group.id in librdkafka 2.0.2
+ * ("Local: Unknown group"), and a group would need a coordinator and
+ * commit offsets.  This one reads a partition from an explicit offset and
+ * nothing else.  It is created per command so that no idle client keeps
+ * sending Metadata/Fetch requests that could take errors injected with
+ * the error command.
+ */
+static rd_kafka_t *
+new_consumer(char *why, size_t whylen)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_t *rk;
+
+	rd_kafka_conf_set_log_cb(conf, log_cb);
+	if (conf_set(conf, "bootstrap.servers", g.bootstrap) != 0 ||
+		conf_set(conf, "client.id", "spool_kafka_mock_consumer") != 0 ||
+		conf_set(conf, "enable.partition.eof", "true") != 0 ||
+		conf_set(conf, "enable.auto.commit", "false") != 0 ||
+		conf_set(conf, "enable.auto.offset.store", "false") != 0 ||
+		conf_set(conf, "auto.offset.reset", "error") != 0 ||
+		conf_set(conf, "fetch.wait.max.ms", "100") != 0 ||
+		conf_set(conf, "receive.message.max.bytes", "200000000") != 0)
+	{
+		rd_kafka_conf_destroy(conf);
+		snprintf(why, whylen, "consumer configuration");
+		return NULL;
+	}
+	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, why, whylen);
+	if (rk == NULL)
+		rd_kafka_conf_destroy(conf);
+	return rk;
+}
+
+/* consume TOPIC PARTITION FROM MAX FILE [TIMEOUT_MS] */
+static void
+cmd_consume(char *args)
+{
+	char *topic = next_token(&args);
+	char *s_part = next_token(&args);
+	char *s_from = next_token(&args);
+	char *s_max = next_token(&args);
+	char *path = next_token(&args);
+	char *s_timeout = next_token(&args);
+	long part, from, max, timeout = CONSUME_TIMEOUT_MS;
+	long n = 0;
+	int64_t next, deadline;
+	rd_kafka_t *rk = NULL;
+	rd_kafka_topic_t *rkt = NULL;
+	FILE *f = NULL;
+	char why[512];
+	int nparts;
+	int started = 0;
+
+	if (topic == NULL ||
+		parse_long(s_part, 0, MAX_PARTITIONS - 1, &part) != 0 ||
+		parse_long(s_from, -2, LONG_MAX, &from) != 0 || from == -1 ||
+		parse_long(s_max, 0, MAX_COUNT, &max) != 0 || path == NULL ||
+		(s_timeout && parse_long(s_timeout, 1, MAX_CONSUME_MS, &timeout) != 0) ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: consume TOPIC PARTITION FROM MAX FILE [TIMEOUT_MS]"
+			  " (FROM >= 0 or -2)");
+		return;
+	}
+	f = fopen(path, "w");
+	if (f == NULL)
+	{
+		reply("ERR cannot write %s: %s", path, strerror(errno));
+		return;
+	}
+	next = from;
+	if (max == 0)
+		goto finish;
+
+	rk = new_consumer(why, sizeof(why));
+	if (rk == NULL)
+	{
+		reply("ERR creating consumer: %s", why);
+		goto done;
+	}
+	nparts = topic_partitions(rk, topic, why, sizeof(why));
+	if (nparts < 0)
+	{
+		reply("ERR %s", why);
+		goto done;
+	}
+	if (part >= nparts)
+	{
+		reply("ERR partition %ld out of range (topic has %d)", part, nparts);
+		goto done;
+	}
+	rkt = rd_kafka_topic_new(rk, topic, NULL);
+	if (rkt == NULL)
+	{
+		reply("ERR bad topic: %s", rd_kafka_err2str(rd_kafka_last_error()));
+		goto done;
+	}
+	if (rd_kafka_consume_start(rkt, (int32_t) part,
+							   from == -2 ? RD_KAFKA_OFFSET_BEGINNING
+							   : (int64_t) from) != 0)
+	{
+		reply("ERR consume_start: %s", rd_kafka_err2str(rd_kafka_last_error()));
+		goto done;
+	}
+	started = 1;
+
+	deadline = mono_ms() + timeout;
+	while (n < max)
+	{
+		rd_kafka_message_t *m;
+		int64_t left = deadline - mono_ms();
+
+		if (stop_requested)
+		{
+			reply("ERR interrupted");
+			goto done;
+		}
+		if (left <= 0)
+		{
+			reply("ERR timed out after %ld messages (next offset %lld)",
+				  n, (long long) next);
+			goto done;
+		}
+		m = rd_kafka_consume(rkt, (int32_t) part,
+							 (int) (left < POLL_TICK_MS ? left : POLL_TICK_MS));
+		if (m == NULL)
+			continue;            /* tick: check the deadline and signals */
+		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+		{
+			/*
+			 * The EOF carries the end offset.  One for an offset before
+			 * ours would be stale: then wait for more.
+			 */
+			int at_end = m->offset >= next;
+
+			if (at_end)
+				next = m->offset;
+			rd_kafka_message_destroy(m);
+			if (at_end)
+				break;
+			continue;
+		}
+		if (m->err)
+		{
+			reply("ERR after %ld messages (next offset %lld): %s",
+				  n, (long long) next, rd_kafka_message_errstr(m));
+			rd_kafka_message_destroy(m);
+			goto done;
+		}
+		put_message(f, m);
+		next = m->offset + 1;
+		n++;
+		rd_kafka_message_destroy(m);
+	}
+
+finish:
+	if (fclose(f) != 0)
+	{
+		f = NULL;
+		reply("ERR writing %s: %s", path, strerror(errno));
+		goto done;
+	}
+	f = NULL;
+	reply("OK consumed %ld %lld", n, (long long) next);
+
+done:
+	if (f != NULL)
+		fclose(f);
+	if (started)
+		rd_kafka_consume_stop(rkt, (int32_t) part);
+	if (rkt != NULL)
+		rd_kafka_topic_destroy(rkt);
+	if (rk != NULL)
+		rd_kafka_destroy(rk);
+}
+
 /*
  * Execute one command line.  Returns 1 when the program should exit.
  */
@@ -1044,6 +1341,8 @@ dispatch(char *line)
 		cmd_clear(p);
 	else if (strcmp(cmd, "wmarks") == 0)
 		cmd_wmarks(p);
+	else if (strcmp(cmd, "consume") == 0)
+		cmd_consume(p);
 	else if (strcmp(cmd, "bootstrap") == 0)
 		reply("OK %s", g.bootstrap);
 	else
