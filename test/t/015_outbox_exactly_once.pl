@@ -1,0 +1,379 @@
+# Exactly-once delivery to a sql target and to a notify target while
+# dispatchers are terminated and the server crashes (docs/outbox.md,
+# Guarantees), and the close-path flush.
+#
+# Targets st (sql, 2 shards) and nt (notify on channel spool_nt, 2 shards),
+# both with small batches.  Three writer sessions enqueue to both in many
+# small transactions: some commit, some roll back, some stay open while
+# another writer commits (late commits of smaller ids).  A listener session
+# counts every notification.
+#   (a) ~14 rounds of pg_terminate_backend of a random dispatcher at random
+#       moments; then every committed id is delivered once, to both targets.
+#   (b) a server crash: with spool.test_worker_pause a dispatcher of each
+#       target waits inside its delivering transaction, after its function
+#       calls / pg_notify and before commit; the listener has received every
+#       notification committed so far; the notify dispatcher is killed with
+#       SIGKILL.  A writer transaction open at the crash never commits.  A
+#       new listener connects before any delivery commits again.
+#   (c) more rounds with terminations (>= 20 in all).
+# At the end, for each target:
+#   - every committed id delivered exactly once (for notify: over the union
+#     of both listeners), none of a rolled-back (or crashed) transaction;
+#   - per key, delivery order is outbox id order;
+#   - the delivered key and payload are the enqueued ones.
+# (d) close path: a target with batch_interval '1 min' and batch_size 10000
+#     holds rows in a batch; pg_terminate_backend of its dispatcher makes
+#     that dispatcher deliver them (recorded pid) before it exits, and
+#     flushes_close counts it; likewise a clean fast shutdown: right after
+#     the restart the rows are delivered, by the old dispatcher's pid.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use FindBin;
+use lib "$FindBin::RealBin/..";    # SpoolTest.pm, SpoolOutbox.pm
+use SpoolTest;
+use SpoolOutbox;
+use JSON::PP;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $t_start = time;
+my $want_terms = 20;
+my $nkeys = 8;
+my $pause_ms = 5000;    # spool.test_worker_pause around the crash
+
+my $node = spool_node('outbox_exactly_once');
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+sql_target($node, 'st',
+	'{"shards": 2, "batch_size": 20, "batch_interval": "5ms"}');
+sql(q{SELECT spool.create_target('nt', 'notify',
+	'{"channel": "spool_nt", "shards": 2, "batch_size": 20, "batch_interval": "5ms"}')});
+wait_dispatchers($node, 'st', 2);
+wait_dispatchers($node, 'nt', 2);
+
+my %committed = (st => [], nt => []);    # ids of committed rows, per target
+my @never;                               # ids whose transaction did not commit
+my ($terms, $terms_in_xact, $rounds) = (0, 0, 0);
+my (@writers, $driver);
+my @listeners;
+
+sub connect_sessions
+{
+	@writers = map { { s => SpoolTest::Session->new($node, "writer$_"), open => 0, ids => [] } }
+	  (1 .. 3);
+	$driver = SpoolTest::Session->new($node, 'driver');
+	push @listeners, SpoolOutbox::Listener->new($node, 'spool_nt', 'listener' . (@listeners + 1));
+}
+
+sub q_ok
+{
+	my ($s, $sql) = @_;
+	my ($out, $state, $err) = quiet_query($s, $sql);
+	die "[$s->{name}] $sql failed ($state): $err" unless $state eq '00000';
+	return $out;
+}
+
+# Enqueue $n rows (random target and key) in the writer's transaction.
+sub enqueue_rows
+{
+	my ($w, $n) = @_;
+	my @v = map {
+		my $t = rand() < 0.5 ? 'st' : 'nt';
+		my $k = 'k' . int(rand($nkeys));
+		"('$t', '$k', '{\"r\": $rounds, \"i\": $_}')"
+	} 1 .. $n;
+	my $out = q_ok($w->{s},
+		"SELECT t || ':' || spool.enqueue(t, k, p::jsonb) FROM (VALUES "
+		  . join(', ', @v) . ') v(t, k, p)');
+	push @{ $w->{ids} }, [ split /:/ ] for split /\n/, $out;
+}
+
+sub finish_xact
+{
+	my ($w, $commit) = @_;
+	q_ok($w->{s}, $commit ? 'COMMIT' : 'ROLLBACK');
+	for (@{ $w->{ids} })
+	{
+		if ($commit) { push @{ $committed{ $_->[0] } }, $_->[1]; }
+		else { push @never, $_->[1]; }
+	}
+	$w->{ids} = [];
+	$w->{open} = 0;
+}
+
+sub poll_listeners { $_->poll for grep { $_->alive } @listeners; }
+
+# Terminate a random dispatcher of st or nt; the statement also says
+# whether it was inside a transaction.
+sub terminate_one
+{
+	usleep(int(rand(20_000)));
+	my $row = q_ok($driver,
+		"SELECT pid, backend_type, backend_xid IS NOT NULL, pg_terminate_backend(pid)"
+		  . " FROM pg_stat_activity WHERE pid = (SELECT pid FROM pg_stat_activity"
+		  . " WHERE backend_type LIKE 'spool dispatch st/%'"
+		  . " OR backend_type LIKE 'spool dispatch nt/%' ORDER BY random() LIMIT 1)");
+	return unless $row ne '';
+	my ($pid, $type, $inx, $ok) = split /\|/, $row;
+	return unless $ok eq 't';
+	$terms++;
+	$terms_in_xact++ if $inx eq 't';
+	note("round $rounds: terminated $type (pid $pid)" . ($inx eq 't' ? ', inside a transaction' : ''));
+}
+
+# One round: a writer enqueues, then commits, rolls back or keeps its
+# transaction open; sometimes a dispatcher is terminated.
+sub round
+{
+	$rounds++;
+	my $w = $writers[ int(rand(@writers)) ];
+	if (!$w->{open})
+	{
+		q_ok($w->{s}, 'BEGIN');
+		$w->{open} = 1;
+	}
+	enqueue_rows($w, 1 + int(rand(6)));
+	my $x = rand();
+	if ($x < 0.6) { finish_xact($w, 1); }
+	elsif ($x < 0.8) { finish_xact($w, 0); }
+	# else: left open, finished by a later round of this writer
+	terminate_one() if rand() < 0.5;
+	poll_listeners();
+}
+
+sub finish_all
+{
+	finish_xact($_, 1) for grep { $_->{open} } @writers;
+}
+
+sub wait_delivered
+{
+	my ($what) = @_;
+	my $n = scalar(@{ $committed{st} });
+	poll_within($node, 60,
+		"SELECT count(DISTINCT outbox_id) >= $n FROM delivered",
+		"$what: the $n committed rows of st to be delivered");
+	# The listeners together (a dead one keeps what it got).
+	my $t0 = time;
+	my @missing;
+	while (1)
+	{
+		poll_listeners();
+		my %have = map { $_ => 1 } all_nt_ids();
+		@missing = grep { !$have{$_} } @{ $committed{nt} };
+		last if !@missing || time - $t0 > 60;
+		usleep(20_000);
+	}
+	is(scalar(@missing), 0,
+		sprintf('%s: waited for the listeners to receive the notifications of the %d committed'
+			  . ' rows of nt (%.1fs)', $what, scalar(@{ $committed{nt} }), time - $t0))
+	  or diag('missing: ' . join(' ', @missing[ 0 .. ($#missing < 19 ? $#missing : 19) ]));
+}
+
+sub all_nt_ids { return map { $_->ids } @listeners; }
+
+# ---------------------------------------------------------------------------
+# (a) Terminations while writers enqueue.
+# ---------------------------------------------------------------------------
+connect_sessions();
+while (($terms < 14 || $rounds < 60) && $rounds < 400)
+{
+	round();
+}
+finish_all();
+note("(a) $rounds rounds, $terms terminations ($terms_in_xact inside a transaction)");
+cmp_ok($terms, '>=', 14, "(a) $terms dispatcher terminations");
+wait_delivered('(a)');
+exactly_once_ok([ split /\n/, sql('SELECT outbox_id FROM delivered') ],
+	$committed{st}, \@never, '(a) sql target');
+exactly_once_ok([ all_nt_ids() ], $committed{nt}, \@never, '(a) notify target');
+wait_dispatchers($node, 'st', 2);
+wait_dispatchers($node, 'nt', 2);
+
+# ---------------------------------------------------------------------------
+# (b) kill -9 of the notify dispatcher inside its delivering transaction.
+# ---------------------------------------------------------------------------
+sql("ALTER SYSTEM SET spool.test_worker_pause = $pause_ms; SELECT pg_reload_conf();");
+my $paused_q =
+    "SELECT pid, split_part(split_part(backend_type, ' ', 3), '/', 1) FROM pg_stat_activity"
+  . " WHERE (backend_type LIKE 'spool dispatch st/%' OR backend_type LIKE 'spool dispatch nt/%')"
+  . " AND backend_xid IS NOT NULL AND wait_event_type = 'Extension'";
+my %paused;
+{
+	# Enqueue committed rows to both targets until a dispatcher of each
+	# waits inside its delivering transaction (a dispatcher that had not
+	# reloaded its configuration yet delivers without the pause).
+	my $t0 = time;
+	my $last_enqueue = 0;
+	while (time - $t0 < 30)
+	{
+		%paused = reverse map { split /\|/ } split /\n/, q_ok($driver, $paused_q);
+		last if $paused{st} && $paused{nt};
+		if (time - $last_enqueue > 1)
+		{
+			my $w = $writers[0];
+			q_ok($w->{s}, 'BEGIN');
+			$rounds++;
+			enqueue_rows($w, 8);
+			finish_xact($w, 1);
+			$last_enqueue = time;
+		}
+		poll_listeners();
+		usleep(20_000);
+	}
+}
+ok($paused{st} && $paused{nt},
+	'(b) a dispatcher of st and one of nt wait inside their delivering transactions')
+  or diag(sql("SELECT pid, backend_type, state, wait_event_type, wait_event, backend_xid, query"
+		  . " FROM pg_stat_activity WHERE backend_type LIKE 'spool dispatch %'"));
+# A writer transaction open at the crash: its rows never commit.
+{
+	my $w = $writers[1];
+	q_ok($w->{s}, 'BEGIN') unless $w->{open};
+	$w->{open} = 1;
+	enqueue_rows($w, 6);
+}
+# The listener holds every notification committed so far.
+my @nt_before = split /\n/,
+  q_ok($driver, "SELECT id FROM spool.outbox WHERE target = 'nt' AND delivered ORDER BY id");
+ok($listeners[-1]->wait_ids(\@nt_before, 30),
+	'(b) before the crash, the listener received all ' . scalar(@nt_before)
+	  . ' notifications committed so far');
+my $victim = $paused{nt} // 0;
+BAIL_OUT('no paused notify dispatcher to kill') unless $victim =~ /^[1-9][0-9]*$/;
+my $log_offset = -s $node->logfile;
+ok(kill('KILL', $victim), "(b) kill -9 the notify dispatcher $victim inside its delivering transaction");
+crash_restart_ok($node, $victim, $log_offset, '(b)');
+
+# The old sessions are gone.  Ids of the open writer transactions never
+# commit.  The old listener keeps what it received.
+poll_listeners();
+ok(!$listeners[-1]->alive, '(b) the first listener lost its connection');
+for my $w (@writers)
+{
+	push @never, map { $_->[1] } @{ $w->{ids} };
+	$w->{s}->quit;
+}
+$driver->quit;
+connect_sessions();
+# No notify delivery has committed since the crash (the restarted
+# dispatchers wait $pause_ms inside their first delivery), so the new
+# listener misses none.
+is(sql("SELECT count(*) FROM spool.outbox WHERE target = 'nt' AND delivered"),
+	scalar(@nt_before),
+	'(b) no notify delivery committed between the crash and the new LISTEN'
+	  . ' (the notifications of the killed transaction were not sent)');
+sql('ALTER SYSTEM RESET spool.test_worker_pause; SELECT pg_reload_conf();');
+finish_all();
+wait_delivered('(b)');
+exactly_once_ok([ split /\n/, sql('SELECT outbox_id FROM delivered') ],
+	$committed{st}, \@never, '(b) sql target after the crash');
+exactly_once_ok([ all_nt_ids() ], $committed{nt}, \@never,
+	'(b) notify target after the crash, both listeners');
+
+# ---------------------------------------------------------------------------
+# (c) More terminations.
+# ---------------------------------------------------------------------------
+wait_dispatchers($node, 'st', 2);
+wait_dispatchers($node, 'nt', 2);
+my $r0 = $rounds;
+while (($terms < $want_terms || $rounds < $r0 + 30) && $rounds < $r0 + 400)
+{
+	round();
+}
+finish_all();
+cmp_ok($terms, '>=', $want_terms,
+	"$terms dispatcher terminations in all ($terms_in_xact inside a transaction)");
+wait_delivered('(c)');
+
+my @st_got = split /\n/, sql('SELECT outbox_id FROM delivered');
+exactly_once_ok(\@st_got, $committed{st}, \@never, 'sql target, at the end');
+exactly_once_ok([ all_nt_ids() ], $committed{nt}, \@never,
+	'notify target, at the end, both listeners');
+per_key_order_ok(delivered_rows($node, 'delivered'), 'sql target');
+for my $l (@listeners)
+{
+	per_key_order_ok([ map { [ $_->{key} // '<NULL>', $_->{id} ] } @{ $l->got } ],
+		"notify target, $l->{s}{name}");
+}
+is( sql("SELECT count(*) FROM delivered d JOIN spool.outbox o ON o.id = d.outbox_id"
+		  . " WHERE o.target <> 'st' OR d.key IS DISTINCT FROM o.key OR d.payload <> o.payload"),
+	'0', 'sql target: each call got the key and payload of its outbox row');
+{
+	my $js = JSON::PP->new->canonical;
+	my %ref = map { my ($id, $k, $p) = split /\|/, $_, 3; ($id => [ $k, $p ]) } split /\n/,
+	  sql("SELECT id, coalesce(key, ''), payload FROM spool.outbox WHERE target = 'nt'");
+	my @bad;
+	for my $n (map { @{ $_->got } } @listeners)
+	{
+		my $r = $ref{ $n->{id} };
+		push @bad, $n->{json}
+		  unless $r && ($n->{key} // '') eq $r->[0]
+		  && $js->encode($n->{payload}) eq $js->encode(decode_json($r->[1]));
+	}
+	is(scalar(@bad), 0, 'notify target: each notification carries its row\'s key and payload')
+	  or diag(join("\n", @bad[ 0 .. ($#bad < 4 ? $#bad : 4) ]));
+	is(scalar(map { $_->unparsed } @listeners), 0,
+		'every notification on spool_nt is {"id": ..., "key": ..., "payload": ...} JSON')
+	  or diag(join("\n", map { $_->unparsed } @listeners));
+}
+note(sprintf('sql: %d rows; notify: %d rows (%d + %d received by the two listeners); %d never committed',
+		scalar(@{ $committed{st} }), scalar(@{ $committed{nt} }),
+		scalar($listeners[0]->ids), scalar($listeners[-1]->ids), scalar(@never)));
+$_->quit for @listeners;
+$_->{s}->quit for @writers;
+$driver->quit;
+
+# ---------------------------------------------------------------------------
+# (d) Close path: a dispatcher that is stopped flushes the batch it holds.
+# ---------------------------------------------------------------------------
+sql_target($node, 'ct', '{"batch_size": 10000, "batch_interval": "1 min"}',
+	table => 'delivered_ct');
+wait_dispatchers($node, 'ct', 1);
+
+# Enqueue $n rows to ct and wait until its dispatcher holds them in a batch
+# (read, not delivered: the interval flush is a minute away).  Returns the
+# ids and the dispatcher's pid.
+sub hold_rows
+{
+	my ($n, $what) = @_;
+	my $pid = dispatcher_pids($node, 'ct')->{0};
+	my @ids = split /\n/, sql("SELECT spool.enqueue('ct', 'c' || (i % 3), jsonb_build_object('i', i))"
+		  . " FROM generate_series(1, $n) i");
+	my $last = $ids[-1];
+	poll_within($node, 30,
+		"SELECT position >= $last FROM spool.outbox_status WHERE target = 'ct' AND shard = 0",
+		"$what: the ct dispatcher $pid to have read the $n rows");
+	is(sql("SELECT count(*) FROM delivered_ct WHERE outbox_id BETWEEN $ids[0] AND $last"),
+		'0', "$what: the rows are held in the batch, not delivered");
+	return ($pid, @ids);
+}
+
+my ($cpid, @cids) = hold_rows(50, '(d) terminate');
+my $close0 = status_sum($node, 'ct', 'flushes_close');
+ok(sql("SELECT pg_terminate_backend($cpid)") eq 't', "(d) pg_terminate_backend($cpid) of the ct dispatcher");
+wait_pid_gone($node, $cpid, '(d) the ct dispatcher');
+is( sql("SELECT count(DISTINCT outbox_id) || ' ' || count(*) || ' ' || count(*) FILTER (WHERE pid = $cpid)"
+		  . " FROM delivered_ct WHERE outbox_id BETWEEN $cids[0] AND $cids[-1]"),
+	'50 50 50',
+	'(d) once it exited, the terminated dispatcher had delivered its 50 held rows itself, once each');
+cmp_ok(status_sum($node, 'ct', 'flushes_close'), '>', $close0, '(d) flushes_close counts the close flush');
+is(status_sum($node, 'ct', 'flushes_interval'), '0', '(d) no interval flush happened');
+
+wait_dispatchers($node, 'ct', 1);
+my ($spid, @sids) = hold_rows(30, '(d) fast shutdown');
+$node->stop('fast');
+$node->start;
+is( sql("SELECT count(DISTINCT outbox_id) || ' ' || count(*) || ' ' || count(*) FILTER (WHERE pid = $spid)"
+		  . " FROM delivered_ct WHERE outbox_id BETWEEN $sids[0] AND $sids[-1]"),
+	'30 30 30',
+	'(d) right after a clean fast shutdown and restart, the 30 held rows were delivered once each,'
+	  . " by the stopped dispatcher $spid");
+per_key_order_ok(delivered_rows($node, 'delivered_ct'), '(d) close path');
+
+note(sprintf('total test time %.1fs', time - $t_start));
+$node->stop;
+done_testing();

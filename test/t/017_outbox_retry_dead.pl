@@ -1,0 +1,177 @@
+# Failed deliveries: parking, retries, dead letters and redrive
+# (docs/outbox.md, Failures, retries and dead letters).
+#
+# Target rt (sql, one shard, retry_limit 3, retry_backoff 50ms) whose
+# function raises for the keys listed in fail_keys.  A sequence counts the
+# failing calls; a retry (a call for a row already parked) first waits for
+# an advisory lock the test holds, so the parked state can be looked at.
+#   (a) One transaction enqueues rows on keys a, c, d and three rows b1 < b2
+#       < b3 on the failing key 'bad'.  The other keys' rows are delivered,
+#       also those after b1 on the same shard; spool.outbox_retry shows b1
+#       with attempts >= 1 and b2, b3 waiting behind it (attempts 0);
+#       outbox_status shows waiting = 3, blocked_keys = 1.
+#   (b) Released, b1 fails its 3 attempts and goes to spool.outbox_dead with
+#       its last error and attempts = 3; then b2 and b3 (still failing) too;
+#       the function was called 3 times per row; outbox_retry is empty;
+#       retries > 0 and dead_letters = 3 in outbox_status.
+#   (c) With 'bad' removed from fail_keys, new rows b4 < b5 on 'bad' are
+#       delivered, in order; the dead rows stay dead.
+#   (d) spool.redrive(b1) and redrive(b3) deliver those rows (same outbox
+#       id), once; b2 stays dead and undelivered.  redrive of a delivered
+#       row, of a row redriven already, and of an unknown id are errors.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use FindBin;
+use lib "$FindBin::RealBin/..";    # SpoolTest.pm, SpoolOutbox.pm
+use SpoolTest;
+use SpoolOutbox;
+use Test::More;
+use Time::HiRes qw(time);
+
+my $t_start = time;
+my $node = spool_node('outbox_retry_dead');
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+sql(q{
+CREATE TABLE fail_keys (key text PRIMARY KEY);
+CREATE SEQUENCE fail_calls;
+CREATE FUNCTION is_parked(bigint) RETURNS boolean LANGUAGE sql SECURITY DEFINER
+	SET search_path = pg_catalog AS
+	$$ SELECT EXISTS (SELECT 1 FROM spool.outbox_retry WHERE id = $1 AND attempts >= 1) $$;
+});
+sql_target($node, 'rt',
+	'{"retry_limit": 3, "retry_backoff": "50ms", "retry_backoff_max": "1s", "batch_interval": "5ms"}',
+	pre => q{
+	IF EXISTS (SELECT 1 FROM fail_keys f WHERE f.key = $2) THEN
+		PERFORM nextval('fail_calls');
+		IF is_parked($3) THEN
+			PERFORM pg_advisory_xact_lock_shared(4343);
+		END IF;
+		RAISE EXCEPTION 'injected failure for key % (outbox id %)', $2, $3;
+	END IF;});
+sql(q{GRANT SELECT ON fail_keys TO deliverer; GRANT USAGE ON SEQUENCE fail_calls TO deliverer;
+	GRANT EXECUTE ON FUNCTION is_parked(bigint) TO deliverer;});
+wait_dispatchers($node, 'rt', 1);
+
+# ---------------------------------------------------------------------------
+# (a) The failing key is parked; the other keys flow.
+# ---------------------------------------------------------------------------
+my $lock = SpoolTest::Session->new($node, 'lock');
+$lock->query_ok('SELECT pg_advisory_lock(4343)');
+sql(q{INSERT INTO fail_keys VALUES ('bad')});
+my @rows = map { [ split /\|/ ] } split /\n/, sql(q{
+SELECT k, spool.enqueue('rt', k, jsonb_build_object('n', n))
+  FROM (VALUES (1, 'a'), (2, 'bad'), (3, 'a'), (4, 'c'), (5, 'bad'), (6, 'd'),
+			   (7, 'bad'), (8, 'c'), (9, 'a')) v(n, k) ORDER BY n});
+my @good = map { $_->[1] } grep { $_->[0] ne 'bad' } @rows;
+my ($b1, $b2, $b3) = map { $_->[1] } grep { $_->[0] eq 'bad' } @rows;
+my $goods = join(',', @good);
+note("(a) bad: $b1 $b2 $b3; good: $goods");
+
+poll_within($node, 30,
+	"SELECT (SELECT count(DISTINCT outbox_id) FROM delivered WHERE outbox_id IN ($goods)) = "
+	  . scalar(@good)
+	  . " AND (SELECT string_agg(id || ':' || (attempts > 0), ',' ORDER BY id)"
+	  . " FROM spool.outbox_retry WHERE target = 'rt') = '$b1:true,$b2:false,$b3:false'",
+	"(a) the other keys' rows delivered, and b1 parked with b2, b3 behind it");
+is(sql("SELECT count(*) FROM delivered WHERE key = 'bad'"), '0', '(a) no row of the failing key delivered');
+is( sql("SELECT string_agg(id || ':' || key || ':' || attempts, ',' ORDER BY id)"
+		  . " FROM spool.outbox_retry WHERE target = 'rt' AND id <> $b1"),
+	"$b2:bad:0,$b3:bad:0", '(a) outbox_retry: b2 and b3 wait behind b1 with attempts 0');
+is(sql("SELECT attempts FROM spool.outbox_retry WHERE id = $b1"),
+	'1', '(a) outbox_retry: b1 failed once (its retry waits for the lock)');
+is(sql("SELECT sum(waiting) || ' ' || sum(blocked_keys) FROM spool.outbox_status WHERE target = 'rt'"),
+	'3 1', '(a) outbox_status: waiting = 3, blocked_keys = 1');
+note("(a) status:\n" . sql("SELECT * FROM spool.outbox_status WHERE target = 'rt'"));
+note("(a) outbox_retry:\n" . sql("SELECT * FROM spool.outbox_retry"));
+
+# ---------------------------------------------------------------------------
+# (b) After retry_limit failed attempts, dead letters.
+# ---------------------------------------------------------------------------
+my $t_release = time;
+$lock->query_ok('SELECT pg_advisory_unlock(4343)');
+poll_within($node, 30,
+	"SELECT count(*) = 3 FROM spool.outbox_dead WHERE id IN ($b1, $b2, $b3)",
+	'(b) b1, b2 and b3 to be dead letters');
+note(sprintf('(b) dead %.1fs after the release', time - $t_release));
+note("(b) outbox_dead:\n" . sql("SELECT * FROM spool.outbox_dead"));
+is( sql("SELECT string_agg(id || ':' || key || ':' || attempts, ',' ORDER BY id)"
+		  . " FROM spool.outbox_dead WHERE target = 'rt'"),
+	"$b1:bad:3,$b2:bad:3,$b3:bad:3", '(b) each dead row failed retry_limit (3) attempts');
+is( sql("SELECT count(*) FROM spool.outbox_dead WHERE target = 'rt'"
+		  . " AND last_error LIKE 'injected failure for key bad (outbox id ' || id || ')%'"),
+	'3', "(b) each dead row carries its own last error");
+is( sql("SELECT count(*) FROM spool.outbox_dead d JOIN spool.outbox o USING (id)"
+		  . " WHERE d.payload = o.payload AND o.key = 'bad'"),
+	'3', '(b) the dead rows keep their payloads');
+is(sql('SELECT last_value FROM fail_calls'), '9', '(b) the function was called 3 times for each dead row');
+is(sql("SELECT count(*) FROM spool.outbox_retry WHERE target = 'rt'"), '0', '(b) nothing parked any more');
+is(sql("SELECT count(*) FROM delivered WHERE key = 'bad'"), '0', '(b) no row of the failing key delivered');
+my ($retries, $dead, $waiting, $blocked) = split /\|/,
+  sql("SELECT sum(retries), sum(dead_letters), sum(waiting), sum(blocked_keys)"
+	  . " FROM spool.outbox_status WHERE target = 'rt'");
+cmp_ok($retries, '>', 0, "(b) outbox_status counts $retries retries");
+is($dead, '3', '(b) outbox_status counts 3 dead letters');
+is("$waiting $blocked", '0 0', '(b) outbox_status: waiting = 0, blocked_keys = 0');
+like(sql("SELECT max(last_error) FROM spool.outbox_status WHERE target = 'rt'"),
+	qr/injected failure for key bad/, '(b) outbox_status shows the last error');
+
+# ---------------------------------------------------------------------------
+# (c) The key recovers.
+# ---------------------------------------------------------------------------
+sql(q{DELETE FROM fail_keys});
+my ($b4, $b5) = split /\n/,
+  sql(q{SELECT spool.enqueue('rt', 'bad', jsonb_build_object('n', n)) FROM generate_series(10, 11) n});
+poll_within($node, 30,
+	"SELECT count(*) = 2 FROM delivered WHERE outbox_id IN ($b4, $b5)",
+	'(c) new rows on the recovered key to be delivered');
+is( sql("SELECT string_agg(outbox_id::text, ',' ORDER BY seq) FROM delivered WHERE key = 'bad'"),
+	"$b4,$b5", '(c) in order, and only them');
+is(sql("SELECT count(*) FROM spool.outbox_dead WHERE target = 'rt'"), '3', '(c) the dead rows stay dead');
+
+# ---------------------------------------------------------------------------
+# (d) Redrive.
+# ---------------------------------------------------------------------------
+my $s = SpoolTest::Session->new($node, 'redrive');
+my ($out, $state, $err) = $s->query("SELECT spool.redrive($b1)");
+is($state, '00000', "(d) spool.redrive($b1) of a dead row");
+poll_within($node, 30,
+	"SELECT count(*) = 1 FROM delivered WHERE outbox_id = $b1",
+	"(d) the redriven row $b1 to be delivered");
+$s->query_ok("SELECT spool.redrive($b3)");
+poll_within($node, 30,
+	"SELECT count(*) = 1 FROM delivered WHERE outbox_id = $b3",
+	"(d) the redriven row $b3 to be delivered");
+is( sql("SELECT key || ':' || payload::text FROM delivered WHERE outbox_id = $b1"),
+	'bad:{"n": 2}', '(d) the redriven row kept its key and payload');
+is(sql("SELECT string_agg(id::text, ',') FROM spool.outbox_dead WHERE target = 'rt'"),
+	"$b2", '(d) only b2 is still a dead letter');
+
+for my $case ([ $b4, 'a delivered row' ], [ $b1, 'a row redriven and delivered already' ],
+	[ 999999999, 'an unknown id' ])
+{
+	my ($id, $what) = @$case;
+	($out, $state, $err) = $s->query("SELECT spool.redrive($id)");
+	like($state, qr/^SP00[14]$/, "(d) spool.redrive of $what ($id) fails with SP001 or SP004 (got $state)")
+	  or diag($err);
+	note("(d) redrive of $what: $state $err");
+}
+
+# Nothing else was delivered, nothing twice, and apart from the redriven
+# rows, per key in id order.
+is( sql("SELECT string_agg(outbox_id::text, ',' ORDER BY outbox_id) FROM delivered"),
+	join(',', sort { $a <=> $b } (@good, $b1, $b3, $b4, $b5)),
+	'every delivered row once: the good rows, b4, b5 and the redriven b1, b3');
+per_key_order_ok([ grep { $_->[1] != $b1 && $_->[1] != $b3 } @{ delivered_rows($node, 'delivered') } ],
+	'rows not redriven');
+is( sql("SELECT string_agg(outbox_id::text, ',' ORDER BY seq) FROM delivered WHERE key = 'bad'"),
+	"$b4,$b5,$b1,$b3", 'the redriven rows were delivered after the recovered key\'s new rows, in redrive order');
+
+note(sprintf('total test time %.1fs', time - $t_start));
+$s->quit;
+$lock->quit;
+$node->stop;
+done_testing();
