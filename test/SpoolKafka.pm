@@ -135,10 +135,11 @@ sub wmarks
 # $kafka->consume($topic, $partition, %opt): the messages of one partition
 # read with the "consume" command, in offset order, as a list of hashes
 #   { partition, offset, key, outbox_id, barrier, value,
-#     headers => [ [name, value], ... ] }
+#     headers => [ [name, value], ... ], timestamp }
 # key, value and header values are bytes, undef for NULL; outbox_id and
 # barrier are the values of the headers spool-outbox-id and spool-barrier
-# (undef when absent).  Options:
+# (undef when absent); timestamp is the message's CreateTime in unix ms
+# (-1 when it has none).  Options:
 #   from => N        first offset (default 0; -2 = the log start)
 #   max => N         at most N messages (default: up to the end)
 #   timeout_ms => MS bound of the read (default the program's, 30 s)
@@ -171,7 +172,7 @@ sub consume
 		chomp $l;
 		my @f = split /\t/, $l, -1;
 		croak "SpoolKafka: consume line with " . scalar(@f) . " fields: $l"
-		  unless @f == 7;
+		  unless @f == 8;
 		my @headers;
 		for my $h (split /,/, $f[6])
 		{
@@ -187,6 +188,7 @@ sub consume
 			barrier => _unescape($f[4]),
 			value => _unescape($f[5]),
 			headers => \@headers,
+			timestamp => $f[7],
 		  };
 	}
 	close $fh;

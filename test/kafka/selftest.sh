@@ -113,7 +113,7 @@ out=$(mktemp "${TMPDIR:-/tmp}/selftest_consume.XXXXXX")
 expect 'produce_hdr one 0 a\tb spool-outbox-id=17,spool-barrier=true,z {"v":"a\tb"}' \
 	'^OK produced 1 0 4$'
 expect "consume one 0 0 100 $out" '^OK consumed 5 5$'
-got=$(cut -c1-80 "$out")
+got=$(cut -f1-7 "$out" | cut -c1-80)
 want=$(printf '%s\n' \
 	$'0\t0\ta\t\\N\t\\N\t{"not json\t' \
 	$'0\t1\t\\N\t\\N\t\\N\t\\N\t' \
@@ -124,7 +124,12 @@ want=$(printf '%s\n' \
 $got
 want:
 $want"
-pass "consume: keys, NULLs, values, spool headers and the header list"
+now_ms=$(date +%s%3N)
+cut -f8 "$out" | while read -r ts; do
+	[ "$ts" -gt $((now_ms - 600000)) ] && [ "$ts" -le $((now_ms + 1000)) ] ||
+		fail "message timestamp $ts (now $now_ms)"
+done
+pass "consume: keys, NULLs, values, spool headers, the header list, timestamps"
 expect "consume one 0 1 2 $out" '^OK consumed 2 3$'
 [ "$(cut -f2 "$out" | tr '\n' ' ')" = "1 2 " ] || fail "consume from 1 max 2: $(cat "$out")"
 pass "consume FROM 1 MAX 2 -> offsets 1 2"
@@ -195,6 +200,7 @@ if perl -MIPC::Run -e 1 2>/dev/null; then
 		$a->{offset} == 500 && $a->{key} eq "k1" && $a->{outbox_id} eq "7"
 		  && !defined $a->{barrier} && $a->{value} eq q({"id":7})
 		  && $a->{headers}[1][0] eq "x" && $a->{headers}[1][1] eq "a\\tb"
+		  && $a->{timestamp} > 1e12
 		  or die "consume_all message 500: ", join(" ", %$a), "\n";
 		!defined $b->{key} && !defined $b->{value} && $b->{outbox_id} eq "8"
 		  && $b->{barrier} eq "true" or die "consume_all message 501\n";

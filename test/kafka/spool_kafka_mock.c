@@ -64,13 +64,15 @@
  *       line per message to FILE (created or truncated; a path without
  *       spaces).  NEXT is the offset to read next: the end offset when the
  *       end was reached, else the one after the last message read; N < MAX
- *       means the end was reached.  Each line has 7 tab-separated fields:
- *         PARTITION OFFSET KEY OUTBOX_ID BARRIER VALUE HEADERS
+ *       means the end was reached.  Each line has 8 tab-separated fields:
+ *         PARTITION OFFSET KEY OUTBOX_ID BARRIER VALUE HEADERS TIMESTAMP
  *       OUTBOX_ID and BARRIER are the values of the headers spool-outbox-id
  *       and spool-barrier (\N when absent, the last one when a header
  *       repeats, empty for a NULL value); HEADERS is every header in order
  *       as NAME=VALUE joined by ',' (NAME alone for a NULL value, empty
- *       when there are none).  Fields are escaped as in COPY's text format:
+ *       when there are none); TIMESTAMP is the message timestamp in unix
+ *       ms (CreateTime, set by the producer; -1 when there is none).
+ *       Fields are escaped as in COPY's text format:
  *       \N is NULL; \\, \t, \n and \r are a backslash, tab, newline and
  *       carriage return; any other byte below 0x20, 0x7f, and inside
  *       HEADERS also ',' and '=', are written \xHH.  Each command uses a
@@ -1124,7 +1126,7 @@ put_message(FILE *f, rd_kafka_message_t *m)
 			}
 		}
 	}
-	fputc('\n', f);
+	fprintf(f, "\t%lld\n", (long long) rd_kafka_message_timestamp(m, NULL));
 }
 
 /*
