@@ -344,9 +344,11 @@ sub hold_rows
 	my @ids = split /\n/, sql("SELECT spool.enqueue('ct', 'c' || (i % 3), jsonb_build_object('i', i))"
 		  . " FROM generate_series(1, $n) i");
 	my $last = $ids[-1];
+	# A dispatcher that read rows into its batch is 'delivering' until it
+	# flushes them (and 'idle' before).
 	poll_within($node, 30,
-		"SELECT position >= $last FROM spool.outbox_status WHERE target = 'ct' AND shard = 0",
-		"$what: the ct dispatcher $pid to have read the $n rows");
+		"SELECT state = 'delivering' FROM spool.outbox_status WHERE target = 'ct' AND shard = 0",
+		"$what: the ct dispatcher $pid to hold the $n rows in its batch");
 	is(sql("SELECT count(*) FROM delivered_ct WHERE outbox_id BETWEEN $ids[0] AND $last"),
 		'0', "$what: the rows are held in the batch, not delivered");
 	return ($pid, @ids);
