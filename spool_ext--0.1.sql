@@ -451,23 +451,8 @@ BEGIN
 	END IF;
 END $$;
 
--- The outbox: processor outputs (and, later, application rows).
-CREATE TABLE @extschema@.outbox_store (
-	id			bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-	target		text NOT NULL CHECK (target <> ''),
-	key			text,
-	payload		jsonb,
-	barrier		boolean NOT NULL DEFAULT false,
-	processor	text,
-	cursor		bigint,
-	token		bigint,
-	created_at	timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE VIEW @extschema@.outbox AS
-	SELECT id, target, key, payload, barrier, processor, cursor, token, created_at,
-		   false AS delivered
-	  FROM @extschema@.outbox_store;
+-- The outbox: see the "Outbox and dispatch" section below.  Processor
+-- outputs are inserted by the replicas through the code path of spool.enqueue.
 
 CREATE FUNCTION @extschema@.create_processor(name text, handler regprocedure,
 											 options jsonb DEFAULT '{}')
@@ -549,6 +534,211 @@ CREATE VIEW @extschema@.processor_status AS
 	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
 
 ------------------------------------------------------------------------------
+-- Outbox and dispatch (docs/outbox.md)
+------------------------------------------------------------------------------
+
+-- One row per target.  options holds the validated options with defaults
+-- filled in; options->'kafka' may hold credentials (see spool.target_config).
+CREATE TABLE @extschema@.targets (
+	name		text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,48}$'),
+	id			int NOT NULL UNIQUE,
+	kind		text NOT NULL CHECK (kind IN ('sql', 'notify', 'kafka')),
+	options		jsonb NOT NULL,
+	owner		regrole NOT NULL,
+	created_at	timestamptz NOT NULL DEFAULT now()
+);
+CREATE SEQUENCE @extschema@.target_id_seq AS int;
+
+-- Outbox ids.  CACHE 1 matters: ids must be handed out in one global order
+-- for the commit-safe horizon (src/outbox_enqueue.c) to hold.
+CREATE SEQUENCE @extschema@.outbox_id_seq CACHE 1;
+
+-- Every outbox row.  Each target is a partition, itself a ring of eight list
+-- partitions ("slots", slot = (id / spool.outbox_segment_size) % 8) that are
+-- truncated once every row in them is delivered: rows are inserted and never
+-- updated or deleted.  shard is -1 for a barrier (it concerns every shard).
+CREATE TABLE @extschema@.outbox_store (
+	id			bigint NOT NULL,
+	target_id	int NOT NULL,
+	slot		int NOT NULL,
+	shard		int NOT NULL,
+	key			text,
+	payload		jsonb NOT NULL,
+	barrier		boolean NOT NULL DEFAULT false,
+	processor	text,
+	cursor		bigint,
+	token		bigint,
+	created_at	timestamptz NOT NULL DEFAULT now()
+) PARTITION BY LIST (target_id);
+CREATE INDEX outbox_store_shard_id ON @extschema@.outbox_store (shard, id);
+
+-- Per target and shard: every row of the shard with id <= position has been
+-- delivered, parked in outbox_retry or dead-lettered (for shard 0 this also
+-- covers the target's barriers).  Updated once per delivered batch.
+CREATE TABLE @extschema@.outbox_positions (
+	target_id	int NOT NULL,
+	shard		int NOT NULL,
+	position	bigint NOT NULL DEFAULT 0,
+	updated_at	timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (target_id, shard)
+) WITH (fillfactor = 10);
+
+-- Parked rows: a row that failed (attempts > 0) and the rows of the same key
+-- that wait behind it (attempts = 0).  Copied out of outbox_store, so that
+-- rotation never has to wait for a retry.
+CREATE TABLE @extschema@.outbox_retry (
+	id			bigint PRIMARY KEY,
+	target		text NOT NULL,
+	target_id	int NOT NULL,
+	shard		int NOT NULL,
+	key			text,
+	payload		jsonb NOT NULL,
+	barrier		boolean NOT NULL DEFAULT false,
+	processor	text,
+	cursor		bigint,
+	created_at	timestamptz NOT NULL,
+	attempts	int NOT NULL DEFAULT 0,
+	next_attempt_at timestamptz,
+	last_error	text,
+	first_failed_at timestamptz
+);
+CREATE INDEX outbox_retry_target ON @extschema@.outbox_retry (target_id, shard, id);
+
+-- Dead letters: rows that failed retry_limit times.  spool.redrive puts one back.
+CREATE TABLE @extschema@.outbox_dead (
+	id			bigint PRIMARY KEY,
+	target		text NOT NULL,
+	target_id	int NOT NULL,
+	shard		int NOT NULL,
+	key			text,
+	payload		jsonb NOT NULL,
+	barrier		boolean NOT NULL DEFAULT false,
+	processor	text,
+	cursor		bigint,
+	created_at	timestamptz NOT NULL,
+	attempts	int NOT NULL,
+	last_error	text,
+	failed_at	timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX outbox_dead_target ON @extschema@.outbox_dead (target, id);
+
+CREATE FUNCTION @extschema@.create_target(name text, kind text, options jsonb DEFAULT '{}')
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_create_target'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.create_target(text, text, jsonb) IS
+'Define an outbox target (kind sql, notify or kafka); its dispatchers start at commit';
+
+CREATE FUNCTION @extschema@.drop_target(name text, force boolean DEFAULT false)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_drop_target'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.drop_target(text, boolean) IS
+'Remove a target with its outbox rows, parked rows and dead letters; refused while rows are undelivered unless force';
+
+CREATE FUNCTION @extschema@.enqueue(target text, key text, payload jsonb)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_enqueue'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.enqueue(text, text, jsonb) IS
+'Write a row to the outbox in the current transaction; returns its outbox id';
+
+CREATE FUNCTION @extschema@.enqueue_barrier(target text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_enqueue_barrier'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.enqueue_barrier(text) IS
+'Write a barrier: delivered after every earlier row of the target, before every later one';
+
+CREATE FUNCTION @extschema@.redrive(outbox_id bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_redrive'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.redrive(bigint) IS
+'Put a dead-lettered row back: it is retried next on its key, with its outbox id';
+
+CREATE FUNCTION @extschema@.outbox_runtime(
+	OUT target_id int, OUT shard int, OUT pid int, OUT state text,
+	OUT delivered bigint, OUT flushes_size bigint, OUT flushes_interval bigint,
+	OUT flushes_barrier bigint, OUT flushes_close bigint,
+	OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
+	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
+	OUT barriers bigint, OUT barrier_drain_ms_last float8,
+	OUT barrier_drain_ms_p50 float8, OUT barrier_drain_ms_max float8,
+	OUT retries bigint, OUT blocked_keys int, OUT last_error text,
+	OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
+	OUT started_at timestamptz, OUT batch_hist bigint[], OUT flush_hist bigint[],
+	OUT drain_hist bigint[], OUT batch_sum bigint, OUT flush_ms_sum float8,
+	OUT drain_ms_sum float8)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_outbox_runtime'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.outbox_runtime() IS
+'Internal: what each dispatcher shard publishes in shared memory (see spool.outbox_status)';
+
+-- Options without secrets: values under "kafka" are masked unless the caller
+-- owns the target or is a superuser.
+CREATE VIEW @extschema@.target_config AS
+	SELECT t.name, t.kind,
+		   CASE WHEN t.kind <> 'kafka' OR pg_has_role(t.owner, 'MEMBER')
+					 OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
+				THEN t.options
+				ELSE t.options || jsonb_build_object('kafka',
+						coalesce((SELECT jsonb_object_agg(k, '********')
+									FROM jsonb_object_keys(t.options->'kafka') k), '{}'))
+		   END AS options,
+		   t.owner, t.created_at
+	  FROM @extschema@.targets t;
+
+CREATE VIEW @extschema@.outbox AS
+	SELECT o.id, t.name AS target, o.shard, o.key, o.payload, o.barrier,
+		   o.processor, o.cursor, o.token, o.created_at,
+		   (o.id <= p.position
+			AND NOT EXISTS (SELECT FROM @extschema@.outbox_retry r WHERE r.id = o.id)
+			AND NOT EXISTS (SELECT FROM @extschema@.outbox_dead d WHERE d.id = o.id)) AS delivered
+	  FROM @extschema@.outbox_store o
+	  JOIN @extschema@.targets t ON t.id = o.target_id
+	  LEFT JOIN @extschema@.outbox_positions p
+		ON p.target_id = o.target_id AND p.shard = greatest(o.shard, 0);
+
+CREATE VIEW @extschema@.outbox_status AS
+	SELECT t.name AS target, s.shard, t.kind, r.pid,
+		   coalesce(r.state, 'stopped') AS state,
+		   p.position,
+		   b.backlog,
+		   (SELECT count(*) FROM @extschema@.outbox_retry q
+			 WHERE q.target_id = t.id AND q.shard = s.shard) AS waiting,
+		   coalesce(r.blocked_keys, 0) AS blocked_keys,
+		   clock_timestamp() - least(b.oldest,
+				(SELECT min(q.created_at) FROM @extschema@.outbox_retry q
+				  WHERE q.target_id = t.id AND q.shard = s.shard)) AS oldest_undelivered_age,
+		   coalesce(r.delivered, 0) AS delivered,
+		   coalesce(r.flushes_size, 0) AS flushes_size,
+		   coalesce(r.flushes_interval, 0) AS flushes_interval,
+		   coalesce(r.flushes_barrier, 0) AS flushes_barrier,
+		   coalesce(r.flushes_close, 0) AS flushes_close,
+		   r.batch_p50, r.batch_p99, r.batch_max,
+		   r.flush_ms_p50, r.flush_ms_p99, r.flush_ms_max,
+		   coalesce(r.barriers, 0) AS barriers,
+		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50, r.barrier_drain_ms_max,
+		   coalesce(r.retries, 0) AS retries,
+		   (SELECT count(*) FROM @extschema@.outbox_dead d
+			 WHERE d.target_id = t.id AND d.shard = s.shard) AS dead_letters,
+		   r.last_error, r.last_error_at, r.last_flush_at, r.started_at
+	  FROM @extschema@.targets t
+	  CROSS JOIN LATERAL generate_series(0, (t.options->>'shards')::int - 1) AS s(shard)
+	  LEFT JOIN @extschema@.outbox_positions p
+		ON p.target_id = t.id AND p.shard = s.shard
+	  LEFT JOIN LATERAL (
+		SELECT count(*) AS backlog, min(o.created_at) AS oldest
+		  FROM @extschema@.outbox_store o
+		 WHERE o.target_id = t.id
+		   AND (o.shard = s.shard OR (s.shard = 0 AND o.shard = -1))
+		   AND o.id > p.position) b ON true
+	  LEFT JOIN @extschema@.outbox_runtime() r
+		ON r.target_id = t.id AND r.shard = s.shard;
+
+------------------------------------------------------------------------------
 -- Metrics in the Prometheus text format
 ------------------------------------------------------------------------------
 
@@ -568,11 +758,37 @@ $$;
 COMMENT ON FUNCTION @extschema@._metric(text, text[], numeric) IS
 'Internal: one Prometheus sample line; labels are name, value pairs';
 
+-- Histogram sample lines: cumulative buckets (le = bounds[i] * scale), +Inf,
+-- _sum and _count, as Prometheus wants them.
+CREATE FUNCTION @extschema@._histogram(name text, labels text[], bounds float8[],
+									   counts bigint[], total float8, scale float8)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE
+AS $$
+	SELECT array_agg(l ORDER BY ord) FROM (
+		SELECT i AS ord, @extschema@._metric(name || '_bucket',
+				labels || ARRAY['le', (bounds[i] * scale)::text],
+				(SELECT sum(c) FROM unnest(counts[1:i]) c)) AS l
+		  FROM generate_series(1, cardinality(bounds)) i
+		UNION ALL
+		SELECT 1000, @extschema@._metric(name || '_bucket', labels || ARRAY['le', '+Inf'],
+				(SELECT sum(c) FROM unnest(counts) c))
+		UNION ALL
+		SELECT 1001, @extschema@._metric(name || '_sum', labels, (total * scale)::numeric)
+		UNION ALL
+		SELECT 1002, @extschema@._metric(name || '_count', labels,
+				(SELECT sum(c) FROM unnest(counts) c))) x
+$$;
+COMMENT ON FUNCTION @extschema@._histogram(text, text[], float8[], bigint[], float8, float8) IS
+'Internal: the sample lines of one Prometheus histogram';
+
 CREATE FUNCTION @extschema@.metrics()
 RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-	WITH m(ord, name, type, help, lines) AS (
+	WITH st AS MATERIALIZED (SELECT * FROM @extschema@.outbox_status),
+	rt AS MATERIALIZED (SELECT * FROM @extschema@.outbox_runtime()),
+	m(ord, name, type, help, lines) AS (
 		VALUES
 		(1, 'spool_cursor', 'gauge', 'Last committed spool cursor.',
 		 ARRAY(SELECT @extschema@._metric('spool_cursor', '{}', next_cursor - 1)
@@ -645,7 +861,60 @@ AS $$
 				 FROM @extschema@.nonce_workers ORDER BY worker)),
 		(20, 'spool_leases_live', 'gauge', 'Leases held and not expired.',
 		 ARRAY(SELECT @extschema@._metric('spool_leases_live', '{}', count(*))
-				 FROM @extschema@.lease_store WHERE expires_at > clock_timestamp()))
+				 FROM @extschema@.lease_store WHERE expires_at > clock_timestamp())),
+		(21, 'spool_outbox_backlog', 'gauge', 'Outbox rows of the shard not yet delivered (parked rows not included).',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_backlog',
+					ARRAY['target', target, 'shard', shard::text], backlog)
+				 FROM st ORDER BY target, shard)),
+		(22, 'spool_outbox_waiting', 'gauge', 'Parked rows of the shard: failed, or waiting behind a failed row of their key.',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_waiting',
+					ARRAY['target', target, 'shard', shard::text], waiting)
+				 FROM st ORDER BY target, shard)),
+		(23, 'spool_outbox_oldest_undelivered_seconds', 'gauge', 'Age of the oldest undelivered row of the shard (0 when none).',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_oldest_undelivered_seconds',
+					ARRAY['target', target, 'shard', shard::text],
+					coalesce(extract(epoch FROM oldest_undelivered_age), 0))
+				 FROM st ORDER BY target, shard)),
+		(24, 'spool_outbox_delivered_total', 'counter', 'Rows the shard delivered since the server started.',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_delivered_total',
+					ARRAY['target', target, 'shard', shard::text], delivered)
+				 FROM st ORDER BY target, shard)),
+		(25, 'spool_outbox_flushes_total', 'counter', 'Batches flushed, by what triggered the flush.',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_flushes_total',
+					ARRAY['target', target, 'shard', shard::text, 'reason', x.reason], x.n)
+				 FROM st, LATERAL (VALUES ('size', flushes_size), ('interval', flushes_interval),
+									 ('barrier', flushes_barrier), ('close', flushes_close)) x(reason, n)
+				 ORDER BY target, shard, x.reason)),
+		(26, 'spool_outbox_retries_total', 'counter', 'Failed delivery attempts that will be retried.',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_retries_total',
+					ARRAY['target', target, 'shard', shard::text], retries)
+				 FROM st ORDER BY target, shard)),
+		(27, 'spool_outbox_dead_letters', 'gauge', 'Rows of the shard in spool.outbox_dead.',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_dead_letters',
+					ARRAY['target', target, 'shard', shard::text], dead_letters)
+				 FROM st ORDER BY target, shard)),
+		(28, 'spool_outbox_barriers_total', 'counter', 'Barriers delivered.',
+		 ARRAY(SELECT @extschema@._metric('spool_outbox_barriers_total',
+					ARRAY['target', target, 'shard', shard::text], barriers)
+				 FROM st ORDER BY target, shard)),
+		(29, 'spool_outbox_batch_rows', 'histogram', 'Rows per flushed batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_outbox_batch_rows',
+					ARRAY['target', t.name, 'shard', r.shard::text],
+					ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 14) i)::float8[],
+					r.batch_hist, r.batch_sum, 1))
+				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id)),
+		(30, 'spool_outbox_flush_seconds', 'histogram', 'Time to deliver and commit one batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_outbox_flush_seconds',
+					ARRAY['target', t.name, 'shard', r.shard::text],
+					ARRAY(SELECT 0.25 * 2.0 ^ i FROM generate_series(0, 15) i)::float8[],
+					r.flush_hist, r.flush_ms_sum, 0.001))
+				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id)),
+		(31, 'spool_outbox_barrier_drain_seconds', 'histogram', 'From a barrier becoming deliverable to its delivery.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_outbox_barrier_drain_seconds',
+					ARRAY['target', t.name, 'shard', r.shard::text],
+					ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
+					r.drain_hist, r.drain_ms_sum, 0.001))
+				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0))
 	)
 	SELECT string_agg('# HELP ' || name || ' ' || help || E'\n# TYPE ' || name || ' ' || type
 					  || CASE WHEN cardinality(lines) > 0 THEN E'\n' || array_to_string(lines, E'\n') ELSE '' END,
@@ -696,6 +965,20 @@ GRANT EXECUTE ON FUNCTION
 	TO spool_admin, spool_client;
 GRANT EXECUTE ON FUNCTION @extschema@.read(bigint, int, interval) TO spool_admin, spool_client;
 GRANT EXECUTE ON FUNCTION @extschema@.metrics() TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION
+	@extschema@.enqueue(text, text, jsonb),
+	@extschema@.enqueue_barrier(text)
+	TO spool_client;
+GRANT EXECUTE ON FUNCTION
+	@extschema@.create_target(text, text, jsonb),
+	@extschema@.drop_target(text, boolean),
+	@extschema@.redrive(bigint)
+	TO spool_admin;
+GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime() TO spool_admin, spool_client;
+GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
+	TO spool_admin, spool_client;
+-- Parked rows and dead letters hold payloads, which may be business data.
+GRANT SELECT ON @extschema@.outbox_retry, @extschema@.outbox_dead TO spool_admin;
 GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
 	@extschema@.consumers, @extschema@.processors,

@@ -22,6 +22,8 @@ int			spool_lease_wait_timeout_ms = 1000;
 int			spool_lease_max_ttl_s = 86400;
 int			spool_test_worker_pause_ms = 0;
 int			spool_segment_size = 1000000;
+int			spool_outbox_segment_size = 100000;
+int			spool_outbox_poll_interval_ms = 1000;
 int			spool_min_retention_s = 86400;
 
 void
@@ -121,6 +123,22 @@ spool_define_gucs(void)
 							&spool_min_retention_s,
 							86400, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.outbox_segment_size",
+							"Outbox ids per ring slot: a target's outbox is eight slots, truncated once delivered.",
+							NULL,
+							&spool_outbox_segment_size,
+							100000, 100, INT_MAX / 16,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.outbox_poll_interval",
+							"How often an idle dispatcher looks for rows without being woken.",
+							NULL,
+							&spool_outbox_poll_interval_ms,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("spool");

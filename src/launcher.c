@@ -33,6 +33,7 @@
 #include "utils/timestamp.h"
 
 #include "launcher.h"
+#include "outbox.h"
 #include "processor.h"
 #include "spool.h"
 
@@ -169,6 +170,7 @@ spool_launcher_main(Datum main_arg)
 			refresh = now >= next_source_check;
 			supervise_sources(now, refresh);
 			spool_supervise_processors(now, refresh);
+			spool_supervise_dispatchers(now, refresh);
 			if (refresh)
 				next_source_check = TimestampTzPlusMilliseconds(now, SOURCE_CHECK_MS);
 			for (w = 0; w < spool_shared->nworkers; w++)
@@ -354,7 +356,7 @@ spool_track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
 		t->next_start = TimestampTzPlusMilliseconds(now, RESTART_BACKOFF_MIN_MS * 5);
 		ereport(WARNING,
 				(errmsg("could not start %s", bgw->bgw_name),
-				 errhint("Raise max_worker_processes: the launcher needs one slot for the promoter, one per enabled source and one per nonce worker (plus one per nonce worker being replaced).")));
+				 errhint("Raise max_worker_processes: the launcher needs one slot for the promoter, one per enabled source, one per processor replica, one per outbox target shard and one per nonce worker (plus one per nonce worker being replaced).")));
 		return false;
 	}
 	t->started_at = now;
@@ -546,4 +548,5 @@ stop_all_workers(void)
 		TerminateBackgroundWorker(promoter_track.handle);
 	promoter_track.handle = NULL;
 	spool_stop_processors();
+	spool_stop_dispatchers();
 }

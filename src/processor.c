@@ -49,6 +49,7 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
+#include "outbox.h"
 #include "processor.h"
 #include "spool.h"
 #include "window_alert.h"
@@ -101,7 +102,6 @@ static SPIPlanPtr plan_read_rows = NULL;
 static SPIPlanPtr plan_spool_end = NULL;
 static SPIPlanPtr plan_fence = NULL;
 static SPIPlanPtr plan_commit = NULL;
-static SPIPlanPtr plan_outputs = NULL;
 static SPIPlanPtr plan_consumer = NULL;
 
 /* One batch read from the spool. */
@@ -732,7 +732,6 @@ active_step(void)
 	Datum		v[8];
 	char		nulls[8];
 	Oid			ct[7] = {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID};
-	Oid			ot[4] = {0, TEXTOID, INT8OID, INT8OID};
 
 	begin_txn("processing");
 	end = spool_end();
@@ -774,18 +773,7 @@ active_step(void)
 
 	/* The outputs first: the fenced part below is kept as short as possible. */
 	if (res.noutputs > 0)
-	{
-		ot[0] = get_array_type(ARR_ELEMTYPE(DatumGetArrayTypeP(res.outputs)));
-		spool_plan(&plan_outputs,
-				   "INSERT INTO spool.outbox_store (target, key, payload, processor, cursor, token)"
-				   " SELECT o.target, o.key, o.payload, $2, $3, $4 FROM unnest($1) o",
-				   4, ot);
-		v[0] = res.outputs;
-		v[1] = CStringGetTextDatum(proc_name);
-		v[2] = Int64GetDatum(b.end);
-		v[3] = Int64GetDatum(token);
-		spool_exec(plan_outputs, v, NULL, false, SPI_OK_INSERT);
-	}
+		spool_outbox_insert_outputs(DatumGetArrayTypeP(res.outputs), proc_name, b.end, token);
 
 	/* The spool keeps what a replay from this snapshot needs. */
 	if (snap)

@@ -41,21 +41,10 @@ PG_FUNCTION_INFO_V1(spool_processor_runtime);
 PG_FUNCTION_INFO_V1(spool_current_replica);
 PG_FUNCTION_INFO_V1(spool_handler_settings);
 
-static void bad_option(const char *msg, const char *hint) pg_attribute_noreturn();
 static void check_processor_name(const char *name);
 static void check_handler(Oid handler);
-static Oid	check_run_as(const char *run_as);
 static void check_sources(SpoolProcessorOptions *o);
 static void processor_owner_check(const char *name);
-
-static void
-bad_option(const char *msg, const char *hint)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-			 errmsg("%s", msg),
-			 hint ? errhint("%s", hint) : 0));
-}
 
 static void
 check_processor_name(const char *name)
@@ -75,27 +64,6 @@ check_processor_name(const char *name)
 					 errdetail("Processor names use letters, digits, '_', '.' and '-' only.")));
 }
 
-static int64
-option_int(JsonbValue *v, const char *what, int64 lo, int64 hi)
-{
-	char	   *s;
-	char	   *end;
-	int64		n;
-
-	if (v->type != jbvNumeric)
-		bad_option(psprintf("option \"%s\" must be a number", what), NULL);
-	s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
-	/* 2 and 2.0 are the same number in JSON */
-	if ((end = strchr(s, '.')) != NULL && strspn(end + 1, "0") == strlen(end + 1))
-		*end = '\0';
-	errno = 0;
-	n = strtoll(s, &end, 10);
-	if (*end != '\0' || errno != 0 || n < lo || n > hi)
-		bad_option(psprintf("option \"%s\" must be an integer from " INT64_FORMAT " to " INT64_FORMAT,
-							what, lo, hi), NULL);
-	return n;
-}
-
 /* lease_ttl: an interval string ('2 s') or milliseconds. */
 static int64
 option_ttl_ms(JsonbValue *v)
@@ -103,7 +71,7 @@ option_ttl_ms(JsonbValue *v)
 	int64		ms;
 
 	if (v->type == jbvNumeric)
-		ms = option_int(v, "lease_ttl", 1, INT64CONST(86400000));
+		ms = spool_option_int(v, "lease_ttl", 1, INT64CONST(86400000));
 	else if (v->type == jbvString)
 	{
 		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
@@ -113,11 +81,11 @@ option_ttl_ms(JsonbValue *v)
 			  (int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY) / 1000;
 	}
 	else
-		bad_option("option \"lease_ttl\" must be an interval such as '2 s', or milliseconds", NULL);
+		spool_bad_option("option \"lease_ttl\" must be an interval such as '2 s', or milliseconds", NULL);
 	if (ms < 100)
-		bad_option("option \"lease_ttl\" must be at least 100 ms", NULL);
+		spool_bad_option("option \"lease_ttl\" must be at least 100 ms", NULL);
 	if (ms > (int64) spool_lease_max_ttl_s * 1000)
-		bad_option("option \"lease_ttl\" is longer than spool.lease_max_ttl", NULL);
+		spool_bad_option("option \"lease_ttl\" is longer than spool.lease_max_ttl", NULL);
 	return ms;
 }
 
@@ -140,7 +108,7 @@ spool_parse_processor_options(Jsonb *options)
 	o->checkpoint_every = SPOOL_PROCESSOR_DEFAULT_CHECKPOINT;
 	o->start_cursor = -1;
 	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
-		bad_option("processor options must be a JSON object", "Pass '{}' for the defaults.");
+		spool_bad_option("processor options must be a JSON object", "Pass '{}' for the defaults.");
 	it = JsonbIteratorInit(&options->root);
 	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 	{
@@ -159,7 +127,7 @@ spool_parse_processor_options(Jsonb *options)
 				continue;
 			if (v.type != jbvBinary || !JsonContainerIsArray(v.val.binary.data) ||
 				JsonContainerSize(v.val.binary.data) == 0)
-				bad_option("option \"sources\" must be a non-empty array of source names",
+				spool_bad_option("option \"sources\" must be a non-empty array of source names",
 						   "Leave it out to read every source.");
 			o->sources = palloc(sizeof(char *) * JsonContainerSize(v.val.binary.data));
 			ai = JsonbIteratorInit(v.val.binary.data);
@@ -168,18 +136,18 @@ spool_parse_processor_options(Jsonb *options)
 				if (tok != WJB_ELEM)
 					continue;
 				if (e.type != jbvString || e.val.string.len == 0)
-					bad_option("option \"sources\" must contain source names (strings)", NULL);
+					spool_bad_option("option \"sources\" must contain source names (strings)", NULL);
 				o->sources[o->nsources++] = pnstrdup(e.val.string.val, e.val.string.len);
 			}
 		}
 		else if (strcmp(key, "replicas") == 0)
-			o->replicas = option_int(&v, "replicas", 1, SPOOL_MAX_REPLICAS);
+			o->replicas = spool_option_int(&v, "replicas", 1, SPOOL_MAX_REPLICAS);
 		else if (strcmp(key, "batch_size") == 0)
-			o->batch_size = option_int(&v, "batch_size", 1, SPOOL_PROCESSOR_MAX_BATCH);
+			o->batch_size = spool_option_int(&v, "batch_size", 1, SPOOL_PROCESSOR_MAX_BATCH);
 		else if (strcmp(key, "lease_ttl") == 0)
 			o->lease_ttl_ms = option_ttl_ms(&v);
 		else if (strcmp(key, "checkpoint_every") == 0)
-			o->checkpoint_every = option_int(&v, "checkpoint_every", 1, INT64CONST(1000000000));
+			o->checkpoint_every = spool_option_int(&v, "checkpoint_every", 1, INT64CONST(1000000000));
 		else if (strcmp(key, "start") == 0)
 		{
 			if (v.type == jbvString && v.val.string.len == 8 &&
@@ -189,24 +157,24 @@ spool_parse_processor_options(Jsonb *options)
 					 strncmp(v.val.string.val, "latest", 6) == 0)
 				o->start_cursor = -2;
 			else if (v.type == jbvNumeric)
-				o->start_cursor = option_int(&v, "start", 0, PG_INT64_MAX);
+				o->start_cursor = spool_option_int(&v, "start", 0, PG_INT64_MAX);
 			else
-				bad_option("option \"start\" must be \"earliest\", \"latest\" or a cursor", NULL);
+				spool_bad_option("option \"start\" must be \"earliest\", \"latest\" or a cursor", NULL);
 		}
 		else if (strcmp(key, "run_as") == 0)
 		{
 			if (v.type != jbvString || v.val.string.len == 0)
-				bad_option("option \"run_as\" must be a role name", NULL);
+				spool_bad_option("option \"run_as\" must be a role name", NULL);
 			o->run_as = pnstrdup(v.val.string.val, v.val.string.len);
 		}
 		else if (strcmp(key, "handler") == 0)
 		{
 			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
-				bad_option("option \"handler\" must be an object of handler settings", NULL);
+				spool_bad_option("option \"handler\" must be an object of handler settings", NULL);
 			o->handler = JsonbValueToJsonb(&v);
 		}
 		else
-			bad_option(psprintf("unknown processor option \"%s\"", key),
+			spool_bad_option(psprintf("unknown processor option \"%s\"", key),
 					   "Options are sources, replicas, batch_size, lease_ttl, checkpoint_every, start, run_as and handler.");
 	}
 	return o;
@@ -298,34 +266,6 @@ check_handler(Oid handler)
 	ReleaseSysCache(tup);
 }
 
-/*
- * The role handlers run as: run_as, or the calling role.  Never a superuser
- * unless explicitly named; a non-superuser may only name a role it belongs to.
- */
-static Oid
-check_run_as(const char *run_as)
-{
-	Oid			caller = GetOuterUserId();
-	Oid			role = run_as ? get_role_oid(run_as, true) : caller;
-
-	if (!OidIsValid(role))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("role \"%s\" does not exist", run_as)));
-	if (run_as && !superuser_arg(caller) && !has_privs_of_role(caller, role))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to run a processor as role \"%s\"", run_as),
-				 errdetail("Only members of a role may name it in run_as.")));
-	if (run_as == NULL && superuser_arg(role))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("a processor handler would run as superuser \"%s\"",
-						GetUserNameFromId(role, false)),
-				 errhint("Create the processor as a member of spool_admin that is not a superuser, or name an unprivileged role in options.run_as.")));
-	return role;
-}
-
 static void
 check_sources(SpoolProcessorOptions *o)
 {
@@ -339,7 +279,7 @@ check_sources(SpoolProcessorOptions *o)
 
 		for (j = 0; j < i; j++)
 			if (strcmp(o->sources[i], o->sources[j]) == 0)
-				bad_option(psprintf("source \"%s\" is listed twice", o->sources[i]), NULL);
+				spool_bad_option(psprintf("source \"%s\" is listed twice", o->sources[i]), NULL);
 		if (SPI_execute_with_args("SELECT 1 FROM spool.sources WHERE name = $1",
 								  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
 			elog(ERROR, "could not read spool.sources");
@@ -370,14 +310,14 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	spool_require_shmem();
 	check_processor_name(name);
 	if (PG_ARGISNULL(1))
-		bad_option("handler must not be null", NULL);
+		spool_bad_option("handler must not be null", NULL);
 	handler = PG_GETARG_OID(1);
 	if (PG_ARGISNULL(2))
-		bad_option("options must not be null", "Pass '{}' for the defaults.");
+		spool_bad_option("options must not be null", "Pass '{}' for the defaults.");
 	o = spool_parse_processor_options(PG_GETARG_JSONB_P(2));
 
 	check_handler(handler);
-	run_as = check_run_as(o->run_as);
+	run_as = spool_check_run_as(o->run_as, "processor", "processor handler");
 	if (pg_proc_aclcheck(handler, run_as, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -387,7 +327,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	if (handler == spool_window_alert_oid())
 	{
 		if (o->handler == NULL)
-			bad_option("spool.window_alert needs its settings in options.handler",
+			spool_bad_option("spool.window_alert needs its settings in options.handler",
 					   "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.");
 		(void) spool_wa_parse_config(o->handler);
 	}

@@ -2,7 +2,7 @@
  *
  * shmem.c
  *	  The extension's shared memory: worker slots, the worker-queue request
- *	  pool, and the per-backend fence registry.
+ *	  pool, the per-backend fence registry and outbox horizon.
  *
  *-------------------------------------------------------------------------
  */
@@ -18,6 +18,7 @@
 SpoolShared *spool_shared = NULL;
 SpoolFenceSlot *spool_fence_slots = NULL;
 SpoolNonceReq *spool_requests = NULL;
+pg_atomic_uint64 *spool_outbox_lowest = NULL;
 
 static Size
 spool_shmem_size(void)
@@ -25,7 +26,8 @@ spool_shmem_size(void)
 	Size		size = MAXALIGN(sizeof(SpoolShared));
 
 	size = add_size(size, MAXALIGN(mul_size(MaxBackends, sizeof(SpoolFenceSlot))));
-	size = add_size(size, mul_size(spool_nonce_queue_size, sizeof(SpoolNonceReq)));
+	size = add_size(size, MAXALIGN(mul_size(spool_nonce_queue_size, sizeof(SpoolNonceReq))));
+	size = add_size(size, mul_size(MaxBackends, sizeof(pg_atomic_uint64)));
 	return size;
 }
 
@@ -33,7 +35,7 @@ void
 spool_shmem_request(void)
 {
 	RequestAddinShmemSpace(spool_shmem_size());
-	RequestNamedLWLockTranche("spool_ext", 2);
+	RequestNamedLWLockTranche("spool_ext", 3);
 }
 
 void
@@ -49,6 +51,9 @@ spool_shmem_startup(void)
 	spool_requests = (SpoolNonceReq *)
 		(base + MAXALIGN(sizeof(SpoolShared)) +
 		 MAXALIGN(mul_size(MaxBackends, sizeof(SpoolFenceSlot))));
+	spool_outbox_lowest = (pg_atomic_uint64 *)
+		((char *) spool_requests +
+		 MAXALIGN(mul_size(spool_nonce_queue_size, sizeof(SpoolNonceReq))));
 
 	if (!found)
 	{
@@ -57,6 +62,16 @@ spool_shmem_startup(void)
 		memset(base, 0, spool_shmem_size());
 		spool_shared->queue_lock = &(GetNamedLWLockTranche("spool_ext"))[0].lock;
 		spool_shared->processor_lock = &(GetNamedLWLockTranche("spool_ext"))[1].lock;
+		spool_shared->outbox_lock = &(GetNamedLWLockTranche("spool_ext"))[2].lock;
+		pg_atomic_init_u64(&spool_shared->outbox_seen, 0);
+		pg_atomic_init_u32(&spool_shared->targets_generation, 0);
+		for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
+		{
+			pg_atomic_init_u64(&spool_shared->dispatchers[i].committed, 0);
+			pg_atomic_init_u32(&spool_shared->dispatchers[i].retry_dirty, 0);
+		}
+		for (i = 0; i < MaxBackends; i++)
+			pg_atomic_init_u64(&spool_outbox_lowest[i], 0);
 		for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
 			ConditionVariableInit(&spool_shared->processors[i].cv);
 		spool_shared->nworkers = spool_nonce_workers;

@@ -19,6 +19,8 @@
 #include "storage/lwlock.h"
 #include "postmaster/bgworker.h"
 
+#include "outbox.h"
+
 /*
  * SQLSTATEs of class SP (documented in docs/sql-reference.md; stable).
  */
@@ -61,6 +63,8 @@ extern int	spool_lease_max_ttl_s;
 extern int	spool_test_worker_pause_ms;
 extern int	spool_segment_size;
 extern int	spool_min_retention_s;
+extern int	spool_outbox_segment_size;
+extern int	spool_outbox_poll_interval_ms;
 
 extern void spool_define_gucs(void);
 
@@ -197,12 +201,21 @@ typedef struct SpoolShared
 	SpoolNonceWorkerSlot workers[SPOOL_MAX_NONCE_WORKERS];
 	LWLock	   *processor_lock; /* guards processors[] */
 	SpoolProcessorSlot processors[SPOOL_MAX_PROCESSORS];
-	/* followed by SpoolFenceSlot[MaxBackends] and SpoolNonceReq[queue_size] */
+	LWLock	   *outbox_lock;	/* guards dispatchers[] */
+	pg_atomic_uint64 outbox_seen;	/* highest outbox id handed out (see outbox_enqueue.c) */
+	pg_atomic_uint32 targets_generation;	/* bumped by create/drop_target */
+	SpoolDispatchSlot dispatchers[SPOOL_MAX_DISPATCHERS];
+
+	/*
+	 * followed by SpoolFenceSlot[MaxBackends], SpoolNonceReq[queue_size] and
+	 * pg_atomic_uint64 outbox_lowest[MaxBackends]
+	 */
 } SpoolShared;
 
 extern SpoolShared *spool_shared;
 extern SpoolFenceSlot *spool_fence_slots;
 extern SpoolNonceReq *spool_requests;
+extern pg_atomic_uint64 *spool_outbox_lowest;
 
 extern void spool_shmem_request(void);
 extern void spool_shmem_startup(void);
@@ -213,6 +226,7 @@ extern void spool_require_shmem(void);
  */
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "utils/jsonb.h"
 
 extern char *spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what);
 extern char *spool_arg_signer(FunctionCallInfo fcinfo, int argno);
@@ -222,6 +236,12 @@ extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *wha
 extern int64 spool_arg_ttl(FunctionCallInfo fcinfo, int argno);
 extern Datum spool_ttl_datum(int64 ttl_us);
 extern Interval *spool_parse_interval(const char *s, const char *what);
+extern void spool_bad_option(const char *msg, const char *hint) pg_attribute_noreturn();
+extern int64 spool_option_int(JsonbValue *v, const char *what, int64 lo, int64 hi);
+extern int64 spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_us,
+									  int64 hi_us);
+extern char *spool_format_duration(int64 us);
+extern Oid	spool_check_run_as(const char *run_as, const char *object, const char *code);
 extern void spool_test_pause(void);
 extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
 							 Oid *argtypes);

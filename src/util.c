@@ -1,18 +1,22 @@
 /*-------------------------------------------------------------------------
  *
  * util.c
- *	  Argument checks shared by the SQL entry points, and the cache of
- *	  prepared SPI plans used on hot paths.
+ *	  Argument and option checks shared by the SQL entry points, and the
+ *	  cache of prepared SPI plans used on hot paths.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include <errno.h>
+
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/numeric.h"
 #include "utils/timestamp.h"
 
 #include "spool.h"
@@ -221,4 +225,101 @@ spool_test_pause(void)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
+}
+
+/* An option error: SP001 with the message and an optional hint. */
+void
+spool_bad_option(const char *msg, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+			 errmsg("%s", msg),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+/* An integer option in [lo, hi]; 2 and 2.0 are the same JSON number. */
+int64
+spool_option_int(JsonbValue *v, const char *what, int64 lo, int64 hi)
+{
+	char	   *s;
+	char	   *end;
+	int64		n;
+
+	if (v->type != jbvNumeric)
+		spool_bad_option(psprintf("option \"%s\" must be a number", what), NULL);
+	s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+	if ((end = strchr(s, '.')) != NULL && strspn(end + 1, "0") == strlen(end + 1))
+		*end = '\0';
+	errno = 0;
+	n = strtoll(s, &end, 10);
+	if (*end != '\0' || errno != 0 || n < lo || n > hi)
+		spool_bad_option(psprintf("option \"%s\" must be an integer from " INT64_FORMAT " to " INT64_FORMAT,
+								  what, lo, hi), NULL);
+	return n;
+}
+
+/* A duration option: an interval string ('10 ms') or milliseconds; in us. */
+int64
+spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_us, int64 hi_us)
+{
+	int64		us;
+
+	if (v->type == jbvNumeric)
+		us = spool_option_int(v, what, 0, INT64CONST(86400000) * 365) * 1000;
+	else if (v->type == jbvString)
+	{
+		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
+											  psprintf("option \"%s\"", what));
+
+		us = iv->time + (int64) iv->day * USECS_PER_DAY +
+			(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+	}
+	else
+		spool_bad_option(psprintf("option \"%s\" must be an interval such as '10 ms', or milliseconds",
+								  what), NULL);
+	if (us < lo_us || us > hi_us)
+		spool_bad_option(psprintf("option \"%s\" must be between %s and %s", what,
+								  spool_format_duration(lo_us), spool_format_duration(hi_us)),
+						 NULL);
+	return us;
+}
+
+/* "250 ms", "30 s", "1 min": for messages. */
+char *
+spool_format_duration(int64 us)
+{
+	if (us % USECS_PER_MINUTE == 0 && us >= USECS_PER_MINUTE)
+		return psprintf(INT64_FORMAT " min", us / USECS_PER_MINUTE);
+	if (us % USECS_PER_SEC == 0 && us >= USECS_PER_SEC)
+		return psprintf(INT64_FORMAT " s", us / USECS_PER_SEC);
+	return psprintf(INT64_FORMAT " ms", us / 1000);
+}
+
+/*
+ * The role user code (a processor handler, a target function) runs as:
+ * run_as, or the calling role.  Never a superuser unless explicitly named; a
+ * non-superuser may only name a role it belongs to.
+ */
+Oid
+spool_check_run_as(const char *run_as, const char *object, const char *code)
+{
+	Oid			caller = GetOuterUserId();
+	Oid			role = run_as ? get_role_oid(run_as, true) : caller;
+
+	if (!OidIsValid(role))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("role \"%s\" does not exist", run_as)));
+	if (run_as && !superuser_arg(caller) && !has_privs_of_role(caller, role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to run a %s as role \"%s\"", object, run_as),
+				 errdetail("Only members of a role may name it in run_as.")));
+	if (run_as == NULL && superuser_arg(role))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("a %s would run as superuser \"%s\"", code,
+						GetUserNameFromId(role, false)),
+				 errhint("Create the %s as a member of spool_admin that is not a superuser, or name an unprivileged role in options.run_as.", object)));
+	return role;
 }

@@ -1,0 +1,169 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.h
+ *	  The outbox and its dispatchers (docs/outbox.md): target definitions
+ *	  (outbox_target.c), writing rows (outbox_enqueue.c), the shard workers
+ *	  (outbox_dispatch.c, outbox_deliver.c) and the launcher's side with the
+ *	  status (outbox_launch.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef SPOOL_OUTBOX_H
+#define SPOOL_OUTBOX_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "utils/array.h"
+#include "utils/jsonb.h"
+
+/* PostgreSQL 16 has it; 15 does not. */
+#ifndef TimestampTzPlusMicroseconds
+#define TimestampTzPlusMicroseconds(tz, us) ((tz) + (us))
+#endif
+
+#define SPOOL_MAX_DISPATCHERS	64	/* shard workers over all targets */
+#define SPOOL_MAX_SHARDS		16
+#define SPOOL_OUTBOX_SLOTS		8	/* ring partitions per target */
+#define SPOOL_TARGET_NAME_MAX	48
+
+/* Histogram buckets (upper bounds): batch rows 2^i; flush 0.25 ms * 2^i; drain 1 ms * 2^i. */
+#define HIST_BATCH	15
+#define HIST_FLUSH	16
+#define HIST_DRAIN	17
+
+typedef enum OutboxKind
+{
+	KIND_SQL,
+	KIND_NOTIFY,
+	KIND_KAFKA
+} OutboxKind;
+
+typedef enum FlushReason
+{
+	FLUSH_SIZE,
+	FLUSH_INTERVAL,
+	FLUSH_BARRIER,
+	FLUSH_CLOSE,
+	NUM_FLUSH_REASONS
+} FlushReason;
+
+typedef enum DispatchState
+{
+	DS_STOPPED = 0,
+	DS_IDLE,
+	DS_DELIVERING,
+	DS_BARRIER,					/* waiting at a barrier */
+	DS_RETRYING,				/* only parked rows are left */
+	DS_ERROR					/* the target fails as a whole */
+} DispatchState;
+
+/* A target's validated options (spool.targets.options). */
+typedef struct OutboxTarget
+{
+	int			id;
+	char		name[NAMEDATALEN];
+	OutboxKind	kind;
+	int			shards;
+	int			batch_size;
+	int64		batch_interval_us;
+	int			retry_limit;
+	int64		retry_backoff_us;
+	int64		retry_backoff_max_us;
+	char	   *function;		/* sql: qualified name */
+	char	   *run_as;			/* sql: NULL = the creating role */
+	char	   *channel;		/* notify */
+	char	   *brokers;		/* kafka */
+	char	   *topic;
+	Jsonb	   *kafka;			/* kafka: librdkafka properties, or NULL */
+} OutboxTarget;
+
+/*
+ * One dispatcher shard in shared memory.  The launcher claims it; the shard
+ * worker publishes its state and counters here (under outbox_lock);
+ * enqueueing transactions bump committed and set the latch at commit.
+ */
+typedef struct SpoolDispatchSlot
+{
+	bool		in_use;
+	int			target_id;
+	int			shard;
+	int			nshards;
+	char		target[NAMEDATALEN];
+	pid_t		pid;
+	Latch	   *latch;
+	pg_atomic_uint64 committed; /* rows committed for this shard (a hint) */
+	pg_atomic_uint32 retry_dirty;	/* spool.redrive parked a row */
+	int64		position;		/* committed delivered position */
+	int64		arrived;		/* barrier id this shard is waiting at */
+	DispatchState state;
+	bool		exit_error;
+	uint64		delivered;
+	uint64		flushes[NUM_FLUSH_REASONS];
+	uint64		retries;
+	uint64		barriers;
+	int			blocked_keys;
+	uint64		batch_hist[HIST_BATCH + 1];
+	uint64		flush_hist[HIST_FLUSH + 1];
+	uint64		drain_hist[HIST_DRAIN + 1];
+	uint64		batch_sum;
+	int64		batch_max;
+	double		flush_ms_sum;
+	double		flush_ms_max;
+	double		drain_ms_sum;
+	double		drain_ms_last;
+	double		drain_ms_max;
+	char		last_error[256];
+	TimestampTz last_error_at;
+	TimestampTz last_flush_at;
+	TimestampTz started_at;
+} SpoolDispatchSlot;
+
+/* outbox_target.c */
+extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kind,
+											   Jsonb *options);
+extern OutboxTarget *spool_outbox_load_target(int target_id);
+extern Oid	spool_outbox_resolve_function(const char *name, bool missing_ok);
+extern const char *spool_outbox_kind_name(OutboxKind kind);
+
+/* outbox_enqueue.c */
+extern int64 spool_outbox_insert(const char *target, const char *key, Jsonb *payload,
+								 bool barrier, const char *processor, int64 cursor,
+								 int64 token);
+extern void spool_outbox_insert_outputs(ArrayType *outputs, const char *processor,
+										int64 cursor, int64 token);
+extern int64 spool_outbox_safe_bound(void);
+extern void spool_outbox_fold_sequence(int64 last_value);
+extern int	spool_outbox_slot_of(int64 id);
+extern void spool_outbox_targets_changed(void);
+
+/* outbox_launch.c */
+extern void spool_supervise_dispatchers(TimestampTz now, bool refresh);
+extern void spool_stop_dispatchers(void);
+extern SpoolDispatchSlot *spool_dispatch_slot_of(int target_id, int shard);
+
+/* outbox_deliver.c: one batch of rows for one target. */
+typedef struct OutboxRow
+{
+	int64		id;
+	char	   *key;			/* NULL: no key */
+	Jsonb	   *payload;
+	bool		barrier;
+	char	   *processor;
+	int64		cursor;			/* -1: none */
+	TimestampTz created_at;
+	int			attempts;		/* parked rows only */
+	/* results of a delivery attempt */
+	bool		failed;
+	char	   *error;
+} OutboxRow;
+
+extern void spool_deliver_init(OutboxTarget *t);
+extern void spool_deliver_row(OutboxRow *row);
+extern bool spool_deliver_external(void);
+extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);
+extern void spool_deliver_shutdown(void);
+
+#endif							/* SPOOL_OUTBOX_H */

@@ -1,0 +1,1236 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox_dispatch.c
+ *	  A dispatcher shard worker ("spool dispatch <target>/<shard>"): reads the
+ *	  shard's rows below the commit-safe horizon in id order, holds them in a
+ *	  batch, and flushes the batch (size, interval, barrier, close) by
+ *	  delivering it and moving the shard's position in one transaction
+ *	  (kafka: after the broker acknowledged it).
+ *
+ *	  Failed rows are parked in spool.outbox_retry with the later rows of
+ *	  their key, retried with backoff, and dead-lettered after the limit.
+ *	  Barriers: every shard stops before an undelivered barrier and reports
+ *	  that it arrived; shard 0 delivers the barrier once all have arrived and
+ *	  releases them.  Shard 0 also truncates ring slots that are delivered.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "outbox.h"
+#include "spool.h"
+
+PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
+
+#define ADVISORY_KEY1		0x53504f44	/* "SPOD" */
+#define BOUND_POLL_MS		5	/* while open transactions hold the horizon */
+#define ROTATE_EVERY_MS		1000
+#define ROTATE_LOCK_MS		50
+#define ERROR_BACKOFF_MIN_MS 100
+#define ERROR_BACKOFF_MAX_MS 30000
+#define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
+
+typedef struct BlockedKey
+{
+	uint64		hash;			/* of (isnull, key): the hash key */
+	int			rows;			/* parked rows of the key */
+} BlockedKey;
+
+/* The target and this shard */
+static OutboxTarget *target;
+static int	my_shard;
+static SpoolDispatchSlot *ds;
+static char *store;				/* spool.outbox_t<id> */
+
+/* Delivery state */
+static int64 position;			/* committed: every row of mine <= it is handled */
+static int64 read_upto;			/* every row of mine <= it is held or handled */
+static bool more_rows;			/* the last read was cut by the batch size */
+static int64 last_bound = -1;
+static uint64 committed_seen;
+static TimestampTz next_poll;
+static MemoryContext batch_cxt;
+static OutboxRow **held;
+static int	nheld;
+static TimestampTz first_held_at;
+
+/* Barriers */
+static int64 barrier_at;		/* the undelivered barrier we stop before; 0: none */
+static TimestampTz barrier_seen_at;
+static int	barrier_attempts;
+static TimestampTz barrier_retry_at;
+
+/* Parked rows */
+static HTAB *blocked;
+static int	nparked;
+static int64 min_parked_id;
+static TimestampTz next_retry_at;
+static TimestampTz next_parked_reload;
+
+/* Errors of the target as a whole, and shutdown */
+static int	error_backoff_ms;
+static TimestampTz error_until;
+static TimestampTz next_rotation;
+static volatile sig_atomic_t got_sigterm = false;
+
+static SPIPlanPtr plan_read;
+static SPIPlanPtr plan_barrier;
+static SPIPlanPtr plan_position;
+static SPIPlanPtr plan_park;
+static SPIPlanPtr plan_dead;
+
+static void dispatch_sigterm(SIGNAL_ARGS);
+static void dispatch_detach(int code, Datum arg);
+static void begin_txn(const char *activity);
+static void end_txn(void);
+static void set_state(DispatchState st);
+static void record_error(const char *msg);
+static uint64 key_hash(const char *key);
+static bool key_blocked(const char *key);
+static void block_key(const char *key, int delta);
+static void load_parked(void);
+static bool retry_parked(TimestampTz now);
+static bool read_rows(TimestampTz now);
+static void flush(FlushReason reason);
+static bool barrier_step(TimestampTz now);
+static void rotate(void);
+static void move_position(int64 to);
+static void park_row(OutboxRow *r, int attempts, const char *error);
+static void dead_row(OutboxRow *r, int attempts, const char *error);
+static int64 backoff_us(int attempts);
+static void deliver_local(OutboxRow **rows, int n, bool careful);
+static void note_flush(FlushReason reason, int n, double ms);
+static void hist_add(uint64 *hist, int nb, double v, double first);
+static void wait_for_work(TimestampTz now);
+
+static void
+dispatch_sigterm(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	/* A second SIGTERM interrupts even a delivery that hangs. */
+	if (got_sigterm)
+		die(postgres_signal_arg);
+	got_sigterm = true;
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+static void
+dispatch_detach(int code, Datum arg)
+{
+	spool_deliver_shutdown();
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	if (ds->pid == MyProcPid)
+	{
+		ds->pid = 0;
+		ds->latch = NULL;
+		ds->arrived = 0;
+		ds->state = DS_STOPPED;
+		ds->exit_error = code != 0;
+	}
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+static MemoryContext txn_caller_cxt;
+
+static void
+begin_txn(const char *activity)
+{
+	txn_caller_cxt = CurrentMemoryContext;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_txn(void)
+{
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(txn_caller_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static void
+set_state(DispatchState st)
+{
+	if (ds->state == st)
+		return;
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	ds->state = st;
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+static void
+record_error(const char *msg)
+{
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	strlcpy(ds->last_error, msg, sizeof(ds->last_error));
+	ds->last_error_at = GetCurrentTimestamp();
+	ds->state = DS_ERROR;
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+/* ---- parked rows and blocked keys ---- */
+
+static uint64
+key_hash(const char *key)
+{
+	if (key == NULL)
+		return UINT64CONST(0x9e3779b97f4a7c15);
+	return hash_bytes_extended((const unsigned char *) key, strlen(key), 1);
+}
+
+static bool
+key_blocked(const char *key)
+{
+	uint64		h;
+
+	if (nparked == 0)
+		return false;
+	h = key_hash(key);
+	return hash_search(blocked, &h, HASH_FIND, NULL) != NULL;
+}
+
+static void
+block_key(const char *key, int delta)
+{
+	uint64		h = key_hash(key);
+	bool		found;
+	BlockedKey *b = hash_search(blocked, &h, HASH_ENTER, &found);
+
+	if (!found)
+		b->rows = 0;
+	b->rows += delta;
+	nparked += delta;
+	if (b->rows <= 0)
+		hash_search(blocked, &h, HASH_REMOVE, NULL);
+}
+
+/* Rebuild the blocked keys from spool.outbox_retry (in a transaction). */
+static void
+load_parked(void)
+{
+	HASHCTL		ctl;
+	Datum		v[2] = {Int32GetDatum(target->id), Int32GetDatum(my_shard)};
+	uint64		i;
+	bool		isnull;
+
+	if (blocked)
+		hash_destroy(blocked);
+	ctl.keysize = sizeof(uint64);
+	ctl.entrysize = sizeof(BlockedKey);
+	blocked = hash_create("spool blocked keys", 64, &ctl, HASH_ELEM | HASH_BLOBS);
+	nparked = 0;
+	min_parked_id = PG_INT64_MAX;
+	next_retry_at = DT_NOEND;
+	if (SPI_execute_with_args("SELECT key, count(*)::int, min(id),"
+							  " (array_agg(next_attempt_at ORDER BY id))[1]"
+							  " FROM spool.outbox_retry WHERE target_id = $1 AND shard = $2 GROUP BY key",
+							  2, (Oid[]) {INT4OID, INT4OID}, v, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.outbox_retry");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *key = SPI_getvalue(tup, desc, 1);
+		int			n = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
+		int64		first = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		Datum		due = SPI_getbinval(tup, desc, 4, &isnull);
+
+		block_key(key, n);
+		min_parked_id = Min(min_parked_id, first);
+		/* The head of a key: due at its next attempt, or now if it waited. */
+		next_retry_at = Min(next_retry_at, isnull ? 0 : DatumGetTimestampTz(due));
+	}
+	pg_atomic_write_u32(&ds->retry_dirty, 0);
+	next_parked_reload = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													 spool_outbox_poll_interval_ms);
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	ds->blocked_keys = (int) hash_get_num_entries(blocked);
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+static int64
+backoff_us(int attempts)
+{
+	double		us = (double) target->retry_backoff_us * pow(2.0, Max(attempts - 1, 0));
+
+	us = Min(us, (double) target->retry_backoff_max_us);
+	/* Jitter: up to half the delay, so that retries of many keys spread. */
+	return (int64) (us * (1.0 - 0.5 * pg_prng_double(&pg_global_prng_state)));
+}
+
+/* Park r: failed (attempts > 0) or waiting behind its key (attempts = 0). */
+static void
+park_row(OutboxRow *r, int attempts, const char *error)
+{
+	Datum		v[12];
+	char		nulls[12];
+
+	memset(nulls, ' ', sizeof(nulls));
+	v[0] = Int64GetDatum(r->id);
+	v[1] = CStringGetTextDatum(target->name);
+	v[2] = Int32GetDatum(target->id);
+	v[3] = Int32GetDatum(my_shard);
+	if (r->key)
+		v[4] = CStringGetTextDatum(r->key);
+	else
+		nulls[4] = 'n';
+	v[5] = JsonbPGetDatum(r->payload);
+	v[6] = BoolGetDatum(r->barrier);
+	if (r->processor)
+		v[7] = CStringGetTextDatum(r->processor);
+	else
+		nulls[7] = 'n';
+	v[8] = Int64GetDatum(r->cursor);
+	if (r->cursor < 0)
+		nulls[8] = 'n';
+	v[9] = TimestampTzGetDatum(r->created_at);
+	v[10] = Int32GetDatum(attempts);
+	if (attempts > 0)
+		v[11] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
+																backoff_us(attempts)));
+	else
+		nulls[11] = 'n';
+	spool_plan(&plan_park,
+			   "INSERT INTO spool.outbox_retry (id, target, target_id, shard, key, payload, barrier,"
+			   " processor, cursor, created_at, attempts, next_attempt_at, last_error, first_failed_at)"
+			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+			   " CASE WHEN $11 > 0 THEN now() END)",
+			   13, (Oid[]) {INT8OID, TEXTOID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID,
+			   TEXTOID, INT8OID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID, TEXTOID});
+	{
+		Datum		v13[13];
+		char		n13[13];
+
+		memcpy(v13, v, sizeof(v));
+		memcpy(n13, nulls, sizeof(nulls));
+		v13[12] = error ? CStringGetTextDatum(error) : (Datum) 0;
+		n13[12] = error ? ' ' : 'n';
+		spool_exec(plan_park, v13, n13, false, SPI_OK_INSERT);
+	}
+}
+
+/* Dead-letter r (which is not parked). */
+static void
+dead_row(OutboxRow *r, int attempts, const char *error)
+{
+	Datum		v[12];
+	char		nulls[12];
+
+	memset(nulls, ' ', sizeof(nulls));
+	v[0] = Int64GetDatum(r->id);
+	v[1] = CStringGetTextDatum(target->name);
+	v[2] = Int32GetDatum(target->id);
+	v[3] = Int32GetDatum(my_shard);
+	if (r->key)
+		v[4] = CStringGetTextDatum(r->key);
+	else
+		nulls[4] = 'n';
+	v[5] = JsonbPGetDatum(r->payload);
+	v[6] = BoolGetDatum(r->barrier);
+	if (r->processor)
+		v[7] = CStringGetTextDatum(r->processor);
+	else
+		nulls[7] = 'n';
+	v[8] = Int64GetDatum(r->cursor);
+	if (r->cursor < 0)
+		nulls[8] = 'n';
+	v[9] = TimestampTzGetDatum(r->created_at);
+	v[10] = Int32GetDatum(attempts);
+	v[11] = CStringGetTextDatum(error ? error : "unknown error");
+	spool_plan(&plan_dead,
+			   "INSERT INTO spool.outbox_dead (id, target, target_id, shard, key, payload, barrier,"
+			   " processor, cursor, created_at, attempts, last_error)"
+			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+			   12, (Oid[]) {INT8OID, TEXTOID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID,
+			   TEXTOID, INT8OID, TIMESTAMPTZOID, INT4OID, TEXTOID});
+	spool_exec(plan_dead, v, nulls, false, SPI_OK_INSERT);
+}
+
+/* The compare-and-set of this shard's position, in the delivering transaction. */
+static void
+move_position(int64 to)
+{
+	Datum		v[4] = {Int32GetDatum(target->id), Int32GetDatum(my_shard),
+	Int64GetDatum(to), Int64GetDatum(position)};
+
+	spool_plan(&plan_position,
+			   "UPDATE spool.outbox_positions SET position = $3, updated_at = now()"
+			   " WHERE target_id = $1 AND shard = $2 AND position = $4",
+			   4, (Oid[]) {INT4OID, INT4OID, INT8OID, INT8OID});
+	if (spool_exec(plan_position, v, NULL, false, SPI_OK_UPDATE) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
+				 errmsg("the position of %s moved under it", MyBgworkerEntry->bgw_name)));
+}
+
+/*
+ * Deliver rows of a sql or notify target in the current transaction.  Fast
+ * path: no subtransactions, any error aborts the whole attempt.  Careful
+ * path: one subtransaction per row, a failing row is marked failed.
+ */
+static void
+deliver_local(OutboxRow **rows, int n, bool careful)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		OutboxRow  *r = rows[i];
+		MemoryContext cxt = CurrentMemoryContext;
+		ResourceOwner owner = CurrentResourceOwner;
+
+		if (r->failed)
+			continue;
+		if (!careful)
+		{
+			spool_deliver_row(r);
+			continue;
+		}
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(cxt);
+		PG_TRY();
+		{
+			spool_deliver_row(r);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *ed;
+
+			MemoryContextSwitchTo(cxt);
+			ed = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+			r->failed = true;
+			r->error = MemoryContextStrdup(batch_cxt, ed->message ? ed->message : "error");
+			FreeErrorData(ed);
+		}
+		PG_END_TRY();
+	}
+}
+
+/* ---- reading ---- */
+
+/*
+ * Read more of my rows below the horizon, up to the next undelivered
+ * barrier.  Returns true if rows were read or the barrier moved.
+ */
+static bool
+read_rows(TimestampTz now)
+{
+	int64		bound = spool_outbox_safe_bound();
+	int64		leader_pos;
+	int64		limit_hi;
+	int			want = target->batch_size - nheld;
+	uint64		i;
+	bool		isnull;
+	Datum		v[4];
+	MemoryContext old;
+	bool		got = false;
+
+	committed_seen = pg_atomic_read_u64(&ds->committed);
+	if (bound <= read_upto && !more_rows && now < next_poll)
+		return false;
+	last_bound = bound;
+	next_poll = TimestampTzPlusMilliseconds(now, spool_outbox_poll_interval_ms);
+
+	begin_txn("reading the outbox");
+	/* Barriers up to shard 0's position are delivered. */
+	if (my_shard == 0)
+		leader_pos = position;
+	else
+	{
+		SpoolDispatchSlot *leader = spool_dispatch_slot_of(target->id, 0);
+
+		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
+		leader_pos = leader && leader->pid != 0 ? leader->position : 0;
+		LWLockRelease(spool_shared->outbox_lock);
+		if (leader_pos == 0)
+		{
+			v[0] = Int32GetDatum(target->id);
+			if (SPI_execute_with_args("SELECT position FROM spool.outbox_positions"
+									  " WHERE target_id = $1 AND shard = 0",
+									  1, (Oid[]) {INT4OID}, v, NULL, true, 1) == SPI_OK_SELECT &&
+				SPI_processed == 1)
+				leader_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														 SPI_tuptable->tupdesc, 1, &isnull));
+		}
+	}
+	if (barrier_at != 0 && barrier_at <= leader_pos)
+		barrier_at = 0;
+	if (barrier_at == 0)
+	{
+		v[0] = Int64GetDatum(Max(leader_pos, read_upto));
+		v[1] = Int64GetDatum(bound);
+		spool_plan(&plan_barrier,
+				   psprintf("SELECT min(id) FROM %s WHERE shard = -1 AND id > $1 AND id <= $2", store),
+				   2, (Oid[]) {INT8OID, INT8OID});
+		if (spool_exec(plan_barrier, v, NULL, true, SPI_OK_SELECT) == 1)
+		{
+			Datum		b = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull)
+			{
+				barrier_at = DatumGetInt64(b);
+				barrier_seen_at = now;
+				barrier_attempts = 0;
+				barrier_retry_at = 0;
+				got = true;
+			}
+		}
+	}
+	limit_hi = barrier_at ? barrier_at - 1 : bound;
+
+	if (want > 0 && limit_hi > read_upto)
+	{
+		v[0] = Int32GetDatum(my_shard);
+		v[1] = Int64GetDatum(read_upto);
+		v[2] = Int64GetDatum(limit_hi);
+		v[3] = Int32GetDatum(want);
+		spool_plan(&plan_read,
+				   psprintf("SELECT id, key, payload, processor, cursor, created_at FROM %s"
+							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
+				   4, (Oid[]) {INT4OID, INT8OID, INT8OID, INT4OID});
+		(void) spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
+		old = MemoryContextSwitchTo(batch_cxt);
+		for (i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			OutboxRow  *r = palloc0(sizeof(OutboxRow));
+			Datum		d;
+
+			r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			r->key = SPI_getvalue(tup, desc, 2);
+			r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
+			r->processor = SPI_getvalue(tup, desc, 4);
+			d = SPI_getbinval(tup, desc, 5, &isnull);
+			r->cursor = isnull ? -1 : DatumGetInt64(d);
+			r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+			if (nheld == 0)
+				first_held_at = now;
+			held[nheld++] = r;
+		}
+		MemoryContextSwitchTo(old);
+		more_rows = SPI_processed == (uint64) want;
+		read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
+		got |= SPI_processed > 0;
+	}
+	else
+		more_rows = want <= 0 && limit_hi > read_upto;
+	end_txn();
+	if (got)
+		set_state(DS_DELIVERING);
+	return got;
+}
+
+/* ---- flushing ---- */
+
+static void
+hist_add(uint64 *hist, int nb, double v, double first)
+{
+	int			b = 0;
+	double		ub = first;
+
+	while (b < nb && v > ub)
+	{
+		b++;
+		ub *= 2;
+	}
+	hist[b]++;
+}
+
+static void
+note_flush(FlushReason reason, int n, double ms)
+{
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	ds->flushes[reason]++;
+	ds->delivered += n;
+	ds->position = position;
+	ds->batch_sum += n;
+	ds->batch_max = Max(ds->batch_max, n);
+	hist_add(ds->batch_hist, HIST_BATCH, n, 1);
+	ds->flush_ms_sum += ms;
+	ds->flush_ms_max = Max(ds->flush_ms_max, ms);
+	hist_add(ds->flush_hist, HIST_FLUSH, ms, 0.25);
+	ds->last_flush_at = GetCurrentTimestamp();
+	if (ds->state == DS_ERROR)
+		ds->state = DS_DELIVERING;
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+/*
+ * Deliver the held rows and move the position past them (and past every id
+ * read, since rows of mine up to read_upto are all held).  A failure of the
+ * target as a whole keeps the batch for a later attempt.
+ */
+static void
+flush(FlushReason reason)
+{
+	TimestampTz t0 = GetCurrentTimestamp();
+	int64		to = read_upto;
+	OutboxRow **send;
+	int			nsend = 0;
+	int			i;
+	volatile int delivered = 0;
+	volatile bool careful = false;
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile int newly_blocked = 0;
+
+	/* Rows whose key waits behind a parked row are parked too, in order. */
+	send = palloc(sizeof(OutboxRow *) * nheld);
+	for (i = 0; i < nheld; i++)
+	{
+		held[i]->failed = false;
+		held[i]->error = NULL;
+		if (!key_blocked(held[i]->key))
+			send[nsend++] = held[i];
+	}
+
+	if (spool_deliver_external() && nsend > 0)
+	{
+		char	   *err = NULL;
+
+		pgstat_report_activity(STATE_RUNNING, "delivering to kafka");
+		if (!spool_kafka_deliver(send, nsend,
+								 got_sigterm ? 10000 : 60000, &err))
+			ereport(ERROR, (errmsg("%s", err)));
+	}
+
+	for (;;)
+	{
+		ErrorData  *volatile ed = NULL;
+
+		begin_txn("delivering");
+		PG_TRY();
+		{
+			if (!spool_deliver_external())
+				deliver_local(send, nsend, careful);
+			/* In id order: a failed row blocks its key for the rows after it. */
+			newly_blocked = 0;
+			delivered = 0;
+			for (i = 0; i < nheld; i++)
+			{
+				OutboxRow  *r = held[i];
+
+				if (r->failed)
+				{
+					if (target->retry_limit == 0)
+						dead_row(r, 1, r->error);
+					else
+					{
+						park_row(r, 1, r->error);
+						block_key(r->key, 1);
+						newly_blocked++;
+					}
+				}
+				else if (key_blocked(r->key))
+				{
+					park_row(r, 0, NULL);
+					block_key(r->key, 1);
+					newly_blocked++;
+				}
+				else
+					delivered++;
+			}
+			move_position(to);
+			spool_test_pause();
+			end_txn();
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(cxt);
+			ed = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			MemoryContextSwitchTo(cxt);
+		}
+		PG_END_TRY();
+		if (ed == NULL)
+			break;
+
+		/* Undo the in-memory parking of the aborted attempt. */
+		begin_txn("reading parked rows");
+		load_parked();
+		end_txn();
+		if (careful || spool_deliver_external() || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
+		{
+			/* Not one row's fault (or the rows were already tried one by one). */
+			ereport(ERROR, (errcode(ed->sqlerrcode), errmsg("%s", ed->message)));
+		}
+		ereport(DEBUG1, (errmsg("%s: batch failed (%s); delivering row by row",
+								MyBgworkerEntry->bgw_name, ed->message)));
+		FreeErrorData(ed);
+		careful = true;
+		for (i = 0; i < nheld; i++)
+		{
+			held[i]->failed = false;
+			held[i]->error = NULL;
+		}
+	}
+
+	position = to;
+	if (newly_blocked > 0 || nparked > 0)
+	{
+		min_parked_id = Min(min_parked_id, held[0]->id);
+		for (i = 0; i < nheld; i++)
+			if (held[i]->failed)
+				next_retry_at = Min(next_retry_at, TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
+																			   backoff_us(1) / 2));
+		LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+		ds->blocked_keys = (int) hash_get_num_entries(blocked);
+		LWLockRelease(spool_shared->outbox_lock);
+	}
+	note_flush(reason, delivered, (double) (GetCurrentTimestamp() - t0) / 1000.0);
+	nheld = 0;
+	MemoryContextReset(batch_cxt);
+	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
+	error_backoff_ms = 0;
+}
+
+/*
+ * Retry the head (lowest id) of every blocked key that is due.  Returns
+ * true if anything was attempted.
+ */
+static bool
+retry_parked(TimestampTz now)
+{
+	Datum		v[2] = {Int32GetDatum(target->id), Int32GetDatum(my_shard)};
+	uint64		i;
+	bool		isnull;
+	int			nrows = 0;
+	OutboxRow **rows;
+	bool		attempted = false;
+
+	if (pg_atomic_read_u32(&ds->retry_dirty) != 0 || now >= next_parked_reload)
+	{
+		begin_txn("reading parked rows");
+		load_parked();
+		end_txn();
+	}
+	if (nparked == 0 || now < next_retry_at)
+		return false;
+
+	set_state(DS_RETRYING);
+	begin_txn("retrying parked rows");
+	if (SPI_execute_with_args("SELECT DISTINCT ON (key) id, key, payload, barrier, processor, cursor,"
+							  " created_at, attempts, next_attempt_at FROM spool.outbox_retry"
+							  " WHERE target_id = $1 AND shard = $2 ORDER BY key, id",
+							  2, (Oid[]) {INT4OID, INT4OID}, v, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.outbox_retry");
+	rows = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
+	for (i = 0; i < SPI_processed && nrows < RETRY_HEADS_MAX; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		Datum		due = SPI_getbinval(tup, desc, 9, &isnull);
+		OutboxRow  *r;
+		Datum		d;
+		MemoryContext old;
+
+		if (!isnull && DatumGetTimestampTz(due) > now)
+			continue;
+		old = MemoryContextSwitchTo(batch_cxt);
+		r = palloc0(sizeof(OutboxRow));
+		r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		r->key = SPI_getvalue(tup, desc, 2);
+		r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
+		r->barrier = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+		r->processor = SPI_getvalue(tup, desc, 5);
+		d = SPI_getbinval(tup, desc, 6, &isnull);
+		r->cursor = isnull ? -1 : DatumGetInt64(d);
+		r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
+		r->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		MemoryContextSwitchTo(old);
+		rows[nrows++] = r;
+	}
+	end_txn();
+	if (nrows == 0)
+		return false;
+	attempted = true;
+
+	if (spool_deliver_external())
+	{
+		char	   *err = NULL;
+
+		if (!spool_kafka_deliver(rows, nrows, 60000, &err))
+			ereport(ERROR, (errmsg("%s", err)));
+	}
+	begin_txn("retrying parked rows");
+	if (!spool_deliver_external())
+		deliver_local(rows, nrows, true);
+	for (i = 0; i < (uint64) nrows; i++)
+	{
+		OutboxRow  *r = rows[i];
+		Datum		a[4];
+
+		a[0] = Int64GetDatum(r->id);
+		if (!r->failed)
+		{
+			if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
+									  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
+				elog(ERROR, "could not delete from spool.outbox_retry");
+		}
+		else if (r->attempts + 1 > target->retry_limit)
+		{
+			if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
+									  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
+				elog(ERROR, "could not delete from spool.outbox_retry");
+			dead_row(r, r->attempts + 1, r->error);
+		}
+		else
+		{
+			a[1] = Int32GetDatum(r->attempts + 1);
+			a[2] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
+																  backoff_us(r->attempts + 1)));
+			a[3] = CStringGetTextDatum(r->error ? r->error : "error");
+			if (SPI_execute_with_args("UPDATE spool.outbox_retry SET attempts = $2, next_attempt_at = $3,"
+									  " last_error = $4, first_failed_at = coalesce(first_failed_at, now())"
+									  " WHERE id = $1", 4,
+									  (Oid[]) {INT8OID, INT4OID, TIMESTAMPTZOID, TEXTOID},
+									  a, NULL, false, 0) != SPI_OK_UPDATE)
+				elog(ERROR, "could not update spool.outbox_retry");
+		}
+	}
+	spool_test_pause();
+	end_txn();
+
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	for (i = 0; i < (uint64) nrows; i++)
+	{
+		if (!rows[i]->failed)
+			ds->delivered++;
+		else if (rows[i]->attempts + 1 <= target->retry_limit)
+			ds->retries++;
+	}
+	LWLockRelease(spool_shared->outbox_lock);
+	/* Heads changed: rebuild what is blocked and when the next one is due. */
+	begin_txn("reading parked rows");
+	load_parked();
+	end_txn();
+	return attempted;
+}
+
+/* ---- barriers ---- */
+
+/*
+ * At a barrier with nothing held: report arrival; shard 0 delivers it once
+ * every shard has arrived (and has no earlier parked rows).  Returns true
+ * if the barrier was passed.
+ */
+static bool
+barrier_step(TimestampTz now)
+{
+	int			s;
+	bool		all = true;
+	SpoolDispatchSlot *leader;
+
+	if (nparked > 0 && min_parked_id < barrier_at)
+		return false;			/* earlier rows of mine are still being retried */
+
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	ds->arrived = barrier_at;
+	ds->state = DS_BARRIER;
+	leader = spool_dispatch_slot_of(target->id, 0);
+	if (my_shard != 0)
+	{
+		bool		released = leader && leader->pid != 0 && leader->position >= barrier_at;
+		Latch	   *l = leader ? leader->latch : NULL;
+
+		LWLockRelease(spool_shared->outbox_lock);
+		if (l)
+			SetLatch(l);
+		if (!released)
+			return false;
+		barrier_at = 0;
+		set_state(DS_IDLE);
+		return true;
+	}
+	for (s = 1; s < target->shards; s++)
+	{
+		SpoolDispatchSlot *o = spool_dispatch_slot_of(target->id, s);
+
+		if (o == NULL || o->pid == 0 || o->arrived < barrier_at)
+			all = false;
+	}
+	LWLockRelease(spool_shared->outbox_lock);
+	if (!all || now < barrier_retry_at)
+		return false;
+
+	/* Deliver the barrier alone, then move shard 0's position to it. */
+	{
+		OutboxRow	b;
+		OutboxRow  *one = &b;
+		char	   *err = NULL;
+		double		drain_ms;
+
+		memset(&b, 0, sizeof(b));
+		b.id = barrier_at;
+		b.barrier = true;
+		b.cursor = -1;
+		b.created_at = now;
+		b.payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
+		if (spool_deliver_external() && !spool_kafka_deliver(&one, 1, 60000, &err))
+			ereport(ERROR, (errmsg("%s", err)));
+		begin_txn("delivering a barrier");
+		if (!spool_deliver_external())
+			deliver_local(&one, 1, true);
+		if (b.failed)
+		{
+			if (++barrier_attempts <= target->retry_limit)
+			{
+				end_txn();
+				barrier_retry_at = TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
+															   backoff_us(barrier_attempts));
+				LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+				ds->retries++;
+				LWLockRelease(spool_shared->outbox_lock);
+				record_error(psprintf("barrier " INT64_FORMAT ": %s", barrier_at, b.error));
+				return false;
+			}
+			dead_row(&b, barrier_attempts, b.error);
+		}
+		move_position(barrier_at);
+		spool_test_pause();
+		end_txn();
+
+		position = barrier_at;
+		read_upto = Max(read_upto, barrier_at);
+		drain_ms = (double) (GetCurrentTimestamp() - barrier_seen_at) / 1000.0;
+		LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+		ds->position = position;
+		ds->barriers++;
+		ds->drain_ms_last = drain_ms;
+		ds->drain_ms_sum += drain_ms;
+		ds->drain_ms_max = Max(ds->drain_ms_max, drain_ms);
+		hist_add(ds->drain_hist, HIST_DRAIN, drain_ms, 1);
+		ds->state = DS_IDLE;
+		/* Release every shard. */
+		for (s = 1; s < target->shards; s++)
+		{
+			SpoolDispatchSlot *o = spool_dispatch_slot_of(target->id, s);
+
+			if (o && o->latch)
+				SetLatch(o->latch);
+		}
+		LWLockRelease(spool_shared->outbox_lock);
+		barrier_at = 0;
+		barrier_attempts = 0;
+	}
+	return true;
+}
+
+/* ---- rotation ---- */
+
+/*
+ * Truncate ring slots whose rows are all delivered (shard 0 only).  Never
+ * the slot ids are being taken from, nor slots that may hold undelivered
+ * rows; the check is repeated under the slot's lock, which waits at most
+ * ROTATE_LOCK_MS.
+ */
+static void
+rotate(void)
+{
+	int64		high = (int64) pg_atomic_read_u64(&spool_shared->outbox_seen);
+	int			cur = spool_outbox_slot_of(high);
+	int			s;
+
+	for (s = 0; s < SPOOL_OUTBOX_SLOTS; s++)
+	{
+		char	   *leaf;
+		char	   *check;
+		bool		isnull;
+		bool		done = false;
+		MemoryContext cxt = CurrentMemoryContext;
+
+		if (s == cur)
+			continue;
+		leaf = psprintf("%s_%d", store, s);
+		/* Some rows, and none undelivered (positions re-read by each statement). */
+		check = psprintf("SELECT EXISTS (SELECT FROM %s)"
+						 " AND NOT EXISTS (SELECT FROM spool.outbox_positions p,"
+						 "   LATERAL (SELECT FROM %s o WHERE o.shard = p.shard AND o.id > p.position LIMIT 1) x"
+						 "   WHERE p.target_id = %d)"
+						 " AND NOT EXISTS (SELECT FROM %s o WHERE o.shard = -1 AND o.id >"
+						 "   (SELECT position FROM spool.outbox_positions WHERE target_id = %d AND shard = 0))",
+						 leaf, leaf, target->id, leaf, target->id);
+		begin_txn("rotating the outbox");
+		if (SPI_execute(check, true, 1) == SPI_OK_SELECT &&
+			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+		{
+			PG_TRY();
+			{
+				if (SPI_execute(psprintf("SET LOCAL lock_timeout = %d", ROTATE_LOCK_MS), false, 0) < 0 ||
+					SPI_execute(psprintf("LOCK TABLE %s IN ACCESS EXCLUSIVE MODE", leaf), false, 0) < 0)
+					elog(ERROR, "could not lock %s", leaf);
+				if (SPI_execute(check, false, 1) == SPI_OK_SELECT &&
+					DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+				{
+					if (SPI_execute(psprintf("TRUNCATE %s", leaf), false, 0) < 0)
+						elog(ERROR, "could not truncate %s", leaf);
+					done = true;
+				}
+				end_txn();
+			}
+			PG_CATCH();
+			{
+				/* A lock timeout: someone reads the slot; try again later. */
+				MemoryContextSwitchTo(cxt);
+				FlushErrorState();
+				AbortCurrentTransaction();
+				MemoryContextSwitchTo(cxt);
+				pgstat_report_activity(STATE_IDLE, NULL);
+			}
+			PG_END_TRY();
+			if (done)
+				ereport(DEBUG1, (errmsg("outbox slot %s truncated", leaf)));
+		}
+		else
+			end_txn();
+	}
+}
+
+/* ---- the loop ---- */
+
+static void
+wait_for_work(TimestampTz now)
+{
+	TimestampTz until = next_poll;
+	long		ms;
+
+	if (nheld > 0)
+		until = Min(until, TimestampTzPlusMicroseconds(first_held_at, target->batch_interval_us));
+	if (nparked > 0)
+		until = Min(until, Max(next_retry_at, now));
+	if (barrier_at != 0 && my_shard == 0 && barrier_retry_at > now)
+		until = Min(until, barrier_retry_at);
+	/* Committed rows above the horizon: look again soon. */
+	if (last_bound < (int64) pg_atomic_read_u64(&spool_shared->outbox_seen))
+		until = Min(until, TimestampTzPlusMilliseconds(now, BOUND_POLL_MS));
+	if (my_shard == 0)
+		until = Min(until, next_rotation);
+	ms = TimestampDifferenceMilliseconds(now, until);
+	if (ms <= 0)
+		return;
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms,
+					 PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
+
+void
+spool_dispatch_main(Datum main_arg)
+{
+	int64		arg = DatumGetInt64(main_arg);
+	int			slot = (int) (arg & 0xFFFF);
+	MemoryContext loop_cxt;
+	bool		isnull;
+	LOCKTAG		tag;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, dispatch_sigterm);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
+
+	ds = &spool_shared->dispatchers[slot];
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	if (!ds->in_use || strcmp(ds->target, MyBgworkerEntry->bgw_extra) != 0)
+	{
+		LWLockRelease(spool_shared->outbox_lock);
+		proc_exit(0);
+	}
+	my_shard = ds->shard;
+	ds->pid = MyProcPid;
+	ds->latch = MyLatch;
+	ds->arrived = 0;
+	ds->exit_error = false;
+	ds->state = DS_IDLE;
+	ds->started_at = GetCurrentTimestamp();
+	LWLockRelease(spool_shared->outbox_lock);
+	before_shmem_exit(dispatch_detach, (Datum) 0);
+	pgstat_report_appname(MyBgworkerEntry->bgw_name);
+
+	batch_cxt = AllocSetContextCreate(TopMemoryContext, "spool dispatch batch",
+									  ALLOCSET_DEFAULT_SIZES);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool dispatch loop",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	/* The target, our position, and the sequence's high-water mark. */
+	begin_txn("loading the target");
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		target = spool_outbox_load_target(ds->target_id);
+		MemoryContextSwitchTo(old);
+	}
+	if (target == NULL)
+	{
+		end_txn();
+		proc_exit(0);
+	}
+	store = MemoryContextStrdup(TopMemoryContext, psprintf("spool.outbox_t%d", target->id));
+	if (SPI_execute_with_args("SELECT position FROM spool.outbox_positions WHERE target_id = $1 AND shard = $2",
+							  2, (Oid[]) {INT4OID, INT4OID},
+							  (Datum[]) {Int32GetDatum(target->id), Int32GetDatum(my_shard)},
+							  NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "no position for %s", MyBgworkerEntry->bgw_name);
+	position = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	read_upto = position;
+	if (SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM spool.outbox_id_seq",
+					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		spool_outbox_fold_sequence(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+																SPI_tuptable->tupdesc, 1, &isnull)));
+	load_parked();
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		spool_deliver_init(target);
+		MemoryContextSwitchTo(old);
+	}
+	end_txn();
+
+	/* One process per shard: a stray one from an older launcher waits here. */
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, ADVISORY_KEY1, (uint32) (target->id * SPOOL_MAX_SHARDS + my_shard), 2);
+	while (LockAcquire(&tag, ExclusiveLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (got_sigterm)
+			proc_exit(0);
+	}
+
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	ds->position = position;
+	LWLockRelease(spool_shared->outbox_lock);
+	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
+	next_poll = 0;
+	next_rotation = 0;
+
+	for (;;)
+	{
+		TimestampTz now;
+		volatile bool did = false;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+		CHECK_FOR_INTERRUPTS();
+		spool_exit_if_orphaned();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		now = GetCurrentTimestamp();
+
+		PG_TRY();
+		{
+			if (got_sigterm)
+			{
+				/* close: what is held is delivered before we go. */
+				if (nheld > 0)
+					flush(FLUSH_CLOSE);
+				proc_exit(0);
+			}
+			if (now < error_until)
+				;
+			else
+			{
+				did |= retry_parked(now);
+				if (nheld < target->batch_size)
+				{
+					bool		deadline = nheld > 0 &&
+						now >= TimestampTzPlusMicroseconds(first_held_at, target->batch_interval_us);
+					bool		fills = pg_atomic_read_u64(&ds->committed) - committed_seen >=
+						(uint64) (target->batch_size - nheld);
+
+					/* With rows held, read again only when it may fill the batch. */
+					if (nheld == 0 || deadline || more_rows || fills || now >= next_poll)
+						did |= read_rows(now);
+				}
+				if (nheld >= target->batch_size)
+					flush(FLUSH_SIZE), did = true;
+				else if (nheld > 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
+					flush(FLUSH_BARRIER), did = true;
+				else if (nheld > 0 &&
+						 GetCurrentTimestamp() >= TimestampTzPlusMicroseconds(first_held_at,
+																			 target->batch_interval_us))
+					flush(FLUSH_INTERVAL), did = true;
+				if (nheld == 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
+					did |= barrier_step(GetCurrentTimestamp());
+				if (nheld == 0 && barrier_at == 0 && nparked == 0 && !more_rows)
+					set_state(DS_IDLE);
+				if (my_shard == 0 && GetCurrentTimestamp() >= next_rotation)
+				{
+					rotate();
+					next_rotation = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ROTATE_EVERY_MS);
+				}
+			}
+		}
+		PG_CATCH();
+		{
+			ErrorData  *ed;
+
+			MemoryContextSwitchTo(loop_cxt);
+			ed = CopyErrorData();
+			if (ed->elevel >= FATAL || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED ||
+				ed->sqlerrcode == ERRCODE_UNDEFINED_TABLE)
+				PG_RE_THROW();
+			EmitErrorReport();
+			FlushErrorState();
+			AbortOutOfAnyTransaction();
+			LWLockReleaseAll();
+			MemoryContextSwitchTo(loop_cxt);
+			pgstat_report_activity(STATE_IDLE, NULL);
+			record_error(ed->message ? ed->message : "error");
+			LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+			ds->retries++;
+			LWLockRelease(spool_shared->outbox_lock);
+			error_backoff_ms = Min(Max(error_backoff_ms * 2, ERROR_BACKOFF_MIN_MS),
+								   ERROR_BACKOFF_MAX_MS);
+			error_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);
+			next_poll = error_until;
+			if (got_sigterm)
+				proc_exit(1);
+			did = false;
+		}
+		PG_END_TRY();
+		if (!did)
+			wait_for_work(GetCurrentTimestamp());
+	}
+}

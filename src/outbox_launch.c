@@ -1,0 +1,360 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox_launch.c
+ *	  The launcher's side of the outbox: one shared-memory slot and one
+ *	  background worker per target shard.  A terminated shard worker is back
+ *	  at once; one that exited on an error is restarted with a backoff; the
+ *	  workers of a dropped target are stopped.  Also spool.outbox_runtime(),
+ *	  which reads the slots for spool.outbox_status.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "launcher.h"
+#include "outbox.h"
+#include "spool.h"
+
+PG_FUNCTION_INFO_V1(spool_outbox_runtime);
+
+typedef struct ShardTrack
+{
+	int			slot;			/* in spool_shared->dispatchers */
+	int			target_id;
+	int			shard;
+	char		target[NAMEDATALEN];
+	bool		wanted;
+	WorkerTrack w;
+} ShardTrack;
+
+static ShardTrack shards[SPOOL_MAX_DISPATCHERS];
+static int	nshards = 0;
+
+static void refresh_wanted(void);
+static int	claim_slot(int target_id, int shard, int n, const char *name);
+static void release_slot(int slot);
+
+/* The slot of a target's shard, or NULL (caller may hold outbox_lock). */
+SpoolDispatchSlot *
+spool_dispatch_slot_of(int target_id, int shard)
+{
+	int			i;
+
+	for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
+	{
+		SpoolDispatchSlot *ds = &spool_shared->dispatchers[i];
+
+		if (ds->in_use && ds->target_id == target_id && ds->shard == shard)
+			return ds;
+	}
+	return NULL;
+}
+
+static void
+refresh_wanted(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	uint64		n;
+	int			i;
+
+	for (i = 0; i < nshards; i++)
+		shards[i].wanted = false;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "reading spool.targets");
+	if (OidIsValid(get_extension_oid("spool_ext", true)))
+	{
+		if (SPI_execute("SELECT t.id, s, t.name, (t.options->>'shards')::int FROM spool.targets t,"
+						" generate_series(0, (t.options->>'shards')::int - 1) s ORDER BY t.id, s",
+						true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read spool.targets");
+		for (n = 0; n < SPI_processed; n++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[n];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			int			id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+			int			shard = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
+			char	   *name = SPI_getvalue(tup, desc, 3);
+			int			count = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+
+			for (i = 0; i < nshards; i++)
+				if (shards[i].target_id == id && shards[i].shard == shard)
+					break;
+			if (i == nshards)
+			{
+				int			slot;
+
+				if (nshards == SPOOL_MAX_DISPATCHERS ||
+					(slot = claim_slot(id, shard, count, name)) < 0)
+				{
+					ereport(WARNING,
+							(errmsg("more than %d dispatcher shards; target \"%s\" shard %d is not started",
+									SPOOL_MAX_DISPATCHERS, name, shard)));
+					continue;
+				}
+				memset(&shards[i], 0, sizeof(ShardTrack));
+				shards[i].slot = slot;
+				shards[i].target_id = id;
+				shards[i].shard = shard;
+				strlcpy(shards[i].target, name, NAMEDATALEN);
+				nshards++;
+			}
+			shards[i].wanted = true;
+		}
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static int
+claim_slot(int target_id, int shard, int n, const char *name)
+{
+	int			i;
+	int			found = -1;
+
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	for (i = 0; i < SPOOL_MAX_DISPATCHERS && found < 0; i++)
+	{
+		SpoolDispatchSlot *ds = &spool_shared->dispatchers[i];
+
+		if (ds->in_use)
+			continue;
+		/* Keep the atomics initialised; reset everything else. */
+		memset(&ds->position, 0, sizeof(SpoolDispatchSlot) - offsetof(SpoolDispatchSlot, position));
+		ds->in_use = true;
+		ds->target_id = target_id;
+		ds->shard = shard;
+		ds->nshards = n;
+		strlcpy(ds->target, name, NAMEDATALEN);
+		ds->pid = 0;
+		ds->latch = NULL;
+		pg_atomic_write_u64(&ds->committed, 0);
+		pg_atomic_write_u32(&ds->retry_dirty, 0);
+		found = i;
+	}
+	LWLockRelease(spool_shared->outbox_lock);
+	return found;
+}
+
+static void
+release_slot(int slot)
+{
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	spool_shared->dispatchers[slot].in_use = false;
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+/* Keep one worker per shard of every target running. */
+void
+spool_supervise_dispatchers(TimestampTz now, bool refresh)
+{
+	int			i;
+
+	if (refresh)
+		refresh_wanted();
+	for (i = 0; i < nshards; i++)
+	{
+		ShardTrack *s = &shards[i];
+		WorkerTrack *t = &s->w;
+		char	   *what = psprintf("spool dispatch %s/%d", s->target, s->shard);
+		bool		error_exit;
+
+		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
+		error_exit = spool_shared->dispatchers[s->slot].exit_error;
+		LWLockRelease(spool_shared->outbox_lock);
+		if (t->handle != NULL && !error_exit)
+		{
+			pid_t		pid;
+
+			/* Terminated, not failed: back at once. */
+			if (GetBackgroundWorkerPid(t->handle, &pid) == BGWH_STOPPED)
+			{
+				pfree(t->handle);
+				t->handle = NULL;
+				t->backoff_ms = 0;
+				t->next_start = now;
+			}
+		}
+		(void) spool_track_exited(t, now, what);
+		if (!s->wanted)
+		{
+			if (t->handle != NULL)
+				TerminateBackgroundWorker(t->handle);
+			else
+			{
+				release_slot(s->slot);
+				shards[i] = shards[--nshards];
+				i--;
+			}
+			continue;
+		}
+		if (t->handle == NULL && now >= t->next_start)
+		{
+			BackgroundWorker bgw;
+
+			spool_fill_worker(&bgw, "spool_dispatch_main", what);
+			bgw.bgw_main_arg = Int64GetDatum(DatumGetInt64(bgw.bgw_main_arg) | s->slot);
+			strlcpy(bgw.bgw_extra, s->target, BGW_EXTRALEN);
+			(void) spool_track_start(t, &bgw, now);
+		}
+	}
+}
+
+/* The extension is gone: stop every shard worker. */
+void
+spool_stop_dispatchers(void)
+{
+	int			i;
+
+	for (i = 0; i < nshards; i++)
+	{
+		if (shards[i].w.handle)
+			TerminateBackgroundWorker(shards[i].w.handle);
+		release_slot(shards[i].slot);
+	}
+	nshards = 0;
+}
+
+/* The value below which a fraction q of a histogram's samples lie. */
+static double
+hist_quantile(const uint64 *hist, int nb, double first, double q, double max)
+{
+	uint64		total = 0;
+	uint64		acc = 0;
+	int			b;
+	double		ub = first;
+
+	for (b = 0; b <= nb; b++)
+		total += hist[b];
+	if (total == 0)
+		return -1;
+	for (b = 0; b < nb; b++, ub *= 2)
+	{
+		acc += hist[b];
+		if ((double) acc >= q * (double) total)
+			return Min(ub, max);
+	}
+	return max;
+}
+
+static Datum
+hist_array(const uint64 *hist, int nb)
+{
+	Datum	   *d = palloc(sizeof(Datum) * (nb + 1));
+	int			b;
+
+	for (b = 0; b <= nb; b++)
+		d[b] = Int64GetDatum((int64) hist[b]);
+	return PointerGetDatum(construct_array(d, nb + 1, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+static const char *
+state_name(DispatchState st)
+{
+	switch (st)
+	{
+		case DS_STOPPED:
+			return "stopped";
+		case DS_IDLE:
+			return "idle";
+		case DS_DELIVERING:
+			return "delivering";
+		case DS_BARRIER:
+			return "barrier";
+		case DS_RETRYING:
+			return "retrying";
+		case DS_ERROR:
+			return "error";
+	}
+	return "?";
+}
+
+/* SQL: spool.outbox_runtime() — one row per claimed dispatcher slot. */
+Datum
+spool_outbox_runtime(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
+	{
+		SpoolDispatchSlot c;
+		Datum		v[31];
+		bool		n[31];
+		int			k = 0;
+
+		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
+		memcpy(&c, &spool_shared->dispatchers[i], sizeof(c));
+		LWLockRelease(spool_shared->outbox_lock);
+		if (!c.in_use)
+			continue;
+		memset(n, false, sizeof(n));
+		v[k++] = Int32GetDatum(c.target_id);
+		v[k++] = Int32GetDatum(c.shard);
+		v[k] = Int32GetDatum(c.pid);
+		n[k++] = c.pid == 0;
+		v[k++] = CStringGetTextDatum(c.pid == 0 ? "stopped" : state_name(c.state));
+		v[k++] = Int64GetDatum(c.delivered);
+		v[k++] = Int64GetDatum(c.flushes[FLUSH_SIZE]);
+		v[k++] = Int64GetDatum(c.flushes[FLUSH_INTERVAL]);
+		v[k++] = Int64GetDatum(c.flushes[FLUSH_BARRIER]);
+		v[k++] = Int64GetDatum(c.flushes[FLUSH_CLOSE]);
+#define QUANT(h, nb, first, q, max) \
+		do { double x_ = hist_quantile((h), (nb), (first), (q), (max)); \
+			 v[k] = Float8GetDatum(x_); n[k++] = x_ < 0; } while (0)
+		QUANT(c.batch_hist, HIST_BATCH, 1, 0.5, (double) c.batch_max);
+		QUANT(c.batch_hist, HIST_BATCH, 1, 0.99, (double) c.batch_max);
+		v[k] = Int64GetDatum(c.batch_max);
+		n[k++] = c.batch_sum == 0 && c.flushes[0] + c.flushes[1] + c.flushes[2] + c.flushes[3] == 0;
+		QUANT(c.flush_hist, HIST_FLUSH, 0.25, 0.5, c.flush_ms_max);
+		QUANT(c.flush_hist, HIST_FLUSH, 0.25, 0.99, c.flush_ms_max);
+		v[k] = Float8GetDatum(c.flush_ms_max);
+		n[k++] = c.flushes[0] + c.flushes[1] + c.flushes[2] + c.flushes[3] == 0;
+		v[k++] = Int64GetDatum(c.barriers);
+		v[k] = Float8GetDatum(c.drain_ms_last);
+		n[k++] = c.barriers == 0;
+		QUANT(c.drain_hist, HIST_DRAIN, 1, 0.5, c.drain_ms_max);
+		v[k] = Float8GetDatum(c.drain_ms_max);
+		n[k++] = c.barriers == 0;
+#undef QUANT
+		v[k++] = Int64GetDatum(c.retries);
+		v[k++] = Int32GetDatum(c.blocked_keys);
+		v[k] = CStringGetTextDatum(c.last_error);
+		n[k++] = c.last_error[0] == '\0';
+		v[k] = TimestampTzGetDatum(c.last_error_at);
+		n[k++] = c.last_error_at == 0;
+		v[k] = TimestampTzGetDatum(c.last_flush_at);
+		n[k++] = c.last_flush_at == 0;
+		v[k] = TimestampTzGetDatum(c.started_at);
+		n[k++] = c.started_at == 0;
+		v[k++] = hist_array(c.batch_hist, HIST_BATCH);
+		v[k++] = hist_array(c.flush_hist, HIST_FLUSH);
+		v[k++] = hist_array(c.drain_hist, HIST_DRAIN);
+		v[k++] = Int64GetDatum(c.batch_sum);
+		v[k++] = Float8GetDatum(c.flush_ms_sum);
+		v[k++] = Float8GetDatum(c.drain_ms_sum);
+		Assert(k == 31);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
+	}
+	return (Datum) 0;
+}

@@ -1,0 +1,549 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox_target.c
+ *	  Outbox targets: spool.create_target, spool.drop_target, spool.redrive,
+ *	  and the option checks shared with the dispatcher that loads a target.
+ *
+ *	  A target is a row of spool.targets plus its partition of
+ *	  spool.outbox_store (spool.outbox_t<id>), a ring of eight list
+ *	  partitions, and one spool.outbox_positions row per shard.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <librdkafka/rdkafka.h>
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "parser/parse_func.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/regproc.h"
+#include "utils/syscache.h"
+
+#include "outbox.h"
+#include "source.h"
+#include "spool.h"
+
+PG_FUNCTION_INFO_V1(spool_create_target);
+PG_FUNCTION_INFO_V1(spool_drop_target);
+PG_FUNCTION_INFO_V1(spool_redrive);
+
+#define DEFAULT_BATCH_SIZE		1000
+#define MAX_BATCH_SIZE			10000
+#define DEFAULT_INTERVAL_US		(10 * 1000)
+#define DEFAULT_RETRY_LIMIT		10
+#define DEFAULT_BACKOFF_US		(100 * 1000)
+#define DEFAULT_BACKOFF_MAX_US	(30 * USECS_PER_SEC)
+
+static void check_target_name(const char *name);
+static void check_kafka(OutboxTarget *t);
+static Jsonb *target_options_jsonb(OutboxTarget *t);
+static char *jbv_text(JsonbValue *v, const char *what);
+
+const char *
+spool_outbox_kind_name(OutboxKind kind)
+{
+	switch (kind)
+	{
+		case KIND_SQL:
+			return "sql";
+		case KIND_NOTIFY:
+			return "notify";
+		case KIND_KAFKA:
+			return "kafka";
+	}
+	return "?";
+}
+
+static void
+check_target_name(const char *name)
+{
+	const char *p;
+
+	if (strlen(name) > SPOOL_TARGET_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("target name \"%s\" is too long", name),
+				 errdetail("At most %d bytes are allowed.", SPOOL_TARGET_NAME_MAX)));
+	for (p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid target name \"%s\"", name),
+					 errdetail("Target names use letters, digits, '_', '.' and '-' only.")));
+}
+
+/* A non-empty string option. */
+static char *
+jbv_text(JsonbValue *v, const char *what)
+{
+	if (v->type != jbvString || v->val.string.len == 0)
+		spool_bad_option(psprintf("option \"%s\" must be a non-empty string", what), NULL);
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/*
+ * The function of a sql target, as fn(jsonb, text, bigint); InvalidOid when
+ * missing_ok and there is none.
+ */
+Oid
+spool_outbox_resolve_function(const char *name, bool missing_ok)
+{
+	Oid			argtypes[3] = {JSONBOID, TEXTOID, INT8OID};
+	List	   *names = stringToQualifiedNameList(name);
+
+	return LookupFuncName(names, 3, argtypes, missing_ok);
+}
+
+/*
+ * Parse and check a target definition.  Everything that can be checked
+ * without running the target is checked here, so that create_target rejects
+ * a target that could never deliver.
+ */
+OutboxTarget *
+spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
+{
+	OutboxTarget *t = palloc0(sizeof(OutboxTarget));
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	check_target_name(name);
+	strlcpy(t->name, name, NAMEDATALEN);
+	if (strcmp(kind, "sql") == 0)
+		t->kind = KIND_SQL;
+	else if (strcmp(kind, "notify") == 0)
+		t->kind = KIND_NOTIFY;
+	else if (strcmp(kind, "kafka") == 0)
+		t->kind = KIND_KAFKA;
+	else
+		spool_bad_option(psprintf("unknown target kind \"%s\"", kind),
+						 "Kinds are sql, notify and kafka.");
+	t->shards = 1;
+	t->batch_size = DEFAULT_BATCH_SIZE;
+	t->batch_interval_us = DEFAULT_INTERVAL_US;
+	t->retry_limit = DEFAULT_RETRY_LIMIT;
+	t->retry_backoff_us = DEFAULT_BACKOFF_US;
+	t->retry_backoff_max_us = DEFAULT_BACKOFF_MAX_US;
+	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
+		spool_bad_option("target options must be a JSON object", NULL);
+
+	it = JsonbIteratorInit(&options->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *key;
+
+		if (tok != WJB_KEY)
+			continue;
+		key = pnstrdup(k.val.string.val, k.val.string.len);
+		(void) JsonbIteratorNext(&it, &v, true);
+		if (strcmp(key, "shards") == 0)
+			t->shards = spool_option_int(&v, "shards", 1, SPOOL_MAX_SHARDS);
+		else if (strcmp(key, "batch_size") == 0)
+			t->batch_size = spool_option_int(&v, "batch_size", 1, MAX_BATCH_SIZE);
+		else if (strcmp(key, "batch_interval") == 0)
+			t->batch_interval_us = spool_option_duration_us(&v, "batch_interval", 0,
+															USECS_PER_MINUTE);
+		else if (strcmp(key, "retry_limit") == 0)
+			t->retry_limit = spool_option_int(&v, "retry_limit", 0, 100);
+		else if (strcmp(key, "retry_backoff") == 0)
+			t->retry_backoff_us = spool_option_duration_us(&v, "retry_backoff", 1000,
+														   USECS_PER_HOUR);
+		else if (strcmp(key, "retry_backoff_max") == 0)
+			t->retry_backoff_max_us = spool_option_duration_us(&v, "retry_backoff_max", 1000,
+															   USECS_PER_DAY);
+		else if (strcmp(key, "function") == 0 && t->kind == KIND_SQL)
+		{
+			t->function = jbv_text(&v, "function");
+			if (list_length(stringToQualifiedNameList(t->function)) < 2)
+				spool_bad_option(psprintf("option \"function\" must be schema-qualified, not \"%s\"",
+										  t->function),
+								 "Write schema.function, for example public.deliver: the dispatcher has no search_path of yours.");
+		}
+		else if (strcmp(key, "run_as") == 0 && t->kind == KIND_SQL)
+			t->run_as = jbv_text(&v, "run_as");
+		else if (strcmp(key, "channel") == 0 && t->kind == KIND_NOTIFY)
+			t->channel = jbv_text(&v, "channel");
+		else if (strcmp(key, "brokers") == 0 && t->kind == KIND_KAFKA)
+			t->brokers = jbv_text(&v, "brokers");
+		else if (strcmp(key, "topic") == 0 && t->kind == KIND_KAFKA)
+			t->topic = jbv_text(&v, "topic");
+		else if (strcmp(key, "kafka") == 0 && t->kind == KIND_KAFKA)
+		{
+			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+				spool_bad_option("option \"kafka\" must be an object of librdkafka properties", NULL);
+			t->kafka = JsonbValueToJsonb(&v);
+		}
+		else
+			spool_bad_option(psprintf("unknown option \"%s\" for a %s target", key, kind),
+							 t->kind == KIND_SQL ? "sql targets take function, run_as, shards, batch_size, batch_interval, retry_limit, retry_backoff and retry_backoff_max." :
+							 t->kind == KIND_NOTIFY ? "notify targets take channel, shards, batch_size, batch_interval, retry_limit, retry_backoff and retry_backoff_max." :
+							 "kafka targets take brokers, topic, kafka, shards, batch_size, batch_interval, retry_limit, retry_backoff and retry_backoff_max.");
+	}
+	if (t->retry_backoff_max_us < t->retry_backoff_us)
+		spool_bad_option("option \"retry_backoff_max\" is shorter than \"retry_backoff\"", NULL);
+
+	switch (t->kind)
+	{
+		case KIND_SQL:
+			if (t->function == NULL)
+				spool_bad_option("a sql target needs option \"function\"",
+								 "Name a function (payload jsonb, key text, outbox_id bigint).");
+			break;
+		case KIND_NOTIFY:
+			if (t->channel == NULL)
+				spool_bad_option("a notify target needs option \"channel\"", NULL);
+			if (strlen(t->channel) >= NAMEDATALEN)
+				spool_bad_option(psprintf("channel name \"%s\" is too long", t->channel),
+								 "At most 63 bytes are allowed.");
+			break;
+		case KIND_KAFKA:
+			if (t->brokers == NULL || t->topic == NULL)
+				spool_bad_option("a kafka target needs options \"brokers\" and \"topic\"", NULL);
+			check_kafka(t);
+			break;
+	}
+	return t;
+}
+
+/*
+ * librdkafka checks every property name and value when it is set; an
+ * explicit enable.idempotence=false is refused, since ids and order rely on it.
+ */
+static void
+check_kafka(OutboxTarget *t)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		err[512];
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	if (t->kafka)
+	{
+		it = JsonbIteratorInit(&t->kafka->root);
+		while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+		{
+			char	   *key;
+			char	   *val;
+
+			if (tok != WJB_KEY)
+				continue;
+			key = pnstrdup(k.val.string.val, k.val.string.len);
+			(void) JsonbIteratorNext(&it, &v, true);
+			if (v.type == jbvString)
+				val = pnstrdup(v.val.string.val, v.val.string.len);
+			else if (v.type == jbvNumeric)
+				val = DatumGetCString(DirectFunctionCall1(numeric_out,
+														  NumericGetDatum(v.val.numeric)));
+			else if (v.type == jbvBool)
+				val = v.val.boolean ? "true" : "false";
+			else
+			{
+				rd_kafka_conf_destroy(conf);
+				spool_bad_option(psprintf("kafka property \"%s\" must be a string, number or boolean", key),
+								 NULL);
+			}
+			if (strcmp(key, "enable.idempotence") == 0 && strcmp(val, "true") != 0)
+			{
+				rd_kafka_conf_destroy(conf);
+				spool_bad_option("kafka targets always use enable.idempotence=true",
+								 "Ordering per key and the at-least-once guarantee rely on the idempotent producer.");
+			}
+			if (strcmp(key, "bootstrap.servers") == 0 || strcmp(key, "metadata.broker.list") == 0)
+			{
+				rd_kafka_conf_destroy(conf);
+				spool_bad_option(psprintf("kafka property \"%s\" is set by option \"brokers\"", key), NULL);
+			}
+			if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
+			{
+				rd_kafka_conf_destroy(conf);
+				spool_bad_option(psprintf("kafka property \"%s\": %s", key, err), NULL);
+			}
+		}
+	}
+	rd_kafka_conf_destroy(conf);
+}
+
+/* The options with defaults filled in, as stored in spool.targets. */
+static Jsonb *
+target_options_jsonb(OutboxTarget *t)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "{\"shards\": %d, \"batch_size\": %d, \"batch_interval\": ",
+					 t->shards, t->batch_size);
+	escape_json(&buf, spool_format_duration(t->batch_interval_us));
+	appendStringInfo(&buf, ", \"retry_limit\": %d, \"retry_backoff\": ", t->retry_limit);
+	escape_json(&buf, spool_format_duration(t->retry_backoff_us));
+	appendStringInfoString(&buf, ", \"retry_backoff_max\": ");
+	escape_json(&buf, spool_format_duration(t->retry_backoff_max_us));
+	switch (t->kind)
+	{
+		case KIND_SQL:
+			appendStringInfoString(&buf, ", \"function\": ");
+			escape_json(&buf, t->function);
+			appendStringInfoString(&buf, ", \"run_as\": ");
+			escape_json(&buf, t->run_as);
+			break;
+		case KIND_NOTIFY:
+			appendStringInfoString(&buf, ", \"channel\": ");
+			escape_json(&buf, t->channel);
+			break;
+		case KIND_KAFKA:
+			appendStringInfoString(&buf, ", \"brokers\": ");
+			escape_json(&buf, t->brokers);
+			appendStringInfoString(&buf, ", \"topic\": ");
+			escape_json(&buf, t->topic);
+			appendStringInfoString(&buf, ", \"kafka\": ");
+			appendStringInfoString(&buf, t->kafka ? JsonbToCString(NULL, &t->kafka->root, 0) : "{}");
+			break;
+	}
+	appendStringInfoChar(&buf, '}');
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+/*
+ * Load target_id's definition into the current memory context (in a
+ * transaction, SPI connected); NULL if it is gone.
+ */
+OutboxTarget *
+spool_outbox_load_target(int target_id)
+{
+	Oid			argt[1] = {INT4OID};
+	Datum		argv[1] = {Int32GetDatum(target_id)};
+	OutboxTarget *t;
+	bool		isnull;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (SPI_execute_with_args("SELECT name, kind, options FROM spool.targets WHERE id = $1",
+							  1, argt, argv, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.targets");
+	if (SPI_processed == 0)
+		return NULL;
+	/* SPI leaves us in its own context: the target must live in the caller's. */
+	MemoryContextSwitchTo(cxt);
+	t = spool_outbox_parse_target(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
+								  SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2),
+								  DatumGetJsonbP(SPI_getbinval(SPI_tuptable->vals[0],
+															   SPI_tuptable->tupdesc, 3,
+															   &isnull)));
+	t->id = target_id;
+	return t;
+}
+
+/* SQL: spool.create_target(name, kind, options) */
+Datum
+spool_create_target(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "target name");
+	char	   *kind = spool_arg_name(fcinfo, 1, "target kind");
+	Jsonb	   *options;
+	OutboxTarget *t;
+	Oid			owner = GetOuterUserId();
+	Oid			argt[5] = {TEXTOID, INT4OID, TEXTOID, JSONBOID, OIDOID};
+	Datum		argv[5];
+	bool		isnull;
+	int			s;
+
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("target options must not be NULL"),
+				 errhint("Pass '{}' for the defaults.")));
+	options = PG_GETARG_JSONB_P(2);
+	t = spool_outbox_parse_target(name, kind, options);
+
+	if (t->kind == KIND_SQL)
+	{
+		Oid			fn = spool_outbox_resolve_function(t->function, true);
+		Oid			run_as;
+		HeapTuple	tup;
+		bool		strict;
+
+		if (!OidIsValid(fn))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("function %s(jsonb, text, bigint) does not exist", t->function),
+					 errhint("A sql target calls fn(payload jsonb, key text, outbox_id bigint).")));
+		tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for function %u", fn);
+		strict = ((Form_pg_proc) GETSTRUCT(tup))->proisstrict;
+		ReleaseSysCache(tup);
+		if (strict)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("function %s must not be STRICT", format_procedure(fn)),
+					 errdetail("Barriers and rows without a key are delivered with key NULL.")));
+		run_as = spool_check_run_as(t->run_as, "target", "target function");
+		if (pg_proc_aclcheck(fn, run_as, ACL_EXECUTE) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("role \"%s\" may not execute function %s",
+							GetUserNameFromId(run_as, false), format_procedure(fn))));
+		/* Stored qualified, so that the worker's search_path does not matter. */
+		t->function = format_procedure_qualified(fn);
+		*strchr(t->function, '(') = '\0';
+		t->run_as = GetUserNameFromId(run_as, false);
+	}
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT 1 FROM spool.targets WHERE name = $1", 1, argt,
+							  (Datum[]) {CStringGetTextDatum(name)}, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.targets");
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_DUPLICATE_OBJECT),
+				 errmsg("target \"%s\" already exists", name)));
+	if (SPI_execute("SELECT nextval('spool.target_id_seq')::int", false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not allocate a target id");
+	t->id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+	argv[0] = CStringGetTextDatum(name);
+	argv[1] = Int32GetDatum(t->id);
+	argv[2] = CStringGetTextDatum(kind);
+	argv[3] = JsonbPGetDatum(target_options_jsonb(t));
+	argv[4] = ObjectIdGetDatum(owner);
+	if (SPI_execute_with_args("INSERT INTO spool.targets (name, id, kind, options, owner)"
+							  " VALUES ($1, $2, $3, $4, $5)", 5, argt, argv, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert into spool.targets");
+
+	/*
+	 * The ring is built apart and attached, which takes only a
+	 * share-update-exclusive lock on spool.outbox_store: enqueues to other
+	 * targets go on.
+	 */
+	if (SPI_execute(psprintf("CREATE TABLE spool.outbox_t%d (LIKE spool.outbox_store"
+							 " INCLUDING DEFAULTS INCLUDING CONSTRAINTS) PARTITION BY LIST (slot)",
+							 t->id), false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not create the outbox of target \"%s\"", name);
+	for (s = 0; s < SPOOL_OUTBOX_SLOTS; s++)
+		if (SPI_execute(psprintf("CREATE TABLE spool.outbox_t%d_%d PARTITION OF spool.outbox_t%d"
+								 " FOR VALUES IN (%d)", t->id, s, t->id, s), false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "could not create the outbox of target \"%s\"", name);
+	if (SPI_execute(psprintf("ALTER TABLE spool.outbox_store ATTACH PARTITION spool.outbox_t%d"
+							 " FOR VALUES IN (%d)", t->id, t->id), false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not attach the outbox of target \"%s\"", name);
+	if (SPI_execute(psprintf("INSERT INTO spool.outbox_positions (target_id, shard)"
+							 " SELECT %d, s FROM generate_series(0, %d) s", t->id, t->shards - 1),
+					false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert into spool.outbox_positions");
+	SPI_finish();
+
+	spool_outbox_targets_changed();
+	spool_wake_launcher();
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.drop_target(name, force) */
+Datum
+spool_drop_target(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "target name");
+	bool		force = !PG_ARGISNULL(1) && PG_GETARG_BOOL(1);
+	Oid			argt[1] = {TEXTOID};
+	Datum		argv[1] = {CStringGetTextDatum(name)};
+	bool		isnull;
+	int			id;
+	Oid			owner;
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT id, owner FROM spool.targets WHERE name = $1 FOR UPDATE",
+							  1, argt, argv, NULL, false, 1) != SPI_OK_SELECT ||
+		SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("target \"%s\" does not exist", name)));
+	id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	if (!has_privs_of_role(GetOuterUserId(), owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be a member of the owner of target \"%s\"", name)));
+	if (!force)
+	{
+		int64		undelivered;
+
+		if (SPI_execute(psprintf("SELECT (SELECT count(*) FROM spool.outbox_t%d o"
+								 "          JOIN spool.outbox_positions p ON p.target_id = %d"
+								 "           AND p.shard = greatest(o.shard, 0)"
+								 "         WHERE o.id > p.position)"
+								 "     + (SELECT count(*) FROM spool.outbox_retry WHERE target_id = %d)",
+								 id, id, id), true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not count undelivered rows");
+		undelivered = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (undelivered > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("target \"%s\" has " INT64_FORMAT " undelivered rows", name, undelivered),
+					 errhint("Wait until spool.outbox_status shows no backlog, or pass force => true to drop them.")));
+	}
+	if (SPI_execute(psprintf("DROP TABLE spool.outbox_t%d;"
+							 " DELETE FROM spool.outbox_positions WHERE target_id = %d;"
+							 " DELETE FROM spool.outbox_retry WHERE target_id = %d;"
+							 " DELETE FROM spool.outbox_dead WHERE target_id = %d;"
+							 " DELETE FROM spool.targets WHERE id = %d",
+							 id, id, id, id, id), false, 0) < 0)
+		elog(ERROR, "could not drop target \"%s\"", name);
+	SPI_finish();
+	spool_outbox_targets_changed();
+	spool_wake_launcher();
+	PG_RETURN_VOID();
+}
+
+/*
+ * SQL: spool.redrive(outbox_id).  The dead row is parked again, due now; its
+ * shard worker retries it before any later parked row of its key.
+ */
+Datum
+spool_redrive(PG_FUNCTION_ARGS)
+{
+	int64		id = spool_arg_int64(fcinfo, 0, "outbox_id", false);
+	Oid			argt[1] = {INT8OID};
+	Datum		argv[1] = {Int64GetDatum(id)};
+	bool		isnull;
+	int			target_id;
+	int			shard;
+	SpoolDispatchSlot *ds;
+
+	SPI_connect();
+	if (SPI_execute_with_args("WITH d AS (DELETE FROM spool.outbox_dead WHERE id = $1 RETURNING *)"
+							  " INSERT INTO spool.outbox_retry (id, target, target_id, shard, key, payload,"
+							  "   barrier, processor, cursor, created_at, attempts, next_attempt_at, last_error)"
+							  " SELECT id, target, target_id, shard, key, payload, barrier, processor, cursor,"
+							  "   created_at, 0, now(), last_error FROM d"
+							  " RETURNING target_id, shard",
+							  1, argt, argv, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "could not redrive outbox row " INT64_FORMAT, id);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("outbox row " INT64_FORMAT " is not a dead letter", id),
+				 errhint("spool.outbox_dead lists the dead letters.")));
+	target_id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	shard = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	SPI_finish();
+
+	/* A hint only: the worker also re-reads its parked rows when it polls. */
+	ds = spool_dispatch_slot_of(target_id, Max(shard, 0));
+	if (ds)
+	{
+		pg_atomic_write_u32(&ds->retry_dirty, 1);
+		if (ds->latch)
+			SetLatch(ds->latch);
+	}
+	PG_RETURN_VOID();
+}
