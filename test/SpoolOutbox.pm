@@ -18,7 +18,8 @@
 #   exactly_once_ok(\@got, \@expected, \@never, $what)
 #       every expected id once, none twice, no id from @never or unknown
 #   per_key_order_ok(\@rows, $what)  [key, id] pairs: ids rise per key
-#   quiet_query($session, $sql)     a Session query left out of the log
+#   quiet_query($session, $sql)     a Session query left out of the log,
+#                                   'EXIT' when the connection was lost
 #   SpoolOutbox::Listener           a LISTENing psql that collects notify
 #                                   deliveries
 package SpoolOutbox;
@@ -164,12 +165,34 @@ sub per_key_order_ok
 	  || diag(_first(@bad));
 }
 
+# SpoolTest::Session::query without the note, and bounded when the server
+# went away: psql 15 then echoes the mark with an empty SQLSTATE (and exits
+# only at its next command), which query() would wait for until its timer
+# fires.  Returns (output, sqlstate, stderr); sqlstate 'EXIT' when the
+# connection is lost.
 sub quiet_query
 {
 	my ($s, $sql) = @_;
-	no warnings 'redefine';
-	local *SpoolTest::Session::note = sub { };
-	return $s->query($sql);
+	$sql =~ s/;\s*\z//;
+	my $mark = '__spool_outbox_' . (++$s->{n}) . '__';
+	$s->{out} = '';
+	$s->{err} = '';
+	return ('', 'EXIT', 'session already ended') unless $s->{h}->pumpable;
+	$s->{in} .= "$sql;\n\\echo $mark :SQLSTATE\n";
+	$s->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	while ($s->{out} !~ /\Q$mark\E ?(\S*)\n/)
+	{
+		last unless $s->{h}->pumpable;
+		$s->{h}->pump;
+	}
+	my ($out, $state) = ($s->{out}, 'EXIT');
+	if ($out =~ s/\Q$mark\E ?(\S*)\n//)
+	{
+		my $got = $1;
+		$state = $got =~ /^[0-9A-Z]{5}$/ ? $got : 'EXIT';
+	}
+	chomp $out;
+	return ($out, $state, $s->{err});
 }
 
 package SpoolOutbox::Listener;

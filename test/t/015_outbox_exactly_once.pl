@@ -44,18 +44,24 @@ my $want_terms = 20;
 my $nkeys = 8;
 my $pause_ms = 5000;    # spool.test_worker_pause around the crash
 
-my $node = spool_node('outbox_exactly_once');
+# The test framework turns restart_after_crash off; (b) needs it.
+my $node = spool_node('outbox_exactly_once', restart_after_crash => 'on');
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
+# A millisecond per call keeps st's delivering transactions open long
+# enough for some terminations to land inside them.
 sql_target($node, 'st',
-	'{"shards": 2, "batch_size": 20, "batch_interval": "5ms"}');
+	'{"shards": 2, "batch_size": 20, "batch_interval": "5ms"}',
+	pre => 'PERFORM pg_sleep(0.001);');
 sql(q{SELECT spool.create_target('nt', 'notify',
 	'{"channel": "spool_nt", "shards": 2, "batch_size": 20, "batch_interval": "5ms"}')});
 wait_dispatchers($node, 'st', 2);
 wait_dispatchers($node, 'nt', 2);
 
 my %committed = (st => [], nt => []);    # ids of committed rows, per target
-my @never;                               # ids whose transaction did not commit
+my @never;                               # ids whose transaction rolled back
+my @lost;       # payload "u" of rows whose transaction the crash ended
+my $u = 0;      # every row's payload has a unique "u"
 my ($terms, $terms_in_xact, $rounds) = (0, 0, 0);
 my (@writers, $driver);
 my @listeners;
@@ -83,11 +89,12 @@ sub enqueue_rows
 	my @v = map {
 		my $t = rand() < 0.5 ? 'st' : 'nt';
 		my $k = 'k' . int(rand($nkeys));
-		"('$t', '$k', '{\"r\": $rounds, \"i\": $_}')"
+		$u++;
+		"('$t', '$k', '{\"r\": $rounds, \"i\": $_, \"u\": $u}')"
 	} 1 .. $n;
 	my $out = q_ok($w->{s},
-		"SELECT t || ':' || spool.enqueue(t, k, p::jsonb) FROM (VALUES "
-		  . join(', ', @v) . ') v(t, k, p)');
+		"SELECT t || ':' || spool.enqueue(t, k, p::jsonb) || ':' || (p::jsonb->>'u')"
+		  . ' FROM (VALUES ' . join(', ', @v) . ') v(t, k, p)');
 	push @{ $w->{ids} }, [ split /:/ ] for split /\n/, $out;
 }
 
@@ -248,15 +255,19 @@ my $log_offset = -s $node->logfile;
 ok(kill('KILL', $victim), "(b) kill -9 the notify dispatcher $victim inside its delivering transaction");
 crash_restart_ok($node, $victim, $log_offset, '(b)');
 
-# The old sessions are gone.  Ids of the open writer transactions never
-# commit.  The old listener keeps what it received.
+# The old sessions are gone.  The rows of the open writer transaction never
+# commit; their ids may be handed out again (a sequence's advance in a
+# transaction that did not commit may be lost in a crash), so they are
+# recognised by their payloads' "u".  The old listener keeps what it
+# received.
 poll_listeners();
 ok(!$listeners[-1]->alive, '(b) the first listener lost its connection');
 for my $w (@writers)
 {
-	push @never, map { $_->[1] } @{ $w->{ids} };
+	push @lost, map { $_->[2] } @{ $w->{ids} };
 	$w->{s}->quit;
 }
+cmp_ok(scalar(@lost), '>', 0, '(b) ' . scalar(@lost) . ' rows were in a transaction the crash ended');
 $driver->quit;
 connect_sessions();
 # No notify delivery has committed since the crash (the restarted
@@ -293,6 +304,15 @@ my @st_got = split /\n/, sql('SELECT outbox_id FROM delivered');
 exactly_once_ok(\@st_got, $committed{st}, \@never, 'sql target, at the end');
 exactly_once_ok([ all_nt_ids() ], $committed{nt}, \@never,
 	'notify target, at the end, both listeners');
+{
+	my %lost = map { $_ => 1 } @lost;
+	my $lost_sql = join(',', @lost);
+	is(sql("SELECT count(*) FROM delivered WHERE (payload->>'u')::int IN ($lost_sql)"),
+		'0', 'sql target: no row of the transaction the crash ended was delivered');
+	is(scalar(grep { ref $_->{payload} eq 'HASH' && $lost{ $_->{payload}{u} // '' } }
+			  map { @{ $_->got } } @listeners),
+		0, 'notify target: no row of the transaction the crash ended was delivered');
+}
 per_key_order_ok(delivered_rows($node, 'delivered'), 'sql target');
 for my $l (@listeners)
 {
@@ -320,9 +340,10 @@ is( sql("SELECT count(*) FROM delivered d JOIN spool.outbox o ON o.id = d.outbox
 		'every notification on spool_nt is {"id": ..., "key": ..., "payload": ...} JSON')
 	  or diag(join("\n", map { $_->unparsed } @listeners));
 }
-note(sprintf('sql: %d rows; notify: %d rows (%d + %d received by the two listeners); %d never committed',
+note(sprintf('sql: %d rows; notify: %d rows (%d + %d received by the two listeners);'
+		  . ' %d rolled back, %d ended by the crash',
 		scalar(@{ $committed{st} }), scalar(@{ $committed{nt} }),
-		scalar($listeners[0]->ids), scalar($listeners[-1]->ids), scalar(@never)));
+		scalar($listeners[0]->ids), scalar($listeners[-1]->ids), scalar(@never), scalar(@lost)));
 $_->quit for @listeners;
 $_->{s}->quit for @writers;
 $driver->quit;

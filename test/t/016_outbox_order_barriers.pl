@@ -187,8 +187,11 @@ while (time - $t_commit < 0.3 || $checks < 3)
 	$checks++;
 }
 is($held_bad, 0, "(b) while 'slow' is held, neither the barrier nor any row after it is delivered ($checks looks)");
-my $state0 = sql("SELECT state FROM spool.outbox_status WHERE target = 'bt' AND shard = 0");
-is($state0, 'barrier', "(b) while the barrier waits for shard $slow_shard, shard 0 is in state 'barrier'");
+poll_within($node, 30,
+	"SELECT state = 'barrier' FROM spool.outbox_status WHERE target = 'bt' AND shard = 0",
+	"(b) while the barrier waits for shard $slow_shard, shard 0 to be in state 'barrier'");
+is(sql("SELECT count(*) FROM delivered_bt WHERE outbox_id >= $bid"), '0',
+	'(b) still nothing delivered from the barrier on');
 note("(b) status while held:\n"
 	  . sql("SELECT * FROM spool.outbox_status WHERE target = 'bt' ORDER BY shard"));
 my $held_ms = (time - $t_commit) * 1000;
