@@ -156,6 +156,7 @@ typedef struct OutboxRow
 	TimestampTz created_at;
 	int			attempts;		/* parked rows only */
 	/* results of a delivery attempt */
+	bool		sent;			/* handed to the target (not skipped) */
 	bool		failed;
 	char	   *error;
 } OutboxRow;

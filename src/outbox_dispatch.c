@@ -109,6 +109,7 @@ static void begin_txn(const char *activity);
 static void end_txn(void);
 static void set_state(DispatchState st);
 static void record_error(const char *msg);
+static void row_failed(const char *msg);
 static uint64 key_hash(const char *key);
 static bool key_blocked(const char *key);
 static void block_key(const char *key, int delta);
@@ -186,6 +187,16 @@ set_state(DispatchState st)
 		return;
 	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
 	ds->state = st;
+	LWLockRelease(spool_shared->outbox_lock);
+}
+
+/* A row failed: shown as the shard's last error, the state is unchanged. */
+static void
+row_failed(const char *msg)
+{
+	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	strlcpy(ds->last_error, msg ? msg : "error", sizeof(ds->last_error));
+	ds->last_error_at = GetCurrentTimestamp();
 	LWLockRelease(spool_shared->outbox_lock);
 }
 
@@ -397,24 +408,38 @@ move_position(int64 to)
 /*
  * Deliver rows of a sql or notify target in the current transaction.  Fast
  * path: no subtransactions, any error aborts the whole attempt.  Careful
- * path: one subtransaction per row, a failing row is marked failed.
+ * path: one subtransaction per row, a failing row is marked failed and the
+ * later rows of its key are not tried (sent = false).
  */
 static void
 deliver_local(OutboxRow **rows, int n, bool careful)
 {
 	int			i;
+	int			j;
 
 	for (i = 0; i < n; i++)
 	{
 		OutboxRow  *r = rows[i];
 		MemoryContext cxt = CurrentMemoryContext;
 		ResourceOwner owner = CurrentResourceOwner;
+		bool		behind = false;
 
 		if (r->failed)
 			continue;
+		r->sent = true;
 		if (!careful)
 		{
 			spool_deliver_row(r);
+			continue;
+		}
+		/* A row behind a failed row of its key is not tried: it waits. */
+		for (j = 0; j < i && !behind; j++)
+			behind = rows[j]->failed &&
+				(rows[j]->key == NULL ? r->key == NULL :
+				 r->key != NULL && strcmp(rows[j]->key, r->key) == 0);
+		if (behind)
+		{
+			r->sent = false;
 			continue;
 		}
 		BeginInternalSubTransaction(NULL);
@@ -616,6 +641,7 @@ flush(FlushReason reason)
 	send = palloc(sizeof(OutboxRow *) * nheld);
 	for (i = 0; i < nheld; i++)
 	{
+		held[i]->sent = false;
 		held[i]->failed = false;
 		held[i]->error = NULL;
 		if (!key_blocked(held[i]->key))
@@ -630,6 +656,8 @@ flush(FlushReason reason)
 		if (!spool_kafka_deliver(send, nsend,
 								 got_sigterm ? 10000 : 60000, &err))
 			ereport(ERROR, (errmsg("%s", err)));
+		for (i = 0; i < nsend; i++)
+			send[i]->sent = true;
 	}
 
 	for (;;)
@@ -650,6 +678,7 @@ flush(FlushReason reason)
 
 				if (r->failed)
 				{
+					row_failed(r->error);
 					if (target->retry_limit == 0)
 						dead_row(r, 1, r->error);
 					else
@@ -659,14 +688,15 @@ flush(FlushReason reason)
 						newly_blocked++;
 					}
 				}
-				else if (key_blocked(r->key))
+				else if (r->sent)
+					delivered++;	/* kafka: even behind a refused row */
+				else
 				{
+					/* Behind a parked or failed row of its key: wait. */
 					park_row(r, 0, NULL);
 					block_key(r->key, 1);
 					newly_blocked++;
 				}
-				else
-					delivered++;
 			}
 			move_position(to);
 			spool_test_pause();
@@ -699,6 +729,7 @@ flush(FlushReason reason)
 		careful = true;
 		for (i = 0; i < nheld; i++)
 		{
+			held[i]->sent = false;
 			held[i]->failed = false;
 			held[i]->error = NULL;
 		}
@@ -808,6 +839,7 @@ retry_parked(TimestampTz now)
 		}
 		else if (r->attempts + 1 > target->retry_limit)
 		{
+			row_failed(r->error);
 			if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
 									  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
 				elog(ERROR, "could not delete from spool.outbox_retry");
@@ -815,6 +847,7 @@ retry_parked(TimestampTz now)
 		}
 		else
 		{
+			row_failed(r->error);
 			a[1] = Int32GetDatum(r->attempts + 1);
 			a[2] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
 																  backoff_us(r->attempts + 1)));

@@ -220,13 +220,14 @@ sub query
 	return ('', 'EXIT', 'session already ended') unless $self->{h}->pumpable;
 	$self->{in} .= "$sql;\n\\echo $mark :SQLSTATE\n";
 	$self->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
-	while ($self->{out} !~ /\Q$mark\E (\S+)\n/)
+	while ($self->{out} !~ /\Q$mark\E (\S*)\n/)
 	{
 		last unless $self->{h}->pumpable;
 		$self->{h}->pump;
 	}
 	my ($out, $state) = ($self->{out}, 'EXIT');
-	if ($out =~ s/\Q$mark\E (\S+)\n//) { $state = $1; }
+	# After a lost connection psql echoes an empty SQLSTATE.
+	if ($out =~ s/\Q$mark\E (\S*)\n//) { $state = $1 eq '' ? 'EXIT' : $1; }
 	chomp $out;
 	my $err = $self->{err};
 	note "[$self->{name}] $sql => $state" . ($err ne '' ? " ($err)" : '');

@@ -10,8 +10,8 @@
 #       also those after b1 on the same shard; spool.outbox_retry shows b1
 #       with attempts >= 1 and b2, b3 waiting behind it (attempts 0);
 #       outbox_status shows waiting = 3, blocked_keys = 1.
-#   (b) Released, b1 fails its 3 attempts and goes to spool.outbox_dead with
-#       its last error and attempts = 3 ("after retry_limit failed attempts,
+#   (b) Released, b1 fails its 3 retries and goes to spool.outbox_dead with
+#       its last error and attempts = 4 ("after retry_limit failed retries,
 #       the row goes to dead letters"); then b2 and b3 (still failing) too;
 #       outbox_retry is empty; retries > 0 and dead_letters = 3 in
 #       outbox_status.
@@ -96,7 +96,7 @@ note("(a) status:\n" . sql("SELECT * FROM spool.outbox_status WHERE target = 'rt
 note("(a) outbox_retry:\n" . sql("SELECT * FROM spool.outbox_retry"));
 
 # ---------------------------------------------------------------------------
-# (b) After retry_limit failed attempts, dead letters.
+# (b) After retry_limit failed retries, dead letters.
 # ---------------------------------------------------------------------------
 my $t_release = time;
 $lock->query_ok('SELECT pg_advisory_unlock(4343)');
@@ -107,7 +107,7 @@ note(sprintf('(b) dead %.1fs after the release', time - $t_release));
 note("(b) outbox_dead:\n" . sql("SELECT * FROM spool.outbox_dead"));
 is( sql("SELECT string_agg(id || ':' || key || ':' || attempts, ',' ORDER BY id)"
 		  . " FROM spool.outbox_dead WHERE target = 'rt'"),
-	"$b1:bad:3,$b2:bad:3,$b3:bad:3", '(b) each dead row failed retry_limit (3) attempts');
+	"$b1:bad:4,$b2:bad:4,$b3:bad:4", '(b) each dead row failed its first attempt and retry_limit (3) retries');
 is( sql("SELECT count(*) FROM spool.outbox_dead WHERE target = 'rt'"
 		  . " AND last_error LIKE 'injected failure for key bad (outbox id ' || id || ')%'"),
 	'3', "(b) each dead row carries its own last error");
