@@ -102,7 +102,8 @@ start_server "$work" "$PORT" "shared_buffers = 1GB
 max_wal_size = 4GB
 max_worker_processes = 32
 spool.nonce_workers = 0
-track_commit_timestamp = on"
+track_commit_timestamp = on
+spool.outbox_segment_size = 100000000"
 server_up=1
 sql() { as_user "$PG_BIN/psql" -X -q -At -h "$work" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 "$@"; }
 # sql_t SECS ARGS...: sql with a client-side time limit, for while a backend
@@ -118,8 +119,15 @@ start_kafka "$work" "$tree" --brokers 1 --topic "wa:$WA_PARTS" --topic "tk:$TK_P
 BOOT=$KAFKA_BOOTSTRAP
 log() { echo "$*" >&2; }
 
-sql <<'SQL'
+sql >/dev/null <<'SQL'
 CREATE EXTENSION spool_ext;
+-- The targets of the outputs: window_alert's and its PL/pgSQL equivalent's
+-- alerts, bench_echo's echoes (outputs to a target that does not exist fail
+-- the batch).  NOTIFY with nobody listening is the cheapest delivery; the
+-- outbox segment size above is large enough that rotation never removes the
+-- delivered rows this benchmark counts.
+SELECT spool.create_target('alerts', 'notify', '{"channel": "bench_alerts"}');
+SELECT spool.create_target('echo', 'notify', '{"channel": "bench_echo"}');
 -- Handlers run as this role (a member of spool_admin, not a superuser).
 CREATE ROLE bench_owner NOLOGIN;
 GRANT spool_admin TO bench_owner;

@@ -3,8 +3,12 @@
 # PostgreSQL with spool_ext and the test Kafka cluster, ingest a Kafka stream
 # into the spool (showing lag per partition live, through a server crash),
 # fold it through a processor with 2 replicas (terminating the active
-# mid-stream: the standby takes over, outputs exactly once), then show leases, fencing and the nonce allocator surviving a stalled owner,
-# a terminated worker and a stalled worker.
+# mid-stream: the standby takes over, outputs exactly once) whose alerts the
+# outbox delivers to a SQL function, show the transactional outbox (an
+# application's change and its event in one transaction, delivered as
+# NOTIFY to a listening session), then show leases, fencing and the nonce
+# allocator surviving a stalled owner, a terminated worker and a stalled
+# worker.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/deps.sh"
@@ -78,6 +82,26 @@ sql -c "SELECT segment, min_cursor, max_cursor, rows, state FROM spool.segments 
 
 say "C. A processor with 2 replicas folds the spool through spool.window_alert"
 sql -c "CREATE ROLE demo_app; GRANT spool_admin TO demo_app"
+echo "its alerts go to the outbox target 'alerts': a SQL function (run as demo_app) that inserts into alerts_delivered,"
+echo "called in the dispatcher's transaction that also marks the row delivered (exactly once), 2 dispatcher shards:"
+sql >/dev/null <<'SQL'
+CREATE TABLE alerts_delivered (
+	n			bigserial PRIMARY KEY,
+	outbox_id	bigint NOT NULL,
+	key			text,
+	payload		jsonb,
+	at			timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE FUNCTION deliver_alert(payload jsonb, key text, outbox_id bigint) RETURNS void
+LANGUAGE sql AS $$
+	INSERT INTO public.alerts_delivered (outbox_id, key, payload) VALUES (outbox_id, key, payload)
+$$;
+GRANT INSERT ON alerts_delivered TO demo_app;
+GRANT USAGE ON SEQUENCE alerts_delivered_n_seq TO demo_app;
+SELECT spool.create_target('alerts', 'sql',
+	'{"function": "public.deliver_alert", "run_as": "demo_app", "shards": 2}');
+SQL
+sql -c "SELECT name, kind, options FROM spool.target_config WHERE name = 'alerts'"
 echo "per key (the message's amount, 1000 keys), the sum of its last 3 seqs; one alert when it crosses 483000"
 sql -c "SELECT spool.create_processor('alerts', 'spool.window_alert(jsonb, spool.entries[])', '{
           \"run_as\": \"demo_app\", \"sources\": [\"orders\"], \"replicas\": 2,
@@ -111,6 +135,13 @@ done
 old=$(val "SELECT pid FROM spool.processor_status WHERE processor = 'alerts' AND role = 'active'")
 echo "SELECT pg_terminate_backend($old)  -- the active replica"
 val "SELECT pg_terminate_backend($old)" >/dev/null
+ostatus() {
+	sql -c "SELECT target, shard, state, position, backlog, flushes_size, flushes_interval,
+	               round(batch_p50::numeric, 1) AS batch_p50, round(flush_ms_p50::numeric, 2) AS flush_ms_p50
+	          FROM spool.outbox_status ORDER BY target, shard"
+}
+echo "meanwhile the outbox dispatchers deliver the alerts already written:"
+ostatus
 for _ in $(seq 1 100); do
 	new=$(val "SELECT pid FROM spool.processor_status WHERE processor = 'alerts' AND role = 'active'")
 	[ -n "$new" ] && [ "$new" != "$old" ] && break
@@ -140,8 +171,79 @@ sql -c "WITH s AS (SELECT value->>'amount' AS k,
                (SELECT count(DISTINCT key) FROM spool.outbox WHERE processor = 'alerts') AS distinct_keys,
                (SELECT count(*) FROM expected e WHERE NOT EXISTS
                    (SELECT 1 FROM spool.outbox o WHERE o.processor = 'alerts' AND o.key = e.k)) AS missing"
+for _ in $(seq 1 200); do
+	[ "$(val "SELECT count(*) FILTER (WHERE NOT delivered) FROM spool.outbox WHERE target = 'alerts'")" -eq 0 ] && break
+	sleep 0.1
+done
+echo "every alert was delivered to the SQL function once (alerts_delivered), with its outbox id:"
+sql -c "SELECT (SELECT count(*) FROM spool.outbox WHERE target = 'alerts') AS outbox_rows,
+               (SELECT count(*) FILTER (WHERE delivered) FROM spool.outbox WHERE target = 'alerts') AS delivered,
+               count(*) AS function_calls, count(DISTINCT outbox_id) AS distinct_ids,
+               (SELECT count(*) FROM spool.outbox o WHERE o.target = 'alerts'
+                   AND NOT EXISTS (SELECT 1 FROM alerts_delivered d WHERE d.outbox_id = o.id)) AS not_called
+          FROM alerts_delivered"
+sql -c "SELECT n, outbox_id, key, payload->>'sum' AS sum, payload->>'cursor' AS cursor FROM alerts_delivered ORDER BY n LIMIT 3"
+ostatus
 
-say "E. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
+say "E. The transactional outbox: an application's change and its event commit together"
+sql >/dev/null <<'SQL'
+CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL);
+INSERT INTO accounts VALUES (1, 100), (2, 100);
+SELECT spool.create_target('events', 'notify', '{"channel": "account_events"}');
+SQL
+echo "target 'events' (kind notify, channel account_events); a client session LISTENs for 4 s:"
+{
+	echo "LISTEN account_events;"
+	for _ in $(seq 1 16); do echo "SELECT pg_sleep(0.25);"; done
+} > "$work/listen.sql"
+chmod 644 "$work/listen.sql"
+as_user timeout 20 "$PG_BIN/psql" -X -q -At -h "$work" -p "$PORT" -d postgres -f "$work/listen.sql" > "$work/listen.out" 2>&1 &
+listener=$!
+for _ in $(seq 1 50); do
+	[ "$(val "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(0.25)%'")" -gt 0 ] && break
+	sleep 0.1
+done
+cat <<'TXT'
+BEGIN;
+UPDATE accounts SET balance = balance - 30 WHERE id = 1;
+UPDATE accounts SET balance = balance + 30 WHERE id = 2;
+SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": 30}');
+SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": 30}');
+COMMIT;       -- the events become deliverable at this commit, and not before
+TXT
+sql <<'SQL'
+BEGIN;
+UPDATE accounts SET balance = balance - 30 WHERE id = 1;
+UPDATE accounts SET balance = balance + 30 WHERE id = 2;
+SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": 30}') \g /dev/null
+SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": 30}') \g /dev/null
+COMMIT;
+SQL
+echo "a second transfer of 500 is rolled back (it would overdraw account 1): its events vanish with it"
+sql <<'SQL'
+BEGIN;
+UPDATE accounts SET balance = balance - 500 WHERE id = 1;
+UPDATE accounts SET balance = balance + 500 WHERE id = 2;
+SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": 500}') \g /dev/null
+SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": 500}') \g /dev/null
+ROLLBACK;
+SQL
+echo "one more debit, then a barrier (delivered after every earlier event of the target):"
+sql <<'SQL'
+BEGIN;
+UPDATE accounts SET balance = balance - 5 WHERE id = 2;
+SELECT spool.enqueue('events', 'account:2', '{"op": "debit", "amount": 5}') \g /dev/null
+COMMIT;
+SELECT spool.enqueue_barrier('events') \g /dev/null
+SQL
+wait "$listener" || true
+sql -c "SELECT id, balance FROM accounts ORDER BY id"
+sql -c "SELECT id, key, payload, barrier, delivered FROM spool.outbox WHERE target = 'events' ORDER BY id"
+echo "what the LISTENing session received (one NOTIFY per event, sent when the dispatcher's transaction committed):"
+sed -n 's/^Asynchronous notification "account_events" with payload "\(.*\)" received from server process with PID [0-9]*\.$/  account_events: \1/p' "$work/listen.out"
+ostatus
+
+say "F. Leases with fencing tokens: node-a takes the signer lease for 0xa11ce"
 sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-a', '2 s')"
 echo "node-a allocates three nonces and sends the first transaction:"
 sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1, 'tx-a1') AS a1,
@@ -151,14 +253,14 @@ sql -c "SELECT spool.nonce_mark_used('0xa11ce', 0, 'node-a', 1)"
 echo "node-b tries to take over while node-a's lease is live: it gets NULL"
 sql -c "SELECT coalesce((spool.lease_acquire('signer:0xa11ce', 'node-b', '10 s')).token::text, 'NULL (held by node-a)') AS node_b"
 
-say "F. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
+say "G. node-a stalls (a GC pause, a frozen VM) past its 2 s TTL; node-b takes over"
 sleep 2.5
 sql -c "SELECT resource, owner, token FROM spool.lease_acquire('signer:0xa11ce', 'node-b', '30 s')"
 echo "node-b gives nonce 2 back (its transaction was never sent) and allocates: the hole is reused first"
 sql -c "SELECT spool.nonce_mark_recyclable('0xa11ce', 2, 'node-b', 2)"
 sql -c "SELECT spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b1') AS b1, spool.nonce_allocate('0xa11ce', 'node-b', 2, 'tx-b2') AS b2"
 
-say "G. node-a wakes up and carries on with its old token: every write is rejected"
+say "H. node-a wakes up and carries on with its old token: every write is rejected"
 for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
          "SELECT spool.nonce_mark_used('0xa11ce', 1, 'node-a', 1)" \
          "SELECT spool.lease_renew('signer:0xa11ce', 'node-a', 1)"; do
@@ -167,7 +269,7 @@ for q in "SELECT spool.nonce_allocate('0xa11ce', 'node-a', 1)" \
 done
 sql -c "SELECT signer, nonce, state, owner, token, request_id FROM spool.nonces WHERE signer = '0xa11ce' ORDER BY nonce"
 
-say "H. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
+say "I. Worker-queue mode: 8 clients call spool.nonce_request on 4 signers, no lease needed"
 cat > "$work/queue.sql" <<'SQL'
 \set s random(1, 4)
 SELECT spool.nonce_request('0xfeed' || :s, 'req-' || :client_id || '-' || random());
@@ -189,7 +291,7 @@ kill -CONT "$stopped_pid"
 echo "load finished; the stalled worker was continued and exits on its own"
 grep -E "^(number of transactions actually processed|number of failed|tps)" "$work/pgbench.out" || cat "$work/pgbench.out"
 
-say "I. What happened to the nonce workers"
+say "J. What happened to the nonce workers"
 sql -c "SELECT worker, pid, generation, owner, served, batches, takeovers FROM spool.nonce_workers ORDER BY worker"
 sql -c "SELECT resource, owner, token, grants FROM spool.leases WHERE resource LIKE 'signer:0xfeed%' ORDER BY resource"
 sql -c "SELECT signer, count(*) AS nonces, max(nonce) AS max_nonce,

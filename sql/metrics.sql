@@ -19,13 +19,19 @@ SELECT substring(l FROM '^# TYPE ([a-z_]+) ') AS metric, substring(l FROM ' ([a-
 SELECT count(*) FILTER (WHERE l LIKE '# HELP %') = count(*) FILTER (WHERE l LIKE '# TYPE %') AS help_for_each_type
   FROM regexp_split_to_table(spool.metrics(), E'\n') l;
 
--- Every sample belongs to a declared metric.
+-- Every sample belongs to a declared metric (a histogram's samples are
+-- named <name>_bucket, <name>_sum and <name>_count).
 WITH lines AS (SELECT l FROM regexp_split_to_table(spool.metrics(), E'\n') l),
-	 declared AS (SELECT substring(l FROM '^# TYPE ([a-z_]+) ') AS name FROM lines WHERE l LIKE '# TYPE %')
+	 declared AS (SELECT substring(l FROM '^# TYPE ([a-z_]+) ') AS name,
+						 substring(l FROM ' ([a-z]+)$') AS type
+					FROM lines WHERE l LIKE '# TYPE %')
 SELECT count(*) AS undeclared_samples
   FROM lines
  WHERE l <> '' AND l NOT LIKE '#%'
-   AND substring(l FROM '^([a-z_]+)') NOT IN (SELECT name FROM declared);
+   AND NOT EXISTS (SELECT FROM declared d
+					WHERE substring(l FROM '^([a-z_]+)') = d.name
+					   OR (d.type = 'histogram' AND substring(l FROM '^([a-z_]+)')
+							IN (d.name || '_bucket', d.name || '_sum', d.name || '_count')));
 
 -- A known value: the spool cursor.
 SELECT (SELECT substring(l FROM ' (\d+)$')::bigint

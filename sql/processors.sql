@@ -398,9 +398,14 @@ SELECT name, enabled FROM spool.processors ORDER BY name COLLATE "C";
 SELECT processor, role FROM spool.processor_status GROUP BY 1, 2 ORDER BY processor COLLATE "C";
 
 -- Dropping removes the processor, its checkpoint and its consumer row; its
--- outbox rows stay.
-INSERT INTO spool.outbox_store (target, key, payload, processor, cursor, token)
-VALUES ('alerts', 'k1', '{"n": 1}', 'p1', 3, 1), ('alerts', 'k2', '{"n": 2}', 'p2', 4, 1);
+-- outbox rows stay.  Outbox rows need a target; two rows enqueued to it
+-- stand for outputs of p1 and p2, marked (by hand, as a superuser) the way
+-- a replica writes them: processor, cursor and token.
+SELECT spool.create_target('alerts', 'notify', '{"channel": "regress_alerts"}');
+SELECT spool.enqueue('alerts', 'k1', '{"n": 1}') AS out1 \gset
+SELECT spool.enqueue('alerts', 'k2', '{"n": 2}') AS out2 \gset
+UPDATE spool.outbox_store SET processor = 'p1', cursor = 3, token = 1 WHERE id = :out1;
+UPDATE spool.outbox_store SET processor = 'p2', cursor = 4, token = 1 WHERE id = :out2;
 SET ROLE regress_proc_admin;
 SELECT spool.drop_processor('p1');
 RESET ROLE;
@@ -426,8 +431,8 @@ SELECT (SELECT count(*) FROM spool.processors) AS processors,
 	   (SELECT count(*) FROM spool.consumers WHERE name LIKE 'processor:%') AS consumers,
 	   (SELECT count(*) FROM spool.outbox_store) AS outbox_rows;
 
--- Clean up.
-DELETE FROM spool.outbox_store;
+-- Clean up (the target goes with its rows).
+SELECT spool.drop_target('alerts', force => true);
 SELECT spool.drop_source('proc_src1');
 SELECT spool.drop_source('proc_src2');
 DROP FUNCTION public.wa_check(jsonb);

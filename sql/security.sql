@@ -38,7 +38,7 @@ SELECT p.oid::regprocedure AS function,
 SELECT c.relname, c.relkind,
        has_table_privilege('spool_client', c.oid, 'SELECT') AS client_select,
        has_table_privilege('spool_client', c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') AS client_write
-  FROM pg_class c WHERE c.relnamespace = 'spool'::regnamespace AND c.relkind IN ('r', 'v')
+  FROM pg_class c WHERE c.relnamespace = 'spool'::regnamespace AND c.relkind IN ('r', 'v', 'p')
  ORDER BY c.relname COLLATE "C";
 
 -- Every function that runs as the extension owner pins search_path; those are

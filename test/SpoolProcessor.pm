@@ -3,8 +3,10 @@
 #
 #   processor_setup($node, $bootstrap, $topic, %opts)
 #       a role 'proc_owner' (member of spool_admin) the handler runs as, a
-#       table test_faults, the reference handler test_handler, a json source
-#       'src' on $topic (started) and a processor (created and started).
+#       table test_faults, the reference handler test_handler, the outbox
+#       target 'test' its outputs go to (kind notify, channel spool_test;
+#       kept if it exists), a json source 'src' on $topic (started) and a
+#       processor (created and started).
 #   reference_outputs($nparts, $nseq)
 #       the outputs test_handler must produce for seqs 0 .. $nseq - 1 of the
 #       mock's topic with $nparts partitions, computed from the input alone.
@@ -89,6 +91,10 @@ sub processor_setup
 	my $settings = $opts{settings} // '{}';
 
 	$node->safe_psql('postgres', $HANDLER);
+	# Outputs to a target that does not exist fail the batch.
+	$node->safe_psql('postgres',
+		"SELECT spool.create_target('test', 'notify', '{\"channel\": \"spool_test\"}')"
+		  . " WHERE NOT EXISTS (SELECT FROM spool.outbox_status WHERE target = 'test')");
 	$node->safe_psql('postgres',
 		"SELECT spool.create_source('src', '$bootstrap', '{$topic}', '{\"batch_ms\": 20}');"
 		  . " SELECT spool.start_source('src');");
