@@ -672,7 +672,7 @@ CREATE FUNCTION @extschema@.outbox_runtime(
 	OUT drain_ms_sum float8)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'spool_outbox_runtime'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE ROWS 16;
 COMMENT ON FUNCTION @extschema@.outbox_runtime() IS
 'Internal: what each dispatcher shard publishes in shared memory (see spool.outbox_status)';
 
@@ -701,7 +701,24 @@ CREATE VIEW @extschema@.outbox AS
 	  LEFT JOIN @extschema@.outbox_positions p
 		ON p.target_id = o.target_id AND p.shard = greatest(o.shard, 0);
 
-CREATE VIEW @extschema@.outbox_status AS
+-- Behind spool.outbox_status.  A function so that it can turn JIT off: the
+-- planner's estimates for the per-shard subqueries are far above
+-- jit_above_cost, and compiling took seconds for a query of milliseconds.
+CREATE FUNCTION @extschema@._outbox_status(
+	OUT target text, OUT shard int, OUT kind text, OUT pid int, OUT state text,
+	OUT "position" bigint, OUT backlog bigint, OUT waiting bigint, OUT blocked_keys int,
+	OUT oldest_undelivered_age interval, OUT delivered bigint,
+	OUT flushes_size bigint, OUT flushes_interval bigint, OUT flushes_barrier bigint,
+	OUT flushes_close bigint, OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
+	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
+	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50 float8,
+	OUT barrier_drain_ms_max float8, OUT retries bigint, OUT dead_letters bigint,
+	OUT last_error text, OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
+	OUT started_at timestamptz)
+RETURNS SETOF record
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+ROWS 16
+AS $$
 	SELECT t.name AS target, s.shard, t.kind, r.pid,
 		   coalesce(r.state, 'stopped') AS state,
 		   p.position,
@@ -726,7 +743,8 @@ CREATE VIEW @extschema@.outbox_status AS
 			 WHERE d.target_id = t.id AND d.shard = s.shard) AS dead_letters,
 		   r.last_error, r.last_error_at, r.last_flush_at, r.started_at
 	  FROM @extschema@.targets t
-	  CROSS JOIN LATERAL generate_series(0, (t.options->>'shards')::int - 1) AS s(shard)
+	  -- constant bounds: the planner then expects 16 rows, not 1000
+	  CROSS JOIN LATERAL generate_series(0, 15) AS s(shard)
 	  LEFT JOIN @extschema@.outbox_positions p
 		ON p.target_id = t.id AND p.shard = s.shard
 	  LEFT JOIN LATERAL (
@@ -736,7 +754,14 @@ CREATE VIEW @extschema@.outbox_status AS
 		   AND (o.shard = s.shard OR (s.shard = 0 AND o.shard = -1))
 		   AND o.id > p.position) b ON true
 	  LEFT JOIN @extschema@.outbox_runtime() r
-		ON r.target_id = t.id AND r.shard = s.shard;
+		ON r.target_id = t.id AND r.shard = s.shard
+	 WHERE s.shard < (t.options->>'shards')::int
+$$;
+COMMENT ON FUNCTION @extschema@._outbox_status() IS
+'Internal: the rows of spool.outbox_status';
+
+CREATE VIEW @extschema@.outbox_status AS
+	SELECT * FROM @extschema@._outbox_status();
 
 ------------------------------------------------------------------------------
 -- Metrics in the Prometheus text format
@@ -784,7 +809,7 @@ COMMENT ON FUNCTION @extschema@._histogram(text, text[], float8[], bigint[], flo
 
 CREATE FUNCTION @extschema@.metrics()
 RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 	WITH st AS MATERIALIZED (SELECT * FROM @extschema@.outbox_status),
 	rt AS MATERIALIZED (SELECT * FROM @extschema@.outbox_runtime()),
@@ -974,7 +999,8 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.drop_target(text, boolean),
 	@extschema@.redrive(bigint)
 	TO spool_admin;
-GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime() TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()
+	TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
 	TO spool_admin, spool_client;
 -- Parked rows and dead letters hold payloads, which may be business data.

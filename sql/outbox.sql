@@ -238,7 +238,8 @@ SELECT target_check('t', 'sql', '{"function": "public.ob_deliver"}');
 SELECT target_check('t', 'sql', '{"function": "public.ob_deliver", "run_as": "regress_ob_admin"}');
 SELECT target_check('t', 'sql', '{"function": "public.ob_deliver", "run_as": "regress_ob_runner"}');
 RESET ROLE;
--- A superuser must name the role a sql target runs as, and not a superuser.
+-- A superuser must name the role a sql target runs as (naming a superuser
+-- explicitly is allowed, as for processors).
 SELECT replace(target_check('t', 'sql', '{"function": "public.ob_deliver"}'),
 			   '"' || current_user || '"', '"<superuser>"') AS target_check;
 SELECT split_part(target_check('t', 'sql', jsonb_build_object('function', 'public.ob_deliver', 'run_as', current_user)),

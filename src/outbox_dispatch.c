@@ -1241,8 +1241,16 @@ spool_dispatch_main(Datum main_arg)
 
 			MemoryContextSwitchTo(loop_cxt);
 			ed = CopyErrorData();
-			if (ed->elevel >= FATAL || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED ||
-				ed->sqlerrcode == ERRCODE_UNDEFINED_TABLE)
+			if (ed->sqlerrcode == ERRCODE_UNDEFINED_TABLE)
+			{
+				/* drop_target removed our rows; the launcher stops us anyway. */
+				FlushErrorState();
+				AbortOutOfAnyTransaction();
+				ereport(LOG, (errmsg("%s: target \"%s\" was dropped; exiting",
+									 MyBgworkerEntry->bgw_name, target->name)));
+				proc_exit(0);
+			}
+			if (ed->elevel >= FATAL || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
 				PG_RE_THROW();
 			EmitErrorReport();
 			FlushErrorState();

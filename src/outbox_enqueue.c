@@ -57,10 +57,17 @@ typedef struct Touched
 	int			rows;
 } Touched;
 
+/* A prepared insert straight into one ring slot: no tuple routing per row. */
+typedef struct SlotPlan
+{
+	int			key;			/* target id * SPOOL_OUTBOX_SLOTS + slot */
+	SPIPlanPtr	plan;
+} SlotPlan;
+
 static HTAB *target_cache = NULL;
+static HTAB *slot_plans = NULL;
 static uint32 target_cache_generation = 0;
 static Oid	seq_oid = InvalidOid;
-static SPIPlanPtr insert_plan = NULL;
 static bool callback_registered = false;
 static bool published = false;
 static Touched touched[MAX_TOUCHED];
@@ -69,6 +76,7 @@ static bool touched_overflow = false;
 
 static TargetCacheEntry *lookup_target(const char *name);
 static int64 next_id(void);
+static SPIPlanPtr slot_plan(int target_id, int slot);
 static void note_touched(int target_id, int shard);
 static void outbox_xact_callback(XactEvent event, void *arg);
 static void wake_dispatchers(void);
@@ -104,9 +112,22 @@ lookup_target(const char *name)
 
 		if (target_cache)
 			hash_destroy(target_cache);
+		if (slot_plans)
+		{
+			HASH_SEQ_STATUS it;
+			SlotPlan   *sp;
+
+			hash_seq_init(&it, slot_plans);
+			while ((sp = hash_seq_search(&it)) != NULL)
+				SPI_freeplan(sp->plan);
+			hash_destroy(slot_plans);
+		}
 		ctl.keysize = NAMEDATALEN;
 		ctl.entrysize = sizeof(TargetCacheEntry);
 		target_cache = hash_create("spool outbox targets", 16, &ctl, HASH_ELEM | HASH_STRINGS);
+		ctl.keysize = sizeof(int);
+		ctl.entrysize = sizeof(SlotPlan);
+		slot_plans = hash_create("spool outbox slot inserts", 16, &ctl, HASH_ELEM | HASH_BLOBS);
 		target_cache_generation = gen;
 	}
 	if (strlen(name) >= NAMEDATALEN)
@@ -130,6 +151,36 @@ lookup_target(const char *name)
 	e->id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	e->shards = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	return e;
+}
+
+/* The kept insert plan for one slot of a target (lookup_target ran first). */
+static SPIPlanPtr
+slot_plan(int target_id, int slot)
+{
+	int			key = target_id * SPOOL_OUTBOX_SLOTS + slot;
+	bool		found;
+	SlotPlan   *sp = hash_search(slot_plans, &key, HASH_ENTER, &found);
+
+	if (!found)
+	{
+		sp->plan = NULL;
+		PG_TRY();
+		{
+			spool_plan(&sp->plan,
+					   psprintf("INSERT INTO spool.outbox_t%d_%d (id, target_id, slot, shard, key,"
+								" payload, barrier, processor, cursor, token)"
+								" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", target_id, slot),
+					   10, (Oid[]) {INT8OID, INT4OID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID,
+					   TEXTOID, INT8OID, INT8OID});
+		}
+		PG_CATCH();
+		{
+			hash_search(slot_plans, &key, HASH_REMOVE, NULL);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	return sp->plan;
 }
 
 /* Fold v into the highest id handed out. */
@@ -325,12 +376,7 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 	v[9] = Int64GetDatum(token);
 	if (cursor < 0)
 		nulls[8] = nulls[9] = 'n';
-	spool_plan(&insert_plan,
-			   "INSERT INTO spool.outbox_store (id, target_id, slot, shard, key, payload, barrier,"
-			   " processor, cursor, token) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-			   10, (Oid[]) {INT8OID, INT4OID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID,
-			   TEXTOID, INT8OID, INT8OID});
-	spool_exec(insert_plan, v, nulls, false, SPI_OK_INSERT);
+	spool_exec(slot_plan(t->id, spool_outbox_slot_of(id)), v, nulls, false, SPI_OK_INSERT);
 	note_touched(t->id, shard);
 	return id;
 }

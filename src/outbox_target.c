@@ -82,6 +82,30 @@ check_target_name(const char *name)
 					 errdetail("Target names use letters, digits, '_', '.' and '-' only.")));
 }
 
+/* How many parts a function name has; SP001 if it is no name at all. */
+static int
+qualified_name_length(const char *name)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile int n = 0;
+
+	PG_TRY();
+	{
+		n = list_length(stringToQualifiedNameList(name));
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		n = -1;
+	}
+	PG_END_TRY();
+	if (n < 0 || n > 2)
+		spool_bad_option(psprintf("option \"function\" is not a function name: \"%s\"", name),
+						 "Write schema.function, for example public.deliver.");
+	return n;
+}
+
 /* A non-empty string option. */
 static char *
 jbv_text(JsonbValue *v, const char *what)
@@ -165,7 +189,7 @@ spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 		else if (strcmp(key, "function") == 0 && t->kind == KIND_SQL)
 		{
 			t->function = jbv_text(&v, "function");
-			if (list_length(stringToQualifiedNameList(t->function)) < 2)
+			if (qualified_name_length(t->function) < 2)
 				spool_bad_option(psprintf("option \"function\" must be schema-qualified, not \"%s\"",
 										  t->function),
 								 "Write schema.function, for example public.deliver: the dispatcher has no search_path of yours.");
@@ -269,6 +293,9 @@ check_kafka(OutboxTarget *t)
 			if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
 			{
 				rd_kafka_conf_destroy(conf);
+				/* Some librdkafka messages end with a newline. */
+				while (strlen(err) > 0 && err[strlen(err) - 1] == '\n')
+					err[strlen(err) - 1] = '\0';
 				spool_bad_option(psprintf("kafka property \"%s\": %s", key, err), NULL);
 			}
 		}
@@ -511,7 +538,7 @@ spool_drop_target(PG_FUNCTION_ARGS)
 Datum
 spool_redrive(PG_FUNCTION_ARGS)
 {
-	int64		id = spool_arg_int64(fcinfo, 0, "outbox_id", false);
+	int64		id = spool_arg_int64(fcinfo, 0, "outbox_id", true);
 	Oid			argt[1] = {INT8OID};
 	Datum		argv[1] = {Int64GetDatum(id)};
 	bool		isnull;
