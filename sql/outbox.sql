@@ -535,7 +535,7 @@ SELECT try($$SELECT spool.redrive(-1)$$) LIKE '%: %' AS unknown_id_refused;
 SELECT try(format('SELECT spool.redrive(%s)', :s1)) LIKE '%: %' AS delivered_row_refused;
 SELECT try(format('SELECT spool.redrive(%s)', (SELECT min(id) FROM spool.outbox_retry
 												WHERE target = 'ob_stuck'))) LIKE '%: %' AS parked_row_refused;
--- The full error for an unknown id.
+-- The full error for a negative id.
 SELECT spool.redrive(-1);
 -- Mend the function and put the dead rows back: they are delivered, with
 -- their outbox ids, and leave the dead letters.
