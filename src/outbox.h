@@ -127,6 +127,8 @@ extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kin
 extern OutboxTarget *spool_outbox_load_target(int target_id);
 extern Oid	spool_outbox_resolve_function(const char *name, bool missing_ok);
 extern const char *spool_outbox_kind_name(OutboxKind kind);
+struct rd_kafka_conf_s;
+extern void spool_outbox_kafka_props(struct rd_kafka_conf_s *conf, Jsonb *kafka);
 
 /* outbox_enqueue.c */
 extern int64 spool_outbox_insert(const char *target, const char *key, Jsonb *payload,

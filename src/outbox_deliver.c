@@ -149,10 +149,6 @@ kafka_start(void)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	char		err[512];
-	JsonbIterator *it;
-	JsonbValue	k;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
 
 #define SETPROP(key, val) \
 	do { \
@@ -169,28 +165,7 @@ kafka_start(void)
 	SETPROP("client.id", "spool_ext");
 	SETPROP("message.timeout.ms", KAFKA_DEFAULT_MESSAGE_TIMEOUT);
 	SETPROP("linger.ms", "1");
-	if (target->kafka)
-	{
-		it = JsonbIteratorInit(&target->kafka->root);
-		while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
-		{
-			char	   *key;
-			char	   *val;
-
-			if (tok != WJB_KEY)
-				continue;
-			key = pnstrdup(k.val.string.val, k.val.string.len);
-			(void) JsonbIteratorNext(&it, &v, true);
-			if (v.type == jbvString)
-				val = pnstrdup(v.val.string.val, v.val.string.len);
-			else if (v.type == jbvBool)
-				val = v.val.boolean ? "true" : "false";
-			else
-				val = DatumGetCString(DirectFunctionCall1(numeric_out,
-														  NumericGetDatum(v.val.numeric)));
-			SETPROP(key, val);
-		}
-	}
+	spool_outbox_kafka_props(conf, target->kafka);
 	/* Set last: the guarantees rely on it. */
 	SETPROP("enable.idempotence", "true");
 #undef SETPROP

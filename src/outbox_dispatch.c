@@ -105,8 +105,6 @@ static SPIPlanPtr plan_dead;
 
 static void dispatch_sigterm(SIGNAL_ARGS);
 static void dispatch_detach(int code, Datum arg);
-static void begin_txn(const char *activity);
-static void end_txn(void);
 static void set_state(DispatchState st);
 static void record_error(const char *msg);
 static void row_failed(const char *msg);
@@ -157,28 +155,6 @@ dispatch_detach(int code, Datum arg)
 	LWLockRelease(spool_shared->outbox_lock);
 }
 
-static MemoryContext txn_caller_cxt;
-
-static void
-begin_txn(const char *activity)
-{
-	txn_caller_cxt = CurrentMemoryContext;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, activity);
-}
-
-static void
-end_txn(void)
-{
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(txn_caller_cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
 
 static void
 set_state(DispatchState st)
@@ -300,91 +276,70 @@ backoff_us(int attempts)
 	return (int64) (us * (1.0 - 0.5 * pg_prng_double(&pg_global_prng_state)));
 }
 
-/* Park r: failed (attempts > 0) or waiting behind its key (attempts = 0). */
-static void
-park_row(OutboxRow *r, int attempts, const char *error)
-{
-	Datum		v[12];
-	char		nulls[12];
+/*
+ * The columns parked rows and dead letters share: id, target, target_id,
+ * shard, key, payload, barrier, processor, cursor, created_at (v[0..9]),
+ * then attempts (v[10]) and the error (v[11]).
+ */
+#define ROW_COLUMNS 12
+#define ROW_TYPES INT8OID, TEXTOID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID, \
+	TEXTOID, INT8OID, TIMESTAMPTZOID, INT4OID, TEXTOID
 
-	memset(nulls, ' ', sizeof(nulls));
+static void
+row_values(OutboxRow *r, int attempts, const char *error, Datum *v, char *nulls)
+{
+	memset(nulls, ' ', ROW_COLUMNS);
 	v[0] = Int64GetDatum(r->id);
 	v[1] = CStringGetTextDatum(target->name);
 	v[2] = Int32GetDatum(target->id);
 	v[3] = Int32GetDatum(my_shard);
-	if (r->key)
-		v[4] = CStringGetTextDatum(r->key);
-	else
-		nulls[4] = 'n';
+	v[4] = r->key ? CStringGetTextDatum(r->key) : (Datum) 0;
+	nulls[4] = r->key ? ' ' : 'n';
 	v[5] = JsonbPGetDatum(r->payload);
 	v[6] = BoolGetDatum(r->barrier);
-	if (r->processor)
-		v[7] = CStringGetTextDatum(r->processor);
-	else
-		nulls[7] = 'n';
+	v[7] = r->processor ? CStringGetTextDatum(r->processor) : (Datum) 0;
+	nulls[7] = r->processor ? ' ' : 'n';
 	v[8] = Int64GetDatum(r->cursor);
-	if (r->cursor < 0)
-		nulls[8] = 'n';
+	nulls[8] = r->cursor < 0 ? 'n' : ' ';
 	v[9] = TimestampTzGetDatum(r->created_at);
 	v[10] = Int32GetDatum(attempts);
-	if (attempts > 0)
-		v[11] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
-																backoff_us(attempts)));
-	else
-		nulls[11] = 'n';
+	v[11] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	nulls[11] = error ? ' ' : 'n';
+}
+
+/* Park r: failed (attempts > 0, due after a backoff) or waiting behind its key. */
+static void
+park_row(OutboxRow *r, int attempts, const char *error)
+{
+	Datum		v[ROW_COLUMNS + 1];
+	char		nulls[ROW_COLUMNS + 1];
+
+	row_values(r, attempts, error, v, nulls);
+	v[ROW_COLUMNS] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
+																	 backoff_us(attempts)));
+	nulls[ROW_COLUMNS] = attempts > 0 ? ' ' : 'n';
 	spool_plan(&plan_park,
 			   "INSERT INTO spool.outbox_retry (id, target, target_id, shard, key, payload, barrier,"
-			   " processor, cursor, created_at, attempts, next_attempt_at, last_error, first_failed_at)"
+			   " processor, cursor, created_at, attempts, last_error, next_attempt_at, first_failed_at)"
 			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
 			   " CASE WHEN $11 > 0 THEN now() END)",
-			   13, (Oid[]) {INT8OID, TEXTOID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID,
-			   TEXTOID, INT8OID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID, TEXTOID});
-	{
-		Datum		v13[13];
-		char		n13[13];
-
-		memcpy(v13, v, sizeof(v));
-		memcpy(n13, nulls, sizeof(nulls));
-		v13[12] = error ? CStringGetTextDatum(error) : (Datum) 0;
-		n13[12] = error ? ' ' : 'n';
-		spool_exec(plan_park, v13, n13, false, SPI_OK_INSERT);
-	}
+			   ROW_COLUMNS + 1, (Oid[]) {ROW_TYPES, TIMESTAMPTZOID});
+	spool_exec(plan_park, v, nulls, false, SPI_OK_INSERT);
 }
 
 /* Dead-letter r (which is not parked). */
 static void
 dead_row(OutboxRow *r, int attempts, const char *error)
 {
-	Datum		v[12];
-	char		nulls[12];
+	Datum		v[ROW_COLUMNS];
+	char		nulls[ROW_COLUMNS];
 
-	memset(nulls, ' ', sizeof(nulls));
-	v[0] = Int64GetDatum(r->id);
-	v[1] = CStringGetTextDatum(target->name);
-	v[2] = Int32GetDatum(target->id);
-	v[3] = Int32GetDatum(my_shard);
-	if (r->key)
-		v[4] = CStringGetTextDatum(r->key);
-	else
-		nulls[4] = 'n';
-	v[5] = JsonbPGetDatum(r->payload);
-	v[6] = BoolGetDatum(r->barrier);
-	if (r->processor)
-		v[7] = CStringGetTextDatum(r->processor);
-	else
-		nulls[7] = 'n';
-	v[8] = Int64GetDatum(r->cursor);
-	if (r->cursor < 0)
-		nulls[8] = 'n';
-	v[9] = TimestampTzGetDatum(r->created_at);
-	v[10] = Int32GetDatum(attempts);
-	v[11] = CStringGetTextDatum(error ? error : "unknown error");
+	row_values(r, attempts, error ? error : "unknown error", v, nulls);
 	spool_plan(&plan_dead,
 			   "INSERT INTO spool.outbox_dead (id, target, target_id, shard, key, payload, barrier,"
 			   " processor, cursor, created_at, attempts, last_error)"
 			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-			   12, (Oid[]) {INT8OID, TEXTOID, INT4OID, INT4OID, TEXTOID, JSONBOID, BOOLOID,
-			   TEXTOID, INT8OID, TIMESTAMPTZOID, INT4OID, TEXTOID});
+			   ROW_COLUMNS, (Oid[]) {ROW_TYPES});
 	spool_exec(plan_dead, v, nulls, false, SPI_OK_INSERT);
 }
 
@@ -494,7 +449,7 @@ read_rows(TimestampTz now)
 	last_bound = bound;
 	next_poll = TimestampTzPlusMilliseconds(now, spool_outbox_poll_interval_ms);
 
-	begin_txn("reading the outbox");
+	spool_begin_txn("reading the outbox");
 	/* Barriers up to shard 0's position are delivered. */
 	if (my_shard == 0)
 		leader_pos = position;
@@ -578,7 +533,7 @@ read_rows(TimestampTz now)
 	}
 	else
 		more_rows = want <= 0 && limit_hi > read_upto;
-	end_txn();
+	spool_end_txn();
 	if (got)
 		set_state(DS_DELIVERING);
 	return got;
@@ -664,7 +619,7 @@ flush(FlushReason reason)
 	{
 		ErrorData  *volatile ed = NULL;
 
-		begin_txn("delivering");
+		spool_begin_txn("delivering");
 		PG_TRY();
 		{
 			if (!spool_deliver_external())
@@ -700,7 +655,7 @@ flush(FlushReason reason)
 			}
 			move_position(to);
 			spool_test_pause();
-			end_txn();
+			spool_end_txn();
 		}
 		PG_CATCH();
 		{
@@ -715,9 +670,9 @@ flush(FlushReason reason)
 			break;
 
 		/* Undo the in-memory parking of the aborted attempt. */
-		begin_txn("reading parked rows");
+		spool_begin_txn("reading parked rows");
 		load_parked();
-		end_txn();
+		spool_end_txn();
 		if (careful || spool_deliver_external() || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
 		{
 			/* Not one row's fault (or the rows were already tried one by one). */
@@ -770,15 +725,15 @@ retry_parked(TimestampTz now)
 
 	if (pg_atomic_read_u32(&ds->retry_dirty) != 0 || now >= next_parked_reload)
 	{
-		begin_txn("reading parked rows");
+		spool_begin_txn("reading parked rows");
 		load_parked();
-		end_txn();
+		spool_end_txn();
 	}
 	if (nparked == 0 || now < next_retry_at)
 		return false;
 
 	set_state(DS_RETRYING);
-	begin_txn("retrying parked rows");
+	spool_begin_txn("retrying parked rows");
 	if (SPI_execute_with_args("SELECT DISTINCT ON (key) id, key, payload, barrier, processor, cursor,"
 							  " created_at, attempts, next_attempt_at FROM spool.outbox_retry"
 							  " WHERE target_id = $1 AND shard = $2 ORDER BY key, id",
@@ -810,7 +765,7 @@ retry_parked(TimestampTz now)
 		MemoryContextSwitchTo(old);
 		rows[nrows++] = r;
 	}
-	end_txn();
+	spool_end_txn();
 	if (nrows == 0)
 		return false;
 	attempted = true;
@@ -822,7 +777,7 @@ retry_parked(TimestampTz now)
 		if (!spool_kafka_deliver(rows, nrows, 60000, &err))
 			ereport(ERROR, (errmsg("%s", err)));
 	}
-	begin_txn("retrying parked rows");
+	spool_begin_txn("retrying parked rows");
 	if (!spool_deliver_external())
 		deliver_local(rows, nrows, true);
 	for (i = 0; i < (uint64) nrows; i++)
@@ -861,7 +816,7 @@ retry_parked(TimestampTz now)
 		}
 	}
 	spool_test_pause();
-	end_txn();
+	spool_end_txn();
 
 	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
 	for (i = 0; i < (uint64) nrows; i++)
@@ -873,9 +828,9 @@ retry_parked(TimestampTz now)
 	}
 	LWLockRelease(spool_shared->outbox_lock);
 	/* Heads changed: rebuild what is blocked and when the next one is due. */
-	begin_txn("reading parked rows");
+	spool_begin_txn("reading parked rows");
 	load_parked();
-	end_txn();
+	spool_end_txn();
 	return attempted;
 }
 
@@ -940,14 +895,14 @@ barrier_step(TimestampTz now)
 		b.payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
 		if (spool_deliver_external() && !spool_kafka_deliver(&one, 1, 60000, &err))
 			ereport(ERROR, (errmsg("%s", err)));
-		begin_txn("delivering a barrier");
+		spool_begin_txn("delivering a barrier");
 		if (!spool_deliver_external())
 			deliver_local(&one, 1, true);
 		if (b.failed)
 		{
 			if (++barrier_attempts <= target->retry_limit)
 			{
-				end_txn();
+				spool_end_txn();
 				barrier_retry_at = TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
 															   backoff_us(barrier_attempts));
 				LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
@@ -960,7 +915,7 @@ barrier_step(TimestampTz now)
 		}
 		move_position(barrier_at);
 		spool_test_pause();
-		end_txn();
+		spool_end_txn();
 
 		position = barrier_at;
 		read_upto = Max(read_upto, barrier_at);
@@ -1022,7 +977,7 @@ rotate(void)
 						 " AND NOT EXISTS (SELECT FROM %s o WHERE o.shard = -1 AND o.id >"
 						 "   (SELECT position FROM spool.outbox_positions WHERE target_id = %d AND shard = 0))",
 						 leaf, leaf, target->id, leaf, target->id);
-		begin_txn("rotating the outbox");
+		spool_begin_txn("rotating the outbox");
 		if (SPI_execute(check, true, 1) == SPI_OK_SELECT &&
 			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
 		{
@@ -1038,7 +993,7 @@ rotate(void)
 						elog(ERROR, "could not truncate %s", leaf);
 					done = true;
 				}
-				end_txn();
+				spool_end_txn();
 			}
 			PG_CATCH();
 			{
@@ -1054,7 +1009,7 @@ rotate(void)
 				ereport(DEBUG1, (errmsg("outbox slot %s truncated", leaf)));
 		}
 		else
-			end_txn();
+			spool_end_txn();
 	}
 }
 
@@ -1123,7 +1078,7 @@ spool_dispatch_main(Datum main_arg)
 									 ALLOCSET_DEFAULT_SIZES);
 
 	/* The target, our position, and the sequence's high-water mark. */
-	begin_txn("loading the target");
+	spool_begin_txn("loading the target");
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
@@ -1132,7 +1087,7 @@ spool_dispatch_main(Datum main_arg)
 	}
 	if (target == NULL)
 	{
-		end_txn();
+		spool_end_txn();
 		proc_exit(0);
 	}
 	store = MemoryContextStrdup(TopMemoryContext, psprintf("spool.outbox_t%d", target->id));
@@ -1154,7 +1109,7 @@ spool_dispatch_main(Datum main_arg)
 		spool_deliver_init(target);
 		MemoryContextSwitchTo(old);
 	}
-	end_txn();
+	spool_end_txn();
 
 	/* One process per shard: a stray one from an older launcher waits here. */
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, ADVISORY_KEY1, (uint32) (target->id * SPOOL_MAX_SHARDS + my_shard), 2);

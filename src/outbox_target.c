@@ -44,7 +44,6 @@ PG_FUNCTION_INFO_V1(spool_redrive);
 #define DEFAULT_BACKOFF_US		(100 * 1000)
 #define DEFAULT_BACKOFF_MAX_US	(30 * USECS_PER_SEC)
 
-static void check_target_name(const char *name);
 static void check_kafka(OutboxTarget *t);
 static Jsonb *target_options_jsonb(OutboxTarget *t);
 static char *jbv_text(JsonbValue *v, const char *what);
@@ -62,24 +61,6 @@ spool_outbox_kind_name(OutboxKind kind)
 			return "kafka";
 	}
 	return "?";
-}
-
-static void
-check_target_name(const char *name)
-{
-	const char *p;
-
-	if (strlen(name) > SPOOL_TARGET_NAME_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("target name \"%s\" is too long", name),
-				 errdetail("At most %d bytes are allowed.", SPOOL_TARGET_NAME_MAX)));
-	for (p = name; *p; p++)
-		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid target name \"%s\"", name),
-					 errdetail("Target names use letters, digits, '_', '.' and '-' only.")));
 }
 
 /* How many parts a function name has; SP001 if it is no name at all. */
@@ -142,7 +123,7 @@ spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 	JsonbValue	v;
 	JsonbIteratorToken tok;
 
-	check_target_name(name);
+	spool_check_object_name(name, "target");
 	strlcpy(t->name, name, NAMEDATALEN);
 	if (strcmp(kind, "sql") == 0)
 		t->kind = KIND_SQL;
@@ -241,65 +222,68 @@ spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 }
 
 /*
- * librdkafka checks every property name and value when it is set; an
- * explicit enable.idempotence=false is refused, since ids and order rely on it.
+ * Set a target's librdkafka properties (options->'kafka') on conf.  Raises
+ * SP001, after destroying conf, when one is refused: librdkafka checks every
+ * name and value as it is set.  An explicit enable.idempotence=false is
+ * refused, since ids and order rely on it.
  */
-static void
-check_kafka(OutboxTarget *t)
+void
+spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 {
-	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	char		err[512];
+	char	   *bad = NULL;
 	JsonbIterator *it;
 	JsonbValue	k;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
 
-	if (t->kafka)
+	if (kafka == NULL)
+		return;
+	it = JsonbIteratorInit(&kafka->root);
+	while (bad == NULL && (tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 	{
-		it = JsonbIteratorInit(&t->kafka->root);
-		while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
-		{
-			char	   *key;
-			char	   *val;
+		char	   *key;
+		char	   *val = NULL;
 
-			if (tok != WJB_KEY)
-				continue;
-			key = pnstrdup(k.val.string.val, k.val.string.len);
-			(void) JsonbIteratorNext(&it, &v, true);
-			if (v.type == jbvString)
-				val = pnstrdup(v.val.string.val, v.val.string.len);
-			else if (v.type == jbvNumeric)
-				val = DatumGetCString(DirectFunctionCall1(numeric_out,
-														  NumericGetDatum(v.val.numeric)));
-			else if (v.type == jbvBool)
-				val = v.val.boolean ? "true" : "false";
-			else
-			{
-				rd_kafka_conf_destroy(conf);
-				spool_bad_option(psprintf("kafka property \"%s\" must be a string, number or boolean", key),
-								 NULL);
-			}
-			if (strcmp(key, "enable.idempotence") == 0 && strcmp(val, "true") != 0)
-			{
-				rd_kafka_conf_destroy(conf);
-				spool_bad_option("kafka targets always use enable.idempotence=true",
-								 "Ordering per key and the at-least-once guarantee rely on the idempotent producer.");
-			}
-			if (strcmp(key, "bootstrap.servers") == 0 || strcmp(key, "metadata.broker.list") == 0)
-			{
-				rd_kafka_conf_destroy(conf);
-				spool_bad_option(psprintf("kafka property \"%s\" is set by option \"brokers\"", key), NULL);
-			}
-			if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
-			{
-				rd_kafka_conf_destroy(conf);
-				/* Some librdkafka messages end with a newline. */
-				while (strlen(err) > 0 && err[strlen(err) - 1] == '\n')
-					err[strlen(err) - 1] = '\0';
-				spool_bad_option(psprintf("kafka property \"%s\": %s", key, err), NULL);
-			}
+		if (tok != WJB_KEY)
+			continue;
+		key = pnstrdup(k.val.string.val, k.val.string.len);
+		(void) JsonbIteratorNext(&it, &v, true);
+		if (v.type == jbvString)
+			val = pnstrdup(v.val.string.val, v.val.string.len);
+		else if (v.type == jbvNumeric)
+			val = DatumGetCString(DirectFunctionCall1(numeric_out,
+													  NumericGetDatum(v.val.numeric)));
+		else if (v.type == jbvBool)
+			val = v.val.boolean ? "true" : "false";
+		if (val == NULL)
+			bad = psprintf("kafka property \"%s\" must be a string, number or boolean", key);
+		else if (strcmp(key, "enable.idempotence") == 0 && strcmp(val, "true") != 0)
+			bad = "kafka targets always use enable.idempotence=true";
+		else if (strcmp(key, "bootstrap.servers") == 0 || strcmp(key, "metadata.broker.list") == 0)
+			bad = psprintf("kafka property \"%s\" is set by option \"brokers\"", key);
+		else if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
+		{
+			/* Some librdkafka messages end with a newline. */
+			while (strlen(err) > 0 && err[strlen(err) - 1] == '\n')
+				err[strlen(err) - 1] = '\0';
+			bad = psprintf("kafka property \"%s\": %s", key, err);
 		}
 	}
+	if (bad)
+	{
+		rd_kafka_conf_destroy(conf);
+		spool_bad_option(bad, strncmp(bad, "kafka targets always", 20) == 0 ?
+						 "Ordering per key and the at-least-once guarantee rely on the idempotent producer." : NULL);
+	}
+}
+
+static void
+check_kafka(OutboxTarget *t)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+
+	spool_outbox_kafka_props(conf, t->kafka);
 	rd_kafka_conf_destroy(conf);
 }
 

@@ -308,43 +308,6 @@ record_error(void)
 	FreeErrorData(edata);
 }
 
-/*
- * One transaction with SPI and a snapshot.  Anything allocated between
- * begin_txn and end_txn lives in SPI's memory and is gone after end_txn;
- * results that must outlive it are copied out first.
- */
-static MemoryContext txn_caller_cxt;
-
-static void
-begin_txn(const char *activity)
-{
-	txn_caller_cxt = CurrentMemoryContext;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, activity);
-}
-
-static void
-end_txn(void)
-{
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(txn_caller_cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
-static void
-abort_txn(void)
-{
-	PopActiveSnapshot();
-	SPI_finish();
-	AbortCurrentTransaction();
-	MemoryContextSwitchTo(txn_caller_cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
 
 /* Read the processor's definition; exit if it is gone or disabled. */
 static void
@@ -359,7 +322,7 @@ load_processor(void)
 	Datum		d;
 	MemoryContext top;
 
-	begin_txn("loading processor");
+	spool_begin_txn("loading processor");
 	v[0] = CStringGetTextDatum(proc_name);
 	if (SPI_execute_with_args("SELECT handler::oid, run_as::oid, enabled,"
 							  " (SELECT array_agg(s) FROM jsonb_array_elements_text("
@@ -372,7 +335,7 @@ load_processor(void)
 		elog(ERROR, "could not read spool.processors");
 	if (SPI_processed == 0)
 	{
-		end_txn();
+		spool_end_txn();
 		ereport(LOG, (errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
 		proc_exit(0);
 	}
@@ -381,7 +344,7 @@ load_processor(void)
 	enabled = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
 	if (!enabled)
 	{
-		end_txn();
+		spool_end_txn();
 		proc_exit(0);
 	}
 	top = MemoryContextSwitchTo(TopMemoryContext);
@@ -403,7 +366,7 @@ load_processor(void)
 	if (fast_path)
 		wa_config = spool_wa_parse_config(handler_settings);
 	MemoryContextSwitchTo(top);
-	end_txn();
+	spool_end_txn();
 }
 
 /*
@@ -425,7 +388,7 @@ load_checkpoint(bool publish)
 	int64		hash;
 	bool		hash_null;
 
-	begin_txn("loading checkpoint");
+	spool_begin_txn("loading checkpoint");
 	v[0] = CStringGetTextDatum(proc_name);
 	if (SPI_execute_with_args("SELECT committed_cursor, state, state_cursor, state_hash"
 							  " FROM spool.processor_checkpoints WHERE processor = $1",
@@ -444,7 +407,7 @@ load_checkpoint(bool publish)
 	}
 	at = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 	hash = DatumGetInt64(SPI_getbinval(tup, desc, 4, &hash_null));
-	end_txn();
+	spool_end_txn();
 
 	state_reset(snap, at);
 	if (publish)
@@ -733,7 +696,7 @@ active_step(void)
 	char		nulls[8];
 	Oid			ct[7] = {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID};
 
-	begin_txn("processing");
+	spool_begin_txn("processing");
 	end = spool_end();
 	snapshot = false;
 	if (end <= cursor)
@@ -742,7 +705,7 @@ active_step(void)
 		if (since_snapshot == 0 ||
 			!TimestampDifferenceExceeds(last_snapshot_at, GetCurrentTimestamp(), IDLE_SNAPSHOT_MS))
 		{
-			end_txn();
+			spool_end_txn();
 			return false;
 		}
 		memset(&b, 0, sizeof(b));
@@ -826,7 +789,7 @@ active_step(void)
 	}
 	if (!ok)
 	{
-		abort_txn();
+		spool_abort_txn();
 		if (fast_path && b.n > 0)
 			load_checkpoint(false); /* the native state already moved on */
 		become_standby("another replica holds the output gate");
@@ -834,7 +797,7 @@ active_step(void)
 	}
 	staged = state_stage(&res);
 	noutputs = res.noutputs;
-	end_txn();
+	spool_end_txn();
 
 	state_adopt(staged, b.end);
 	since_snapshot = snapshot ? 0 : since_snapshot + b.n;
@@ -871,13 +834,13 @@ standby_step(int64 target)
 	StepResult	res;
 	Jsonb	   *staged;
 
-	begin_txn("following");
+	spool_begin_txn("following");
 	read_batch(cursor, target, &b);
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, false);
 	staged = state_stage(&res);
-	end_txn();
+	spool_end_txn();
 	state_adopt(staged, b.end);
 	rs->entries += b.n;
 	rs->batches++;
@@ -903,9 +866,9 @@ check_snapshot_hash(void)
 	if (snap_cursor != cursor || snap_cursor == last_checked_snapshot || snap_cursor == 0)
 		return;
 	last_checked_snapshot = snap_cursor;
-	begin_txn("checking state hash");
+	spool_begin_txn("checking state hash");
 	mine = state_hash(NULL);
-	end_txn();
+	spool_end_txn();
 
 	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
 	rs->state_hash = mine;
@@ -996,13 +959,13 @@ try_takeover(void)
 	if (active != 0 && now < expires)
 		return false;
 
-	begin_txn("taking over");
+	spool_begin_txn("taking over");
 	if (!have_advisory)
 		have_advisory = got_lock = advisory_lock(true);
 	/* After a clean exit only the standby with the advisory lock goes for the lease. */
 	if (!have_advisory && now < expires)
 	{
-		end_txn();
+		spool_end_txn();
 		return false;
 	}
 	lease = spool_lease_acquire_internal(lease_resource, lease_owner,
@@ -1035,7 +998,7 @@ try_takeover(void)
 	}
 	if (committed < 0)
 	{
-		end_txn();
+		spool_end_txn();
 		if (got_lock)
 		{
 			advisory_lock(false);
@@ -1043,7 +1006,7 @@ try_takeover(void)
 		}
 		return false;
 	}
-	end_txn();
+	spool_end_txn();
 
 	token = lease.token;
 	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
@@ -1115,11 +1078,11 @@ renew_lease(void)
 	TimestampTz expires;
 	bool		ok;
 
-	begin_txn("renewing lease");
+	spool_begin_txn("renewing lease");
 	ok = spool_lease_extend(lease_resource, lease_owner, token, lease_ttl_ms * 1000, &expires);
 	if (ok && !have_advisory)
 		have_advisory = advisory_lock(true);
-	end_txn();
+	spool_end_txn();
 	if (!ok)
 		return false;
 	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);

@@ -41,28 +41,9 @@ PG_FUNCTION_INFO_V1(spool_processor_runtime);
 PG_FUNCTION_INFO_V1(spool_current_replica);
 PG_FUNCTION_INFO_V1(spool_handler_settings);
 
-static void check_processor_name(const char *name);
 static void check_handler(Oid handler);
 static void check_sources(SpoolProcessorOptions *o);
 static void processor_owner_check(const char *name);
-
-static void
-check_processor_name(const char *name)
-{
-	const char *p;
-
-	if (strlen(name) > SPOOL_PROC_NAME_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("processor name \"%s\" is too long", name),
-				 errdetail("At most %d bytes are allowed.", SPOOL_PROC_NAME_MAX)));
-	for (p = name; *p; p++)
-		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid processor name \"%s\"", name),
-					 errdetail("Processor names use letters, digits, '_', '.' and '-' only.")));
-}
 
 /* lease_ttl: an interval string ('2 s') or milliseconds. */
 static int64
@@ -308,7 +289,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	int			rc;
 
 	spool_require_shmem();
-	check_processor_name(name);
+	spool_check_object_name(name, "processor");
 	if (PG_ARGISNULL(1))
 		spool_bad_option("handler must not be null", NULL);
 	handler = PG_GETARG_OID(1);

@@ -241,8 +241,12 @@ extern int64 spool_option_int(JsonbValue *v, const char *what, int64 lo, int64 h
 extern int64 spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_us,
 									  int64 hi_us);
 extern char *spool_format_duration(int64 us);
+extern void spool_check_object_name(const char *name, const char *what);
 extern Oid	spool_check_run_as(const char *run_as, const char *object, const char *code);
 extern void spool_test_pause(void);
+extern void spool_begin_txn(const char *activity);
+extern void spool_end_txn(void);
+extern void spool_abort_txn(void);
 extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
 							 Oid *argtypes);
 extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 
+#include "access/xact.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -17,6 +18,7 @@
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/numeric.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "spool.h"
@@ -322,4 +324,66 @@ spool_check_run_as(const char *run_as, const char *object, const char *code)
 						GetUserNameFromId(role, false)),
 				 errhint("Create the %s as a member of spool_admin that is not a superuser, or name an unprivileged role in options.run_as.", object)));
 	return role;
+}
+
+/*
+ * One worker transaction with SPI and a snapshot (not nested).  Anything
+ * allocated between spool_begin_txn and spool_end_txn lives in SPI's memory
+ * and is gone after spool_end_txn; results that must outlive it are copied
+ * out first.
+ */
+static MemoryContext txn_caller_cxt;
+
+void
+spool_begin_txn(const char *activity)
+{
+	txn_caller_cxt = CurrentMemoryContext;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+void
+spool_end_txn(void)
+{
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(txn_caller_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+void
+spool_abort_txn(void)
+{
+	PopActiveSnapshot();
+	SPI_finish();
+	AbortCurrentTransaction();
+	MemoryContextSwitchTo(txn_caller_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * A name of a processor, target, ...: letters, digits, '_', '.', '-', at most
+ * SPOOL_PROC_NAME_MAX bytes (it is part of worker names).
+ */
+void
+spool_check_object_name(const char *name, const char *what)
+{
+	const char *p;
+
+	if (strlen(name) > SPOOL_PROC_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s name \"%s\" is too long", what, name),
+				 errdetail("At most %d bytes are allowed.", SPOOL_PROC_NAME_MAX)));
+	for (p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid %s name \"%s\"", what, name),
+					 errdetail("%c%s names use letters, digits, '_', '.' and '-' only.",
+							   pg_toupper((unsigned char) what[0]), what + 1)));
 }
