@@ -269,18 +269,23 @@ note_touched(int target_id, int shard)
 	ntouched++;
 }
 
-/* At commit, tell the shard workers how many rows became deliverable. */
+/*
+ * At commit, tell the shard workers how many rows became deliverable.  No
+ * lock: this is a hint (workers also poll), and a process stopped right
+ * after its commit must not hold a lock that others' commits queue behind.
+ */
 static void
 wake_dispatchers(void)
 {
 	int			i;
 	int			j;
 
-	LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
+	pg_read_barrier();
 	for (j = 0; j < SPOOL_MAX_DISPATCHERS; j++)
 	{
 		SpoolDispatchSlot *ds = &spool_shared->dispatchers[j];
-		bool		wake = touched_overflow && ds->in_use;
+		bool		wake = touched_overflow;
+		Latch	   *latch;
 
 		if (!ds->in_use)
 			continue;
@@ -291,10 +296,10 @@ wake_dispatchers(void)
 				pg_atomic_fetch_add_u64(&ds->committed, touched[i].rows);
 				wake = true;
 			}
-		if (wake && ds->latch)
-			SetLatch(ds->latch);
+		latch = ds->latch;
+		if (wake && latch)
+			SetLatch(latch);
 	}
-	LWLockRelease(spool_shared->outbox_lock);
 }
 
 /* Whatever happens, a backend that exits holds no deliveries back. */
