@@ -106,8 +106,7 @@ static SPIPlanPtr plan_dead;
 static void dispatch_sigterm(SIGNAL_ARGS);
 static void dispatch_detach(int code, Datum arg);
 static void set_state(DispatchState st);
-static void record_error(const char *msg);
-static void row_failed(const char *msg);
+static void note_error(const char *msg, bool whole_target);
 static uint64 key_hash(const char *key);
 static bool key_blocked(const char *key);
 static void block_key(const char *key, int delta);
@@ -125,6 +124,7 @@ static void deliver_local(OutboxRow **rows, int n, bool careful);
 static void note_flush(FlushReason reason, int n, double ms);
 static void hist_add(uint64 *hist, int nb, double v, double first);
 static void wait_for_work(TimestampTz now);
+static TimestampTz batch_deadline(void);
 
 static void
 dispatch_sigterm(SIGNAL_ARGS)
@@ -166,23 +166,22 @@ set_state(DispatchState st)
 	LWLockRelease(spool_shared->outbox_lock);
 }
 
-/* A row failed: shown as the shard's last error, the state is unchanged. */
+/*
+ * Show msg as the shard's last error.  A failure of the target as a whole
+ * (or of a barrier) also sets the state and counts as a retry; a row's
+ * failure leaves both to the parking that follows.
+ */
 static void
-row_failed(const char *msg)
+note_error(const char *msg, bool whole_target)
 {
 	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
 	strlcpy(ds->last_error, msg ? msg : "error", sizeof(ds->last_error));
 	ds->last_error_at = GetCurrentTimestamp();
-	LWLockRelease(spool_shared->outbox_lock);
-}
-
-static void
-record_error(const char *msg)
-{
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
-	strlcpy(ds->last_error, msg, sizeof(ds->last_error));
-	ds->last_error_at = GetCurrentTimestamp();
-	ds->state = DS_ERROR;
+	if (whole_target)
+	{
+		ds->state = DS_ERROR;
+		ds->retries++;
+	}
 	LWLockRelease(spool_shared->outbox_lock);
 }
 
@@ -307,16 +306,20 @@ row_values(OutboxRow *r, int attempts, const char *error, Datum *v, char *nulls)
 	nulls[11] = error ? ' ' : 'n';
 }
 
-/* Park r: failed (attempts > 0, due after a backoff) or waiting behind its key. */
+/*
+ * Park r: failed (attempts > 0, due after a backoff) or waiting behind its
+ * key; its key is blocked from now on.  The in-memory view is updated with
+ * the row; if the transaction aborts, load_parked rebuilds it.
+ */
 static void
 park_row(OutboxRow *r, int attempts, const char *error)
 {
 	Datum		v[ROW_COLUMNS + 1];
 	char		nulls[ROW_COLUMNS + 1];
+	TimestampTz due = TimestampTzPlusMicroseconds(GetCurrentTimestamp(), backoff_us(attempts));
 
 	row_values(r, attempts, error, v, nulls);
-	v[ROW_COLUMNS] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
-																	 backoff_us(attempts)));
+	v[ROW_COLUMNS] = TimestampTzGetDatum(due);
 	nulls[ROW_COLUMNS] = attempts > 0 ? ' ' : 'n';
 	spool_plan(&plan_park,
 			   "INSERT INTO spool.outbox_retry (id, target, target_id, shard, key, payload, barrier,"
@@ -325,6 +328,10 @@ park_row(OutboxRow *r, int attempts, const char *error)
 			   " CASE WHEN $11 > 0 THEN now() END)",
 			   ROW_COLUMNS + 1, (Oid[]) {ROW_TYPES, TIMESTAMPTZOID});
 	spool_exec(plan_park, v, nulls, false, SPI_OK_INSERT);
+	block_key(r->key, 1);
+	min_parked_id = Min(min_parked_id, r->id);
+	if (attempts > 0)
+		next_retry_at = Min(next_retry_at, due);
 }
 
 /* Dead-letter r (which is not parked). */
@@ -417,11 +424,36 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 			MemoryContextSwitchTo(cxt);
 			CurrentResourceOwner = owner;
 			r->failed = true;
-			r->error = MemoryContextStrdup(batch_cxt, ed->message ? ed->message : "error");
+			r->error = MemoryContextStrdup(GetMemoryChunkContext(r),
+										   ed->message ? ed->message : "error");
 			FreeErrorData(ed);
 		}
 		PG_END_TRY();
 	}
+}
+
+/*
+ * An outbox row from a query whose first columns are id, key, payload,
+ * barrier, processor, cursor, created_at; allocated in cxt.
+ */
+static OutboxRow *
+row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	OutboxRow  *r = palloc0(sizeof(OutboxRow));
+	bool		isnull;
+	Datum		d;
+
+	r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	r->key = SPI_getvalue(tup, desc, 2);
+	r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
+	r->barrier = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+	r->processor = SPI_getvalue(tup, desc, 5);
+	d = SPI_getbinval(tup, desc, 6, &isnull);
+	r->cursor = isnull ? -1 : DatumGetInt64(d);
+	r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
+	MemoryContextSwitchTo(old);
+	return r;
 }
 
 /* ---- reading ---- */
@@ -440,7 +472,6 @@ read_rows(TimestampTz now)
 	uint64		i;
 	bool		isnull;
 	Datum		v[4];
-	MemoryContext old;
 	bool		got = false;
 
 	committed_seen = pg_atomic_read_u64(&ds->committed);
@@ -503,30 +534,16 @@ read_rows(TimestampTz now)
 		v[2] = Int64GetDatum(limit_hi);
 		v[3] = Int32GetDatum(want);
 		spool_plan(&plan_read,
-				   psprintf("SELECT id, key, payload, processor, cursor, created_at FROM %s"
+				   psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at FROM %s"
 							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
 				   4, (Oid[]) {INT4OID, INT8OID, INT8OID, INT4OID});
 		(void) spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
-		old = MemoryContextSwitchTo(batch_cxt);
 		for (i = 0; i < SPI_processed; i++)
 		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			OutboxRow  *r = palloc0(sizeof(OutboxRow));
-			Datum		d;
-
-			r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-			r->key = SPI_getvalue(tup, desc, 2);
-			r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
-			r->processor = SPI_getvalue(tup, desc, 4);
-			d = SPI_getbinval(tup, desc, 5, &isnull);
-			r->cursor = isnull ? -1 : DatumGetInt64(d);
-			r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
 			if (nheld == 0)
 				first_held_at = now;
-			held[nheld++] = r;
+			held[nheld++] = row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, batch_cxt);
 		}
-		MemoryContextSwitchTo(old);
 		more_rows = SPI_processed == (uint64) want;
 		read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
 		got |= SPI_processed > 0;
@@ -569,6 +586,7 @@ note_flush(FlushReason reason, int n, double ms)
 	ds->flush_ms_max = Max(ds->flush_ms_max, ms);
 	hist_add(ds->flush_hist, HIST_FLUSH, ms, 0.25);
 	ds->last_flush_at = GetCurrentTimestamp();
+	ds->blocked_keys = (int) hash_get_num_entries(blocked);
 	if (ds->state == DS_ERROR)
 		ds->state = DS_DELIVERING;
 	LWLockRelease(spool_shared->outbox_lock);
@@ -590,7 +608,6 @@ flush(FlushReason reason)
 	volatile int delivered = 0;
 	volatile bool careful = false;
 	MemoryContext cxt = CurrentMemoryContext;
-	volatile int newly_blocked = 0;
 
 	/* Rows whose key waits behind a parked row are parked too, in order. */
 	send = palloc(sizeof(OutboxRow *) * nheld);
@@ -625,7 +642,6 @@ flush(FlushReason reason)
 			if (!spool_deliver_external())
 				deliver_local(send, nsend, careful);
 			/* In id order: a failed row blocks its key for the rows after it. */
-			newly_blocked = 0;
 			delivered = 0;
 			for (i = 0; i < nheld; i++)
 			{
@@ -633,25 +649,16 @@ flush(FlushReason reason)
 
 				if (r->failed)
 				{
-					row_failed(r->error);
+					note_error(r->error, false);
 					if (target->retry_limit == 0)
 						dead_row(r, 1, r->error);
 					else
-					{
 						park_row(r, 1, r->error);
-						block_key(r->key, 1);
-						newly_blocked++;
-					}
 				}
 				else if (r->sent)
 					delivered++;	/* kafka: even behind a refused row */
 				else
-				{
-					/* Behind a parked or failed row of its key: wait. */
-					park_row(r, 0, NULL);
-					block_key(r->key, 1);
-					newly_blocked++;
-				}
+					park_row(r, 0, NULL);	/* behind a parked or failed row of its key */
 			}
 			move_position(to);
 			spool_test_pause();
@@ -691,17 +698,6 @@ flush(FlushReason reason)
 	}
 
 	position = to;
-	if (newly_blocked > 0 || nparked > 0)
-	{
-		min_parked_id = Min(min_parked_id, held[0]->id);
-		for (i = 0; i < nheld; i++)
-			if (held[i]->failed)
-				next_retry_at = Min(next_retry_at, TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
-																			   backoff_us(1) / 2));
-		LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
-		ds->blocked_keys = (int) hash_get_num_entries(blocked);
-		LWLockRelease(spool_shared->outbox_lock);
-	}
 	note_flush(reason, delivered, (double) (GetCurrentTimestamp() - t0) / 1000.0);
 	nheld = 0;
 	MemoryContextReset(batch_cxt);
@@ -721,7 +717,7 @@ retry_parked(TimestampTz now)
 	bool		isnull;
 	int			nrows = 0;
 	OutboxRow **rows;
-	bool		attempted = false;
+	MemoryContext cxt = CurrentMemoryContext;	/* the loop's: reset each pass */
 
 	if (pg_atomic_read_u32(&ds->retry_dirty) != 0 || now >= next_parked_reload)
 	{
@@ -739,36 +735,21 @@ retry_parked(TimestampTz now)
 							  " WHERE target_id = $1 AND shard = $2 ORDER BY key, id",
 							  2, (Oid[]) {INT4OID, INT4OID}, v, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.outbox_retry");
-	rows = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
+	rows = MemoryContextAlloc(cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
 	for (i = 0; i < SPI_processed && nrows < RETRY_HEADS_MAX; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		Datum		due = SPI_getbinval(tup, desc, 9, &isnull);
-		OutboxRow  *r;
-		Datum		d;
-		MemoryContext old;
 
 		if (!isnull && DatumGetTimestampTz(due) > now)
 			continue;
-		old = MemoryContextSwitchTo(batch_cxt);
-		r = palloc0(sizeof(OutboxRow));
-		r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		r->key = SPI_getvalue(tup, desc, 2);
-		r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
-		r->barrier = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
-		r->processor = SPI_getvalue(tup, desc, 5);
-		d = SPI_getbinval(tup, desc, 6, &isnull);
-		r->cursor = isnull ? -1 : DatumGetInt64(d);
-		r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
-		r->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-		MemoryContextSwitchTo(old);
-		rows[nrows++] = r;
+		rows[nrows] = row_from_tuple(tup, desc, cxt);
+		rows[nrows++]->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
 	}
 	spool_end_txn();
 	if (nrows == 0)
 		return false;
-	attempted = true;
 
 	if (spool_deliver_external())
 	{
@@ -786,23 +767,10 @@ retry_parked(TimestampTz now)
 		Datum		a[4];
 
 		a[0] = Int64GetDatum(r->id);
-		if (!r->failed)
+		if (r->failed)
+			note_error(r->error, false);
+		if (r->failed && r->attempts + 1 <= target->retry_limit)
 		{
-			if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
-									  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
-				elog(ERROR, "could not delete from spool.outbox_retry");
-		}
-		else if (r->attempts + 1 > target->retry_limit)
-		{
-			row_failed(r->error);
-			if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
-									  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
-				elog(ERROR, "could not delete from spool.outbox_retry");
-			dead_row(r, r->attempts + 1, r->error);
-		}
-		else
-		{
-			row_failed(r->error);
 			a[1] = Int32GetDatum(r->attempts + 1);
 			a[2] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
 																  backoff_us(r->attempts + 1)));
@@ -813,7 +781,14 @@ retry_parked(TimestampTz now)
 									  (Oid[]) {INT8OID, INT4OID, TIMESTAMPTZOID, TEXTOID},
 									  a, NULL, false, 0) != SPI_OK_UPDATE)
 				elog(ERROR, "could not update spool.outbox_retry");
+			continue;
 		}
+		/* Delivered, or out of retries: the key's next row is its head now. */
+		if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
+								  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "could not delete from spool.outbox_retry");
+		if (r->failed)
+			dead_row(r, r->attempts + 1, r->error);
 	}
 	spool_test_pause();
 	spool_end_txn();
@@ -831,7 +806,7 @@ retry_parked(TimestampTz now)
 	spool_begin_txn("reading parked rows");
 	load_parked();
 	spool_end_txn();
-	return attempted;
+	return true;
 }
 
 /* ---- barriers ---- */
@@ -882,36 +857,31 @@ barrier_step(TimestampTz now)
 
 	/* Deliver the barrier alone, then move shard 0's position to it. */
 	{
-		OutboxRow	b;
-		OutboxRow  *one = &b;
+		OutboxRow  *b = palloc0(sizeof(OutboxRow));	/* delivery notes errors in its context */
 		char	   *err = NULL;
 		double		drain_ms;
 
-		memset(&b, 0, sizeof(b));
-		b.id = barrier_at;
-		b.barrier = true;
-		b.cursor = -1;
-		b.created_at = now;
-		b.payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
-		if (spool_deliver_external() && !spool_kafka_deliver(&one, 1, 60000, &err))
+		b->id = barrier_at;
+		b->barrier = true;
+		b->cursor = -1;
+		b->created_at = now;
+		b->payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
+		if (spool_deliver_external() && !spool_kafka_deliver(&b, 1, 60000, &err))
 			ereport(ERROR, (errmsg("%s", err)));
 		spool_begin_txn("delivering a barrier");
 		if (!spool_deliver_external())
-			deliver_local(&one, 1, true);
-		if (b.failed)
+			deliver_local(&b, 1, true);
+		if (b->failed)
 		{
 			if (++barrier_attempts <= target->retry_limit)
 			{
 				spool_end_txn();
 				barrier_retry_at = TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
 															   backoff_us(barrier_attempts));
-				LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
-				ds->retries++;
-				LWLockRelease(spool_shared->outbox_lock);
-				record_error(psprintf("barrier " INT64_FORMAT ": %s", barrier_at, b.error));
+				note_error(psprintf("barrier " INT64_FORMAT ": %s", barrier_at, b->error), true);
 				return false;
 			}
-			dead_row(&b, barrier_attempts, b.error);
+			dead_row(b, barrier_attempts, b->error);
 		}
 		move_position(barrier_at);
 		spool_test_pause();
@@ -1015,6 +985,13 @@ rotate(void)
 
 /* ---- the loop ---- */
 
+/* When the held batch is flushed by interval (nheld > 0). */
+static TimestampTz
+batch_deadline(void)
+{
+	return TimestampTzPlusMicroseconds(first_held_at, target->batch_interval_us);
+}
+
 static void
 wait_for_work(TimestampTz now)
 {
@@ -1022,7 +999,7 @@ wait_for_work(TimestampTz now)
 	long		ms;
 
 	if (nheld > 0)
-		until = Min(until, TimestampTzPlusMicroseconds(first_held_at, target->batch_interval_us));
+		until = Min(until, batch_deadline());
 	if (nparked > 0)
 		until = Min(until, Max(next_retry_at, now));
 	if (barrier_at != 0 && my_shard == 0 && barrier_retry_at > now)
@@ -1162,8 +1139,7 @@ spool_dispatch_main(Datum main_arg)
 				did |= retry_parked(now);
 				if (nheld < target->batch_size)
 				{
-					bool		deadline = nheld > 0 &&
-						now >= TimestampTzPlusMicroseconds(first_held_at, target->batch_interval_us);
+					bool		deadline = nheld > 0 && now >= batch_deadline();
 					bool		fills = pg_atomic_read_u64(&ds->committed) - committed_seen >=
 						(uint64) (target->batch_size - nheld);
 
@@ -1175,9 +1151,7 @@ spool_dispatch_main(Datum main_arg)
 					flush(FLUSH_SIZE), did = true;
 				else if (nheld > 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
 					flush(FLUSH_BARRIER), did = true;
-				else if (nheld > 0 &&
-						 GetCurrentTimestamp() >= TimestampTzPlusMicroseconds(first_held_at,
-																			 target->batch_interval_us))
+				else if (nheld > 0 && GetCurrentTimestamp() >= batch_deadline())
 					flush(FLUSH_INTERVAL), did = true;
 				if (nheld == 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
 					did |= barrier_step(GetCurrentTimestamp());
@@ -1213,10 +1187,7 @@ spool_dispatch_main(Datum main_arg)
 			LWLockReleaseAll();
 			MemoryContextSwitchTo(loop_cxt);
 			pgstat_report_activity(STATE_IDLE, NULL);
-			record_error(ed->message ? ed->message : "error");
-			LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
-			ds->retries++;
-			LWLockRelease(spool_shared->outbox_lock);
+			note_error(ed->message, true);
 			error_backoff_ms = Min(Max(error_backoff_ms * 2, ERROR_BACKOFF_MIN_MS),
 								   ERROR_BACKOFF_MAX_MS);
 			error_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);

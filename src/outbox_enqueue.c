@@ -328,8 +328,7 @@ outbox_xact_callback(XactEvent event, void *arg)
 			/* Runs after the commit is visible to new snapshots. */
 			if (published)
 			{
-				pg_atomic_write_u64(&spool_outbox_lowest[MyProc->pgprocno], 0);
-				published = false;
+				clear_slot(0, (Datum) 0);
 				if (event == XACT_EVENT_COMMIT && (ntouched > 0 || touched_overflow))
 					wake_dispatchers();
 			}
@@ -351,6 +350,7 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 {
 	TargetCacheEntry *t = lookup_target(target);
 	int64		id = next_id();
+	int			slot = spool_outbox_slot_of(id);
 	int			shard;
 	Datum		v[10];
 	char		nulls[10];
@@ -365,7 +365,7 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 	memset(nulls, ' ', sizeof(nulls));
 	v[0] = Int64GetDatum(id);
 	v[1] = Int32GetDatum(t->id);
-	v[2] = Int32GetDatum(spool_outbox_slot_of(id));
+	v[2] = Int32GetDatum(slot);
 	v[3] = Int32GetDatum(shard);
 	if (key)
 		v[4] = CStringGetTextDatum(key);
@@ -381,7 +381,7 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 	v[9] = Int64GetDatum(token);
 	if (cursor < 0)
 		nulls[8] = nulls[9] = 'n';
-	spool_exec(slot_plan(t->id, spool_outbox_slot_of(id)), v, nulls, false, SPI_OK_INSERT);
+	spool_exec(slot_plan(t->id, slot), v, nulls, false, SPI_OK_INSERT);
 	note_touched(t->id, shard);
 	return id;
 }

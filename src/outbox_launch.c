@@ -65,17 +65,12 @@ spool_dispatch_slot_of(int target_id, int shard)
 static void
 refresh_wanted(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
 	uint64		n;
 	int			i;
 
 	for (i = 0; i < nshards; i++)
 		shards[i].wanted = false;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "reading spool.targets");
+	spool_begin_txn("reading spool.targets");
 	if (OidIsValid(get_extension_oid("spool_ext", true)))
 	{
 		if (SPI_execute("SELECT t.id, s, t.name, (t.options->>'shards')::int FROM spool.targets t,"
@@ -117,11 +112,7 @@ refresh_wanted(void)
 			shards[i].wanted = true;
 		}
 	}
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	spool_end_txn();
 }
 
 static int

@@ -44,17 +44,12 @@ static void start_replica(ProcTrack *p, int r, TimestampTz now);
 static void
 refresh_wanted(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
 	uint64		n;
 	int			i;
 
 	for (i = 0; i < nprocs; i++)
 		procs[i].wanted = false;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "reading spool.processors");
+	spool_begin_txn("reading spool.processors");
 	if (OidIsValid(get_extension_oid("spool_ext", true)))
 	{
 		if (SPI_execute("SELECT name, (options->>'replicas')::int FROM spool.processors"
@@ -90,11 +85,7 @@ refresh_wanted(void)
 			procs[i].wanted = true;
 		}
 	}
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	spool_end_txn();
 }
 
 /* A free shared-memory slot for processor name, reset; -1 if none. */
