@@ -25,6 +25,7 @@
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "portability/instr_time.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
@@ -53,6 +54,7 @@ PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 #define ERROR_BACKOFF_MIN_MS 100
 #define ERROR_BACKOFF_MAX_MS 30000
 #define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
+#define SIGTERM_REPEAT_SECS	5.0	/* see dispatch_sigterm */
 
 typedef struct BlockedKey
 {
@@ -96,6 +98,7 @@ static int	error_backoff_ms;
 static TimestampTz error_until;
 static TimestampTz next_rotation;
 static volatile sig_atomic_t got_sigterm = false;
+static instr_time first_sigterm_at;
 
 static SPIPlanPtr plan_read;
 static SPIPlanPtr plan_barrier;
@@ -126,15 +129,30 @@ static void hist_add(uint64 *hist, int nb, double v, double first);
 static void wait_for_work(TimestampTz now);
 static TimestampTz batch_deadline(void);
 
+/*
+ * SIGTERM: deliver what is held, then exit.  A second SIGTERM interrupts even
+ * a delivery that hangs, but only one that comes SIGTERM_REPEAT_SECS after
+ * the first: the postmaster signals each child twice at once (its pid, then
+ * its process group), and that pair must not cut the close flush short.
+ */
 static void
 dispatch_sigterm(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
+	instr_time	now;
 
-	/* A second SIGTERM interrupts even a delivery that hangs. */
-	if (got_sigterm)
-		die(postgres_signal_arg);
-	got_sigterm = true;
+	INSTR_TIME_SET_CURRENT(now);	/* clock_gettime: async-signal-safe */
+	if (!got_sigterm)
+	{
+		first_sigterm_at = now;
+		got_sigterm = true;
+	}
+	else
+	{
+		INSTR_TIME_SUBTRACT(now, first_sigterm_at);
+		if (INSTR_TIME_GET_DOUBLE(now) >= SIGTERM_REPEAT_SECS)
+			die(postgres_signal_arg);
+	}
 	SetLatch(MyLatch);
 	errno = save_errno;
 }

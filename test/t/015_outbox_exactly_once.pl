@@ -26,6 +26,10 @@
 #     that dispatcher deliver them (recorded pid) before it exits, and
 #     flushes_close counts it; likewise a clean fast shutdown: right after
 #     the restart the rows are delivered, by the old dispatcher's pid.
+#     With a delivery that hangs (target hg): SIGTERM to the pid and then
+#     to the process group, as the postmaster sends, does not interrupt the
+#     close flush; a second SIGTERM 5.5 s after the first does, and nothing
+#     of that batch is marked; the next dispatcher delivers it once.
 use strict;
 use warnings;
 
@@ -355,44 +359,99 @@ sql_target($node, 'ct', '{"batch_size": 10000, "batch_interval": "1 min"}',
 	table => 'delivered_ct');
 wait_dispatchers($node, 'ct', 1);
 
-# Enqueue $n rows to ct and wait until its dispatcher holds them in a batch
-# (read, not delivered: the interval flush is a minute away).  Returns the
-# ids and the dispatcher's pid.
+# Enqueue $n rows to $target and wait until its dispatcher holds them in a
+# batch (read, not delivered: the interval flush is a minute away).
+# Returns the dispatcher's pid and the ids.
 sub hold_rows
 {
-	my ($n, $what) = @_;
-	my $pid = dispatcher_pids($node, 'ct')->{0};
-	my @ids = split /\n/, sql("SELECT spool.enqueue('ct', 'c' || (i % 3), jsonb_build_object('i', i))"
+	my ($target, $table, $n, $what) = @_;
+	my $pid = dispatcher_pids($node, $target)->{0};
+	my @ids = split /\n/, sql("SELECT spool.enqueue('$target', 'c' || (i % 3), jsonb_build_object('i', i))"
 		  . " FROM generate_series(1, $n) i");
 	my $last = $ids[-1];
 	# A dispatcher that read rows into its batch is 'delivering' until it
 	# flushes them (and 'idle' before).
 	poll_within($node, 30,
-		"SELECT state = 'delivering' FROM spool.outbox_status WHERE target = 'ct' AND shard = 0",
-		"$what: the ct dispatcher $pid to hold the $n rows in its batch");
-	is(sql("SELECT count(*) FROM delivered_ct WHERE outbox_id BETWEEN $ids[0] AND $last"),
+		"SELECT state = 'delivering' FROM spool.outbox_status WHERE target = '$target' AND shard = 0",
+		"$what: the $target dispatcher $pid to hold the $n rows in its batch");
+	is(sql("SELECT count(*) FROM $table WHERE outbox_id BETWEEN $ids[0] AND $last"),
 		'0', "$what: the rows are held in the batch, not delivered");
 	return ($pid, @ids);
 }
 
-my ($cpid, @cids) = hold_rows(50, '(d) terminate');
+# "distinct ids, rows, rows by $pid" delivered to $table among the ids.
+sub delivered_by
+{
+	my ($table, $pid, @ids) = @_;
+	return sql("SELECT count(DISTINCT outbox_id) || ' ' || count(*) || ' ' || count(*) FILTER (WHERE pid = $pid)"
+		  . " FROM $table WHERE outbox_id BETWEEN $ids[0] AND $ids[-1]");
+}
+
+my ($cpid, @cids) = hold_rows('ct', 'delivered_ct', 50, '(d) terminate');
 my $close0 = status_sum($node, 'ct', 'flushes_close');
 ok(sql("SELECT pg_terminate_backend($cpid)") eq 't', "(d) pg_terminate_backend($cpid) of the ct dispatcher");
 wait_pid_gone($node, $cpid, '(d) the ct dispatcher');
-is( sql("SELECT count(DISTINCT outbox_id) || ' ' || count(*) || ' ' || count(*) FILTER (WHERE pid = $cpid)"
-		  . " FROM delivered_ct WHERE outbox_id BETWEEN $cids[0] AND $cids[-1]"),
-	'50 50 50',
+is(delivered_by('delivered_ct', $cpid, @cids), '50 50 50',
 	'(d) once it exited, the terminated dispatcher had delivered its 50 held rows itself, once each');
 cmp_ok(status_sum($node, 'ct', 'flushes_close'), '>', $close0, '(d) flushes_close counts the close flush');
 is(status_sum($node, 'ct', 'flushes_interval'), '0', '(d) no interval flush happened');
 
+# A delivery that hangs (target hg: its function waits while hang_switch is
+# on).  The postmaster signals a child twice at once (its pid, then its
+# process group); that pair must not cut the close flush short, but an
+# operator's second SIGTERM a while after the first interrupts it.
+sql(q{CREATE TABLE hang_switch (hang bool NOT NULL); INSERT INTO hang_switch VALUES (true);
+	DO $$ BEGIN CREATE ROLE deliverer; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+	GRANT SELECT ON hang_switch TO deliverer;});
+sql_target($node, 'hg', '{"batch_size": 10000, "batch_interval": "1 min"}',
+	table => 'delivered_hg',
+	pre => 'WHILE (SELECT hang FROM hang_switch) LOOP PERFORM pg_sleep(0.05); END LOOP;');
+wait_dispatchers($node, 'hg', 1);
+my $in_hang = sub {
+	my ($pid) = @_;
+	return "SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $pid AND wait_event = 'PgSleep'";
+};
+
+# The pair: the second signal is sent once the first was handled (the worker
+# hangs in its close flush), well within the 5 s after which a repeated
+# SIGTERM counts.
+my ($hpid, @hids) = hold_rows('hg', 'delivered_hg', 20, '(d) hang, postmaster pair');
+ok(kill('TERM', $hpid), "(d) SIGTERM to the hg dispatcher $hpid");
+poll_ok($node, $in_hang->($hpid), "(d) the hg dispatcher $hpid to hang in its close flush");
+ok(kill('TERM', -$hpid), "(d) SIGTERM to its process group, as the postmaster sends");
+sql('UPDATE hang_switch SET hang = false');
+wait_pid_gone($node, $hpid, '(d) the hg dispatcher');
+is(delivered_by('delivered_hg', $hpid, @hids), '20 20 20',
+	'(d) the SIGTERM pair did not interrupt the close flush: all 20 held rows delivered by it');
+
+sql('UPDATE hang_switch SET hang = true');
+wait_dispatchers($node, 'hg', 1);
+($hpid, @hids) = hold_rows('hg', 'delivered_hg', 20, '(d) hang, a second SIGTERM');
+ok(sql("SELECT pg_terminate_backend($hpid)") eq 't', "(d) pg_terminate_backend($hpid) of the hg dispatcher");
+poll_ok($node, $in_hang->($hpid), "(d) the hg dispatcher $hpid to hang in its close flush");
+# A repeated SIGTERM counts 5 s after the first; sleeping makes sure.
+usleep(5_500_000);
+ok(sql("SELECT pg_terminate_backend($hpid)") eq 't', "(d) a second pg_terminate_backend($hpid), 5.5 s later");
+wait_pid_gone($node, $hpid, '(d) the interrupted hg dispatcher');
+is(delivered_by('delivered_hg', $hpid, @hids), '0 0 0',
+	'(d) the second SIGTERM interrupted the hung close flush: nothing delivered, nothing marked');
+sql('UPDATE hang_switch SET hang = false');
+wait_dispatchers($node, 'hg', 1);
+my $hpid2 = dispatcher_pids($node, 'hg')->{0};
+poll_within($node, 30,
+	"SELECT state = 'delivering' FROM spool.outbox_status WHERE target = 'hg' AND shard = 0",
+	"(d) the next hg dispatcher $hpid2 to hold the 20 rows again");
+ok(sql("SELECT pg_terminate_backend($hpid2)") eq 't', "(d) pg_terminate_backend($hpid2)");
+wait_pid_gone($node, $hpid2, '(d) the next hg dispatcher');
+is(delivered_by('delivered_hg', $hpid2, @hids), '20 20 20',
+	'(d) the next dispatcher delivered the 20 rows once each');
+per_key_order_ok(delivered_rows($node, 'delivered_hg'), '(d) hang');
+
 wait_dispatchers($node, 'ct', 1);
-my ($spid, @sids) = hold_rows(30, '(d) fast shutdown');
+my ($spid, @sids) = hold_rows('ct', 'delivered_ct', 30, '(d) fast shutdown');
 $node->stop('fast');
 $node->start;
-is( sql("SELECT count(DISTINCT outbox_id) || ' ' || count(*) || ' ' || count(*) FILTER (WHERE pid = $spid)"
-		  . " FROM delivered_ct WHERE outbox_id BETWEEN $sids[0] AND $sids[-1]"),
-	'30 30 30',
+is(delivered_by('delivered_ct', $spid, @sids), '30 30 30',
 	'(d) right after a clean fast shutdown and restart, the 30 held rows were delivered once each,'
 	  . " by the stopped dispatcher $spid");
 per_key_order_ok(delivered_rows($node, 'delivered_ct'), '(d) close path');
