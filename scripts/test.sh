@@ -27,8 +27,15 @@ if [ $status -ne 0 ]; then
 	for f in "$tree"/regression.diffs "$tree"/output_iso/regression.diffs; do
 		[ -s "$f" ] && { echo "==== $f"; head -c 20000 "$f"; }
 	done
+	# Failed TAP files: the failures, then the tail of each of their servers' logs.
 	for f in "$tree"/tmp_check/log/regress_log_*; do
-		[ -f "$f" ] && { echo "==== tail of $f"; tail -n 60 "$f"; }
+		[ -f "$f" ] && grep -qE '^\[[^]]*\]\([^)]*\) not ok|Looks like your test exited|Bail out' "$f" || continue
+		t=${f##*/regress_log_}
+		echo "==== failures in $f"
+		grep -A4 -E '^\[[^]]*\]\([^)]*\) not ok|Looks like your test exited|Bail out' "$f" | head -n 80
+		for l in "$tree"/tmp_check/log/"${t}"_*.log; do
+			[ -f "$l" ] && { echo "==== tail of $l"; tail -n 80 "$l"; }
+		done
 	done
 	echo "spool_ext: TESTS FAILED (tree kept at $tree)"
 	exit $status
