@@ -1135,15 +1135,7 @@ spool_ingest_main(Datum main_arg)
 		{
 			TimestampTz first = 0;
 
-			CHECK_FOR_INTERRUPTS();
-			spool_exit_if_orphaned();
-			if (ConfigReloadPending)
-			{
-				ConfigReloadPending = false;
-				ProcessConfigFile(PGC_SIGHUP);
-			}
-			MemoryContextReset(batch_cxt);
-			MemoryContextSwitchTo(batch_cxt);
+			spool_worker_pass(batch_cxt, true);
 
 			while (nbatch < opts->batch_size && !stop_after_batch)
 			{

@@ -108,7 +108,7 @@ spool_parse_source_options(Jsonb *options)
 	SpoolSourceOptions *o = palloc0(sizeof(SpoolSourceOptions));
 	JsonbIterator *it;
 	JsonbValue	v;
-	JsonbIteratorToken tok;
+	char	   *key;
 	int			nkafka = 0;
 
 	o->format = SPOOL_FORMAT_JSON;
@@ -127,21 +127,13 @@ spool_parse_source_options(Jsonb *options)
 				 errmsg("source options must be a JSON object")));
 
 	it = JsonbIteratorInit(&options->root);
-	tok = JsonbIteratorNext(&it, &v, false);	/* WJB_BEGIN_OBJECT */
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	while (spool_object_next(&it, &key, &v))
 	{
-		char	   *key;
-
-		if (tok != WJB_KEY)
-			continue;
-		key = pnstrdup(v.val.string.val, v.val.string.len);
 		if (!in_list(key, known_options))
 			ereport(ERROR,
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("unknown source option \"%s\"", key),
 					 errhint("Valid options are format, start, group_id, batch_size, batch_ms, max_message_bytes, on_gap and kafka.")));
-		tok = JsonbIteratorNext(&it, &v, true);
-		Assert(tok == WJB_VALUE);
 
 		if (strcmp(key, "format") == 0)
 		{
@@ -188,20 +180,13 @@ spool_parse_source_options(Jsonb *options)
 		{
 			JsonbIterator *kit;
 			JsonbValue	kv;
-			JsonbIteratorToken ktok;
+			char	   *prop;
 
 			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
 				option_error(key, "It must be a JSON object of librdkafka properties.");
 			kit = JsonbIteratorInit(v.val.binary.data);
-			ktok = JsonbIteratorNext(&kit, &kv, false);
-			while ((ktok = JsonbIteratorNext(&kit, &kv, true)) != WJB_DONE)
+			while (spool_object_next(&kit, &prop, &kv))
 			{
-				char	   *prop;
-
-				if (ktok != WJB_KEY)
-					continue;
-				prop = pnstrdup(kv.val.string.val, kv.val.string.len);
-				ktok = JsonbIteratorNext(&kit, &kv, true);
 				if (in_list(prop, reserved_properties))
 					ereport(ERROR,
 							(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),

@@ -143,14 +143,7 @@ spool_launcher_main(Datum main_arg)
 		bool		refresh;
 
 		/* Names and messages built in a pass are freed with it. */
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		spool_worker_pass(loop_cxt, false);
 
 		now = GetCurrentTimestamp();
 		if (now >= next_check)
@@ -323,6 +316,29 @@ spool_fill_worker(BackgroundWorker *bgw, const char *function, const char *name)
 	snprintf(bgw->bgw_type, BGW_MAXLEN, "%s", name);
 	bgw->bgw_notify_pid = MyProcPid;
 	bgw->bgw_main_arg = Int64GetDatum((int64) pg_atomic_read_u32(&spool_shared->launcher_generation) << 32);
+}
+
+/*
+ * The start of a pass of a worker's loop: interrupts, an exit if the
+ * launcher that started the worker is gone (orphanable), a pending
+ * configuration reload, and cxt (if any) reset and made current.
+ */
+void
+spool_worker_pass(MemoryContext cxt, bool orphanable)
+{
+	if (cxt)
+	{
+		MemoryContextReset(cxt);
+		MemoryContextSwitchTo(cxt);
+	}
+	CHECK_FOR_INTERRUPTS();
+	if (orphanable)
+		spool_exit_if_orphaned();
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
 }
 
 /*

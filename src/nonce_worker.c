@@ -165,14 +165,7 @@ spool_nonce_worker_main(Datum main_arg)
 	{
 		int			n;
 
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
+		spool_worker_pass(loop_cxt, false);
 
 		n = worker_dequeue(items, Min(spool_nonce_batch_max, spool_shared->queue_size));
 		if (n < 0)

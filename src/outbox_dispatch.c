@@ -1130,15 +1130,7 @@ spool_dispatch_main(Datum main_arg)
 		TimestampTz now;
 		volatile bool did = false;
 
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
-		CHECK_FOR_INTERRUPTS();
-		spool_exit_if_orphaned();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		spool_worker_pass(loop_cxt, true);
 		now = GetCurrentTimestamp();
 
 		PG_TRY();

@@ -119,9 +119,8 @@ spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 {
 	OutboxTarget *t = palloc0(sizeof(OutboxTarget));
 	JsonbIterator *it;
-	JsonbValue	k;
 	JsonbValue	v;
-	JsonbIteratorToken tok;
+	char	   *key;
 
 	spool_check_object_name(name, "target");
 	strlcpy(t->name, name, NAMEDATALEN);
@@ -144,14 +143,8 @@ spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 		spool_bad_option("target options must be a JSON object", NULL);
 
 	it = JsonbIteratorInit(&options->root);
-	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	while (spool_object_next(&it, &key, &v))
 	{
-		char	   *key;
-
-		if (tok != WJB_KEY)
-			continue;
-		key = pnstrdup(k.val.string.val, k.val.string.len);
-		(void) JsonbIteratorNext(&it, &v, true);
 		if (strcmp(key, "shards") == 0)
 			t->shards = spool_option_int(&v, "shards", 1, SPOOL_MAX_SHARDS);
 		else if (strcmp(key, "batch_size") == 0)
@@ -233,22 +226,16 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 	char		err[512];
 	char	   *bad = NULL;
 	JsonbIterator *it;
-	JsonbValue	k;
 	JsonbValue	v;
-	JsonbIteratorToken tok;
+	char	   *key;
 
 	if (kafka == NULL)
 		return;
 	it = JsonbIteratorInit(&kafka->root);
-	while (bad == NULL && (tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	while (bad == NULL && spool_object_next(&it, &key, &v))
 	{
-		char	   *key;
 		char	   *val = NULL;
 
-		if (tok != WJB_KEY)
-			continue;
-		key = pnstrdup(k.val.string.val, k.val.string.len);
-		(void) JsonbIteratorNext(&it, &v, true);
 		if (v.type == jbvString)
 			val = pnstrdup(v.val.string.val, v.val.string.len);
 		else if (v.type == jbvNumeric)

@@ -235,15 +235,7 @@ spool_processor_main(Datum main_arg)
 
 	for (;;)
 	{
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
-		CHECK_FOR_INTERRUPTS();
-		spool_exit_if_orphaned();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		spool_worker_pass(loop_cxt, true);
 
 		PG_TRY();
 		{

@@ -79,9 +79,9 @@ spool_parse_processor_options(Jsonb *options)
 {
 	SpoolProcessorOptions *o = palloc0(sizeof(SpoolProcessorOptions));
 	JsonbIterator *it;
-	JsonbValue	k;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
+	char	   *key;
 
 	o->replicas = SPOOL_PROCESSOR_DEFAULT_REPLICAS;
 	o->batch_size = SPOOL_PROCESSOR_DEFAULT_BATCH;
@@ -91,14 +91,8 @@ spool_parse_processor_options(Jsonb *options)
 	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
 		spool_bad_option("processor options must be a JSON object", "Pass '{}' for the defaults.");
 	it = JsonbIteratorInit(&options->root);
-	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	while (spool_object_next(&it, &key, &v))
 	{
-		char	   *key;
-
-		if (tok != WJB_KEY)
-			continue;
-		key = pnstrdup(k.val.string.val, k.val.string.len);
-		(void) JsonbIteratorNext(&it, &v, true);
 		if (strcmp(key, "sources") == 0)
 		{
 			JsonbIterator *ai;

@@ -426,13 +426,7 @@ spool_promoter_main(Datum main_arg)
 		uint64		moved;
 		TimestampTz now;
 
-		CHECK_FOR_INTERRUPTS();
-		spool_exit_if_orphaned();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		spool_worker_pass(NULL, true);
 		ResetLatch(MyLatch);
 		moved = promote_once(true);
 

@@ -237,6 +237,7 @@ extern int64 spool_arg_ttl(FunctionCallInfo fcinfo, int argno);
 extern Datum spool_ttl_datum(int64 ttl_us);
 extern Interval *spool_parse_interval(const char *s, const char *what);
 extern void spool_bad_option(const char *msg, const char *hint) pg_attribute_noreturn();
+extern bool spool_object_next(JsonbIterator **it, char **key, JsonbValue *value);
 extern int64 spool_option_int(JsonbValue *v, const char *what, int64 lo, int64 hi);
 extern int64 spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_us,
 									  int64 hi_us);
@@ -299,5 +300,6 @@ extern bool spool_owner_is_stale_worker(const char *holder);
 extern void spool_fill_worker(BackgroundWorker *bgw, const char *function,
 							  const char *name);
 extern void spool_exit_if_orphaned(void);
+extern void spool_worker_pass(MemoryContext cxt, bool orphanable);
 
 #endif							/* SPOOL_H */

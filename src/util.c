@@ -229,6 +229,29 @@ spool_test_pause(void)
 	}
 }
 
+/*
+ * The next member of a JSON object iterated with it (JsonbIteratorInit on the
+ * object's container): its key, palloc'd, and its value, where a nested
+ * container stays jbvBinary.  False after the last member.
+ */
+bool
+spool_object_next(JsonbIterator **it, char **key, JsonbValue *value)
+{
+	JsonbValue	k;
+	JsonbIteratorToken tok;
+
+	while ((tok = JsonbIteratorNext(it, &k, true)) != WJB_DONE)
+	{
+		if (tok != WJB_KEY)
+			continue;			/* WJB_BEGIN_OBJECT, WJB_END_OBJECT */
+		*key = pnstrdup(k.val.string.val, k.val.string.len);
+		tok = JsonbIteratorNext(it, value, true);
+		Assert(tok == WJB_VALUE);
+		return true;
+	}
+	return false;
+}
+
 /* An option error: SP001 with the message and an optional hint. */
 void
 spool_bad_option(const char *msg, const char *hint)

@@ -265,9 +265,8 @@ spool_wa_parse_config(Jsonb *settings)
 {
 	WAConfig   *cfg = palloc0(sizeof(WAConfig));
 	JsonbIterator *it;
-	JsonbValue	k;
 	JsonbValue	v;
-	JsonbIteratorToken tok;
+	char	   *name;
 	bool		have_key = false,
 				have_window = false,
 				have_threshold = false,
@@ -278,14 +277,8 @@ spool_wa_parse_config(Jsonb *settings)
 	cfg->agg = WA_SUM;
 	cfg->op = WA_GE;
 	it = JsonbIteratorInit(&settings->root);
-	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	while (spool_object_next(&it, &name, &v))
 	{
-		char	   *name;
-
-		if (tok != WJB_KEY)
-			continue;
-		name = pnstrdup(k.val.string.val, k.val.string.len);
-		tok = JsonbIteratorNext(&it, &v, true);
 		if (strcmp(name, "key") == 0)
 		{
 			cfg->key_depth = parse_path(&v, "key", cfg->key_path);
@@ -629,18 +622,11 @@ spool_wa_state_create(WAConfig *cfg, Jsonb *state, MemoryContext parent)
 			v.type == jbvBinary && JsonContainerIsObject(v.val.binary.data))
 		{
 			JsonbIterator *it = JsonbIteratorInit(v.val.binary.data);
-			JsonbValue	kv;
 			JsonbValue	val;
-			JsonbIteratorToken tok;
+			char	   *key;
 
-			while ((tok = JsonbIteratorNext(&it, &kv, true)) != WJB_DONE)
+			while (spool_object_next(&it, &key, &val))
 			{
-				char	   *key;
-
-				if (tok != WJB_KEY)
-					continue;
-				key = pnstrdup(kv.val.string.val, kv.val.string.len);
-				tok = JsonbIteratorNext(&it, &val, true);
 				if (val.type != jbvBinary || !JsonContainerIsObject(val.val.binary.data))
 					wa_error(psprintf("state for key \"%s\" is not an object", key), NULL);
 				load_key(st, key, val.val.binary.data);
