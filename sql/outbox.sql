@@ -684,3 +684,9 @@ DROP FUNCTION public.ob_private(jsonb, text, bigint);
 DROP TABLE public.ob_delivered, public.ob_switch;
 DROP ROLE regress_ob_admin, regress_ob_admin2, regress_ob_runner, regress_ob_client,
 	regress_ob_plain;
+
+-- The dispatcher settings: reload-time, with bounds.
+SHOW spool.outbox_close_timeout;
+SET spool.outbox_close_timeout = '1s';
+ALTER SYSTEM SET spool.outbox_close_timeout = -1;
+ALTER SYSTEM SET spool.outbox_poll_interval = 0;

@@ -24,6 +24,7 @@ int			spool_test_worker_pause_ms = 0;
 int			spool_segment_size = 1000000;
 int			spool_outbox_segment_size = 100000;
 int			spool_outbox_poll_interval_ms = 1000;
+int			spool_outbox_close_timeout_ms = 10000;
 int			spool_min_retention_s = 86400;
 
 void
@@ -138,6 +139,14 @@ spool_define_gucs(void)
 							NULL,
 							&spool_outbox_poll_interval_ms,
 							1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.outbox_close_timeout",
+							"How long a stopping dispatcher may take to deliver the batch it holds.",
+							"Past it the worker exits without marking the batch, which the next worker delivers; 0 waits as long as the delivery takes.",
+							&spool_outbox_close_timeout_ms,
+							10000, 0, 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 

@@ -25,7 +25,6 @@
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
-#include "portability/instr_time.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
@@ -40,6 +39,7 @@
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 
 #include "outbox.h"
@@ -54,7 +54,6 @@ PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 #define ERROR_BACKOFF_MIN_MS 100
 #define ERROR_BACKOFF_MAX_MS 30000
 #define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
-#define SIGTERM_REPEAT_SECS	5.0	/* see dispatch_sigterm */
 
 typedef struct BlockedKey
 {
@@ -98,7 +97,8 @@ static int	error_backoff_ms;
 static TimestampTz error_until;
 static TimestampTz next_rotation;
 static volatile sig_atomic_t got_sigterm = false;
-static instr_time first_sigterm_at;
+static volatile sig_atomic_t close_timed_out = false;
+static TimeoutId close_timeout_id;
 
 static SPIPlanPtr plan_read;
 static SPIPlanPtr plan_barrier;
@@ -130,31 +130,32 @@ static void wait_for_work(TimestampTz now);
 static TimestampTz batch_deadline(void);
 
 /*
- * SIGTERM: deliver what is held, then exit.  A second SIGTERM interrupts even
- * a delivery that hangs, but only one that comes SIGTERM_REPEAT_SECS after
- * the first: the postmaster signals each child twice at once (its pid, then
- * its process group), and that pair must not cut the close flush short.
+ * SIGTERM: deliver what is held, then exit.  Repeated signals change nothing
+ * (the postmaster signals each child twice at once: its pid, then its process
+ * group); a close flush that hangs is bounded by spool.outbox_close_timeout.
  */
 static void
 dispatch_sigterm(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
-	instr_time	now;
 
-	INSTR_TIME_SET_CURRENT(now);	/* clock_gettime: async-signal-safe */
-	if (!got_sigterm)
-	{
-		first_sigterm_at = now;
-		got_sigterm = true;
-	}
-	else
-	{
-		INSTR_TIME_SUBTRACT(now, first_sigterm_at);
-		if (INSTR_TIME_GET_DOUBLE(now) >= SIGTERM_REPEAT_SECS)
-			die(postgres_signal_arg);
-	}
+	got_sigterm = true;
 	SetLatch(MyLatch);
 	errno = save_errno;
+}
+
+/*
+ * The close flush ran out of time: end the process as die() would, from the
+ * next interrupt check; its transaction aborts and nothing of the batch is
+ * marked, so the next worker delivers it.
+ */
+static void
+close_timeout_handler(void)
+{
+	close_timed_out = true;
+	InterruptPending = true;
+	ProcDiePending = true;
+	SetLatch(MyLatch);
 }
 
 static void
@@ -169,6 +170,13 @@ dispatch_detach(int code, Datum arg)
 		ds->arrived = 0;
 		ds->state = DS_STOPPED;
 		ds->exit_error = code != 0;
+		if (close_timed_out)
+		{
+			snprintf(ds->last_error, sizeof(ds->last_error),
+					 "the close flush of %d rows took longer than spool.outbox_close_timeout (%d ms);"
+					 " the next worker delivers them", nheld, spool_outbox_close_timeout_ms);
+			ds->last_error_at = GetCurrentTimestamp();
+		}
 	}
 	LWLockRelease(spool_shared->outbox_lock);
 }
@@ -644,7 +652,8 @@ flush(FlushReason reason)
 
 		pgstat_report_activity(STATE_RUNNING, "delivering to kafka");
 		if (!spool_kafka_deliver(send, nsend,
-								 got_sigterm ? 10000 : 60000, &err))
+								 got_sigterm && spool_outbox_close_timeout_ms > 0 ?
+								 spool_outbox_close_timeout_ms : 60000, &err))
 			ereport(ERROR, (errmsg("%s", err)));
 		for (i = 0; i < nsend; i++)
 			send[i]->sent = true;
@@ -1046,6 +1055,7 @@ spool_dispatch_main(Datum main_arg)
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, dispatch_sigterm);
+	close_timeout_id = RegisterTimeout(USER_TIMEOUT, close_timeout_handler);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
 
@@ -1139,7 +1149,12 @@ spool_dispatch_main(Datum main_arg)
 			{
 				/* close: what is held is delivered before we go. */
 				if (nheld > 0)
+				{
+					if (spool_outbox_close_timeout_ms > 0)
+						enable_timeout_after(close_timeout_id, spool_outbox_close_timeout_ms);
 					flush(FLUSH_CLOSE);
+					disable_timeout(close_timeout_id, false);
+				}
 				proc_exit(0);
 			}
 			if (now < error_until)
@@ -1203,7 +1218,10 @@ spool_dispatch_main(Datum main_arg)
 			error_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);
 			next_poll = error_until;
 			if (got_sigterm)
-				proc_exit(1);
+			{
+				disable_timeout(close_timeout_id, false);
+				proc_exit(1);	/* the batch is left for the next worker */
+			}
 			did = false;
 		}
 		PG_END_TRY();

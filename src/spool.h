@@ -65,6 +65,7 @@ extern int	spool_segment_size;
 extern int	spool_min_retention_s;
 extern int	spool_outbox_segment_size;
 extern int	spool_outbox_poll_interval_ms;
+extern int	spool_outbox_close_timeout_ms;
 
 extern void spool_define_gucs(void);
 

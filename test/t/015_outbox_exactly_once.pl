@@ -27,9 +27,9 @@
 #     flushes_close counts it; likewise a clean fast shutdown: right after
 #     the restart the rows are delivered, by the old dispatcher's pid.
 #     With a delivery that hangs (target hg): SIGTERM to the pid and then
-#     to the process group, as the postmaster sends, does not interrupt the
-#     close flush; a second SIGTERM 5.5 s after the first does, and nothing
-#     of that batch is marked; the next dispatcher delivers it once.
+#     to the process group, as the postmaster sends, and a third, do not
+#     interrupt the close flush; spool.outbox_close_timeout (2 s) does, and
+#     nothing of that batch is marked; the next dispatcher delivers it once.
 use strict;
 use warnings;
 
@@ -398,8 +398,17 @@ is(status_sum($node, 'ct', 'flushes_interval'), '0', '(d) no interval flush happ
 
 # A delivery that hangs (target hg: its function waits while hang_switch is
 # on).  The postmaster signals a child twice at once (its pid, then its
-# process group); that pair must not cut the close flush short, but an
-# operator's second SIGTERM a while after the first interrupts it.
+# process group); repeated SIGTERMs must not cut the close flush short, and
+# spool.outbox_close_timeout bounds it.  A dispatcher takes a new value of
+# the setting when it starts after the reload (checked from a new session).
+sub set_close_timeout
+{
+	my ($value) = @_;
+	sql("ALTER SYSTEM SET spool.outbox_close_timeout = '$value'; SELECT pg_reload_conf();");
+	poll_ok($node, "SELECT current_setting('spool.outbox_close_timeout') = '$value'",
+		"spool.outbox_close_timeout to be $value");
+}
+set_close_timeout('5min');
 sql(q{CREATE TABLE hang_switch (hang bool NOT NULL); INSERT INTO hang_switch VALUES (true);
 	DO $$ BEGIN CREATE ROLE deliverer; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 	GRANT SELECT ON hang_switch TO deliverer;});
@@ -412,30 +421,39 @@ my $in_hang = sub {
 	return "SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $pid AND wait_event = 'PgSleep'";
 };
 
-# The pair: the second signal is sent once the first was handled (the worker
-# hangs in its close flush), well within the 5 s after which a repeated
-# SIGTERM counts.
-my ($hpid, @hids) = hold_rows('hg', 'delivered_hg', 20, '(d) hang, postmaster pair');
+# The second signal is sent once the first was handled (the worker hangs
+# in its close flush); a third comes from pg_terminate_backend.
+my ($hpid, @hids) = hold_rows('hg', 'delivered_hg', 20, '(d) hang, repeated SIGTERMs');
 ok(kill('TERM', $hpid), "(d) SIGTERM to the hg dispatcher $hpid");
 poll_ok($node, $in_hang->($hpid), "(d) the hg dispatcher $hpid to hang in its close flush");
 ok(kill('TERM', -$hpid), "(d) SIGTERM to its process group, as the postmaster sends");
+ok(sql("SELECT pg_terminate_backend($hpid)") eq 't', "(d) and pg_terminate_backend($hpid)");
+usleep(500_000);
+is(sql("SELECT count(*) FROM pg_stat_activity WHERE pid = $hpid"), '1', '(d) half a second later it still runs');
+is(delivered_by('delivered_hg', $hpid, @hids), '0 0 0', '(d) and has delivered nothing yet');
 sql('UPDATE hang_switch SET hang = false');
 wait_pid_gone($node, $hpid, '(d) the hg dispatcher');
 is(delivered_by('delivered_hg', $hpid, @hids), '20 20 20',
-	'(d) the SIGTERM pair did not interrupt the close flush: all 20 held rows delivered by it');
+	'(d) repeated SIGTERMs did not interrupt the close flush: all 20 held rows delivered by it');
 
+# A 2 s close timeout: the hung close flush is cut, nothing of it marked.
+set_close_timeout('2s');
+wait_dispatchers($node, 'hg', 1);
+$hpid = dispatcher_pids($node, 'hg')->{0};
+ok(sql("SELECT pg_terminate_backend($hpid)") eq 't', "(d) restart the hg dispatcher $hpid (it holds nothing)");
+wait_pid_gone($node, $hpid, '(d) the idle hg dispatcher');
 sql('UPDATE hang_switch SET hang = true');
 wait_dispatchers($node, 'hg', 1);
-($hpid, @hids) = hold_rows('hg', 'delivered_hg', 20, '(d) hang, a second SIGTERM');
+($hpid, @hids) = hold_rows('hg', 'delivered_hg', 20, '(d) hang, close timeout');
 ok(sql("SELECT pg_terminate_backend($hpid)") eq 't', "(d) pg_terminate_backend($hpid) of the hg dispatcher");
-poll_ok($node, $in_hang->($hpid), "(d) the hg dispatcher $hpid to hang in its close flush");
-# A repeated SIGTERM counts 5 s after the first; sleeping makes sure.
-usleep(5_500_000);
-ok(sql("SELECT pg_terminate_backend($hpid)") eq 't', "(d) a second pg_terminate_backend($hpid), 5.5 s later");
-wait_pid_gone($node, $hpid, '(d) the interrupted hg dispatcher');
+wait_pid_gone($node, $hpid, '(d) the hung hg dispatcher, after its close timeout');
 is(delivered_by('delivered_hg', $hpid, @hids), '0 0 0',
-	'(d) the second SIGTERM interrupted the hung close flush: nothing delivered, nothing marked');
+	'(d) the close timeout ended the hung close flush: nothing delivered, nothing marked');
+like(sql("SELECT last_error FROM spool.outbox_status WHERE target = 'hg' AND shard = 0"),
+	qr/close flush of 20 rows took longer than spool\.outbox_close_timeout \(2000 ms\)/,
+	'(d) outbox_status says why');
 sql('UPDATE hang_switch SET hang = false');
+sql("ALTER SYSTEM RESET spool.outbox_close_timeout; SELECT pg_reload_conf();");
 wait_dispatchers($node, 'hg', 1);
 my $hpid2 = dispatcher_pids($node, 'hg')->{0};
 poll_within($node, 30,
