@@ -636,6 +636,13 @@ LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION @extschema@.drop_target(text, boolean) IS
 'Remove a target with its outbox rows, parked rows and dead letters; refused while rows are undelivered unless force';
 
+CREATE FUNCTION @extschema@.alter_target(name text, options jsonb)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_alter_target'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION @extschema@.alter_target(text, jsonb) IS
+'Change options of a target (merged over the current ones; null resets one), checked as at create; not shards. Its workers restart with them after commit, keeping every row';
+
 CREATE FUNCTION @extschema@.enqueue(target text, key text, payload jsonb)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_enqueue'
@@ -997,6 +1004,7 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION
 	@extschema@.create_target(text, text, jsonb),
 	@extschema@.drop_target(text, boolean),
+	@extschema@.alter_target(text, jsonb),
 	@extschema@.redrive(bigint)
 	TO spool_admin;
 GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()

@@ -1,8 +1,8 @@
 --
--- outbox: the SQL surface of the outbox (docs/outbox.md): create_target and
--- drop_target with their option checks, enqueue and enqueue_barrier, the
--- views spool.outbox and spool.outbox_status, parked rows, dead letters and
--- redrive, and who may call what.  Bad arguments are rejected with their
+-- outbox: the SQL surface of the outbox (docs/outbox.md): create_target,
+-- alter_target and drop_target with their option checks, enqueue and
+-- enqueue_barrier, the views spool.outbox and spool.outbox_status, parked
+-- rows, dead letters and redrive, and who may call what.  Bad arguments are rejected with their
 -- SQLSTATE and change nothing.
 --
 -- The launcher runs in this database, so a committed target gets its
@@ -310,6 +310,27 @@ SELECT spool.create_target(repeat('n', 48), 'notify',
 SELECT try($$SELECT spool.create_target('v_sql', 'sql', '{"function": "public.ob_deliver"}')$$);
 SELECT try($$SELECT spool.create_target('v_sql', 'notify', '{"channel": "c"}')$$);
 SELECT try($$SELECT spool.create_target('v_kafka', 'notify', '{"channel": "c"}')$$);
+-- alter_target: options merged over the stored ones (a null resets one to
+-- its default) and checked as at create; the shard count stays.
+SELECT spool.alter_target('v_sql_all', '{"batch_size": 500, "retry_limit": null, "shards": 16}');
+SELECT spool.alter_target('v_notify', '{"channel": "ob_channel2", "batch_interval": "1 s"}');
+SELECT spool.alter_target('v_kafka', '{"topic": "orders.out2", "kafka": null}');
+SELECT try($$SELECT spool.alter_target('v_sql_all', '{"shards": 4}')$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', '{"batch_size": 0}')$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', '{"channel": "c"}')$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', '{"function": "public.ob_strict"}')$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', '{"function": null}')$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', '{"run_as": "regress_ob_admin2"}')$$);
+SELECT try($$SELECT spool.alter_target('v_kafka', '{"kafka": {"enable.idempotence": false}}')$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', NULL)$$);
+SELECT try($$SELECT spool.alter_target('v_sql_all', '[1]')$$);
+SELECT try($$SELECT spool.alter_target('no_such', '{}')$$);
+SELECT try($$SELECT spool.alter_target(NULL, '{}')$$);
+-- Only members of the owner may alter it; a client may not call it at all.
+SET ROLE regress_ob_admin2;
+SELECT try($$SELECT spool.alter_target('v_sql', '{"batch_size": 1}')$$);
+SET ROLE regress_ob_client;
+SELECT try($$SELECT spool.alter_target('v_sql', '{"batch_size": 1}')$$);
 RESET ROLE;
 SELECT name, kind, owner FROM spool.targets
  WHERE name LIKE 'v\_%' OR name LIKE 'nnn%' ORDER BY name COLLATE "C";

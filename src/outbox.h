@@ -78,6 +78,7 @@ typedef struct OutboxTarget
 	char	   *brokers;		/* kafka */
 	char	   *topic;
 	Jsonb	   *kafka;			/* kafka: librdkafka properties, or NULL */
+	uint32		options_hash;	/* loaded: of the stored options' text */
 } OutboxTarget;
 
 /*
@@ -94,6 +95,7 @@ typedef struct SpoolDispatchSlot
 	char		target[NAMEDATALEN];
 	pid_t		pid;
 	Latch	   *latch;
+	uint32		options_hash;	/* of the options the running worker loaded */
 	pg_atomic_uint64 committed; /* rows committed for this shard (a hint) */
 	pg_atomic_uint32 retry_dirty;	/* spool.redrive parked a row */
 	int64		position;		/* committed delivered position */
@@ -125,6 +127,7 @@ typedef struct SpoolDispatchSlot
 extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kind,
 											   Jsonb *options);
 extern OutboxTarget *spool_outbox_load_target(int target_id);
+extern uint32 spool_outbox_options_hash(const char *options_text);
 extern Oid	spool_outbox_resolve_function(const char *name, bool missing_ok);
 extern const char *spool_outbox_kind_name(OutboxKind kind);
 struct rd_kafka_conf_s;

@@ -1130,6 +1130,7 @@ spool_dispatch_main(Datum main_arg)
 
 	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
 	ds->position = position;
+	ds->options_hash = target->options_hash;
 	LWLockRelease(spool_shared->outbox_lock);
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
 	next_poll = 0;

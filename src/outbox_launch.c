@@ -36,6 +36,7 @@ typedef struct ShardTrack
 	int			shard;
 	char		target[NAMEDATALEN];
 	bool		wanted;
+	uint32		options_hash;	/* of the options in spool.targets */
 	WorkerTrack w;
 } ShardTrack;
 
@@ -73,7 +74,8 @@ refresh_wanted(void)
 	spool_begin_txn("reading spool.targets");
 	if (OidIsValid(get_extension_oid("spool_ext", true)))
 	{
-		if (SPI_execute("SELECT t.id, s, t.name, (t.options->>'shards')::int FROM spool.targets t,"
+		if (SPI_execute("SELECT t.id, s, t.name, (t.options->>'shards')::int, t.options::text"
+						" FROM spool.targets t,"
 						" generate_series(0, (t.options->>'shards')::int - 1) s ORDER BY t.id, s",
 						true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read spool.targets");
@@ -86,6 +88,7 @@ refresh_wanted(void)
 			int			shard = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
 			char	   *name = SPI_getvalue(tup, desc, 3);
 			int			count = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+			uint32		hash = spool_outbox_options_hash(SPI_getvalue(tup, desc, 5));
 
 			for (i = 0; i < nshards; i++)
 				if (shards[i].target_id == id && shards[i].shard == shard)
@@ -110,6 +113,7 @@ refresh_wanted(void)
 				nshards++;
 			}
 			shards[i].wanted = true;
+			shards[i].options_hash = hash;
 		}
 	}
 	spool_end_txn();
@@ -167,10 +171,16 @@ spool_supervise_dispatchers(TimestampTz now, bool refresh)
 		WorkerTrack *t = &s->w;
 		char	   *what = psprintf("spool dispatch %s/%d", s->target, s->shard);
 		bool		error_exit;
+		uint32		loaded_hash;
 
 		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
 		error_exit = spool_shared->dispatchers[s->slot].exit_error;
+		loaded_hash = spool_shared->dispatchers[s->slot].pid != 0 ?
+			spool_shared->dispatchers[s->slot].options_hash : 0;
 		LWLockRelease(spool_shared->outbox_lock);
+		/* alter_target: the worker delivers what it holds and is back with the new options. */
+		if (t->handle != NULL && s->wanted && loaded_hash != 0 && loaded_hash != s->options_hash)
+			TerminateBackgroundWorker(t->handle);
 		if (t->handle != NULL && !error_exit)
 		{
 			pid_t		pid;

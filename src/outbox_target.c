@@ -18,6 +18,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "parser/parse_func.h"
@@ -35,6 +36,7 @@
 
 PG_FUNCTION_INFO_V1(spool_create_target);
 PG_FUNCTION_INFO_V1(spool_drop_target);
+PG_FUNCTION_INFO_V1(spool_alter_target);
 PG_FUNCTION_INFO_V1(spool_redrive);
 
 #define DEFAULT_BATCH_SIZE		1000
@@ -339,7 +341,59 @@ spool_outbox_load_target(int target_id)
 															   SPI_tuptable->tupdesc, 3,
 															   &isnull)));
 	t->id = target_id;
+	t->options_hash = spool_outbox_options_hash(SPI_getvalue(SPI_tuptable->vals[0],
+															 SPI_tuptable->tupdesc, 3));
 	return t;
+}
+
+/*
+ * A hash of a target's stored options (their jsonb text): the launcher
+ * restarts a shard worker whose loaded options no longer match the table.
+ */
+uint32
+spool_outbox_options_hash(const char *options_text)
+{
+	return hash_bytes((const unsigned char *) options_text, strlen(options_text));
+}
+
+/*
+ * A sql target's function exists with the right signature, is not STRICT,
+ * and run_as may execute it; the function is stored schema-qualified and
+ * run_as by name.
+ */
+static void
+check_sql_target(OutboxTarget *t)
+{
+	Oid			fn = spool_outbox_resolve_function(t->function, true);
+	Oid			run_as;
+	HeapTuple	tup;
+	bool		strict;
+
+	if (!OidIsValid(fn))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("function %s(jsonb, text, bigint) does not exist", t->function),
+				 errhint("A sql target calls fn(payload jsonb, key text, outbox_id bigint).")));
+	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for function %u", fn);
+	strict = ((Form_pg_proc) GETSTRUCT(tup))->proisstrict;
+	ReleaseSysCache(tup);
+	if (strict)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("function %s must not be STRICT", format_procedure(fn)),
+				 errdetail("Barriers and rows without a key are delivered with key NULL.")));
+	run_as = spool_check_run_as(t->run_as, "target", "target function");
+	if (pg_proc_aclcheck(fn, run_as, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" may not execute function %s",
+						GetUserNameFromId(run_as, false), format_procedure(fn))));
+	/* Stored qualified, so that the worker's search_path does not matter. */
+	t->function = format_procedure_qualified(fn);
+	*strchr(t->function, '(') = '\0';
+	t->run_as = GetUserNameFromId(run_as, false);
 }
 
 /* SQL: spool.create_target(name, kind, options) */
@@ -365,38 +419,7 @@ spool_create_target(PG_FUNCTION_ARGS)
 	t = spool_outbox_parse_target(name, kind, options);
 
 	if (t->kind == KIND_SQL)
-	{
-		Oid			fn = spool_outbox_resolve_function(t->function, true);
-		Oid			run_as;
-		HeapTuple	tup;
-		bool		strict;
-
-		if (!OidIsValid(fn))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("function %s(jsonb, text, bigint) does not exist", t->function),
-					 errhint("A sql target calls fn(payload jsonb, key text, outbox_id bigint).")));
-		tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
-		if (!HeapTupleIsValid(tup))
-			elog(ERROR, "cache lookup failed for function %u", fn);
-		strict = ((Form_pg_proc) GETSTRUCT(tup))->proisstrict;
-		ReleaseSysCache(tup);
-		if (strict)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("function %s must not be STRICT", format_procedure(fn)),
-					 errdetail("Barriers and rows without a key are delivered with key NULL.")));
-		run_as = spool_check_run_as(t->run_as, "target", "target function");
-		if (pg_proc_aclcheck(fn, run_as, ACL_EXECUTE) != ACLCHECK_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("role \"%s\" may not execute function %s",
-							GetUserNameFromId(run_as, false), format_procedure(fn))));
-		/* Stored qualified, so that the worker's search_path does not matter. */
-		t->function = format_procedure_qualified(fn);
-		*strchr(t->function, '(') = '\0';
-		t->run_as = GetUserNameFromId(run_as, false);
-	}
+		check_sql_target(t);
 
 	SPI_connect();
 	if (SPI_execute_with_args("SELECT 1 FROM spool.targets WHERE name = $1", 1, argt,
@@ -498,6 +521,79 @@ spool_drop_target(PG_FUNCTION_ARGS)
 		elog(ERROR, "could not drop target \"%s\"", name);
 	SPI_finish();
 	spool_outbox_targets_changed();
+	spool_wake_launcher();
+	PG_RETURN_VOID();
+}
+
+/*
+ * SQL: spool.alter_target(name, options).  The options are merged over the
+ * stored ones (a JSON null resets one to its default) and checked as at
+ * create time; the shard count cannot change, since keys were routed at
+ * enqueue.  After the commit the launcher sees the new options and restarts
+ * the target's shard workers, each delivering the batch it holds first.
+ */
+Datum
+spool_alter_target(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "target name");
+	Oid			argt[2] = {TEXTOID, JSONBOID};
+	Datum		argv[2];
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	int			id;
+	int			old_shards;
+	char	   *kind;
+	Oid			owner;
+	OutboxTarget *t;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("target options must not be NULL"),
+				 errhint("Pass the options to change, e.g. '{\"batch_size\": 500}'.")));
+	argv[0] = CStringGetTextDatum(name);
+	argv[1] = JsonbPGetDatum(PG_GETARG_JSONB_P(1));
+	if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(argv[1])) || JB_ROOT_IS_SCALAR(DatumGetJsonbP(argv[1])))
+		spool_bad_option("target options must be a JSON object", NULL);
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT id, kind, owner, (options->>'shards')::int,"
+							  " jsonb_strip_nulls(options || $2) FROM spool.targets"
+							  " WHERE name = $1 FOR UPDATE",
+							  2, argt, argv, NULL, false, 1) != SPI_OK_SELECT ||
+		SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("target \"%s\" does not exist", name)));
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+	kind = SPI_getvalue(tup, desc, 2);
+	owner = DatumGetObjectId(SPI_getbinval(tup, desc, 3, &isnull));
+	old_shards = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+	if (!has_privs_of_role(GetOuterUserId(), owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be a member of the owner of target \"%s\"", name)));
+
+	t = spool_outbox_parse_target(name, kind,
+								  DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 5, &isnull)));
+	if (t->shards != old_shards)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("the shard count of target \"%s\" cannot be changed", name),
+				 errdetail("Rows are routed to a shard when they are enqueued."),
+				 errhint("Create a new target with the shard count you want.")));
+	if (t->kind == KIND_SQL)
+		check_sql_target(t);
+
+	argv[0] = Int32GetDatum(id);
+	argv[1] = JsonbPGetDatum(target_options_jsonb(t));
+	if (SPI_execute_with_args("UPDATE spool.targets SET options = $2 WHERE id = $1", 2,
+							  (Oid[]) {INT4OID, JSONBOID}, argv, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not update spool.targets");
+	SPI_finish();
 	spool_wake_launcher();
 	PG_RETURN_VOID();
 }

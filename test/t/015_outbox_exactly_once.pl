@@ -30,6 +30,8 @@
 #     to the process group, as the postmaster sends, and a third, do not
 #     interrupt the close flush; spool.outbox_close_timeout (2 s) does, and
 #     nothing of that batch is marked; the next dispatcher delivers it once.
+# (e) alter_target of hg's batch_interval from 1 min to 10 ms: its worker
+#     delivers the batch it holds and restarts; new rows arrive by interval.
 use strict;
 use warnings;
 
@@ -464,6 +466,25 @@ wait_pid_gone($node, $hpid2, '(d) the next hg dispatcher');
 is(delivered_by('delivered_hg', $hpid2, @hids), '20 20 20',
 	'(d) the next dispatcher delivered the 20 rows once each');
 per_key_order_ok(delivered_rows($node, 'delivered_hg'), '(d) hang');
+
+# (e) alter_target: the workers of hg restart with the new options, and the
+# batch the old worker held is delivered by it as it goes (close), once.
+wait_dispatchers($node, 'hg', 1);
+my ($apid, @aids) = hold_rows('hg', 'delivered_hg', 10, '(e) alter_target');
+sql(q{SELECT spool.alter_target('hg', '{"batch_interval": "10ms"}')});
+is(sql("SELECT options->>'batch_interval' FROM spool.targets WHERE name = 'hg'"), '10 ms',
+	'(e) the new batch_interval is stored');
+wait_pid_gone($node, $apid, '(e) the hg dispatcher, restarted for the new options');
+is(delivered_by('delivered_hg', $apid, @aids), '10 10 10',
+	'(e) the rows it held were delivered by it before it exited, once each');
+wait_dispatchers($node, 'hg', 1);
+my $interval0 = status_sum($node, 'hg', 'flushes_interval');
+my @bids = split /\n/, sql("SELECT spool.enqueue('hg', 'c1', jsonb_build_object('i', i)) FROM generate_series(1, 5) i");
+poll_within($node, 30,
+	"SELECT count(*) = 5 FROM delivered_hg WHERE outbox_id BETWEEN $bids[0] AND $bids[-1]",
+	'(e) new rows delivered within 30 s: the 10 ms interval applies (it was a minute)');
+cmp_ok(status_sum($node, 'hg', 'flushes_interval'), '>', $interval0, '(e) by an interval flush');
+per_key_order_ok(delivered_rows($node, 'delivered_hg'), '(e) alter_target');
 
 wait_dispatchers($node, 'ct', 1);
 my ($spid, @sids) = hold_rows('ct', 'delivered_ct', 30, '(d) fast shutdown');
