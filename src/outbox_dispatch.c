@@ -1069,6 +1069,7 @@ spool_dispatch_main(Datum main_arg)
 	my_shard = ds->shard;
 	ds->pid = MyProcPid;
 	ds->latch = MyLatch;
+	ds->options_hash = 0;		/* published once the options are loaded */
 	ds->arrived = 0;
 	ds->exit_error = false;
 	ds->state = DS_IDLE;
