@@ -16,6 +16,7 @@
 #include "datatype/timestamp.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
+#include "storage/lockdefs.h"
 #include "utils/array.h"
 #include "utils/jsonb.h"
 
@@ -128,6 +129,7 @@ extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kin
 											   Jsonb *options);
 extern OutboxTarget *spool_outbox_load_target(int target_id);
 extern uint32 spool_outbox_options_hash(const char *options_text);
+extern void spool_outbox_lock_store(LOCKMODE mode);
 extern Oid	spool_outbox_resolve_function(const char *name, bool missing_ok);
 extern const char *spool_outbox_kind_name(OutboxKind kind);
 struct rd_kafka_conf_s;

@@ -507,6 +507,7 @@ read_rows(TimestampTz now)
 	next_poll = TimestampTzPlusMilliseconds(now, spool_outbox_poll_interval_ms);
 
 	spool_begin_txn("reading the outbox");
+	spool_outbox_lock_store(AccessShareLock);
 	/* Barriers up to shard 0's position are delivered. */
 	if (my_shard == 0)
 		leader_pos = position;
@@ -975,6 +976,7 @@ rotate(void)
 						 "   (SELECT position FROM spool.outbox_positions WHERE target_id = %d AND shard = 0))",
 						 leaf, leaf, target->id, leaf, target->id);
 		spool_begin_txn("rotating the outbox");
+		spool_outbox_lock_store(AccessShareLock);
 		if (SPI_execute(check, true, 1) == SPI_OK_SELECT &&
 			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
 		{

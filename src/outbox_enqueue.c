@@ -26,7 +26,9 @@
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
 #include "storage/ipc.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -87,6 +89,29 @@ int
 spool_outbox_slot_of(int64 id)
 {
 	return (int) ((id / spool_outbox_segment_size) % SPOOL_OUTBOX_SLOTS);
+}
+
+/*
+ * Lock spool.outbox_store before touching any of its partitions.  A query on
+ * a partition locks the partition's ancestors after the partition (to read
+ * its partition constraint), while drop_target's DROP locks the parent
+ * first; taking the parent first everywhere keeps one order, and no
+ * deadlock between a dispatcher or writer and drop_target.
+ */
+void
+spool_outbox_lock_store(LOCKMODE mode)
+{
+	static LocalTransactionId looked_up_in = InvalidLocalTransactionId;
+	static Oid	store_oid = InvalidOid;
+
+	/* The name is looked up once per transaction: a row's enqueue is hot. */
+	if (looked_up_in != MyProc->lxid || !OidIsValid(store_oid))
+	{
+		store_oid = RangeVarGetRelid(makeRangeVar("spool", "outbox_store", -1), mode, false);
+		looked_up_in = MyProc->lxid;
+	}
+	else
+		LockRelationOid(store_oid, mode);
 }
 
 /* create/drop_target: every backend drops its cached target names. */
@@ -381,6 +406,7 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 	v[9] = Int64GetDatum(token);
 	if (cursor < 0)
 		nulls[8] = nulls[9] = 'n';
+	spool_outbox_lock_store(RowExclusiveLock);
 	spool_exec(slot_plan(t->id, slot), v, nulls, false, SPI_OK_INSERT);
 	note_touched(t->id, shard);
 	return id;

@@ -494,6 +494,8 @@ spool_drop_target(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("must be a member of the owner of target \"%s\"", name)));
+	/* The DROP below would take it anyway; first, as everyone does. */
+	spool_outbox_lock_store(AccessExclusiveLock);
 	if (!force)
 	{
 		int64		undelivered;
