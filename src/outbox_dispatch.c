@@ -404,12 +404,15 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 {
 	int			i;
 	int			j;
+	uint64	   *failed_keys = careful ? palloc(sizeof(uint64) * n) : NULL;	/* key_hash */
+	volatile int nfailed = 0;
 
 	for (i = 0; i < n; i++)
 	{
 		OutboxRow  *r = rows[i];
 		MemoryContext cxt = CurrentMemoryContext;
 		ResourceOwner owner = CurrentResourceOwner;
+		uint64		h;
 		bool		behind = false;
 
 		if (r->failed)
@@ -421,10 +424,9 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 			continue;
 		}
 		/* A row behind a failed row of its key is not tried: it waits. */
-		for (j = 0; j < i && !behind; j++)
-			behind = rows[j]->failed &&
-				(rows[j]->key == NULL ? r->key == NULL :
-				 r->key != NULL && strcmp(rows[j]->key, r->key) == 0);
+		h = key_hash(r->key);
+		for (j = 0; j < nfailed && !behind; j++)
+			behind = failed_keys[j] == h;
 		if (behind)
 		{
 			r->sent = false;
@@ -452,6 +454,7 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 			r->failed = true;
 			r->error = MemoryContextStrdup(GetMemoryChunkContext(r),
 										   ed->message ? ed->message : "error");
+			failed_keys[nfailed++] = h;
 			FreeErrorData(ed);
 		}
 		PG_END_TRY();
