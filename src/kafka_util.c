@@ -76,9 +76,12 @@ jbv_int(JsonbValue *v, const char *key, int lo, int hi)
 	return (int) n;
 }
 
-/* A JSON scalar as the text librdkafka expects ("true", "5000", "PLAIN"). */
-static char *
-jbv_property(JsonbValue *v, const char *key)
+/*
+ * A JSON scalar as the text librdkafka expects ("true", "5000", "PLAIN"), or
+ * NULL if it is no string, number or boolean.
+ */
+char *
+spool_kafka_property_text(JsonbValue *v)
 {
 	switch (v->type)
 	{
@@ -90,12 +93,21 @@ jbv_property(JsonbValue *v, const char *key)
 		case jbvBool:
 			return pstrdup(v->val.boolean ? "true" : "false");
 		default:
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid value for Kafka property \"%s\"", key),
-					 errdetail("Kafka properties take strings, numbers or booleans.")));
+			return NULL;
 	}
-	return NULL;				/* keep compiler quiet */
+}
+
+static char *
+jbv_property(JsonbValue *v, const char *key)
+{
+	char	   *val = spool_kafka_property_text(v);
+
+	if (val == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("invalid value for Kafka property \"%s\"", key),
+				 errdetail("Kafka properties take strings, numbers or booleans.")));
+	return val;
 }
 
 /*

@@ -227,6 +227,7 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 {
 	char		err[512];
 	char	   *bad = NULL;
+	const char *hint = NULL;
 	JsonbIterator *it;
 	JsonbValue	v;
 	char	   *key;
@@ -236,19 +237,15 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 	it = JsonbIteratorInit(&kafka->root);
 	while (bad == NULL && spool_object_next(&it, &key, &v))
 	{
-		char	   *val = NULL;
+		char	   *val = spool_kafka_property_text(&v);
 
-		if (v.type == jbvString)
-			val = pnstrdup(v.val.string.val, v.val.string.len);
-		else if (v.type == jbvNumeric)
-			val = DatumGetCString(DirectFunctionCall1(numeric_out,
-													  NumericGetDatum(v.val.numeric)));
-		else if (v.type == jbvBool)
-			val = v.val.boolean ? "true" : "false";
 		if (val == NULL)
 			bad = psprintf("kafka property \"%s\" must be a string, number or boolean", key);
 		else if (strcmp(key, "enable.idempotence") == 0 && strcmp(val, "true") != 0)
+		{
 			bad = "kafka targets always use enable.idempotence=true";
+			hint = "Ordering per key and the at-least-once guarantee rely on the idempotent producer.";
+		}
 		else if (strcmp(key, "bootstrap.servers") == 0 || strcmp(key, "metadata.broker.list") == 0)
 			bad = psprintf("kafka property \"%s\" is set by option \"brokers\"", key);
 		else if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
@@ -262,8 +259,7 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 	if (bad)
 	{
 		rd_kafka_conf_destroy(conf);
-		spool_bad_option(bad, strncmp(bad, "kafka targets always", 20) == 0 ?
-						 "Ordering per key and the at-least-once guarantee rely on the idempotent producer." : NULL);
+		spool_bad_option(bad, hint);
 	}
 }
 
@@ -469,6 +465,29 @@ spool_create_target(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/*
+ * The row of target name that the caller just selected FOR UPDATE, with the
+ * owner in column ownercol: SP004 if there is none, 42501 unless the caller
+ * is a member of the owner.
+ */
+static HeapTuple
+owned_target_row(const char *name, int ownercol)
+{
+	bool		isnull;
+
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("target \"%s\" does not exist", name)));
+	if (!has_privs_of_role(GetOuterUserId(),
+						   DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+														  ownercol, &isnull))))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be a member of the owner of target \"%s\"", name)));
+	return SPI_tuptable->vals[0];
+}
+
 /* SQL: spool.drop_target(name, force) */
 Datum
 spool_drop_target(PG_FUNCTION_ARGS)
@@ -479,21 +498,12 @@ spool_drop_target(PG_FUNCTION_ARGS)
 	Datum		argv[1] = {CStringGetTextDatum(name)};
 	bool		isnull;
 	int			id;
-	Oid			owner;
 
 	SPI_connect();
 	if (SPI_execute_with_args("SELECT id, owner FROM spool.targets WHERE name = $1 FOR UPDATE",
-							  1, argt, argv, NULL, false, 1) != SPI_OK_SELECT ||
-		SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("target \"%s\" does not exist", name)));
-	id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	if (!has_privs_of_role(GetOuterUserId(), owner))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("must be a member of the owner of target \"%s\"", name)));
+							  1, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.targets");
+	id = DatumGetInt32(SPI_getbinval(owned_target_row(name, 2), SPI_tuptable->tupdesc, 1, &isnull));
 	/* The DROP below would take it anyway; first, as everyone does. */
 	spool_outbox_lock_store(AccessExclusiveLock);
 	if (!force)
@@ -546,7 +556,6 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	int			id;
 	int			old_shards;
 	char	   *kind;
-	Oid			owner;
 	OutboxTarget *t;
 
 	if (PG_ARGISNULL(1))
@@ -563,21 +572,13 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	if (SPI_execute_with_args("SELECT id, kind, owner, (options->>'shards')::int,"
 							  " jsonb_strip_nulls(options || $2) FROM spool.targets"
 							  " WHERE name = $1 FOR UPDATE",
-							  2, argt, argv, NULL, false, 1) != SPI_OK_SELECT ||
-		SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("target \"%s\" does not exist", name)));
-	tup = SPI_tuptable->vals[0];
+							  2, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.targets");
+	tup = owned_target_row(name, 3);
 	desc = SPI_tuptable->tupdesc;
 	id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
 	kind = SPI_getvalue(tup, desc, 2);
-	owner = DatumGetObjectId(SPI_getbinval(tup, desc, 3, &isnull));
 	old_shards = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
-	if (!has_privs_of_role(GetOuterUserId(), owner))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("must be a member of the owner of target \"%s\"", name)));
 
 	t = spool_outbox_parse_target(name, kind,
 								  DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 5, &isnull)));

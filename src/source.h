@@ -37,6 +37,7 @@ typedef struct SpoolSourceOptions
 } SpoolSourceOptions;
 
 extern SpoolSourceOptions *spool_parse_source_options(Jsonb *options);
+extern char *spool_kafka_property_text(JsonbValue *v);
 extern Jsonb *spool_source_options_jsonb(SpoolSourceOptions *o);
 extern rd_kafka_conf_t *spool_kafka_conf(const char *brokers, SpoolSourceOptions *o,
 										 const char *default_group,
