@@ -427,7 +427,6 @@ supervise_promoter(TimestampTz now)
 static void
 supervise_sources(TimestampTz now, bool refresh)
 {
-	MemoryContext cxt = CurrentMemoryContext;
 	int			i;
 
 	if (refresh)
@@ -436,18 +435,11 @@ supervise_sources(TimestampTz now, bool refresh)
 
 		for (i = 0; i < nsource_tracks; i++)
 			source_tracks[i].wanted = false;
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		SPI_connect();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, "reading spool.sources");
+		spool_begin_txn("reading spool.sources");
 		/* The extension may have been dropped since the last check. */
 		if (!OidIsValid(get_extension_oid("spool_ext", true)))
 		{
-			PopActiveSnapshot();
-			SPI_finish();
-			CommitTransactionCommand();
-			MemoryContextSwitchTo(cxt);
+			spool_end_txn();
 			return;
 		}
 		if (SPI_execute("SELECT name FROM spool.sources WHERE enabled ORDER BY name",
@@ -474,11 +466,7 @@ supervise_sources(TimestampTz now, bool refresh)
 			}
 			source_tracks[i].wanted = true;
 		}
-		PopActiveSnapshot();
-		SPI_finish();
-		CommitTransactionCommand();
-		MemoryContextSwitchTo(cxt);
-		pgstat_report_activity(STATE_IDLE, NULL);
+		spool_end_txn();
 	}
 
 	for (i = 0; i < nsource_tracks; i++)
@@ -521,12 +509,7 @@ supervise_sources(TimestampTz now, bool refresh)
 static void
 reset_staging(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "emptying spool staging");
+	spool_begin_txn("emptying spool staging");
 	if (SPI_execute("LOCK TABLE spool.staging_0, spool.staging_1 IN ACCESS EXCLUSIVE MODE;"
 					" TRUNCATE spool.staging_0, spool.staging_1", false, 0) != SPI_OK_UTILITY)
 		elog(ERROR, "could not empty the staging tables");
@@ -535,11 +518,7 @@ reset_staging(void)
 	pg_atomic_write_u64(&spool_shared->staged_other[0], 0);
 	pg_atomic_write_u64(&spool_shared->staged_other[1], 0);
 	pg_atomic_write_u32(&spool_shared->staging_active, 0);
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	spool_end_txn();
 }
 
 static void
