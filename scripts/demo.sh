@@ -203,31 +203,22 @@ for _ in $(seq 1 50); do
 	[ "$(val "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(0.25)%'")" -gt 0 ] && break
 	sleep 0.1
 done
-cat <<'TXT'
+# transfer AMOUNT END: the application's transaction, moving AMOUNT from
+# account 1 to 2 and enqueueing its two events, ended by COMMIT or ROLLBACK.
+transfer() {
+	cat <<SQL
 BEGIN;
-UPDATE accounts SET balance = balance - 30 WHERE id = 1;
-UPDATE accounts SET balance = balance + 30 WHERE id = 2;
-SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": 30}');
-SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": 30}');
-COMMIT;       -- the events become deliverable at this commit, and not before
-TXT
-sql <<'SQL'
-BEGIN;
-UPDATE accounts SET balance = balance - 30 WHERE id = 1;
-UPDATE accounts SET balance = balance + 30 WHERE id = 2;
-SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": 30}') \g /dev/null
-SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": 30}') \g /dev/null
-COMMIT;
+UPDATE accounts SET balance = balance - $1 WHERE id = 1;
+UPDATE accounts SET balance = balance + $1 WHERE id = 2;
+SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": $1}');
+SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": $1}');
+$2;
 SQL
+}
+transfer 30 COMMIT | sed '$s/$/       -- the events become deliverable at this commit, and not before/'
+transfer 30 COMMIT | sql -o /dev/null
 echo "a second transfer of 500 is rolled back (it would overdraw account 1): its events vanish with it"
-sql <<'SQL'
-BEGIN;
-UPDATE accounts SET balance = balance - 500 WHERE id = 1;
-UPDATE accounts SET balance = balance + 500 WHERE id = 2;
-SELECT spool.enqueue('events', 'account:1', '{"op": "debit", "amount": 500}') \g /dev/null
-SELECT spool.enqueue('events', 'account:2', '{"op": "credit", "amount": 500}') \g /dev/null
-ROLLBACK;
-SQL
+transfer 500 ROLLBACK | sql -o /dev/null
 echo "one more debit, then a barrier (delivered after every earlier event of the target):"
 sql <<'SQL'
 BEGIN;
