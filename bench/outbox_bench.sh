@@ -86,10 +86,7 @@ cleanup() {
 on_exit() {
 	local rc=$?
 	cleanup
-	# Keep the server log of a failed run.
-	if [ "$rc" -ne 0 ] && [ -s "$work/log" ]; then
-		cp "$work/log" "/tmp/outbox_bench-$$.log" && echo "server log: /tmp/outbox_bench-$$.log" >&2
-	fi
+	keep_failed_log "$rc" "$work" outbox_bench
 	rm -rf "$work" ${tree:+"$tree"}
 }
 trap on_exit EXIT
@@ -357,10 +354,29 @@ check_sink() {
 	                 FROM sink"
 }
 
+# settle CASE KIND SNAP RES N WHAT: the end of a case.  Stop unless the wait's
+# result RES is ok; stop the drainers and the old snapshot; stop unless the sink
+# holds N rows with N distinct ids (exactly once; WHAT names where N came from).
+# Sets SINK to check_sink's line.
+settle() {
+	local c=$1 kind=$2 snap=$3 res=$4 n=$5 what=$6 rows ids
+	if [ "${res:0:2}" != ok ]; then
+		echo "$c run $run: $res"
+		diag
+		exit 1
+	fi
+	[ "$kind" = queue ] && stop_drainers
+	[ "$snap" = 1 ] && end_old_snapshot
+	SINK=$(check_sink "$n")
+	read -r rows ids _ <<<"$SINK"
+	[ "$rows" -eq "$n" ] && [ "$ids" -eq "$n" ] ||
+		{ echo "$c run $run: sink has $rows rows, $ids distinct ids, $what $n (exactly once)"; exit 1; }
+}
+
 declare -A tp tp_h1 tp_h2 lat_med lat_p99 lat_max lat_tps lat_lag viol
 # throughput CASE KIND(outbox|queue) WIDTH(shards|drainers) SNAP(0|1)
 throughput() {
-	local c=$1 kind=$2 width=$3 snap=$4 out t_begin t_commit res rows ids t_end t_mid v target=
+	local c=$1 kind=$2 width=$3 snap=$4 out t_begin t_commit res t_end t_mid v target=
 	sql -c "TRUNCATE sink, q RESTART IDENTITY" -c "CHECKPOINT"
 	[ "$snap" = 1 ] && start_old_snapshot
 	if [ "$kind" = outbox ]; then
@@ -386,16 +402,8 @@ throughput() {
 		t_commit=${out[-2]}
 		res=${out[-1]}
 	fi
-	if [ "${res:0:2}" != ok ]; then
-		echo "$c run $run: $res"
-		diag
-		exit 1
-	fi
-	[ "$kind" = queue ] && stop_drainers
-	[ "$snap" = 1 ] && end_old_snapshot
-	read -r rows ids t_end t_mid v < <(check_sink "$N")
-	[ "$rows" -eq "$N" ] && [ "$ids" -eq "$N" ] ||
-		{ echo "$c run $run: sink has $rows rows, $ids distinct ids, expected $N (exactly once)"; exit 1; }
+	settle "$c" "$kind" "$snap" "$res" "$N" expected
+	read -r _ _ t_end t_mid v <<<"$SINK"
 	tp[$c,$run]=$(echo "$N / ($t_end - $t_commit)" | bc -l)
 	tp_h1[$c,$run]=$(echo "($N / 2) / ($t_mid - $t_commit)" | bc -l)
 	tp_h2[$c,$run]=$(echo "($N / 2) / ($t_end - $t_mid)" | bc -l)
@@ -407,7 +415,7 @@ throughput() {
 
 # latency CASE KIND(outbox|queue) SNAP(0|1): 4 shards / 4 drainers
 latency() {
-	local c=$1 kind=$2 snap=$3 script target= out x tps lag res rows ids v med p99 mx
+	local c=$1 kind=$2 snap=$3 script target= out x tps lag res v med p99 mx
 	sql -c "TRUNCATE sink, q RESTART IDENTITY" -c "CHECKPOINT"
 	[ "$snap" = 1 ] && start_old_snapshot
 	if [ "$kind" = outbox ]; then
@@ -429,16 +437,8 @@ latency() {
 	else
 		res=$(sql -c "CALL bench_wait_queue($x, 4, $WAIT_S)")
 	fi
-	if [ "${res:0:2}" != ok ]; then
-		echo "$c run $run: $res"
-		diag
-		exit 1
-	fi
-	[ "$kind" = queue ] && stop_drainers
-	[ "$snap" = 1 ] && end_old_snapshot
-	read -r rows ids _ _ v < <(check_sink "$x")
-	[ "$rows" -eq "$x" ] && [ "$ids" -eq "$x" ] ||
-		{ echo "$c run $run: sink has $rows rows, $ids distinct ids, pgbench wrote $x (exactly once)"; exit 1; }
+	settle "$c" "$kind" "$snap" "$res" "$x" "pgbench wrote"
+	read -r _ _ _ _ v <<<"$SINK"
 	read -r med p99 mx < <(sql -F ' ' -c "
 		SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2),
 		       round(percentile_disc(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2)

@@ -79,11 +79,7 @@ cleanup() {
 on_exit() {
 	local rc=$?
 	cleanup
-	# Keep the server log of a failed run.
-	if [ "$rc" -ne 0 ] && [ -s "$work/log" ]; then
-		cp "$work/log" "/tmp/processor_bench-$$.log" && echo "server log: /tmp/processor_bench-$$.log" >&2
-		grep -A1 'terminated by signal' "$work/log" >&2 || true
-	fi
+	keep_failed_log "$rc" "$work" processor_bench
 	rm -rf "$work" "$tree"
 }
 trap on_exit EXIT

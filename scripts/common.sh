@@ -57,6 +57,14 @@ stop_server() {
 	as_user pg_ctl -D "$1/data" -m fast stop >/dev/null 2>&1 || true
 }
 
+# keep_failed_log RC WORK NAME: after a failed run (RC not 0), copy the server
+# log WORK/log to /tmp/NAME-PID.log, say where, and show any signal deaths.
+keep_failed_log() {
+	[ "$1" -ne 0 ] && [ -s "$2/log" ] || return 0
+	cp "$2/log" "/tmp/$3-$$.log" && echo "server log: /tmp/$3-$$.log" >&2
+	grep -A1 'terminated by signal' "$2/log" >&2 || true
+}
+
 # start_kafka WORK TREE [OPTIONS...]: start the test Kafka cluster (a librdkafka
 # mock on 127.0.0.1, test/kafka/spool_kafka_mock) driven through a fifo in
 # WORK; sets KAFKA_PID and KAFKA_BOOTSTRAP.  kafka CMD: send one command and
