@@ -17,6 +17,10 @@ $roles$;
 REVOKE ALL ON SCHEMA @extschema@ FROM PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO spool_admin, spool_client;
 
+-- The C functions below are SECURITY INVOKER: each one notes its caller
+-- (every privilege check is made against that role), then does its own work
+-- as the extension with search_path = pg_catalog, pg_temp (src/privs.c).
+
 ------------------------------------------------------------------------------
 -- Leases and fencing
 ------------------------------------------------------------------------------
@@ -29,10 +33,13 @@ CREATE TYPE @extschema@.lease AS (
 );
 
 -- One row per resource, never deleted: the token only grows, also across
--- restarts.  Low fillfactor keeps renewals HOT.
+-- restarts.  Low fillfactor keeps renewals HOT.  role: the role the lease
+-- belongs to since its first grant (0: spool_ext's own workers; NULL: never
+-- granted); only its members use it.
 CREATE TABLE @extschema@.lease_store (
 	resource	text PRIMARY KEY CHECK (resource <> ''),
 	owner		text,
+	role		oid,
 	token		bigint NOT NULL DEFAULT 0 CHECK (token >= 0),
 	expires_at	timestamptz,
 	granted_at	timestamptz,
@@ -45,7 +52,7 @@ CREATE FUNCTION @extschema@.lease_acquire(resource text, owner text,
 										  ttl interval DEFAULT '10 s')
 RETURNS @extschema@.lease
 AS 'MODULE_PATHNAME', 'spool_lease_acquire'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.lease_acquire(text, text, interval) IS
 'Acquire or renew a lease; returns it with its fencing token, or NULL when another owner holds it';
 
@@ -53,28 +60,34 @@ CREATE FUNCTION @extschema@.lease_renew(resource text, owner text, token bigint,
 										ttl interval DEFAULT '10 s')
 RETURNS timestamptz
 AS 'MODULE_PATHNAME', 'spool_lease_renew'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.lease_renew(text, text, bigint, interval) IS
 'Extend a held lease, keeping its token; raises SP002 when the lease was lost';
 
 CREATE FUNCTION @extschema@.lease_release(resource text, owner text, token bigint)
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'spool_lease_release'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.lease_release(text, text, bigint) IS
 'Give a lease up; true if released now, false if it had already ended';
 
 CREATE FUNCTION @extschema@.fence(resource text, token bigint)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_fence'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.fence(text, bigint) IS
 'Raise unless token is the current token of a live lease; no newer token is granted before this transaction ends';
 
+-- Tokens are shown to members of the lease's role and of spool_admin only.
 CREATE VIEW @extschema@.leases AS
-	SELECT resource, owner, token, expires_at,
+	SELECT resource, owner,
+		   CASE WHEN (role IS NOT NULL AND role <> 0 AND pg_has_role(role, 'MEMBER'))
+					 OR pg_has_role('spool_admin', 'MEMBER')
+				THEN token END AS token,
+		   expires_at,
 		   coalesce(expires_at > clock_timestamp(), false) AS live,
-		   granted_at, renewed_at, released_at, grants
+		   granted_at, renewed_at, released_at, grants,
+		   CASE WHEN role = 0 THEN 'spool_ext' ELSE role::regrole::text END AS role
 	  FROM @extschema@.lease_store;
 
 ------------------------------------------------------------------------------
@@ -86,8 +99,11 @@ CREATE TYPE @extschema@.nonce_state AS ENUM ('allocated', 'consumed', 'released'
 -- One row per signer, created by the first grant of its lease.  lease_token
 -- mirrors the token of lease 'signer:' || signer and is written under this
 -- row's lock by every new grant, so nonce operations fence on this row.
+-- role: the role the signer belongs to (its lease's, or for a signer served
+-- through spool.nonce_request, its first requester's).
 CREATE TABLE @extschema@.nonce_signer (
 	signer		text PRIMARY KEY CHECK (signer <> ''),
+	role		oid,
 	next_nonce	bigint NOT NULL DEFAULT 0 CHECK (next_nonce >= 0),
 	released	bigint NOT NULL DEFAULT 0 CHECK (released >= 0),
 	lease_token	bigint NOT NULL DEFAULT 0
@@ -112,34 +128,40 @@ CREATE FUNCTION @extschema@.nonce_allocate(signer text, owner text, token bigint
 										   request_id text DEFAULT NULL)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_nonce_allocate'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.nonce_allocate(text, text, bigint, text) IS
 'Allocate the lowest released nonce of a signer, else the next new one; fenced by the signer lease';
 
 CREATE FUNCTION @extschema@.nonce_mark_used(signer text, nonce bigint, owner text, token bigint)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_nonce_mark_used'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.nonce_mark_used(text, bigint, text, bigint) IS
 'Mark an allocated nonce CONSUMED (final); fenced by the signer lease';
 
 CREATE FUNCTION @extschema@.nonce_mark_recyclable(signer text, nonce bigint, owner text, token bigint)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_nonce_mark_recyclable'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.nonce_mark_recyclable(text, bigint, text, bigint) IS
 'Give an allocated nonce back (RELEASED): it is handed out again first; fenced by the signer lease';
 
 CREATE FUNCTION @extschema@.nonce_request(signer text, request_id text DEFAULT NULL)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_nonce_request'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.nonce_request(text, text) IS
 'Worker-queue mode: allocate a nonce through the nonce worker that owns the signer lease; needs no lease';
 
+-- Tokens are shown to members of the signer's role and of spool_admin only.
 CREATE VIEW @extschema@.nonces AS
-	SELECT signer, nonce, state, owner, token, request_id, updated_at
-	  FROM @extschema@.nonce_store;
+	SELECT n.signer, n.nonce, n.state, n.owner,
+		   CASE WHEN (s.role IS NOT NULL AND pg_has_role(s.role, 'MEMBER'))
+					 OR pg_has_role('spool_admin', 'MEMBER')
+				THEN n.token END AS token,
+		   n.request_id, n.updated_at
+	  FROM @extschema@.nonce_store n
+	  LEFT JOIN @extschema@.nonce_signer s ON s.signer = n.signer;
 
 CREATE FUNCTION @extschema@.nonce_worker_status(
 	OUT worker int, OUT pid int, OUT generation bigint, OUT owner text,
@@ -147,7 +169,7 @@ CREATE FUNCTION @extschema@.nonce_worker_status(
 	OUT last_batch int, OUT takeovers bigint, OUT heartbeat timestamptz)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'spool_nonce_worker_status'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.nonce_worker_status() IS
 'One row per nonce service worker slot: process, queue depth and counters';
 
@@ -253,11 +275,13 @@ CREATE TABLE @extschema@.segment_info (
 );
 
 -- Registered readers of the spool: a segment is kept until every consumer's
--- committed cursor has passed it.
+-- committed cursor has passed it.  owner: the role that registered it (NULL
+-- for the consumers of processors, 'processor:<name>').
 CREATE TABLE @extschema@.consumers (
 	name		text PRIMARY KEY CHECK (name <> ''),
 	committed_cursor bigint NOT NULL CHECK (committed_cursor >= 0),
-	updated_at	timestamptz NOT NULL DEFAULT now()
+	updated_at	timestamptz NOT NULL DEFAULT now(),
+	owner		regrole
 );
 
 CREATE TABLE @extschema@.dead_letters (
@@ -307,28 +331,28 @@ CREATE FUNCTION @extschema@.create_source(name text, brokers text, topics text[]
 										  options jsonb DEFAULT '{}')
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_create_source'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.create_source(text, text, text[], jsonb) IS
 'Define a Kafka source (created stopped; see start_source); options are validated now';
 
 CREATE FUNCTION @extschema@.start_source(name text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_start_source'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.start_source(text) IS
 'Enable a source: the launcher starts its ingest worker (after a stop on a gap, the gap is accepted)';
 
 CREATE FUNCTION @extschema@.stop_source(name text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_stop_source'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.stop_source(text) IS
 'Disable a source: its ingest worker stops; offsets and entries stay';
 
 CREATE FUNCTION @extschema@.drop_source(name text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_drop_source'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_source(text) IS
 'Remove a source and its offsets; its entries stay in the spool until retention removes them';
 
@@ -375,28 +399,28 @@ CREATE FUNCTION @extschema@.read(after_cursor bigint, max_entries int DEFAULT 10
 								 wait interval DEFAULT '0 s')
 RETURNS SETOF @extschema@.entries
 AS 'MODULE_PATHNAME', 'spool_read'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.read(bigint, int, interval) IS
 'Entries with cursor > after_cursor in cursor order; waits up to wait for the first one';
 
 CREATE FUNCTION @extschema@.register_consumer(name text, start_cursor bigint DEFAULT NULL)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_register_consumer'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.register_consumer(text, bigint) IS
 'Register a spool reader (at start_cursor, default the current end); segments it has not passed are kept.  Returns its committed cursor';
 
 CREATE FUNCTION @extschema@.commit_consumer(name text, cursor bigint)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_commit_consumer'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.commit_consumer(text, bigint) IS
 'Record that a consumer has processed every entry up to cursor (never moves back); returns its committed cursor';
 
 CREATE FUNCTION @extschema@.drop_consumer(name text)
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'spool_drop_consumer'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_consumer(text) IS
 'Unregister a consumer so it no longer holds segments back; false if there was none';
 
@@ -458,28 +482,28 @@ CREATE FUNCTION @extschema@.create_processor(name text, handler regprocedure,
 											 options jsonb DEFAULT '{}')
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_create_processor'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.create_processor(text, regprocedure, jsonb) IS
 'Define a processor (created stopped; see start_processor); the handler and options are validated now';
 
 CREATE FUNCTION @extschema@.start_processor(name text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_start_processor'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.start_processor(text) IS
 'Enable a processor: the launcher starts its replicas';
 
 CREATE FUNCTION @extschema@.stop_processor(name text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_stop_processor'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.stop_processor(text) IS
 'Disable a processor: its replicas stop; the checkpoint and outputs stay';
 
 CREATE FUNCTION @extschema@.drop_processor(name text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_drop_processor'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_processor(text) IS
 'Remove a processor and its checkpoint (its outbox rows stay); it no longer holds spool segments back';
 
@@ -548,6 +572,14 @@ CREATE TABLE @extschema@.targets (
 	created_at	timestamptz NOT NULL DEFAULT now()
 );
 CREATE SEQUENCE @extschema@.target_id_seq AS int;
+
+-- Roles the owner of a target allowed to write into it (spool.grant_target);
+-- the owner's members may anyway.
+CREATE TABLE @extschema@.target_grants (
+	target_id	int NOT NULL REFERENCES @extschema@.targets (id) ON DELETE CASCADE,
+	role		oid NOT NULL,
+	PRIMARY KEY (target_id, role)
+);
 
 -- Outbox ids.  CACHE 1 matters: ids must be handed out in one global order
 -- for the commit-safe horizon (src/outbox_enqueue.c) to hold.
@@ -625,42 +657,56 @@ CREATE INDEX outbox_dead_target ON @extschema@.outbox_dead (target, id);
 CREATE FUNCTION @extschema@.create_target(name text, kind text, options jsonb DEFAULT '{}')
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_create_target'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.create_target(text, text, jsonb) IS
 'Define an outbox target (kind sql, notify or kafka); its dispatchers start at commit';
 
 CREATE FUNCTION @extschema@.drop_target(name text, force boolean DEFAULT false)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_drop_target'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_target(text, boolean) IS
 'Remove a target with its outbox rows, parked rows and dead letters; refused while rows are undelivered unless force';
 
 CREATE FUNCTION @extschema@.alter_target(name text, options jsonb)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_alter_target'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.alter_target(text, jsonb) IS
 'Change options of a target (merged over the current ones; null resets one), checked as at create; not shards. Its workers restart with them after commit, keeping every row';
 
 CREATE FUNCTION @extschema@.enqueue(target text, key text, payload jsonb)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_enqueue'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.enqueue(text, text, jsonb) IS
 'Write a row to the outbox in the current transaction; returns its outbox id';
 
 CREATE FUNCTION @extschema@.enqueue_barrier(target text)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'spool_enqueue_barrier'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.enqueue_barrier(text) IS
 'Write a barrier: delivered after every earlier row of the target, before every later one';
+
+CREATE FUNCTION @extschema@.grant_target(target text, role text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_grant_target'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.grant_target(text, text) IS
+'Allow role (and its members) to write into a target: spool.enqueue, enqueue_barrier and processor outputs; owner only';
+
+CREATE FUNCTION @extschema@.revoke_target(target text, role text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_revoke_target'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.revoke_target(text, text) IS
+'Take back a grant_target; owner only';
 
 CREATE FUNCTION @extschema@.redrive(outbox_id bigint)
 RETURNS void
 AS 'MODULE_PATHNAME', 'spool_redrive'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.redrive(bigint) IS
 'Put a dead-lettered row back: it is retried next on its key, with its outbox id';
 
@@ -694,7 +740,10 @@ CREATE VIEW @extschema@.target_config AS
 						coalesce((SELECT jsonb_object_agg(k, '********')
 									FROM jsonb_object_keys(t.options->'kafka') k), '{}'))
 		   END AS options,
-		   t.owner, t.created_at
+		   t.owner,
+		   ARRAY(SELECT g.role::regrole FROM @extschema@.target_grants g
+				  WHERE g.target_id = t.id ORDER BY 1) AS writers,
+		   t.created_at
 	  FROM @extschema@.targets t;
 
 CREATE VIEW @extschema@.outbox AS
@@ -1005,6 +1054,8 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.create_target(text, text, jsonb),
 	@extschema@.drop_target(text, boolean),
 	@extschema@.alter_target(text, jsonb),
+	@extschema@.grant_target(text, text),
+	@extschema@.revoke_target(text, text),
 	@extschema@.redrive(bigint)
 	TO spool_admin;
 GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()

@@ -129,7 +129,7 @@ CREATE TABLE sink (seq bigserial, outbox_id bigint NOT NULL, key text, payload j
 CREATE FUNCTION bench_sink(payload jsonb, key text, outbox_id bigint) RETURNS void
 LANGUAGE plpgsql AS \$\$
 BEGIN
-	INSERT INTO sink (outbox_id, key, payload, delivered_at)
+	INSERT INTO public.sink (outbox_id, key, payload, delivered_at)
 	VALUES (bench_sink.outbox_id, bench_sink.key, bench_sink.payload, clock_timestamp());
 END \$\$;
 GRANT INSERT ON sink TO bench_app;

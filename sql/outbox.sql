@@ -351,6 +351,10 @@ SELECT spool.create_target('ob_events', 'notify', '{"channel": "ob_events"}');
 SELECT spool.create_target('ob_sharded', 'notify', '{"channel": "ob_sharded", "shards": 4}');
 SELECT spool.create_target('ob_sql', 'sql', '{"function": "public.ob_deliver", "run_as": "regress_ob_runner"}');
 SELECT try($$SELECT spool.create_target('ob_sql', 'sql', '{"function": "public.ob_deliver"}')$$);
+-- Writing into a target needs its owner's grant (spool.grant_target).
+SELECT spool.grant_target('ob_events', 'regress_ob_client');
+SELECT spool.grant_target('ob_events', 'regress_ob_client');
+SELECT name, writers FROM spool.target_config WHERE name LIKE 'ob\_%' ORDER BY name COLLATE "C";
 RESET ROLE;
 
 --
@@ -628,16 +632,40 @@ SELECT count(DISTINCT name) > 0 AS has_histograms,
 --
 -- Privileges.
 --
--- A client may enqueue to any target, but not manage targets.
+-- A client may enqueue to the targets it was granted, and not manage targets.
 SET ROLE regress_ob_client;
 SELECT try($$SELECT spool.enqueue('ob_events', 'client', '{"n": 1}')$$);
 SELECT try($$SELECT spool.enqueue_barrier('ob_events')$$);
+SELECT try($$SELECT spool.enqueue('ob_sql', 'client', '{"n": 1}')$$);
+SELECT try($$SELECT spool.enqueue_barrier('ob_sql')$$);
 SELECT try($$SELECT spool.create_target('ob_client', 'notify', '{"channel": "c"}')$$);
 SELECT try($$SELECT spool.drop_target('ob_events')$$);
 SELECT try($$SELECT spool.drop_target('ob_events', force => true)$$);
+SELECT try($$SELECT spool.grant_target('ob_sql', 'regress_ob_client')$$);
 SELECT try(format('SELECT spool.redrive(%s)', :f1));
 SELECT count(*) AS client_rows FROM spool.outbox WHERE key = 'client';
 RESET ROLE;
+-- Another admin may not grant, revoke or alter the first admin's targets
+-- (and so cannot write into them either).
+SET ROLE regress_ob_admin2;
+SELECT try($$SELECT spool.enqueue('ob_events', 'admin2', '{"n": 1}')$$);
+SELECT try($$SELECT spool.grant_target('ob_events', 'regress_ob_admin2')$$);
+SELECT try($$SELECT spool.revoke_target('ob_events', 'regress_ob_client')$$);
+SELECT try($$SELECT spool.alter_target('ob_events', '{"batch_size": 7}')$$);
+RESET ROLE;
+-- grant_target and revoke_target: bad arguments, then a revoke that takes.
+SET ROLE regress_ob_admin;
+SELECT try($$SELECT spool.grant_target('ob_nope', 'regress_ob_client')$$);
+SELECT try($$SELECT spool.grant_target('ob_events', 'regress_no_such_role')$$);
+SELECT try($$SELECT spool.grant_target(NULL, 'regress_ob_client')$$);
+SELECT try($$SELECT spool.grant_target('ob_events', NULL)$$);
+SELECT spool.revoke_target('ob_events', 'regress_ob_client');
+SELECT spool.revoke_target('ob_events', 'regress_ob_client');
+RESET ROLE;
+SET ROLE regress_ob_client;
+SELECT try($$SELECT spool.enqueue('ob_events', 'client', '{"n": 2}')$$);
+RESET ROLE;
+SELECT count(*) AS client_rows FROM spool.outbox WHERE key = 'client';
 -- A role with no spool role can do nothing.
 SET ROLE regress_ob_plain;
 SELECT try($$SELECT spool.enqueue('ob_events', 'plain', '{"n": 1}')$$);

@@ -324,6 +324,30 @@ SELECT * FROM wa_outputs('sliding_max');
 SELECT wa_state('sliding_max');
 
 --
+-- max_keys: with more live keys than max_keys, the least recently seen
+-- tenth of max_keys (at least one) are forgotten, by the cursor of their
+-- latest entry.  max_keys 3, count windows, no alerts:
+--   c1 k1, c2 k2, c3 k3    keys k1 k2 k3
+--   c4 k4                  4 keys: k1 (last 1) goes; k2 k3 k4
+--   c5 k2                  k2 seen again (last 5)
+--   c6 k5                  k3 (last 3) goes; k2 k4 k5
+--   c7 k6                  k4 (last 4) goes; k2 k5 k6
+-- State: evicted 3, keys k2 (last 5), k5 (last 6), k6 (last 7).
+INSERT INTO wa_case VALUES ('max_keys',
+	'{"key": "k", "aggregate": "count", "window": {"type": "count", "size": 2},
+	  "threshold": 100, "target": "t", "max_keys": 3}',
+	ARRAY[wa_entry(1, '{"k": "k1"}'), wa_entry(2, '{"k": "k2"}'), wa_entry(3, '{"k": "k3"}'),
+		  wa_entry(4, '{"k": "k4"}'), wa_entry(5, '{"k": "k2"}'), wa_entry(6, '{"k": "k5"}'),
+		  wa_entry(7, '{"k": "k6"}')]);
+SELECT s->'evicted' AS evicted,
+	   (SELECT jsonb_object_agg(k, s->'keys'->k->'last') FROM jsonb_object_keys(s->'keys') k) AS last
+  FROM wa_state('max_keys') s;
+SELECT try($$SELECT spool.window_alert('{"config": {"key": "k", "aggregate": "count",
+	"window": {"type": "count", "size": 2}, "threshold": 1, "target": "t", "max_keys": 0}}', NULL)$$);
+SELECT try($$SELECT spool.window_alert('{"config": {"key": "k", "aggregate": "count",
+	"window": {"type": "count", "size": 2}, "threshold": 1, "target": "t", "max_keys": 1.5}}', NULL)$$);
+
+--
 -- Event time from the value: "time" is the path "meta.ts", holding epoch
 -- seconds or an ISO 8601 string; kafka_ts is not used.  Tumbling windows of
 -- 3600 (seconds), count >= 2.  1700000000 is 2023-11-14 22:13:20 UTC, in

@@ -8,8 +8,12 @@
 #include "postgres.h"
 
 #include "utils/guc.h"
+#include "utils/varlena.h"
 
+#include "kafka_policy.h"
 #include "spool.h"
+
+static bool check_allowed_brokers(char **newval, void **extra, GucSource source);
 
 char	   *spool_database = NULL;
 int			spool_nonce_workers = 2;
@@ -150,5 +154,42 @@ spool_define_gucs(void)
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	DefineCustomStringVariable("spool.kafka_allowed_brokers",
+							   "Kafka brokers that roles other than superusers may name in sources and kafka targets.",
+							   "A comma-separated list of host:port, host:* or *; empty: none.",
+							   &spool_kafka_allowed_brokers,
+							   "",
+							   PGC_SIGHUP, 0,
+							   check_allowed_brokers, NULL, NULL);
+
 	MarkGUCPrefixReserved("spool");
+}
+
+/* Every entry is "*", "host:port" or "host:*". */
+static bool
+check_allowed_brokers(char **newval, void **extra, GucSource source)
+{
+	char	   *copy = pstrdup(*newval);
+	List	   *entries;
+	ListCell   *lc;
+
+	if (!SplitIdentifierString(copy, ',', &entries))
+	{
+		GUC_check_errdetail("List syntax is invalid.");
+		return false;
+	}
+	foreach(lc, entries)
+	{
+		const char *e = lfirst(lc);
+		const char *colon = strrchr(e, ':');
+
+		if (strcmp(e, "*") == 0)
+			continue;
+		if (colon == NULL || colon == e || colon[1] == '\0')
+		{
+			GUC_check_errdetail("Entry \"%s\" is not host:port, host:* or *.", e);
+			return false;
+		}
+	}
+	return true;
 }

@@ -49,6 +49,9 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "internal_lock.h"
+#include "kafka_policy.h"
+#include "privs.h"
 #include "spool.h"
 #include "source.h"
 #include "json_check.h"
@@ -62,6 +65,9 @@ PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 									 * repeated identical error, so an outage stays
 									 * visible */
 #define KAFKA_CALL_TIMEOUT_MS 5000
+#define BATCH_MAX_BYTES		(32 * 1024 * 1024)	/* message bytes held per batch;
+												 * a single larger message still
+												 * makes a batch of one */
 #define STAGING_NATTS		15
 
 /* One assigned partition. */
@@ -102,6 +108,8 @@ static PartState *parts;
 static int	nparts;
 static Staged *batch;
 static int	nbatch;
+static Size batch_bytes;			/* message bytes held in batch */
+static Oid	source_owner;
 static int	wake_pipe[2] = {-1, -1};
 static char *last_error = NULL;
 static TimestampTz last_error_at = 0;
@@ -242,12 +250,10 @@ load_source(List **topics, List **off_topic, List **off_part, List **off_next)
 	 * launcher while the first still runs) would stage offsets twice.  The
 	 * session lock lives as long as this process.
 	 */
-	if (SPI_execute_with_args("SELECT pg_try_advisory_lock(hashtext('spool_ext ingest'), hashtext($1))",
-							  1, t, v, NULL, false, 1) != SPI_OK_SELECT ||
-		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	if (!spool_internal_lock(SPOOL_LOCK_INGEST, source_name, 0))
 		ereport(ERROR,
 				(errmsg("another ingest worker is running for source \"%s\"", source_name)));
-	if (SPI_execute_with_args("SELECT brokers, topics, options, enabled, skip_gap"
+	if (SPI_execute_with_args("SELECT brokers, topics, options, enabled, skip_gap, owner::oid"
 							  " FROM spool.sources WHERE name = $1",
 							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read source \"%s\"", source_name);
@@ -269,6 +275,7 @@ load_source(List **topics, List **off_topic, List **off_part, List **off_next)
 			*topics = lappend(*topics, TextDatumGetCString(elems[j]));
 		opts = spool_parse_source_options(DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull)));
 		skip_gap = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+		source_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 6, &isnull));
 
 		MemoryContextSwitchTo(old);
 		/*
@@ -476,13 +483,25 @@ handle_message(rd_kafka_message_t *rkm)
 	s = new_staged(pi, rkm->offset, 'm');
 	if (rkm->key)
 		s->key = make_bytea(rkm->key, rkm->key_len);
+	s->headers = headers_jsonb(rkm);
+	batch_bytes += rkm->len + rkm->key_len;
 	ts = rd_kafka_message_timestamp(rkm, &tstype);
 	if (tstype != RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0)
 	{
-		s->ts = (TimestampTz) (ts - ((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000)) * 1000;
+		/* Milliseconds since 1970 to microseconds since 2000, if in range. */
+		int64		pg_ms = ts - ((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000);
+
+		if (pg_ms >= END_TIMESTAMP / 1000)
+		{
+			s->kind = 'd';
+			if (rkm->payload && rkm->len <= (size_t) opts->max_message_bytes)
+				s->payload = make_bytea(rkm->payload, rkm->len);
+			s->error = psprintf("Kafka timestamp " INT64_FORMAT " ms is outside the range of timestamptz", ts);
+			return;
+		}
+		s->ts = (TimestampTz) pg_ms * 1000;
 		s->has_ts = true;
 	}
-	s->headers = headers_jsonb(rkm);
 
 	if (rkm->payload == NULL)
 	{
@@ -868,6 +887,7 @@ stage_batch(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 	spool_wake_promoter();
 	nbatch = 0;
+	batch_bytes = 0;
 }
 
 /*
@@ -1077,6 +1097,7 @@ spool_ingest_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+	spool_worker_pin_settings();
 	pgstat_report_appname(psprintf("spool ingest %s", source_name));
 
 	if (!load_source(&topics, &off_topic, &off_part, &off_next))
@@ -1093,6 +1114,12 @@ spool_ingest_main(Datum main_arg)
 
 	PG_TRY();
 	{
+		/* What the owner may hand to librdkafka today (it may have been demoted). */
+		StartTransactionCommand();
+		spool_kafka_policy_check(brokers, opts->nkafka, (const char *const *) opts->kafka_keys,
+								 (const char *const *) opts->kafka_values, source_owner,
+								 "source", source_name);
+		CommitTransactionCommand();
 		conf = spool_kafka_conf(brokers, opts, default_group, errbuf, sizeof(errbuf));
 		if (conf == NULL)
 			ereport(ERROR,
@@ -1137,7 +1164,7 @@ spool_ingest_main(Datum main_arg)
 
 			spool_worker_pass(batch_cxt, true);
 
-			while (nbatch < opts->batch_size && !stop_after_batch)
+			while (nbatch < opts->batch_size && batch_bytes < BATCH_MAX_BYTES && !stop_after_batch)
 			{
 				rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 0);
 				long		timeout;

@@ -35,6 +35,7 @@
 #include "launcher.h"
 #include "outbox.h"
 #include "processor.h"
+#include "privs.h"
 #include "spool.h"
 
 PGDLLEXPORT void spool_launcher_main(Datum main_arg);
@@ -116,6 +117,7 @@ spool_launcher_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+	spool_worker_pin_settings();
 
 	/* Workers of an earlier launcher see the new generation and exit. */
 	pg_atomic_fetch_add_u32(&spool_shared->launcher_generation, 1);

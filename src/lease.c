@@ -12,6 +12,14 @@
  * a transaction fenced with the old one is still open (L-2).  Renewal and
  * release only take FOR NO KEY UPDATE, which does not conflict with fences.
  *
+ * A lease belongs to a role: the role that took it first (its row keeps the
+ * role, like the token, forever).  Only members of that role (and
+ * superusers) acquire, renew, release or fence it, whatever owner name they
+ * give; role 0 marks leases of spool_ext's own workers ('processor:...', and
+ * 'signer:...' leases of signers served by spool.nonce_request), which no
+ * client call reaches.  Names starting with 'processor:' or 'spool:' are
+ * reserved to the extension.
+ *
  * Leases named 'signer:<signer>' belong to the nonce allocator: a new grant
  * also locks the signer's row in spool.nonce_signer and writes the new token
  * there, so nonce operations (which lock that row anyway) are fenced by it
@@ -20,7 +28,8 @@
  * A fenced transaction that outlives its lease would block a rival forever;
  * fence() therefore records (resource, token) in shared memory, and an
  * acquirer that waits longer than spool.lease_wait_timeout terminates the
- * backends holding fences with the stale token, then waits once more.
+ * backends holding fences with the stale token (those the acquirer could
+ * signal with pg_terminate_backend), then waits once more.
  *
  *-------------------------------------------------------------------------
  */
@@ -40,6 +49,7 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
+#include "privs.h"
 #include "spool.h"
 
 PG_FUNCTION_INFO_V1(spool_lease_acquire);
@@ -55,10 +65,15 @@ typedef struct LeaseRow
 	int64		token;
 	bool		live;			/* expires_at > clock_timestamp() */
 	TimestampTz expires_at;
+	bool		has_role;		/* false: never granted */
+	Oid			role;			/* SPOOL_LEASE_INTERNAL: spool_ext's own */
 } LeaseRow;
 
 #define LEASE_COLS "owner, token, expires_at, " \
-	"coalesce(expires_at > clock_timestamp(), false)"
+	"coalesce(expires_at > clock_timestamp(), false), role"
+
+/* Lease names client calls may not use. */
+static const char *const reserved_prefixes[] = {"processor:", "spool:", NULL};
 
 static SPIPlanPtr plan_read = NULL;
 static SPIPlanPtr plan_lock = NULL;
@@ -72,12 +87,13 @@ static SPIPlanPtr plan_signer_token = NULL;
 static bool fence_callback_registered = false;
 
 static LeaseRow lease_fetch(SPIPlanPtr plan, const char *resource);
-static bool lease_lock(const char *resource, LeaseRow *row);
+static bool lease_lock(const char *resource, LeaseRow *row, Oid role);
 static bool lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row);
+static bool lease_role_allows(const char *resource, LeaseRow *row, Oid role);
 static void fence_xact_callback(XactEvent event, void *arg);
-static int	fence_terminate_holders(const char *resource, int64 token);
+static int	fence_terminate_holders(const char *resource, int64 token, Oid role);
 static void lease_report_not_held(const char *resource, const char *owner,
-								  int64 token, const char *action);
+								  int64 token, const char *action, Oid role);
 
 static inline uint32
 resource_hash(const char *resource)
@@ -112,7 +128,64 @@ lease_fetch(SPIPlanPtr plan, const char *resource)
 	if (isnull)
 		row.expires_at = DT_NOBEGIN;
 	row.live = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+	row.role = DatumGetObjectId(SPI_getbinval(tup, desc, 5, &isnull));
+	row.has_role = !isnull;
 	return row;
+}
+
+/*
+ * Check role (SPOOL_LEASE_INTERNAL: the extension's own code) against the role
+ * a lease belongs to, as read into row.  A client that may not use the lease
+ * gets 42501; the extension's own code gets false (the lease is a client's).
+ * A lease never granted belongs to nobody yet.
+ */
+static bool
+lease_role_allows(const char *resource, LeaseRow *row, Oid role)
+{
+	if (!row->has_role)
+		return true;
+	if (role == SPOOL_LEASE_INTERNAL)
+		return row->role == SPOOL_LEASE_INTERNAL;
+	spool_lease_check_role(resource, row->role, role);
+	return true;
+}
+
+/*
+ * Raise 42501 unless role (a client's) may use a lease that belongs to
+ * lease_role.  The message names no owner and no token.
+ */
+void
+spool_lease_check_role(const char *resource, Oid lease_role, Oid role)
+{
+	if (lease_role == SPOOL_LEASE_INTERNAL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("lease \"%s\" belongs to spool_ext", resource),
+				 errdetail("The leases of processors, and of signers served through spool.nonce_request, are held by the extension's workers.")));
+	if (!spool_role_is_member(role, lease_role))
+	{
+		char	   *name = GetUserNameFromId(lease_role, true);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("lease \"%s\" belongs to another role", resource),
+				 name ? errdetail("It belongs to role \"%s\".", name) : 0,
+				 errhint("Only members of the role that first took a lease may acquire, renew, release or fence it.")));
+	}
+}
+
+/* 42501 if resource is a name client calls may not use. */
+static void
+check_not_reserved(const char *resource)
+{
+	const char *const *p;
+
+	for (p = reserved_prefixes; *p; p++)
+		if (strncmp(resource, *p, strlen(*p)) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("lease names starting with \"%s\" are reserved to spool_ext", *p),
+					 errhint("Choose another name for your lease.")));
 }
 
 static SPIPlanPtr
@@ -127,17 +200,18 @@ read_plan(void)
 
 /*
  * Lock the row FOR UPDATE, waiting at most spool.lease_wait_timeout; if a
- * fenced transaction with the old token still blocks, terminate it and wait
- * once more.  Returns false (and leaves the lease alone) if still blocked.
+ * fenced transaction with the old token still blocks, terminate it (if role
+ * may signal it) and wait once more.  Returns false (and leaves the lease
+ * alone) if still blocked.
  */
 static bool
-lease_lock(const char *resource, LeaseRow *row)
+lease_lock(const char *resource, LeaseRow *row, Oid role)
 {
 	int64		stale_token = row->token;
 
 	if (lease_try_lock(resource, spool_lease_wait_timeout_ms, row))
 		return true;
-	if (fence_terminate_holders(resource, stale_token) == 0)
+	if (fence_terminate_holders(resource, stale_token, role) == 0)
 		return false;
 	return lease_try_lock(resource, spool_lease_wait_timeout_ms, row);
 }
@@ -200,22 +274,25 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 }
 
 /*
- * Renew a live lease held by owner with token; false when it is not.  The
+ * Renew a live lease held by owner with token; false when it is not.  role
+ * is the caller's (SPOOL_LEASE_INTERNAL for the extension's own code): a
+ * lease of another role raises 42501, which also undoes the renewal.  The
  * caller is connected to SPI.
  */
 bool
 spool_lease_extend(const char *resource, const char *owner, int64 token,
-				   int64 ttl_us, TimestampTz *expires)
+				   int64 ttl_us, TimestampTz *expires, Oid role)
 {
 	Oid			t[4] = {TEXTOID, TEXTOID, INTERVALOID, INT8OID};
 	Datum		v[4];
 	bool		isnull;
+	LeaseRow	row = {0};
 
 	spool_plan(&plan_renew,
 			   "UPDATE spool.lease_store SET expires_at = clock_timestamp() + $3,"
 			   " renewed_at = clock_timestamp()"
 			   " WHERE resource = $1 AND owner = $2 AND token = $4"
-			   " AND expires_at > clock_timestamp() RETURNING expires_at",
+			   " AND expires_at > clock_timestamp() RETURNING expires_at, role",
 			   4, t);
 	v[0] = CStringGetTextDatum(resource);
 	v[1] = CStringGetTextDatum(owner);
@@ -225,17 +302,25 @@ spool_lease_extend(const char *resource, const char *owner, int64 token,
 		return false;
 	*expires = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 												 SPI_tuptable->tupdesc, 1, &isnull));
+	row.role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 2, &isnull));
+	row.has_role = !isnull;
+	if (!lease_role_allows(resource, &row, role))
+		elog(ERROR, "lease \"%s\" of owner \"%s\" belongs to a client", resource, owner);
 	return true;
 }
 
 /*
  * Acquire or renew resource for owner.  The caller is connected to SPI.
- * may_steal, when given, allows taking a live lease from a holder it approves
- * (the nonce workers use it to take over from a dead or replaced worker).
+ * role is the caller's, or SPOOL_LEASE_INTERNAL for the extension's own
+ * workers: a client may not use a lease of another role (42501), the
+ * workers never take a client's lease (not held).  may_steal, when given,
+ * allows taking a live lease from a holder it approves (the workers use it to
+ * take over from a dead or replaced worker).
  */
 SpoolLease
 spool_lease_acquire_internal(const char *resource, const char *owner,
-							 int64 ttl_us, spool_may_steal_fn may_steal)
+							 int64 ttl_us, spool_may_steal_fn may_steal, Oid role)
 {
 	SpoolLease	result = {0};
 	int			attempt;
@@ -243,8 +328,8 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 	for (attempt = 0; attempt < 4; attempt++)
 	{
 		LeaseRow	row = lease_fetch(read_plan(), resource);
-		Oid			t[3] = {TEXTOID, TEXTOID, INTERVALOID};
-		Datum		v[3];
+		Oid			t[4] = {TEXTOID, TEXTOID, INTERVALOID, OIDOID};
+		Datum		v[4];
 		bool		isnull;
 
 		if (!row.found)
@@ -259,12 +344,14 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 			spool_exec(plan_insert, &arg, NULL, false, SPI_OK_INSERT);
 			continue;
 		}
+		if (!lease_role_allows(resource, &row, role))
+			return result;		/* a client's lease: not for the workers */
 
 		/* Same owner, live lease: a renewal that keeps the token. */
 		if (row.live && same_owner(row.owner, owner))
 		{
 			if (spool_lease_extend(resource, owner, row.token, ttl_us,
-								   &result.expires_at))
+								   &result.expires_at, role))
 			{
 				result.held = true;
 				result.token = row.token;
@@ -277,7 +364,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 			return result;		/* another owner holds a live lease */
 
 		/* Free, expired or stealable: a new grant needs the row lock. */
-		if (!lease_lock(resource, &row))
+		if (!lease_lock(resource, &row, role))
 		{
 			ereport(DEBUG1,
 					(errmsg("lease \"%s\" is still fenced by a transaction of its previous holder",
@@ -285,10 +372,12 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 			result.blocked = true;
 			return result;
 		}
+		if (!lease_role_allows(resource, &row, role))
+			return result;		/* taken by a client meanwhile */
 		if (row.live && same_owner(row.owner, owner))
 		{
 			if (!spool_lease_extend(resource, owner, row.token, ttl_us,
-									&result.expires_at))
+									&result.expires_at, role))
 				elog(ERROR, "could not renew locked lease \"%s\"", resource);
 			result.held = true;
 			result.token = row.token;
@@ -297,16 +386,18 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		if (row.live && !(may_steal && row.owner && may_steal(row.owner)))
 			return result;
 
+		/* The first grant gives the lease to the role; later ones keep it. */
 		spool_plan(&plan_grant,
 				   "UPDATE spool.lease_store SET owner = $2, token = token + 1,"
 				   " expires_at = clock_timestamp() + $3,"
 				   " granted_at = clock_timestamp(), renewed_at = NULL,"
-				   " grants = grants + 1"
+				   " grants = grants + 1, role = coalesce(role, $4)"
 				   " WHERE resource = $1 RETURNING token, expires_at",
-				   3, t);
+				   4, t);
 		v[0] = CStringGetTextDatum(resource);
 		v[1] = CStringGetTextDatum(owner);
 		v[2] = spool_ttl_datum(ttl_us);
+		v[3] = ObjectIdGetDatum(role);
 		if (spool_exec(plan_grant, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
 			elog(ERROR, "lease \"%s\" vanished while locked", resource);
 		result.held = true;
@@ -317,16 +408,23 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 															  SPI_tuptable->tupdesc, 2, &isnull));
 		if (spool_resource_signer(resource))
 		{
-			Oid			ts[2] = {TEXTOID, INT8OID};
-			Datum		vs[2];
+			Oid			ts[3] = {TEXTOID, INT8OID, OIDOID};
+			Datum		vs[3];
+			char		ns[3] = {' ', ' ', role == SPOOL_LEASE_INTERNAL ? 'n' : ' '};
 
+			/*
+			 * The signer belongs to the client role that leases it; one served
+			 * by the workers belongs to its first requester (nonce_worker.c).
+			 */
 			spool_plan(&plan_signer_token,
-					   "INSERT INTO spool.nonce_signer (signer, lease_token) VALUES ($1, $2)"
-					   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token",
-					   2, ts);
+					   "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
+					   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
+					   " role = coalesce(nonce_signer.role, EXCLUDED.role)",
+					   3, ts);
 			vs[0] = CStringGetTextDatum(spool_resource_signer(resource));
 			vs[1] = Int64GetDatum(result.token);
-			spool_exec(plan_signer_token, vs, NULL, false, SPI_OK_INSERT);
+			vs[2] = ObjectIdGetDatum(role);
+			spool_exec(plan_signer_token, vs, ns, false, SPI_OK_INSERT);
 		}
 		return result;
 	}
@@ -335,11 +433,12 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 }
 
 /*
- * Raise the precise reason why owner does not hold resource with token.
+ * Raise the precise reason why owner does not hold resource with token.  A
+ * caller of another role learns only that (42501), not who holds it.
  */
 static void
 lease_report_not_held(const char *resource, const char *owner, int64 token,
-					  const char *action)
+					  const char *action, Oid role)
 {
 	LeaseRow	row = lease_fetch(read_plan(), resource);
 
@@ -348,6 +447,7 @@ lease_report_not_held(const char *resource, const char *owner, int64 token,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("lease \"%s\" does not exist", resource),
 				 errhint("Call spool.lease_acquire first.")));
+	(void) lease_role_allows(resource, &row, role);
 	if (!same_owner(row.owner, owner))
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
@@ -369,13 +469,12 @@ lease_report_not_held(const char *resource, const char *owner, int64 token,
 }
 
 /*
- * Check that token is the current token of a live lease on resource and lock
- * the row FOR KEY SHARE until the end of the transaction.  owner, when given,
- * must be the holder; signer, when given, words the errors for a signer.
+ * Check that token is the current token of a live lease on resource that
+ * role may use, and lock the row FOR KEY SHARE until the end of the
+ * transaction (spool.fence).
  */
-void
-spool_fence_internal(const char *resource, int64 token, const char *owner,
-					 const char *signer)
+static void
+fence_lease(const char *resource, int64 token, Oid role)
 {
 	Oid			t[1] = {TEXTOID};
 	LeaseRow	row;
@@ -386,17 +485,11 @@ spool_fence_internal(const char *resource, int64 token, const char *owner,
 								 1, t),
 					  resource);
 	if (!row.found || row.owner == NULL)
-	{
-		if (signer)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-					 errmsg("signer \"%s\" has no lease", signer),
-					 errhint("Acquire the lease \"%s\" with spool.lease_acquire first.", resource)));
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("lease \"%s\" does not exist", resource),
 				 errhint("Call spool.lease_acquire first.")));
-	}
+	(void) lease_role_allows(resource, &row, role);
 	if (row.token != token)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
@@ -405,11 +498,6 @@ spool_fence_internal(const char *resource, int64 token, const char *owner,
 				 errdetail("The current token is " INT64_FORMAT ", held by \"%s\".",
 						   row.token, row.owner),
 				 errhint("Another owner took the lease over; this write must not happen.")));
-	if (owner && !same_owner(row.owner, owner))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
-				 errmsg("lease \"%s\" is not held by \"%s\"", resource, owner),
-				 errdetail("Token " INT64_FORMAT " belongs to \"%s\".", row.token, row.owner)));
 	if (!row.live)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
@@ -476,10 +564,12 @@ fence_xact_callback(XactEvent event, void *arg)
 
 /*
  * Terminate the backends whose open transaction fenced resource with token,
- * the way pg_terminate_backend would.  Returns how many were signalled.
+ * the way pg_terminate_backend would, and only those role could terminate
+ * with it (the extension's own code may terminate any).  Returns how many
+ * were signalled.
  */
 static int
-fence_terminate_holders(const char *resource, int64 token)
+fence_terminate_holders(const char *resource, int64 token, Oid role)
 {
 	uint32		h = resource_hash(resource);
 	int			n = 0;
@@ -498,6 +588,13 @@ fence_terminate_holders(const char *resource, int64 token)
 		SpinLockRelease(&slot->mutex);
 		if (pid == 0 || pid == MyProcPid)
 			continue;
+		if (role != SPOOL_LEASE_INTERNAL && !spool_may_signal(role, pid))
+		{
+			ereport(LOG,
+					(errmsg("backend %d keeps lease \"%s\" fenced with token " INT64_FORMAT
+							"; the acquiring role may not terminate it", (int) pid, resource, token)));
+			continue;
+		}
 		ereport(LOG,
 				(errmsg("terminating backend %d: its transaction fenced with token " INT64_FORMAT
 						" outlived lease \"%s\"", (int) pid, token, resource)));
@@ -535,14 +632,18 @@ spool_lease_acquire(PG_FUNCTION_ARGS)
 	TupleDesc	desc;
 	Datum		values[4];
 	bool		nulls[4] = {0};
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	check_not_reserved(resource);
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
+	spool_enter(&caller);
 	SPI_connect();
-	lease = spool_lease_acquire_internal(resource, owner, ttl_us, NULL);
+	lease = spool_lease_acquire_internal(resource, owner, ttl_us, NULL, caller.role);
 	SPI_finish();
+	spool_leave(&caller);
 
 	if (!lease.held)
 		PG_RETURN_NULL();
@@ -565,11 +666,15 @@ spool_lease_renew(PG_FUNCTION_ARGS)
 	int64		token = spool_arg_int64(fcinfo, 2, "token", true);
 	int64		ttl_us = spool_arg_ttl(fcinfo, 3);
 	TimestampTz expires;
+	SpoolCaller caller;
 
+	check_not_reserved(resource);
+	spool_enter(&caller);
 	SPI_connect();
-	if (!spool_lease_extend(resource, owner, token, ttl_us, &expires))
-		lease_report_not_held(resource, owner, token, "renew");
+	if (!spool_lease_extend(resource, owner, token, ttl_us, &expires, caller.role))
+		lease_report_not_held(resource, owner, token, "renew", caller.role);
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_TIMESTAMPTZ(expires);
 }
 
@@ -578,7 +683,7 @@ spool_lease_renew(PG_FUNCTION_ARGS)
  *
  * true when the live lease was released now; false when this owner's lease
  * with this token had already expired or been released (a harmless repeat).
- * Another owner or a stale token is an error.
+ * Another owner, a stale token or a lease of another role is an error.
  */
 Datum
 spool_lease_release(PG_FUNCTION_ARGS)
@@ -589,27 +694,41 @@ spool_lease_release(PG_FUNCTION_ARGS)
 	Oid			t[3] = {TEXTOID, TEXTOID, INT8OID};
 	Datum		v[3];
 	bool		released;
+	bool		isnull;
+	SpoolCaller caller;
 
+	check_not_reserved(resource);
+	spool_enter(&caller);
 	SPI_connect();
 	spool_plan(&plan_release,
 			   "UPDATE spool.lease_store SET expires_at = clock_timestamp(),"
 			   " released_at = clock_timestamp()"
 			   " WHERE resource = $1 AND owner = $2 AND token = $3"
-			   " AND expires_at > clock_timestamp()",
+			   " AND expires_at > clock_timestamp() RETURNING role",
 			   3, t);
 	v[0] = CStringGetTextDatum(resource);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
-	released = spool_exec(plan_release, v, NULL, false, SPI_OK_UPDATE) > 0;
-	if (!released)
+	released = spool_exec(plan_release, v, NULL, false, SPI_OK_UPDATE_RETURNING) > 0;
+	if (released)
+	{
+		/* Of another role: the error undoes the release. */
+		spool_lease_check_role(resource,
+							   DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+															  SPI_tuptable->tupdesc, 1, &isnull)),
+							   caller.role);
+	}
+	else
 	{
 		LeaseRow	row = lease_fetch(read_plan(), resource);
 
 		/* A repeat of a release (or an expired lease) is harmless. */
-		if (!(row.found && same_owner(row.owner, owner) && row.token == token))
-			lease_report_not_held(resource, owner, token, "release");
+		if (!(row.found && same_owner(row.owner, owner) && row.token == token &&
+			  lease_role_allows(resource, &row, caller.role)))
+			lease_report_not_held(resource, owner, token, "release", caller.role);
 	}
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_BOOL(released);
 }
 
@@ -621,10 +740,14 @@ spool_fence(PG_FUNCTION_ARGS)
 {
 	char	   *resource = spool_arg_name(fcinfo, 0, "resource");
 	int64		token = spool_arg_int64(fcinfo, 1, "token", true);
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	check_not_reserved(resource);
+	spool_enter(&caller);
 	SPI_connect();
-	spool_fence_internal(resource, token, NULL, NULL);
+	fence_lease(resource, token, caller.role);
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_VOID();
 }

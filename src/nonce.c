@@ -10,6 +10,11 @@
  * handed out.  Every operation locks the signer row first, so operations on
  * one signer are serialised and the lowest RELEASED nonce is reused first.
  *
+ * A signer belongs to the role its lease belongs to (lease.c): every
+ * operation checks the caller's role against the lease's before anything
+ * else, so an owner name and a token, which are small and guessable, are
+ * not enough to use another role's signer.
+ *
  * Fencing: a new grant of lease 'signer:<signer>' writes its token into the
  * signer row under that row's lock (lease.c).  An operation that holds the
  * signer row lock and sees its token there therefore commits before any newer
@@ -27,6 +32,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 
+#include "privs.h"
 #include "spool.h"
 
 PG_FUNCTION_INFO_V1(spool_nonce_allocate);
@@ -44,9 +50,11 @@ static SPIPlanPtr plan_set_state = NULL;
 static SPIPlanPtr plan_release_count = NULL;
 
 static bool nonce_take_new(const char *signer, const char *owner, int64 token,
-						   int n, const char **request_ids, int64 *nonces);
+						   int n, const char **request_ids, int64 *nonces, Oid role);
 static int64 signer_lock_and_check(const char *signer, const char *owner,
-									int64 token);
+									int64 token, Oid role);
+static void check_signer_role(const char *signer, bool has_role, Oid lease_role,
+							  Oid role);
 static int64 nonce_reuse_lowest(const char *signer, const char *owner,
 								int64 token, const char *request_id);
 static int	nonce_lookup_requests(const char *signer, int n,
@@ -141,33 +149,53 @@ nonce_forget_released_requests(const char *signer, int n, const char **request_i
 }
 
 /*
+ * role (a client's, or SPOOL_LEASE_INTERNAL for a nonce worker) may use the
+ * signer whose lease belongs to lease_role; 42501 otherwise.
+ */
+static void
+check_signer_role(const char *signer, bool has_role, Oid lease_role, Oid role)
+{
+	if (role == SPOOL_LEASE_INTERNAL)
+	{
+		if (!has_role || lease_role != SPOOL_LEASE_INTERNAL)
+			elog(ERROR, "the lease of signer \"%s\" is not the nonce workers'", signer);
+		return;
+	}
+	if (has_role)
+		spool_lease_check_role(spool_signer_resource(signer), lease_role, role);
+}
+
+/*
  * Fast path: when the signer has no RELEASED nonces and (owner, token) holds
  * its live lease, hand out the next n new nonces in one statement.  Returns
- * false (and does nothing) otherwise; signer_lock_and_check says why.
+ * false (and does nothing) otherwise; signer_lock_and_check says why.  A
+ * lease of a role that role may not use raises 42501, undoing the statement.
  */
 static bool
 nonce_take_new(const char *signer, const char *owner, int64 token,
-			   int n, const char **request_ids, int64 *nonces)
+			   int n, const char **request_ids, int64 *nonces, Oid role)
 {
 	Oid			t[5] = {TEXTOID, INT8OID, TEXTOID, INT8OID, TEXTARRAYOID};
 	Datum		v[5];
 	bool		isnull;
+	bool		role_null;
+	Oid			lease_role;
 	int64		base;
 	int			i;
 
 	spool_plan(&plan_take_new,
 			   "WITH s AS ("
 			   "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
+			   "    FROM spool.lease_store l"
 			   "   WHERE ns.signer = $1 AND ns.released = 0 AND ns.lease_token = $4"
-			   "     AND EXISTS (SELECT FROM spool.lease_store l"
-			   "                  WHERE l.resource = 'signer:' || $1 AND l.owner = $3"
-			   "                    AND l.token = $4 AND l.expires_at > clock_timestamp())"
-			   "  RETURNING ns.next_nonce - $2 AS base),"
+			   "     AND l.resource = 'signer:' || $1 AND l.owner = $3"
+			   "     AND l.token = $4 AND l.expires_at > clock_timestamp()"
+			   "  RETURNING ns.next_nonce - $2 AS base, l.role),"
 			   " ins AS ("
 			   "  INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id)"
 			   "  SELECT $1, s.base + u.o - 1, 'allocated', $3, $4, u.r"
 			   "    FROM s, unnest($5::text[]) WITH ORDINALITY AS u(r, o))"
-			   " SELECT base FROM s",
+			   " SELECT base, role FROM s",
 			   5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum((int64) n);
@@ -178,6 +206,9 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 		return false;
 	base = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									   SPI_tuptable->tupdesc, 1, &isnull));
+	lease_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+												SPI_tuptable->tupdesc, 2, &role_null));
+	check_signer_role(signer, !role_null, lease_role, role);
 	for (i = 0; i < n; i++)
 		nonces[i] = base + i;
 	spool_fence_register(spool_signer_resource(signer), token);
@@ -185,26 +216,28 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 }
 
 /*
- * Lock the signer row and check that (owner, token) holds the signer's live
- * lease, raising the precise error otherwise.  Returns the number of
- * RELEASED nonces.  After it returns, no newer grant of the signer lease can
- * commit before this transaction ends.
+ * Lock the signer row and check that role may use the signer and that
+ * (owner, token) holds its live lease, raising the precise error otherwise.
+ * Returns the number of RELEASED nonces.  After it returns, no newer grant of
+ * the signer lease can commit before this transaction ends.
  */
 static int64
-signer_lock_and_check(const char *signer, const char *owner, int64 token)
+signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid role)
 {
 	Oid			t[1] = {TEXTOID};
 	Datum		v[1];
 	SPITupleTable *tt;
 	bool		isnull;
+	bool		role_null;
 	int64		released;
 	int64		current;
 	char	   *holder;
 	bool		live;
+	Oid			lease_role;
 
 	spool_plan(&plan_lock_signer,
 			   "SELECT ns.released, ns.lease_token, l.owner,"
-			   "       coalesce(l.expires_at > clock_timestamp(), false)"
+			   "       coalesce(l.expires_at > clock_timestamp(), false), l.role"
 			   "  FROM spool.nonce_signer ns"
 			   "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
 			   " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
@@ -220,6 +253,8 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token)
 	current = DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 2, &isnull));
 	holder = SPI_getvalue(tt->vals[0], tt->tupdesc, 3);
 	live = DatumGetBool(SPI_getbinval(tt->vals[0], tt->tupdesc, 4, &isnull));
+	lease_role = DatumGetObjectId(SPI_getbinval(tt->vals[0], tt->tupdesc, 5, &role_null));
+	check_signer_role(signer, !role_null, lease_role, role);
 
 	if (current != token)
 		ereport(ERROR,
@@ -289,13 +324,13 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 
 /*
  * Allocate n nonces for signer in the current transaction, fenced by
- * (owner, token).  request_ids[i] may be NULL; a repeated id returns the
- * nonce it got before, also when it repeats within the batch.  The caller is
- * connected to SPI.
+ * (owner, token), for role (a client's, or SPOOL_LEASE_INTERNAL).
+ * request_ids[i] may be NULL; a repeated id returns the nonce it got before,
+ * also when it repeats within the batch.  The caller is connected to SPI.
  */
 void
 spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
-						   int n, const char **request_ids, int64 *nonces)
+						   int n, const char **request_ids, int64 *nonces, Oid role)
 {
 	const char **pending_ids = palloc(sizeof(char *) * n);
 	int		   *pending_at = palloc(sizeof(int) * n);
@@ -329,9 +364,9 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 
 	/* Common case: one fenced statement; otherwise lock, check, and reuse holes. */
 	if (npending == 0 || released > 0 ||
-		!nonce_take_new(signer, owner, token, npending, pending_ids, got))
+		!nonce_take_new(signer, owner, token, npending, pending_ids, got, role))
 	{
-		released = signer_lock_and_check(signer, owner, token);
+		released = signer_lock_and_check(signer, owner, token, role);
 		if (npending > 0)
 			nonce_forget_released_requests(signer, npending, pending_ids);
 		for (; done < npending && released > 0; released--)
@@ -341,7 +376,7 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 		}
 		if (done < npending &&
 			!nonce_take_new(signer, owner, token, npending - done,
-							pending_ids + done, got + done))
+							pending_ids + done, got + done, role))
 			elog(ERROR, "nonce allocation for signer \"%s\" failed under its lock", signer);
 	}
 
@@ -367,11 +402,14 @@ spool_nonce_allocate(PG_FUNCTION_ARGS)
 	int64		token = spool_arg_int64(fcinfo, 2, "token", true);
 	const char *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
 	int64		nonce;
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	spool_enter(&caller);
 	SPI_connect();
-	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, &nonce);
+	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, &nonce, caller.role);
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_INT64(nonce);
 }
 
@@ -392,11 +430,13 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 	Oid			t5[5] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID};
 	Datum		v[5];
 	char	   *state;
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	spool_enter(&caller);
 	SPI_connect();
 	/* Signer row first, in the same order as allocation (no deadlock). */
-	(void) signer_lock_and_check(signer, owner, token);
+	(void) signer_lock_and_check(signer, owner, token, caller.role);
 
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum(nonce);
@@ -415,6 +455,7 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 	if (strcmp(state, target) == 0)
 	{
 		SPI_finish();
+		spool_leave(&caller);
 		return;					/* a repeat: nothing to do */
 	}
 	if (strcmp(state, "consumed") == 0)
@@ -452,6 +493,7 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 		spool_exec(plan_release_count, v, NULL, false, SPI_OK_UPDATE);
 	}
 	SPI_finish();
+	spool_leave(&caller);
 }
 
 /*

@@ -162,6 +162,7 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	spool_shared->free_head = req->next;
 	strlcpy(req->signer, signer, sizeof(req->signer));
 	strlcpy(req->request_id, request_id, sizeof(req->request_id));
+	req->role = GetUserId();
 	req->nonce = -1;
 	req->sqlerrcode = 0;
 	req->errmsg[0] = '\0';

@@ -5,6 +5,10 @@
  *	  them by signer and commits each batch in one transaction, fenced by the
  *	  signer leases it holds as owner 'nonce-worker:<slot>:<pid>'.
  *
+ * A signer served here belongs to the role of its first request (the column
+ * role of spool.nonce_signer): requests of roles that are not members of it
+ * fail with 42501, so no client can use up another role's nonces.
+ *
  * A replacement worker takes a signer's lease over at once from any
  * 'nonce-worker:' owner that no running slot claims (a dead or replaced
  * worker), which bumps the token; a replaced worker that wakes up finds its
@@ -16,6 +20,8 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -24,12 +30,14 @@
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "privs.h"
 #include "spool.h"
 
 PGDLLEXPORT void spool_nonce_worker_main(Datum main_arg);
@@ -40,6 +48,7 @@ typedef struct BatchItem
 	int			idx;
 	char	   *signer;
 	char	   *request_id;
+	Oid			role;
 	int64		nonce;
 	int			sqlerrcode;
 	char	   *errmsg;
@@ -51,12 +60,14 @@ typedef struct HeldLease
 	char		signer[SPOOL_SIGNER_MAX];
 	int64		token;
 	TimestampTz expires_at;
+	Oid			signer_role;	/* the role the signer belongs to, once known */
 } HeldLease;
 
 static int	my_slot = -1;
 static uint32 my_generation = 0;
 static char my_owner[SPOOL_OWNER_MAX];
 static HTAB *held_leases = NULL;
+static SPIPlanPtr plan_signer_role = NULL;
 
 static void worker_detach(int code, Datum arg);
 static bool worker_superseded_locked(void);
@@ -133,6 +144,7 @@ spool_nonce_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+	spool_worker_pin_settings();
 
 	snprintf(my_owner, sizeof(my_owner), "nonce-worker:%d:%d", my_slot, (int) MyProcPid);
 	slot = &spool_shared->workers[my_slot];
@@ -224,6 +236,7 @@ worker_dequeue(BatchItem *items, int max)
 		items[n].idx = idx;
 		items[n].signer = pstrdup(req->signer);
 		items[n].request_id = pstrdup(req->request_id);
+		items[n].role = req->role;
 		items[n].nonce = -1;
 		items[n].sqlerrcode = 0;
 		items[n].errmsg = NULL;
@@ -336,6 +349,26 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 	return true;
 }
 
+/*
+ * The role signer belongs to; a signer nobody claimed yet becomes first's.
+ * In the worker's transaction, with the signer's lease held.
+ */
+static Oid
+signer_role(const char *signer, Oid first)
+{
+	Datum		v[2] = {CStringGetTextDatum(signer), ObjectIdGetDatum(first)};
+	bool		isnull;
+
+	spool_plan(&plan_signer_role,
+			   "UPDATE spool.nonce_signer SET role = coalesce(role, $2)"
+			   " WHERE signer = $1 RETURNING role",
+			   2, (Oid[]) {TEXTOID, OIDOID});
+	if (spool_exec(plan_signer_role, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
+		elog(ERROR, "signer \"%s\" has no row", signer);
+	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										  &isnull));
+}
+
 /* Allocate for one signer's requests, (re)acquiring its lease when needed. */
 static void
 worker_serve_signer(BatchItem *items, int n)
@@ -343,10 +376,12 @@ worker_serve_signer(BatchItem *items, int n)
 	const char *signer = items[0].signer;
 	const char **ids = palloc(sizeof(char *) * n);
 	int64	   *nonces = palloc(sizeof(int64) * n);
+	int		   *at = palloc(sizeof(int) * n);
 	int64		ttl_us = (int64) spool_nonce_lease_ttl_ms * 1000;
 	TimestampTz now = GetCurrentTimestamp();
 	HeldLease  *hl;
 	bool		found;
+	int			nallowed = 0;
 	int			i;
 
 	hl = hash_search(held_leases, signer, HASH_ENTER, &found);
@@ -355,7 +390,8 @@ worker_serve_signer(BatchItem *items, int n)
 		SpoolLease	lease;
 
 		lease = spool_lease_acquire_internal(spool_signer_resource(signer), my_owner,
-											 ttl_us, spool_owner_is_stale_worker);
+											 ttl_us, spool_owner_is_stale_worker,
+											 SPOOL_LEASE_INTERNAL);
 		if (!lease.held)
 		{
 			hash_search(held_leases, signer, HASH_REMOVE, NULL);
@@ -377,13 +413,29 @@ worker_serve_signer(BatchItem *items, int n)
 		}
 		hl->token = lease.token;
 		hl->expires_at = lease.expires_at;
+		hl->signer_role = InvalidOid;
 	}
+	if (!OidIsValid(hl->signer_role))
+		hl->signer_role = signer_role(signer, items[0].role);
 
+	/* Only requests of members of the signer's role are served. */
 	for (i = 0; i < n; i++)
-		ids[i] = items[i].request_id;
-	spool_nonce_allocate_batch(signer, my_owner, hl->token, n, ids, nonces);
-	for (i = 0; i < n; i++)
-		items[i].nonce = nonces[i];
+	{
+		if (!spool_role_is_member(items[i].role, hl->signer_role))
+		{
+			items[i].sqlerrcode = ERRCODE_INSUFFICIENT_PRIVILEGE;
+			items[i].errmsg = psprintf("signer \"%s\" belongs to another role", signer);
+			continue;
+		}
+		ids[nallowed] = items[i].request_id;
+		at[nallowed++] = i;
+	}
+	if (nallowed == 0)
+		return;
+	spool_nonce_allocate_batch(signer, my_owner, hl->token, nallowed, ids, nonces,
+							   SPOOL_LEASE_INTERNAL);
+	for (i = 0; i < nallowed; i++)
+		items[at[i]].nonce = nonces[i];
 }
 
 /* Whatever we believed about our leases may be wrong after an error. */

@@ -66,6 +66,7 @@ typedef struct OutboxTarget
 {
 	int			id;
 	char		name[NAMEDATALEN];
+	Oid			owner;			/* loaded targets only */
 	OutboxKind	kind;
 	int			shards;
 	int			batch_size;
@@ -138,9 +139,9 @@ extern void spool_outbox_kafka_props(struct rd_kafka_conf_s *conf, Jsonb *kafka)
 /* outbox_enqueue.c */
 extern int64 spool_outbox_insert(const char *target, const char *key, Jsonb *payload,
 								 bool barrier, const char *processor, int64 cursor,
-								 int64 token);
+								 int64 token, Oid role);
 extern void spool_outbox_insert_outputs(ArrayType *outputs, const char *processor,
-										int64 cursor, int64 token);
+										int64 cursor, int64 token, Oid role);
 extern int64 spool_outbox_safe_bound(void);
 extern void spool_outbox_fold_sequence(int64 last_value);
 extern int	spool_outbox_slot_of(int64 id);
@@ -168,7 +169,9 @@ typedef struct OutboxRow
 	char	   *error;
 } OutboxRow;
 
+struct SpoolBox;
 extern void spool_deliver_init(OutboxTarget *t);
+extern void spool_deliver_box_open(struct SpoolBox *box);
 extern void spool_deliver_row(OutboxRow *row);
 extern bool spool_deliver_external(void);
 extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);

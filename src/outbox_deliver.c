@@ -27,9 +27,12 @@
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 
+#include "kafka_policy.h"
 #include "outbox.h"
+#include "privs.h"
 #include "source.h"
 #include "spool.h"
+#include "usercode.h"
 
 #define KAFKA_DEFAULT_MESSAGE_TIMEOUT "30000"
 #define KAFKA_MAX_INFLIGHT 10000
@@ -64,6 +67,13 @@ spool_deliver_init(OutboxTarget *t)
 							 errmsg("function %s(jsonb, text, bigint) of target \"%s\" does not exist",
 									t->function, t->name)));
 				run_as_oid = get_role_oid(t->run_as, false);
+				/* The owner must still be allowed to run code as run_as. */
+				if (!spool_role_is_member(t->owner, run_as_oid))
+					ereport(ERROR,
+							(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+							 errmsg("the owner of target \"%s\" is no longer a member of role \"%s\"",
+									t->name, t->run_as),
+							 errhint("Grant the role back to the owner, or alter the target's run_as.")));
 				if (pg_proc_aclcheck(fn, run_as_oid, ACL_EXECUTE) != ACLCHECK_OK)
 					ereport(ERROR,
 							(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -75,6 +85,8 @@ spool_deliver_init(OutboxTarget *t)
 		case KIND_NOTIFY:
 			break;
 		case KIND_KAFKA:
+			/* What the owner may hand to librdkafka today (it may have been demoted). */
+			spool_kafka_policy_check_jsonb(t->brokers, t->kafka, t->owner, "target", t->name);
 			kafka_start();
 			break;
 	}
@@ -87,10 +99,20 @@ spool_deliver_external(void)
 }
 
 /*
+ * Open the box (usercode.c) in which a sql target's function is called for
+ * the rows of one attempt; other kinds run no user code.
+ */
+void
+spool_deliver_box_open(SpoolBox *box)
+{
+	if (target->kind == KIND_SQL)
+		spool_box_open(box, run_as_oid, false);
+}
+
+/*
  * Deliver one row of a sql or notify target in the current transaction;
- * raises the target's error.  The function runs as run_as, with
- * SECURITY_RESTRICTED_OPERATION; an error restores the user with the
- * (sub)transaction's abort.
+ * raises the target's error.  A sql target's function is called inside the
+ * box the caller opened with spool_deliver_box_open.
  */
 void
 spool_deliver_row(OutboxRow *row)
@@ -98,12 +120,7 @@ spool_deliver_row(OutboxRow *row)
 	if (target->kind == KIND_SQL)
 	{
 		LOCAL_FCINFO(fcinfo, 3);
-		Oid			save_user;
-		int			save_sec;
 
-		GetUserIdAndSecContext(&save_user, &save_sec);
-		SetUserIdAndSecContext(run_as_oid,
-							   save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 		InitFunctionCallInfoData(*fcinfo, &fn_info, 3, InvalidOid, NULL, NULL);
 		fcinfo->args[0].value = JsonbPGetDatum(row->payload);
 		fcinfo->args[0].isnull = false;
@@ -112,7 +129,6 @@ spool_deliver_row(OutboxRow *row)
 		fcinfo->args[2].value = Int64GetDatum(row->id);
 		fcinfo->args[2].isnull = false;
 		(void) FunctionCallInvoke(fcinfo);
-		SetUserIdAndSecContext(save_user, save_sec);
 	}
 	else if (target->kind == KIND_NOTIFY)
 		Async_Notify(target->channel, notify_text(row));
@@ -250,6 +266,7 @@ spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error)
 			if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 				break;
 			/* The local queue is full: let it drain. */
+			CHECK_FOR_INTERRUPTS();
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1,
 							 PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);

@@ -42,18 +42,21 @@
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
 
+#include "internal_lock.h"
 #include "outbox.h"
+#include "privs.h"
 #include "spool.h"
+#include "usercode.h"
 
 PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 
-#define ADVISORY_KEY1		0x53504f44	/* "SPOD" */
 #define BOUND_POLL_MS		5	/* while open transactions hold the horizon */
 #define ROTATE_EVERY_MS		1000
 #define ROTATE_LOCK_MS		50
 #define ERROR_BACKOFF_MIN_MS 100
 #define ERROR_BACKOFF_MAX_MS 30000
 #define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
+#define STOP_WATCH_MS		100		/* how often an overdue stop is checked */
 
 typedef struct BlockedKey
 {
@@ -97,8 +100,9 @@ static int	error_backoff_ms;
 static TimestampTz error_until;
 static TimestampTz next_rotation;
 static volatile sig_atomic_t got_sigterm = false;
+static volatile TimestampTz sigterm_at = 0;
 static volatile sig_atomic_t close_timed_out = false;
-static TimeoutId close_timeout_id;
+static TimeoutId stop_watch_id;
 
 static SPIPlanPtr plan_read;
 static SPIPlanPtr plan_barrier;
@@ -130,32 +134,54 @@ static void wait_for_work(TimestampTz now);
 static TimestampTz batch_deadline(void);
 
 /*
- * SIGTERM: deliver what is held, then exit.  Repeated signals change nothing
- * (the postmaster signals each child twice at once: its pid, then its process
- * group); a close flush that hangs is bounded by spool.outbox_close_timeout.
+ * SIGTERM: finish the delivery under way, deliver what is held, then exit.
+ * Repeated signals change nothing (the postmaster signals each child twice
+ * at once: its pid, then its process group).  All of it is bounded by
+ * spool.outbox_close_timeout from the first SIGTERM, even a user function or
+ * a Kafka flush that does not return (stop_watch_handler).
  */
 static void
 dispatch_sigterm(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
 
+	if (!got_sigterm)
+		sigterm_at = GetCurrentTimestamp();
 	got_sigterm = true;
 	SetLatch(MyLatch);
 	errno = save_errno;
 }
 
 /*
- * The close flush ran out of time: end the process as die() would, from the
- * next interrupt check; its transaction aborts and nothing of the batch is
- * marked, so the next worker delivers it.
+ * Every STOP_WATCH_MS while the worker works (watch_stop): once the close
+ * timeout has passed since SIGTERM, end the process as die() would, from the
+ * next interrupt check (user code and the Kafka wait check often).  The
+ * transaction aborts and nothing of the batch is marked, so the next worker
+ * delivers it.
  */
 static void
-close_timeout_handler(void)
+stop_watch_handler(void)
 {
-	close_timed_out = true;
-	InterruptPending = true;
-	ProcDiePending = true;
-	SetLatch(MyLatch);
+	if (got_sigterm && spool_outbox_close_timeout_ms > 0 &&
+		GetCurrentTimestamp() - sigterm_at >= (int64) spool_outbox_close_timeout_ms * 1000)
+	{
+		close_timed_out = true;
+		InterruptPending = true;
+		ProcDiePending = true;
+		SetLatch(MyLatch);
+	}
+}
+
+/* Watch for an overdue stop while the worker works (not while it sleeps). */
+static void
+watch_stop(bool on)
+{
+	if (on)
+		enable_timeout_every(stop_watch_id,
+							 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STOP_WATCH_MS),
+							 STOP_WATCH_MS);
+	else
+		disable_timeout(stop_watch_id, false);
 }
 
 static void
@@ -173,8 +199,9 @@ dispatch_detach(int code, Datum arg)
 		if (close_timed_out)
 		{
 			snprintf(ds->last_error, sizeof(ds->last_error),
-					 "the close flush of %d rows took longer than spool.outbox_close_timeout (%d ms);"
-					 " the next worker delivers them", nheld, spool_outbox_close_timeout_ms);
+					 "stopping took longer than spool.outbox_close_timeout (%d ms); the %d rows held"
+					 " and any delivery under way are left to the next worker",
+					 spool_outbox_close_timeout_ms, nheld);
 			ds->last_error_at = GetCurrentTimestamp();
 		}
 	}
@@ -406,59 +433,71 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 	int			j;
 	uint64	   *failed_keys = careful ? palloc(sizeof(uint64) * n) : NULL;	/* key_hash */
 	volatile int nfailed = 0;
+	SpoolBox	box = {0};
 
-	for (i = 0; i < n; i++)
+	spool_deliver_box_open(&box);
+	PG_TRY();
 	{
-		OutboxRow  *r = rows[i];
-		MemoryContext cxt = CurrentMemoryContext;
-		ResourceOwner owner = CurrentResourceOwner;
-		uint64		h;
-		bool		behind = false;
+		for (i = 0; i < n; i++)
+		{
+			OutboxRow  *r = rows[i];
+			MemoryContext cxt = CurrentMemoryContext;
+			ResourceOwner owner = CurrentResourceOwner;
+			uint64		h;
+			bool		behind = false;
 
-		if (r->failed)
-			continue;
-		r->sent = true;
-		if (!careful)
-		{
-			spool_deliver_row(r);
-			continue;
-		}
-		/* A row behind a failed row of its key is not tried: it waits. */
-		h = key_hash(r->key);
-		for (j = 0; j < nfailed && !behind; j++)
-			behind = failed_keys[j] == h;
-		if (behind)
-		{
-			r->sent = false;
-			continue;
-		}
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(cxt);
-		PG_TRY();
-		{
-			spool_deliver_row(r);
-			ReleaseCurrentSubTransaction();
+			if (r->failed)
+				continue;
+			r->sent = true;
+			if (!careful)
+			{
+				spool_deliver_row(r);
+				continue;
+			}
+			/* A row behind a failed row of its key is not tried: it waits. */
+			h = key_hash(r->key);
+			for (j = 0; j < nfailed && !behind; j++)
+				behind = failed_keys[j] == h;
+			if (behind)
+			{
+				r->sent = false;
+				continue;
+			}
+			BeginInternalSubTransaction(NULL);
 			MemoryContextSwitchTo(cxt);
-			CurrentResourceOwner = owner;
-		}
-		PG_CATCH();
-		{
-			ErrorData  *ed;
+			PG_TRY();
+			{
+				spool_deliver_row(r);
+				ReleaseCurrentSubTransaction();
+				MemoryContextSwitchTo(cxt);
+				CurrentResourceOwner = owner;
+			}
+			PG_CATCH();
+			{
+				ErrorData  *ed;
 
-			MemoryContextSwitchTo(cxt);
-			ed = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(cxt);
-			CurrentResourceOwner = owner;
-			r->failed = true;
-			r->error = MemoryContextStrdup(GetMemoryChunkContext(r),
-										   ed->message ? ed->message : "error");
-			failed_keys[nfailed++] = h;
-			FreeErrorData(ed);
+				MemoryContextSwitchTo(cxt);
+				ed = CopyErrorData();
+				FlushErrorState();
+				RollbackAndReleaseCurrentSubTransaction();
+				MemoryContextSwitchTo(cxt);
+				CurrentResourceOwner = owner;
+				r->failed = true;
+				r->error = MemoryContextStrdup(GetMemoryChunkContext(r),
+											   ed->message ? ed->message : "error");
+				failed_keys[nfailed++] = h;
+				FreeErrorData(ed);
+			}
+			PG_END_TRY();
 		}
-		PG_END_TRY();
 	}
+	PG_CATCH();
+	{
+		spool_box_abandon(&box);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	spool_box_close(&box);
 }
 
 /*
@@ -1056,13 +1095,13 @@ spool_dispatch_main(Datum main_arg)
 	int			slot = (int) (arg & 0xFFFF);
 	MemoryContext loop_cxt;
 	bool		isnull;
-	LOCKTAG		tag;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, dispatch_sigterm);
-	close_timeout_id = RegisterTimeout(USER_TIMEOUT, close_timeout_handler);
+	stop_watch_id = RegisterTimeout(USER_TIMEOUT, stop_watch_handler);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
+	spool_worker_pin_settings();
 
 	ds = &spool_shared->dispatchers[slot];
 	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
@@ -1123,8 +1162,7 @@ spool_dispatch_main(Datum main_arg)
 	spool_end_txn();
 
 	/* One process per shard: a stray one from an older launcher waits here. */
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, ADVISORY_KEY1, (uint32) (target->id * SPOOL_MAX_SHARDS + my_shard), 2);
-	while (LockAcquire(&tag, ExclusiveLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
+	while (!spool_internal_lock(SPOOL_LOCK_DISPATCH, store, (uint32) my_shard))
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100,
 						 PG_WAIT_EXTENSION);
@@ -1152,16 +1190,13 @@ spool_dispatch_main(Datum main_arg)
 
 		PG_TRY();
 		{
+			watch_stop(true);
 			if (got_sigterm)
 			{
 				/* close: what is held is delivered before we go. */
 				if (nheld > 0)
-				{
-					if (spool_outbox_close_timeout_ms > 0)
-						enable_timeout_after(close_timeout_id, spool_outbox_close_timeout_ms);
 					flush(FLUSH_CLOSE);
-					disable_timeout(close_timeout_id, false);
-				}
+				watch_stop(false);
 				proc_exit(0);
 			}
 			if (now < error_until)
@@ -1195,10 +1230,13 @@ spool_dispatch_main(Datum main_arg)
 					next_rotation = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ROTATE_EVERY_MS);
 				}
 			}
+			watch_stop(false);
 		}
 		PG_CATCH();
 		{
 			ErrorData  *ed;
+
+			watch_stop(false);
 
 			MemoryContextSwitchTo(loop_cxt);
 			ed = CopyErrorData();
@@ -1225,10 +1263,7 @@ spool_dispatch_main(Datum main_arg)
 			error_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);
 			next_poll = error_until;
 			if (got_sigterm)
-			{
-				disable_timeout(close_timeout_id, false);
 				proc_exit(1);	/* the batch is left for the next worker */
-			}
 			did = false;
 		}
 		PG_END_TRY();

@@ -14,6 +14,10 @@
  *	  the set of rows below the bound no longer changes.  Transactions that
  *	  do not enqueue never hold the bound back.
  *
+ *	  Writing into a target needs the privileges of its owner or of a role
+ *	  the owner granted it to (spool.grant_target); processor outputs are
+ *	  written with the rights of the processor's owner.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -37,6 +41,7 @@
 #include "utils/typcache.h"
 
 #include "outbox.h"
+#include "privs.h"
 #include "spool.h"
 
 PG_FUNCTION_INFO_V1(spool_enqueue);
@@ -48,6 +53,9 @@ typedef struct TargetCacheEntry
 	char		name[NAMEDATALEN];	/* hash key */
 	int			id;
 	int			shards;
+	Oid			owner;
+	int			ngrantees;
+	Oid		   *grantees;		/* roles granted to enqueue (target_cache_cxt) */
 } TargetCacheEntry;
 
 /* Shards woken at commit: which rows this transaction wrote where. */
@@ -67,6 +75,7 @@ typedef struct SlotPlan
 } SlotPlan;
 
 static HTAB *target_cache = NULL;
+static MemoryContext target_cache_cxt = NULL;
 static HTAB *slot_plans = NULL;
 static uint32 target_cache_generation = 0;
 static Oid	seq_oid = InvalidOid;
@@ -147,6 +156,10 @@ lookup_target(const char *name)
 				SPI_freeplan(sp->plan);
 			hash_destroy(slot_plans);
 		}
+		if (target_cache_cxt == NULL)
+			target_cache_cxt = AllocSetContextCreate(TopMemoryContext, "spool outbox targets",
+													 ALLOCSET_SMALL_SIZES);
+		MemoryContextReset(target_cache_cxt);
 		ctl.keysize = NAMEDATALEN;
 		ctl.entrysize = sizeof(TargetCacheEntry);
 		target_cache = hash_create("spool outbox targets", 16, &ctl, HASH_ELEM | HASH_STRINGS);
@@ -164,7 +177,9 @@ lookup_target(const char *name)
 		return e;
 
 	argv[0] = CStringGetTextDatum(name);
-	if (SPI_execute_with_args("SELECT id, (options->>'shards')::int FROM spool.targets WHERE name = $1",
+	if (SPI_execute_with_args("SELECT id, (options->>'shards')::int, owner,"
+							  " ARRAY(SELECT g.role FROM spool.target_grants g WHERE g.target_id = t.id)"
+							  " FROM spool.targets t WHERE name = $1",
 							  1, argt, argv, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
 	if (SPI_processed == 0)
@@ -175,7 +190,37 @@ lookup_target(const char *name)
 	e = hash_search(target_cache, name, HASH_ENTER, &found);
 	e->id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	e->shards = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	e->owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+	{
+		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
+														  SPI_tuptable->tupdesc, 4, &isnull));
+		Datum	   *elems;
+		int			i;
+
+		deconstruct_array(arr, OIDOID, sizeof(Oid), true, TYPALIGN_INT, &elems, NULL,
+						  &e->ngrantees);
+		e->grantees = MemoryContextAlloc(target_cache_cxt, sizeof(Oid) * Max(e->ngrantees, 1));
+		for (i = 0; i < e->ngrantees; i++)
+			e->grantees[i] = DatumGetObjectId(elems[i]);
+	}
 	return e;
+}
+
+/* 42501 unless role may write into target t: its owner's or a grantee's. */
+static void
+check_may_enqueue(TargetCacheEntry *t, Oid role)
+{
+	int			i;
+
+	if (spool_role_is_member(role, t->owner))
+		return;
+	for (i = 0; i < t->ngrantees; i++)
+		if (spool_role_is_member(role, t->grantees[i]))
+			return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to write into target \"%s\"", t->name),
+			 errhint("The owner of the target grants it with spool.grant_target(target, role).")));
 }
 
 /* The kept insert plan for one slot of a target (lookup_target ran first). */
@@ -366,19 +411,23 @@ outbox_xact_callback(XactEvent event, void *arg)
 }
 
 /*
- * Insert one outbox row (SPI must be connected).  key may be NULL; cursor
- * and token are -1 unless the row is a processor output.
+ * Insert one outbox row for role (SPI must be connected).  key may be NULL;
+ * cursor and token are -1 unless the row is a processor output.
  */
 int64
 spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool barrier,
-					const char *processor, int64 cursor, int64 token)
+					const char *processor, int64 cursor, int64 token, Oid role)
 {
 	TargetCacheEntry *t = lookup_target(target);
-	int64		id = next_id();
-	int			slot = spool_outbox_slot_of(id);
+	int64		id;
+	int			slot;
 	int			shard;
 	Datum		v[10];
 	char		nulls[10];
+
+	check_may_enqueue(t, role);
+	id = next_id();
+	slot = spool_outbox_slot_of(id);
 
 	if (barrier)
 		shard = -1;
@@ -414,11 +463,11 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 
 /*
  * Insert a processor batch's outputs (a spool.output[]: target, key,
- * payload).  SPI must be connected.
+ * payload) for role, the processor's owner.  SPI must be connected.
  */
 void
 spool_outbox_insert_outputs(ArrayType *outputs, const char *processor, int64 cursor,
-							int64 token)
+							int64 token, Oid role)
 {
 	Oid			elemtype = ARR_ELEMTYPE(outputs);
 	int16		typlen;
@@ -457,7 +506,7 @@ spool_outbox_insert_outputs(ArrayType *outputs, const char *processor, int64 cur
 							processor)));
 		(void) spool_outbox_insert(TextDatumGetCString(f[0]),
 								   fn[1] ? NULL : TextDatumGetCString(f[1]),
-								   DatumGetJsonbP(f[2]), false, processor, cursor, token);
+								   DatumGetJsonbP(f[2]), false, processor, cursor, token, role);
 	}
 	ReleaseTupleDesc(tupdesc);
 }
@@ -470,6 +519,7 @@ spool_enqueue(PG_FUNCTION_ARGS)
 	char	   *key = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	Jsonb	   *payload;
 	int64		id;
+	SpoolCaller caller;
 
 	spool_require_shmem();
 	if (PG_ARGISNULL(2))
@@ -478,9 +528,11 @@ spool_enqueue(PG_FUNCTION_ARGS)
 				 errmsg("payload must not be NULL"),
 				 errhint("Use 'null'::jsonb for a JSON null.")));
 	payload = PG_GETARG_JSONB_P(2);
+	spool_enter(&caller);
 	SPI_connect();
-	id = spool_outbox_insert(target, key, payload, false, NULL, -1, -1);
+	id = spool_outbox_insert(target, key, payload, false, NULL, -1, -1, caller.role);
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_INT64(id);
 }
 
@@ -490,13 +542,16 @@ spool_enqueue_barrier(PG_FUNCTION_ARGS)
 {
 	char	   *target = spool_arg_name(fcinfo, 0, "target");
 	int64		id;
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	spool_enter(&caller);
 	SPI_connect();
 	id = spool_outbox_insert(target, NULL,
 							 DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
 																CStringGetDatum("{\"barrier\": true}"))),
-							 true, NULL, -1, -1);
+							 true, NULL, -1, -1, caller.role);
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_INT64(id);
 }

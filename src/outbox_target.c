@@ -30,7 +30,9 @@
 #include "utils/regproc.h"
 #include "utils/syscache.h"
 
+#include "kafka_policy.h"
 #include "outbox.h"
+#include "privs.h"
 #include "source.h"
 #include "spool.h"
 
@@ -38,6 +40,8 @@ PG_FUNCTION_INFO_V1(spool_create_target);
 PG_FUNCTION_INFO_V1(spool_drop_target);
 PG_FUNCTION_INFO_V1(spool_alter_target);
 PG_FUNCTION_INFO_V1(spool_redrive);
+PG_FUNCTION_INFO_V1(spool_grant_target);
+PG_FUNCTION_INFO_V1(spool_revoke_target);
 
 #define DEFAULT_BATCH_SIZE		1000
 #define MAX_BATCH_SIZE			10000
@@ -46,7 +50,7 @@ PG_FUNCTION_INFO_V1(spool_redrive);
 #define DEFAULT_BACKOFF_US		(100 * 1000)
 #define DEFAULT_BACKOFF_MAX_US	(30 * USECS_PER_SEC)
 
-static void check_kafka(OutboxTarget *t);
+static void check_kafka(OutboxTarget *t, Oid role);
 static Jsonb *target_options_jsonb(OutboxTarget *t);
 static char *jbv_text(JsonbValue *v, const char *what);
 
@@ -210,7 +214,6 @@ spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 		case KIND_KAFKA:
 			if (t->brokers == NULL || t->topic == NULL)
 				spool_bad_option("a kafka target needs options \"brokers\" and \"topic\"", NULL);
-			check_kafka(t);
 			break;
 	}
 	return t;
@@ -263,11 +266,18 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 	}
 }
 
+/*
+ * A kafka target's brokers and properties: first whether role may use them
+ * (kafka_policy.c; before librdkafka sees any), then whether librdkafka
+ * takes each one.
+ */
 static void
-check_kafka(OutboxTarget *t)
+check_kafka(OutboxTarget *t, Oid role)
 {
-	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_conf_t *conf;
 
+	spool_kafka_policy_check_jsonb(t->brokers, t->kafka, role, "target", t->name);
+	conf = rd_kafka_conf_new();
 	spool_outbox_kafka_props(conf, t->kafka);
 	rd_kafka_conf_destroy(conf);
 }
@@ -324,7 +334,7 @@ spool_outbox_load_target(int target_id)
 	bool		isnull;
 	MemoryContext cxt = CurrentMemoryContext;
 
-	if (SPI_execute_with_args("SELECT name, kind, options FROM spool.targets WHERE id = $1",
+	if (SPI_execute_with_args("SELECT name, kind, options, owner FROM spool.targets WHERE id = $1",
 							  1, argt, argv, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
 	if (SPI_processed == 0)
@@ -337,6 +347,8 @@ spool_outbox_load_target(int target_id)
 															   SPI_tuptable->tupdesc, 3,
 															   &isnull)));
 	t->id = target_id;
+	t->owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4,
+											  &isnull));
 	t->options_hash = spool_outbox_options_hash(SPI_getvalue(SPI_tuptable->vals[0],
 															 SPI_tuptable->tupdesc, 3));
 	return t;
@@ -358,7 +370,7 @@ spool_outbox_options_hash(const char *options_text)
  * run_as by name.
  */
 static void
-check_sql_target(OutboxTarget *t)
+check_sql_target(OutboxTarget *t, Oid caller)
 {
 	Oid			fn = spool_outbox_resolve_function(t->function, true);
 	Oid			run_as;
@@ -380,7 +392,7 @@ check_sql_target(OutboxTarget *t)
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("function %s must not be STRICT", format_procedure(fn)),
 				 errdetail("Barriers and rows without a key are delivered with key NULL.")));
-	run_as = spool_check_run_as(t->run_as, "target", "target function");
+	run_as = spool_check_run_as(caller, t->run_as, "target", "target function");
 	if (pg_proc_aclcheck(fn, run_as, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -400,11 +412,11 @@ spool_create_target(PG_FUNCTION_ARGS)
 	char	   *kind = spool_arg_name(fcinfo, 1, "target kind");
 	Jsonb	   *options;
 	OutboxTarget *t;
-	Oid			owner = GetOuterUserId();
 	Oid			argt[5] = {TEXTOID, INT4OID, TEXTOID, JSONBOID, OIDOID};
 	Datum		argv[5];
 	bool		isnull;
 	int			s;
+	SpoolCaller caller;
 
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -414,8 +426,11 @@ spool_create_target(PG_FUNCTION_ARGS)
 	options = PG_GETARG_JSONB_P(2);
 	t = spool_outbox_parse_target(name, kind, options);
 
+	spool_enter(&caller);
 	if (t->kind == KIND_SQL)
-		check_sql_target(t);
+		check_sql_target(t, caller.role);
+	else if (t->kind == KIND_KAFKA)
+		check_kafka(t, caller.role);
 
 	SPI_connect();
 	if (SPI_execute_with_args("SELECT 1 FROM spool.targets WHERE name = $1", 1, argt,
@@ -433,7 +448,7 @@ spool_create_target(PG_FUNCTION_ARGS)
 	argv[1] = Int32GetDatum(t->id);
 	argv[2] = CStringGetTextDatum(kind);
 	argv[3] = JsonbPGetDatum(target_options_jsonb(t));
-	argv[4] = ObjectIdGetDatum(owner);
+	argv[4] = ObjectIdGetDatum(caller.role);
 	if (SPI_execute_with_args("INSERT INTO spool.targets (name, id, kind, options, owner)"
 							  " VALUES ($1, $2, $3, $4, $5)", 5, argt, argv, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert into spool.targets");
@@ -459,6 +474,7 @@ spool_create_target(PG_FUNCTION_ARGS)
 					false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert into spool.outbox_positions");
 	SPI_finish();
+	spool_leave(&caller);
 
 	spool_outbox_targets_changed();
 	spool_wake_launcher();
@@ -467,11 +483,11 @@ spool_create_target(PG_FUNCTION_ARGS)
 
 /*
  * The row of target name that the caller just selected FOR UPDATE, with the
- * owner in column ownercol: SP004 if there is none, 42501 unless the caller
- * is a member of the owner.
+ * owner in column ownercol: SP004 if there is none, 42501 unless role is a
+ * member of the owner.
  */
 static HeapTuple
-owned_target_row(const char *name, int ownercol)
+owned_target_row(const char *name, int ownercol, Oid role)
 {
 	bool		isnull;
 
@@ -479,12 +495,10 @@ owned_target_row(const char *name, int ownercol)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("target \"%s\" does not exist", name)));
-	if (!has_privs_of_role(GetOuterUserId(),
-						   DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-														  ownercol, &isnull))))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("must be a member of the owner of target \"%s\"", name)));
+	spool_check_owner(role,
+					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+													 ownercol, &isnull)),
+					  "target", name);
 	return SPI_tuptable->vals[0];
 }
 
@@ -498,12 +512,15 @@ spool_drop_target(PG_FUNCTION_ARGS)
 	Datum		argv[1] = {CStringGetTextDatum(name)};
 	bool		isnull;
 	int			id;
+	SpoolCaller caller;
 
+	spool_enter(&caller);
 	SPI_connect();
 	if (SPI_execute_with_args("SELECT id, owner FROM spool.targets WHERE name = $1 FOR UPDATE",
 							  1, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
-	id = DatumGetInt32(SPI_getbinval(owned_target_row(name, 2), SPI_tuptable->tupdesc, 1, &isnull));
+	id = DatumGetInt32(SPI_getbinval(owned_target_row(name, 2, caller.role),
+									 SPI_tuptable->tupdesc, 1, &isnull));
 	/* The DROP below would take it anyway; first, as everyone does. */
 	spool_outbox_lock_store(AccessExclusiveLock);
 	if (!force)
@@ -528,10 +545,12 @@ spool_drop_target(PG_FUNCTION_ARGS)
 							 " DELETE FROM spool.outbox_positions WHERE target_id = %d;"
 							 " DELETE FROM spool.outbox_retry WHERE target_id = %d;"
 							 " DELETE FROM spool.outbox_dead WHERE target_id = %d;"
+							 " DELETE FROM spool.target_grants WHERE target_id = %d;"
 							 " DELETE FROM spool.targets WHERE id = %d",
-							 id, id, id, id, id), false, 0) < 0)
+							 id, id, id, id, id, id), false, 0) < 0)
 		elog(ERROR, "could not drop target \"%s\"", name);
 	SPI_finish();
+	spool_leave(&caller);
 	spool_outbox_targets_changed();
 	spool_wake_launcher();
 	PG_RETURN_VOID();
@@ -540,9 +559,10 @@ spool_drop_target(PG_FUNCTION_ARGS)
 /*
  * SQL: spool.alter_target(name, options).  The options are merged over the
  * stored ones (a JSON null resets one to its default) and checked as at
- * create time; the shard count cannot change, since keys were routed at
- * enqueue.  After the commit the launcher sees the new options and restarts
- * the target's shard workers, each delivering the batch it holds first.
+ * create time, for the caller; the shard count cannot change, since keys
+ * were routed at enqueue.  After the commit the launcher sees the new
+ * options and restarts the target's shard workers, each delivering the batch
+ * it holds first.
  */
 Datum
 spool_alter_target(PG_FUNCTION_ARGS)
@@ -557,6 +577,7 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	int			old_shards;
 	char	   *kind;
 	OutboxTarget *t;
+	SpoolCaller caller;
 
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -568,13 +589,14 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(argv[1])) || JB_ROOT_IS_SCALAR(DatumGetJsonbP(argv[1])))
 		spool_bad_option("target options must be a JSON object", NULL);
 
+	spool_enter(&caller);
 	SPI_connect();
 	if (SPI_execute_with_args("SELECT id, kind, owner, (options->>'shards')::int,"
 							  " jsonb_strip_nulls(options || $2) FROM spool.targets"
 							  " WHERE name = $1 FOR UPDATE",
 							  2, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
-	tup = owned_target_row(name, 3);
+	tup = owned_target_row(name, 3, caller.role);
 	desc = SPI_tuptable->tupdesc;
 	id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
 	kind = SPI_getvalue(tup, desc, 2);
@@ -589,7 +611,9 @@ spool_alter_target(PG_FUNCTION_ARGS)
 				 errdetail("Rows are routed to a shard when they are enqueued."),
 				 errhint("Create a new target with the shard count you want.")));
 	if (t->kind == KIND_SQL)
-		check_sql_target(t);
+		check_sql_target(t, caller.role);
+	else if (t->kind == KIND_KAFKA)
+		check_kafka(t, caller.role);
 
 	argv[0] = Int32GetDatum(id);
 	argv[1] = JsonbPGetDatum(target_options_jsonb(t));
@@ -597,13 +621,15 @@ spool_alter_target(PG_FUNCTION_ARGS)
 							  (Oid[]) {INT4OID, JSONBOID}, argv, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not update spool.targets");
 	SPI_finish();
+	spool_leave(&caller);
 	spool_wake_launcher();
 	PG_RETURN_VOID();
 }
 
 /*
  * SQL: spool.redrive(outbox_id).  The dead row is parked again, due now; its
- * shard worker retries it before any later parked row of its key.
+ * shard worker retries it before any later parked row of its key.  Only
+ * members of the target's owner may redrive its rows.
  */
 Datum
 spool_redrive(PG_FUNCTION_ARGS)
@@ -615,24 +641,37 @@ spool_redrive(PG_FUNCTION_ARGS)
 	int			target_id;
 	int			shard;
 	SpoolDispatchSlot *ds;
+	SpoolCaller caller;
 
+	spool_enter(&caller);
 	SPI_connect();
+	if (SPI_execute_with_args("SELECT d.target, t.owner FROM spool.outbox_dead d"
+							  " JOIN spool.targets t ON t.id = d.target_id WHERE d.id = $1"
+							  " FOR UPDATE OF d",
+							  1, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.outbox_dead");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("outbox row " INT64_FORMAT " is not a dead letter", id),
+				 errhint("spool.outbox_dead lists the dead letters.")));
+	spool_check_owner(caller.role,
+					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+													 &isnull)),
+					  "target", SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
 	if (SPI_execute_with_args("WITH d AS (DELETE FROM spool.outbox_dead WHERE id = $1 RETURNING *)"
 							  " INSERT INTO spool.outbox_retry (id, target, target_id, shard, key, payload,"
 							  "   barrier, processor, cursor, created_at, attempts, next_attempt_at, last_error)"
 							  " SELECT id, target, target_id, shard, key, payload, barrier, processor, cursor,"
 							  "   created_at, 0, now(), last_error FROM d"
 							  " RETURNING target_id, shard",
-							  1, argt, argv, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+							  1, argt, argv, NULL, false, 0) != SPI_OK_INSERT_RETURNING ||
+		SPI_processed != 1)
 		elog(ERROR, "could not redrive outbox row " INT64_FORMAT, id);
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("outbox row " INT64_FORMAT " is not a dead letter", id),
-				 errhint("spool.outbox_dead lists the dead letters.")));
 	target_id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	shard = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	SPI_finish();
+	spool_leave(&caller);
 
 	/* A hint only: the worker also re-reads its parked rows when it polls. */
 	ds = spool_dispatch_slot_of(target_id, Max(shard, 0));
@@ -642,5 +681,61 @@ spool_redrive(PG_FUNCTION_ARGS)
 		if (ds->latch)
 			SetLatch(ds->latch);
 	}
+	PG_RETURN_VOID();
+}
+
+/*
+ * grant_target / revoke_target: the owner of a target decides which roles
+ * may write into it (spool.enqueue, spool.enqueue_barrier, processor
+ * outputs).  Members of a granted role may too.
+ */
+static void
+target_grant(FunctionCallInfo fcinfo, bool grant)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "target name");
+	char	   *rolename = spool_arg_name(fcinfo, 1, "role");
+	Oid			role = get_role_oid(rolename, true);
+	bool		isnull;
+	int			id;
+	SpoolCaller caller;
+
+	if (!OidIsValid(role))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("role \"%s\" does not exist", rolename)));
+	spool_enter(&caller);
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT id, owner FROM spool.targets WHERE name = $1 FOR UPDATE",
+							  1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(name)},
+							  NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.targets");
+	id = DatumGetInt32(SPI_getbinval(owned_target_row(name, 2, caller.role),
+									 SPI_tuptable->tupdesc, 1, &isnull));
+	if (SPI_execute_with_args(grant ?
+							  "INSERT INTO spool.target_grants (target_id, role) VALUES ($1, $2)"
+							  " ON CONFLICT DO NOTHING" :
+							  "DELETE FROM spool.target_grants WHERE target_id = $1 AND role = $2",
+							  2, (Oid[]) {INT4OID, OIDOID},
+							  (Datum[]) {Int32GetDatum(id), ObjectIdGetDatum(role)},
+							  NULL, false, 0) < 0)
+		elog(ERROR, "could not change the grants of target \"%s\"", name);
+	SPI_finish();
+	spool_leave(&caller);
+	spool_outbox_targets_changed();
+}
+
+/* SQL: spool.grant_target(target, role) */
+Datum
+spool_grant_target(PG_FUNCTION_ARGS)
+{
+	target_grant(fcinfo, true);
+	PG_RETURN_VOID();
+}
+
+/* SQL: spool.revoke_target(target, role) */
+Datum
+spool_revoke_target(PG_FUNCTION_ARGS)
+{
+	target_grant(fcinfo, false);
 	PG_RETURN_VOID();
 }

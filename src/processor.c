@@ -24,6 +24,7 @@
  */
 #include "postgres.h"
 
+#include "access/detoast.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
@@ -49,9 +50,12 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
+#include "internal_lock.h"
 #include "outbox.h"
+#include "privs.h"
 #include "processor.h"
 #include "spool.h"
+#include "usercode.h"
 #include "window_alert.h"
 
 PGDLLEXPORT void spool_processor_main(Datum main_arg);
@@ -59,7 +63,8 @@ PGDLLEXPORT void spool_processor_main(Datum main_arg);
 #define IDLE_SNAPSHOT_MS	1000	/* snapshot a changed state after this idle time */
 #define STANDBY_POLL_MS		250
 #define GATE_FREE_POLL_MS	10
-#define ADVISORY_KEY1		0x53504F4F	/* 'SPOO' */
+#define READ_CHUNK			512
+#define BATCH_MAX_BYTES		(64 * 1024 * 1024)	/* of the entries of one batch */
 
 int			spool_current_replica_no = 0;
 
@@ -67,6 +72,7 @@ int			spool_current_replica_no = 0;
 static char proc_name[NAMEDATALEN];
 static Oid	handler_oid;
 static Oid	run_as;
+static Oid	proc_owner;		/* outputs are written with its rights */
 static ArrayType *sources;		/* NULL: every source */
 static int	batch_size;
 static int64 lease_ttl_ms;
@@ -191,6 +197,7 @@ spool_processor_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
+	spool_worker_pin_settings();
 
 	my_slot = (int) ((arg & 0xFFFF) >> 4);
 	my_replica = (int) (arg & 0xF);
@@ -321,7 +328,7 @@ load_processor(void)
 							  "    CASE jsonb_typeof(options->'sources') WHEN 'array'"
 							  "    THEN options->'sources' END) s),"
 							  " (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
-							  " (options->>'checkpoint_every')::bigint, options->'handler'"
+							  " (options->>'checkpoint_every')::bigint, options->'handler', owner::oid"
 							  " FROM spool.processors WHERE name = $1",
 							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.processors");
@@ -349,11 +356,19 @@ load_processor(void)
 	checkpoint_every = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 	d = SPI_getbinval(tup, desc, 8, &isnull);
 	handler_settings = isnull ? NULL : DatumGetJsonbPCopy(d);
+	proc_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 9, &isnull));
 	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(run_as)))
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("the role processor \"%s\" runs as (oid %u) no longer exists", proc_name, run_as),
 				 errhint("Drop and create the processor again with an existing role.")));
+	/* The owner must still be allowed to run code as run_as. */
+	if (!spool_role_is_member(proc_owner, run_as))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the owner of processor \"%s\" is no longer a member of the role its handler runs as",
+						proc_name),
+				 errhint("Grant the role back to the owner, or drop and create the processor again.")));
 	fast_path = handler_oid == spool_window_alert_oid();
 	if (fast_path)
 		wa_config = spool_wa_parse_config(handler_settings);
@@ -459,9 +474,11 @@ spool_end(void)
 }
 
 /*
- * The entries of our sources in (after, upto], at most batch_size of them.
- * The batch ends at upto unless it is full.  The caller is connected to SPI
- * and upto is committed, so every entry up to it is visible.
+ * The entries of our sources in (after, upto], at most batch_size of them
+ * and at most BATCH_MAX_BYTES of them (but at least one): the handler's
+ * array must stay far below PostgreSQL's 1 GB limit, whatever the entries
+ * weigh.  The batch ends at upto unless it was cut.  The caller is connected
+ * to SPI and upto is committed, so every entry up to it is visible.
  */
 static void
 read_batch(int64 after, int64 upto, Batch *b)
@@ -469,10 +486,14 @@ read_batch(int64 after, int64 upto, Batch *b)
 	Oid			t[4] = {INT8OID, INT8OID, TEXTARRAYOID, INT4OID};
 	Datum		v[4];
 	char		nulls[4] = {' ', ' ', sources ? ' ' : 'n', ' '};
-	uint64		n;
-	uint64		i;
-	TupleDesc	desc;
-	bool		isnull;
+	SPIPlanPtr	plan;
+	Portal		portal;
+	Datum	   *elems = NULL;
+	Oid			rowtype = InvalidOid;
+	Size		bytes = 0;
+	bool		cut = false;
+	int64		last = 0;
+	int			n = 0;
 
 	v[0] = Int64GetDatum(after);
 	v[1] = Int64GetDatum(upto);
@@ -481,77 +502,86 @@ read_batch(int64 after, int64 upto, Batch *b)
 	memset(b, 0, sizeof(Batch));
 	if (fast_path)
 	{
-		spool_plan(&plan_read_rows,
-				   "SELECT cursor, value, kafka_ts, source, kafka_partition, kafka_offset"
-				   " FROM spool.entries WHERE cursor > $1 AND cursor <= $2"
-				   " AND ($3::text[] IS NULL OR source = ANY ($3))"
-				   " ORDER BY cursor LIMIT $4", 4, t);
-		n = spool_exec(plan_read_rows, v, nulls, true, SPI_OK_SELECT);
+		plan = spool_plan(&plan_read_rows,
+						  "SELECT cursor, value, kafka_ts, source, kafka_partition, kafka_offset"
+						  " FROM spool.entries WHERE cursor > $1 AND cursor <= $2"
+						  " AND ($3::text[] IS NULL OR source = ANY ($3))"
+						  " ORDER BY cursor LIMIT $4", 4, t);
+		b->wa = palloc(sizeof(WAEntry) * batch_size);
+	}
+	else
+	{
+		plan = spool_plan(&plan_read_entries,
+						  "SELECT e.cursor, e FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
+						  " AND ($3::text[] IS NULL OR e.source = ANY ($3))"
+						  " ORDER BY e.cursor LIMIT $4", 4, t);
+		elems = palloc(sizeof(Datum) * batch_size);
+	}
+
+	portal = SPI_cursor_open(NULL, plan, v, nulls, true);
+	while (n < batch_size && !cut)
+	{
+		TupleDesc	desc;
+		uint64		i;
+
+		SPI_cursor_fetch(portal, true, Min(batch_size - n, READ_CHUNK));
+		if (SPI_processed == 0)
+			break;
 		desc = SPI_tuptable->tupdesc;
-		b->wa = palloc(sizeof(WAEntry) * Max(n, 1));
-		for (i = 0; i < n; i++)
+		for (i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
-			WAEntry    *e = &b->wa[i];
-			Datum		d;
+			bool		isnull;
+			Datum		d = SPI_getbinval(tup, desc, 2, &isnull);
+			Size		size = isnull ? 0 : toast_raw_datum_size(d);
 
-			e->cursor = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-			d = SPI_getbinval(tup, desc, 2, &isnull);
-			e->value = isnull ? NULL : DatumGetJsonbP(d);
-			d = SPI_getbinval(tup, desc, 3, &isnull);
-			e->has_ts = !isnull;
-			e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(d);
-			e->source = SPI_getvalue(tup, desc, 4);
-			e->kafka_partition = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
-			e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+			if (n > 0 && bytes + size > BATCH_MAX_BYTES)
+			{
+				cut = true;
+				break;
+			}
+			bytes += size;
+			last = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			if (fast_path)
+			{
+				WAEntry    *e = &b->wa[n];
+
+				e->cursor = last;
+				e->value = isnull ? NULL : DatumGetJsonbP(d);
+				d = SPI_getbinval(tup, desc, 3, &isnull);
+				e->has_ts = !isnull;
+				e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(d);
+				e->source = SPI_getvalue(tup, desc, 4);
+				e->kafka_partition = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+				e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+			}
+			else
+			{
+				elems[n] = d;
+				rowtype = SPI_gettypeid(desc, 2);
+			}
+			n++;
 		}
-		b->n = (int) n;
-		b->end = (n == (uint64) batch_size) ? b->wa[n - 1].cursor : upto;
-		return;
 	}
+	SPI_cursor_close(portal);
 
-	spool_plan(&plan_read_entries,
-			   "SELECT e.cursor, e FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
-			   " AND ($3::text[] IS NULL OR e.source = ANY ($3))"
-			   " ORDER BY e.cursor LIMIT $4", 4, t);
-	n = spool_exec(plan_read_entries, v, nulls, true, SPI_OK_SELECT);
-	b->n = (int) n;
-	b->end = upto;
-	if (n > 0)
-	{
-		Datum	   *elems = palloc(sizeof(Datum) * n);
-		Oid			rowtype = SPI_gettypeid(SPI_tuptable->tupdesc, 2);
-		int64		last = 0;
-
-		for (i = 0; i < n; i++)
-		{
-			elems[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
-			last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
-		}
-		b->entries = PointerGetDatum(construct_array(elems, (int) n, rowtype, -1, false,
+	b->n = n;
+	b->end = (n == batch_size || cut) ? last : upto;
+	if (!fast_path && n > 0)
+		b->entries = PointerGetDatum(construct_array(elems, n, rowtype, -1, false,
 													 TYPALIGN_DOUBLE));
-		if (n == (uint64) batch_size)
-			b->end = last;
-	}
 }
 
 /*
- * Run the handler over a non-empty batch, as the processor's role and in a
- * read-only state (a handler computes; it must not write).  window_alert
- * runs natively on the kept state; its outputs are built only if wanted.
+ * Run the handler over a non-empty batch.  A SQL handler runs in the box
+ * (usercode.c): as the processor's role, security-restricted, read-only, with
+ * its settings rolled back afterwards.  window_alert is built-in C and runs
+ * natively on the kept state; its outputs are built only if wanted.
  */
 static void
 apply_batch(Batch *b, StepResult *res, bool want_outputs)
 {
-	Oid			save_user;
-	int			save_sec;
-	bool		save_ro = XactReadOnly;
-
 	memset(res, 0, sizeof(StepResult));
-	GetUserIdAndSecContext(&save_user, &save_sec);
-	SetUserIdAndSecContext(run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	XactReadOnly = true;
 	if (fast_path)
 	{
 		WAOutputs	out = {0};
@@ -577,6 +607,7 @@ apply_batch(Batch *b, StepResult *res, bool want_outputs)
 		HeapTupleHeader th;
 		bool		isnull;
 		Datum		d;
+		SpoolBox	box = {0};
 
 		fmgr_info(handler_oid, &flinfo);
 		InitFunctionCallInfoData(*fc, &flinfo, 2, InvalidOid, NULL, NULL);
@@ -584,7 +615,18 @@ apply_batch(Batch *b, StepResult *res, bool want_outputs)
 		fc->args[0].isnull = false;
 		fc->args[1].value = b->entries;
 		fc->args[1].isnull = false;
-		result = FunctionCallInvoke(fc);
+		spool_box_open(&box, run_as, true);
+		PG_TRY();
+		{
+			result = FunctionCallInvoke(fc);
+		}
+		PG_CATCH();
+		{
+			spool_box_abandon(&box);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		spool_box_close(&box);
 		if (fc->isnull)
 			ereport(ERROR,
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
@@ -607,8 +649,6 @@ apply_batch(Batch *b, StepResult *res, bool want_outputs)
 			res->outputs = PointerGetDatum(arr);
 		}
 	}
-	XactReadOnly = save_ro;
-	SetUserIdAndSecContext(save_user, save_sec);
 }
 
 /*
@@ -728,7 +768,8 @@ active_step(void)
 
 	/* The outputs first: the fenced part below is kept as short as possible. */
 	if (res.noutputs > 0)
-		spool_outbox_insert_outputs(DatumGetArrayTypeP(res.outputs), proc_name, b.end, token);
+		spool_outbox_insert_outputs(DatumGetArrayTypeP(res.outputs), proc_name, b.end, token,
+									proc_owner);
 
 	/* The spool keeps what a replay from this snapshot needs. */
 	if (snap)
@@ -890,20 +931,17 @@ check_snapshot_hash(void)
 }
 
 /*
- * Session advisory lock on the processor: held by the active replica, so
- * that after a clean exit exactly one standby goes for the lease at once.
- * Safety does not depend on it (the lease token does).
+ * Session lock on the processor (internal_lock.c): held by the active
+ * replica, so that after a clean exit exactly one standby goes for the lease
+ * at once.  Safety does not depend on it (the lease token does).
  */
 static bool
 advisory_lock(bool take)
 {
-	LOCKTAG		tag;
-
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, ADVISORY_KEY1,
-						 hash_bytes((const unsigned char *) proc_name, strlen(proc_name)), 2);
 	if (take)
-		return LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL;
-	return LockRelease(&tag, ExclusiveLock, true);
+		return spool_internal_lock(SPOOL_LOCK_PROCESSOR, proc_name, 0);
+	spool_internal_unlock(SPOOL_LOCK_PROCESSOR, proc_name, 0);
+	return true;
 }
 
 /* A lease holder is gone when no replica of this processor runs with its pid. */
@@ -961,7 +999,8 @@ try_takeover(void)
 		return false;
 	}
 	lease = spool_lease_acquire_internal(lease_resource, lease_owner,
-										 lease_ttl_ms * 1000, holder_gone);
+										 lease_ttl_ms * 1000, holder_gone,
+										 SPOOL_LEASE_INTERNAL);
 	if (lease.held)
 	{
 		Oid			t[2] = {TEXTOID, INT8OID};
@@ -1071,7 +1110,8 @@ renew_lease(void)
 	bool		ok;
 
 	spool_begin_txn("renewing lease");
-	ok = spool_lease_extend(lease_resource, lease_owner, token, lease_ttl_ms * 1000, &expires);
+	ok = spool_lease_extend(lease_resource, lease_owner, token, lease_ttl_ms * 1000, &expires,
+							SPOOL_LEASE_INTERNAL);
 	if (ok && !have_advisory)
 		have_advisory = advisory_lock(true);
 	spool_end_txn();

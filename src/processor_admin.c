@@ -29,6 +29,7 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
+#include "privs.h"
 #include "processor.h"
 #include "spool.h"
 #include "window_alert.h"
@@ -43,7 +44,7 @@ PG_FUNCTION_INFO_V1(spool_handler_settings);
 
 static void check_handler(Oid handler);
 static void check_sources(SpoolProcessorOptions *o);
-static void processor_owner_check(const char *name);
+static void processor_owner_check(const char *name, Oid role);
 
 /* lease_ttl: an interval string ('2 s') or milliseconds. */
 static int64
@@ -281,6 +282,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	Oid			ct[2] = {TEXTOID, INT8OID};
 	int64		start;
 	int			rc;
+	SpoolCaller caller;
 
 	spool_require_shmem();
 	spool_check_object_name(name, "processor");
@@ -291,8 +293,9 @@ spool_create_processor(PG_FUNCTION_ARGS)
 		spool_bad_option("options must not be null", "Pass '{}' for the defaults.");
 	o = spool_parse_processor_options(PG_GETARG_JSONB_P(2));
 
+	spool_enter(&caller);
 	check_handler(handler);
-	run_as = spool_check_run_as(o->run_as, "processor", "processor handler");
+	run_as = spool_check_run_as(caller.role, o->run_as, "processor", "processor handler");
 	if (pg_proc_aclcheck(handler, run_as, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -326,7 +329,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	v[0] = CStringGetTextDatum(name);
 	v[1] = ObjectIdGetDatum(handler);
 	v[2] = ObjectIdGetDatum(run_as);
-	v[3] = ObjectIdGetDatum(GetOuterUserId());
+	v[3] = ObjectIdGetDatum(caller.role);
 	v[4] = JsonbPGetDatum(spool_processor_options_jsonb(o));
 	rc = SPI_execute_with_args("INSERT INTO spool.processors (name, handler, run_as, owner, options)"
 							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -350,15 +353,16 @@ spool_create_processor(PG_FUNCTION_ARGS)
 							  2, ct, cv, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not register the processor as a spool consumer");
 	SPI_finish();
+	spool_leave(&caller);
 	PG_RETURN_VOID();
 }
 
 /*
- * Check that processor name exists and the caller owns it (or is a
- * superuser); the caller is connected to SPI.
+ * Check that processor name exists and role may change it (a member of its
+ * owner, or a superuser); the caller is connected to SPI.
  */
 static void
-processor_owner_check(const char *name)
+processor_owner_check(const char *name, Oid role)
 {
 	Oid			t[1] = {TEXTOID};
 	Datum		v[1] = {CStringGetTextDatum(name)};
@@ -373,10 +377,7 @@ processor_owner_check(const char *name)
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("processor \"%s\" does not exist", name)));
 	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (!has_privs_of_role(GetOuterUserId(), owner))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("must be owner of processor \"%s\"", name)));
+	spool_check_owner(role, owner, "processor", name);
 }
 
 static void
@@ -385,13 +386,16 @@ processor_update(FunctionCallInfo fcinfo, const char *sql)
 	char	   *name = spool_arg_name(fcinfo, 0, "name");
 	Oid			t[1] = {TEXTOID};
 	Datum		v[1] = {CStringGetTextDatum(name)};
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	spool_enter(&caller);
 	SPI_connect();
-	processor_owner_check(name);
+	processor_owner_check(name, caller.role);
 	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
 		elog(ERROR, "could not update processor \"%s\"", name);
 	SPI_finish();
+	spool_leave(&caller);
 	spool_wake_launcher();
 }
 

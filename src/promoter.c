@@ -42,6 +42,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "privs.h"
 #include "spool.h"
 #include "source.h"
 
@@ -391,6 +392,7 @@ spool_promoter_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
+	spool_worker_pin_settings();
 	/* Hash joins and aggregates over a whole backlog stay in memory. */
 	SetConfigOption("work_mem", "262144", PGC_USERSET, PGC_S_SESSION);
 	/* Staging is read in physical order: no scan may start mid-table. */

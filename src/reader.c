@@ -16,6 +16,7 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
+#include "privs.h"
 #include "spool.h"
 
 PG_FUNCTION_INFO_V1(spool_read);
@@ -33,7 +34,9 @@ read_into(ReturnSetInfo *rsinfo, int64 after, int32 max)
 	Datum		v[2];
 	uint64		i;
 	uint64		n;
+	SpoolCaller caller;
 
+	spool_enter(&caller);
 	SPI_connect();
 	spool_plan(&plan_read,
 			   "SELECT * FROM spool.entries WHERE cursor > $1 ORDER BY cursor LIMIT $2",
@@ -45,6 +48,7 @@ read_into(ReturnSetInfo *rsinfo, int64 after, int32 max)
 	for (i = 0; i < n; i++)
 		tuplestore_puttuple(rsinfo->setResult, SPI_tuptable->vals[i]);
 	SPI_finish();
+	spool_leave(&caller);
 	return n;
 }
 
@@ -104,30 +108,77 @@ spool_read(PG_FUNCTION_ARGS)
 
 /*
  * The consumer registry.  A consumer's committed cursor only moves forward;
- * retention keeps every segment some consumer has not passed.
+ * retention keeps every segment some consumer has not passed.  A consumer
+ * belongs to the role that registered it: only its members (and
+ * superusers) move or drop it.  Consumers named 'processor:...' belong to
+ * processors and are changed only through them.
  */
 PG_FUNCTION_INFO_V1(spool_register_consumer);
 PG_FUNCTION_INFO_V1(spool_commit_consumer);
 PG_FUNCTION_INFO_V1(spool_drop_consumer);
 
-/* Run sql ($1 = name, $2 = cursor or NULL); return column 1 of its row, or -1 if none. */
+#define PROCESSOR_CONSUMER_PREFIX "processor:"
+
+static void
+check_consumer_name(const char *name)
+{
+	if (strncmp(name, PROCESSOR_CONSUMER_PREFIX, strlen(PROCESSOR_CONSUMER_PREFIX)) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("consumer \"%s\" belongs to a processor", name),
+				 errhint("Consumers named \"processor:...\" are kept by their processors; use spool.drop_processor.")));
+}
+
+/*
+ * Lock consumer name's row for role: -1 if there is none, else its committed
+ * cursor; 42501 if role may not change it.  SPI is connected.
+ */
+static int64
+consumer_lock(const char *name, Oid role)
+{
+	bool		isnull;
+
+	if (SPI_execute_with_args("SELECT committed_cursor, owner FROM spool.consumers"
+							  " WHERE name = $1 FOR UPDATE",
+							  1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(name)},
+							  NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.consumers");
+	if (SPI_processed == 0)
+		return -1;
+	spool_check_owner(role,
+					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+													 &isnull)),
+					  "consumer", name);
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Run sql ($1 = name, $2 = cursor or NULL, $3 = role) for role after the
+ * checks above; return column 1 of its row, or -1 if none.
+ */
 static int64
 consumer_exec(const char *sql, const char *name, bool has_cursor, int64 cursor)
 {
-	Oid			t[2] = {TEXTOID, INT8OID};
-	Datum		v[2];
-	char		nulls[2] = {' ', has_cursor ? ' ' : 'n'};
+	Oid			t[3] = {TEXTOID, INT8OID, OIDOID};
+	Datum		v[3];
+	char		nulls[3] = {' ', has_cursor ? ' ' : 'n', ' '};
 	bool		isnull;
 	int64		result = -1;
+	SpoolCaller caller;
 
+	check_consumer_name(name);
+	spool_enter(&caller);
 	SPI_connect();
+	(void) consumer_lock(name, caller.role);
 	v[0] = CStringGetTextDatum(name);
 	v[1] = Int64GetDatum(cursor);
-	if (SPI_execute_with_args(sql, 2, t, v, nulls, false, 0) < 0)
+	v[2] = ObjectIdGetDatum(caller.role);
+	if (SPI_execute_with_args(sql, 3, t, v, nulls, false, 0) < 0)
 		elog(ERROR, "consumer query failed: %s", sql);
 	if (SPI_processed > 0)
 		result = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_finish();
+	spool_leave(&caller);
 	return result;
 }
 
@@ -139,9 +190,9 @@ spool_register_consumer(PG_FUNCTION_ARGS)
 	bool		has = !PG_ARGISNULL(1);
 	int64		start = has ? spool_arg_int64(fcinfo, 1, "start_cursor", true) : 0;
 
-	PG_RETURN_INT64(consumer_exec("INSERT INTO spool.consumers (name, committed_cursor)"
+	PG_RETURN_INT64(consumer_exec("INSERT INTO spool.consumers (name, committed_cursor, owner)"
 								  " VALUES ($1, coalesce($2, (SELECT next_cursor - 1"
-								  "   FROM spool.spool_state WHERE id = 1)))"
+								  "   FROM spool.spool_state WHERE id = 1)), $3)"
 								  " ON CONFLICT (name) DO UPDATE SET updated_at = now()"
 								  " RETURNING committed_cursor",
 								  name, has, start));
@@ -173,6 +224,7 @@ spool_drop_consumer(PG_FUNCTION_ARGS)
 {
 	char	   *name = spool_arg_name(fcinfo, 0, "name");
 
-	PG_RETURN_BOOL(consumer_exec("DELETE FROM spool.consumers WHERE name = $1 RETURNING 1",
+	PG_RETURN_BOOL(consumer_exec("DELETE FROM spool.consumers WHERE name = $1"
+								 " RETURNING 1",
 								 name, false, 0) > 0);
 }

@@ -17,6 +17,8 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 
+#include "kafka_policy.h"
+#include "privs.h"
 #include "spool.h"
 #include "source.h"
 
@@ -218,6 +220,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 	Oid			t[5] = {TEXTOID, TEXTOID, TEXTARRAYOID, JSONBOID, OIDOID};
 	Datum		v[5];
 	int			rc;
+	SpoolCaller caller;
 
 	spool_require_shmem();
 	if (GetDatabaseEncoding() != PG_UTF8)
@@ -241,6 +244,11 @@ spool_create_source(PG_FUNCTION_ARGS)
 	options = PG_GETARG_JSONB_P(3);
 	o = spool_parse_source_options(options);
 
+	spool_enter(&caller);
+	/* Before librdkafka sees any of them: some would run at once. */
+	spool_kafka_policy_check(brokers, o->nkafka, (const char **) o->kafka_keys,
+							 (const char **) o->kafka_values, caller.role,
+							 "source", name);
 	conf = spool_kafka_conf(brokers, o, "spool_ext.check", errbuf, sizeof(errbuf));
 	if (conf == NULL)
 		ereport(ERROR,
@@ -254,7 +262,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 	v[1] = CStringGetTextDatum(brokers);
 	v[2] = PointerGetDatum(topics_arr);
 	v[3] = JsonbPGetDatum(spool_source_options_jsonb(o));
-	v[4] = ObjectIdGetDatum(GetOuterUserId());
+	v[4] = ObjectIdGetDatum(caller.role);
 	rc = SPI_execute_with_args("INSERT INTO spool.sources (name, brokers, topics, options, owner)"
 							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
 							   5, t, v, NULL, false, 0);
@@ -268,28 +276,41 @@ spool_create_source(PG_FUNCTION_ARGS)
 
 	/* Last, so that bad arguments fail fast without touching the network. */
 	probe_topics(brokers, o, topics, ntopics);
+	spool_leave(&caller);
 	PG_RETURN_VOID();
 }
 
-/* Run sql with $1 = name; raise SP004 when no source row matched. */
+/*
+ * Run sql with $1 = name, for a member of the source's owner: SP004 when
+ * there is no such source, 42501 when the caller may not change it.
+ */
 static void
 source_update(const char *name, const char *sql)
 {
 	Oid			t[1] = {TEXTOID};
 	Datum		v[1];
-	int			rc;
+	bool		isnull;
+	SpoolCaller caller;
 
 	spool_require_shmem();
+	spool_enter(&caller);
 	SPI_connect();
 	v[0] = CStringGetTextDatum(name);
-	rc = SPI_execute_with_args(sql, 1, t, v, NULL, false, 0);
-	if (rc < 0)
-		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
+	if (SPI_execute_with_args("SELECT owner FROM spool.sources WHERE name = $1 FOR UPDATE",
+							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.sources");
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("source \"%s\" does not exist", name)));
+	spool_check_owner(caller.role,
+					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 1, &isnull)),
+					  "source", name);
+	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
+		elog(ERROR, "could not change source \"%s\"", name);
 	SPI_finish();
+	spool_leave(&caller);
 	spool_wake_launcher();
 }
 

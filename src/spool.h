@@ -103,6 +103,7 @@ typedef struct SpoolNonceReq
 	bool		in_queue;		/* linked in a worker's FIFO */
 	char		signer[SPOOL_SIGNER_MAX];
 	char		request_id[SPOOL_REQID_MAX];
+	Oid			role;			/* who asked: the signer must be its role's */
 	int64		nonce;
 	int			sqlerrcode;
 	char		errmsg[SPOOL_ERRMSG_MAX];
@@ -244,7 +245,8 @@ extern int64 spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_
 									  int64 hi_us);
 extern char *spool_format_duration(int64 us);
 extern void spool_check_object_name(const char *name, const char *what);
-extern Oid	spool_check_run_as(const char *run_as, const char *object, const char *code);
+extern Oid	spool_check_run_as(Oid caller, const char *run_as, const char *object,
+							   const char *code);
 extern void spool_test_pause(void);
 extern void spool_begin_txn(const char *activity);
 extern void spool_end_txn(void);
@@ -269,15 +271,19 @@ typedef struct SpoolLease
 
 typedef bool (*spool_may_steal_fn) (const char *holder);
 
+/* The role of the leases of spool_ext's own workers (lease_store.role). */
+#define SPOOL_LEASE_INTERNAL InvalidOid
+
 extern SpoolLease spool_lease_acquire_internal(const char *resource,
 											   const char *owner,
 											   int64 ttl_us,
-											   spool_may_steal_fn may_steal);
-extern void spool_fence_internal(const char *resource, int64 token,
-								 const char *owner, const char *signer);
+											   spool_may_steal_fn may_steal,
+											   Oid role);
+extern void spool_lease_check_role(const char *resource, Oid lease_role, Oid role);
 extern void spool_fence_register(const char *resource, int64 token);
 extern bool spool_lease_extend(const char *resource, const char *owner,
-							   int64 token, int64 ttl_us, TimestampTz *expires);
+							   int64 token, int64 ttl_us, TimestampTz *expires,
+							   Oid role);
 extern char *spool_signer_resource(const char *signer);
 extern const char *spool_resource_signer(const char *resource);
 
@@ -287,7 +293,7 @@ extern const char *spool_resource_signer(const char *resource);
 extern void spool_nonce_allocate_batch(const char *signer, const char *owner,
 									   int64 token, int n,
 									   const char **request_ids,
-									   int64 *nonces);
+									   int64 *nonces, Oid role);
 
 /*
  * Workers (launcher.c, nonce_worker.c)

@@ -322,13 +322,12 @@ spool_format_duration(int64 us)
 
 /*
  * The role user code (a processor handler, a target function) runs as:
- * run_as, or the calling role.  Never a superuser unless explicitly named; a
- * non-superuser may only name a role it belongs to.
+ * run_as, or caller.  Never a superuser unless a superuser names one; others
+ * may only name a role they have the privileges of.
  */
 Oid
-spool_check_run_as(const char *run_as, const char *object, const char *code)
+spool_check_run_as(Oid caller, const char *run_as, const char *object, const char *code)
 {
-	Oid			caller = GetOuterUserId();
 	Oid			role = run_as ? get_role_oid(run_as, true) : caller;
 
 	if (!OidIsValid(role))

@@ -46,6 +46,8 @@ PG_FUNCTION_INFO_V1(spool_window_alert);
 
 #define WA_MAX_PATH		16
 #define WA_MAX_COUNT	100000
+#define WA_DEFAULT_MAX_KEYS 1000000
+#define WA_MAX_MAX_KEYS 100000000
 #define WA_STATE_VERSION 1
 
 typedef enum WAAgg
@@ -89,6 +91,7 @@ struct WAConfig
 	double		threshold;
 	WAOp		op;
 	char	   *target;
+	int64		max_keys;		/* more live keys: the least recently seen go */
 };
 
 /* One value in a window: ts is the event time (us) or, for count windows, the cursor. */
@@ -103,6 +106,7 @@ typedef struct WAKey
 	char	   *key;			/* hash key: points at a copy in the state context */
 	bool		armed;
 	bool		open;			/* a window has started */
+	int64		last;			/* cursor of the key's latest entry */
 	int64		mark;			/* tumbling: window start; sliding: watermark */
 	int64		n;
 	double		sum;
@@ -121,6 +125,7 @@ struct WAState
 	HTAB	   *keys;
 	int64		skipped;		/* entries without a usable key, value or time */
 	int64		late;			/* entries older than their key's window */
+	int64		evicted;		/* keys forgotten to stay within max_keys */
 	StringInfoData buf;			/* scratch */
 };
 
@@ -276,6 +281,7 @@ spool_wa_parse_config(Jsonb *settings)
 		wa_error("settings must be a JSON object", NULL);
 	cfg->agg = WA_SUM;
 	cfg->op = WA_GE;
+	cfg->max_keys = WA_DEFAULT_MAX_KEYS;
 	it = JsonbIteratorInit(&settings->root);
 	while (spool_object_next(&it, &name, &v))
 	{
@@ -303,6 +309,15 @@ spool_wa_parse_config(Jsonb *settings)
 			if (v.type != jbvNumeric || !jsonb_number(&v, &cfg->threshold))
 				wa_error("\"threshold\" must be a finite number", NULL);
 			have_threshold = true;
+		}
+		else if (strcmp(name, "max_keys") == 0)
+		{
+			double		n;
+
+			if (v.type != jbvNumeric || !jsonb_number(&v, &n) || n != floor(n) ||
+				n < 1 || n > WA_MAX_MAX_KEYS)
+				wa_error(psprintf("\"max_keys\" must be an integer from 1 to %d", WA_MAX_MAX_KEYS), NULL);
+			cfg->max_keys = (int64) n;
 		}
 		else if (strcmp(name, "target") == 0)
 		{
@@ -345,7 +360,7 @@ spool_wa_parse_config(Jsonb *settings)
 		}
 		else
 			wa_error(psprintf("unknown setting \"%s\"", name),
-					 "Settings are key, value, aggregate, window, time, threshold, op and target.");
+					 "Settings are key, value, aggregate, window, time, threshold, op, target and max_keys.");
 	}
 	if (!have_key)
 		wa_error("\"key\" is missing", "It is the path of the grouping key in the entry's value.");
@@ -618,6 +633,9 @@ spool_wa_state_create(WAConfig *cfg, Jsonb *state, MemoryContext parent)
 		if (getKeyJsonValueFromContainer(&state->root, "late", 4, &v) &&
 			jsonb_number(&v, &d))
 			st->late = (int64) d;
+		if (getKeyJsonValueFromContainer(&state->root, "evicted", 7, &v) &&
+			jsonb_number(&v, &d))
+			st->evicted = (int64) d;
 		if (getKeyJsonValueFromContainer(&state->root, "keys", 4, &v) &&
 			v.type == jbvBinary && JsonContainerIsObject(v.val.binary.data))
 		{
@@ -658,6 +676,7 @@ load_key(WAState *st, const char *key, JsonbContainer *obj)
 		k->armed = v.val.boolean;
 	k->open = getKeyJsonValueFromContainer(obj, "mark", 4, &v) != NULL;
 	k->mark = (int64) field_number(obj, "mark", 0);
+	k->last = (int64) field_number(obj, "last", 0);
 	k->n = (int64) field_number(obj, "n", 0);
 	k->sum = field_number(obj, "sum", 0);
 	k->min = field_number(obj, "min", 0);
@@ -799,6 +818,8 @@ spool_wa_state_to_jsonb(WAState *st, Jsonb *config)
 	push_int(&ps, WJB_VALUE, st->skipped);
 	push_key(&ps, "late");
 	push_int(&ps, WJB_VALUE, st->late);
+	push_key(&ps, "evicted");
+	push_int(&ps, WJB_VALUE, st->evicted);
 	if (config)
 	{
 		push_key(&ps, "config");
@@ -825,6 +846,8 @@ spool_wa_state_to_jsonb(WAState *st, Jsonb *config)
 			push_key(&ps, "mark");
 			push_int(&ps, WJB_VALUE, k->mark);
 		}
+		push_key(&ps, "last");
+		push_int(&ps, WJB_VALUE, k->last);
 		push_key(&ps, "n");
 		push_int(&ps, WJB_VALUE, k->n);
 		push_key(&ps, "sum");
@@ -880,7 +903,7 @@ spool_wa_state_hash(WAState *st)
 {
 	HASH_SEQ_STATUS seq;
 	WAKey	   *k;
-	uint64		total = mix(mix(0, st->skipped), st->late);
+	uint64		total = mix(mix(mix(0, st->skipped), st->late), st->evicted);
 
 	hash_seq_init(&seq, st->keys);
 	while ((k = hash_seq_search(&seq)) != NULL)
@@ -890,6 +913,7 @@ spool_wa_state_hash(WAState *st)
 
 		h = mix(h, (uint64) k->armed | ((uint64) k->open << 1));
 		h = mix(h, k->mark);
+		h = mix(h, k->last);
 		h = mix(h, k->n);
 		h = mix(h, double_bits(k->sum));
 		h = mix(h, double_bits(k->min));
@@ -1092,6 +1116,50 @@ alert_payload(WAState *st, WAKey *k, double agg, const WAEntry *e)
 	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf->data)));
 }
 
+static int
+key_age_cmp(const void *a, const void *b)
+{
+	const WAKey *x = *(WAKey *const *) a;
+	const WAKey *y = *(WAKey *const *) b;
+
+	if (x->last != y->last)
+		return x->last < y->last ? -1 : 1;
+	return strcmp(x->key, y->key);
+}
+
+/*
+ * More than max_keys keys: forget the least recently seen tenth of them (by
+ * the cursor of their latest entry, then by key), so that keys that are
+ * never seen again cannot grow the state without bound.  Which keys go
+ * depends only on the entries applied, so every replica forgets the same.
+ */
+static void
+evict_keys(WAState *st)
+{
+	long		n = hash_get_num_entries(st->keys);
+	long		drop = Max(st->cfg->max_keys / 10, 1) + (n - st->cfg->max_keys - 1);
+	WAKey	  **all = palloc(sizeof(WAKey *) * n);
+	HASH_SEQ_STATUS seq;
+	WAKey	   *k;
+	long		i = 0;
+
+	hash_seq_init(&seq, st->keys);
+	while ((k = hash_seq_search(&seq)) != NULL)
+		all[i++] = k;
+	qsort(all, n, sizeof(WAKey *), key_age_cmp);
+	for (i = 0; i < drop && i < n; i++)
+	{
+		char	   *key = all[i]->key;
+
+		if (all[i]->items)
+			pfree(all[i]->items);
+		(void) hash_search(st->keys, &key, HASH_REMOVE, NULL);
+		pfree(key);
+		st->evicted++;
+	}
+	pfree(all);
+}
+
 /*
  * Apply one entry; append an output to out when its key's aggregate crosses
  * the threshold.  Entries without a usable key, value or time are counted as
@@ -1130,6 +1198,13 @@ spool_wa_apply(WAState *st, const WAEntry *e, WAOutputs *out)
 	}
 	key_text(&kv, &st->buf);
 	k = key_enter(st, st->buf.data);
+	k->last = e->cursor;
+	if (hash_get_num_entries(st->keys) > st->cfg->max_keys)
+	{
+		evict_keys(st);
+		k = key_enter(st, st->buf.data);	/* recreated if it went too */
+		k->last = e->cursor;
+	}
 
 	if (cfg->kind == WA_WINDOW_TUMBLING)
 	{

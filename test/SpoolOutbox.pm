@@ -59,7 +59,7 @@ CREATE FUNCTION public.$fn(payload jsonb, key text, outbox_id bigint)
 RETURNS void LANGUAGE plpgsql AS \$f\$
 BEGIN
 	$pre
-	INSERT INTO $table (outbox_id, key, payload, pid, worker)
+	INSERT INTO public.$table (outbox_id, key, payload, pid, worker)
 	VALUES (\$3, \$2, \$1, pg_backend_pid(),
 			(SELECT a.backend_type FROM pg_stat_get_activity(pg_backend_pid()) a));
 END \$f\$;

@@ -55,7 +55,7 @@ DECLARE
 	fault record;
 	parts int := coalesce((spool.handler_settings()->>'partitions')::int, 4);
 BEGIN
-	FOR fault IN SELECT * FROM test_faults LOOP
+	FOR fault IN SELECT * FROM public.test_faults LOOP
 		IF EXISTS (SELECT 1 FROM unnest(entries) x WHERE (x.value->>'seq')::int = fault.seq)
 		   AND (fault.replica IS NULL OR fault.replica = spool.current_replica()) THEN
 			RAISE EXCEPTION 'injected fault at seq % in replica %', fault.seq, spool.current_replica();

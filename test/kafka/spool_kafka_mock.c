@@ -43,6 +43,11 @@
  *                                            OK produced 1 PARTITION OFFSET
  *       As produce_one, with message headers.  A header written without
  *       '=' has a NULL value; names and values cannot hold ',' or spaces.
+ *   produce_ts TOPIC PARTITION KEY TIMESTAMP_MS VALUE
+ *                                            OK produced 1 PARTITION OFFSET
+ *       As produce_one, with the message's CreateTime set to TIMESTAMP_MS
+ *       (unix ms, any positive 64-bit value: one far beyond the range of
+ *       timestamptz tests how the ingest treats it).
  *   down BROKER_ID / up BROKER_ID            OK  (-1 = all brokers)
  *       Disconnects the broker and refuses connections / accepts them
  *       again.  The mock does not move partition leadership.
@@ -589,7 +594,7 @@ topic_partitions(rd_kafka_t *rk, const char *topic, char *why, size_t whylen)
 static rd_kafka_resp_err_t
 enqueue(const char *topic, int32_t partition,
 		const void *key, size_t keylen, const void *val, size_t vallen,
-		rd_kafka_headers_t *hdrs, int64_t deadline)
+		rd_kafka_headers_t *hdrs, int64_t timestamp, int64_t deadline)
 {
 	rd_kafka_resp_err_t err;
 
@@ -603,6 +608,7 @@ enqueue(const char *topic, int32_t partition,
 									RD_KAFKA_V_KEY(key, keylen),
 									RD_KAFKA_V_VALUE((void *) val, vallen),
 									RD_KAFKA_V_HEADERS(hdrs),
+									RD_KAFKA_V_TIMESTAMP(timestamp),
 									RD_KAFKA_V_END);
 		else
 			err = rd_kafka_producev(g.producer,
@@ -611,6 +617,7 @@ enqueue(const char *topic, int32_t partition,
 									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 									RD_KAFKA_V_KEY(key, keylen),
 									RD_KAFKA_V_VALUE((void *) val, vallen),
+									RD_KAFKA_V_TIMESTAMP(timestamp),
 									RD_KAFKA_V_END);
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			return err;
@@ -689,7 +696,7 @@ cmd_produce(char *args)
 		buf[len++] = '}';
 
 		err = enqueue(topic, (int32_t) (part >= 0 ? part : seq % nparts),
-					  key, (size_t) keylen, buf, (size_t) len, NULL, deadline);
+					  key, (size_t) keylen, buf, (size_t) len, NULL, 0, deadline);
 		if (err)
 			break;
 		enq++;
@@ -805,18 +812,23 @@ parse_headers(char *spec, char *why, size_t whylen)
 /*
  * produce_one TOPIC PARTITION KEY VALUE
  * produce_hdr TOPIC PARTITION KEY HEADERS VALUE
+ * produce_ts TOPIC PARTITION KEY TIMESTAMP_MS VALUE
  */
 static void
-cmd_produce_single(char *args, int with_headers)
+cmd_produce_single(char *args, int with_headers, int with_timestamp)
 {
 	const char *usage = with_headers
 		? "ERR usage: produce_hdr TOPIC PARTITION KEY H=V[,H=V...] VALUE"
+		: with_timestamp ? "ERR usage: produce_ts TOPIC PARTITION KEY TIMESTAMP_MS VALUE"
 		: "ERR usage: produce_one TOPIC PARTITION KEY VALUE";
 	char *topic = next_token(&args);
 	char *s_part = next_token(&args);
 	char *s_key = next_token(&args);
 	char *s_hdrs = with_headers ? next_token(&args) : NULL;
+	char *s_ts = with_timestamp ? next_token(&args) : NULL;
 	char *s_val = args;          /* the rest of the line, verbatim */
+	long long timestamp = 0;
+	char *end = NULL;
 	long part;
 	const char *key, *val;
 	size_t keylen, vallen;
@@ -828,7 +840,9 @@ cmd_produce_single(char *args, int with_headers)
 
 	if (topic == NULL || s_key == NULL ||
 		parse_long(s_part, -1, MAX_PARTITIONS - 1, &part) != 0 ||
-		(with_headers && s_hdrs == NULL))
+		(with_headers && s_hdrs == NULL) ||
+		(with_timestamp && (s_ts == NULL ||
+							(timestamp = strtoll(s_ts, &end, 10)) <= 0 || *end != '\0')))
 	{
 		reply("%s", usage);
 		return;
@@ -854,7 +868,7 @@ cmd_produce_single(char *args, int with_headers)
 	dr_reset();
 	deadline = mono_ms() + g.message_timeout_ms + 10000;
 	err = enqueue(topic, part < 0 ? RD_KAFKA_PARTITION_UA : (int32_t) part,
-				  key, keylen, val, vallen, hdrs, deadline);
+				  key, keylen, val, vallen, hdrs, timestamp, deadline);
 	if (err)
 	{
 		/* On failure the headers are still ours to free. */
@@ -1326,9 +1340,11 @@ dispatch(char *line)
 	if (strcmp(cmd, "produce") == 0)
 		cmd_produce(p);
 	else if (strcmp(cmd, "produce_one") == 0)
-		cmd_produce_single(p, 0);
+		cmd_produce_single(p, 0, 0);
 	else if (strcmp(cmd, "produce_hdr") == 0)
-		cmd_produce_single(p, 1);
+		cmd_produce_single(p, 1, 0);
+	else if (strcmp(cmd, "produce_ts") == 0)
+		cmd_produce_single(p, 0, 1);
 	else if (strcmp(cmd, "topic") == 0)
 		cmd_topic(p);
 	else if (strcmp(cmd, "down") == 0)

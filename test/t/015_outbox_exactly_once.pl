@@ -416,7 +416,7 @@ sql(q{CREATE TABLE hang_switch (hang bool NOT NULL); INSERT INTO hang_switch VAL
 	GRANT SELECT ON hang_switch TO deliverer;});
 sql_target($node, 'hg', '{"batch_size": 10000, "batch_interval": "1 min"}',
 	table => 'delivered_hg',
-	pre => 'WHILE (SELECT hang FROM hang_switch) LOOP PERFORM pg_sleep(0.05); END LOOP;');
+	pre => 'WHILE (SELECT hang FROM public.hang_switch) LOOP PERFORM pg_sleep(0.05); END LOOP;');
 wait_dispatchers($node, 'hg', 1);
 my $in_hang = sub {
 	my ($pid) = @_;

@@ -51,10 +51,10 @@ CREATE FUNCTION is_parked(bigint) RETURNS boolean LANGUAGE sql SECURITY DEFINER
 sql_target($node, 'rt',
 	'{"retry_limit": 3, "retry_backoff": "50ms", "retry_backoff_max": "1s", "batch_interval": "5ms"}',
 	pre => q{
-	IF EXISTS (SELECT 1 FROM fail_keys f WHERE f.key = $2)
-	   OR EXISTS (SELECT 1 FROM fail_ids f WHERE f.id = $3) THEN
-		PERFORM nextval('fail_calls');
-		IF is_parked($3) THEN
+	IF EXISTS (SELECT 1 FROM public.fail_keys f WHERE f.key = $2)
+	   OR EXISTS (SELECT 1 FROM public.fail_ids f WHERE f.id = $3) THEN
+		PERFORM nextval('public.fail_calls');
+		IF public.is_parked($3) THEN
 			PERFORM pg_advisory_xact_lock_shared(4343);
 		END IF;
 		RAISE EXCEPTION 'injected failure for key % (outbox id %)', $2, $3;
