@@ -16,7 +16,7 @@ PARTS=${2:-64}
 RUNS=${3:-3}
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
-tree=$(prepare_build_tree "$here")
+tree=$(prepare_build_tree "$(bench_src "$here")")
 work=$(mktemp -d /tmp/spool_ext-ingest-bench.XXXXXX)
 PORT=${SPOOL_BENCH_PORT:-54349}
 cleanup() {

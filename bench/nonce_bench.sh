@@ -15,7 +15,7 @@ SECS=${2:-10}
 CLIENTS=${3:-16}
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
-tree=$(prepare_build_tree "$here")
+tree=$(prepare_build_tree "$(bench_src "$here")")
 work=$(mktemp -d /tmp/spool_ext-bench.XXXXXX)
 PORT=${SPOOL_BENCH_PORT:-54329}
 export PGHOST=$work PGPORT=$PORT PGUSER=$RUN_AS PGDATABASE=postgres
@@ -98,6 +98,7 @@ for scope in hot spread; do
 		esac
 		[ "$scope" = hot ] && label="$label, 1 hot" || label="$label, 100"
 		printf '%-34s %10.0f %10.0f %10.0f   %6.2fx\n' "$label" "$m" "$lo" "$hi" "$(echo "$m / $base" | bc -l)"
+		bench_result "$label, tps" "$m" higher
 	done
 done
 echo "duplicate (signer, nonce) pairs: $dups; signers with gaps: $gaps"

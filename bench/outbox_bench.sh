@@ -66,7 +66,7 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
 tree=
-[ "${SPOOL_BENCH_INSTALLED:-0}" = 1 ] || tree=$(prepare_build_tree "$here")
+[ "${SPOOL_BENCH_INSTALLED:-0}" = 1 ] || tree=$(prepare_build_tree "$(bench_src "$here")")
 work=$(mktemp -d /tmp/spool_ext-outbox-bench.XXXXXX)
 PORT=${SPOOL_BENCH_PORT:-54357}
 server_up=0
@@ -508,6 +508,13 @@ for c in "${TP_CASES[@]}"; do M[$c]=$(med tp "$c"); done
 for c in "${LAT_CASES[@]}"; do
 	M[$c,med]=$(med lat_med "$c")
 	M[$c,p99]=$(med lat_p99 "$c")
+done
+for c in "${TP_CASES[@]}"; do
+	[ -n "${M[$c]}" ] && bench_result "throughput, $c, rows/s" "${M[$c]}" higher
+done
+for c in "${LAT_CASES[@]}"; do
+	[ -n "${M[$c,med]}" ] && bench_result "latency, $c, median ms" "${M[$c,med]}" lower
+	[ -n "${M[$c,p99]}" ] && bench_result "latency, $c, p99 ms" "${M[$c,p99]}" lower
 done
 label() {
 	case $1 in

@@ -57,7 +57,7 @@ bench_start=$(date +%s)
 
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
-tree=$(prepare_build_tree "$here")
+tree=$(prepare_build_tree "$(bench_src "$here")")
 work=$(mktemp -d /tmp/spool_ext-processor-bench.XXXXXX)
 PORT=${SPOOL_BENCH_PORT:-54353}
 PRODUCER_PID=
@@ -751,6 +751,8 @@ printf '%-62s %12.0f %12.0f %12.0f\n' "(1) spool.window_alert (C), 2 replicas, $
 printf '%-62s %12.0f %12.0f %12.0f\n' "(2) PL/pgSQL equivalent (jsonb state), 2 replicas, $N2 entries" "$m2" \
 	"$(printf '%s\n' "${pl_rate[@]}" | sort -g | head -1)" "$(printf '%s\n' "${pl_rate[@]}" | sort -g | tail -1)"
 printf 'ratio (1)/(2): %.1fx; (2): %s\n' "$(echo "$m1 / $m2" | bc -l)" "$equiv"
+bench_result "(1) window_alert, entries/s per replica" "$m1" higher
+bench_result "(2) PL/pgSQL handler, entries/s per replica" "$m2" higher
 [ "$N2" -lt "$N" ] && echo "note: (2) ran over the last $N2 of the $N entries (options \"start\": $START2), (1) over all of them"
 echo "handler settings: key amount (1000 keys), value seq, sum over a count window of 100, threshold $THRESHOLD (each key alerts once);"
 echo "batch_size 5000, checkpoint_every 200000; outputs per run: (1) $wa_out, (2) $pl_out"
@@ -763,6 +765,9 @@ printf '%-62s %8d %8s %8s %8s %8s\n' "     extension's last_takeover_ms (exit ->
 printf '%-62s %8d %8s %8s %8s %8s\n' "(3b) stall (SIGSTOP), lease_ttl 1 s" "$STALLS" "$s_min" "$s_med" "$s_p99" "$s_max"
 printf '%-62s %8d %8s %8s %8s %8s\n' "     not stopped inside a fenced commit (not blocked)" "${#stall_free[@]}" "$sf_min" "$sf_med" "$sf_p99" "$sf_max"
 printf '%-62s %8d %8s %8s %8s %8s\n' "     extension's last_takeover_ms (expiry or exit -> ready)" "$STALLS" "$se_min" "$se_med" "$se_p99" "$se_max"
+bench_result "(3a) takeover after a clean exit, median ms" "$e_med" lower
+bench_result "(3a) extension's last_takeover_ms, median" "$ee_med" lower
+bench_result "(3b) takeover after a stall, median ms" "$s_med" lower
 echo "each takeover starts while the active has >= $MIN_BACKLOG entries to do; if it was idle (caught up) all the same, 'from work"
 echo "available' counts from when the next entry became visible: clean exits idle $exit_idle of $TAKEOVERS, stalls idle $stall_idle of $STALLS"
 [ "$trailing" -gt 0 ] &&

@@ -98,6 +98,17 @@ stop_kafka() {
 	[ -n "${KAFKA_PID:-}" ] && kill "$KAFKA_PID" 2>/dev/null || true
 }
 
+# bench_src HERE: the source tree a benchmark builds: $SPOOL_SRC if set
+# (bench/compare.sh points it at another commit), else HERE.
+bench_src() { echo "${SPOOL_SRC:-$1}"; }
+
+# bench_result CASE VALUE BETTER: record one figure for bench/compare.sh in
+# $BENCH_RESULTS (when set); BETTER is "higher" or "lower".
+bench_result() {
+	[ -n "${BENCH_RESULTS:-}" ] && printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$BENCH_RESULTS"
+	return 0
+}
+
 # median VALUES...: the median (mean of the middle two for an even count);
 # empty arguments are ignored, nothing is printed for none.  For benchmarks.
 median() {

@@ -108,6 +108,7 @@ static PartState *parts;
 static int	nparts;
 static Staged *batch;
 static int	nbatch;
+static int	batch_cap;				/* grows up to batch_size + a few gap rows */
 static Size batch_bytes;			/* message bytes held in batch */
 static Oid	source_owner;
 static int	wake_pipe[2] = {-1, -1};
@@ -217,7 +218,15 @@ find_part(const char *topic, int32 partition)
 static Staged *
 new_staged(int part, int64 offset, char kind)
 {
-	Staged	   *s = &batch[nbatch++];
+	Staged	   *s;
+
+	/* Grown on demand: a batch_size of a million is not 100 MB up front. */
+	if (nbatch == batch_cap)
+	{
+		batch_cap *= 2;
+		batch = repalloc(batch, sizeof(Staged) * batch_cap);
+	}
+	s = &batch[nbatch++];
 
 	memset(s, 0, sizeof(Staged));
 	s->part = part;
@@ -1105,7 +1114,8 @@ spool_ingest_main(Datum main_arg)
 
 	batch_cxt = AllocSetContextCreate(TopMemoryContext, "spool ingest batch",
 									  ALLOCSET_DEFAULT_SIZES);
-	batch = MemoryContextAlloc(TopMemoryContext, sizeof(Staged) * (opts->batch_size + 64));
+	batch_cap = 1024;
+	batch = MemoryContextAlloc(TopMemoryContext, sizeof(Staged) * batch_cap);
 	StartTransactionCommand();
 	default_group = MemoryContextStrdup(TopMemoryContext,
 										psprintf("spool_ext.%s.%s",

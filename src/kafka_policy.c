@@ -82,15 +82,6 @@ static const char *const allowed_mechanisms[] = {
 	"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", NULL
 };
 
-static bool
-in_list(const char *s, const char *const *list)
-{
-	for (; *list; list++)
-		if (strcmp(s, *list) == 0)
-			return true;
-	return false;
-}
-
 /* Is one host:port of a broker list in spool.kafka_allowed_brokers? */
 static bool
 broker_allowed(const char *broker)
@@ -143,14 +134,14 @@ spool_kafka_policy_check(const char *brokers, int nprops,
 		return;
 	for (i = 0; i < nprops; i++)
 	{
-		if (!in_list(keys[i], allowed_properties))
+		if (!spool_str_in_list(keys[i], allowed_properties))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("%s \"%s\": only superusers may set Kafka property \"%s\"",
 							kind, name, keys[i]),
 					 errhint("%s", hint_props)));
 		if ((strcmp(keys[i], "sasl.mechanisms") == 0 || strcmp(keys[i], "sasl.mechanism") == 0) &&
-			!in_list(values[i], allowed_mechanisms))
+			!spool_str_in_list(values[i], allowed_mechanisms))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("%s \"%s\": only superusers may use SASL mechanism \"%s\"",

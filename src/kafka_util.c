@@ -32,15 +32,6 @@ static const char *const known_options[] = {
 	"max_message_bytes", "on_gap", "kafka", NULL
 };
 
-static bool
-in_list(const char *s, const char *const *list)
-{
-	for (; *list; list++)
-		if (strcmp(s, *list) == 0)
-			return true;
-	return false;
-}
-
 static void
 option_error(const char *key, const char *detail)
 {
@@ -141,7 +132,7 @@ spool_parse_source_options(Jsonb *options)
 	it = JsonbIteratorInit(&options->root);
 	while (spool_object_next(&it, &key, &v))
 	{
-		if (!in_list(key, known_options))
+		if (!spool_str_in_list(key, known_options))
 			ereport(ERROR,
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("unknown source option \"%s\"", key),
@@ -199,7 +190,7 @@ spool_parse_source_options(Jsonb *options)
 			kit = JsonbIteratorInit(v.val.binary.data);
 			while (spool_object_next(&kit, &prop, &kv))
 			{
-				if (in_list(prop, reserved_properties))
+				if (spool_str_in_list(prop, reserved_properties))
 					ereport(ERROR,
 							(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 							 errmsg("Kafka property \"%s\" is managed by spool_ext", prop),

@@ -25,6 +25,7 @@
 #include "postgres.h"
 
 #include "access/detoast.h"
+#include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
@@ -49,6 +50,7 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/typcache.h"
 
 #include "internal_lock.h"
 #include "outbox.h"
@@ -474,6 +476,37 @@ spool_end(void)
 }
 
 /*
+ * What a spool.entries row weighs once its fields are decompressed: the
+ * composite itself plus the raw size of every variable-length field.
+ */
+static Size
+entry_raw_size(Datum row, TupleDesc rowdesc)
+{
+	HeapTupleHeader th = DatumGetHeapTupleHeader(row);
+	HeapTupleData tup;
+	Size		size;
+	int			i;
+
+	tup.t_len = HeapTupleHeaderGetDatumLength(th);
+	tup.t_data = th;
+	ItemPointerSetInvalid(&tup.t_self);
+	tup.t_tableOid = InvalidOid;
+	size = tup.t_len;
+	for (i = 0; i < rowdesc->natts; i++)
+	{
+		bool		isnull;
+		Datum		d;
+
+		if (TupleDescAttr(rowdesc, i)->attisdropped || TupleDescAttr(rowdesc, i)->attlen != -1)
+			continue;
+		d = heap_getattr(&tup, i + 1, rowdesc, &isnull);
+		if (!isnull)
+			size += toast_raw_datum_size(d);
+	}
+	return size;
+}
+
+/*
  * The entries of our sources in (after, upto], at most batch_size of them
  * and at most BATCH_MAX_BYTES of them (but at least one): the handler's
  * array must stay far below PostgreSQL's 1 GB limit, whatever the entries
@@ -490,6 +523,7 @@ read_batch(int64 after, int64 upto, Batch *b)
 	Portal		portal;
 	Datum	   *elems = NULL;
 	Oid			rowtype = InvalidOid;
+	TupleDesc	rowdesc = NULL;
 	Size		bytes = 0;
 	bool		cut = false;
 	int64		last = 0;
@@ -528,12 +562,18 @@ read_batch(int64 after, int64 upto, Batch *b)
 		if (SPI_processed == 0)
 			break;
 		desc = SPI_tuptable->tupdesc;
+		if (!fast_path && rowdesc == NULL)
+		{
+			rowtype = SPI_gettypeid(desc, 2);
+			rowdesc = lookup_rowtype_tupdesc(rowtype, -1);
+		}
 		for (i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			bool		isnull;
 			Datum		d = SPI_getbinval(tup, desc, 2, &isnull);
-			Size		size = isnull ? 0 : toast_raw_datum_size(d);
+			Size		size = isnull ? 0 :
+				fast_path ? toast_raw_datum_size(d) : entry_raw_size(d, rowdesc);
 
 			if (n > 0 && bytes + size > BATCH_MAX_BYTES)
 			{
@@ -556,14 +596,13 @@ read_batch(int64 after, int64 upto, Batch *b)
 				e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 			}
 			else
-			{
 				elems[n] = d;
-				rowtype = SPI_gettypeid(desc, 2);
-			}
 			n++;
 		}
 	}
 	SPI_cursor_close(portal);
+	if (rowdesc)
+		ReleaseTupleDesc(rowdesc);
 
 	b->n = n;
 	b->end = (n == batch_size || cut) ? last : upto;

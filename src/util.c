@@ -252,6 +252,16 @@ spool_object_next(JsonbIterator **it, char **key, JsonbValue *value)
 	return false;
 }
 
+/* Is s one of the strings of a NULL-terminated list? */
+bool
+spool_str_in_list(const char *s, const char *const *list)
+{
+	for (; *list; list++)
+		if (strcmp(s, *list) == 0)
+			return true;
+	return false;
+}
+
 /* An option error: SP001 with the message and an optional hint. */
 void
 spool_bad_option(const char *msg, const char *hint)

@@ -178,10 +178,11 @@ use IPC::Run;
 use Test::More;
 
 # A long-lived psql session without ON_ERROR_STOP: every query reports its
-# SQLSTATE, and a lost connection ends the session.
+# SQLSTATE, and a lost connection ends the session.  $user: log in as that
+# role (default: the test's superuser).
 sub new
 {
-	my ($class, $node, $name) = @_;
+	my ($class, $node, $name, $user) = @_;
 	my $self = bless {
 		in => '',
 		out => '',
@@ -196,7 +197,7 @@ sub new
 		[
 			'psql', '-XAtq', '-v', 'ON_ERROR_STOP=0',
 			'-v', 'VERBOSITY=default',
-			'-d', $node->connstr('postgres'), '-f', '-'
+			'-d', $node->connstr('postgres') . (defined $user ? " user=$user" : ''), '-f', '-'
 		],
 		'<', \$self->{in},
 		'>', \$self->{out},
