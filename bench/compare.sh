@@ -22,7 +22,8 @@ ROUNDS=${ROUNDS:-2}
 script="$here/bench/${bench}_bench.sh"
 [ -f "$script" ] || { echo "no such benchmark: $script" >&2; exit 2; }
 revname=$(git -C "$here" rev-parse --short "$rev")
-headname=$(git -C "$here" rev-parse --short HEAD)$( [ -n "$(git -C "$here" status --porcelain)" ] && echo "+changes")
+headname=$(git -C "$here" rev-parse --short HEAD)
+[ -z "$(git -C "$here" status --porcelain)" ] || headname="$headname+changes"
 
 work=$(mktemp -d /tmp/spool_ext-compare.XXXXXX)
 trap 'rm -rf "$work"' EXIT
