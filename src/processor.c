@@ -526,6 +526,7 @@ read_batch(int64 after, int64 upto, Batch *b)
 	TupleDesc	rowdesc = NULL;
 	Size		bytes = 0;
 	bool		cut = false;
+	bool		drained = false;
 	int64		last = 0;
 	int			n = 0;
 
@@ -553,14 +554,16 @@ read_batch(int64 after, int64 upto, Batch *b)
 	}
 
 	portal = SPI_cursor_open(NULL, plan, v, nulls, true);
-	while (n < batch_size && !cut)
+	while (n < batch_size && !cut && !drained)
 	{
 		TupleDesc	desc;
 		uint64		i;
+		int			want = Min(batch_size - n, READ_CHUNK);
 
-		SPI_cursor_fetch(portal, true, Min(batch_size - n, READ_CHUNK));
+		SPI_cursor_fetch(portal, true, want);
 		if (SPI_processed == 0)
 			break;
+		drained = SPI_processed < (uint64) want;	/* no need to ask again */
 		desc = SPI_tuptable->tupdesc;
 		if (!fast_path && rowdesc == NULL)
 		{
