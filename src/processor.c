@@ -27,6 +27,7 @@
 #include "access/detoast.h"
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -65,7 +66,7 @@ PGDLLEXPORT void spool_processor_main(Datum main_arg);
 #define IDLE_SNAPSHOT_MS	1000	/* snapshot a changed state after this idle time */
 #define STANDBY_POLL_MS		250
 #define GATE_FREE_POLL_MS	10
-#define READ_CHUNK			512
+#define READ_CHUNK			4096	/* rows per fetch: small, large fields stay toasted */
 #define BATCH_MAX_BYTES		(64 * 1024 * 1024)	/* of the entries of one batch */
 
 int			spool_current_replica_no = 0;
@@ -476,30 +477,24 @@ spool_end(void)
 }
 
 /*
- * What a spool.entries row weighs once its fields are decompressed: the
- * composite itself plus the raw size of every variable-length field.
+ * What a row read from spool.entries weighs once its fields are detoasted
+ * and decompressed: the row plus the raw size of every variable-length
+ * field.  Reading it costs nothing: large fields are still toast pointers.
  */
 static Size
-entry_raw_size(Datum row, TupleDesc rowdesc)
+row_raw_size(HeapTuple tup, TupleDesc desc)
 {
-	HeapTupleHeader th = DatumGetHeapTupleHeader(row);
-	HeapTupleData tup;
-	Size		size;
+	Size		size = tup->t_len;
 	int			i;
 
-	tup.t_len = HeapTupleHeaderGetDatumLength(th);
-	tup.t_data = th;
-	ItemPointerSetInvalid(&tup.t_self);
-	tup.t_tableOid = InvalidOid;
-	size = tup.t_len;
-	for (i = 0; i < rowdesc->natts; i++)
+	for (i = 0; i < desc->natts; i++)
 	{
 		bool		isnull;
 		Datum		d;
 
-		if (TupleDescAttr(rowdesc, i)->attisdropped || TupleDescAttr(rowdesc, i)->attlen != -1)
+		if (TupleDescAttr(desc, i)->attlen != -1)
 			continue;
-		d = heap_getattr(&tup, i + 1, rowdesc, &isnull);
+		d = SPI_getbinval(tup, desc, i + 1, &isnull);
 		if (!isnull)
 			size += toast_raw_datum_size(d);
 	}
@@ -507,11 +502,34 @@ entry_raw_size(Datum row, TupleDesc rowdesc)
 }
 
 /*
+ * A spool.entries composite (rowdesc) of a row read with "e.*" (desc), its
+ * fields detoasted: what the handler gets in its array.  map[i] is the
+ * result column of rowdesc's attribute i (0: dropped); values and isnull
+ * have room for rowdesc's attributes.
+ */
+static Datum
+entry_datum(HeapTuple tup, TupleDesc desc, TupleDesc rowdesc, const int *map,
+			Datum *values, bool *isnull)
+{
+	int			i;
+
+	for (i = 0; i < rowdesc->natts; i++)
+	{
+		isnull[i] = true;
+		if (map[i] > 0)
+			values[i] = SPI_getbinval(tup, desc, map[i], &isnull[i]);
+	}
+	return HeapTupleGetDatum(heap_form_tuple(rowdesc, values, isnull));
+}
+
+/*
  * The entries of our sources in (after, upto], at most batch_size of them
  * and at most BATCH_MAX_BYTES of them (but at least one): the handler's
- * array must stay far below PostgreSQL's 1 GB limit, whatever the entries
- * weigh.  The batch ends at upto unless it was cut.  The caller is connected
- * to SPI and upto is committed, so every entry up to it is visible.
+ * array must stay far below PostgreSQL's 1 GB limit, and the worker's memory
+ * bounded, whatever the entries weigh.  Rows come through a cursor in chunks
+ * and are weighed before their fields are detoasted.  The batch ends at upto
+ * unless it was cut.  The caller is connected to SPI and upto is committed,
+ * so every entry up to it is visible.
  */
 static void
 read_batch(int64 after, int64 upto, Batch *b)
@@ -524,6 +542,9 @@ read_batch(int64 after, int64 upto, Batch *b)
 	Datum	   *elems = NULL;
 	Oid			rowtype = InvalidOid;
 	TupleDesc	rowdesc = NULL;
+	int		   *map = NULL;
+	Datum	   *fields = NULL;
+	bool	   *fnulls = NULL;
 	Size		bytes = 0;
 	bool		cut = false;
 	bool		drained = false;
@@ -547,10 +568,14 @@ read_batch(int64 after, int64 upto, Batch *b)
 	else
 	{
 		plan = spool_plan(&plan_read_entries,
-						  "SELECT e.cursor, e FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
+						  "SELECT e.* FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
 						  " AND ($3::text[] IS NULL OR e.source = ANY ($3))"
 						  " ORDER BY e.cursor LIMIT $4", 4, t);
 		elems = palloc(sizeof(Datum) * batch_size);
+		rowtype = get_rel_type_id(get_relname_relid("entries", get_namespace_oid("spool", false)));
+		rowdesc = lookup_rowtype_tupdesc(rowtype, -1);
+		fields = palloc(sizeof(Datum) * rowdesc->natts);
+		fnulls = palloc(sizeof(bool) * rowdesc->natts);
 	}
 
 	portal = SPI_cursor_open(NULL, plan, v, nulls, true);
@@ -565,18 +590,23 @@ read_batch(int64 after, int64 upto, Batch *b)
 			break;
 		drained = SPI_processed < (uint64) want;	/* no need to ask again */
 		desc = SPI_tuptable->tupdesc;
-		if (!fast_path && rowdesc == NULL)
+		if (!fast_path && map == NULL)
 		{
-			rowtype = SPI_gettypeid(desc, 2);
-			rowdesc = lookup_rowtype_tupdesc(rowtype, -1);
+			int			a;
+
+			map = palloc0(sizeof(int) * rowdesc->natts);
+			for (a = 0; a < rowdesc->natts; a++)
+				if (!TupleDescAttr(rowdesc, a)->attisdropped)
+					map[a] = SPI_fnumber(desc, NameStr(TupleDescAttr(rowdesc, a)->attname));
 		}
 		for (i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			bool		isnull;
-			Datum		d = SPI_getbinval(tup, desc, 2, &isnull);
-			Size		size = isnull ? 0 :
-				fast_path ? toast_raw_datum_size(d) : entry_raw_size(d, rowdesc);
+			bool		novalue = true;
+			Datum		value = fast_path ? SPI_getbinval(tup, desc, 2, &novalue) : (Datum) 0;
+			Size		size = !fast_path ? row_raw_size(tup, desc) :
+				novalue ? 0 : toast_raw_datum_size(value);
 
 			if (n > 0 && bytes + size > BATCH_MAX_BYTES)
 			{
@@ -588,18 +618,18 @@ read_batch(int64 after, int64 upto, Batch *b)
 			if (fast_path)
 			{
 				WAEntry    *e = &b->wa[n];
+				Datum		ts = SPI_getbinval(tup, desc, 3, &isnull);
 
 				e->cursor = last;
-				e->value = isnull ? NULL : DatumGetJsonbP(d);
-				d = SPI_getbinval(tup, desc, 3, &isnull);
+				e->value = novalue ? NULL : DatumGetJsonbP(value);
 				e->has_ts = !isnull;
-				e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(d);
+				e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(ts);
 				e->source = SPI_getvalue(tup, desc, 4);
 				e->kafka_partition = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
 				e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 			}
 			else
-				elems[n] = d;
+				elems[n] = entry_datum(tup, desc, rowdesc, map, fields, fnulls);
 			n++;
 		}
 	}

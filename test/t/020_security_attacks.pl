@@ -399,14 +399,22 @@ sql(qq{SELECT spool.create_source('wa', '$bootstrap', '{wa}', '{"batch_ms": 20}'
 		              "threshold": 1000000, "target": "wa_alerts", "max_keys": 40}}');
 	SELECT spool.start_processor('wap')});
 $kafka->cmd('produce wa 300');
+poll_ok($node, q{SELECT count(*) = 300 FROM spool.entries WHERE source = 'wa'}, '(7) 300 entries for window_alert');
+# An entry without a value (as a text or bytes source writes) is skipped, not a crash.
+sql(q{
+WITH s AS (SELECT next_cursor AS c FROM spool.spool_state FOR UPDATE),
+	 ins AS (INSERT INTO spool.entries (cursor, source, topic, kafka_partition, kafka_offset, payload, spooled_at)
+			 SELECT s.c, 'wa', 'wa', 0, 1000000, 'not json', now() FROM s)
+UPDATE spool.spool_state SET next_cursor = next_cursor + 1 FROM s;
+});
 poll_ok($node,
 	q{SELECT c.state_cursor = (SELECT max(cursor) FROM spool.entries WHERE source = 'wa')
 	    FROM spool.processor_checkpoints c WHERE processor = 'wap'},
 	'(7) window_alert snapshot covers all 300 entries');
 is(sql(q{SELECT (SELECT count(*) FROM jsonb_object_keys(state->'keys')) <= 40
-		   AND (state->>'evicted')::int >= 260
+		   AND (state->>'evicted')::int >= 260 AND (state->>'skipped')::int = 1
 		  FROM spool.processor_checkpoints WHERE processor = 'wap'}),
-	't', '(7) window_alert kept at most max_keys (40) of 300 keys');
+	't', '(7) window_alert kept at most max_keys (40) of 300 keys, and skipped the entry without a value');
 poll_ok($node,
 	q{SELECT count(DISTINCT state_hash) = 1 AND count(*) = 2 AND min(hash_mismatches) = 0
 	    FROM spool.processor_status WHERE processor = 'wap' AND state_hash_cursor =
