@@ -10,6 +10,7 @@
 # Usage: bash bench/compare.sh REV BENCH [BENCH ARGS...]
 #   REV    a commit (e.g. HEAD~3); BENCH: nonce, outbox, processor or ingest
 #   ROUNDS rounds per build (default 2: A B B A)
+#   LOGS   a directory to keep each run's full output in (default: dropped)
 # Example: bash bench/compare.sh e584403 nonce 2 10 16
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ headname=$(git -C "$here" rev-parse --short HEAD)
 [ -z "$(git -C "$here" status --porcelain)" ] || headname="$headname+changes"
 
 work=$(mktemp -d /tmp/spool_ext-compare.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+trap '[ -n "${LOGS:-}" ] && mkdir -p "$LOGS" && cp "$work"/*.log "$LOGS"/; rm -rf "$work"' EXIT
 mkdir "$work/rev"
 git -C "$here" archive "$rev" | tar -x -C "$work/rev"
 

@@ -54,7 +54,7 @@ typedef struct TargetCacheEntry
 	int			id;
 	int			shards;
 	Oid			owner;
-	int			ngrantees;
+	int			ngrantees;		/* -1: not read yet */
 	Oid		   *grantees;		/* roles granted to enqueue (target_cache_cxt) */
 } TargetCacheEntry;
 
@@ -177,9 +177,8 @@ lookup_target(const char *name)
 		return e;
 
 	argv[0] = CStringGetTextDatum(name);
-	if (SPI_execute_with_args("SELECT id, (options->>'shards')::int, owner,"
-							  " ARRAY(SELECT g.role FROM spool.target_grants g WHERE g.target_id = t.id)"
-							  " FROM spool.targets t WHERE name = $1",
+	if (SPI_execute_with_args("SELECT id, (options->>'shards')::int, owner FROM spool.targets"
+							  " WHERE name = $1",
 							  1, argt, argv, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
 	if (SPI_processed == 0)
@@ -191,19 +190,30 @@ lookup_target(const char *name)
 	e->id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	e->shards = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	e->owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
-	{
-		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
-														  SPI_tuptable->tupdesc, 4, &isnull));
-		Datum	   *elems;
-		int			i;
-
-		deconstruct_array(arr, OIDOID, sizeof(Oid), true, TYPALIGN_INT, &elems, NULL,
-						  &e->ngrantees);
-		e->grantees = MemoryContextAlloc(target_cache_cxt, sizeof(Oid) * Max(e->ngrantees, 1));
-		for (i = 0; i < e->ngrantees; i++)
-			e->grantees[i] = DatumGetObjectId(elems[i]);
-	}
+	e->ngrantees = -1;			/* read when a role other than the owner's writes */
+	e->grantees = NULL;
 	return e;
+}
+
+/* The roles granted to write into t (SPI connected), once per cache generation. */
+static void
+load_grantees(TargetCacheEntry *t)
+{
+	Datum	   *elems;
+	bool		isnull;
+	int			i;
+
+	if (SPI_execute_with_args("SELECT coalesce(array_agg(role), '{}') FROM spool.target_grants"
+							  " WHERE target_id = $1",
+							  1, (Oid[]) {INT4OID}, (Datum[]) {Int32GetDatum(t->id)},
+							  NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read spool.target_grants");
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 1, &isnull)),
+					  OIDOID, sizeof(Oid), true, TYPALIGN_INT, &elems, NULL, &t->ngrantees);
+	t->grantees = MemoryContextAlloc(target_cache_cxt, sizeof(Oid) * Max(t->ngrantees, 1));
+	for (i = 0; i < t->ngrantees; i++)
+		t->grantees[i] = DatumGetObjectId(elems[i]);
 }
 
 /* 42501 unless role may write into target t: its owner's or a grantee's. */
@@ -214,6 +224,8 @@ check_may_enqueue(TargetCacheEntry *t, Oid role)
 
 	if (spool_role_is_member(role, t->owner))
 		return;
+	if (t->ngrantees < 0)
+		load_grantees(t);
 	for (i = 0; i < t->ngrantees; i++)
 		if (spool_role_is_member(role, t->grantees[i]))
 			return;
