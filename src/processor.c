@@ -477,47 +477,38 @@ spool_end(void)
 }
 
 /*
- * What a row read from spool.entries weighs once its fields are detoasted
- * and decompressed: the row plus the raw size of every variable-length
- * field.  Reading it costs nothing: large fields are still toast pointers.
+ * A row read with "e.*" (its columns deformed into cols/colnulls, desc): what
+ * it weighs once its fields are detoasted and decompressed, which costs
+ * nothing to find out (large fields are still toast pointers).
  */
 static Size
-row_raw_size(HeapTuple tup, TupleDesc desc)
+row_raw_size(HeapTuple tup, TupleDesc desc, const Datum *cols, const bool *colnulls)
 {
 	Size		size = tup->t_len;
 	int			i;
 
 	for (i = 0; i < desc->natts; i++)
-	{
-		bool		isnull;
-		Datum		d;
-
-		if (TupleDescAttr(desc, i)->attlen != -1)
-			continue;
-		d = SPI_getbinval(tup, desc, i + 1, &isnull);
-		if (!isnull)
-			size += toast_raw_datum_size(d);
-	}
+		if (!colnulls[i] && TupleDescAttr(desc, i)->attlen == -1)
+			size += toast_raw_datum_size(cols[i]);
 	return size;
 }
 
 /*
- * A spool.entries composite (rowdesc) of a row read with "e.*" (desc), its
- * fields detoasted: what the handler gets in its array.  map[i] is the
- * result column of rowdesc's attribute i (0: dropped); values and isnull
- * have room for rowdesc's attributes.
+ * The spool.entries composite (rowdesc) of those columns, its fields
+ * detoasted: what the handler gets in its array.  map[i] is the column of
+ * rowdesc's attribute i (0: dropped); values and isnull have room for
+ * rowdesc's attributes.
  */
 static Datum
-entry_datum(HeapTuple tup, TupleDesc desc, TupleDesc rowdesc, const int *map,
+entry_datum(TupleDesc rowdesc, const int *map, const Datum *cols, const bool *colnulls,
 			Datum *values, bool *isnull)
 {
 	int			i;
 
 	for (i = 0; i < rowdesc->natts; i++)
 	{
-		isnull[i] = true;
-		if (map[i] > 0)
-			values[i] = SPI_getbinval(tup, desc, map[i], &isnull[i]);
+		isnull[i] = map[i] == 0 || colnulls[map[i] - 1];
+		values[i] = isnull[i] ? (Datum) 0 : cols[map[i] - 1];
 	}
 	return HeapTupleGetDatum(heap_form_tuple(rowdesc, values, isnull));
 }
@@ -545,6 +536,8 @@ read_batch(int64 after, int64 upto, Batch *b)
 	int		   *map = NULL;
 	Datum	   *fields = NULL;
 	bool	   *fnulls = NULL;
+	Datum	   *cols = NULL;
+	bool	   *colnulls = NULL;
 	Size		bytes = 0;
 	bool		cut = false;
 	bool		drained = false;
@@ -598,15 +591,27 @@ read_batch(int64 after, int64 upto, Batch *b)
 			for (a = 0; a < rowdesc->natts; a++)
 				if (!TupleDescAttr(rowdesc, a)->attisdropped)
 					map[a] = SPI_fnumber(desc, NameStr(TupleDescAttr(rowdesc, a)->attname));
+			cols = palloc(sizeof(Datum) * desc->natts);
+			colnulls = palloc(sizeof(bool) * desc->natts);
 		}
 		for (i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			bool		isnull;
 			bool		novalue = true;
-			Datum		value = fast_path ? SPI_getbinval(tup, desc, 2, &novalue) : (Datum) 0;
-			Size		size = !fast_path ? row_raw_size(tup, desc) :
-				novalue ? 0 : toast_raw_datum_size(value);
+			Datum		value = (Datum) 0;
+			Size		size;
+
+			if (fast_path)
+			{
+				value = SPI_getbinval(tup, desc, 2, &novalue);
+				size = novalue ? 0 : toast_raw_datum_size(value);
+			}
+			else
+			{
+				heap_deform_tuple(tup, desc, cols, colnulls);
+				size = row_raw_size(tup, desc, cols, colnulls);
+			}
 
 			if (n > 0 && bytes + size > BATCH_MAX_BYTES)
 			{
@@ -629,7 +634,7 @@ read_batch(int64 after, int64 upto, Batch *b)
 				e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 			}
 			else
-				elems[n] = entry_datum(tup, desc, rowdesc, map, fields, fnulls);
+				elems[n] = entry_datum(rowdesc, map, cols, colnulls, fields, fnulls);
 			n++;
 		}
 	}
