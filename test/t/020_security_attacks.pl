@@ -106,20 +106,21 @@ as_ok('mallory', q{
 CREATE TABLE evil.calls (fn text, role text, su boolean, pid int,
 						 at timestamptz DEFAULT pg_catalog.clock_timestamp());
 GRANT INSERT ON evil.calls TO PUBLIC;
-CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+-- evil.now() and evil.clock_timestamp() record who called them.
+DO $d$
+DECLARE fn text;
 BEGIN
-	INSERT INTO evil.calls (fn, role, su, pid)
-	SELECT 'now', current_user, rolsuper, pg_catalog.pg_backend_pid()
-	  FROM pg_catalog.pg_roles WHERE rolname = current_user;
-	RETURN pg_catalog.now();
-END $$;
-CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE plpgsql AS $$
-BEGIN
-	INSERT INTO evil.calls (fn, role, su, pid)
-	SELECT 'clock_timestamp', current_user, rolsuper, pg_catalog.pg_backend_pid()
-	  FROM pg_catalog.pg_roles WHERE rolname = current_user;
-	RETURN pg_catalog.clock_timestamp();
-END $$;
+	FOREACH fn IN ARRAY ARRAY['now', 'clock_timestamp'] LOOP
+		EXECUTE format($f$
+			CREATE FUNCTION evil.%1$I() RETURNS timestamptz LANGUAGE plpgsql AS $$
+			BEGIN
+				INSERT INTO evil.calls (fn, role, su, pid)
+				SELECT %1$L, current_user, rolsuper, pg_catalog.pg_backend_pid()
+				  FROM pg_catalog.pg_roles WHERE rolname = current_user;
+				RETURN pg_catalog.%1$I();
+			END $$$f$, fn);
+	END LOOP;
+END $d$;
 -- The handler hijacks the search_path of the replica for good, and drops
 -- every session lock of the process.
 CREATE FUNCTION evil.handler(state jsonb, entries spool.entries[]) RETURNS spool.step
@@ -489,18 +490,19 @@ CREATE SCHEMA dbevil;
 CREATE TABLE dbevil.calls (fn text, role text, su boolean);
 GRANT USAGE ON SCHEMA dbevil TO PUBLIC;
 GRANT INSERT ON dbevil.calls TO PUBLIC;
-CREATE FUNCTION dbevil.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+DO $d$
+DECLARE fn text;
 BEGIN
-	INSERT INTO dbevil.calls SELECT 'now', current_user, rolsuper
-	  FROM pg_catalog.pg_roles WHERE rolname = current_user;
-	RETURN pg_catalog.now();
-END $$;
-CREATE FUNCTION dbevil.clock_timestamp() RETURNS timestamptz LANGUAGE plpgsql AS $$
-BEGIN
-	INSERT INTO dbevil.calls SELECT 'clock_timestamp', current_user, rolsuper
-	  FROM pg_catalog.pg_roles WHERE rolname = current_user;
-	RETURN pg_catalog.clock_timestamp();
-END $$;
+	FOREACH fn IN ARRAY ARRAY['now', 'clock_timestamp'] LOOP
+		EXECUTE format($f$
+			CREATE FUNCTION dbevil.%1$I() RETURNS timestamptz LANGUAGE plpgsql AS $$
+			BEGIN
+				INSERT INTO dbevil.calls SELECT %1$L, current_user, rolsuper
+				  FROM pg_catalog.pg_roles WHERE rolname = current_user;
+				RETURN pg_catalog.%1$I();
+			END $$$f$, fn);
+	END LOOP;
+END $d$;
 ALTER DATABASE postgres SET search_path = dbevil, pg_catalog, public;
 });
 $node->restart;
