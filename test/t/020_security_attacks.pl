@@ -99,28 +99,39 @@ CREATE SCHEMA evil AUTHORIZATION mallory;
 CREATE SCHEMA app AUTHORIZATION alice;
 });
 
-#
-# (1) User code changes the settings of the worker that runs it.
-#
-as_ok('mallory', q{
-CREATE TABLE evil.calls (fn text, role text, su boolean, pid int,
-						 at timestamptz DEFAULT pg_catalog.clock_timestamp());
-GRANT INSERT ON evil.calls TO PUBLIC;
--- evil.now() and evil.clock_timestamp() record who called them.
-DO $d$
+# spies($schema): SQL that makes $schema.calls and functions $schema.now()
+# and $schema.clock_timestamp(), each recording who called it (and whether a
+# superuser) before returning what pg_catalog's function returns.
+sub spies
+{
+	my ($schema) = @_;
+	return qq{
+CREATE TABLE $schema.calls (fn text, role text, su boolean, pid int,
+	at timestamptz DEFAULT pg_catalog.clock_timestamp());
+GRANT USAGE ON SCHEMA $schema TO PUBLIC;
+GRANT INSERT ON $schema.calls TO PUBLIC;
+DO \$d\$
 DECLARE fn text;
 BEGIN
 	FOREACH fn IN ARRAY ARRAY['now', 'clock_timestamp'] LOOP
-		EXECUTE format($f$
-			CREATE FUNCTION evil.%1$I() RETURNS timestamptz LANGUAGE plpgsql AS $$
+		EXECUTE format(\$f\$
+			CREATE FUNCTION $schema.%1\$I() RETURNS timestamptz LANGUAGE plpgsql AS \$\$
 			BEGIN
-				INSERT INTO evil.calls (fn, role, su, pid)
-				SELECT %1$L, current_user, rolsuper, pg_catalog.pg_backend_pid()
+				INSERT INTO $schema.calls (fn, role, su, pid)
+				SELECT %1\$L, current_user, rolsuper, pg_catalog.pg_backend_pid()
 				  FROM pg_catalog.pg_roles WHERE rolname = current_user;
-				RETURN pg_catalog.%1$I();
-			END $$$f$, fn);
+				RETURN pg_catalog.%1\$I();
+			END \$\$\$f\$, fn);
 	END LOOP;
-END $d$;
+END \$d\$;
+};
+}
+
+#
+# (1) User code changes the settings of the worker that runs it.
+#
+as_ok('mallory', spies('evil'));
+as_ok('mallory', q{
 -- The handler hijacks the search_path of the replica for good, and drops
 -- every session lock of the process.
 CREATE FUNCTION evil.handler(state jsonb, entries spool.entries[]) RETURNS spool.step
@@ -485,24 +496,9 @@ poll_ok($node,
 #     the server).
 #
 sql(q{CREATE ROLE dbo LOGIN; ALTER DATABASE postgres OWNER TO dbo});
+as_ok('dbo', q{CREATE SCHEMA dbevil});
+as_ok('dbo', spies('dbevil'));
 as_ok('dbo', q{
-CREATE SCHEMA dbevil;
-CREATE TABLE dbevil.calls (fn text, role text, su boolean);
-GRANT USAGE ON SCHEMA dbevil TO PUBLIC;
-GRANT INSERT ON dbevil.calls TO PUBLIC;
-DO $d$
-DECLARE fn text;
-BEGIN
-	FOREACH fn IN ARRAY ARRAY['now', 'clock_timestamp'] LOOP
-		EXECUTE format($f$
-			CREATE FUNCTION dbevil.%1$I() RETURNS timestamptz LANGUAGE plpgsql AS $$
-			BEGIN
-				INSERT INTO dbevil.calls SELECT %1$L, current_user, rolsuper
-				  FROM pg_catalog.pg_roles WHERE rolname = current_user;
-				RETURN pg_catalog.%1$I();
-			END $$$f$, fn);
-	END LOOP;
-END $d$;
 ALTER DATABASE postgres SET search_path = dbevil, pg_catalog, public;
 });
 $node->restart;
