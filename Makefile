@@ -1,7 +1,7 @@
 # spool_ext — PGXS build (PostgreSQL 15)
 
 MODULE_big = spool_ext
-OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
+OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c src/*/*.c)))
 
 EXTENSION = spool_ext
 DATA = $(sort $(wildcard spool_ext--*.sql))
@@ -25,7 +25,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # Every object depends on the shared headers (PGXS tracks no header dependencies).
-$(OBJS): $(wildcard src/*.h)
+$(OBJS): $(wildcard src/*/*.h)
 
 # Set after PGXS, which resets it: lets TAP tests find test/SpoolTest.pm.
 PROVE_FLAGS = -I $(srcdir)/test

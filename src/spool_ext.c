@@ -2,7 +2,8 @@
  *
  * spool_ext.c
  *	  Module entry point: refuses to load outside shared_preload_libraries,
- *	  defines the GUCs, hooks shared memory and registers the launcher.
+ *	  defines the settings, asks each subsystem for its shared memory and
+ *	  registers the launcher.  The only file that knows every subsystem.
  *
  *-------------------------------------------------------------------------
  */
@@ -11,12 +12,36 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "storage/shmem.h"
 
-#include "spool.h"
+#include "core/core.h"
+#include "ingest/ingest.h"
+#include "launcher/launcher.h"
+#include "lease/lease.h"
+#include "nonce/nonce.h"
+#include "outbox/outbox.h"
+#include "processor/processor.h"
 
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
+
+/* One subsystem's shared memory: its size, and how to attach it. */
+typedef struct ShmemPart
+{
+	const char *tranche;		/* its LWLock's tranche, NULL if none */
+	Size		(*size) (void);
+	void		(*init) (void);
+} ShmemPart;
+
+static const ShmemPart shmem_parts[] = {
+	{"spool_ext core", spool_core_shmem_size, spool_core_shmem_init},
+	{NULL, spool_lease_shmem_size, spool_lease_shmem_init},
+	{"spool_ext nonce", spool_nonce_shmem_size, spool_nonce_shmem_init},
+	{"spool_ext ingest", spool_ingest_shmem_size, spool_ingest_shmem_init},
+	{"spool_ext processor", spool_processor_shmem_size, spool_processor_shmem_init},
+	{"spool_ext outbox", spool_outbox_shmem_size, spool_outbox_shmem_init},
+};
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -47,15 +72,27 @@ _PG_init(void)
 static void
 spool_shmem_request_hook(void)
 {
+	int			i;
+
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	spool_shmem_request();
+	for (i = 0; i < lengthof(shmem_parts); i++)
+	{
+		RequestAddinShmemSpace(shmem_parts[i].size());
+		if (shmem_parts[i].tranche)
+			RequestNamedLWLockTranche(shmem_parts[i].tranche, 1);
+	}
 }
 
 static void
 spool_shmem_startup_hook(void)
 {
+	int			i;
+
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
-	spool_shmem_startup();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	for (i = 0; i < lengthof(shmem_parts); i++)
+		shmem_parts[i].init();
+	LWLockRelease(AddinShmemInitLock);
 }

@@ -10,8 +10,7 @@
 #include "utils/guc.h"
 #include "utils/varlena.h"
 
-#include "kafka_policy.h"
-#include "spool.h"
+#include "core/core.h"
 
 static bool check_allowed_brokers(char **newval, void **extra, GucSource source);
 
@@ -30,6 +29,7 @@ int			spool_outbox_segment_size = 100000;
 int			spool_outbox_poll_interval_ms = 1000;
 int			spool_outbox_close_timeout_ms = 10000;
 int			spool_min_retention_s = 86400;
+char	   *spool_kafka_allowed_brokers = NULL;
 
 void
 spool_define_gucs(void)

@@ -22,7 +22,7 @@
 #include "miscadmin.h"
 #include "storage/lock.h"
 
-#include "internal_lock.h"
+#include "core/core.h"
 
 #define MAX_HELD 4
 

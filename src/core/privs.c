@@ -24,7 +24,7 @@
 #include "utils/acl.h"
 #include "utils/guc.h"
 
-#include "privs.h"
+#include "core/core.h"
 
 /*
  * Start working for the current user: c->role is who called; from here to

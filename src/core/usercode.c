@@ -24,9 +24,7 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
-#include "internal_lock.h"
-#include "privs.h"
-#include "usercode.h"
+#include "core/core.h"
 
 void
 spool_box_open(SpoolBox *box, Oid role, bool read_only)

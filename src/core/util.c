@@ -21,7 +21,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "spool.h"
+#include "core/core.h"
 
 static char *arg_text(FunctionCallInfo fcinfo, int argno, const char *what,
 					  int maxlen);

@@ -49,12 +49,9 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "internal_lock.h"
-#include "kafka_policy.h"
-#include "privs.h"
-#include "spool.h"
-#include "source.h"
-#include "json_check.h"
+#include "ingest/ingest.h"
+#include "ingest/json_check.h"
+#include "kafka/kafka.h"
 
 PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 
@@ -776,10 +773,10 @@ stage_batch(void)
 	 */
 	for (;;)
 	{
-		which = pg_atomic_read_u32(&spool_shared->staging_active);
+		which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
 		staging_oid = RangeVarGetRelid(makeRangeVar("spool", which ? "staging_1" : "staging_0", -1),
 									   RowExclusiveLock, false);
-		if (pg_atomic_read_u32(&spool_shared->staging_active) == which)
+		if (pg_atomic_read_u32(&spool_ingest_shared->staging_active) == which)
 			break;
 	}
 	/*
@@ -789,7 +786,7 @@ stage_batch(void)
 	 */
 	for (i = 0; i < nbatch; i++)
 		nmsg_total += (batch[i].kind == 'm');
-	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_shared->staged_msgs[which], (uint64) nmsg_total);
+	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_msgs[which], (uint64) nmsg_total);
 	seq_oid = RangeVarGetRelid(makeRangeVar("spool", "staging_batch", -1), NoLock, false);
 	batch_id = DatumGetInt64(DirectFunctionCall1(nextval_oid, ObjectIdGetDatum(seq_oid)));
 	rel = table_open(staging_oid, RowExclusiveLock);
@@ -888,7 +885,7 @@ stage_batch(void)
 	}
 	table_close(rel, NoLock);
 	if (nbatch > nmsg)
-		pg_atomic_fetch_add_u64(&spool_shared->staged_other[which], (uint64) (nbatch - nmsg));
+		pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_other[which], (uint64) (nbatch - nmsg));
 
 	refresh_status(false);
 	PopActiveSnapshot();

@@ -1,51 +1,44 @@
 /*-------------------------------------------------------------------------
  *
- * source.h
- *	  Kafka sources: options, librdkafka helpers, and the entry points of the
- *	  ingest worker and the promoter.
+ * ingest.h
+ *	  The door to src/ingest: Kafka sources (source.c), the ingest worker
+ *	  that stages their messages (consumer.c, json_check.c), the promoter
+ *	  that moves staged batches into the spool (promoter.c), and the spool's
+ *	  readers (reader.c).
  *
  *-------------------------------------------------------------------------
  */
-#ifndef SPOOL_SOURCE_H
-#define SPOOL_SOURCE_H
+#ifndef SPOOL_INGEST_H
+#define SPOOL_INGEST_H
 
-#include <librdkafka/rdkafka.h>
+#include "core/core.h"
 
-#include "utils/jsonb.h"
+#include "storage/condition_variable.h"
 
 #define SPOOL_SOURCE_NAME_MAX 48
 
-typedef enum SpoolFormat
+/*
+ * What the ingest workers and the promoter share.  Ingest workers fill the
+ * active staging table (0 or 1); the promoter flips it, promotes the other
+ * one, and publishes the highest committed cursor.
+ */
+typedef struct SpoolIngestShared
 {
-	SPOOL_FORMAT_JSON,
-	SPOOL_FORMAT_TEXT,
-	SPOOL_FORMAT_BYTES
-} SpoolFormat;
+	LWLock	   *lock;			/* guards promoter_latch */
+	Latch	   *promoter_latch;
+	pg_atomic_uint64 published_cursor;	/* highest committed cursor */
+	pg_atomic_uint32 staging_active;	/* staging table the workers fill: 0/1 */
+	pg_atomic_uint64 staged_msgs[2];	/* messages staged per table, upper bound */
+	pg_atomic_uint64 staged_other[2];	/* dead-letter and gap rows staged per table */
+	ConditionVariable spool_cv; /* broadcast after each promotion */
+} SpoolIngestShared;
 
-typedef struct SpoolSourceOptions
-{
-	SpoolFormat format;
-	bool		start_latest;
-	char	   *group_id;		/* NULL: spool_ext.<database>.<source> */
-	int			batch_size;
-	int			batch_ms;
-	int			max_message_bytes;
-	bool		on_gap_stop;
-	int			nkafka;
-	char	  **kafka_keys;
-	char	  **kafka_values;
-} SpoolSourceOptions;
+extern SpoolIngestShared *spool_ingest_shared;
 
-extern SpoolSourceOptions *spool_parse_source_options(Jsonb *options);
-extern char *spool_kafka_property_text(JsonbValue *v);
-extern Jsonb *spool_source_options_jsonb(SpoolSourceOptions *o);
-extern rd_kafka_conf_t *spool_kafka_conf(const char *brokers, SpoolSourceOptions *o,
-										 const char *default_group,
-										 char *errbuf, size_t errlen);
-extern rd_kafka_t *spool_kafka_new(rd_kafka_type_t type, rd_kafka_conf_t *conf,
-								   char *errbuf, size_t errlen);
+extern Size spool_ingest_shmem_size(void);
+extern void spool_ingest_shmem_init(void);
 
-/* Workers */
+/* promoter.c */
 extern void spool_wake_promoter(void);
 
-#endif							/* SPOOL_SOURCE_H */
+#endif							/* SPOOL_INGEST_H */

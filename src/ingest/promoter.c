@@ -42,9 +42,9 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "privs.h"
-#include "spool.h"
-#include "source.h"
+#include "ingest/ingest.h"
+
+SpoolIngestShared *spool_ingest_shared = NULL;
 
 PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 
@@ -61,7 +61,7 @@ static int64 spi_int8(const char *sql);
 void
 spool_wake_promoter(void)
 {
-	Latch	   *latch = spool_shared->promoter_latch;
+	Latch	   *latch = spool_ingest_shared->promoter_latch;
 
 	if (latch)
 		SetLatch(latch);
@@ -70,10 +70,10 @@ spool_wake_promoter(void)
 static void
 promoter_detach(int code, Datum arg)
 {
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-	if (spool_shared->promoter_latch == MyLatch)
-		spool_shared->promoter_latch = NULL;
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	if (spool_ingest_shared->promoter_latch == MyLatch)
+		spool_ingest_shared->promoter_latch = NULL;
+	LWLockRelease(spool_ingest_shared->lock);
 }
 
 static int64
@@ -193,9 +193,9 @@ promote_once(bool flip)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	XactIsoLevel = XACT_REPEATABLE_READ;
-	old = pg_atomic_read_u32(&spool_shared->staging_active);
+	old = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
 	if (flip)
-		pg_atomic_write_u32(&spool_shared->staging_active, 1 - old);
+		pg_atomic_write_u32(&spool_ingest_shared->staging_active, 1 - old);
 	else
 		old = 1 - old;
 	tab = old ? "spool.staging_1" : "spool.staging_0";
@@ -214,7 +214,7 @@ promote_once(bool flip)
 	 * counter is how many positions were reserved: an upper bound.
 	 */
 	ntotal = spi_int8(psprintf("SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 1) x", tab));
-	nmsg = (int64) pg_atomic_read_u64(&spool_shared->staged_msgs[old]);
+	nmsg = (int64) pg_atomic_read_u64(&spool_ingest_shared->staged_msgs[old]);
 	if (ntotal > 0)
 	{
 		Oid			t[1] = {INT8OID};
@@ -231,7 +231,7 @@ promote_once(bool flip)
 		 * spool; only narrow RETURNING rows are kept, for the offsets.  Dead
 		 * letters and gaps (rare) are added only when some were staged.
 		 */
-		others = pg_atomic_read_u64(&spool_shared->staged_other[old]) > 0;
+		others = pg_atomic_read_u64(&spool_ingest_shared->staged_other[old]) > 0;
 		if (SPI_execute_with_args(psprintf(
 								  "WITH ins AS ("
 								  "  INSERT INTO %s (cursor, source, topic, kafka_partition, kafka_offset,"
@@ -311,8 +311,8 @@ promote_once(bool flip)
 		}
 		if (SPI_execute(psprintf("TRUNCATE %s", tab), false, 0) != SPI_OK_UTILITY)
 			elog(ERROR, "could not empty %s", tab);
-		pg_atomic_write_u64(&spool_shared->staged_msgs[old], 0);
-		pg_atomic_write_u64(&spool_shared->staged_other[old], 0);
+		pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[old], 0);
+		pg_atomic_write_u64(&spool_ingest_shared->staged_other[old], 0);
 	}
 
 	PopActiveSnapshot();
@@ -322,8 +322,8 @@ promote_once(bool flip)
 
 	if (inserted > 0)
 	{
-		pg_atomic_write_u64(&spool_shared->published_cursor, (uint64) last_cursor);
-		ConditionVariableBroadcast(&spool_shared->spool_cv);
+		pg_atomic_write_u64(&spool_ingest_shared->published_cursor, (uint64) last_cursor);
+		ConditionVariableBroadcast(&spool_ingest_shared->spool_cv);
 	}
 	return (uint64) ntotal;
 }
@@ -401,9 +401,9 @@ spool_promoter_main(Datum main_arg)
 	/* Offsets and sources are small: hash them once instead of a probe per row. */
 	SetConfigOption("enable_nestloop", "off", PGC_USERSET, PGC_S_SESSION);
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-	spool_shared->promoter_latch = MyLatch;
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	spool_ingest_shared->promoter_latch = MyLatch;
+	LWLockRelease(spool_ingest_shared->lock);
 	before_shmem_exit(promoter_detach, (Datum) 0);
 
 	/*
@@ -417,7 +417,7 @@ spool_promoter_main(Datum main_arg)
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	pg_atomic_write_u64(&spool_shared->published_cursor,
+	pg_atomic_write_u64(&spool_ingest_shared->published_cursor,
 						(uint64) spi_int8("SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1"));
 	PopActiveSnapshot();
 	SPI_finish();
@@ -443,4 +443,31 @@ spool_promoter_main(Datum main_arg)
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 1000L, PG_WAIT_EXTENSION);
 	}
+}
+
+/* Shared memory: what the ingest workers and the promoter share. */
+Size
+spool_ingest_shmem_size(void)
+{
+	return MAXALIGN(sizeof(SpoolIngestShared));
+}
+
+void
+spool_ingest_shmem_init(void)
+{
+	bool		found;
+	SpoolIngestShared *s;
+
+	s = spool_shmem_area("spool_ext ingest", spool_ingest_shmem_size(), &found);
+	spool_ingest_shared = s;
+	if (found)
+		return;
+	s->lock = spool_shmem_lock("spool_ext ingest");
+	pg_atomic_init_u64(&s->published_cursor, 0);
+	pg_atomic_init_u32(&s->staging_active, 0);
+	pg_atomic_init_u64(&s->staged_msgs[0], 0);
+	pg_atomic_init_u64(&s->staged_msgs[1], 0);
+	pg_atomic_init_u64(&s->staged_other[0], 0);
+	pg_atomic_init_u64(&s->staged_other[1], 0);
+	ConditionVariableInit(&s->spool_cv);
 }

@@ -16,8 +16,7 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
-#include "privs.h"
-#include "spool.h"
+#include "ingest/ingest.h"
 
 PG_FUNCTION_INFO_V1(spool_read);
 
@@ -88,17 +87,17 @@ spool_read(PG_FUNCTION_ARGS)
 
 	/* Nothing yet: sleep until the promoter publishes a cursor past ours. */
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
-	ConditionVariablePrepareToSleep(&spool_shared->spool_cv);
+	ConditionVariablePrepareToSleep(&spool_ingest_shared->spool_cv);
 	for (;;)
 	{
 		long		remaining;
 
-		if (pg_atomic_read_u64(&spool_shared->published_cursor) > (uint64) after)
+		if (pg_atomic_read_u64(&spool_ingest_shared->published_cursor) > (uint64) after)
 			break;
 		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
 		if (remaining <= 0)
 			break;
-		(void) ConditionVariableTimedSleep(&spool_shared->spool_cv, Min(remaining, 1000),
+		(void) ConditionVariableTimedSleep(&spool_ingest_shared->spool_cv, Min(remaining, 1000),
 										   PG_WAIT_EXTENSION);
 	}
 	ConditionVariableCancelSleep();

@@ -17,10 +17,8 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 
-#include "kafka_policy.h"
-#include "privs.h"
-#include "spool.h"
-#include "source.h"
+#include "ingest/ingest.h"
+#include "kafka/kafka.h"
 
 PG_FUNCTION_INFO_V1(spool_create_source);
 PG_FUNCTION_INFO_V1(spool_start_source);

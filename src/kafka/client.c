@@ -17,8 +17,7 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 
-#include "spool.h"
-#include "source.h"
+#include "kafka/kafka.h"
 
 /* librdkafka properties spool_ext owns: exactly-once depends on them. */
 static const char *const reserved_properties[] = {

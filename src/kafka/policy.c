@@ -30,12 +30,7 @@
 #include "utils/builtins.h"
 #include "utils/varlena.h"
 
-#include "kafka_policy.h"
-#include "source.h"
-#include "spool.h"
-
-/* spool.kafka_allowed_brokers (guc.c) */
-char	   *spool_kafka_allowed_brokers = NULL;
+#include "kafka/kafka.h"
 
 /* Properties any role may set (the rest need a superuser). */
 static const char *const allowed_properties[] = {

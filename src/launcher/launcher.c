@@ -32,19 +32,16 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "launcher.h"
-#include "outbox.h"
-#include "processor.h"
-#include "privs.h"
-#include "spool.h"
+#include "ingest/ingest.h"
+#include "launcher/launcher.h"
+#include "nonce/nonce.h"
+#include "outbox/outbox.h"
+#include "processor/processor.h"
 
 PGDLLEXPORT void spool_launcher_main(Datum main_arg);
 
 #define LAUNCHER_NAPTIME_MS			250
 #define EXTENSION_CHECK_MS			2000
-#define RESTART_BACKOFF_MIN_MS		1000
-#define RESTART_BACKOFF_MAX_MS		30000
-#define HEALTHY_RUN_MS				10000
 #define SOURCE_CHECK_MS				1000
 #define MAX_SOURCES					256
 
@@ -80,28 +77,16 @@ spool_register_launcher(void)
 	RegisterBackgroundWorker(&bgw);
 }
 
-void
-spool_wake_launcher(void)
-{
-	Latch	   *latch;
-
-	LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
-	latch = spool_shared->launcher_latch;
-	LWLockRelease(spool_shared->queue_lock);
-	if (latch)
-		SetLatch(latch);
-}
-
 static void
 launcher_detach(int code, Datum arg)
 {
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-	if (spool_shared->launcher_pid == MyProcPid)
+	LWLockAcquire(spool_core_shared->lock, LW_EXCLUSIVE);
+	if (spool_core_shared->launcher_pid == MyProcPid)
 	{
-		spool_shared->launcher_pid = 0;
-		spool_shared->launcher_latch = NULL;
+		spool_core_shared->launcher_pid = 0;
+		spool_core_shared->launcher_latch = NULL;
 	}
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_core_shared->lock);
 }
 
 void
@@ -120,20 +105,20 @@ spool_launcher_main(Datum main_arg)
 	spool_worker_pin_settings();
 
 	/* Workers of an earlier launcher see the new generation and exit. */
-	pg_atomic_fetch_add_u32(&spool_shared->launcher_generation, 1);
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-	spool_shared->launcher_pid = MyProcPid;
-	spool_shared->launcher_latch = MyLatch;
-	spool_shared->database_oid = MyDatabaseId;
-	LWLockRelease(spool_shared->queue_lock);
+	pg_atomic_fetch_add_u32(&spool_core_shared->launcher_generation, 1);
+	LWLockAcquire(spool_core_shared->lock, LW_EXCLUSIVE);
+	spool_core_shared->launcher_pid = MyProcPid;
+	spool_core_shared->launcher_latch = MyLatch;
+	spool_core_shared->database_oid = MyDatabaseId;
+	LWLockRelease(spool_core_shared->lock);
 	before_shmem_exit(launcher_detach, (Datum) 0);
 
 	/*
 	 * Workers of a previous launcher incarnation keep running; we cannot
 	 * watch them through handles, so hand their slots to fresh workers.
 	 */
-	for (w = 0; w < spool_shared->nworkers; w++)
-		if (spool_shared->workers[w].pid != 0)
+	for (w = 0; w < spool_nonce_shared->nworkers; w++)
+		if (spool_nonce_shared->workers[w].pid != 0)
 			reclaim_worker(w, "the launcher restarted");
 
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool launcher loop",
@@ -168,7 +153,7 @@ spool_launcher_main(Datum main_arg)
 			spool_supervise_dispatchers(now, refresh);
 			if (refresh)
 				next_source_check = TimestampTzPlusMilliseconds(now, SOURCE_CHECK_MS);
-			for (w = 0; w < spool_shared->nworkers; w++)
+			for (w = 0; w < spool_nonce_shared->nworkers; w++)
 				supervise_worker(w, now);
 		}
 
@@ -207,7 +192,7 @@ static void
 supervise_worker(int w, TimestampTz now)
 {
 	WorkerTrack *t = &tracks[w];
-	SpoolNonceWorkerSlot *slot = &spool_shared->workers[w];
+	SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[w];
 
 	if (t->handle != NULL)
 	{
@@ -218,10 +203,10 @@ supervise_worker(int w, TimestampTz now)
 			TimestampTz heartbeat;
 			int			pending;
 
-			LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
+			LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
 			heartbeat = slot->heartbeat;
 			pending = slot->nqueued + slot->ninprogress;
-			LWLockRelease(spool_shared->queue_lock);
+			LWLockRelease(spool_nonce_shared->lock);
 			if (pending > 0 &&
 				now - heartbeat > (int64) spool_nonce_stall_timeout_ms * 1000)
 			{
@@ -250,16 +235,16 @@ supervise_worker(int w, TimestampTz now)
 static void
 reclaim_worker(int w, const char *why)
 {
-	SpoolNonceWorkerSlot *slot = &spool_shared->workers[w];
+	SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[w];
 	int			requeued = 0;
 	int			i;
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	slot->generation++;
 	slot->pid = 0;
 	slot->latch = NULL;
 	slot->owner[0] = '\0';
-	for (i = spool_shared->queue_size - 1; i >= 0; i--)
+	for (i = spool_nonce_shared->queue_size - 1; i >= 0; i--)
 	{
 		SpoolNonceReq *req = &spool_requests[i];
 
@@ -276,7 +261,7 @@ reclaim_worker(int w, const char *why)
 	slot->ninprogress = 0;
 	/* The stall clock restarts for the replacement. */
 	slot->heartbeat = GetCurrentTimestamp();
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 	if (requeued > 0)
 		ereport(LOG,
 				(errmsg("spool nonce worker %d: re-queued %d in-progress requests because %s",
@@ -290,123 +275,14 @@ start_worker(int w, TimestampTz now)
 	uint32		generation;
 	WorkerTrack *t = &tracks[w];
 
-	LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
-	generation = spool_shared->workers[w].generation;
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
+	generation = spool_nonce_shared->workers[w].generation;
+	LWLockRelease(spool_nonce_shared->lock);
 
 	spool_fill_worker(&bgw, "spool_nonce_worker_main", psprintf("spool nonce worker %d", w));
 	bgw.bgw_main_arg = Int64GetDatum(DatumGetInt64(bgw.bgw_main_arg) | w);
 	memcpy(bgw.bgw_extra, &generation, sizeof(uint32));
 	(void) spool_track_start(t, &bgw, now);
-}
-
-/*
- * A dynamic worker in our database, reporting its state changes to us.  Its
- * bgw_main_arg carries our generation in the high 32 bits (see
- * spool_exit_if_orphaned); callers may use the low 32 bits.
- */
-void
-spool_fill_worker(BackgroundWorker *bgw, const char *function, const char *name)
-{
-	memset(bgw, 0, sizeof(*bgw));
-	bgw->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	bgw->bgw_start_time = BgWorkerStart_RecoveryFinished;
-	bgw->bgw_restart_time = BGW_NEVER_RESTART;
-	snprintf(bgw->bgw_library_name, BGW_MAXLEN, "spool_ext");
-	snprintf(bgw->bgw_function_name, BGW_MAXLEN, "%s", function);
-	snprintf(bgw->bgw_name, BGW_MAXLEN, "%s", name);
-	snprintf(bgw->bgw_type, BGW_MAXLEN, "%s", name);
-	bgw->bgw_notify_pid = MyProcPid;
-	bgw->bgw_main_arg = Int64GetDatum((int64) pg_atomic_read_u32(&spool_shared->launcher_generation) << 32);
-}
-
-/*
- * The start of a pass of a worker's loop: interrupts, an exit if the
- * launcher that started the worker is gone (orphanable), a pending
- * configuration reload, and cxt (if any) reset and made current.
- */
-void
-spool_worker_pass(MemoryContext cxt, bool orphanable)
-{
-	if (cxt)
-	{
-		MemoryContextReset(cxt);
-		MemoryContextSwitchTo(cxt);
-	}
-	CHECK_FOR_INTERRUPTS();
-	if (orphanable)
-		spool_exit_if_orphaned();
-	if (ConfigReloadPending)
-	{
-		ConfigReloadPending = false;
-		ProcessConfigFile(PGC_SIGHUP);
-	}
-}
-
-/*
- * Exit quietly when the launcher that started this worker is gone (a new
- * launcher has started its own workers, or will).  Called in worker loops.
- */
-void
-spool_exit_if_orphaned(void)
-{
-	uint32		mine = (uint32) (DatumGetInt64(MyBgworkerEntry->bgw_main_arg) >> 32);
-
-	if (pg_atomic_read_u32(&spool_shared->launcher_generation) != mine)
-	{
-		ereport(LOG, (errmsg("%s: the launcher that started it is gone; exiting",
-							 MyBgworkerEntry->bgw_name)));
-		proc_exit(0);
-	}
-}
-
-bool
-spool_track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now)
-{
-	/* The handle outlives the pass: allocate it where the loop reset cannot reach. */
-	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-	bool		ok = RegisterDynamicBackgroundWorker(bgw, &t->handle);
-
-	MemoryContextSwitchTo(old);
-	if (!ok)
-	{
-		t->handle = NULL;
-		t->next_start = TimestampTzPlusMilliseconds(now, RESTART_BACKOFF_MIN_MS * 5);
-		ereport(WARNING,
-				(errmsg("could not start %s", bgw->bgw_name),
-				 errhint("Raise max_worker_processes: the launcher needs one slot for the promoter, one per enabled source, one per processor replica, one per outbox target shard and one per nonce worker (plus one per nonce worker being replaced).")));
-		return false;
-	}
-	t->started_at = now;
-	return true;
-}
-
-/*
- * If t's process has exited, forget it and schedule its restart: at once
- * after a healthy run, else with a backoff doubling from 1 s to 30 s.
- */
-bool
-spool_track_exited(WorkerTrack *t, TimestampTz now, const char *what)
-{
-	pid_t		pid;
-	BgwHandleStatus status;
-	bool		healthy;
-
-	if (t->handle == NULL)
-		return false;
-	status = GetBackgroundWorkerPid(t->handle, &pid);
-	if (status != BGWH_STOPPED && status != BGWH_POSTMASTER_DIED)
-		return false;
-	healthy = now - t->started_at >= (int64) HEALTHY_RUN_MS * 1000;
-	pfree(t->handle);
-	t->handle = NULL;
-	t->backoff_ms = healthy ? 0 :
-		Min(Max(t->backoff_ms * 2, RESTART_BACKOFF_MIN_MS), RESTART_BACKOFF_MAX_MS);
-	t->next_start = TimestampTzPlusMilliseconds(now, t->backoff_ms);
-	if (t->backoff_ms > 0)
-		ereport(LOG,
-				(errmsg("%s exited; restarting in %d ms", what, t->backoff_ms)));
-	return true;
 }
 
 static void
@@ -515,11 +391,11 @@ reset_staging(void)
 	if (SPI_execute("LOCK TABLE spool.staging_0, spool.staging_1 IN ACCESS EXCLUSIVE MODE;"
 					" TRUNCATE spool.staging_0, spool.staging_1", false, 0) != SPI_OK_UTILITY)
 		elog(ERROR, "could not empty the staging tables");
-	pg_atomic_write_u64(&spool_shared->staged_msgs[0], 0);
-	pg_atomic_write_u64(&spool_shared->staged_msgs[1], 0);
-	pg_atomic_write_u64(&spool_shared->staged_other[0], 0);
-	pg_atomic_write_u64(&spool_shared->staged_other[1], 0);
-	pg_atomic_write_u32(&spool_shared->staging_active, 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[0], 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[1], 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_other[0], 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_other[1], 0);
+	pg_atomic_write_u32(&spool_ingest_shared->staging_active, 0);
 	spool_end_txn();
 }
 
@@ -528,7 +404,7 @@ stop_all_workers(void)
 {
 	int			w;
 
-	for (w = 0; w < spool_shared->nworkers; w++)
+	for (w = 0; w < spool_nonce_shared->nworkers; w++)
 	{
 		if (tracks[w].handle == NULL)
 			continue;

@@ -49,8 +49,9 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
-#include "privs.h"
-#include "spool.h"
+#include "lease/lease.h"
+
+static SpoolFenceSlot *spool_fence_slots = NULL;
 
 PG_FUNCTION_INFO_V1(spool_lease_acquire);
 PG_FUNCTION_INFO_V1(spool_lease_renew);
@@ -750,4 +751,23 @@ spool_fence(PG_FUNCTION_ARGS)
 	SPI_finish();
 	spool_leave(&caller);
 	PG_RETURN_VOID();
+}
+
+/* Shared memory: one fence slot per backend. */
+Size
+spool_lease_shmem_size(void)
+{
+	return mul_size(MaxBackends, sizeof(SpoolFenceSlot));
+}
+
+void
+spool_lease_shmem_init(void)
+{
+	bool		found;
+	int			i;
+
+	spool_fence_slots = spool_shmem_area("spool_ext fences", spool_lease_shmem_size(), &found);
+	if (!found)
+		for (i = 0; i < MaxBackends; i++)
+			SpinLockInit(&spool_fence_slots[i].mutex);
 }

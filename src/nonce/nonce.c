@@ -32,8 +32,8 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 
-#include "privs.h"
-#include "spool.h"
+#include "lease/lease.h"
+#include "nonce/nonce.h"
 
 PG_FUNCTION_INFO_V1(spool_nonce_allocate);
 PG_FUNCTION_INFO_V1(spool_nonce_mark_used);

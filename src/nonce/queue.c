@@ -7,7 +7,7 @@
  *	  Also the shared queue primitives the workers and the launcher use, and
  *	  the spool.nonce_workers status function.
  *
- * All request and worker-slot fields are guarded by spool_shared->queue_lock.
+ * All request and worker-slot fields are guarded by spool_nonce_shared->lock.
  * Every request carries a request id (callers without one get an 'auto:' id)
  * so that a request re-queued after its worker was replaced returns the
  * nonce the old worker may already have committed, instead of a second one.
@@ -24,11 +24,13 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
-#include "spool.h"
+#include "nonce/nonce.h"
+
+SpoolNonceShared *spool_nonce_shared = NULL;
+SpoolNonceReq *spool_requests = NULL;
 
 PG_FUNCTION_INFO_V1(spool_nonce_request);
 PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
-PG_FUNCTION_INFO_V1(spool_launcher_wakeup);
 
 static uint64 auto_request_counter = 0;
 
@@ -50,15 +52,15 @@ spool_request_free(int idx)
 
 	req->state = REQ_FREE;
 	req->in_queue = false;
-	req->next = spool_shared->free_head;
-	spool_shared->free_head = idx;
+	req->next = spool_nonce_shared->free_head;
+	spool_nonce_shared->free_head = idx;
 }
 
 /* Append request idx to worker w's queue.  Caller holds queue_lock. */
 void
 spool_request_enqueue(int w, int idx, bool at_head)
 {
-	SpoolNonceWorkerSlot *slot = &spool_shared->workers[w];
+	SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[w];
 	SpoolNonceReq *req = &spool_requests[idx];
 
 	req->state = REQ_QUEUED;
@@ -104,9 +106,9 @@ request_abandon_locked(int idx)
 static void
 request_abandon(int code, Datum arg)
 {
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	request_abandon_locked(DatumGetInt32(arg));
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 }
 
 /*
@@ -129,14 +131,14 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	char		errmsg_buf[SPOOL_ERRMSG_MAX];
 
 	spool_require_shmem();
-	nworkers = spool_shared->nworkers;
+	nworkers = spool_nonce_shared->nworkers;
 	if (nworkers == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("worker-queue mode is disabled"),
 				 errhint("Set spool.nonce_workers to a positive number and restart the server, or use spool.nonce_allocate.")));
-	if (OidIsValid(spool_shared->database_oid) &&
-		spool_shared->database_oid != MyDatabaseId)
+	if (OidIsValid(spool_core_shared->database_oid) &&
+		spool_core_shared->database_oid != MyDatabaseId)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("worker-queue mode serves database \"%s\" only", spool_database),
@@ -147,19 +149,19 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 							  (unsigned long) ++auto_request_counter);
 	w = spool_route_signer(signer, nworkers);
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-	idx = spool_shared->free_head;
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+	idx = spool_nonce_shared->free_head;
 	if (idx < 0)
 	{
-		LWLockRelease(spool_shared->queue_lock);
+		LWLockRelease(spool_nonce_shared->lock);
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("nonce request queue is full"),
-				 errdetail("%d requests are already waiting.", spool_shared->queue_size),
+				 errdetail("%d requests are already waiting.", spool_nonce_shared->queue_size),
 				 errhint("Raise spool.nonce_queue_size, or check spool.nonce_workers for a stuck worker.")));
 	}
 	req = &spool_requests[idx];
-	spool_shared->free_head = req->next;
+	spool_nonce_shared->free_head = req->next;
 	strlcpy(req->signer, signer, sizeof(req->signer));
 	strlcpy(req->request_id, request_id, sizeof(req->request_id));
 	req->role = GetUserId();
@@ -167,8 +169,8 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	req->sqlerrcode = 0;
 	req->errmsg[0] = '\0';
 	spool_request_enqueue(w, idx, false);
-	latch = spool_shared->workers[w].latch;
-	LWLockRelease(spool_shared->queue_lock);
+	latch = spool_nonce_shared->workers[w].latch;
+	LWLockRelease(spool_nonce_shared->lock);
 	if (latch)
 		SetLatch(latch);
 
@@ -181,9 +183,9 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 		{
 			long		remaining;
 
-			LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
+			LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
 			state = req->state;
-			LWLockRelease(spool_shared->queue_lock);
+			LWLockRelease(spool_nonce_shared->lock);
 			if (state == REQ_DONE || state == REQ_FAILED)
 				break;
 			remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
@@ -196,13 +198,13 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	}
 	PG_END_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	state = req->state;
 	nonce = req->nonce;
 	sqlerrcode = req->sqlerrcode;
 	strlcpy(errmsg_buf, req->errmsg, sizeof(errmsg_buf));
 	request_abandon_locked(idx);
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 
 	if (state == REQ_FAILED)
 		ereport(ERROR,
@@ -231,16 +233,16 @@ spool_nonce_worker_status(PG_FUNCTION_ARGS)
 	spool_require_shmem();
 	InitMaterializedSRF(fcinfo, 0);
 
-	for (w = 0; w < spool_shared->nworkers; w++)
+	for (w = 0; w < spool_nonce_shared->nworkers; w++)
 	{
-		SpoolNonceWorkerSlot *slot = &spool_shared->workers[w];
+		SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[w];
 		SpoolNonceWorkerSlot copy;
 		Datum		values[11];
 		bool		nulls[11] = {0};
 
-		LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
+		LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
 		copy = *slot;
-		LWLockRelease(spool_shared->queue_lock);
+		LWLockRelease(spool_nonce_shared->lock);
 
 		values[0] = Int32GetDatum(w);
 		values[1] = Int32GetDatum(copy.pid);
@@ -261,14 +263,38 @@ spool_nonce_worker_status(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/*
- * SQL: spool._launcher_wakeup() — called at CREATE EXTENSION so the launcher
- * starts the workers at once instead of at its next periodic check.
- */
-Datum
-spool_launcher_wakeup(PG_FUNCTION_ARGS)
+/* Shared memory: the worker slots, then the request pool. */
+Size
+spool_nonce_shmem_size(void)
 {
-	if (spool_shared != NULL)
-		spool_wake_launcher();
-	PG_RETURN_VOID();
+	return add_size(MAXALIGN(sizeof(SpoolNonceShared)),
+					mul_size(spool_nonce_queue_size, sizeof(SpoolNonceReq)));
+}
+
+void
+spool_nonce_shmem_init(void)
+{
+	bool		found;
+	int			i;
+
+	spool_nonce_shared = spool_shmem_area("spool_ext nonce", spool_nonce_shmem_size(), &found);
+	spool_requests = (SpoolNonceReq *)
+		((char *) spool_nonce_shared + MAXALIGN(sizeof(SpoolNonceShared)));
+	if (found)
+		return;
+	spool_nonce_shared->lock = spool_shmem_lock("spool_ext nonce");
+	spool_nonce_shared->nworkers = spool_nonce_workers;
+	spool_nonce_shared->queue_size = spool_nonce_queue_size;
+	for (i = 0; i < SPOOL_MAX_NONCE_WORKERS; i++)
+	{
+		spool_nonce_shared->workers[i].head = -1;
+		spool_nonce_shared->workers[i].tail = -1;
+	}
+	for (i = 0; i < spool_nonce_queue_size; i++)
+	{
+		spool_requests[i].state = REQ_FREE;
+		spool_requests[i].next = (i + 1 < spool_nonce_queue_size) ? i + 1 : -1;
+		ConditionVariableInit(&spool_requests[i].cv);
+	}
+	spool_nonce_shared->free_head = 0;
 }

@@ -37,8 +37,8 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "privs.h"
-#include "spool.h"
+#include "lease/lease.h"
+#include "nonce/nonce.h"
 
 PGDLLEXPORT void spool_nonce_worker_main(Datum main_arg);
 
@@ -100,33 +100,33 @@ spool_owner_is_stale_worker(const char *holder)
 
 	if (strncmp(holder, "nonce-worker:", 13) != 0)
 		return false;
-	LWLockAcquire(spool_shared->queue_lock, LW_SHARED);
-	for (w = 0; w < spool_shared->nworkers; w++)
-		if (strcmp(spool_shared->workers[w].owner, holder) == 0)
+	LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
+	for (w = 0; w < spool_nonce_shared->nworkers; w++)
+		if (strcmp(spool_nonce_shared->workers[w].owner, holder) == 0)
 			claimed = true;
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 	return !claimed;
 }
 
 static bool
 worker_superseded_locked(void)
 {
-	return spool_shared->workers[my_slot].generation != my_generation;
+	return spool_nonce_shared->workers[my_slot].generation != my_generation;
 }
 
 static void
 worker_detach(int code, Datum arg)
 {
-	SpoolNonceWorkerSlot *slot = &spool_shared->workers[my_slot];
+	SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[my_slot];
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	if (!worker_superseded_locked())
 	{
 		slot->pid = 0;
 		slot->latch = NULL;
 		slot->owner[0] = '\0';
 	}
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 }
 
 void
@@ -147,11 +147,11 @@ spool_nonce_worker_main(Datum main_arg)
 	spool_worker_pin_settings();
 
 	snprintf(my_owner, sizeof(my_owner), "nonce-worker:%d:%d", my_slot, (int) MyProcPid);
-	slot = &spool_shared->workers[my_slot];
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	slot = &spool_nonce_shared->workers[my_slot];
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	if (worker_superseded_locked())
 	{
-		LWLockRelease(spool_shared->queue_lock);
+		LWLockRelease(spool_nonce_shared->lock);
 		proc_exit(0);
 	}
 	slot->pid = MyProcPid;
@@ -159,7 +159,7 @@ spool_nonce_worker_main(Datum main_arg)
 	slot->heartbeat = GetCurrentTimestamp();
 	slot->started_at = slot->heartbeat;
 	strlcpy(slot->owner, my_owner, sizeof(slot->owner));
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 	before_shmem_exit(worker_detach, (Datum) 0);
 
 	memset(&ctl, 0, sizeof(ctl));
@@ -170,7 +170,7 @@ spool_nonce_worker_main(Datum main_arg)
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool nonce worker loop",
 									 ALLOCSET_DEFAULT_SIZES);
 	items = MemoryContextAlloc(TopMemoryContext,
-							   sizeof(BatchItem) * spool_shared->queue_size);
+							   sizeof(BatchItem) * spool_nonce_shared->queue_size);
 	ereport(LOG, (errmsg("spool nonce worker %d started as \"%s\"", my_slot, my_owner)));
 
 	for (;;)
@@ -179,7 +179,7 @@ spool_nonce_worker_main(Datum main_arg)
 
 		spool_worker_pass(loop_cxt, false);
 
-		n = worker_dequeue(items, Min(spool_nonce_batch_max, spool_shared->queue_size));
+		n = worker_dequeue(items, Min(spool_nonce_batch_max, spool_nonce_shared->queue_size));
 		if (n < 0)
 		{
 			ereport(LOG,
@@ -206,13 +206,13 @@ spool_nonce_worker_main(Datum main_arg)
 static int
 worker_dequeue(BatchItem *items, int max)
 {
-	SpoolNonceWorkerSlot *slot = &spool_shared->workers[my_slot];
+	SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[my_slot];
 	int			n = 0;
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	if (worker_superseded_locked())
 	{
-		LWLockRelease(spool_shared->queue_lock);
+		LWLockRelease(spool_nonce_shared->lock);
 		return -1;
 	}
 	slot->heartbeat = GetCurrentTimestamp();
@@ -243,7 +243,7 @@ worker_dequeue(BatchItem *items, int max)
 		n++;
 	}
 	slot->ninprogress = n;
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 	return n;
 }
 
@@ -284,9 +284,9 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 				end++;
 
 		/* Alive and working: a bounded lock wait below is not a stall. */
-		LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-		spool_shared->workers[my_slot].heartbeat = GetCurrentTimestamp();
-		LWLockRelease(spool_shared->queue_lock);
+		LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+		spool_nonce_shared->workers[my_slot].heartbeat = GetCurrentTimestamp();
+		LWLockRelease(spool_nonce_shared->lock);
 
 		PG_TRY();
 		{
@@ -407,9 +407,9 @@ worker_serve_signer(BatchItem *items, int n)
 		}
 		if (lease.took_over)
 		{
-			LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
-			spool_shared->workers[my_slot].takeovers++;
-			LWLockRelease(spool_shared->queue_lock);
+			LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+			spool_nonce_shared->workers[my_slot].takeovers++;
+			LWLockRelease(spool_nonce_shared->lock);
 		}
 		hl->token = lease.token;
 		hl->expires_at = lease.expires_at;
@@ -455,14 +455,14 @@ forget_leases(void)
 static void
 worker_complete(BatchItem *items, int n)
 {
-	SpoolNonceWorkerSlot *slot = &spool_shared->workers[my_slot];
+	SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[my_slot];
 	int			i;
 
-	LWLockAcquire(spool_shared->queue_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	if (worker_superseded_locked())
 	{
 		/* The launcher gave these requests to our replacement. */
-		LWLockRelease(spool_shared->queue_lock);
+		LWLockRelease(spool_nonce_shared->lock);
 		return;
 	}
 	for (i = 0; i < n; i++)
@@ -498,7 +498,7 @@ worker_complete(BatchItem *items, int n)
 	slot->batches++;
 	slot->last_batch = n;
 	slot->heartbeat = GetCurrentTimestamp();
-	LWLockRelease(spool_shared->queue_lock);
+	LWLockRelease(spool_nonce_shared->lock);
 
 	for (i = 0; i < n; i++)
 		if (items[i].idx >= 0)

@@ -27,12 +27,8 @@
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 
-#include "kafka_policy.h"
-#include "outbox.h"
-#include "privs.h"
-#include "source.h"
-#include "spool.h"
-#include "usercode.h"
+#include "kafka/kafka.h"
+#include "outbox/outbox.h"
 
 #define KAFKA_DEFAULT_MESSAGE_TIMEOUT "30000"
 #define KAFKA_MAX_INFLIGHT 10000

@@ -42,11 +42,7 @@
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
 
-#include "internal_lock.h"
-#include "outbox.h"
-#include "privs.h"
-#include "spool.h"
-#include "usercode.h"
+#include "outbox/outbox.h"
 
 PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 
@@ -188,7 +184,7 @@ static void
 dispatch_detach(int code, Datum arg)
 {
 	spool_deliver_shutdown();
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	if (ds->pid == MyProcPid)
 	{
 		ds->pid = 0;
@@ -205,7 +201,7 @@ dispatch_detach(int code, Datum arg)
 			ds->last_error_at = GetCurrentTimestamp();
 		}
 	}
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 }
 
 
@@ -214,9 +210,9 @@ set_state(DispatchState st)
 {
 	if (ds->state == st)
 		return;
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	ds->state = st;
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 }
 
 /*
@@ -227,7 +223,7 @@ set_state(DispatchState st)
 static void
 note_error(const char *msg, bool whole_target)
 {
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	strlcpy(ds->last_error, msg ? msg : "error", sizeof(ds->last_error));
 	ds->last_error_at = GetCurrentTimestamp();
 	if (whole_target)
@@ -235,7 +231,7 @@ note_error(const char *msg, bool whole_target)
 		ds->state = DS_ERROR;
 		ds->retries++;
 	}
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 }
 
 /* ---- parked rows and blocked keys ---- */
@@ -313,9 +309,9 @@ load_parked(void)
 	pg_atomic_write_u32(&ds->retry_dirty, 0);
 	next_parked_reload = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													 spool_outbox_poll_interval_ms);
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	ds->blocked_keys = (int) hash_get_num_entries(blocked);
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 }
 
 static int64
@@ -557,9 +553,9 @@ read_rows(TimestampTz now)
 	{
 		SpoolDispatchSlot *leader = spool_dispatch_slot_of(target->id, 0);
 
-		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
+		LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
 		leader_pos = leader && leader->pid != 0 ? leader->position : 0;
-		LWLockRelease(spool_shared->outbox_lock);
+		LWLockRelease(spool_outbox_shared->lock);
 		if (leader_pos == 0)
 		{
 			v[0] = Int32GetDatum(target->id);
@@ -644,7 +640,7 @@ hist_add(uint64 *hist, int nb, double v, double first)
 static void
 note_flush(FlushReason reason, int n, double ms)
 {
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	ds->flushes[reason]++;
 	ds->delivered += n;
 	ds->position = position;
@@ -658,7 +654,7 @@ note_flush(FlushReason reason, int n, double ms)
 	ds->blocked_keys = (int) hash_get_num_entries(blocked);
 	if (ds->state == DS_ERROR)
 		ds->state = DS_DELIVERING;
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 }
 
 /*
@@ -863,7 +859,7 @@ retry_parked(TimestampTz now)
 	spool_test_pause();
 	spool_end_txn();
 
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < (uint64) nrows; i++)
 	{
 		if (!rows[i]->failed)
@@ -871,7 +867,7 @@ retry_parked(TimestampTz now)
 		else if (rows[i]->attempts + 1 <= target->retry_limit)
 			ds->retries++;
 	}
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 	/* Heads changed: rebuild what is blocked and when the next one is due. */
 	spool_begin_txn("reading parked rows");
 	load_parked();
@@ -896,7 +892,7 @@ barrier_step(TimestampTz now)
 	if (nparked > 0 && min_parked_id < barrier_at)
 		return false;			/* earlier rows of mine are still being retried */
 
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	ds->arrived = barrier_at;
 	ds->state = DS_BARRIER;
 	leader = spool_dispatch_slot_of(target->id, 0);
@@ -905,7 +901,7 @@ barrier_step(TimestampTz now)
 		bool		released = leader && leader->pid != 0 && leader->position >= barrier_at;
 		Latch	   *l = leader ? leader->latch : NULL;
 
-		LWLockRelease(spool_shared->outbox_lock);
+		LWLockRelease(spool_outbox_shared->lock);
 		if (l)
 			SetLatch(l);
 		if (!released)
@@ -921,7 +917,7 @@ barrier_step(TimestampTz now)
 		if (o == NULL || o->pid == 0 || o->arrived < barrier_at)
 			all = false;
 	}
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 	if (!all || now < barrier_retry_at)
 		return false;
 
@@ -960,7 +956,7 @@ barrier_step(TimestampTz now)
 		position = barrier_at;
 		read_upto = Max(read_upto, barrier_at);
 		drain_ms = (double) (GetCurrentTimestamp() - barrier_seen_at) / 1000.0;
-		LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+		LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 		ds->position = position;
 		ds->barriers++;
 		ds->drain_ms_last = drain_ms;
@@ -976,7 +972,7 @@ barrier_step(TimestampTz now)
 			if (o && o->latch)
 				SetLatch(o->latch);
 		}
-		LWLockRelease(spool_shared->outbox_lock);
+		LWLockRelease(spool_outbox_shared->lock);
 		barrier_at = 0;
 		barrier_attempts = 0;
 	}
@@ -994,7 +990,7 @@ barrier_step(TimestampTz now)
 static void
 rotate(void)
 {
-	int64		high = (int64) pg_atomic_read_u64(&spool_shared->outbox_seen);
+	int64		high = (int64) pg_atomic_read_u64(&spool_outbox_shared->outbox_seen);
 	int			cur = spool_outbox_slot_of(high);
 	int			s;
 
@@ -1076,7 +1072,7 @@ wait_for_work(TimestampTz now)
 	if (barrier_at != 0 && my_shard == 0 && barrier_retry_at > now)
 		until = Min(until, barrier_retry_at);
 	/* Committed rows above the horizon: look again soon. */
-	if (last_bound < (int64) pg_atomic_read_u64(&spool_shared->outbox_seen))
+	if (last_bound < (int64) pg_atomic_read_u64(&spool_outbox_shared->outbox_seen))
 		until = Min(until, TimestampTzPlusMilliseconds(now, BOUND_POLL_MS));
 	if (my_shard == 0)
 		until = Min(until, next_rotation);
@@ -1100,14 +1096,14 @@ spool_dispatch_main(Datum main_arg)
 	pqsignal(SIGTERM, dispatch_sigterm);
 	stop_watch_id = RegisterTimeout(USER_TIMEOUT, stop_watch_handler);
 	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
+	BackgroundWorkerInitializeConnectionByOid(spool_core_shared->database_oid, InvalidOid, 0);
 	spool_worker_pin_settings();
 
-	ds = &spool_shared->dispatchers[slot];
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	ds = &spool_outbox_shared->dispatchers[slot];
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	if (!ds->in_use || strcmp(ds->target, MyBgworkerEntry->bgw_extra) != 0)
 	{
-		LWLockRelease(spool_shared->outbox_lock);
+		LWLockRelease(spool_outbox_shared->lock);
 		proc_exit(0);
 	}
 	my_shard = ds->shard;
@@ -1118,7 +1114,7 @@ spool_dispatch_main(Datum main_arg)
 	ds->exit_error = false;
 	ds->state = DS_IDLE;
 	ds->started_at = GetCurrentTimestamp();
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 	before_shmem_exit(dispatch_detach, (Datum) 0);
 	pgstat_report_appname(MyBgworkerEntry->bgw_name);
 
@@ -1172,10 +1168,10 @@ spool_dispatch_main(Datum main_arg)
 			proc_exit(0);
 	}
 
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	ds->position = position;
 	ds->options_hash = target->options_hash;
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
 	next_poll = 0;
 	next_rotation = 0;

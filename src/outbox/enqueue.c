@@ -40,9 +40,7 @@
 #include "utils/memutils.h"
 #include "utils/typcache.h"
 
-#include "outbox.h"
-#include "privs.h"
-#include "spool.h"
+#include "outbox/outbox.h"
 
 PG_FUNCTION_INFO_V1(spool_enqueue);
 PG_FUNCTION_INFO_V1(spool_enqueue_barrier);
@@ -127,13 +125,13 @@ spool_outbox_lock_store(LOCKMODE mode)
 void
 spool_outbox_targets_changed(void)
 {
-	pg_atomic_fetch_add_u32(&spool_shared->targets_generation, 1);
+	pg_atomic_fetch_add_u32(&spool_outbox_shared->targets_generation, 1);
 }
 
 static TargetCacheEntry *
 lookup_target(const char *name)
 {
-	uint32		gen = pg_atomic_read_u32(&spool_shared->targets_generation);
+	uint32		gen = pg_atomic_read_u32(&spool_outbox_shared->targets_generation);
 	TargetCacheEntry *e;
 	bool		found;
 	Oid			argt[1] = {TEXTOID};
@@ -269,10 +267,10 @@ slot_plan(int target_id, int slot)
 void
 spool_outbox_fold_sequence(int64 v)
 {
-	uint64		cur = pg_atomic_read_u64(&spool_shared->outbox_seen);
+	uint64		cur = pg_atomic_read_u64(&spool_outbox_shared->outbox_seen);
 
 	while ((int64) cur < v &&
-		   !pg_atomic_compare_exchange_u64(&spool_shared->outbox_seen, &cur, (uint64) v))
+		   !pg_atomic_compare_exchange_u64(&spool_outbox_shared->outbox_seen, &cur, (uint64) v))
 		;
 }
 
@@ -293,7 +291,7 @@ next_id(void)
 	}
 	if (!published)
 	{
-		uint64		seen = pg_atomic_read_u64(&spool_shared->outbox_seen);
+		uint64		seen = pg_atomic_read_u64(&spool_outbox_shared->outbox_seen);
 
 		pg_atomic_write_u64(&spool_outbox_lowest[MyProc->pgprocno], seen + 1);
 		published = true;
@@ -315,7 +313,7 @@ next_id(void)
 int64
 spool_outbox_safe_bound(void)
 {
-	int64		bound = (int64) pg_atomic_read_u64(&spool_shared->outbox_seen);
+	int64		bound = (int64) pg_atomic_read_u64(&spool_outbox_shared->outbox_seen);
 	int			i;
 
 	pg_memory_barrier();
@@ -365,7 +363,7 @@ wake_dispatchers(void)
 	pg_read_barrier();
 	for (j = 0; j < SPOOL_MAX_DISPATCHERS; j++)
 	{
-		SpoolDispatchSlot *ds = &spool_shared->dispatchers[j];
+		SpoolDispatchSlot *ds = &spool_outbox_shared->dispatchers[j];
 		bool		wake = touched_overflow;
 		Latch	   *latch;
 

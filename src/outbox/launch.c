@@ -23,15 +23,16 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
-#include "launcher.h"
-#include "outbox.h"
-#include "spool.h"
+#include "outbox/outbox.h"
+
+SpoolOutboxShared *spool_outbox_shared = NULL;
+pg_atomic_uint64 *spool_outbox_lowest = NULL;
 
 PG_FUNCTION_INFO_V1(spool_outbox_runtime);
 
 typedef struct ShardTrack
 {
-	int			slot;			/* in spool_shared->dispatchers */
+	int			slot;			/* in spool_outbox_shared->dispatchers */
 	int			target_id;
 	int			shard;
 	char		target[NAMEDATALEN];
@@ -55,7 +56,7 @@ spool_dispatch_slot_of(int target_id, int shard)
 
 	for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
 	{
-		SpoolDispatchSlot *ds = &spool_shared->dispatchers[i];
+		SpoolDispatchSlot *ds = &spool_outbox_shared->dispatchers[i];
 
 		if (ds->in_use && ds->target_id == target_id && ds->shard == shard)
 			return ds;
@@ -125,10 +126,10 @@ claim_slot(int target_id, int shard, int n, const char *name)
 	int			i;
 	int			found = -1;
 
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < SPOOL_MAX_DISPATCHERS && found < 0; i++)
 	{
-		SpoolDispatchSlot *ds = &spool_shared->dispatchers[i];
+		SpoolDispatchSlot *ds = &spool_outbox_shared->dispatchers[i];
 
 		if (ds->in_use)
 			continue;
@@ -145,16 +146,16 @@ claim_slot(int target_id, int shard, int n, const char *name)
 		pg_atomic_write_u32(&ds->retry_dirty, 0);
 		found = i;
 	}
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockRelease(spool_outbox_shared->lock);
 	return found;
 }
 
 static void
 release_slot(int slot)
 {
-	LWLockAcquire(spool_shared->outbox_lock, LW_EXCLUSIVE);
-	spool_shared->dispatchers[slot].in_use = false;
-	LWLockRelease(spool_shared->outbox_lock);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
+	spool_outbox_shared->dispatchers[slot].in_use = false;
+	LWLockRelease(spool_outbox_shared->lock);
 }
 
 /* Keep one worker per shard of every target running. */
@@ -173,11 +174,11 @@ spool_supervise_dispatchers(TimestampTz now, bool refresh)
 		bool		error_exit;
 		uint32		loaded_hash;
 
-		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
-		error_exit = spool_shared->dispatchers[s->slot].exit_error;
-		loaded_hash = spool_shared->dispatchers[s->slot].pid != 0 ?
-			spool_shared->dispatchers[s->slot].options_hash : 0;
-		LWLockRelease(spool_shared->outbox_lock);
+		LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
+		error_exit = spool_outbox_shared->dispatchers[s->slot].exit_error;
+		loaded_hash = spool_outbox_shared->dispatchers[s->slot].pid != 0 ?
+			spool_outbox_shared->dispatchers[s->slot].options_hash : 0;
+		LWLockRelease(spool_outbox_shared->lock);
 		/* alter_target: the worker delivers what it holds and is back with the new options. */
 		if (t->handle != NULL && s->wanted && loaded_hash != 0 && loaded_hash != s->options_hash)
 			TerminateBackgroundWorker(t->handle);
@@ -304,9 +305,9 @@ spool_outbox_runtime(PG_FUNCTION_ARGS)
 		bool		n[31];
 		int			k = 0;
 
-		LWLockAcquire(spool_shared->outbox_lock, LW_SHARED);
-		memcpy(&c, &spool_shared->dispatchers[i], sizeof(c));
-		LWLockRelease(spool_shared->outbox_lock);
+		LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
+		memcpy(&c, &spool_outbox_shared->dispatchers[i], sizeof(c));
+		LWLockRelease(spool_outbox_shared->lock);
 		if (!c.in_use)
 			continue;
 		memset(n, false, sizeof(n));
@@ -358,4 +359,35 @@ spool_outbox_runtime(PG_FUNCTION_ARGS)
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
 	}
 	return (Datum) 0;
+}
+
+/* Shared memory: the dispatcher slots, then each backend's lowest open id. */
+Size
+spool_outbox_shmem_size(void)
+{
+	return add_size(MAXALIGN(sizeof(SpoolOutboxShared)),
+					mul_size(MaxBackends, sizeof(pg_atomic_uint64)));
+}
+
+void
+spool_outbox_shmem_init(void)
+{
+	bool		found;
+	int			i;
+
+	spool_outbox_shared = spool_shmem_area("spool_ext outbox", spool_outbox_shmem_size(), &found);
+	spool_outbox_lowest = (pg_atomic_uint64 *)
+		((char *) spool_outbox_shared + MAXALIGN(sizeof(SpoolOutboxShared)));
+	if (found)
+		return;
+	spool_outbox_shared->lock = spool_shmem_lock("spool_ext outbox");
+	pg_atomic_init_u64(&spool_outbox_shared->outbox_seen, 0);
+	pg_atomic_init_u32(&spool_outbox_shared->targets_generation, 0);
+	for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
+	{
+		pg_atomic_init_u64(&spool_outbox_shared->dispatchers[i].committed, 0);
+		pg_atomic_init_u32(&spool_outbox_shared->dispatchers[i].retry_dirty, 0);
+	}
+	for (i = 0; i < MaxBackends; i++)
+		pg_atomic_init_u64(&spool_outbox_lowest[i], 0);
 }

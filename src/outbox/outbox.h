@@ -1,29 +1,20 @@
 /*-------------------------------------------------------------------------
  *
  * outbox.h
- *	  The outbox and its dispatchers (docs/outbox.md): target definitions
- *	  (outbox_target.c), writing rows (outbox_enqueue.c), the shard workers
- *	  (outbox_dispatch.c, outbox_deliver.c) and the launcher's side with the
- *	  status (outbox_launch.c).
+ *	  The door to src/outbox, the outbox and its dispatchers: target
+ *	  definitions (target.c), writing rows (enqueue.c), the shard workers
+ *	  (dispatch.c, deliver.c) and the launcher's side with the status
+ *	  (launch.c).
  *
  *-------------------------------------------------------------------------
  */
 #ifndef SPOOL_OUTBOX_H
 #define SPOOL_OUTBOX_H
 
-#include "postgres.h"
+#include "core/core.h"
 
-#include "datatype/timestamp.h"
-#include "port/atomics.h"
-#include "storage/latch.h"
 #include "storage/lockdefs.h"
 #include "utils/array.h"
-#include "utils/jsonb.h"
-
-/* PostgreSQL 16 has it; 15 does not. */
-#ifndef TimestampTzPlusMicroseconds
-#define TimestampTzPlusMicroseconds(tz, us) ((tz) + (us))
-#endif
 
 #define SPOOL_MAX_DISPATCHERS	64	/* shard workers over all targets */
 #define SPOOL_MAX_SHARDS		16
@@ -125,7 +116,21 @@ typedef struct SpoolDispatchSlot
 	TimestampTz started_at;
 } SpoolDispatchSlot;
 
-/* outbox_target.c */
+typedef struct SpoolOutboxShared
+{
+	LWLock	   *lock;			/* guards dispatchers[] */
+	pg_atomic_uint64 outbox_seen;	/* highest outbox id handed out (see enqueue.c) */
+	pg_atomic_uint32 targets_generation;	/* bumped by create/drop_target */
+	SpoolDispatchSlot dispatchers[SPOOL_MAX_DISPATCHERS];
+} SpoolOutboxShared;
+
+extern SpoolOutboxShared *spool_outbox_shared;
+extern pg_atomic_uint64 *spool_outbox_lowest;	/* [MaxBackends] */
+
+extern Size spool_outbox_shmem_size(void);
+extern void spool_outbox_shmem_init(void);
+
+/* target.c */
 extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kind,
 											   Jsonb *options);
 extern OutboxTarget *spool_outbox_load_target(int target_id);
@@ -136,7 +141,7 @@ extern const char *spool_outbox_kind_name(OutboxKind kind);
 struct rd_kafka_conf_s;
 extern void spool_outbox_kafka_props(struct rd_kafka_conf_s *conf, Jsonb *kafka);
 
-/* outbox_enqueue.c */
+/* enqueue.c */
 extern int64 spool_outbox_insert(const char *target, const char *key, Jsonb *payload,
 								 bool barrier, const char *processor, int64 cursor,
 								 int64 token, Oid role);
@@ -147,12 +152,12 @@ extern void spool_outbox_fold_sequence(int64 last_value);
 extern int	spool_outbox_slot_of(int64 id);
 extern void spool_outbox_targets_changed(void);
 
-/* outbox_launch.c */
+/* launch.c */
 extern void spool_supervise_dispatchers(TimestampTz now, bool refresh);
 extern void spool_stop_dispatchers(void);
 extern SpoolDispatchSlot *spool_dispatch_slot_of(int target_id, int shard);
 
-/* outbox_deliver.c: one batch of rows for one target. */
+/* deliver.c: one batch of rows for one target. */
 typedef struct OutboxRow
 {
 	int64		id;

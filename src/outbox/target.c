@@ -30,11 +30,8 @@
 #include "utils/regproc.h"
 #include "utils/syscache.h"
 
-#include "kafka_policy.h"
-#include "outbox.h"
-#include "privs.h"
-#include "source.h"
-#include "spool.h"
+#include "kafka/kafka.h"
+#include "outbox/outbox.h"
 
 PG_FUNCTION_INFO_V1(spool_create_target);
 PG_FUNCTION_INFO_V1(spool_drop_target);

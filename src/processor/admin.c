@@ -29,10 +29,8 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
-#include "privs.h"
-#include "processor.h"
-#include "spool.h"
-#include "window_alert.h"
+#include "processor/processor.h"
+#include "processor/window_alert.h"
 
 PG_FUNCTION_INFO_V1(spool_create_processor);
 PG_FUNCTION_INFO_V1(spool_start_processor);
@@ -473,10 +471,10 @@ spool_processor_runtime(PG_FUNCTION_ARGS)
 
 	spool_require_shmem();
 	InitMaterializedSRF(fcinfo, 0);
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
 	for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
 	{
-		SpoolProcessorSlot *ps = &spool_shared->processors[i];
+		SpoolProcessorSlot *ps = &spool_processor_shared->processors[i];
 
 		if (!ps->in_use)
 			continue;
@@ -522,6 +520,6 @@ spool_processor_runtime(PG_FUNCTION_ARGS)
 			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
 		}
 	}
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	return (Datum) 0;
 }

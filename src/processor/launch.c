@@ -19,9 +19,9 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
-#include "launcher.h"
-#include "processor.h"
-#include "spool.h"
+#include "processor/processor.h"
+
+SpoolProcessorShared *spool_processor_shared = NULL;
 
 typedef struct ProcTrack
 {
@@ -95,10 +95,10 @@ claim_slot(const char *name)
 	int			i;
 	int			found = -1;
 
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < SPOOL_MAX_PROCESSORS && found < 0; i++)
 	{
-		SpoolProcessorSlot *ps = &spool_shared->processors[i];
+		SpoolProcessorSlot *ps = &spool_processor_shared->processors[i];
 		int			r;
 
 		if (ps->in_use)
@@ -119,16 +119,16 @@ claim_slot(const char *name)
 		}
 		found = i;
 	}
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	return found;
 }
 
 static void
 release_slot(int slot)
 {
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
-	spool_shared->processors[slot].in_use = false;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+	spool_processor_shared->processors[slot].in_use = false;
+	LWLockRelease(spool_processor_shared->lock);
 }
 
 static void
@@ -166,9 +166,9 @@ spool_supervise_processors(TimestampTz now, bool refresh)
 			char	   *what = psprintf("spool processor %s/%d", p->name, r + 1);
 			bool		error_exit;
 
-			LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
-			error_exit = spool_shared->processors[p->slot].replicas[r].exit_error;
-			LWLockRelease(spool_shared->processor_lock);
+			LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
+			error_exit = spool_processor_shared->processors[p->slot].replicas[r].exit_error;
+			LWLockRelease(spool_processor_shared->lock);
 			if (t->handle != NULL && !error_exit)
 			{
 				pid_t		pid;
@@ -221,4 +221,26 @@ spool_stop_processors(void)
 		release_slot(procs[i].slot);
 	}
 	nprocs = 0;
+}
+
+/* Shared memory: one slot per processor. */
+Size
+spool_processor_shmem_size(void)
+{
+	return MAXALIGN(sizeof(SpoolProcessorShared));
+}
+
+void
+spool_processor_shmem_init(void)
+{
+	bool		found;
+	int			i;
+
+	spool_processor_shared = spool_shmem_area("spool_ext processor",
+											  spool_processor_shmem_size(), &found);
+	if (found)
+		return;
+	spool_processor_shared->lock = spool_shmem_lock("spool_ext processor");
+	for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
+		ConditionVariableInit(&spool_processor_shared->processors[i].cv);
 }

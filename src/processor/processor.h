@@ -1,17 +1,19 @@
 /*-------------------------------------------------------------------------
  *
  * processor.h
- *	  Processors: replicated deterministic handlers over the spool.  Shared
- *	  between the SQL functions (processor_admin.c), the replica worker
- *	  (processor.c) and the launcher (processor_launch.c).
+ *	  The door to src/processor: replicated deterministic handlers over the
+ *	  spool.  The SQL functions (admin.c), the replica worker (replica.c),
+ *	  the built-in window_alert handler (window_alert.c) and the launcher's
+ *	  side (launch.c).
  *
  *-------------------------------------------------------------------------
  */
 #ifndef SPOOL_PROCESSOR_H
 #define SPOOL_PROCESSOR_H
 
-#include "postgres.h"
+#include "core/core.h"
 
+#include "storage/condition_variable.h"
 #include "utils/jsonb.h"
 
 #define SPOOL_PROCESSOR_DEFAULT_REPLICAS	2
@@ -19,6 +21,75 @@
 #define SPOOL_PROCESSOR_DEFAULT_TTL_MS		5000
 #define SPOOL_PROCESSOR_DEFAULT_CHECKPOINT	100000
 #define SPOOL_PROCESSOR_MAX_BATCH			100000
+
+#define SPOOL_MAX_PROCESSORS 32
+#define SPOOL_MAX_REPLICAS	8
+
+typedef enum SpoolReplicaRole
+{
+	ROLE_NONE = 0,				/* no process */
+	ROLE_STARTING,				/* loading the checkpoint, replaying */
+	ROLE_STANDBY,				/* shadow: computes, emits nothing */
+	ROLE_ACTIVE					/* holds the output gate */
+} SpoolReplicaRole;
+
+/*
+ * One replica of a processor.  Written by the replica's own process (and
+ * cleared by its exit callback); read by spool.processor_status.
+ */
+typedef struct SpoolReplicaSlot
+{
+	pid_t		pid;
+	SpoolReplicaRole role;
+	int64		cursor;			/* state is as of this cursor */
+	int64		token;			/* gate token while active */
+	uint64		state_hash;
+	int64		state_hash_cursor;	/* -1: none yet */
+	uint64		takeovers;
+	TimestampTz last_takeover_at;
+	double		last_takeover_ms;
+	uint64		entries;
+	uint64		batches;
+	uint64		outputs;
+	uint64		hash_checks;
+	uint64		hash_mismatches;
+	uint64		errors;
+	bool		exit_error;		/* the last process exited on an error */
+	char		last_error[SPOOL_ERRMSG_MAX];
+	TimestampTz last_error_at;
+	TimestampTz started_at;
+} SpoolReplicaSlot;
+
+/*
+ * A processor the launcher runs.  The active replica publishes each commit
+ * (and its state snapshots) here and broadcasts cv, which the standbys wait
+ * on; an exiting active clears active_pid and broadcasts too, so a clean exit
+ * is noticed at once.
+ */
+typedef struct SpoolProcessorSlot
+{
+	bool		in_use;
+	char		name[NAMEDATALEN];
+	pid_t		active_pid;
+	TimestampTz active_gone_at; /* when the last active exited */
+	TimestampTz lease_expires_at;	/* of the active's lease, as last renewed */
+	int64		committed_cursor;
+	int64		snapshot_cursor;
+	uint64		snapshot_hash;
+	ConditionVariable cv;
+	SpoolReplicaSlot replicas[SPOOL_MAX_REPLICAS];
+} SpoolProcessorSlot;
+
+typedef struct SpoolProcessorShared
+{
+	LWLock	   *lock;			/* guards processors[] */
+	SpoolProcessorSlot processors[SPOOL_MAX_PROCESSORS];
+} SpoolProcessorShared;
+
+extern SpoolProcessorShared *spool_processor_shared;
+
+extern Size spool_processor_shmem_size(void);
+extern void spool_processor_shmem_init(void);
 
 /* Validated processor options (see docs/processors.md). */
 typedef struct SpoolProcessorOptions
@@ -38,11 +109,11 @@ extern SpoolProcessorOptions *spool_parse_processor_options(Jsonb *options);
 extern Jsonb *spool_processor_options_jsonb(SpoolProcessorOptions *o);
 extern Oid	spool_window_alert_oid(void);
 
-/* Set in a processor replica (processor.c); 0 and NULL elsewhere. */
+/* Set in a processor replica (replica.c); 0 and NULL elsewhere. */
 extern int	spool_current_replica_no;
 extern Jsonb *spool_current_handler_settings(void);
 
-/* Launcher side (processor_launch.c) */
+/* Launcher side (launch.c) */
 extern void spool_supervise_processors(TimestampTz now, bool refresh);
 extern void spool_stop_processors(void);
 

@@ -53,13 +53,11 @@
 #include "utils/timestamp.h"
 #include "utils/typcache.h"
 
-#include "internal_lock.h"
-#include "outbox.h"
-#include "privs.h"
-#include "processor.h"
-#include "spool.h"
-#include "usercode.h"
-#include "window_alert.h"
+#include "ingest/ingest.h"
+#include "lease/lease.h"
+#include "outbox/outbox.h"
+#include "processor/processor.h"
+#include "processor/window_alert.h"
 
 PGDLLEXPORT void spool_processor_main(Datum main_arg);
 
@@ -165,7 +163,7 @@ spool_current_handler_settings(void)
 static void
 replica_detach(int code, Datum arg)
 {
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	if (rs->pid == MyProcPid)
 	{
 		rs->pid = 0;
@@ -176,7 +174,7 @@ replica_detach(int code, Datum arg)
 		ps->active_pid = 0;
 		ps->active_gone_at = GetCurrentTimestamp();
 	}
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	/*
 	 * Release the advisory lock before waking the standbys (exit would release
 	 * it only later), so the first one to try gets it and takes over at once.
@@ -199,23 +197,23 @@ spool_processor_main(Datum main_arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnectionByOid(spool_shared->database_oid, InvalidOid, 0);
+	BackgroundWorkerInitializeConnectionByOid(spool_core_shared->database_oid, InvalidOid, 0);
 	spool_worker_pin_settings();
 
 	my_slot = (int) ((arg & 0xFFFF) >> 4);
 	my_replica = (int) (arg & 0xF);
 	strlcpy(proc_name, MyBgworkerEntry->bgw_extra, NAMEDATALEN);
-	ps = &spool_shared->processors[my_slot];
+	ps = &spool_processor_shared->processors[my_slot];
 	rs = &ps->replicas[my_replica];
 	spool_current_replica_no = my_replica + 1;
 	snprintf(lease_resource, sizeof(lease_resource), "processor:%s", proc_name);
 	snprintf(lease_owner, sizeof(lease_owner), "processor:%s/%d:%d",
 			 proc_name, my_replica + 1, MyProcPid);
 
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	if (!ps->in_use || strcmp(ps->name, proc_name) != 0)
 	{
-		LWLockRelease(spool_shared->processor_lock);
+		LWLockRelease(spool_processor_shared->lock);
 		proc_exit(0);
 	}
 	rs->pid = MyProcPid;
@@ -223,7 +221,7 @@ spool_processor_main(Datum main_arg)
 	rs->exit_error = false;
 	rs->token = 0;
 	rs->started_at = GetCurrentTimestamp();
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	before_shmem_exit(replica_detach, (Datum) 0);
 
 	state_cxt = AllocSetContextCreate(TopMemoryContext, "spool processor state",
@@ -261,10 +259,10 @@ spool_processor_main(Datum main_arg)
 				int64		committed;
 				int64		snap;
 
-				LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+				LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
 				committed = ps->committed_cursor;
 				snap = ps->snapshot_cursor;
-				LWLockRelease(spool_shared->processor_lock);
+				LWLockRelease(spool_processor_shared->lock);
 				/* Stop at the active's snapshot cursor to compare state hashes. */
 				if (snap > cursor && snap < committed)
 					committed = snap;
@@ -300,13 +298,13 @@ record_error(void)
 	MemoryContextSwitchTo(old);
 	/* The error may have come while we held it; the abort would release it. */
 	LWLockReleaseAll();
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	rs->errors++;
 	rs->exit_error = true;
 	rs->last_error_at = GetCurrentTimestamp();
 	snprintf(rs->last_error, SPOOL_ERRMSG_MAX, "at cursor " INT64_FORMAT ": %s",
 			 cursor, edata->message ? edata->message : "unknown error");
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	FreeErrorData(edata);
 }
 
@@ -422,7 +420,7 @@ load_checkpoint(bool publish)
 	state_reset(snap, at);
 	if (publish)
 	{
-		LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+		LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 		if (committed > ps->committed_cursor)
 			ps->committed_cursor = committed;
 		if (!hash_null && at > ps->snapshot_cursor)
@@ -430,7 +428,7 @@ load_checkpoint(bool publish)
 			ps->snapshot_cursor = at;
 			ps->snapshot_hash = (uint64) hash;
 		}
-		LWLockRelease(spool_shared->processor_lock);
+		LWLockRelease(spool_processor_shared->lock);
 	}
 }
 
@@ -914,7 +912,7 @@ active_step(void)
 	if (snapshot)
 		last_snapshot_at = GetCurrentTimestamp();
 
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	ps->committed_cursor = b.end;
 	if (snapshot)
 	{
@@ -926,7 +924,7 @@ active_step(void)
 	rs->entries += b.n;
 	rs->batches++;
 	rs->outputs += noutputs;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	ConditionVariableBroadcast(&ps->cv);
 	return true;
 }
@@ -969,10 +967,10 @@ check_snapshot_hash(void)
 	uint64		snap_hash;
 	uint64		mine;
 
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
 	snap_cursor = ps->snapshot_cursor;
 	snap_hash = ps->snapshot_hash;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	if (snap_cursor != cursor || snap_cursor == last_checked_snapshot || snap_cursor == 0)
 		return;
 	last_checked_snapshot = snap_cursor;
@@ -980,7 +978,7 @@ check_snapshot_hash(void)
 	mine = state_hash(NULL);
 	spool_end_txn();
 
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	rs->state_hash = mine;
 	rs->state_hash_cursor = cursor;
 	rs->hash_checks++;
@@ -993,7 +991,7 @@ check_snapshot_hash(void)
 				 " (hash " INT64_FORMAT ", active's " INT64_FORMAT "): the handler is not deterministic",
 				 cursor, (int64) mine, (int64) snap_hash);
 	}
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	if (mine != snap_hash)
 	{
 		ereport(WARNING,
@@ -1033,11 +1031,11 @@ holder_gone(const char *holder)
 	if (strncmp(holder, "processor:", 10) != 0 || colon == NULL)
 		return false;
 	pid = (pid_t) atoi(colon + 1);
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
 	for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
 		if (ps->replicas[r].pid == pid && pid != 0)
 			alive = true;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	return !alive;
 }
 
@@ -1058,11 +1056,11 @@ try_takeover(void)
 	int64		committed = -1;
 	int			save_timeout;
 
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
 	active = ps->active_pid;
 	expires = ps->lease_expires_at;
 	gone_at = ps->active_gone_at;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	if (active != 0 && now < expires)
 		return false;
 
@@ -1118,7 +1116,7 @@ try_takeover(void)
 
 	token = lease.token;
 	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	ps->active_pid = MyProcPid;
 	ps->lease_expires_at = lease.expires_at;
 	if (committed > ps->committed_cursor)
@@ -1132,7 +1130,7 @@ try_takeover(void)
 		/* From the old active's exit, or from its lease's expiry after a stall. */
 		takeover_from = (active == 0 && gone_at != 0) ? gone_at : expires;
 	}
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	ereport(LOG,
 			(errmsg("processor \"%s\" replica %d is active with token " INT64_FORMAT " at cursor " INT64_FORMAT,
 					proc_name, my_replica + 1, token, committed)));
@@ -1148,9 +1146,9 @@ try_takeover(void)
 	/* Takeover latency: from the gate becoming free to ready to commit. */
 	if (lease.took_over && takeover_from != 0)
 	{
-		LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+		LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 		rs->last_takeover_ms = (double) (GetCurrentTimestamp() - takeover_from) / 1000.0;
-		LWLockRelease(spool_shared->processor_lock);
+		LWLockRelease(spool_processor_shared->lock);
 	}
 	return true;
 }
@@ -1161,7 +1159,7 @@ become_standby(const char *why)
 	ereport(LOG,
 			(errmsg("processor \"%s\" replica %d is now a standby: %s",
 					proc_name, my_replica + 1, why)));
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	if (ps->active_pid == MyProcPid)
 	{
 		ps->active_pid = 0;
@@ -1169,7 +1167,7 @@ become_standby(const char *why)
 	}
 	rs->role = ROLE_STANDBY;
 	rs->token = 0;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	token = 0;
 	if (have_advisory)
 	{
@@ -1195,9 +1193,9 @@ renew_lease(void)
 	if (!ok)
 		return false;
 	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
-	LWLockAcquire(spool_shared->processor_lock, LW_EXCLUSIVE);
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	ps->lease_expires_at = expires;
-	LWLockRelease(spool_shared->processor_lock);
+	LWLockRelease(spool_processor_shared->lock);
 	return true;
 }
 
@@ -1215,11 +1213,11 @@ wait_for_work(void)
 	if (rs->role == ROLE_ACTIVE)
 	{
 		timeout = Min(TimestampDifferenceMilliseconds(now, next_renew), IDLE_SNAPSHOT_MS);
-		if (pg_atomic_read_u64(&spool_shared->published_cursor) > (uint64) cursor)
+		if (pg_atomic_read_u64(&spool_ingest_shared->published_cursor) > (uint64) cursor)
 			return;
-		ConditionVariablePrepareToSleep(&spool_shared->spool_cv);
-		if (pg_atomic_read_u64(&spool_shared->published_cursor) <= (uint64) cursor)
-			(void) ConditionVariableTimedSleep(&spool_shared->spool_cv, Max(timeout, 1),
+		ConditionVariablePrepareToSleep(&spool_ingest_shared->spool_cv);
+		if (pg_atomic_read_u64(&spool_ingest_shared->published_cursor) <= (uint64) cursor)
+			(void) ConditionVariableTimedSleep(&spool_ingest_shared->spool_cv, Max(timeout, 1),
 											   PG_WAIT_EXTENSION);
 		ConditionVariableCancelSleep();
 	}
@@ -1229,11 +1227,11 @@ wait_for_work(void)
 		int64		committed;
 		pid_t		active;
 
-		LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+		LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
 		expires = ps->lease_expires_at;
 		committed = ps->committed_cursor;
 		active = ps->active_pid;
-		LWLockRelease(spool_shared->processor_lock);
+		LWLockRelease(spool_processor_shared->lock);
 		if (committed > cursor)
 			return;
 		/* The gate is free and another replica is taking it: look again soon. */

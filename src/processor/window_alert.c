@@ -38,9 +38,8 @@
 #include "utils/syscache.h"
 #include "utils/typcache.h"
 
-#include "spool.h"
-#include "processor.h"
-#include "window_alert.h"
+#include "processor/processor.h"
+#include "processor/window_alert.h"
 
 PG_FUNCTION_INFO_V1(spool_window_alert);
 

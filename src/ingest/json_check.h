@@ -1,4 +1,7 @@
-/* json_check.h: JSON validation for ingest (see json_check.c) */
+/*
+ * json_check.h: JSON validation for the ingest worker (json_check.c).  Kept
+ * apart from ingest.h because jansson's json_object() clashes with fmgr.h.
+ */
 #ifndef SPOOL_JSON_CHECK_H
 #define SPOOL_JSON_CHECK_H
 

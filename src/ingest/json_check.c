@@ -12,7 +12,7 @@
 
 #include <jansson.h>
 
-#include "json_check.h"
+#include "ingest/json_check.h"
 
 /*
  * Is data[0..len) one JSON document?  On failure, writes the reason into

@@ -1,0 +1,60 @@
+/*-------------------------------------------------------------------------
+ *
+ * lease.h
+ *	  The door to src/lease: leases with fencing tokens (lease.c), for SQL
+ *	  clients and for spool_ext's own workers, and the registry of the fences
+ *	  each backend holds in its open transaction.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef SPOOL_LEASE_H
+#define SPOOL_LEASE_H
+
+#include "core/core.h"
+
+#include "storage/spin.h"
+
+#define SPOOL_FENCES_PER_BACKEND 4
+
+/* The role of the leases of spool_ext's own workers (lease_store.role). */
+#define SPOOL_LEASE_INTERNAL InvalidOid
+
+typedef struct SpoolLease
+{
+	bool		held;			/* false: another owner has it */
+	bool		took_over;		/* newly granted; another owner had it before */
+	bool		blocked;		/* not granted: the old holder's fenced
+								 * transaction is still open */
+	int64		token;
+	TimestampTz expires_at;
+} SpoolLease;
+
+typedef bool (*spool_may_steal_fn) (const char *holder);
+
+extern SpoolLease spool_lease_acquire_internal(const char *resource,
+											   const char *owner,
+											   int64 ttl_us,
+											   spool_may_steal_fn may_steal,
+											   Oid role);
+extern void spool_lease_check_role(const char *resource, Oid lease_role, Oid role);
+extern void spool_fence_register(const char *resource, int64 token);
+extern bool spool_lease_extend(const char *resource, const char *owner,
+							   int64 token, int64 ttl_us, TimestampTz *expires,
+							   Oid role);
+extern char *spool_signer_resource(const char *signer);
+extern const char *spool_resource_signer(const char *resource);
+
+/* What one backend has fenced in its current transaction. */
+typedef struct SpoolFenceSlot
+{
+	slock_t		mutex;
+	pid_t		pid;
+	int			nfences;
+	uint32		reshash[SPOOL_FENCES_PER_BACKEND];
+	int64		token[SPOOL_FENCES_PER_BACKEND];
+} SpoolFenceSlot;
+
+extern Size spool_lease_shmem_size(void);
+extern void spool_lease_shmem_init(void);
+
+#endif							/* SPOOL_LEASE_H */
