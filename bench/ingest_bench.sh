@@ -65,7 +65,7 @@ for run in $(seq 1 "$RUNS"); do
 	rss=0
 	for _ in $(seq 1 6000); do
 		done_n=$(sql -c "SELECT coalesce(sum(next_offset), 0) FROM spool.offsets WHERE source = 'bench$run'")
-		[ -z "$pid" ] && pid=$(sql -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest bench$run'")
+		[ -z "$pid" ] && pid=$(sql -c "SELECT pid FROM pg_stat_activity WHERE 'spool ingest bench$run' IN (backend_type, application_name)")
 		# private memory (RssAnon: not the shared buffers it touches), sampled for the peak
 		if [ -n "$pid" ]; then
 			r=$(awk '/RssAnon/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)

@@ -613,7 +613,7 @@ done
 # The stall phase: a second processor with lease_ttl '1 s', from where the first stopped.
 sql -c "SELECT spool.stop_processor('tk_exit')" >/dev/null
 for _ in $(seq 1 300); do
-	[ "$(sql -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'spool processor tk_exit/%'")" -eq 0 ] && break
+	[ "$(sql -c "SELECT count(*) FROM pg_stat_activity WHERE (backend_type LIKE 'spool processor tk_exit/%' OR application_name LIKE 'spool processor tk_exit/%')")" -eq 0 ] && break
 	sleep 0.1
 done
 EXIT_END=$(sql -c "SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = 'tk_exit'")
@@ -647,7 +647,7 @@ for i in $(seq 1 "$STALLS"); do
 		# grant sent it, or fails its fence).  What was everyone waiting for?
 		stall_blocked=$((stall_blocked + 1))
 		why=$(sql_t 5 -c "SELECT string_agg(CASE WHEN pid = $apid THEN 'stopped ' ELSE '' END
-		                      || substr(backend_type, 7) || ' ' || coalesce(wait_event_type || ':' || wait_event, 'on CPU'),
+		                      || substr(coalesce(nullif(application_name, ''), backend_type), 7) || ' ' || coalesce(wait_event_type || ':' || wait_event, 'on CPU'),
 		                      '; ' ORDER BY pid)
 		                   FROM pg_stat_activity
 		                  WHERE backend_type LIKE 'spool %' AND backend_type <> 'spool launcher'" 2>/dev/null) ||
@@ -689,7 +689,7 @@ END_TK=$(spool_end)
 	{ echo "tk_stall did not reach cursor $END_TK"; exit 1; }
 sql -c "SELECT spool.stop_processor('tk_stall')" >/dev/null
 for _ in $(seq 1 300); do
-	[ "$(sql -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'spool processor tk_stall/%'")" -eq 0 ] && break
+	[ "$(sql -c "SELECT count(*) FROM pg_stat_activity WHERE (backend_type LIKE 'spool processor tk_stall/%' OR application_name LIKE 'spool processor tk_stall/%')")" -eq 0 ] && break
 	sleep 0.1
 done
 IFS='|' read -r tk_entries tk_seqs tk_outputs tk_lost tk_dup tk_stray < <(sql -c "

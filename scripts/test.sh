@@ -11,6 +11,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
 
+# The source tree's layering first: folders include each other without a cycle.
+bash "$here/scripts/check_layers.sh" >/dev/null
+
 tree=$(prepare_build_tree "$here")
 echo "spool_ext: testing in $tree"
 status=0

@@ -5,7 +5,7 @@
 #       a sql target whose function public.deliver_<target> inserts one row
 #       per call into a table (default 'delivered'):
 #         seq (bigserial: the order of the calls), outbox_id, key, payload,
-#         pid (the delivering backend) and worker (its backend_type).
+#         pid (the delivering backend) and worker (its application_name).
 #       %o: table, pre (PL/pgSQL statements run first; $1 payload, $2 key,
 #       $3 outbox id).  The function runs as the role 'deliverer'.
 #   dispatcher_pids($node, $target)    { shard => pid } of running dispatchers
@@ -61,7 +61,7 @@ BEGIN
 	$pre
 	INSERT INTO public.$table (outbox_id, key, payload, pid, worker)
 	VALUES (\$3, \$2, \$1, pg_backend_pid(),
-			(SELECT a.backend_type FROM pg_stat_get_activity(pg_backend_pid()) a));
+			(SELECT a.application_name FROM pg_stat_get_activity(pg_backend_pid()) a));
 END \$f\$;
 GRANT EXECUTE ON FUNCTION public.$fn(jsonb, text, bigint) TO deliverer;
 SELECT spool.create_target('$target', 'sql',
@@ -74,8 +74,8 @@ sub dispatcher_pids
 {
 	my ($node, $target) = @_;
 	my %p = map { split /\|/ } split /\n/, $node->safe_psql('postgres',
-		"SELECT split_part(backend_type, '/', 2), pid FROM pg_stat_activity"
-		  . " WHERE backend_type LIKE 'spool dispatch $target/%'");
+		"SELECT split_part(application_name, '/', 2), pid FROM pg_stat_activity"
+		  . " WHERE application_name LIKE 'spool dispatch $target/%'");
 	return \%p;
 }
 
@@ -85,7 +85,7 @@ sub wait_dispatchers
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
 	return poll_ok($node,
 		"SELECT count(*) = $n FROM pg_stat_activity"
-		  . " WHERE backend_type LIKE 'spool dispatch $target/%'",
+		  . " WHERE application_name LIKE 'spool dispatch $target/%'",
 		"$n dispatcher(s) of $target to run");
 }
 

@@ -113,7 +113,7 @@ sub wait_workers
 	poll_ok($node,
 		"SELECT count(*) = $n FROM spool.nonce_workers w"
 		  . " JOIN pg_stat_activity a ON a.pid = w.pid"
-		  . " WHERE a.backend_type = 'spool nonce worker ' || w.worker",
+		  . " WHERE a.application_name = 'spool nonce worker ' || w.worker",
 		$what || "$n nonce workers to run");
 	my %w = map { split /\|/ } split /\n/,
 	  $node->safe_psql('postgres',

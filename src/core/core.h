@@ -134,26 +134,105 @@ extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 
 /*
  * Workers (worker.c): what every background worker of spool_ext shares.
+ * A worker learns what to work on from its arguments, which the supervisor
+ * puts in bgw_extra.
  */
-extern void spool_fill_worker(BackgroundWorker *bgw, const char *function,
-							  const char *name);
+typedef struct SpoolWorkerArgs
+{
+	uint32		launcher_generation;	/* see spool_exit_if_orphaned */
+	uint32		generation;		/* of its slot, where the kind keeps one */
+	int32		slot;			/* its kind's shared-memory slot; -1: none */
+	int32		index;			/* its number within its unit (replica) */
+	char		name[NAMEDATALEN];	/* its source, processor or target */
+} SpoolWorkerArgs;
+
+StaticAssertDecl(sizeof(SpoolWorkerArgs) <= BGW_EXTRALEN,
+				 "SpoolWorkerArgs must fit in bgw_extra");
+
+extern const SpoolWorkerArgs *spool_worker_args(void);
+extern void spool_worker_attach(Oid database, pqsigfunc on_sigterm);
 extern void spool_exit_if_orphaned(void);
 extern void spool_worker_pass(MemoryContext cxt, bool orphanable);
 extern void spool_wake_launcher(void);
 
-/* A dynamic worker the launcher keeps running. */
+/*
+ * Supervision (supervise.c): "N workers of kind K wanted".  Each subsystem
+ * describes its kind of worker; the launcher keeps every kind's units
+ * running: it claims their slots, starts them, restarts them with backoff,
+ * replaces stale ones and stops what is no longer wanted.
+ */
+#define SPOOL_UNIT_MAX_WORKERS 8
+
+/* A worker the supervisor keeps running. */
 typedef struct WorkerTrack
 {
-	char		name[NAMEDATALEN];	/* source name, for ingest workers */
 	BackgroundWorkerHandle *handle;
 	TimestampTz started_at;
 	TimestampTz next_start;
 	int			backoff_ms;
-	bool		wanted;
 } WorkerTrack;
 
-extern bool spool_track_exited(WorkerTrack *t, TimestampTz now, const char *what);
-extern bool spool_track_start(WorkerTrack *t, BackgroundWorker *bgw, TimestampTz now);
+/* One thing a kind wants workers for: a source, a processor, a target shard. */
+typedef struct SpoolUnit
+{
+	char		name[NAMEDATALEN];
+	int64		id;				/* with name and index: the unit's identity */
+	int			index;			/* target shard, nonce worker number; else 0 */
+	int			nworkers;		/* how many (processor replicas) */
+	uint32		version;		/* of its definition (target options) */
+	int			slot;			/* claimed shared-memory slot; -1: none */
+	bool		wanted;
+	WorkerTrack w[SPOOL_UNIT_MAX_WORKERS];
+} SpoolUnit;
+
+/* What to do about a running worker (SpoolWorkerKind.check). */
+typedef enum SpoolVerdict
+{
+	SPOOL_KEEP,					/* leave it running */
+	SPOOL_RESTART,				/* terminate it; start it again once stopped */
+	SPOOL_REPLACE				/* start another now: the kind made it leave */
+} SpoolVerdict;
+
+struct SpoolSupervisor;
+
+typedef struct SpoolWorkerKind
+{
+	const char *type;			/* bgw_type: "spool processor" */
+	const char *function;		/* its entry point in spool_ext */
+	const char *what;			/* in messages: "enabled processors" */
+	int			max_units;
+	bool		reads_catalog;	/* list runs in a transaction */
+	/* Call spool_want for each unit wanted now. */
+	void		(*list) (struct SpoolSupervisor *s);
+	/* Claim a shared slot for a new unit (-1: none free); NULL: no slots. */
+	int			(*claim) (const SpoolUnit *u);
+	void		(*release) (int slot);
+	/* Instance name of worker i, after type in bgw_name; NULL: none. */
+	char	   *(*label) (const SpoolUnit *u, int i);
+	/* Fill in what worker i is told besides the unit (generation). */
+	void		(*prepare) (const SpoolUnit *u, int i, SpoolWorkerArgs *args);
+	/* Did worker i exit on an error?  NULL: back off unless it ran long. */
+	bool		(*failed) (const SpoolUnit *u, int i);
+	/* Is running worker i still right?  NULL: always. */
+	SpoolVerdict (*check) (const SpoolUnit *u, int i, TimestampTz now);
+	/* Worker i is gone or abandoned, because why; NULL: nothing to do. */
+	void		(*gone) (const SpoolUnit *u, int i, const char *why);
+	/* The extension was found installed; nothing of this kind runs yet. */
+	void		(*reset) (void);
+} SpoolWorkerKind;
+
+typedef struct SpoolSupervisor
+{
+	const SpoolWorkerKind *kind;
+	int			nunits;
+	SpoolUnit  *units;			/* kind->max_units of them */
+} SpoolSupervisor;
+
+extern SpoolSupervisor *spool_supervisor_create(const SpoolWorkerKind *kind);
+extern void spool_want(struct SpoolSupervisor *s, const char *name, int64 id,
+					   int index, int nworkers, uint32 version);
+extern void spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh);
+extern void spool_supervise_stop(SpoolSupervisor *s, const char *why);
 
 /*
  * Who is calling, and what that role may do: the door every SQL function

@@ -1096,14 +1096,10 @@ spool_ingest_main(Datum main_arg)
 	char	   *default_group;
 	int			retry_ms = 1000;
 
-	memcpy(source_name, MyBgworkerEntry->bgw_extra, sizeof(source_name));
+	strlcpy(source_name, spool_worker_args()->name, sizeof(source_name));
 	source_name[SPOOL_SOURCE_NAME_MAX] = '\0';
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
-	spool_worker_pin_settings();
+	spool_worker_attach(InvalidOid, NULL);
 	pgstat_report_appname(psprintf("spool ingest %s", source_name));
 
 	if (!load_source(&topics, &off_topic, &off_part, &off_next))

@@ -38,6 +38,10 @@ extern SpoolIngestShared *spool_ingest_shared;
 extern Size spool_ingest_shmem_size(void);
 extern void spool_ingest_shmem_init(void);
 
+/* launch.c */
+extern const SpoolWorkerKind spool_promoter_kind;
+extern const SpoolWorkerKind spool_source_kind;
+
 /* promoter.c */
 extern void spool_wake_promoter(void);
 

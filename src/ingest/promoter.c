@@ -388,11 +388,7 @@ spool_promoter_main(Datum main_arg)
 {
 	TimestampTz next_retention = 0;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
-	spool_worker_pin_settings();
+	spool_worker_attach(InvalidOid, NULL);
 	/* Hash joins and aggregates over a whole backlog stay in memory. */
 	SetConfigOption("work_mem", "262144", PGC_USERSET, PGC_S_SESSION);
 	/* Staging is read in physical order: no scan may start mid-table. */

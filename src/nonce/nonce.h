@@ -89,6 +89,9 @@ extern int	spool_route_signer(const char *signer, int nworkers);
 extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);
 
+/* launch.c */
+extern const SpoolWorkerKind spool_nonce_worker_kind;
+
 /* worker.c */
 extern bool spool_owner_is_stale_worker(const char *holder);
 

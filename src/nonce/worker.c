@@ -137,14 +137,10 @@ spool_nonce_worker_main(Datum main_arg)
 	BatchItem  *items;
 	HASHCTL		ctl;
 
-	my_slot = (int) (DatumGetInt64(main_arg) & 0xFFFFFFFF);
-	memcpy(&my_generation, MyBgworkerEntry->bgw_extra, sizeof(uint32));
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnection(spool_database, NULL, 0);
-	spool_worker_pin_settings();
+	spool_worker_attach(InvalidOid, NULL);
+	my_slot = spool_worker_args()->slot;
+	my_generation = spool_worker_args()->generation;
 
 	snprintf(my_owner, sizeof(my_owner), "nonce-worker:%d:%d", my_slot, (int) MyProcPid);
 	slot = &spool_nonce_shared->workers[my_slot];

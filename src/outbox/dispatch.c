@@ -1087,21 +1087,17 @@ wait_for_work(TimestampTz now)
 void
 spool_dispatch_main(Datum main_arg)
 {
-	int64		arg = DatumGetInt64(main_arg);
-	int			slot = (int) (arg & 0xFFFF);
+	int			slot;
 	MemoryContext loop_cxt;
 	bool		isnull;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, dispatch_sigterm);
 	stop_watch_id = RegisterTimeout(USER_TIMEOUT, stop_watch_handler);
-	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnectionByOid(spool_core_shared->database_oid, InvalidOid, 0);
-	spool_worker_pin_settings();
+	spool_worker_attach(spool_core_shared->database_oid, dispatch_sigterm);
+	slot = spool_worker_args()->slot;
 
 	ds = &spool_outbox_shared->dispatchers[slot];
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
-	if (!ds->in_use || strcmp(ds->target, MyBgworkerEntry->bgw_extra) != 0)
+	if (!ds->in_use || strcmp(ds->target, spool_worker_args()->name) != 0)
 	{
 		LWLockRelease(spool_outbox_shared->lock);
 		proc_exit(0);

@@ -1,27 +1,23 @@
 /*-------------------------------------------------------------------------
  *
- * outbox_launch.c
- *	  The launcher's side of the outbox: one shared-memory slot and one
- *	  background worker per target shard.  A terminated shard worker is back
- *	  at once; one that exited on an error is restarted with a backoff; the
- *	  workers of a dropped target are stopped.  Also spool.outbox_runtime(),
+ * launch.c
+ *	  Outbox dispatchers as a kind the launcher supervises: one
+ *	  shared-memory slot and one background worker per target shard.  A
+ *	  terminated shard worker is back at once; one that exited on an error
+ *	  is restarted with a backoff; the workers of a dropped target are
+ *	  stopped.  Also spool.outbox_runtime(),
  *	  which reads the slots for spool.outbox_status.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
 #include "catalog/pg_type.h"
-#include "commands/extension.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
-#include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/memutils.h"
-#include "utils/snapmgr.h"
 
 #include "outbox/outbox.h"
 
@@ -30,25 +26,28 @@ pg_atomic_uint64 *spool_outbox_lowest = NULL;
 
 PG_FUNCTION_INFO_V1(spool_outbox_runtime);
 
-typedef struct ShardTrack
-{
-	int			slot;			/* in spool_outbox_shared->dispatchers */
-	int			target_id;
-	int			shard;
-	char		target[NAMEDATALEN];
-	bool		wanted;
-	uint32		options_hash;	/* of the options in spool.targets */
-	WorkerTrack w;
-} ShardTrack;
-
-static ShardTrack shards[SPOOL_MAX_DISPATCHERS];
-static int	nshards = 0;
-
-static void refresh_wanted(void);
-static int	claim_slot(int target_id, int shard, int n, const char *name);
+static void list_shards(SpoolSupervisor *s);
+static int	claim_slot(const SpoolUnit *u);
 static void release_slot(int slot);
+static char *shard_label(const SpoolUnit *u, int i);
+static bool shard_failed(const SpoolUnit *u, int i);
+static SpoolVerdict check_shard(const SpoolUnit *u, int i, TimestampTz now);
 
-/* The slot of a target's shard, or NULL (caller may hold outbox_lock). */
+const SpoolWorkerKind spool_dispatcher_kind = {
+	.type = "spool dispatch",
+	.function = "spool_dispatch_main",
+	.what = "dispatcher shards",
+	.max_units = SPOOL_MAX_DISPATCHERS,
+	.reads_catalog = true,
+	.list = list_shards,
+	.claim = claim_slot,
+	.release = release_slot,
+	.label = shard_label,
+	.failed = shard_failed,
+	.check = check_shard,
+};
+
+/* The slot of a target's shard, or NULL (caller may hold the outbox lock). */
 SpoolDispatchSlot *
 spool_dispatch_slot_of(int target_id, int shard)
 {
@@ -64,64 +63,35 @@ spool_dispatch_slot_of(int target_id, int shard)
 	return NULL;
 }
 
+/*
+ * One unit per shard of every target: (name, target id, shard), at the
+ * version of the target's options.
+ */
 static void
-refresh_wanted(void)
+list_shards(SpoolSupervisor *s)
 {
 	uint64		n;
-	int			i;
 
-	for (i = 0; i < nshards; i++)
-		shards[i].wanted = false;
-	spool_begin_txn("reading spool.targets");
-	if (OidIsValid(get_extension_oid("spool_ext", true)))
+	if (SPI_execute("SELECT t.id, s, t.name, t.options::text"
+					" FROM spool.targets t,"
+					" generate_series(0, (t.options->>'shards')::int - 1) s ORDER BY t.id, s",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.targets");
+	for (n = 0; n < SPI_processed; n++)
 	{
-		if (SPI_execute("SELECT t.id, s, t.name, (t.options->>'shards')::int, t.options::text"
-						" FROM spool.targets t,"
-						" generate_series(0, (t.options->>'shards')::int - 1) s ORDER BY t.id, s",
-						true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not read spool.targets");
-		for (n = 0; n < SPI_processed; n++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[n];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			bool		isnull;
-			int			id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
-			int			shard = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
-			char	   *name = SPI_getvalue(tup, desc, 3);
-			int			count = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
-			uint32		hash = spool_outbox_options_hash(SPI_getvalue(tup, desc, 5));
+		HeapTuple	tup = SPI_tuptable->vals[n];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
 
-			for (i = 0; i < nshards; i++)
-				if (shards[i].target_id == id && shards[i].shard == shard)
-					break;
-			if (i == nshards)
-			{
-				int			slot;
-
-				if (nshards == SPOOL_MAX_DISPATCHERS ||
-					(slot = claim_slot(id, shard, count, name)) < 0)
-				{
-					ereport(WARNING,
-							(errmsg("more than %d dispatcher shards; target \"%s\" shard %d is not started",
-									SPOOL_MAX_DISPATCHERS, name, shard)));
-					continue;
-				}
-				memset(&shards[i], 0, sizeof(ShardTrack));
-				shards[i].slot = slot;
-				shards[i].target_id = id;
-				shards[i].shard = shard;
-				strlcpy(shards[i].target, name, NAMEDATALEN);
-				nshards++;
-			}
-			shards[i].wanted = true;
-			shards[i].options_hash = hash;
-		}
+		spool_want(s, SPI_getvalue(tup, desc, 3),
+				   DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull)),
+				   DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)), 1,
+				   spool_outbox_options_hash(SPI_getvalue(tup, desc, 4)));
 	}
-	spool_end_txn();
 }
 
 static int
-claim_slot(int target_id, int shard, int n, const char *name)
+claim_slot(const SpoolUnit *u)
 {
 	int			i;
 	int			found = -1;
@@ -136,10 +106,9 @@ claim_slot(int target_id, int shard, int n, const char *name)
 		/* Keep the atomics initialised; reset everything else. */
 		memset(&ds->position, 0, sizeof(SpoolDispatchSlot) - offsetof(SpoolDispatchSlot, position));
 		ds->in_use = true;
-		ds->target_id = target_id;
-		ds->shard = shard;
-		ds->nshards = n;
-		strlcpy(ds->target, name, NAMEDATALEN);
+		ds->target_id = (int) u->id;
+		ds->shard = u->index;
+		strlcpy(ds->target, u->name, NAMEDATALEN);
 		ds->pid = 0;
 		ds->latch = NULL;
 		pg_atomic_write_u64(&ds->committed, 0);
@@ -158,81 +127,38 @@ release_slot(int slot)
 	LWLockRelease(spool_outbox_shared->lock);
 }
 
-/* Keep one worker per shard of every target running. */
-void
-spool_supervise_dispatchers(TimestampTz now, bool refresh)
+static char *
+shard_label(const SpoolUnit *u, int i)
 {
-	int			i;
-
-	if (refresh)
-		refresh_wanted();
-	for (i = 0; i < nshards; i++)
-	{
-		ShardTrack *s = &shards[i];
-		WorkerTrack *t = &s->w;
-		char	   *what = psprintf("spool dispatch %s/%d", s->target, s->shard);
-		bool		error_exit;
-		uint32		loaded_hash;
-
-		LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
-		error_exit = spool_outbox_shared->dispatchers[s->slot].exit_error;
-		loaded_hash = spool_outbox_shared->dispatchers[s->slot].pid != 0 ?
-			spool_outbox_shared->dispatchers[s->slot].options_hash : 0;
-		LWLockRelease(spool_outbox_shared->lock);
-		/* alter_target: the worker delivers what it holds and is back with the new options. */
-		if (t->handle != NULL && s->wanted && loaded_hash != 0 && loaded_hash != s->options_hash)
-			TerminateBackgroundWorker(t->handle);
-		if (t->handle != NULL && !error_exit)
-		{
-			pid_t		pid;
-
-			/* Terminated, not failed: back at once. */
-			if (GetBackgroundWorkerPid(t->handle, &pid) == BGWH_STOPPED)
-			{
-				pfree(t->handle);
-				t->handle = NULL;
-				t->backoff_ms = 0;
-				t->next_start = now;
-			}
-		}
-		(void) spool_track_exited(t, now, what);
-		if (!s->wanted)
-		{
-			if (t->handle != NULL)
-				TerminateBackgroundWorker(t->handle);
-			else
-			{
-				release_slot(s->slot);
-				shards[i] = shards[--nshards];
-				i--;
-			}
-			continue;
-		}
-		if (t->handle == NULL && now >= t->next_start)
-		{
-			BackgroundWorker bgw;
-
-			spool_fill_worker(&bgw, "spool_dispatch_main", what);
-			bgw.bgw_main_arg = Int64GetDatum(DatumGetInt64(bgw.bgw_main_arg) | s->slot);
-			strlcpy(bgw.bgw_extra, s->target, BGW_EXTRALEN);
-			(void) spool_track_start(t, &bgw, now);
-		}
-	}
+	return psprintf("%s/%d", u->name, u->index);
 }
 
-/* The extension is gone: stop every shard worker. */
-void
-spool_stop_dispatchers(void)
+/* A shard worker that exited on an error backs off; a terminated one is back at once. */
+static bool
+shard_failed(const SpoolUnit *u, int i)
 {
-	int			i;
+	bool		failed;
 
-	for (i = 0; i < nshards; i++)
-	{
-		if (shards[i].w.handle)
-			TerminateBackgroundWorker(shards[i].w.handle);
-		release_slot(shards[i].slot);
-	}
-	nshards = 0;
+	LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
+	failed = spool_outbox_shared->dispatchers[u->slot].exit_error;
+	LWLockRelease(spool_outbox_shared->lock);
+	return failed;
+}
+
+/*
+ * alter_target: a worker running with older options delivers what it holds,
+ * exits, and is back with the new options.
+ */
+static SpoolVerdict
+check_shard(const SpoolUnit *u, int i, TimestampTz now)
+{
+	SpoolDispatchSlot *ds = &spool_outbox_shared->dispatchers[u->slot];
+	uint32		loaded;
+
+	LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
+	loaded = ds->pid != 0 ? ds->options_hash : 0;
+	LWLockRelease(spool_outbox_shared->lock);
+	return (loaded != 0 && loaded != u->version) ? SPOOL_RESTART : SPOOL_KEEP;
 }
 
 /* The value below which a fraction q of a histogram's samples lie. */

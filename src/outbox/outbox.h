@@ -84,7 +84,6 @@ typedef struct SpoolDispatchSlot
 	bool		in_use;
 	int			target_id;
 	int			shard;
-	int			nshards;
 	char		target[NAMEDATALEN];
 	pid_t		pid;
 	Latch	   *latch;
@@ -153,8 +152,7 @@ extern int	spool_outbox_slot_of(int64 id);
 extern void spool_outbox_targets_changed(void);
 
 /* launch.c */
-extern void spool_supervise_dispatchers(TimestampTz now, bool refresh);
-extern void spool_stop_dispatchers(void);
+extern const SpoolWorkerKind spool_dispatcher_kind;
 extern SpoolDispatchSlot *spool_dispatch_slot_of(int target_id, int shard);
 
 /* deliver.c: one batch of rows for one target. */

@@ -1,96 +1,68 @@
 /*-------------------------------------------------------------------------
  *
- * processor_launch.c
- *	  The launcher's side of processors: one shared-memory slot per enabled
- *	  processor and one background worker per replica.  A replica that was
- *	  terminated is restarted at once; one that exited on an error (a handler
- *	  error, say) is restarted with a backoff doubling from 1 s to 30 s.  A
- *	  replica whose processor was stopped or dropped is terminated.
+ * launch.c
+ *	  Processors as a kind the launcher supervises: one shared-memory slot
+ *	  per enabled processor and one background worker per replica.  A
+ *	  replica that was terminated is restarted at once; one that exited on
+ *	  an error (a handler error, say) is restarted with a backoff doubling
+ *	  from 1 s to 30 s.  A replica whose processor was stopped or dropped is
+ *	  terminated.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
-#include "commands/extension.h"
 #include "executor/spi.h"
-#include "miscadmin.h"
-#include "pgstat.h"
-#include "utils/memutils.h"
-#include "utils/snapmgr.h"
 
 #include "processor/processor.h"
 
 SpoolProcessorShared *spool_processor_shared = NULL;
 
-typedef struct ProcTrack
-{
-	char		name[NAMEDATALEN];
-	int			slot;
-	int			replicas;
-	bool		wanted;
-	WorkerTrack r[SPOOL_MAX_REPLICAS];
-} ProcTrack;
-
-static ProcTrack procs[SPOOL_MAX_PROCESSORS];
-static int	nprocs = 0;
-
-static void refresh_wanted(void);
-static int	claim_slot(const char *name);
+static void list_processors(SpoolSupervisor *s);
+static int	claim_slot(const SpoolUnit *u);
 static void release_slot(int slot);
-static void start_replica(ProcTrack *p, int r, TimestampTz now);
+static char *replica_label(const SpoolUnit *u, int i);
+static bool replica_failed(const SpoolUnit *u, int i);
 
-/* Re-read the enabled processors; new ones get a track and a slot. */
+StaticAssertDecl(SPOOL_MAX_REPLICAS <= SPOOL_UNIT_MAX_WORKERS,
+				 "the supervisor must keep every replica of a processor");
+
+const SpoolWorkerKind spool_processor_kind = {
+	.type = "spool processor",
+	.function = "spool_processor_main",
+	.what = "enabled processors",
+	.max_units = SPOOL_MAX_PROCESSORS,
+	.reads_catalog = true,
+	.list = list_processors,
+	.claim = claim_slot,
+	.release = release_slot,
+	.label = replica_label,
+	.failed = replica_failed,
+};
+
+/* Every enabled processor, with its number of replicas. */
 static void
-refresh_wanted(void)
+list_processors(SpoolSupervisor *s)
 {
 	uint64		n;
-	int			i;
 
-	for (i = 0; i < nprocs; i++)
-		procs[i].wanted = false;
-	spool_begin_txn("reading spool.processors");
-	if (OidIsValid(get_extension_oid("spool_ext", true)))
+	if (SPI_execute("SELECT name, (options->>'replicas')::int FROM spool.processors"
+					" WHERE enabled ORDER BY name", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.processors");
+	for (n = 0; n < SPI_processed; n++)
 	{
-		if (SPI_execute("SELECT name, (options->>'replicas')::int FROM spool.processors"
-						" WHERE enabled ORDER BY name", true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not read spool.processors");
-		for (n = 0; n < SPI_processed; n++)
-		{
-			char	   *name = SPI_getvalue(SPI_tuptable->vals[n], SPI_tuptable->tupdesc, 1);
-			bool		isnull;
-			int			replicas = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[n],
-															   SPI_tuptable->tupdesc, 2, &isnull));
+		bool		isnull;
+		int			replicas = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[n],
+														   SPI_tuptable->tupdesc, 2, &isnull));
 
-			for (i = 0; i < nprocs; i++)
-				if (strcmp(procs[i].name, name) == 0)
-					break;
-			if (i == nprocs)
-			{
-				int			slot;
-
-				if (nprocs == SPOOL_MAX_PROCESSORS || (slot = claim_slot(name)) < 0)
-				{
-					ereport(WARNING,
-							(errmsg("more than %d enabled processors; \"%s\" is not started",
-									SPOOL_MAX_PROCESSORS, name)));
-					continue;
-				}
-				memset(&procs[i], 0, sizeof(ProcTrack));
-				strlcpy(procs[i].name, name, NAMEDATALEN);
-				procs[i].slot = slot;
-				nprocs++;
-			}
-			procs[i].replicas = Min(Max(replicas, 1), SPOOL_MAX_REPLICAS);
-			procs[i].wanted = true;
-		}
+		spool_want(s, SPI_getvalue(SPI_tuptable->vals[n], SPI_tuptable->tupdesc, 1),
+				   0, 0, Min(Max(replicas, 1), SPOOL_MAX_REPLICAS), 0);
 	}
-	spool_end_txn();
 }
 
-/* A free shared-memory slot for processor name, reset; -1 if none. */
+/* A free shared-memory slot for the processor, reset; -1 if none. */
 static int
-claim_slot(const char *name)
+claim_slot(const SpoolUnit *u)
 {
 	int			i;
 	int			found = -1;
@@ -104,7 +76,7 @@ claim_slot(const char *name)
 		if (ps->in_use)
 			continue;
 		ps->in_use = true;
-		strlcpy(ps->name, name, NAMEDATALEN);
+		strlcpy(ps->name, u->name, NAMEDATALEN);
 		ps->active_pid = 0;
 		ps->active_gone_at = 0;
 		ps->lease_expires_at = 0;
@@ -131,96 +103,25 @@ release_slot(int slot)
 	LWLockRelease(spool_processor_shared->lock);
 }
 
-static void
-start_replica(ProcTrack *p, int r, TimestampTz now)
+static char *
+replica_label(const SpoolUnit *u, int i)
 {
-	BackgroundWorker bgw;
-
-	spool_fill_worker(&bgw, "spool_processor_main",
-					  psprintf("spool processor %s/%d", p->name, r + 1));
-	bgw.bgw_main_arg = Int64GetDatum(DatumGetInt64(bgw.bgw_main_arg) | (p->slot << 4) | r);
-	strlcpy(bgw.bgw_extra, p->name, BGW_EXTRALEN);
-	(void) spool_track_start(&p->r[r], &bgw, now);
+	return psprintf("%s/%d", u->name, i + 1);
 }
 
 /*
- * Keep every replica of every enabled processor running.  With refresh,
- * re-read which processors are enabled first.
+ * A replica that exited on an error (a handler error, say) is restarted with
+ * a backoff; one that was terminated is back at once.
  */
-void
-spool_supervise_processors(TimestampTz now, bool refresh)
+static bool
+replica_failed(const SpoolUnit *u, int i)
 {
-	int			i;
-	int			r;
+	bool		failed;
 
-	if (refresh)
-		refresh_wanted();
-	for (i = 0; i < nprocs; i++)
-	{
-		ProcTrack  *p = &procs[i];
-		bool		running = false;
-
-		for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
-		{
-			WorkerTrack *t = &p->r[r];
-			char	   *what = psprintf("spool processor %s/%d", p->name, r + 1);
-			bool		error_exit;
-
-			LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
-			error_exit = spool_processor_shared->processors[p->slot].replicas[r].exit_error;
-			LWLockRelease(spool_processor_shared->lock);
-			if (t->handle != NULL && !error_exit)
-			{
-				pid_t		pid;
-				BgwHandleStatus st = GetBackgroundWorkerPid(t->handle, &pid);
-
-				/* Terminated, not failed: back at once, no crash-loop backoff. */
-				if (st == BGWH_STOPPED)
-				{
-					pfree(t->handle);
-					t->handle = NULL;
-					t->backoff_ms = 0;
-					t->next_start = now;
-				}
-			}
-			(void) spool_track_exited(t, now, what);
-			if (!p->wanted || r >= p->replicas)
-			{
-				if (t->handle != NULL)
-				{
-					TerminateBackgroundWorker(t->handle);
-					running = true;
-				}
-				continue;
-			}
-			running = true;
-			if (t->handle == NULL && now >= t->next_start)
-				start_replica(p, r, now);
-		}
-		if (!p->wanted && !running)
-		{
-			release_slot(p->slot);
-			procs[i] = procs[--nprocs];
-			i--;
-		}
-	}
-}
-
-/* The extension is gone: stop every replica and forget the processors. */
-void
-spool_stop_processors(void)
-{
-	int			i;
-	int			r;
-
-	for (i = 0; i < nprocs; i++)
-	{
-		for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
-			if (procs[i].r[r].handle)
-				TerminateBackgroundWorker(procs[i].r[r].handle);
-		release_slot(procs[i].slot);
-	}
-	nprocs = 0;
+	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
+	failed = spool_processor_shared->processors[u->slot].replicas[i].exit_error;
+	LWLockRelease(spool_processor_shared->lock);
+	return failed;
 }
 
 /* Shared memory: one slot per processor. */

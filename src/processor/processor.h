@@ -114,7 +114,6 @@ extern int	spool_current_replica_no;
 extern Jsonb *spool_current_handler_settings(void);
 
 /* Launcher side (launch.c) */
-extern void spool_supervise_processors(TimestampTz now, bool refresh);
-extern void spool_stop_processors(void);
+extern const SpoolWorkerKind spool_processor_kind;
 
 #endif							/* SPOOL_PROCESSOR_H */

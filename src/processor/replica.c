@@ -191,18 +191,13 @@ replica_detach(int code, Datum arg)
 void
 spool_processor_main(Datum main_arg)
 {
-	int64		arg = DatumGetInt64(main_arg);
 	MemoryContext loop_cxt;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnectionByOid(spool_core_shared->database_oid, InvalidOid, 0);
-	spool_worker_pin_settings();
+	spool_worker_attach(spool_core_shared->database_oid, NULL);
 
-	my_slot = (int) ((arg & 0xFFFF) >> 4);
-	my_replica = (int) (arg & 0xF);
-	strlcpy(proc_name, MyBgworkerEntry->bgw_extra, NAMEDATALEN);
+	my_slot = spool_worker_args()->slot;
+	my_replica = spool_worker_args()->index;
+	strlcpy(proc_name, spool_worker_args()->name, NAMEDATALEN);
 	ps = &spool_processor_shared->processors[my_slot];
 	rs = &ps->replicas[my_replica];
 	spool_current_replica_no = my_replica + 1;

@@ -65,11 +65,11 @@ sub check_cursors
 # ---------------------------------------------------------------------------
 sql(qq{SELECT spool.create_source('eo', '$bootstrap', ARRAY['eo_json'],
 	'{"batch_size": 500, "batch_ms": 20}')});
-is(sql(q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'spool ingest eo'}),
+is(sql(q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'spool ingest eo'}),
 	'0', 'a created source has no ingest worker (created disabled)');
 sql("SELECT spool.start_source('eo')");
 poll_ok($node,
-	q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'spool ingest eo'},
+	q{SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'spool ingest eo'},
 	'the ingest worker of eo to start');
 poll_ok($node,
 	q{SELECT count(*) = 4 FROM spool.source_status WHERE source = 'eo' AND state = 'running'},
@@ -131,7 +131,7 @@ is( sql(q{SELECT string_agg(kafka_partition || ':' || next_offset || '/' || high
 	join(' ', map { "$_:" . ($M / 4) . '/' . ($M / 4) . '/0' } 0 .. 3),
 	'source_status per partition: next_offset/high_watermark/lag');
 is( sql(q{SELECT count(*) FROM spool.source_status WHERE source = 'eo'
-	AND pid = (SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest eo')}),
+	AND pid = (SELECT pid FROM pg_stat_activity WHERE application_name = 'spool ingest eo')}),
 	'4', 'source_status shows the pid of the running ingest worker');
 
 # ---------------------------------------------------------------------------

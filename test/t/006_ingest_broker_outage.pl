@@ -119,7 +119,7 @@ sub outage
 	is( sql("SELECT count(*) FROM spool.source_status WHERE source = '$source'"
 		  . " AND state = 'running' AND last_error IS NULL"),
 		$nparts, "$source: running, no error before the outage");
-	my $worker_pid = sql(qq{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'});
+	my $worker_pid = sql(qq{SELECT pid FROM pg_stat_activity WHERE application_name = 'spool ingest $source'});
 	like($worker_pid, qr/^\d+$/, "$source: one ingest worker ($worker_pid)");
 
 	my %extra;
@@ -214,7 +214,7 @@ sub outage
 	is($state, 'error', "$source: state is 'error' during the outage");
 	like($err, qr/127\.0\.0\.1:$port|broker|Disconnected|Connection refused|down/i,
 		"$source: last_error mentions the broker");
-	is(sql(qq{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'}),
+	is(sql(qq{SELECT pid FROM pg_stat_activity WHERE application_name = 'spool ingest $source'}),
 		$worker_pid, "$source: the ingest worker ($worker_pid) is still alive during the outage");
 
 	is($kafka->cmd("up $victim"), 'OK', "broker $victim up again");
@@ -246,7 +246,7 @@ sub outage
 
 	sql("SELECT spool.stop_source('$source')");
 	poll_ok($node,
-		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'",
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'spool ingest $source'",
 		"$source: the ingest worker to stop");
 	$kafka->stop;
 }

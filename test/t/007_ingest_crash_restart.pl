@@ -128,9 +128,9 @@ sub wait_worker
 	my $not = defined $old ? "AND a.pid <> $old" : '';
 	poll_ok($node,
 		qq{SELECT count(*) = 1 FROM pg_stat_activity a
-		    WHERE a.backend_type = 'spool ingest cr' $not},
+		    WHERE a.application_name = 'spool ingest cr' $not},
 		$what);
-	return sql(q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest cr'});
+	return sql(q{SELECT pid FROM pg_stat_activity WHERE application_name = 'spool ingest cr'});
 }
 
 # Produce a chunk mid-stream: a session holds the row lock of
@@ -206,7 +206,7 @@ check_exact('warm-up');
 	my $holder = produce_mid_stream(6000, 'stop');
 	sql(q{SELECT spool.stop_source('cr')});
 	poll_ok($node,
-		q{SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'spool ingest cr'},
+		q{SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'spool ingest cr'},
 		'the ingest worker to leave pg_stat_activity after stop_source');
 	# Let the promoter go on: it moves what the worker staged.
 	$holder->quit;
@@ -229,7 +229,7 @@ check_exact('warm-up');
 	my $high = 0;
 	$high += ($kafka->wmarks('cr', $_))[1] for 0 .. $nparts - 1;
 	is($high, $next_seq, "the cluster holds all $next_seq messages");
-	is(sql(q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'spool ingest cr'}),
+	is(sql(q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'spool ingest cr'}),
 		'0', 'no ingest worker while stopped');
 	is(entries(), $at_stop, 'nothing was ingested while stopped');
 	is( sql(q{SELECT string_agg(kafka_partition || ':' || next_offset, ' '

@@ -65,7 +65,7 @@ sub poll_source
 sub ingest_pid
 {
 	my ($source) = @_;
-	return sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'");
+	return sql("SELECT pid FROM pg_stat_activity WHERE application_name = 'spool ingest $source'");
 }
 
 ############################################################################
@@ -246,7 +246,7 @@ sub make_hole
 	my ($source, $topic) = @_;
 	sql("SELECT spool.stop_source('$source')");
 	poll_ok($node,
-		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'spool ingest $source'",
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'spool ingest $source'",
 		"$source: the ingest worker to exit after stop_source");
 	is(sql("SELECT next_offset FROM spool.offsets WHERE source = '$source'"),
 		100, "$source: next_offset is 100 while stopped");
@@ -301,7 +301,7 @@ poll_ok($node, q{SELECT NOT enabled FROM spool.sources WHERE name = 'gs'},
 like(sql(q{SELECT stopped_reason FROM spool.sources WHERE name = 'gs'}),
 	qr/^gap/, 'gs: stopped_reason starts with "gap"');
 poll_ok($node,
-	q{SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'spool ingest gs'},
+	q{SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'spool ingest gs'},
 	'gs: the ingest worker to exit');
 is(sql(q{SELECT next_offset FROM spool.offsets WHERE source = 'gs'}),
 	'100', 'gs: next_offset did not move');
@@ -344,7 +344,7 @@ my ($low_c, $high_c) = make_hole('gc', 'gap_c');
 $log_offset = -s $node->logfile;
 sql(q{SELECT spool.start_source('gc')});
 poll_ok($node,
-	q{SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'spool ingest gc'},
+	q{SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'spool ingest gc'},
 	'gc: the ingest worker to start');
 my $pid_c = ingest_pid('gc');
 my $continued = poll_source(60, qq{SELECT next_offset = $high_c FROM spool.offsets WHERE source = 'gc'},

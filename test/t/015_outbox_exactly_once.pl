@@ -127,8 +127,8 @@ sub terminate_one
 	my $row = q_ok($driver,
 		"SELECT pid, backend_type, backend_xid IS NOT NULL, pg_terminate_backend(pid)"
 		  . " FROM pg_stat_activity WHERE pid = (SELECT pid FROM pg_stat_activity"
-		  . " WHERE backend_type LIKE 'spool dispatch st/%'"
-		  . " OR backend_type LIKE 'spool dispatch nt/%' ORDER BY random() LIMIT 1)");
+		  . " WHERE application_name LIKE 'spool dispatch st/%'"
+		  . " OR application_name LIKE 'spool dispatch nt/%' ORDER BY random() LIMIT 1)");
 	return unless $row ne '';
 	my ($pid, $type, $inx, $ok) = split /\|/, $row;
 	return unless $ok eq 't';
@@ -211,8 +211,8 @@ wait_dispatchers($node, 'nt', 2);
 # ---------------------------------------------------------------------------
 sql("ALTER SYSTEM SET spool.test_worker_pause = $pause_ms; SELECT pg_reload_conf();");
 my $paused_q =
-    "SELECT pid, split_part(split_part(backend_type, ' ', 3), '/', 1) FROM pg_stat_activity"
-  . " WHERE (backend_type LIKE 'spool dispatch st/%' OR backend_type LIKE 'spool dispatch nt/%')"
+    "SELECT pid, split_part(split_part(application_name, ' ', 3), '/', 1) FROM pg_stat_activity"
+  . " WHERE (application_name LIKE 'spool dispatch st/%' OR application_name LIKE 'spool dispatch nt/%')"
   . " AND backend_xid IS NOT NULL AND wait_event_type = 'Extension'";
 my %paused;
 {
@@ -241,7 +241,7 @@ my %paused;
 ok($paused{st} && $paused{nt},
 	'(b) a dispatcher of st and one of nt wait inside their delivering transactions')
   or diag(sql("SELECT pid, backend_type, state, wait_event_type, wait_event, backend_xid, query"
-		  . " FROM pg_stat_activity WHERE backend_type LIKE 'spool dispatch %'"));
+		  . " FROM pg_stat_activity WHERE application_name LIKE 'spool dispatch %'"));
 # A writer transaction open at the crash: its rows never commit.
 {
 	my $w = $writers[1];

@@ -175,7 +175,7 @@ poll_within($node, 30,
 	  . " WHERE o.id < $bid AND o.shard <> $slow_shard",
 	'(b) the rows before the barrier on the other shards to be delivered');
 poll_within($node, 30,
-	"SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'spool dispatch bt/$slow_shard'"
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = 'spool dispatch bt/$slow_shard'"
 	  . " AND wait_event = 'advisory'",
 	"(b) the dispatcher of shard $slow_shard to wait for the lock on 'slow'");
 # Hold the lock a while longer (at least 300 ms after the commit); the

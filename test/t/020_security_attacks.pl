@@ -463,9 +463,9 @@ SELECT spool.enqueue('hang_t', 'k', '{}');
 });
 poll_ok($node,
 	q{SELECT count(*) = 1 FROM pg_stat_activity
-	   WHERE backend_type = 'spool dispatch hang_t/0' AND wait_event = 'PgSleep'},
+	   WHERE application_name = 'spool dispatch hang_t/0' AND wait_event = 'PgSleep'},
 	'(8) the dispatcher is inside the function that does not return');
-my $hpid = sql(q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool dispatch hang_t/0'});
+my $hpid = sql(q{SELECT pid FROM pg_stat_activity WHERE application_name = 'spool dispatch hang_t/0'});
 my $t0 = time;
 sql(qq{SELECT pg_terminate_backend($hpid)});
 poll_within($node, 20, qq{SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $hpid},
@@ -479,9 +479,9 @@ $kafka->cmd('down -1');
 sql(q{SELECT spool.enqueue('kout', 'during-outage', '{"n": 2}')});
 poll_ok($node,
 	q{SELECT count(*) = 1 FROM pg_stat_activity
-	   WHERE backend_type = 'spool dispatch kout/0' AND query = 'delivering to kafka'},
+	   WHERE application_name = 'spool dispatch kout/0' AND query = 'delivering to kafka'},
 	'(8) the kafka dispatcher is inside a flush to brokers that are down');
-my $kpid = sql(q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool dispatch kout/0'});
+my $kpid = sql(q{SELECT pid FROM pg_stat_activity WHERE application_name = 'spool dispatch kout/0'});
 sql(qq{SELECT pg_terminate_backend($kpid)});
 poll_within($node, 20, qq{SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $kpid},
 	'(8) the dispatcher inside a Kafka flush exits after SIGTERM');
