@@ -60,6 +60,8 @@ _PG_init(void)
 				 errhint("Add spool_ext to shared_preload_libraries in postgresql.conf and restart the server.")));
 
 	spool_define_gucs();
+	/* The nonce allocator's signer rows are guarded by the signers' leases. */
+	spool_lease_register_guard(&spool_signer_guard);
 
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = spool_shmem_request_hook;

@@ -48,7 +48,7 @@
 /* Longest resource/owner/signer/request id we accept (bytes). */
 #define SPOOL_NAME_MAX		200
 #define SPOOL_ERRMSG_MAX	256
-#define SPOOL_OWNER_MAX		64
+#define SPOOL_OWNER_MAX		96		/* "processor:<name>/<replica>:<pid>" fits */
 /* A signer's lease is 'signer:' || signer, which must fit SPOOL_NAME_MAX. */
 #define SPOOL_SIGNER_NAME_MAX (SPOOL_NAME_MAX - 7)
 /* Longest name of a processor or target (part of worker names). */
@@ -95,6 +95,15 @@ typedef struct SpoolCoreShared
 } SpoolCoreShared;
 
 extern SpoolCoreShared *spool_core_shared;
+
+/* The lease owner name a worker registered (worker.c), per backend. */
+typedef struct SpoolIdentity
+{
+	pid_t		pid;
+	char		owner[SPOOL_OWNER_MAX];
+} SpoolIdentity;
+
+extern SpoolIdentity *spool_identities;	/* [MaxBackends], under the core lock */
 
 extern Size spool_core_shmem_size(void);
 extern void spool_core_shmem_init(void);
@@ -154,6 +163,15 @@ extern void spool_worker_attach(Oid database, pqsigfunc on_sigterm);
 extern void spool_exit_if_orphaned(void);
 extern void spool_worker_pass(MemoryContext cxt, bool orphanable);
 extern void spool_wake_launcher(void);
+
+/*
+ * Workers' lease owner names: one format, "<kind>:<instance>:<pid>", and one
+ * liveness check.  A name is live while its worker runs and the launcher has
+ * not revoked it (a replaced worker's name is revoked at once).
+ */
+extern const char *spool_worker_owner(const char *kind, const char *instance);
+extern void spool_worker_owner_revoke(pid_t pid);
+extern bool spool_owner_is_gone(const char *holder);
 
 /*
  * Supervision (supervise.c): "N workers of kind K wanted".  Each subsystem

@@ -18,11 +18,14 @@
 #include "core/core.h"
 
 SpoolCoreShared *spool_core_shared = NULL;
+SpoolIdentity *spool_identities = NULL;
 
+/* The core's area: what the launcher publishes, then the workers' identities. */
 Size
 spool_core_shmem_size(void)
 {
-	return MAXALIGN(sizeof(SpoolCoreShared));
+	return add_size(MAXALIGN(sizeof(SpoolCoreShared)),
+					mul_size(MaxBackends, sizeof(SpoolIdentity)));
 }
 
 void
@@ -31,6 +34,8 @@ spool_core_shmem_init(void)
 	bool		found;
 
 	spool_core_shared = spool_shmem_area("spool_ext core", spool_core_shmem_size(), &found);
+	spool_identities = (SpoolIdentity *)
+		((char *) spool_core_shared + MAXALIGN(sizeof(SpoolCoreShared)));
 	if (!found)
 	{
 		spool_core_shared->lock = spool_shmem_lock("spool_ext core");

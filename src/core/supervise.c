@@ -225,7 +225,8 @@ worker_stopped(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 	t->next_start = TimestampTzPlusMilliseconds(now, t->backoff_ms);
 	if (t->backoff_ms > 0)
 		ereport(LOG,
-				(errmsg("%s exited; restarting in %d ms",
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("%s exited; restarting in %d ms",
 						worker_name(s, u, i), t->backoff_ms)));
 	if (s->kind->gone)
 		s->kind->gone(u, i, "it exited");

@@ -22,6 +22,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -31,6 +32,8 @@
 PG_FUNCTION_INFO_V1(spool_launcher_wakeup);
 
 static SpoolWorkerArgs worker_args;
+
+static void forget_identity(int code, Datum arg);
 
 /* Wake the launcher: a source, processor or target was created or changed. */
 void
@@ -61,6 +64,13 @@ spool_launcher_wakeup(PG_FUNCTION_ARGS)
 const SpoolWorkerArgs *
 spool_worker_args(void)
 {
+	static bool loaded = false;
+
+	if (!loaded && MyBgworkerEntry != NULL)
+	{
+		memcpy(&worker_args, MyBgworkerEntry->bgw_extra, sizeof(worker_args));
+		loaded = true;
+	}
 	return &worker_args;
 }
 
@@ -73,7 +83,7 @@ spool_worker_args(void)
 void
 spool_worker_attach(Oid database, pqsigfunc on_sigterm)
 {
-	memcpy(&worker_args, MyBgworkerEntry->bgw_extra, sizeof(worker_args));
+	(void) spool_worker_args();
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, on_sigterm ? on_sigterm : die);
 	BackgroundWorkerUnblockSignals();
@@ -119,8 +129,69 @@ spool_exit_if_orphaned(void)
 	if (pg_atomic_read_u32(&spool_core_shared->launcher_generation) !=
 		worker_args.launcher_generation)
 	{
-		ereport(LOG, (errmsg("%s: the launcher that started it is gone; exiting",
+		ereport(LOG, (errcode(ERRCODE_ADMIN_SHUTDOWN),
+					  errmsg("%s: the launcher that started it is gone; exiting",
 							 MyBgworkerEntry->bgw_name)));
 		proc_exit(0);
 	}
+}
+
+/*
+ * This worker's lease owner name, "<kind>:<instance>:<pid>", registered as
+ * live until the worker exits or the launcher revokes it.
+ */
+const char *
+spool_worker_owner(const char *kind, const char *instance)
+{
+	SpoolIdentity *me = &spool_identities[MyProc->pgprocno];
+
+	LWLockAcquire(spool_core_shared->lock, LW_EXCLUSIVE);
+	me->pid = MyProcPid;
+	snprintf(me->owner, SPOOL_OWNER_MAX, "%s:%s:%d", kind, instance, (int) MyProcPid);
+	LWLockRelease(spool_core_shared->lock);
+	before_shmem_exit(forget_identity, (Datum) 0);
+	return pstrdup(me->owner);
+}
+
+static void
+forget_identity(int code, Datum arg)
+{
+	spool_worker_owner_revoke(MyProcPid);
+}
+
+/* The worker with this pid no longer speaks for its owner name. */
+void
+spool_worker_owner_revoke(pid_t pid)
+{
+	int			i;
+
+	LWLockAcquire(spool_core_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < MaxBackends; i++)
+		if (spool_identities[i].pid == pid && pid != 0)
+		{
+			spool_identities[i].pid = 0;
+			spool_identities[i].owner[0] = '\0';
+		}
+	LWLockRelease(spool_core_shared->lock);
+}
+
+/*
+ * Is holder a worker's owner name ("...:<pid>") that no live worker holds?
+ * Its lease may then be taken over at once.  Names of another form (a SQL
+ * client's) are never gone.
+ */
+bool
+spool_owner_is_gone(const char *holder)
+{
+	const char *colon = strrchr(holder, ':');
+	bool		live = false;
+	int			i;
+
+	if (colon == NULL || colon[1] == '\0' || strspn(colon + 1, "0123456789") != strlen(colon + 1))
+		return false;
+	LWLockAcquire(spool_core_shared->lock, LW_SHARED);
+	for (i = 0; i < MaxBackends && !live; i++)
+		live = spool_identities[i].pid != 0 && strcmp(spool_identities[i].owner, holder) == 0;
+	LWLockRelease(spool_core_shared->lock);
+	return !live;
 }

@@ -196,7 +196,8 @@ probe_topics(const char *brokers, SpoolSourceOptions *o, char **topics, int ntop
 				 errdetail("The brokers at \"%s\" answered and do not know it.", brokers)));
 	if (unreachable)
 		ereport(WARNING,
-				(errmsg("could not reach Kafka at \"%s\": %s", brokers, unreachable),
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not reach Kafka at \"%s\": %s", brokers, unreachable),
 				 errdetail("The source was created; spool.source_status will show the error until the brokers answer.")));
 }
 

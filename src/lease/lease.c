@@ -20,10 +20,12 @@
  * client call reaches.  Names starting with 'processor:' or 'spool:' are
  * reserved to the extension.
  *
- * Leases named 'signer:<signer>' belong to the nonce allocator: a new grant
- * also locks the signer's row in spool.nonce_signer and writes the new token
- * there, so nonce operations (which lock that row anyway) are fenced by it
- * without a second row lock (see nonce.c).
+ * Guards: another subsystem may register rows that a lease guards (the
+ * nonce allocator registers spool.nonce_signer for leases 'signer:...').  A
+ * new grant also locks the guarded row and stamps it with the new token, so
+ * operations that lock that row anyway are fenced by it without a second
+ * row lock; they still check their token with spool_fence_check, the one
+ * check every fenced write goes through.
  *
  * A fenced transaction that outlives its lease would block a rival forever;
  * fence() therefore records (resource, token) in shared memory, and an
@@ -58,17 +60,7 @@ PG_FUNCTION_INFO_V1(spool_lease_renew);
 PG_FUNCTION_INFO_V1(spool_lease_release);
 PG_FUNCTION_INFO_V1(spool_fence);
 
-/* A lease row as read by SPI. */
-typedef struct LeaseRow
-{
-	bool		found;
-	char	   *owner;			/* NULL when never granted */
-	int64		token;
-	bool		live;			/* expires_at > clock_timestamp() */
-	TimestampTz expires_at;
-	bool		has_role;		/* false: never granted */
-	Oid			role;			/* SPOOL_LEASE_INTERNAL: spool_ext's own */
-} LeaseRow;
+typedef SpoolLeaseRow LeaseRow;
 
 #define LEASE_COLS "owner, token, expires_at, " \
 	"coalesce(expires_at > clock_timestamp(), false), role"
@@ -83,9 +75,11 @@ static SPIPlanPtr plan_insert = NULL;
 static SPIPlanPtr plan_renew = NULL;
 static SPIPlanPtr plan_grant = NULL;
 static SPIPlanPtr plan_release = NULL;
-static SPIPlanPtr plan_lock_signer = NULL;
-static SPIPlanPtr plan_signer_token = NULL;
 static bool fence_callback_registered = false;
+
+#define MAX_GUARDS 4
+static const SpoolLeaseGuard *guards[MAX_GUARDS];
+static int	nguards = 0;
 
 static LeaseRow lease_fetch(SPIPlanPtr plan, const char *resource);
 static bool lease_lock(const char *resource, LeaseRow *row, Oid role);
@@ -95,6 +89,7 @@ static void fence_xact_callback(XactEvent event, void *arg);
 static int	fence_terminate_holders(const char *resource, int64 token, Oid role);
 static void lease_report_not_held(const char *resource, const char *owner,
 								  int64 token, const char *action, Oid role);
+static const SpoolLeaseGuard *guard_of(const char *resource);
 
 static inline uint32
 resource_hash(const char *resource)
@@ -227,15 +222,11 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 	volatile bool locked = false;
 	Oid			t[1] = {TEXTOID};
 
-	const char *signer = spool_resource_signer(resource);
+	const SpoolLeaseGuard *guard = guard_of(resource);
 
 	spool_plan(&plan_lock,
 			   "SELECT " LEASE_COLS " FROM spool.lease_store WHERE resource = $1 FOR UPDATE",
 			   1, t);
-	if (signer)
-		spool_plan(&plan_lock_signer,
-				   "SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
-				   1, t);
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -243,12 +234,8 @@ lease_try_lock(const char *resource, int timeout_ms, LeaseRow *row)
 	{
 		LockTimeout = timeout_ms;
 		*row = lease_fetch(plan_lock, resource);
-		if (signer)
-		{
-			Datum		arg = CStringGetTextDatum(signer);
-
-			spool_exec(plan_lock_signer, &arg, NULL, false, SPI_OK_SELECT);
-		}
+		if (guard)
+			guard->lock(resource + strlen(guard->prefix));
 		LockTimeout = save_timeout;
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
@@ -368,7 +355,8 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 		if (!lease_lock(resource, &row, role))
 		{
 			ereport(DEBUG1,
-					(errmsg("lease \"%s\" is still fenced by a transaction of its previous holder",
+					(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+					 errmsg("lease \"%s\" is still fenced by a transaction of its previous holder",
 							resource)));
 			result.blocked = true;
 			return result;
@@ -407,26 +395,9 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 												   SPI_tuptable->tupdesc, 1, &isnull));
 		result.expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 															  SPI_tuptable->tupdesc, 2, &isnull));
-		if (spool_resource_signer(resource))
-		{
-			Oid			ts[3] = {TEXTOID, INT8OID, OIDOID};
-			Datum		vs[3];
-			char		ns[3] = {' ', ' ', role == SPOOL_LEASE_INTERNAL ? 'n' : ' '};
-
-			/*
-			 * The signer belongs to the client role that leases it; one served
-			 * by the workers belongs to its first requester (nonce_worker.c).
-			 */
-			spool_plan(&plan_signer_token,
-					   "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
-					   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
-					   " role = coalesce(nonce_signer.role, EXCLUDED.role)",
-					   3, ts);
-			vs[0] = CStringGetTextDatum(spool_resource_signer(resource));
-			vs[1] = Int64GetDatum(result.token);
-			vs[2] = ObjectIdGetDatum(role);
-			spool_exec(plan_signer_token, vs, ns, false, SPI_OK_INSERT);
-		}
+		if (guard_of(resource))
+			guard_of(resource)->granted(resource + strlen(guard_of(resource)->prefix),
+										result.token, role);
 		return result;
 	}
 	elog(ERROR, "could not acquire lease \"%s\": it kept changing", resource);
@@ -470,12 +441,14 @@ lease_report_not_held(const char *resource, const char *owner, int64 token,
 }
 
 /*
- * Check that token is the current token of a live lease on resource that
- * role may use, and lock the row FOR KEY SHARE until the end of the
- * transaction (spool.fence).
+ * The fence: check that token is the current token of the live lease on
+ * resource that role may use, and lock the lease row FOR KEY SHARE until the
+ * end of the transaction, so no newer grant commits before it.  With raise,
+ * a failed check raises the precise error; without, it returns false (the
+ * processors' commit, which then steps down).
  */
-static void
-fence_lease(const char *resource, int64 token, Oid role)
+bool
+spool_fence_lease(const char *resource, int64 token, Oid role, bool raise)
 {
 	Oid			t[1] = {TEXTOID};
 	LeaseRow	row;
@@ -485,27 +458,68 @@ fence_lease(const char *resource, int64 token, Oid role)
 								 " WHERE resource = $1 FOR KEY SHARE",
 								 1, t),
 					  resource);
-	if (!row.found || row.owner == NULL)
+	return spool_fence_check(resource, NULL, &row, NULL, token, role, raise);
+}
+
+/*
+ * The one check of a fencing token.  row is the lease as the caller read it
+ * under a lock that keeps newer grants out until the transaction ends: the
+ * lease row (spool_fence_lease), or a row guard registered for the lease
+ * (the guard then names the messages' subject).  owner, if given, must hold
+ * the lease too.  On success the fence is recorded for this backend
+ * (spool_fence_register) and true is returned; otherwise the precise error
+ * is raised, or false returned when raise is false.
+ */
+bool
+spool_fence_check(const char *resource, const SpoolLeaseGuard *guard,
+				  const SpoolLeaseRow *row, const char *owner, int64 token,
+				  Oid role, bool raise)
+{
+	const char *name = guard ? resource + strlen(guard->prefix) : resource;
+	char	   *subject = guard ? psprintf("%s \"%s\"", guard->noun, name) :
+		psprintf("lease \"%s\"", name);
+	char	   *lease = guard ? psprintf("lease of %s \"%s\"", guard->noun, name) : subject;
+	bool		ok;
+
+	if (!row->found || row->owner == NULL)
+	{
+		if (!raise)
+			return false;
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("lease \"%s\" does not exist", resource),
+				 errmsg("%s does not exist", lease),
 				 errhint("Call spool.lease_acquire first.")));
-	(void) lease_role_allows(resource, &row, role);
-	if (row.token != token)
+	}
+	if (!lease_role_allows(resource, (LeaseRow *) row, role))
+		elog(ERROR, "lease \"%s\" is not spool_ext's", resource);
+	ok = row->token == token && (owner == NULL || same_owner(row->owner, owner)) && row->live;
+	if (ok)
+	{
+		spool_fence_register(resource, token);
+		return true;
+	}
+	if (!raise)
+		return false;
+	if (row->token != token)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
-				 errmsg("fencing token " INT64_FORMAT " for lease \"%s\" is not current",
-						token, resource),
+				 errmsg("fencing token " INT64_FORMAT " for %s is not current",
+						token, subject),
 				 errdetail("The current token is " INT64_FORMAT ", held by \"%s\".",
-						   row.token, row.owner),
+						   row->token, row->owner),
+				 guard ? errhint("Another owner took the %s lease over; this write must not happen.", guard->noun) :
 				 errhint("Another owner took the lease over; this write must not happen.")));
-	if (!row.live)
+	if (owner != NULL && !same_owner(row->owner, owner))
 		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
-				 errmsg("lease \"%s\" with token " INT64_FORMAT " has expired",
-						resource, token),
-				 errhint("Renew the lease before it expires, or acquire it again.")));
-	spool_fence_register(resource, token);
+				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
+				 errmsg("%s is not held by \"%s\"", lease, owner),
+				 errdetail("Token " INT64_FORMAT " belongs to \"%s\".",
+						   token, row->owner)));
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
+			 errmsg("%s with token " INT64_FORMAT " has expired", lease, token),
+			 errhint("Renew the lease before it expires, or acquire it again.")));
+	return false;				/* keep compiler quiet */
 }
 
 /* Record (resource, token) for this backend until the transaction ends. */
@@ -592,12 +606,14 @@ fence_terminate_holders(const char *resource, int64 token, Oid role)
 		if (role != SPOOL_LEASE_INTERNAL && !spool_may_signal(role, pid))
 		{
 			ereport(LOG,
-					(errmsg("backend %d keeps lease \"%s\" fenced with token " INT64_FORMAT
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("backend %d keeps lease \"%s\" fenced with token " INT64_FORMAT
 							"; the acquiring role may not terminate it", (int) pid, resource, token)));
 			continue;
 		}
 		ereport(LOG,
-				(errmsg("terminating backend %d: its transaction fenced with token " INT64_FORMAT
+				(errcode(ERRCODE_ADMIN_SHUTDOWN),
+				 errmsg("terminating backend %d: its transaction fenced with token " INT64_FORMAT
 						" outlived lease \"%s\"", (int) pid, token, resource)));
 		if (kill(pid, SIGTERM) == 0)
 			n++;
@@ -605,18 +621,28 @@ fence_terminate_holders(const char *resource, int64 token, Oid role)
 	return n;
 }
 
-char *
-spool_signer_resource(const char *signer)
+/*
+ * Register a guard for the leases whose names start with its prefix.  Called
+ * from _PG_init, so every backend inherits the registry.
+ */
+void
+spool_lease_register_guard(const SpoolLeaseGuard *guard)
 {
-	return psprintf("signer:%s", signer);
+	if (nguards == MAX_GUARDS)
+		elog(ERROR, "too many lease guards");
+	guards[nguards++] = guard;
 }
 
-/* The signer named by a 'signer:<signer>' resource, or NULL for other leases. */
-const char *
-spool_resource_signer(const char *resource)
+/* The guard of resource, or NULL. */
+static const SpoolLeaseGuard *
+guard_of(const char *resource)
 {
-	if (strncmp(resource, "signer:", 7) == 0 && resource[7] != '\0')
-		return resource + 7;
+	int			i;
+
+	for (i = 0; i < nguards; i++)
+		if (strncmp(resource, guards[i]->prefix, strlen(guards[i]->prefix)) == 0 &&
+			resource[strlen(guards[i]->prefix)] != '\0')
+			return guards[i];
 	return NULL;
 }
 
@@ -747,7 +773,7 @@ spool_fence(PG_FUNCTION_ARGS)
 	check_not_reserved(resource);
 	spool_enter(&caller);
 	SPI_connect();
-	fence_lease(resource, token, caller.role);
+	(void) spool_fence_lease(resource, token, caller.role, true);
 	SPI_finish();
 	spool_leave(&caller);
 	PG_RETURN_VOID();

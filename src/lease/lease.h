@@ -41,8 +41,39 @@ extern void spool_fence_register(const char *resource, int64 token);
 extern bool spool_lease_extend(const char *resource, const char *owner,
 							   int64 token, int64 ttl_us, TimestampTz *expires,
 							   Oid role);
-extern char *spool_signer_resource(const char *signer);
-extern const char *spool_resource_signer(const char *resource);
+
+/* A lease row as a fencing check sees it. */
+typedef struct SpoolLeaseRow
+{
+	bool		found;
+	char	   *owner;			/* NULL when never granted */
+	int64		token;
+	bool		live;			/* expires_at > clock_timestamp() */
+	TimestampTz expires_at;
+	bool		has_role;		/* false: never granted */
+	Oid			role;			/* SPOOL_LEASE_INTERNAL: spool_ext's own */
+} SpoolLeaseRow;
+
+/*
+ * Rows of another subsystem that the leases named prefix || name guard.  A
+ * new grant locks the guarded row (lock, in the grant's transaction, before
+ * the grant) and stamps it with the new token (granted).  Operations that
+ * lock the guarded row are then fenced by it: no newer grant commits before
+ * they end.  They check their token with spool_fence_check.
+ */
+typedef struct SpoolLeaseGuard
+{
+	const char *prefix;			/* "signer:" */
+	const char *noun;			/* in messages: "signer" */
+	void		(*lock) (const char *name);
+	void		(*granted) (const char *name, int64 token, Oid role);
+} SpoolLeaseGuard;
+
+extern void spool_lease_register_guard(const SpoolLeaseGuard *guard);
+extern bool spool_fence_lease(const char *resource, int64 token, Oid role, bool raise);
+extern bool spool_fence_check(const char *resource, const SpoolLeaseGuard *guard,
+							  const SpoolLeaseRow *row, const char *owner,
+							  int64 token, Oid role, bool raise);
 
 /* What one backend has fenced in its current transaction. */
 typedef struct SpoolFenceSlot

@@ -81,7 +81,8 @@ check_worker(const SpoolUnit *u, int i, TimestampTz now)
 	if (pending == 0 || now - heartbeat <= (int64) spool_nonce_stall_timeout_ms * 1000)
 		return SPOOL_KEEP;
 	ereport(LOG,
-			(errmsg("spool nonce worker %d made no progress on %d requests for %d ms; replacing it",
+			(errcode(ERRCODE_ADMIN_SHUTDOWN),
+			 errmsg("spool nonce worker %d made no progress on %d requests for %d ms; replacing it",
 					u->index, pending, spool_nonce_stall_timeout_ms)));
 	if (pid != 0)
 		kill(pid, SIGTERM);		/* acts when it resumes */
@@ -124,6 +125,7 @@ reclaim_worker(int w, const char *why)
 
 	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	slot->generation++;
+	spool_worker_owner_revoke(slot->pid);
 	slot->pid = 0;
 	slot->latch = NULL;
 	slot->owner[0] = '\0';
@@ -147,6 +149,7 @@ reclaim_worker(int w, const char *why)
 	LWLockRelease(spool_nonce_shared->lock);
 	if (requeued > 0)
 		ereport(LOG,
-				(errmsg("spool nonce worker %d: re-queued %d in-progress requests because %s",
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("spool nonce worker %d: re-queued %d in-progress requests because %s",
 						w, requeued, why)));
 }

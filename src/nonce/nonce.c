@@ -15,10 +15,12 @@
  * else, so an owner name and a token, which are small and guessable, are
  * not enough to use another role's signer.
  *
- * Fencing: a new grant of lease 'signer:<signer>' writes its token into the
- * signer row under that row's lock (lease.c).  An operation that holds the
- * signer row lock and sees its token there therefore commits before any newer
- * grant can, which is L-2 without a second row lock on the lease.
+ * Fencing: the signer row is registered with the lease kernel as the guard
+ * of lease 'signer:<signer>' (signer_guard): a new grant locks it and writes
+ * its token there.  An operation that holds the signer row lock and sees its
+ * token there therefore commits before any newer grant can, which is L-2
+ * without a second row lock on the lease.  The token itself is checked by
+ * the kernel's spool_fence_check, like every other fenced write.
  *
  * The common case (no RELEASED holes) is one statement for a batch of n:
  * bump next_nonce with the token check, and insert the n rows.
@@ -48,13 +50,23 @@ static SPIPlanPtr plan_unrelease = NULL;
 static SPIPlanPtr plan_get_nonce = NULL;
 static SPIPlanPtr plan_set_state = NULL;
 static SPIPlanPtr plan_release_count = NULL;
+static SPIPlanPtr plan_guard_lock = NULL;
+static SPIPlanPtr plan_guard_stamp = NULL;
+
+static void signer_guard_lock(const char *signer);
+static void signer_guard_granted(const char *signer, int64 token, Oid role);
+
+const SpoolLeaseGuard spool_signer_guard = {
+	.prefix = "signer:",
+	.noun = "signer",
+	.lock = signer_guard_lock,
+	.granted = signer_guard_granted,
+};
 
 static bool nonce_take_new(const char *signer, const char *owner, int64 token,
 						   int n, const char **request_ids, int64 *nonces, Oid role);
 static int64 signer_lock_and_check(const char *signer, const char *owner,
 									int64 token, Oid role);
-static void check_signer_role(const char *signer, bool has_role, Oid lease_role,
-							  Oid role);
 static int64 nonce_reuse_lowest(const char *signer, const char *owner,
 								int64 token, const char *request_id);
 static int	nonce_lookup_requests(const char *signer, int n,
@@ -148,21 +160,45 @@ nonce_forget_released_requests(const char *signer, int n, const char **request_i
 	spool_exec(plan_forget_req, v, NULL, false, SPI_OK_UPDATE);
 }
 
+/* A new grant of the signer's lease locks the signer row first. */
+static void
+signer_guard_lock(const char *signer)
+{
+	Datum		arg = CStringGetTextDatum(signer);
+
+	spool_exec(spool_plan(&plan_guard_lock,
+						  "SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
+						  1, (Oid[]) {TEXTOID}),
+			   &arg, NULL, false, SPI_OK_SELECT);
+}
+
 /*
- * role (a client's, or SPOOL_LEASE_INTERNAL for a nonce worker) may use the
- * signer whose lease belongs to lease_role; 42501 otherwise.
+ * ... and stamps it with the new token.  The signer belongs to the client
+ * role that leases it; one served by the workers belongs to its first
+ * requester (worker.c).
  */
 static void
-check_signer_role(const char *signer, bool has_role, Oid lease_role, Oid role)
+signer_guard_granted(const char *signer, int64 token, Oid role)
 {
-	if (role == SPOOL_LEASE_INTERNAL)
-	{
-		if (!has_role || lease_role != SPOOL_LEASE_INTERNAL)
-			elog(ERROR, "the lease of signer \"%s\" is not the nonce workers'", signer);
-		return;
-	}
-	if (has_role)
-		spool_lease_check_role(spool_signer_resource(signer), lease_role, role);
+	Datum		v[3];
+	char		nulls[3] = {' ', ' ', role == SPOOL_LEASE_INTERNAL ? 'n' : ' '};
+
+	spool_plan(&plan_guard_stamp,
+			   "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
+			   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
+			   " role = coalesce(nonce_signer.role, EXCLUDED.role)",
+			   3, (Oid[]) {TEXTOID, INT8OID, OIDOID});
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = Int64GetDatum(token);
+	v[2] = ObjectIdGetDatum(role);
+	spool_exec(plan_guard_stamp, v, nulls, false, SPI_OK_INSERT);
+}
+
+/* The lease of a signer. */
+char *
+spool_signer_resource(const char *signer)
+{
+	return psprintf("%s%s", spool_signer_guard.prefix, signer);
 }
 
 /*
@@ -179,7 +215,7 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 	Datum		v[5];
 	bool		isnull;
 	bool		role_null;
-	Oid			lease_role;
+	SpoolLeaseRow row = {.found = true, .owner = (char *) owner, .token = token, .live = true};
 	int64		base;
 	int			i;
 
@@ -206,12 +242,13 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 		return false;
 	base = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									   SPI_tuptable->tupdesc, 1, &isnull));
-	lease_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-												SPI_tuptable->tupdesc, 2, &role_null));
-	check_signer_role(signer, !role_null, lease_role, role);
+	row.role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 2, &role_null));
+	row.has_role = !role_null;
+	(void) spool_fence_check(spool_signer_resource(signer), &spool_signer_guard, &row,
+							 owner, token, role, true);
 	for (i = 0; i < n; i++)
 		nonces[i] = base + i;
-	spool_fence_register(spool_signer_resource(signer), token);
 	return true;
 }
 
@@ -224,16 +261,11 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 static int64
 signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid role)
 {
-	Oid			t[1] = {TEXTOID};
 	Datum		v[1];
 	SPITupleTable *tt;
 	bool		isnull;
 	bool		role_null;
-	int64		released;
-	int64		current;
-	char	   *holder;
-	bool		live;
-	Oid			lease_role;
+	SpoolLeaseRow row = {.found = true};
 
 	spool_plan(&plan_lock_signer,
 			   "SELECT ns.released, ns.lease_token, l.owner,"
@@ -241,7 +273,7 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 			   "  FROM spool.nonce_signer ns"
 			   "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
 			   " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
-			   1, t);
+			   1, (Oid[]) {TEXTOID});
 	v[0] = CStringGetTextDatum(signer);
 	if (spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT) == 0)
 		ereport(ERROR,
@@ -249,35 +281,14 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 				 errmsg("signer \"%s\" has no lease", signer),
 				 errhint("Acquire the lease \"signer:%s\" with spool.lease_acquire first.", signer)));
 	tt = SPI_tuptable;
-	released = DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 1, &isnull));
-	current = DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 2, &isnull));
-	holder = SPI_getvalue(tt->vals[0], tt->tupdesc, 3);
-	live = DatumGetBool(SPI_getbinval(tt->vals[0], tt->tupdesc, 4, &isnull));
-	lease_role = DatumGetObjectId(SPI_getbinval(tt->vals[0], tt->tupdesc, 5, &role_null));
-	check_signer_role(signer, !role_null, lease_role, role);
-
-	if (current != token)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
-				 errmsg("fencing token " INT64_FORMAT " for signer \"%s\" is not current",
-						token, signer),
-				 errdetail("The current token is " INT64_FORMAT ", held by \"%s\".",
-						   current, holder ? holder : "nobody"),
-				 errhint("Another owner took the signer lease over; this write must not happen.")));
-	if (holder == NULL || strcmp(holder, owner) != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_LEASE_NOT_HELD),
-				 errmsg("lease of signer \"%s\" is not held by \"%s\"", signer, owner),
-				 errdetail("Token " INT64_FORMAT " belongs to \"%s\".",
-						   token, holder ? holder : "nobody")));
-	if (!live)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
-				 errmsg("lease of signer \"%s\" with token " INT64_FORMAT " has expired",
-						signer, token),
-				 errhint("Renew the lease before it expires, or acquire it again.")));
-	spool_fence_register(spool_signer_resource(signer), token);
-	return released;
+	row.token = DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 2, &isnull));
+	row.owner = SPI_getvalue(tt->vals[0], tt->tupdesc, 3);
+	row.live = DatumGetBool(SPI_getbinval(tt->vals[0], tt->tupdesc, 4, &isnull));
+	row.role = DatumGetObjectId(SPI_getbinval(tt->vals[0], tt->tupdesc, 5, &role_null));
+	row.has_role = !role_null;
+	(void) spool_fence_check(spool_signer_resource(signer), &spool_signer_guard, &row,
+							 owner, token, role, true);
+	return DatumGetInt64(SPI_getbinval(tt->vals[0], tt->tupdesc, 1, &isnull));
 }
 
 /*

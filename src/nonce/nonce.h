@@ -10,6 +10,7 @@
 #define SPOOL_NONCE_H
 
 #include "core/core.h"
+#include "lease/lease.h"
 
 #include "storage/condition_variable.h"
 
@@ -79,6 +80,8 @@ extern Size spool_nonce_shmem_size(void);
 extern void spool_nonce_shmem_init(void);
 
 /* nonce.c */
+extern const SpoolLeaseGuard spool_signer_guard;
+extern char *spool_signer_resource(const char *signer);
 extern void spool_nonce_allocate_batch(const char *signer, const char *owner,
 									   int64 token, int n,
 									   const char **request_ids,
@@ -91,8 +94,5 @@ extern void spool_request_enqueue(int w, int idx, bool at_head);
 
 /* launch.c */
 extern const SpoolWorkerKind spool_nonce_worker_kind;
-
-/* worker.c */
-extern bool spool_owner_is_stale_worker(const char *holder);
 
 #endif							/* SPOOL_NONCE_H */

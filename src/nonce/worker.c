@@ -88,26 +88,6 @@ batch_item_cmp(const void *a, const void *b)
 	return c != 0 ? c : (x->idx - y->idx);
 }
 
-/*
- * Is holder a nonce worker owner that no running slot claims?  Such a lease
- * belongs to a dead or replaced worker and may be taken over at once.
- */
-bool
-spool_owner_is_stale_worker(const char *holder)
-{
-	bool		claimed = false;
-	int			w;
-
-	if (strncmp(holder, "nonce-worker:", 13) != 0)
-		return false;
-	LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
-	for (w = 0; w < spool_nonce_shared->nworkers; w++)
-		if (strcmp(spool_nonce_shared->workers[w].owner, holder) == 0)
-			claimed = true;
-	LWLockRelease(spool_nonce_shared->lock);
-	return !claimed;
-}
-
 static bool
 worker_superseded_locked(void)
 {
@@ -142,7 +122,7 @@ spool_nonce_worker_main(Datum main_arg)
 	my_slot = spool_worker_args()->slot;
 	my_generation = spool_worker_args()->generation;
 
-	snprintf(my_owner, sizeof(my_owner), "nonce-worker:%d:%d", my_slot, (int) MyProcPid);
+	strlcpy(my_owner, spool_worker_owner("nonce-worker", psprintf("%d", my_slot)), sizeof(my_owner));
 	slot = &spool_nonce_shared->workers[my_slot];
 	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	if (worker_superseded_locked())
@@ -386,7 +366,7 @@ worker_serve_signer(BatchItem *items, int n)
 		SpoolLease	lease;
 
 		lease = spool_lease_acquire_internal(spool_signer_resource(signer), my_owner,
-											 ttl_us, spool_owner_is_stale_worker,
+											 ttl_us, spool_owner_is_gone,
 											 SPOOL_LEASE_INTERNAL);
 		if (!lease.held)
 		{

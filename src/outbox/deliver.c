@@ -185,7 +185,8 @@ kafka_start(void)
 	rk = spool_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
 	if (rk == NULL)
 		ereport(ERROR,
-				(errmsg("target \"%s\": could not create a Kafka producer: %s", target->name, err)));
+				(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+				 errmsg("target \"%s\": could not create a Kafka producer: %s", target->name, err)));
 }
 
 /* On librdkafka's poll, on our thread: no PostgreSQL calls here. */

@@ -107,7 +107,6 @@ static int64 last_checked_snapshot = -1;
 static SPIPlanPtr plan_read_entries = NULL;
 static SPIPlanPtr plan_read_rows = NULL;
 static SPIPlanPtr plan_spool_end = NULL;
-static SPIPlanPtr plan_fence = NULL;
 static SPIPlanPtr plan_commit = NULL;
 static SPIPlanPtr plan_consumer = NULL;
 
@@ -144,7 +143,6 @@ static bool try_takeover(void);
 static void become_standby(const char *why);
 static bool renew_lease(void);
 static bool advisory_lock(bool take);
-static bool holder_gone(const char *holder);
 static void wait_for_work(void);
 static void record_error(void);
 static void check_snapshot_hash(void);
@@ -202,8 +200,8 @@ spool_processor_main(Datum main_arg)
 	rs = &ps->replicas[my_replica];
 	spool_current_replica_no = my_replica + 1;
 	snprintf(lease_resource, sizeof(lease_resource), "processor:%s", proc_name);
-	snprintf(lease_owner, sizeof(lease_owner), "processor:%s/%d:%d",
-			 proc_name, my_replica + 1, MyProcPid);
+	strlcpy(lease_owner, spool_worker_owner("processor", psprintf("%s/%d", proc_name, my_replica + 1)),
+			sizeof(lease_owner));
 
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	if (!ps->in_use || strcmp(ps->name, proc_name) != 0)
@@ -793,7 +791,6 @@ active_step(void)
 	Jsonb	   *snap = NULL;
 	uint64		hash = 0;
 	bool		ok;
-	bool		isnull;
 	Datum		v[8];
 	char		nulls[8];
 	Oid			ct[7] = {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID};
@@ -858,17 +855,9 @@ active_step(void)
 	 * rejects its token.  From here to commit is the only window in which a
 	 * stall delays a takeover (the grant terminates us; we die when resumed).
 	 */
-	spool_plan(&plan_fence,
-			   "SELECT token = $2 AND expires_at > clock_timestamp()"
-			   " FROM spool.lease_store WHERE resource = $1 FOR KEY SHARE",
-			   2, (Oid[]) {TEXTOID, INT8OID});
-	v[0] = CStringGetTextDatum(lease_resource);
-	v[1] = Int64GetDatum(token);
-	ok = spool_exec(plan_fence, v, NULL, false, SPI_OK_SELECT) == 1 &&
-		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	ok = spool_fence_lease(lease_resource, token, SPOOL_LEASE_INTERNAL, false);
 	if (ok)
 	{
-		spool_fence_register(lease_resource, token);
 		spool_test_pause();
 		/* The compare-and-set on the checkpoint row. */
 		spool_plan(&plan_commit,
@@ -1014,26 +1003,6 @@ advisory_lock(bool take)
 	return true;
 }
 
-/* A lease holder is gone when no replica of this processor runs with its pid. */
-static bool
-holder_gone(const char *holder)
-{
-	const char *colon = strrchr(holder, ':');
-	pid_t		pid;
-	bool		alive = false;
-	int			r;
-
-	if (strncmp(holder, "processor:", 10) != 0 || colon == NULL)
-		return false;
-	pid = (pid_t) atoi(colon + 1);
-	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
-	for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
-		if (ps->replicas[r].pid == pid && pid != 0)
-			alive = true;
-	LWLockRelease(spool_processor_shared->lock);
-	return !alive;
-}
-
 /*
  * As a caught-up standby: take the gate if it is free (no active, or its
  * lease expired).  Returns true when we became the active replica.
@@ -1069,7 +1038,7 @@ try_takeover(void)
 		return false;
 	}
 	lease = spool_lease_acquire_internal(lease_resource, lease_owner,
-										 lease_ttl_ms * 1000, holder_gone,
+										 lease_ttl_ms * 1000, spool_owner_is_gone,
 										 SPOOL_LEASE_INTERNAL);
 	if (lease.held)
 	{

@@ -251,7 +251,7 @@ is(sql("SELECT count(*) FROM spool.nonce_store WHERE signer = '$x'"), $rows_x,
 ok(kill('CONT', $P), "SIGCONT the old worker 0 (pid $P)");
 @stopped = ();
 wait_pid_gone($node, $P, 'the old worker 0 once continued');
-ok($node->log_contains(qr/\[$P\] spool nonce worker 0 FATAL:  terminating/, $log_offset),
+ok($node->log_contains(qr/\[$P\] spool nonce worker FATAL:  terminating/, $log_offset),
 	'the old worker was terminated');
 is(finish_pgbench($load), 0, 'load (3) finished');
 is(sql(q{SELECT count(*) || '/' || count(nonce) FROM req_log WHERE phase = 'p3'}),
