@@ -1,4 +1,4 @@
-/* spool_ext--0.1.sql: leases with fencing tokens and the per-signer nonce allocator */
+/* spool_ext--0.1.sql: the spool and its sources, processors, the outbox and its targets, leases with fencing tokens, and the per-signer nonce allocator */
 
 \echo Use "CREATE EXTENSION spool_ext" to load this file. \quit
 
