@@ -200,6 +200,22 @@ SELECT target_check('t', 'notify', '{"channel": "c", "retry_backoff_max": "-1 s"
 SELECT target_check('t', 'notify', '{"channel": "c", "retry_backoff_max": "later"}');
 SELECT target_check('t', 'notify', '{"channel": "c", "retry_backoff_max": {}}');
 SELECT target_check('t', 'notify', '{"channel": "c", "retry_backoff": "1 s", "retry_backoff_max": "1 min"}');
+-- Durations (docs/sql-reference.md#durations): an interval with its unit,
+-- or a bare number (a JSON number or a string holding only one) of
+-- milliseconds; stored as text with a unit.
+SELECT target_check('t', 'notify', '{"channel": "c", "batch_interval": "5 parsecs"}');
+SELECT target_check('t', 'notify', '{"channel": "c", "batch_interval": 60001}');
+SELECT target_check('t', 'notify', '{"channel": "c", "batch_interval": 2.5}');
+SELECT target_check('t', 'notify', '{"channel": "c", "retry_backoff": "0"}');
+BEGIN;
+SELECT spool.create_target('d1', 'notify',
+	'{"channel": "c", "batch_interval": "250ms", "retry_backoff": 1500, "retry_backoff_max": "2h"}');
+SELECT spool.create_target('d2', 'notify',
+	'{"channel": "c", "batch_interval": "40", "retry_backoff": "1s", "retry_backoff_max": "PT90S"}');
+SELECT name, options->'batch_interval' AS batch_interval, options->'retry_backoff' AS retry_backoff,
+	   options->'retry_backoff_max' AS retry_backoff_max
+  FROM spool.target_config WHERE name LIKE 'd_' ORDER BY name;
+ROLLBACK;
 
 --
 -- Kind sql.

@@ -424,6 +424,19 @@ SELECT spool.create_processor('p1', 'proc_h(jsonb,spool.entries[])', '{"run_as":
 SELECT name, run_as, options->'start' AS start FROM spool.processors WHERE name = 'p1';
 SELECT committed_cursor FROM spool.consumers WHERE name = 'processor:p1';
 
+-- Durations (docs/sql-reference.md#durations): lease_ttl takes an interval
+-- with its unit, or a bare number (a JSON number or a string holding only
+-- one) of milliseconds; it is stored in milliseconds.
+BEGIN;
+SELECT spool.create_processor('d1', 'proc_h(jsonb,spool.entries[])', '{"run_as": "regress_proc_runner", "lease_ttl": "1500ms"}');
+SELECT spool.create_processor('d2', 'proc_h(jsonb,spool.entries[])', '{"run_as": "regress_proc_runner", "lease_ttl": "1 min"}');
+SELECT spool.create_processor('d3', 'proc_h(jsonb,spool.entries[])', '{"run_as": "regress_proc_runner", "lease_ttl": "250"}');
+SELECT name, options->'lease_ttl' AS lease_ttl FROM spool.processors WHERE name LIKE 'd_' ORDER BY name;
+ROLLBACK;
+SELECT try($$SELECT spool.create_processor('p', 'proc_h(jsonb,spool.entries[])', '{"run_as": "regress_proc_runner", "lease_ttl": "2 parsecs"}')$$);
+SELECT try($$SELECT spool.create_processor('p', 'proc_h(jsonb,spool.entries[])', '{"run_as": "regress_proc_runner", "lease_ttl": 250.5}')$$);
+SELECT try($$SELECT spool.create_processor('p', 'proc_h(jsonb,spool.entries[])', '{"run_as": "regress_proc_runner", "lease_ttl": "99"}')$$);
+
 -- A superuser drops the rest, whoever owns them.
 SELECT spool.drop_processor(name) FROM spool.processors ORDER BY name COLLATE "C";
 SELECT (SELECT count(*) FROM spool.processors) AS processors,

@@ -102,3 +102,32 @@ SELECT spool.drop_source('s2');
 SELECT name FROM spool.sources ORDER BY name;
 SELECT spool.drop_source('s1');
 SELECT count(*) AS sources, (SELECT count(*) FROM spool.offsets) AS offsets FROM spool.sources;
+
+-- Durations (docs/sql-reference.md#durations): batch_ms takes an interval
+-- with its unit, or a bare number (a JSON number or a string holding only
+-- one) of milliseconds (processors.sql and outbox.sql show those); it is
+-- stored in milliseconds.
+SET client_min_messages = error;
+BEGIN;
+SELECT spool.create_source('d1', '127.0.0.1:1', '{t}', '{"batch_ms": "250ms"}');
+SELECT name, options->'batch_ms' AS batch_ms FROM spool.sources ORDER BY name;
+ROLLBACK;
+RESET client_min_messages;
+-- A bad unit, out of range, not whole milliseconds, not a duration: SP001,
+-- with the reason in the detail.
+DO $$
+DECLARE
+	v text;
+	detail text;
+BEGIN
+	FOREACH v IN ARRAY ARRAY['"5 parsecs"', '"2 min"', '0', '2.5', 'true'] LOOP
+		BEGIN
+			PERFORM spool.create_source('d', '127.0.0.1:1', '{t}',
+										jsonb_build_object('batch_ms', v::jsonb));
+		EXCEPTION WHEN OTHERS THEN
+			GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+			RAISE NOTICE 'batch_ms %: %: % (%)', v, SQLSTATE, SQLERRM, detail;
+		END;
+	END LOOP;
+END
+$$;

@@ -450,6 +450,21 @@ SELECT abcd.state = cd.state AS same_state,
 	   spool.window_alert(c.s0, c.entries[1:2]) ab,
 	   spool.window_alert(ab.state, c.entries[3:4]) cd;
 
+
+-- Durations (docs/sql-reference.md#durations): the size of a time window is
+-- an interval with any unit.  A bare number there is still seconds
+-- (deprecated), where every other duration takes milliseconds.  The window
+-- of 'sliding_max' (30 s) written six ways gives the same outputs and state.
+SELECT v.size, s.outputs = (wa_step('sliding_max')).outputs AS same_outputs,
+	   s.state - 'config' = wa_state('sliding_max') AS same_state
+  FROM wa_case c,
+	   LATERAL (VALUES ('"30s"'), ('"30000ms"'), ('"0.5 min"'), ('"00:00:30"'), ('30'), ('"30"')) v(size),
+	   LATERAL spool.window_alert(jsonb_build_object('config', c.config ||
+			jsonb_build_object('window', jsonb_build_object('type', 'sliding', 'size', v.size::jsonb))),
+			c.entries) s
+ WHERE c.name = 'sliding_max';
+SELECT try($$SELECT spool.window_alert('{"config": {"key": "k", "aggregate": "count",
+	"window": {"type": "sliding", "size": "30 parsecs"}, "threshold": 1, "target": "t"}}', NULL)$$);
 DROP TABLE wa_case;
 DROP FUNCTION wa_state(text);
 DROP FUNCTION wa_outputs(text);

@@ -111,6 +111,9 @@ extern void *spool_shmem_area(const char *name, Size size, bool *found);
 extern LWLock *spool_shmem_lock(const char *tranche);
 extern void spool_require_shmem(void);
 
+/* Options: one table-driven parser for jsonb options (options.c). */
+#include "core/options.h"
+
 /*
  * Argument checks, SPI and transactions (util.c)
  */
@@ -121,14 +124,8 @@ extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *wha
 							 bool nonnegative);
 extern int64 spool_arg_ttl(FunctionCallInfo fcinfo, int argno);
 extern Datum spool_ttl_datum(int64 ttl_us);
-extern Interval *spool_parse_interval(const char *s, const char *what);
-extern void spool_bad_option(const char *msg, const char *hint) pg_attribute_noreturn();
 extern bool spool_str_in_list(const char *s, const char *const *list);
 extern bool spool_object_next(JsonbIterator **it, char **key, JsonbValue *value);
-extern int64 spool_option_int(JsonbValue *v, const char *what, int64 lo, int64 hi);
-extern int64 spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_us,
-									  int64 hi_us);
-extern char *spool_format_duration(int64 us);
 extern void spool_check_object_name(const char *name, const char *what);
 extern Oid	spool_check_run_as(Oid caller, const char *run_as, const char *object,
 							   const char *code);

@@ -1,14 +1,12 @@
 /*-------------------------------------------------------------------------
  *
  * util.c
- *	  Argument and option checks shared by the SQL entry points, and the
- *	  cache of prepared SPI plans used on hot paths.
+ *	  Argument checks shared by the SQL entry points (options objects are
+ *	  options.c's), and the cache of prepared SPI plans used on hot paths.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
-
-#include <errno.h>
 
 #include "access/xact.h"
 #include "executor/spi.h"
@@ -17,7 +15,6 @@
 #include "storage/latch.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/numeric.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -176,35 +173,6 @@ spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only,
 }
 
 /*
- * Parse an interval given as text in an option, raising SP001 (not the
- * input function's own error) when it is not one.
- */
-Interval *
-spool_parse_interval(const char *s, const char *what)
-{
-	Interval   *iv = NULL;
-	MemoryContext cxt = CurrentMemoryContext;
-
-	PG_TRY();
-	{
-		iv = DatumGetIntervalP(DirectFunctionCall3(interval_in, CStringGetDatum(s),
-												   ObjectIdGetDatum(InvalidOid),
-												   Int32GetDatum(-1)));
-	}
-	PG_CATCH();
-	{
-		/* interval_in holds no resources; replace its error with ours. */
-		MemoryContextSwitchTo(cxt);
-		FlushErrorState();
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("%s must be an interval such as '5 s' or '2 minutes', not \"%s\"", what, s)));
-	}
-	PG_END_TRY();
-	return iv;
-}
-
-/*
  * Testing hook (spool.test_worker_pause): a worker holds its fenced,
  * uncommitted unit of work open for a while, waiting on its latch.
  */
@@ -260,74 +228,6 @@ spool_str_in_list(const char *s, const char *const *list)
 		if (strcmp(s, *list) == 0)
 			return true;
 	return false;
-}
-
-/* An option error: SP001 with the message and an optional hint. */
-void
-spool_bad_option(const char *msg, const char *hint)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-			 errmsg("%s", msg),
-			 hint ? errhint("%s", hint) : 0));
-}
-
-/* An integer option in [lo, hi]; 2 and 2.0 are the same JSON number. */
-int64
-spool_option_int(JsonbValue *v, const char *what, int64 lo, int64 hi)
-{
-	char	   *s;
-	char	   *end;
-	int64		n;
-
-	if (v->type != jbvNumeric)
-		spool_bad_option(psprintf("option \"%s\" must be a number", what), NULL);
-	s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
-	if ((end = strchr(s, '.')) != NULL && strspn(end + 1, "0") == strlen(end + 1))
-		*end = '\0';
-	errno = 0;
-	n = strtoll(s, &end, 10);
-	if (*end != '\0' || errno != 0 || n < lo || n > hi)
-		spool_bad_option(psprintf("option \"%s\" must be an integer from " INT64_FORMAT " to " INT64_FORMAT,
-								  what, lo, hi), NULL);
-	return n;
-}
-
-/* A duration option: an interval string ('10 ms') or milliseconds; in us. */
-int64
-spool_option_duration_us(JsonbValue *v, const char *what, int64 lo_us, int64 hi_us)
-{
-	int64		us;
-
-	if (v->type == jbvNumeric)
-		us = spool_option_int(v, what, 0, INT64CONST(86400000) * 365) * 1000;
-	else if (v->type == jbvString)
-	{
-		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
-											  psprintf("option \"%s\"", what));
-
-		us = iv->time + (int64) iv->day * USECS_PER_DAY +
-			(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
-	}
-	else
-		spool_bad_option(psprintf("option \"%s\" must be an interval such as '10 ms', or milliseconds",
-								  what), NULL);
-	if (us < lo_us || us > hi_us)
-		spool_bad_option(psprintf("option \"%s\" must be between %s and %s", what,
-								  spool_format_duration(lo_us), spool_format_duration(hi_us)),
-						 NULL);
-	return us;
-}
-
-/* "250 ms", "30 s", "1 min": for messages. */
-char *
-spool_format_duration(int64 us)
-{
-	if (us % USECS_PER_MINUTE == 0 && us >= USECS_PER_MINUTE)
-		return psprintf(INT64_FORMAT " min", us / USECS_PER_MINUTE);
-	if (us % USECS_PER_SEC == 0 && us >= USECS_PER_SEC)
-		return psprintf(INT64_FORMAT " s", us / USECS_PER_SEC);
-	return psprintf(INT64_FORMAT " ms", us / 1000);
 }
 
 /*

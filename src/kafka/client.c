@@ -1,10 +1,11 @@
 /*-------------------------------------------------------------------------
  *
  * kafka_util.c
- *	  Source options (parsing, validation, defaults) and the librdkafka
- *	  plumbing shared by create_source and the ingest worker: building a
- *	  configuration from options, and creating a handle with signals blocked
- *	  so librdkafka's threads never run PostgreSQL's signal handlers.
+ *	  Source options (their option table and the "kafka" properties) and
+ *	  the librdkafka plumbing shared by create_source and the ingest worker:
+ *	  building a configuration from options, and creating a handle with
+ *	  signals blocked so librdkafka's threads never run PostgreSQL's signal
+ *	  handlers.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,6 +20,10 @@
 
 #include "kafka/kafka.h"
 
+static void kafka_option(const SpoolOptionTable *table, const SpoolOption *opt,
+						 JsonbValue *v, void *result);
+static bool kafka_render(const SpoolOption *opt, const void *result, StringInfo buf);
+
 /* librdkafka properties spool_ext owns: exactly-once depends on them. */
 static const char *const reserved_properties[] = {
 	"bootstrap.servers", "metadata.broker.list", "group.id",
@@ -26,45 +31,37 @@ static const char *const reserved_properties[] = {
 	"enable.partition.eof", "isolation.level", NULL
 };
 
-static const char *const known_options[] = {
-	"format", "start", "group_id", "batch_size", "batch_ms",
-	"max_message_bytes", "on_gap", "kafka", NULL
+#define MAX_KAFKA_PROPERTIES 64
+
+/* In the order of SpoolFormat. */
+static const char *const format_names[] = {"json", "text", "bytes", NULL};
+static const char *const start_names[] = {"earliest", "latest", NULL};
+static const char *const on_gap_names[] = {"continue", "stop", NULL};
+
+#define SRC(member)	SPOOL_OPT_MEMBER(SpoolSourceOptions, member)
+
+static const SpoolOption source_option_specs[] = {
+	{.name = "format", .type = SPOOL_OPT_CHOICE, SRC(format), .dflt = SPOOL_FORMAT_JSON,
+		.choices = format_names},
+	{.name = "start", .type = SPOOL_OPT_CHOICE, SRC(start_latest), .choices = start_names},
+	{.name = "group_id", .type = SPOOL_OPT_STRING, SRC(group_id), .hi = SPOOL_NAME_MAX},
+	{.name = "batch_size", .type = SPOOL_OPT_INT, SRC(batch_size), .dflt = 10000,
+		.lo = 1, .hi = 1000000},
+	{.name = "batch_ms", .type = SPOOL_OPT_DURATION, SRC(batch_ms), .dflt = 100,
+		.lo = 1, .hi = 60000, .unit = 1000},
+	{.name = "max_message_bytes", .type = SPOOL_OPT_INT, SRC(max_message_bytes),
+		.dflt = 1024 * 1024, .lo = 1, .hi = 256 * 1024 * 1024},
+	{.name = "on_gap", .type = SPOOL_OPT_CHOICE, SRC(on_gap_stop), .dflt = true,
+		.choices = on_gap_names},
+	{.name = "kafka", .type = SPOOL_OPT_CUSTOM, .what = "librdkafka properties",
+		.parse = kafka_option, .render = kafka_render},
 };
 
-static void
-option_error(const char *key, const char *detail)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-			 errmsg("invalid value for source option \"%s\"", key),
-			 errdetail("%s", detail)));
-}
-
-static char *
-jbv_string(JsonbValue *v, const char *key)
-{
-	if (v->type != jbvString)
-		option_error(key, "It must be a JSON string.");
-	return pnstrdup(v->val.string.val, v->val.string.len);
-}
-
-static int
-jbv_int(JsonbValue *v, const char *key, int lo, int hi)
-{
-	int64		n;
-	char		detail[128];
-
-	if (v->type != jbvNumeric)
-		option_error(key, "It must be a JSON number.");
-	n = DatumGetInt64(DirectFunctionCall1(numeric_int8,
-										  NumericGetDatum(v->val.numeric)));
-	if (n < lo || n > hi)
-	{
-		snprintf(detail, sizeof(detail), "It must be between %d and %d.", lo, hi);
-		option_error(key, detail);
-	}
-	return (int) n;
-}
+static const SpoolOptionTable source_options = {
+	SPOOL_OPT_TABLE(source_option_specs, SpoolSourceOptions),
+	.prefix = "", .noun = "source option", .subject = NULL, .listing = "Options are",
+	.not_object = "source options must be a JSON object",
+};
 
 /*
  * A JSON scalar as the text librdkafka expects ("true", "5000", "PLAIN"), or
@@ -87,17 +84,57 @@ spool_kafka_property_text(JsonbValue *v)
 	}
 }
 
-static char *
-jbv_property(JsonbValue *v, const char *key)
+/* "kafka": librdkafka properties, as texts, except those spool_ext owns. */
+static void
+kafka_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+			 void *result)
 {
-	char	   *val = spool_kafka_property_text(v);
+	SpoolSourceOptions *o = result;
+	JsonbIterator *it = JsonbIteratorInit(spool_option_object(table, opt, v));
+	JsonbValue	pv;
+	char	   *prop;
 
-	if (val == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("invalid value for Kafka property \"%s\"", key),
-				 errdetail("Kafka properties take strings, numbers or booleans.")));
-	return val;
+	o->nkafka = 0;
+	o->kafka_keys = palloc(sizeof(char *) * MAX_KAFKA_PROPERTIES);
+	o->kafka_values = palloc(sizeof(char *) * MAX_KAFKA_PROPERTIES);
+	while (spool_object_next(&it, &prop, &pv))
+	{
+		if (spool_str_in_list(prop, reserved_properties))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("Kafka property \"%s\" is managed by spool_ext", prop),
+					 errdetail("Offsets are stored in PostgreSQL; brokers and group_id are source arguments and options.")));
+		if (o->nkafka >= MAX_KAFKA_PROPERTIES)
+			spool_option_bad(table, opt, NULL,
+							 psprintf("must have at most %d properties", MAX_KAFKA_PROPERTIES));
+		o->kafka_keys[o->nkafka] = prop;
+		o->kafka_values[o->nkafka] = spool_kafka_property_text(&pv);
+		if (o->kafka_values[o->nkafka] == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid value for Kafka property \"%s\"", prop),
+					 errdetail("Kafka properties take strings, numbers or booleans.")));
+		o->nkafka++;
+	}
+}
+
+static bool
+kafka_render(const SpoolOption *opt, const void *result, StringInfo buf)
+{
+	const SpoolSourceOptions *o = result;
+	int			i;
+
+	appendStringInfoChar(buf, '{');
+	for (i = 0; i < o->nkafka; i++)
+	{
+		if (i > 0)
+			appendStringInfoString(buf, ", ");
+		escape_json(buf, o->kafka_keys[i]);
+		appendStringInfoString(buf, ": ");
+		escape_json(buf, o->kafka_values[i]);
+	}
+	appendStringInfoChar(buf, '}');
+	return true;
 }
 
 /*
@@ -107,137 +144,14 @@ jbv_property(JsonbValue *v, const char *key)
 SpoolSourceOptions *
 spool_parse_source_options(Jsonb *options)
 {
-	SpoolSourceOptions *o = palloc0(sizeof(SpoolSourceOptions));
-	JsonbIterator *it;
-	JsonbValue	v;
-	char	   *key;
-	int			nkafka = 0;
-
-	o->format = SPOOL_FORMAT_JSON;
-	o->start_latest = false;
-	o->group_id = NULL;
-	o->batch_size = 10000;
-	o->batch_ms = 100;
-	o->max_message_bytes = 1024 * 1024;
-	o->on_gap_stop = true;
-	o->kafka_keys = palloc(sizeof(char *) * 64);
-	o->kafka_values = palloc(sizeof(char *) * 64);
-
-	if (!JB_ROOT_IS_OBJECT(options))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("source options must be a JSON object")));
-
-	it = JsonbIteratorInit(&options->root);
-	while (spool_object_next(&it, &key, &v))
-	{
-		if (!spool_str_in_list(key, known_options))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("unknown source option \"%s\"", key),
-					 errhint("Valid options are format, start, group_id, batch_size, batch_ms, max_message_bytes, on_gap and kafka.")));
-
-		if (strcmp(key, "format") == 0)
-		{
-			char	   *f = jbv_string(&v, key);
-
-			if (strcmp(f, "json") == 0)
-				o->format = SPOOL_FORMAT_JSON;
-			else if (strcmp(f, "text") == 0)
-				o->format = SPOOL_FORMAT_TEXT;
-			else if (strcmp(f, "bytes") == 0)
-				o->format = SPOOL_FORMAT_BYTES;
-			else
-				option_error(key, "It must be \"json\", \"text\" or \"bytes\".");
-		}
-		else if (strcmp(key, "start") == 0)
-		{
-			char	   *s = jbv_string(&v, key);
-
-			if (strcmp(s, "earliest") != 0 && strcmp(s, "latest") != 0)
-				option_error(key, "It must be \"earliest\" or \"latest\".");
-			o->start_latest = (strcmp(s, "latest") == 0);
-		}
-		else if (strcmp(key, "group_id") == 0)
-		{
-			o->group_id = jbv_string(&v, key);
-			if (o->group_id[0] == '\0' || strlen(o->group_id) > SPOOL_NAME_MAX)
-				option_error(key, "It must be a non-empty string of at most 200 bytes.");
-		}
-		else if (strcmp(key, "batch_size") == 0)
-			o->batch_size = jbv_int(&v, key, 1, 1000000);
-		else if (strcmp(key, "batch_ms") == 0)
-			o->batch_ms = jbv_int(&v, key, 1, 60000);
-		else if (strcmp(key, "max_message_bytes") == 0)
-			o->max_message_bytes = jbv_int(&v, key, 1, 256 * 1024 * 1024);
-		else if (strcmp(key, "on_gap") == 0)
-		{
-			char	   *g = jbv_string(&v, key);
-
-			if (strcmp(g, "stop") != 0 && strcmp(g, "continue") != 0)
-				option_error(key, "It must be \"stop\" or \"continue\".");
-			o->on_gap_stop = (strcmp(g, "stop") == 0);
-		}
-		else if (strcmp(key, "kafka") == 0)
-		{
-			JsonbIterator *kit;
-			JsonbValue	kv;
-			char	   *prop;
-
-			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
-				option_error(key, "It must be a JSON object of librdkafka properties.");
-			kit = JsonbIteratorInit(v.val.binary.data);
-			while (spool_object_next(&kit, &prop, &kv))
-			{
-				if (spool_str_in_list(prop, reserved_properties))
-					ereport(ERROR,
-							(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-							 errmsg("Kafka property \"%s\" is managed by spool_ext", prop),
-							 errdetail("Offsets are stored in PostgreSQL; brokers and group_id are source arguments and options.")));
-				if (nkafka >= 64)
-					option_error(key, "At most 64 Kafka properties are allowed.");
-				o->kafka_keys[nkafka] = prop;
-				o->kafka_values[nkafka] = jbv_property(&kv, prop);
-				nkafka++;
-			}
-		}
-	}
-	o->nkafka = nkafka;
-	return o;
+	return spool_parse_options(&source_options, -1, options);
 }
 
 /* The options with defaults filled in, as stored in spool.sources. */
 Jsonb *
 spool_source_options_jsonb(SpoolSourceOptions *o)
 {
-	StringInfoData buf;
-	int			i;
-
-	initStringInfo(&buf);
-	appendStringInfo(&buf, "{\"format\": \"%s\", \"start\": \"%s\", ",
-					 o->format == SPOOL_FORMAT_JSON ? "json" :
-					 o->format == SPOOL_FORMAT_TEXT ? "text" : "bytes",
-					 o->start_latest ? "latest" : "earliest");
-	if (o->group_id)
-	{
-		appendStringInfoString(&buf, "\"group_id\": ");
-		escape_json(&buf, o->group_id);
-		appendStringInfoString(&buf, ", ");
-	}
-	appendStringInfo(&buf, "\"batch_size\": %d, \"batch_ms\": %d, "
-					 "\"max_message_bytes\": %d, \"on_gap\": \"%s\", \"kafka\": {",
-					 o->batch_size, o->batch_ms, o->max_message_bytes,
-					 o->on_gap_stop ? "stop" : "continue");
-	for (i = 0; i < o->nkafka; i++)
-	{
-		if (i > 0)
-			appendStringInfoString(&buf, ", ");
-		escape_json(&buf, o->kafka_keys[i]);
-		appendStringInfoString(&buf, ": ");
-		escape_json(&buf, o->kafka_values[i]);
-	}
-	appendStringInfoString(&buf, "}}");
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	return spool_options_jsonb(&source_options, -1, o);
 }
 
 /*

@@ -40,42 +40,72 @@ PG_FUNCTION_INFO_V1(spool_redrive);
 PG_FUNCTION_INFO_V1(spool_grant_target);
 PG_FUNCTION_INFO_V1(spool_revoke_target);
 
-#define DEFAULT_BATCH_SIZE		1000
-#define MAX_BATCH_SIZE			10000
-#define DEFAULT_INTERVAL_US		(10 * 1000)
-#define DEFAULT_RETRY_LIMIT		10
-#define DEFAULT_BACKOFF_US		(100 * 1000)
-#define DEFAULT_BACKOFF_MAX_US	(30 * USECS_PER_SEC)
-
 static void check_kafka(OutboxTarget *t, Oid role);
 static Jsonb *target_options_jsonb(OutboxTarget *t);
-static char *jbv_text(JsonbValue *v, const char *what);
+static void function_option(const SpoolOptionTable *table, const SpoolOption *opt,
+							JsonbValue *v, void *result);
+
+/* In the order of OutboxKind. */
+static const char *const kind_names[] = {"sql", "notify", "kafka", NULL};
+
+#define SQL		SPOOL_OPT_SCOPE(KIND_SQL)
+#define NOTIFY	SPOOL_OPT_SCOPE(KIND_NOTIFY)
+#define KAFKA	SPOOL_OPT_SCOPE(KIND_KAFKA)
+
+#define TGT(member)	SPOOL_OPT_MEMBER(OutboxTarget, member)
+
+static const SpoolOption target_option_specs[] = {
+	{.name = "function", .type = SPOOL_OPT_STRING, .scopes = SQL, TGT(function),
+		.doc = "Write schema.function, for example public.deliver: the dispatcher has no search_path of yours.",
+		.parse = function_option},
+	{.name = "run_as", .type = SPOOL_OPT_STRING, .scopes = SQL, TGT(run_as)},
+	{.name = "channel", .type = SPOOL_OPT_STRING, .scopes = NOTIFY, TGT(channel)},
+	{.name = "brokers", .type = SPOOL_OPT_STRING, .scopes = KAFKA, TGT(brokers)},
+	{.name = "topic", .type = SPOOL_OPT_STRING, .scopes = KAFKA, TGT(topic)},
+	{.name = "kafka", .type = SPOOL_OPT_OBJECT, .scopes = KAFKA, TGT(kafka), .dflt_text = "{}",
+		.what = "librdkafka properties"},
+	{.name = "shards", .type = SPOOL_OPT_INT, TGT(shards), .dflt = 1, .lo = 1,
+		.hi = SPOOL_MAX_SHARDS},
+	{.name = "batch_size", .type = SPOOL_OPT_INT, TGT(batch_size), .dflt = 1000, .lo = 1,
+		.hi = 10000},
+	{.name = "batch_interval", .type = SPOOL_OPT_DURATION, .flags = SPOOL_OPT_TEXT,
+		TGT(batch_interval_us), .dflt = 10 * 1000, .hi = USECS_PER_MINUTE, .unit = 1},
+	{.name = "retry_limit", .type = SPOOL_OPT_INT, TGT(retry_limit), .dflt = 10, .hi = 100},
+	{.name = "retry_backoff", .type = SPOOL_OPT_DURATION, .flags = SPOOL_OPT_TEXT,
+		TGT(retry_backoff_us), .dflt = 100 * 1000, .lo = 1000, .hi = USECS_PER_HOUR, .unit = 1},
+	{.name = "retry_backoff_max", .type = SPOOL_OPT_DURATION, .flags = SPOOL_OPT_TEXT,
+		TGT(retry_backoff_max_us), .dflt = 30 * USECS_PER_SEC, .lo = 1000, .hi = USECS_PER_DAY, .unit = 1},
+};
+
+static const SpoolOptionTable target_options = {
+	SPOOL_OPT_TABLE(target_option_specs, OutboxTarget),
+	.prefix = "", .noun = "option", .subject = "option ", .listing = "Options are",
+	.not_object = "target options must be a JSON object",
+	.scopes = kind_names, .scope_noun = "target",
+};
 
 const char *
 spool_outbox_kind_name(OutboxKind kind)
 {
-	switch (kind)
-	{
-		case KIND_SQL:
-			return "sql";
-		case KIND_NOTIFY:
-			return "notify";
-		case KIND_KAFKA:
-			return "kafka";
-	}
-	return "?";
+	return kind_names[kind];
 }
 
-/* How many parts a function name has; SP001 if it is no name at all. */
-static int
-qualified_name_length(const char *name)
+/*
+ * function: a function name with its schema (resolved when the target is
+ * created or altered).
+ */
+static void
+function_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+				void *result)
 {
+	OutboxTarget *t = result;
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile int n = 0;
 
+	spool_option_value(table, opt, v, result);
 	PG_TRY();
 	{
-		n = list_length(stringToQualifiedNameList(name));
+		n = list_length(stringToQualifiedNameList(t->function));
 	}
 	PG_CATCH();
 	{
@@ -85,18 +115,11 @@ qualified_name_length(const char *name)
 	}
 	PG_END_TRY();
 	if (n < 0 || n > 2)
-		spool_bad_option(psprintf("option \"function\" is not a function name: \"%s\"", name),
-						 "Write schema.function, for example public.deliver.");
-	return n;
-}
-
-/* A non-empty string option. */
-static char *
-jbv_text(JsonbValue *v, const char *what)
-{
-	if (v->type != jbvString || v->val.string.len == 0)
-		spool_bad_option(psprintf("option \"%s\" must be a non-empty string", what), NULL);
-	return pnstrdup(v->val.string.val, v->val.string.len);
+		spool_option_bad(table, opt, NULL,
+						 psprintf("is not a function name: \"%s\"", t->function));
+	if (n < 2)
+		spool_option_bad(table, opt, NULL,
+						 psprintf("must be schema-qualified, not \"%s\"", t->function));
 }
 
 /*
@@ -120,97 +143,45 @@ spool_outbox_resolve_function(const char *name, bool missing_ok)
 OutboxTarget *
 spool_outbox_parse_target(const char *name, const char *kind, Jsonb *options)
 {
-	OutboxTarget *t = palloc0(sizeof(OutboxTarget));
-	JsonbIterator *it;
-	JsonbValue	v;
-	char	   *key;
+	OutboxTarget *t;
+	int			k;
 
 	spool_check_object_name(name, "target");
+	for (k = 0; kind_names[k] && strcmp(kind, kind_names[k]) != 0; k++)
+		;
+	if (kind_names[k] == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("unknown target kind \"%s\"", kind),
+				 errhint("Kinds are sql, notify and kafka.")));
+	t = spool_parse_options(&target_options, k, options);
 	strlcpy(t->name, name, NAMEDATALEN);
-	if (strcmp(kind, "sql") == 0)
-		t->kind = KIND_SQL;
-	else if (strcmp(kind, "notify") == 0)
-		t->kind = KIND_NOTIFY;
-	else if (strcmp(kind, "kafka") == 0)
-		t->kind = KIND_KAFKA;
-	else
-		spool_bad_option(psprintf("unknown target kind \"%s\"", kind),
-						 "Kinds are sql, notify and kafka.");
-	t->shards = 1;
-	t->batch_size = DEFAULT_BATCH_SIZE;
-	t->batch_interval_us = DEFAULT_INTERVAL_US;
-	t->retry_limit = DEFAULT_RETRY_LIMIT;
-	t->retry_backoff_us = DEFAULT_BACKOFF_US;
-	t->retry_backoff_max_us = DEFAULT_BACKOFF_MAX_US;
-	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
-		spool_bad_option("target options must be a JSON object", NULL);
+	t->kind = (OutboxKind) k;
 
-	it = JsonbIteratorInit(&options->root);
-	while (spool_object_next(&it, &key, &v))
-	{
-		if (strcmp(key, "shards") == 0)
-			t->shards = spool_option_int(&v, "shards", 1, SPOOL_MAX_SHARDS);
-		else if (strcmp(key, "batch_size") == 0)
-			t->batch_size = spool_option_int(&v, "batch_size", 1, MAX_BATCH_SIZE);
-		else if (strcmp(key, "batch_interval") == 0)
-			t->batch_interval_us = spool_option_duration_us(&v, "batch_interval", 0,
-															USECS_PER_MINUTE);
-		else if (strcmp(key, "retry_limit") == 0)
-			t->retry_limit = spool_option_int(&v, "retry_limit", 0, 100);
-		else if (strcmp(key, "retry_backoff") == 0)
-			t->retry_backoff_us = spool_option_duration_us(&v, "retry_backoff", 1000,
-														   USECS_PER_HOUR);
-		else if (strcmp(key, "retry_backoff_max") == 0)
-			t->retry_backoff_max_us = spool_option_duration_us(&v, "retry_backoff_max", 1000,
-															   USECS_PER_DAY);
-		else if (strcmp(key, "function") == 0 && t->kind == KIND_SQL)
-		{
-			t->function = jbv_text(&v, "function");
-			if (qualified_name_length(t->function) < 2)
-				spool_bad_option(psprintf("option \"function\" must be schema-qualified, not \"%s\"",
-										  t->function),
-								 "Write schema.function, for example public.deliver: the dispatcher has no search_path of yours.");
-		}
-		else if (strcmp(key, "run_as") == 0 && t->kind == KIND_SQL)
-			t->run_as = jbv_text(&v, "run_as");
-		else if (strcmp(key, "channel") == 0 && t->kind == KIND_NOTIFY)
-			t->channel = jbv_text(&v, "channel");
-		else if (strcmp(key, "brokers") == 0 && t->kind == KIND_KAFKA)
-			t->brokers = jbv_text(&v, "brokers");
-		else if (strcmp(key, "topic") == 0 && t->kind == KIND_KAFKA)
-			t->topic = jbv_text(&v, "topic");
-		else if (strcmp(key, "kafka") == 0 && t->kind == KIND_KAFKA)
-		{
-			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
-				spool_bad_option("option \"kafka\" must be an object of librdkafka properties", NULL);
-			t->kafka = JsonbValueToJsonb(&v);
-		}
-		else
-			spool_bad_option(psprintf("unknown option \"%s\" for a %s target", key, kind),
-							 t->kind == KIND_SQL ? "sql targets take function, run_as, shards, batch_size, batch_interval, retry_limit, retry_backoff and retry_backoff_max." :
-							 t->kind == KIND_NOTIFY ? "notify targets take channel, shards, batch_size, batch_interval, retry_limit, retry_backoff and retry_backoff_max." :
-							 "kafka targets take brokers, topic, kafka, shards, batch_size, batch_interval, retry_limit, retry_backoff and retry_backoff_max.");
-	}
 	if (t->retry_backoff_max_us < t->retry_backoff_us)
-		spool_bad_option("option \"retry_backoff_max\" is shorter than \"retry_backoff\"", NULL);
-
+		spool_option_error(&target_options,
+						   "option \"retry_backoff_max\" is shorter than \"retry_backoff\"", NULL);
 	switch (t->kind)
 	{
 		case KIND_SQL:
 			if (t->function == NULL)
-				spool_bad_option("a sql target needs option \"function\"",
-								 "Name a function (payload jsonb, key text, outbox_id bigint).");
+				spool_option_error(&target_options, "a sql target needs option \"function\"",
+								   "Name a function (payload jsonb, key text, outbox_id bigint).");
 			break;
 		case KIND_NOTIFY:
 			if (t->channel == NULL)
-				spool_bad_option("a notify target needs option \"channel\"", NULL);
+				spool_option_error(&target_options, "a notify target needs option \"channel\"",
+								   NULL);
 			if (strlen(t->channel) >= NAMEDATALEN)
-				spool_bad_option(psprintf("channel name \"%s\" is too long", t->channel),
-								 "At most 63 bytes are allowed.");
+				spool_option_error(&target_options,
+								   psprintf("channel name \"%s\" is too long", t->channel),
+								   "At most 63 bytes are allowed.");
 			break;
 		case KIND_KAFKA:
 			if (t->brokers == NULL || t->topic == NULL)
-				spool_bad_option("a kafka target needs options \"brokers\" and \"topic\"", NULL);
+				spool_option_error(&target_options,
+								   "a kafka target needs options \"brokers\" and \"topic\"",
+								   NULL);
 			break;
 	}
 	return t;
@@ -259,7 +230,7 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 	if (bad)
 	{
 		rd_kafka_conf_destroy(conf);
-		spool_bad_option(bad, hint);
+		spool_option_error(&target_options, bad, hint);
 	}
 }
 
@@ -283,39 +254,7 @@ check_kafka(OutboxTarget *t, Oid role)
 static Jsonb *
 target_options_jsonb(OutboxTarget *t)
 {
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	appendStringInfo(&buf, "{\"shards\": %d, \"batch_size\": %d, \"batch_interval\": ",
-					 t->shards, t->batch_size);
-	escape_json(&buf, spool_format_duration(t->batch_interval_us));
-	appendStringInfo(&buf, ", \"retry_limit\": %d, \"retry_backoff\": ", t->retry_limit);
-	escape_json(&buf, spool_format_duration(t->retry_backoff_us));
-	appendStringInfoString(&buf, ", \"retry_backoff_max\": ");
-	escape_json(&buf, spool_format_duration(t->retry_backoff_max_us));
-	switch (t->kind)
-	{
-		case KIND_SQL:
-			appendStringInfoString(&buf, ", \"function\": ");
-			escape_json(&buf, t->function);
-			appendStringInfoString(&buf, ", \"run_as\": ");
-			escape_json(&buf, t->run_as);
-			break;
-		case KIND_NOTIFY:
-			appendStringInfoString(&buf, ", \"channel\": ");
-			escape_json(&buf, t->channel);
-			break;
-		case KIND_KAFKA:
-			appendStringInfoString(&buf, ", \"brokers\": ");
-			escape_json(&buf, t->brokers);
-			appendStringInfoString(&buf, ", \"topic\": ");
-			escape_json(&buf, t->topic);
-			appendStringInfoString(&buf, ", \"kafka\": ");
-			appendStringInfoString(&buf, t->kafka ? JsonbToCString(NULL, &t->kafka->root, 0) : "{}");
-			break;
-	}
-	appendStringInfoChar(&buf, '}');
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	return spool_options_jsonb(&target_options, t->kind, t);
 }
 
 /*
@@ -584,7 +523,7 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	argv[0] = CStringGetTextDatum(name);
 	argv[1] = JsonbPGetDatum(PG_GETARG_JSONB_P(1));
 	if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(argv[1])) || JB_ROOT_IS_SCALAR(DatumGetJsonbP(argv[1])))
-		spool_bad_option("target options must be a JSON object", NULL);
+		spool_option_error(&target_options, target_options.not_object, NULL);
 
 	spool_enter(&caller);
 	SPI_connect();

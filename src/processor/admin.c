@@ -40,33 +40,96 @@ PG_FUNCTION_INFO_V1(spool_processor_runtime);
 PG_FUNCTION_INFO_V1(spool_current_replica);
 PG_FUNCTION_INFO_V1(spool_handler_settings);
 
+/* start_cursor: where a new processor starts, unless a cursor. */
+#define START_EARLIEST	(-1)
+#define START_LATEST	(-2)
+
 static void check_handler(Oid handler);
 static void check_sources(SpoolProcessorOptions *o);
 static void processor_owner_check(const char *name, Oid role);
+static void lease_ttl_option(const SpoolOptionTable *table, const SpoolOption *opt,
+							 JsonbValue *v, void *result);
+static void start_option(const SpoolOptionTable *table, const SpoolOption *opt,
+						 JsonbValue *v, void *result);
+static bool start_render(const SpoolOption *opt, const void *result, StringInfo buf);
 
-/* lease_ttl: an interval string ('2 s') or milliseconds. */
-static int64
-option_ttl_ms(JsonbValue *v)
+#define PROC(member)	SPOOL_OPT_MEMBER(SpoolProcessorOptions, member)
+
+static const SpoolOption processor_option_specs[] = {
+	{.name = "sources", .type = SPOOL_OPT_LIST, PROC(sources),
+		.count_offset = offsetof(SpoolProcessorOptions, nsources), .what = "source names",
+		.doc = "Leave it out to read every source."},
+	{.name = "replicas", .type = SPOOL_OPT_INT, PROC(replicas),
+		.dflt = SPOOL_PROCESSOR_DEFAULT_REPLICAS, .lo = 1, .hi = SPOOL_MAX_REPLICAS},
+	{.name = "batch_size", .type = SPOOL_OPT_INT, PROC(batch_size),
+		.dflt = SPOOL_PROCESSOR_DEFAULT_BATCH, .lo = 1, .hi = SPOOL_PROCESSOR_MAX_BATCH},
+	{.name = "lease_ttl", .type = SPOOL_OPT_DURATION, PROC(lease_ttl_ms),
+		.dflt = SPOOL_PROCESSOR_DEFAULT_TTL_MS, .lo = 100, .hi = SECS_PER_DAY * 1000,
+		.unit = 1000, .what = "'2 s'", .parse = lease_ttl_option},
+	{.name = "checkpoint_every", .type = SPOOL_OPT_INT, PROC(checkpoint_every),
+		.dflt = SPOOL_PROCESSOR_DEFAULT_CHECKPOINT, .lo = 1, .hi = 1000000000},
+	{.name = "start", .type = SPOOL_OPT_INT, PROC(start_cursor), .dflt = START_EARLIEST,
+		.lo = 0, .hi = PG_INT64_MAX, .parse = start_option, .render = start_render},
+	{.name = "run_as", .type = SPOOL_OPT_STRING, .flags = SPOOL_OPT_INPUT, PROC(run_as),
+		.what = "a role name"},
+	{.name = "handler", .type = SPOOL_OPT_OBJECT, PROC(handler), .what = "handler settings"},
+};
+
+static const SpoolOptionTable processor_options = {
+	SPOOL_OPT_TABLE(processor_option_specs, SpoolProcessorOptions),
+	.prefix = "", .noun = "processor option", .subject = "option ", .listing = "Options are",
+	.not_object = "processor options must be a JSON object",
+};
+
+/*
+ * lease_ttl: at least 100 ms, at most spool.lease_max_ttl (a bare number at
+ * most a day, as always).
+ */
+static void
+lease_ttl_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+				 void *result)
 {
-	int64		ms;
+	int64		us = spool_option_duration_us(table, opt, v);
 
-	if (v->type == jbvNumeric)
-		ms = spool_option_int(v, "lease_ttl", 1, INT64CONST(86400000));
-	else if (v->type == jbvString)
-	{
-		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
-											  "option \"lease_ttl\"");
+	if (us < opt->lo * opt->unit)
+		spool_option_bad(table, opt, NULL,
+						 psprintf("must be at least %s", spool_format_duration(opt->lo * opt->unit)));
+	if (us > (int64) spool_lease_max_ttl_s * USECS_PER_SEC)
+		spool_option_bad(table, opt, NULL, "is longer than spool.lease_max_ttl");
+	((SpoolProcessorOptions *) result)->lease_ttl_ms = us / opt->unit;
+}
 
-		ms = (iv->time + (int64) iv->day * USECS_PER_DAY +
-			  (int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY) / 1000;
-	}
+/* start: "earliest", "latest" or a cursor. */
+static void
+start_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+			 void *result)
+{
+	int64	   *start = &((SpoolProcessorOptions *) result)->start_cursor;
+
+	if (v->type == jbvString && v->val.string.len == 8 &&
+		strncmp(v->val.string.val, "earliest", 8) == 0)
+		*start = START_EARLIEST;
+	else if (v->type == jbvString && v->val.string.len == 6 &&
+			 strncmp(v->val.string.val, "latest", 6) == 0)
+		*start = START_LATEST;
+	else if (v->type == jbvNumeric)
+		*start = spool_option_integer(table, opt, v, opt->lo, opt->hi);
 	else
-		spool_bad_option("option \"lease_ttl\" must be an interval such as '2 s', or milliseconds", NULL);
-	if (ms < 100)
-		spool_bad_option("option \"lease_ttl\" must be at least 100 ms", NULL);
-	if (ms > (int64) spool_lease_max_ttl_s * 1000)
-		spool_bad_option("option \"lease_ttl\" is longer than spool.lease_max_ttl", NULL);
-	return ms;
+		spool_option_bad(table, opt, NULL, "must be \"earliest\", \"latest\" or a cursor");
+}
+
+static bool
+start_render(const SpoolOption *opt, const void *result, StringInfo buf)
+{
+	int64		start = ((const SpoolProcessorOptions *) result)->start_cursor;
+
+	if (start == START_EARLIEST)
+		appendStringInfoString(buf, "\"earliest\"");
+	else if (start == START_LATEST)
+		appendStringInfoString(buf, "\"latest\"");
+	else
+		appendStringInfo(buf, INT64_FORMAT, start);
+	return true;
 }
 
 /*
@@ -76,120 +139,14 @@ option_ttl_ms(JsonbValue *v)
 SpoolProcessorOptions *
 spool_parse_processor_options(Jsonb *options)
 {
-	SpoolProcessorOptions *o = palloc0(sizeof(SpoolProcessorOptions));
-	JsonbIterator *it;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
-	char	   *key;
-
-	o->replicas = SPOOL_PROCESSOR_DEFAULT_REPLICAS;
-	o->batch_size = SPOOL_PROCESSOR_DEFAULT_BATCH;
-	o->lease_ttl_ms = SPOOL_PROCESSOR_DEFAULT_TTL_MS;
-	o->checkpoint_every = SPOOL_PROCESSOR_DEFAULT_CHECKPOINT;
-	o->start_cursor = -1;
-	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
-		spool_bad_option("processor options must be a JSON object", "Pass '{}' for the defaults.");
-	it = JsonbIteratorInit(&options->root);
-	while (spool_object_next(&it, &key, &v))
-	{
-		if (strcmp(key, "sources") == 0)
-		{
-			JsonbIterator *ai;
-			JsonbValue	e;
-
-			if (v.type == jbvNull)
-				continue;
-			if (v.type != jbvBinary || !JsonContainerIsArray(v.val.binary.data) ||
-				JsonContainerSize(v.val.binary.data) == 0)
-				spool_bad_option("option \"sources\" must be a non-empty array of source names",
-						   "Leave it out to read every source.");
-			o->sources = palloc(sizeof(char *) * JsonContainerSize(v.val.binary.data));
-			ai = JsonbIteratorInit(v.val.binary.data);
-			while ((tok = JsonbIteratorNext(&ai, &e, true)) != WJB_DONE)
-			{
-				if (tok != WJB_ELEM)
-					continue;
-				if (e.type != jbvString || e.val.string.len == 0)
-					spool_bad_option("option \"sources\" must contain source names (strings)", NULL);
-				o->sources[o->nsources++] = pnstrdup(e.val.string.val, e.val.string.len);
-			}
-		}
-		else if (strcmp(key, "replicas") == 0)
-			o->replicas = spool_option_int(&v, "replicas", 1, SPOOL_MAX_REPLICAS);
-		else if (strcmp(key, "batch_size") == 0)
-			o->batch_size = spool_option_int(&v, "batch_size", 1, SPOOL_PROCESSOR_MAX_BATCH);
-		else if (strcmp(key, "lease_ttl") == 0)
-			o->lease_ttl_ms = option_ttl_ms(&v);
-		else if (strcmp(key, "checkpoint_every") == 0)
-			o->checkpoint_every = spool_option_int(&v, "checkpoint_every", 1, INT64CONST(1000000000));
-		else if (strcmp(key, "start") == 0)
-		{
-			if (v.type == jbvString && v.val.string.len == 8 &&
-				strncmp(v.val.string.val, "earliest", 8) == 0)
-				o->start_cursor = -1;
-			else if (v.type == jbvString && v.val.string.len == 6 &&
-					 strncmp(v.val.string.val, "latest", 6) == 0)
-				o->start_cursor = -2;
-			else if (v.type == jbvNumeric)
-				o->start_cursor = spool_option_int(&v, "start", 0, PG_INT64_MAX);
-			else
-				spool_bad_option("option \"start\" must be \"earliest\", \"latest\" or a cursor", NULL);
-		}
-		else if (strcmp(key, "run_as") == 0)
-		{
-			if (v.type != jbvString || v.val.string.len == 0)
-				spool_bad_option("option \"run_as\" must be a role name", NULL);
-			o->run_as = pnstrdup(v.val.string.val, v.val.string.len);
-		}
-		else if (strcmp(key, "handler") == 0)
-		{
-			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
-				spool_bad_option("option \"handler\" must be an object of handler settings", NULL);
-			o->handler = JsonbValueToJsonb(&v);
-		}
-		else
-			spool_bad_option(psprintf("unknown processor option \"%s\"", key),
-					   "Options are sources, replicas, batch_size, lease_ttl, checkpoint_every, start, run_as and handler.");
-	}
-	return o;
+	return spool_parse_options(&processor_options, -1, options);
 }
 
 /* The options with defaults filled in, as stored in spool.processors. */
 Jsonb *
 spool_processor_options_jsonb(SpoolProcessorOptions *o)
 {
-	StringInfoData buf;
-	int			i;
-
-	initStringInfo(&buf);
-	appendStringInfoString(&buf, "{\"sources\": ");
-	if (o->nsources == 0)
-		appendStringInfoString(&buf, "null");
-	else
-	{
-		appendStringInfoChar(&buf, '[');
-		for (i = 0; i < o->nsources; i++)
-		{
-			if (i)
-				appendStringInfoString(&buf, ", ");
-			escape_json(&buf, o->sources[i]);
-		}
-		appendStringInfoChar(&buf, ']');
-	}
-	appendStringInfo(&buf, ", \"replicas\": %d, \"batch_size\": %d, \"lease_ttl\": " INT64_FORMAT
-					 ", \"checkpoint_every\": " INT64_FORMAT ", \"start\": ",
-					 o->replicas, o->batch_size, o->lease_ttl_ms, o->checkpoint_every);
-	if (o->start_cursor == -1)
-		appendStringInfoString(&buf, "\"earliest\"");
-	else if (o->start_cursor == -2)
-		appendStringInfoString(&buf, "\"latest\"");
-	else
-		appendStringInfo(&buf, INT64_FORMAT, o->start_cursor);
-	if (o->handler)
-		appendStringInfo(&buf, ", \"handler\": %s",
-						 JsonbToCString(NULL, &o->handler->root, VARSIZE(o->handler)));
-	appendStringInfoChar(&buf, '}');
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	return spool_options_jsonb(&processor_options, -1, o);
 }
 
 Oid
@@ -253,7 +210,9 @@ check_sources(SpoolProcessorOptions *o)
 
 		for (j = 0; j < i; j++)
 			if (strcmp(o->sources[i], o->sources[j]) == 0)
-				spool_bad_option(psprintf("source \"%s\" is listed twice", o->sources[i]), NULL);
+				ereport(ERROR,
+						(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+						 errmsg("source \"%s\" is listed twice", o->sources[i])));
 		if (SPI_execute_with_args("SELECT 1 FROM spool.sources WHERE name = $1",
 								  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
 			elog(ERROR, "could not read spool.sources");
@@ -285,10 +244,15 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	spool_require_shmem();
 	spool_check_object_name(name, "processor");
 	if (PG_ARGISNULL(1))
-		spool_bad_option("handler must not be null", NULL);
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("handler must not be null")));
 	handler = PG_GETARG_OID(1);
 	if (PG_ARGISNULL(2))
-		spool_bad_option("options must not be null", "Pass '{}' for the defaults.");
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("options must not be null"),
+				 errhint("Pass '{}' for the defaults.")));
 	o = spool_parse_processor_options(PG_GETARG_JSONB_P(2));
 
 	spool_enter(&caller);
@@ -303,16 +267,17 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	if (handler == spool_window_alert_oid())
 	{
 		if (o->handler == NULL)
-			spool_bad_option("spool.window_alert needs its settings in options.handler",
-					   "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.");
+			spool_option_error(&processor_options,
+							   "spool.window_alert needs its settings in options.handler",
+							   "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.");
 		(void) spool_wa_parse_config(o->handler);
 	}
 
 	SPI_connect();
 	check_sources(o);
-	if (o->start_cursor == -1)
+	if (o->start_cursor == START_EARLIEST)
 		start = 0;
-	else if (o->start_cursor == -2)
+	else if (o->start_cursor == START_LATEST)
 	{
 		bool		isnull;
 

@@ -72,9 +72,10 @@ typedef enum WAOp
 	WA_LE
 } WAOp;
 
-static const char *const agg_names[] = {"sum", "count", "min", "max"};
-static const char *const kind_names[] = {"count", "tumbling", "sliding"};
-static const char *const op_names[] = {">", ">=", "<", "<="};
+/* In the order of WAAgg, WAKind and WAOp. */
+static const char *const agg_names[] = {"sum", "count", "min", "max", NULL};
+static const char *const kind_names[] = {"count", "tumbling", "sliding", NULL};
+static const char *const op_names[] = {">", ">=", "<", "<=", NULL};
 
 struct WAConfig
 {
@@ -129,7 +130,16 @@ struct WAState
 };
 
 static void wa_error(const char *msg, const char *detail) pg_attribute_noreturn();
-static int	parse_path(JsonbValue *v, const char *what, char **path);
+static void path_setting(const SpoolOptionTable *table, const SpoolOption *opt,
+						 JsonbValue *v, void *result);
+static void time_setting(const SpoolOptionTable *table, const SpoolOption *opt,
+						 JsonbValue *v, void *result);
+static void threshold_setting(const SpoolOptionTable *table, const SpoolOption *opt,
+							  JsonbValue *v, void *result);
+static void window_setting(const SpoolOptionTable *table, const SpoolOption *opt,
+						   JsonbValue *v, void *result);
+static int64 window_duration(const SpoolOptionTable *table, const SpoolOption *opt,
+							 JsonbValue *v);
 static JsonbValue *lookup_path(Jsonb *doc, char *const *path, int depth, JsonbValue *res);
 static bool jsonb_number(JsonbValue *v, double *out);
 static bool entry_time(WAState *st, const WAEntry *e, int64 *ts);
@@ -159,12 +169,50 @@ wa_error(const char *msg, const char *detail)
  * ---------------------------------------------------------------------
  */
 
-/* A path is "a.b.c" or ["a", "b", "c"]; returns its depth. */
-static int
-parse_path(JsonbValue *v, const char *what, char **path)
-{
-	int			depth = 0;
+#define WA(member)	SPOOL_OPT_MEMBER(WAConfig, member)
+#define WA_PATH(path, depth) WA(path), .count_offset = offsetof(WAConfig, depth)
 
+static const SpoolOption wa_setting_specs[] = {
+	{.name = "key", .type = SPOOL_OPT_CUSTOM, .flags = SPOOL_OPT_REQUIRED,
+		WA_PATH(key_path, key_depth), .parse = path_setting,
+		.doc = "It is the path of the grouping key in the entry's value: dot-separated keys such as \"from.address\", or an array of keys."},
+	{.name = "value", .type = SPOOL_OPT_CUSTOM, WA_PATH(value_path, value_depth),
+		.parse = path_setting,
+		.doc = "It is the path of the number to aggregate: dot-separated keys such as \"tx.amount\", or an array of keys."},
+	{.name = "aggregate", .type = SPOOL_OPT_CHOICE, WA(agg), .dflt = WA_SUM, .choices = agg_names},
+	{.name = "window", .type = SPOOL_OPT_CUSTOM, .flags = SPOOL_OPT_REQUIRED,
+		.parse = window_setting,
+		.doc = "Use {\"type\": \"count\", \"size\": N} for the last N entries, or type \"tumbling\" or \"sliding\" with an interval such as \"5 minutes\" as size."},
+	{.name = "time", .type = SPOOL_OPT_CUSTOM, WA_PATH(time_path, time_depth),
+		.parse = time_setting, .doc = "It is \"kafka_ts\", or the path of the event time in the entry's value."},
+	{.name = "threshold", .type = SPOOL_OPT_CUSTOM, .flags = SPOOL_OPT_REQUIRED,
+		.parse = threshold_setting},
+	{.name = "op", .type = SPOOL_OPT_CHOICE, WA(op), .dflt = WA_GE, .choices = op_names},
+	{.name = "target", .type = SPOOL_OPT_STRING, .flags = SPOOL_OPT_REQUIRED, WA(target),
+		.hi = SPOOL_NAME_MAX, .doc = "It names the outbox target of the alerts."},
+	{.name = "max_keys", .type = SPOOL_OPT_INT, WA(max_keys), .dflt = WA_DEFAULT_MAX_KEYS,
+		.lo = 1, .hi = WA_MAX_MAX_KEYS},
+};
+
+static const SpoolOptionTable wa_settings = {
+	SPOOL_OPT_TABLE(wa_setting_specs, WAConfig),
+	.prefix = "window_alert: ", .noun = "setting", .subject = "", .listing = "Settings are",
+	.not_object = "settings must be a JSON object",
+	.hint = "See docs/processors.md for the window_alert settings.",
+};
+
+/*
+ * A path is "a.b.c" or ["a", "b", "c"]: its keys go to opt's array member,
+ * their number to its count member.
+ */
+static void
+path_setting(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+			 void *result)
+{
+	char	  **path = (char **) ((char *) result + opt->offset);
+	int		   *depth = (int *) ((char *) result + opt->count_offset);
+
+	*depth = 0;
 	if (v->type == jbvString)
 	{
 		char	   *s = pnstrdup(v->val.string.val, v->val.string.len);
@@ -172,17 +220,16 @@ parse_path(JsonbValue *v, const char *what, char **path)
 		char	   *part;
 
 		if (*s == '\0')
-			wa_error(psprintf("\"%s\" must not be empty", what), NULL);
+			spool_option_bad(table, opt, NULL, "must not be empty");
 		if (s[0] == '.' || s[strlen(s) - 1] == '.' || strstr(s, "..") != NULL)
-			wa_error(psprintf("\"%s\" is not a valid path: \"%s\"", what, s),
-					 "Use dot-separated keys such as \"from.address\", or an array of keys.");
+			spool_option_bad(table, opt, NULL, psprintf("is not a valid path: \"%s\"", s));
 		for (part = strtok_r(s, ".", &save); part; part = strtok_r(NULL, ".", &save))
 		{
-			if (depth == WA_MAX_PATH)
-				wa_error(psprintf("\"%s\" is nested too deeply", what), NULL);
-			path[depth++] = part;
+			if (*depth == WA_MAX_PATH)
+				spool_option_bad(table, opt, NULL, "is nested too deeply");
+			path[(*depth)++] = part;
 		}
-		return depth;
+		return;
 	}
 	if (v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data))
 	{
@@ -195,69 +242,102 @@ parse_path(JsonbValue *v, const char *what, char **path)
 			if (tok != WJB_ELEM)
 				continue;
 			if (elem.type != jbvString || elem.val.string.len == 0)
-				wa_error(psprintf("\"%s\" must be an array of non-empty strings", what), NULL);
-			if (depth == WA_MAX_PATH)
-				wa_error(psprintf("\"%s\" is nested too deeply", what), NULL);
-			path[depth++] = pnstrdup(elem.val.string.val, elem.val.string.len);
+				spool_option_bad(table, opt, NULL, "must be an array of non-empty strings");
+			if (*depth == WA_MAX_PATH)
+				spool_option_bad(table, opt, NULL, "is nested too deeply");
+			path[(*depth)++] = pnstrdup(elem.val.string.val, elem.val.string.len);
 		}
-		if (depth == 0)
-			wa_error(psprintf("\"%s\" must not be empty", what), NULL);
-		return depth;
+		if (*depth == 0)
+			spool_option_bad(table, opt, NULL, "must not be empty");
+		return;
 	}
-	wa_error(psprintf("\"%s\" must be a path: a string such as \"a.b\" or an array of keys", what),
-			 NULL);
-	return 0;					/* not reached */
+	spool_option_bad(table, opt, NULL,
+					 "must be a path: a string such as \"a.b\" or an array of keys");
 }
 
-static int
-name_index(JsonbValue *v, const char *what, const char *const *names, int n)
+/* time: "kafka_ts" (depth 0) or a path. */
+static void
+time_setting(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+			 void *result)
 {
-	int			i;
-
-	if (v->type == jbvString)
-		for (i = 0; i < n; i++)
-			if (strlen(names[i]) == v->val.string.len &&
-				strncmp(names[i], v->val.string.val, v->val.string.len) == 0)
-				return i;
-	{
-		StringInfoData allowed;
-
-		initStringInfo(&allowed);
-		for (i = 0; i < n; i++)
-			appendStringInfo(&allowed, "%s\"%s\"", i ? ", " : "", names[i]);
-		wa_error(psprintf("\"%s\" must be one of %s", what, allowed.data), NULL);
-	}
-	return -1;					/* not reached */
+	if (v->type == jbvString && v->val.string.len == 8 &&
+		strncmp(v->val.string.val, "kafka_ts", 8) == 0)
+		((WAConfig *) result)->time_depth = 0;
+	else
+		path_setting(table, opt, v, result);
 }
 
-/* A window size for time windows: an interval string, or seconds. */
+static void
+threshold_setting(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+				  void *result)
+{
+	if (v->type != jbvNumeric || !jsonb_number(v, &((WAConfig *) result)->threshold))
+		spool_option_bad(table, opt, NULL, "must be a finite number");
+}
+
+/* window: exactly {"type": ..., "size": ...}; what size is depends on the type. */
+static void
+window_setting(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+			   void *result)
+{
+	WAConfig   *cfg = result;
+	JsonbValue	wt;
+	JsonbValue	ws;
+
+	if (v->type != jbvBinary || !JsonContainerIsObject(v->val.binary.data))
+		spool_option_bad(table, opt, NULL,
+						 "must be an object such as {\"type\": \"count\", \"size\": 10}");
+	if (getKeyJsonValueFromContainer(v->val.binary.data, "type", 4, &wt) == NULL)
+		spool_option_bad(table, opt, "window.type", "is missing");
+	cfg->kind = spool_option_choice(table, opt, "window.type", &wt, kind_names);
+	if (getKeyJsonValueFromContainer(v->val.binary.data, "size", 4, &ws) == NULL)
+		spool_option_bad(table, opt, "window.size", "is missing");
+	if (cfg->kind == WA_WINDOW_COUNT)
+	{
+		double		n;
+
+		if (ws.type != jbvNumeric || !jsonb_number(&ws, &n) ||
+			n != floor(n) || n < 1 || n > WA_MAX_COUNT)
+			spool_option_bad(table, opt, "window.size",
+							 psprintf("of a count window must be an integer from 1 to %d",
+									  WA_MAX_COUNT));
+		cfg->size = (int64) n;
+	}
+	else
+		cfg->size = window_duration(table, opt, &ws);
+	if (JsonContainerSize(v->val.binary.data) != 2)
+		spool_option_bad(table, opt, NULL, "takes exactly \"type\" and \"size\"");
+}
+
+/*
+ * The size of a time window: an interval up to 366 days without months,
+ * or (deprecated, kept for existing settings) a bare number of seconds,
+ * where every other duration takes milliseconds.
+ */
 static int64
-parse_duration(JsonbValue *v)
+window_duration(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v)
 {
-	if (v->type == jbvNumeric)
-	{
-		double		s;
+	Interval   *iv;
+	double		s;
+	int64		us;
 
-		if (!jsonb_number(v, &s) || s <= 0 || s > 366.0 * 86400)
-			wa_error("\"window.size\" must be a positive number of seconds, at most a year", NULL);
+	if (jsonb_number(v, &s))
+	{
+		if (s <= 0 || s > 366.0 * 86400)
+			spool_option_bad(table, opt, "window.size",
+							 "must be a positive number of seconds, at most a year");
 		return (int64) (s * USECS_PER_SEC);
 	}
-	if (v->type == jbvString)
-	{
-		Interval   *iv = spool_parse_interval(pnstrdup(v->val.string.val, v->val.string.len),
-											  "window_alert: \"window.size\"");
-		int64		us;
-
-		if (iv->month != 0)
-			wa_error("\"window.size\" must not use months or years",
-					 "Months have no fixed length; use days.");
-		us = iv->time + (int64) iv->day * USECS_PER_DAY;
-		if (us <= 0 || us > (int64) 366 * USECS_PER_DAY)
-			wa_error("\"window.size\" must be positive and at most 366 days", NULL);
-		return us;
-	}
-	wa_error("\"window.size\" of a time window must be an interval such as '5 minutes', or seconds", NULL);
-	return 0;
+	if (v->type != jbvString)
+		spool_option_bad(table, opt, "window.size",
+						 "of a time window must be an interval such as '5 minutes', or seconds");
+	iv = spool_option_interval(table, opt, "window.size", v);
+	if (iv->month != 0)
+		spool_option_bad(table, opt, "window.size", "must not use months or years");
+	us = iv->time + (int64) iv->day * USECS_PER_DAY;
+	if (us <= 0 || us > (int64) 366 * USECS_PER_DAY)
+		spool_option_bad(table, opt, "window.size", "must be positive and at most 366 days");
+	return us;
 }
 
 /*
@@ -267,112 +347,13 @@ parse_duration(JsonbValue *v)
 WAConfig *
 spool_wa_parse_config(Jsonb *settings)
 {
-	WAConfig   *cfg = palloc0(sizeof(WAConfig));
-	JsonbIterator *it;
-	JsonbValue	v;
-	char	   *name;
-	bool		have_key = false,
-				have_window = false,
-				have_threshold = false,
-				have_target = false;
+	WAConfig   *cfg = spool_parse_options(&wa_settings, -1, settings);
 
-	if (settings == NULL || !JB_ROOT_IS_OBJECT(settings) || JB_ROOT_IS_SCALAR(settings))
-		wa_error("settings must be a JSON object", NULL);
-	cfg->agg = WA_SUM;
-	cfg->op = WA_GE;
-	cfg->max_keys = WA_DEFAULT_MAX_KEYS;
-	it = JsonbIteratorInit(&settings->root);
-	while (spool_object_next(&it, &name, &v))
-	{
-		if (strcmp(name, "key") == 0)
-		{
-			cfg->key_depth = parse_path(&v, "key", cfg->key_path);
-			have_key = true;
-		}
-		else if (strcmp(name, "value") == 0)
-			cfg->value_depth = parse_path(&v, "value", cfg->value_path);
-		else if (strcmp(name, "time") == 0)
-		{
-			if (v.type == jbvString && v.val.string.len == 8 &&
-				strncmp(v.val.string.val, "kafka_ts", 8) == 0)
-				cfg->time_depth = 0;
-			else
-				cfg->time_depth = parse_path(&v, "time", cfg->time_path);
-		}
-		else if (strcmp(name, "aggregate") == 0)
-			cfg->agg = name_index(&v, "aggregate", agg_names, lengthof(agg_names));
-		else if (strcmp(name, "op") == 0)
-			cfg->op = name_index(&v, "op", op_names, lengthof(op_names));
-		else if (strcmp(name, "threshold") == 0)
-		{
-			if (v.type != jbvNumeric || !jsonb_number(&v, &cfg->threshold))
-				wa_error("\"threshold\" must be a finite number", NULL);
-			have_threshold = true;
-		}
-		else if (strcmp(name, "max_keys") == 0)
-		{
-			double		n;
-
-			if (v.type != jbvNumeric || !jsonb_number(&v, &n) || n != floor(n) ||
-				n < 1 || n > WA_MAX_MAX_KEYS)
-				wa_error(psprintf("\"max_keys\" must be an integer from 1 to %d", WA_MAX_MAX_KEYS), NULL);
-			cfg->max_keys = (int64) n;
-		}
-		else if (strcmp(name, "target") == 0)
-		{
-			if (v.type != jbvString || v.val.string.len == 0 ||
-				v.val.string.len > SPOOL_NAME_MAX)
-				wa_error("\"target\" must be a non-empty string of at most 200 bytes", NULL);
-			cfg->target = pnstrdup(v.val.string.val, v.val.string.len);
-			have_target = true;
-		}
-		else if (strcmp(name, "window") == 0)
-		{
-			JsonbValue	wt;
-			JsonbValue	ws;
-			JsonbValue *p;
-
-			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
-				wa_error("\"window\" must be an object such as {\"type\": \"count\", \"size\": 10}", NULL);
-			p = getKeyJsonValueFromContainer(v.val.binary.data, "type", 4, &wt);
-			if (p == NULL)
-				wa_error("\"window.type\" is missing", "Use \"count\", \"tumbling\" or \"sliding\".");
-			cfg->kind = name_index(&wt, "window.type", kind_names, lengthof(kind_names));
-			p = getKeyJsonValueFromContainer(v.val.binary.data, "size", 4, &ws);
-			if (p == NULL)
-				wa_error("\"window.size\" is missing", NULL);
-			if (cfg->kind == WA_WINDOW_COUNT)
-			{
-				double		n;
-
-				if (ws.type != jbvNumeric || !jsonb_number(&ws, &n) ||
-					n != floor(n) || n < 1 || n > WA_MAX_COUNT)
-					wa_error(psprintf("\"window.size\" of a count window must be an integer from 1 to %d",
-									  WA_MAX_COUNT), NULL);
-				cfg->size = (int64) n;
-			}
-			else
-				cfg->size = parse_duration(&ws);
-			if (JsonContainerSize(v.val.binary.data) != 2)
-				wa_error("\"window\" takes exactly \"type\" and \"size\"", NULL);
-			have_window = true;
-		}
-		else
-			wa_error(psprintf("unknown setting \"%s\"", name),
-					 "Settings are key, value, aggregate, window, time, threshold, op, target and max_keys.");
-	}
-	if (!have_key)
-		wa_error("\"key\" is missing", "It is the path of the grouping key in the entry's value.");
-	if (!have_window)
-		wa_error("\"window\" is missing", NULL);
-	if (!have_threshold)
-		wa_error("\"threshold\" is missing", NULL);
-	if (!have_target)
-		wa_error("\"target\" is missing", "It names the outbox target of the alerts.");
 	if (cfg->value_depth == 0 && cfg->agg != WA_COUNT)
-		wa_error(psprintf("\"value\" is missing; aggregate \"%s\" needs it", agg_names[cfg->agg]), NULL);
+		spool_option_bad(&wa_settings, NULL, "value",
+						 psprintf("is missing; aggregate \"%s\" needs it", agg_names[cfg->agg]));
 	if (cfg->time_depth > 0 && cfg->kind == WA_WINDOW_COUNT)
-		wa_error("\"time\" applies to time windows only", NULL);
+		spool_option_bad(&wa_settings, NULL, "time", "applies to time windows only");
 	return cfg;
 }
 
@@ -411,39 +392,6 @@ lookup_path(Jsonb *doc, char *const *path, int depth, JsonbValue *res)
 	return res;
 }
 
-/* s is a JSON number: -?digits[.digits][(e|E)[+-]digits], nothing else. */
-static bool
-json_number_syntax(const char *s)
-{
-	const char *p = s;
-
-	if (*p == '-')
-		p++;
-	if (!isdigit((unsigned char) *p))
-		return false;
-	while (isdigit((unsigned char) *p))
-		p++;
-	if (*p == '.')
-	{
-		p++;
-		if (!isdigit((unsigned char) *p))
-			return false;
-		while (isdigit((unsigned char) *p))
-			p++;
-	}
-	if (*p == 'e' || *p == 'E')
-	{
-		p++;
-		if (*p == '+' || *p == '-')
-			p++;
-		if (!isdigit((unsigned char) *p))
-			return false;
-		while (isdigit((unsigned char) *p))
-			p++;
-	}
-	return *p == '\0';
-}
-
 /* A JSON number, or a string holding one; false unless finite. */
 static bool
 jsonb_number(JsonbValue *v, double *out)
@@ -462,7 +410,7 @@ jsonb_number(JsonbValue *v, double *out)
 	else if (v->type == jbvString && v->val.string.len > 0 && v->val.string.len < 64)
 	{
 		s = pnstrdup(v->val.string.val, v->val.string.len);
-		if (!json_number_syntax(s))
+		if (!spool_json_number_syntax(s))
 			return false;
 	}
 	else
