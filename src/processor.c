@@ -474,7 +474,9 @@ load_checkpoint(bool publish)
 	if (SPI_execute_with_args("SELECT committed_cursor, state, state_cursor, state_hash"
 							  " FROM spool.processor_checkpoints WHERE processor = $1",
 							  1, t, v, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "the checkpoint of processor \"%s\" is missing", proc_name);
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("the checkpoint of processor \"%s\" is missing", proc_name)));
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 	committed = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
