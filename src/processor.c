@@ -139,6 +139,16 @@ typedef struct StepResult
 	Datum		outputs;		/* spool.output[] */
 } StepResult;
 
+/* The processor's gate and progress, as shared memory shows them. */
+typedef struct GateView
+{
+	pid_t		active_pid;		/* 0: no active replica */
+	TimestampTz active_gone_at;
+	TimestampTz lease_expires_at;
+	int64		committed_cursor;
+	int64		snapshot_cursor;
+} GateView;
+
 /* A batch being read: what read_batch needs per row, set up once. */
 typedef struct BatchReader
 {
@@ -161,6 +171,7 @@ static void replica_attach(int64 arg);
 static void replica_detach(int code, Datum arg);
 static bool replica_step(void);
 static bool standby_pass(void);
+static void read_gate(GateView *g);
 static void load_processor(void);
 static void check_run_as(void);
 static void load_checkpoint(bool publish);
@@ -277,6 +288,18 @@ replica_attach(int64 arg)
 									 ALLOCSET_DEFAULT_SIZES);
 }
 
+static void
+read_gate(GateView *g)
+{
+	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
+	g->active_pid = ps->active_pid;
+	g->active_gone_at = ps->active_gone_at;
+	g->lease_expires_at = ps->lease_expires_at;
+	g->committed_cursor = ps->committed_cursor;
+	g->snapshot_cursor = ps->snapshot_cursor;
+	LWLockRelease(spool_shared->processor_lock);
+}
+
 /*
  * A step as a standby (or a starting replica): follow the committed cursor,
  * stopping at the active's snapshot cursor to compare state hashes; once
@@ -286,15 +309,13 @@ replica_attach(int64 arg)
 static bool
 standby_pass(void)
 {
+	GateView	g;
 	int64		committed;
-	int64		snap;
 
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
-	committed = ps->committed_cursor;
-	snap = ps->snapshot_cursor;
-	LWLockRelease(spool_shared->processor_lock);
-	if (snap > cursor && snap < committed)
-		committed = snap;
+	read_gate(&g);
+	committed = g.committed_cursor;
+	if (g.snapshot_cursor > cursor && g.snapshot_cursor < committed)
+		committed = g.snapshot_cursor;
 	if (cursor < committed)
 	{
 		standby_step(committed);
@@ -1216,21 +1237,15 @@ claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease)
 static bool
 try_takeover(void)
 {
-	pid_t		active;
-	TimestampTz expires;
-	TimestampTz gone_at;
+	GateView	g;
 	TimestampTz now = GetCurrentTimestamp();
 	SpoolLease	lease;
 	int64		committed;
 
-	LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
-	active = ps->active_pid;
-	expires = ps->lease_expires_at;
-	gone_at = ps->active_gone_at;
-	LWLockRelease(spool_shared->processor_lock);
-	if (active != 0 && now < expires)
+	read_gate(&g);
+	if (g.active_pid != 0 && now < g.lease_expires_at)
 		return false;
-	committed = claim_gate(now, expires, &lease);
+	committed = claim_gate(now, g.lease_expires_at, &lease);
 	if (committed < 0)
 		return false;
 
@@ -1248,7 +1263,8 @@ try_takeover(void)
 		rs->takeovers++;
 		rs->last_takeover_at = GetCurrentTimestamp();
 		/* From the old active's exit, or from its lease's expiry after a stall. */
-		takeover_from = (active == 0 && gone_at != 0) ? gone_at : expires;
+		takeover_from = (g.active_pid == 0 && g.active_gone_at != 0) ?
+			g.active_gone_at : g.lease_expires_at;
 	}
 	LWLockRelease(spool_shared->processor_lock);
 	ereport(LOG,
@@ -1351,21 +1367,15 @@ wait_for_work(void)
 	}
 	else
 	{
-		TimestampTz expires;
-		int64		committed;
-		pid_t		active;
+		GateView	g;
 
-		LWLockAcquire(spool_shared->processor_lock, LW_SHARED);
-		expires = ps->lease_expires_at;
-		committed = ps->committed_cursor;
-		active = ps->active_pid;
-		LWLockRelease(spool_shared->processor_lock);
-		if (committed > cursor)
+		read_gate(&g);
+		if (g.committed_cursor > cursor)
 			return;
 		/* The gate is free and another replica is taking it: look again soon. */
-		timeout = active == 0 ? GATE_FREE_POLL_MS : STANDBY_POLL_MS;
-		if (expires > now)
-			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, expires) + 1);
+		timeout = g.active_pid == 0 ? GATE_FREE_POLL_MS : STANDBY_POLL_MS;
+		if (g.lease_expires_at > now)
+			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, g.lease_expires_at) + 1);
 		ConditionVariablePrepareToSleep(&ps->cv);
 		(void) ConditionVariableTimedSleep(&ps->cv, Max(timeout, 1), PG_WAIT_EXTENSION);
 		ConditionVariableCancelSleep();
