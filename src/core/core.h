@@ -44,6 +44,7 @@
 #define ERRCODE_SPOOL_SIGNER_LEASED			MAKE_SQLSTATE('S','P','0','0','8')
 #define ERRCODE_SPOOL_LEASE_BLOCKED			MAKE_SQLSTATE('S','P','0','0','9')
 #define ERRCODE_SPOOL_DUPLICATE_OBJECT		MAKE_SQLSTATE('S','P','0','1','0')
+#define ERRCODE_SPOOL_NONDETERMINISTIC		MAKE_SQLSTATE('S','P','0','1','1')
 
 /* Longest resource/owner/signer/request id we accept (bytes). */
 #define SPOOL_NAME_MAX		200

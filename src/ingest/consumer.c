@@ -66,6 +66,7 @@ PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 												 * a single larger message still
 												 * makes a batch of one */
 #define STAGING_NATTS		15
+#define STAGING_SLOTS		1000	/* rows per heap multi-insert */
 
 /* One assigned partition. */
 typedef struct PartState
@@ -96,32 +97,51 @@ typedef struct Staged
 	bool		gap_stop;
 } Staged;
 
+/* The source, as loaded at start. */
 static char source_name[SPOOL_SOURCE_NAME_MAX + 1];
 static SpoolSourceOptions *opts;
 static char *brokers;
+static List *topics;
 static bool skip_gap;
+static Oid	source_owner;
+static char *default_group;		/* spool_ext.<database>.<source> */
+static List *resume_topic;		/* where partitions resume: stored or staged */
+static List *resume_part;
+static List *resume_next;
+
+/* The consumer */
 static rd_kafka_t *rk;
 static PartState *parts;
 static int	nparts;
+static int	wake_pipe[2] = {-1, -1};
+
+/* The batch */
 static Staged *batch;
 static int	nbatch;
 static int	batch_cap;				/* grows up to batch_size + a few gap rows */
 static Size batch_bytes;			/* message bytes held in batch */
-static Oid	source_owner;
-static int	wake_pipe[2] = {-1, -1};
+static bool stop_after_batch = false;
+static MemoryContext batch_cxt;
+static TupleTableSlot **slots;
+
+/* Status */
 static char *last_error = NULL;
 static TimestampTz last_error_at = 0;
 static const char *state = "starting";
 static TimestampTz last_status = 0;
 static TimestampTz last_commit = 0;
-static bool stop_after_batch = false;
-static MemoryContext batch_cxt;
-static TupleTableSlot **slots;
 
-static bool load_source(List **topics, List **offsets_topic, List **offsets_part,
-						List **offsets_next);
-static bool discover_and_assign(List *topics, List *off_topic, List *off_part,
-								List *off_next);
+static SPIPlanPtr plan_source_runtime;
+static SPIPlanPtr plan_partition_runtime;
+static SPIPlanPtr plan_durable_offsets;
+
+static void ingest_attach(void);
+static bool load_source(void);
+static void kafka_open(void);
+static void kafka_assign(void);
+static bool discover_and_assign(void);
+static void gather_batch(void);
+static bool wait_for_messages(long timeout);
 static void handle_message(rd_kafka_message_t *rkm);
 static void handle_gap(const char *topic, int32 partition);
 static void stage_batch(void);
@@ -131,6 +151,8 @@ static void set_error(const char *fmt,...) pg_attribute_printf(1, 2);
 static void drain_pipe(void);
 static int	find_part(const char *topic, int32 partition);
 static Staged *new_staged(int part, int64 offset, char kind);
+static void ingest_stop(void) pg_attribute_noreturn();
+static void ingest_failed(void) pg_attribute_noreturn();
 static void wait_until_promoted_stop(void);
 static void reassign_all(void);
 
@@ -233,23 +255,92 @@ new_staged(int part, int64 offset, char kind)
 }
 
 /*
- * Read the source's definition and stored offsets.  Returns false when the
- * source is gone or disabled (the worker then exits quietly).
+ * The source's row: brokers, topics, options, owner.  False when it is gone
+ * or disabled.  In load_source's transaction; kept in TopMemoryContext.
  */
 static bool
-load_source(List **topics, List **off_topic, List **off_part, List **off_next)
+read_source(Datum *name)
 {
-	Oid			t[1] = {TEXTOID};
-	Datum		v[1];
-	bool		found = false;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	ArrayType  *arr;
+	Datum	   *elems;
+	int			n;
 	bool		isnull;
-	uint64		i;
+	MemoryContext old;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	v[0] = CStringGetTextDatum(source_name);
+	if (SPI_execute_with_args("SELECT brokers, topics, options, enabled, skip_gap, owner::oid"
+							  " FROM spool.sources WHERE name = $1",
+							  1, (Oid[]) {TEXTOID}, name, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read source \"%s\"", source_name);
+	if (SPI_processed != 1 ||
+		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull)))
+		return false;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	brokers = SPI_getvalue(tup, desc, 1);
+	arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
+	for (int j = 0; j < n; j++)
+		topics = lappend(topics, TextDatumGetCString(elems[j]));
+	opts = spool_parse_source_options(DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull)));
+	skip_gap = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+	source_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 6, &isnull));
+	default_group = psprintf("spool_ext.%s.%s", get_database_name(MyDatabaseId), source_name);
+	MemoryContextSwitchTo(old);
+	return true;
+}
+
+/*
+ * Where each partition resumes: after whatever is durable or already staged
+ * (staged rows of an earlier incarnation will be promoted; re-staging them
+ * would duplicate them).  A staged 'stop' gap is not passed.
+ */
+static void
+read_resume_offsets(Datum *name)
+{
+	MemoryContext old;
+	uint64		i;
+	bool		isnull;
+
+	if (SPI_execute_with_args("SELECT topic, kafka_partition, max(n) FROM ("
+							  "  SELECT topic, kafka_partition, next_offset AS n"
+							  "    FROM spool.offsets WHERE source = $1"
+							  "  UNION ALL"
+							  "  SELECT topic, kafka_partition, max(coalesce(gap_to, kafka_offset)) + 1"
+							  "    FROM spool.staging WHERE source = $1 AND NOT coalesce(gap_stop, false)"
+							  "   GROUP BY topic, kafka_partition) x"
+							  " GROUP BY topic, kafka_partition",
+							  1, (Oid[]) {TEXTOID}, name, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read offsets of source \"%s\"", source_name);
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+
+		resume_topic = lappend(resume_topic, SPI_getvalue(tup, desc, 1));
+		resume_part = lappend_int(resume_part, DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)));
+		resume_next = lappend(resume_next, psprintf(INT64_FORMAT,
+													DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull))));
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Load: read the source's definition and where its partitions resume.
+ * Returns false when the source is gone or disabled (the worker then exits
+ * quietly).
+ */
+static bool
+load_source(void)
+{
+	Datum		name[1];
+	bool		found;
+
+	spool_begin_txn("loading the source");
+	name[0] = CStringGetTextDatum(source_name);
 
 	/*
 	 * One worker per source, ever: a second one (e.g. started by a restarted
@@ -258,63 +349,82 @@ load_source(List **topics, List **off_topic, List **off_part, List **off_next)
 	 */
 	if (!spool_internal_lock(SPOOL_LOCK_INGEST, source_name, 0))
 		ereport(ERROR,
-				(errmsg("another ingest worker is running for source \"%s\"", source_name)));
-	if (SPI_execute_with_args("SELECT brokers, topics, options, enabled, skip_gap, owner::oid"
-							  " FROM spool.sources WHERE name = $1",
-							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read source \"%s\"", source_name);
-	if (SPI_processed == 1 &&
-		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull)))
-	{
-		HeapTuple	tup = SPI_tuptable->vals[0];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		ArrayType  *arr;
-		Datum	   *elems;
-		int			n;
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-		found = true;
-		brokers = SPI_getvalue(tup, desc, 1);
-		arr = DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull));
-		deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
-		for (int j = 0; j < n; j++)
-			*topics = lappend(*topics, TextDatumGetCString(elems[j]));
-		opts = spool_parse_source_options(DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull)));
-		skip_gap = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
-		source_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 6, &isnull));
-
-		MemoryContextSwitchTo(old);
-		/*
-		 * Resume after whatever is durable or already staged (staged rows of
-		 * an earlier incarnation will be promoted; re-staging them would
-		 * duplicate them).  A staged 'stop' gap is not passed.
-		 */
-		if (SPI_execute_with_args("SELECT topic, kafka_partition, max(n) FROM ("
-								  "  SELECT topic, kafka_partition, next_offset AS n"
-								  "    FROM spool.offsets WHERE source = $1"
-								  "  UNION ALL"
-								  "  SELECT topic, kafka_partition, max(coalesce(gap_to, kafka_offset)) + 1"
-								  "    FROM spool.staging WHERE source = $1 AND NOT coalesce(gap_stop, false)"
-								  "   GROUP BY topic, kafka_partition) x"
-								  " GROUP BY topic, kafka_partition",
-								  1, t, v, NULL, true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not read offsets of source \"%s\"", source_name);
-		old = MemoryContextSwitchTo(TopMemoryContext);
-		for (i = 0; i < SPI_processed; i++)
-		{
-			tup = SPI_tuptable->vals[i];
-			desc = SPI_tuptable->tupdesc;
-			*off_topic = lappend(*off_topic, SPI_getvalue(tup, desc, 1));
-			*off_part = lappend_int(*off_part, DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)));
-			*off_next = lappend(*off_next, psprintf(INT64_FORMAT,
-													DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull))));
-		}
-		MemoryContextSwitchTo(old);
-	}
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("another ingest worker is running for source \"%s\"", source_name)));
+	found = read_source(name);
+	if (found)
+		read_resume_offsets(name);
+	spool_end_txn();
 	return found;
+}
+
+/* Where a partition starts: its stored offset, else the start option. */
+static int64
+resume_offset(const char *topic, int32 partition)
+{
+	int64		offset = opts->start_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
+	ListCell   *a,
+			   *b,
+			   *c;
+
+	forthree(a, resume_topic, b, resume_part, c, resume_next)
+	{
+		if (strcmp(lfirst(a), topic) == 0 && lfirst_int(b) == partition)
+			offset = strtoll(lfirst(c), NULL, 10);
+	}
+	return offset;
+}
+
+/*
+ * Add every partition of topic to parts and to list, at its resume offset.
+ * Returns false, with last_error set, when the brokers do not answer or the
+ * topic is unknown.
+ */
+static bool
+add_topic(rd_kafka_topic_partition_list_t *list, const char *topic, int *cap)
+{
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_resp_err_t err;
+	int			p;
+
+	err = rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_CALL_TIMEOUT_MS);
+	rd_kafka_topic_destroy(rkt);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		set_error("could not fetch metadata for topic \"%s\" from %s: %s",
+				  topic, brokers, rd_kafka_err2str(err));
+		return false;
+	}
+	if (md->topic_cnt < 1 || md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		md->topics[0].partition_cnt == 0)
+	{
+		set_error("topic \"%s\" is not available: %s", topic,
+				  md->topic_cnt < 1 ? "no metadata" : rd_kafka_err2str(md->topics[0].err));
+		rd_kafka_metadata_destroy(md);
+		return false;
+	}
+	for (p = 0; p < md->topics[0].partition_cnt; p++)
+	{
+		int32		partition = md->topics[0].partitions[p].id;
+		int64		offset = resume_offset(topic, partition);
+		PartState  *ps;
+
+		if (nparts == *cap)
+		{
+			*cap *= 2;
+			parts = repalloc(parts, sizeof(PartState) * *cap);
+		}
+		ps = &parts[nparts++];
+		ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
+		ps->partition = partition;
+		ps->position = offset >= 0 ? offset : -1;
+		ps->high = -1;
+		ps->count = 0;
+		rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
+	}
+	rd_kafka_metadata_destroy(md);
+	return true;
 }
 
 /*
@@ -323,7 +433,7 @@ load_source(List **topics, List **off_topic, List **off_part, List **off_next)
  * last_error set, when the brokers do not answer or a topic is unknown.
  */
 static bool
-discover_and_assign(List *topics, List *off_topic, List *off_part, List *off_next)
+discover_and_assign(void)
 {
 	rd_kafka_topic_partition_list_t *list;
 	ListCell   *lc;
@@ -335,57 +445,11 @@ discover_and_assign(List *topics, List *off_topic, List *off_part, List *off_nex
 	list = rd_kafka_topic_partition_list_new(cap);
 	foreach(lc, topics)
 	{
-		char	   *topic = lfirst(lc);
-		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
-		const struct rd_kafka_metadata *md = NULL;
-		int			p;
-
-		err = rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_CALL_TIMEOUT_MS);
-		rd_kafka_topic_destroy(rkt);
-		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		if (!add_topic(list, lfirst(lc), &cap))
 		{
-			set_error("could not fetch metadata for topic \"%s\" from %s: %s",
-					  topic, brokers, rd_kafka_err2str(err));
 			rd_kafka_topic_partition_list_destroy(list);
 			return false;
 		}
-		if (md->topic_cnt < 1 || md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
-			md->topics[0].partition_cnt == 0)
-		{
-			set_error("topic \"%s\" is not available: %s", topic,
-					  md->topic_cnt < 1 ? "no metadata" : rd_kafka_err2str(md->topics[0].err));
-			rd_kafka_metadata_destroy(md);
-			rd_kafka_topic_partition_list_destroy(list);
-			return false;
-		}
-		for (p = 0; p < md->topics[0].partition_cnt; p++)
-		{
-			int32		partition = md->topics[0].partitions[p].id;
-			int64		offset = opts->start_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
-			ListCell   *a,
-					   *b,
-					   *c;
-			PartState  *ps;
-
-			forthree(a, off_topic, b, off_part, c, off_next)
-			{
-				if (strcmp(lfirst(a), topic) == 0 && lfirst_int(b) == partition)
-					offset = strtoll(lfirst(c), NULL, 10);
-			}
-			if (nparts == cap)
-			{
-				cap *= 2;
-				parts = repalloc(parts, sizeof(PartState) * cap);
-			}
-			ps = &parts[nparts++];
-			ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
-			ps->partition = partition;
-			ps->position = offset >= 0 ? offset : -1;
-			ps->high = -1;
-			ps->count = 0;
-			rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
-		}
-		rd_kafka_metadata_destroy(md);
 	}
 	err = rd_kafka_assign(rk, list);
 	rd_kafka_topic_partition_list_destroy(list);
@@ -450,64 +514,43 @@ make_bytea(const void *data, size_t len)
 	return b;
 }
 
-/* Turn one consumed message (or consumer error) into a staged row. */
-static void
-handle_message(rd_kafka_message_t *rkm)
+/*
+ * The message's Kafka timestamp, if it has one.  False when it is outside
+ * the range of timestamptz: s is then a dead letter.
+ */
+static bool
+set_timestamp(Staged *s, rd_kafka_message_t *rkm)
 {
-	const char *topic;
-	int			pi;
-	Staged	   *s;
 	rd_kafka_timestamp_type_t tstype;
-	int64		ts;
+	int64		ts = rd_kafka_message_timestamp(rkm, &tstype);
+	int64		pg_ms;
 
-	if (rkm->err)
+	if (tstype == RD_KAFKA_TIMESTAMP_NOT_AVAILABLE || ts < 0)
+		return true;
+	/* Milliseconds since 1970 to microseconds since 2000, if in range. */
+	pg_ms = ts - ((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000);
+	if (pg_ms >= END_TIMESTAMP / 1000)
 	{
-		if (rkm->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
-			return;
-		if (rkm->rkt &&
-			(rkm->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
-			 rkm->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE))
-		{
-			handle_gap(rd_kafka_topic_name(rkm->rkt), rkm->partition);
-			return;
-		}
-		set_error("%s%s%s", rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "",
-				  rkm->rkt ? ": " : "", rd_kafka_message_errstr(rkm));
-		return;
+		s->kind = 'd';
+		if (rkm->payload && rkm->len <= (size_t) opts->max_message_bytes)
+			s->payload = make_bytea(rkm->payload, rkm->len);
+		s->error = psprintf("Kafka timestamp " INT64_FORMAT " ms is outside the range of timestamptz", ts);
+		return false;
 	}
+	s->ts = (TimestampTz) pg_ms * 1000;
+	s->has_ts = true;
+	return true;
+}
 
-	topic = rd_kafka_topic_name(rkm->rkt);
-	pi = find_part(topic, rkm->partition);
-	if (pi < 0)
-		return;					/* not ours (cannot happen with assign) */
-	if (parts[pi].position >= 0 && rkm->offset < parts[pi].position)
-		return;					/* already staged (a re-fetch after seek) */
-	parts[pi].position = rkm->offset + 1;
-	parts[pi].count++;
-	state = "running";
-
-	s = new_staged(pi, rkm->offset, 'm');
-	if (rkm->key)
-		s->key = make_bytea(rkm->key, rkm->key_len);
-	s->headers = headers_jsonb(rkm);
-	batch_bytes += rkm->len + rkm->key_len;
-	ts = rd_kafka_message_timestamp(rkm, &tstype);
-	if (tstype != RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0)
-	{
-		/* Milliseconds since 1970 to microseconds since 2000, if in range. */
-		int64		pg_ms = ts - ((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000);
-
-		if (pg_ms >= END_TIMESTAMP / 1000)
-		{
-			s->kind = 'd';
-			if (rkm->payload && rkm->len <= (size_t) opts->max_message_bytes)
-				s->payload = make_bytea(rkm->payload, rkm->len);
-			s->error = psprintf("Kafka timestamp " INT64_FORMAT " ms is outside the range of timestamptz", ts);
-			return;
-		}
-		s->ts = (TimestampTz) pg_ms * 1000;
-		s->has_ts = true;
-	}
+/*
+ * The message's value, as the source's format says; a value that cannot
+ * be stored makes s a dead letter.  json text is converted to jsonb when
+ * the batch is staged (convert_json_values).
+ */
+static void
+set_value(Staged *s, rd_kafka_message_t *rkm)
+{
+	bool		utf8;
 
 	if (rkm->payload == NULL)
 	{
@@ -522,33 +565,99 @@ handle_message(rd_kafka_message_t *rkm)
 							rkm->len, opts->max_message_bytes);
 		return;
 	}
-	switch (opts->format)
+	if (opts->format == SPOOL_FORMAT_BYTES)
 	{
-		case SPOOL_FORMAT_JSON:
-			/* jsonb_in trusts its input to be server-encoded and stops at a NUL. */
-			if (!pg_verify_mbstr(PG_UTF8, rkm->payload, rkm->len, true) ||
-				memchr(rkm->payload, '\0', rkm->len) != NULL)
-			{
-				s->kind = 'd';
-				s->payload = make_bytea(rkm->payload, rkm->len);
-				s->error = "invalid JSON: not valid UTF-8";
-				return;
-			}
-			s->json = pnstrdup(rkm->payload, rkm->len);
-			break;
-		case SPOOL_FORMAT_TEXT:
-			s->payload = make_bytea(rkm->payload, rkm->len);
-			if (!pg_verify_mbstr(PG_UTF8, rkm->payload, rkm->len, true) ||
-				memchr(rkm->payload, '\0', rkm->len) != NULL)
-			{
-				s->kind = 'd';
-				s->error = "invalid UTF-8 text";
-			}
-			break;
-		case SPOOL_FORMAT_BYTES:
-			s->payload = make_bytea(rkm->payload, rkm->len);
-			break;
+		s->payload = make_bytea(rkm->payload, rkm->len);
+		return;
 	}
+	/* jsonb_in and text trust their input to be server-encoded and stop at a NUL. */
+	utf8 = pg_verify_mbstr(PG_UTF8, rkm->payload, rkm->len, true) &&
+		memchr(rkm->payload, '\0', rkm->len) == NULL;
+	if (opts->format == SPOOL_FORMAT_JSON && utf8)
+		s->json = pnstrdup(rkm->payload, rkm->len);
+	else
+		s->payload = make_bytea(rkm->payload, rkm->len);
+	if (!utf8)
+	{
+		s->kind = 'd';
+		s->error = opts->format == SPOOL_FORMAT_JSON ? "invalid JSON: not valid UTF-8"
+			: "invalid UTF-8 text";
+	}
+}
+
+/* A consumer error: a hole (offset out of range) becomes a gap row. */
+static void
+handle_consumer_error(rd_kafka_message_t *rkm)
+{
+	if (rkm->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+		return;
+	if (rkm->rkt &&
+		(rkm->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
+		 rkm->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE))
+	{
+		handle_gap(rd_kafka_topic_name(rkm->rkt), rkm->partition);
+		return;
+	}
+	set_error("%s%s%s", rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "",
+			  rkm->rkt ? ": " : "", rd_kafka_message_errstr(rkm));
+}
+
+/* Turn one consumed message (or consumer error) into a staged row. */
+static void
+handle_message(rd_kafka_message_t *rkm)
+{
+	int			pi;
+	Staged	   *s;
+
+	if (rkm->err)
+	{
+		handle_consumer_error(rkm);
+		return;
+	}
+	pi = find_part(rd_kafka_topic_name(rkm->rkt), rkm->partition);
+	if (pi < 0)
+		return;					/* not ours (cannot happen with assign) */
+	if (parts[pi].position >= 0 && rkm->offset < parts[pi].position)
+		return;					/* already staged (a re-fetch after seek) */
+	parts[pi].position = rkm->offset + 1;
+	parts[pi].count++;
+	state = "running";
+
+	s = new_staged(pi, rkm->offset, 'm');
+	if (rkm->key)
+		s->key = make_bytea(rkm->key, rkm->key_len);
+	s->headers = headers_jsonb(rkm);
+	batch_bytes += rkm->len + rkm->key_len;
+	if (set_timestamp(s, rkm))
+		set_value(s, rkm);
+}
+
+/*
+ * The log start of a partition, asked with ListOffsets(earliest); -1 with
+ * last_error set when it is unknown.  (Not rd_kafka_query_watermark_offsets:
+ * in librdkafka 2.0 it ignores its timeout while the partition leader is
+ * unreachable.)
+ */
+static int64
+log_start(const char *topic, int32 partition)
+{
+	rd_kafka_topic_partition_list_t *q = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_resp_err_t err;
+	int64		low;
+
+	rd_kafka_topic_partition_list_add(q, topic, partition)->offset = RD_KAFKA_OFFSET_BEGINNING;
+	err = rd_kafka_offsets_for_times(rk, q, KAFKA_CALL_TIMEOUT_MS);
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		err = q->elems[0].err;
+	low = q->elems[0].offset;
+	rd_kafka_topic_partition_list_destroy(q);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR || low < 0)
+	{
+		set_error("%s [%d]: offset out of range, and the log start is unknown: %s",
+				  topic, partition, rd_kafka_err2str(err));
+		return -1;
+	}
+	return low;
 }
 
 /*
@@ -560,34 +669,12 @@ static void
 handle_gap(const char *topic, int32 partition)
 {
 	int			pi = find_part(topic, partition);
-	int64		low = -1;
-	rd_kafka_resp_err_t err;
+	int64		low;
 	Staged	   *s;
 	bool		stop;
 
-	if (pi < 0)
+	if (pi < 0 || (low = log_start(topic, partition)) < 0)
 		return;
-	/*
-	 * The log start, asked with ListOffsets(earliest).  (Not
-	 * rd_kafka_query_watermark_offsets: in librdkafka 2.0 it ignores its
-	 * timeout while the partition leader is unreachable.)
-	 */
-	{
-		rd_kafka_topic_partition_list_t *q = rd_kafka_topic_partition_list_new(1);
-
-		rd_kafka_topic_partition_list_add(q, topic, partition)->offset = RD_KAFKA_OFFSET_BEGINNING;
-		err = rd_kafka_offsets_for_times(rk, q, KAFKA_CALL_TIMEOUT_MS);
-		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-			err = q->elems[0].err;
-		low = q->elems[0].offset;
-		rd_kafka_topic_partition_list_destroy(q);
-	}
-	if (err != RD_KAFKA_RESP_ERR_NO_ERROR || low < 0)
-	{
-		set_error("%s [%d]: offset out of range, and the log start is unknown: %s",
-				  topic, partition, rd_kafka_err2str(err));
-		return;
-	}
 	if (parts[pi].position < 0 || parts[pi].position >= low)
 	{
 		/* Not a hole behind us (e.g. we asked beyond the end): resume at the end. */
@@ -601,7 +688,8 @@ handle_gap(const char *topic, int32 partition)
 	s->gap_to = low - 1;
 	s->gap_stop = stop;
 	ereport(WARNING,
-			(errmsg("source \"%s\": retention gap in %s [%d], offsets " INT64_FORMAT " to " INT64_FORMAT " are gone",
+			(errcode(ERRCODE_WARNING),
+			 errmsg("source \"%s\": retention gap in %s [%d], offsets " INT64_FORMAT " to " INT64_FORMAT " are gone",
 					source_name, topic, partition, parts[pi].position, low - 1),
 			 errdetail(stop ? "on_gap is 'stop': the source stops; spool.start_source continues past the gap."
 					   : "The source continues from the log start.")));
@@ -740,55 +828,25 @@ convert_json_values(void)
 			convert_one_json(&batch[i], NULL);
 }
 
-/* Write the batch into spool.staging in one transaction and wake the promoter. */
-static void
-stage_batch(void)
+/*
+ * Open the active staging table for writing.  Check the flag again once we
+ * hold the lock: if the promoter flipped it meanwhile, it may be about to
+ * move and truncate the table we locked, so use the new active one.
+ */
+static Relation
+open_active_staging(uint32 *which)
 {
 	Oid			staging_oid;
-	Oid			seq_oid;
 	Relation	rel;
-	int64		batch_id;
-	int			i;
-	int			nslots = 0;
-	int			nmsg = 0;
-	int			nmsg_total = 0;
-	int64		first_pos;
-	uint32		which;
-	CommandId	cid;
-	Datum		source_datum;
-	Datum	   *topic_datums;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "staging a batch");
-
-	if (opts->format == SPOOL_FORMAT_JSON)
-		convert_json_values();
-
-	/*
-	 * Write into the active staging table.  Check the flag again once we hold
-	 * the lock: if the promoter flipped it meanwhile, it may be about to move
-	 * and truncate the table we locked, so use the new active one.
-	 */
 	for (;;)
 	{
-		which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
-		staging_oid = RangeVarGetRelid(makeRangeVar("spool", which ? "staging_1" : "staging_0", -1),
+		*which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
+		staging_oid = RangeVarGetRelid(makeRangeVar("spool", *which ? "staging_1" : "staging_0", -1),
 									   RowExclusiveLock, false);
-		if (pg_atomic_read_u32(&spool_ingest_shared->staging_active) == which)
+		if (pg_atomic_read_u32(&spool_ingest_shared->staging_active) == *which)
 			break;
 	}
-	/*
-	 * Reserve positions for this batch's messages in the table, while we hold
-	 * it: the promoter numbers cursors by these positions, and the counter
-	 * tells it how many there can be.
-	 */
-	for (i = 0; i < nbatch; i++)
-		nmsg_total += (batch[i].kind == 'm');
-	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_msgs[which], (uint64) nmsg_total);
-	seq_oid = RangeVarGetRelid(makeRangeVar("spool", "staging_batch", -1), NoLock, false);
-	batch_id = DatumGetInt64(DirectFunctionCall1(nextval_oid, ObjectIdGetDatum(seq_oid)));
 	rel = table_open(staging_oid, RowExclusiveLock);
 	if (RelationGetDescr(rel)->natts != STAGING_NATTS)
 		elog(ERROR, "spool staging table has %d columns, expected %d",
@@ -797,149 +855,133 @@ stage_batch(void)
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 		TupleDesc	desc = CreateTupleDescCopy(RelationGetDescr(rel));
+		int			i;
 
-		slots = palloc(sizeof(TupleTableSlot *) * 1000);
-		for (i = 0; i < 1000; i++)
+		slots = palloc(sizeof(TupleTableSlot *) * STAGING_SLOTS);
+		for (i = 0; i < STAGING_SLOTS; i++)
 			slots[i] = MakeSingleTupleTableSlot(desc, &TTSOpsVirtual);
 		MemoryContextSwitchTo(old);
 	}
-	/*
-	 * No BulkInsertState: its ring buffer would push staging pages out of
-	 * shared buffers just before the promoter reads them.
-	 */
-	cid = GetCurrentCommandId(true);
-	source_datum = CStringGetTextDatum(source_name);
-	topic_datums = palloc(sizeof(Datum) * nparts);
+	return rel;
+}
+
+static inline void
+set_column(TupleTableSlot *slot, int col, Datum value)
+{
+	slot->tts_values[col] = value;
+	slot->tts_isnull[col] = false;
+}
+
+/* One staging row in slot: a message at position pos, or (pos -1) another kind. */
+static void
+fill_slot(TupleTableSlot *slot, Staged *s, int64 batch_id, int64 pos, Datum source,
+		  Datum topic)
+{
+	ExecClearTuple(slot);
+	memset(slot->tts_isnull, true, sizeof(bool) * STAGING_NATTS);
+	set_column(slot, 0, Int64GetDatum(batch_id));
+	if (pos >= 0)
+		set_column(slot, 1, Int64GetDatum(pos));
+	set_column(slot, 2, source);
+	set_column(slot, 3, topic);
+	set_column(slot, 4, Int32GetDatum(parts[s->part].partition));
+	set_column(slot, 5, Int64GetDatum(s->offset));
+	set_column(slot, 6, CharGetDatum(s->kind));
+	if (s->key)
+		set_column(slot, 7, PointerGetDatum(s->key));
+	if (s->kind == 'm' && s->has_value)
+		set_column(slot, 8, s->value);
+	if (s->payload)
+		set_column(slot, 9, PointerGetDatum(s->payload));
+	if (s->headers)
+		set_column(slot, 10, JsonbPGetDatum(s->headers));
+	if (s->has_ts)
+		set_column(slot, 11, TimestampTzGetDatum(s->ts));
+	if (s->error)
+		set_column(slot, 12, CStringGetTextDatum(s->error));
+	if (s->kind == 'g')
+	{
+		set_column(slot, 13, Int64GetDatum(s->gap_to));
+		set_column(slot, 14, BoolGetDatum(s->gap_stop));
+	}
+	ExecStoreVirtualTuple(slot);
+}
+
+/*
+ * Insert the batch into rel with heap multi-inserts, its messages at
+ * positions first_pos, first_pos + 1, ...  No BulkInsertState: its ring
+ * buffer would push staging pages out of shared buffers just before the
+ * promoter reads them.
+ */
+static void
+insert_batch(Relation rel, int64 first_pos)
+{
+	Oid			seq_oid = RangeVarGetRelid(makeRangeVar("spool", "staging_batch", -1), NoLock, false);
+	int64		batch_id = DatumGetInt64(DirectFunctionCall1(nextval_oid, ObjectIdGetDatum(seq_oid)));
+	CommandId	cid = GetCurrentCommandId(true);
+	Datum		source_datum = CStringGetTextDatum(source_name);
+	Datum	   *topic_datums = palloc(sizeof(Datum) * nparts);
+	int64		pos = first_pos;
+	int			nslots = 0;
+	int			i;
+
 	for (i = 0; i < nparts; i++)
 		topic_datums[i] = CStringGetTextDatum(parts[i].topic);
-
 	for (i = 0; i < nbatch; i++)
 	{
 		Staged	   *s = &batch[i];
-		TupleTableSlot *slot = slots[nslots];
-		Datum	   *v = slot->tts_values;
-		bool	   *n = slot->tts_isnull;
 
-		ExecClearTuple(slot);
-		memset(n, true, sizeof(bool) * STAGING_NATTS);
-		v[0] = Int64GetDatum(batch_id);
-		n[0] = false;
-		if (s->kind == 'm')
-		{
-			v[1] = Int64GetDatum(first_pos + nmsg++);
-			n[1] = false;
-		}
-		v[2] = source_datum;
-		n[2] = false;
-		v[3] = topic_datums[s->part];
-		n[3] = false;
-		v[4] = Int32GetDatum(parts[s->part].partition);
-		n[4] = false;
-		v[5] = Int64GetDatum(s->offset);
-		n[5] = false;
-		v[6] = CharGetDatum(s->kind);
-		n[6] = false;
-		if (s->key)
-		{
-			v[7] = PointerGetDatum(s->key);
-			n[7] = false;
-		}
-		if (s->kind == 'm' && s->has_value)
-		{
-			v[8] = s->value;
-			n[8] = false;
-		}
-		if (s->payload)
-		{
-			v[9] = PointerGetDatum(s->payload);
-			n[9] = false;
-		}
-		if (s->headers)
-		{
-			v[10] = JsonbPGetDatum(s->headers);
-			n[10] = false;
-		}
-		if (s->has_ts)
-		{
-			v[11] = TimestampTzGetDatum(s->ts);
-			n[11] = false;
-		}
-		if (s->error)
-		{
-			v[12] = CStringGetTextDatum(s->error);
-			n[12] = false;
-		}
-		if (s->kind == 'g')
-		{
-			v[13] = Int64GetDatum(s->gap_to);
-			n[13] = false;
-			v[14] = BoolGetDatum(s->gap_stop);
-			n[14] = false;
-		}
-		ExecStoreVirtualTuple(slot);
-		if (++nslots == 1000 || i == nbatch - 1)
+		fill_slot(slots[nslots], s, batch_id, s->kind == 'm' ? pos++ : -1, source_datum,
+				  topic_datums[s->part]);
+		if (++nslots == STAGING_SLOTS || i == nbatch - 1)
 		{
 			table_multi_insert(rel, slots, nslots, cid, 0, NULL);
 			nslots = 0;
 		}
 	}
+}
+
+/* Write the batch into the active staging table in one transaction and wake the promoter. */
+static void
+stage_batch(void)
+{
+	Relation	rel;
+	uint32		which;
+	int			nmsg = 0;
+	int64		first_pos;
+	int			i;
+
+	spool_begin_txn("staging a batch");
+	if (opts->format == SPOOL_FORMAT_JSON)
+		convert_json_values();
+	rel = open_active_staging(&which);
+
+	/*
+	 * Reserve positions for this batch's messages in the table, while we hold
+	 * it: the promoter numbers cursors by these positions, and the counter
+	 * tells it how many there can be.
+	 */
+	for (i = 0; i < nbatch; i++)
+		nmsg += (batch[i].kind == 'm');
+	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_msgs[which], (uint64) nmsg);
+	insert_batch(rel, first_pos);
 	table_close(rel, NoLock);
 	if (nbatch > nmsg)
 		pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_other[which], (uint64) (nbatch - nmsg));
 
 	refresh_status(false);
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_activity(STATE_IDLE, NULL);
+	spool_end_txn();
 	spool_wake_promoter();
 	nbatch = 0;
 	batch_bytes = 0;
 }
 
-/*
- * Write the runtime state (at most once a second unless forced) and, every
- * few seconds, commit the promoted offsets to the broker for lag monitoring.
- * Runs inside the caller's transaction, or in one of its own.
- */
+/* The worker's row of spool.source_runtime. */
 static void
-refresh_status(bool force)
+write_source_runtime(void)
 {
-	TimestampTz now = GetCurrentTimestamp();
-	bool		own_xact = !IsTransactionState();
-	double		secs;
-	Oid			t[6] = {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, INT4OID};
-	Datum		v[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
-	Oid			tp[6] = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, FLOAT8ARRAYOID};
-	Datum		vp[6];
-	Datum	   *d_topic,
-			   *d_part,
-			   *d_high,
-			   *d_pos,
-			   *d_rate;
-	bool	   *pn_high,
-			   *pn_pos;
-	int			dims[1];
-	int			lbs[1] = {1};
-	int			i;
-
-	take_kafka_error();
-	/* Errors stopped: the state is healthy again (last_error stays, with its time). */
-	if (strcmp(state, "error") == 0 && last_error_at != 0 &&
-		now - last_error_at > (int64) ERROR_QUIET_MS * 1000)
-		state = "running";
-	if (!force && now - last_status < (int64) STATUS_INTERVAL_MS * 1000)
-		return;
-	secs = last_status ? (double) (now - last_status) / 1000000.0 : 1.0;
-	last_status = now;
-
-	if (own_xact)
-	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-	}
-	SPI_connect();
+	Datum		v[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 
 	v[0] = CStringGetTextDatum(source_name);
 	v[1] = Int32GetDatum(MyProcPid);
@@ -951,22 +993,45 @@ refresh_status(bool force)
 	}
 	else
 		nulls[3] = nulls[4] = 'n';
-	v[5] = Int32GetDatum(0);
-	SPI_execute_with_args("INSERT INTO spool.source_runtime AS r"
-						  " (source, pid, state, last_error, last_error_at, updated_at)"
-						  " VALUES ($1, $2, $3, $4, $5, clock_timestamp())"
-						  " ON CONFLICT (source) DO UPDATE SET pid = EXCLUDED.pid,"
-						  " state = EXCLUDED.state, last_error = EXCLUDED.last_error,"
-						  " last_error_at = EXCLUDED.last_error_at, updated_at = EXCLUDED.updated_at",
-						  5, t, v, nulls, false, 0);
+	spool_plan(&plan_source_runtime,
+			   "INSERT INTO spool.source_runtime AS r"
+			   " (source, pid, state, last_error, last_error_at, updated_at)"
+			   " VALUES ($1, $2, $3, $4, $5, clock_timestamp())"
+			   " ON CONFLICT (source) DO UPDATE SET pid = EXCLUDED.pid,"
+			   " state = EXCLUDED.state, last_error = EXCLUDED.last_error,"
+			   " last_error_at = EXCLUDED.last_error_at, updated_at = EXCLUDED.updated_at",
+			   5, (Oid[]) {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID});
+	(void) spool_exec(plan_source_runtime, v, nulls, false, SPI_OK_INSERT);
+}
 
-	d_topic = palloc(sizeof(Datum) * Max(nparts, 1));
-	d_part = palloc(sizeof(Datum) * Max(nparts, 1));
-	d_high = palloc(sizeof(Datum) * Max(nparts, 1));
-	d_pos = palloc(sizeof(Datum) * Max(nparts, 1));
-	d_rate = palloc(sizeof(Datum) * Max(nparts, 1));
-	pn_high = palloc(sizeof(bool) * Max(nparts, 1));
-	pn_pos = palloc(sizeof(bool) * Max(nparts, 1));
+/*
+ * The rows of spool.partition_runtime: high watermark (as librdkafka last
+ * saw it), position, and messages per second over the last secs.
+ */
+static void
+write_partition_runtime(double secs)
+{
+	Datum	   *d_topic,
+			   *d_part,
+			   *d_high,
+			   *d_pos,
+			   *d_rate;
+	bool	   *pn_high,
+			   *pn_pos;
+	int			dims[1] = {nparts};
+	int			lbs[1] = {1};
+	Datum		v[6];
+	int			i;
+
+	if (nparts == 0)
+		return;
+	d_topic = palloc(sizeof(Datum) * nparts);
+	d_part = palloc(sizeof(Datum) * nparts);
+	d_high = palloc(sizeof(Datum) * nparts);
+	d_pos = palloc(sizeof(Datum) * nparts);
+	d_rate = palloc(sizeof(Datum) * nparts);
+	pn_high = palloc(sizeof(bool) * nparts);
+	pn_pos = palloc(sizeof(bool) * nparts);
 	for (i = 0; i < nparts; i++)
 	{
 		int64		low = -1;
@@ -985,61 +1050,86 @@ refresh_status(bool force)
 		d_rate[i] = Float8GetDatum(parts[i].count / secs);
 		parts[i].count = 0;
 	}
-	if (nparts > 0)
-	{
-		dims[0] = nparts;
-		vp[0] = CStringGetTextDatum(source_name);
-		vp[1] = PointerGetDatum(construct_array(d_topic, nparts, TEXTOID, -1, false, TYPALIGN_INT));
-		vp[2] = PointerGetDatum(construct_array(d_part, nparts, INT4OID, 4, true, TYPALIGN_INT));
-		vp[3] = PointerGetDatum(construct_md_array(d_high, pn_high, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		vp[4] = PointerGetDatum(construct_md_array(d_pos, pn_pos, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		vp[5] = PointerGetDatum(construct_array(d_rate, nparts, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-		SPI_execute_with_args("INSERT INTO spool.partition_runtime AS p"
-							  " (source, topic, kafka_partition, high_watermark, position, msgs_per_sec, updated_at)"
-							  " SELECT $1, u.t, u.p, u.h, u.o, u.r, clock_timestamp()"
-							  " FROM unnest($2, $3, $4, $5, $6) AS u(t, p, h, o, r)"
-							  " ON CONFLICT (source, topic, kafka_partition) DO UPDATE SET"
-							  " high_watermark = EXCLUDED.high_watermark, position = EXCLUDED.position,"
-							  " msgs_per_sec = EXCLUDED.msgs_per_sec, updated_at = EXCLUDED.updated_at",
-							  6, tp, vp, NULL, false, 0);
-	}
+	v[0] = CStringGetTextDatum(source_name);
+	v[1] = PointerGetDatum(construct_array(d_topic, nparts, TEXTOID, -1, false, TYPALIGN_INT));
+	v[2] = PointerGetDatum(construct_array(d_part, nparts, INT4OID, 4, true, TYPALIGN_INT));
+	v[3] = PointerGetDatum(construct_md_array(d_high, pn_high, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	v[4] = PointerGetDatum(construct_md_array(d_pos, pn_pos, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	v[5] = PointerGetDatum(construct_array(d_rate, nparts, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	spool_plan(&plan_partition_runtime,
+			   "INSERT INTO spool.partition_runtime AS p"
+			   " (source, topic, kafka_partition, high_watermark, position, msgs_per_sec, updated_at)"
+			   " SELECT $1, u.t, u.p, u.h, u.o, u.r, clock_timestamp()"
+			   " FROM unnest($2, $3, $4, $5, $6) AS u(t, p, h, o, r)"
+			   " ON CONFLICT (source, topic, kafka_partition) DO UPDATE SET"
+			   " high_watermark = EXCLUDED.high_watermark, position = EXCLUDED.position,"
+			   " msgs_per_sec = EXCLUDED.msgs_per_sec, updated_at = EXCLUDED.updated_at",
+			   6, (Oid[]) {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, FLOAT8ARRAYOID});
+	(void) spool_exec(plan_partition_runtime, v, NULL, false, SPI_OK_INSERT);
+}
 
-	/* Broker-side commit of the durable offsets: for lag monitoring only. */
+/* Broker-side commit of the durable offsets: for lag monitoring only. */
+static void
+commit_offsets_to_broker(void)
+{
+	Datum		v[1] = {CStringGetTextDatum(source_name)};
+	rd_kafka_topic_partition_list_t *list;
+	bool		isnull;
+	uint64		j;
+
+	spool_plan(&plan_durable_offsets,
+			   "SELECT topic, kafka_partition, next_offset FROM spool.offsets WHERE source = $1",
+			   1, (Oid[]) {TEXTOID});
+	if (spool_exec(plan_durable_offsets, v, NULL, true, SPI_OK_SELECT) == 0)
+		return;
+	list = rd_kafka_topic_partition_list_new((int) SPI_processed);
+	for (j = 0; j < SPI_processed; j++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[j];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+
+		rd_kafka_topic_partition_list_add(list, SPI_getvalue(tup, desc, 1),
+										  DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)))->offset =
+			DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+	}
+	(void) rd_kafka_commit(rk, list, 1);	/* async; failures only affect monitoring */
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/*
+ * Write the runtime state (at most once a second unless forced) and, every
+ * few seconds, commit the promoted offsets to the broker for lag monitoring.
+ * Runs inside the caller's transaction (connected to SPI), or in one of its
+ * own.
+ */
+static void
+refresh_status(bool force)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		own_xact = !IsTransactionState();
+	double		secs;
+
+	take_kafka_error();
+	/* Errors stopped: the state is healthy again (last_error stays, with its time). */
+	if (strcmp(state, "error") == 0 && last_error_at != 0 &&
+		now - last_error_at > (int64) ERROR_QUIET_MS * 1000)
+		state = "running";
+	if (!force && now - last_status < (int64) STATUS_INTERVAL_MS * 1000)
+		return;
+	secs = last_status ? (double) (now - last_status) / 1000000.0 : 1.0;
+	last_status = now;
+
+	if (own_xact)
+		spool_begin_txn("writing the source's status");
+	write_source_runtime();
+	write_partition_runtime(secs);
 	if (rk && now - last_commit >= (int64) COMMIT_INTERVAL_MS * 1000)
 	{
-		Oid			to[1] = {TEXTOID};
-		Datum		vo[1];
-
 		last_commit = now;
-		vo[0] = CStringGetTextDatum(source_name);
-		if (SPI_execute_with_args("SELECT topic, kafka_partition, next_offset FROM spool.offsets"
-								  " WHERE source = $1", 1, to, vo, NULL, true, 0) == SPI_OK_SELECT &&
-			SPI_processed > 0)
-		{
-			rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new((int) SPI_processed);
-			bool		isnull;
-			uint64		j;
-
-			for (j = 0; j < SPI_processed; j++)
-			{
-				HeapTuple	tup = SPI_tuptable->vals[j];
-				TupleDesc	desc = SPI_tuptable->tupdesc;
-
-				rd_kafka_topic_partition_list_add(list, SPI_getvalue(tup, desc, 1),
-												  DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull)))->offset =
-					DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
-			}
-			(void) rd_kafka_commit(rk, list, 1);	/* async; failures only affect monitoring */
-			rd_kafka_topic_partition_list_destroy(list);
-		}
+		commit_offsets_to_broker();
 	}
-
-	SPI_finish();
 	if (own_xact)
-	{
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
+		spool_end_txn();
 }
 
 /*
@@ -1050,8 +1140,6 @@ refresh_status(bool force)
 static void
 wait_until_promoted_stop(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	Oid			t[1] = {TEXTOID};
 	Datum		v[1];
 	int			i;
 
@@ -1060,20 +1148,14 @@ wait_until_promoted_stop(void)
 		bool		enabled;
 		bool		isnull;
 
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		SPI_connect();
-		PushActiveSnapshot(GetTransactionSnapshot());
+		spool_begin_txn("waiting for the gap to be promoted");
 		v[0] = CStringGetTextDatum(source_name);
 		if (SPI_execute_with_args("SELECT enabled FROM spool.sources WHERE name = $1",
-								  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
+								  1, (Oid[]) {TEXTOID}, v, NULL, true, 1) != SPI_OK_SELECT)
 			elog(ERROR, "could not read source \"%s\"", source_name);
 		enabled = SPI_processed == 1 &&
 			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		PopActiveSnapshot();
-		SPI_finish();
-		CommitTransactionCommand();
-		MemoryContextSwitchTo(cxt);
+		spool_end_txn();
 		if (!enabled)
 			return;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -1083,166 +1165,206 @@ wait_until_promoted_stop(void)
 	}
 }
 
-void
-spool_ingest_main(Datum main_arg)
+/* Attach: signals, the connection, pinned settings, the batch's memory. */
+static void
+ingest_attach(void)
 {
-	List	   *topics = NIL;
-	List	   *off_topic = NIL;
-	List	   *off_part = NIL;
-	List	   *off_next = NIL;
-	char		errbuf[512];
-	rd_kafka_conf_t *conf;
-	rd_kafka_queue_t *queue;
-	char	   *default_group;
-	int			retry_ms = 1000;
-
 	strlcpy(source_name, spool_worker_args()->name, sizeof(source_name));
-	source_name[SPOOL_SOURCE_NAME_MAX] = '\0';
-
 	spool_worker_attach(InvalidOid, NULL);
-	pgstat_report_appname(psprintf("spool ingest %s", source_name));
-
-	if (!load_source(&topics, &off_topic, &off_part, &off_next))
-		proc_exit(0);
 
 	batch_cxt = AllocSetContextCreate(TopMemoryContext, "spool ingest batch",
 									  ALLOCSET_DEFAULT_SIZES);
 	batch_cap = 1024;
 	batch = MemoryContextAlloc(TopMemoryContext, sizeof(Staged) * batch_cap);
-	StartTransactionCommand();
-	default_group = MemoryContextStrdup(TopMemoryContext,
-										psprintf("spool_ext.%s.%s",
-												 get_database_name(MyDatabaseId), source_name));
-	CommitTransactionCommand();
+}
+
+/*
+ * Create the consumer (with what the owner may hand to librdkafka today: it
+ * may have been demoted) and the pipe librdkafka wakes us through.
+ */
+static void
+kafka_open(void)
+{
+	char		errbuf[512];
+	rd_kafka_conf_t *conf;
+
+	spool_begin_txn("checking the Kafka policy");
+	spool_kafka_policy_check(brokers, opts->nkafka, (const char *const *) opts->kafka_keys,
+							 (const char *const *) opts->kafka_values, source_owner,
+							 "source", source_name);
+	spool_end_txn();
+	conf = spool_kafka_conf(brokers, opts, default_group, errbuf, sizeof(errbuf));
+	if (conf == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("invalid Kafka configuration: %s", errbuf)));
+	rd_kafka_conf_set_error_cb(conf, kafka_error_cb);
+	rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
+	if (rk == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("could not create Kafka consumer: %s", errbuf)));
+	rd_kafka_poll_set_consumer(rk);
+
+	if (pipe(wake_pipe) != 0 ||
+		fcntl(wake_pipe[0], F_SETFL, O_NONBLOCK) != 0 ||
+		fcntl(wake_pipe[1], F_SETFL, O_NONBLOCK) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not create wake-up pipe: %m")));
+	rd_kafka_queue_io_event_enable(rd_kafka_queue_get_consumer(rk), wake_pipe[1], "1", 1);
+}
+
+/* Assign the partitions; until the brokers answer, keep retrying with the reason visible. */
+static void
+kafka_assign(void)
+{
+	int			retry_ms = 1000;
+
+	state = "connecting";
+	refresh_status(true);
+	while (!discover_and_assign())
+	{
+		refresh_status(true);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 retry_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		spool_exit_if_orphaned();
+		retry_ms = Min(retry_ms * 2, 30000);
+	}
+	state = "running";
+	refresh_status(true);
+	ereport(LOG, (errmsg("spool ingest worker for source \"%s\" assigned %d partitions",
+						 source_name, nparts)));
+}
+
+/*
+ * Sleep until the latch is set, the consumer queue has messages (the pipe)
+ * or timeout ms passed; false on timeout.
+ */
+static bool
+wait_for_messages(long timeout)
+{
+	int			rc = WaitLatchOrSocket(MyLatch,
+									   WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+									   wake_pipe[0], timeout, PG_WAIT_EXTENSION);
+
+	if (rc & WL_LATCH_SET)
+	{
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	if (rc & WL_SOCKET_READABLE)
+		drain_pipe();
+	return !(rc & WL_TIMEOUT);
+}
+
+/*
+ * Consume into the batch until it is full (batch_size messages or
+ * BATCH_MAX_BYTES), batch_ms have passed since its first message, a gap
+ * stops the source, or, with nothing held, STATUS_INTERVAL_MS pass without
+ * a message.  Never blocks inside librdkafka.
+ */
+static void
+gather_batch(void)
+{
+	TimestampTz first = 0;
+
+	while (nbatch < opts->batch_size && batch_bytes < BATCH_MAX_BYTES && !stop_after_batch)
+	{
+		rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 0);
+		long		timeout = STATUS_INTERVAL_MS;
+
+		if (rkm)
+		{
+			if (nbatch == 0)
+				first = GetCurrentTimestamp();
+			handle_message(rkm);
+			rd_kafka_message_destroy(rkm);
+			continue;
+		}
+		if (nbatch > 0)
+		{
+			timeout = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+													  TimestampTzPlusMilliseconds(first, opts->batch_ms));
+			if (timeout <= 0)
+				break;
+		}
+		if (!wait_for_messages(timeout) && nbatch == 0)
+			break;
+	}
+}
+
+/* A gap stopped the source: say so, wait until it is recorded, and exit. */
+static void
+ingest_stop(void)
+{
+	state = "stopped";
+	refresh_status(true);
+	wait_until_promoted_stop();
+	proc_exit(0);
+}
+
+/*
+ * The worker failed: show why in spool.source_runtime (unless it was told
+ * to stop), then exit with the error.  Called in PG_CATCH.
+ */
+static void
+ingest_failed(void)
+{
+	ErrorData  *edata;
+
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(TopMemoryContext);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortOutOfAnyTransaction();
+	if (edata->sqlerrcode != ERRCODE_ADMIN_SHUTDOWN)
+	{
+		set_error("%s", edata->message);
+		state = "failed";
+		PG_TRY();
+		{
+			refresh_status(true);
+		}
+		PG_CATCH();
+		{
+			FlushErrorState();
+			AbortOutOfAnyTransaction();
+		}
+		PG_END_TRY();
+	}
+	RESUME_INTERRUPTS();
+	ReThrowError(edata);
+}
+
+void
+spool_ingest_main(Datum main_arg)
+{
+	ingest_attach();
+	if (!load_source())
+		proc_exit(0);
 
 	PG_TRY();
 	{
-		/* What the owner may hand to librdkafka today (it may have been demoted). */
-		StartTransactionCommand();
-		spool_kafka_policy_check(brokers, opts->nkafka, (const char *const *) opts->kafka_keys,
-								 (const char *const *) opts->kafka_values, source_owner,
-								 "source", source_name);
-		CommitTransactionCommand();
-		conf = spool_kafka_conf(brokers, opts, default_group, errbuf, sizeof(errbuf));
-		if (conf == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid Kafka configuration: %s", errbuf)));
-		rd_kafka_conf_set_error_cb(conf, kafka_error_cb);
-		rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
-		if (rk == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("could not create Kafka consumer: %s", errbuf)));
-		rd_kafka_poll_set_consumer(rk);
-
-		if (pipe(wake_pipe) != 0 ||
-			fcntl(wake_pipe[0], F_SETFL, O_NONBLOCK) != 0 ||
-			fcntl(wake_pipe[1], F_SETFL, O_NONBLOCK) != 0)
-			elog(ERROR, "could not create wake-up pipe: %m");
-		queue = rd_kafka_queue_get_consumer(rk);
-		rd_kafka_queue_io_event_enable(queue, wake_pipe[1], "1", 1);
-
-		/* Until the brokers answer: keep retrying, with the reason visible. */
-		state = "connecting";
-		refresh_status(true);
-		while (!discover_and_assign(topics, off_topic, off_part, off_next))
-		{
-			refresh_status(true);
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 retry_ms, PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
-			CHECK_FOR_INTERRUPTS();
-			spool_exit_if_orphaned();
-			retry_ms = Min(retry_ms * 2, 30000);
-		}
-		state = "running";
-		refresh_status(true);
-		ereport(LOG, (errmsg("spool ingest worker for source \"%s\" assigned %d partitions",
-							 source_name, nparts)));
-
+		kafka_open();
+		kafka_assign();
 		for (;;)
 		{
-			TimestampTz first = 0;
-
 			spool_worker_pass(batch_cxt, true);
-
-			while (nbatch < opts->batch_size && batch_bytes < BATCH_MAX_BYTES && !stop_after_batch)
-			{
-				rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 0);
-				long		timeout;
-				int			rc;
-
-				if (rkm)
-				{
-					if (nbatch == 0)
-						first = GetCurrentTimestamp();
-					handle_message(rkm);
-					rd_kafka_message_destroy(rkm);
-					continue;
-				}
-				if (nbatch > 0)
-				{
-					timeout = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
-															  TimestampTzPlusMilliseconds(first, opts->batch_ms));
-					if (timeout <= 0)
-						break;
-				}
-				else
-					timeout = STATUS_INTERVAL_MS;
-				rc = WaitLatchOrSocket(MyLatch,
-									   WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-									   wake_pipe[0], timeout, PG_WAIT_EXTENSION);
-				if (rc & WL_LATCH_SET)
-				{
-					ResetLatch(MyLatch);
-					CHECK_FOR_INTERRUPTS();
-				}
-				if (rc & WL_SOCKET_READABLE)
-					drain_pipe();
-				if ((rc & WL_TIMEOUT) && nbatch == 0)
-					break;
-			}
-
+			gather_batch();
 			if (nbatch > 0)
 				stage_batch();
 			else
 				refresh_status(false);
 			if (stop_after_batch)
-			{
-				state = "stopped";
-				refresh_status(true);
-				wait_until_promoted_stop();
-				proc_exit(0);
-			}
+				ingest_stop();
 		}
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
-		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(TopMemoryContext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortOutOfAnyTransaction();
-		if (edata->sqlerrcode != ERRCODE_ADMIN_SHUTDOWN)
-		{
-			set_error("%s", edata->message);
-			state = "failed";
-			PG_TRY();
-			{
-				refresh_status(true);
-			}
-			PG_CATCH();
-			{
-				FlushErrorState();
-				AbortOutOfAnyTransaction();
-			}
-			PG_END_TRY();
-		}
-		RESUME_INTERRUPTS();
-		ReThrowError(edata);
+		ingest_failed();
 	}
 	PG_END_TRY();
 }

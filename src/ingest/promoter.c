@@ -18,6 +18,11 @@
  * source, batches are staged in offset order and every batch written before
  * a flip of the staging tables is promoted before any batch written after.
  *
+ * Every statement of a promotion is a kept plan.  The one that moves the
+ * rows names its staging table and its segment, so it is kept per staging
+ * table (and with or without the dead-letter part) and prepared again only
+ * when the segment it inserts into changes.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -35,7 +40,6 @@
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -49,14 +53,51 @@ SpoolIngestShared *spool_ingest_shared = NULL;
 PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 
 #define RETENTION_INTERVAL_MS 10000
+#define IDLE_WAIT_MS		1000
 
+/*
+ * The row-moving statement of one staging table, kept for the segment it
+ * inserts into (0: spool.entries itself, when the cursors span two).
+ */
+typedef struct PromotePlan
+{
+	SPIPlanPtr	plan;
+	int32		segment;
+} PromotePlan;
+
+/* The staging tables, by their number in spool_ingest_shared->staging_active. */
+static const char *const staging_table[2] = {"staging_0", "staging_1"};
+
+static MemoryContext loop_cxt;
+static TimestampTz next_retention = 0;
+
+static PromotePlan plan_promote[2][2];	/* [staging table][dead letters or gaps] */
+static SPIPlanPtr plan_staged[2];
+static SPIPlanPtr plan_truncate[2];
+static SPIPlanPtr plan_next_cursor;
+static SPIPlanPtr plan_advance;
+static SPIPlanPtr plan_segment_top;
+static SPIPlanPtr plan_segment_for;
+static SPIPlanPtr plan_seal[2];		/* [every cursor used] */
+static SPIPlanPtr plan_expired;
+static SPIPlanPtr plan_published;
+
+static void promoter_attach(void);
 static void promoter_detach(int code, Datum arg);
+static void promoter_load(void);
+static bool promoter_step(void);
+static uint32 promotion_begin(bool flip);
+static void promotion_end(void);
 static uint64 promote_once(bool flip);
+static int64 promote_table(uint32 which, int64 next);
+static SPIPlanPtr promote_plan(uint32 which, bool others, int32 segment);
+static char *promote_sql(uint32 which, bool others, int32 segment);
 static void ensure_segments(int64 upto);
+static int32 segment_for(int64 lo, int64 hi);
 static void seal_and_count(int64 lo, int64 n, bool dense);
-static const char *segment_for(int64 lo, int64 hi);
 static void retention(void);
-static int64 spi_int8(const char *sql);
+static bool drop_expired_segment(void);
+static int64 plan_int8(SPIPlanPtr plan, Datum *values, bool read_only);
 
 void
 spool_wake_promoter(void)
@@ -76,14 +117,15 @@ promoter_detach(int code, Datum arg)
 	LWLockRelease(spool_ingest_shared->lock);
 }
 
+/* Run a kept plan that returns one bigint (NULL: -1). */
 static int64
-spi_int8(const char *sql)
+plan_int8(SPIPlanPtr plan, Datum *values, bool read_only)
 {
 	bool		isnull;
 	Datum		d;
 
-	if (SPI_execute(sql, false, 0) < 0 || SPI_processed != 1)
-		elog(ERROR, "query returned no row: %s", sql);
+	if (spool_exec(plan, values, NULL, read_only, SPI_OK_SELECT) != 1)
+		elog(ERROR, "a promoter query returned no row");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? -1 : DatumGetInt64(d);
 }
@@ -96,10 +138,20 @@ spi_int8(const char *sql)
 static void
 ensure_segments(int64 upto)
 {
-	int64		hi = spi_int8("SELECT coalesce(max(hi), 1) FROM spool.segment_info");
-	int64		seg = spi_int8("SELECT coalesce(max(segment), 0) FROM spool.segment_info");
+	int64		hi;
+	int32		seg;
 	int64		target = upto + Max(spool_segment_size / 4, 1);
+	bool		isnull;
 
+	spool_plan(&plan_segment_top,
+			   "SELECT coalesce(max(hi), 1), coalesce(max(segment), 0) FROM spool.segment_info",
+			   0, NULL);
+	if (spool_exec(plan_segment_top, NULL, NULL, false, SPI_OK_SELECT) != 1)
+		elog(ERROR, "could not read spool.segment_info");
+	hi = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	seg = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+
+	/* Rare (once per segment), and DDL: a statement of its own each time. */
 	while (hi <= target)
 	{
 		int64		lo = hi;
@@ -107,40 +159,40 @@ ensure_segments(int64 upto)
 
 		hi = lo + spool_segment_size;
 		seg++;
-		sql = psprintf("CREATE TABLE spool.entries_" INT64_FORMAT
+		sql = psprintf("CREATE TABLE spool.entries_%d"
 					   " (LIKE spool.entries INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
 					   " INCLUDING STORAGE);"
-					   " ALTER TABLE spool.entries ATTACH PARTITION spool.entries_" INT64_FORMAT
+					   " ALTER TABLE spool.entries ATTACH PARTITION spool.entries_%d"
 					   " FOR VALUES FROM (" INT64_FORMAT ") TO (" INT64_FORMAT ");"
 					   " INSERT INTO spool.segment_info (segment, lo, hi)"
-					   " VALUES (" INT64_FORMAT ", " INT64_FORMAT ", " INT64_FORMAT ")",
+					   " VALUES (%d, " INT64_FORMAT ", " INT64_FORMAT ")",
 					   seg, seg, lo, hi, seg, lo, hi);
 		if (SPI_execute(sql, false, 0) < 0)
-			elog(ERROR, "could not create segment " INT64_FORMAT, seg);
-		ereport(DEBUG1, (errmsg("spool segment " INT64_FORMAT " covers cursors [" INT64_FORMAT ", " INT64_FORMAT ")",
+			elog(ERROR, "could not create segment %d", seg);
+		ereport(DEBUG1, (errmsg("spool segment %d covers cursors [" INT64_FORMAT ", " INT64_FORMAT ")",
 								seg, lo, hi)));
 	}
 }
 
 /*
- * The segment partition that holds every cursor in [lo, hi), so the insert
- * skips tuple routing; the partitioned table when the range spans two.
+ * The segment that holds every cursor in [lo, hi), so the insert skips
+ * tuple routing; 0 (the partitioned table) when the range spans two, or
+ * when the segment was created by this transaction (the query runs on the
+ * promotion's snapshot as it was when the transaction began).
  */
-static const char *
+static int32
 segment_for(int64 lo, int64 hi)
 {
-	Oid			t[2] = {INT8OID, INT8OID};
-	Datum		v[2];
+	Datum		v[2] = {Int64GetDatum(lo), Int64GetDatum(hi)};
 	bool		isnull;
 
-	v[0] = Int64GetDatum(lo);
-	v[1] = Int64GetDatum(hi);
-	if (SPI_execute_with_args("SELECT segment FROM spool.segment_info"
-							  " WHERE lo <= $1 AND hi >= $2 AND dropped_at IS NULL",
-							  2, t, v, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
-		return psprintf("spool.entries_%d",
-						DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
-	return "spool.entries";
+	spool_plan(&plan_segment_for,
+			   "SELECT segment FROM spool.segment_info"
+			   " WHERE lo <= $1 AND hi >= $2 AND dropped_at IS NULL",
+			   2, (Oid[]) {INT8OID, INT8OID});
+	if (spool_exec(plan_segment_for, v, NULL, true, SPI_OK_SELECT) != 1)
+		return 0;
+	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
 /*
@@ -151,243 +203,287 @@ segment_for(int64 lo, int64 hi)
 static void
 seal_and_count(int64 lo, int64 n, bool dense)
 {
-	Oid			t[2] = {INT8OID, INT8OID};
-	Datum		v[2];
+	Datum		v[2] = {Int64GetDatum(lo), Int64GetDatum(lo + n)};
 
-	v[0] = Int64GetDatum(lo);
-	v[1] = Int64GetDatum(lo + n);
-	if (SPI_execute_with_args(dense ?
-							  "UPDATE spool.segment_info SET"
-							  " rows = rows + (least(hi, $2) - greatest(lo, $1)),"
-							  " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
-							  " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL" :
-							  "UPDATE spool.segment_info i SET"
-							  " rows = (SELECT count(*) FROM spool.entries e"
-							  "          WHERE e.cursor >= i.lo AND e.cursor < i.hi),"
-							  " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
-							  " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL",
-							  2, t, v, NULL, false, 0) < 0)
-		elog(ERROR, "could not update segment counts");
+	spool_plan(&plan_seal[dense],
+			   dense ?
+			   "UPDATE spool.segment_info SET"
+			   " rows = rows + (least(hi, $2) - greatest(lo, $1)),"
+			   " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
+			   " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL" :
+			   "UPDATE spool.segment_info i SET"
+			   " rows = (SELECT count(*) FROM spool.entries e"
+			   "          WHERE e.cursor >= i.lo AND e.cursor < i.hi),"
+			   " sealed_at = CASE WHEN hi <= $2 THEN clock_timestamp() END"
+			   " WHERE lo < $2 AND hi > $1 AND dropped_at IS NULL",
+			   2, (Oid[]) {INT8OID, INT8OID});
+	(void) spool_exec(plan_seal[dense], v, NULL, false, SPI_OK_UPDATE);
 }
 
 /*
- * One promotion.  With flip, first make the other staging table the active
- * one; then move the inactive table out whole (messages, dead letters, gaps,
- * offsets) and truncate it, in one transaction.  The exclusive lock on that
- * table is taken before the snapshot, so it waits for the ingest
- * transactions still writing into it and the snapshot sees all their rows.
- * Returns the number of staged rows consumed.
+ * The statement that moves a staging table out: one statement, so every
+ * part sees the offsets as they were before this promotion.  Messages
+ * stream from the staging scan into the spool; only narrow RETURNING rows
+ * are kept, for the offsets.  Dead letters and gaps (rare) are part of it
+ * only with others.  $1 is the first cursor; the result is the number of
+ * entries inserted.
  */
-static uint64
-promote_once(bool flip)
+static char *
+promote_sql(uint32 which, bool others, int32 segment)
 {
-	int64		next;
-	int64		nmsg = 0;
-	int64		ntotal;
-	int64		inserted = 0;
-	int64		last_cursor = 0;
-	bool		isnull;
-	uint32		old;
-	const char *tab;
+	char	   *tab = psprintf("spool.%s", staging_table[which]);
+	char	   *target = segment > 0 ? psprintf("spool.entries_%d", segment) : "spool.entries";
+
+	return psprintf("WITH ins AS ("
+					"  INSERT INTO %s (cursor, source, topic, kafka_partition, kafka_offset,"
+					"         key, value, payload, headers, kafka_ts, spooled_at)"
+					"  SELECT $1 + m.pos, m.source, m.topic, m.kafka_partition, m.kafka_offset,"
+					"         m.key, m.value, m.payload, m.headers, m.kafka_ts, now()"
+					"    FROM %s m JOIN spool.sources src ON src.name = m.source"
+					"    LEFT JOIN spool.offsets o ON o.source = m.source AND o.topic = m.topic"
+					"         AND o.kafka_partition = m.kafka_partition"
+					"   WHERE m.kind = 'm' AND m.kafka_offset >= coalesce(o.next_offset, 0)"
+					"  RETURNING source, topic, kafka_partition, kafka_offset),"
+					"%s"
+					" adv AS ("
+					"  INSERT INTO spool.offsets AS o (source, topic, kafka_partition, next_offset, updated_at)"
+					"  SELECT source, topic, kafka_partition, max(last) + 1, clock_timestamp()"
+					"    FROM (SELECT source, topic, kafka_partition, kafka_offset AS last FROM ins"
+					"%s) a"
+					"   GROUP BY source, topic, kafka_partition"
+					"  ON CONFLICT (source, topic, kafka_partition) DO UPDATE"
+					"     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset),"
+					"         updated_at = EXCLUDED.updated_at)"
+					" SELECT count(*) FROM ins",
+					target, tab,
+					others ? psprintf(" other AS ("
+									  "  SELECT s.* FROM %s s JOIN spool.sources src ON src.name = s.source"
+									  "    LEFT JOIN spool.offsets o ON o.source = s.source AND o.topic = s.topic"
+									  "         AND o.kafka_partition = s.kafka_partition"
+									  "   WHERE s.kind <> 'm' AND s.kafka_offset >= coalesce(o.next_offset, 0)),"
+									  " dl AS ("
+									  "  INSERT INTO spool.dead_letters (source, topic, kafka_partition, kafka_offset,"
+									  "         key, payload, error)"
+									  "  SELECT source, topic, kafka_partition, kafka_offset, key, payload, error"
+									  "    FROM other WHERE kind = 'd'),"
+									  " gp AS ("
+									  "  INSERT INTO spool.gaps (source, topic, kafka_partition, from_offset, to_offset, action)"
+									  "  SELECT source, topic, kafka_partition, kafka_offset, gap_to,"
+									  "         CASE WHEN gap_stop THEN 'stopped' ELSE 'continued' END"
+									  "    FROM other WHERE kind = 'g'),"
+									  " stop AS ("
+									  "  UPDATE spool.sources s SET enabled = false, skip_gap = false,"
+									  "         stopped_reason = format('gap in %%s [%%s]: offsets %%s to %%s are gone',"
+									  "           f.topic, f.kafka_partition, f.kafka_offset, f.gap_to)"
+									  "    FROM other f WHERE f.source = s.name AND f.kind = 'g' AND f.gap_stop),"
+									  " skip AS ("
+									  "  UPDATE spool.sources s SET skip_gap = false"
+									  "    FROM other f WHERE f.source = s.name AND f.kind = 'g' AND NOT f.gap_stop"
+									  "     AND s.skip_gap),", tab) : "",
+					others ? " UNION ALL SELECT source, topic, kafka_partition, coalesce(gap_to, kafka_offset)"
+					"   FROM other WHERE NOT (kind = 'g' AND gap_stop)" : "");
+}
+
+/* The kept row-moving statement for this table, kind and segment. */
+static SPIPlanPtr
+promote_plan(uint32 which, bool others, int32 segment)
+{
+	PromotePlan *pp = &plan_promote[which][others];
+
+	if (pp->plan != NULL && pp->segment != segment)
+	{
+		SPI_freeplan(pp->plan);
+		pp->plan = NULL;
+	}
+	if (pp->plan == NULL)
+	{
+		spool_plan(&pp->plan, promote_sql(which, others, segment), 1, (Oid[]) {INT8OID});
+		pp->segment = segment;
+	}
+	return pp->plan;
+}
+
+/*
+ * Start a promotion.  With flip, first make the other staging table the
+ * active one.  The table to move out is locked before the snapshot, so the
+ * lock waits for the ingest transactions still writing into it and the
+ * snapshot sees all their rows; one REPEATABLE READ snapshot serves every
+ * statement.  (spool_begin_txn takes its snapshot at once, so this is its
+ * variant for a transaction that must lock first.)  Returns the number of
+ * the staging table to move out.
+ */
+static uint32
+promotion_begin(bool flip)
+{
+	uint32		which;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	XactIsoLevel = XACT_REPEATABLE_READ;
-	old = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
+	which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
 	if (flip)
-		pg_atomic_write_u32(&spool_ingest_shared->staging_active, 1 - old);
+		pg_atomic_write_u32(&spool_ingest_shared->staging_active, 1 - which);
 	else
-		old = 1 - old;
-	tab = old ? "spool.staging_1" : "spool.staging_0";
-	(void) RangeVarGetRelid(makeRangeVar("spool", old ? "staging_1" : "staging_0", -1),
+		which = 1 - which;
+	(void) RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
 							AccessExclusiveLock, false);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "promoting staged entries");
+	return which;
+}
 
-	next = spi_int8("SELECT next_cursor FROM spool.spool_state WHERE id = 1 FOR UPDATE");
-
-	/*
-	 * Each staging batch reserved positions 0, 1, ... in this table under its
-	 * lock, in staging order, so next + position numbers the cursors in an
-	 * order that keeps each partition's offsets in order, with no sort.  The
-	 * counter is how many positions were reserved: an upper bound.
-	 */
-	ntotal = spi_int8(psprintf("SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 1) x", tab));
-	nmsg = (int64) pg_atomic_read_u64(&spool_ingest_shared->staged_msgs[old]);
-	if (ntotal > 0)
-	{
-		Oid			t[1] = {INT8OID};
-		Datum		v[1];
-		bool		others;
-		const char *target;
-
-		ensure_segments(next + nmsg);
-		target = segment_for(next, next + nmsg);
-		v[0] = Int64GetDatum(next);
-		/*
-		 * One statement, so every part sees the offsets as they were before
-		 * this promotion.  Messages stream from the staging scan into the
-		 * spool; only narrow RETURNING rows are kept, for the offsets.  Dead
-		 * letters and gaps (rare) are added only when some were staged.
-		 */
-		others = pg_atomic_read_u64(&spool_ingest_shared->staged_other[old]) > 0;
-		if (SPI_execute_with_args(psprintf(
-								  "WITH ins AS ("
-								  "  INSERT INTO %s (cursor, source, topic, kafka_partition, kafka_offset,"
-								  "         key, value, payload, headers, kafka_ts, spooled_at)"
-								  "  SELECT $1 + m.pos, m.source, m.topic, m.kafka_partition, m.kafka_offset,"
-								  "         m.key, m.value, m.payload, m.headers, m.kafka_ts, now()"
-								  "    FROM %s m JOIN spool.sources src ON src.name = m.source"
-								  "    LEFT JOIN spool.offsets o ON o.source = m.source AND o.topic = m.topic"
-								  "         AND o.kafka_partition = m.kafka_partition"
-								  "   WHERE m.kind = 'm' AND m.kafka_offset >= coalesce(o.next_offset, 0)"
-								  "  RETURNING source, topic, kafka_partition, kafka_offset),"
-								  "%s"
-								  " adv AS ("
-								  "  INSERT INTO spool.offsets AS o (source, topic, kafka_partition, next_offset, updated_at)"
-								  "  SELECT source, topic, kafka_partition, max(last) + 1, clock_timestamp()"
-								  "    FROM (SELECT source, topic, kafka_partition, kafka_offset AS last FROM ins"
-								  "%s) a"
-								  "   GROUP BY source, topic, kafka_partition"
-								  "  ON CONFLICT (source, topic, kafka_partition) DO UPDATE"
-								  "     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset),"
-								  "         updated_at = EXCLUDED.updated_at)"
-								  " SELECT count(*) FROM ins",
-								  target, tab,
-								  others ? psprintf(
-													" other AS ("
-													"  SELECT s.* FROM %s s JOIN spool.sources src ON src.name = s.source"
-													"    LEFT JOIN spool.offsets o ON o.source = s.source AND o.topic = s.topic"
-													"         AND o.kafka_partition = s.kafka_partition"
-													"   WHERE s.kind <> 'm' AND s.kafka_offset >= coalesce(o.next_offset, 0)),"
-													" dl AS ("
-													"  INSERT INTO spool.dead_letters (source, topic, kafka_partition, kafka_offset,"
-													"         key, payload, error)"
-													"  SELECT source, topic, kafka_partition, kafka_offset, key, payload, error"
-													"    FROM other WHERE kind = 'd'),"
-													" gp AS ("
-													"  INSERT INTO spool.gaps (source, topic, kafka_partition, from_offset, to_offset, action)"
-													"  SELECT source, topic, kafka_partition, kafka_offset, gap_to,"
-													"         CASE WHEN gap_stop THEN 'stopped' ELSE 'continued' END"
-													"    FROM other WHERE kind = 'g'),"
-													" stop AS ("
-													"  UPDATE spool.sources s SET enabled = false, skip_gap = false,"
-													"         stopped_reason = format('gap in %%s [%%s]: offsets %%s to %%s are gone',"
-													"           f.topic, f.kafka_partition, f.kafka_offset, f.gap_to)"
-													"    FROM other f WHERE f.source = s.name AND f.kind = 'g' AND f.gap_stop),"
-													" skip AS ("
-													"  UPDATE spool.sources s SET skip_gap = false"
-													"    FROM other f WHERE f.source = s.name AND f.kind = 'g' AND NOT f.gap_stop"
-													"     AND s.skip_gap),", tab) : "",
-								  others ? " UNION ALL SELECT source, topic, kafka_partition, coalesce(gap_to, kafka_offset)"
-								  "   FROM other WHERE NOT (kind = 'g' AND gap_stop)" : ""),
-								  1, t, v, NULL, false, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not promote staged rows");
-		inserted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		/* Rows of a dropped source, or of a staging transaction that failed, explain a shortfall. */
-		if (inserted > nmsg)
-			elog(ERROR, "promotion inserted " INT64_FORMAT " entries for at most " INT64_FORMAT
-				 " staged messages; rolled back", inserted, nmsg);
-		if (inserted < nmsg)
-			ereport(DEBUG1,
-					(errmsg("promotion inserted " INT64_FORMAT " of " INT64_FORMAT " counted messages",
-							inserted, nmsg)));
-		if (inserted > 0)
-		{
-			Oid			t2[1] = {INT8OID};
-			Datum		v2[1];
-
-			/*
-			 * Cursors used lie in [next, next + nmsg); positions of a staging
-			 * transaction that failed, or of a dropped source, stay unused.
-			 */
-			v2[0] = Int64GetDatum(next + nmsg);
-			if (SPI_execute_with_args("UPDATE spool.spool_state SET next_cursor = $1 WHERE id = 1",
-									  1, t2, v2, NULL, false, 0) != SPI_OK_UPDATE)
-				elog(ERROR, "could not advance the cursor");
-			seal_and_count(next, nmsg, inserted == nmsg);
-			last_cursor = next + nmsg - 1;
-		}
-		if (SPI_execute(psprintf("TRUNCATE %s", tab), false, 0) != SPI_OK_UTILITY)
-			elog(ERROR, "could not empty %s", tab);
-		pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[old], 0);
-		pg_atomic_write_u64(&spool_ingest_shared->staged_other[old], 0);
-	}
-
+/* Commit a promotion and return to the loop's memory. */
+static void
+promotion_end(void)
+{
 	PopActiveSnapshot();
 	SPI_finish();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
-
-	if (inserted > 0)
-	{
-		pg_atomic_write_u64(&spool_ingest_shared->published_cursor, (uint64) last_cursor);
-		ConditionVariableBroadcast(&spool_ingest_shared->spool_cv);
-	}
-	return (uint64) ntotal;
 }
 
 /*
- * Drop sealed segments that every consumer has passed and that are older
- * than spool.min_retention; one segment per transaction, with a short lock
- * timeout so that readers are never held up for long.
+ * Move staging table which out whole (messages, dead letters, gaps,
+ * offsets) and truncate it, numbering cursors from next.  Returns the last
+ * cursor used, or -1 when no entry was inserted.
+ *
+ * Each staging batch reserved positions 0, 1, ... in the table under its
+ * lock, in staging order, so next + position numbers the cursors in an
+ * order that keeps each partition's offsets in order, with no sort.  The
+ * counter is how many positions were reserved: an upper bound.
  */
+static int64
+promote_table(uint32 which, int64 next)
+{
+	int64		nmsg = (int64) pg_atomic_read_u64(&spool_ingest_shared->staged_msgs[which]);
+	bool		others = pg_atomic_read_u64(&spool_ingest_shared->staged_other[which]) > 0;
+	Datum		v[1] = {Int64GetDatum(next)};
+	int64		inserted;
+	int64		last = -1;
+
+	ensure_segments(next + nmsg);
+	inserted = plan_int8(promote_plan(which, others, segment_for(next, next + nmsg)), v, false);
+	/* Rows of a dropped source, or of a staging transaction that failed, explain a shortfall. */
+	if (inserted > nmsg)
+		elog(ERROR, "promotion inserted " INT64_FORMAT " entries for at most " INT64_FORMAT
+			 " staged messages; rolled back", inserted, nmsg);
+	if (inserted < nmsg)
+		ereport(DEBUG1,
+				(errmsg("promotion inserted " INT64_FORMAT " of " INT64_FORMAT " counted messages",
+						inserted, nmsg)));
+	if (inserted > 0)
+	{
+		/*
+		 * Cursors used lie in [next, next + nmsg); positions of a staging
+		 * transaction that failed, or of a dropped source, stay unused.
+		 */
+		v[0] = Int64GetDatum(next + nmsg);
+		spool_plan(&plan_advance, "UPDATE spool.spool_state SET next_cursor = $1 WHERE id = 1",
+				   1, (Oid[]) {INT8OID});
+		(void) spool_exec(plan_advance, v, NULL, false, SPI_OK_UPDATE);
+		seal_and_count(next, nmsg, inserted == nmsg);
+		last = next + nmsg - 1;
+	}
+	spool_plan(&plan_truncate[which],
+			   which ? "TRUNCATE spool.staging_1" : "TRUNCATE spool.staging_0", 0, NULL);
+	(void) spool_exec(plan_truncate[which], NULL, NULL, false, SPI_OK_UTILITY);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[which], 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_other[which], 0);
+	return last;
+}
+
+/*
+ * One promotion (see promotion_begin for flip), in one transaction; the
+ * readers waiting for new cursors are woken after it commits.  Returns the
+ * number of staged rows found (0 or 1: the table is only probed).
+ */
+static uint64
+promote_once(bool flip)
+{
+	uint32		which = promotion_begin(flip);
+	int64		next;
+	int64		staged;
+	int64		last = -1;
+
+	spool_plan(&plan_next_cursor,
+			   "SELECT next_cursor FROM spool.spool_state WHERE id = 1 FOR UPDATE", 0, NULL);
+	next = plan_int8(plan_next_cursor, NULL, false);
+	spool_plan(&plan_staged[which],
+			   which ? "SELECT count(*) FROM (SELECT 1 FROM spool.staging_1 LIMIT 1) x"
+			   : "SELECT count(*) FROM (SELECT 1 FROM spool.staging_0 LIMIT 1) x",
+			   0, NULL);
+	staged = plan_int8(plan_staged[which], NULL, false);
+	if (staged > 0)
+		last = promote_table(which, next);
+	promotion_end();
+
+	if (last >= 0)
+	{
+		pg_atomic_write_u64(&spool_ingest_shared->published_cursor, (uint64) last);
+		ConditionVariableBroadcast(&spool_ingest_shared->spool_cv);
+	}
+	return (uint64) staged;
+}
+
+/*
+ * Drop the oldest sealed segment that every consumer has passed and that is
+ * older than spool.min_retention, with a short lock timeout so that readers
+ * are never held up for long.  Returns false when there was none.
+ */
+static bool
+drop_expired_segment(void)
+{
+	Datum		v[1] = {Int32GetDatum(spool_min_retention_s)};
+	int64		seg;
+	bool		isnull;
+	int			save_timeout = LockTimeout;
+
+	spool_begin_txn("dropping an old segment");
+	spool_plan(&plan_expired,
+			   "SELECT i.segment::bigint FROM spool.segment_info i"
+			   " WHERE i.dropped_at IS NULL AND i.sealed_at IS NOT NULL"
+			   "   AND i.sealed_at < clock_timestamp() - make_interval(secs => $1)"
+			   "   AND i.hi - 1 <= coalesce((SELECT min(committed_cursor)"
+			   "                             FROM spool.consumers), i.hi - 1)"
+			   " ORDER BY i.segment LIMIT 1",
+			   1, (Oid[]) {INT4OID});
+	seg = spool_exec(plan_expired, v, NULL, false, SPI_OK_SELECT) == 1 ?
+		DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) : -1;
+	if (seg >= 0)
+	{
+		LockTimeout = 200;
+		PG_TRY();
+		{
+			if (SPI_execute(psprintf("DROP TABLE spool.entries_" INT64_FORMAT, seg), false, 0) < 0 ||
+				SPI_execute(psprintf("UPDATE spool.segment_info SET dropped_at = clock_timestamp()"
+									 " WHERE segment = " INT64_FORMAT, seg), false, 0) < 0)
+				elog(ERROR, "could not drop segment " INT64_FORMAT, seg);
+		}
+		PG_FINALLY();
+		{
+			LockTimeout = save_timeout;
+		}
+		PG_END_TRY();
+		ereport(LOG, (errmsg("spool segment " INT64_FORMAT " dropped by retention", seg)));
+	}
+	spool_end_txn();
+	return seg >= 0;
+}
+
+/* Retention: expired segments are dropped one per transaction. */
 static void
 retention(void)
 {
-	for (;;)
-	{
-		int64		seg = -1;
-		bool		isnull;
-		Oid			t[1] = {INT4OID};
-		Datum		v[1];
-		int			save_timeout = LockTimeout;
-
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		SPI_connect();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		v[0] = Int32GetDatum(spool_min_retention_s);
-		if (SPI_execute_with_args("SELECT i.segment FROM spool.segment_info i"
-								  " WHERE i.dropped_at IS NULL AND i.sealed_at IS NOT NULL"
-								  "   AND i.sealed_at < clock_timestamp() - make_interval(secs => $1)"
-								  "   AND i.hi - 1 <= coalesce((SELECT min(committed_cursor)"
-								  "                             FROM spool.consumers), i.hi - 1)"
-								  " ORDER BY i.segment LIMIT 1",
-								  1, t, v, NULL, false, 0) == SPI_OK_SELECT && SPI_processed == 1)
-			seg = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		if (seg >= 0)
-		{
-			LockTimeout = 200;
-			PG_TRY();
-			{
-				if (SPI_execute(psprintf("DROP TABLE spool.entries_" INT64_FORMAT, seg), false, 0) < 0 ||
-					SPI_execute(psprintf("UPDATE spool.segment_info SET dropped_at = clock_timestamp()"
-										 " WHERE segment = " INT64_FORMAT, seg), false, 0) < 0)
-					elog(ERROR, "could not drop segment " INT64_FORMAT, seg);
-			}
-			PG_FINALLY();
-			{
-				LockTimeout = save_timeout;
-			}
-			PG_END_TRY();
-			ereport(LOG, (errmsg("spool segment " INT64_FORMAT " dropped by retention", seg)));
-		}
-		PopActiveSnapshot();
-		SPI_finish();
-		CommitTransactionCommand();
-		if (seg < 0)
-			return;
+	while (drop_expired_segment())
 		CHECK_FOR_INTERRUPTS();
-	}
 }
 
-void
-spool_promoter_main(Datum main_arg)
+/* Attach: signals, the connection, settings, and the latch ingest wakes. */
+static void
+promoter_attach(void)
 {
-	TimestampTz next_retention = 0;
-
 	spool_worker_attach(InvalidOid, NULL);
 	/* Hash joins and aggregates over a whole backlog stay in memory. */
 	SetConfigOption("work_mem", "262144", PGC_USERSET, PGC_S_SESSION);
@@ -402,42 +498,62 @@ spool_promoter_main(Datum main_arg)
 	LWLockRelease(spool_ingest_shared->lock);
 	before_shmem_exit(promoter_detach, (Datum) 0);
 
-	/*
-	 * The inactive staging table may hold rows a failed round left behind;
-	 * they are older than anything in the active one, so they go first.
-	 */
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool promoter loop",
+									 ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(loop_cxt);
+}
+
+/*
+ * Load: the inactive staging table may hold rows a failed round left
+ * behind; they are older than anything in the active one, so they go
+ * first.  Then publish the committed cursor so waiting readers start from
+ * the truth.
+ */
+static void
+promoter_load(void)
+{
 	(void) promote_once(false);
 
-	/* Publish the committed cursor so waiting readers start from the truth. */
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	spool_begin_txn("reading the spool's cursor");
+	spool_plan(&plan_published, "SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1",
+			   0, NULL);
 	pg_atomic_write_u64(&spool_ingest_shared->published_cursor,
-						(uint64) spi_int8("SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1"));
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+						(uint64) plan_int8(plan_published, NULL, false));
+	spool_end_txn();
+}
 
+/*
+ * One pass: promote what was staged since the last one and apply retention
+ * every RETENTION_INTERVAL_MS.  Returns false when nothing was staged (the
+ * loop then waits; a backlog is promoted pass after pass).
+ */
+static bool
+promoter_step(void)
+{
+	uint64		moved = promote_once(true);
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (now >= next_retention)
+	{
+		retention();
+		next_retention = TimestampTzPlusMilliseconds(now, RETENTION_INTERVAL_MS);
+	}
+	return moved > 0;
+}
+
+void
+spool_promoter_main(Datum main_arg)
+{
+	promoter_attach();
+	promoter_load();
 	for (;;)
 	{
-		uint64		moved;
-		TimestampTz now;
-
-		spool_worker_pass(NULL, true);
+		spool_worker_pass(loop_cxt, true);
+		/* Before the step: a batch staged during it wakes the next wait. */
 		ResetLatch(MyLatch);
-		moved = promote_once(true);
-
-		now = GetCurrentTimestamp();
-		if (now >= next_retention)
-		{
-			retention();
-			next_retention = TimestampTzPlusMilliseconds(now, RETENTION_INTERVAL_MS);
-		}
-		if (moved > 0)
-			continue;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 1000L, PG_WAIT_EXTENSION);
+		if (!promoter_step())
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 IDLE_WAIT_MS, PG_WAIT_EXTENSION);
 	}
 }
 

@@ -67,13 +67,21 @@ static int	my_slot = -1;
 static uint32 my_generation = 0;
 static char my_owner[SPOOL_OWNER_MAX];
 static HTAB *held_leases = NULL;
+static MemoryContext loop_cxt;
+static BatchItem *batch_items;	/* the batch being served: queue_size of them */
 static SPIPlanPtr plan_signer_role = NULL;
 
+static void nonce_worker_attach(void);
+static void nonce_worker_load(void);
+static bool nonce_worker_step(void);
 static void worker_detach(int code, Datum arg);
 static bool worker_superseded_locked(void);
 static int	worker_dequeue(BatchItem *items, int max);
 static void worker_process(BatchItem *items, int n);
 static bool worker_run_groups(BatchItem *items, int n, bool isolate_errors);
+static void serve_groups(BatchItem *items, int start, int end);
+static void fail_items(BatchItem *items, int start, int end, ErrorData *edata);
+static HeldLease *signer_lease(const char *signer);
 static void worker_serve_signer(BatchItem *items, int n);
 static void worker_complete(BatchItem *items, int n);
 static void forget_leases(void);
@@ -109,19 +117,18 @@ worker_detach(int code, Datum arg)
 	LWLockRelease(spool_nonce_shared->lock);
 }
 
-void
-spool_nonce_worker_main(Datum main_arg)
+/*
+ * Attach: signals, the connection, pinned settings, and the slot (unless
+ * this worker was replaced before it got there).
+ */
+static void
+nonce_worker_attach(void)
 {
 	SpoolNonceWorkerSlot *slot;
-	MemoryContext loop_cxt;
-	BatchItem  *items;
-	HASHCTL		ctl;
-
 
 	spool_worker_attach(InvalidOid, NULL);
 	my_slot = spool_worker_args()->slot;
 	my_generation = spool_worker_args()->generation;
-
 	strlcpy(my_owner, spool_worker_owner("nonce-worker", psprintf("%d", my_slot)), sizeof(my_owner));
 	slot = &spool_nonce_shared->workers[my_slot];
 	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
@@ -137,6 +144,13 @@ spool_nonce_worker_main(Datum main_arg)
 	strlcpy(slot->owner, my_owner, sizeof(slot->owner));
 	LWLockRelease(spool_nonce_shared->lock);
 	before_shmem_exit(worker_detach, (Datum) 0);
+}
+
+/* Load: the worker's own state (it has no definition to read). */
+static void
+nonce_worker_load(void)
+{
+	HASHCTL		ctl;
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = SPOOL_SIGNER_MAX;
@@ -145,30 +159,43 @@ spool_nonce_worker_main(Datum main_arg)
 
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool nonce worker loop",
 									 ALLOCSET_DEFAULT_SIZES);
-	items = MemoryContextAlloc(TopMemoryContext,
-							   sizeof(BatchItem) * spool_nonce_shared->queue_size);
+	batch_items = MemoryContextAlloc(TopMemoryContext,
+									 sizeof(BatchItem) * spool_nonce_shared->queue_size);
 	ereport(LOG, (errmsg("spool nonce worker %d started as \"%s\"", my_slot, my_owner)));
+}
 
+/*
+ * One step: serve what is queued.  Returns false when nothing was (the
+ * loop then waits); exits when this worker was replaced.
+ */
+static bool
+nonce_worker_step(void)
+{
+	int			n = worker_dequeue(batch_items, Min(spool_nonce_batch_max, spool_nonce_shared->queue_size));
+
+	if (n < 0)
+	{
+		ereport(LOG,
+				(errmsg("spool nonce worker %d (\"%s\") was replaced; exiting",
+						my_slot, my_owner)));
+		proc_exit(0);
+	}
+	if (n == 0)
+		return false;
+	worker_process(batch_items, n);
+	return true;
+}
+
+void
+spool_nonce_worker_main(Datum main_arg)
+{
+	nonce_worker_attach();
+	nonce_worker_load();
 	for (;;)
 	{
-		int			n;
-
 		spool_worker_pass(loop_cxt, false);
-
-		n = worker_dequeue(items, Min(spool_nonce_batch_max, spool_nonce_shared->queue_size));
-		if (n < 0)
-		{
-			ereport(LOG,
-					(errmsg("spool nonce worker %d (\"%s\") was replaced; exiting",
-							my_slot, my_owner)));
-			proc_exit(0);
-		}
-		if (n > 0)
-		{
-			worker_process(items, n);
+		if (nonce_worker_step())
 			continue;
-		}
-
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 1000L, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
@@ -232,11 +259,37 @@ static void
 worker_process(BatchItem *items, int n)
 {
 	qsort(items, n, sizeof(BatchItem), batch_item_cmp);
-	pgstat_report_activity(STATE_RUNNING, "serving nonce requests");
 	if (!worker_run_groups(items, n, false))
 		(void) worker_run_groups(items, n, true);
-	pgstat_report_activity(STATE_IDLE, NULL);
 	worker_complete(items, n);
+}
+
+/*
+ * Serve the signer groups of items[start, end) in one transaction.  In the
+ * caller's PG_TRY: an error aborts all of it.
+ */
+static void
+serve_groups(BatchItem *items, int start, int end)
+{
+	int			g = start;
+
+	/* Alive and working: a bounded lock wait below is not a stall. */
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+	spool_nonce_shared->workers[my_slot].heartbeat = GetCurrentTimestamp();
+	LWLockRelease(spool_nonce_shared->lock);
+
+	spool_begin_txn("serving nonce requests");
+	while (g < end)
+	{
+		int			ge = g + 1;
+
+		while (ge < end && strcmp(items[ge].signer, items[g].signer) == 0)
+			ge++;
+		worker_serve_signer(items + g, ge - g);
+		g = ge;
+	}
+	spool_test_pause();
+	spool_end_txn();
 }
 
 /*
@@ -258,45 +311,20 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 		if (isolate_errors)
 			while (end < n && strcmp(items[end].signer, items[start].signer) == 0)
 				end++;
-
-		/* Alive and working: a bounded lock wait below is not a stall. */
-		LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
-		spool_nonce_shared->workers[my_slot].heartbeat = GetCurrentTimestamp();
-		LWLockRelease(spool_nonce_shared->lock);
-
 		PG_TRY();
 		{
-			int			g;
-
-			SetCurrentStatementStartTimestamp();
-			StartTransactionCommand();
-			SPI_connect();
-			PushActiveSnapshot(GetTransactionSnapshot());
-			for (g = start; g < end;)
-			{
-				int			ge = g + 1;
-
-				while (ge < end && strcmp(items[ge].signer, items[g].signer) == 0)
-					ge++;
-				worker_serve_signer(items + g, ge - g);
-				g = ge;
-			}
-			spool_test_pause();
-			PopActiveSnapshot();
-			SPI_finish();
-			CommitTransactionCommand();
-			MemoryContextSwitchTo(cxt);
+			serve_groups(items, start, end);
 		}
 		PG_CATCH();
 		{
 			ErrorData  *edata;
-			int			i;
 
 			MemoryContextSwitchTo(cxt);
 			edata = CopyErrorData();
 			FlushErrorState();
 			AbortCurrentTransaction();
 			MemoryContextSwitchTo(cxt);
+			pgstat_report_activity(STATE_IDLE, NULL);
 			forget_leases();
 			if (edata->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
 				edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
@@ -307,22 +335,33 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 						(errmsg("spool nonce worker %d: batch of %d failed, retrying per signer: %s",
 								my_slot, n, edata->message)));
 				FreeErrorData(edata);
-				for (i = 0; i < n; i++)
-					items[i].nonce = -1;
+				fail_items(items, 0, n, NULL);
 				return false;
 			}
-			for (i = start; i < end; i++)
-			{
-				items[i].nonce = -1;
-				items[i].sqlerrcode = edata->sqlerrcode;
-				items[i].errmsg = pstrdup(edata->message);
-			}
+			fail_items(items, start, end, edata);
 			FreeErrorData(edata);
 		}
 		PG_END_TRY();
 		start = end;
 	}
 	return true;
+}
+
+/* items[start, end) got no nonce; with edata, it says why. */
+static void
+fail_items(BatchItem *items, int start, int end, ErrorData *edata)
+{
+	int			i;
+
+	for (i = start; i < end; i++)
+	{
+		items[i].nonce = -1;
+		if (edata)
+		{
+			items[i].sqlerrcode = edata->sqlerrcode;
+			items[i].errmsg = pstrdup(edata->message);
+		}
+	}
 }
 
 /*
@@ -345,6 +384,51 @@ signer_role(const char *signer, Oid first)
 										  &isnull));
 }
 
+/*
+ * The lease of signer, (re)acquired when this worker does not hold it or it
+ * expires within half its TTL.  Raises SP009 when the previous holder's
+ * stalled transaction still locks it (the request is then retried), SP008
+ * when another owner holds it.
+ */
+static HeldLease *
+signer_lease(const char *signer)
+{
+	int64		ttl_us = (int64) spool_nonce_lease_ttl_ms * 1000;
+	HeldLease  *hl;
+	bool		found;
+	SpoolLease	lease;
+
+	hl = hash_search(held_leases, signer, HASH_ENTER, &found);
+	if (found && hl->expires_at - GetCurrentTimestamp() >= ttl_us / 2)
+		return hl;
+	lease = spool_lease_acquire_internal(spool_signer_resource(signer), my_owner,
+										 ttl_us, spool_owner_is_gone,
+										 SPOOL_LEASE_INTERNAL);
+	if (!lease.held)
+	{
+		hash_search(held_leases, signer, HASH_REMOVE, NULL);
+		if (lease.blocked)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_LEASE_BLOCKED),
+					 errmsg("signer \"%s\" is still locked by a stalled transaction of its previous holder",
+							signer)));
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SIGNER_LEASED),
+				 errmsg("signer \"%s\" is leased by another owner", signer),
+				 errhint("Serve a signer either through spool.nonce_request or through a client holding its lease, not both.")));
+	}
+	if (lease.took_over)
+	{
+		LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+		spool_nonce_shared->workers[my_slot].takeovers++;
+		LWLockRelease(spool_nonce_shared->lock);
+	}
+	hl->token = lease.token;
+	hl->expires_at = lease.expires_at;
+	hl->signer_role = InvalidOid;
+	return hl;
+}
+
 /* Allocate for one signer's requests, (re)acquiring its lease when needed. */
 static void
 worker_serve_signer(BatchItem *items, int n)
@@ -353,44 +437,10 @@ worker_serve_signer(BatchItem *items, int n)
 	const char **ids = palloc(sizeof(char *) * n);
 	int64	   *nonces = palloc(sizeof(int64) * n);
 	int		   *at = palloc(sizeof(int) * n);
-	int64		ttl_us = (int64) spool_nonce_lease_ttl_ms * 1000;
-	TimestampTz now = GetCurrentTimestamp();
-	HeldLease  *hl;
-	bool		found;
+	HeldLease  *hl = signer_lease(signer);
 	int			nallowed = 0;
 	int			i;
 
-	hl = hash_search(held_leases, signer, HASH_ENTER, &found);
-	if (!found || hl->expires_at - now < ttl_us / 2)
-	{
-		SpoolLease	lease;
-
-		lease = spool_lease_acquire_internal(spool_signer_resource(signer), my_owner,
-											 ttl_us, spool_owner_is_gone,
-											 SPOOL_LEASE_INTERNAL);
-		if (!lease.held)
-		{
-			hash_search(held_leases, signer, HASH_REMOVE, NULL);
-			if (lease.blocked)
-				ereport(ERROR,
-						(errcode(ERRCODE_SPOOL_LEASE_BLOCKED),
-						 errmsg("signer \"%s\" is still locked by a stalled transaction of its previous holder",
-								signer)));
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_SIGNER_LEASED),
-					 errmsg("signer \"%s\" is leased by another owner", signer),
-					 errhint("Serve a signer either through spool.nonce_request or through a client holding its lease, not both.")));
-		}
-		if (lease.took_over)
-		{
-			LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
-			spool_nonce_shared->workers[my_slot].takeovers++;
-			LWLockRelease(spool_nonce_shared->lock);
-		}
-		hl->token = lease.token;
-		hl->expires_at = lease.expires_at;
-		hl->signer_role = InvalidOid;
-	}
 	if (!OidIsValid(hl->signer_role))
 		hl->signer_role = signer_role(signer, items[0].role);
 

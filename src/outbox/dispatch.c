@@ -95,8 +95,8 @@ static TimestampTz next_parked_reload;
 static int	error_backoff_ms;
 static TimestampTz error_until;
 static TimestampTz next_rotation;
-static volatile sig_atomic_t got_sigterm = false;
-static volatile TimestampTz sigterm_at = 0;
+static MemoryContext loop_cxt;
+static volatile TimestampTz stop_requested_at = 0;	/* see stop_requested */
 static volatile sig_atomic_t close_timed_out = false;
 static TimeoutId stop_watch_id;
 
@@ -105,66 +105,95 @@ static SPIPlanPtr plan_barrier;
 static SPIPlanPtr plan_position;
 static SPIPlanPtr plan_park;
 static SPIPlanPtr plan_dead;
+static SPIPlanPtr plan_retry_again;
+static SPIPlanPtr plan_retry_done;
 
-static void dispatch_sigterm(SIGNAL_ARGS);
+static void dispatch_attach(void);
+static void dispatch_load(void);
+static void dispatch_lock_shard(void);
+static bool dispatch_pass(void);
+static bool dispatch_step(TimestampTz now);
+static void dispatch_close(void) pg_attribute_noreturn();
+static void dispatch_failed(void);
 static void dispatch_detach(int code, Datum arg);
+static bool stop_requested(void);
+static void stop_watch_handler(void);
+static void watch_stop(bool on);
 static void set_state(DispatchState st);
 static void note_error(const char *msg, bool whole_target);
 static uint64 key_hash(const char *key);
 static bool key_blocked(const char *key);
 static void block_key(const char *key, int delta);
 static void load_parked(void);
+static void reload_parked(void);
 static bool retry_parked(TimestampTz now);
+static int	due_heads(TimestampTz now, MemoryContext cxt, OutboxRow ***rows);
+static void settle_retried(OutboxRow **rows, int nrows);
+static bool read_wanted(TimestampTz now);
 static bool read_rows(TimestampTz now);
+static int64 leader_position(void);
+static bool find_barrier(int64 after, int64 bound, TimestampTz now);
+static bool read_held(int64 limit_hi, int want, TimestampTz now);
+static bool flush_due(void);
 static void flush(FlushReason reason);
+static int	flush_attempt(OutboxRow **send, int nsend, bool careful, int64 to);
+static void reset_held(void);
+static int	settle_held(void);
+static void kafka_deliver(OutboxRow **rows, int n, int64 wait_ms);
 static bool barrier_step(TimestampTz now);
+static bool barrier_arrive(void);
+static bool deliver_barrier(TimestampTz now);
+static void barrier_passed(void);
 static void rotate(void);
+static void rotate_slot(int s);
 static void move_position(int64 to);
 static void park_row(OutboxRow *r, int attempts, const char *error);
 static void dead_row(OutboxRow *r, int attempts, const char *error);
 static int64 backoff_us(int attempts);
 static void deliver_local(OutboxRow **rows, int n, bool careful);
+static bool deliver_in_subxact(OutboxRow *r);
 static void note_flush(FlushReason reason, int n, double ms);
 static void hist_add(uint64 *hist, int nb, double v, double first);
 static void wait_for_work(TimestampTz now);
 static TimestampTz batch_deadline(void);
 
 /*
- * SIGTERM: finish the delivery under way, deliver what is held, then exit.
- * Repeated signals change nothing (the postmaster signals each child twice
- * at once: its pid, then its process group).  All of it is bounded by
- * spool.outbox_close_timeout from the first SIGTERM, even a user function or
- * a Kafka flush that does not return (stop_watch_handler).
+ * Has a stop been requested?  SIGTERM sets ShutdownRequestPending
+ * (SignalHandlerForShutdownRequest) and the latch; repeated signals change
+ * nothing (the postmaster signals each child twice at once: its pid, then
+ * its process group).  The first time, note when: the close timeout counts
+ * from there.  A request is seen within STOP_WATCH_MS of its arrival (the
+ * stop watch looks that often while the worker works, and a sleeping worker
+ * wakes on it), so it is dated that much earlier: the close timeout is
+ * never exceeded, at worst it is STOP_WATCH_MS shorter.  Also called from
+ * the stop watch, a signal handler.
  */
-static void
-dispatch_sigterm(SIGNAL_ARGS)
+static bool
+stop_requested(void)
 {
-	int			save_errno = errno;
-
-	if (!got_sigterm)
-		sigterm_at = GetCurrentTimestamp();
-	got_sigterm = true;
-	SetLatch(MyLatch);
-	errno = save_errno;
+	if (!ShutdownRequestPending)
+		return false;
+	if (stop_requested_at == 0)
+		stop_requested_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), -STOP_WATCH_MS);
+	return true;
 }
 
 /*
  * Every STOP_WATCH_MS while the worker works (watch_stop): once the close
- * timeout has passed since SIGTERM, end the process as die() would, from the
- * next interrupt check (user code and the Kafka wait check often).  The
- * transaction aborts and nothing of the batch is marked, so the next worker
- * delivers it.
+ * timeout has passed since the stop request, hand the process to die(),
+ * PostgreSQL's own SIGTERM handler, as if the SIGTERM came only now: it ends
+ * at the next interrupt check (user code and the Kafka wait check often).
+ * The transaction aborts and nothing of the batch is marked, so the next
+ * worker delivers it.
  */
 static void
 stop_watch_handler(void)
 {
-	if (got_sigterm && spool_outbox_close_timeout_ms > 0 &&
-		GetCurrentTimestamp() - sigterm_at >= (int64) spool_outbox_close_timeout_ms * 1000)
+	if (stop_requested() && spool_outbox_close_timeout_ms > 0 &&
+		GetCurrentTimestamp() - stop_requested_at >= (int64) spool_outbox_close_timeout_ms * 1000)
 	{
 		close_timed_out = true;
-		InterruptPending = true;
-		ProcDiePending = true;
-		SetLatch(MyLatch);
+		die(SIGTERM);
 	}
 }
 
@@ -417,6 +446,44 @@ move_position(int64 to)
 }
 
 /*
+ * Deliver r in a subtransaction of its own; if it fails, mark it failed
+ * with the error's message.  Returns false when it failed.
+ */
+static bool
+deliver_in_subxact(OutboxRow *r)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		spool_deliver_row(r);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *ed;
+
+		MemoryContextSwitchTo(cxt);
+		ed = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		r->failed = true;
+		r->error = MemoryContextStrdup(GetMemoryChunkContext(r),
+									   ed->message ? ed->message : "error");
+		FreeErrorData(ed);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return ok;
+}
+
+/*
  * Deliver rows of a sql or notify target in the current transaction.  Fast
  * path: no subtransactions, any error aborts the whole attempt.  Careful
  * path: one subtransaction per row, a failing row is marked failed and the
@@ -428,7 +495,7 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 	int			i;
 	int			j;
 	uint64	   *failed_keys = careful ? palloc(sizeof(uint64) * n) : NULL;	/* key_hash */
-	volatile int nfailed = 0;
+	int			nfailed = 0;
 	SpoolBox	box = {0};
 
 	spool_deliver_box_open(&box);
@@ -437,8 +504,6 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 		for (i = 0; i < n; i++)
 		{
 			OutboxRow  *r = rows[i];
-			MemoryContext cxt = CurrentMemoryContext;
-			ResourceOwner owner = CurrentResourceOwner;
 			uint64		h;
 			bool		behind = false;
 
@@ -455,36 +520,9 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 			for (j = 0; j < nfailed && !behind; j++)
 				behind = failed_keys[j] == h;
 			if (behind)
-			{
 				r->sent = false;
-				continue;
-			}
-			BeginInternalSubTransaction(NULL);
-			MemoryContextSwitchTo(cxt);
-			PG_TRY();
-			{
-				spool_deliver_row(r);
-				ReleaseCurrentSubTransaction();
-				MemoryContextSwitchTo(cxt);
-				CurrentResourceOwner = owner;
-			}
-			PG_CATCH();
-			{
-				ErrorData  *ed;
-
-				MemoryContextSwitchTo(cxt);
-				ed = CopyErrorData();
-				FlushErrorState();
-				RollbackAndReleaseCurrentSubTransaction();
-				MemoryContextSwitchTo(cxt);
-				CurrentResourceOwner = owner;
-				r->failed = true;
-				r->error = MemoryContextStrdup(GetMemoryChunkContext(r),
-											   ed->message ? ed->message : "error");
+			else if (!deliver_in_subxact(r))
 				failed_keys[nfailed++] = h;
-				FreeErrorData(ed);
-			}
-			PG_END_TRY();
 		}
 	}
 	PG_CATCH();
@@ -523,6 +561,88 @@ row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
 /* ---- reading ---- */
 
 /*
+ * Shard 0's position, up to which barriers are delivered: ours on shard 0,
+ * else as shard 0 published it, or as stored while it does not run.  In
+ * read_rows' transaction.
+ */
+static int64
+leader_position(void)
+{
+	SpoolDispatchSlot *leader;
+	int64		pos;
+	Datum		v[1];
+	bool		isnull;
+
+	if (my_shard == 0)
+		return position;
+	leader = spool_dispatch_slot_of(target->id, 0);
+	LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
+	pos = leader && leader->pid != 0 ? leader->position : 0;
+	LWLockRelease(spool_outbox_shared->lock);
+	if (pos != 0)
+		return pos;
+	v[0] = Int32GetDatum(target->id);
+	if (SPI_execute_with_args("SELECT position FROM spool.outbox_positions"
+							  " WHERE target_id = $1 AND shard = 0",
+							  1, (Oid[]) {INT4OID}, v, NULL, true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+		pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	return pos;
+}
+
+/* The first undelivered barrier in (after, bound], if any, becomes barrier_at. */
+static bool
+find_barrier(int64 after, int64 bound, TimestampTz now)
+{
+	Datum		v[2] = {Int64GetDatum(after), Int64GetDatum(bound)};
+	Datum		b;
+	bool		isnull;
+
+	if (plan_barrier == NULL)
+		spool_plan(&plan_barrier,
+				   psprintf("SELECT min(id) FROM %s WHERE shard = -1 AND id > $1 AND id <= $2", store),
+				   2, (Oid[]) {INT8OID, INT8OID});
+	if (spool_exec(plan_barrier, v, NULL, true, SPI_OK_SELECT) != 1)
+		return false;
+	b = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		return false;
+	barrier_at = DatumGetInt64(b);
+	barrier_seen_at = now;
+	barrier_attempts = 0;
+	barrier_retry_at = 0;
+	return true;
+}
+
+/* Read up to want of my rows in (read_upto, limit_hi] into the batch. */
+static bool
+read_held(int64 limit_hi, int want, TimestampTz now)
+{
+	Datum		v[4];
+	uint64		i;
+
+	v[0] = Int32GetDatum(my_shard);
+	v[1] = Int64GetDatum(read_upto);
+	v[2] = Int64GetDatum(limit_hi);
+	v[3] = Int32GetDatum(want);
+	if (plan_read == NULL)
+		spool_plan(&plan_read,
+				   psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at FROM %s"
+							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
+				   4, (Oid[]) {INT4OID, INT8OID, INT8OID, INT4OID});
+	(void) spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
+	for (i = 0; i < SPI_processed; i++)
+	{
+		if (nheld == 0)
+			first_held_at = now;
+		held[nheld++] = row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, batch_cxt);
+	}
+	more_rows = SPI_processed == (uint64) want;
+	read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
+	return SPI_processed > 0;
+}
+
+/*
  * Read more of my rows below the horizon, up to the next undelivered
  * barrier.  Returns true if rows were read or the barrier moved.
  */
@@ -533,9 +653,6 @@ read_rows(TimestampTz now)
 	int64		leader_pos;
 	int64		limit_hi;
 	int			want = target->batch_size - nheld;
-	uint64		i;
-	bool		isnull;
-	Datum		v[4];
 	bool		got = false;
 
 	committed_seen = pg_atomic_read_u64(&ds->committed);
@@ -546,73 +663,14 @@ read_rows(TimestampTz now)
 
 	spool_begin_txn("reading the outbox");
 	spool_outbox_lock_store(AccessShareLock);
-	/* Barriers up to shard 0's position are delivered. */
-	if (my_shard == 0)
-		leader_pos = position;
-	else
-	{
-		SpoolDispatchSlot *leader = spool_dispatch_slot_of(target->id, 0);
-
-		LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
-		leader_pos = leader && leader->pid != 0 ? leader->position : 0;
-		LWLockRelease(spool_outbox_shared->lock);
-		if (leader_pos == 0)
-		{
-			v[0] = Int32GetDatum(target->id);
-			if (SPI_execute_with_args("SELECT position FROM spool.outbox_positions"
-									  " WHERE target_id = $1 AND shard = 0",
-									  1, (Oid[]) {INT4OID}, v, NULL, true, 1) == SPI_OK_SELECT &&
-				SPI_processed == 1)
-				leader_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-														 SPI_tuptable->tupdesc, 1, &isnull));
-		}
-	}
+	leader_pos = leader_position();
 	if (barrier_at != 0 && barrier_at <= leader_pos)
 		barrier_at = 0;
 	if (barrier_at == 0)
-	{
-		v[0] = Int64GetDatum(Max(leader_pos, read_upto));
-		v[1] = Int64GetDatum(bound);
-		spool_plan(&plan_barrier,
-				   psprintf("SELECT min(id) FROM %s WHERE shard = -1 AND id > $1 AND id <= $2", store),
-				   2, (Oid[]) {INT8OID, INT8OID});
-		if (spool_exec(plan_barrier, v, NULL, true, SPI_OK_SELECT) == 1)
-		{
-			Datum		b = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-
-			if (!isnull)
-			{
-				barrier_at = DatumGetInt64(b);
-				barrier_seen_at = now;
-				barrier_attempts = 0;
-				barrier_retry_at = 0;
-				got = true;
-			}
-		}
-	}
+		got = find_barrier(Max(leader_pos, read_upto), bound, now);
 	limit_hi = barrier_at ? barrier_at - 1 : bound;
-
 	if (want > 0 && limit_hi > read_upto)
-	{
-		v[0] = Int32GetDatum(my_shard);
-		v[1] = Int64GetDatum(read_upto);
-		v[2] = Int64GetDatum(limit_hi);
-		v[3] = Int32GetDatum(want);
-		spool_plan(&plan_read,
-				   psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at FROM %s"
-							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
-				   4, (Oid[]) {INT4OID, INT8OID, INT8OID, INT4OID});
-		(void) spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
-		for (i = 0; i < SPI_processed; i++)
-		{
-			if (nheld == 0)
-				first_held_at = now;
-			held[nheld++] = row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, batch_cxt);
-		}
-		more_rows = SPI_processed == (uint64) want;
-		read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
-		got |= SPI_processed > 0;
-	}
+		got |= read_held(limit_hi, want, now);
 	else
 		more_rows = want <= 0 && limit_hi > read_upto;
 	spool_end_txn();
@@ -657,6 +715,111 @@ note_flush(FlushReason reason, int n, double ms)
 	LWLockRelease(spool_outbox_shared->lock);
 }
 
+/* A Kafka delivery the target as a whole failed (brokers down, timed out): 08006. */
+static void
+kafka_deliver(OutboxRow **rows, int n, int64 wait_ms)
+{
+	char	   *err = NULL;
+
+	if (!spool_kafka_deliver(rows, n, wait_ms, &err))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("%s", err)));
+}
+
+/* Forget what an earlier attempt noted on the held rows. */
+static void
+reset_held(void)
+{
+	int			i;
+
+	for (i = 0; i < nheld; i++)
+	{
+		held[i]->sent = false;
+		held[i]->failed = false;
+		held[i]->error = NULL;
+	}
+}
+
+/*
+ * In the delivering transaction, in id order: park or dead-letter the rows
+ * that failed (a failed row blocks its key for the rows after it), and park
+ * the rows that were not sent because their key waits.  Returns how many
+ * were delivered.
+ */
+static int
+settle_held(void)
+{
+	int			delivered = 0;
+	int			i;
+
+	for (i = 0; i < nheld; i++)
+	{
+		OutboxRow  *r = held[i];
+
+		if (r->failed)
+		{
+			note_error(r->error, false);
+			if (target->retry_limit == 0)
+				dead_row(r, 1, r->error);
+			else
+				park_row(r, 1, r->error);
+		}
+		else if (r->sent)
+			delivered++;		/* kafka: even behind a refused row */
+		else
+			park_row(r, 0, NULL);	/* behind a parked or failed row of its key */
+	}
+	return delivered;
+}
+
+/*
+ * One attempt to deliver send (sql, notify; kafka rows were produced
+ * already) and move the position to to, in one transaction.  Returns how
+ * many rows were delivered, or -1 when a fast attempt failed and the batch
+ * is to be delivered row by row.  An error no single row explains (a
+ * careful attempt, kafka, a moved position) is raised: the target fails as
+ * a whole and keeps the batch.
+ */
+static int
+flush_attempt(OutboxRow **send, int nsend, bool careful, int64 to)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ErrorData  *volatile ed = NULL;
+	volatile int delivered = 0;
+
+	spool_begin_txn("delivering");
+	PG_TRY();
+	{
+		if (!spool_deliver_external())
+			deliver_local(send, nsend, careful);
+		delivered = settle_held();
+		move_position(to);
+		spool_test_pause();
+		spool_end_txn();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		ed = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+	}
+	PG_END_TRY();
+	if (ed == NULL)
+		return delivered;
+
+	/* Undo the in-memory parking of the aborted attempt. */
+	reload_parked();
+	if (careful || spool_deliver_external() || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
+		ereport(ERROR, (errcode(ed->sqlerrcode), errmsg("%s", ed->message)));
+	ereport(DEBUG1, (errmsg("%s: batch failed (%s); delivering row by row",
+							MyBgworkerEntry->bgw_name, ed->message)));
+	FreeErrorData(ed);
+	return -1;
+}
+
 /*
  * Deliver the held rows and move the position past them (and past every id
  * read, since rows of mine up to read_upto are all held).  A failure of the
@@ -667,100 +830,28 @@ flush(FlushReason reason)
 {
 	TimestampTz t0 = GetCurrentTimestamp();
 	int64		to = read_upto;
-	OutboxRow **send;
+	OutboxRow **send = palloc(sizeof(OutboxRow *) * nheld);
 	int			nsend = 0;
+	int			delivered;
 	int			i;
-	volatile int delivered = 0;
-	volatile bool careful = false;
-	MemoryContext cxt = CurrentMemoryContext;
 
 	/* Rows whose key waits behind a parked row are parked too, in order. */
-	send = palloc(sizeof(OutboxRow *) * nheld);
+	reset_held();
 	for (i = 0; i < nheld; i++)
-	{
-		held[i]->sent = false;
-		held[i]->failed = false;
-		held[i]->error = NULL;
 		if (!key_blocked(held[i]->key))
 			send[nsend++] = held[i];
-	}
-
 	if (spool_deliver_external() && nsend > 0)
 	{
-		char	   *err = NULL;
-
 		pgstat_report_activity(STATE_RUNNING, "delivering to kafka");
-		if (!spool_kafka_deliver(send, nsend,
-								 got_sigterm && spool_outbox_close_timeout_ms > 0 ?
-								 spool_outbox_close_timeout_ms : 60000, &err))
-			ereport(ERROR, (errmsg("%s", err)));
+		kafka_deliver(send, nsend, ShutdownRequestPending && spool_outbox_close_timeout_ms > 0 ?
+					  spool_outbox_close_timeout_ms : 60000);
 		for (i = 0; i < nsend; i++)
 			send[i]->sent = true;
 	}
-
-	for (;;)
+	if ((delivered = flush_attempt(send, nsend, false, to)) < 0)
 	{
-		ErrorData  *volatile ed = NULL;
-
-		spool_begin_txn("delivering");
-		PG_TRY();
-		{
-			if (!spool_deliver_external())
-				deliver_local(send, nsend, careful);
-			/* In id order: a failed row blocks its key for the rows after it. */
-			delivered = 0;
-			for (i = 0; i < nheld; i++)
-			{
-				OutboxRow  *r = held[i];
-
-				if (r->failed)
-				{
-					note_error(r->error, false);
-					if (target->retry_limit == 0)
-						dead_row(r, 1, r->error);
-					else
-						park_row(r, 1, r->error);
-				}
-				else if (r->sent)
-					delivered++;	/* kafka: even behind a refused row */
-				else
-					park_row(r, 0, NULL);	/* behind a parked or failed row of its key */
-			}
-			move_position(to);
-			spool_test_pause();
-			spool_end_txn();
-		}
-		PG_CATCH();
-		{
-			MemoryContextSwitchTo(cxt);
-			ed = CopyErrorData();
-			FlushErrorState();
-			AbortCurrentTransaction();
-			MemoryContextSwitchTo(cxt);
-		}
-		PG_END_TRY();
-		if (ed == NULL)
-			break;
-
-		/* Undo the in-memory parking of the aborted attempt. */
-		spool_begin_txn("reading parked rows");
-		load_parked();
-		spool_end_txn();
-		if (careful || spool_deliver_external() || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
-		{
-			/* Not one row's fault (or the rows were already tried one by one). */
-			ereport(ERROR, (errcode(ed->sqlerrcode), errmsg("%s", ed->message)));
-		}
-		ereport(DEBUG1, (errmsg("%s: batch failed (%s); delivering row by row",
-								MyBgworkerEntry->bgw_name, ed->message)));
-		FreeErrorData(ed);
-		careful = true;
-		for (i = 0; i < nheld; i++)
-		{
-			held[i]->sent = false;
-			held[i]->failed = false;
-			held[i]->error = NULL;
-		}
+		reset_held();
+		delivered = flush_attempt(send, nsend, true, to);
 	}
 
 	position = to;
@@ -771,37 +862,34 @@ flush(FlushReason reason)
 	error_backoff_ms = 0;
 }
 
+/* Rebuild the blocked keys from spool.outbox_retry, in a transaction of its own. */
+static void
+reload_parked(void)
+{
+	spool_begin_txn("reading parked rows");
+	load_parked();
+	spool_end_txn();
+}
+
 /*
- * Retry the head (lowest id) of every blocked key that is due.  Returns
- * true if anything was attempted.
+ * The heads (lowest id) of the blocked keys that are due, at most
+ * RETRY_HEADS_MAX, allocated in cxt; returns how many.
  */
-static bool
-retry_parked(TimestampTz now)
+static int
+due_heads(TimestampTz now, MemoryContext cxt, OutboxRow ***rows)
 {
 	Datum		v[2] = {Int32GetDatum(target->id), Int32GetDatum(my_shard)};
-	uint64		i;
 	bool		isnull;
 	int			nrows = 0;
-	OutboxRow **rows;
-	MemoryContext cxt = CurrentMemoryContext;	/* the loop's: reset each pass */
+	uint64		i;
 
-	if (pg_atomic_read_u32(&ds->retry_dirty) != 0 || now >= next_parked_reload)
-	{
-		spool_begin_txn("reading parked rows");
-		load_parked();
-		spool_end_txn();
-	}
-	if (nparked == 0 || now < next_retry_at)
-		return false;
-
-	set_state(DS_RETRYING);
 	spool_begin_txn("retrying parked rows");
 	if (SPI_execute_with_args("SELECT DISTINCT ON (key) id, key, payload, barrier, processor, cursor,"
 							  " created_at, attempts, next_attempt_at FROM spool.outbox_retry"
 							  " WHERE target_id = $1 AND shard = $2 ORDER BY key, id",
 							  2, (Oid[]) {INT4OID, INT4OID}, v, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.outbox_retry");
-	rows = MemoryContextAlloc(cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
+	*rows = MemoryContextAlloc(cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
 	for (i = 0; i < SPI_processed && nrows < RETRY_HEADS_MAX; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -810,24 +898,25 @@ retry_parked(TimestampTz now)
 
 		if (!isnull && DatumGetTimestampTz(due) > now)
 			continue;
-		rows[nrows] = row_from_tuple(tup, desc, cxt);
-		rows[nrows++]->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		(*rows)[nrows] = row_from_tuple(tup, desc, cxt);
+		(*rows)[nrows++]->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
 	}
 	spool_end_txn();
-	if (nrows == 0)
-		return false;
+	return nrows;
+}
 
-	if (spool_deliver_external())
-	{
-		char	   *err = NULL;
+/*
+ * In the retrying transaction: a retried row that failed and has attempts
+ * left is due again after a backoff; one that was delivered, or is out of
+ * retries (then dead-lettered), leaves spool.outbox_retry, and the key's
+ * next row is its head now.
+ */
+static void
+settle_retried(OutboxRow **rows, int nrows)
+{
+	int			i;
 
-		if (!spool_kafka_deliver(rows, nrows, 60000, &err))
-			ereport(ERROR, (errmsg("%s", err)));
-	}
-	spool_begin_txn("retrying parked rows");
-	if (!spool_deliver_external())
-		deliver_local(rows, nrows, true);
-	for (i = 0; i < (uint64) nrows; i++)
+	for (i = 0; i < nrows; i++)
 	{
 		OutboxRow  *r = rows[i];
 		Datum		a[4];
@@ -841,26 +930,53 @@ retry_parked(TimestampTz now)
 			a[2] = TimestampTzGetDatum(TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
 																  backoff_us(r->attempts + 1)));
 			a[3] = CStringGetTextDatum(r->error ? r->error : "error");
-			if (SPI_execute_with_args("UPDATE spool.outbox_retry SET attempts = $2, next_attempt_at = $3,"
-									  " last_error = $4, first_failed_at = coalesce(first_failed_at, now())"
-									  " WHERE id = $1", 4,
-									  (Oid[]) {INT8OID, INT4OID, TIMESTAMPTZOID, TEXTOID},
-									  a, NULL, false, 0) != SPI_OK_UPDATE)
-				elog(ERROR, "could not update spool.outbox_retry");
+			spool_plan(&plan_retry_again,
+					   "UPDATE spool.outbox_retry SET attempts = $2, next_attempt_at = $3,"
+					   " last_error = $4, first_failed_at = coalesce(first_failed_at, now())"
+					   " WHERE id = $1", 4, (Oid[]) {INT8OID, INT4OID, TIMESTAMPTZOID, TEXTOID});
+			(void) spool_exec(plan_retry_again, a, NULL, false, SPI_OK_UPDATE);
 			continue;
 		}
-		/* Delivered, or out of retries: the key's next row is its head now. */
-		if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE id = $1", 1,
-								  (Oid[]) {INT8OID}, a, NULL, false, 0) != SPI_OK_DELETE)
-			elog(ERROR, "could not delete from spool.outbox_retry");
+		spool_plan(&plan_retry_done, "DELETE FROM spool.outbox_retry WHERE id = $1",
+				   1, (Oid[]) {INT8OID});
+		(void) spool_exec(plan_retry_done, a, NULL, false, SPI_OK_DELETE);
 		if (r->failed)
 			dead_row(r, r->attempts + 1, r->error);
 	}
+}
+
+/*
+ * Retry the head (lowest id) of every blocked key that is due.  Returns
+ * true if anything was attempted.
+ */
+static bool
+retry_parked(TimestampTz now)
+{
+	OutboxRow **rows;
+	int			nrows;
+	int			i;
+
+	if (pg_atomic_read_u32(&ds->retry_dirty) != 0 || now >= next_parked_reload)
+		reload_parked();
+	if (nparked == 0 || now < next_retry_at)
+		return false;
+
+	set_state(DS_RETRYING);
+	/* In the loop's memory, reset each pass. */
+	nrows = due_heads(now, CurrentMemoryContext, &rows);
+	if (nrows == 0)
+		return false;
+	if (spool_deliver_external())
+		kafka_deliver(rows, nrows, 60000);
+	spool_begin_txn("retrying parked rows");
+	if (!spool_deliver_external())
+		deliver_local(rows, nrows, true);
+	settle_retried(rows, nrows);
 	spool_test_pause();
 	spool_end_txn();
 
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
-	for (i = 0; i < (uint64) nrows; i++)
+	for (i = 0; i < nrows; i++)
 	{
 		if (!rows[i]->failed)
 			ds->delivered++;
@@ -869,13 +985,115 @@ retry_parked(TimestampTz now)
 	}
 	LWLockRelease(spool_outbox_shared->lock);
 	/* Heads changed: rebuild what is blocked and when the next one is due. */
-	spool_begin_txn("reading parked rows");
-	load_parked();
-	spool_end_txn();
+	reload_parked();
 	return true;
 }
 
 /* ---- barriers ---- */
+
+/*
+ * Record that this shard arrived at the barrier (waking shard 0).  For
+ * shard 0: have all shards arrived?  For the others: has shard 0 released
+ * it (its position passed the barrier)?
+ */
+static bool
+barrier_arrive(void)
+{
+	SpoolDispatchSlot *leader;
+	Latch	   *wake = NULL;
+	bool		ok = true;
+	int			s;
+
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
+	ds->arrived = barrier_at;
+	ds->state = DS_BARRIER;
+	leader = spool_dispatch_slot_of(target->id, 0);
+	if (my_shard != 0)
+	{
+		ok = leader && leader->pid != 0 && leader->position >= barrier_at;
+		wake = leader ? leader->latch : NULL;
+	}
+	else
+		for (s = 1; s < target->shards; s++)
+		{
+			SpoolDispatchSlot *o = spool_dispatch_slot_of(target->id, s);
+
+			if (o == NULL || o->pid == 0 || o->arrived < barrier_at)
+				ok = false;
+		}
+	LWLockRelease(spool_outbox_shared->lock);
+	if (wake)
+		SetLatch(wake);
+	return ok;
+}
+
+/*
+ * Shard 0: deliver the barrier alone, then move shard 0's position to it,
+ * in one transaction.  A barrier that fails is retried with backoff, and
+ * dead-lettered (and passed) after the retry limit.  Returns true when it
+ * was passed.
+ */
+static bool
+deliver_barrier(TimestampTz now)
+{
+	OutboxRow  *b = palloc0(sizeof(OutboxRow)); /* delivery notes errors in its context */
+
+	b->id = barrier_at;
+	b->barrier = true;
+	b->cursor = -1;
+	b->created_at = now;
+	b->payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
+	if (spool_deliver_external())
+		kafka_deliver(&b, 1, 60000);
+	spool_begin_txn("delivering a barrier");
+	if (!spool_deliver_external())
+		deliver_local(&b, 1, true);
+	if (b->failed)
+	{
+		if (++barrier_attempts <= target->retry_limit)
+		{
+			spool_end_txn();
+			barrier_retry_at = TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
+														   backoff_us(barrier_attempts));
+			note_error(psprintf("barrier " INT64_FORMAT ": %s", barrier_at, b->error), true);
+			return false;
+		}
+		dead_row(b, barrier_attempts, b->error);
+	}
+	move_position(barrier_at);
+	spool_test_pause();
+	spool_end_txn();
+	return true;
+}
+
+/* Shard 0 passed the barrier: publish it and release every shard. */
+static void
+barrier_passed(void)
+{
+	double		drain_ms = (double) (GetCurrentTimestamp() - barrier_seen_at) / 1000.0;
+	int			s;
+
+	position = barrier_at;
+	read_upto = Max(read_upto, barrier_at);
+	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
+	ds->position = position;
+	ds->barriers++;
+	ds->drain_ms_last = drain_ms;
+	ds->drain_ms_sum += drain_ms;
+	ds->drain_ms_max = Max(ds->drain_ms_max, drain_ms);
+	hist_add(ds->drain_hist, HIST_DRAIN, drain_ms, 1);
+	ds->state = DS_IDLE;
+	for (s = 1; s < target->shards; s++)
+	{
+		SpoolDispatchSlot *o = spool_dispatch_slot_of(target->id, s);
+
+		if (o && o->latch)
+			SetLatch(o->latch);
+	}
+	LWLockRelease(spool_outbox_shared->lock);
+	barrier_at = 0;
+	barrier_attempts = 0;
+}
 
 /*
  * At a barrier with nothing held: report arrival; shard 0 delivers it once
@@ -885,107 +1103,85 @@ retry_parked(TimestampTz now)
 static bool
 barrier_step(TimestampTz now)
 {
-	int			s;
-	bool		all = true;
-	SpoolDispatchSlot *leader;
-
 	if (nparked > 0 && min_parked_id < barrier_at)
 		return false;			/* earlier rows of mine are still being retried */
-
-	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
-	ds->arrived = barrier_at;
-	ds->state = DS_BARRIER;
-	leader = spool_dispatch_slot_of(target->id, 0);
+	if (!barrier_arrive())
+		return false;
 	if (my_shard != 0)
 	{
-		bool		released = leader && leader->pid != 0 && leader->position >= barrier_at;
-		Latch	   *l = leader ? leader->latch : NULL;
-
-		LWLockRelease(spool_outbox_shared->lock);
-		if (l)
-			SetLatch(l);
-		if (!released)
-			return false;
 		barrier_at = 0;
 		set_state(DS_IDLE);
 		return true;
 	}
-	for (s = 1; s < target->shards; s++)
-	{
-		SpoolDispatchSlot *o = spool_dispatch_slot_of(target->id, s);
-
-		if (o == NULL || o->pid == 0 || o->arrived < barrier_at)
-			all = false;
-	}
-	LWLockRelease(spool_outbox_shared->lock);
-	if (!all || now < barrier_retry_at)
+	if (now < barrier_retry_at || !deliver_barrier(now))
 		return false;
-
-	/* Deliver the barrier alone, then move shard 0's position to it. */
-	{
-		OutboxRow  *b = palloc0(sizeof(OutboxRow));	/* delivery notes errors in its context */
-		char	   *err = NULL;
-		double		drain_ms;
-
-		b->id = barrier_at;
-		b->barrier = true;
-		b->cursor = -1;
-		b->created_at = now;
-		b->payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
-		if (spool_deliver_external() && !spool_kafka_deliver(&b, 1, 60000, &err))
-			ereport(ERROR, (errmsg("%s", err)));
-		spool_begin_txn("delivering a barrier");
-		if (!spool_deliver_external())
-			deliver_local(&b, 1, true);
-		if (b->failed)
-		{
-			if (++barrier_attempts <= target->retry_limit)
-			{
-				spool_end_txn();
-				barrier_retry_at = TimestampTzPlusMicroseconds(GetCurrentTimestamp(),
-															   backoff_us(barrier_attempts));
-				note_error(psprintf("barrier " INT64_FORMAT ": %s", barrier_at, b->error), true);
-				return false;
-			}
-			dead_row(b, barrier_attempts, b->error);
-		}
-		move_position(barrier_at);
-		spool_test_pause();
-		spool_end_txn();
-
-		position = barrier_at;
-		read_upto = Max(read_upto, barrier_at);
-		drain_ms = (double) (GetCurrentTimestamp() - barrier_seen_at) / 1000.0;
-		LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
-		ds->position = position;
-		ds->barriers++;
-		ds->drain_ms_last = drain_ms;
-		ds->drain_ms_sum += drain_ms;
-		ds->drain_ms_max = Max(ds->drain_ms_max, drain_ms);
-		hist_add(ds->drain_hist, HIST_DRAIN, drain_ms, 1);
-		ds->state = DS_IDLE;
-		/* Release every shard. */
-		for (s = 1; s < target->shards; s++)
-		{
-			SpoolDispatchSlot *o = spool_dispatch_slot_of(target->id, s);
-
-			if (o && o->latch)
-				SetLatch(o->latch);
-		}
-		LWLockRelease(spool_outbox_shared->lock);
-		barrier_at = 0;
-		barrier_attempts = 0;
-	}
+	barrier_passed();
 	return true;
 }
 
 /* ---- rotation ---- */
 
 /*
+ * Truncate ring slot s if all its rows are delivered.  The check is
+ * repeated under the slot's lock, which waits at most ROTATE_LOCK_MS; a
+ * lock timeout (someone reads the slot) leaves it for a later try.
+ */
+static void
+rotate_slot(int s)
+{
+	char	   *leaf = psprintf("%s_%d", store, s);
+	char	   *check;
+	bool		isnull;
+	volatile bool done = false;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	/* Some rows, and none undelivered (positions re-read by each statement). */
+	check = psprintf("SELECT EXISTS (SELECT FROM %s)"
+					 " AND NOT EXISTS (SELECT FROM spool.outbox_positions p,"
+					 "   LATERAL (SELECT FROM %s o WHERE o.shard = p.shard AND o.id > p.position LIMIT 1) x"
+					 "   WHERE p.target_id = %d)"
+					 " AND NOT EXISTS (SELECT FROM %s o WHERE o.shard = -1 AND o.id >"
+					 "   (SELECT position FROM spool.outbox_positions WHERE target_id = %d AND shard = 0))",
+					 leaf, leaf, target->id, leaf, target->id);
+	spool_begin_txn("rotating the outbox");
+	spool_outbox_lock_store(AccessShareLock);
+	if (SPI_execute(check, true, 1) != SPI_OK_SELECT ||
+		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	{
+		spool_end_txn();
+		return;
+	}
+	PG_TRY();
+	{
+		if (SPI_execute(psprintf("SET LOCAL lock_timeout = %d", ROTATE_LOCK_MS), false, 0) < 0 ||
+			SPI_execute(psprintf("LOCK TABLE %s IN ACCESS EXCLUSIVE MODE", leaf), false, 0) < 0)
+			elog(ERROR, "could not lock %s", leaf);
+		if (SPI_execute(check, false, 1) == SPI_OK_SELECT &&
+			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+		{
+			if (SPI_execute(psprintf("TRUNCATE %s", leaf), false, 0) < 0)
+				elog(ERROR, "could not truncate %s", leaf);
+			done = true;
+		}
+		spool_end_txn();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_END_TRY();
+	if (done)
+		ereport(DEBUG1, (errmsg("outbox slot %s truncated", leaf)));
+}
+
+/*
  * Truncate ring slots whose rows are all delivered (shard 0 only).  Never
  * the slot ids are being taken from, nor slots that may hold undelivered
- * rows; the check is repeated under the slot's lock, which waits at most
- * ROTATE_LOCK_MS.
+ * rows.
  */
 static void
 rotate(void)
@@ -995,59 +1191,8 @@ rotate(void)
 	int			s;
 
 	for (s = 0; s < SPOOL_OUTBOX_SLOTS; s++)
-	{
-		char	   *leaf;
-		char	   *check;
-		bool		isnull;
-		bool		done = false;
-		MemoryContext cxt = CurrentMemoryContext;
-
-		if (s == cur)
-			continue;
-		leaf = psprintf("%s_%d", store, s);
-		/* Some rows, and none undelivered (positions re-read by each statement). */
-		check = psprintf("SELECT EXISTS (SELECT FROM %s)"
-						 " AND NOT EXISTS (SELECT FROM spool.outbox_positions p,"
-						 "   LATERAL (SELECT FROM %s o WHERE o.shard = p.shard AND o.id > p.position LIMIT 1) x"
-						 "   WHERE p.target_id = %d)"
-						 " AND NOT EXISTS (SELECT FROM %s o WHERE o.shard = -1 AND o.id >"
-						 "   (SELECT position FROM spool.outbox_positions WHERE target_id = %d AND shard = 0))",
-						 leaf, leaf, target->id, leaf, target->id);
-		spool_begin_txn("rotating the outbox");
-		spool_outbox_lock_store(AccessShareLock);
-		if (SPI_execute(check, true, 1) == SPI_OK_SELECT &&
-			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
-		{
-			PG_TRY();
-			{
-				if (SPI_execute(psprintf("SET LOCAL lock_timeout = %d", ROTATE_LOCK_MS), false, 0) < 0 ||
-					SPI_execute(psprintf("LOCK TABLE %s IN ACCESS EXCLUSIVE MODE", leaf), false, 0) < 0)
-					elog(ERROR, "could not lock %s", leaf);
-				if (SPI_execute(check, false, 1) == SPI_OK_SELECT &&
-					DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
-				{
-					if (SPI_execute(psprintf("TRUNCATE %s", leaf), false, 0) < 0)
-						elog(ERROR, "could not truncate %s", leaf);
-					done = true;
-				}
-				spool_end_txn();
-			}
-			PG_CATCH();
-			{
-				/* A lock timeout: someone reads the slot; try again later. */
-				MemoryContextSwitchTo(cxt);
-				FlushErrorState();
-				AbortCurrentTransaction();
-				MemoryContextSwitchTo(cxt);
-				pgstat_report_activity(STATE_IDLE, NULL);
-			}
-			PG_END_TRY();
-			if (done)
-				ereport(DEBUG1, (errmsg("outbox slot %s truncated", leaf)));
-		}
-		else
-			spool_end_txn();
-	}
+		if (s != cur)
+			rotate_slot(s);
 }
 
 /* ---- the loop ---- */
@@ -1059,6 +1204,7 @@ batch_deadline(void)
 	return TimestampTzPlusMicroseconds(first_held_at, target->batch_interval_us);
 }
 
+/* Sleep until there may be work: a batch deadline, a retry, a poll, a rotation. */
 static void
 wait_for_work(TimestampTz now)
 {
@@ -1077,25 +1223,26 @@ wait_for_work(TimestampTz now)
 	if (my_shard == 0)
 		until = Min(until, next_rotation);
 	ms = TimestampDifferenceMilliseconds(now, until);
-	if (ms <= 0)
+	/* A stop request whose latch wake-up user code consumed (pg_sleep) is not slept on. */
+	if (ms <= 0 || stop_requested())
 		return;
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms,
 					 PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 }
 
-void
-spool_dispatch_main(Datum main_arg)
+/*
+ * Attach: signals (SIGTERM requests a stop that flushes: dispatch_close),
+ * the stop watch, the connection, pinned settings, and this shard's slot
+ * (unless the target was dropped or another one took the slot).
+ */
+static void
+dispatch_attach(void)
 {
-	int			slot;
-	MemoryContext loop_cxt;
-	bool		isnull;
-
 	stop_watch_id = RegisterTimeout(USER_TIMEOUT, stop_watch_handler);
-	spool_worker_attach(spool_core_shared->database_oid, dispatch_sigterm);
-	slot = spool_worker_args()->slot;
+	spool_worker_attach(spool_core_shared->database_oid, SignalHandlerForShutdownRequest);
 
-	ds = &spool_outbox_shared->dispatchers[slot];
+	ds = &spool_outbox_shared->dispatchers[spool_worker_args()->slot];
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	if (!ds->in_use || strcmp(ds->target, spool_worker_args()->name) != 0)
 	{
@@ -1118,15 +1265,22 @@ spool_dispatch_main(Datum main_arg)
 									  ALLOCSET_DEFAULT_SIZES);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool dispatch loop",
 									 ALLOCSET_DEFAULT_SIZES);
+}
 
-	/* The target, our position, and the sequence's high-water mark. */
+/*
+ * Load: the target (exit if it is gone), our position, the sequence's
+ * high-water mark, the parked rows, and the delivery's state.
+ */
+static void
+dispatch_load(void)
+{
+	MemoryContext old;
+	bool		isnull;
+
 	spool_begin_txn("loading the target");
-	{
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-		target = spool_outbox_load_target(ds->target_id);
-		MemoryContextSwitchTo(old);
-	}
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	target = spool_outbox_load_target(ds->target_id);
+	MemoryContextSwitchTo(old);
 	if (target == NULL)
 	{
 		spool_end_txn();
@@ -1145,25 +1299,29 @@ spool_dispatch_main(Datum main_arg)
 		spool_outbox_fold_sequence(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 																SPI_tuptable->tupdesc, 1, &isnull)));
 	load_parked();
-	{
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-		spool_deliver_init(target);
-		MemoryContextSwitchTo(old);
-	}
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	spool_deliver_init(target);
+	MemoryContextSwitchTo(old);
 	spool_end_txn();
+}
 
-	/* One process per shard: a stray one from an older launcher waits here. */
+/*
+ * One process per shard: a stray one from an older launcher waits here for
+ * the shard's lock (and goes if asked to stop).  Then publish the position
+ * and the options loaded.
+ */
+static void
+dispatch_lock_shard(void)
+{
 	while (!spool_internal_lock(SPOOL_LOCK_DISPATCH, store, (uint32) my_shard))
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100,
 						 PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-		if (got_sigterm)
+		if (stop_requested())
 			proc_exit(0);
 	}
-
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	ds->position = position;
 	ds->options_hash = target->options_hash;
@@ -1171,95 +1329,148 @@ spool_dispatch_main(Datum main_arg)
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
 	next_poll = 0;
 	next_rotation = 0;
+}
 
+/* With rows held, read again only when it may fill the batch. */
+static bool
+read_wanted(TimestampTz now)
+{
+	bool		deadline = nheld > 0 && now >= batch_deadline();
+	bool		fills = pg_atomic_read_u64(&ds->committed) - committed_seen >=
+		(uint64) (target->batch_size - nheld);
+
+	return nheld == 0 || deadline || more_rows || fills || now >= next_poll;
+}
+
+/* Flush the batch if it is full, stops at a barrier, or is due; true if it was. */
+static bool
+flush_due(void)
+{
+	if (nheld >= target->batch_size)
+		flush(FLUSH_SIZE);
+	else if (nheld > 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
+		flush(FLUSH_BARRIER);
+	else if (nheld > 0 && GetCurrentTimestamp() >= batch_deadline())
+		flush(FLUSH_INTERVAL);
+	else
+		return false;
+	return true;
+}
+
+/*
+ * One step of delivery: retries, reading, flushing, the barrier, rotation
+ * (shard 0).  Nothing while the target backs off after an error.  Returns
+ * false when nothing was done.
+ */
+static bool
+dispatch_step(TimestampTz now)
+{
+	bool		did = false;
+
+	if (now < error_until)
+		return false;
+	did |= retry_parked(now);
+	if (nheld < target->batch_size && read_wanted(now))
+		did |= read_rows(now);
+	did |= flush_due();
+	if (nheld == 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
+		did |= barrier_step(GetCurrentTimestamp());
+	if (nheld == 0 && barrier_at == 0 && nparked == 0 && !more_rows)
+		set_state(DS_IDLE);
+	if (my_shard == 0 && GetCurrentTimestamp() >= next_rotation)
+	{
+		rotate();
+		next_rotation = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ROTATE_EVERY_MS);
+	}
+	return did;
+}
+
+/* close: a stop was requested; what is held is delivered before we go. */
+static void
+dispatch_close(void)
+{
+	if (nheld > 0)
+		flush(FLUSH_CLOSE);
+	watch_stop(false);
+	proc_exit(0);
+}
+
+/*
+ * A step failed (in PG_CATCH).  A dropped target, a fatal error or a moved
+ * position end the process; any other error is one of the target as a
+ * whole: shown, and retried after a growing backoff, with the batch kept.
+ * Stopping, the batch is left for the next worker.
+ */
+static void
+dispatch_failed(void)
+{
+	ErrorData  *ed;
+
+	MemoryContextSwitchTo(loop_cxt);
+	ed = CopyErrorData();
+	if (ed->sqlerrcode == ERRCODE_UNDEFINED_TABLE)
+	{
+		/* drop_target removed our rows; the launcher stops us anyway. */
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		ereport(LOG, (errmsg("%s: target \"%s\" was dropped; exiting",
+							 MyBgworkerEntry->bgw_name, target->name)));
+		proc_exit(0);
+	}
+	if (ed->elevel >= FATAL || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
+		PG_RE_THROW();
+	EmitErrorReport();
+	FlushErrorState();
+	AbortOutOfAnyTransaction();
+	LWLockReleaseAll();
+	MemoryContextSwitchTo(loop_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	note_error(ed->message, true);
+	error_backoff_ms = Min(Max(error_backoff_ms * 2, ERROR_BACKOFF_MIN_MS),
+						   ERROR_BACKOFF_MAX_MS);
+	error_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);
+	next_poll = error_until;
+	if (ShutdownRequestPending)
+		proc_exit(1);			/* the batch is left for the next worker */
+}
+
+/*
+ * One pass, under the stop watch: the close path once a stop was
+ * requested, else a step.  Returns false when nothing was done (the loop
+ * then waits).
+ */
+static bool
+dispatch_pass(void)
+{
+	volatile bool did = false;
+
+	PG_TRY();
+	{
+		watch_stop(true);
+		if (stop_requested())
+			dispatch_close();
+		did = dispatch_step(GetCurrentTimestamp());
+		watch_stop(false);
+	}
+	PG_CATCH();
+	{
+		watch_stop(false);
+		dispatch_failed();
+	}
+	PG_END_TRY();
+	return did;
+}
+
+void
+spool_dispatch_main(Datum main_arg)
+{
+	dispatch_attach();
+	dispatch_load();
+	dispatch_lock_shard();
 	for (;;)
 	{
-		TimestampTz now;
-		volatile bool did = false;
-
 		spool_worker_pass(loop_cxt, true);
-		now = GetCurrentTimestamp();
-
-		PG_TRY();
-		{
-			watch_stop(true);
-			if (got_sigterm)
-			{
-				/* close: what is held is delivered before we go. */
-				if (nheld > 0)
-					flush(FLUSH_CLOSE);
-				watch_stop(false);
-				proc_exit(0);
-			}
-			if (now < error_until)
-				;
-			else
-			{
-				did |= retry_parked(now);
-				if (nheld < target->batch_size)
-				{
-					bool		deadline = nheld > 0 && now >= batch_deadline();
-					bool		fills = pg_atomic_read_u64(&ds->committed) - committed_seen >=
-						(uint64) (target->batch_size - nheld);
-
-					/* With rows held, read again only when it may fill the batch. */
-					if (nheld == 0 || deadline || more_rows || fills || now >= next_poll)
-						did |= read_rows(now);
-				}
-				if (nheld >= target->batch_size)
-					flush(FLUSH_SIZE), did = true;
-				else if (nheld > 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
-					flush(FLUSH_BARRIER), did = true;
-				else if (nheld > 0 && GetCurrentTimestamp() >= batch_deadline())
-					flush(FLUSH_INTERVAL), did = true;
-				if (nheld == 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
-					did |= barrier_step(GetCurrentTimestamp());
-				if (nheld == 0 && barrier_at == 0 && nparked == 0 && !more_rows)
-					set_state(DS_IDLE);
-				if (my_shard == 0 && GetCurrentTimestamp() >= next_rotation)
-				{
-					rotate();
-					next_rotation = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ROTATE_EVERY_MS);
-				}
-			}
-			watch_stop(false);
-		}
-		PG_CATCH();
-		{
-			ErrorData  *ed;
-
-			watch_stop(false);
-
-			MemoryContextSwitchTo(loop_cxt);
-			ed = CopyErrorData();
-			if (ed->sqlerrcode == ERRCODE_UNDEFINED_TABLE)
-			{
-				/* drop_target removed our rows; the launcher stops us anyway. */
-				FlushErrorState();
-				AbortOutOfAnyTransaction();
-				ereport(LOG, (errmsg("%s: target \"%s\" was dropped; exiting",
-									 MyBgworkerEntry->bgw_name, target->name)));
-				proc_exit(0);
-			}
-			if (ed->elevel >= FATAL || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
-				PG_RE_THROW();
-			EmitErrorReport();
-			FlushErrorState();
-			AbortOutOfAnyTransaction();
-			LWLockReleaseAll();
-			MemoryContextSwitchTo(loop_cxt);
-			pgstat_report_activity(STATE_IDLE, NULL);
-			note_error(ed->message, true);
-			error_backoff_ms = Min(Max(error_backoff_ms * 2, ERROR_BACKOFF_MIN_MS),
-								   ERROR_BACKOFF_MAX_MS);
-			error_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);
-			next_poll = error_until;
-			if (got_sigterm)
-				proc_exit(1);	/* the batch is left for the next worker */
-			did = false;
-		}
-		PG_END_TRY();
-		if (!did)
+		if (!dispatch_pass())
 			wait_for_work(GetCurrentTimestamp());
 	}
 }

@@ -81,6 +81,7 @@ static int64 checkpoint_every;
 static Jsonb *handler_settings;
 static bool fast_path;			/* the handler is spool.window_alert */
 
+static MemoryContext loop_cxt;
 static int	my_slot;
 static int	my_replica;			/* 0-based */
 static SpoolProcessorSlot *ps;
@@ -127,19 +128,65 @@ typedef struct StepResult
 	Datum		outputs;		/* spool.output[] */
 } StepResult;
 
+/* The processor's gate and progress, as shared memory shows them. */
+typedef struct GateView
+{
+	pid_t		active_pid;		/* 0: no active replica */
+	TimestampTz active_gone_at;
+	TimestampTz lease_expires_at;
+	int64		committed_cursor;
+	int64		snapshot_cursor;
+} GateView;
+
+/* A batch being read: what read_batch needs per row, set up once. */
+typedef struct BatchReader
+{
+	Batch	   *b;
+	Size		bytes;			/* raw size of the rows taken */
+	int64		last;			/* cursor of the last row taken */
+	int			n;
+	/* generic handlers: the spool.entries composites for the array */
+	Oid			rowtype;
+	TupleDesc	rowdesc;
+	int		   *map;			/* rowdesc attribute -> result column, 0: dropped */
+	Datum	   *elems;
+	Datum	   *fields;
+	bool	   *fnulls;
+	Datum	   *cols;			/* a result row, deformed */
+	bool	   *colnulls;
+} BatchReader;
+
+static void replica_attach(void);
 static void replica_detach(int code, Datum arg);
+static bool replica_step(void);
+static bool standby_pass(void);
+static void read_gate(GateView *g);
 static void load_processor(void);
+static void check_run_as(void);
 static void load_checkpoint(bool publish);
 static void state_reset(Jsonb *snapshot, int64 at);
 static int64 spool_end(void);
 static void read_batch(int64 after, int64 upto, Batch *b);
+static SPIPlanPtr reader_open(BatchReader *r, Batch *b);
+static void reader_map(BatchReader *r, TupleDesc desc);
+static bool reader_add(BatchReader *r, HeapTuple tup, TupleDesc desc);
 static void apply_batch(Batch *b, StepResult *res, bool want_outputs);
+static void apply_native(Batch *b, StepResult *res, bool want_outputs);
+static void apply_handler(Batch *b, StepResult *res);
 static Jsonb *state_stage(StepResult *res);
 static void state_adopt(Jsonb *staged, int64 end);
 static uint64 state_hash(Jsonb **as_jsonb);
 static bool active_step(void);
+static bool active_read(Batch *b, bool *snapshot);
+static uint64 snapshot_of(StepResult *res, Jsonb **snap);
+static void advance_consumer(int64 end);
+static bool gate_commit(Batch *b, StepResult *res, Jsonb *snap, uint64 hash);
+static void active_committed(Batch *b, Jsonb *staged, bool snapshot, uint64 hash,
+							 int noutputs);
 static void standby_step(int64 target);
 static bool try_takeover(void);
+static int64 claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease);
+static void catch_up(int64 committed, bool took_over);
 static void become_standby(const char *why);
 static bool renew_lease(void);
 static bool advisory_lock(bool take);
@@ -186,13 +233,14 @@ replica_detach(int code, Datum arg)
 	ConditionVariableBroadcast(&ps->cv);
 }
 
-void
-spool_processor_main(Datum main_arg)
+/*
+ * Attach: signals, the connection, pinned settings, and this replica's slot
+ * (unless the processor is gone or another one took the slot).
+ */
+static void
+replica_attach(void)
 {
-	MemoryContext loop_cxt;
-
 	spool_worker_attach(spool_core_shared->database_oid, NULL);
-
 	my_slot = spool_worker_args()->slot;
 	my_replica = spool_worker_args()->index;
 	strlcpy(proc_name, spool_worker_args()->name, NAMEDATALEN);
@@ -221,6 +269,69 @@ spool_processor_main(Datum main_arg)
 									  ALLOCSET_DEFAULT_SIZES);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool processor loop",
 									 ALLOCSET_DEFAULT_SIZES);
+}
+
+static void
+read_gate(GateView *g)
+{
+	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
+	g->active_pid = ps->active_pid;
+	g->active_gone_at = ps->active_gone_at;
+	g->lease_expires_at = ps->lease_expires_at;
+	g->committed_cursor = ps->committed_cursor;
+	g->snapshot_cursor = ps->snapshot_cursor;
+	LWLockRelease(spool_processor_shared->lock);
+}
+
+/*
+ * A step as a standby (or a starting replica): follow the committed cursor,
+ * stopping at the active's snapshot cursor to compare state hashes; once
+ * caught up, check the hash and take the gate if it is free.  Returns false
+ * when there was nothing to do.
+ */
+static bool
+standby_pass(void)
+{
+	GateView	g;
+	int64		committed;
+
+	read_gate(&g);
+	committed = g.committed_cursor;
+	if (g.snapshot_cursor > cursor && g.snapshot_cursor < committed)
+		committed = g.snapshot_cursor;
+	if (cursor < committed)
+	{
+		standby_step(committed);
+		return true;
+	}
+	/* Caught up: from now on a takeover needs at most one batch. */
+	if (rs->role == ROLE_STARTING)
+		rs->role = ROLE_STANDBY;
+	check_snapshot_hash();
+	return try_takeover();
+}
+
+/*
+ * One step of the replica in its role; false when there was nothing to do
+ * (the loop then waits).
+ */
+static bool
+replica_step(void)
+{
+	if (rs->role != ROLE_ACTIVE)
+		return standby_pass();
+	if (GetCurrentTimestamp() >= next_renew && !renew_lease())
+	{
+		become_standby("its lease was lost");
+		return true;
+	}
+	return active_step();
+}
+
+void
+spool_processor_main(Datum main_arg)
+{
+	replica_attach();
 	PG_TRY();
 	{
 		load_processor();
@@ -237,40 +348,10 @@ spool_processor_main(Datum main_arg)
 	for (;;)
 	{
 		spool_worker_pass(loop_cxt, true);
-
 		PG_TRY();
 		{
-			if (rs->role == ROLE_ACTIVE)
-			{
-				if (GetCurrentTimestamp() >= next_renew && !renew_lease())
-					become_standby("its lease was lost");
-				else if (!active_step())
-					wait_for_work();
-			}
-			else
-			{
-				int64		committed;
-				int64		snap;
-
-				LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
-				committed = ps->committed_cursor;
-				snap = ps->snapshot_cursor;
-				LWLockRelease(spool_processor_shared->lock);
-				/* Stop at the active's snapshot cursor to compare state hashes. */
-				if (snap > cursor && snap < committed)
-					committed = snap;
-				if (cursor < committed)
-					standby_step(committed);
-				else
-				{
-					/* Caught up: from now on a takeover needs at most one batch. */
-					if (rs->role == ROLE_STARTING)
-						rs->role = ROLE_STANDBY;
-					check_snapshot_hash();
-					if (!try_takeover())
-						wait_for_work();
-				}
-			}
+			if (!replica_step())
+				wait_for_work();
 		}
 		PG_CATCH();
 		{
@@ -302,14 +383,32 @@ record_error(void)
 }
 
 
+/*
+ * The handler still runs as an existing role, and the processor's owner
+ * may still run code as it.
+ */
+static void
+check_run_as(void)
+{
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(run_as)))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("the role processor \"%s\" runs as (oid %u) no longer exists", proc_name, run_as),
+				 errhint("Drop and create the processor again with an existing role.")));
+	if (!spool_role_is_member(proc_owner, run_as))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the owner of processor \"%s\" is no longer a member of the role its handler runs as",
+						proc_name),
+				 errhint("Grant the role back to the owner, or drop and create the processor again.")));
+}
+
 /* Read the processor's definition; exit if it is gone or disabled. */
 static void
 load_processor(void)
 {
-	Oid			t[1] = {TEXTOID};
 	Datum		v[1];
 	bool		isnull;
-	bool		enabled;
 	HeapTuple	tup;
 	TupleDesc	desc;
 	Datum		d;
@@ -324,22 +423,18 @@ load_processor(void)
 							  " (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
 							  " (options->>'checkpoint_every')::bigint, options->'handler', owner::oid"
 							  " FROM spool.processors WHERE name = $1",
-							  1, t, v, NULL, true, 1) != SPI_OK_SELECT)
+							  1, (Oid[]) {TEXTOID}, v, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.processors");
 	if (SPI_processed == 0)
+		ereport(LOG, (errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
+	if (SPI_processed == 0 ||
+		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)))
 	{
 		spool_end_txn();
-		ereport(LOG, (errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
 		proc_exit(0);
 	}
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	enabled = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
-	if (!enabled)
-	{
-		spool_end_txn();
-		proc_exit(0);
-	}
 	top = MemoryContextSwitchTo(TopMemoryContext);
 	handler_oid = DatumGetObjectId(SPI_getbinval(tup, desc, 1, &isnull));
 	run_as = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
@@ -351,18 +446,7 @@ load_processor(void)
 	d = SPI_getbinval(tup, desc, 8, &isnull);
 	handler_settings = isnull ? NULL : DatumGetJsonbPCopy(d);
 	proc_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 9, &isnull));
-	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(run_as)))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("the role processor \"%s\" runs as (oid %u) no longer exists", proc_name, run_as),
-				 errhint("Drop and create the processor again with an existing role.")));
-	/* The owner must still be allowed to run code as run_as. */
-	if (!spool_role_is_member(proc_owner, run_as))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("the owner of processor \"%s\" is no longer a member of the role its handler runs as",
-						proc_name),
-				 errhint("Grant the role back to the owner, or drop and create the processor again.")));
+	check_run_as();
 	fast_path = handler_oid == spool_window_alert_oid();
 	if (fast_path)
 		wa_config = spool_wa_parse_config(handler_settings);
@@ -394,7 +478,9 @@ load_checkpoint(bool publish)
 	if (SPI_execute_with_args("SELECT committed_cursor, state, state_cursor, state_hash"
 							  " FROM spool.processor_checkpoints WHERE processor = $1",
 							  1, t, v, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "the checkpoint of processor \"%s\" is missing", proc_name);
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("the checkpoint of processor \"%s\" is missing", proc_name)));
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 	committed = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
@@ -504,6 +590,96 @@ entry_datum(TupleDesc rowdesc, const int *map, const Datum *cols, const bool *co
 	return HeapTupleGetDatum(heap_form_tuple(rowdesc, values, isnull));
 }
 
+/* Set up reading into b; returns the kept plan that reads the entries. */
+static SPIPlanPtr
+reader_open(BatchReader *r, Batch *b)
+{
+	Oid			t[4] = {INT8OID, INT8OID, TEXTARRAYOID, INT4OID};
+
+	memset(r, 0, sizeof(BatchReader));
+	memset(b, 0, sizeof(Batch));
+	r->b = b;
+	if (fast_path)
+	{
+		b->wa = palloc(sizeof(WAEntry) * batch_size);
+		return spool_plan(&plan_read_rows,
+						  "SELECT cursor, value, kafka_ts, source, kafka_partition, kafka_offset"
+						  " FROM spool.entries WHERE cursor > $1 AND cursor <= $2"
+						  " AND ($3::text[] IS NULL OR source = ANY ($3))"
+						  " ORDER BY cursor LIMIT $4", 4, t);
+	}
+	r->elems = palloc(sizeof(Datum) * batch_size);
+	r->rowtype = get_rel_type_id(get_relname_relid("entries", get_namespace_oid("spool", false)));
+	r->rowdesc = lookup_rowtype_tupdesc(r->rowtype, -1);
+	r->fields = palloc(sizeof(Datum) * r->rowdesc->natts);
+	r->fnulls = palloc(sizeof(bool) * r->rowdesc->natts);
+	return spool_plan(&plan_read_entries,
+					  "SELECT e.* FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
+					  " AND ($3::text[] IS NULL OR e.source = ANY ($3))"
+					  " ORDER BY e.cursor LIMIT $4", 4, t);
+}
+
+/* Generic handlers, at the first chunk: where each attribute of the row type is. */
+static void
+reader_map(BatchReader *r, TupleDesc desc)
+{
+	int			a;
+
+	r->map = palloc0(sizeof(int) * r->rowdesc->natts);
+	for (a = 0; a < r->rowdesc->natts; a++)
+		if (!TupleDescAttr(r->rowdesc, a)->attisdropped)
+			r->map[a] = SPI_fnumber(desc, NameStr(TupleDescAttr(r->rowdesc, a)->attname));
+	r->cols = palloc(sizeof(Datum) * desc->natts);
+	r->colnulls = palloc(sizeof(bool) * desc->natts);
+}
+
+/*
+ * Take a row into the batch, unless it would bring the batch over
+ * BATCH_MAX_BYTES (a first row is always taken): then false, and the batch
+ * is cut before it.  The row is weighed before its fields are detoasted.
+ */
+static bool
+reader_add(BatchReader *r, HeapTuple tup, TupleDesc desc)
+{
+	bool		isnull;
+	bool		novalue = true;
+	Datum		value = (Datum) 0;
+	Size		size;
+
+	if (fast_path)
+	{
+		value = SPI_getbinval(tup, desc, 2, &novalue);
+		size = novalue ? 0 : toast_raw_datum_size(value);
+	}
+	else
+	{
+		heap_deform_tuple(tup, desc, r->cols, r->colnulls);
+		size = row_raw_size(tup, desc, r->cols, r->colnulls);
+	}
+	if (r->n > 0 && r->bytes + size > BATCH_MAX_BYTES)
+		return false;
+	r->bytes += size;
+	r->last = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	if (fast_path)
+	{
+		WAEntry    *e = &r->b->wa[r->n];
+		Datum		ts = SPI_getbinval(tup, desc, 3, &isnull);
+
+		e->cursor = r->last;
+		e->value = novalue ? NULL : DatumGetJsonbP(value);
+		e->has_ts = !isnull;
+		e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(ts);
+		e->source = SPI_getvalue(tup, desc, 4);
+		e->kafka_partition = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+	}
+	else
+		r->elems[r->n] = entry_datum(r->rowdesc, r->map, r->cols, r->colnulls,
+									 r->fields, r->fnulls);
+	r->n++;
+	return true;
+}
+
 /*
  * The entries of our sources in (after, upto], at most batch_size of them
  * and at most BATCH_MAX_BYTES of them (but at least one): the handler's
@@ -516,207 +692,129 @@ entry_datum(TupleDesc rowdesc, const int *map, const Datum *cols, const bool *co
 static void
 read_batch(int64 after, int64 upto, Batch *b)
 {
-	Oid			t[4] = {INT8OID, INT8OID, TEXTARRAYOID, INT4OID};
+	BatchReader r;
 	Datum		v[4];
 	char		nulls[4] = {' ', ' ', sources ? ' ' : 'n', ' '};
-	SPIPlanPtr	plan;
 	Portal		portal;
-	Datum	   *elems = NULL;
-	Oid			rowtype = InvalidOid;
-	TupleDesc	rowdesc = NULL;
-	int		   *map = NULL;
-	Datum	   *fields = NULL;
-	bool	   *fnulls = NULL;
-	Datum	   *cols = NULL;
-	bool	   *colnulls = NULL;
-	Size		bytes = 0;
 	bool		cut = false;
 	bool		drained = false;
-	int64		last = 0;
-	int			n = 0;
 
 	v[0] = Int64GetDatum(after);
 	v[1] = Int64GetDatum(upto);
 	v[2] = PointerGetDatum(sources);
 	v[3] = Int32GetDatum(batch_size);
-	memset(b, 0, sizeof(Batch));
-	if (fast_path)
+	portal = SPI_cursor_open(NULL, reader_open(&r, b), v, nulls, true);
+	while (r.n < batch_size && !cut && !drained)
 	{
-		plan = spool_plan(&plan_read_rows,
-						  "SELECT cursor, value, kafka_ts, source, kafka_partition, kafka_offset"
-						  " FROM spool.entries WHERE cursor > $1 AND cursor <= $2"
-						  " AND ($3::text[] IS NULL OR source = ANY ($3))"
-						  " ORDER BY cursor LIMIT $4", 4, t);
-		b->wa = palloc(sizeof(WAEntry) * batch_size);
-	}
-	else
-	{
-		plan = spool_plan(&plan_read_entries,
-						  "SELECT e.* FROM spool.entries e WHERE e.cursor > $1 AND e.cursor <= $2"
-						  " AND ($3::text[] IS NULL OR e.source = ANY ($3))"
-						  " ORDER BY e.cursor LIMIT $4", 4, t);
-		elems = palloc(sizeof(Datum) * batch_size);
-		rowtype = get_rel_type_id(get_relname_relid("entries", get_namespace_oid("spool", false)));
-		rowdesc = lookup_rowtype_tupdesc(rowtype, -1);
-		fields = palloc(sizeof(Datum) * rowdesc->natts);
-		fnulls = palloc(sizeof(bool) * rowdesc->natts);
-	}
-
-	portal = SPI_cursor_open(NULL, plan, v, nulls, true);
-	while (n < batch_size && !cut && !drained)
-	{
-		TupleDesc	desc;
+		int			want = Min(batch_size - r.n, READ_CHUNK);
 		uint64		i;
-		int			want = Min(batch_size - n, READ_CHUNK);
 
 		SPI_cursor_fetch(portal, true, want);
 		if (SPI_processed == 0)
 			break;
 		drained = SPI_processed < (uint64) want;	/* no need to ask again */
-		desc = SPI_tuptable->tupdesc;
-		if (!fast_path && map == NULL)
-		{
-			int			a;
-
-			map = palloc0(sizeof(int) * rowdesc->natts);
-			for (a = 0; a < rowdesc->natts; a++)
-				if (!TupleDescAttr(rowdesc, a)->attisdropped)
-					map[a] = SPI_fnumber(desc, NameStr(TupleDescAttr(rowdesc, a)->attname));
-			cols = palloc(sizeof(Datum) * desc->natts);
-			colnulls = palloc(sizeof(bool) * desc->natts);
-		}
-		for (i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			bool		isnull;
-			bool		novalue = true;
-			Datum		value = (Datum) 0;
-			Size		size;
-
-			if (fast_path)
-			{
-				value = SPI_getbinval(tup, desc, 2, &novalue);
-				size = novalue ? 0 : toast_raw_datum_size(value);
-			}
-			else
-			{
-				heap_deform_tuple(tup, desc, cols, colnulls);
-				size = row_raw_size(tup, desc, cols, colnulls);
-			}
-
-			if (n > 0 && bytes + size > BATCH_MAX_BYTES)
-			{
-				cut = true;
-				break;
-			}
-			bytes += size;
-			last = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-			if (fast_path)
-			{
-				WAEntry    *e = &b->wa[n];
-				Datum		ts = SPI_getbinval(tup, desc, 3, &isnull);
-
-				e->cursor = last;
-				e->value = novalue ? NULL : DatumGetJsonbP(value);
-				e->has_ts = !isnull;
-				e->kafka_ts = isnull ? 0 : DatumGetTimestampTz(ts);
-				e->source = SPI_getvalue(tup, desc, 4);
-				e->kafka_partition = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
-				e->kafka_offset = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
-			}
-			else
-				elems[n] = entry_datum(rowdesc, map, cols, colnulls, fields, fnulls);
-			n++;
-		}
+		if (!fast_path && r.map == NULL)
+			reader_map(&r, SPI_tuptable->tupdesc);
+		for (i = 0; i < SPI_processed && !cut; i++)
+			cut = !reader_add(&r, SPI_tuptable->vals[i], SPI_tuptable->tupdesc);
 	}
 	SPI_cursor_close(portal);
-	if (rowdesc)
-		ReleaseTupleDesc(rowdesc);
+	if (r.rowdesc)
+		ReleaseTupleDesc(r.rowdesc);
 
-	b->n = n;
-	b->end = (n == batch_size || cut) ? last : upto;
-	if (!fast_path && n > 0)
-		b->entries = PointerGetDatum(construct_array(elems, n, rowtype, -1, false,
+	b->n = r.n;
+	b->end = (r.n == batch_size || cut) ? r.last : upto;
+	if (!fast_path && r.n > 0)
+		b->entries = PointerGetDatum(construct_array(r.elems, r.n, r.rowtype, -1, false,
 													 TYPALIGN_DOUBLE));
 }
 
+/* window_alert, natively on the kept state; its outputs are built only if wanted. */
+static void
+apply_native(Batch *b, StepResult *res, bool want_outputs)
+{
+	WAOutputs	out = {0};
+	int			i;
+
+	for (i = 0; i < b->n; i++)
+		spool_wa_apply(wa_state, &b->wa[i], &out);
+	res->noutputs = out.n;
+	if (want_outputs && out.n > 0)
+	{
+		const char **targets = palloc(sizeof(char *) * out.n);
+
+		for (i = 0; i < out.n; i++)
+			targets[i] = spool_wa_target(wa_config);
+		res->outputs = spool_make_outputs(out.n, targets, out.keys, out.payloads);
+	}
+}
+
 /*
- * Run the handler over a non-empty batch.  A SQL handler runs in the box
- * (usercode.c): as the processor's role, security-restricted, read-only, with
- * its settings rolled back afterwards.  window_alert is built-in C and runs
- * natively on the kept state; its outputs are built only if wanted.
+ * A SQL handler, in the box (usercode.c): as the processor's role,
+ * security-restricted, read-only, with its settings rolled back afterwards.
+ * A handler that returns NULL, or a NULL state, breaks its contract: 38000.
  */
+static void
+apply_handler(Batch *b, StepResult *res)
+{
+	FmgrInfo	flinfo;
+	LOCAL_FCINFO(fc, 2);
+	Datum		result;
+	HeapTupleHeader th;
+	bool		isnull;
+	Datum		d;
+	SpoolBox	box = {0};
+
+	fmgr_info(handler_oid, &flinfo);
+	InitFunctionCallInfoData(*fc, &flinfo, 2, InvalidOid, NULL, NULL);
+	fc->args[0].value = JsonbPGetDatum(state);
+	fc->args[0].isnull = false;
+	fc->args[1].value = b->entries;
+	fc->args[1].isnull = false;
+	spool_box_open(&box, run_as, true);
+	PG_TRY();
+	{
+		result = FunctionCallInvoke(fc);
+	}
+	PG_CATCH();
+	{
+		spool_box_abandon(&box);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	spool_box_close(&box);
+	if (fc->isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("handler %s returned NULL", format_procedure(handler_oid)),
+				 errhint("Return a spool.step: (state, outputs).")));
+	th = DatumGetHeapTupleHeader(result);
+	d = GetAttributeByNum(th, 1, &isnull);
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("handler %s returned a NULL state", format_procedure(handler_oid)),
+				 errhint("Return the state unchanged, or '{}', never NULL.")));
+	res->state = DatumGetJsonbP(d);
+	d = GetAttributeByNum(th, 2, &isnull);
+	if (!isnull)
+	{
+		ArrayType  *arr = DatumGetArrayTypeP(d);
+
+		res->noutputs = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
+		res->outputs = PointerGetDatum(arr);
+	}
+}
+
+/* Run the handler over a non-empty batch (outputs are built only if wanted). */
 static void
 apply_batch(Batch *b, StepResult *res, bool want_outputs)
 {
 	memset(res, 0, sizeof(StepResult));
 	if (fast_path)
-	{
-		WAOutputs	out = {0};
-		int			i;
-
-		for (i = 0; i < b->n; i++)
-			spool_wa_apply(wa_state, &b->wa[i], &out);
-		res->noutputs = out.n;
-		if (want_outputs && out.n > 0)
-		{
-			const char **targets = palloc(sizeof(char *) * out.n);
-
-			for (i = 0; i < out.n; i++)
-				targets[i] = spool_wa_target(wa_config);
-			res->outputs = spool_make_outputs(out.n, targets, out.keys, out.payloads);
-		}
-	}
+		apply_native(b, res, want_outputs);
 	else
-	{
-		FmgrInfo	flinfo;
-		LOCAL_FCINFO(fc, 2);
-		Datum		result;
-		HeapTupleHeader th;
-		bool		isnull;
-		Datum		d;
-		SpoolBox	box = {0};
-
-		fmgr_info(handler_oid, &flinfo);
-		InitFunctionCallInfoData(*fc, &flinfo, 2, InvalidOid, NULL, NULL);
-		fc->args[0].value = JsonbPGetDatum(state);
-		fc->args[0].isnull = false;
-		fc->args[1].value = b->entries;
-		fc->args[1].isnull = false;
-		spool_box_open(&box, run_as, true);
-		PG_TRY();
-		{
-			result = FunctionCallInvoke(fc);
-		}
-		PG_CATCH();
-		{
-			spool_box_abandon(&box);
-			PG_RE_THROW();
-		}
-		PG_END_TRY();
-		spool_box_close(&box);
-		if (fc->isnull)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("handler %s returned NULL", format_procedure(handler_oid)),
-					 errhint("Return a spool.step: (state, outputs).")));
-		th = DatumGetHeapTupleHeader(result);
-		d = GetAttributeByNum(th, 1, &isnull);
-		if (isnull)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("handler %s returned a NULL state", format_procedure(handler_oid)),
-					 errhint("Return the state unchanged, or '{}', never NULL.")));
-		res->state = DatumGetJsonbP(d);
-		d = GetAttributeByNum(th, 2, &isnull);
-		if (!isnull)
-		{
-			ArrayType  *arr = DatumGetArrayTypeP(d);
-
-			res->noutputs = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
-			res->outputs = PointerGetDatum(arr);
-		}
-	}
+		apply_handler(b, res);
 }
 
 /*
@@ -776,6 +874,123 @@ state_hash(Jsonb **as_jsonb)
  */
 
 /*
+ * Read the active's next batch (the caller's transaction).  Idle (nothing
+ * new), it is an empty batch only when a changed state is due for a
+ * snapshot, so replicas can compare and restart from it; otherwise false.
+ */
+static bool
+active_read(Batch *b, bool *snapshot)
+{
+	int64		end = spool_end();
+
+	*snapshot = false;
+	if (end > cursor)
+	{
+		read_batch(cursor, end, b);
+		return true;
+	}
+	if (since_snapshot == 0 ||
+		!TimestampDifferenceExceeds(last_snapshot_at, GetCurrentTimestamp(), IDLE_SNAPSHOT_MS))
+		return false;
+	memset(b, 0, sizeof(Batch));
+	b->end = cursor;
+	*snapshot = true;
+	return true;
+}
+
+/* The hash of the state a batch produced, and that state as jsonb (*snap). */
+static uint64
+snapshot_of(StepResult *res, Jsonb **snap)
+{
+	Jsonb	   *keep = state;
+	uint64		hash;
+
+	if (fast_path || res->state == NULL)
+		return state_hash(snap);
+	state = res->state;
+	hash = state_hash(snap);
+	state = keep;
+	return hash;
+}
+
+/* With a snapshot at end, the spool keeps only what a replay from it needs. */
+static void
+advance_consumer(int64 end)
+{
+	Datum		v[2];
+
+	v[0] = CStringGetTextDatum(psprintf("processor:%s", proc_name));
+	v[1] = Int64GetDatum(end);
+	spool_plan(&plan_consumer,
+			   "UPDATE spool.consumers SET committed_cursor = greatest(committed_cursor, $2),"
+			   " updated_at = now() WHERE name = $1",
+			   2, (Oid[]) {TEXTOID, INT8OID});
+	spool_exec(plan_consumer, v, NULL, false, SPI_OK_UPDATE);
+}
+
+/*
+ * The gate, in the batch's transaction: fence the lease (a newer grant
+ * waits for this transaction, then rejects its token), then compare-and-set
+ * the checkpoint row on (token, committed cursor), with the snapshot if
+ * there is one.  From the fence to commit is the only window in which a
+ * stall delays a takeover (the grant terminates us; we die when resumed).
+ * False when another replica holds the gate.
+ */
+static bool
+gate_commit(Batch *b, StepResult *res, Jsonb *snap, uint64 hash)
+{
+	Datum		v[7];
+	char		nulls[7];
+
+	if (!spool_fence_lease(lease_resource, token, SPOOL_LEASE_INTERNAL, false))
+		return false;
+	spool_test_pause();
+	spool_plan(&plan_commit,
+			   "UPDATE spool.processor_checkpoints SET committed_cursor = $3,"
+			   " outputs = outputs + $7, batches = batches + 1, updated_at = now(),"
+			   " state = CASE WHEN $5 IS NULL THEN state ELSE $5 END,"
+			   " state_cursor = CASE WHEN $5 IS NULL THEN state_cursor ELSE $3 END,"
+			   " state_hash = CASE WHEN $5 IS NULL THEN state_hash ELSE $6 END"
+			   " WHERE processor = $1 AND token = $2 AND committed_cursor = $4",
+			   7, (Oid[]) {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID});
+	memset(nulls, ' ', sizeof(nulls));
+	v[0] = CStringGetTextDatum(proc_name);
+	v[1] = Int64GetDatum(token);
+	v[2] = Int64GetDatum(b->end);
+	v[3] = Int64GetDatum(cursor);
+	v[4] = snap ? JsonbPGetDatum(snap) : (Datum) 0;
+	nulls[4] = snap ? ' ' : 'n';
+	v[5] = Int64GetDatum((int64) hash);
+	v[6] = Int32GetDatum(res->noutputs);
+	return spool_exec(plan_commit, v, nulls, false, SPI_OK_UPDATE) == 1;
+}
+
+/* After the batch committed: adopt its state and publish the commit. */
+static void
+active_committed(Batch *b, Jsonb *staged, bool snapshot, uint64 hash, int noutputs)
+{
+	state_adopt(staged, b->end);
+	since_snapshot = snapshot ? 0 : since_snapshot + b->n;
+	if (snapshot)
+		last_snapshot_at = GetCurrentTimestamp();
+
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+	ps->committed_cursor = b->end;
+	if (snapshot)
+	{
+		ps->snapshot_cursor = b->end;
+		ps->snapshot_hash = hash;
+		rs->state_hash = hash;
+		rs->state_hash_cursor = b->end;
+	}
+	rs->entries += b->n;
+	rs->batches++;
+	rs->outputs += noutputs;
+	LWLockRelease(spool_processor_shared->lock);
+	ConditionVariableBroadcast(&ps->cv);
+}
+
+/*
  * One batch as the active replica: read, apply, and commit the outputs with
  * the checkpoint under the gate.  Returns false when there was nothing to do.
  */
@@ -784,102 +999,32 @@ active_step(void)
 {
 	Batch		b;
 	StepResult	res;
-	Jsonb	   *staged;
-	int			noutputs;
-	int64		end;
 	bool		snapshot;
 	Jsonb	   *snap = NULL;
 	uint64		hash = 0;
-	bool		ok;
-	Datum		v[8];
-	char		nulls[8];
-	Oid			ct[7] = {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID};
+	Jsonb	   *staged;
+	int			noutputs;
 
 	spool_begin_txn("processing");
-	end = spool_end();
-	snapshot = false;
-	if (end <= cursor)
+	if (!active_read(&b, &snapshot))
 	{
-		/* Idle: snapshot a changed state so replicas can compare and restart from it. */
-		if (since_snapshot == 0 ||
-			!TimestampDifferenceExceeds(last_snapshot_at, GetCurrentTimestamp(), IDLE_SNAPSHOT_MS))
-		{
-			spool_end_txn();
-			return false;
-		}
-		memset(&b, 0, sizeof(b));
-		b.end = cursor;
-		snapshot = true;
+		spool_end_txn();
+		return false;
 	}
-	else
-		read_batch(cursor, end, &b);
-
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, true);
 	if (since_snapshot + b.n >= checkpoint_every)
 		snapshot = true;
 	if (snapshot)
-	{
-		if (!fast_path && res.state)
-		{
-			Jsonb	   *keep = state;
-
-			state = res.state;
-			hash = state_hash(&snap);
-			state = keep;
-		}
-		else
-			hash = state_hash(&snap);
-	}
-
-	/* The outputs first: the fenced part below is kept as short as possible. */
+		hash = snapshot_of(&res, &snap);
+	/* The outputs first: the fenced part in gate_commit is kept as short as possible. */
 	if (res.noutputs > 0)
 		spool_outbox_insert_outputs(DatumGetArrayTypeP(res.outputs), proc_name, b.end, token,
 									proc_owner);
-
-	/* The spool keeps what a replay from this snapshot needs. */
 	if (snap)
-	{
-		v[0] = CStringGetTextDatum(psprintf("processor:%s", proc_name));
-		v[1] = Int64GetDatum(b.end);
-		spool_plan(&plan_consumer,
-				   "UPDATE spool.consumers SET committed_cursor = greatest(committed_cursor, $2),"
-				   " updated_at = now() WHERE name = $1",
-				   2, (Oid[]) {TEXTOID, INT8OID});
-		spool_exec(plan_consumer, v, NULL, false, SPI_OK_UPDATE);
-	}
-
-	/*
-	 * The fence: a newer grant of the lease waits for this transaction, then
-	 * rejects its token.  From here to commit is the only window in which a
-	 * stall delays a takeover (the grant terminates us; we die when resumed).
-	 */
-	ok = spool_fence_lease(lease_resource, token, SPOOL_LEASE_INTERNAL, false);
-	if (ok)
-	{
-		spool_test_pause();
-		/* The compare-and-set on the checkpoint row. */
-		spool_plan(&plan_commit,
-				   "UPDATE spool.processor_checkpoints SET committed_cursor = $3,"
-				   " outputs = outputs + $7, batches = batches + 1, updated_at = now(),"
-				   " state = CASE WHEN $5 IS NULL THEN state ELSE $5 END,"
-				   " state_cursor = CASE WHEN $5 IS NULL THEN state_cursor ELSE $3 END,"
-				   " state_hash = CASE WHEN $5 IS NULL THEN state_hash ELSE $6 END"
-				   " WHERE processor = $1 AND token = $2 AND committed_cursor = $4",
-				   7, ct);
-		memset(nulls, ' ', sizeof(nulls));
-		v[0] = CStringGetTextDatum(proc_name);
-		v[1] = Int64GetDatum(token);
-		v[2] = Int64GetDatum(b.end);
-		v[3] = Int64GetDatum(cursor);
-		v[4] = snap ? JsonbPGetDatum(snap) : (Datum) 0;
-		nulls[4] = snap ? ' ' : 'n';
-		v[5] = Int64GetDatum((int64) hash);
-		v[6] = Int32GetDatum(res.noutputs);
-		ok = spool_exec(plan_commit, v, nulls, false, SPI_OK_UPDATE) == 1;
-	}
-	if (!ok)
+		advance_consumer(b.end);
+	if (!gate_commit(&b, &res, snap, hash))
 	{
 		spool_abort_txn();
 		if (fast_path && b.n > 0)
@@ -890,26 +1035,7 @@ active_step(void)
 	staged = state_stage(&res);
 	noutputs = res.noutputs;
 	spool_end_txn();
-
-	state_adopt(staged, b.end);
-	since_snapshot = snapshot ? 0 : since_snapshot + b.n;
-	if (snapshot)
-		last_snapshot_at = GetCurrentTimestamp();
-
-	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	ps->committed_cursor = b.end;
-	if (snapshot)
-	{
-		ps->snapshot_cursor = b.end;
-		ps->snapshot_hash = hash;
-		rs->state_hash = hash;
-		rs->state_hash_cursor = b.end;
-	}
-	rs->entries += b.n;
-	rs->batches++;
-	rs->outputs += noutputs;
-	LWLockRelease(spool_processor_shared->lock);
-	ConditionVariableBroadcast(&ps->cv);
+	active_committed(&b, staged, snapshot, hash, noutputs);
 	return true;
 }
 
@@ -979,7 +1105,7 @@ check_snapshot_hash(void)
 	if (mine != snap_hash)
 	{
 		ereport(WARNING,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				(errcode(ERRCODE_SPOOL_NONDETERMINISTIC),
 				 errmsg("processor \"%s\" replica %d diverged from the active replica at cursor " INT64_FORMAT,
 						proc_name, my_replica + 1, cursor),
 				 errdetail("State hash " INT64_FORMAT ", the active's snapshot " INT64_FORMAT ".",
@@ -1004,58 +1130,41 @@ advisory_lock(bool take)
 }
 
 /*
- * As a caught-up standby: take the gate if it is free (no active, or its
- * lease expired).  Returns true when we became the active replica.
+ * In one transaction: take the lease (after a clean exit only the standby
+ * holding the advisory lock goes for it) and write its token into the
+ * checkpoint row, from where on the old active's commits fail.  Returns
+ * the committed cursor, or -1 when the gate was not taken.
  */
-static bool
-try_takeover(void)
+static int64
+claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease)
 {
-	pid_t		active;
-	TimestampTz expires;
-	TimestampTz gone_at;
-	TimestampTz now = GetCurrentTimestamp();
-	SpoolLease	lease;
 	bool		got_lock = false;
 	bool		isnull;
 	int64		committed = -1;
-	int			save_timeout;
-
-	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
-	active = ps->active_pid;
-	expires = ps->lease_expires_at;
-	gone_at = ps->active_gone_at;
-	LWLockRelease(spool_processor_shared->lock);
-	if (active != 0 && now < expires)
-		return false;
+	int			save_timeout = LockTimeout;
 
 	spool_begin_txn("taking over");
 	if (!have_advisory)
 		have_advisory = got_lock = advisory_lock(true);
-	/* After a clean exit only the standby with the advisory lock goes for the lease. */
 	if (!have_advisory && now < expires)
 	{
 		spool_end_txn();
-		return false;
+		return -1;
 	}
-	lease = spool_lease_acquire_internal(lease_resource, lease_owner,
-										 lease_ttl_ms * 1000, spool_owner_is_gone,
-										 SPOOL_LEASE_INTERNAL);
-	if (lease.held)
+	*lease = spool_lease_acquire_internal(lease_resource, lease_owner,
+										  lease_ttl_ms * 1000, spool_owner_is_gone,
+										  SPOOL_LEASE_INTERNAL);
+	if (lease->held)
 	{
-		Oid			t[2] = {TEXTOID, INT8OID};
-		Datum		v[2];
+		Datum		v[2] = {CStringGetTextDatum(proc_name), Int64GetDatum(lease->token)};
 
-		/* Our token in the checkpoint row: from here on the old active's commits fail. */
-		v[0] = CStringGetTextDatum(proc_name);
-		v[1] = Int64GetDatum(lease.token);
-		save_timeout = LockTimeout;
 		LockTimeout = spool_lease_wait_timeout_ms;
 		PG_TRY();
 		{
 			if (SPI_execute_with_args("UPDATE spool.processor_checkpoints SET token = $2"
 									  " WHERE processor = $1 AND token <= $2"
 									  " RETURNING committed_cursor",
-									  2, t, v, NULL, false, 0) == SPI_OK_UPDATE_RETURNING &&
+									  2, (Oid[]) {TEXTOID, INT8OID}, v, NULL, false, 0) == SPI_OK_UPDATE_RETURNING &&
 				SPI_processed == 1)
 				committed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 														SPI_tuptable->tupdesc, 1, &isnull));
@@ -1066,17 +1175,33 @@ try_takeover(void)
 		}
 		PG_END_TRY();
 	}
-	if (committed < 0)
-	{
-		spool_end_txn();
-		if (got_lock)
-		{
-			advisory_lock(false);
-			have_advisory = false;
-		}
-		return false;
-	}
 	spool_end_txn();
+	if (committed < 0 && got_lock)
+	{
+		advisory_lock(false);
+		have_advisory = false;
+	}
+	return committed;
+}
+
+/*
+ * As a caught-up standby: take the gate if it is free (no active, or its
+ * lease expired).  Returns true when we became the active replica.
+ */
+static bool
+try_takeover(void)
+{
+	GateView	g;
+	TimestampTz now = GetCurrentTimestamp();
+	SpoolLease	lease;
+	int64		committed;
+
+	read_gate(&g);
+	if (g.active_pid != 0 && now < g.lease_expires_at)
+		return false;
+	committed = claim_gate(now, g.lease_expires_at, &lease);
+	if (committed < 0)
+		return false;
 
 	token = lease.token;
 	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
@@ -1092,14 +1217,25 @@ try_takeover(void)
 		rs->takeovers++;
 		rs->last_takeover_at = GetCurrentTimestamp();
 		/* From the old active's exit, or from its lease's expiry after a stall. */
-		takeover_from = (active == 0 && gone_at != 0) ? gone_at : expires;
+		takeover_from = (g.active_pid == 0 && g.active_gone_at != 0) ?
+			g.active_gone_at : g.lease_expires_at;
 	}
 	LWLockRelease(spool_processor_shared->lock);
 	ereport(LOG,
 			(errmsg("processor \"%s\" replica %d is active with token " INT64_FORMAT " at cursor " INT64_FORMAT,
 					proc_name, my_replica + 1, token, committed)));
+	catch_up(committed, lease.took_over);
+	return true;
+}
 
-	/* Outputs up to the committed cursor exist: catch up without emitting. */
+/*
+ * Outputs up to the committed cursor exist: catch up to it without
+ * emitting, and note the takeover latency (from the gate becoming free to
+ * ready to commit).
+ */
+static void
+catch_up(int64 committed, bool took_over)
+{
 	if (committed < cursor)
 		load_checkpoint(false);
 	while (cursor < committed)
@@ -1107,14 +1243,12 @@ try_takeover(void)
 		CHECK_FOR_INTERRUPTS();
 		standby_step(committed);
 	}
-	/* Takeover latency: from the gate becoming free to ready to commit. */
-	if (lease.took_over && takeover_from != 0)
+	if (took_over && takeover_from != 0)
 	{
 		LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 		rs->last_takeover_ms = (double) (GetCurrentTimestamp() - takeover_from) / 1000.0;
 		LWLockRelease(spool_processor_shared->lock);
 	}
-	return true;
 }
 
 static void
@@ -1187,21 +1321,15 @@ wait_for_work(void)
 	}
 	else
 	{
-		TimestampTz expires;
-		int64		committed;
-		pid_t		active;
+		GateView	g;
 
-		LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
-		expires = ps->lease_expires_at;
-		committed = ps->committed_cursor;
-		active = ps->active_pid;
-		LWLockRelease(spool_processor_shared->lock);
-		if (committed > cursor)
+		read_gate(&g);
+		if (g.committed_cursor > cursor)
 			return;
 		/* The gate is free and another replica is taking it: look again soon. */
-		timeout = active == 0 ? GATE_FREE_POLL_MS : STANDBY_POLL_MS;
-		if (expires > now)
-			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, expires) + 1);
+		timeout = g.active_pid == 0 ? GATE_FREE_POLL_MS : STANDBY_POLL_MS;
+		if (g.lease_expires_at > now)
+			timeout = Min(timeout, TimestampDifferenceMilliseconds(now, g.lease_expires_at) + 1);
 		ConditionVariablePrepareToSleep(&ps->cv);
 		(void) ConditionVariableTimedSleep(&ps->cv, Max(timeout, 1), PG_WAIT_EXTENSION);
 		ConditionVariableCancelSleep();
