@@ -95,3 +95,6 @@ printf '%-58s %12.0f %12.0f %12.0f\n' "(a) kcat | psql \\copy, logged table + un
 printf '%-58s %12.0f %12.0f %12.0f\n' "(b) spool source -> durable spool, exactly once" "$ms" \
 	"$(printf '%s\n' "${spool_rate[@]}" | sort -g | head -1)" "$(printf '%s\n' "${spool_rate[@]}" | sort -g | tail -1)"
 printf 'ratio b/a: %.2fx   ingest worker peak private RSS (median): %d kB\n' "$(echo "$ms / $mc" | bc -l)" "$mr"
+bench_result "(a) kcat | psql \\copy, msg/s" "$mc" higher
+bench_result "(b) spool source -> durable spool, msg/s" "$ms" higher
+bench_result "ingest worker peak private RSS, kB" "$mr" lower

@@ -30,15 +30,13 @@
 #include "utils/timestamp.h"
 
 #include "processor/processor.h"
-#include "processor/window_alert.h"
+#include "processor/handler.h"
 
 PG_FUNCTION_INFO_V1(spool_create_processor);
 PG_FUNCTION_INFO_V1(spool_start_processor);
 PG_FUNCTION_INFO_V1(spool_stop_processor);
 PG_FUNCTION_INFO_V1(spool_drop_processor);
 PG_FUNCTION_INFO_V1(spool_processor_runtime);
-PG_FUNCTION_INFO_V1(spool_current_replica);
-PG_FUNCTION_INFO_V1(spool_handler_settings);
 
 /* start_cursor: where a new processor starts, unless a cursor. */
 #define START_EARLIEST	(-1)
@@ -149,24 +147,6 @@ spool_processor_options_jsonb(SpoolProcessorOptions *o)
 	return spool_options_jsonb(&processor_options, -1, o);
 }
 
-Oid
-spool_window_alert_oid(void)
-{
-	Oid			nsp = get_namespace_oid("spool", false);
-	Oid			argtypes[2];
-	oidvector  *args;
-	Oid			entries_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
-											   CStringGetDatum("entries"),
-											   ObjectIdGetDatum(nsp));
-
-	argtypes[0] = JSONBOID;
-	argtypes[1] = get_array_type(entries_type);
-	args = buildoidvector(argtypes, 2);
-	return GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid,
-						   CStringGetDatum("window_alert"), PointerGetDatum(args),
-						   ObjectIdGetDatum(nsp));
-}
-
 /* handler(state jsonb, entries spool.entries[]) RETURNS spool.step, a plain function. */
 static void
 check_handler(Oid handler)
@@ -240,6 +220,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	int64		start;
 	int			rc;
 	SpoolCaller caller;
+	const SpoolNativeHandler *native;
 
 	spool_require_shmem();
 	spool_check_object_name(name, "processor");
@@ -264,13 +245,14 @@ spool_create_processor(PG_FUNCTION_ARGS)
 				 errmsg("role \"%s\" may not execute handler %s",
 						GetUserNameFromId(run_as, false), format_procedure(handler)),
 				 errhint("GRANT EXECUTE on the handler to the role it runs as.")));
-	if (handler == spool_window_alert_oid())
+	native = spool_native_handler(handler);
+	if (native)
 	{
 		if (o->handler == NULL)
 			spool_option_error(&processor_options,
-							   "spool.window_alert needs its settings in options.handler",
-							   "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.");
-		(void) spool_wa_parse_config(o->handler);
+							   psprintf("spool.%s needs its settings in options.handler", native->name),
+							   native->example);
+		(void) native->configure(o->handler);
 	}
 
 	SPI_connect();
@@ -386,26 +368,6 @@ spool_drop_processor(PG_FUNCTION_ARGS)
 					 "WITH c AS (DELETE FROM spool.consumers WHERE name = 'processor:' || $1)"
 					 " DELETE FROM spool.processors WHERE name = $1");
 	PG_RETURN_VOID();
-}
-
-/* SQL: spool.current_replica() */
-Datum
-spool_current_replica(PG_FUNCTION_ARGS)
-{
-	if (spool_current_replica_no <= 0)
-		PG_RETURN_NULL();
-	PG_RETURN_INT32(spool_current_replica_no);
-}
-
-/* SQL: spool.handler_settings() */
-Datum
-spool_handler_settings(PG_FUNCTION_ARGS)
-{
-	Jsonb	   *s = spool_current_handler_settings();
-
-	if (s == NULL)
-		PG_RETURN_NULL();
-	PG_RETURN_JSONB_P(s);
 }
 
 static const char *

@@ -3,8 +3,8 @@
  * processor.h
  *	  The door to src/processor: replicated deterministic handlers over the
  *	  spool.  The SQL functions (admin.c), the replica worker (replica.c),
- *	  the built-in window_alert handler (window_alert.c) and the launcher's
- *	  side (launch.c).
+ *	  the handler interface and native handlers (handler.c, window_alert.c)
+ *	  and the launcher's side (launch.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -107,11 +107,7 @@ typedef struct SpoolProcessorOptions
 
 extern SpoolProcessorOptions *spool_parse_processor_options(Jsonb *options);
 extern Jsonb *spool_processor_options_jsonb(SpoolProcessorOptions *o);
-extern Oid	spool_window_alert_oid(void);
 
-/* Set in a processor replica (replica.c); 0 and NULL elsewhere. */
-extern int	spool_current_replica_no;
-extern Jsonb *spool_current_handler_settings(void);
 
 /* Launcher side (launch.c) */
 extern const SpoolWorkerKind spool_processor_kind;

@@ -57,7 +57,7 @@
 #include "lease/lease.h"
 #include "outbox/outbox.h"
 #include "processor/processor.h"
-#include "processor/window_alert.h"
+#include "processor/handler.h"
 
 PGDLLEXPORT void spool_processor_main(Datum main_arg);
 
@@ -67,7 +67,6 @@ PGDLLEXPORT void spool_processor_main(Datum main_arg);
 #define READ_CHUNK			4096	/* rows per fetch: small, large fields stay toasted */
 #define BATCH_MAX_BYTES		(64 * 1024 * 1024)	/* of the entries of one batch */
 
-int			spool_current_replica_no = 0;
 
 /* The processor, as loaded at start. */
 static char proc_name[NAMEDATALEN];
@@ -79,7 +78,7 @@ static int	batch_size;
 static int64 lease_ttl_ms;
 static int64 checkpoint_every;
 static Jsonb *handler_settings;
-static bool fast_path;			/* the handler is spool.window_alert */
+static const SpoolNativeHandler *native;	/* a built-in handler, or NULL */
 
 static MemoryContext loop_cxt;
 static int	my_slot;
@@ -92,8 +91,8 @@ static char lease_owner[NAMEDATALEN + 48];
 /* The state, as of cursor. */
 static MemoryContext state_cxt;
 static Jsonb *state;			/* generic handlers */
-static WAConfig *wa_config;		/* window_alert */
-static WAState *wa_state;
+static void *native_config;
+static void *native_state;
 static int64 cursor;
 
 /* The gate, while active. */
@@ -117,7 +116,7 @@ typedef struct Batch
 	int			n;
 	int64		end;			/* cursor the batch brings the state to */
 	Datum		entries;		/* generic: spool.entries[] */
-	WAEntry    *wa;				/* fast path */
+	SpoolEntry *native_entries;	/* native handlers */
 } Batch;
 
 /* What applying a batch produced. */
@@ -194,11 +193,6 @@ static void wait_for_work(void);
 static void record_error(void);
 static void check_snapshot_hash(void);
 
-Jsonb *
-spool_current_handler_settings(void)
-{
-	return spool_current_replica_no > 0 ? handler_settings : NULL;
-}
 
 /* ---------------------------------------------------------------------
  * Start and exit
@@ -246,7 +240,6 @@ replica_attach(void)
 	strlcpy(proc_name, spool_worker_args()->name, NAMEDATALEN);
 	ps = &spool_processor_shared->processors[my_slot];
 	rs = &ps->replicas[my_replica];
-	spool_current_replica_no = my_replica + 1;
 	snprintf(lease_resource, sizeof(lease_resource), "processor:%s", proc_name);
 	strlcpy(lease_owner, spool_worker_owner("processor", psprintf("%s/%d", proc_name, my_replica + 1)),
 			sizeof(lease_owner));
@@ -445,11 +438,12 @@ load_processor(void)
 	checkpoint_every = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 	d = SPI_getbinval(tup, desc, 8, &isnull);
 	handler_settings = isnull ? NULL : DatumGetJsonbPCopy(d);
+	spool_handler_context_set(my_replica + 1, handler_settings);
 	proc_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 9, &isnull));
 	check_run_as();
-	fast_path = handler_oid == spool_window_alert_oid();
-	if (fast_path)
-		wa_config = spool_wa_parse_config(handler_settings);
+	native = spool_native_handler(handler_oid);
+	if (native)
+		native_config = native->configure(handler_settings);
 	MemoryContextSwitchTo(top);
 	spool_end_txn();
 }
@@ -515,11 +509,11 @@ load_checkpoint(bool publish)
 static void
 state_reset(Jsonb *snapshot, int64 at)
 {
-	if (fast_path)
+	if (native)
 	{
-		if (wa_state)
-			spool_wa_state_free(wa_state);
-		wa_state = spool_wa_state_create(wa_config, snapshot, TopMemoryContext);
+		if (native_state)
+			native->destroy(native_state);
+		native_state = native->create(native_config, snapshot, TopMemoryContext);
 	}
 	else
 	{
@@ -599,9 +593,9 @@ reader_open(BatchReader *r, Batch *b)
 	memset(r, 0, sizeof(BatchReader));
 	memset(b, 0, sizeof(Batch));
 	r->b = b;
-	if (fast_path)
+	if (native)
 	{
-		b->wa = palloc(sizeof(WAEntry) * batch_size);
+		b->native_entries = palloc(sizeof(SpoolEntry) * batch_size);
 		return spool_plan(&plan_read_rows,
 						  "SELECT cursor, value, kafka_ts, source, kafka_partition, kafka_offset"
 						  " FROM spool.entries WHERE cursor > $1 AND cursor <= $2"
@@ -646,7 +640,7 @@ reader_add(BatchReader *r, HeapTuple tup, TupleDesc desc)
 	Datum		value = (Datum) 0;
 	Size		size;
 
-	if (fast_path)
+	if (native)
 	{
 		value = SPI_getbinval(tup, desc, 2, &novalue);
 		size = novalue ? 0 : toast_raw_datum_size(value);
@@ -660,9 +654,9 @@ reader_add(BatchReader *r, HeapTuple tup, TupleDesc desc)
 		return false;
 	r->bytes += size;
 	r->last = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-	if (fast_path)
+	if (native)
 	{
-		WAEntry    *e = &r->b->wa[r->n];
+		SpoolEntry *e = &r->b->native_entries[r->n];
 		Datum		ts = SPI_getbinval(tup, desc, 3, &isnull);
 
 		e->cursor = r->last;
@@ -713,7 +707,7 @@ read_batch(int64 after, int64 upto, Batch *b)
 		if (SPI_processed == 0)
 			break;
 		drained = SPI_processed < (uint64) want;	/* no need to ask again */
-		if (!fast_path && r.map == NULL)
+		if (!native && r.map == NULL)
 			reader_map(&r, SPI_tuptable->tupdesc);
 		for (i = 0; i < SPI_processed && !cut; i++)
 			cut = !reader_add(&r, SPI_tuptable->vals[i], SPI_tuptable->tupdesc);
@@ -724,7 +718,7 @@ read_batch(int64 after, int64 upto, Batch *b)
 
 	b->n = r.n;
 	b->end = (r.n == batch_size || cut) ? r.last : upto;
-	if (!fast_path && r.n > 0)
+	if (!native && r.n > 0)
 		b->entries = PointerGetDatum(construct_array(r.elems, r.n, r.rowtype, -1, false,
 													 TYPALIGN_DOUBLE));
 }
@@ -733,18 +727,18 @@ read_batch(int64 after, int64 upto, Batch *b)
 static void
 apply_native(Batch *b, StepResult *res, bool want_outputs)
 {
-	WAOutputs	out = {0};
+	SpoolOutputs out = {0};
 	int			i;
 
 	for (i = 0; i < b->n; i++)
-		spool_wa_apply(wa_state, &b->wa[i], &out);
+		native->apply(native_state, &b->native_entries[i], &out);
 	res->noutputs = out.n;
 	if (want_outputs && out.n > 0)
 	{
 		const char **targets = palloc(sizeof(char *) * out.n);
 
 		for (i = 0; i < out.n; i++)
-			targets[i] = spool_wa_target(wa_config);
+			targets[i] = native->target(native_config);
 		res->outputs = spool_make_outputs(out.n, targets, out.keys, out.payloads);
 	}
 }
@@ -811,7 +805,7 @@ static void
 apply_batch(Batch *b, StepResult *res, bool want_outputs)
 {
 	memset(res, 0, sizeof(StepResult));
-	if (fast_path)
+	if (native)
 		apply_native(b, res, want_outputs);
 	else
 		apply_handler(b, res);
@@ -827,7 +821,7 @@ state_stage(StepResult *res)
 	MemoryContext old;
 	Jsonb	   *copy;
 
-	if (fast_path || res->state == NULL)
+	if (native || res->state == NULL)
 		return NULL;
 	old = MemoryContextSwitchTo(state_cxt);
 	copy = DatumGetJsonbPCopy(JsonbPGetDatum(res->state));
@@ -856,11 +850,11 @@ state_adopt(Jsonb *staged, int64 end)
 static uint64
 state_hash(Jsonb **as_jsonb)
 {
-	if (fast_path)
+	if (native)
 	{
 		if (as_jsonb)
-			*as_jsonb = spool_wa_state_to_jsonb(wa_state, NULL);
-		return spool_wa_state_hash(wa_state);
+			*as_jsonb = native->snapshot(native_state, NULL);
+		return native->hash(native_state);
 	}
 	if (as_jsonb)
 		*as_jsonb = state;
@@ -905,7 +899,7 @@ snapshot_of(StepResult *res, Jsonb **snap)
 	Jsonb	   *keep = state;
 	uint64		hash;
 
-	if (fast_path || res->state == NULL)
+	if (native || res->state == NULL)
 		return state_hash(snap);
 	state = res->state;
 	hash = state_hash(snap);
@@ -1027,7 +1021,7 @@ active_step(void)
 	if (!gate_commit(&b, &res, snap, hash))
 	{
 		spool_abort_txn();
-		if (fast_path && b.n > 0)
+		if (native && b.n > 0)
 			load_checkpoint(false); /* the native state already moved on */
 		become_standby("another replica holds the output gate");
 		return true;

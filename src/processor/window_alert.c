@@ -39,7 +39,7 @@
 #include "utils/typcache.h"
 
 #include "processor/processor.h"
-#include "processor/window_alert.h"
+#include "processor/handler.h"
 
 PG_FUNCTION_INFO_V1(spool_window_alert);
 
@@ -76,6 +76,9 @@ typedef enum WAOp
 static const char *const agg_names[] = {"sum", "count", "min", "max", NULL};
 static const char *const kind_names[] = {"count", "tumbling", "sliding", NULL};
 static const char *const op_names[] = {">", ">=", "<", "<=", NULL};
+
+typedef struct WAConfig WAConfig;
+typedef struct WAState WAState;
 
 struct WAConfig
 {
@@ -130,6 +133,13 @@ struct WAState
 };
 
 static void wa_error(const char *msg, const char *detail) pg_attribute_noreturn();
+static void *wa_configure(Jsonb *settings);
+static const char *wa_target(void *config);
+static void *wa_create(void *config, Jsonb *state, MemoryContext parent);
+static void wa_destroy(void *state);
+static Jsonb *wa_snapshot(void *state, Jsonb *config);
+static uint64 wa_hash(void *state);
+static void wa_apply(void *state, const SpoolEntry *e, SpoolOutputs *out);
 static void path_setting(const SpoolOptionTable *table, const SpoolOption *opt,
 						 JsonbValue *v, void *result);
 static void time_setting(const SpoolOptionTable *table, const SpoolOption *opt,
@@ -142,14 +152,14 @@ static int64 window_duration(const SpoolOptionTable *table, const SpoolOption *o
 							 JsonbValue *v);
 static JsonbValue *lookup_path(Jsonb *doc, char *const *path, int depth, JsonbValue *res);
 static bool jsonb_number(JsonbValue *v, double *out);
-static bool entry_time(WAState *st, const WAEntry *e, int64 *ts);
+static bool entry_time(WAState *st, const SpoolEntry *e, int64 *ts);
 static void key_text(JsonbValue *v, StringInfo buf);
 static WAKey *key_enter(WAState *st, const char *key);
 static void window_add(WAState *st, WAKey *k, int64 ts, double val);
 static void window_recompute(WAKey *k);
 static double key_aggregate(WAState *st, WAKey *k);
 static bool condition_holds(WAConfig *cfg, double agg);
-static Jsonb *alert_payload(WAState *st, WAKey *k, double agg, const WAEntry *e);
+static Jsonb *alert_payload(WAState *st, WAKey *k, double agg, const SpoolEntry *e);
 static void append_double(StringInfo buf, double d);
 static void append_time(StringInfo buf, int64 ts);
 static void load_key(WAState *st, const char *key, JsonbContainer *obj);
@@ -344,8 +354,8 @@ window_duration(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValu
  * Parse and check window_alert settings (an object).  Raises SP001 with the
  * reason on any problem; used at create_processor time and at run time.
  */
-WAConfig *
-spool_wa_parse_config(Jsonb *settings)
+static void *
+wa_configure(Jsonb *settings)
 {
 	WAConfig   *cfg = spool_parse_options(&wa_settings, -1, settings);
 
@@ -357,10 +367,10 @@ spool_wa_parse_config(Jsonb *settings)
 	return cfg;
 }
 
-const char *
-spool_wa_target(WAConfig *cfg)
+static const char *
+wa_target(void *config)
 {
-	return cfg->target;
+	return ((WAConfig *) config)->target;
 }
 
 /* ---------------------------------------------------------------------
@@ -428,7 +438,7 @@ jsonb_number(JsonbValue *v, double *out)
 
 /* The entry's event time: kafka_ts, or a path holding epoch seconds or a timestamp string. */
 static bool
-entry_time(WAState *st, const WAEntry *e, int64 *ts)
+entry_time(WAState *st, const SpoolEntry *e, int64 *ts)
 {
 	WAConfig   *cfg = st->cfg;
 	JsonbValue	v;
@@ -548,9 +558,10 @@ key_enter(WAState *st, const char *key)
  * A state for cfg, loaded from a jsonb state (NULL or {} for a fresh one),
  * in its own memory context under parent.
  */
-WAState *
-spool_wa_state_create(WAConfig *cfg, Jsonb *state, MemoryContext parent)
+static void *
+wa_create(void *config, Jsonb *state, MemoryContext parent)
 {
+	WAConfig   *cfg = config;
 	MemoryContext cxt = AllocSetContextCreate(parent, "window_alert state",
 											  ALLOCSET_DEFAULT_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(cxt);
@@ -657,10 +668,10 @@ load_key(WAState *st, const char *key, JsonbContainer *obj)
 	}
 }
 
-void
-spool_wa_state_free(WAState *st)
+static void
+wa_destroy(void *state)
 {
-	MemoryContextDelete(st->cxt);
+	MemoryContextDelete(((WAState *) state)->cxt);
 }
 
 /* Doubles as the shortest text that reads back exactly (null if not finite). */
@@ -749,9 +760,10 @@ push_double(JsonbParseState **ps, JsonbIteratorToken tok, double d)
  * so equal states give equal jsonb whatever the hash table order.  A key's
  * window items are two parallel arrays, "ts" and "vals" (smaller than pairs).
  */
-Jsonb *
-spool_wa_state_to_jsonb(WAState *st, Jsonb *config)
+static Jsonb *
+wa_snapshot(void *state, Jsonb *config)
 {
+	WAState    *st = state;
 	JsonbParseState *ps = NULL;
 	HASH_SEQ_STATUS seq;
 	WAKey	   *k;
@@ -845,9 +857,10 @@ double_bits(double d)
  * different orders (one loaded a snapshot) agree when their states do.
  * Cheaper than hashing the jsonb form, which it replaces inside processors.
  */
-uint64
-spool_wa_state_hash(WAState *st)
+static uint64
+wa_hash(void *state)
 {
+	WAState    *st = state;
 	HASH_SEQ_STATUS seq;
 	WAKey	   *k;
 	uint64		total = mix(mix(mix(0, st->skipped), st->late), st->evicted);
@@ -1021,7 +1034,7 @@ condition_holds(WAConfig *cfg, double agg)
 }
 
 static Jsonb *
-alert_payload(WAState *st, WAKey *k, double agg, const WAEntry *e)
+alert_payload(WAState *st, WAKey *k, double agg, const SpoolEntry *e)
 {
 	WAConfig   *cfg = st->cfg;
 	StringInfo	buf = &st->buf;
@@ -1112,9 +1125,10 @@ evict_keys(WAState *st)
  * the threshold.  Entries without a usable key, value or time are counted as
  * skipped; entries older than their key's current window as late.
  */
-void
-spool_wa_apply(WAState *st, const WAEntry *e, WAOutputs *out)
+static void
+wa_apply(void *state, const SpoolEntry *e, SpoolOutputs *out)
 {
+	WAState    *st = state;
 	WAConfig   *cfg = st->cfg;
 	JsonbValue	kv;
 	JsonbValue	vv;
@@ -1207,48 +1221,6 @@ spool_wa_apply(WAState *st, const WAEntry *e, WAOutputs *out)
  * ---------------------------------------------------------------------
  */
 
-static Oid	output_type = InvalidOid;
-static Oid	output_array_type = InvalidOid;
-
-static void
-lookup_output_type(void)
-{
-	Oid			nsp = get_namespace_oid("spool", false);
-
-	output_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
-								  CStringGetDatum("output"), ObjectIdGetDatum(nsp));
-	if (!OidIsValid(output_type))
-		elog(ERROR, "type spool.output does not exist");
-	output_array_type = get_array_type(output_type);
-}
-
-/* A spool.output[] of n outputs (targets[i] may repeat one pointer). */
-Datum
-spool_make_outputs(int n, const char *const *targets, char **keys, Jsonb **payloads)
-{
-	TupleDesc	desc;
-	Datum	   *elems = palloc(sizeof(Datum) * Max(n, 1));
-	int			i;
-
-	/* Re-resolved per call: cheap, and survives DROP/CREATE EXTENSION. */
-	lookup_output_type();
-	desc = lookup_rowtype_tupdesc(output_type, -1);
-	for (i = 0; i < n; i++)
-	{
-		Datum		v[3];
-		bool		nulls[3] = {false, keys[i] == NULL, payloads[i] == NULL};
-		HeapTuple	tup;
-
-		v[0] = CStringGetTextDatum(targets[i]);
-		v[1] = keys[i] ? CStringGetTextDatum(keys[i]) : (Datum) 0;
-		v[2] = payloads[i] ? JsonbPGetDatum(payloads[i]) : (Datum) 0;
-		tup = heap_form_tuple(desc, v, nulls);
-		elems[i] = HeapTupleGetDatum(tup);
-	}
-	ReleaseTupleDesc(desc);
-	return PointerGetDatum(construct_array(elems, n, output_type, -1, false, TYPALIGN_DOUBLE));
-}
-
 /*
  * SQL: spool.window_alert(state jsonb, entries spool.entries[]) RETURNS spool.step
  *
@@ -1263,7 +1235,7 @@ spool_window_alert(PG_FUNCTION_ARGS)
 	Jsonb	   *settings;
 	WAConfig   *cfg;
 	WAState    *st;
-	WAOutputs	out = {0};
+	SpoolOutputs	out = {0};
 	TupleDesc	desc;
 	Datum		result[2];
 	bool		nulls[2] = {false, false};
@@ -1283,12 +1255,12 @@ spool_window_alert(PG_FUNCTION_ARGS)
 	}
 	else if (state != NULL)
 		wa_error("state must be a JSON object", NULL);
-	settings = config ? config : spool_current_handler_settings();
+	settings = config ? config : spool_handler_current_settings();
 	if (settings == NULL)
 		wa_error("no settings",
 				 "Outside a processor, pass them in the state: '{\"config\": {...}}'.");
-	cfg = spool_wa_parse_config(settings);
-	st = spool_wa_state_create(cfg, state, CurrentMemoryContext);
+	cfg = wa_configure(settings);
+	st = wa_create(cfg, state, CurrentMemoryContext);
 
 	if (!PG_ARGISNULL(1))
 	{
@@ -1302,7 +1274,7 @@ spool_window_alert(PG_FUNCTION_ARGS)
 		for (i = 0; i < n; i++)
 		{
 			HeapTupleHeader th;
-			WAEntry		e = {0};
+			SpoolEntry		e = {0};
 			bool		isnull;
 			Datum		d;
 
@@ -1325,7 +1297,7 @@ spool_window_alert(PG_FUNCTION_ARGS)
 			e.kafka_partition = isnull ? 0 : DatumGetInt32(d);
 			d = GetAttributeByName(th, "kafka_offset", &isnull);
 			e.kafka_offset = isnull ? 0 : DatumGetInt64(d);
-			spool_wa_apply(st, &e, &out);
+			wa_apply(st, &e, &out);
 		}
 	}
 
@@ -1334,8 +1306,21 @@ spool_window_alert(PG_FUNCTION_ARGS)
 	targets = palloc(sizeof(char *) * Max(out.n, 1));
 	for (i = 0; i < out.n; i++)
 		targets[i] = cfg->target;
-	result[0] = JsonbPGetDatum(spool_wa_state_to_jsonb(st, config));
+	result[0] = JsonbPGetDatum(wa_snapshot(st, config));
 	result[1] = spool_make_outputs(out.n, targets, out.keys, out.payloads);
-	spool_wa_state_free(st);
+	wa_destroy(st);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), result, nulls)));
 }
+
+/* window_alert as a native handler (handler.h). */
+const SpoolNativeHandler spool_window_alert_handler = {
+	.name = "window_alert",
+	.example = "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.",
+	.configure = wa_configure,
+	.create = wa_create,
+	.destroy = wa_destroy,
+	.apply = wa_apply,
+	.target = wa_target,
+	.snapshot = wa_snapshot,
+	.hash = wa_hash,
+};
