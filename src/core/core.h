@@ -132,6 +132,8 @@ extern Oid	spool_check_run_as(Oid caller, const char *run_as, const char *object
 							   const char *code);
 extern void spool_test_pause(void);
 extern void spool_begin_txn(const char *activity);
+extern void spool_start_txn(int isolation);
+extern void spool_snapshot_txn(const char *activity);
 extern void spool_end_txn(void);
 extern void spool_abort_txn(void);
 extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,

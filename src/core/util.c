@@ -269,9 +269,27 @@ static MemoryContext txn_caller_cxt;
 void
 spool_begin_txn(const char *activity)
 {
+	spool_start_txn(DefaultXactIsoLevel);
+	spool_snapshot_txn(activity);
+}
+
+/*
+ * spool_begin_txn in two halves, for a transaction that must do something
+ * (take a lock, say) before its snapshot: start it at an isolation level,
+ * then take the snapshot and connect to SPI.
+ */
+void
+spool_start_txn(int isolation)
+{
 	txn_caller_cxt = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	XactIsoLevel = isolation;
+}
+
+void
+spool_snapshot_txn(const char *activity)
+{
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, activity);

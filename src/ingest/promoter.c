@@ -87,7 +87,6 @@ static void promoter_detach(int code, Datum arg);
 static void promoter_load(void);
 static bool promoter_step(void);
 static uint32 promotion_begin(bool flip);
-static void promotion_end(void);
 static uint64 promote_once(bool flip);
 static int64 promote_table(uint32 which, int64 next);
 static SPIPlanPtr promote_plan(uint32 which, bool others, int32 segment);
@@ -308,18 +307,16 @@ promote_plan(uint32 which, bool others, int32 segment)
  * active one.  The table to move out is locked before the snapshot, so the
  * lock waits for the ingest transactions still writing into it and the
  * snapshot sees all their rows; one REPEATABLE READ snapshot serves every
- * statement.  (spool_begin_txn takes its snapshot at once, so this is its
- * variant for a transaction that must lock first.)  Returns the number of
- * the staging table to move out.
+ * statement: spool_start_txn and spool_snapshot_txn, the two halves of
+ * spool_begin_txn, with the lock in between; spool_end_txn commits.
+ * Returns the number of the staging table to move out.
  */
 static uint32
 promotion_begin(bool flip)
 {
 	uint32		which;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	XactIsoLevel = XACT_REPEATABLE_READ;
+	spool_start_txn(XACT_REPEATABLE_READ);
 	which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
 	if (flip)
 		pg_atomic_write_u32(&spool_ingest_shared->staging_active, 1 - which);
@@ -327,21 +324,8 @@ promotion_begin(bool flip)
 		which = 1 - which;
 	(void) RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
 							AccessExclusiveLock, false);
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "promoting staged entries");
+	spool_snapshot_txn("promoting staged entries");
 	return which;
-}
-
-/* Commit a promotion and return to the loop's memory. */
-static void
-promotion_end(void)
-{
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(loop_cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
 /*
@@ -417,7 +401,7 @@ promote_once(bool flip)
 	staged = plan_int8(plan_staged[which], NULL, false);
 	if (staged > 0)
 		last = promote_table(which, next);
-	promotion_end();
+	spool_end_txn();
 
 	if (last >= 0)
 	{
