@@ -1235,7 +1235,8 @@ kafka_assign(void)
 	}
 	state = "running";
 	refresh_status(true);
-	ereport(LOG, (errmsg("spool ingest worker for source \"%s\" assigned %d partitions",
+	ereport(LOG, (errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				  errmsg("spool ingest worker for source \"%s\" assigned %d partitions",
 						 source_name, nparts)));
 }
 

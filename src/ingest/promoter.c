@@ -168,7 +168,8 @@ ensure_segments(int64 upto)
 					   seg, seg, lo, hi, seg, lo, hi);
 		if (SPI_execute(sql, false, 0) < 0)
 			elog(ERROR, "could not create segment %d", seg);
-		ereport(DEBUG1, (errmsg("spool segment %d covers cursors [" INT64_FORMAT ", " INT64_FORMAT ")",
+		ereport(DEBUG1, (errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+						 errmsg("spool segment %d covers cursors [" INT64_FORMAT ", " INT64_FORMAT ")",
 								seg, lo, hi)));
 	}
 }
@@ -355,7 +356,8 @@ promote_table(uint32 which, int64 next)
 			 " staged messages; rolled back", inserted, nmsg);
 	if (inserted < nmsg)
 		ereport(DEBUG1,
-				(errmsg("promotion inserted " INT64_FORMAT " of " INT64_FORMAT " counted messages",
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("promotion inserted " INT64_FORMAT " of " INT64_FORMAT " counted messages",
 						inserted, nmsg)));
 	if (inserted > 0)
 	{
@@ -450,7 +452,8 @@ drop_expired_segment(void)
 			LockTimeout = save_timeout;
 		}
 		PG_END_TRY();
-		ereport(LOG, (errmsg("spool segment " INT64_FORMAT " dropped by retention", seg)));
+		ereport(LOG, (errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					  errmsg("spool segment " INT64_FORMAT " dropped by retention", seg)));
 	}
 	spool_end_txn();
 	return seg >= 0;

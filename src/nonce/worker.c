@@ -161,7 +161,8 @@ nonce_worker_load(void)
 									 ALLOCSET_DEFAULT_SIZES);
 	batch_items = MemoryContextAlloc(TopMemoryContext,
 									 sizeof(BatchItem) * spool_nonce_shared->queue_size);
-	ereport(LOG, (errmsg("spool nonce worker %d started as \"%s\"", my_slot, my_owner)));
+	ereport(LOG, (errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				  errmsg("spool nonce worker %d started as \"%s\"", my_slot, my_owner)));
 }
 
 /*
@@ -176,7 +177,8 @@ nonce_worker_step(void)
 	if (n < 0)
 	{
 		ereport(LOG,
-				(errmsg("spool nonce worker %d (\"%s\") was replaced; exiting",
+				(errcode(ERRCODE_ADMIN_SHUTDOWN),
+				 errmsg("spool nonce worker %d (\"%s\") was replaced; exiting",
 						my_slot, my_owner)));
 		proc_exit(0);
 	}
@@ -332,7 +334,8 @@ worker_run_groups(BatchItem *items, int n, bool isolate_errors)
 			if (!isolate_errors)
 			{
 				ereport(LOG,
-						(errmsg("spool nonce worker %d: batch of %d failed, retrying per signer: %s",
+						(errcode(edata->sqlerrcode),
+						 errmsg("spool nonce worker %d: batch of %d failed, retrying per signer: %s",
 								my_slot, n, edata->message)));
 				FreeErrorData(edata);
 				fail_items(items, 0, n, NULL);

@@ -814,7 +814,8 @@ flush_attempt(OutboxRow **send, int nsend, bool careful, int64 to)
 	reload_parked();
 	if (careful || spool_deliver_external() || ed->sqlerrcode == ERRCODE_SPOOL_FENCE_REJECTED)
 		ereport(ERROR, (errcode(ed->sqlerrcode), errmsg("%s", ed->message)));
-	ereport(DEBUG1, (errmsg("%s: batch failed (%s); delivering row by row",
+	ereport(DEBUG1, (errcode(ed->sqlerrcode),
+					 errmsg("%s: batch failed (%s); delivering row by row",
 							MyBgworkerEntry->bgw_name, ed->message)));
 	FreeErrorData(ed);
 	return -1;
@@ -1175,7 +1176,8 @@ rotate_slot(int s)
 	}
 	PG_END_TRY();
 	if (done)
-		ereport(DEBUG1, (errmsg("outbox slot %s truncated", leaf)));
+		ereport(DEBUG1, (errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+						 errmsg("outbox slot %s truncated", leaf)));
 }
 
 /*
@@ -1413,7 +1415,8 @@ dispatch_failed(void)
 		/* drop_target removed our rows; the launcher stops us anyway. */
 		FlushErrorState();
 		AbortOutOfAnyTransaction();
-		ereport(LOG, (errmsg("%s: target \"%s\" was dropped; exiting",
+		ereport(LOG, (errcode(ERRCODE_ADMIN_SHUTDOWN),
+					  errmsg("%s: target \"%s\" was dropped; exiting",
 							 MyBgworkerEntry->bgw_name, target->name)));
 		proc_exit(0);
 	}

@@ -419,7 +419,8 @@ load_processor(void)
 							  1, (Oid[]) {TEXTOID}, v, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.processors");
 	if (SPI_processed == 0)
-		ereport(LOG, (errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
+		ereport(LOG, (errcode(ERRCODE_ADMIN_SHUTDOWN),
+					  errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
 	if (SPI_processed == 0 ||
 		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)))
 	{
@@ -1216,7 +1217,8 @@ try_takeover(void)
 	}
 	LWLockRelease(spool_processor_shared->lock);
 	ereport(LOG,
-			(errmsg("processor \"%s\" replica %d is active with token " INT64_FORMAT " at cursor " INT64_FORMAT,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("processor \"%s\" replica %d is active with token " INT64_FORMAT " at cursor " INT64_FORMAT,
 					proc_name, my_replica + 1, token, committed)));
 	catch_up(committed, lease.took_over);
 	return true;
@@ -1249,7 +1251,8 @@ static void
 become_standby(const char *why)
 {
 	ereport(LOG,
-			(errmsg("processor \"%s\" replica %d is now a standby: %s",
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("processor \"%s\" replica %d is now a standby: %s",
 					proc_name, my_replica + 1, why)));
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	if (ps->active_pid == MyProcPid)
