@@ -189,6 +189,8 @@ static void catch_up(int64 committed, bool took_over);
 static void become_standby(const char *why);
 static bool renew_lease(void);
 static bool advisory_lock(bool take);
+static void leave_gate(bool exiting);
+static HeapTuple read_own_row(const char *activity, const char *sql, TupleDesc *desc);
 static void wait_for_work(void);
 static void record_error(void);
 static void check_snapshot_hash(void);
@@ -202,8 +204,25 @@ static void check_snapshot_hash(void);
 static void
 replica_detach(int code, Datum arg)
 {
+	leave_gate(true);
+}
+
+/*
+ * Leave the output gate: clear it if it is ours, and our slot with it when
+ * exiting (else we stay on as a standby).  Release the advisory lock before
+ * waking the standbys (exit would release it only later), so the first one
+ * to try gets it and takes over at once; they notice a clean exit at once.
+ */
+static void
+leave_gate(bool exiting)
+{
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	if (rs->pid == MyProcPid)
+	if (!exiting)
+	{
+		rs->role = ROLE_STANDBY;
+		rs->token = 0;
+	}
+	else if (rs->pid == MyProcPid)
 	{
 		rs->pid = 0;
 		rs->role = ROLE_NONE;
@@ -214,16 +233,11 @@ replica_detach(int code, Datum arg)
 		ps->active_gone_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(spool_processor_shared->lock);
-	/*
-	 * Release the advisory lock before waking the standbys (exit would release
-	 * it only later), so the first one to try gets it and takes over at once.
-	 */
 	if (have_advisory)
 	{
 		advisory_lock(false);
 		have_advisory = false;
 	}
-	/* The standbys notice a clean exit at once. */
 	ConditionVariableBroadcast(&ps->cv);
 }
 
@@ -396,39 +410,51 @@ check_run_as(void)
 				 errhint("Grant the role back to the owner, or drop and create the processor again.")));
 }
 
+/*
+ * In a new transaction (spool_begin_txn), the one row sql returns for $1 =
+ * this processor's name, or NULL if there is none.
+ */
+static HeapTuple
+read_own_row(const char *activity, const char *sql, TupleDesc *desc)
+{
+	Datum		v[1];
+
+	spool_begin_txn(activity);
+	v[0] = CStringGetTextDatum(proc_name);
+	if (SPI_execute_with_args(sql, 1, (Oid[]) {TEXTOID}, v, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not run \"%s\"", sql);
+	if (SPI_processed != 1)
+		return NULL;
+	*desc = SPI_tuptable->tupdesc;
+	return SPI_tuptable->vals[0];
+}
+
 /* Read the processor's definition; exit if it is gone or disabled. */
 static void
 load_processor(void)
 {
-	Datum		v[1];
 	bool		isnull;
 	HeapTuple	tup;
 	TupleDesc	desc;
 	Datum		d;
 	MemoryContext top;
 
-	spool_begin_txn("loading processor");
-	v[0] = CStringGetTextDatum(proc_name);
-	if (SPI_execute_with_args("SELECT handler::oid, run_as::oid, enabled,"
-							  " (SELECT array_agg(s) FROM jsonb_array_elements_text("
-							  "    CASE jsonb_typeof(options->'sources') WHEN 'array'"
-							  "    THEN options->'sources' END) s),"
-							  " (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
-							  " (options->>'checkpoint_every')::bigint, options->'handler', owner::oid"
-							  " FROM spool.processors WHERE name = $1",
-							  1, (Oid[]) {TEXTOID}, v, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read spool.processors");
-	if (SPI_processed == 0)
+	tup = read_own_row("loading processor",
+					   "SELECT handler::oid, run_as::oid, enabled,"
+					   " (SELECT array_agg(s) FROM jsonb_array_elements_text("
+					   "    CASE jsonb_typeof(options->'sources') WHEN 'array'"
+					   "    THEN options->'sources' END) s),"
+					   " (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
+					   " (options->>'checkpoint_every')::bigint, options->'handler', owner::oid"
+					   " FROM spool.processors WHERE name = $1", &desc);
+	if (tup == NULL)
 		ereport(LOG, (errcode(ERRCODE_ADMIN_SHUTDOWN),
 					  errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
-	if (SPI_processed == 0 ||
-		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)))
+	if (tup == NULL || !DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull)))
 	{
 		spool_end_txn();
 		proc_exit(0);
 	}
-	tup = SPI_tuptable->vals[0];
-	desc = SPI_tuptable->tupdesc;
 	top = MemoryContextSwitchTo(TopMemoryContext);
 	handler_oid = DatumGetObjectId(SPI_getbinval(tup, desc, 1, &isnull));
 	run_as = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
@@ -456,8 +482,6 @@ load_processor(void)
 static void
 load_checkpoint(bool publish)
 {
-	Oid			t[1] = {TEXTOID};
-	Datum		v[1];
 	bool		isnull;
 	HeapTuple	tup;
 	TupleDesc	desc;
@@ -468,16 +492,13 @@ load_checkpoint(bool publish)
 	int64		hash;
 	bool		hash_null;
 
-	spool_begin_txn("loading checkpoint");
-	v[0] = CStringGetTextDatum(proc_name);
-	if (SPI_execute_with_args("SELECT committed_cursor, state, state_cursor, state_hash"
-							  " FROM spool.processor_checkpoints WHERE processor = $1",
-							  1, t, v, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+	tup = read_own_row("loading checkpoint",
+					   "SELECT committed_cursor, state, state_cursor, state_hash"
+					   " FROM spool.processor_checkpoints WHERE processor = $1", &desc);
+	if (tup == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("the checkpoint of processor \"%s\" is missing", proc_name)));
-	tup = SPI_tuptable->vals[0];
-	desc = SPI_tuptable->tupdesc;
 	committed = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 	d = SPI_getbinval(tup, desc, 2, &isnull);
 	if (!isnull)
@@ -1254,22 +1275,8 @@ become_standby(const char *why)
 			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
 			 errmsg("processor \"%s\" replica %d is now a standby: %s",
 					proc_name, my_replica + 1, why)));
-	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	if (ps->active_pid == MyProcPid)
-	{
-		ps->active_pid = 0;
-		ps->active_gone_at = GetCurrentTimestamp();
-	}
-	rs->role = ROLE_STANDBY;
-	rs->token = 0;
-	LWLockRelease(spool_processor_shared->lock);
+	leave_gate(false);
 	token = 0;
-	if (have_advisory)
-	{
-		advisory_lock(false);
-		have_advisory = false;
-	}
-	ConditionVariableBroadcast(&ps->cv);
 }
 
 /* Renew the lease (every third of its TTL); false when it was lost. */

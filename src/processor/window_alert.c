@@ -48,6 +48,7 @@ PG_FUNCTION_INFO_V1(spool_window_alert);
 #define WA_DEFAULT_MAX_KEYS 1000000
 #define WA_MAX_MAX_KEYS 100000000
 #define WA_STATE_VERSION 1
+#define WA_EXAMPLE "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}."
 
 typedef enum WAAgg
 {
@@ -163,6 +164,8 @@ static Jsonb *alert_payload(WAState *st, WAKey *k, double agg, const SpoolEntry 
 static void append_double(StringInfo buf, double d);
 static void append_time(StringInfo buf, int64 ts);
 static void load_key(WAState *st, const char *key, JsonbContainer *obj);
+static void push_int_field(JsonbParseState **ps, const char *key, int64 n);
+static void push_double_field(JsonbParseState **ps, const char *key, double d);
 
 static void
 wa_error(const char *msg, const char *detail)
@@ -754,6 +757,21 @@ push_double(JsonbParseState **ps, JsonbIteratorToken tok, double d)
 	(void) pushJsonbValue(ps, tok, &v);
 }
 
+/* A key and its value, in an object. */
+static void
+push_int_field(JsonbParseState **ps, const char *key, int64 n)
+{
+	push_key(ps, key);
+	push_int(ps, WJB_VALUE, n);
+}
+
+static void
+push_double_field(JsonbParseState **ps, const char *key, double d)
+{
+	push_key(ps, key);
+	push_double(ps, WJB_VALUE, d);
+}
+
 /*
  * The state as jsonb.  config, when given, is kept under "config" (the SQL
  * entry point carries its settings there).  Object keys are sorted by jsonb,
@@ -771,14 +789,10 @@ wa_snapshot(void *state, Jsonb *config)
 	JsonbValue	v;
 
 	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
-	push_key(&ps, "v");
-	push_int(&ps, WJB_VALUE, WA_STATE_VERSION);
-	push_key(&ps, "skipped");
-	push_int(&ps, WJB_VALUE, st->skipped);
-	push_key(&ps, "late");
-	push_int(&ps, WJB_VALUE, st->late);
-	push_key(&ps, "evicted");
-	push_int(&ps, WJB_VALUE, st->evicted);
+	push_int_field(&ps, "v", WA_STATE_VERSION);
+	push_int_field(&ps, "skipped", st->skipped);
+	push_int_field(&ps, "late", st->late);
+	push_int_field(&ps, "evicted", st->evicted);
 	if (config)
 	{
 		push_key(&ps, "config");
@@ -802,19 +816,13 @@ wa_snapshot(void *state, Jsonb *config)
 		(void) pushJsonbValue(&ps, WJB_VALUE, &v);
 		if (k->open)
 		{
-			push_key(&ps, "mark");
-			push_int(&ps, WJB_VALUE, k->mark);
+			push_int_field(&ps, "mark", k->mark);
 		}
-		push_key(&ps, "last");
-		push_int(&ps, WJB_VALUE, k->last);
-		push_key(&ps, "n");
-		push_int(&ps, WJB_VALUE, k->n);
-		push_key(&ps, "sum");
-		push_double(&ps, WJB_VALUE, k->sum);
-		push_key(&ps, "min");
-		push_double(&ps, WJB_VALUE, k->min);
-		push_key(&ps, "max");
-		push_double(&ps, WJB_VALUE, k->max);
+		push_int_field(&ps, "last", k->last);
+		push_int_field(&ps, "n", k->n);
+		push_double_field(&ps, "sum", k->sum);
+		push_double_field(&ps, "min", k->min);
+		push_double_field(&ps, "max", k->max);
 		if (st->cfg->kind != WA_WINDOW_TUMBLING)
 		{
 			push_key(&ps, "ts");
@@ -1312,15 +1320,8 @@ spool_window_alert(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), result, nulls)));
 }
 
-/* window_alert as a native handler (handler.h). */
+/* window_alert as a native handler (handler.h), in the order of its fields. */
 const SpoolNativeHandler spool_window_alert_handler = {
-	.name = "window_alert",
-	.example = "For example {\"handler\": {\"key\": \"addr\", \"value\": \"amount\", \"window\": {\"type\": \"count\", \"size\": 10}, \"threshold\": 100, \"target\": \"alerts\"}}.",
-	.configure = wa_configure,
-	.create = wa_create,
-	.destroy = wa_destroy,
-	.apply = wa_apply,
-	.target = wa_target,
-	.snapshot = wa_snapshot,
-	.hash = wa_hash,
+	"window_alert", WA_EXAMPLE,
+	wa_configure, wa_create, wa_destroy, wa_apply, wa_target, wa_snapshot, wa_hash
 };
