@@ -177,7 +177,11 @@ extern void spool_deliver_init(OutboxTarget *t);
 extern void spool_deliver_box_open(struct SpoolBox *box);
 extern void spool_deliver_row(OutboxRow *row);
 extern bool spool_deliver_external(void);
-extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);
 extern void spool_deliver_shutdown(void);
+
+/* deliver_kafka.c: kafka targets, outside the transaction. */
+extern void spool_kafka_start(OutboxTarget *t);
+extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);
+extern void spool_kafka_stop(void);
 
 #endif							/* SPOOL_OUTBOX_H */
