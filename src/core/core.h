@@ -52,7 +52,7 @@
 #define SPOOL_OWNER_MAX		96		/* "processor:<name>/<replica>:<pid>" fits */
 /* A signer's lease is 'signer:' || signer, which must fit SPOOL_NAME_MAX. */
 #define SPOOL_SIGNER_NAME_MAX (SPOOL_NAME_MAX - 7)
-/* Longest name of a processor or target (part of worker names). */
+/* Longest name of a source, processor or target (part of worker names). */
 #define SPOOL_PROC_NAME_MAX 48
 
 /*
@@ -128,6 +128,7 @@ extern Datum spool_ttl_datum(int64 ttl_us);
 extern bool spool_str_in_list(const char *s, const char *const *list);
 extern bool spool_object_next(JsonbIterator **it, char **key, JsonbValue *value);
 extern void spool_check_object_name(const char *name, const char *what);
+extern bool spool_name_chars_ok(const char *s);
 extern Oid	spool_check_run_as(Oid caller, const char *run_as, const char *object,
 							   const char *code);
 extern void spool_test_pause(void);
@@ -138,6 +139,7 @@ extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
 							 Oid *argtypes);
 extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 						 bool read_only, int expected);
+extern void spool_text_param(Datum *values, char *nulls, int i, const char *s);
 
 /*
  * Workers (worker.c): what every background worker of spool_ext shares.
@@ -272,6 +274,10 @@ extern void spool_enter(SpoolCaller *c);
 extern void spool_leave(SpoolCaller *c);
 extern bool spool_role_is_member(Oid role, Oid owner);
 extern void spool_check_owner(Oid role, Oid owner, const char *kind, const char *name);
+extern HeapTuple spool_owned_row(const char *kind, const char *name, int ownercol,
+								 Oid role);
+extern void spool_change_owned(const char *table, const char *kind, const char *name,
+							   const char *sql);
 extern bool spool_may_signal(Oid role, int pid);
 extern void spool_worker_pin_settings(void);
 

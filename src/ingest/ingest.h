@@ -15,7 +15,7 @@
 
 #include "storage/condition_variable.h"
 
-#define SPOOL_SOURCE_NAME_MAX 48
+#define SPOOL_SOURCE_NAME_MAX SPOOL_PROC_NAME_MAX	/* spool_check_object_name */
 
 /*
  * What the ingest workers and the promoter share.  Ingest workers fill the

@@ -27,29 +27,10 @@ PG_FUNCTION_INFO_V1(spool_drop_source);
 
 #define PROBE_TIMEOUT_MS 3000
 
-static void check_source_name(const char *name);
 static void check_brokers(const char *brokers);
 static int	check_topics(ArrayType *topics, char ***out);
 static void probe_topics(const char *brokers, SpoolSourceOptions *o,
 						 char **topics, int ntopics);
-
-static void
-check_source_name(const char *name)
-{
-	const char *p;
-
-	if (strlen(name) > SPOOL_SOURCE_NAME_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("source name \"%s\" is too long", name),
-				 errdetail("At most %d bytes are allowed.", SPOOL_SOURCE_NAME_MAX)));
-	for (p = name; *p; p++)
-		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid source name \"%s\"", name),
-					 errdetail("Source names use letters, digits, '_', '.' and '-' only.")));
-}
 
 /* brokers is a comma-separated list of host:port. */
 static void
@@ -111,7 +92,6 @@ check_topics(ArrayType *topics, char ***out)
 	for (i = 0; i < n; i++)
 	{
 		char	   *t;
-		const char *p;
 		int			j;
 
 		if (nulls[i])
@@ -124,12 +104,11 @@ check_topics(ArrayType *topics, char ***out)
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("invalid topic name \"%s\"", t),
 					 errdetail("Kafka topic names have 1 to 249 characters.")));
-		for (p = t; *p; p++)
-			if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-				ereport(ERROR,
-						(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-						 errmsg("invalid topic name \"%s\"", t),
-						 errdetail("Kafka topic names use letters, digits, '_', '.' and '-' only.")));
+		if (!spool_name_chars_ok(t))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid topic name \"%s\"", t),
+					 errdetail("Kafka topic names use letters, digits, '_', '.' and '-' only.")));
 		for (j = 0; j < i; j++)
 			if (strcmp((*out)[j], t) == 0)
 				ereport(ERROR,
@@ -227,7 +206,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("Kafka sources need a UTF8 database"),
 				 errdetail("This database uses %s.", GetDatabaseEncodingName())));
-	check_source_name(name);
+	spool_check_object_name(name, "source");
 	check_brokers(brokers);
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -280,50 +259,16 @@ spool_create_source(PG_FUNCTION_ARGS)
 }
 
 /*
- * Run sql with $1 = name, for a member of the source's owner: SP004 when
- * there is no such source, 42501 when the caller may not change it.
- */
-static void
-source_update(const char *name, const char *sql)
-{
-	Oid			t[1] = {TEXTOID};
-	Datum		v[1];
-	bool		isnull;
-	SpoolCaller caller;
-
-	spool_require_shmem();
-	spool_enter(&caller);
-	SPI_connect();
-	v[0] = CStringGetTextDatum(name);
-	if (SPI_execute_with_args("SELECT owner FROM spool.sources WHERE name = $1 FOR UPDATE",
-							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read spool.sources");
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("source \"%s\" does not exist", name)));
-	spool_check_owner(caller.role,
-					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-													 SPI_tuptable->tupdesc, 1, &isnull)),
-					  "source", name);
-	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
-		elog(ERROR, "could not change source \"%s\"", name);
-	SPI_finish();
-	spool_leave(&caller);
-	spool_wake_launcher();
-}
-
-/*
  * SQL: spool.start_source(name).  After a stop on a retention gap, starting
  * again accepts that gap: the worker continues from the log start.
  */
 Datum
 spool_start_source(PG_FUNCTION_ARGS)
 {
-	source_update(spool_arg_name(fcinfo, 0, "name"),
-				  "UPDATE spool.sources SET enabled = true,"
-				  " skip_gap = coalesce(stopped_reason LIKE 'gap%', false),"
-				  " stopped_reason = NULL WHERE name = $1");
+	spool_change_owned("spool.sources", "source", spool_arg_name(fcinfo, 0, "name"),
+					   "UPDATE spool.sources SET enabled = true,"
+					   " skip_gap = coalesce(stopped_reason LIKE 'gap%', false),"
+					   " stopped_reason = NULL WHERE name = $1");
 	PG_RETURN_VOID();
 }
 
@@ -331,9 +276,9 @@ spool_start_source(PG_FUNCTION_ARGS)
 Datum
 spool_stop_source(PG_FUNCTION_ARGS)
 {
-	source_update(spool_arg_name(fcinfo, 0, "name"),
-				  "UPDATE spool.sources SET enabled = false,"
-				  " stopped_reason = 'stopped by spool.stop_source' WHERE name = $1");
+	spool_change_owned("spool.sources", "source", spool_arg_name(fcinfo, 0, "name"),
+					   "UPDATE spool.sources SET enabled = false,"
+					   " stopped_reason = 'stopped by spool.stop_source' WHERE name = $1");
 	PG_RETURN_VOID();
 }
 
@@ -343,10 +288,10 @@ spool_drop_source(PG_FUNCTION_ARGS)
 {
 	char	   *name = spool_arg_name(fcinfo, 0, "name");
 
-	source_update(name,
-				  "WITH d AS (DELETE FROM spool.sources WHERE name = $1 RETURNING name),"
-				  " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
-				  " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
-				  " SELECT * FROM d");
+	spool_change_owned("spool.sources", "source", name,
+					   "WITH d AS (DELETE FROM spool.sources WHERE name = $1 RETURNING name),"
+					   " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
+					   " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
+					   " SELECT * FROM d");
 	PG_RETURN_VOID();
 }

@@ -451,16 +451,10 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 	v[1] = Int32GetDatum(t->id);
 	v[2] = Int32GetDatum(slot);
 	v[3] = Int32GetDatum(shard);
-	if (key)
-		v[4] = CStringGetTextDatum(key);
-	else
-		nulls[4] = 'n';
+	spool_text_param(v, nulls, 4, key);
 	v[5] = JsonbPGetDatum(payload);
 	v[6] = BoolGetDatum(barrier);
-	if (processor)
-		v[7] = CStringGetTextDatum(processor);
-	else
-		nulls[7] = 'n';
+	spool_text_param(v, nulls, 7, processor);
 	v[8] = Int64GetDatum(cursor);
 	v[9] = Int64GetDatum(token);
 	if (cursor < 0)
