@@ -120,6 +120,8 @@ extern void spool_require_shmem(void);
  */
 extern char *spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what);
 extern char *spool_arg_signer(FunctionCallInfo fcinfo, int argno);
+extern Jsonb *spool_arg_jsonb(FunctionCallInfo fcinfo, int argno, const char *message,
+							  const char *hint);
 extern char *spool_arg_name_opt(FunctionCallInfo fcinfo, int argno, const char *what);
 extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *what,
 							 bool nonnegative);
@@ -213,18 +215,14 @@ typedef enum SpoolVerdict
 
 struct SpoolSupervisor;
 
-typedef struct SpoolWorkerKind
+/*
+ * What a kind does for the supervisor, written by its subsystem; a NULL
+ * callback means what its comment says.
+ */
+typedef struct SpoolKindOps
 {
-	const char *type;			/* bgw_type: "spool processor" */
-	const char *function;		/* its entry point in spool_ext */
-	const char *what;			/* in messages: "enabled processors" */
-	int			max_units;
-	bool		reads_catalog;	/* list runs in a transaction */
 	/* Call spool_want for each unit wanted now. */
 	void		(*list) (struct SpoolSupervisor *s);
-	/* Claim a shared slot for a new unit (-1: none free); NULL: no slots. */
-	int			(*claim) (const SpoolUnit *u);
-	void		(*release) (int slot);
 	/* Instance name of worker i, after type in bgw_name; NULL: none. */
 	char	   *(*label) (const SpoolUnit *u, int i);
 	/* Fill in what worker i is told besides the unit (generation). */
@@ -237,6 +235,34 @@ typedef struct SpoolWorkerKind
 	void		(*gone) (const SpoolUnit *u, int i, const char *why);
 	/* The extension was found installed; nothing of this kind runs yet. */
 	void		(*reset) (void);
+} SpoolKindOps;
+
+/*
+ * A kind's shared slots, one per unit (processors, dispatcher shards): an
+ * array of max_units slots of size bytes, each with a bool in_use at offset
+ * in_use, guarded by lock.  The supervisor claims a free one for a new unit
+ * (fill resets it for the unit) and frees it when the unit is forgotten.
+ * The subsystem sets lock and array when it attaches its shared memory.
+ */
+typedef struct SpoolSlots
+{
+	LWLock	   *lock;
+	void	   *array;
+	Size		size;
+	Size		in_use;
+	void		(*fill) (void *slot, const SpoolUnit *u);
+} SpoolSlots;
+
+/* A kind of worker: one row of the launcher's table of kinds. */
+typedef struct SpoolWorkerKind
+{
+	const char *type;			/* bgw_type: "spool processor" */
+	const char *function;		/* its entry point in spool_ext */
+	const char *what;			/* in messages: "enabled processors" */
+	int			max_units;
+	bool		reads_catalog;	/* list runs in a transaction */
+	const SpoolKindOps *ops;	/* from its subsystem */
+	SpoolSlots *slots;			/* NULL: its units need none */
 } SpoolWorkerKind;
 
 typedef struct SpoolSupervisor
@@ -251,6 +277,7 @@ extern void spool_want(struct SpoolSupervisor *s, const char *name, int64 id,
 					   int index, int nworkers, uint32 version);
 extern void spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh);
 extern void spool_supervise_stop(SpoolSupervisor *s, const char *why);
+extern bool spool_slot_flag(LWLock *lock, const bool *flag);
 
 /*
  * Who is calling, and what that role may do: the door every SQL function

@@ -75,6 +75,22 @@ arg_not_null(FunctionCallInfo fcinfo, int argno, const char *what)
 				 errmsg("%s must not be null", what)));
 }
 
+/*
+ * A jsonb argument (options, a payload), raising SP001 with message and hint
+ * when it is NULL.
+ */
+Jsonb *
+spool_arg_jsonb(FunctionCallInfo fcinfo, int argno, const char *message,
+				const char *hint)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s", message),
+				 errhint("%s", hint)));
+	return PG_GETARG_JSONB_P(argno);
+}
+
 /* Like spool_arg_name, but NULL is allowed and returned as NULL. */
 char *
 spool_arg_name_opt(FunctionCallInfo fcinfo, int argno, const char *what)

@@ -16,6 +16,7 @@
 #include "storage/condition_variable.h"
 
 #define SPOOL_SOURCE_NAME_MAX SPOOL_PROC_NAME_MAX	/* spool_check_object_name */
+#define SPOOL_MAX_SOURCES 256	/* enabled sources with a worker */
 
 /*
  * What the ingest workers and the promoter share.  Ingest workers fill the
@@ -39,8 +40,8 @@ extern Size spool_ingest_shmem_size(void);
 extern void spool_ingest_shmem_init(void);
 
 /* launch.c */
-extern const SpoolWorkerKind spool_promoter_kind;
-extern const SpoolWorkerKind spool_source_kind;
+extern const SpoolKindOps spool_promoter_ops;
+extern const SpoolKindOps spool_source_ops;
 
 /* promoter.c */
 extern void spool_wake_promoter(void);

@@ -29,6 +29,8 @@ PG_FUNCTION_INFO_V1(spool_drop_source);
 
 static void check_brokers(const char *brokers);
 static int	check_topics(ArrayType *topics, char ***out);
+static rd_kafka_conf_t *source_conf(const char *brokers, SpoolSourceOptions *o,
+									const char *client_id, const char *message);
 static void probe_topics(const char *brokers, SpoolSourceOptions *o,
 						 char **topics, int ntopics);
 
@@ -119,6 +121,22 @@ check_topics(ArrayType *topics, char ***out)
 	return n;
 }
 
+/* librdkafka's configuration for a source; SP001 with message if it is bad. */
+static rd_kafka_conf_t *
+source_conf(const char *brokers, SpoolSourceOptions *o, const char *client_id,
+			const char *message)
+{
+	char		errbuf[512];
+	rd_kafka_conf_t *conf = spool_kafka_conf(brokers, o, client_id, errbuf, sizeof(errbuf));
+
+	if (conf == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s", message),
+				 errdetail("%s", errbuf)));
+	return conf;
+}
+
 /*
  * Ask the brokers, briefly, whether the topics exist.  An unreachable
  * cluster is only a warning (it may come up later; the source status will
@@ -134,12 +152,7 @@ probe_topics(const char *brokers, SpoolSourceOptions *o, char **topics, int ntop
 	char	   *missing = NULL;
 	char	   *unreachable = NULL;
 
-	conf = spool_kafka_conf(brokers, o, "spool_ext.probe", errbuf, sizeof(errbuf));
-	if (conf == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("invalid Kafka configuration for source"),
-				 errdetail("%s", errbuf)));
+	conf = source_conf(brokers, o, "spool_ext.probe", "invalid Kafka configuration for source");
 	rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", NULL, 0);
 	rd_kafka_conf_set(conf, "socket.connection.setup.timeout.ms", "2000", NULL, 0);
 	rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
@@ -193,7 +206,6 @@ spool_create_source(PG_FUNCTION_ARGS)
 	SpoolSourceOptions *o;
 	char	  **topics;
 	int			ntopics;
-	char		errbuf[512];
 	rd_kafka_conf_t *conf;
 	Oid			t[5] = {TEXTOID, TEXTOID, TEXTARRAYOID, JSONBOID, OIDOID};
 	Datum		v[5];
@@ -214,12 +226,8 @@ spool_create_source(PG_FUNCTION_ARGS)
 				 errmsg("topics must not be null")));
 	topics_arr = PG_GETARG_ARRAYTYPE_P(2);
 	ntopics = check_topics(topics_arr, &topics);
-	if (PG_ARGISNULL(3))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("options must not be null"),
-				 errhint("Pass '{}' for the defaults.")));
-	options = PG_GETARG_JSONB_P(3);
+	options = spool_arg_jsonb(fcinfo, 3, "options must not be null",
+							   "Pass '{}' for the defaults.");
 	o = spool_parse_source_options(options);
 
 	spool_enter(&caller);
@@ -227,12 +235,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 	spool_kafka_policy_check(brokers, o->nkafka, (const char **) o->kafka_keys,
 							 (const char **) o->kafka_values, caller.role,
 							 "source", name);
-	conf = spool_kafka_conf(brokers, o, "spool_ext.check", errbuf, sizeof(errbuf));
-	if (conf == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("invalid Kafka property in source options"),
-				 errdetail("%s", errbuf)));
+	conf = source_conf(brokers, o, "spool_ext.check", "invalid Kafka property in source options");
 	rd_kafka_conf_destroy(conf);
 
 	SPI_connect();

@@ -93,6 +93,6 @@ extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);
 
 /* launch.c */
-extern const SpoolWorkerKind spool_nonce_worker_kind;
+extern const SpoolKindOps spool_nonce_worker_ops;
 
 #endif							/* SPOOL_NONCE_H */

@@ -526,12 +526,8 @@ spool_enqueue(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	spool_require_shmem();
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("payload must not be NULL"),
-				 errhint("Use 'null'::jsonb for a JSON null.")));
-	payload = PG_GETARG_JSONB_P(2);
+	payload = spool_arg_jsonb(fcinfo, 2, "payload must not be NULL",
+							   "Use 'null'::jsonb for a JSON null.");
 	spool_enter(&caller);
 	SPI_connect();
 	id = spool_outbox_insert(target, key, payload, false, NULL, -1, -1, caller.role);

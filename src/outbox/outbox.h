@@ -152,7 +152,8 @@ extern int	spool_outbox_slot_of(int64 id);
 extern void spool_outbox_targets_changed(void);
 
 /* launch.c */
-extern const SpoolWorkerKind spool_dispatcher_kind;
+extern const SpoolKindOps spool_dispatcher_ops;
+extern SpoolSlots spool_dispatcher_slots;
 extern SpoolDispatchSlot *spool_dispatch_slot_of(int target_id, int shard);
 
 /* deliver.c: one batch of rows for one target. */

@@ -354,12 +354,8 @@ spool_create_target(PG_FUNCTION_ARGS)
 	int			s;
 	SpoolCaller caller;
 
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("target options must not be NULL"),
-				 errhint("Pass '{}' for the defaults.")));
-	options = PG_GETARG_JSONB_P(2);
+	options = spool_arg_jsonb(fcinfo, 2, "target options must not be NULL",
+							   "Pass '{}' for the defaults.");
 	t = spool_outbox_parse_target(name, kind, options);
 
 	spool_enter(&caller);
@@ -494,13 +490,9 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	OutboxTarget *t;
 	SpoolCaller caller;
 
-	if (PG_ARGISNULL(1))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("target options must not be NULL"),
-				 errhint("Pass the options to change, e.g. '{\"batch_size\": 500}'.")));
+	argv[1] = JsonbPGetDatum(spool_arg_jsonb(fcinfo, 1, "target options must not be NULL",
+											 "Pass the options to change, e.g. '{\"batch_size\": 500}'."));
 	argv[0] = CStringGetTextDatum(name);
-	argv[1] = JsonbPGetDatum(PG_GETARG_JSONB_P(1));
 	if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(argv[1])) || JB_ROOT_IS_SCALAR(DatumGetJsonbP(argv[1])))
 		spool_option_error(&target_options, target_options.not_object, NULL);
 

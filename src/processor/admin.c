@@ -131,23 +131,6 @@ start_render(const SpoolOption *opt, const void *result, StringInfo buf)
 	return true;
 }
 
-/*
- * Parse and check processor options; unknown keys are rejected.  Handler
- * settings live under "handler" and are checked with the handler.
- */
-SpoolProcessorOptions *
-spool_parse_processor_options(Jsonb *options)
-{
-	return spool_parse_options(&processor_options, -1, options);
-}
-
-/* The options with defaults filled in, as stored in spool.processors. */
-Jsonb *
-spool_processor_options_jsonb(SpoolProcessorOptions *o)
-{
-	return spool_options_jsonb(&processor_options, -1, o);
-}
-
 Oid
 spool_window_alert_oid(void)
 {
@@ -247,12 +230,10 @@ spool_create_processor(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("handler must not be null")));
 	handler = PG_GETARG_OID(1);
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("options must not be null"),
-				 errhint("Pass '{}' for the defaults.")));
-	o = spool_parse_processor_options(PG_GETARG_JSONB_P(2));
+	/* Handler settings live under "handler"; they are checked with the handler. */
+	o = spool_parse_options(&processor_options, -1,
+							spool_arg_jsonb(fcinfo, 2, "options must not be null",
+											"Pass '{}' for the defaults."));
 
 	spool_enter(&caller);
 	check_handler(handler);
@@ -292,7 +273,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	v[1] = ObjectIdGetDatum(handler);
 	v[2] = ObjectIdGetDatum(run_as);
 	v[3] = ObjectIdGetDatum(caller.role);
-	v[4] = JsonbPGetDatum(spool_processor_options_jsonb(o));
+	v[4] = JsonbPGetDatum(spool_options_jsonb(&processor_options, -1, o));
 	rc = SPI_execute_with_args("INSERT INTO spool.processors (name, handler, run_as, owner, options)"
 							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
 							   5, t, v, NULL, false, 0);

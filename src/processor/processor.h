@@ -105,8 +105,6 @@ typedef struct SpoolProcessorOptions
 	Jsonb	   *handler;		/* handler settings, NULL if none */
 } SpoolProcessorOptions;
 
-extern SpoolProcessorOptions *spool_parse_processor_options(Jsonb *options);
-extern Jsonb *spool_processor_options_jsonb(SpoolProcessorOptions *o);
 extern Oid	spool_window_alert_oid(void);
 
 /* Set in a processor replica (replica.c); 0 and NULL elsewhere. */
@@ -114,6 +112,7 @@ extern int	spool_current_replica_no;
 extern Jsonb *spool_current_handler_settings(void);
 
 /* Launcher side (launch.c) */
-extern const SpoolWorkerKind spool_processor_kind;
+extern const SpoolKindOps spool_processor_ops;
+extern SpoolSlots spool_processor_slots;
 
 #endif							/* SPOOL_PROCESSOR_H */
