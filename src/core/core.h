@@ -82,9 +82,9 @@ extern char *spool_kafka_allowed_brokers;
 extern void spool_define_gucs(void);
 
 /*
- * Shared memory (shmem.c).  Each subsystem sizes and initialises its own
- * area (spool_<subsystem>_shmem_size/_init, called from spool_ext.c); the
- * core's area holds what the launcher publishes to every worker.
+ * Shared memory (shmem.c).  Each subsystem declares its own area
+ * (spool_<subsystem>_shmem, attached from spool_ext.c); the core's area
+ * holds what the launcher publishes to every worker.
  */
 typedef struct SpoolCoreShared
 {
@@ -106,9 +106,28 @@ typedef struct SpoolIdentity
 
 extern SpoolIdentity *spool_identities;	/* [MaxBackends], under the core lock */
 
-extern Size spool_core_shmem_size(void);
-extern void spool_core_shmem_init(void);
-extern void *spool_shmem_area(const char *name, Size size, bool *found);
+/*
+ * A subsystem's shared area: a header struct, then count elements, each part
+ * MAXALIGNed (either may be absent).  shmem.c sizes and attaches every area
+ * and publishes its addresses in *header and *elements; then attach (NULL:
+ * nothing to do) is told whether the area already existed (a new one is
+ * zeroed).  A locked area has one LWLock, in a tranche named as the area.
+ */
+typedef struct SpoolShmemArea
+{
+	const char *name;
+	bool		locked;
+	Size		header_size;
+	void	  **header;
+	Size		element_size;
+	const int  *count;
+	void	  **elements;
+	void		(*attach) (bool found);
+} SpoolShmemArea;
+
+extern const SpoolShmemArea spool_core_shmem;
+extern Size spool_shmem_size(const SpoolShmemArea *area);
+extern void spool_shmem_attach(const SpoolShmemArea *area);
 extern LWLock *spool_shmem_lock(const char *tranche);
 extern void spool_require_shmem(void);
 
@@ -242,7 +261,8 @@ typedef struct SpoolKindOps
  * array of max_units slots of size bytes, each with a bool in_use at offset
  * in_use, guarded by lock.  The supervisor claims a free one for a new unit
  * (fill resets it for the unit) and frees it when the unit is forgotten.
- * The subsystem sets lock and array when it attaches its shared memory.
+ * The subsystem describes them (spool_slots_attach) when it attaches its
+ * shared memory.
  */
 typedef struct SpoolSlots
 {
@@ -277,6 +297,8 @@ extern void spool_want(struct SpoolSupervisor *s, const char *name, int64 id,
 					   int index, int nworkers, uint32 version);
 extern void spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh);
 extern void spool_supervise_stop(SpoolSupervisor *s, const char *why);
+extern void spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,
+							   Size in_use, void (*fill) (void *slot, const SpoolUnit *u));
 extern bool spool_slot_flag(LWLock *lock, const bool *flag);
 
 /*

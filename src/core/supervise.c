@@ -148,6 +148,18 @@ spool_supervise_stop(SpoolSupervisor *s, const char *why)
 	}
 }
 
+/* Describe a kind's slots (see SpoolSlots); from its shmem attach. */
+void
+spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,
+				   Size in_use, void (*fill) (void *slot, const SpoolUnit *u))
+{
+	slots->lock = lock;
+	slots->array = array;
+	slots->size = size;
+	slots->in_use = in_use;
+	slots->fill = fill;
+}
+
 /* A flag of a slot (a worker's exit_error, say), read under lock. */
 bool
 spool_slot_flag(LWLock *lock, const bool *flag)

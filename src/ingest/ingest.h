@@ -36,8 +36,7 @@ typedef struct SpoolIngestShared
 
 extern SpoolIngestShared *spool_ingest_shared;
 
-extern Size spool_ingest_shmem_size(void);
-extern void spool_ingest_shmem_init(void);
+extern const SpoolShmemArea spool_ingest_shmem;
 
 /* launch.c */
 extern const SpoolKindOps spool_promoter_ops;

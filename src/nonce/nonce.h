@@ -76,8 +76,7 @@ typedef struct SpoolNonceShared
 extern SpoolNonceShared *spool_nonce_shared;
 extern SpoolNonceReq *spool_requests;
 
-extern Size spool_nonce_shmem_size(void);
-extern void spool_nonce_shmem_init(void);
+extern const SpoolShmemArea spool_nonce_shmem;
 
 /* nonce.c */
 extern const SpoolLeaseGuard spool_signer_guard;

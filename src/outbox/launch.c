@@ -31,6 +31,7 @@ static void fill_slot(void *slot, const SpoolUnit *u);
 static char *shard_label(const SpoolUnit *u, int i);
 static bool shard_failed(const SpoolUnit *u, int i);
 static SpoolVerdict check_shard(const SpoolUnit *u, int i, TimestampTz now);
+static void outbox_attach(bool found);
 
 /* One slot per target shard, claimed by the supervisor. */
 SpoolSlots	spool_dispatcher_slots;
@@ -257,23 +258,11 @@ spool_outbox_runtime(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Shared memory: the dispatcher slots, then each backend's lowest open id. */
-Size
-spool_outbox_shmem_size(void)
+static void
+outbox_attach(bool found)
 {
-	return add_size(MAXALIGN(sizeof(SpoolOutboxShared)),
-					mul_size(MaxBackends, sizeof(pg_atomic_uint64)));
-}
-
-void
-spool_outbox_shmem_init(void)
-{
-	bool		found;
 	int			i;
 
-	spool_outbox_shared = spool_shmem_area("spool_ext outbox", spool_outbox_shmem_size(), &found);
-	spool_outbox_lowest = (pg_atomic_uint64 *)
-		((char *) spool_outbox_shared + MAXALIGN(sizeof(SpoolOutboxShared)));
 	if (!found)
 	{
 		spool_outbox_shared->lock = spool_shmem_lock("spool_ext outbox");
@@ -287,9 +276,12 @@ spool_outbox_shmem_init(void)
 		for (i = 0; i < MaxBackends; i++)
 			pg_atomic_init_u64(&spool_outbox_lowest[i], 0);
 	}
-	spool_dispatcher_slots.lock = spool_outbox_shared->lock;
-	spool_dispatcher_slots.array = spool_outbox_shared->dispatchers;
-	spool_dispatcher_slots.size = sizeof(SpoolDispatchSlot);
-	spool_dispatcher_slots.in_use = offsetof(SpoolDispatchSlot, in_use);
-	spool_dispatcher_slots.fill = fill_slot;
+	spool_slots_attach(&spool_dispatcher_slots, spool_outbox_shared->lock, spool_outbox_shared->dispatchers,
+					   sizeof(SpoolDispatchSlot), offsetof(SpoolDispatchSlot, in_use), fill_slot);
 }
+
+/* Shared memory: the dispatcher slots, then each backend's lowest open id. */
+const SpoolShmemArea spool_outbox_shmem = {
+	"spool_ext outbox", true, sizeof(SpoolOutboxShared), (void **) &spool_outbox_shared,
+	sizeof(pg_atomic_uint64), &MaxBackends, (void **) &spool_outbox_lowest, outbox_attach
+};

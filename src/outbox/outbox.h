@@ -126,8 +126,7 @@ typedef struct SpoolOutboxShared
 extern SpoolOutboxShared *spool_outbox_shared;
 extern pg_atomic_uint64 *spool_outbox_lowest;	/* [MaxBackends] */
 
-extern Size spool_outbox_shmem_size(void);
-extern void spool_outbox_shmem_init(void);
+extern const SpoolShmemArea spool_outbox_shmem;
 
 /* target.c */
 extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kind,

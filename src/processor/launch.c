@@ -22,6 +22,7 @@ static void list_processors(SpoolSupervisor *s);
 static void fill_slot(void *slot, const SpoolUnit *u);
 static char *replica_label(const SpoolUnit *u, int i);
 static bool replica_failed(const SpoolUnit *u, int i);
+static void processor_attach(bool found);
 
 StaticAssertDecl(SPOOL_MAX_REPLICAS <= SPOOL_UNIT_MAX_WORKERS,
 				 "the supervisor must keep every replica of a processor");
@@ -94,30 +95,23 @@ replica_failed(const SpoolUnit *u, int i)
 						   &spool_processor_shared->processors[u->slot].replicas[i].exit_error);
 }
 
-/* Shared memory: one slot per processor. */
-Size
-spool_processor_shmem_size(void)
+static void
+processor_attach(bool found)
 {
-	return MAXALIGN(sizeof(SpoolProcessorShared));
-}
-
-void
-spool_processor_shmem_init(void)
-{
-	bool		found;
 	int			i;
 
-	spool_processor_shared = spool_shmem_area("spool_ext processor",
-											  spool_processor_shmem_size(), &found);
 	if (!found)
 	{
 		spool_processor_shared->lock = spool_shmem_lock("spool_ext processor");
 		for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
 			ConditionVariableInit(&spool_processor_shared->processors[i].cv);
 	}
-	spool_processor_slots.lock = spool_processor_shared->lock;
-	spool_processor_slots.array = spool_processor_shared->processors;
-	spool_processor_slots.size = sizeof(SpoolProcessorSlot);
-	spool_processor_slots.in_use = offsetof(SpoolProcessorSlot, in_use);
-	spool_processor_slots.fill = fill_slot;
+	spool_slots_attach(&spool_processor_slots, spool_processor_shared->lock, spool_processor_shared->processors,
+					   sizeof(SpoolProcessorSlot), offsetof(SpoolProcessorSlot, in_use), fill_slot);
 }
+
+/* Shared memory: one slot per processor. */
+const SpoolShmemArea spool_processor_shmem = {
+	"spool_ext processor", true, sizeof(SpoolProcessorShared),
+	(void **) &spool_processor_shared, 0, NULL, NULL, processor_attach
+};

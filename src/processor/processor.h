@@ -88,8 +88,7 @@ typedef struct SpoolProcessorShared
 
 extern SpoolProcessorShared *spool_processor_shared;
 
-extern Size spool_processor_shmem_size(void);
-extern void spool_processor_shmem_init(void);
+extern const SpoolShmemArea spool_processor_shmem;
 
 /* Validated processor options (see docs/processors.md). */
 typedef struct SpoolProcessorOptions
