@@ -26,21 +26,14 @@ PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
-/* One subsystem's shared memory: its size, and how to attach it. */
-typedef struct ShmemPart
-{
-	const char *tranche;		/* its LWLock's tranche, NULL if none */
-	Size		(*size) (void);
-	void		(*init) (void);
-} ShmemPart;
-
-static const ShmemPart shmem_parts[] = {
-	{"spool_ext core", spool_core_shmem_size, spool_core_shmem_init},
-	{NULL, spool_lease_shmem_size, spool_lease_shmem_init},
-	{"spool_ext nonce", spool_nonce_shmem_size, spool_nonce_shmem_init},
-	{"spool_ext ingest", spool_ingest_shmem_size, spool_ingest_shmem_init},
-	{"spool_ext processor", spool_processor_shmem_size, spool_processor_shmem_init},
-	{"spool_ext outbox", spool_outbox_shmem_size, spool_outbox_shmem_init},
+/* Every subsystem's shared area, in the order they are attached. */
+static const SpoolShmemArea *const shmem_parts[] = {
+	&spool_core_shmem,
+	&spool_lease_shmem,
+	&spool_nonce_shmem,
+	&spool_ingest_shmem,
+	&spool_processor_shmem,
+	&spool_outbox_shmem,
 };
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -80,9 +73,9 @@ spool_shmem_request_hook(void)
 		prev_shmem_request_hook();
 	for (i = 0; i < lengthof(shmem_parts); i++)
 	{
-		RequestAddinShmemSpace(shmem_parts[i].size());
-		if (shmem_parts[i].tranche)
-			RequestNamedLWLockTranche(shmem_parts[i].tranche, 1);
+		RequestAddinShmemSpace(spool_shmem_size(shmem_parts[i]));
+		if (shmem_parts[i]->locked)
+			RequestNamedLWLockTranche(shmem_parts[i]->name, 1);
 	}
 }
 
@@ -95,6 +88,6 @@ spool_shmem_startup_hook(void)
 		prev_shmem_startup_hook();
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	for (i = 0; i < lengthof(shmem_parts); i++)
-		shmem_parts[i].init();
+		spool_shmem_attach(shmem_parts[i]);
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -52,7 +52,7 @@
 #define SPOOL_OWNER_MAX		96		/* "processor:<name>/<replica>:<pid>" fits */
 /* A signer's lease is 'signer:' || signer, which must fit SPOOL_NAME_MAX. */
 #define SPOOL_SIGNER_NAME_MAX (SPOOL_NAME_MAX - 7)
-/* Longest name of a processor or target (part of worker names). */
+/* Longest name of a source, processor or target (part of worker names). */
 #define SPOOL_PROC_NAME_MAX 48
 
 /*
@@ -82,9 +82,9 @@ extern char *spool_kafka_allowed_brokers;
 extern void spool_define_gucs(void);
 
 /*
- * Shared memory (shmem.c).  Each subsystem sizes and initialises its own
- * area (spool_<subsystem>_shmem_size/_init, called from spool_ext.c); the
- * core's area holds what the launcher publishes to every worker.
+ * Shared memory (shmem.c).  Each subsystem declares its own area
+ * (spool_<subsystem>_shmem, attached from spool_ext.c); the core's area
+ * holds what the launcher publishes to every worker.
  */
 typedef struct SpoolCoreShared
 {
@@ -106,9 +106,28 @@ typedef struct SpoolIdentity
 
 extern SpoolIdentity *spool_identities;	/* [MaxBackends], under the core lock */
 
-extern Size spool_core_shmem_size(void);
-extern void spool_core_shmem_init(void);
-extern void *spool_shmem_area(const char *name, Size size, bool *found);
+/*
+ * A subsystem's shared area: a header struct, then count elements, each part
+ * MAXALIGNed (either may be absent).  shmem.c sizes and attaches every area
+ * and publishes its addresses in *header and *elements; then attach (NULL:
+ * nothing to do) is told whether the area already existed (a new one is
+ * zeroed).  A locked area has one LWLock, in a tranche named as the area.
+ */
+typedef struct SpoolShmemArea
+{
+	const char *name;
+	bool		locked;
+	Size		header_size;
+	void	  **header;
+	Size		element_size;
+	const int  *count;
+	void	  **elements;
+	void		(*attach) (bool found);
+} SpoolShmemArea;
+
+extern const SpoolShmemArea spool_core_shmem;
+extern Size spool_shmem_size(const SpoolShmemArea *area);
+extern void spool_shmem_attach(const SpoolShmemArea *area);
 extern LWLock *spool_shmem_lock(const char *tranche);
 extern void spool_require_shmem(void);
 
@@ -120,6 +139,8 @@ extern void spool_require_shmem(void);
  */
 extern char *spool_arg_name(FunctionCallInfo fcinfo, int argno, const char *what);
 extern char *spool_arg_signer(FunctionCallInfo fcinfo, int argno);
+extern Jsonb *spool_arg_jsonb(FunctionCallInfo fcinfo, int argno, const char *message,
+							  const char *hint);
 extern char *spool_arg_name_opt(FunctionCallInfo fcinfo, int argno, const char *what);
 extern int64 spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *what,
 							 bool nonnegative);
@@ -128,6 +149,7 @@ extern Datum spool_ttl_datum(int64 ttl_us);
 extern bool spool_str_in_list(const char *s, const char *const *list);
 extern bool spool_object_next(JsonbIterator **it, char **key, JsonbValue *value);
 extern void spool_check_object_name(const char *name, const char *what);
+extern bool spool_name_chars_ok(const char *s);
 extern Oid	spool_check_run_as(Oid caller, const char *run_as, const char *object,
 							   const char *code);
 extern void spool_test_pause(void);
@@ -140,6 +162,7 @@ extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
 							 Oid *argtypes);
 extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 						 bool read_only, int expected);
+extern void spool_text_param(Datum *values, char *nulls, int i, const char *s);
 
 /*
  * Workers (worker.c): what every background worker of spool_ext shares.
@@ -213,18 +236,14 @@ typedef enum SpoolVerdict
 
 struct SpoolSupervisor;
 
-typedef struct SpoolWorkerKind
+/*
+ * What a kind does for the supervisor, written by its subsystem; a NULL
+ * callback means what its comment says.
+ */
+typedef struct SpoolKindOps
 {
-	const char *type;			/* bgw_type: "spool processor" */
-	const char *function;		/* its entry point in spool_ext */
-	const char *what;			/* in messages: "enabled processors" */
-	int			max_units;
-	bool		reads_catalog;	/* list runs in a transaction */
 	/* Call spool_want for each unit wanted now. */
 	void		(*list) (struct SpoolSupervisor *s);
-	/* Claim a shared slot for a new unit (-1: none free); NULL: no slots. */
-	int			(*claim) (const SpoolUnit *u);
-	void		(*release) (int slot);
 	/* Instance name of worker i, after type in bgw_name; NULL: none. */
 	char	   *(*label) (const SpoolUnit *u, int i);
 	/* Fill in what worker i is told besides the unit (generation). */
@@ -237,6 +256,35 @@ typedef struct SpoolWorkerKind
 	void		(*gone) (const SpoolUnit *u, int i, const char *why);
 	/* The extension was found installed; nothing of this kind runs yet. */
 	void		(*reset) (void);
+} SpoolKindOps;
+
+/*
+ * A kind's shared slots, one per unit (processors, dispatcher shards): an
+ * array of max_units slots of size bytes, each with a bool in_use at offset
+ * in_use, guarded by lock.  The supervisor claims a free one for a new unit
+ * (fill resets it for the unit) and frees it when the unit is forgotten.
+ * The subsystem describes them (spool_slots_attach) when it attaches its
+ * shared memory.
+ */
+typedef struct SpoolSlots
+{
+	LWLock	   *lock;
+	void	   *array;
+	Size		size;
+	Size		in_use;
+	void		(*fill) (void *slot, const SpoolUnit *u);
+} SpoolSlots;
+
+/* A kind of worker: one row of the launcher's table of kinds. */
+typedef struct SpoolWorkerKind
+{
+	const char *type;			/* bgw_type: "spool processor" */
+	const char *function;		/* its entry point in spool_ext */
+	const char *what;			/* in messages: "enabled processors" */
+	int			max_units;
+	bool		reads_catalog;	/* list runs in a transaction */
+	const SpoolKindOps *ops;	/* from its subsystem */
+	SpoolSlots *slots;			/* NULL: its units need none */
 } SpoolWorkerKind;
 
 typedef struct SpoolSupervisor
@@ -251,6 +299,9 @@ extern void spool_want(struct SpoolSupervisor *s, const char *name, int64 id,
 					   int index, int nworkers, uint32 version);
 extern void spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh);
 extern void spool_supervise_stop(SpoolSupervisor *s, const char *why);
+extern void spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,
+							   Size in_use, void (*fill) (void *slot, const SpoolUnit *u));
+extern bool spool_slot_flag(LWLock *lock, const bool *flag);
 
 /*
  * Who is calling, and what that role may do: the door every SQL function
@@ -274,6 +325,10 @@ extern void spool_enter(SpoolCaller *c);
 extern void spool_leave(SpoolCaller *c);
 extern bool spool_role_is_member(Oid role, Oid owner);
 extern void spool_check_owner(Oid role, Oid owner, const char *kind, const char *name);
+extern HeapTuple spool_owned_row(const char *kind, const char *name, int ownercol,
+								 Oid role);
+extern void spool_change_owned(const char *table, const char *kind, const char *name,
+							   const char *sql);
 extern bool spool_may_signal(Oid role, int pid);
 extern void spool_worker_pin_settings(void);
 

@@ -10,18 +10,23 @@
  *	  caller: inside it, only the outer session role is known, which inside a
  *	  worker is the bootstrap superuser.)
  *
- *	  Also the ownership rule (members of the owner role, or superusers) and
- *	  the rule for signalling another backend, which is pg_signal_backend's.
+ *	  Also the ownership rule (members of the owner role, or superusers),
+ *	  with the start/stop/drop shape every definition's SQL functions share,
+ *	  and the rule for signalling another backend, which is
+ *	  pg_signal_backend's.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "catalog/pg_authid.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
 #include "utils/acl.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 
 #include "core/core.h"
@@ -73,6 +78,54 @@ spool_check_owner(Oid role, Oid owner, const char *kind, const char *name)
 			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 			 errmsg("must be a member of the owner of %s \"%s\"", kind, name),
 			 owner_name ? errdetail("It belongs to role \"%s\".", owner_name) : 0));
+}
+
+/*
+ * The row of the kind's definition name that the caller just selected (FOR
+ * UPDATE), with the owner in column ownercol: SP004 if there is none, 42501
+ * unless role is a member of the owner.
+ */
+HeapTuple
+spool_owned_row(const char *kind, const char *name, int ownercol, Oid role)
+{
+	bool		isnull;
+
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
+				 errmsg("%s \"%s\" does not exist", kind, name)));
+	spool_check_owner(role,
+					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+													 ownercol, &isnull)),
+					  kind, name);
+	return SPI_tuptable->vals[0];
+}
+
+/*
+ * SQL functions that change a definition (start, stop, drop): for a member
+ * of the owner of the kind's definition name in table (its owner column is
+ * "owner"), run sql with $1 = name, then wake the launcher.
+ */
+void
+spool_change_owned(const char *table, const char *kind, const char *name,
+				   const char *sql)
+{
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1] = {CStringGetTextDatum(name)};
+	SpoolCaller caller;
+
+	spool_require_shmem();
+	spool_enter(&caller);
+	SPI_connect();
+	if (SPI_execute_with_args(psprintf("SELECT owner FROM %s WHERE name = $1 FOR UPDATE", table),
+							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read %s", table);
+	spool_owned_row(kind, name, 1, caller.role);
+	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
+		elog(ERROR, "could not change %s \"%s\"", kind, name);
+	SPI_finish();
+	spool_leave(&caller);
+	spool_wake_launcher();
 }
 
 /*

@@ -1,11 +1,11 @@
 /*-------------------------------------------------------------------------
  *
  * shmem.c
- *	  The core's shared memory, and the two helpers every subsystem uses to
- *	  attach its own area: a named area zeroed on creation, and a named
- *	  LWLock.  Each subsystem sizes and initialises its area itself
- *	  (spool_<subsystem>_shmem_size/_init); spool_ext.c calls them all, so
- *	  no module computes another's layout.
+ *	  The core's shared memory, and what every subsystem's area goes
+ *	  through: each subsystem declares its area (a header, then an array,
+ *	  SpoolShmemArea) and what to do on attaching it; this file sizes and
+ *	  attaches them all for spool_ext.c, zeroing a new one, so no module
+ *	  computes another's layout.
  *
  *-------------------------------------------------------------------------
  */
@@ -20,41 +20,51 @@
 SpoolCoreShared *spool_core_shared = NULL;
 SpoolIdentity *spool_identities = NULL;
 
+static void core_attach(bool found);
+
 /* The core's area: what the launcher publishes, then the workers' identities. */
-Size
-spool_core_shmem_size(void)
+const SpoolShmemArea spool_core_shmem = {
+	"spool_ext core", true, sizeof(SpoolCoreShared), (void **) &spool_core_shared,
+	sizeof(SpoolIdentity), &MaxBackends, (void **) &spool_identities, core_attach
+};
+
+static void
+core_attach(bool found)
 {
-	return add_size(MAXALIGN(sizeof(SpoolCoreShared)),
-					mul_size(MaxBackends, sizeof(SpoolIdentity)));
+	if (found)
+		return;
+	spool_core_shared->lock = spool_shmem_lock("spool_ext core");
+	pg_atomic_init_u32(&spool_core_shared->launcher_generation, 0);
 }
 
-void
-spool_core_shmem_init(void)
+/* The size of an area: its header, then its elements. */
+Size
+spool_shmem_size(const SpoolShmemArea *area)
 {
-	bool		found;
+	Size		elements = area->count ? mul_size(*area->count, area->element_size) : 0;
 
-	spool_core_shared = spool_shmem_area("spool_ext core", spool_core_shmem_size(), &found);
-	spool_identities = (SpoolIdentity *)
-		((char *) spool_core_shared + MAXALIGN(sizeof(SpoolCoreShared)));
-	if (!found)
-	{
-		spool_core_shared->lock = spool_shmem_lock("spool_ext core");
-		pg_atomic_init_u32(&spool_core_shared->launcher_generation, 0);
-	}
+	return add_size(MAXALIGN(area->header_size), elements);
 }
 
 /*
- * The shared area called name, zeroed when this call creates it (*found is
- * then false).  Called from the shmem startup hook, under AddinShmemInitLock.
+ * Attach an area, zeroed when this call creates it.  Called from the shmem
+ * startup hook, under AddinShmemInitLock.
  */
-void *
-spool_shmem_area(const char *name, Size size, bool *found)
+void
+spool_shmem_attach(const SpoolShmemArea *area)
 {
-	void	   *area = ShmemInitStruct(name, size, found);
+	bool		found;
+	Size		size = spool_shmem_size(area);
+	char	   *base = ShmemInitStruct(area->name, size, &found);
 
-	if (!*found)
-		memset(area, 0, size);
-	return area;
+	if (!found)
+		memset(base, 0, size);
+	if (area->header)
+		*area->header = base;
+	if (area->elements)
+		*area->elements = base + MAXALIGN(area->header_size);
+	if (area->attach)
+		area->attach(found);
 }
 
 /* The one LWLock of the tranche requested under this name. */

@@ -37,6 +37,7 @@ static bool worker_stopped(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz 
 static void start_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now);
 static char *worker_name(SpoolSupervisor *s, const SpoolUnit *u, int i);
 static void forget_unit(SpoolSupervisor *s, int n);
+static int	claim_slot(const SpoolWorkerKind *kind, const SpoolUnit *u);
 
 /* A supervisor for kind, in TopMemoryContext (it lives as long as the launcher). */
 SpoolSupervisor *
@@ -77,7 +78,7 @@ spool_want(SpoolSupervisor *s, const char *name, int64 id, int index,
 		fresh.index = index;
 		fresh.slot = -1;
 		if (n == s->kind->max_units ||
-			(s->kind->claim && (fresh.slot = s->kind->claim(&fresh)) < 0))
+			(s->kind->slots && (fresh.slot = claim_slot(s->kind, &fresh)) < 0))
 		{
 			ereport(WARNING,
 					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
@@ -140,11 +141,35 @@ spool_supervise_stop(SpoolSupervisor *s, const char *why)
 			TerminateBackgroundWorker(u->w[i].handle);
 			pfree(u->w[i].handle);
 			u->w[i].handle = NULL;
-			if (s->kind->gone)
-				s->kind->gone(u, i, why);
+			if (s->kind->ops->gone)
+				s->kind->ops->gone(u, i, why);
 		}
 		forget_unit(s, s->nunits - 1);
 	}
+}
+
+/* Describe a kind's slots (see SpoolSlots); from its shmem attach. */
+void
+spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,
+				   Size in_use, void (*fill) (void *slot, const SpoolUnit *u))
+{
+	slots->lock = lock;
+	slots->array = array;
+	slots->size = size;
+	slots->in_use = in_use;
+	slots->fill = fill;
+}
+
+/* A flag of a slot (a worker's exit_error, say), read under lock. */
+bool
+spool_slot_flag(LWLock *lock, const bool *flag)
+{
+	bool		value;
+
+	LWLockAcquire(lock, LW_SHARED);
+	value = *flag;
+	LWLockRelease(lock);
+	return value;
 }
 
 static void
@@ -156,13 +181,13 @@ refresh_units(SpoolSupervisor *s)
 		s->units[n].wanted = false;
 	if (!s->kind->reads_catalog)
 	{
-		s->kind->list(s);
+		s->kind->ops->list(s);
 		return;
 	}
 	spool_begin_txn("reading what to run");
 	/* The extension may have been dropped since the launcher last looked. */
 	if (OidIsValid(get_extension_oid("spool_ext", true)))
-		s->kind->list(s);
+		s->kind->ops->list(s);
 	spool_end_txn();
 }
 
@@ -174,9 +199,9 @@ tend_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 	bool		wanted = u->wanted && i < u->nworkers;
 
 	if (t->handle != NULL && !worker_stopped(s, u, i, now) && wanted &&
-		s->kind->check)
+		s->kind->ops->check)
 	{
-		switch (s->kind->check(u, i, now))
+		switch (s->kind->ops->check(u, i, now))
 		{
 			case SPOOL_KEEP:
 				break;
@@ -216,7 +241,7 @@ worker_stopped(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 		return false;
 	pfree(t->handle);
 	t->handle = NULL;
-	failed = s->kind->failed ? s->kind->failed(u, i) : true;
+	failed = s->kind->ops->failed ? s->kind->ops->failed(u, i) : true;
 	if (!failed || now - t->started_at >= (int64) HEALTHY_RUN_MS * 1000)
 		t->backoff_ms = 0;
 	else
@@ -228,8 +253,8 @@ worker_stopped(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
 				 errmsg("%s exited; restarting in %d ms",
 						worker_name(s, u, i), t->backoff_ms)));
-	if (s->kind->gone)
-		s->kind->gone(u, i, "it exited");
+	if (s->kind->ops->gone)
+		s->kind->ops->gone(u, i, "it exited");
 	return true;
 }
 
@@ -247,8 +272,8 @@ start_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 	args.slot = u->slot;
 	args.index = i;
 	strlcpy(args.name, u->name, NAMEDATALEN);
-	if (s->kind->prepare)
-		s->kind->prepare(u, i, &args);
+	if (s->kind->ops->prepare)
+		s->kind->ops->prepare(u, i, &args);
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -282,16 +307,47 @@ start_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 static char *
 worker_name(SpoolSupervisor *s, const SpoolUnit *u, int i)
 {
-	char	   *label = s->kind->label ? s->kind->label(u, i) : NULL;
+	char	   *label = s->kind->ops->label ? s->kind->ops->label(u, i) : NULL;
 
 	return label ? psprintf("%s %s", s->kind->type, label) : pstrdup(s->kind->type);
 }
 
-/* Unit n has no workers left: release its slot, move the last unit here. */
+/* Unit n has no workers left: free its slot, move the last unit here. */
 static void
 forget_unit(SpoolSupervisor *s, int n)
 {
-	if (s->kind->release && s->units[n].slot >= 0)
-		s->kind->release(s->units[n].slot);
+	SpoolSlots *slots = s->kind->slots;
+
+	if (slots && s->units[n].slot >= 0)
+	{
+		LWLockAcquire(slots->lock, LW_EXCLUSIVE);
+		*(bool *) ((char *) slots->array + s->units[n].slot * slots->size + slots->in_use) = false;
+		LWLockRelease(slots->lock);
+	}
 	s->units[n] = s->units[--s->nunits];
+}
+
+/*
+ * The first free slot of the kind, reset for u and marked in use; -1 when
+ * every one is taken.
+ */
+static int
+claim_slot(const SpoolWorkerKind *kind, const SpoolUnit *u)
+{
+	SpoolSlots *slots = kind->slots;
+	int			i;
+
+	LWLockAcquire(slots->lock, LW_EXCLUSIVE);
+	for (i = 0; i < kind->max_units; i++)
+	{
+		char	   *slot = (char *) slots->array + i * slots->size;
+
+		if (*(bool *) (slot + slots->in_use))
+			continue;
+		slots->fill(slot, u);
+		*(bool *) (slot + slots->in_use) = true;
+		break;
+	}
+	LWLockRelease(slots->lock);
+	return i < kind->max_units ? i : -1;
 }

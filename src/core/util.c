@@ -22,6 +22,7 @@
 
 static char *arg_text(FunctionCallInfo fcinfo, int argno, const char *what,
 					  int maxlen);
+static void arg_not_null(FunctionCallInfo fcinfo, int argno, const char *what);
 
 /*
  * Return argument argno as a C string, raising SP001 when it is NULL, empty
@@ -49,10 +50,7 @@ arg_text(FunctionCallInfo fcinfo, int argno, const char *what, int maxlen)
 	text	   *t;
 	int			len;
 
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("%s must not be null", what)));
+	arg_not_null(fcinfo, argno, what);
 	t = PG_GETARG_TEXT_PP(argno);
 	len = VARSIZE_ANY_EXHDR(t);
 	if (len == 0)
@@ -65,6 +63,32 @@ arg_text(FunctionCallInfo fcinfo, int argno, const char *what, int maxlen)
 				 errmsg("%s is too long", what),
 				 errdetail("It has %d bytes; at most %d are allowed.", len, maxlen)));
 	return text_to_cstring(t);
+}
+
+/* Raise SP001 when argument argno is NULL. */
+static void
+arg_not_null(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s must not be null", what)));
+}
+
+/*
+ * A jsonb argument (options, a payload), raising SP001 with message and hint
+ * when it is NULL.
+ */
+Jsonb *
+spool_arg_jsonb(FunctionCallInfo fcinfo, int argno, const char *message,
+				const char *hint)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s", message),
+				 errhint("%s", hint)));
+	return PG_GETARG_JSONB_P(argno);
 }
 
 /* Like spool_arg_name, but NULL is allowed and returned as NULL. */
@@ -83,10 +107,7 @@ spool_arg_int64(FunctionCallInfo fcinfo, int argno, const char *what,
 {
 	int64		v;
 
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("%s must not be null", what)));
+	arg_not_null(fcinfo, argno, what);
 	v = PG_GETARG_INT64(argno);
 	if (nonnegative && v < 0)
 		ereport(ERROR,
@@ -106,10 +127,7 @@ spool_arg_ttl(FunctionCallInfo fcinfo, int argno)
 	Interval   *ttl;
 	int128		us;
 
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("ttl must not be null")));
+	arg_not_null(fcinfo, argno, "ttl");
 	ttl = PG_GETARG_INTERVAL_P(argno);
 	us = (int128) ttl->time +
 		(int128) ttl->day * USECS_PER_DAY +
@@ -170,6 +188,19 @@ spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only,
 		elog(ERROR, "SPI_execute_plan returned %s, expected %s",
 			 SPI_result_code_string(rc), SPI_result_code_string(expected));
 	return SPI_processed;
+}
+
+/*
+ * Set parameter i of an SPI call to s as text, or to NULL when s is NULL
+ * (nulls as SPI_execute_plan takes them).
+ */
+void
+spool_text_param(Datum *values, char *nulls, int i, const char *s)
+{
+	if (s)
+		values[i] = CStringGetTextDatum(s);
+	else
+		nulls[i] = 'n';
 }
 
 /*
@@ -316,24 +347,33 @@ spool_abort_txn(void)
 }
 
 /*
- * A name of a processor, target, ...: letters, digits, '_', '.', '-', at most
+ * A name of a source, processor or target: letters, digits, '_', '.', '-', at most
  * SPOOL_PROC_NAME_MAX bytes (it is part of worker names).
  */
 void
 spool_check_object_name(const char *name, const char *what)
 {
-	const char *p;
-
 	if (strlen(name) > SPOOL_PROC_NAME_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("%s name \"%s\" is too long", what, name),
 				 errdetail("At most %d bytes are allowed.", SPOOL_PROC_NAME_MAX)));
-	for (p = name; *p; p++)
+	if (!spool_name_chars_ok(name))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("invalid %s name \"%s\"", what, name),
+				 errdetail("%c%s names use letters, digits, '_', '.' and '-' only.",
+						   pg_toupper((unsigned char) what[0]), what + 1)));
+}
+
+/* Does s use only letters, digits, '_', '.' and '-' (as Kafka topics do)? */
+bool
+spool_name_chars_ok(const char *s)
+{
+	const char *p;
+
+	for (p = s; *p; p++)
 		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid %s name \"%s\"", what, name),
-					 errdetail("%c%s names use letters, digits, '_', '.' and '-' only.",
-							   pg_toupper((unsigned char) what[0]), what + 1)));
+			return false;
+	return true;
 }

@@ -15,7 +15,8 @@
 
 #include "storage/condition_variable.h"
 
-#define SPOOL_SOURCE_NAME_MAX 48
+#define SPOOL_SOURCE_NAME_MAX SPOOL_PROC_NAME_MAX	/* spool_check_object_name */
+#define SPOOL_MAX_SOURCES 256	/* enabled sources with a worker */
 
 /*
  * What the ingest workers and the promoter share.  Ingest workers fill the
@@ -35,12 +36,11 @@ typedef struct SpoolIngestShared
 
 extern SpoolIngestShared *spool_ingest_shared;
 
-extern Size spool_ingest_shmem_size(void);
-extern void spool_ingest_shmem_init(void);
+extern const SpoolShmemArea spool_ingest_shmem;
 
 /* launch.c */
-extern const SpoolWorkerKind spool_promoter_kind;
-extern const SpoolWorkerKind spool_source_kind;
+extern const SpoolKindOps spool_promoter_ops;
+extern const SpoolKindOps spool_source_ops;
 
 /* promoter.c */
 extern void spool_wake_promoter(void);

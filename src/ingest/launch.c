@@ -13,29 +13,17 @@
 
 #include "ingest/ingest.h"
 
-#define MAX_SOURCES 256
-
 static void list_promoter(SpoolSupervisor *s);
 static void list_sources(SpoolSupervisor *s);
 static char *source_label(const SpoolUnit *u, int i);
 static void reset_staging(void);
 
-const SpoolWorkerKind spool_promoter_kind = {
-	.type = "spool promoter",
-	.function = "spool_promoter_main",
-	.what = "promoters",
-	.max_units = 1,
-	.reads_catalog = false,
+const SpoolKindOps spool_promoter_ops = {
 	.list = list_promoter,
 	.reset = reset_staging,
 };
 
-const SpoolWorkerKind spool_source_kind = {
-	.type = "spool ingest",
-	.function = "spool_ingest_main",
-	.what = "enabled sources",
-	.max_units = MAX_SOURCES,
-	.reads_catalog = true,
+const SpoolKindOps spool_source_ops = {
 	.list = list_sources,
 	.label = source_label,
 };

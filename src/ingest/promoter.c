@@ -97,6 +97,7 @@ static void seal_and_count(int64 lo, int64 n, bool dense);
 static void retention(void);
 static bool drop_expired_segment(void);
 static int64 plan_int8(SPIPlanPtr plan, Datum *values, bool read_only);
+static void ingest_attach(bool found);
 
 void
 spool_wake_promoter(void)
@@ -544,21 +545,11 @@ spool_promoter_main(Datum main_arg)
 	}
 }
 
-/* Shared memory: what the ingest workers and the promoter share. */
-Size
-spool_ingest_shmem_size(void)
+static void
+ingest_attach(bool found)
 {
-	return MAXALIGN(sizeof(SpoolIngestShared));
-}
+	SpoolIngestShared *s = spool_ingest_shared;
 
-void
-spool_ingest_shmem_init(void)
-{
-	bool		found;
-	SpoolIngestShared *s;
-
-	s = spool_shmem_area("spool_ext ingest", spool_ingest_shmem_size(), &found);
-	spool_ingest_shared = s;
 	if (found)
 		return;
 	s->lock = spool_shmem_lock("spool_ext ingest");
@@ -570,3 +561,9 @@ spool_ingest_shmem_init(void)
 	pg_atomic_init_u64(&s->staged_other[1], 0);
 	ConditionVariableInit(&s->spool_cv);
 }
+
+/* Shared memory: what the ingest workers and the promoter share. */
+const SpoolShmemArea spool_ingest_shmem = {
+	"spool_ext ingest", true, sizeof(SpoolIngestShared), (void **) &spool_ingest_shared,
+	0, NULL, NULL, ingest_attach
+};

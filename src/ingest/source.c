@@ -27,29 +27,12 @@ PG_FUNCTION_INFO_V1(spool_drop_source);
 
 #define PROBE_TIMEOUT_MS 3000
 
-static void check_source_name(const char *name);
 static void check_brokers(const char *brokers);
 static int	check_topics(ArrayType *topics, char ***out);
+static rd_kafka_conf_t *source_conf(const char *brokers, SpoolSourceOptions *o,
+									const char *client_id, const char *message);
 static void probe_topics(const char *brokers, SpoolSourceOptions *o,
 						 char **topics, int ntopics);
-
-static void
-check_source_name(const char *name)
-{
-	const char *p;
-
-	if (strlen(name) > SPOOL_SOURCE_NAME_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("source name \"%s\" is too long", name),
-				 errdetail("At most %d bytes are allowed.", SPOOL_SOURCE_NAME_MAX)));
-	for (p = name; *p; p++)
-		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-					 errmsg("invalid source name \"%s\"", name),
-					 errdetail("Source names use letters, digits, '_', '.' and '-' only.")));
-}
 
 /* brokers is a comma-separated list of host:port. */
 static void
@@ -111,7 +94,6 @@ check_topics(ArrayType *topics, char ***out)
 	for (i = 0; i < n; i++)
 	{
 		char	   *t;
-		const char *p;
 		int			j;
 
 		if (nulls[i])
@@ -124,12 +106,11 @@ check_topics(ArrayType *topics, char ***out)
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("invalid topic name \"%s\"", t),
 					 errdetail("Kafka topic names have 1 to 249 characters.")));
-		for (p = t; *p; p++)
-			if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '.' || *p == '-'))
-				ereport(ERROR,
-						(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-						 errmsg("invalid topic name \"%s\"", t),
-						 errdetail("Kafka topic names use letters, digits, '_', '.' and '-' only.")));
+		if (!spool_name_chars_ok(t))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("invalid topic name \"%s\"", t),
+					 errdetail("Kafka topic names use letters, digits, '_', '.' and '-' only.")));
 		for (j = 0; j < i; j++)
 			if (strcmp((*out)[j], t) == 0)
 				ereport(ERROR,
@@ -138,6 +119,22 @@ check_topics(ArrayType *topics, char ***out)
 		(*out)[i] = t;
 	}
 	return n;
+}
+
+/* librdkafka's configuration for a source; SP001 with message if it is bad. */
+static rd_kafka_conf_t *
+source_conf(const char *brokers, SpoolSourceOptions *o, const char *client_id,
+			const char *message)
+{
+	char		errbuf[512];
+	rd_kafka_conf_t *conf = spool_kafka_conf(brokers, o, client_id, errbuf, sizeof(errbuf));
+
+	if (conf == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("%s", message),
+				 errdetail("%s", errbuf)));
+	return conf;
 }
 
 /*
@@ -155,12 +152,7 @@ probe_topics(const char *brokers, SpoolSourceOptions *o, char **topics, int ntop
 	char	   *missing = NULL;
 	char	   *unreachable = NULL;
 
-	conf = spool_kafka_conf(brokers, o, "spool_ext.probe", errbuf, sizeof(errbuf));
-	if (conf == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("invalid Kafka configuration for source"),
-				 errdetail("%s", errbuf)));
+	conf = source_conf(brokers, o, "spool_ext.probe", "invalid Kafka configuration for source");
 	rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", NULL, 0);
 	rd_kafka_conf_set(conf, "socket.connection.setup.timeout.ms", "2000", NULL, 0);
 	rk = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
@@ -214,7 +206,6 @@ spool_create_source(PG_FUNCTION_ARGS)
 	SpoolSourceOptions *o;
 	char	  **topics;
 	int			ntopics;
-	char		errbuf[512];
 	rd_kafka_conf_t *conf;
 	Oid			t[5] = {TEXTOID, TEXTOID, TEXTARRAYOID, JSONBOID, OIDOID};
 	Datum		v[5];
@@ -227,7 +218,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("Kafka sources need a UTF8 database"),
 				 errdetail("This database uses %s.", GetDatabaseEncodingName())));
-	check_source_name(name);
+	spool_check_object_name(name, "source");
 	check_brokers(brokers);
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -235,12 +226,8 @@ spool_create_source(PG_FUNCTION_ARGS)
 				 errmsg("topics must not be null")));
 	topics_arr = PG_GETARG_ARRAYTYPE_P(2);
 	ntopics = check_topics(topics_arr, &topics);
-	if (PG_ARGISNULL(3))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("options must not be null"),
-				 errhint("Pass '{}' for the defaults.")));
-	options = PG_GETARG_JSONB_P(3);
+	options = spool_arg_jsonb(fcinfo, 3, "options must not be null",
+							   "Pass '{}' for the defaults.");
 	o = spool_parse_source_options(options);
 
 	spool_enter(&caller);
@@ -248,12 +235,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 	spool_kafka_policy_check(brokers, o->nkafka, (const char **) o->kafka_keys,
 							 (const char **) o->kafka_values, caller.role,
 							 "source", name);
-	conf = spool_kafka_conf(brokers, o, "spool_ext.check", errbuf, sizeof(errbuf));
-	if (conf == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("invalid Kafka property in source options"),
-				 errdetail("%s", errbuf)));
+	conf = source_conf(brokers, o, "spool_ext.check", "invalid Kafka property in source options");
 	rd_kafka_conf_destroy(conf);
 
 	SPI_connect();
@@ -280,50 +262,16 @@ spool_create_source(PG_FUNCTION_ARGS)
 }
 
 /*
- * Run sql with $1 = name, for a member of the source's owner: SP004 when
- * there is no such source, 42501 when the caller may not change it.
- */
-static void
-source_update(const char *name, const char *sql)
-{
-	Oid			t[1] = {TEXTOID};
-	Datum		v[1];
-	bool		isnull;
-	SpoolCaller caller;
-
-	spool_require_shmem();
-	spool_enter(&caller);
-	SPI_connect();
-	v[0] = CStringGetTextDatum(name);
-	if (SPI_execute_with_args("SELECT owner FROM spool.sources WHERE name = $1 FOR UPDATE",
-							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read spool.sources");
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("source \"%s\" does not exist", name)));
-	spool_check_owner(caller.role,
-					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-													 SPI_tuptable->tupdesc, 1, &isnull)),
-					  "source", name);
-	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
-		elog(ERROR, "could not change source \"%s\"", name);
-	SPI_finish();
-	spool_leave(&caller);
-	spool_wake_launcher();
-}
-
-/*
  * SQL: spool.start_source(name).  After a stop on a retention gap, starting
  * again accepts that gap: the worker continues from the log start.
  */
 Datum
 spool_start_source(PG_FUNCTION_ARGS)
 {
-	source_update(spool_arg_name(fcinfo, 0, "name"),
-				  "UPDATE spool.sources SET enabled = true,"
-				  " skip_gap = coalesce(stopped_reason LIKE 'gap%', false),"
-				  " stopped_reason = NULL WHERE name = $1");
+	spool_change_owned("spool.sources", "source", spool_arg_name(fcinfo, 0, "name"),
+					   "UPDATE spool.sources SET enabled = true,"
+					   " skip_gap = coalesce(stopped_reason LIKE 'gap%', false),"
+					   " stopped_reason = NULL WHERE name = $1");
 	PG_RETURN_VOID();
 }
 
@@ -331,9 +279,9 @@ spool_start_source(PG_FUNCTION_ARGS)
 Datum
 spool_stop_source(PG_FUNCTION_ARGS)
 {
-	source_update(spool_arg_name(fcinfo, 0, "name"),
-				  "UPDATE spool.sources SET enabled = false,"
-				  " stopped_reason = 'stopped by spool.stop_source' WHERE name = $1");
+	spool_change_owned("spool.sources", "source", spool_arg_name(fcinfo, 0, "name"),
+					   "UPDATE spool.sources SET enabled = false,"
+					   " stopped_reason = 'stopped by spool.stop_source' WHERE name = $1");
 	PG_RETURN_VOID();
 }
 
@@ -343,10 +291,10 @@ spool_drop_source(PG_FUNCTION_ARGS)
 {
 	char	   *name = spool_arg_name(fcinfo, 0, "name");
 
-	source_update(name,
-				  "WITH d AS (DELETE FROM spool.sources WHERE name = $1 RETURNING name),"
-				  " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
-				  " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
-				  " SELECT * FROM d");
+	spool_change_owned("spool.sources", "source", name,
+					   "WITH d AS (DELETE FROM spool.sources WHERE name = $1 RETURNING name),"
+					   " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
+					   " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
+					   " SELECT * FROM d");
 	PG_RETURN_VOID();
 }

@@ -6,9 +6,10 @@
  *	  of dynamic worker running through the one supervisor (core's
  *	  supervise.c): the promoter, one ingest worker per enabled source, the
  *	  replicas of every enabled processor, one dispatcher per outbox target
- *	  shard, and the nonce service workers.  Each kind is described by its
- *	  own subsystem; this file only decides when to look.  When the extension
- *	  is dropped, it stops them all.
+ *	  shard, and the nonce service workers.  The table of kinds below names
+ *	  each kind; its subsystem says what to run and keeps its shared slots;
+ *	  this file only decides when to look.  When the extension is dropped,
+ *	  it stops them all.
  *
  *-------------------------------------------------------------------------
  */
@@ -35,13 +36,22 @@ PGDLLEXPORT void spool_launcher_main(Datum main_arg);
 #define EXTENSION_CHECK_MS			2000
 #define CATALOG_CHECK_MS			1000
 
-/* Every kind of dynamic worker, in the order they are started. */
-static const SpoolWorkerKind *const kinds[] = {
-	&spool_promoter_kind,
-	&spool_source_kind,
-	&spool_processor_kind,
-	&spool_dispatcher_kind,
-	&spool_nonce_worker_kind,
+/*
+ * Every kind of dynamic worker, in the order they are started: its bgw_type,
+ * entry point, name in messages, most units, whether its units come from the
+ * catalog, what its subsystem does for the supervisor, and its shared slots.
+ */
+static const SpoolWorkerKind kinds[] = {
+	{"spool promoter", "spool_promoter_main", "promoters", 1, false,
+	&spool_promoter_ops, NULL},
+	{"spool ingest", "spool_ingest_main", "enabled sources", SPOOL_MAX_SOURCES, true,
+	&spool_source_ops, NULL},
+	{"spool processor", "spool_processor_main", "enabled processors", SPOOL_MAX_PROCESSORS, true,
+	&spool_processor_ops, &spool_processor_slots},
+	{"spool dispatch", "spool_dispatch_main", "dispatcher shards", SPOOL_MAX_DISPATCHERS, true,
+	&spool_dispatcher_ops, &spool_dispatcher_slots},
+	{"spool nonce worker", "spool_nonce_worker_main", "nonce workers", SPOOL_MAX_NONCE_WORKERS, false,
+	&spool_nonce_worker_ops, NULL},
 };
 
 static SpoolSupervisor *supervisors[lengthof(kinds)];
@@ -78,7 +88,7 @@ spool_launcher_main(Datum main_arg)
 
 	launcher_attach();
 	for (k = 0; k < lengthof(kinds); k++)
-		supervisors[k] = spool_supervisor_create(kinds[k]);
+		supervisors[k] = spool_supervisor_create(&kinds[k]);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "spool launcher loop",
 									 ALLOCSET_DEFAULT_SIZES);
 	for (;;)
@@ -101,8 +111,8 @@ spool_launcher_main(Datum main_arg)
 			{
 				if (was && !installed)
 					spool_supervise_stop(supervisors[k], "the extension was dropped");
-				if (!was && installed && kinds[k]->reset)
-					kinds[k]->reset();
+				if (!was && installed && kinds[k].ops->reset)
+					kinds[k].ops->reset();
 			}
 		}
 		if (installed)
@@ -176,5 +186,5 @@ supervise_all(TimestampTz now, bool refresh)
 	int			k;
 
 	for (k = 0; k < lengthof(kinds); k++)
-		spool_supervise(supervisors[k], now, refresh || !kinds[k]->reads_catalog);
+		spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
 }

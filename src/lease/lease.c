@@ -90,6 +90,7 @@ static int	fence_terminate_holders(const char *resource, int64 token, Oid role);
 static void lease_report_not_held(const char *resource, const char *owner,
 								  int64 token, const char *action, Oid role);
 static const SpoolLeaseGuard *guard_of(const char *resource);
+static void lease_attach(bool found);
 
 static inline uint32
 resource_hash(const char *resource)
@@ -779,21 +780,18 @@ spool_fence(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* Shared memory: one fence slot per backend. */
-Size
-spool_lease_shmem_size(void)
+static void
+lease_attach(bool found)
 {
-	return mul_size(MaxBackends, sizeof(SpoolFenceSlot));
-}
-
-void
-spool_lease_shmem_init(void)
-{
-	bool		found;
 	int			i;
 
-	spool_fence_slots = spool_shmem_area("spool_ext fences", spool_lease_shmem_size(), &found);
 	if (!found)
 		for (i = 0; i < MaxBackends; i++)
 			SpinLockInit(&spool_fence_slots[i].mutex);
 }
+
+/* Shared memory: one fence slot per backend. */
+const SpoolShmemArea spool_lease_shmem = {
+	"spool_ext fences", false, 0, NULL,
+	sizeof(SpoolFenceSlot), &MaxBackends, (void **) &spool_fence_slots, lease_attach
+};

@@ -85,7 +85,6 @@ typedef struct SpoolFenceSlot
 	int64		token[SPOOL_FENCES_PER_BACKEND];
 } SpoolFenceSlot;
 
-extern Size spool_lease_shmem_size(void);
-extern void spool_lease_shmem_init(void);
+extern const SpoolShmemArea spool_lease_shmem;
 
 #endif							/* SPOOL_LEASE_H */

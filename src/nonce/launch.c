@@ -25,12 +25,7 @@ static void worker_gone(const SpoolUnit *u, int i, const char *why);
 static void reclaim_all(void);
 static void reclaim_worker(int w, const char *why);
 
-const SpoolWorkerKind spool_nonce_worker_kind = {
-	.type = "spool nonce worker",
-	.function = "spool_nonce_worker_main",
-	.what = "nonce workers",
-	.max_units = SPOOL_MAX_NONCE_WORKERS,
-	.reads_catalog = false,
+const SpoolKindOps spool_nonce_worker_ops = {
 	.list = list_workers,
 	.label = worker_label,
 	.prepare = prepare_worker,

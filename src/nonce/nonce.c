@@ -316,10 +316,7 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
-	if (request_id)
-		v[3] = CStringGetTextDatum(request_id);
-	else
-		nulls[3] = 'n';
+	spool_text_param(v, nulls, 3, request_id);
 	if (spool_exec(plan_reuse, v, nulls, false, SPI_OK_UPDATE_RETURNING) != 1)
 		elog(ERROR, "signer \"%s\" counts released nonces but none was found", signer);
 	nonce = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],

@@ -76,8 +76,7 @@ typedef struct SpoolNonceShared
 extern SpoolNonceShared *spool_nonce_shared;
 extern SpoolNonceReq *spool_requests;
 
-extern Size spool_nonce_shmem_size(void);
-extern void spool_nonce_shmem_init(void);
+extern const SpoolShmemArea spool_nonce_shmem;
 
 /* nonce.c */
 extern const SpoolLeaseGuard spool_signer_guard;
@@ -93,6 +92,6 @@ extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);
 
 /* launch.c */
-extern const SpoolWorkerKind spool_nonce_worker_kind;
+extern const SpoolKindOps spool_nonce_worker_ops;
 
 #endif							/* SPOOL_NONCE_H */

@@ -35,6 +35,7 @@ PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
 static uint64 auto_request_counter = 0;
 
 static void request_abandon(int code, Datum arg);
+static void nonce_attach(bool found);
 
 /* Stable routing: the same signer always goes to the same worker slot. */
 int
@@ -263,23 +264,11 @@ spool_nonce_worker_status(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Shared memory: the worker slots, then the request pool. */
-Size
-spool_nonce_shmem_size(void)
+static void
+nonce_attach(bool found)
 {
-	return add_size(MAXALIGN(sizeof(SpoolNonceShared)),
-					mul_size(spool_nonce_queue_size, sizeof(SpoolNonceReq)));
-}
-
-void
-spool_nonce_shmem_init(void)
-{
-	bool		found;
 	int			i;
 
-	spool_nonce_shared = spool_shmem_area("spool_ext nonce", spool_nonce_shmem_size(), &found);
-	spool_requests = (SpoolNonceReq *)
-		((char *) spool_nonce_shared + MAXALIGN(sizeof(SpoolNonceShared)));
 	if (found)
 		return;
 	spool_nonce_shared->lock = spool_shmem_lock("spool_ext nonce");
@@ -298,3 +287,9 @@ spool_nonce_shmem_init(void)
 	}
 	spool_nonce_shared->free_head = 0;
 }
+
+/* Shared memory: the worker slots, then the request pool. */
+const SpoolShmemArea spool_nonce_shmem = {
+	"spool_ext nonce", true, sizeof(SpoolNonceShared), (void **) &spool_nonce_shared,
+	sizeof(SpoolNonceReq), &spool_nonce_queue_size, (void **) &spool_requests, nonce_attach
+};

@@ -451,16 +451,10 @@ spool_outbox_insert(const char *target, const char *key, Jsonb *payload, bool ba
 	v[1] = Int32GetDatum(t->id);
 	v[2] = Int32GetDatum(slot);
 	v[3] = Int32GetDatum(shard);
-	if (key)
-		v[4] = CStringGetTextDatum(key);
-	else
-		nulls[4] = 'n';
+	spool_text_param(v, nulls, 4, key);
 	v[5] = JsonbPGetDatum(payload);
 	v[6] = BoolGetDatum(barrier);
-	if (processor)
-		v[7] = CStringGetTextDatum(processor);
-	else
-		nulls[7] = 'n';
+	spool_text_param(v, nulls, 7, processor);
 	v[8] = Int64GetDatum(cursor);
 	v[9] = Int64GetDatum(token);
 	if (cursor < 0)
@@ -532,12 +526,8 @@ spool_enqueue(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	spool_require_shmem();
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("payload must not be NULL"),
-				 errhint("Use 'null'::jsonb for a JSON null.")));
-	payload = PG_GETARG_JSONB_P(2);
+	payload = spool_arg_jsonb(fcinfo, 2, "payload must not be NULL",
+							   "Use 'null'::jsonb for a JSON null.");
 	spool_enter(&caller);
 	SPI_connect();
 	id = spool_outbox_insert(target, key, payload, false, NULL, -1, -1, caller.role);

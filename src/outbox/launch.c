@@ -27,21 +27,17 @@ pg_atomic_uint64 *spool_outbox_lowest = NULL;
 PG_FUNCTION_INFO_V1(spool_outbox_runtime);
 
 static void list_shards(SpoolSupervisor *s);
-static int	claim_slot(const SpoolUnit *u);
-static void release_slot(int slot);
+static void fill_slot(void *slot, const SpoolUnit *u);
 static char *shard_label(const SpoolUnit *u, int i);
 static bool shard_failed(const SpoolUnit *u, int i);
 static SpoolVerdict check_shard(const SpoolUnit *u, int i, TimestampTz now);
+static void outbox_attach(bool found);
 
-const SpoolWorkerKind spool_dispatcher_kind = {
-	.type = "spool dispatch",
-	.function = "spool_dispatch_main",
-	.what = "dispatcher shards",
-	.max_units = SPOOL_MAX_DISPATCHERS,
-	.reads_catalog = true,
+/* One slot per target shard, claimed by the supervisor. */
+SpoolSlots	spool_dispatcher_slots;
+
+const SpoolKindOps spool_dispatcher_ops = {
 	.list = list_shards,
-	.claim = claim_slot,
-	.release = release_slot,
 	.label = shard_label,
 	.failed = shard_failed,
 	.check = check_shard,
@@ -90,41 +86,20 @@ list_shards(SpoolSupervisor *s)
 	}
 }
 
-static int
-claim_slot(const SpoolUnit *u)
-{
-	int			i;
-	int			found = -1;
-
-	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
-	for (i = 0; i < SPOOL_MAX_DISPATCHERS && found < 0; i++)
-	{
-		SpoolDispatchSlot *ds = &spool_outbox_shared->dispatchers[i];
-
-		if (ds->in_use)
-			continue;
-		/* Keep the atomics initialised; reset everything else. */
-		memset(&ds->position, 0, sizeof(SpoolDispatchSlot) - offsetof(SpoolDispatchSlot, position));
-		ds->in_use = true;
-		ds->target_id = (int) u->id;
-		ds->shard = u->index;
-		strlcpy(ds->target, u->name, NAMEDATALEN);
-		ds->pid = 0;
-		ds->latch = NULL;
-		pg_atomic_write_u64(&ds->committed, 0);
-		pg_atomic_write_u32(&ds->retry_dirty, 0);
-		found = i;
-	}
-	LWLockRelease(spool_outbox_shared->lock);
-	return found;
-}
-
+/* Keep the atomics initialised; reset everything else. */
 static void
-release_slot(int slot)
+fill_slot(void *slot, const SpoolUnit *u)
 {
-	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
-	spool_outbox_shared->dispatchers[slot].in_use = false;
-	LWLockRelease(spool_outbox_shared->lock);
+	SpoolDispatchSlot *ds = slot;
+
+	memset(&ds->position, 0, sizeof(SpoolDispatchSlot) - offsetof(SpoolDispatchSlot, position));
+	ds->target_id = (int) u->id;
+	ds->shard = u->index;
+	strlcpy(ds->target, u->name, NAMEDATALEN);
+	ds->pid = 0;
+	ds->latch = NULL;
+	pg_atomic_write_u64(&ds->committed, 0);
+	pg_atomic_write_u32(&ds->retry_dirty, 0);
 }
 
 static char *
@@ -137,12 +112,8 @@ shard_label(const SpoolUnit *u, int i)
 static bool
 shard_failed(const SpoolUnit *u, int i)
 {
-	bool		failed;
-
-	LWLockAcquire(spool_outbox_shared->lock, LW_SHARED);
-	failed = spool_outbox_shared->dispatchers[u->slot].exit_error;
-	LWLockRelease(spool_outbox_shared->lock);
-	return failed;
+	return spool_slot_flag(spool_outbox_shared->lock,
+						   &spool_outbox_shared->dispatchers[u->slot].exit_error);
 }
 
 /*
@@ -287,33 +258,30 @@ spool_outbox_runtime(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Shared memory: the dispatcher slots, then each backend's lowest open id. */
-Size
-spool_outbox_shmem_size(void)
+static void
+outbox_attach(bool found)
 {
-	return add_size(MAXALIGN(sizeof(SpoolOutboxShared)),
-					mul_size(MaxBackends, sizeof(pg_atomic_uint64)));
-}
-
-void
-spool_outbox_shmem_init(void)
-{
-	bool		found;
 	int			i;
 
-	spool_outbox_shared = spool_shmem_area("spool_ext outbox", spool_outbox_shmem_size(), &found);
-	spool_outbox_lowest = (pg_atomic_uint64 *)
-		((char *) spool_outbox_shared + MAXALIGN(sizeof(SpoolOutboxShared)));
-	if (found)
-		return;
-	spool_outbox_shared->lock = spool_shmem_lock("spool_ext outbox");
-	pg_atomic_init_u64(&spool_outbox_shared->outbox_seen, 0);
-	pg_atomic_init_u32(&spool_outbox_shared->targets_generation, 0);
-	for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
+	if (!found)
 	{
-		pg_atomic_init_u64(&spool_outbox_shared->dispatchers[i].committed, 0);
-		pg_atomic_init_u32(&spool_outbox_shared->dispatchers[i].retry_dirty, 0);
+		spool_outbox_shared->lock = spool_shmem_lock("spool_ext outbox");
+		pg_atomic_init_u64(&spool_outbox_shared->outbox_seen, 0);
+		pg_atomic_init_u32(&spool_outbox_shared->targets_generation, 0);
+		for (i = 0; i < SPOOL_MAX_DISPATCHERS; i++)
+		{
+			pg_atomic_init_u64(&spool_outbox_shared->dispatchers[i].committed, 0);
+			pg_atomic_init_u32(&spool_outbox_shared->dispatchers[i].retry_dirty, 0);
+		}
+		for (i = 0; i < MaxBackends; i++)
+			pg_atomic_init_u64(&spool_outbox_lowest[i], 0);
 	}
-	for (i = 0; i < MaxBackends; i++)
-		pg_atomic_init_u64(&spool_outbox_lowest[i], 0);
+	spool_slots_attach(&spool_dispatcher_slots, spool_outbox_shared->lock, spool_outbox_shared->dispatchers,
+					   sizeof(SpoolDispatchSlot), offsetof(SpoolDispatchSlot, in_use), fill_slot);
 }
+
+/* Shared memory: the dispatcher slots, then each backend's lowest open id. */
+const SpoolShmemArea spool_outbox_shmem = {
+	"spool_ext outbox", true, sizeof(SpoolOutboxShared), (void **) &spool_outbox_shared,
+	sizeof(pg_atomic_uint64), &MaxBackends, (void **) &spool_outbox_lowest, outbox_attach
+};

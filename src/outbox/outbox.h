@@ -126,8 +126,7 @@ typedef struct SpoolOutboxShared
 extern SpoolOutboxShared *spool_outbox_shared;
 extern pg_atomic_uint64 *spool_outbox_lowest;	/* [MaxBackends] */
 
-extern Size spool_outbox_shmem_size(void);
-extern void spool_outbox_shmem_init(void);
+extern const SpoolShmemArea spool_outbox_shmem;
 
 /* target.c */
 extern OutboxTarget *spool_outbox_parse_target(const char *name, const char *kind,
@@ -152,7 +151,8 @@ extern int	spool_outbox_slot_of(int64 id);
 extern void spool_outbox_targets_changed(void);
 
 /* launch.c */
-extern const SpoolWorkerKind spool_dispatcher_kind;
+extern const SpoolKindOps spool_dispatcher_ops;
+extern SpoolSlots spool_dispatcher_slots;
 extern SpoolDispatchSlot *spool_dispatch_slot_of(int target_id, int shard);
 
 /* deliver.c: one batch of rows for one target. */

@@ -354,12 +354,8 @@ spool_create_target(PG_FUNCTION_ARGS)
 	int			s;
 	SpoolCaller caller;
 
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("target options must not be NULL"),
-				 errhint("Pass '{}' for the defaults.")));
-	options = PG_GETARG_JSONB_P(2);
+	options = spool_arg_jsonb(fcinfo, 2, "target options must not be NULL",
+							   "Pass '{}' for the defaults.");
 	t = spool_outbox_parse_target(name, kind, options);
 
 	spool_enter(&caller);
@@ -417,27 +413,6 @@ spool_create_target(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/*
- * The row of target name that the caller just selected FOR UPDATE, with the
- * owner in column ownercol: SP004 if there is none, 42501 unless role is a
- * member of the owner.
- */
-static HeapTuple
-owned_target_row(const char *name, int ownercol, Oid role)
-{
-	bool		isnull;
-
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("target \"%s\" does not exist", name)));
-	spool_check_owner(role,
-					  DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-													 ownercol, &isnull)),
-					  "target", name);
-	return SPI_tuptable->vals[0];
-}
-
 /* SQL: spool.drop_target(name, force) */
 Datum
 spool_drop_target(PG_FUNCTION_ARGS)
@@ -455,7 +430,7 @@ spool_drop_target(PG_FUNCTION_ARGS)
 	if (SPI_execute_with_args("SELECT id, owner FROM spool.targets WHERE name = $1 FOR UPDATE",
 							  1, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
-	id = DatumGetInt32(SPI_getbinval(owned_target_row(name, 2, caller.role),
+	id = DatumGetInt32(SPI_getbinval(spool_owned_row("target", name, 2, caller.role),
 									 SPI_tuptable->tupdesc, 1, &isnull));
 	/* The DROP below would take it anyway; first, as everyone does. */
 	spool_outbox_lock_store(AccessExclusiveLock);
@@ -515,13 +490,9 @@ spool_alter_target(PG_FUNCTION_ARGS)
 	OutboxTarget *t;
 	SpoolCaller caller;
 
-	if (PG_ARGISNULL(1))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("target options must not be NULL"),
-				 errhint("Pass the options to change, e.g. '{\"batch_size\": 500}'.")));
+	argv[1] = JsonbPGetDatum(spool_arg_jsonb(fcinfo, 1, "target options must not be NULL",
+											 "Pass the options to change, e.g. '{\"batch_size\": 500}'."));
 	argv[0] = CStringGetTextDatum(name);
-	argv[1] = JsonbPGetDatum(PG_GETARG_JSONB_P(1));
 	if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(argv[1])) || JB_ROOT_IS_SCALAR(DatumGetJsonbP(argv[1])))
 		spool_option_error(&target_options, target_options.not_object, NULL);
 
@@ -532,7 +503,7 @@ spool_alter_target(PG_FUNCTION_ARGS)
 							  " WHERE name = $1 FOR UPDATE",
 							  2, argt, argv, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
-	tup = owned_target_row(name, 3, caller.role);
+	tup = spool_owned_row("target", name, 3, caller.role);
 	desc = SPI_tuptable->tupdesc;
 	id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
 	kind = SPI_getvalue(tup, desc, 2);
@@ -645,7 +616,7 @@ target_grant(FunctionCallInfo fcinfo, bool grant)
 							  1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(name)},
 							  NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.targets");
-	id = DatumGetInt32(SPI_getbinval(owned_target_row(name, 2, caller.role),
+	id = DatumGetInt32(SPI_getbinval(spool_owned_row("target", name, 2, caller.role),
 									 SPI_tuptable->tupdesc, 1, &isnull));
 	if (SPI_execute_with_args(grant ?
 							  "INSERT INTO spool.target_grants (target_id, role) VALUES ($1, $2)"

@@ -44,7 +44,6 @@ PG_FUNCTION_INFO_V1(spool_processor_runtime);
 
 static void check_handler(Oid handler);
 static void check_sources(SpoolProcessorOptions *o);
-static void processor_owner_check(const char *name, Oid role);
 static void lease_ttl_option(const SpoolOptionTable *table, const SpoolOption *opt,
 							 JsonbValue *v, void *result);
 static void start_option(const SpoolOptionTable *table, const SpoolOption *opt,
@@ -130,23 +129,6 @@ start_render(const SpoolOption *opt, const void *result, StringInfo buf)
 	return true;
 }
 
-/*
- * Parse and check processor options; unknown keys are rejected.  Handler
- * settings live under "handler" and are checked with the handler.
- */
-SpoolProcessorOptions *
-spool_parse_processor_options(Jsonb *options)
-{
-	return spool_parse_options(&processor_options, -1, options);
-}
-
-/* The options with defaults filled in, as stored in spool.processors. */
-Jsonb *
-spool_processor_options_jsonb(SpoolProcessorOptions *o)
-{
-	return spool_options_jsonb(&processor_options, -1, o);
-}
-
 /* handler(state jsonb, entries spool.entries[]) RETURNS spool.step, a plain function. */
 static void
 check_handler(Oid handler)
@@ -229,12 +211,10 @@ spool_create_processor(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("handler must not be null")));
 	handler = PG_GETARG_OID(1);
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("options must not be null"),
-				 errhint("Pass '{}' for the defaults.")));
-	o = spool_parse_processor_options(PG_GETARG_JSONB_P(2));
+	/* Handler settings live under "handler"; they are checked with the handler. */
+	o = spool_parse_options(&processor_options, -1,
+							spool_arg_jsonb(fcinfo, 2, "options must not be null",
+											"Pass '{}' for the defaults."));
 
 	spool_enter(&caller);
 	check_handler(handler);
@@ -275,7 +255,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	v[1] = ObjectIdGetDatum(handler);
 	v[2] = ObjectIdGetDatum(run_as);
 	v[3] = ObjectIdGetDatum(caller.role);
-	v[4] = JsonbPGetDatum(spool_processor_options_jsonb(o));
+	v[4] = JsonbPGetDatum(spool_options_jsonb(&processor_options, -1, o));
 	rc = SPI_execute_with_args("INSERT INTO spool.processors (name, handler, run_as, owner, options)"
 							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
 							   5, t, v, NULL, false, 0);
@@ -302,53 +282,12 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/*
- * Check that processor name exists and role may change it (a member of its
- * owner, or a superuser); the caller is connected to SPI.
- */
-static void
-processor_owner_check(const char *name, Oid role)
-{
-	Oid			t[1] = {TEXTOID};
-	Datum		v[1] = {CStringGetTextDatum(name)};
-	bool		isnull;
-	Oid			owner;
-
-	if (SPI_execute_with_args("SELECT owner FROM spool.processors WHERE name = $1 FOR UPDATE",
-							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read spool.processors");
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("processor \"%s\" does not exist", name)));
-	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	spool_check_owner(role, owner, "processor", name);
-}
-
-static void
-processor_update(FunctionCallInfo fcinfo, const char *sql)
-{
-	char	   *name = spool_arg_name(fcinfo, 0, "name");
-	Oid			t[1] = {TEXTOID};
-	Datum		v[1] = {CStringGetTextDatum(name)};
-	SpoolCaller caller;
-
-	spool_require_shmem();
-	spool_enter(&caller);
-	SPI_connect();
-	processor_owner_check(name, caller.role);
-	if (SPI_execute_with_args(sql, 1, t, v, NULL, false, 0) < 0)
-		elog(ERROR, "could not update processor \"%s\"", name);
-	SPI_finish();
-	spool_leave(&caller);
-	spool_wake_launcher();
-}
-
 /* SQL: spool.start_processor(name) */
 Datum
 spool_start_processor(PG_FUNCTION_ARGS)
 {
-	processor_update(fcinfo, "UPDATE spool.processors SET enabled = true WHERE name = $1");
+	spool_change_owned("spool.processors", "processor", spool_arg_name(fcinfo, 0, "name"),
+					   "UPDATE spool.processors SET enabled = true WHERE name = $1");
 	PG_RETURN_VOID();
 }
 
@@ -356,7 +295,8 @@ spool_start_processor(PG_FUNCTION_ARGS)
 Datum
 spool_stop_processor(PG_FUNCTION_ARGS)
 {
-	processor_update(fcinfo, "UPDATE spool.processors SET enabled = false WHERE name = $1");
+	spool_change_owned("spool.processors", "processor", spool_arg_name(fcinfo, 0, "name"),
+					   "UPDATE spool.processors SET enabled = false WHERE name = $1");
 	PG_RETURN_VOID();
 }
 
@@ -364,9 +304,9 @@ spool_stop_processor(PG_FUNCTION_ARGS)
 Datum
 spool_drop_processor(PG_FUNCTION_ARGS)
 {
-	processor_update(fcinfo,
-					 "WITH c AS (DELETE FROM spool.consumers WHERE name = 'processor:' || $1)"
-					 " DELETE FROM spool.processors WHERE name = $1");
+	spool_change_owned("spool.processors", "processor", spool_arg_name(fcinfo, 0, "name"),
+					   "WITH c AS (DELETE FROM spool.consumers WHERE name = 'processor:' || $1)"
+					   " DELETE FROM spool.processors WHERE name = $1");
 	PG_RETURN_VOID();
 }
 

@@ -19,23 +19,19 @@
 SpoolProcessorShared *spool_processor_shared = NULL;
 
 static void list_processors(SpoolSupervisor *s);
-static int	claim_slot(const SpoolUnit *u);
-static void release_slot(int slot);
+static void fill_slot(void *slot, const SpoolUnit *u);
 static char *replica_label(const SpoolUnit *u, int i);
 static bool replica_failed(const SpoolUnit *u, int i);
+static void processor_attach(bool found);
 
 StaticAssertDecl(SPOOL_MAX_REPLICAS <= SPOOL_UNIT_MAX_WORKERS,
 				 "the supervisor must keep every replica of a processor");
 
-const SpoolWorkerKind spool_processor_kind = {
-	.type = "spool processor",
-	.function = "spool_processor_main",
-	.what = "enabled processors",
-	.max_units = SPOOL_MAX_PROCESSORS,
-	.reads_catalog = true,
+/* One slot per enabled processor, claimed by the supervisor. */
+SpoolSlots	spool_processor_slots;
+
+const SpoolKindOps spool_processor_ops = {
 	.list = list_processors,
-	.claim = claim_slot,
-	.release = release_slot,
 	.label = replica_label,
 	.failed = replica_failed,
 };
@@ -60,47 +56,26 @@ list_processors(SpoolSupervisor *s)
 	}
 }
 
-/* A free shared-memory slot for the processor, reset; -1 if none. */
-static int
-claim_slot(const SpoolUnit *u)
-{
-	int			i;
-	int			found = -1;
-
-	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	for (i = 0; i < SPOOL_MAX_PROCESSORS && found < 0; i++)
-	{
-		SpoolProcessorSlot *ps = &spool_processor_shared->processors[i];
-		int			r;
-
-		if (ps->in_use)
-			continue;
-		ps->in_use = true;
-		strlcpy(ps->name, u->name, NAMEDATALEN);
-		ps->active_pid = 0;
-		ps->active_gone_at = 0;
-		ps->lease_expires_at = 0;
-		ps->committed_cursor = 0;
-		ps->snapshot_cursor = 0;
-		ps->snapshot_hash = 0;
-		for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
-		{
-			memset(&ps->replicas[r], 0, sizeof(SpoolReplicaSlot));
-			ps->replicas[r].state_hash_cursor = -1;
-			ps->replicas[r].last_takeover_ms = -1;
-		}
-		found = i;
-	}
-	LWLockRelease(spool_processor_shared->lock);
-	return found;
-}
-
+/* A claimed slot starts from nothing, but its condition variable. */
 static void
-release_slot(int slot)
+fill_slot(void *slot, const SpoolUnit *u)
 {
-	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	spool_processor_shared->processors[slot].in_use = false;
-	LWLockRelease(spool_processor_shared->lock);
+	SpoolProcessorSlot *ps = slot;
+	int			r;
+
+	strlcpy(ps->name, u->name, NAMEDATALEN);
+	ps->active_pid = 0;
+	ps->active_gone_at = 0;
+	ps->lease_expires_at = 0;
+	ps->committed_cursor = 0;
+	ps->snapshot_cursor = 0;
+	ps->snapshot_hash = 0;
+	for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
+	{
+		memset(&ps->replicas[r], 0, sizeof(SpoolReplicaSlot));
+		ps->replicas[r].state_hash_cursor = -1;
+		ps->replicas[r].last_takeover_ms = -1;
+	}
 }
 
 static char *
@@ -116,32 +91,27 @@ replica_label(const SpoolUnit *u, int i)
 static bool
 replica_failed(const SpoolUnit *u, int i)
 {
-	bool		failed;
+	return spool_slot_flag(spool_processor_shared->lock,
+						   &spool_processor_shared->processors[u->slot].replicas[i].exit_error);
+}
 
-	LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
-	failed = spool_processor_shared->processors[u->slot].replicas[i].exit_error;
-	LWLockRelease(spool_processor_shared->lock);
-	return failed;
+static void
+processor_attach(bool found)
+{
+	int			i;
+
+	if (!found)
+	{
+		spool_processor_shared->lock = spool_shmem_lock("spool_ext processor");
+		for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
+			ConditionVariableInit(&spool_processor_shared->processors[i].cv);
+	}
+	spool_slots_attach(&spool_processor_slots, spool_processor_shared->lock, spool_processor_shared->processors,
+					   sizeof(SpoolProcessorSlot), offsetof(SpoolProcessorSlot, in_use), fill_slot);
 }
 
 /* Shared memory: one slot per processor. */
-Size
-spool_processor_shmem_size(void)
-{
-	return MAXALIGN(sizeof(SpoolProcessorShared));
-}
-
-void
-spool_processor_shmem_init(void)
-{
-	bool		found;
-	int			i;
-
-	spool_processor_shared = spool_shmem_area("spool_ext processor",
-											  spool_processor_shmem_size(), &found);
-	if (found)
-		return;
-	spool_processor_shared->lock = spool_shmem_lock("spool_ext processor");
-	for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
-		ConditionVariableInit(&spool_processor_shared->processors[i].cv);
-}
+const SpoolShmemArea spool_processor_shmem = {
+	"spool_ext processor", true, sizeof(SpoolProcessorShared),
+	(void **) &spool_processor_shared, 0, NULL, NULL, processor_attach
+};

@@ -88,8 +88,7 @@ typedef struct SpoolProcessorShared
 
 extern SpoolProcessorShared *spool_processor_shared;
 
-extern Size spool_processor_shmem_size(void);
-extern void spool_processor_shmem_init(void);
+extern const SpoolShmemArea spool_processor_shmem;
 
 /* Validated processor options (see docs/processors.md). */
 typedef struct SpoolProcessorOptions
@@ -105,11 +104,10 @@ typedef struct SpoolProcessorOptions
 	Jsonb	   *handler;		/* handler settings, NULL if none */
 } SpoolProcessorOptions;
 
-extern SpoolProcessorOptions *spool_parse_processor_options(Jsonb *options);
-extern Jsonb *spool_processor_options_jsonb(SpoolProcessorOptions *o);
 
 
 /* Launcher side (launch.c) */
-extern const SpoolWorkerKind spool_processor_kind;
+extern const SpoolKindOps spool_processor_ops;
+extern SpoolSlots spool_processor_slots;
 
 #endif							/* SPOOL_PROCESSOR_H */
