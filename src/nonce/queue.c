@@ -35,6 +35,9 @@ PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
 static uint64 auto_request_counter = 0;
 
 static void request_abandon(int code, Datum arg);
+static void check_queue_mode(void);
+static int	request_submit(int w, const char *signer, const char *request_id);
+static void request_wait(SpoolNonceReq *req);
 static void nonce_attach(bool found);
 
 /* Stable routing: the same signer always goes to the same worker slot. */
@@ -121,19 +124,55 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	char	   *signer = spool_arg_signer(fcinfo, 0);
 	char	   *request_id = spool_arg_name_opt(fcinfo, 1, "request_id");
 	SpoolNonceReq *req;
-	Latch	   *latch;
-	TimestampTz deadline;
-	SpoolReqState state = REQ_QUEUED;
-	int			nworkers;
+	SpoolReqState state;
 	int			w;
 	int			idx;
 	int64		nonce = -1;
 	int			sqlerrcode = 0;
 	char		errmsg_buf[SPOOL_ERRMSG_MAX];
 
+	check_queue_mode();
+	if (request_id == NULL)
+		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
+							  (long) MyStartTimestamp,
+							  (unsigned long) ++auto_request_counter);
+	w = spool_route_signer(signer, spool_nonce_shared->nworkers);
+	idx = request_submit(w, signer, request_id);
+	req = &spool_requests[idx];
+
+	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
+	request_wait(req);
+	PG_END_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
+
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+	state = req->state;
+	nonce = req->nonce;
+	sqlerrcode = req->sqlerrcode;
+	strlcpy(errmsg_buf, req->errmsg, sizeof(errmsg_buf));
+	request_abandon_locked(idx);
+	LWLockRelease(spool_nonce_shared->lock);
+
+	if (state == REQ_FAILED)
+		ereport(ERROR,
+				(errcode(sqlerrcode),
+				 errmsg("%s", errmsg_buf),
+				 errdetail("Reported by nonce worker %d for signer \"%s\".", w, signer)));
+	if (state != REQ_DONE)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("timed out waiting for a nonce for signer \"%s\"", signer),
+				 errdetail("Nonce worker %d did not answer within %d ms; request id \"%s\".",
+						   w, spool_nonce_request_timeout_ms, request_id),
+				 errhint("Repeat the call with the same request_id: it returns the nonce if one was committed meanwhile.")));
+	PG_RETURN_INT64(nonce);
+}
+
+/* SP007 unless worker-queue mode serves this database. */
+static void
+check_queue_mode(void)
+{
 	spool_require_shmem();
-	nworkers = spool_nonce_shared->nworkers;
-	if (nworkers == 0)
+	if (spool_nonce_shared->nworkers == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("worker-queue mode is disabled"),
@@ -144,11 +183,18 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("worker-queue mode serves database \"%s\" only", spool_database),
 				 errhint("Call spool.nonce_request in that database, set spool.database, or use spool.nonce_allocate here.")));
-	if (request_id == NULL)
-		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
-							  (long) MyStartTimestamp,
-							  (unsigned long) ++auto_request_counter);
-	w = spool_route_signer(signer, nworkers);
+}
+
+/*
+ * Take a request from the pool, queue it for worker w and wake the worker;
+ * returns its index.  SP007 when the pool is empty.
+ */
+static int
+request_submit(int w, const char *signer, const char *request_id)
+{
+	SpoolNonceReq *req;
+	Latch	   *latch;
+	int			idx;
 
 	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
 	idx = spool_nonce_shared->free_head;
@@ -174,52 +220,33 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	LWLockRelease(spool_nonce_shared->lock);
 	if (latch)
 		SetLatch(latch);
+	return idx;
+}
 
-	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-										   spool_nonce_request_timeout_ms);
-	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
+/* Sleep until req is answered, or for spool.nonce_request_timeout. */
+static void
+request_wait(SpoolNonceReq *req)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   spool_nonce_request_timeout_ms);
+
+	ConditionVariablePrepareToSleep(&req->cv);
+	for (;;)
 	{
-		ConditionVariablePrepareToSleep(&req->cv);
-		for (;;)
-		{
-			long		remaining;
+		SpoolReqState state;
+		long		remaining;
 
-			LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
-			state = req->state;
-			LWLockRelease(spool_nonce_shared->lock);
-			if (state == REQ_DONE || state == REQ_FAILED)
-				break;
-			remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
-														deadline);
-			if (remaining <= 0)
-				break;
-			ConditionVariableTimedSleep(&req->cv, remaining, PG_WAIT_EXTENSION);
-		}
-		ConditionVariableCancelSleep();
+		LWLockAcquire(spool_nonce_shared->lock, LW_SHARED);
+		state = req->state;
+		LWLockRelease(spool_nonce_shared->lock);
+		if (state == REQ_DONE || state == REQ_FAILED)
+			break;
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (remaining <= 0)
+			break;
+		ConditionVariableTimedSleep(&req->cv, remaining, PG_WAIT_EXTENSION);
 	}
-	PG_END_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
-
-	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
-	state = req->state;
-	nonce = req->nonce;
-	sqlerrcode = req->sqlerrcode;
-	strlcpy(errmsg_buf, req->errmsg, sizeof(errmsg_buf));
-	request_abandon_locked(idx);
-	LWLockRelease(spool_nonce_shared->lock);
-
-	if (state == REQ_FAILED)
-		ereport(ERROR,
-				(errcode(sqlerrcode),
-				 errmsg("%s", errmsg_buf),
-				 errdetail("Reported by nonce worker %d for signer \"%s\".", w, signer)));
-	if (state != REQ_DONE)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
-				 errmsg("timed out waiting for a nonce for signer \"%s\"", signer),
-				 errdetail("Nonce worker %d did not answer within %d ms; request id \"%s\".",
-						   w, spool_nonce_request_timeout_ms, request_id),
-				 errhint("Repeat the call with the same request_id: it returns the nonce if one was committed meanwhile.")));
-	PG_RETURN_INT64(nonce);
+	ConditionVariableCancelSleep();
 }
 
 /*
