@@ -41,6 +41,7 @@ PG_FUNCTION_INFO_V1(spool_grant_target);
 PG_FUNCTION_INFO_V1(spool_revoke_target);
 
 static void check_kafka(OutboxTarget *t, Oid role);
+static void targets_changed(SpoolCaller *caller);
 static Jsonb *target_options_jsonb(OutboxTarget *t);
 static void function_option(const SpoolOptionTable *table, const SpoolOption *opt,
 							JsonbValue *v, void *result);
@@ -405,12 +406,21 @@ spool_create_target(PG_FUNCTION_ARGS)
 							 " SELECT %d, s FROM generate_series(0, %d) s", t->id, t->shards - 1),
 					false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert into spool.outbox_positions");
-	SPI_finish();
-	spool_leave(&caller);
+	targets_changed(&caller);
+	PG_RETURN_VOID();
+}
 
+/*
+ * The end of a change to the targets, connected to SPI as the caller's door
+ * opened: back to the caller, then tell enqueuers and the launcher.
+ */
+static void
+targets_changed(SpoolCaller *caller)
+{
+	SPI_finish();
+	spool_leave(caller);
 	spool_outbox_targets_changed();
 	spool_wake_launcher();
-	PG_RETURN_VOID();
 }
 
 /* SQL: spool.drop_target(name, force) */
@@ -460,10 +470,7 @@ spool_drop_target(PG_FUNCTION_ARGS)
 							 " DELETE FROM spool.targets WHERE id = %d",
 							 id, id, id, id, id, id), false, 0) < 0)
 		elog(ERROR, "could not drop target \"%s\"", name);
-	SPI_finish();
-	spool_leave(&caller);
-	spool_outbox_targets_changed();
-	spool_wake_launcher();
+	targets_changed(&caller);
 	PG_RETURN_VOID();
 }
 
