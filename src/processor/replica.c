@@ -208,10 +208,11 @@ replica_detach(int code, Datum arg)
 }
 
 /*
- * Leave the output gate: clear it if it is ours, and our slot with it when
- * exiting (else we stay on as a standby).  Release the advisory lock before
- * waking the standbys (exit would release it only later), so the first one
- * to try gets it and takes over at once; they notice a clean exit at once.
+ * Leave the output gate: clear it if it is ours, and our slot and owner
+ * name with it when exiting (else we stay on as a standby).  Release the
+ * advisory lock before waking the standbys (exit would release it only
+ * later), so the first one to try gets it and takes over at once; they
+ * notice a clean exit at once.
  */
 static void
 leave_gate(bool exiting)
@@ -233,6 +234,9 @@ leave_gate(bool exiting)
 		ps->active_gone_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(spool_processor_shared->lock);
+	/* Our lease is free for the taking once our owner name is gone. */
+	if (exiting)
+		spool_worker_owner_revoke(MyProcPid);
 	if (have_advisory)
 	{
 		advisory_lock(false);
