@@ -150,7 +150,7 @@ sub stop_when
 			  . " FROM pg_stat_activity a, spool.leases l, spool.processor_checkpoints c"
 			  . " WHERE a.pid = $pid AND l.resource = 'processor:$proc'"
 			  . " AND c.processor = '$proc'"), -1;
-		if (@r && $want->(@r))
+		if (@r && $want->(@r) && connects_now())
 		{
 			note("stopped $pid after $try attempt(s): state $r[0], query '$r[1]',"
 				  . " xid: $r[2], lease token $r[3] expires $r[4] (in $r[5] s),"
@@ -161,6 +161,17 @@ sub stop_when
 		@stopped = grep { $_ != $pid } @stopped;
 	}
 	return ();
+}
+
+# Can a new session still connect?  A process stopped while it holds
+# ProcArrayLock (inside GetSnapshotData, say) blocks every new connection and
+# every snapshot until it continues: no takeover can be observed then, so
+# such a stop is not a wanted moment.
+sub connects_now
+{
+	my $timed_out = 0;
+	$node->psql('postgres', 'SELECT 1', timeout => 5, timed_out => \$timed_out);
+	return !$timed_out;
 }
 
 # The wanted moment of a stop never came: fail, or skip with $optional.
