@@ -90,6 +90,9 @@ static int	fence_terminate_holders(const char *resource, int64 token, Oid role);
 static void lease_report_not_held(const char *resource, const char *owner,
 								  int64 token, const char *action, Oid role);
 static const SpoolLeaseGuard *guard_of(const char *resource);
+static void fence_reject(const char *resource, const SpoolLeaseGuard *guard,
+						 const SpoolLeaseRow *row, const char *owner,
+						 int64 token) pg_attribute_noreturn();
 static void lease_attach(bool found);
 
 static inline uint32
@@ -312,6 +315,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 							 int64 ttl_us, spool_may_steal_fn may_steal, Oid role)
 {
 	SpoolLease	result = {0};
+	const SpoolLeaseGuard *guard = guard_of(resource);
 	int			attempt;
 
 	for (attempt = 0; attempt < 4; attempt++)
@@ -396,9 +400,8 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 												   SPI_tuptable->tupdesc, 1, &isnull));
 		result.expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 															  SPI_tuptable->tupdesc, 2, &isnull));
-		if (guard_of(resource))
-			guard_of(resource)->granted(resource + strlen(guard_of(resource)->prefix),
-										result.token, role);
+		if (guard)
+			guard->granted(resource + strlen(guard->prefix), result.token, role);
 		return result;
 	}
 	elog(ERROR, "could not acquire lease \"%s\": it kept changing", resource);
@@ -476,31 +479,40 @@ spool_fence_check(const char *resource, const SpoolLeaseGuard *guard,
 				  const SpoolLeaseRow *row, const char *owner, int64 token,
 				  Oid role, bool raise)
 {
+	if (row->found && row->owner != NULL)
+	{
+		if (!lease_role_allows(resource, (LeaseRow *) row, role))
+			elog(ERROR, "lease \"%s\" is not spool_ext's", resource);
+		if (row->token == token && (owner == NULL || same_owner(row->owner, owner)) &&
+			row->live)
+		{
+			spool_fence_register(resource, token);
+			return true;
+		}
+	}
+	if (raise)
+		fence_reject(resource, guard, row, owner, token);
+	return false;
+}
+
+/*
+ * Raise why a fence check failed.  The messages name the guarded thing
+ * ("signer \"s\"") when the check went through a guard, else the lease.
+ */
+static void
+fence_reject(const char *resource, const SpoolLeaseGuard *guard,
+			 const SpoolLeaseRow *row, const char *owner, int64 token)
+{
 	const char *name = guard ? resource + strlen(guard->prefix) : resource;
 	char	   *subject = guard ? psprintf("%s \"%s\"", guard->noun, name) :
 		psprintf("lease \"%s\"", name);
 	char	   *lease = guard ? psprintf("lease of %s \"%s\"", guard->noun, name) : subject;
-	bool		ok;
 
 	if (!row->found || row->owner == NULL)
-	{
-		if (!raise)
-			return false;
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
 				 errmsg("%s does not exist", lease),
 				 errhint("Call spool.lease_acquire first.")));
-	}
-	if (!lease_role_allows(resource, (LeaseRow *) row, role))
-		elog(ERROR, "lease \"%s\" is not spool_ext's", resource);
-	ok = row->token == token && (owner == NULL || same_owner(row->owner, owner)) && row->live;
-	if (ok)
-	{
-		spool_fence_register(resource, token);
-		return true;
-	}
-	if (!raise)
-		return false;
 	if (row->token != token)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
@@ -520,7 +532,6 @@ spool_fence_check(const char *resource, const SpoolLeaseGuard *guard,
 			(errcode(ERRCODE_SPOOL_FENCE_REJECTED),
 			 errmsg("%s with token " INT64_FORMAT " has expired", lease, token),
 			 errhint("Renew the lease before it expires, or acquire it again.")));
-	return false;				/* keep compiler quiet */
 }
 
 /* Record (resource, token) for this backend until the transaction ends. */

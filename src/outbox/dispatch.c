@@ -1261,7 +1261,6 @@ dispatch_attach(void)
 	ds->started_at = GetCurrentTimestamp();
 	LWLockRelease(spool_outbox_shared->lock);
 	before_shmem_exit(dispatch_detach, (Datum) 0);
-	pgstat_report_appname(MyBgworkerEntry->bgw_name);
 
 	batch_cxt = AllocSetContextCreate(TopMemoryContext, "spool dispatch batch",
 									  ALLOCSET_DEFAULT_SIZES);

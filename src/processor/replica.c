@@ -354,7 +354,6 @@ spool_processor_main(Datum main_arg)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	pgstat_report_appname(MyBgworkerEntry->bgw_name);
 
 	for (;;)
 	{
