@@ -391,8 +391,12 @@ load_source(void)
 	Datum		name[1];
 	bool		found;
 
-	spool_begin_txn("loading the source");
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	/* Used across several transactions: not in SPI's memory. */
 	name[0] = CStringGetTextDatum(source_name);
+	MemoryContextSwitchTo(old);
+	spool_begin_txn("loading the source");
 
 	/*
 	 * One worker per source, ever: a second one (e.g. started by a restarted
