@@ -489,7 +489,7 @@ apply_pending_seeks(Datum *name)
 					   " x AS (SELECT from_offset,"
 					   "         CASE WHEN from_offset IS NULL OR $4 > from_offset THEN 'forward'"
 					   "              WHEN $4 < from_offset THEN 'rewind' ELSE 'none' END AS direction,"
-					   "         NOT ($4 < from_offset AND NOT $5) AS apply FROM d),"
+					   "         (from_offset IS NULL OR $4 >= from_offset OR $5) AS apply FROM d),"
 					   " off AS (INSERT INTO spool.offsets AS f (source, topic, kafka_partition, next_offset, updated_at)"
 					   "         SELECT $1, $2, $3, $4, clock_timestamp() FROM x WHERE apply"
 					   "         ON CONFLICT (source, topic, kafka_partition) DO UPDATE"

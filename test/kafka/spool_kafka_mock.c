@@ -1354,8 +1354,9 @@ done:
  * librdkafka 2.0.2's mock cannot add partitions to a topic.  To let tests
  * watch a topic grow, "proxy" starts one TCP listener per broker in front
  * of the mock brokers (a thread of its own).  Bytes pass through unchanged
- * except the Metadata responses (ApiKey 3, v0-v2: the versions the mock
- * answers), in which broker addresses are replaced by the proxy's and, for
+ * except the Metadata and FindCoordinator responses (ApiKeys 3 and 10,
+ * v0-v2: the versions the mock answers), in which broker addresses are
+ * replaced by the proxy's (so clients never learn the brokers' own) and, for
  * a topic limited with "partitions TOPIC N", partitions N and up are left
  * out.  A topic is created with its final partition count and announced
  * with fewer; raising N makes the rest appear, as CreatePartitions does on
@@ -1692,6 +1693,56 @@ rewrite_metadata(const unsigned char *body, size_t len, int ver, ProxyBuf *out)
 	return 0;
 }
 
+/* Copy a broker's host and port, the address replaced by the proxy's. */
+static int
+rewrite_address(Rd *r, ProxyBuf *out)
+{
+	static const char host[] = "127.0.0.1";
+	unsigned char hl[2] = {0, (unsigned char) (sizeof(host) - 1)};
+	unsigned char port[4];
+	const unsigned char *c = rd_take(r, 2);
+	int32_t upstream;
+	int b;
+
+	if (c == NULL || rd16(c) < 0 || rd_take(r, (size_t) rd16(c)) == NULL)
+		return -1;
+	buf_put(out, hl, 2);
+	buf_put(out, host, sizeof(host) - 1);
+	c = rd_take(r, 4);
+	if (c == NULL)
+		return -1;
+	upstream = rd32(c);
+	wr32(port, upstream);
+	for (b = 0; b < px.nbrokers; b++)
+		if (px.upstream_port[b] == upstream)
+			wr32(port, px.listen_port[b]);
+	buf_put(out, port, 4);
+	return 0;
+}
+
+/*
+ * A FindCoordinator response (v0-v2, the versions the mock answers): the
+ * coordinator's address becomes the proxy's, or the client would go to
+ * the broker directly from then on.
+ */
+static int
+rewrite_coordinator(const unsigned char *body, size_t len, int ver, ProxyBuf *out)
+{
+	Rd r = {body, body + len, 0};
+	int slen;
+
+	if (ver >= 1)
+		rd_copy(&r, out, 4);                   /* throttle time */
+	rd_copy(&r, out, 2);                       /* error */
+	if (ver >= 1)
+		(void) rd_string(&r, out, &slen);      /* error message */
+	rd_copy(&r, out, 4);                       /* node id */
+	if (r.bad || rewrite_address(&r, out) != 0)
+		return -1;
+	buf_put(out, r.p, (size_t) (r.end - r.p));
+	return 0;
+}
+
 static void
 proxy_close(ProxyConn *c)
 {
@@ -1872,8 +1923,10 @@ pass_responses(ProxyConn *c)
 			}
 		if (key == 2 && asked >= 0)
 			patch_listoffsets(c->from_upstream.data + 8, (size_t) size - 4, ver, asked);
-		if (key == 3 && ver <= 2 &&
-			rewrite_metadata(c->from_upstream.data + 8, (size_t) size - 4, ver, &body) == 0)
+		if ((key == 3 && ver <= 2 &&
+			 rewrite_metadata(c->from_upstream.data + 8, (size_t) size - 4, ver, &body) == 0) ||
+			(key == 10 && ver <= 2 &&
+			 rewrite_coordinator(c->from_upstream.data + 8, (size_t) size - 4, ver, &body) == 0))
 		{
 			wr32(hdr, (int32_t) body.len + 4);
 			buf_put(&c->to_client, hdr, 4);
