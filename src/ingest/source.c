@@ -330,7 +330,7 @@ spool_alter_source(PG_FUNCTION_ARGS)
 	bool		new_brokers;
 	SpoolCaller caller;
 
-	spool_require_shmem();
+	spool_require_pipeline_database("source");
 	if (!PG_ARGISNULL(1))
 	{
 		brokers = spool_arg_name(fcinfo, 1, "brokers");

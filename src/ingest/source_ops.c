@@ -187,7 +187,7 @@ spool_seek_source(PG_FUNCTION_ARGS)
 	Datum		result;
 	SpoolCaller caller;
 
-	spool_require_shmem();
+	spool_require_pipeline_database("source");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
@@ -309,7 +309,7 @@ spool_replay_dead_letter(PG_FUNCTION_ARGS)
 	char	   *source;
 	SpoolCaller caller;
 
-	spool_require_shmem();
+	spool_require_pipeline_database("source");
 	spool_enter(&caller);
 	SPI_connect();
 	if (SPI_execute_with_args("SELECT d.source, s.owner, d.replay_cursor, s.name IS NULL"
