@@ -80,8 +80,8 @@ SELECT spool.replay_dead_letter(:dl);
 SELECT spool.replay_dead_letter(:dl);
 SELECT kafka_offset, replay_requested_at IS NOT NULL AS requested, replayed_at IS NOT NULL AS replayed
   FROM spool.dead_letters WHERE id = :dl;
-SELECT regexp_replace(try($$SELECT spool.replay_dead_letter($$ || :dl_done || $$)$$), '\d+', 'N') AS try;
-SELECT regexp_replace(try($$SELECT spool.replay_dead_letter($$ || :dl_gone || $$)$$), '\d+', 'N') AS try;
+SELECT regexp_replace(try($$SELECT spool.replay_dead_letter($$ || :dl_done || $$)$$), 'letter \d+', 'letter N') AS try;
+SELECT regexp_replace(try($$SELECT spool.replay_dead_letter($$ || :dl_gone || $$)$$), 'letter \d+', 'letter N') AS try;
 
 -- Another role's source: a second spool_admin may not alter, seek or
 -- replay it (42501), a role without spool_admin may not call the functions
