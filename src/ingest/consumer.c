@@ -1454,6 +1454,9 @@ kafka_open(void)
 		if (rd_kafka_conf_get(rd_kafka_conf(rk), "topic.metadata.refresh.interval.ms",
 							  val, &len) == RD_KAFKA_CONF_OK)
 			discovery_ms = (int) strtol(val, NULL, 10);
+		/* Each look is a metadata request per topic: not more than once a second. */
+		if (discovery_ms > 0)
+			discovery_ms = Max(discovery_ms, 1000);
 		next_discovery = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), discovery_ms);
 	}
 
