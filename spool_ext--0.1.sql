@@ -199,7 +199,10 @@ CREATE TABLE @extschema@.sources (
 	owner		regrole NOT NULL,
 	skip_gap	boolean NOT NULL DEFAULT false,
 	stopped_reason text,
-	created_at	timestamptz NOT NULL DEFAULT now()
+	created_at	timestamptz NOT NULL DEFAULT now(),
+	-- bumped by alter_source, seek_source and replay_dead_letter: the
+	-- launcher restarts a running ingest worker started at another version
+	config_version int NOT NULL DEFAULT 0
 );
 
 -- Where each partition resumes: written in the transaction that makes its
@@ -217,7 +220,8 @@ CREATE TABLE @extschema@.offsets (
 -- they are empty and the workers re-read from offsets.  Two tables take
 -- turns: the workers write into the active one while the promoter moves the
 -- other out whole and truncates it, so staging never holds dead tuples.
--- kind: 'm' message, 'd' dead letter, 'g' gap [kafka_offset, gap_to].
+-- kind: 'm' message, 'd' dead letter, 'g' gap [kafka_offset, gap_to],
+-- 'r' a replayed dead letter (dead_letter_id) re-read from Kafka.
 CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	batch_id	bigint NOT NULL,
 	pos			bigint,			-- messages: position in this table, reserved per batch
@@ -233,7 +237,8 @@ CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	kafka_ts	timestamptz,
 	error		text,
 	gap_to		bigint,
-	gap_stop	boolean
+	gap_stop	boolean,
+	dead_letter_id bigint
 ) WITH (autovacuum_enabled = false);
 CREATE UNLOGGED TABLE @extschema@.staging_1 (LIKE @extschema@.staging_0)
 	WITH (autovacuum_enabled = false);
@@ -293,7 +298,13 @@ CREATE TABLE @extschema@.dead_letters (
 	key			bytea,
 	payload		bytea,
 	error		text NOT NULL,
-	at			timestamptz NOT NULL DEFAULT now()
+	at			timestamptz NOT NULL DEFAULT now(),
+	-- spool.replay_dead_letter: requested, then replayed (the entry's cursor)
+	-- or failed again (error is the new one, the request is cleared)
+	replay_requested_at timestamptz,
+	replay_attempts int NOT NULL DEFAULT 0,
+	replayed_at	timestamptz,
+	replay_cursor bigint
 );
 
 CREATE TABLE @extschema@.gaps (
@@ -303,7 +314,7 @@ CREATE TABLE @extschema@.gaps (
 	kafka_partition int NOT NULL,
 	from_offset	bigint NOT NULL,
 	to_offset	bigint NOT NULL,
-	action		text NOT NULL CHECK (action IN ('continued', 'stopped')),
+	action		text NOT NULL CHECK (action IN ('continued', 'stopped', 'seek')),
 	at			timestamptz NOT NULL DEFAULT now()
 );
 
@@ -356,6 +367,56 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_source(text) IS
 'Remove a source and its offsets; its entries stay in the spool until retention removes them';
 
+-- Operating a running source: alter, seek, replay (docs/sources.md).  Each
+-- bumps config_version; the launcher restarts the ingest worker, which
+-- applies pending seeks and replays at its start, once nothing of the
+-- source is left in staging.
+CREATE FUNCTION @extschema@.alter_source(name text, brokers text DEFAULT NULL,
+										 options jsonb DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_alter_source'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.alter_source(text, text, jsonb) IS
+'Change a source''s brokers and options (merged over the stored ones; NULL: unchanged); offsets are kept and a running ingest worker restarts with the change';
+
+-- Seeks of partitions: requested by seek_source, applied by the ingest
+-- worker (state pending -> applied, or overtaken when a forward seek found
+-- the partition already past to_offset).
+CREATE TABLE @extschema@.source_seeks (
+	id			bigserial PRIMARY KEY,
+	source		text NOT NULL REFERENCES @extschema@.sources ON DELETE CASCADE,
+	topic		text NOT NULL,
+	kafka_partition int NOT NULL,
+	to_offset	bigint NOT NULL,
+	to_time		timestamptz,
+	allow_rewind boolean NOT NULL,
+	state		text NOT NULL DEFAULT 'pending'
+				CHECK (state IN ('pending', 'applied', 'overtaken')),
+	from_offset	bigint,			-- the durable next_offset the seek replaced
+	direction	text CHECK (direction IN ('rewind', 'forward', 'none')),
+	requested_by regrole NOT NULL,
+	requested_at timestamptz NOT NULL DEFAULT now(),
+	applied_at	timestamptz
+);
+CREATE INDEX ON @extschema@.source_seeks (source) WHERE state = 'pending';
+
+CREATE FUNCTION @extschema@.seek_source(name text, topic text, kafka_partition int,
+										to_offset bigint DEFAULT NULL,
+										to_time timestamptz DEFAULT NULL,
+										allow_rewind boolean DEFAULT false)
+RETURNS @extschema@.source_seeks
+AS 'MODULE_PATHNAME', 'spool_seek_source'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.seek_source(text, text, int, bigint, timestamptz, boolean) IS
+'Move a partition of a source to an offset, or to the first offset at or after a time; going back over spooled data needs allow_rewind';
+
+CREATE FUNCTION @extschema@.replay_dead_letter(id bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_replay_dead_letter'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.replay_dead_letter(bigint) IS
+'Re-read a dead letter''s message from Kafka and spool it (new cursor) if it now passes the source''s checks; else it keeps the new error';
+
 -- Options without secrets: values under "kafka" are masked unless the caller
 -- owns the source or is a superuser.
 CREATE VIEW @extschema@.source_config AS
@@ -371,7 +432,8 @@ CREATE VIEW @extschema@.source_config AS
 	  FROM @extschema@.sources s;
 
 CREATE VIEW @extschema@.source_status AS
-	SELECT s.name AS source, p.topic, p.kafka_partition,
+	SELECT s.name AS source, coalesce(p.topic, o.topic) AS topic,
+		   coalesce(p.kafka_partition, o.kafka_partition) AS kafka_partition,
 		   o.next_offset, p.high_watermark,
 		   CASE WHEN p.high_watermark IS NOT NULL
 				THEN greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0)
@@ -381,9 +443,11 @@ CREATE VIEW @extschema@.source_status AS
 		   greatest(p.updated_at, r.updated_at) AS updated_at
 	  FROM @extschema@.sources s
 	  LEFT JOIN @extschema@.source_runtime r ON r.source = s.name
-	  LEFT JOIN @extschema@.partition_runtime p ON p.source = s.name
-	  LEFT JOIN @extschema@.offsets o
-			 ON (o.source, o.topic, o.kafka_partition) = (p.source, p.topic, p.kafka_partition);
+	  -- every partition a worker assigned or an offset was stored for
+	  LEFT JOIN (@extschema@.partition_runtime p
+				 FULL JOIN @extschema@.offsets o
+						ON (o.source, o.topic, o.kafka_partition) = (p.source, p.topic, p.kafka_partition))
+			 ON coalesce(p.source, o.source) = s.name;
 
 CREATE VIEW @extschema@.segments AS
 	SELECT i.segment, i.lo AS min_cursor, i.hi - 1 AS max_cursor, i.rows,
@@ -1030,6 +1094,9 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.start_source(text),
 	@extschema@.stop_source(text),
 	@extschema@.drop_source(text),
+	@extschema@.alter_source(text, text, jsonb),
+	@extschema@.seek_source(text, text, int, bigint, timestamptz, boolean),
+	@extschema@.replay_dead_letter(bigint),
 	@extschema@.register_consumer(text, bigint),
 	@extschema@.commit_consumer(text, bigint),
 	@extschema@.drop_consumer(text),
@@ -1066,7 +1133,7 @@ GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
 GRANT SELECT ON @extschema@.outbox_retry, @extschema@.outbox_dead TO spool_admin;
 GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
-	@extschema@.consumers, @extschema@.processors,
+	@extschema@.consumers, @extschema@.processors, @extschema@.source_seeks,
 	@extschema@.processor_status, @extschema@.outbox
 	TO spool_admin, spool_client;
 -- Checkpoints hold processor state, which may be business data.

@@ -65,7 +65,9 @@ PGDLLEXPORT void spool_ingest_main(Datum main_arg);
 #define BATCH_MAX_BYTES		(32 * 1024 * 1024)	/* message bytes held per batch;
 												 * a single larger message still
 												 * makes a batch of one */
-#define STAGING_NATTS		15
+#define STAGING_NATTS		16
+#define REPLAY_FETCH_MS		10000	/* longest wait for one replayed message */
+#define DISCOVERY_DEFAULT_MS 300000 /* librdkafka's topic.metadata.refresh.interval.ms */
 #define STAGING_SLOTS		1000	/* rows per heap multi-insert */
 
 /* One assigned partition. */
@@ -95,6 +97,7 @@ typedef struct Staged
 	char	   *error;
 	int64		gap_to;
 	bool		gap_stop;
+	int64		dead_letter_id; /* a replay of this dead letter; 0: none */
 } Staged;
 
 /* The source, as loaded at start. */
@@ -108,11 +111,19 @@ static char *default_group;		/* spool_ext.<database>.<source> */
 static List *resume_topic;		/* where partitions resume: stored or staged */
 static List *resume_part;
 static List *resume_next;
+static bool pending_work;		/* seeks or replays to apply at start */
+static List *replay_ids;		/* dead letters to replay (as text) */
+static List *replay_topic;
+static List *replay_part;
+static List *replay_offset;
 
 /* The consumer */
 static rd_kafka_t *rk;
 static PartState *parts;
 static int	nparts;
+static int	parts_cap;
+static int	discovery_ms;		/* how often to look for new partitions; <= 0 never */
+static TimestampTz next_discovery = 0;
 static int	wake_pipe[2] = {-1, -1};
 
 /* The batch */
@@ -136,6 +147,7 @@ static SPIPlanPtr plan_partition_runtime;
 static SPIPlanPtr plan_durable_offsets;
 
 static void ingest_attach(void);
+static void read_pending_work(Datum *name);
 static bool load_source(void);
 static void kafka_open(void);
 static void kafka_assign(void);
@@ -155,6 +167,12 @@ static void ingest_stop(void) pg_attribute_noreturn();
 static void ingest_failed(void) pg_attribute_noreturn();
 static void wait_until_promoted_stop(void);
 static void reassign_all(void);
+static void fill_staged(Staged *s, rd_kafka_message_t *rkm);
+static void apply_pending_seeks(Datum *name);
+static void wait_for_staging_drained(Datum *name);
+static void replay_dead_letters(void);
+static void discover_new_partitions(void);
+static void record_failed_replays(void);
 
 /*
  * Errors librdkafka reports on its own threads (a broker down, a failed
@@ -293,6 +311,40 @@ read_source(Datum *name)
 }
 
 /*
+ * Pending seeks and replays of this source: whether there are any, and the
+ * dead letters to replay (kept in TopMemoryContext).
+ */
+static void
+read_pending_work(Datum *name)
+{
+	MemoryContext old;
+	uint64		i;
+
+	if (SPI_execute_with_args("SELECT id, topic, kafka_partition, kafka_offset FROM spool.dead_letters"
+							  " WHERE source = $1 AND replay_requested_at IS NOT NULL"
+							  "   AND replay_cursor IS NULL ORDER BY id",
+							  1, (Oid[]) {TEXTOID}, name, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.dead_letters");
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+
+		replay_ids = lappend(replay_ids, SPI_getvalue(tup, desc, 1));
+		replay_topic = lappend(replay_topic, SPI_getvalue(tup, desc, 2));
+		replay_part = lappend(replay_part, SPI_getvalue(tup, desc, 3));
+		replay_offset = lappend(replay_offset, SPI_getvalue(tup, desc, 4));
+	}
+	MemoryContextSwitchTo(old);
+	pending_work = SPI_processed > 0;
+	if (SPI_execute_with_args("SELECT 1 FROM spool.source_seeks WHERE source = $1 AND state = 'pending'",
+							  1, (Oid[]) {TEXTOID}, name, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.source_seeks");
+	pending_work |= SPI_processed > 0;
+}
+
+/*
  * Where each partition resumes: after whatever is durable or already staged
  * (staged rows of an earlier incarnation will be promoted; re-staging them
  * would duplicate them).  A staged 'stop' gap is not passed.
@@ -339,8 +391,12 @@ load_source(void)
 	Datum		name[1];
 	bool		found;
 
-	spool_begin_txn("loading the source");
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	/* Used across several transactions: not in SPI's memory. */
 	name[0] = CStringGetTextDatum(source_name);
+	MemoryContextSwitchTo(old);
+	spool_begin_txn("loading the source");
 
 	/*
 	 * One worker per source, ever: a second one (e.g. started by a restarted
@@ -353,9 +409,144 @@ load_source(void)
 				 errmsg("another ingest worker is running for source \"%s\"", source_name)));
 	found = read_source(name);
 	if (found)
-		read_resume_offsets(name);
+		read_pending_work(name);
 	spool_end_txn();
-	return found;
+	if (!found)
+		return false;
+
+	/*
+	 * Seeks and replays are applied once everything an earlier worker staged
+	 * for this source is promoted: from then on, nobody but us stages for it
+	 * (we hold its lock), so what spool.offsets says is all there is.
+	 */
+	if (pending_work)
+		wait_for_staging_drained(name);
+
+	spool_begin_txn("loading the source's offsets");
+	read_resume_offsets(name);
+	spool_end_txn();
+	return true;
+}
+
+/*
+ * Wait (polling, no transaction open while waiting) until staging holds no
+ * row of this source, then apply the pending seeks in the same transaction.
+ * Locking both staging tables before the snapshot waits out a promotion
+ * in flight, so the snapshot sees its offsets if it moved our rows.
+ */
+static void
+wait_for_staging_drained(Datum *name)
+{
+	for (;;)
+	{
+		bool		staged;
+		bool		isnull;
+
+		spool_start_txn(XACT_READ_COMMITTED);
+		(void) RangeVarGetRelid(makeRangeVar("spool", "staging_0", -1), AccessShareLock, false);
+		(void) RangeVarGetRelid(makeRangeVar("spool", "staging_1", -1), AccessShareLock, false);
+		spool_snapshot_txn("waiting for staged rows to be promoted");
+		if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM spool.staging WHERE source = $1)",
+								  1, (Oid[]) {TEXTOID}, name, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read spool.staging");
+		staged = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (!staged)
+			apply_pending_seeks(name);
+		spool_end_txn();
+		if (!staged)
+			return;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 50L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		spool_exit_if_orphaned();
+	}
+}
+
+/*
+ * Apply the pending seeks of this source, oldest first, each against the
+ * durable offset as it is now.  A forward seek records the skipped offsets
+ * as a gap (action 'seek'), so that every offset is still an entry, a dead
+ * letter or a gap (I-1).  A seek that would go back is applied only with
+ * allow_rewind; without it, the partition moved past the target since the
+ * seek was asked for, and the seek is 'overtaken' (nothing changes).
+ */
+static void
+apply_pending_seeks(Datum *name)
+{
+	SPIPlanPtr	plan;
+	uint64		i;
+
+	if (SPI_execute_with_args("SELECT k.id, k.topic, k.kafka_partition, k.to_offset, k.allow_rewind,"
+							  "       k.requested_by::text"
+							  " FROM spool.source_seeks k WHERE k.source = $1 AND k.state = 'pending'"
+							  " ORDER BY k.id",
+							  1, (Oid[]) {TEXTOID}, name, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.source_seeks");
+	plan = SPI_prepare("WITH o AS (SELECT next_offset FROM spool.offsets"
+					   "            WHERE source = $1 AND topic = $2 AND kafka_partition = $3 FOR UPDATE),"
+					   " d AS (SELECT (SELECT next_offset FROM o) AS from_offset),"
+					   " x AS (SELECT from_offset,"
+					   "         CASE WHEN from_offset IS NULL OR $4 > from_offset THEN 'forward'"
+					   "              WHEN $4 < from_offset THEN 'rewind' ELSE 'none' END AS direction,"
+					   "         (from_offset IS NULL OR $4 >= from_offset OR $5) AS apply FROM d),"
+					   " off AS (INSERT INTO spool.offsets AS f (source, topic, kafka_partition, next_offset, updated_at)"
+					   "         SELECT $1, $2, $3, $4, clock_timestamp() FROM x WHERE apply"
+					   "         ON CONFLICT (source, topic, kafka_partition) DO UPDATE"
+					   "         SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at),"
+					   " gap AS (INSERT INTO spool.gaps (source, topic, kafka_partition, from_offset, to_offset, action)"
+					   "         SELECT $1, $2, $3, from_offset, $4 - 1, 'seek' FROM x"
+					   "          WHERE apply AND direction = 'forward' AND from_offset IS NOT NULL)"
+					   " UPDATE spool.source_seeks k SET from_offset = x.from_offset, direction = x.direction,"
+					   "        state = CASE WHEN x.apply THEN 'applied' ELSE 'overtaken' END,"
+					   "        applied_at = clock_timestamp()"
+					   "   FROM x WHERE k.id = $6"
+					   " RETURNING k.state, k.direction, k.from_offset",
+					   6, (Oid[]) {TEXTOID, TEXTOID, INT4OID, INT8OID, BOOLOID, INT8OID});
+	if (plan == NULL)
+		elog(ERROR, "could not prepare the seek: %s", SPI_result_code_string(SPI_result));
+	/* The pending seeks are few: their result stays valid while the plan runs. */
+	{
+		SPITupleTable *seeks = SPI_tuptable;
+		uint64		n = SPI_processed;
+
+		for (i = 0; i < n; i++)
+		{
+			HeapTuple	tup = seeks->vals[i];
+			TupleDesc	desc = seeks->tupdesc;
+			bool		isnull;
+			Datum		v[6];
+			char	   *topic = SPI_getvalue(tup, desc, 2);
+			int32		partition = DatumGetInt32(SPI_getbinval(tup, desc, 3, &isnull));
+			int64		to = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+			char	   *by = SPI_getvalue(tup, desc, 6);
+			char	   *st;
+			char	   *dir;
+			char	   *from;
+
+			v[0] = name[0];
+			v[1] = CStringGetTextDatum(topic);
+			v[2] = Int32GetDatum(partition);
+			v[3] = Int64GetDatum(to);
+			v[4] = SPI_getbinval(tup, desc, 5, &isnull);
+			v[5] = SPI_getbinval(tup, desc, 1, &isnull);
+			if (SPI_execute_plan(plan, v, NULL, false, 0) != SPI_OK_UPDATE_RETURNING ||
+				SPI_processed != 1)
+				elog(ERROR, "could not apply seek %s", SPI_getvalue(tup, desc, 1));
+			st = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+			dir = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+			from = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("source \"%s\": seek %s of %s [%d] from offset %s to " INT64_FORMAT " (%s, asked by role %s): %s",
+							source_name, SPI_getvalue(tup, desc, 1), topic, partition,
+							from ? from : "(none stored)", to, dir, by, st),
+					 strcmp(dir, "rewind") == 0 && strcmp(st, "applied") == 0 ?
+					 errdetail("Offsets " INT64_FORMAT " to " INT64_FORMAT " will be spooled again, with new cursors.",
+							   to, (int64) strtoll(from, NULL, 10) - 1) : 0));
+		}
+	}
+	SPI_freeplan(plan);
 }
 
 /* Where a partition starts: its stored offset, else the start option. */
@@ -437,15 +628,15 @@ discover_and_assign(void)
 {
 	rd_kafka_topic_partition_list_t *list;
 	ListCell   *lc;
-	int			cap = 64;
 	rd_kafka_resp_err_t err;
 
-	parts = MemoryContextAlloc(TopMemoryContext, sizeof(PartState) * cap);
+	parts_cap = 64;
+	parts = MemoryContextAlloc(TopMemoryContext, sizeof(PartState) * parts_cap);
 	nparts = 0;
-	list = rd_kafka_topic_partition_list_new(cap);
+	list = rd_kafka_topic_partition_list_new(parts_cap);
 	foreach(lc, topics)
 	{
-		if (!add_topic(list, lfirst(lc), &cap))
+		if (!add_topic(list, lfirst(lc), &parts_cap))
 		{
 			rd_kafka_topic_partition_list_destroy(list);
 			return false;
@@ -624,6 +815,13 @@ handle_message(rd_kafka_message_t *rkm)
 	state = "running";
 
 	s = new_staged(pi, rkm->offset, 'm');
+	fill_staged(s, rkm);
+}
+
+/* A message's key, headers, timestamp and value, by the source's checks. */
+static void
+fill_staged(Staged *s, rd_kafka_message_t *rkm)
+{
 	if (rkm->key)
 		s->key = make_bytea(rkm->key, rkm->key_len);
 	s->headers = headers_jsonb(rkm);
@@ -886,7 +1084,9 @@ fill_slot(TupleTableSlot *slot, Staged *s, int64 batch_id, int64 pos, Datum sour
 	set_column(slot, 3, topic);
 	set_column(slot, 4, Int32GetDatum(parts[s->part].partition));
 	set_column(slot, 5, Int64GetDatum(s->offset));
-	set_column(slot, 6, CharGetDatum(s->kind));
+	set_column(slot, 6, CharGetDatum(s->dead_letter_id ? 'r' : s->kind));
+	if (s->dead_letter_id)
+		set_column(slot, 15, Int64GetDatum(s->dead_letter_id));
 	if (s->key)
 		set_column(slot, 7, PointerGetDatum(s->key));
 	if (s->kind == 'm' && s->has_value)
@@ -931,13 +1131,47 @@ insert_batch(Relation rel, int64 first_pos)
 	{
 		Staged	   *s = &batch[i];
 
+		if (s->kind == 'x')
+			continue;			/* a replay that failed again */
 		fill_slot(slots[nslots], s, batch_id, s->kind == 'm' ? pos++ : -1, source_datum,
 				  topic_datums[s->part]);
-		if (++nslots == STAGING_SLOTS || i == nbatch - 1)
+		if (++nslots == STAGING_SLOTS)
 		{
 			table_multi_insert(rel, slots, nslots, cid, 0, NULL);
 			nslots = 0;
 		}
+	}
+	if (nslots > 0)
+		table_multi_insert(rel, slots, nslots, cid, 0, NULL);
+}
+
+/*
+ * Replays whose message failed the checks again: the dead letter keeps the
+ * new error and its request is cleared; the row is not staged ('x').
+ */
+static void
+record_failed_replays(void)
+{
+	int			i;
+
+	for (i = 0; i < nbatch; i++)
+	{
+		Staged	   *s = &batch[i];
+
+		if (s->dead_letter_id == 0 || s->kind != 'd')
+			continue;
+		if (SPI_execute_with_args("UPDATE spool.dead_letters SET error = $2,"
+								  " replay_requested_at = NULL, replay_attempts = replay_attempts + 1"
+								  " WHERE id = $1",
+								  2, (Oid[]) {INT8OID, TEXTOID},
+								  (Datum[]) {Int64GetDatum(s->dead_letter_id),
+								  CStringGetTextDatum(s->error)}, NULL, false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "could not update dead letter " INT64_FORMAT, s->dead_letter_id);
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("source \"%s\": replay of dead letter " INT64_FORMAT " failed again: %s",
+						source_name, s->dead_letter_id, s->error)));
+		s->kind = 'x';
 	}
 }
 
@@ -948,26 +1182,33 @@ stage_batch(void)
 	Relation	rel;
 	uint32		which;
 	int			nmsg = 0;
+	int			nother = 0;
 	int64		first_pos;
 	int			i;
 
 	spool_begin_txn("staging a batch");
 	if (opts->format == SPOOL_FORMAT_JSON)
 		convert_json_values();
+	record_failed_replays();
 	rel = open_active_staging(&which);
 
 	/*
 	 * Reserve positions for this batch's messages in the table, while we hold
 	 * it: the promoter numbers cursors by these positions, and the counter
-	 * tells it how many there can be.
+	 * tells it how many there can be.  Replays are messages with a position
+	 * that only the promoter's statement for other rows moves.
 	 */
 	for (i = 0; i < nbatch; i++)
+	{
 		nmsg += (batch[i].kind == 'm');
+		nother += (batch[i].kind == 'd' || batch[i].kind == 'g' ||
+				   (batch[i].kind == 'm' && batch[i].dead_letter_id != 0));
+	}
 	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_msgs[which], (uint64) nmsg);
 	insert_batch(rel, first_pos);
 	table_close(rel, NoLock);
-	if (nbatch > nmsg)
-		pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_other[which], (uint64) (nbatch - nmsg));
+	if (nother > 0)
+		pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_other[which], (uint64) nother);
 
 	refresh_status(false);
 	spool_end_txn();
@@ -1205,6 +1446,19 @@ kafka_open(void)
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("could not create Kafka consumer: %s", errbuf)));
 	rd_kafka_poll_set_consumer(rk);
+	{
+		char		val[64];
+		size_t		len = sizeof(val);
+
+		discovery_ms = DISCOVERY_DEFAULT_MS;
+		if (rd_kafka_conf_get(rd_kafka_conf(rk), "topic.metadata.refresh.interval.ms",
+							  val, &len) == RD_KAFKA_CONF_OK)
+			discovery_ms = (int) strtol(val, NULL, 10);
+		/* Each look is a metadata request per topic: not more than once a second. */
+		if (discovery_ms > 0)
+			discovery_ms = Max(discovery_ms, 1000);
+		next_discovery = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), discovery_ms);
+	}
 
 	if (pipe(wake_pipe) != 0 ||
 		fcntl(wake_pipe[0], F_SETFL, O_NONBLOCK) != 0 ||
@@ -1340,6 +1594,204 @@ ingest_failed(void)
 	ReThrowError(edata);
 }
 
+/*
+ * Read one message at offset from a consumer of its own (the main one
+ * keeps its assignment and position).  Returns it, or NULL with *why set
+ * when Kafka no longer has it or does not answer in REPLAY_FETCH_MS.
+ */
+static rd_kafka_message_t *
+fetch_one(rd_kafka_t *handle, const char *topic, int32 partition, int64 offset,
+		  char **why)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), REPLAY_FETCH_MS);
+	rd_kafka_message_t *found = NULL;
+
+	*why = NULL;
+	rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
+	if (rd_kafka_assign(handle, list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		*why = "could not assign the partition";
+	rd_kafka_topic_partition_list_destroy(list);
+	while (*why == NULL && found == NULL)
+	{
+		/* A short wait inside librdkafka, bounded, with interrupts checked. */
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(handle, 100);
+
+		CHECK_FOR_INTERRUPTS();
+		if (m == NULL)
+		{
+			if (GetCurrentTimestamp() >= deadline)
+				*why = psprintf("Kafka did not return offset " INT64_FORMAT " within %d ms",
+								offset, REPLAY_FETCH_MS);
+			continue;
+		}
+		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+			*why = psprintf("offset " INT64_FORMAT " is past the end of the partition", offset);
+		else if (m->err)
+			*why = psprintf("message no longer in Kafka: %s", rd_kafka_message_errstr(m));
+		else if (m->offset != offset)
+			*why = psprintf("message no longer in Kafka (the next offset there is " INT64_FORMAT ")",
+							m->offset);
+		else
+		{
+			found = m;
+			continue;
+		}
+		rd_kafka_message_destroy(m);
+	}
+	(void) rd_kafka_assign(handle, NULL);
+	return found;
+}
+
+/*
+ * Replay the dead letters asked for (spool.replay_dead_letter): read each
+ * message from Kafka again and put it through the source's current checks
+ * (format, max_message_bytes, timestamp).  Those that pass are staged as
+ * replays ('r'): the promoter gives them new cursors and marks their dead
+ * letters replayed in the same transaction.  The others keep the new error.
+ */
+static void
+replay_dead_letters(void)
+{
+	char		errbuf[512];
+	rd_kafka_conf_t *conf;
+	rd_kafka_t *handle;
+	ListCell   *a,
+			   *b,
+			   *c,
+			   *d;
+	int			n = 0;
+
+	if (replay_ids == NIL)
+		return;
+	state = "replaying";
+	conf = spool_kafka_conf(brokers, opts, default_group, errbuf, sizeof(errbuf));
+	if (conf == NULL ||
+		rd_kafka_conf_set(conf, "enable.partition.eof", "true", errbuf, sizeof(errbuf)) != RD_KAFKA_CONF_OK ||
+		(handle = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf))) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("could not create a Kafka consumer for replays: %s", errbuf)));
+	forfour(a, replay_ids, b, replay_topic, c, replay_part, d, replay_offset)
+	{
+		const char *topic = lfirst(b);
+		int32		partition = (int32) strtol(lfirst(c), NULL, 10);
+		int64		offset = strtoll(lfirst(d), NULL, 10);
+		int			pi = find_part(topic, partition);
+		char	   *why = NULL;
+		rd_kafka_message_t *m = NULL;
+		Staged	   *s;
+
+		if (pi < 0)
+		{
+			/* Any assigned partition will do to carry the error. */
+			pi = 0;
+			why = psprintf("this source does not read %s [%d] any more", topic, partition);
+		}
+		else
+			m = fetch_one(handle, topic, partition, offset, &why);
+		s = new_staged(pi, offset, 'm');
+		s->dead_letter_id = strtoll(lfirst(a), NULL, 10);
+		if (m)
+		{
+			fill_staged(s, m);
+			rd_kafka_message_destroy(m);
+		}
+		else
+		{
+			s->kind = 'd';
+			s->error = why;
+		}
+		n++;
+	}
+	rd_kafka_consumer_close(handle);
+	rd_kafka_destroy(handle);
+	stage_batch();
+	state = "running";
+	ereport(LOG,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("source \"%s\": %d dead letters replayed from Kafka", source_name, n)));
+}
+
+/*
+ * Partitions added to the topics while the source runs: at most every
+ * discovery_ms (topic.metadata.refresh.interval.ms), ask the brokers for
+ * the topics' partitions.  A new one is read from its log start: its
+ * offset is stored at once (so a restart does not apply the start option
+ * to it and skip what was produced meanwhile), and every partition is
+ * assigned again at its position.
+ */
+static void
+discover_new_partitions(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	ListCell   *lc;
+	int			added = 0;
+
+	if (discovery_ms <= 0 || now < next_discovery)
+		return;
+	next_discovery = TimestampTzPlusMilliseconds(now, discovery_ms);
+	foreach(lc, topics)
+	{
+		const char *topic = lfirst(lc);
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+		const struct rd_kafka_metadata *md = NULL;
+		rd_kafka_resp_err_t err;
+		int			p;
+
+		err = rd_kafka_metadata(rk, 0, rkt, &md, 2000);
+		rd_kafka_topic_destroy(rkt);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR || md->topic_cnt < 1 ||
+			md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			if (md)
+				rd_kafka_metadata_destroy(md);
+			continue;			/* errors show through error_cb; try again later */
+		}
+		for (p = 0; p < md->topics[0].partition_cnt; p++)
+		{
+			int32		partition = md->topics[0].partitions[p].id;
+			int64		low;
+			PartState  *ps;
+
+			if (find_part(topic, partition) >= 0 || (low = log_start(topic, partition)) < 0)
+				continue;
+			spool_begin_txn("storing the start of a new partition");
+			if (SPI_execute_with_args("INSERT INTO spool.offsets (source, topic, kafka_partition,"
+									  " next_offset, updated_at) VALUES ($1, $2, $3, $4, clock_timestamp())"
+									  " ON CONFLICT DO NOTHING",
+									  4, (Oid[]) {TEXTOID, TEXTOID, INT4OID, INT8OID},
+									  (Datum[]) {CStringGetTextDatum(source_name),
+										  CStringGetTextDatum(topic), Int32GetDatum(partition),
+									  Int64GetDatum(low)}, NULL, false, 0) != SPI_OK_INSERT)
+				elog(ERROR, "could not store the offset of a new partition");
+			spool_end_txn();
+			if (nparts == parts_cap)
+			{
+				parts_cap *= 2;
+				parts = repalloc(parts, sizeof(PartState) * parts_cap);
+			}
+			ps = &parts[nparts++];
+			ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
+			ps->partition = partition;
+			ps->position = low;
+			ps->high = -1;
+			ps->count = 0;
+			added++;
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("source \"%s\": new partition %s [%d], read from offset " INT64_FORMAT,
+							source_name, topic, partition, low)));
+		}
+		rd_kafka_metadata_destroy(md);
+	}
+	if (added > 0)
+	{
+		reassign_all();
+		refresh_status(true);
+	}
+}
+
 void
 spool_ingest_main(Datum main_arg)
 {
@@ -1351,9 +1803,11 @@ spool_ingest_main(Datum main_arg)
 	{
 		kafka_open();
 		kafka_assign();
+		replay_dead_letters();
 		for (;;)
 		{
 			spool_worker_pass(batch_cxt, true);
+			discover_new_partitions();
 			gather_batch();
 			if (nbatch > 0)
 				stage_batch();

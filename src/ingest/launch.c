@@ -3,7 +3,10 @@
  * launch.c
  *	  The ingest side's workers as kinds the launcher supervises: the
  *	  promoter (one), and one ingest worker per enabled source.  Before any
- *	  of them starts, both staging tables are emptied.
+ *	  of them starts, both staging tables are emptied.  A source's unit
+ *	  carries its config_version (moved by alter_source, seek_source and
+ *	  replay_dead_letter): a worker started at another version is restarted
+ *	  at once, and applies the change at its start.
  *
  *-------------------------------------------------------------------------
  */
@@ -16,7 +19,25 @@
 static void list_promoter(SpoolSupervisor *s);
 static void list_sources(SpoolSupervisor *s);
 static char *source_label(const SpoolUnit *u, int i);
+static void source_prepare(const SpoolUnit *u, int i, SpoolWorkerArgs *args);
+static SpoolVerdict source_check(const SpoolUnit *u, int i, TimestampTz now);
+static bool source_failed(const SpoolUnit *u, int i);
+static void source_gone(const SpoolUnit *u, int i, const char *why);
 static void reset_staging(void);
+
+/*
+ * In the launcher: the config_version each running ingest worker was
+ * started at, and whether the launcher stopped it for a newer one.
+ */
+typedef struct SourceRun
+{
+	char		name[NAMEDATALEN];
+	uint32		version;
+	bool		replaced;
+} SourceRun;
+
+static SourceRun source_runs[SPOOL_MAX_SOURCES];
+static int	nsource_runs = 0;
 
 const SpoolKindOps spool_promoter_ops = {
 	.list = list_promoter,
@@ -26,6 +47,10 @@ const SpoolKindOps spool_promoter_ops = {
 const SpoolKindOps spool_source_ops = {
 	.list = list_sources,
 	.label = source_label,
+	.prepare = source_prepare,
+	.failed = source_failed,
+	.check = source_check,
+	.gone = source_gone,
 };
 
 static void
@@ -39,12 +64,80 @@ list_sources(SpoolSupervisor *s)
 {
 	uint64		n;
 
-	if (SPI_execute("SELECT name FROM spool.sources WHERE enabled ORDER BY name",
+	if (SPI_execute("SELECT name, config_version FROM spool.sources WHERE enabled ORDER BY name",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.sources");
 	for (n = 0; n < SPI_processed; n++)
+	{
+		bool		isnull;
+
 		spool_want(s, SPI_getvalue(SPI_tuptable->vals[n], SPI_tuptable->tupdesc, 1),
-				   0, 0, 1, 0);
+				   0, 0, 1,
+				   (uint32) DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[n],
+														SPI_tuptable->tupdesc, 2, &isnull)));
+	}
+}
+
+static SourceRun *
+find_run(const char *name)
+{
+	int			i;
+
+	for (i = 0; i < nsource_runs; i++)
+		if (strcmp(source_runs[i].name, name) == 0)
+			return &source_runs[i];
+	return NULL;
+}
+
+/* A worker starts: note the version it will load (or a later one). */
+static void
+source_prepare(const SpoolUnit *u, int i, SpoolWorkerArgs *args)
+{
+	SourceRun  *r = find_run(u->name);
+
+	if (r == NULL && nsource_runs < SPOOL_MAX_SOURCES)
+	{
+		r = &source_runs[nsource_runs++];
+		strlcpy(r->name, u->name, NAMEDATALEN);
+	}
+	if (r)
+	{
+		r->version = u->version;
+		r->replaced = false;
+	}
+}
+
+/*
+ * The source changed since its worker started: stop it (it exits like at
+ * any termination: its staged batches are promoted, the batch it held is
+ * read again) and start it again without a backoff.
+ */
+static SpoolVerdict
+source_check(const SpoolUnit *u, int i, TimestampTz now)
+{
+	SourceRun  *r = find_run(u->name);
+
+	if (r == NULL || r->version == u->version)
+		return SPOOL_KEEP;
+	r->replaced = true;
+	return SPOOL_RESTART;
+}
+
+static bool
+source_failed(const SpoolUnit *u, int i)
+{
+	SourceRun  *r = find_run(u->name);
+
+	return !(r && r->replaced);
+}
+
+static void
+source_gone(const SpoolUnit *u, int i, const char *why)
+{
+	SourceRun  *r = find_run(u->name);
+
+	if (r)
+		*r = source_runs[--nsource_runs];
 }
 
 static char *

@@ -226,8 +226,10 @@ seal_and_count(int64 lo, int64 n, bool dense)
  * part sees the offsets as they were before this promotion.  Messages
  * stream from the staging scan into the spool; only narrow RETURNING rows
  * are kept, for the offsets.  Dead letters and gaps (rare) are part of it
- * only with others.  $1 is the first cursor; the result is the number of
- * entries inserted.
+ * only with others, and so are replays of dead letters ('r': inserted at
+ * their position whatever the stored offset, which they do not move, and
+ * their dead letter marked replayed).  $1 is the first cursor; the result
+ * is the number of entries inserted.
  */
 static char *
 promote_sql(uint32 which, bool others, int32 segment)
@@ -255,13 +257,14 @@ promote_sql(uint32 which, bool others, int32 segment)
 					"  ON CONFLICT (source, topic, kafka_partition) DO UPDATE"
 					"     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset),"
 					"         updated_at = EXCLUDED.updated_at)"
-					" SELECT count(*) FROM ins",
+					" SELECT (SELECT count(*) FROM ins)%s",
 					target, tab,
 					others ? psprintf(" other AS ("
 									  "  SELECT s.* FROM %s s JOIN spool.sources src ON src.name = s.source"
 									  "    LEFT JOIN spool.offsets o ON o.source = s.source AND o.topic = s.topic"
 									  "         AND o.kafka_partition = s.kafka_partition"
-									  "   WHERE s.kind <> 'm' AND s.kafka_offset >= coalesce(o.next_offset, 0)),"
+									  "   WHERE s.kind <> 'm'"
+									  "     AND (s.kind = 'r' OR s.kafka_offset >= coalesce(o.next_offset, 0))),"
 									  " dl AS ("
 									  "  INSERT INTO spool.dead_letters (source, topic, kafka_partition, kafka_offset,"
 									  "         key, payload, error)"
@@ -280,9 +283,24 @@ promote_sql(uint32 which, bool others, int32 segment)
 									  " skip AS ("
 									  "  UPDATE spool.sources s SET skip_gap = false"
 									  "    FROM other f WHERE f.source = s.name AND f.kind = 'g' AND NOT f.gap_stop"
-									  "     AND s.skip_gap),", tab) : "",
+									  "     AND s.skip_gap),"
+									  " rp AS ("
+									  "  INSERT INTO %s (cursor, source, topic, kafka_partition, kafka_offset,"
+									  "         key, value, payload, headers, kafka_ts, spooled_at)"
+									  "  SELECT $1 + r.pos, r.source, r.topic, r.kafka_partition, r.kafka_offset,"
+									  "         r.key, r.value, r.payload, r.headers, r.kafka_ts, now()"
+									  "    FROM other r JOIN spool.dead_letters d ON d.id = r.dead_letter_id"
+									  "         AND d.replay_cursor IS NULL"
+									  "   WHERE r.kind = 'r'"
+									  "  RETURNING cursor),"
+									  " rpm AS ("
+									  "  UPDATE spool.dead_letters d SET replayed_at = now(), replay_cursor = $1 + r.pos,"
+									  "         replay_requested_at = NULL, replay_attempts = d.replay_attempts + 1"
+									  "    FROM other r WHERE r.kind = 'r' AND d.id = r.dead_letter_id"
+									  "     AND d.replay_cursor IS NULL),", tab, target) : "",
 					others ? " UNION ALL SELECT source, topic, kafka_partition, coalesce(gap_to, kafka_offset)"
-					"   FROM other WHERE NOT (kind = 'g' AND gap_stop)" : "");
+					"   FROM other WHERE NOT (kind = 'g' AND gap_stop) AND kind <> 'r'" : "",
+					others ? " + (SELECT count(*) FROM rp)" : "");
 }
 
 /* The kept row-moving statement for this table, kind and segment. */

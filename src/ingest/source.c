@@ -2,8 +2,10 @@
  *
  * source.c
  *	  SQL functions that define and control Kafka sources: create_source,
- *	  start_source, stop_source, drop_source.  The launcher starts and stops
- *	  the ingest workers; these functions change spool.sources and wake it.
+ *	  alter_source, start_source, stop_source, drop_source.  The launcher
+ *	  starts and stops the ingest workers; these functions change
+ *	  spool.sources and wake it.  (Seeks and dead-letter replays:
+ *	  source_ops.c.)
  *
  *-------------------------------------------------------------------------
  */
@@ -24,6 +26,7 @@ PG_FUNCTION_INFO_V1(spool_create_source);
 PG_FUNCTION_INFO_V1(spool_start_source);
 PG_FUNCTION_INFO_V1(spool_stop_source);
 PG_FUNCTION_INFO_V1(spool_drop_source);
+PG_FUNCTION_INFO_V1(spool_alter_source);
 
 #define PROBE_TIMEOUT_MS 3000
 
@@ -297,5 +300,95 @@ spool_drop_source(PG_FUNCTION_ARGS)
 					   " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
 					   " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
 					   " SELECT * FROM d");
+	PG_RETURN_VOID();
+}
+
+/*
+ * SQL: spool.alter_source(name, brokers, options).  NULL leaves brokers or
+ * options as they are.  options are merged over the stored ones (a JSON
+ * null resets an option to its default); "kafka" is merged property by
+ * property (a JSON null removes one).  The result is checked as at create
+ * time, for the caller: option table, librdkafka policy, librdkafka itself.
+ * Offsets are untouched; config_version moves, so the launcher restarts a
+ * running ingest worker, which resumes after what is durable or staged.
+ */
+Datum
+spool_alter_source(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	char	   *brokers = NULL;
+	Jsonb	   *patch = NULL;
+	SpoolSourceOptions *o;
+	rd_kafka_conf_t *conf;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	Datum		v[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	bool		isnull;
+	char	  **topics;
+	int			ntopics;
+	bool		new_brokers;
+	SpoolCaller caller;
+
+	spool_require_pipeline_database("source");
+	if (!PG_ARGISNULL(1))
+	{
+		brokers = spool_arg_name(fcinfo, 1, "brokers");
+		check_brokers(brokers);
+	}
+	if (!PG_ARGISNULL(2))
+	{
+		patch = PG_GETARG_JSONB_P(2);
+		if (!JB_ROOT_IS_OBJECT(patch) || JB_ROOT_IS_SCALAR(patch))
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("source options must be a JSON object"),
+					 errhint("Pass the options to change, e.g. '{\"batch_size\": 500}'.")));
+	}
+
+	spool_enter(&caller);
+	SPI_connect();
+	v[0] = CStringGetTextDatum(name);
+	v[1] = patch ? JsonbPGetDatum(patch) : (Datum) 0;
+	nulls[1] = patch ? ' ' : 'n';
+	if (SPI_execute_with_args("SELECT brokers, topics, owner,"
+							  " jsonb_strip_nulls(options || coalesce($2, '{}') - 'kafka'"
+							  "   || CASE WHEN jsonb_typeof($2->'kafka') = 'object'"
+							  "           THEN jsonb_build_object('kafka',"
+							  "                coalesce(options->'kafka', '{}') || ($2->'kafka'))"
+							  "           WHEN $2 ? 'kafka' THEN jsonb_build_object('kafka', $2->'kafka')"
+							  "           ELSE '{}' END)"
+							  " FROM spool.sources WHERE name = $1 FOR UPDATE",
+							  2, (Oid[]) {TEXTOID, JSONBOID}, v, nulls, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.sources");
+	tup = spool_owned_row("source", name, 3, caller.role);
+	desc = SPI_tuptable->tupdesc;
+	new_brokers = brokers != NULL && strcmp(brokers, SPI_getvalue(tup, desc, 1)) != 0;
+	if (brokers == NULL)
+		brokers = SPI_getvalue(tup, desc, 1);
+	ntopics = check_topics(DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 2, &isnull)), &topics);
+	o = spool_parse_source_options(DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 4, &isnull)));
+
+	/* As create_source: the policy before librdkafka sees anything. */
+	spool_kafka_policy_check(brokers, o->nkafka, (const char **) o->kafka_keys,
+							 (const char **) o->kafka_values, caller.role,
+							 "source", name);
+	conf = source_conf(brokers, o, "spool_ext.check", "invalid Kafka property in source options");
+	rd_kafka_conf_destroy(conf);
+
+	v[1] = CStringGetTextDatum(brokers);
+	v[2] = JsonbPGetDatum(spool_source_options_jsonb(o));
+	nulls[1] = ' ';
+	if (SPI_execute_with_args("UPDATE spool.sources SET brokers = $2, options = $3,"
+							  " config_version = config_version + 1 WHERE name = $1",
+							  3, (Oid[]) {TEXTOID, TEXTOID, JSONBOID}, v, nulls, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not update source \"%s\"", name);
+	SPI_finish();
+
+	/* New brokers: do they know the topics?  (Unreachable: a WARNING only.) */
+	if (new_brokers)
+		probe_topics(brokers, o, topics, ntopics);
+	spool_leave(&caller);
+	spool_wake_launcher();
 	PG_RETURN_VOID();
 }

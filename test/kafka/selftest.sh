@@ -166,6 +166,24 @@ expect "consume hole 0 -2 100000 $out" "^OK consumed $((30000 - low)) 30000\$"
 pass "consume below the log start: Offset out of range; -2 starts at $low"
 rm -f "$out"
 
+# --- the proxy: partitions that appear, ListOffsets by time ---------------
+expect "topic grow 4" '^OK$'
+expect "partitions grow 2" '^OK$'
+expect "proxy" '^OK 127\.0\.0\.1:[0-9]+$'
+PROXY=${REPLY#OK }
+parts() { timeout "$KCAT_TIMEOUT" kcat -L -b "$PROXY" -t grow | grep -c ' partition '; }
+[ "$(parts)" -eq 2 ] || fail "through the proxy, grow has $(parts) partitions, want 2"
+expect "produce grow 100" '^OK produced 100$'
+expect "partitions grow 4" '^OK$'
+[ "$(parts)" -eq 4 ] || fail "through the proxy, grow has $(parts) partitions, want 4"
+n=$(timeout "$KCAT_TIMEOUT" kcat -C -b "$PROXY" -t grow -p 3 -e -o beginning -q | wc -l)
+[ "$n" -eq 25 ] || fail "kcat read $n messages of grow [3] through the proxy, want 25"
+pass "proxy: 2 partitions of grow, then 4; partition 3 has its 25 messages"
+for i in 0 1 2 3; do expect "produce_ts tso 0 k$i $((1700000000000 + i * 1000)) x" "^OK produced 1 0 $i\$"; done
+q=$(timeout "$KCAT_TIMEOUT" kcat -Q -b "$PROXY" -t tso:0:1700000001500)
+[[ "$q" =~ offset\ 2$ ]] || fail "ListOffsets by time through the proxy: '$q', want offset 2"
+pass "proxy: ListOffsets by time -> $q"
+
 # --- quit -----------------------------------------------------------------
 expect "quit" '^OK$'
 rc=0; wait "$mock_pid" || rc=$?

@@ -90,6 +90,19 @@
  *       Any other consumer error also answers ERR (FILE keeps what was read
  *       before it).
  *   bootstrap                                OK 127.0.0.1:p1,...
+ *   proxy                                    OK 127.0.0.1:q1,...
+ *       Starts (once) a proxy in front of the brokers and answers its
+ *       bootstrap list.  Clients of the proxy see every broker at a proxy
+ *       address, and the topics limited with "partitions" with fewer
+ *       partitions (see "Metadata proxy" below).
+ *   partitions TOPIC N                       OK
+ *       Clients of the proxy see partitions 0 .. N-1 of TOPIC only (any N
+ *       up to what the topic has; raise it to make partitions "appear",
+ *       as when partitions are added to a topic).  The commands of this
+ *       program (produce, wmarks, consume) always see every partition.
+ *       The proxy also answers ListOffsets by timestamp (which the mock
+ *       answers with -1) for partitions produce_ts wrote to: the first
+ *       offset produce_ts wrote with a timestamp at or after the one asked.
  *   quit  (or EOF on stdin)                  OK, then the cluster is
  *       destroyed and the program exits 0.  SIGTERM and SIGINT also make it
  *       shut down cleanly and exit 0 (no answer line).
@@ -161,9 +174,14 @@
 
 #define _POSIX_C_SOURCE 200809L
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -195,6 +213,9 @@
 static volatile sig_atomic_t stop_requested = 0;
 
 static int quiet = 0;
+
+static void proxy_note_time(const char *topic, int32_t partition, int64_t offset,
+							int64_t ts);
 
 /* Global state: the mock cluster, its owner handle and our producer. */
 static struct {
@@ -883,8 +904,12 @@ cmd_produce_single(char *args, int with_headers, int with_timestamp)
 		reply("ERR delivery failed: %s",
 			  dr.failed ? rd_kafka_err2str(dr.first_err) : "timed out");
 	else
+	{
+		if (with_timestamp)
+			proxy_note_time(topic, dr.last_partition, dr.last_offset, timestamp);
 		reply("OK produced 1 %d %lld", (int) dr.last_partition,
 			  (long long) dr.last_offset);
+	}
 done:
 	if (hdrs != NULL)
 		rd_kafka_headers_destroy(hdrs);
@@ -1321,6 +1346,834 @@ done:
 		rd_kafka_destroy(rk);
 }
 
+/* ------------------------------------------------------------------ */
+/* Metadata proxy: partitions that appear while clients run            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * librdkafka 2.0.2's mock cannot add partitions to a topic.  To let tests
+ * watch a topic grow, "proxy" starts one TCP listener per broker in front
+ * of the mock brokers (a thread of its own).  Bytes pass through unchanged
+ * except the Metadata and FindCoordinator responses (ApiKeys 3 and 10,
+ * v0-v2: the versions the mock answers), in which broker addresses are
+ * replaced by the proxy's (so clients never learn the brokers' own) and, for
+ * a topic limited with "partitions TOPIC N", partitions N and up are left
+ * out.  A topic is created with its final partition count and announced
+ * with fewer; raising N makes the rest appear, as CreatePartitions does on
+ * a real cluster.  The internal producer talks to the brokers directly, so
+ * it can write into partitions clients cannot see yet.
+ */
+#define PROXY_MAX_CONNS   256
+#define PROXY_MAX_LIMITS  64
+#define PROXY_MAX_FRAME   (64 * 1024 * 1024)
+#define PROXY_PENDING     1024
+
+typedef struct ProxyBuf
+{
+	unsigned char *data;
+	size_t len;
+	size_t cap;
+} ProxyBuf;
+
+typedef struct ProxyConn
+{
+	int client;
+	int upstream;
+	ProxyBuf from_client;          /* bytes not yet sent upstream */
+	size_t noted;                  /* of which whole, noted requests */
+	ProxyBuf from_upstream;        /* bytes not yet parsed */
+	ProxyBuf to_client;            /* bytes not yet sent to the client */
+	int32_t corr[PROXY_PENDING];   /* requests in flight: correlation id, */
+	int64_t asked_ts[PROXY_PENDING];   /* ListOffsets: the (first) timestamp asked */
+	int16_t key[PROXY_PENDING];    /* ApiKey and version */
+	int16_t ver[PROXY_PENDING];
+	int npending;
+} ProxyConn;
+
+static pthread_mutex_t px_lock = PTHREAD_MUTEX_INITIALIZER;	/* guards limits and times */
+
+/*
+ * The mock answers ListOffsets by timestamp with -1 (not implemented in
+ * librdkafka 2.0.2).  The messages produce_ts wrote are remembered here,
+ * and the proxy answers such a request from them as a broker does: the
+ * first offset whose timestamp is at or after the one asked for.
+ */
+#define PROXY_MAX_TIMES 100000
+
+typedef struct ProducedTime
+{
+	char topic[128];
+	int32_t partition;
+	int64_t offset;
+	int64_t ts;
+} ProducedTime;
+
+static ProducedTime *px_times;
+static int px_ntimes;
+
+static void
+proxy_note_time(const char *topic, int32_t partition, int64_t offset, int64_t ts)
+{
+	pthread_mutex_lock(&px_lock);
+	if (px_times == NULL)
+		px_times = calloc(PROXY_MAX_TIMES, sizeof(ProducedTime));
+	if (px_times != NULL && px_ntimes < PROXY_MAX_TIMES && strlen(topic) < 128)
+	{
+		ProducedTime *t = &px_times[px_ntimes++];
+
+		strcpy(t->topic, topic);
+		t->partition = partition;
+		t->offset = offset;
+		t->ts = ts;
+	}
+	pthread_mutex_unlock(&px_lock);
+}
+
+/*
+ * The first offset of topic/partition produced with a timestamp at or after
+ * ts, and its timestamp; 0 when produce_ts wrote nothing there (then the
+ * mock's answer stands), 1 when found, -1 when none is that late.
+ */
+static int
+proxy_offset_for_time(const unsigned char *topic, int len, int32_t partition, int64_t ts,
+					  int64_t *offset, int64_t *found_ts)
+{
+	int i, known = 0;
+
+	*offset = -1;
+	pthread_mutex_lock(&px_lock);
+	for (i = 0; i < px_ntimes; i++)
+	{
+		ProducedTime *t = &px_times[i];
+
+		if ((int) strlen(t->topic) != len || memcmp(t->topic, topic, (size_t) len) != 0 ||
+			t->partition != partition)
+			continue;
+		known = 1;
+		if (t->ts >= ts && (*offset < 0 || t->offset < *offset))
+		{
+			*offset = t->offset;
+			*found_ts = t->ts;
+		}
+	}
+	pthread_mutex_unlock(&px_lock);
+	return known ? (*offset >= 0 ? 1 : -1) : 0;
+}
+
+static struct {
+	pthread_t thread;
+	int running;
+	
+	int nbrokers;
+	int listen_fd[MAX_BROKERS];
+	int listen_port[MAX_BROKERS];
+	int upstream_port[MAX_BROKERS];
+	char bootstrap[4096];
+	char limit_topic[PROXY_MAX_LIMITS][256];
+	int limit_count[PROXY_MAX_LIMITS];
+	int nlimits;
+	ProxyConn conns[PROXY_MAX_CONNS];
+} px;
+
+static int
+buf_put(ProxyBuf *b, const void *data, size_t len)
+{
+	if (b->len + len > b->cap)
+	{
+		size_t cap = b->cap ? b->cap : 65536;
+		unsigned char *d;
+
+		while (cap < b->len + len)
+			cap *= 2;
+		d = realloc(b->data, cap);
+		if (d == NULL)
+			return -1;
+		b->data = d;
+		b->cap = cap;
+	}
+	memcpy(b->data + b->len, data, len);
+	b->len += len;
+	return 0;
+}
+
+static void
+buf_drop(ProxyBuf *b, size_t n)
+{
+	memmove(b->data, b->data + n, b->len - n);
+	b->len -= n;
+}
+
+static int32_t
+rd32(const unsigned char *p)
+{
+	return (int32_t) (((uint32_t) p[0] << 24) | ((uint32_t) p[1] << 16) |
+					  ((uint32_t) p[2] << 8) | p[3]);
+}
+
+static int16_t
+rd16(const unsigned char *p)
+{
+	return (int16_t) (((uint16_t) p[0] << 8) | p[1]);
+}
+
+static void
+wr32(unsigned char *p, int32_t v)
+{
+	p[0] = (unsigned char) ((uint32_t) v >> 24);
+	p[1] = (unsigned char) ((uint32_t) v >> 16);
+	p[2] = (unsigned char) ((uint32_t) v >> 8);
+	p[3] = (unsigned char) v;
+}
+
+/* Visible partitions of a topic; -1: all. */
+static int
+proxy_limit(const unsigned char *name, int len)
+{
+	int i, n = -1;
+
+	pthread_mutex_lock(&px_lock);
+	for (i = 0; i < px.nlimits; i++)
+		if ((int) strlen(px.limit_topic[i]) == len &&
+			memcmp(px.limit_topic[i], name, (size_t) len) == 0)
+			n = px.limit_count[i];
+	pthread_mutex_unlock(&px_lock);
+	return n;
+}
+
+/* Reader over a response body; any overrun sets bad. */
+typedef struct Rd
+{
+	const unsigned char *p;
+	const unsigned char *end;
+	int bad;
+} Rd;
+
+static const unsigned char *
+rd_take(Rd *r, size_t n)
+{
+	const unsigned char *at = r->p;
+
+	if (r->bad || (size_t) (r->end - r->p) < n)
+	{
+		r->bad = 1;
+		return NULL;
+	}
+	r->p += n;
+	return at;
+}
+
+/* Copy n bytes from r to out. */
+static void
+rd_copy(Rd *r, ProxyBuf *out, size_t n)
+{
+	const unsigned char *at = rd_take(r, n);
+
+	if (at)
+		buf_put(out, at, n);
+}
+
+/* A Kafka string (int16 length, -1 null): copied, its bytes returned. */
+static const unsigned char *
+rd_string(Rd *r, ProxyBuf *out, int *len)
+{
+	const unsigned char *l = rd_take(r, 2);
+	int n;
+
+	*len = -1;
+	if (l == NULL)
+		return NULL;
+	n = rd16(l);
+	buf_put(out, l, 2);
+	if (n <= 0)
+		return NULL;
+	*len = n;
+	l = rd_take(r, (size_t) n);
+	if (l)
+		buf_put(out, l, (size_t) n);
+	return l;
+}
+
+/*
+ * Rewrite a Metadata response body (after the correlation id) of version
+ * ver into out.  Returns 0, or -1 when it cannot be parsed (then the
+ * original is passed on).
+ */
+static int
+rewrite_metadata(const unsigned char *body, size_t len, int ver, ProxyBuf *out)
+{
+	Rd r = {body, body + len, 0};
+	const unsigned char *c;
+	int32_t nb, nt, i, t;
+	int slen;
+
+	c = rd_take(&r, 4);
+	if (c == NULL)
+		return -1;
+	nb = rd32(c);
+	buf_put(out, c, 4);
+	for (i = 0; i < nb && !r.bad; i++)
+	{
+		unsigned char port[4];
+		const unsigned char *pp;
+		int b, upstream;
+		static const char host[] = "127.0.0.1";
+		unsigned char hl[2] = {0, (unsigned char) (sizeof(host) - 1)};
+
+		rd_copy(&r, out, 4);           /* node id */
+		c = rd_take(&r, 2);            /* host: replaced */
+		if (c == NULL || rd16(c) < 0 || rd_take(&r, (size_t) rd16(c)) == NULL)
+			return -1;
+		buf_put(out, hl, 2);
+		buf_put(out, host, sizeof(host) - 1);
+		pp = rd_take(&r, 4);
+		if (pp == NULL)
+			return -1;
+		upstream = rd32(pp);
+		wr32(port, upstream);
+		for (b = 0; b < px.nbrokers; b++)
+			if (px.upstream_port[b] == upstream)
+				wr32(port, px.listen_port[b]);
+		buf_put(out, port, 4);
+		if (ver >= 1)
+			(void) rd_string(&r, out, &slen);  /* rack */
+	}
+	if (ver >= 2)
+		(void) rd_string(&r, out, &slen);      /* cluster id */
+	if (ver >= 1)
+		rd_copy(&r, out, 4);                   /* controller id */
+	c = rd_take(&r, 4);
+	if (c == NULL)
+		return -1;
+	nt = rd32(c);
+	buf_put(out, c, 4);
+	for (t = 0; t < nt && !r.bad; t++)
+	{
+		const unsigned char *name;
+		int32_t np, p, kept = 0;
+		int limit;
+		size_t count_at;
+		unsigned char cnt[4];
+
+		rd_copy(&r, out, 2);                   /* error */
+		name = rd_string(&r, out, &slen);
+		limit = name ? proxy_limit(name, slen) : -1;
+		if (ver >= 1)
+			rd_copy(&r, out, 1);               /* is_internal */
+		c = rd_take(&r, 4);
+		if (c == NULL)
+			return -1;
+		np = rd32(c);
+		count_at = out->len;
+		buf_put(out, c, 4);
+		for (p = 0; p < np && !r.bad; p++)
+		{
+			const unsigned char *start = r.p;
+			const unsigned char *h = rd_take(&r, 10);  /* error, index, leader */
+			int32_t nrep, nisr;
+
+			if (h == NULL)
+				return -1;
+			c = rd_take(&r, 4);
+			if (c == NULL || (nrep = rd32(c)) < 0 || rd_take(&r, (size_t) nrep * 4) == NULL)
+				return -1;
+			c = rd_take(&r, 4);
+			if (c == NULL || (nisr = rd32(c)) < 0 || rd_take(&r, (size_t) nisr * 4) == NULL)
+				return -1;
+			if (limit >= 0 && rd32(h + 2) >= limit)
+				continue;
+			buf_put(out, start, (size_t) (r.p - start));
+			kept++;
+		}
+		wr32(cnt, kept);
+		memcpy(out->data + count_at, cnt, 4);
+	}
+	if (r.bad)
+		return -1;
+	buf_put(out, r.p, (size_t) (r.end - r.p));
+	return 0;
+}
+
+/* Copy a broker's host and port, the address replaced by the proxy's. */
+static int
+rewrite_address(Rd *r, ProxyBuf *out)
+{
+	static const char host[] = "127.0.0.1";
+	unsigned char hl[2] = {0, (unsigned char) (sizeof(host) - 1)};
+	unsigned char port[4];
+	const unsigned char *c = rd_take(r, 2);
+	int32_t upstream;
+	int b;
+
+	if (c == NULL || rd16(c) < 0 || rd_take(r, (size_t) rd16(c)) == NULL)
+		return -1;
+	buf_put(out, hl, 2);
+	buf_put(out, host, sizeof(host) - 1);
+	c = rd_take(r, 4);
+	if (c == NULL)
+		return -1;
+	upstream = rd32(c);
+	wr32(port, upstream);
+	for (b = 0; b < px.nbrokers; b++)
+		if (px.upstream_port[b] == upstream)
+			wr32(port, px.listen_port[b]);
+	buf_put(out, port, 4);
+	return 0;
+}
+
+/*
+ * A FindCoordinator response (v0-v2, the versions the mock answers): the
+ * coordinator's address becomes the proxy's, or the client would go to
+ * the broker directly from then on.
+ */
+static int
+rewrite_coordinator(const unsigned char *body, size_t len, int ver, ProxyBuf *out)
+{
+	Rd r = {body, body + len, 0};
+	int slen;
+
+	if (ver >= 1)
+		rd_copy(&r, out, 4);                   /* throttle time */
+	rd_copy(&r, out, 2);                       /* error */
+	if (ver >= 1)
+		(void) rd_string(&r, out, &slen);      /* error message */
+	rd_copy(&r, out, 4);                       /* node id */
+	if (r.bad || rewrite_address(&r, out) != 0)
+		return -1;
+	buf_put(out, r.p, (size_t) (r.end - r.p));
+	return 0;
+}
+
+static void
+proxy_close(ProxyConn *c)
+{
+	if (c->client >= 0)
+		close(c->client);
+	if (c->upstream >= 0)
+		close(c->upstream);
+	free(c->from_client.data);
+	free(c->from_upstream.data);
+	free(c->to_client.data);
+	memset(c, 0, sizeof(*c));
+	c->client = c->upstream = -1;
+}
+
+/*
+ * The timestamp of the first partition of a ListOffsets request (header
+ * v1, then v1-v5 body), or -1.  (librdkafka asks one timestamp per call of
+ * offsets_for_times; the answer patch applies it to every partition.)
+ */
+static int64_t
+listoffsets_asked(const unsigned char *req, size_t len, int ver)
+{
+	Rd r = {req, req + len, 0};
+	const unsigned char *c;
+	ProxyBuf sink = {NULL, 0, 0};
+	int slen;
+	int64_t ts = -1;
+
+	(void) rd_take(&r, 8);                 /* key, version, correlation id */
+	(void) rd_string(&r, &sink, &slen);    /* client id */
+	(void) rd_take(&r, 4);                 /* replica id */
+	if (ver >= 2)
+		(void) rd_take(&r, 1);             /* isolation level */
+	c = rd_take(&r, 4);                    /* topics */
+	if (c && rd32(c) >= 1)
+	{
+		(void) rd_string(&r, &sink, &slen);
+		c = rd_take(&r, 4);                /* partitions */
+		if (c && rd32(c) >= 1)
+		{
+			(void) rd_take(&r, 4);         /* partition */
+			if (ver >= 4)
+				(void) rd_take(&r, 4);     /* current leader epoch */
+			c = rd_take(&r, 8);
+			if (c)
+				ts = ((int64_t) rd32(c) << 32) | (uint32_t) rd32(c + 4);
+		}
+	}
+	free(sink.data);
+	return r.bad ? -1 : ts;
+}
+
+static void
+wr64(unsigned char *p, int64_t v)
+{
+	wr32(p, (int32_t) (v >> 32));
+	wr32(p + 4, (int32_t) v);
+}
+
+/*
+ * Answer a ListOffsets by timestamp (response v1-v5, patched in place) from
+ * what produce_ts wrote, where it wrote something.
+ */
+static void
+patch_listoffsets(unsigned char *body, size_t len, int ver, int64_t ts)
+{
+	Rd r = {body, body + len, 0};
+	const unsigned char *c;
+	ProxyBuf sink = {NULL, 0, 0};
+	int32_t nt, t;
+
+	if (ver >= 2)
+		(void) rd_take(&r, 4);             /* throttle time */
+	c = rd_take(&r, 4);
+	nt = c ? rd32(c) : 0;
+	for (t = 0; t < nt && !r.bad; t++)
+	{
+		int slen;
+		const unsigned char *name = rd_string(&r, &sink, &slen);
+		int32_t np, p;
+
+		c = rd_take(&r, 4);
+		np = c ? rd32(c) : 0;
+		for (p = 0; p < np && !r.bad; p++)
+		{
+			const unsigned char *part = rd_take(&r, 4);
+			const unsigned char *err = rd_take(&r, 2);
+			unsigned char *at_ts = (unsigned char *) rd_take(&r, 8);
+			unsigned char *at_off = (unsigned char *) rd_take(&r, 8);
+			int64_t off, found_ts = -1;
+
+			if (ver >= 4)
+				(void) rd_take(&r, 4);     /* leader epoch */
+			if (r.bad || name == NULL || rd16(err) != 0)
+				continue;
+			if (proxy_offset_for_time(name, slen, rd32(part), ts, &off, &found_ts) != 0)
+			{
+				wr64(at_off, off);
+				wr64(at_ts, found_ts);
+			}
+		}
+	}
+	free(sink.data);
+}
+
+/* Note the requests that became whole in from_client; they may go upstream. */
+static void
+note_requests(ProxyConn *c)
+{
+	size_t off = c->noted;
+
+	while (c->from_client.len - off >= 12)
+	{
+		int32_t size = rd32(c->from_client.data + off);
+
+		if (size < 8 || size > PROXY_MAX_FRAME || c->from_client.len - off < (size_t) size + 4)
+			break;
+		if (c->npending < PROXY_PENDING)
+		{
+			c->key[c->npending] = rd16(c->from_client.data + off + 4);
+			c->ver[c->npending] = rd16(c->from_client.data + off + 6);
+			c->corr[c->npending] = rd32(c->from_client.data + off + 8);
+			c->asked_ts[c->npending] = -1;
+			if (c->key[c->npending] == 2 && c->ver[c->npending] >= 1 && c->ver[c->npending] <= 5)
+				c->asked_ts[c->npending] =
+					listoffsets_asked(c->from_client.data + off + 4, (size_t) size,
+									  c->ver[c->npending]);
+			c->npending++;
+		}
+		off += (size_t) size + 4;
+	}
+	c->noted = off;
+}
+
+/* Send the noted requests upstream, as far as the socket takes them. */
+static void
+send_upstream(ProxyConn *c)
+{
+	ssize_t got;
+
+	if (c->noted == 0)
+		return;
+	got = write(c->upstream, c->from_client.data, c->noted);
+	if (got > 0)
+	{
+		buf_drop(&c->from_client, (size_t) got);
+		c->noted -= (size_t) got;
+	}
+}
+
+/* Move whole response frames from from_upstream to to_client, rewriting Metadata. */
+static void
+pass_responses(ProxyConn *c)
+{
+	while (c->from_upstream.len >= 8)
+	{
+		int32_t size = rd32(c->from_upstream.data);
+		int32_t corr = rd32(c->from_upstream.data + 4);
+		int i, key = -1, ver = 0;
+		int64_t asked = -1;
+		ProxyBuf body = {NULL, 0, 0};
+		unsigned char hdr[4];
+
+		if (size < 4 || c->from_upstream.len < (size_t) size + 4)
+			break;
+		for (i = 0; i < c->npending; i++)
+			if (c->corr[i] == corr)
+			{
+				key = c->key[i];
+				ver = c->ver[i];
+				asked = c->asked_ts[i];
+				c->npending--;
+				c->asked_ts[i] = c->asked_ts[c->npending];
+				c->corr[i] = c->corr[c->npending];
+				c->key[i] = c->key[c->npending];
+				c->ver[i] = c->ver[c->npending];
+				break;
+			}
+		if (key == 2 && asked >= 0)
+			patch_listoffsets(c->from_upstream.data + 8, (size_t) size - 4, ver, asked);
+		if ((key == 3 && ver <= 2 &&
+			 rewrite_metadata(c->from_upstream.data + 8, (size_t) size - 4, ver, &body) == 0) ||
+			(key == 10 && ver <= 2 &&
+			 rewrite_coordinator(c->from_upstream.data + 8, (size_t) size - 4, ver, &body) == 0))
+		{
+			wr32(hdr, (int32_t) body.len + 4);
+			buf_put(&c->to_client, hdr, 4);
+			buf_put(&c->to_client, c->from_upstream.data + 4, 4);
+			buf_put(&c->to_client, body.data, body.len);
+		}
+		else
+			buf_put(&c->to_client, c->from_upstream.data, (size_t) size + 4);
+		free(body.data);
+		buf_drop(&c->from_upstream, (size_t) size + 4);
+	}
+}
+
+static int
+listen_loopback(int *port)
+{
+	struct sockaddr_in a;
+	socklen_t alen = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	memset(&a, 0, sizeof(a));
+	a.sin_family = AF_INET;
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (fd < 0 || bind(fd, (struct sockaddr *) &a, sizeof(a)) != 0 ||
+		listen(fd, 64) != 0 || getsockname(fd, (struct sockaddr *) &a, &alen) != 0)
+	{
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	*port = ntohs(a.sin_port);
+	return fd;
+}
+
+static int
+connect_loopback(int port)
+{
+	struct sockaddr_in a;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	memset(&a, 0, sizeof(a));
+	a.sin_family = AF_INET;
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	a.sin_port = htons((uint16_t) port);
+	if (fd < 0 || connect(fd, (struct sockaddr *) &a, sizeof(a)) != 0)
+	{
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void *
+proxy_main(void *arg)
+{
+	struct pollfd fds[MAX_BROKERS + 2 * PROXY_MAX_CONNS];
+	int owner[MAX_BROKERS + 2 * PROXY_MAX_CONNS];
+	unsigned char chunk[65536];
+
+	(void) arg;
+	while (!stop_requested)
+	{
+		int n = 0, i, k;
+
+		for (i = 0; i < px.nbrokers; i++)
+		{
+			fds[n].fd = px.listen_fd[i];
+			fds[n].events = POLLIN;
+			owner[n++] = -1 - i;
+		}
+		for (i = 0; i < PROXY_MAX_CONNS; i++)
+		{
+			ProxyConn *c = &px.conns[i];
+
+			if (c->client < 0)
+				continue;
+			fds[n].fd = c->client;
+			fds[n].events = POLLIN | (c->to_client.len ? POLLOUT : 0);
+			owner[n++] = 2 * i;
+			fds[n].fd = c->upstream;
+			fds[n].events = POLLIN | (c->noted ? POLLOUT : 0);
+			owner[n++] = 2 * i + 1;
+		}
+		if (poll(fds, (nfds_t) n, POLL_TICK_MS) <= 0)
+			continue;
+		for (k = 0; k < n; k++)
+		{
+			ProxyConn *c;
+			ssize_t got;
+
+			if (fds[k].revents == 0)
+				continue;
+			if (owner[k] < 0)
+			{
+				int b = -1 - owner[k];
+				int cl = accept(px.listen_fd[b], NULL, NULL);
+				int up;
+
+				if (cl < 0)
+					continue;
+				up = connect_loopback(px.upstream_port[b]);
+				for (i = 0; i < PROXY_MAX_CONNS && px.conns[i].client >= 0; i++)
+					;
+				if (up < 0 || i == PROXY_MAX_CONNS)
+				{
+					close(cl);
+					if (up >= 0)
+						close(up);
+					continue;
+				}
+				fcntl(cl, F_SETFL, O_NONBLOCK);
+				fcntl(up, F_SETFL, O_NONBLOCK);
+				px.conns[i].client = cl;
+				px.conns[i].upstream = up;
+				continue;
+			}
+			c = &px.conns[owner[k] / 2];
+			if (c->client < 0)
+				continue;
+			if (owner[k] % 2 == 0)
+			{
+				if ((fds[k].revents & POLLOUT) && c->to_client.len > 0)
+				{
+					got = write(c->client, c->to_client.data, c->to_client.len);
+					if (got > 0)
+						buf_drop(&c->to_client, (size_t) got);
+				}
+				if (fds[k].revents & (POLLIN | POLLHUP | POLLERR))
+				{
+					got = read(c->client, chunk, sizeof(chunk));
+					if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR))
+					{
+						proxy_close(c);
+						continue;
+					}
+					if (got > 0)
+					{
+						buf_put(&c->from_client, chunk, (size_t) got);
+						note_requests(c);
+						send_upstream(c);
+					}
+				}
+			}
+			else
+			{
+				if (fds[k].revents & POLLOUT)
+					send_upstream(c);
+				if (fds[k].revents & (POLLIN | POLLHUP | POLLERR))
+				{
+					got = read(c->upstream, chunk, sizeof(chunk));
+					if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR))
+					{
+						proxy_close(c);
+						continue;
+					}
+					if (got > 0)
+					{
+						buf_put(&c->from_upstream, chunk, (size_t) got);
+						pass_responses(c);
+					}
+				}
+			}
+		}
+	}
+	return NULL;
+}
+
+/* proxy: start the proxy (once); answers its bootstrap list. */
+static void
+cmd_proxy(char *args)
+{
+	char *list, *save = NULL, *item;
+	int i;
+
+	if (next_token(&args) != NULL)
+	{
+		reply("ERR usage: proxy");
+		return;
+	}
+	if (!px.running)
+	{
+		list = strdup(g.bootstrap);
+		px.nbrokers = 0;
+		px.bootstrap[0] = '\0';
+		for (i = 0; i < PROXY_MAX_CONNS; i++)
+			px.conns[i].client = px.conns[i].upstream = -1;
+		for (item = strtok_r(list, ",", &save); item && px.nbrokers < MAX_BROKERS;
+			 item = strtok_r(NULL, ",", &save))
+		{
+			char *colon = strrchr(item, ':');
+			int b = px.nbrokers;
+
+			px.upstream_port[b] = colon ? atoi(colon + 1) : 0;
+			px.listen_fd[b] = listen_loopback(&px.listen_port[b]);
+			if (px.listen_fd[b] < 0)
+			{
+				free(list);
+				reply("ERR proxy: could not listen: %s", strerror(errno));
+				return;
+			}
+			snprintf(px.bootstrap + strlen(px.bootstrap),
+					 sizeof(px.bootstrap) - strlen(px.bootstrap), "%s127.0.0.1:%d",
+					 b ? "," : "", px.listen_port[b]);
+			px.nbrokers++;
+		}
+		free(list);
+
+		if (pthread_create(&px.thread, NULL, proxy_main, NULL) != 0)
+		{
+			reply("ERR proxy: could not start its thread");
+			return;
+		}
+		px.running = 1;
+	}
+	reply("OK %s", px.bootstrap);
+}
+
+/* partitions TOPIC N: clients of the proxy see partitions 0 .. N-1 of TOPIC. */
+static void
+cmd_partitions(char *args)
+{
+	char *topic = next_token(&args);
+	long n;
+	int i;
+
+	if (topic == NULL || strlen(topic) >= sizeof(px.limit_topic[0]) ||
+		parse_long(next_token(&args), 1, MAX_PARTITIONS, &n) != 0 ||
+		next_token(&args) != NULL)
+	{
+		reply("ERR usage: partitions TOPIC N");
+		return;
+	}
+	pthread_mutex_lock(&px_lock);
+	for (i = 0; i < px.nlimits && strcmp(px.limit_topic[i], topic) != 0; i++)
+		;
+	if (i == px.nlimits && px.nlimits < PROXY_MAX_LIMITS)
+		strcpy(px.limit_topic[px.nlimits++], topic);
+	if (i < px.nlimits)
+		px.limit_count[i] = (int) n;
+	pthread_mutex_unlock(&px_lock);
+	if (i == PROXY_MAX_LIMITS)
+		reply("ERR too many limited topics");
+	else
+		reply("OK");
+}
+
 /*
  * Execute one command line.  Returns 1 when the program should exit.
  */
@@ -1363,6 +2216,10 @@ dispatch(char *line)
 		cmd_consume(p);
 	else if (strcmp(cmd, "bootstrap") == 0)
 		reply("OK %s", g.bootstrap);
+	else if (strcmp(cmd, "proxy") == 0)
+		cmd_proxy(p);
+	else if (strcmp(cmd, "partitions") == 0)
+		cmd_partitions(p);
 	else
 		reply("ERR unknown command '%s'", cmd);
 	return 0;
