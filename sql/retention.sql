@@ -9,7 +9,7 @@ SELECT name, setting, unit, context, vartype, enumvals
   FROM pg_settings
  WHERE name IN ('spool.dead_letters_retention', 'spool.gaps_retention',
 				'spool.outbox_dead_retention', 'spool.nonce_history_retention',
-				'spool.retention_batch_size', 'spool.max_retention',
+				'spool.retention_batch_size', 'spool.retention_interval', 'spool.max_retention',
 				'spool.max_retention_action')
  ORDER BY name;
 SHOW spool.max_retention;
@@ -38,9 +38,13 @@ SELECT indexrelid::regclass AS index, pg_get_indexdef(indexrelid) LIKE '%' || a.
 -- spool.consumer_status: a registered consumer and a processor, both caught
 -- up with an empty spool part after them, so neither is stale.
 SELECT spool.register_consumer('ret-c1') = (SELECT next_cursor - 1 FROM spool.spool_state) AS at_end;
+CREATE ROLE regress_ret_admin NOLOGIN IN ROLE spool_admin;
+CREATE ROLE regress_ret_admin2 NOLOGIN IN ROLE spool_admin;
 CREATE FUNCTION public.ret_h(state jsonb, entries spool.entries[]) RETURNS spool.step
 LANGUAGE sql IMMUTABLE AS $$ SELECT ROW(state, ARRAY[]::spool.output[])::spool.step $$;
+SET ROLE regress_ret_admin;
 SELECT spool.create_processor('ret_p', 'ret_h(jsonb,spool.entries[])');
+RESET ROLE;
 SELECT kind, name, owner IS NOT NULL AS has_owner, cursor = (SELECT next_cursor - 1 FROM spool.spool_state) AS at_end,
 	   lag, moved_at <= now() AS moved, behind_since, stale, detached_at
   FROM spool.consumer_status WHERE name IN ('ret-c1', 'ret_p') ORDER BY kind, name;
@@ -61,17 +65,25 @@ WITH d AS (DELETE FROM spool.consumers WHERE name = 'processor:ret_p' RETURNING 
 UPDATE spool.processors SET detached_at = now() WHERE name = 'ret_p' AND EXISTS (SELECT FROM d);
 SELECT kind, name, cursor, lag, stale, detached_at IS NOT NULL AS detached
   FROM spool.consumer_status WHERE name = 'ret_p';
+SET ROLE regress_ret_admin;
 SELECT try($$SELECT spool.start_processor('ret_p')$$);
-SELECT enabled FROM spool.processors WHERE name = 'ret_p';
+-- Another admin learns nothing about it but that it is not theirs.
+SET ROLE regress_ret_admin2;
+SELECT try($$SELECT spool.start_processor('ret_p')$$);
 -- Unknown processors are still reported as such.
 SELECT try($$SELECT spool.start_processor('ret_nope')$$);
+RESET ROLE;
+SELECT enabled FROM spool.processors WHERE name = 'ret_p';
 -- Dropping and creating it again is the way back.
+SET ROLE regress_ret_admin;
 SELECT spool.drop_processor('ret_p');
 SELECT spool.create_processor('ret_p', 'ret_h(jsonb,spool.entries[])');
 SELECT spool.start_processor('ret_p');
 SELECT spool.stop_processor('ret_p');
 SELECT spool.drop_processor('ret_p');
+RESET ROLE;
 DROP FUNCTION public.ret_h(jsonb, spool.entries[]);
+DROP ROLE regress_ret_admin, regress_ret_admin2;
 
 -- Nonces: retention removes consumed rows only; a removed nonce is never
 -- handed out again, marking it used again is a harmless repeat, releasing

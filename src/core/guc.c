@@ -35,6 +35,7 @@ int			spool_gaps_retention_s = 90 * 86400;
 int			spool_outbox_dead_retention_s = 30 * 86400;
 int			spool_nonce_history_retention_s = 7 * 86400;
 int			spool_retention_batch_size = 1000;
+int			spool_retention_interval_ms = 10000;
 int			spool_max_retention_s = 7 * 86400;
 int			spool_max_retention_action = SPOOL_MAX_RETENTION_WARN;
 
@@ -214,6 +215,14 @@ spool_define_gucs(void)
 							&spool_retention_batch_size,
 							1000, 1, 1000000,
 							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.retention_interval",
+							"How often the promoter runs a retention pass: stale consumers, old segments, old history rows.",
+							NULL,
+							&spool_retention_interval_ms,
+							10000, 100, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("spool.max_retention",

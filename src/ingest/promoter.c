@@ -55,7 +55,6 @@ SpoolIngestShared *spool_ingest_shared = NULL;
 
 PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 
-#define RETENTION_INTERVAL_MS 10000
 #define IDLE_WAIT_MS		1000
 
 /*
@@ -516,7 +515,7 @@ promoter_load(void)
 
 /*
  * One pass: promote what was staged since the last one and apply retention
- * every RETENTION_INTERVAL_MS (stale consumers first, so that what a dropped
+ * every spool.retention_interval (stale consumers first, so that what a dropped
  * one held goes in the same pass).  History rows are removed one batch per
  * pass, so a promotion waits for at most one batch.  Returns false when
  * nothing was staged and no history batch is left (the loop then waits; a
@@ -533,7 +532,7 @@ promoter_step(void)
 		spool_stale_consumers();
 		retention();
 		history_pending = spool_history_begin();
-		next_retention = TimestampTzPlusMilliseconds(now, RETENTION_INTERVAL_MS);
+		next_retention = TimestampTzPlusMilliseconds(now, spool_retention_interval_ms);
 	}
 	if (history_pending)
 		history_pending = spool_history_step();
