@@ -6,8 +6,10 @@
 #                   plain DELETE of the same rows: rows per second, and the
 #                   size of spool.nonce_store with its indexes before/after
 #   under load      pgbench nonce_allocate tps (basic mode, 100 signers)
-#                   with nothing else running, while the batched removal
-#                   runs, and while the plain DELETE runs
+#                   over SECONDS with nothing else running, with the batched
+#                   removal of ROWS rows starting with it, and with the plain
+#                   DELETE of ROWS rows starting with it (so each figure is the
+#                   whole cost of removing ROWS rows, spread over the window)
 # Prints each run, the median of RUNS runs, and the ratio to the baseline.
 #
 # Usage: bash bench/retention_bench.sh [RUNS] [SECONDS] [ROWS] [CLIENTS]
@@ -44,11 +46,12 @@ SELECT spool.nonce_allocate('live-' || :s, 'bench', 1);
 SQL
 chmod 644 "$work"/*.sql; [ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"/*.sql
 
-# ROWS consumed nonces of 1000 old signers, last changed 2 h ago.
+# ROWS consumed nonces of 1000 old signers, last changed 2 h ago or more,
+# one every 0.1 ms (as if consumed at 10000 per second).
 load() {
 	psql -c "INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id, updated_at)
 	         SELECT 'old-$1-' || (g % 1000), g / 1000, 'consumed', 'bench', 1, 'rq-' || g,
-	                now() - interval '2 h'
+	                now() - interval '2 h' - (($ROWS - g) * interval '100 us')
 	           FROM generate_series(0, $ROWS - 1) g" -c "VACUUM ANALYZE spool.nonce_store" -c "CHECKPOINT"
 }
 size() { psql -Atc "SELECT pg_total_relation_size('spool.nonce_store')"; }

@@ -11,7 +11,9 @@
  * A batch finds its rows through the index on the table's time column and
  * deletes them by ctid (a TID scan, no second index probe); the time
  * condition is repeated on the DELETE so that a row changed in between is
- * checked again.  Only consumed nonces are removed: allocated ones are
+ * checked again.  Each batch starts its index scan at the newest time the
+ * previous batch removed, so it does not wade again through the index
+ * entries of the rows already removed (vacuum has not cleaned them yet).  Only consumed nonces are removed: allocated ones are
  * still in use and released ones are handed out again.  Removing them is
  * safe because new nonces come from nonce_signer.next_nonce, which never
  * goes down, and never from the rows.
@@ -23,6 +25,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "utils/timestamp.h"
 
 #include "retention/retention.h"
 
@@ -30,16 +33,21 @@ typedef struct HistoryTable
 {
 	const char *name;
 	int		   *retention_s;	/* the setting; 0 keeps rows forever */
-	const char *sql;			/* $1 retention in seconds, $2 batch size */
+	const char *sql;			/* $1 retention in seconds, $2 batch size,
+								 * $3 where to start; returns count and the
+								 * newest time removed */
 	SPIPlanPtr	plan;
 	bool		pending;		/* rows may be left to remove in this pass */
+	TimestampTz from;			/* newest time removed so far in this pass */
 	uint64		removed;		/* in this pass */
 } HistoryTable;
 
 #define OLDER(col) col " < now() - make_interval(secs => $1)"
 #define BATCH_DELETE(tab, col, extra) \
-	"DELETE FROM " tab " WHERE " OLDER(col) extra " AND ctid = ANY (ARRAY(" \
-	"SELECT ctid FROM " tab " WHERE " OLDER(col) extra " ORDER BY " col " LIMIT $2))"
+	"WITH d AS (DELETE FROM " tab " WHERE " OLDER(col) extra " AND ctid = ANY (ARRAY(" \
+	"SELECT ctid FROM " tab " WHERE " col " >= $3 AND " OLDER(col) extra \
+	" ORDER BY " col " LIMIT $2)) RETURNING " col ")" \
+	" SELECT count(*), max(" col ") FROM d"
 
 static HistoryTable tables[] = {
 	{"spool.dead_letters", &spool_dead_letters_retention_s,
@@ -69,6 +77,7 @@ spool_history_begin(void)
 	{
 		tables[i].pending = *tables[i].retention_s > 0;
 		tables[i].removed = 0;
+		TIMESTAMP_NOBEGIN(tables[i].from);
 		any |= tables[i].pending;
 	}
 	current = 0;
@@ -84,8 +93,9 @@ bool
 spool_history_step(void)
 {
 	HistoryTable *t = NULL;
-	Datum		v[2];
+	Datum		v[3];
 	uint64		n;
+	bool		isnull;
 
 	for (int i = 0; i < NTABLES && t == NULL; i++)
 	{
@@ -102,9 +112,14 @@ spool_history_step(void)
 
 	v[0] = Int32GetDatum(*t->retention_s);
 	v[1] = Int32GetDatum(spool_retention_batch_size);
+	v[2] = TimestampTzGetDatum(t->from);
 	spool_begin_txn("removing old history rows");
-	spool_plan(&t->plan, t->sql, 2, (Oid[]) {INT4OID, INT4OID});
-	n = spool_exec(t->plan, v, NULL, false, SPI_OK_DELETE);
+	spool_plan(&t->plan, t->sql, 3, (Oid[]) {INT4OID, INT4OID, TIMESTAMPTZOID});
+	(void) spool_exec(t->plan, v, NULL, false, SPI_OK_SELECT);
+	n = (uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (n > 0)
+		t->from = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+													&isnull));
 	spool_end_txn();
 
 	t->removed += n;
