@@ -73,6 +73,7 @@ for run in $(seq 1 "$RUNS"); do
 	r[batched_rps,$run]=$(echo "$ROWS / ($t1 - $t0)" | bc -l)
 	r[size_batched,$run]=$(size)
 	psql -c "VACUUM spool.nonce_store" >/dev/null
+	r[vac_batched,$run]=$(size)
 	# Removal alone: one plain DELETE of the same rows.
 	load "d$run"
 	t0=$(now)
@@ -81,6 +82,7 @@ for run in $(seq 1 "$RUNS"); do
 	r[delete_rps,$run]=$(echo "$ROWS / ($t1 - $t0)" | bc -l)
 	r[size_delete,$run]=$(size)
 	psql -c "VACUUM spool.nonce_store" >/dev/null
+	r[vac_delete,$run]=$(size)
 	printf '  run %d alone: batched %8.0f rows/s, DELETE %8.0f rows/s; size %s -> %s (batched), %s (DELETE)\n' \
 		"$run" "${r[batched_rps,$run]}" "${r[delete_rps,$run]}" "${r[size_before,$run]}" \
 		"${r[size_batched,$run]}" "${r[size_delete,$run]}" >&2
@@ -113,9 +115,15 @@ bd=$(med delete_rps); bb=$(med batched_rps)
 printf '%-46s %10.0f r/s %11.2fx\n' "removal alone: one plain DELETE" "$bd" 1
 printf '%-46s %10.0f r/s %11.2fx\n' "removal alone: batched retention (promoter)" "$bb" "$(echo "$bb / $bd" | bc -l)"
 sb=$(med size_before)
-printf '%-46s %10.1f MB %11.2fx\n' "nonce_store + indexes before" "$(echo "$sb / 1048576" | bc -l)" 1
-for k in size_delete size_batched; do
-	v=$(med $k); [ $k = size_delete ] && l="after DELETE (before vacuum)" || l="after batched (autovacuum may have run)"
+printf '%-46s %10.1f MB %11.2fx\n' "nonce_store + indexes, loaded" "$(echo "$sb / 1048576" | bc -l)" 1
+for k in size_delete vac_delete size_batched vac_batched; do
+	case $k in
+		size_delete) l="after the plain DELETE" ;;
+		vac_delete) l="after the plain DELETE and VACUUM" ;;
+		size_batched) l="after the batched removal" ;;
+		vac_batched) l="after the batched removal and VACUUM" ;;
+	esac
+	v=$(med $k)
 	printf '%-46s %10.1f MB %11.2fx\n' "$l" "$(echo "$v / 1048576" | bc -l)" "$(echo "$v / $sb" | bc -l)"
 done
 tb=$(med tps_base)

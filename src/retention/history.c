@@ -109,6 +109,12 @@ spool_history_step(void)
 	}
 	if (t == NULL)
 		return false;
+	/* Set to 0 (keep forever) by a reload since the pass began. */
+	if (*t->retention_s <= 0)
+	{
+		t->pending = false;
+		return spool_history_step();
+	}
 
 	v[0] = Int32GetDatum(*t->retention_s);
 	v[1] = Int32GetDatum(spool_retention_batch_size);
@@ -123,8 +129,7 @@ spool_history_step(void)
 	spool_end_txn();
 
 	t->removed += n;
-	/* Settings may change between batches (SIGHUP): re-read each time. */
-	if (n < (uint64) spool_retention_batch_size || *t->retention_s == 0)
+	if (n < (uint64) spool_retention_batch_size)
 	{
 		t->pending = false;
 		if (t->removed > 0)

@@ -103,7 +103,7 @@ spool_stale_consumers(void)
 			StaleConsumer *w = lfirst(lw);
 
 			if (strcmp(w->kind, c->kind) == 0 && strcmp(w->name, c->name) == 0 &&
-				!TimestampDifferenceExceeds(w->warned_at, now, spool_max_retention_s * 1000))
+				now - w->warned_at < (int64) spool_max_retention_s * USECS_PER_SEC)
 				c->warned_at = w->warned_at;
 		}
 		if (c->warned_at == 0)
