@@ -67,25 +67,33 @@ tps_of() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1; }
 
 declare -A r
 for run in $(seq 1 "$RUNS"); do
-	# Removal alone: batched.
-	load "b$run"; r[size_before,$run]=$(size)
-	t0=$(now); retention on; wait_removed; t1=$(now); retention off
-	r[batched_rps,$run]=$(echo "$ROWS / ($t1 - $t0)" | bc -l)
-	r[size_batched,$run]=$(size)
+	# Removal alone: batched, timed from the first batch (not from the
+	# reload, which waits for the next retention pass) to the last.
+	load "b$run"; s0=$(size)
+	retention on
+	while [ "$(left)" = "$ROWS" ]; do sleep 0.01; done
+	t0=$(now); n0=$(left); wait_removed; t1=$(now); retention off
+	r[batched_rps,$run]=$(echo "$n0 / ($t1 - $t0)" | bc -l)
+	r[dead_batched,$run]=$(psql -Atc "SELECT pg_stat_force_next_flush(); SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'spool.nonce_store'::regclass" | tail -1)
+	# Space: VACUUM, then load as many rows again; the growth says whether
+	# the removed rows' space was reused.
 	psql -c "VACUUM spool.nonce_store" >/dev/null
-	r[vac_batched,$run]=$(size)
+	load "b${run}x"; r[growth_batched,$run]=$(( $(size) - s0 ))
+	psql -c "DELETE FROM spool.nonce_store WHERE signer LIKE 'old-%'" -c "VACUUM spool.nonce_store" >/dev/null
 	# Removal alone: one plain DELETE of the same rows.
-	load "d$run"
+	load "d$run"; s0=$(size)
 	t0=$(now)
 	psql -c "DELETE FROM spool.nonce_store WHERE state = 'consumed' AND updated_at < now() - interval '1 h'"
 	t1=$(now)
 	r[delete_rps,$run]=$(echo "$ROWS / ($t1 - $t0)" | bc -l)
-	r[size_delete,$run]=$(size)
+	r[dead_delete,$run]=$(psql -Atc "SELECT pg_stat_force_next_flush(); SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'spool.nonce_store'::regclass" | tail -1)
 	psql -c "VACUUM spool.nonce_store" >/dev/null
-	r[vac_delete,$run]=$(size)
-	printf '  run %d alone: batched %8.0f rows/s, DELETE %8.0f rows/s; size %s -> %s (batched), %s (DELETE)\n' \
-		"$run" "${r[batched_rps,$run]}" "${r[delete_rps,$run]}" "${r[size_before,$run]}" \
-		"${r[size_batched,$run]}" "${r[size_delete,$run]}" >&2
+	load "d${run}x"; r[growth_delete,$run]=$(( $(size) - s0 ))
+	psql -c "DELETE FROM spool.nonce_store WHERE signer LIKE 'old-%'" -c "VACUUM spool.nonce_store" >/dev/null
+	r[size,$run]=$s0
+	printf '  run %d alone: batched %8.0f rows/s, DELETE %8.0f rows/s; dead tuples %s / %s; growth on reload %s / %s bytes\n' \
+		"$run" "${r[batched_rps,$run]}" "${r[delete_rps,$run]}" "${r[dead_batched,$run]}" \
+		"${r[dead_delete,$run]}" "${r[growth_batched,$run]}" "${r[growth_delete,$run]}" >&2
 
 	# Under load: nothing else.
 	r[tps_base,$run]=$(pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "$SECS" -f "$work/alloc.sql" 2>&1 | tps_of)
@@ -114,18 +122,12 @@ printf '%-46s %14s %12s\n' "case" "median" "ratio"
 bd=$(med delete_rps); bb=$(med batched_rps)
 printf '%-46s %10.0f r/s %11.2fx\n' "removal alone: one plain DELETE" "$bd" 1
 printf '%-46s %10.0f r/s %11.2fx\n' "removal alone: batched retention (promoter)" "$bb" "$(echo "$bb / $bd" | bc -l)"
-sb=$(med size_before)
-printf '%-46s %10.1f MB %11.2fx\n' "nonce_store + indexes, loaded" "$(echo "$sb / 1048576" | bc -l)" 1
-for k in size_delete vac_delete size_batched vac_batched; do
-	case $k in
-		size_delete) l="after the plain DELETE" ;;
-		vac_delete) l="after the plain DELETE and VACUUM" ;;
-		size_batched) l="after the batched removal" ;;
-		vac_batched) l="after the batched removal and VACUUM" ;;
-	esac
-	v=$(med $k)
-	printf '%-46s %10.1f MB %11.2fx\n' "$l" "$(echo "$v / 1048576" | bc -l)" "$(echo "$v / $sb" | bc -l)"
-done
+printf '%-46s %10.1f MB\n' "nonce_store + indexes with the rows loaded" "$(echo "$(med size) / 1048576" | bc -l)"
+dd=$(med dead_delete); db=$(med dead_batched)
+printf '%-46s %10.0f    %11.2fx\n' "dead tuples right after: plain DELETE" "$dd" 1
+printf '%-46s %10.0f    %11.2fx\n' "dead tuples right after: batched" "$db" "$(echo "$db / $dd" | bc -l)"
+printf '%-46s %10.1f MB\n' "growth, same rows again after VACUUM: DELETE" "$(echo "$(med growth_delete) / 1048576" | bc -l)"
+printf '%-46s %10.1f MB\n' "growth, same rows again after VACUUM: batched" "$(echo "$(med growth_batched) / 1048576" | bc -l)"
 tb=$(med tps_base)
 for k in tps_base tps_batched tps_delete; do
 	case $k in
