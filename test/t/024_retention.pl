@@ -1,7 +1,7 @@
 
 # Retention of the tables that only grow, and stale spool consumers
 # (spool.retention_interval = 500ms, spool.retention_batch_size = 10,
-# every history retention 1 h, spool.max_retention = 1 min, small segments
+# every history retention 1 h, spool.max_retention = 10 min, small segments
 # and spool.min_retention = 0):
 #   - dead letters, gaps and outbox dead letters older than 1 h disappear,
 #     in DELETE statements of at most 10 rows (a statement trigger counts
@@ -40,7 +40,7 @@ my $node = spool_node(
 	'spool.gaps_retention' => "'1h'",
 	'spool.outbox_dead_retention' => "'1h'",
 	'spool.nonce_history_retention' => "'1h'",
-	'spool.max_retention' => "'1min'",
+	'spool.max_retention' => "'10min'",
 	'spool.segment_size' => 100,
 	'spool.min_retention' => 0);
 
@@ -152,10 +152,10 @@ poll_within($node, 30, q{SELECT count(*) = 4 FROM spool.segments WHERE state = '
 	'4 sealed segments');
 is(sql(q{SELECT count(*) FROM spool.consumer_status WHERE stale}), '0', 'nothing is stale yet');
 
-# Age them: nothing moved for 2 min, and the spool in front of them is as old.
+# Age them: nothing moved for 20 min, and the spool in front of them is as old.
 my $log_offset = -s $node->logfile;
-sql(q{UPDATE spool.entries SET spooled_at = spooled_at - interval '2 min'});
-sql(q{UPDATE spool.consumers SET moved_at = moved_at - interval '2 min'});
+sql(q{UPDATE spool.entries SET spooled_at = spooled_at - interval '20 min'});
+sql(q{UPDATE spool.consumers SET moved_at = moved_at - interval '20 min'});
 poll_within($node, 30,
 	q{SELECT count(*) = 2 FROM spool.consumer_status WHERE stale AND name IN ('rc', 'rp')},
 	'rc and rp to show stale');
