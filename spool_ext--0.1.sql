@@ -286,7 +286,8 @@ CREATE TABLE @extschema@.consumers (
 	name		text PRIMARY KEY CHECK (name <> ''),
 	committed_cursor bigint NOT NULL CHECK (committed_cursor >= 0),
 	updated_at	timestamptz NOT NULL DEFAULT now(),
-	owner		regrole
+	owner		regrole,
+	moved_at	timestamptz NOT NULL DEFAULT now()	-- committed_cursor last grew
 );
 
 CREATE TABLE @extschema@.dead_letters (
@@ -511,7 +512,8 @@ CREATE TABLE @extschema@.processors (
 	owner		regrole NOT NULL,
 	options		jsonb NOT NULL,
 	enabled		boolean NOT NULL DEFAULT false,
-	created_at	timestamptz NOT NULL DEFAULT now()
+	created_at	timestamptz NOT NULL DEFAULT now(),
+	detached_at	timestamptz		-- dropped from the spool by spool.max_retention
 );
 
 -- The output gate.  The active replica's token is written here at takeover;
@@ -884,6 +886,51 @@ CREATE VIEW @extschema@.outbox_status AS
 	SELECT * FROM @extschema@._outbox_status();
 
 ------------------------------------------------------------------------------
+-- Retention of history tables and stale spool consumers (docs/operations.md)
+------------------------------------------------------------------------------
+
+-- The promoter removes history rows older than their spool.*_retention
+-- setting in small batches, oldest first, through these indexes.  Consumed
+-- nonces only: allocated and released ones are still needed, and
+-- nonce_signer.next_nonce (never lowered) keeps removed nonces from coming
+-- back.
+CREATE INDEX dead_letters_at ON @extschema@.dead_letters (at);
+CREATE INDEX gaps_at ON @extschema@.gaps (at);
+CREATE INDEX outbox_dead_failed_at ON @extschema@.outbox_dead (failed_at);
+CREATE INDEX nonce_store_consumed_at ON @extschema@.nonce_store (updated_at)
+	WHERE state = 'consumed';
+
+-- Every reader that holds spool segments back: registered consumers and
+-- processors (whose consumer row is 'processor:<name>').  behind_since: when
+-- the first entry it has not passed was spooled.  stale: it has entries to
+-- read and neither it nor the spool in front of it moved for
+-- spool.max_retention (0: never stale).
+CREATE VIEW @extschema@.consumer_status AS
+	SELECT x.kind, x.name, x.owner, x.cursor,
+		   CASE WHEN x.cursor IS NOT NULL THEN greatest(s.spool_cursor - x.cursor, 0) END AS lag,
+		   x.moved_at, b.behind_since,
+		   coalesce(s.spool_cursor > x.cursor AND m.max_retention > interval '0'
+					AND greatest(x.moved_at, b.behind_since) < now() - m.max_retention,
+					false) AS stale,
+		   x.detached_at
+	  FROM (SELECT CASE WHEN p.name IS NULL THEN 'consumer' ELSE 'processor' END AS kind,
+				   coalesce(p.name, c.name) AS name, coalesce(p.owner, c.owner) AS owner,
+				   c.committed_cursor AS cursor, c.moved_at, p.detached_at
+			  FROM @extschema@.consumers c
+			  LEFT JOIN @extschema@.processors p ON c.name = 'processor:' || p.name
+			UNION ALL
+			SELECT 'processor', p.name, p.owner, NULL, NULL, p.detached_at
+			  FROM @extschema@.processors p
+			 WHERE NOT EXISTS (SELECT FROM @extschema@.consumers c
+								WHERE c.name = 'processor:' || p.name)) x
+	 CROSS JOIN (SELECT next_cursor - 1 AS spool_cursor FROM @extschema@.spool_state
+				  WHERE id = 1) s
+	 CROSS JOIN (SELECT pg_catalog.current_setting('spool.max_retention')::interval
+					   AS max_retention) m
+	  LEFT JOIN LATERAL (SELECT e.spooled_at AS behind_since FROM @extschema@.entries e
+						  WHERE e.cursor > x.cursor ORDER BY e.cursor LIMIT 1) b ON true;
+
+------------------------------------------------------------------------------
 -- Metrics in the Prometheus text format
 ------------------------------------------------------------------------------
 
@@ -1059,7 +1106,15 @@ AS $$
 					ARRAY['target', t.name, 'shard', r.shard::text],
 					ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
 					r.drain_hist, r.drain_ms_sum, 0.001))
-				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0))
+				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0)),
+		(40, 'spool_consumer_stale', 'gauge', '1 for a spool consumer or processor that has not moved for spool.max_retention while the spool did.',
+		 ARRAY(SELECT @extschema@._metric('spool_consumer_stale',
+					ARRAY['kind', kind, 'consumer', name], stale::int)
+				 FROM @extschema@.consumer_status ORDER BY kind, name)),
+		(41, 'spool_consumer_lag', 'gauge', 'Spool entries after the cursor a consumer or processor holds segments back at.',
+		 ARRAY(SELECT @extschema@._metric('spool_consumer_lag',
+					ARRAY['kind', kind, 'consumer', name], lag)
+				 FROM @extschema@.consumer_status WHERE cursor IS NOT NULL ORDER BY kind, name))
 	)
 	SELECT string_agg('# HELP ' || name || ' ' || help || E'\n# TYPE ' || name || ' ' || type
 					  || CASE WHEN cardinality(lines) > 0 THEN E'\n' || array_to_string(lines, E'\n') ELSE '' END,
@@ -1133,7 +1188,8 @@ GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
 GRANT SELECT ON @extschema@.outbox_retry, @extschema@.outbox_dead TO spool_admin;
 GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	@extschema@.source_status, @extschema@.segments, @extschema@.source_config,
-	@extschema@.consumers, @extschema@.processors, @extschema@.source_seeks,
+	@extschema@.consumers, @extschema@.consumer_status, @extschema@.processors,
+	@extschema@.source_seeks,
 	@extschema@.processor_status, @extschema@.outbox
 	TO spool_admin, spool_client;
 -- Checkpoints hold processor state, which may be business data.

@@ -75,6 +75,18 @@ extern int	spool_outbox_segment_size;
 extern int	spool_outbox_poll_interval_ms;
 extern int	spool_outbox_close_timeout_ms;
 extern char *spool_kafka_allowed_brokers;
+extern int	spool_dead_letters_retention_s;
+extern int	spool_gaps_retention_s;
+extern int	spool_outbox_dead_retention_s;
+extern int	spool_nonce_history_retention_s;
+extern int	spool_retention_batch_size;
+extern int	spool_retention_interval_ms;
+extern int	spool_max_retention_s;
+extern int	spool_max_retention_action;
+
+/* spool.max_retention_action */
+#define SPOOL_MAX_RETENTION_WARN 0
+#define SPOOL_MAX_RETENTION_DROP 1
 
 /* The upper bound of spool.nonce_workers (and of the nonce worker slots). */
 #define SPOOL_MAX_NONCE_WORKERS 64

@@ -30,6 +30,20 @@ int			spool_outbox_poll_interval_ms = 1000;
 int			spool_outbox_close_timeout_ms = 10000;
 int			spool_min_retention_s = 86400;
 char	   *spool_kafka_allowed_brokers = NULL;
+int			spool_dead_letters_retention_s = 30 * 86400;
+int			spool_gaps_retention_s = 90 * 86400;
+int			spool_outbox_dead_retention_s = 30 * 86400;
+int			spool_nonce_history_retention_s = 7 * 86400;
+int			spool_retention_batch_size = 1000;
+int			spool_retention_interval_ms = 10000;
+int			spool_max_retention_s = 7 * 86400;
+int			spool_max_retention_action = SPOOL_MAX_RETENTION_WARN;
+
+static const struct config_enum_entry max_retention_actions[] = {
+	{"warn", SPOOL_MAX_RETENTION_WARN, false},
+	{"drop", SPOOL_MAX_RETENTION_DROP, false},
+	{NULL, 0, false}
+};
 
 void
 spool_define_gucs(void)
@@ -161,6 +175,71 @@ spool_define_gucs(void)
 							   "",
 							   PGC_SIGHUP, 0,
 							   check_allowed_brokers, NULL, NULL);
+
+	/* Retention of history tables and stale consumers (src/retention). */
+	DefineCustomIntVariable("spool.dead_letters_retention",
+							"Rows of spool.dead_letters older than this are removed (0 keeps them forever).",
+							NULL,
+							&spool_dead_letters_retention_s,
+							30 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.gaps_retention",
+							"Rows of spool.gaps older than this are removed (0 keeps them forever).",
+							NULL,
+							&spool_gaps_retention_s,
+							90 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.outbox_dead_retention",
+							"Rows of spool.outbox_dead that failed longer ago than this are removed and can no longer be redriven (0 keeps them forever).",
+							NULL,
+							&spool_outbox_dead_retention_s,
+							30 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.nonce_history_retention",
+							"Consumed nonces (and their request ids) last changed longer ago than this are removed (0 keeps them forever).",
+							"A removed nonce is never handed out again; a request id removed with it is no longer recognised.",
+							&spool_nonce_history_retention_s,
+							7 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.retention_batch_size",
+							"Most history rows removed in one retention transaction.",
+							NULL,
+							&spool_retention_batch_size,
+							1000, 1, 1000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.retention_interval",
+							"How often the promoter runs a retention pass: stale consumers, old segments, old history rows.",
+							NULL,
+							&spool_retention_interval_ms,
+							10000, 100, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.max_retention",
+							"A spool consumer or processor that has not moved for this long while the spool did is stale (0: never).",
+							NULL,
+							&spool_max_retention_s,
+							7 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("spool.max_retention_action",
+							 "What happens to a stale spool consumer: warn, or drop it so that it no longer holds segments back.",
+							 NULL,
+							 &spool_max_retention_action,
+							 SPOOL_MAX_RETENTION_WARN, max_retention_actions,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("spool");
 }

@@ -5,7 +5,9 @@
  *	  transaction that also stores each partition's next offset (I-3),
  *	  assigns cursors in commit order (I-2), records dead letters and gaps,
  *	  creates segments ahead of the cursor and drops the ones every consumer
- *	  has passed (retention).
+ *	  has passed (retention).  Its retention passes also report (or drop)
+ *	  stale consumers and remove old history rows (src/retention), one small
+ *	  batch between two promotions.
  *
  * Cursor order: the promotion transaction locks the single spool_state row
  * before it assigns cursors and keeps it until commit, so promotions commit
@@ -47,12 +49,12 @@
 #include "utils/timestamp.h"
 
 #include "ingest/ingest.h"
+#include "retention/retention.h"
 
 SpoolIngestShared *spool_ingest_shared = NULL;
 
 PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 
-#define RETENTION_INTERVAL_MS 10000
 #define IDLE_WAIT_MS		1000
 
 /*
@@ -70,6 +72,7 @@ static const char *const staging_table[2] = {"staging_0", "staging_1"};
 
 static MemoryContext loop_cxt;
 static TimestampTz next_retention = 0;
+static bool history_pending = false;	/* history rows left to remove */
 
 static PromotePlan plan_promote[2][2];	/* [staging table][dead letters or gaps] */
 static SPIPlanPtr plan_staged[2];
@@ -530,8 +533,11 @@ promoter_load(void)
 
 /*
  * One pass: promote what was staged since the last one and apply retention
- * every RETENTION_INTERVAL_MS.  Returns false when nothing was staged (the
- * loop then waits; a backlog is promoted pass after pass).
+ * every spool.retention_interval (stale consumers first, so that what a dropped
+ * one held goes in the same pass).  History rows are removed one batch per
+ * pass, so a promotion waits for at most one batch.  Returns false when
+ * nothing was staged and no history batch is left (the loop then waits; a
+ * backlog is promoted pass after pass).
  */
 static bool
 promoter_step(void)
@@ -541,10 +547,14 @@ promoter_step(void)
 
 	if (now >= next_retention)
 	{
+		spool_stale_consumers();
 		retention();
-		next_retention = TimestampTzPlusMilliseconds(now, RETENTION_INTERVAL_MS);
+		history_pending = spool_history_begin();
+		next_retention = TimestampTzPlusMilliseconds(now, spool_retention_interval_ms);
 	}
-	return moved > 0;
+	if (history_pending)
+		history_pending = spool_history_step();
+	return moved > 0 || history_pending;
 }
 
 void

@@ -206,7 +206,8 @@ spool_commit_consumer(PG_FUNCTION_ARGS)
 	int64		committed;
 
 	committed = consumer_exec("UPDATE spool.consumers"
-							  " SET committed_cursor = greatest(committed_cursor, $2), updated_at = now()"
+							  " SET committed_cursor = greatest(committed_cursor, $2), updated_at = now(),"
+							  "     moved_at = CASE WHEN $2 > committed_cursor THEN now() ELSE moved_at END"
 							  " WHERE name = $1 RETURNING committed_cursor",
 							  name, true, cursor);
 	if (committed < 0)

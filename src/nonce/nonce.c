@@ -73,6 +73,7 @@ static int	nonce_lookup_requests(const char *signer, int n,
 								  const char **request_ids, int64 *nonces);
 static void nonce_forget_released_requests(const char *signer, int n,
 										   const char **request_ids);
+static bool nonce_removed(const char *signer, int64 nonce);
 static void nonce_mark(FunctionCallInfo fcinfo, const char *target);
 
 static ArrayType *
@@ -422,6 +423,26 @@ spool_nonce_allocate(PG_FUNCTION_ARGS)
 }
 
 /*
+ * A nonce without a row that the signer has handed out (below next_nonce)
+ * was consumed and removed by retention.  Only called on a miss.
+ */
+static bool
+nonce_removed(const char *signer, int64 nonce)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute_with_args("SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1",
+							  1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(signer)},
+							  NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.nonce_signer");
+	if (SPI_processed == 0)
+		return false;
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return !isnull && nonce < DatumGetInt64(d);
+}
+
+/*
  * Move a nonce to target ('consumed' or 'released').  ALLOCATED may move to
  * either; repeating the same move is harmless; CONSUMED is final and a
  * RELEASED nonce cannot be consumed (it was given back).
@@ -438,6 +459,7 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 	Oid			t5[5] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID};
 	Datum		v[5];
 	char	   *state;
+	bool		found;
 	SpoolCaller caller;
 
 	spool_require_shmem();
@@ -452,7 +474,24 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 			   "SELECT state::text FROM spool.nonce_store"
 			   " WHERE signer = $1 AND nonce = $2 FOR UPDATE",
 			   2, t2);
-	if (spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT) == 0)
+	found = spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT) > 0;
+	if (!found && nonce_removed(signer, nonce))
+	{
+		/*
+		 * Every nonce below next_nonce has a row until retention removes it,
+		 * and retention removes only consumed ones: CONSUMED stays final.
+		 */
+		if (to_released)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_NONCE_TRANSITION),
+					 errmsg("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
+							nonce, signer),
+					 errdetail("It was consumed and later removed by spool.nonce_history_retention.")));
+		SPI_finish();
+		spool_leave(&caller);
+		return;					/* a repeat of mark_used */
+	}
+	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
 				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated",

@@ -274,7 +274,8 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	/* A spool consumer at its snapshot cursor: replay needs what follows it. */
 	if (SPI_execute_with_args("INSERT INTO spool.consumers (name, committed_cursor)"
 							  " VALUES ('processor:' || $1, $2)"
-							  " ON CONFLICT (name) DO UPDATE SET committed_cursor = $2, updated_at = now()",
+							  " ON CONFLICT (name) DO UPDATE SET committed_cursor = $2, updated_at = now(),"
+							  " moved_at = now()",
 							  2, ct, cv, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not register the processor as a spool consumer");
 	SPI_finish();
@@ -282,13 +283,40 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* SQL: spool.start_processor(name) */
+/*
+ * SQL: spool.start_processor(name).  Refused for a processor that
+ * spool.max_retention_action = 'drop' detached from the spool: the entries
+ * after its snapshot may be gone, so a replay would skip them.
+ */
 Datum
 spool_start_processor(PG_FUNCTION_ARGS)
 {
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	Oid			t[1] = {TEXTOID};
+	Datum		v[1] = {CStringGetTextDatum(name)};
+	bool		isnull;
+	SpoolCaller caller;
+
 	spool_require_pipeline_database("processor");
-	spool_change_owned("spool.processors", "processor", spool_arg_name(fcinfo, 0, "name"),
-					   "UPDATE spool.processors SET enabled = true WHERE name = $1");
+	spool_enter(&caller);
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT owner, detached_at FROM spool.processors WHERE name = $1 FOR UPDATE",
+							  1, t, v, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.processors");
+	(void) spool_owned_row("processor", name, 1, caller.role);
+	(void) SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	if (!isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("processor \"%s\" was detached from the spool by spool.max_retention", name),
+				 errdetail("It did not move for spool.max_retention and spool.max_retention_action is 'drop'; the entries it had not read may be gone."),
+				 errhint("Drop it with spool.drop_processor and create it again.")));
+	if (SPI_execute_with_args("UPDATE spool.processors SET enabled = true WHERE name = $1",
+							  1, t, v, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not start processor \"%s\"", name);
+	SPI_finish();
+	spool_leave(&caller);
+	spool_wake_launcher();
 	PG_RETURN_VOID();
 }
 

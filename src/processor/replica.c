@@ -942,7 +942,9 @@ advance_consumer(int64 end)
 	v[1] = Int64GetDatum(end);
 	spool_plan(&plan_consumer,
 			   "UPDATE spool.consumers SET committed_cursor = greatest(committed_cursor, $2),"
-			   " updated_at = now() WHERE name = $1",
+			   " updated_at = now(),"
+			   " moved_at = CASE WHEN $2 > committed_cursor THEN now() ELSE moved_at END"
+			   " WHERE name = $1",
 			   2, (Oid[]) {TEXTOID, INT8OID});
 	spool_exec(plan_consumer, v, NULL, false, SPI_OK_UPDATE);
 }
