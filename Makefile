@@ -14,9 +14,9 @@ SHLIB_LINK = -lrdkafka -ljansson
 SPOOL_TEMP_CONF = $(srcdir)/test/spool_test.conf
 REGRESS = setup lease nonce nonce_ops errors security sources processors window_alert outbox metrics
 REGRESS_OPTS = --temp-instance=$(CURDIR)/tmp_regress --temp-config=$(SPOOL_TEMP_CONF)
-ISOLATION = lease_race fence_steal nonce_concurrent nonce_holes
+ISOLATION = lease_race fence_steal nonce_concurrent nonce_holes nonce_queue_reports nonce_set_next
 ISOLATION_OPTS = --temp-instance=$(CURDIR)/tmp_isolation --temp-config=$(SPOOL_TEMP_CONF) \
-	--load-extension=spool_ext
+	--temp-config=$(srcdir)/test/spool_isolation.conf --load-extension=spool_ext
 TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
 

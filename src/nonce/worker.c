@@ -46,6 +46,7 @@ PGDLLEXPORT void spool_nonce_worker_main(Datum main_arg);
 typedef struct BatchItem
 {
 	int			idx;
+	int			pos;			/* arrival order within the batch */
 	char	   *signer;
 	SpoolReqKind kind;
 	int64		arg;
@@ -95,7 +96,7 @@ batch_item_cmp(const void *a, const void *b)
 	const BatchItem *y = b;
 	int			c = strcmp(x->signer, y->signer);
 
-	return c != 0 ? c : (x->idx - y->idx);
+	return c != 0 ? c : (x->pos - y->pos);
 }
 
 static bool
@@ -241,6 +242,7 @@ worker_dequeue(BatchItem *items, int max)
 		req->state = REQ_INPROGRESS;
 		req->generation = my_generation;
 		items[n].idx = idx;
+		items[n].pos = n;
 		items[n].signer = pstrdup(req->signer);
 		items[n].kind = req->kind;
 		items[n].arg = req->arg;
