@@ -459,14 +459,18 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	int			i;
 	int			r;
 
-	/* Signer row first, in the same order as allocation (no deadlock). */
+	/*
+	 * Signer row first, in the same order as allocation (no deadlock).  Every
+	 * writer of the signer's nonce rows holds that lock, so the rows need no
+	 * lock of their own.
+	 */
 	(void) signer_lock_and_check(signer, owner, token, role);
 
 	for (i = 0; i < n; i++)
 		nd[i] = Int64GetDatum(reports[i].nonce);
 	spool_plan(&plan_get_nonce,
 			   "SELECT nonce, state::text, request_id FROM spool.nonce_store"
-			   " WHERE signer = $1 AND nonce = ANY ($2) ORDER BY nonce FOR UPDATE",
+			   " WHERE signer = $1 AND nonce = ANY ($2)",
 			   2, t2);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(construct_array(nd, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
