@@ -661,7 +661,7 @@ int64
 spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 							int64 token, Oid role)
 {
-	Datum		v[7];
+	Datum		v[4];
 	bool		isnull;
 	int64		consumed;
 	int64		was_released;
