@@ -43,6 +43,16 @@ SELECT try($$SELECT spool.nonce_report('no-q', 'used', -1)$$);
 SELECT try($$SELECT spool.nonce_report('no-q', 'used', request_id => '')$$);
 SELECT spool_state() = :'before' AS unchanged;
 
+-- In a repeatable read transaction, the report finds the nonce the worker
+-- committed after the transaction's snapshot.
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT count(*) > 0 AS snapshot_taken FROM spool.nonces;
+SELECT spool.nonce_request('no-q', 'q-rr') AS rr_nonce \gset
+SELECT spool.nonce_report('no-q', 'used', :rr_nonce) = :rr_nonce AS reported;
+SELECT spool.nonce_report('no-q', 'used', request_id => 'q-rr') = :rr_nonce AS reported_by_id;
+COMMIT;
+SELECT state FROM spool.nonces WHERE signer = 'no-q' AND request_id = 'q-rr';
+
 -- A signer in basic mode: a report through the workers is refused (SP008).
 SELECT token FROM spool.lease_acquire('signer:no-b', 'node1', '1 h');
 SELECT spool.nonce_allocate('no-b', 'node1', 1) AS nonce FROM generate_series(0, 5);
@@ -90,7 +100,7 @@ SELECT try($$SELECT spool.nonce_set_next('no-b', 1)$$);
 SELECT spool_state() = :'before' AS unchanged;
 SELECT count(*) AS log_rows FROM spool.nonce_set_next_log WHERE signer = 'no-b';
 
--- nonce_set_next through the workers: no-q is at 5 with nothing released.
+-- nonce_set_next through the workers: no-q is at 6 with nothing released.
 SELECT spool.nonce_set_next('no-q', 20) AS next_out;
 SELECT spool.nonce_request('no-q', 'q-20') AS gets_20;
 SELECT count(*) FILTER (WHERE state = 'consumed') AS consumed,

@@ -25,6 +25,7 @@
 #include "storage/ipc.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "nonce/nonce.h"
@@ -163,6 +164,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	char	   *rid;
 	Oid			role;
 	int64		found = -1;
+	SPIPlanPtr	plan;
 	MemoryContext outer = CurrentMemoryContext;
 
 	if (strcmp(outcome, "used") == 0)
@@ -187,23 +189,30 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	if (by_nonce)
 	{
 		v[1] = Int64GetDatum(nonce);
-		spool_exec(spool_plan(&plan_report_by_nonce,
-							  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
-							  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.nonce = $2"
-							  " WHERE s.signer = $1",
-							  2, (Oid[]) {TEXTOID, INT8OID}),
-				   v, NULL, true, SPI_OK_SELECT);
+		plan = spool_plan(&plan_report_by_nonce,
+						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
+						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.nonce = $2"
+						  " WHERE s.signer = $1",
+						  2, (Oid[]) {TEXTOID, INT8OID});
 	}
 	else
 	{
 		v[1] = CStringGetTextDatum(request_id);
-		spool_exec(spool_plan(&plan_report_by_request,
-							  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
-							  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.request_id = $2"
-							  " WHERE s.signer = $1",
-							  2, (Oid[]) {TEXTOID, TEXTOID}),
-				   v, NULL, true, SPI_OK_SELECT);
+		plan = spool_plan(&plan_report_by_request,
+						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
+						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.request_id = $2"
+						  " WHERE s.signer = $1",
+						  2, (Oid[]) {TEXTOID, TEXTOID});
 	}
+
+	/*
+	 * The latest committed state, not the caller's snapshot: a repeatable
+	 * read transaction must find the nonce a worker committed for it after
+	 * its snapshot was taken.
+	 */
+	PushActiveSnapshot(GetLatestSnapshot());
+	spool_exec(plan, v, NULL, true, SPI_OK_SELECT);
+	PopActiveSnapshot();
 	if (SPI_processed == 1)
 	{
 		role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
