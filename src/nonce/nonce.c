@@ -47,10 +47,8 @@ static SPIPlanPtr plan_forget_req = NULL;
 static SPIPlanPtr plan_take_new = NULL;
 static SPIPlanPtr plan_lock_signer = NULL;
 static SPIPlanPtr plan_reuse = NULL;
-static SPIPlanPtr plan_unrelease = NULL;
 static SPIPlanPtr plan_get_nonce = NULL;
 static SPIPlanPtr plan_set_state = NULL;
-static SPIPlanPtr plan_release_count = NULL;
 static SPIPlanPtr plan_guard_lock = NULL;
 static SPIPlanPtr plan_guard_stamp = NULL;
 static SPIPlanPtr plan_below_count = NULL;
@@ -72,8 +70,9 @@ static bool nonce_take_new(const char *signer, const char *owner, int64 token,
 						   int n, const char **request_ids, int64 *nonces, Oid role);
 static int64 signer_lock_and_check(const char *signer, const char *owner,
 									int64 token, Oid role);
-static int64 nonce_reuse_lowest(const char *signer, const char *owner,
-								int64 token, const char *request_id);
+static void nonce_reuse_lowest(const char *signer, const char *owner,
+							   int64 token, int n, const char **request_ids,
+							   int64 *nonces);
 static int	nonce_lookup_requests(const char *signer, int n,
 								  const char **request_ids, int64 *nonces);
 static void nonce_forget_released_requests(const char *signer, int n,
@@ -297,42 +296,49 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 }
 
 /*
- * Reuse the lowest RELEASED nonce of a signer whose row the caller has
- * locked and checked.
+ * Reuse the n lowest RELEASED nonces of a signer whose row the caller has
+ * locked and checked, for request_ids[0..n) in that order, in one
+ * statement; their nonces go to nonces[].  The signer counts at least n.
  */
-static int64
+static void
 nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
-				   const char *request_id)
+				   int n, const char **request_ids, int64 *nonces)
 {
-	Oid			t1[1] = {TEXTOID};
-	Oid			t4[4] = {TEXTOID, TEXTOID, INT8OID, TEXTOID};
-	Datum		v[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
-	bool		isnull;
-	int64		nonce;
+	Oid			t[5] = {TEXTOID, TEXTOID, INT8OID, INT4OID, TEXTARRAYOID};
+	Datum		v[5];
+	uint64		got;
+	uint64		i;
 
 	spool_plan(&plan_reuse,
-			   "UPDATE spool.nonce_store SET state = 'allocated', owner = $2,"
-			   " token = $3, request_id = $4, updated_at = clock_timestamp()"
-			   " WHERE signer = $1 AND nonce = (SELECT min(nonce)"
-			   "   FROM spool.nonce_store WHERE signer = $1 AND state = 'released')"
-			   " RETURNING nonce",
-			   4, t4);
+			   "WITH h AS (SELECT nonce, row_number() OVER (ORDER BY nonce) AS o"
+			   "             FROM spool.nonce_store"
+			   "            WHERE signer = $1 AND state = 'released'"
+			   "            ORDER BY nonce LIMIT $4),"
+			   " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
+			   "        token = $3, request_id = ($5::text[])[h.o],"
+			   "        updated_at = clock_timestamp()"
+			   "         FROM h WHERE n.signer = $1 AND n.nonce = h.nonce"
+			   "       RETURNING n.nonce, h.o),"
+			   " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
+			   "        WHERE signer = $1)"
+			   " SELECT nonce FROM u ORDER BY o",
+			   5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
-	spool_text_param(v, nulls, 3, request_id);
-	if (spool_exec(plan_reuse, v, nulls, false, SPI_OK_UPDATE_RETURNING) != 1)
-		elog(ERROR, "signer \"%s\" counts released nonces but none was found", signer);
-	nonce = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-										SPI_tuptable->tupdesc, 1, &isnull));
+	v[3] = Int32GetDatum(n);
+	v[4] = PointerGetDatum(text_array(n, request_ids));
+	got = spool_exec(plan_reuse, v, NULL, false, SPI_OK_SELECT);
+	if (got != (uint64) n)
+		elog(ERROR, "signer \"%s\" counts %d released nonces but " UINT64_FORMAT " were found",
+			 signer, n, got);
+	for (i = 0; i < got; i++)
+	{
+		bool		isnull;
 
-	spool_plan(&plan_unrelease,
-			   "UPDATE spool.nonce_signer SET released = released - 1"
-			   " WHERE signer = $1",
-			   1, t1);
-	spool_exec(plan_unrelease, v, NULL, false, SPI_OK_UPDATE);
-	return nonce;
+		nonces[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												SPI_tuptable->tupdesc, 1, &isnull));
+	}
 }
 
 /*
@@ -382,10 +388,10 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 		released = signer_lock_and_check(signer, owner, token, role);
 		if (npending > 0)
 			nonce_forget_released_requests(signer, npending, pending_ids);
-		for (; done < npending && released > 0; released--)
+		if (npending > 0 && released > 0)
 		{
-			got[done] = nonce_reuse_lowest(signer, owner, token, pending_ids[done]);
-			done++;
+			done = (int) Min((int64) npending, released);
+			nonce_reuse_lowest(signer, owner, token, done, pending_ids, got);
 		}
 		if (done < npending &&
 			!nonce_take_new(signer, owner, token, npending - done,
@@ -446,8 +452,8 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 						 Oid role, int n, SpoolNonceReport *reports)
 {
 	Oid			t2[2] = {TEXTOID, INT8ARRAYOID};
-	Oid			t5[5] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, INT8OID};
-	Datum		v[5];
+	Oid			t6[6] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, INT8OID, INT8OID};
+	Datum		v[6];
 	Datum	   *nd = palloc(sizeof(Datum) * Max(n, 1));
 	int64	   *rows_nonce;
 	char	  **rows_state;
@@ -561,28 +567,22 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 				cn[k] = Int64GetDatum(rows_nonce[r]);
 				cs[k++] = rows_state[r];
 			}
+		/* The rows and the signer's count of released ones, in one statement. */
 		spool_plan(&plan_set_state,
-				   "UPDATE spool.nonce_store n SET state = u.s::spool.nonce_state,"
-				   " owner = $4, token = $5, updated_at = clock_timestamp()"
-				   "  FROM unnest($2::bigint[], $3::text[]) AS u(n, s)"
-				   " WHERE n.signer = $1 AND n.nonce = u.n",
-				   5, t5);
+				   "WITH u AS (UPDATE spool.nonce_store n SET state = u.s::spool.nonce_state,"
+				   "            owner = $4, token = $5, updated_at = clock_timestamp()"
+				   "             FROM unnest($2::bigint[], $3::text[]) AS u(n, s)"
+				   "            WHERE n.signer = $1 AND n.nonce = u.n)"
+				   " UPDATE spool.nonce_signer SET released = released + $6"
+				   "  WHERE signer = $1 AND $6 > 0",
+				   6, t6);
 		v[1] = PointerGetDatum(construct_array(cn, nchanged, INT8OID, 8, FLOAT8PASSBYVAL,
 											   TYPALIGN_DOUBLE));
 		v[2] = PointerGetDatum(text_array(nchanged, cs));
 		v[3] = CStringGetTextDatum(owner);
 		v[4] = Int64GetDatum(token);
+		v[5] = Int64GetDatum(nreleased);
 		spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
-	}
-	if (nreleased > 0)
-	{
-		Datum		rv[2] = {v[0], Int64GetDatum(nreleased)};
-
-		spool_plan(&plan_release_count,
-				   "UPDATE spool.nonce_signer SET released = released + $2"
-				   " WHERE signer = $1",
-				   2, (Oid[]) {TEXTOID, INT8OID});
-		spool_exec(plan_release_count, rv, NULL, false, SPI_OK_UPDATE);
 	}
 }
 
