@@ -153,6 +153,36 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.nonce_request(text, text) IS
 'Worker-queue mode: allocate a nonce through the nonce worker that owns the signer lease; needs no lease';
 
+CREATE FUNCTION @extschema@.nonce_report(signer text, outcome text, nonce bigint DEFAULT NULL,
+										 request_id text DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_nonce_report'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.nonce_report(text, text, bigint, text) IS
+'Worker-queue mode: report a nonce (by nonce or request_id) ''used'' or ''recyclable'' through the nonce worker of its signer; needs no lease';
+
+-- Every nonce_set_next: what the chain said and what changed.
+CREATE TABLE @extschema@.nonce_set_next_log (
+	id			bigserial PRIMARY KEY,
+	signer		text NOT NULL,
+	chain_next	bigint NOT NULL,	-- the chain's pending nonce given
+	old_next	bigint NOT NULL,	-- next new nonce before
+	new_next	bigint NOT NULL,	-- next new nonce after
+	consumed	bigint NOT NULL,	-- allocated/released nonces below chain_next made consumed
+	next_out	bigint NOT NULL,	-- the nonce handed out next
+	owner		text NOT NULL,
+	token		bigint NOT NULL,
+	at			timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE FUNCTION @extschema@.nonce_set_next(signer text, next_nonce bigint,
+										   owner text DEFAULT NULL, token bigint DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_nonce_set_next'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.nonce_set_next(text, bigint, text, bigint) IS
+'Set a signer to the chain''s pending nonce: nonces below it become consumed, none at or above it is taken from a holder; fenced by the signer lease (owner, token), or through its nonce worker when both are omitted; returns the nonce handed out next';
+
 -- Tokens are shown to members of the signer's role and of spool_admin only.
 CREATE VIEW @extschema@.nonces AS
 	SELECT n.signer, n.nonce, n.state, n.owner,
@@ -1140,10 +1170,13 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.nonce_mark_used(text, bigint, text, bigint),
 	@extschema@.nonce_mark_recyclable(text, bigint, text, bigint),
 	@extschema@.nonce_request(text, text),
+	@extschema@.nonce_report(text, text, bigint, text),
+	@extschema@.nonce_set_next(text, bigint, text, bigint),
 	@extschema@.nonce_worker_status()
 	TO spool_client;
 GRANT SELECT ON @extschema@.leases, @extschema@.nonces, @extschema@.nonce_workers
 	TO spool_client;
+GRANT SELECT ON @extschema@.nonce_set_next_log TO spool_admin;
 GRANT EXECUTE ON FUNCTION
 	@extschema@.create_source(text, text, text[], jsonb),
 	@extschema@.start_source(text),

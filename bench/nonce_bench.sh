@@ -4,6 +4,9 @@
 #   naive     UPDATE counter SET n = n + 1 ... RETURNING (the baseline)
 #   basic     spool.nonce_allocate, fenced by the signer lease
 #   queue     spool.nonce_request, worker-queue mode (batched by nonce workers)
+#   qreport   spool.nonce_request, then spool.nonce_report of that nonce (9 in
+#             10 'used', 1 in 10 'recyclable'): one pgbench transaction is
+#             both calls, i.e. a nonce's whole life in worker-queue mode
 # each on one hot signer/row and spread over 100 signers/rows.
 # Prints tps per run, the median of RUNS runs, and the ratio to the baseline.
 #
@@ -54,9 +57,20 @@ cat > "$work/queue_spread.sql" <<'SQL'
 \set s random(1, 100)
 SELECT spool.nonce_request('PREFIX-' || :s);
 SQL
+cat > "$work/qreport_hot.sql" <<'SQL'
+\set r random(1, 10)
+SELECT spool.nonce_request('PREFIX-hot') AS n \gset
+SELECT spool.nonce_report('PREFIX-hot', CASE WHEN :r = 1 THEN 'recyclable' ELSE 'used' END, :n);
+SQL
+cat > "$work/qreport_spread.sql" <<'SQL'
+\set s random(1, 100)
+\set r random(1, 10)
+SELECT spool.nonce_request('PREFIX-' || :s) AS n \gset
+SELECT spool.nonce_report('PREFIX-' || :s, CASE WHEN :r = 1 THEN 'recyclable' ELSE 'used' END, :n);
+SQL
 chmod 644 "$work"/*.sql; [ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"/*.sql
 
-cases=(naive_hot basic_hot queue_hot naive_spread basic_spread queue_spread)
+cases=(naive_hot basic_hot queue_hot qreport_hot naive_spread basic_spread queue_spread qreport_spread)
 declare -A tps
 for run in $(seq 1 "$RUNS"); do
 	for c in "${cases[@]}"; do
@@ -77,15 +91,17 @@ done
 
 # Correctness spot check: no nonce handed out twice for any signer.
 dups=$(psql -Atc "SELECT count(*) FROM (SELECT signer, nonce FROM spool.nonces GROUP BY 1, 2 HAVING count(*) > 1) d")
+# Every nonce of the qreport cases was reported: none is left allocated.
+unreported=$(psql -Atc "SELECT count(*) FROM spool.nonces WHERE signer LIKE '%qreport%' AND state = 'allocated'")
 gaps=$(psql -Atc "SELECT count(*) FROM (SELECT signer FROM spool.nonces GROUP BY signer HAVING max(nonce) + 1 <> count(*)) g")
 
 
 echo
 echo "nonce allocation, pgbench -M prepared, $CLIENTS clients, ${SECS}s per case, $RUNS runs, $(nproc) cores, $(date -u +%Y-%m-%d)"
-printf '%-34s %10s %10s %10s   %s\n' "case" "median tps" "min" "max" "vs naive"
+printf '%-42s %10s %10s %10s   %s\n' "case" "median tps" "min" "max" "vs naive"
 for scope in hot spread; do
 	base=$(median $(for r in $(seq 1 "$RUNS"); do echo "${tps[naive_$scope,$r]}"; done))
-	for mode in naive basic queue; do
+	for mode in naive basic queue qreport; do
 		c=${mode}_$scope
 		vals=$(for r in $(seq 1 "$RUNS"); do echo "${tps[$c,$r]}"; done)
 		m=$(median $vals)
@@ -95,10 +111,12 @@ for scope in hot spread; do
 			naive) label="naive UPDATE counter" ;;
 			basic) label="nonce_allocate (basic, fenced)" ;;
 			queue) label="nonce_request (worker queue)" ;;
+			qreport) label="request + report (worker queue)" ;;
 		esac
 		[ "$scope" = hot ] && label="$label, 1 hot" || label="$label, 100"
-		printf '%-34s %10.0f %10.0f %10.0f   %6.2fx\n' "$label" "$m" "$lo" "$hi" "$(echo "$m / $base" | bc -l)"
+		printf '%-42s %10.0f %10.0f %10.0f   %6.2fx\n' "$label" "$m" "$lo" "$hi" "$(echo "$m / $base" | bc -l)"
 		bench_result "$label, tps" "$m" higher
 	done
 done
-echo "duplicate (signer, nonce) pairs: $dups; signers with gaps: $gaps"
+echo "duplicate (signer, nonce) pairs: $dups; signers with gaps: $gaps; request + report: nonces left unreported: $unreported"
+echo "(request + report: one transaction is a nonce_request and a nonce_report, so its tps counts nonces whose whole life went through the workers)"

@@ -40,18 +40,21 @@
 PG_FUNCTION_INFO_V1(spool_nonce_allocate);
 PG_FUNCTION_INFO_V1(spool_nonce_mark_used);
 PG_FUNCTION_INFO_V1(spool_nonce_mark_recyclable);
+PG_FUNCTION_INFO_V1(spool_nonce_set_next);
 
 static SPIPlanPtr plan_find_req = NULL;
 static SPIPlanPtr plan_forget_req = NULL;
 static SPIPlanPtr plan_take_new = NULL;
 static SPIPlanPtr plan_lock_signer = NULL;
 static SPIPlanPtr plan_reuse = NULL;
-static SPIPlanPtr plan_unrelease = NULL;
 static SPIPlanPtr plan_get_nonce = NULL;
 static SPIPlanPtr plan_set_state = NULL;
-static SPIPlanPtr plan_release_count = NULL;
 static SPIPlanPtr plan_guard_lock = NULL;
 static SPIPlanPtr plan_guard_stamp = NULL;
+static SPIPlanPtr plan_below_count = NULL;
+static SPIPlanPtr plan_below_consume = NULL;
+static SPIPlanPtr plan_set_next = NULL;
+static SPIPlanPtr plan_set_next_log = NULL;
 
 static void signer_guard_lock(const char *signer);
 static void signer_guard_granted(const char *signer, int64 token, Oid role);
@@ -67,14 +70,15 @@ static bool nonce_take_new(const char *signer, const char *owner, int64 token,
 						   int n, const char **request_ids, int64 *nonces, Oid role);
 static int64 signer_lock_and_check(const char *signer, const char *owner,
 									int64 token, Oid role);
-static int64 nonce_reuse_lowest(const char *signer, const char *owner,
-								int64 token, const char *request_id);
+static void nonce_reuse_lowest(const char *signer, const char *owner,
+							   int64 token, int n, const char **request_ids,
+							   int64 *nonces);
 static int	nonce_lookup_requests(const char *signer, int n,
 								  const char **request_ids, int64 *nonces);
 static void nonce_forget_released_requests(const char *signer, int n,
 										   const char **request_ids);
 static bool nonce_removed(const char *signer, int64 nonce);
-static void nonce_mark(FunctionCallInfo fcinfo, const char *target);
+static void nonce_mark(FunctionCallInfo fcinfo, bool to_released);
 
 static ArrayType *
 text_array(int n, const char **items)
@@ -293,42 +297,49 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 }
 
 /*
- * Reuse the lowest RELEASED nonce of a signer whose row the caller has
- * locked and checked.
+ * Reuse the n lowest RELEASED nonces of a signer whose row the caller has
+ * locked and checked, for request_ids[0..n) in that order, in one
+ * statement; their nonces go to nonces[].  The signer counts at least n.
  */
-static int64
+static void
 nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
-				   const char *request_id)
+				   int n, const char **request_ids, int64 *nonces)
 {
-	Oid			t1[1] = {TEXTOID};
-	Oid			t4[4] = {TEXTOID, TEXTOID, INT8OID, TEXTOID};
-	Datum		v[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
-	bool		isnull;
-	int64		nonce;
+	Oid			t[5] = {TEXTOID, TEXTOID, INT8OID, INT4OID, TEXTARRAYOID};
+	Datum		v[5];
+	uint64		got;
+	uint64		i;
 
 	spool_plan(&plan_reuse,
-			   "UPDATE spool.nonce_store SET state = 'allocated', owner = $2,"
-			   " token = $3, request_id = $4, updated_at = clock_timestamp()"
-			   " WHERE signer = $1 AND nonce = (SELECT min(nonce)"
-			   "   FROM spool.nonce_store WHERE signer = $1 AND state = 'released')"
-			   " RETURNING nonce",
-			   4, t4);
+			   "WITH h AS (SELECT nonce, row_number() OVER (ORDER BY nonce) AS o"
+			   "             FROM spool.nonce_store"
+			   "            WHERE signer = $1 AND state = 'released'"
+			   "            ORDER BY nonce LIMIT $4),"
+			   " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
+			   "        token = $3, request_id = ($5::text[])[h.o],"
+			   "        updated_at = clock_timestamp()"
+			   "         FROM h WHERE n.signer = $1 AND n.nonce = h.nonce"
+			   "       RETURNING n.nonce, h.o),"
+			   " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
+			   "        WHERE signer = $1)"
+			   " SELECT nonce FROM u ORDER BY o",
+			   5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
-	spool_text_param(v, nulls, 3, request_id);
-	if (spool_exec(plan_reuse, v, nulls, false, SPI_OK_UPDATE_RETURNING) != 1)
-		elog(ERROR, "signer \"%s\" counts released nonces but none was found", signer);
-	nonce = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-										SPI_tuptable->tupdesc, 1, &isnull));
+	v[3] = Int32GetDatum(n);
+	v[4] = PointerGetDatum(text_array(n, request_ids));
+	got = spool_exec(plan_reuse, v, NULL, false, SPI_OK_SELECT);
+	if (got != (uint64) n)
+		elog(ERROR, "signer \"%s\" counts %d released nonces but " UINT64_FORMAT " were found",
+			 signer, n, got);
+	for (i = 0; i < got; i++)
+	{
+		bool		isnull;
 
-	spool_plan(&plan_unrelease,
-			   "UPDATE spool.nonce_signer SET released = released - 1"
-			   " WHERE signer = $1",
-			   1, t1);
-	spool_exec(plan_unrelease, v, NULL, false, SPI_OK_UPDATE);
-	return nonce;
+		nonces[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												SPI_tuptable->tupdesc, 1, &isnull));
+	}
 }
 
 /*
@@ -378,10 +389,10 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 		released = signer_lock_and_check(signer, owner, token, role);
 		if (npending > 0)
 			nonce_forget_released_requests(signer, npending, pending_ids);
-		for (; done < npending && released > 0; released--)
+		if (npending > 0 && released > 0)
 		{
-			got[done] = nonce_reuse_lowest(signer, owner, token, pending_ids[done]);
-			done++;
+			done = (int) Min((int64) npending, released);
+			nonce_reuse_lowest(signer, owner, token, done, pending_ids, got);
 		}
 		if (done < npending &&
 			!nonce_take_new(signer, owner, token, npending - done,
@@ -443,102 +454,204 @@ nonce_removed(const char *signer, int64 nonce)
 }
 
 /*
- * Move a nonce to target ('consumed' or 'released').  ALLOCATED may move to
- * either; repeating the same move is harmless; CONSUMED is final and a
- * RELEASED nonce cannot be consumed (it was given back).
+ * The one state machine of a nonce, for basic mode and the worker queue:
+ * apply reports[0..n) in order to signer's nonces, in the current
+ * transaction, fenced by (owner, token) for role.  ALLOCATED may move to
+ * either state; repeating a move is harmless; CONSUMED is final and a
+ * RELEASED nonce cannot be consumed (it was given back).  A report that
+ * names the allocation by its request id (match_request) and finds another
+ * one on the nonce concerns an allocation that was given back since: a
+ * repeat for 'recyclable', SP006 for 'used'.
+ *
+ * Fence and role problems raise (they concern every report); a report's own
+ * problem (SP005, SP006) is returned in it, so one bad report fails nobody
+ * else.  Changes are written with one statement whatever n is.  The caller
+ * is connected to SPI.
  */
+void
+spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
+						 Oid role, int n, SpoolNonceReport *reports)
+{
+	Oid			t2[2] = {TEXTOID, INT8ARRAYOID};
+	Oid			t6[6] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, INT8OID, INT8OID};
+	Datum		v[6];
+	Datum	   *nd = palloc(sizeof(Datum) * Max(n, 1));
+	int64	   *rows_nonce;
+	char	  **rows_state;
+	char	  **rows_rid;
+	bool	   *rows_changed;
+	int			nrows;
+	int			nchanged = 0;
+	int64		nreleased = 0;
+	int			i;
+	int			r;
+
+	/*
+	 * Signer row first, in the same order as allocation (no deadlock).  Every
+	 * writer of the signer's nonce rows holds that lock, so the rows need no
+	 * lock of their own.
+	 */
+	(void) signer_lock_and_check(signer, owner, token, role);
+
+	for (i = 0; i < n; i++)
+		nd[i] = Int64GetDatum(reports[i].nonce);
+	spool_plan(&plan_get_nonce,
+			   "SELECT nonce, state::text, request_id FROM spool.nonce_store"
+			   " WHERE signer = $1 AND nonce = ANY ($2)",
+			   2, t2);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = PointerGetDatum(construct_array(nd, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	nrows = (int) spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT);
+	rows_nonce = palloc(sizeof(int64) * Max(nrows, 1));
+	rows_state = palloc(sizeof(char *) * Max(nrows, 1));
+	rows_rid = palloc(sizeof(char *) * Max(nrows, 1));
+	rows_changed = palloc0(sizeof(bool) * Max(nrows, 1));
+	for (r = 0; r < nrows; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		rows_nonce[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		rows_state[r] = SPI_getvalue(tup, desc, 2);
+		rows_rid[r] = SPI_getvalue(tup, desc, 3);
+	}
+
+	for (i = 0; i < n; i++)
+	{
+		SpoolNonceReport *rep = &reports[i];
+		const char *target = rep->to_released ? "released" : "consumed";
+
+		rep->sqlerrcode = 0;
+		for (r = 0; r < nrows && rows_nonce[r] != rep->nonce; r++)
+			;
+		if (r == nrows && nonce_removed(signer, rep->nonce))
+		{
+			/*
+			 * Every nonce below next_nonce has a row until retention removes
+			 * it, and retention removes only consumed ones: CONSUMED stays
+			 * final, and marking it used again is a repeat.
+			 */
+			if (rep->to_released)
+			{
+				rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
+				rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
+									   rep->nonce, signer);
+				rep->errdetail = "It was consumed and later removed by spool.nonce_history_retention.";
+			}
+			continue;
+		}
+		if (r == nrows)
+		{
+			rep->sqlerrcode = ERRCODE_SPOOL_UNKNOWN_NONCE;
+			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" was never allocated",
+								   rep->nonce, signer);
+			rep->errhint = "Only nonces returned by spool.nonce_allocate or spool.nonce_request can be marked.";
+			continue;
+		}
+		if (rep->match_request &&
+			!((rep->request_id == NULL && rows_rid[r] == NULL) ||
+			  (rep->request_id != NULL && rows_rid[r] != NULL &&
+			   strcmp(rep->request_id, rows_rid[r]) == 0)))
+		{
+			/* The reported allocation was given back (and maybe reused). */
+			if (rep->to_released)
+				continue;		/* a repeat */
+			rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
+			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" was given back and cannot be marked used",
+								   rep->nonce, signer);
+			rep->errdetail = "The allocation reported on was released; the nonce may have been handed out again.";
+			continue;
+		}
+		if (strcmp(rows_state[r], target) == 0)
+			continue;			/* a repeat: nothing to do */
+		if (strcmp(rows_state[r], "consumed") == 0)
+		{
+			rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
+			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
+								   rep->nonce, signer);
+			rep->errdetail = "CONSUMED is final.";
+			continue;
+		}
+		if (strcmp(rows_state[r], "released") == 0)
+		{
+			rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
+			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" is released and cannot be marked used",
+								   rep->nonce, signer);
+			rep->errdetail = "A released nonce was given back and may be handed out again.";
+			rep->errhint = "Allocate it again with spool.nonce_allocate before using it.";
+			continue;
+		}
+		/* ALLOCATED -> target */
+		rows_state[r] = (char *) target;
+		rows_changed[r] = true;
+		if (rep->to_released)
+			nreleased++;
+	}
+
+	for (r = 0; r < nrows; r++)
+		if (rows_changed[r])
+			nchanged++;
+	if (nchanged > 0)
+	{
+		Datum	   *cn = palloc(sizeof(Datum) * nchanged);
+		const char **cs = palloc(sizeof(char *) * nchanged);
+		int			k = 0;
+
+		for (r = 0; r < nrows; r++)
+			if (rows_changed[r])
+			{
+				cn[k] = Int64GetDatum(rows_nonce[r]);
+				cs[k++] = rows_state[r];
+			}
+		/* The rows and the signer's count of released ones, in one statement. */
+		spool_plan(&plan_set_state,
+				   "WITH u AS (UPDATE spool.nonce_store n SET state = u.s::spool.nonce_state,"
+				   "            owner = $4, token = $5, updated_at = clock_timestamp()"
+				   "             FROM unnest($2::bigint[], $3::text[]) AS u(n, s)"
+				   "            WHERE n.signer = $1 AND n.nonce = u.n)"
+				   " UPDATE spool.nonce_signer SET released = released + $6"
+				   "  WHERE signer = $1 AND $6 > 0",
+				   6, t6);
+		v[1] = PointerGetDatum(construct_array(cn, nchanged, INT8OID, 8, FLOAT8PASSBYVAL,
+											   TYPALIGN_DOUBLE));
+		v[2] = PointerGetDatum(text_array(nchanged, cs));
+		v[3] = CStringGetTextDatum(owner);
+		v[4] = Int64GetDatum(token);
+		v[5] = Int64GetDatum(nreleased);
+		spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
+	}
+}
+
+/* Raise the error a report recorded, if any. */
+void
+spool_nonce_report_raise(const SpoolNonceReport *rep)
+{
+	if (rep->sqlerrcode == 0)
+		return;
+	ereport(ERROR,
+			(errcode(rep->sqlerrcode),
+			 errmsg("%s", rep->errmsg),
+			 rep->errdetail ? errdetail("%s", rep->errdetail) : 0,
+			 rep->errhint ? errhint("%s", rep->errhint) : 0));
+}
+
+/* SQL: nonce_mark_used and nonce_mark_recyclable, through the kernel. */
 static void
-nonce_mark(FunctionCallInfo fcinfo, const char *target)
+nonce_mark(FunctionCallInfo fcinfo, bool to_released)
 {
 	char	   *signer = spool_arg_signer(fcinfo, 0);
 	int64		nonce = spool_arg_int64(fcinfo, 1, "nonce", true);
 	char	   *owner = spool_arg_name(fcinfo, 2, "owner");
 	int64		token = spool_arg_int64(fcinfo, 3, "token", true);
-	bool		to_released = strcmp(target, "released") == 0;
-	Oid			t2[2] = {TEXTOID, INT8OID};
-	Oid			t5[5] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID};
-	Datum		v[5];
-	char	   *state;
-	bool		found;
+	SpoolNonceReport rep = {.nonce = nonce, .to_released = to_released};
 	SpoolCaller caller;
 
 	spool_require_shmem();
 	spool_enter(&caller);
 	SPI_connect();
-	/* Signer row first, in the same order as allocation (no deadlock). */
-	(void) signer_lock_and_check(signer, owner, token, caller.role);
-
-	v[0] = CStringGetTextDatum(signer);
-	v[1] = Int64GetDatum(nonce);
-	spool_plan(&plan_get_nonce,
-			   "SELECT state::text FROM spool.nonce_store"
-			   " WHERE signer = $1 AND nonce = $2 FOR UPDATE",
-			   2, t2);
-	found = spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT) > 0;
-	if (!found && nonce_removed(signer, nonce))
-	{
-		/*
-		 * Every nonce below next_nonce has a row until retention removes it,
-		 * and retention removes only consumed ones: CONSUMED stays final.
-		 */
-		if (to_released)
-			ereport(ERROR,
-					(errcode(ERRCODE_SPOOL_NONCE_TRANSITION),
-					 errmsg("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
-							nonce, signer),
-					 errdetail("It was consumed and later removed by spool.nonce_history_retention.")));
-		SPI_finish();
-		spool_leave(&caller);
-		return;					/* a repeat of mark_used */
-	}
-	if (!found)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
-				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated",
-						nonce, signer),
-				 errhint("Only nonces returned by spool.nonce_allocate or spool.nonce_request can be marked.")));
-	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-
-	if (strcmp(state, target) == 0)
-	{
-		SPI_finish();
-		spool_leave(&caller);
-		return;					/* a repeat: nothing to do */
-	}
-	if (strcmp(state, "consumed") == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_NONCE_TRANSITION),
-				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
-						nonce, signer),
-				 errdetail("CONSUMED is final.")));
-	if (strcmp(state, "released") == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_NONCE_TRANSITION),
-				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" is released and cannot be marked used",
-						nonce, signer),
-				 errdetail("A released nonce was given back and may be handed out again."),
-				 errhint("Allocate it again with spool.nonce_allocate before using it.")));
-
-	spool_plan(&plan_set_state,
-			   "UPDATE spool.nonce_store SET state = $3::spool.nonce_state,"
-			   " owner = $4, token = $5, updated_at = clock_timestamp()"
-			   " WHERE signer = $1 AND nonce = $2",
-			   5, t5);
-	v[2] = CStringGetTextDatum(target);
-	v[3] = CStringGetTextDatum(owner);
-	v[4] = Int64GetDatum(token);
-	spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
-
-	if (to_released)
-	{
-		Oid			t1[1] = {TEXTOID};
-
-		spool_plan(&plan_release_count,
-				   "UPDATE spool.nonce_signer SET released = released + 1"
-				   " WHERE signer = $1",
-				   1, t1);
-		spool_exec(plan_release_count, v, NULL, false, SPI_OK_UPDATE);
-	}
+	spool_nonce_report_batch(signer, owner, token, caller.role, 1, &rep);
+	spool_nonce_report_raise(&rep);
 	SPI_finish();
 	spool_leave(&caller);
 }
@@ -549,7 +662,7 @@ nonce_mark(FunctionCallInfo fcinfo, const char *target)
 Datum
 spool_nonce_mark_used(PG_FUNCTION_ARGS)
 {
-	nonce_mark(fcinfo, "consumed");
+	nonce_mark(fcinfo, false);
 	PG_RETURN_VOID();
 }
 
@@ -559,6 +672,136 @@ spool_nonce_mark_used(PG_FUNCTION_ARGS)
 Datum
 spool_nonce_mark_recyclable(PG_FUNCTION_ARGS)
 {
-	nonce_mark(fcinfo, "released");
+	nonce_mark(fcinfo, true);
 	PG_RETURN_VOID();
+}
+
+/*
+ * Bring signer in step with the chain, whose pending nonce is next: every
+ * nonce below it is on chain.  In the current transaction, fenced by (owner,
+ * token) for role; the caller is connected to SPI.  Returns the nonce the
+ * allocator hands out next.
+ *
+ * - ALLOCATED and RELEASED nonces below next become CONSUMED: the chain has
+ *   a transaction with each of them, so none may be handed out again.
+ * - Forwards (next above next_nonce): next_nonce becomes next; the nonces
+ *   in between were used outside the allocator and are never handed out.
+ * - Backwards (next below next_nonce): nothing at or above next changes.
+ *   ALLOCATED ones are held by someone who may still send them, CONSUMED
+ *   ones were sent and may still be in flight (or return after a reorg), so
+ *   handing either out again could put two transactions on one nonce;
+ *   RELEASED ones are handed out again, lowest first, as always.
+ *
+ * The change is recorded in spool.nonce_set_next_log and the server log.
+ */
+int64
+spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
+							int64 token, Oid role)
+{
+	Datum		v[4];
+	bool		isnull;
+	int64		consumed;
+	int64		was_released;
+	int64		old_next;
+	int64		new_next;
+	int64		next_out;
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	(void) signer_lock_and_check(signer, owner, token, role);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = Int64GetDatum(next);
+	v[2] = CStringGetTextDatum(owner);
+	v[3] = Int64GetDatum(token);
+
+	/* Under the signer row lock, which every writer of these rows takes. */
+	spool_plan(&plan_below_count,
+			   "SELECT count(*), count(*) FILTER (WHERE state = 'released')"
+			   "  FROM spool.nonce_store"
+			   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
+			   2, (Oid[]) {TEXTOID, INT8OID});
+	spool_exec(plan_below_count, v, NULL, false, SPI_OK_SELECT);
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	consumed = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	was_released = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+	if (consumed > 0)
+	{
+		spool_plan(&plan_below_consume,
+				   "UPDATE spool.nonce_store SET state = 'consumed', owner = $3, token = $4,"
+				   " updated_at = clock_timestamp()"
+				   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
+				   4, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID});
+		spool_exec(plan_below_consume, v, NULL, false, SPI_OK_UPDATE);
+	}
+
+	spool_plan(&plan_set_next,
+			   "WITH o AS (SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1),"
+			   " u AS (UPDATE spool.nonce_signer SET next_nonce = greatest(next_nonce, $2),"
+			   "        released = released - $3 WHERE signer = $1"
+			   "       RETURNING next_nonce)"
+			   " SELECT o.next_nonce, u.next_nonce,"
+			   "        coalesce((SELECT min(nonce) FROM spool.nonce_store"
+			   "                   WHERE signer = $1 AND state = 'released' AND nonce >= $2),"
+			   "                 u.next_nonce)"
+			   "   FROM o, u",
+			   3, (Oid[]) {TEXTOID, INT8OID, INT8OID});
+	{
+		Datum		sv[3] = {v[0], v[1], Int64GetDatum(was_released)};
+
+		if (spool_exec(plan_set_next, sv, NULL, false, SPI_OK_SELECT) != 1)
+			elog(ERROR, "signer \"%s\" has no row under its lock", signer);
+	}
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	old_next = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	new_next = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+	next_out = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+
+	spool_plan(&plan_set_next_log,
+			   "INSERT INTO spool.nonce_set_next_log"
+			   " (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)"
+			   " VALUES ($1, $2, $5, $6, $7, $8, $3, $4)",
+			   8, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID});
+	{
+		Datum		lv[8] = {v[0], v[1], v[2], v[3], Int64GetDatum(old_next),
+		Int64GetDatum(new_next), Int64GetDatum(consumed), Int64GetDatum(next_out)};
+
+		spool_exec(plan_set_next_log, lv, NULL, false, SPI_OK_INSERT);
+	}
+	ereport(LOG,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("spool: signer \"%s\" set to chain nonce " INT64_FORMAT ": next new nonce "
+					INT64_FORMAT " -> " INT64_FORMAT ", " INT64_FORMAT " below it consumed, next handed out "
+					INT64_FORMAT, signer, next, old_next, new_next, consumed, next_out),
+			 errdetail("Set by \"%s\" with token " INT64_FORMAT ".", owner, token)));
+	return next_out;
+}
+
+/*
+ * SQL: spool.nonce_set_next(signer, next_nonce, owner, token) RETURNS bigint
+ * With owner and token: basic mode, in the caller's transaction.  Without
+ * both: through the nonce worker that serves the signer (queue.c).
+ */
+Datum
+spool_nonce_set_next(PG_FUNCTION_ARGS)
+{
+	char	   *signer = spool_arg_signer(fcinfo, 0);
+	int64		next = spool_arg_int64(fcinfo, 1, "next_nonce", true);
+	char	   *owner;
+	int64		token;
+	int64		next_out;
+	SpoolCaller caller;
+
+	if (PG_ARGISNULL(2) && PG_ARGISNULL(3))
+		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL));
+	owner = spool_arg_name(fcinfo, 2, "owner");
+	token = spool_arg_int64(fcinfo, 3, "token", true);
+	spool_require_shmem();
+	spool_enter(&caller);
+	SPI_connect();
+	next_out = spool_nonce_set_next_kernel(signer, next, owner, token, caller.role);
+	SPI_finish();
+	spool_leave(&caller);
+	PG_RETURN_INT64(next_out);
 }

@@ -28,6 +28,15 @@ typedef enum SpoolReqState
 	REQ_ABANDONED
 } SpoolReqState;
 
+/* What a worker-queue request asks for. */
+typedef enum SpoolReqKind
+{
+	SPOOL_REQ_ALLOCATE = 0,		/* nonce_request */
+	SPOOL_REQ_USED,				/* nonce_report(..., 'used') */
+	SPOOL_REQ_RECYCLABLE,		/* nonce_report(..., 'recyclable') */
+	SPOOL_REQ_SET_NEXT			/* nonce_set_next without owner and token */
+} SpoolReqKind;
+
 /* One worker-queue nonce request; lives in a shared pool. */
 typedef struct SpoolNonceReq
 {
@@ -37,6 +46,9 @@ typedef struct SpoolNonceReq
 	int			next;			/* queue / free list link, -1 = end */
 	bool		in_queue;		/* linked in a worker's FIFO */
 	char		signer[SPOOL_SIGNER_MAX];
+	SpoolReqKind kind;
+	int64		arg;			/* reports: the nonce; set_next: the chain's */
+	bool		has_request_id; /* reports: false when the nonce has none */
 	char		request_id[SPOOL_REQID_MAX];
 	Oid			role;			/* who asked: the signer must be its role's */
 	int64		nonce;
@@ -86,7 +98,33 @@ extern void spool_nonce_allocate_batch(const char *signer, const char *owner,
 									   const char **request_ids,
 									   int64 *nonces, Oid role);
 
+/*
+ * One report on a nonce (nonce.c's state machine): in, the nonce, the
+ * allocation's request id when match_request, the target state; out, an
+ * SQLSTATE (0: applied or a harmless repeat) and the message parts.
+ */
+typedef struct SpoolNonceReport
+{
+	int64		nonce;
+	const char *request_id;
+	bool		match_request;
+	bool		to_released;
+	int			sqlerrcode;
+	char	   *errmsg;
+	char	   *errdetail;
+	char	   *errhint;
+} SpoolNonceReport;
+
+extern void spool_nonce_report_batch(const char *signer, const char *owner,
+									 int64 token, Oid role, int n,
+									 SpoolNonceReport *reports);
+extern void spool_nonce_report_raise(const SpoolNonceReport *rep);
+extern int64 spool_nonce_set_next_kernel(const char *signer, int64 next,
+										 const char *owner, int64 token, Oid role);
+
 /* queue.c */
+extern int64 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
+									const char *request_id);
 extern int	spool_route_signer(const char *signer, int nworkers);
 extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);

@@ -16,12 +16,16 @@
  */
 #include "postgres.h"
 
+#include "catalog/pg_type.h"
 #include "common/hashfn.h"
+#include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/ipc.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "nonce/nonce.h"
@@ -30,13 +34,17 @@ SpoolNonceShared *spool_nonce_shared = NULL;
 SpoolNonceReq *spool_requests = NULL;
 
 PG_FUNCTION_INFO_V1(spool_nonce_request);
+PG_FUNCTION_INFO_V1(spool_nonce_report);
 PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
 
 static uint64 auto_request_counter = 0;
+static SPIPlanPtr plan_report_by_nonce = NULL;
+static SPIPlanPtr plan_report_by_request = NULL;
 
 static void request_abandon(int code, Datum arg);
 static void check_queue_mode(void);
-static int	request_submit(int w, const char *signer, const char *request_id);
+static int	request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
+						   const char *request_id);
 static void request_wait(SpoolNonceReq *req);
 static void nonce_attach(bool found);
 
@@ -123,6 +131,124 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 {
 	char	   *signer = spool_arg_signer(fcinfo, 0);
 	char	   *request_id = spool_arg_name_opt(fcinfo, 1, "request_id");
+
+	check_queue_mode();
+	if (request_id == NULL)
+		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
+							  (long) MyStartTimestamp,
+							  (unsigned long) ++auto_request_counter);
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1, request_id));
+}
+
+/*
+ * SQL: spool.nonce_report(signer, outcome, nonce, request_id) RETURNS bigint
+ *
+ * The caller names the allocation it reports on by its nonce or request id;
+ * here both are looked up, so the worker applies the report to exactly that
+ * allocation: a report re-queued after a worker replacement, whose first
+ * application committed and whose nonce was then handed out again, is a
+ * harmless repeat instead of giving back the new holder's nonce.
+ */
+Datum
+spool_nonce_report(PG_FUNCTION_ARGS)
+{
+	char	   *signer = spool_arg_signer(fcinfo, 0);
+	char	   *outcome = spool_arg_name(fcinfo, 1, "outcome");
+	bool		by_nonce = !PG_ARGISNULL(2);
+	int64		nonce = by_nonce ? spool_arg_int64(fcinfo, 2, "nonce", true) : -1;
+	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
+	SpoolReqKind kind;
+	SpoolCaller caller;
+	Datum		v[2];
+	bool		isnull = true;
+	char	   *rid;
+	Oid			role;
+	int64		found = -1;
+	SPIPlanPtr	plan;
+	MemoryContext outer = CurrentMemoryContext;
+
+	if (strcmp(outcome, "used") == 0)
+		kind = SPOOL_REQ_USED;
+	else if (strcmp(outcome, "recyclable") == 0)
+		kind = SPOOL_REQ_RECYCLABLE;
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("unknown nonce outcome \"%s\"", outcome),
+				 errhint("Use 'used' (the transaction was sent) or 'recyclable' (it was not).")));
+	if (by_nonce == (request_id != NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("give exactly one of nonce and request_id"),
+				 errhint("Name the nonce, or the request_id it was requested with.")));
+	check_queue_mode();
+
+	spool_enter(&caller);
+	SPI_connect();
+	v[0] = CStringGetTextDatum(signer);
+	if (by_nonce)
+	{
+		v[1] = Int64GetDatum(nonce);
+		plan = spool_plan(&plan_report_by_nonce,
+						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
+						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.nonce = $2"
+						  " WHERE s.signer = $1",
+						  2, (Oid[]) {TEXTOID, INT8OID});
+	}
+	else
+	{
+		v[1] = CStringGetTextDatum(request_id);
+		plan = spool_plan(&plan_report_by_request,
+						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
+						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.request_id = $2"
+						  " WHERE s.signer = $1",
+						  2, (Oid[]) {TEXTOID, TEXTOID});
+	}
+
+	/*
+	 * The latest committed state, not the caller's snapshot: a repeatable
+	 * read transaction must find the nonce a worker committed for it after
+	 * its snapshot was taken.
+	 */
+	PushActiveSnapshot(GetLatestSnapshot());
+	spool_exec(plan, v, NULL, true, SPI_OK_SELECT);
+	PopActiveSnapshot();
+	if (SPI_processed == 1)
+	{
+		role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+											  &isnull));
+		if (!isnull && !spool_role_is_member(caller.role, role))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("signer \"%s\" belongs to another role", signer)));
+		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+											&isnull));
+	}
+	if (SPI_processed != 1 || isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
+				 by_nonce ?
+				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
+				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", request_id, signer),
+				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
+	rid = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
+	rid = rid ? MemoryContextStrdup(outer, rid) : NULL;
+	SPI_finish();
+	spool_leave(&caller);
+
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid));
+}
+
+/*
+ * Queue one request of kind for signer's worker and wait until it is
+ * committed; returns its nonce (set_next: the nonce handed out next).
+ * Raises the worker's error for it, or SP007 after
+ * spool.nonce_request_timeout.
+ */
+int64
+spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
+					   const char *request_id)
+{
 	SpoolNonceReq *req;
 	SpoolReqState state;
 	int			w;
@@ -132,12 +258,8 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	char		errmsg_buf[SPOOL_ERRMSG_MAX];
 
 	check_queue_mode();
-	if (request_id == NULL)
-		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
-							  (long) MyStartTimestamp,
-							  (unsigned long) ++auto_request_counter);
 	w = spool_route_signer(signer, spool_nonce_shared->nworkers);
-	idx = request_submit(w, signer, request_id);
+	idx = request_submit(w, signer, kind, arg, request_id);
 	req = &spool_requests[idx];
 
 	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
@@ -157,14 +279,21 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 				(errcode(sqlerrcode),
 				 errmsg("%s", errmsg_buf),
 				 errdetail("Reported by nonce worker %d for signer \"%s\".", w, signer)));
-	if (state != REQ_DONE)
+	if (state != REQ_DONE && kind == SPOOL_REQ_ALLOCATE)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("timed out waiting for a nonce for signer \"%s\"", signer),
 				 errdetail("Nonce worker %d did not answer within %d ms; request id \"%s\".",
 						   w, spool_nonce_request_timeout_ms, request_id),
 				 errhint("Repeat the call with the same request_id: it returns the nonce if one was committed meanwhile.")));
-	PG_RETURN_INT64(nonce);
+	if (state != REQ_DONE)
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("timed out waiting for nonce worker %d to apply a %s for signer \"%s\"",
+						w, kind == SPOOL_REQ_SET_NEXT ? "nonce_set_next" : "nonce_report", signer),
+				 errdetail("It may still be applied."),
+				 errhint("Repeat the call: applying it again is harmless.")));
+	return nonce;
 }
 
 /* SP007 unless worker-queue mode serves this database. */
@@ -190,7 +319,8 @@ check_queue_mode(void)
  * returns its index.  SP007 when the pool is empty.
  */
 static int
-request_submit(int w, const char *signer, const char *request_id)
+request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
+			   const char *request_id)
 {
 	SpoolNonceReq *req;
 	Latch	   *latch;
@@ -210,7 +340,10 @@ request_submit(int w, const char *signer, const char *request_id)
 	req = &spool_requests[idx];
 	spool_nonce_shared->free_head = req->next;
 	strlcpy(req->signer, signer, sizeof(req->signer));
-	strlcpy(req->request_id, request_id, sizeof(req->request_id));
+	req->kind = kind;
+	req->arg = arg;
+	req->has_request_id = (request_id != NULL);
+	strlcpy(req->request_id, request_id ? request_id : "", sizeof(req->request_id));
 	req->role = GetUserId();
 	req->nonce = -1;
 	req->sqlerrcode = 0;

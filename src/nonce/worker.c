@@ -46,8 +46,11 @@ PGDLLEXPORT void spool_nonce_worker_main(Datum main_arg);
 typedef struct BatchItem
 {
 	int			idx;
+	int			pos;			/* arrival order within the batch */
 	char	   *signer;
-	char	   *request_id;
+	SpoolReqKind kind;
+	int64		arg;
+	char	   *request_id;		/* NULL: a report on a nonce without one */
 	Oid			role;
 	int64		nonce;
 	int			sqlerrcode;
@@ -93,7 +96,7 @@ batch_item_cmp(const void *a, const void *b)
 	const BatchItem *y = b;
 	int			c = strcmp(x->signer, y->signer);
 
-	return c != 0 ? c : (x->idx - y->idx);
+	return c != 0 ? c : (x->pos - y->pos);
 }
 
 static bool
@@ -239,8 +242,11 @@ worker_dequeue(BatchItem *items, int max)
 		req->state = REQ_INPROGRESS;
 		req->generation = my_generation;
 		items[n].idx = idx;
+		items[n].pos = n;
 		items[n].signer = pstrdup(req->signer);
-		items[n].request_id = pstrdup(req->request_id);
+		items[n].kind = req->kind;
+		items[n].arg = req->arg;
+		items[n].request_id = req->has_request_id ? pstrdup(req->request_id) : NULL;
 		items[n].role = req->role;
 		items[n].nonce = -1;
 		items[n].sqlerrcode = 0;
@@ -359,6 +365,8 @@ fail_items(BatchItem *items, int start, int end, ErrorData *edata)
 	for (i = start; i < end; i++)
 	{
 		items[i].nonce = -1;
+		items[i].sqlerrcode = 0;
+		items[i].errmsg = NULL;
 		if (edata)
 		{
 			items[i].sqlerrcode = edata->sqlerrcode;
@@ -432,7 +440,12 @@ signer_lease(const char *signer)
 	return hl;
 }
 
-/* Allocate for one signer's requests, (re)acquiring its lease when needed. */
+/*
+ * Serve one signer's requests, (re)acquiring its lease when needed: first
+ * the set_next calls, then the reports (so a nonce given back is handed out
+ * at once), then the allocations, all with the kernel basic mode uses.  A
+ * report's own error (SP005, SP006) fails only that report.
+ */
 static void
 worker_serve_signer(BatchItem *items, int n)
 {
@@ -440,8 +453,11 @@ worker_serve_signer(BatchItem *items, int n)
 	const char **ids = palloc(sizeof(char *) * n);
 	int64	   *nonces = palloc(sizeof(int64) * n);
 	int		   *at = palloc(sizeof(int) * n);
+	SpoolNonceReport *reports = palloc0(sizeof(SpoolNonceReport) * n);
 	HeldLease  *hl = signer_lease(signer);
+	bool	   *allowed = palloc(sizeof(bool) * n);
 	int			nallowed = 0;
+	int			nreports = 0;
 	int			i;
 
 	if (!OidIsValid(hl->signer_role))
@@ -450,15 +466,53 @@ worker_serve_signer(BatchItem *items, int n)
 	/* Only requests of members of the signer's role are served. */
 	for (i = 0; i < n; i++)
 	{
-		if (!spool_role_is_member(items[i].role, hl->signer_role))
+		allowed[i] = spool_role_is_member(items[i].role, hl->signer_role);
+		if (!allowed[i])
 		{
 			items[i].sqlerrcode = ERRCODE_INSUFFICIENT_PRIVILEGE;
 			items[i].errmsg = psprintf("signer \"%s\" belongs to another role", signer);
-			continue;
 		}
-		ids[nallowed] = items[i].request_id;
-		at[nallowed++] = i;
 	}
+
+	for (i = 0; i < n; i++)
+		if (allowed[i] && items[i].kind == SPOOL_REQ_SET_NEXT)
+			items[i].nonce = spool_nonce_set_next_kernel(signer, items[i].arg, my_owner,
+														 hl->token, SPOOL_LEASE_INTERNAL);
+
+	for (i = 0; i < n; i++)
+		if (allowed[i] && (items[i].kind == SPOOL_REQ_USED ||
+						   items[i].kind == SPOOL_REQ_RECYCLABLE))
+		{
+			reports[nreports].nonce = items[i].arg;
+			reports[nreports].request_id = items[i].request_id;
+			reports[nreports].match_request = true;
+			reports[nreports].to_released = (items[i].kind == SPOOL_REQ_RECYCLABLE);
+			at[nreports++] = i;
+		}
+	if (nreports > 0)
+	{
+		spool_nonce_report_batch(signer, my_owner, hl->token, SPOOL_LEASE_INTERNAL,
+								 nreports, reports);
+		for (i = 0; i < nreports; i++)
+		{
+			BatchItem  *it = &items[at[i]];
+
+			if (reports[i].sqlerrcode == 0)
+				it->nonce = reports[i].nonce;
+			else
+			{
+				it->sqlerrcode = reports[i].sqlerrcode;
+				it->errmsg = reports[i].errmsg;
+			}
+		}
+	}
+
+	for (i = 0; i < n; i++)
+		if (allowed[i] && items[i].kind == SPOOL_REQ_ALLOCATE)
+		{
+			ids[nallowed] = items[i].request_id;
+			at[nallowed++] = i;
+		}
 	if (nallowed == 0)
 		return;
 	spool_nonce_allocate_batch(signer, my_owner, hl->token, nallowed, ids, nonces,
