@@ -314,6 +314,7 @@ CREATE UNLOGGED TABLE @extschema@.source_runtime (
 	state		text NOT NULL,
 	last_error	text,
 	last_error_at timestamptz,
+	errors		bigint NOT NULL DEFAULT 0,	-- since the server started
 	updated_at	timestamptz NOT NULL
 );
 CREATE UNLOGGED TABLE @extschema@.partition_runtime (
@@ -323,6 +324,8 @@ CREATE UNLOGGED TABLE @extschema@.partition_runtime (
 	high_watermark bigint,
 	position	bigint,
 	msgs_per_sec float8,
+	state		text NOT NULL DEFAULT 'running',	-- 'running' or 'error'
+	error_since timestamptz,	-- error state since (its last error)
 	updated_at	timestamptz NOT NULL,
 	PRIMARY KEY (source, topic, kafka_partition)
 );
@@ -376,9 +379,13 @@ CREATE VIEW @extschema@.source_status AS
 		   CASE WHEN p.high_watermark IS NOT NULL
 				THEN greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0)
 		   END AS lag,
-		   CASE WHEN NOT s.enabled THEN 'stopped' ELSE coalesce(r.state, 'starting') END AS state,
+		   -- per partition while the worker runs (see docs/sources.md)
+		   CASE WHEN NOT s.enabled THEN 'stopped'
+				WHEN r.state IN ('running', 'error') AND p.state IS NOT NULL THEN p.state
+				ELSE coalesce(r.state, 'starting') END AS state,
 		   r.last_error, r.last_error_at, p.msgs_per_sec, p.position, r.pid,
-		   greatest(p.updated_at, r.updated_at) AS updated_at
+		   greatest(p.updated_at, r.updated_at) AS updated_at,
+		   coalesce(r.errors, 0) AS errors, p.error_since
 	  FROM @extschema@.sources s
 	  LEFT JOIN @extschema@.source_runtime r ON r.source = s.name
 	  LEFT JOIN @extschema@.partition_runtime p ON p.source = s.name
@@ -714,10 +721,10 @@ CREATE FUNCTION @extschema@.outbox_runtime(
 	OUT target_id int, OUT shard int, OUT pid int, OUT state text,
 	OUT delivered bigint, OUT flushes_size bigint, OUT flushes_interval bigint,
 	OUT flushes_barrier bigint, OUT flushes_close bigint,
-	OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
-	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
+	OUT batch_p50_le float8, OUT batch_p99_le float8, OUT batch_max bigint,
+	OUT flush_ms_p50_le float8, OUT flush_ms_p99_le float8, OUT flush_ms_max float8,
 	OUT barriers bigint, OUT barrier_drain_ms_last float8,
-	OUT barrier_drain_ms_p50 float8, OUT barrier_drain_ms_max float8,
+	OUT barrier_drain_ms_p50_le float8, OUT barrier_drain_ms_max float8,
 	OUT retries bigint, OUT blocked_keys int, OUT last_error text,
 	OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
 	OUT started_at timestamptz, OUT batch_hist bigint[], OUT flush_hist bigint[],
@@ -765,9 +772,9 @@ CREATE FUNCTION @extschema@._outbox_status(
 	OUT "position" bigint, OUT backlog bigint, OUT waiting bigint, OUT blocked_keys int,
 	OUT oldest_undelivered_age interval, OUT delivered bigint,
 	OUT flushes_size bigint, OUT flushes_interval bigint, OUT flushes_barrier bigint,
-	OUT flushes_close bigint, OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
-	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
-	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50 float8,
+	OUT flushes_close bigint, OUT batch_p50_le float8, OUT batch_p99_le float8, OUT batch_max bigint,
+	OUT flush_ms_p50_le float8, OUT flush_ms_p99_le float8, OUT flush_ms_max float8,
+	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50_le float8,
 	OUT barrier_drain_ms_max float8, OUT retries bigint, OUT dead_letters bigint,
 	OUT last_error text, OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
 	OUT started_at timestamptz)
@@ -790,10 +797,10 @@ AS $$
 		   coalesce(r.flushes_interval, 0) AS flushes_interval,
 		   coalesce(r.flushes_barrier, 0) AS flushes_barrier,
 		   coalesce(r.flushes_close, 0) AS flushes_close,
-		   r.batch_p50, r.batch_p99, r.batch_max,
-		   r.flush_ms_p50, r.flush_ms_p99, r.flush_ms_max,
+		   r.batch_p50_le, r.batch_p99_le, r.batch_max,
+		   r.flush_ms_p50_le, r.flush_ms_p99_le, r.flush_ms_max,
 		   coalesce(r.barriers, 0) AS barriers,
-		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50, r.barrier_drain_ms_max,
+		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50_le, r.barrier_drain_ms_max,
 		   coalesce(r.retries, 0) AS retries,
 		   (SELECT count(*) FROM @extschema@.outbox_dead d
 			 WHERE d.target_id = t.id AND d.shard = s.shard) AS dead_letters,
@@ -818,6 +825,146 @@ COMMENT ON FUNCTION @extschema@._outbox_status() IS
 
 CREATE VIEW @extschema@.outbox_status AS
 	SELECT * FROM @extschema@._outbox_status();
+
+------------------------------------------------------------------------------
+-- Stage numbers: histograms and counters of every stage (ingest, promoter,
+-- processors, outbox), from shared memory, since the server started.
+------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@._ingest_histograms(
+	OUT stage text, OUT object text, OUT instance int, OUT histogram text, OUT unit text,
+	OUT bounds float8[], OUT counts bigint[], OUT count bigint, OUT sum float8,
+	OUT max float8, OUT last float8, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_ingest_histograms'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._ingest_histograms() IS
+'Internal: the ingest workers'' and the promoter''s histograms (see spool.stage_histograms)';
+
+CREATE FUNCTION @extschema@._ingest_counters(
+	OUT source text, OUT errors bigint, OUT ended_size bigint, OUT ended_bytes bigint,
+	OUT ended_time bigint, OUT ended_stop bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_ingest_counters'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._ingest_counters() IS
+'Internal: per source, errors and batches by what ended them (see spool.ingest_stats)';
+
+CREATE FUNCTION @extschema@._processor_histograms(
+	OUT stage text, OUT object text, OUT instance int, OUT histogram text, OUT unit text,
+	OUT bounds float8[], OUT counts bigint[], OUT count bigint, OUT sum float8,
+	OUT max float8, OUT last float8, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_processor_histograms'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._processor_histograms() IS
+'Internal: the processor replicas'' histograms (see spool.stage_histograms)';
+
+-- One row per histogram: bounds[i] is the upper bound of bucket i, counts
+-- has one more element (the values above the last bound).
+CREATE VIEW @extschema@.stage_histograms AS
+	SELECT * FROM @extschema@._ingest_histograms()
+	UNION ALL
+	SELECT * FROM @extschema@._processor_histograms()
+	UNION ALL
+	SELECT 'outbox', t.name, r.shard, h.histogram, h.unit, h.bounds, h.counts,
+		   (SELECT sum(c)::bigint FROM unnest(h.counts) c), h.sum, h.max, h.last, r.last_flush_at
+	  FROM @extschema@.outbox_runtime() r
+	  JOIN @extschema@.targets t ON t.id = r.target_id
+	  CROSS JOIN LATERAL (VALUES
+		('batch_rows', 'rows', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 14) i)::float8[],
+		 r.batch_hist, r.batch_sum::float8, r.batch_max::float8, NULL::float8),
+		('flush_ms', 'ms', ARRAY(SELECT 0.25 * 2.0 ^ i FROM generate_series(0, 15) i)::float8[],
+		 r.flush_hist, r.flush_ms_sum, r.flush_ms_max, NULL),
+		('barrier_drain_ms', 'ms', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
+		 r.drain_hist, r.drain_ms_sum, r.barrier_drain_ms_max, r.barrier_drain_ms_last))
+		AS h(histogram, unit, bounds, counts, sum, max, last)
+	 WHERE h.histogram <> 'barrier_drain_ms' OR r.shard = 0;
+
+-- The upper bound of the bucket holding the q-quantile, capped at max:
+-- "at most this", not an exact quantile.  NULL when the histogram is empty.
+CREATE FUNCTION @extschema@._hist_le(bounds float8[], counts bigint[], q float8, max float8)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$
+	SELECT least(coalesce(min(bounds[i]) FILTER (WHERE acc >= q * total), max), max)
+	  FROM (SELECT i, sum(counts[i]) OVER (ORDER BY i) AS acc,
+				   (SELECT sum(c) FROM unnest(counts) c) AS total
+			  FROM generate_series(1, cardinality(counts)) i) x
+	 WHERE total > 0
+$$;
+COMMENT ON FUNCTION @extschema@._hist_le(float8[], bigint[], float8, float8) IS
+'Internal: the bucket bound holding a quantile of a stage histogram';
+
+CREATE VIEW @extschema@.ingest_stats AS
+	SELECT c.source, h.count AS batches,
+		   c.ended_size, c.ended_bytes, c.ended_time, c.ended_stop, c.errors,
+		   h.sum::bigint AS rows,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
+		   h.max::bigint AS rows_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   @extschema@._hist_le(w.bounds, w.counts, 0.5, w.max) AS stage_ms_p50_le,
+		   @extschema@._hist_le(w.bounds, w.counts, 0.99, w.max) AS stage_ms_p99_le,
+		   w.max AS stage_ms_max,
+		   h.last_at AS last_batch_at
+	  FROM @extschema@._ingest_counters() c
+	  JOIN @extschema@._ingest_histograms() h
+		ON h.stage = 'ingest' AND h.object = c.source AND h.histogram = 'batch_rows'
+	  JOIN @extschema@._ingest_histograms() b
+		ON b.stage = 'ingest' AND b.object = c.source AND b.histogram = 'batch_ms'
+	  JOIN @extschema@._ingest_histograms() w
+		ON w.stage = 'ingest' AND w.object = c.source AND w.histogram = 'stage_ms';
+
+CREATE VIEW @extschema@.promoter_status AS
+	SELECT h.count AS promotions, h.sum::bigint AS entries,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
+		   h.max::bigint AS rows_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   l.last AS lag_ms_last,
+		   @extschema@._hist_le(l.bounds, l.counts, 0.5, l.max) AS lag_ms_p50_le,
+		   @extschema@._hist_le(l.bounds, l.counts, 0.99, l.max) AS lag_ms_p99_le,
+		   l.max AS lag_ms_max,
+		   h.last_at AS last_promotion_at
+	  FROM @extschema@._ingest_histograms() h
+	  JOIN @extschema@._ingest_histograms() b ON b.stage = 'promoter' AND b.histogram = 'batch_ms'
+	  JOIN @extschema@._ingest_histograms() l ON l.stage = 'promoter' AND l.histogram = 'lag_ms'
+	 WHERE h.stage = 'promoter' AND h.histogram = 'batch_rows';
+
+CREATE VIEW @extschema@.processor_stats AS
+	SELECT e.object AS processor, e.instance AS replica, e.count AS batches,
+		   e.sum::bigint AS entries,
+		   @extschema@._hist_le(e.bounds, e.counts, 0.5, e.max) AS entries_p50_le,
+		   e.max::bigint AS entries_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS handler_ms_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS handler_ms_p99_le,
+		   h.max AS handler_ms_max,
+		   c.count AS commits,
+		   @extschema@._hist_le(c.bounds, c.counts, 0.5, c.max) AS commit_ms_p50_le,
+		   @extschema@._hist_le(c.bounds, c.counts, 0.99, c.max) AS commit_ms_p99_le,
+		   c.max AS commit_ms_max,
+		   s.count AS snapshots,
+		   @extschema@._hist_le(s.bounds, s.counts, 0.5, s.max) AS snapshot_ms_p50_le,
+		   s.max AS snapshot_ms_max,
+		   e.last_at AS last_batch_at
+	  FROM @extschema@._processor_histograms() e
+	  JOIN @extschema@._processor_histograms() b
+		ON (b.object, b.instance, b.histogram) = (e.object, e.instance, 'batch_ms')
+	  JOIN @extschema@._processor_histograms() h
+		ON (h.object, h.instance, h.histogram) = (e.object, e.instance, 'handler_ms')
+	  JOIN @extschema@._processor_histograms() c
+		ON (c.object, c.instance, c.histogram) = (e.object, e.instance, 'commit_ms')
+	  JOIN @extschema@._processor_histograms() s
+		ON (s.object, s.instance, s.histogram) = (e.object, e.instance, 'snapshot_ms')
+	 WHERE e.histogram = 'batch_entries';
 
 ------------------------------------------------------------------------------
 -- Metrics in the Prometheus text format
@@ -869,6 +1016,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
 AS $$
 	WITH st AS MATERIALIZED (SELECT * FROM @extschema@.outbox_status),
 	rt AS MATERIALIZED (SELECT * FROM @extschema@.outbox_runtime()),
+	sh AS MATERIALIZED (SELECT * FROM @extschema@._ingest_histograms()
+						UNION ALL SELECT * FROM @extschema@._processor_histograms()),
 	m(ord, name, type, help, lines) AS (
 		VALUES
 		(1, 'spool_cursor', 'gauge', 'Last committed spool cursor.',
@@ -995,7 +1144,55 @@ AS $$
 					ARRAY['target', t.name, 'shard', r.shard::text],
 					ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
 					r.drain_hist, r.drain_ms_sum, 0.001))
-				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0))
+				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0)),
+		(32, 'spool_source_errors_total', 'counter', 'Errors the source''s ingest worker recorded (broker, partition, metadata).',
+		 ARRAY(SELECT @extschema@._metric('spool_source_errors_total', ARRAY['source', source], errors)
+				 FROM @extschema@._ingest_counters() ORDER BY source)),
+		(33, 'spool_ingest_batches_total', 'counter', 'Batches staged, by what ended the batch.',
+		 ARRAY(SELECT @extschema@._metric('spool_ingest_batches_total',
+					ARRAY['source', source, 'reason', x.reason], x.n)
+				 FROM @extschema@._ingest_counters(),
+					  LATERAL (VALUES ('size', ended_size), ('bytes', ended_bytes),
+									  ('time', ended_time), ('stop', ended_stop)) x(reason, n)
+				 ORDER BY source, x.reason)),
+		(34, 'spool_ingest_batch_rows', 'histogram', 'Rows per staged batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_batch_rows', ARRAY['source', object],
+					bounds, counts, sum, 1)) FROM sh WHERE stage = 'ingest' AND histogram = 'batch_rows')),
+		(35, 'spool_ingest_batch_seconds', 'histogram', 'From a batch''s first message to its commit into staging.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_batch_seconds', ARRAY['source', object],
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'ingest' AND histogram = 'batch_ms')),
+		(36, 'spool_ingest_stage_seconds', 'histogram', 'The transaction writing a batch into staging.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_stage_seconds', ARRAY['source', object],
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'ingest' AND histogram = 'stage_ms')),
+		(37, 'spool_promoter_batch_entries', 'histogram', 'Entries made durable per promotion.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_batch_entries', '{}',
+					bounds, counts, sum, 1)) FROM sh WHERE stage = 'promoter' AND histogram = 'batch_rows')),
+		(38, 'spool_promoter_batch_seconds', 'histogram', 'The promotion transaction.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_batch_seconds', '{}',
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'promoter' AND histogram = 'batch_ms')),
+		(39, 'spool_promoter_lag_seconds', 'histogram', 'From the oldest staged batch of a promotion to its promotion.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_lag_seconds', '{}',
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'promoter' AND histogram = 'lag_ms')),
+		(40, 'spool_processor_batch_entries', 'histogram', 'Entries per processed batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_batch_entries',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 1))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'batch_entries')),
+		(41, 'spool_processor_batch_seconds', 'histogram', 'A batch''s transaction, from reading to commit.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_batch_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'batch_ms')),
+		(42, 'spool_processor_handler_seconds', 'histogram', 'The handler''s part of a batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_handler_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'handler_ms')),
+		(43, 'spool_processor_commit_seconds', 'histogram', 'Writing the outputs, the gate check and the commit (active replica).',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_commit_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'commit_ms')),
+		(44, 'spool_processor_snapshot_seconds', 'histogram', 'Building and hashing a state snapshot (checkpoint).',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_snapshot_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'snapshot_ms'))
 	)
 	SELECT string_agg('# HELP ' || name || ' ' || help || E'\n# TYPE ' || name || ' ' || type
 					  || CASE WHEN cardinality(lines) > 0 THEN E'\n' || array_to_string(lines, E'\n') ELSE '' END,
@@ -1061,6 +1258,12 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()
 	TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
+	TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@._ingest_histograms(), @extschema@._ingest_counters(),
+	@extschema@._processor_histograms(), @extschema@._hist_le(float8[], bigint[], float8, float8)
+	TO spool_admin, spool_client;
+GRANT SELECT ON @extschema@.stage_histograms, @extschema@.ingest_stats,
+	@extschema@.promoter_status, @extschema@.processor_stats
 	TO spool_admin, spool_client;
 -- Parked rows and dead letters hold payloads, which may be business data.
 GRANT SELECT ON @extschema@.outbox_retry, @extschema@.outbox_dead TO spool_admin;
