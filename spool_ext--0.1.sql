@@ -861,8 +861,19 @@ COMMENT ON FUNCTION @extschema@._processor_histograms() IS
 'Internal: the processor replicas'' histograms (see spool.stage_histograms)';
 
 -- One row per histogram: bounds[i] is the upper bound of bucket i, counts
--- has one more element (the values above the last bound).
+-- has one more element (the values above the last bound); cumulative[i]
+-- counts the values up to bounds[i], as Prometheus buckets do; base_bounds
+-- and base_sum are in Prometheus' base units (seconds where unit is ms).
 CREATE VIEW @extschema@.stage_histograms AS
+	SELECT h.*,
+		   ARRAY(SELECT sum(c) OVER (ORDER BY i)
+				   FROM unnest(h.counts) WITH ORDINALITY u(c, i)
+				  ORDER BY i LIMIT cardinality(h.bounds))::bigint[] AS cumulative,
+		   CASE WHEN h.unit = 'ms'
+				THEN ARRAY(SELECT b / 1000 FROM unnest(h.bounds) WITH ORDINALITY u(b, i) ORDER BY i)
+				ELSE h.bounds END AS base_bounds,
+		   CASE WHEN h.unit = 'ms' THEN h.sum / 1000 ELSE h.sum END AS base_sum
+	  FROM (
 	SELECT * FROM @extschema@._ingest_histograms()
 	UNION ALL
 	SELECT * FROM @extschema@._processor_histograms()
@@ -879,7 +890,7 @@ CREATE VIEW @extschema@.stage_histograms AS
 		('barrier_drain_ms', 'ms', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
 		 r.drain_hist, r.drain_ms_sum, r.barrier_drain_ms_max, r.barrier_drain_ms_last))
 		AS h(histogram, unit, bounds, counts, sum, max, last)
-	 WHERE h.histogram <> 'barrier_drain_ms' OR r.shard = 0;
+	 WHERE h.histogram <> 'barrier_drain_ms' OR r.shard = 0) h;
 
 -- The upper bound of the bucket holding the q-quantile, capped at max:
 -- "at most this", not an exact quantile.  NULL when the histogram is empty.
@@ -919,7 +930,8 @@ CREATE VIEW @extschema@.ingest_stats AS
 		ON w.stage = 'ingest' AND w.object = c.source AND w.histogram = 'stage_ms';
 
 CREATE VIEW @extschema@.promoter_status AS
-	SELECT h.count AS promotions, h.sum::bigint AS entries,
+	SELECT (SELECT next_cursor - 1 FROM @extschema@.spool_state) AS cursor,
+		   h.count AS promotions, h.sum::bigint AS entries,
 		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
 		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
 		   h.max::bigint AS rows_max,

@@ -54,7 +54,7 @@ my ($batches, $ends, $rows, $rmax) = split /\|/, sql(q{SELECT batches,
 cmp_ok($batches, '>', 0, "ingest_stats: src staged $batches batches");
 is($ends, $batches, 'ingest_stats: every batch has one reason that ended it');
 is($rows, $N, "ingest_stats: the batches' rows add up to $N");
-cmp_ok($rmax, '<=', 1000, 'ingest_stats: no batch above batch_size (1000)');
+cmp_ok($rmax, '<=', 10000, 'ingest_stats: no batch above batch_size (10000)');
 is(sql(q{SELECT batch_ms_p50_le IS NOT NULL AND batch_ms_max >= 0 AND stage_ms_p99_le IS NOT NULL
 	AND last_batch_at IS NOT NULL FROM spool.ingest_stats WHERE source = 'src'}),
 	't', 'ingest_stats: batch and staging times are there');
