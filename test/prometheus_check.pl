@@ -51,7 +51,7 @@ open($fh, '<', $alerts) or die "$alerts: $!";
 while (my $l = <$fh>)
 {
 	next unless $l =~ /^\s*expr:|^\s{10}\S/;
-	$unknown{$1} = 1 for grep { !$produced{$_} } ($l =~ /\b(spool_[a-z_]+)\b/g);
+	$unknown{$_} = 1 for grep { !$produced{$_} } ($l =~ /\b(spool_[a-z_]+)\b/g);
 }
 close $fh;
 delete $unknown{$_} for grep { !/^spool_/ } keys %unknown;
