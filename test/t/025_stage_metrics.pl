@@ -68,14 +68,26 @@ is($entries, $N, "promoter_status: the promotions' entries add up to $N");
 cmp_ok($lagn, '>', 0, "promoter lag: $lagn samples");
 cmp_ok($lagn, '<=', $promotions, 'promoter lag: at most one sample per promotion');
 
-# Processors: the active replica did every batch (no takeover here).
+# Processors.  Every gate commit is counted once, by the replica that made
+# it: the commits add up to the checkpoint row's batches, takeovers or not.
+is(sql(q{SELECT sum(s.commits) = c.batches FROM spool.processor_stats s
+	JOIN spool.processor_checkpoints c USING (processor) WHERE processor = 'p' GROUP BY c.batches}),
+	't', 'processor_stats: the commits of the replicas add up to the checkpoint\'s batches');
+# Without a takeover (the normal case here) the first active did every batch.
 my $active = sql(q{SELECT replica FROM spool.processor_status WHERE processor = 'p' AND role = 'active'});
 like($active, qr/^\d+$/, "the active replica is $active");
+my $clean = sql(q{SELECT sum(takeovers) = 0 AND sum(errors) = 0 FROM spool.processor_status
+	WHERE processor = 'p'}) eq 't';
 my ($pb, $pe, $pc, $ps, $tm) = split /\|/, sql(qq{SELECT batches, entries, commits, snapshots,
 	batch_ms_max >= handler_ms_max AND commit_ms_p50_le IS NOT NULL
 	FROM spool.processor_stats WHERE processor = 'p' AND replica = $active});
-is($pe, $N, "processor_stats: the active's batches hold $N entries");
-is($pc, $pb, "processor_stats: each of the $pb batches committed once");
+SKIP:
+{
+	skip 'a takeover or an error happened: the batches are shared between replicas', 2
+	  unless $clean;
+	is($pe, $N, "processor_stats: the active's batches hold $N entries");
+	is($pc, $pb, "processor_stats: each of the $pb batches committed once");
+}
 cmp_ok($ps, '>=', 1, "processor_stats: $ps snapshots (checkpoint_every 500)");
 is($tm, 't', 'processor_stats: handler time within batch time, commit times there');
 
@@ -94,8 +106,8 @@ is(metric('spool_ingest_batch_rows_sum{source="src"}'), $N,
 	'metrics: spool_ingest_batch_rows_sum is the rows');
 is(metric('spool_promoter_batch_entries_sum'), $N,
 	'metrics: spool_promoter_batch_entries_sum is the entries');
-is(metric(qq{spool_processor_batch_entries_sum{processor="p",replica="$active"}}), $N,
-	'metrics: spool_processor_batch_entries_sum of the active is the entries');
+is(metric(qq{spool_processor_batch_entries_sum{processor="p",replica="$active"}}), $pe,
+	'metrics: spool_processor_batch_entries_sum of the active is its entries');
 is(metric(qq{spool_processor_batch_entries_bucket{processor="p",replica="$active",le="+Inf"}}), $pb,
 	'metrics: the +Inf bucket is the batches');
 
