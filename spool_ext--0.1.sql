@@ -1035,10 +1035,11 @@ AS $$
 		(1, 'spool_cursor', 'gauge', 'Last committed spool cursor.',
 		 ARRAY(SELECT @extschema@._metric('spool_cursor', '{}', next_cursor - 1)
 				 FROM @extschema@.spool_state)),
-		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which).',
-		 ARRAY(SELECT DISTINCT @extschema@._metric('spool_source_up',
+		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which; error when any partition is).',
+		 ARRAY(SELECT @extschema@._metric('spool_source_up',
 					ARRAY['source', source, 'state', state], (state = 'running')::int)
-				 FROM @extschema@.source_status)),
+				 FROM (SELECT source, CASE WHEN bool_or(state = 'error') THEN 'error' ELSE min(state) END AS state
+						 FROM @extschema@.source_status GROUP BY source) x ORDER BY source)),
 		(3, 'spool_source_lag', 'gauge', 'Kafka messages not yet durable in the spool, per partition.',
 		 ARRAY(SELECT @extschema@._metric('spool_source_lag',
 					ARRAY['source', source, 'topic', topic, 'partition', kafka_partition::text], lag)
