@@ -78,5 +78,6 @@ extern const SpoolKindOps spool_source_ops;
 extern void spool_wake_promoter(void);
 extern void spool_note_staged(uint32 which, TimestampTz at);
 extern SpoolSourceStats *spool_source_stats(const char *source);
+extern void spool_source_stats_forget(const char *source);
 
 #endif							/* SPOOL_INGEST_H */

@@ -433,6 +433,21 @@ spool_source_stats(const char *source)
 	return found;
 }
 
+/* drop_source: the source's counters are gone, its slot free again. */
+void
+spool_source_stats_forget(const char *source)
+{
+	int			i;
+
+	if (spool_ingest_shared == NULL)
+		return;
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < SPOOL_MAX_SOURCES; i++)
+		if (strcmp(spool_ingest_shared->sources[i].name, source) == 0)
+			spool_ingest_shared->sources[i].name[0] = '\0';
+	LWLockRelease(spool_ingest_shared->lock);
+}
+
 /* The promotion's numbers (after it committed). */
 static void
 note_promotion(int64 entries, TimestampTz t_start, TimestampTz staged_at)
