@@ -356,6 +356,7 @@ CREATE UNLOGGED TABLE @extschema@.source_runtime (
 	state		text NOT NULL,
 	last_error	text,
 	last_error_at timestamptz,
+	errors		bigint NOT NULL DEFAULT 0,	-- since the server started
 	updated_at	timestamptz NOT NULL
 );
 CREATE UNLOGGED TABLE @extschema@.partition_runtime (
@@ -365,6 +366,8 @@ CREATE UNLOGGED TABLE @extschema@.partition_runtime (
 	high_watermark bigint,
 	position	bigint,
 	msgs_per_sec float8,
+	state		text NOT NULL DEFAULT 'running',	-- 'running' or 'error'
+	error_since timestamptz,	-- error state since (its last error)
 	updated_at	timestamptz NOT NULL,
 	PRIMARY KEY (source, topic, kafka_partition)
 );
@@ -469,9 +472,13 @@ CREATE VIEW @extschema@.source_status AS
 		   CASE WHEN p.high_watermark IS NOT NULL
 				THEN greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0)
 		   END AS lag,
-		   CASE WHEN NOT s.enabled THEN 'stopped' ELSE coalesce(r.state, 'starting') END AS state,
+		   -- per partition while the worker runs (see docs/sources.md)
+		   CASE WHEN NOT s.enabled THEN 'stopped'
+				WHEN r.state IN ('running', 'error') AND p.state IS NOT NULL THEN p.state
+				ELSE coalesce(r.state, 'starting') END AS state,
 		   r.last_error, r.last_error_at, p.msgs_per_sec, p.position, r.pid,
-		   greatest(p.updated_at, r.updated_at) AS updated_at
+		   greatest(p.updated_at, r.updated_at) AS updated_at,
+		   coalesce(r.errors, 0) AS errors, p.error_since
 	  FROM @extschema@.sources s
 	  LEFT JOIN @extschema@.source_runtime r ON r.source = s.name
 	  -- every partition a worker assigned or an offset was stored for
@@ -810,10 +817,10 @@ CREATE FUNCTION @extschema@.outbox_runtime(
 	OUT target_id int, OUT shard int, OUT pid int, OUT state text,
 	OUT delivered bigint, OUT flushes_size bigint, OUT flushes_interval bigint,
 	OUT flushes_barrier bigint, OUT flushes_close bigint,
-	OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
-	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
+	OUT batch_p50_le float8, OUT batch_p99_le float8, OUT batch_max bigint,
+	OUT flush_ms_p50_le float8, OUT flush_ms_p99_le float8, OUT flush_ms_max float8,
 	OUT barriers bigint, OUT barrier_drain_ms_last float8,
-	OUT barrier_drain_ms_p50 float8, OUT barrier_drain_ms_max float8,
+	OUT barrier_drain_ms_p50_le float8, OUT barrier_drain_ms_max float8,
 	OUT retries bigint, OUT blocked_keys int, OUT last_error text,
 	OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
 	OUT started_at timestamptz, OUT batch_hist bigint[], OUT flush_hist bigint[],
@@ -861,9 +868,9 @@ CREATE FUNCTION @extschema@._outbox_status(
 	OUT "position" bigint, OUT backlog bigint, OUT waiting bigint, OUT blocked_keys int,
 	OUT oldest_undelivered_age interval, OUT delivered bigint,
 	OUT flushes_size bigint, OUT flushes_interval bigint, OUT flushes_barrier bigint,
-	OUT flushes_close bigint, OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
-	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
-	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50 float8,
+	OUT flushes_close bigint, OUT batch_p50_le float8, OUT batch_p99_le float8, OUT batch_max bigint,
+	OUT flush_ms_p50_le float8, OUT flush_ms_p99_le float8, OUT flush_ms_max float8,
+	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50_le float8,
 	OUT barrier_drain_ms_max float8, OUT retries bigint, OUT dead_letters bigint,
 	OUT last_error text, OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
 	OUT started_at timestamptz)
@@ -886,10 +893,10 @@ AS $$
 		   coalesce(r.flushes_interval, 0) AS flushes_interval,
 		   coalesce(r.flushes_barrier, 0) AS flushes_barrier,
 		   coalesce(r.flushes_close, 0) AS flushes_close,
-		   r.batch_p50, r.batch_p99, r.batch_max,
-		   r.flush_ms_p50, r.flush_ms_p99, r.flush_ms_max,
+		   r.batch_p50_le, r.batch_p99_le, r.batch_max,
+		   r.flush_ms_p50_le, r.flush_ms_p99_le, r.flush_ms_max,
 		   coalesce(r.barriers, 0) AS barriers,
-		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50, r.barrier_drain_ms_max,
+		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50_le, r.barrier_drain_ms_max,
 		   coalesce(r.retries, 0) AS retries,
 		   (SELECT count(*) FROM @extschema@.outbox_dead d
 			 WHERE d.target_id = t.id AND d.shard = s.shard) AS dead_letters,
@@ -961,6 +968,158 @@ CREATE VIEW @extschema@.consumer_status AS
 						  WHERE e.cursor > x.cursor ORDER BY e.cursor LIMIT 1) b ON true;
 
 ------------------------------------------------------------------------------
+-- Stage numbers: histograms and counters of every stage (ingest, promoter,
+-- processors, outbox), from shared memory, since the server started.
+------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@._ingest_histograms(
+	OUT stage text, OUT object text, OUT instance int, OUT histogram text, OUT unit text,
+	OUT bounds float8[], OUT counts bigint[], OUT count bigint, OUT sum float8,
+	OUT max float8, OUT last float8, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_ingest_histograms'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._ingest_histograms() IS
+'Internal: the ingest workers'' and the promoter''s histograms (see spool.stage_histograms)';
+
+CREATE FUNCTION @extschema@._ingest_counters(
+	OUT source text, OUT errors bigint, OUT ended_size bigint, OUT ended_bytes bigint,
+	OUT ended_time bigint, OUT ended_stop bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_ingest_counters'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._ingest_counters() IS
+'Internal: per source, errors and batches by what ended them (see spool.ingest_stats)';
+
+CREATE FUNCTION @extschema@._processor_histograms(
+	OUT stage text, OUT object text, OUT instance int, OUT histogram text, OUT unit text,
+	OUT bounds float8[], OUT counts bigint[], OUT count bigint, OUT sum float8,
+	OUT max float8, OUT last float8, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_processor_histograms'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._processor_histograms() IS
+'Internal: the processor replicas'' histograms (see spool.stage_histograms)';
+
+-- One row per histogram: bounds[i] is the upper bound of bucket i, counts
+-- has one more element (the values above the last bound); cumulative[i]
+-- counts the values up to bounds[i], as Prometheus buckets do; base_bounds
+-- and base_sum are in Prometheus' base units (seconds where unit is ms).
+CREATE VIEW @extschema@.stage_histograms AS
+	SELECT h.*,
+		   ARRAY(SELECT sum(c) OVER (ORDER BY i)
+				   FROM unnest(h.counts) WITH ORDINALITY u(c, i)
+				  ORDER BY i LIMIT cardinality(h.bounds))::bigint[] AS cumulative,
+		   CASE WHEN h.unit = 'ms'
+				THEN ARRAY(SELECT b / 1000 FROM unnest(h.bounds) WITH ORDINALITY u(b, i) ORDER BY i)
+				ELSE h.bounds END AS base_bounds,
+		   CASE WHEN h.unit = 'ms' THEN h.sum / 1000 ELSE h.sum END AS base_sum
+	  FROM (
+	SELECT * FROM @extschema@._ingest_histograms()
+	UNION ALL
+	SELECT * FROM @extschema@._processor_histograms()
+	UNION ALL
+	SELECT 'outbox', t.name, r.shard, h.histogram, h.unit, h.bounds, h.counts,
+		   (SELECT sum(c)::bigint FROM unnest(h.counts) c), h.sum, h.max, h.last, r.last_flush_at
+	  FROM @extschema@.outbox_runtime() r
+	  JOIN @extschema@.targets t ON t.id = r.target_id
+	  CROSS JOIN LATERAL (VALUES
+		('batch_rows', 'rows', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 14) i)::float8[],
+		 r.batch_hist, r.batch_sum::float8, r.batch_max::float8, NULL::float8),
+		('flush_ms', 'ms', ARRAY(SELECT 0.25 * 2.0 ^ i FROM generate_series(0, 15) i)::float8[],
+		 r.flush_hist, r.flush_ms_sum, r.flush_ms_max, NULL),
+		('barrier_drain_ms', 'ms', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
+		 r.drain_hist, r.drain_ms_sum, r.barrier_drain_ms_max, r.barrier_drain_ms_last))
+		AS h(histogram, unit, bounds, counts, sum, max, last)
+	 WHERE h.histogram <> 'barrier_drain_ms' OR r.shard = 0) h;
+
+-- The upper bound of the bucket holding the q-quantile, capped at max:
+-- "at most this", not an exact quantile.  NULL when the histogram is empty.
+CREATE FUNCTION @extschema@._hist_le(bounds float8[], counts bigint[], q float8, max float8)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$
+	SELECT least(coalesce(min(bounds[i]) FILTER (WHERE acc >= q * total), max), max)
+	  FROM (SELECT i, sum(counts[i]) OVER (ORDER BY i) AS acc,
+				   (SELECT sum(c) FROM unnest(counts) c) AS total
+			  FROM generate_series(1, cardinality(counts)) i) x
+	 WHERE total > 0
+$$;
+COMMENT ON FUNCTION @extschema@._hist_le(float8[], bigint[], float8, float8) IS
+'Internal: the bucket bound holding a quantile of a stage histogram';
+
+CREATE VIEW @extschema@.ingest_stats AS
+	SELECT c.source, h.count AS batches,
+		   c.ended_size, c.ended_bytes, c.ended_time, c.ended_stop, c.errors,
+		   h.sum::bigint AS rows,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
+		   h.max::bigint AS rows_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   @extschema@._hist_le(w.bounds, w.counts, 0.5, w.max) AS stage_ms_p50_le,
+		   @extschema@._hist_le(w.bounds, w.counts, 0.99, w.max) AS stage_ms_p99_le,
+		   w.max AS stage_ms_max,
+		   h.last_at AS last_batch_at
+	  FROM @extschema@._ingest_counters() c
+	  JOIN @extschema@._ingest_histograms() h
+		ON h.stage = 'ingest' AND h.object = c.source AND h.histogram = 'batch_rows'
+	  JOIN @extschema@._ingest_histograms() b
+		ON b.stage = 'ingest' AND b.object = c.source AND b.histogram = 'batch_ms'
+	  JOIN @extschema@._ingest_histograms() w
+		ON w.stage = 'ingest' AND w.object = c.source AND w.histogram = 'stage_ms';
+
+CREATE VIEW @extschema@.promoter_status AS
+	SELECT (SELECT next_cursor - 1 FROM @extschema@.spool_state) AS cursor,
+		   h.count AS promotions, h.sum::bigint AS entries,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
+		   h.max::bigint AS rows_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   l.last AS lag_ms_last,
+		   @extschema@._hist_le(l.bounds, l.counts, 0.5, l.max) AS lag_ms_p50_le,
+		   @extschema@._hist_le(l.bounds, l.counts, 0.99, l.max) AS lag_ms_p99_le,
+		   l.max AS lag_ms_max,
+		   h.last_at AS last_promotion_at
+	  FROM @extschema@._ingest_histograms() h
+	  JOIN @extschema@._ingest_histograms() b ON b.stage = 'promoter' AND b.histogram = 'batch_ms'
+	  JOIN @extschema@._ingest_histograms() l ON l.stage = 'promoter' AND l.histogram = 'lag_ms'
+	 WHERE h.stage = 'promoter' AND h.histogram = 'batch_rows';
+
+CREATE VIEW @extschema@.processor_stats AS
+	SELECT e.object AS processor, e.instance AS replica, e.count AS batches,
+		   e.sum::bigint AS entries,
+		   @extschema@._hist_le(e.bounds, e.counts, 0.5, e.max) AS entries_p50_le,
+		   e.max::bigint AS entries_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS handler_ms_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS handler_ms_p99_le,
+		   h.max AS handler_ms_max,
+		   c.count AS commits,
+		   @extschema@._hist_le(c.bounds, c.counts, 0.5, c.max) AS commit_ms_p50_le,
+		   @extschema@._hist_le(c.bounds, c.counts, 0.99, c.max) AS commit_ms_p99_le,
+		   c.max AS commit_ms_max,
+		   s.count AS snapshots,
+		   @extschema@._hist_le(s.bounds, s.counts, 0.5, s.max) AS snapshot_ms_p50_le,
+		   s.max AS snapshot_ms_max,
+		   e.last_at AS last_batch_at
+	  FROM @extschema@._processor_histograms() e
+	  JOIN @extschema@._processor_histograms() b
+		ON (b.object, b.instance, b.histogram) = (e.object, e.instance, 'batch_ms')
+	  JOIN @extschema@._processor_histograms() h
+		ON (h.object, h.instance, h.histogram) = (e.object, e.instance, 'handler_ms')
+	  JOIN @extschema@._processor_histograms() c
+		ON (c.object, c.instance, c.histogram) = (e.object, e.instance, 'commit_ms')
+	  JOIN @extschema@._processor_histograms() s
+		ON (s.object, s.instance, s.histogram) = (e.object, e.instance, 'snapshot_ms')
+	 WHERE e.histogram = 'batch_entries';
+
+------------------------------------------------------------------------------
 -- Metrics in the Prometheus text format
 ------------------------------------------------------------------------------
 
@@ -1010,15 +1169,18 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
 AS $$
 	WITH st AS MATERIALIZED (SELECT * FROM @extschema@.outbox_status),
 	rt AS MATERIALIZED (SELECT * FROM @extschema@.outbox_runtime()),
+	sh AS MATERIALIZED (SELECT * FROM @extschema@._ingest_histograms()
+						UNION ALL SELECT * FROM @extschema@._processor_histograms()),
 	m(ord, name, type, help, lines) AS (
 		VALUES
 		(1, 'spool_cursor', 'gauge', 'Last committed spool cursor.',
 		 ARRAY(SELECT @extschema@._metric('spool_cursor', '{}', next_cursor - 1)
 				 FROM @extschema@.spool_state)),
-		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which).',
-		 ARRAY(SELECT DISTINCT @extschema@._metric('spool_source_up',
+		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which; error when any partition is).',
+		 ARRAY(SELECT @extschema@._metric('spool_source_up',
 					ARRAY['source', source, 'state', state], (state = 'running')::int)
-				 FROM @extschema@.source_status)),
+				 FROM (SELECT source, CASE WHEN bool_or(state = 'error') THEN 'error' ELSE min(state) END AS state
+						 FROM @extschema@.source_status GROUP BY source) x ORDER BY source)),
 		(3, 'spool_source_lag', 'gauge', 'Kafka messages not yet durable in the spool, per partition.',
 		 ARRAY(SELECT @extschema@._metric('spool_source_lag',
 					ARRAY['source', source, 'topic', topic, 'partition', kafka_partition::text], lag)
@@ -1137,11 +1299,59 @@ AS $$
 					ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
 					r.drain_hist, r.drain_ms_sum, 0.001))
 				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0)),
-		(40, 'spool_consumer_stale', 'gauge', '1 for a spool consumer or processor that has not moved for spool.max_retention while the spool did.',
+		(32, 'spool_source_errors_total', 'counter', 'Errors the source''s ingest worker recorded (broker, partition, metadata).',
+		 ARRAY(SELECT @extschema@._metric('spool_source_errors_total', ARRAY['source', source], errors)
+				 FROM @extschema@._ingest_counters() ORDER BY source)),
+		(33, 'spool_ingest_batches_total', 'counter', 'Batches staged, by what ended the batch.',
+		 ARRAY(SELECT @extschema@._metric('spool_ingest_batches_total',
+					ARRAY['source', source, 'reason', x.reason], x.n)
+				 FROM @extschema@._ingest_counters(),
+					  LATERAL (VALUES ('size', ended_size), ('bytes', ended_bytes),
+									  ('time', ended_time), ('stop', ended_stop)) x(reason, n)
+				 ORDER BY source, x.reason)),
+		(34, 'spool_ingest_batch_rows', 'histogram', 'Rows per staged batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_batch_rows', ARRAY['source', object],
+					bounds, counts, sum, 1)) FROM sh WHERE stage = 'ingest' AND histogram = 'batch_rows')),
+		(35, 'spool_ingest_batch_seconds', 'histogram', 'From a batch''s first message to its commit into staging.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_batch_seconds', ARRAY['source', object],
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'ingest' AND histogram = 'batch_ms')),
+		(36, 'spool_ingest_stage_seconds', 'histogram', 'The transaction writing a batch into staging.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_stage_seconds', ARRAY['source', object],
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'ingest' AND histogram = 'stage_ms')),
+		(37, 'spool_promoter_batch_entries', 'histogram', 'Entries made durable per promotion.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_batch_entries', '{}',
+					bounds, counts, sum, 1)) FROM sh WHERE stage = 'promoter' AND histogram = 'batch_rows')),
+		(38, 'spool_promoter_batch_seconds', 'histogram', 'The promotion transaction.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_batch_seconds', '{}',
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'promoter' AND histogram = 'batch_ms')),
+		(39, 'spool_promoter_lag_seconds', 'histogram', 'From the oldest staged batch of a promotion to its promotion.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_lag_seconds', '{}',
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'promoter' AND histogram = 'lag_ms')),
+		(40, 'spool_processor_batch_entries', 'histogram', 'Entries per processed batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_batch_entries',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 1))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'batch_entries')),
+		(41, 'spool_processor_batch_seconds', 'histogram', 'A batch''s transaction, from reading to commit.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_batch_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'batch_ms')),
+		(42, 'spool_processor_handler_seconds', 'histogram', 'The handler''s part of a batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_handler_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'handler_ms')),
+		(43, 'spool_processor_commit_seconds', 'histogram', 'Writing the outputs, the gate check and the commit (active replica).',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_commit_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'commit_ms')),
+		(44, 'spool_processor_snapshot_seconds', 'histogram', 'Building and hashing a state snapshot (checkpoint).',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_snapshot_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'snapshot_ms')),
+		(45, 'spool_consumer_stale', 'gauge', '1 for a spool consumer or processor that has not moved for spool.max_retention while the spool did.',
 		 ARRAY(SELECT @extschema@._metric('spool_consumer_stale',
 					ARRAY['kind', kind, 'consumer', name], stale::int)
 				 FROM @extschema@.consumer_status ORDER BY kind, name)),
-		(41, 'spool_consumer_lag', 'gauge', 'Spool entries after the cursor a consumer or processor holds segments back at.',
+		(46, 'spool_consumer_lag', 'gauge', 'Spool entries after the cursor a consumer or processor holds segments back at.',
 		 ARRAY(SELECT @extschema@._metric('spool_consumer_lag',
 					ARRAY['kind', kind, 'consumer', name], lag)
 				 FROM @extschema@.consumer_status WHERE cursor IS NOT NULL ORDER BY kind, name))
@@ -1216,6 +1426,12 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()
 	TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
+	TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@._ingest_histograms(), @extschema@._ingest_counters(),
+	@extschema@._processor_histograms(), @extschema@._hist_le(float8[], bigint[], float8, float8)
+	TO spool_admin, spool_client;
+GRANT SELECT ON @extschema@.stage_histograms, @extschema@.ingest_stats,
+	@extschema@.promoter_status, @extschema@.processor_stats
 	TO spool_admin, spool_client;
 -- Parked rows and dead letters hold payloads, which may be business data.
 GRANT SELECT ON @extschema@.outbox_retry, @extschema@.outbox_dead TO spool_admin;

@@ -78,6 +78,8 @@ typedef struct PartState
 	int64		position;		/* next offset expected; -1 unknown */
 	int64		high;			/* high watermark, -1 unknown */
 	uint64		count;			/* messages since the last status */
+	TimestampTz error_at;		/* in the error state since; 0: not */
+	bool		error_shown;	/* a status refresh has published the error */
 } PartState;
 
 /* One staged row, as built from a message. */
@@ -132,6 +134,9 @@ static int	nbatch;
 static int	batch_cap;				/* grows up to batch_size + a few gap rows */
 static Size batch_bytes;			/* message bytes held in batch */
 static bool stop_after_batch = false;
+static TimestampTz batch_first;		/* when the batch's first message came */
+static SpoolBatchEnd batch_end;		/* what ended the batch */
+static SpoolSourceStats *stats;		/* this source's counters, or NULL */
 static MemoryContext batch_cxt;
 static TupleTableSlot **slots;
 
@@ -139,6 +144,7 @@ static TupleTableSlot **slots;
 static char *last_error = NULL;
 static TimestampTz last_error_at = 0;
 static const char *state = "starting";
+static uint64 errors = 0;			/* since the server started (from stats) */
 static TimestampTz last_status = 0;
 static TimestampTz last_commit = 0;
 
@@ -159,7 +165,10 @@ static void handle_gap(const char *topic, int32 partition);
 static void stage_batch(void);
 static void convert_json_values(void);
 static void refresh_status(bool force);
+static void note_batch(int n, TimestampTz t_start);
 static void set_error(const char *fmt,...) pg_attribute_printf(1, 2);
+static void set_part_error(int part, const char *fmt,...) pg_attribute_printf(2, 3);
+static void note_error(int part, const char *msg);
 static void drain_pipe(void);
 static int	find_part(const char *topic, int32 partition);
 static Staged *new_staged(int part, int64 offset, char kind);
@@ -210,22 +219,70 @@ take_kafka_error(void)
 		set_error("%s", copy);
 }
 
+/*
+ * Record an error of the source: every assigned partition is in the error
+ * state (see note_error).
+ */
 static void
 set_error(const char *fmt,...)
 {
 	va_list		ap;
 	char		buf[1024];
-	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
 	va_start(ap, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
+	note_error(-1, buf);
+}
+
+/* Record an error of one partition (-1: of the source). */
+static void
+set_part_error(int part, const char *fmt,...)
+{
+	va_list		ap;
+	char		buf[1024];
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	note_error(part, buf);
+}
+
+/*
+ * The state rule (docs/sources.md): an error puts its partition (an error
+ * not tied to one, such as a broker connection failure, every partition)
+ * in the error state.  The state ends when that partition itself delivers
+ * a message after a status refresh has published the error, or when
+ * ERROR_QUIET_MS pass without a new error.  last_error, last_error_at and
+ * the errors counter (which only grows) record every error, however brief.
+ */
+static void
+note_error(int part, const char *msg)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	TimestampTz now = GetCurrentTimestamp();
+	int			i;
+
 	if (last_error)
 		pfree(last_error);
-	last_error = pstrdup(buf);
-	last_error_at = GetCurrentTimestamp();
+	last_error = pstrdup(msg);
+	last_error_at = now;
 	state = "error";
 	MemoryContextSwitchTo(old);
+	for (i = 0; i < nparts; i++)
+	{
+		if (part >= 0 && i != part)
+			continue;
+		parts[i].error_at = now;
+		parts[i].error_shown = false;
+	}
+	errors++;
+	if (stats)
+	{
+		LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+		stats->errors = errors;
+		LWLockRelease(spool_ingest_shared->lock);
+	}
 }
 
 static void
@@ -612,6 +669,8 @@ add_topic(rd_kafka_topic_partition_list_t *list, const char *topic, int *cap)
 		ps->position = offset >= 0 ? offset : -1;
 		ps->high = -1;
 		ps->count = 0;
+		ps->error_at = 0;
+		ps->error_shown = false;
 		rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
 	}
 	rd_kafka_metadata_destroy(md);
@@ -789,8 +848,9 @@ handle_consumer_error(rd_kafka_message_t *rkm)
 		handle_gap(rd_kafka_topic_name(rkm->rkt), rkm->partition);
 		return;
 	}
-	set_error("%s%s%s", rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "",
-			  rkm->rkt ? ": " : "", rd_kafka_message_errstr(rkm));
+	set_part_error(rkm->rkt ? find_part(rd_kafka_topic_name(rkm->rkt), rkm->partition) : -1,
+				   "%s%s%s", rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "",
+				   rkm->rkt ? ": " : "", rd_kafka_message_errstr(rkm));
 }
 
 /* Turn one consumed message (or consumer error) into a staged row. */
@@ -812,7 +872,9 @@ handle_message(rd_kafka_message_t *rkm)
 		return;					/* already staged (a re-fetch after seek) */
 	parts[pi].position = rkm->offset + 1;
 	parts[pi].count++;
-	state = "running";
+	/* Data ends the partition's error state once a refresh has shown it. */
+	if (parts[pi].error_at != 0 && parts[pi].error_shown)
+		parts[pi].error_at = 0;
 
 	s = new_staged(pi, rkm->offset, 'm');
 	fill_staged(s, rkm);
@@ -1185,6 +1247,7 @@ stage_batch(void)
 	int			nother = 0;
 	int64		first_pos;
 	int			i;
+	TimestampTz t_start = GetCurrentTimestamp();
 
 	spool_begin_txn("staging a batch");
 	if (opts->format == SPOOL_FORMAT_JSON)
@@ -1211,18 +1274,40 @@ stage_batch(void)
 		pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_other[which], (uint64) nother);
 
 	refresh_status(false);
+	/* Under our lock on the table: the promoter cannot have moved it out yet. */
+	spool_note_staged(which, GetCurrentTimestamp());
 	spool_end_txn();
 	spool_wake_promoter();
+	note_batch(nbatch, t_start);
 	nbatch = 0;
 	batch_bytes = 0;
+}
+
+/*
+ * The batch's numbers: its rows, what ended it, the time from its first
+ * message to its commit into staging, and the staging transaction's time.
+ */
+static void
+note_batch(int n, TimestampTz t_start)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (stats == NULL)
+		return;
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	stats->ended[batch_end]++;
+	spool_hist_add(&stats->rows, n, now);
+	spool_hist_add(&stats->batch_ms, (double) (now - batch_first) / 1000.0, now);
+	spool_hist_add(&stats->stage_ms, (double) (now - t_start) / 1000.0, now);
+	LWLockRelease(spool_ingest_shared->lock);
 }
 
 /* The worker's row of spool.source_runtime. */
 static void
 write_source_runtime(void)
 {
-	Datum		v[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	Datum		v[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 
 	v[0] = CStringGetTextDatum(source_name);
 	v[1] = Int32GetDatum(MyProcPid);
@@ -1234,14 +1319,16 @@ write_source_runtime(void)
 	}
 	else
 		nulls[3] = nulls[4] = 'n';
+	v[5] = Int64GetDatum((int64) errors);
 	spool_plan(&plan_source_runtime,
 			   "INSERT INTO spool.source_runtime AS r"
-			   " (source, pid, state, last_error, last_error_at, updated_at)"
-			   " VALUES ($1, $2, $3, $4, $5, clock_timestamp())"
+			   " (source, pid, state, last_error, last_error_at, errors, updated_at)"
+			   " VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp())"
 			   " ON CONFLICT (source) DO UPDATE SET pid = EXCLUDED.pid,"
 			   " state = EXCLUDED.state, last_error = EXCLUDED.last_error,"
-			   " last_error_at = EXCLUDED.last_error_at, updated_at = EXCLUDED.updated_at",
-			   5, (Oid[]) {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID});
+			   " last_error_at = EXCLUDED.last_error_at, errors = EXCLUDED.errors,"
+			   " updated_at = EXCLUDED.updated_at",
+			   6, (Oid[]) {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, INT8OID});
 	(void) spool_exec(plan_source_runtime, v, nulls, false, SPI_OK_INSERT);
 }
 
@@ -1256,16 +1343,22 @@ write_partition_runtime(double secs)
 			   *d_part,
 			   *d_high,
 			   *d_pos,
-			   *d_rate;
+			   *d_rate,
+			   *d_state,
+			   *d_err;
 	bool	   *pn_high,
-			   *pn_pos;
+			   *pn_pos,
+			   *pn_err;
 	int			dims[1] = {nparts};
 	int			lbs[1] = {1};
-	Datum		v[6];
+	Datum		v[8];
 	int			i;
 
 	if (nparts == 0)
 		return;
+	d_state = palloc(sizeof(Datum) * nparts);
+	d_err = palloc(sizeof(Datum) * nparts);
+	pn_err = palloc(sizeof(bool) * nparts);
 	d_topic = palloc(sizeof(Datum) * nparts);
 	d_part = palloc(sizeof(Datum) * nparts);
 	d_high = palloc(sizeof(Datum) * nparts);
@@ -1290,6 +1383,9 @@ write_partition_runtime(double secs)
 		pn_pos[i] = parts[i].position < 0;
 		d_rate[i] = Float8GetDatum(parts[i].count / secs);
 		parts[i].count = 0;
+		d_state[i] = CStringGetTextDatum(parts[i].error_at != 0 ? "error" : "running");
+		d_err[i] = TimestampTzGetDatum(parts[i].error_at);
+		pn_err[i] = parts[i].error_at == 0;
 	}
 	v[0] = CStringGetTextDatum(source_name);
 	v[1] = PointerGetDatum(construct_array(d_topic, nparts, TEXTOID, -1, false, TYPALIGN_INT));
@@ -1297,16 +1393,25 @@ write_partition_runtime(double secs)
 	v[3] = PointerGetDatum(construct_md_array(d_high, pn_high, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	v[4] = PointerGetDatum(construct_md_array(d_pos, pn_pos, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	v[5] = PointerGetDatum(construct_array(d_rate, nparts, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	v[6] = PointerGetDatum(construct_array(d_state, nparts, TEXTOID, -1, false, TYPALIGN_INT));
+	v[7] = PointerGetDatum(construct_md_array(d_err, pn_err, 1, dims, lbs, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	spool_plan(&plan_partition_runtime,
 			   "INSERT INTO spool.partition_runtime AS p"
-			   " (source, topic, kafka_partition, high_watermark, position, msgs_per_sec, updated_at)"
-			   " SELECT $1, u.t, u.p, u.h, u.o, u.r, clock_timestamp()"
-			   " FROM unnest($2, $3, $4, $5, $6) AS u(t, p, h, o, r)"
+			   " (source, topic, kafka_partition, high_watermark, position, msgs_per_sec, state,"
+			   "  error_since, updated_at)"
+			   " SELECT $1, u.t, u.p, u.h, u.o, u.r, u.s, u.e, clock_timestamp()"
+			   " FROM unnest($2, $3, $4, $5, $6, $7, $8) AS u(t, p, h, o, r, s, e)"
 			   " ON CONFLICT (source, topic, kafka_partition) DO UPDATE SET"
 			   " high_watermark = EXCLUDED.high_watermark, position = EXCLUDED.position,"
-			   " msgs_per_sec = EXCLUDED.msgs_per_sec, updated_at = EXCLUDED.updated_at",
-			   6, (Oid[]) {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, FLOAT8ARRAYOID});
+			   " msgs_per_sec = EXCLUDED.msgs_per_sec, state = EXCLUDED.state,"
+			   " error_since = EXCLUDED.error_since, updated_at = EXCLUDED.updated_at",
+			   8, (Oid[]) {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, FLOAT8ARRAYOID,
+			   TEXTARRAYOID, TIMESTAMPTZARRAYOID});
 	(void) spool_exec(plan_partition_runtime, v, NULL, false, SPI_OK_INSERT);
+	/* Published: from now on the partition's own data may end its error state. */
+	for (i = 0; i < nparts; i++)
+		if (parts[i].error_at != 0)
+			parts[i].error_shown = true;
 }
 
 /* Broker-side commit of the durable offsets: for lag monitoring only. */
@@ -1355,6 +1460,10 @@ refresh_status(bool force)
 	if (strcmp(state, "error") == 0 && last_error_at != 0 &&
 		now - last_error_at > (int64) ERROR_QUIET_MS * 1000)
 		state = "running";
+	for (int i = 0; i < nparts; i++)
+		if (parts[i].error_at != 0 && parts[i].error_shown &&
+			now - parts[i].error_at > (int64) ERROR_QUIET_MS * 1000)
+			parts[i].error_at = 0;
 	if (!force && now - last_status < (int64) STATUS_INTERVAL_MS * 1000)
 		return;
 	secs = last_status ? (double) (now - last_status) / 1000000.0 : 1.0;
@@ -1417,6 +1526,9 @@ ingest_attach(void)
 									  ALLOCSET_DEFAULT_SIZES);
 	batch_cap = 1024;
 	batch = MemoryContextAlloc(TopMemoryContext, sizeof(Staged) * batch_cap);
+	stats = spool_source_stats(source_name);
+	if (stats)
+		errors = stats->errors;
 }
 
 /*
@@ -1526,6 +1638,7 @@ gather_batch(void)
 {
 	TimestampTz first = 0;
 
+	batch_end = BATCH_END_TIME;
 	while (nbatch < opts->batch_size && batch_bytes < BATCH_MAX_BYTES && !stop_after_batch)
 	{
 		rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 0);
@@ -1549,6 +1662,14 @@ gather_batch(void)
 		if (!wait_for_messages(timeout) && nbatch == 0)
 			break;
 	}
+	if (stop_after_batch)
+		batch_end = BATCH_END_STOP;
+	else if (nbatch >= opts->batch_size)
+		batch_end = BATCH_END_SIZE;
+	else if (batch_bytes >= BATCH_MAX_BYTES)
+		batch_end = BATCH_END_BYTES;
+	/* Gap and dead-letter rows only: timed from now. */
+	batch_first = first ? first : GetCurrentTimestamp();
 }
 
 /* A gap stopped the source: say so, wait until it is recorded, and exit. */

@@ -37,6 +37,7 @@ PG_FUNCTION_INFO_V1(spool_start_processor);
 PG_FUNCTION_INFO_V1(spool_stop_processor);
 PG_FUNCTION_INFO_V1(spool_drop_processor);
 PG_FUNCTION_INFO_V1(spool_processor_runtime);
+PG_FUNCTION_INFO_V1(spool_processor_histograms);
 
 /* start_cursor: where a new processor starts, unless a cursor. */
 #define START_EARLIEST	(-1)
@@ -355,6 +356,45 @@ role_name(SpoolReplicaRole role, pid_t pid)
 		default:
 			return "down";
 	}
+}
+
+/*
+ * SQL: spool._processor_histograms() — each replica's histograms, in the
+ * row shape of spool.stage_histograms.
+ */
+Datum
+spool_processor_histograms(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+	int			r;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
+	{
+		for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
+		{
+			SpoolReplicaSlot rs;
+			char		name[NAMEDATALEN];
+			bool		in_use;
+
+			LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
+			in_use = spool_processor_shared->processors[i].in_use;
+			strlcpy(name, spool_processor_shared->processors[i].name, NAMEDATALEN);
+			rs = spool_processor_shared->processors[i].replicas[r];
+			LWLockRelease(spool_processor_shared->lock);
+			if (!in_use || (rs.started_at == 0 && rs.errors == 0))
+				continue;
+			spool_hist_put(rsinfo, "processor", name, r + 1, "batch_entries", "entries",
+						   &rs.batch_entries);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "batch_ms", "ms", &rs.batch_ms);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "handler_ms", "ms", &rs.handler_ms);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "commit_ms", "ms", &rs.commit_ms);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "snapshot_ms", "ms", &rs.snapshot_ms);
+		}
+	}
+	return (Datum) 0;
 }
 
 /* SQL: spool.processor_runtime(), one row per replica that has run. */

@@ -75,7 +75,19 @@ fill_slot(void *slot, const SpoolUnit *u)
 		memset(&ps->replicas[r], 0, sizeof(SpoolReplicaSlot));
 		ps->replicas[r].state_hash_cursor = -1;
 		ps->replicas[r].last_takeover_ms = -1;
+		spool_replica_stats_init(&ps->replicas[r]);
 	}
+}
+
+/* A replica slot's empty histograms. */
+void
+spool_replica_stats_init(SpoolReplicaSlot *rs)
+{
+	spool_hist_init(&rs->batch_entries, 1);
+	spool_hist_init(&rs->batch_ms, 0.25);
+	spool_hist_init(&rs->handler_ms, 0.25);
+	spool_hist_init(&rs->commit_ms, 0.25);
+	spool_hist_init(&rs->snapshot_ms, 0.25);
 }
 
 static char *

@@ -58,6 +58,12 @@ typedef struct SpoolReplicaSlot
 	char		last_error[SPOOL_ERRMSG_MAX];
 	TimestampTz last_error_at;
 	TimestampTz started_at;
+	/* Stage numbers of the slot (spool.processor_stats) */
+	SpoolHist	batch_entries;	/* entries per batch */
+	SpoolHist	batch_ms;		/* a batch's transaction, read to commit */
+	SpoolHist	handler_ms;		/* the handler's part */
+	SpoolHist	commit_ms;		/* outputs, gate and commit (active only) */
+	SpoolHist	snapshot_ms;	/* building and hashing a state snapshot */
 } SpoolReplicaSlot;
 
 /*
@@ -107,6 +113,7 @@ typedef struct SpoolProcessorOptions
 
 
 /* Launcher side (launch.c) */
+extern void spool_replica_stats_init(SpoolReplicaSlot *rs);
 extern const SpoolKindOps spool_processor_ops;
 extern SpoolSlots spool_processor_slots;
 

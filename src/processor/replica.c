@@ -194,6 +194,8 @@ static HeapTuple read_own_row(const char *activity, const char *sql, TupleDesc *
 static void wait_for_work(void);
 static void record_error(void);
 static void check_snapshot_hash(void);
+static void note_batch(int64 n, TimestampTz t0, double handler_ms, double commit_ms,
+					   double snapshot_ms);
 
 
 /* ---------------------------------------------------------------------
@@ -1025,6 +1027,10 @@ active_step(void)
 	uint64		hash = 0;
 	Jsonb	   *staged;
 	int			noutputs;
+	TimestampTz t0 = GetCurrentTimestamp();
+	TimestampTz t_read;
+	TimestampTz t_applied;
+	TimestampTz t_snap;
 
 	spool_begin_txn("processing");
 	if (!active_read(&b, &snapshot))
@@ -1032,13 +1038,16 @@ active_step(void)
 		spool_end_txn();
 		return false;
 	}
+	t_read = GetCurrentTimestamp();
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, true);
+	t_applied = GetCurrentTimestamp();
 	if (since_snapshot + b.n >= checkpoint_every)
 		snapshot = true;
 	if (snapshot)
 		hash = snapshot_of(&res, &snap);
+	t_snap = GetCurrentTimestamp();
 	/* The outputs first: the fenced part in gate_commit is kept as short as possible. */
 	if (res.noutputs > 0)
 		spool_outbox_insert_outputs(DatumGetArrayTypeP(res.outputs), proc_name, b.end, token,
@@ -1057,7 +1066,30 @@ active_step(void)
 	noutputs = res.noutputs;
 	spool_end_txn();
 	active_committed(&b, staged, snapshot, hash, noutputs);
+	note_batch(b.n, t0, (double) (t_applied - t_read) / 1000.0,
+			   (double) (GetCurrentTimestamp() - t_snap) / 1000.0,
+			   snap ? (double) (t_snap - t_applied) / 1000.0 : -1);
 	return true;
+}
+
+/*
+ * A committed batch's numbers: entries, the whole batch, the handler, the
+ * commit (< 0: none, as on a standby) and the snapshot (< 0: none).
+ */
+static void
+note_batch(int64 n, TimestampTz t0, double handler_ms, double commit_ms, double snapshot_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+	spool_hist_add(&rs->batch_entries, (double) n, now);
+	spool_hist_add(&rs->batch_ms, (double) (now - t0) / 1000.0, now);
+	spool_hist_add(&rs->handler_ms, handler_ms, now);
+	if (commit_ms >= 0)
+		spool_hist_add(&rs->commit_ms, commit_ms, now);
+	if (snapshot_ms >= 0)
+		spool_hist_add(&rs->snapshot_ms, snapshot_ms, now);
+	LWLockRelease(spool_processor_shared->lock);
 }
 
 /* ---------------------------------------------------------------------
@@ -1072,9 +1104,12 @@ standby_step(int64 target)
 	Batch		b;
 	StepResult	res;
 	Jsonb	   *staged;
+	TimestampTz t0 = GetCurrentTimestamp();
+	TimestampTz t_read;
 
 	spool_begin_txn("following");
 	read_batch(cursor, target, &b);
+	t_read = GetCurrentTimestamp();
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, false);
@@ -1083,6 +1118,7 @@ standby_step(int64 target)
 	state_adopt(staged, b.end);
 	rs->entries += b.n;
 	rs->batches++;
+	note_batch(b.n, t0, (double) (GetCurrentTimestamp() - t_read) / 1000.0, -1, -1);
 }
 
 /*
