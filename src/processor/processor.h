@@ -76,6 +76,10 @@ typedef struct SpoolProcessorSlot
 	int64		committed_cursor;
 	int64		snapshot_cursor;
 	uint64		snapshot_hash;
+	int64		epoch;			/* rewinds of the checkpoint the cursors above
+								 * belong to (see rewind.c) */
+	uint32		options_wanted; /* hash of the stored options, from the
+								 * launcher: replicas reload when it changes */
 	ConditionVariable cv;
 	SpoolReplicaSlot replicas[SPOOL_MAX_REPLICAS];
 } SpoolProcessorSlot;
@@ -106,8 +110,12 @@ typedef struct SpoolProcessorOptions
 
 
 
+/* Options (admin.c), the table create_processor and alter_processor check */
+extern const SpoolOptionTable spool_processor_options;
+
 /* Launcher side (launch.c) */
 extern const SpoolKindOps spool_processor_ops;
 extern SpoolSlots spool_processor_slots;
+extern uint32 spool_processor_options_hash(const char *options_text);
 
 #endif							/* SPOOL_PROCESSOR_H */
