@@ -479,6 +479,7 @@ CREATE TABLE @extschema@.processor_rewinds (
 	to_cursor	bigint NOT NULL,
 	replay_from	bigint NOT NULL,		-- the snapshot or start the state is rebuilt from
 	outputs		text NOT NULL CHECK (outputs IN ('suppress', 'emit')),
+	token		bigint NOT NULL,		-- the gate's token the rewind took: later commits carry a larger one
 	by_role		regrole NOT NULL,
 	at			timestamptz NOT NULL DEFAULT now()
 );

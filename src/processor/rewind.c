@@ -249,10 +249,11 @@ spool_rewind_processor(PG_FUNCTION_ARGS)
 	v[4] = Int64GetDatum(replay_from);
 	v[5] = CStringGetTextDatum(mode);
 	v[6] = ObjectIdGetDatum(caller.role);
+	v[7] = Int64GetDatum(lease.token);
 	if (SPI_execute_with_args("INSERT INTO spool.processor_rewinds"
-							  " (processor, epoch, from_cursor, to_cursor, replay_from, outputs, by_role)"
-							  " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-							  7, (Oid[]) {TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, TEXTOID, OIDOID},
+							  " (processor, epoch, from_cursor, to_cursor, replay_from, outputs, by_role, token)"
+							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+							  8, (Oid[]) {TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, TEXTOID, OIDOID, INT8OID},
 							  v, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not record the rewind of processor \"%s\"", name);
 	SPI_finish();
