@@ -17,7 +17,10 @@
 #       rewind carries a larger token than the rewind took, and every row
 #       written before it belongs to the entries up to the old committed
 #       cursor (no replica committed from a state of before the rewind).
-#   (d) attack: another spool_admin role can neither alter nor rewind p
+#   (d) the handler's code is fixed (CREATE OR REPLACE) and p is rewound to
+#       its start with 'suppress': the outputs after the rewind come from the
+#       state the new code rebuilt from the spool; the earlier ones stay.
+#   (e) attack: another spool_admin role can neither alter nor rewind p
 #       (42501), and nothing changes.
 use strict;
 use warnings;
@@ -53,12 +56,6 @@ sub produce
 	$next_seq += $n;
 }
 
-sub running_replicas
-{
-	return sql("SELECT count(*) FROM spool.processor_status"
-		  . " WHERE processor = '$proc' AND pid IS NOT NULL");
-}
-
 # ---------------------------------------------------------------------------
 # (a) alter while running
 # ---------------------------------------------------------------------------
@@ -68,6 +65,8 @@ wait_gate($node, $proc, 2);
 my ($c0, $tok0) = split /\|/,
   sql("SELECT committed_cursor, token FROM spool.processor_checkpoints WHERE processor = '$proc'");
 
+my $p0 = replica_pids($node, $proc);
+my $pids0 = join(',', map { "$_=$p0->{$_}" } sort keys %$p0);
 my $log_offset = -s $node->logfile;
 sql("SELECT spool.alter_processor('$proc', '{\"batch_size\": 7, \"checkpoint_every\": 30}')");
 for my $r (1, 2)
@@ -80,7 +79,8 @@ for my $r (1, 2)
 is( sql("SELECT committed_cursor >= $c0 AND token = $tok0 FROM spool.processor_checkpoints"
 		  . " WHERE processor = '$proc'"),
 	't', 'alter: the checkpoint and the gate token stay');
-is(running_replicas(), '2', 'alter: the replicas were not restarted');
+my $p1 = replica_pids($node, $proc);
+is(join(',', map { "$_=$p1->{$_}" } sort keys %$p1), $pids0, 'alter: the replicas were not restarted (same pids)');
 
 produce(200);
 wait_processed($node, $proc, 400, 'after alter');
@@ -197,7 +197,41 @@ is(sql("SELECT count(*) FROM spool.processor_status WHERE processor = '$proc' AN
 	'0', 'no replica reported a diverged state');
 
 # ---------------------------------------------------------------------------
-# (d) another role's processor
+# (d) a fixed handler and a 'suppress' rewind to the start: the new handler
+#     counts by 2, so every output after the rewind must carry n = 2 x the
+#     entry's rank in its group (a state rebuilt by the new code from the
+#     spool); one computed from a replica's state of before the rewind would
+#     carry rank + 1 or so.  The outputs already written stay as they were.
+# ---------------------------------------------------------------------------
+my $def = sql("SELECT pg_get_functiondef('test_handler(jsonb, spool.entries[])'::regprocedure)");
+$def =~ s/::bigint, 0\) \+ 1;/::bigint, 0) + 2;/ or die "cannot patch test_handler";
+sql($def);
+my $k_before = sql("SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = '$proc'");
+is(sql("SELECT spool.rewind_processor('$proc', 0)"), '3', 'fixed handler: rewind to the start (suppress)');
+my $rtoken3 = sql("SELECT token FROM spool.processor_rewinds WHERE processor = '$proc' AND epoch = 3");
+produce(40);
+wait_spooled($node, 700, 'fixed handler');
+poll_ok($node, "SELECT committed_cursor = (SELECT max(cursor) FROM spool.entries)"
+	  . " FROM spool.processor_checkpoints WHERE processor = '$proc'", 'fixed handler: caught up');
+is(sql("SELECT count(*) FROM spool.outbox WHERE processor = '$proc' AND token > $rtoken3"),
+	'40', 'fixed handler: one output per new entry, none for the replayed range');
+my %rank;
+my %want_n;
+for my $seq (0 .. $next_seq - 1)
+{
+	my $g = 'g' . ($seq % $nparts);
+	$want_n{$seq} = 2 * ++$rank{$g};
+}
+my @after = map { [ split /\|/ ] } split /\n/,
+  sql("SELECT payload->>'seq', payload->>'n' FROM spool.outbox"
+	  . " WHERE processor = '$proc' AND token > $rtoken3");
+is(scalar(grep { $_->[1] != $want_n{ $_->[0] } } @after), 0,
+	'fixed handler: every output after the rewind comes from the rebuilt state (n = 2 x rank)');
+is(sql("SELECT count(*) FROM spool.outbox WHERE processor = '$proc' AND token <= $rtoken3"),
+	$want, 'fixed handler: the outputs written before the rewind are untouched (no correction)');
+
+# ---------------------------------------------------------------------------
+# (e) another role's processor
 # ---------------------------------------------------------------------------
 sql("CREATE ROLE intruder IN ROLE spool_admin");
 my $before = sql("SELECT options::text || epoch || committed_cursor FROM spool.processors p"
