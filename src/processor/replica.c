@@ -324,7 +324,7 @@ standby_pass(void)
 	int64		committed;
 
 	read_gate(&g);
-	if (g.epoch > my_epoch)
+	if (g.epoch != my_epoch)
 	{
 		/* Rewound: the state comes from the new checkpoint. */
 		load_checkpoint(false);
@@ -361,7 +361,7 @@ replica_step(void)
 		options_acted = g.options_wanted;
 		reload_options();
 	}
-	if (rs->role == ROLE_ACTIVE && g.epoch > my_epoch)
+	if (rs->role == ROLE_ACTIVE && g.epoch != my_epoch)
 	{
 		become_standby("the processor was rewound");
 		return true;
@@ -555,7 +555,7 @@ reload_options(void)
 
 /*
  * Load the latest snapshot and its cursor (the state is replayed from
- * there), in the checkpoint's epoch.  A newer epoch than shared memory shows
+ * there), in the checkpoint's epoch.  Another epoch than shared memory shows
  * (a rewind) replaces what is published there; with publish, also make the
  * committed cursor of the same epoch known to the others.
  */
@@ -598,8 +598,13 @@ load_checkpoint(bool publish)
 	state_reset(snap, at);
 	my_epoch = epoch;
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	if (epoch > ps->epoch)
+	if (epoch != ps->epoch)
 	{
+		/*
+		 * Epochs only grow, so a newer one is a rewind.  An older one means
+		 * the processor was dropped and created again under the same name:
+		 * the table is the truth either way.
+		 */
 		newer = true;
 		ps->epoch = epoch;
 		ps->committed_cursor = committed;
