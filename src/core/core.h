@@ -130,6 +130,7 @@ extern Size spool_shmem_size(const SpoolShmemArea *area);
 extern void spool_shmem_attach(const SpoolShmemArea *area);
 extern LWLock *spool_shmem_lock(const char *tranche);
 extern void spool_require_shmem(void);
+extern void spool_require_pipeline_database(const char *what);
 
 /* Options: one table-driven parser for jsonb options (options.c). */
 #include "core/options.h"

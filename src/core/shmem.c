@@ -11,6 +11,7 @@
  */
 #include "postgres.h"
 
+#include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
@@ -86,4 +87,26 @@ spool_require_shmem(void)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("spool_ext is not loaded via shared_preload_libraries"),
 				 errhint("Add spool_ext to shared_preload_libraries in postgresql.conf and restart the server.")));
+}
+
+/*
+ * Raise a clear error unless this is the database the workers run in: a
+ * source, processor or target anywhere else would be accepted but never run.
+ * "what" names the object for the message ("source", ...).
+ */
+void
+spool_require_pipeline_database(const char *what)
+{
+	char	   *here;
+
+	spool_require_shmem();
+	here = get_database_name(MyDatabaseId);
+	if (here == NULL || strcmp(here, spool_database) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("spool_ext runs pipelines in database \"%s\" only", spool_database),
+				 errdetail("This is database \"%s\": a %s here would never run.",
+						   here ? here : "?", what),
+				 errhint("Connect to database \"%s\", or set spool.database to this database and restart the server; one database holds any number of pipelines.",
+						 spool_database)));
 }

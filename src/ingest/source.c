@@ -212,7 +212,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 	int			rc;
 	SpoolCaller caller;
 
-	spool_require_shmem();
+	spool_require_pipeline_database("source");
 	if (GetDatabaseEncoding() != PG_UTF8)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -268,6 +268,7 @@ spool_create_source(PG_FUNCTION_ARGS)
 Datum
 spool_start_source(PG_FUNCTION_ARGS)
 {
+	spool_require_pipeline_database("source");
 	spool_change_owned("spool.sources", "source", spool_arg_name(fcinfo, 0, "name"),
 					   "UPDATE spool.sources SET enabled = true,"
 					   " skip_gap = coalesce(stopped_reason LIKE 'gap%', false),"

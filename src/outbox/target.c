@@ -355,6 +355,7 @@ spool_create_target(PG_FUNCTION_ARGS)
 	int			s;
 	SpoolCaller caller;
 
+	spool_require_pipeline_database("target");
 	options = spool_arg_jsonb(fcinfo, 2, "target options must not be NULL",
 							   "Pass '{}' for the defaults.");
 	t = spool_outbox_parse_target(name, kind, options);

@@ -206,7 +206,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 	const SpoolNativeHandler *native;
 
-	spool_require_shmem();
+	spool_require_pipeline_database("processor");
 	spool_check_object_name(name, "processor");
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -289,6 +289,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 Datum
 spool_start_processor(PG_FUNCTION_ARGS)
 {
+	spool_require_pipeline_database("processor");
 	spool_change_owned("spool.processors", "processor", spool_arg_name(fcinfo, 0, "name"),
 					   "UPDATE spool.processors SET enabled = true WHERE name = $1");
 	PG_RETURN_VOID();
