@@ -656,7 +656,13 @@ state_reset(Jsonb *snapshot, int64 at)
  * ---------------------------------------------------------------------
  */
 
-/* The last committed spool cursor (all entries up to it are visible). */
+/*
+ * The last committed spool cursor (all entries up to it are visible), read
+ * in the transaction's snapshot, the one read_batch reads the entries in: a
+ * fresh snapshot here could see a promotion that the entries' read does not,
+ * and the empty batch would move the committed cursor past entries that
+ * were never handled.
+ */
 static int64
 spool_end(void)
 {
@@ -664,7 +670,7 @@ spool_end(void)
 
 	spool_plan(&plan_spool_end, "SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1",
 			   0, NULL);
-	if (spool_exec(plan_spool_end, NULL, NULL, false, SPI_OK_SELECT) != 1)
+	if (spool_exec(plan_spool_end, NULL, NULL, true, SPI_OK_SELECT) != 1)
 		elog(ERROR, "spool.spool_state is empty");
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
