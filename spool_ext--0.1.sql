@@ -566,8 +566,26 @@ CREATE TABLE @extschema@.processor_checkpoints (
 	state_hash	bigint,
 	outputs		bigint NOT NULL DEFAULT 0,
 	batches		bigint NOT NULL DEFAULT 0,
-	updated_at	timestamptz NOT NULL DEFAULT now()
+	updated_at	timestamptz NOT NULL DEFAULT now(),
+	-- Where the fold starts (the initial state '{}' is as of this cursor), and
+	-- the number of rewinds: a replica commits only in the epoch it loaded.
+	start_cursor bigint NOT NULL DEFAULT 0,
+	epoch		bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 50);
+
+-- One row per spool.rewind_processor call (processor_ops.c).
+CREATE TABLE @extschema@.processor_rewinds (
+	id			bigserial PRIMARY KEY,
+	processor	text NOT NULL REFERENCES @extschema@.processors ON DELETE CASCADE,
+	epoch		bigint NOT NULL,
+	from_cursor	bigint NOT NULL,		-- the committed cursor before
+	to_cursor	bigint NOT NULL,
+	replay_from	bigint NOT NULL,		-- the snapshot or start the state is rebuilt from
+	outputs		text NOT NULL CHECK (outputs IN ('suppress', 'emit')),
+	token		bigint NOT NULL,		-- the gate's token the rewind took: later commits carry a larger one
+	by_role		regrole NOT NULL,
+	at			timestamptz NOT NULL DEFAULT now()
+);
 
 -- Snapshots can be megabytes; lz4 compresses them several times faster than pglz.
 DO $$
@@ -609,6 +627,21 @@ AS 'MODULE_PATHNAME', 'spool_drop_processor'
 LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_processor(text) IS
 'Remove a processor and its checkpoint (its outbox rows stay); it no longer holds spool segments back';
+
+CREATE FUNCTION @extschema@.alter_processor(name text, options jsonb)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_alter_processor'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.alter_processor(text, jsonb) IS
+'Change replicas, batch_size, lease_ttl or checkpoint_every of a processor (merged over the stored options; null resets one); running replicas pick the change up, the checkpoint stays';
+
+CREATE FUNCTION @extschema@.rewind_processor(name text, to_cursor bigint,
+											 outputs text DEFAULT 'suppress')
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_rewind_processor'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.rewind_processor(text, bigint, text) IS
+'Rebuild a processor''s state from the spool as of to_cursor and continue from there; outputs ''suppress'' (not written again up to the old committed cursor) or ''emit'' (written again after to_cursor).  Returns the new epoch';
 
 CREATE FUNCTION @extschema@.window_alert(state jsonb, entries @extschema@.entries[])
 RETURNS @extschema@.step
@@ -655,7 +688,8 @@ CREATE VIEW @extschema@.processor_status AS
 		   r.state_hash, r.state_hash_cursor, r.token, r.takeovers,
 		   r.last_takeover_at, r.last_takeover_ms, r.entries, r.batches, r.outputs,
 		   r.hash_checks, r.hash_mismatches, r.errors, r.last_error, r.last_error_at,
-		   r.started_at, c.token AS gate_token, c.state_cursor AS snapshot_cursor
+		   r.started_at, c.token AS gate_token, c.state_cursor AS snapshot_cursor,
+		   c.epoch AS rewinds
 	  FROM @extschema@.processors p
 	  LEFT JOIN @extschema@.processor_checkpoints c ON c.processor = p.name
 	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
@@ -1403,6 +1437,11 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.stop_processor(text),
 	@extschema@.drop_processor(text)
 	TO spool_admin;
+GRANT EXECUTE ON FUNCTION
+	@extschema@.alter_processor(text, jsonb),
+	@extschema@.rewind_processor(text, bigint, text)
+	TO spool_admin;
+GRANT SELECT ON @extschema@.processor_rewinds TO spool_admin;
 GRANT EXECUTE ON FUNCTION
 	@extschema@.window_alert(jsonb, @extschema@.entries[]),
 	@extschema@.current_replica(),
