@@ -99,10 +99,21 @@ sub wait_pid_gone
 {
 	my ($node, $pid, $what) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	return poll_ok($node,
+	return 0
+	  unless poll_ok($node,
 		"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $pid",
-		"$what (pid $pid) to exit")
-	  && ok(!kill(0, $pid), "$what (pid $pid) no longer exists");
+		"$what (pid $pid) to exit");
+
+	# A backend leaves pg_stat_activity before its process ends, and the
+	# postmaster reaps it a moment later: wait for that too (up to 60 s).
+	my $gone = 0;
+	for (1 .. 1200)
+	{
+		$gone = !kill(0, $pid);
+		last if $gone;
+		select(undef, undef, undef, 0.05);
+	}
+	return ok($gone, "$what (pid $pid) no longer exists");
 }
 
 # Wait until all $n nonce workers run; returns { worker => pid }.
