@@ -5,7 +5,7 @@
  *	  offset or a time) and replay_dead_letter.  Both only record a request
  *	  and bump the source's config_version; the launcher restarts the ingest
  *	  worker, which applies the request at its start, once nothing of the
- *	  source is left in staging (consumer.c), so the stored offsets, the
+ *	  source is left in staging (consumer_pending.c), so the stored offsets, the
  *	  staged rows and the worker's position can never disagree.
  *
  *	  seek_source checks at call time what it can: the rewind rule against
