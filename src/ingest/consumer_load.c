@@ -29,7 +29,7 @@ char	   *default_group;		/* spool_ext.<database>.<source> */
 List	   *resume_topic;		/* where partitions resume: stored or staged */
 List	   *resume_part;
 List	   *resume_next;
-static bool	pending_work;		/* seeks or replays to apply at start */
+static bool pending_work;		/* seeks or replays to apply at start */
 List	   *replay_ids;			/* dead letters to replay (as text) */
 List	   *replay_topic;
 List	   *replay_part;

@@ -43,14 +43,15 @@ static void note_error(int part, const char *msg);
 static void write_source_runtime(void);
 static void write_partition_runtime(double secs);
 static void commit_offsets_to_broker(void);
+
 /*
  * Errors librdkafka reports on its own threads (a broker down, a failed
  * connection) are copied here under a mutex and taken over by the main
  * loop: no PostgreSQL function may run on those threads.
  */
 static pthread_mutex_t kafka_error_mutex = PTHREAD_MUTEX_INITIALIZER;
-static char	kafka_error[512];
-static bool	kafka_error_pending = false;
+static char kafka_error[512];
+static bool kafka_error_pending = false;
 
 void
 kafka_error_cb(rd_kafka_t *handle, int err, const char *reason, void *opaque)
