@@ -52,6 +52,8 @@ typedef struct Staged
 	int64		gap_to;
 	bool		gap_stop;
 	int64		dead_letter_id; /* a replay of this dead letter; 0: none */
+	bool		from_stored;	/* the replay is built from the dead letter's
+								 * key and payload: Kafka no longer has it */
 } Staged;
 
 #pragma GCC visibility push(hidden)
@@ -82,6 +84,8 @@ extern List *replay_ids;		/* dead letters to replay (as text) */
 extern List *replay_topic;
 extern List *replay_part;
 extern List *replay_offset;
+extern List *replay_key;		/* bytea *, or NULL */
+extern List *replay_payload;	/* bytea *, or NULL */
 extern bool load_source(void);
 
 /* consumer_pending.c */
@@ -103,6 +107,7 @@ extern void discover_new_partitions(void);
 extern Staged *new_staged(int part, int64 offset, char kind);
 extern void handle_message(rd_kafka_message_t *rkm);
 extern void fill_staged(Staged *s, rd_kafka_message_t *rkm);
+extern void fill_stored(Staged *s, bytea *key, bytea *payload);
 extern void convert_json_values(void);
 
 /* consumer_stage.c */

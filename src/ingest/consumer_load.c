@@ -34,8 +34,11 @@ List	   *replay_ids;			/* dead letters to replay (as text) */
 List	   *replay_topic;
 List	   *replay_part;
 List	   *replay_offset;
+List	   *replay_key;
+List	   *replay_payload;
 
 static bool read_source(Datum *name);
+static bytea *copy_bytea(HeapTuple tup, TupleDesc desc, int col);
 static void read_pending_work(Datum *name);
 static void read_resume_offsets(Datum *name);
 
@@ -77,9 +80,20 @@ read_source(Datum *name)
 	return true;
 }
 
+/* A bytea column of an SPI row, copied into the current context; NULL for NULL. */
+static bytea *
+copy_bytea(HeapTuple tup, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+
+	return isnull ? NULL : DatumGetByteaPCopy(d);
+}
+
 /*
  * Pending seeks and replays of this source: whether there are any, and the
- * dead letters to replay (kept in TopMemoryContext).
+ * dead letters to replay, with their stored key and payload for a message
+ * Kafka no longer has (kept in TopMemoryContext).
  */
 static void
 read_pending_work(Datum *name)
@@ -87,7 +101,7 @@ read_pending_work(Datum *name)
 	MemoryContext old;
 	uint64		i;
 
-	if (SPI_execute_with_args("SELECT id, topic, kafka_partition, kafka_offset FROM spool.dead_letters"
+	if (SPI_execute_with_args("SELECT id, topic, kafka_partition, kafka_offset, key, payload FROM spool.dead_letters"
 							  " WHERE source = $1 AND replay_requested_at IS NOT NULL"
 							  "   AND replay_cursor IS NULL ORDER BY id",
 							  1, (Oid[]) {TEXTOID}, name, NULL, true, 0) != SPI_OK_SELECT)
@@ -102,6 +116,8 @@ read_pending_work(Datum *name)
 		replay_topic = lappend(replay_topic, SPI_getvalue(tup, desc, 2));
 		replay_part = lappend(replay_part, SPI_getvalue(tup, desc, 3));
 		replay_offset = lappend(replay_offset, SPI_getvalue(tup, desc, 4));
+		replay_key = lappend(replay_key, copy_bytea(tup, desc, 5));
+		replay_payload = lappend(replay_payload, copy_bytea(tup, desc, 6));
 	}
 	MemoryContextSwitchTo(old);
 	pending_work = SPI_processed > 0;

@@ -232,6 +232,34 @@ fill_staged(Staged *s, rd_kafka_message_t *rkm)
 }
 
 /*
+ * A replayed dead letter whose message Kafka no longer has: its stored key
+ * and payload, through the same value checks (format, max_message_bytes)
+ * as a message read from Kafka.  No headers and no Kafka timestamp are
+ * stored with a dead letter: the entry gets NULL for both.  A dead letter
+ * without a payload (a tombstone, or one too large to keep) cannot be
+ * rebuilt: s stays a dead letter.
+ */
+void
+fill_stored(Staged *s, bytea *key, bytea *payload)
+{
+	rd_kafka_message_t m;
+
+	s->from_stored = true;
+	if (payload == NULL)
+	{
+		s->kind = 'd';
+		s->error = "message no longer in Kafka, and the dead letter holds no payload";
+		return;
+	}
+	s->key = key;
+	memset(&m, 0, sizeof(m));
+	m.payload = VARDATA_ANY(payload);
+	m.len = VARSIZE_ANY_EXHDR(payload);
+	batch_bytes += m.len + (key ? VARSIZE_ANY_EXHDR(key) : 0);
+	set_value(s, &m);
+}
+
+/*
  * The broker no longer has the offset we need: record the hole [position,
  * log start - 1] as a gap row and, unless on_gap is 'stop', continue from
  * the log start.

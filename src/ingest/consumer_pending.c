@@ -25,7 +25,8 @@
 #define REPLAY_FETCH_MS		10000	/* longest wait for one replayed message */
 
 static void apply_pending_seeks(Datum *name);
-static rd_kafka_message_t *fetch_one(rd_kafka_t *handle, const char *topic, int32 partition, int64 offset, char **why);
+static rd_kafka_message_t *fetch_one(rd_kafka_t *handle, const char *topic, int32 partition,
+									 int64 offset, char **why, bool *gone);
 
 /*
  * Wait (polling, no transaction open while waiting) until staging holds no
@@ -151,17 +152,21 @@ apply_pending_seeks(Datum *name)
 /*
  * Read one message at offset from a consumer of its own (the main one
  * keeps its assignment and position).  Returns it, or NULL with *why set
- * when Kafka no longer has it or does not answer in REPLAY_FETCH_MS.
+ * when Kafka no longer has it or does not answer in REPLAY_FETCH_MS; *gone
+ * says that Kafka answered and the offset holds nothing any more: it is
+ * below the partition's log start (retention), or the partition goes on at
+ * a later offset (compaction).
  */
 static rd_kafka_message_t *
 fetch_one(rd_kafka_t *handle, const char *topic, int32 partition, int64 offset,
-		  char **why)
+		  char **why, bool *gone)
 {
 	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), REPLAY_FETCH_MS);
 	rd_kafka_message_t *found = NULL;
 
 	*why = NULL;
+	*gone = false;
 	rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
 	if (rd_kafka_assign(handle, list) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		*why = "could not assign the partition";
@@ -181,11 +186,25 @@ fetch_one(rd_kafka_t *handle, const char *topic, int32 partition, int64 offset,
 		}
 		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
 			*why = psprintf("offset " INT64_FORMAT " is past the end of the partition", offset);
+		else if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
+				 m->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE)
+		{
+			/* Out of range: gone only if below the log start (not past the end). */
+			int64		low = log_start(topic, partition);
+
+			*gone = low >= 0 && offset < low;
+			*why = *gone ?
+				psprintf("message no longer in Kafka (the log starts at offset " INT64_FORMAT ")", low) :
+				psprintf("message no longer in Kafka: %s", rd_kafka_message_errstr(m));
+		}
 		else if (m->err)
 			*why = psprintf("message no longer in Kafka: %s", rd_kafka_message_errstr(m));
 		else if (m->offset != offset)
+		{
+			*gone = m->offset > offset;
 			*why = psprintf("message no longer in Kafka (the next offset there is " INT64_FORMAT ")",
 							m->offset);
+		}
 		else
 		{
 			found = m;
@@ -200,9 +219,12 @@ fetch_one(rd_kafka_t *handle, const char *topic, int32 partition, int64 offset,
 /*
  * Replay the dead letters asked for (spool.replay_dead_letter): read each
  * message from Kafka again and put it through the source's current checks
- * (format, max_message_bytes, timestamp).  Those that pass are staged as
- * replays ('r'): the promoter gives them new cursors and marks their dead
- * letters replayed in the same transaction.  The others keep the new error.
+ * (format, max_message_bytes, timestamp).  When Kafka no longer has it
+ * (fetch_one's *gone), the dead letter's stored key and payload go through
+ * the same value checks instead (fill_stored).  Those that pass are staged
+ * as replays ('r', replay_from 'kafka' or 'stored'): the promoter gives them
+ * new cursors and marks their dead letters replayed in the same
+ * transaction.  The others keep the new error.
  */
 void
 replay_dead_letters(void)
@@ -215,6 +237,8 @@ replay_dead_letters(void)
 			   *c,
 			   *d;
 	int			n = 0;
+	int			nstored = 0;
+	int			i = 0;
 
 	if (replay_ids == NIL)
 		return;
@@ -233,6 +257,7 @@ replay_dead_letters(void)
 		int64		offset = strtoll(lfirst(d), NULL, 10);
 		int			pi = find_part(topic, partition);
 		char	   *why = NULL;
+		bool		gone = false;
 		rd_kafka_message_t *m = NULL;
 		Staged	   *s;
 
@@ -243,7 +268,7 @@ replay_dead_letters(void)
 			why = psprintf("this source does not read %s [%d] any more", topic, partition);
 		}
 		else
-			m = fetch_one(handle, topic, partition, offset, &why);
+			m = fetch_one(handle, topic, partition, offset, &why, &gone);
 		s = new_staged(pi, offset, 'm');
 		s->dead_letter_id = strtoll(lfirst(a), NULL, 10);
 		if (m)
@@ -251,12 +276,18 @@ replay_dead_letters(void)
 			fill_staged(s, m);
 			rd_kafka_message_destroy(m);
 		}
+		else if (gone)
+		{
+			fill_stored(s, list_nth(replay_key, i), list_nth(replay_payload, i));
+			nstored++;
+		}
 		else
 		{
 			s->kind = 'd';
 			s->error = why;
 		}
 		n++;
+		i++;
 	}
 	rd_kafka_consumer_close(handle);
 	rd_kafka_destroy(handle);
@@ -264,5 +295,6 @@ replay_dead_letters(void)
 	state = "running";
 	ereport(LOG,
 			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
-			 errmsg("source \"%s\": %d dead letters replayed from Kafka", source_name, n)));
+			 errmsg("source \"%s\": %d dead letters replayed, %d of them from their stored payload"
+					" (Kafka no longer had them)", source_name, n, nstored)));
 }

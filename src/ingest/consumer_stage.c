@@ -27,14 +27,15 @@
 
 #include "ingest/consumer.h"
 
-#define STAGING_NATTS		16
+#define STAGING_NATTS		17
 #define STAGING_SLOTS		1000	/* rows per heap multi-insert */
 
 static TupleTableSlot **slots;
 
 static Relation open_active_staging(uint32 *which);
 static inline void set_column(TupleTableSlot *slot, int col, Datum value);
-static void fill_slot(TupleTableSlot *slot, Staged *s, int64 batch_id, int64 pos, Datum source, Datum topic);
+static void fill_slot(TupleTableSlot *slot, Staged *s, int64 batch_id, int64 pos,
+					  Datum source, Datum topic);
 static void insert_batch(Relation rel, int64 first_pos);
 static void record_failed_replays(void);
 static void note_batch(int n, TimestampTz t_start);
@@ -99,7 +100,10 @@ fill_slot(TupleTableSlot *slot, Staged *s, int64 batch_id, int64 pos, Datum sour
 	set_column(slot, 5, Int64GetDatum(s->offset));
 	set_column(slot, 6, CharGetDatum(s->dead_letter_id ? 'r' : s->kind));
 	if (s->dead_letter_id)
+	{
 		set_column(slot, 15, Int64GetDatum(s->dead_letter_id));
+		set_column(slot, 16, CStringGetTextDatum(s->from_stored ? "stored" : "kafka"));
+	}
 	if (s->key)
 		set_column(slot, 7, PointerGetDatum(s->key));
 	if (s->kind == 'm' && s->has_value)
@@ -182,8 +186,9 @@ record_failed_replays(void)
 			elog(ERROR, "could not update dead letter " INT64_FORMAT, s->dead_letter_id);
 		ereport(LOG,
 				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
-				 errmsg("source \"%s\": replay of dead letter " INT64_FORMAT " failed again: %s",
-						source_name, s->dead_letter_id, s->error)));
+				 errmsg("source \"%s\": replay of dead letter " INT64_FORMAT "%s failed again: %s",
+						source_name, s->dead_letter_id,
+						s->from_stored ? " (from its stored payload)" : "", s->error)));
 		s->kind = 'x';
 	}
 }
