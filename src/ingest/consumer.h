@@ -2,7 +2,7 @@
  *
  * consumer.h
  *	  Private to the ingest worker's files (consumer*.c): the state of the
- *	  one source the worker runs and the functions they call in each other.
+ *	  one source the worker runs and the functions they call across files.
  *	  Not a door of src/ingest: nothing outside the worker includes it.
  *
  * The worker is one process running one source, so its state is plain
