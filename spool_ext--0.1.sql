@@ -251,7 +251,9 @@ CREATE TABLE @extschema@.offsets (
 -- turns: the workers write into the active one while the promoter moves the
 -- other out whole and truncates it, so staging never holds dead tuples.
 -- kind: 'm' message, 'd' dead letter, 'g' gap [kafka_offset, gap_to],
--- 'r' a replayed dead letter (dead_letter_id) re-read from Kafka.
+-- 'r' a replayed dead letter (dead_letter_id), re-read from Kafka or, when
+-- Kafka no longer has it, built from the dead letter's key and payload
+-- (replay_from 'kafka' | 'stored').
 CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	batch_id	bigint NOT NULL,
 	pos			bigint,			-- messages: position in this table, reserved per batch
@@ -268,7 +270,8 @@ CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	error		text,
 	gap_to		bigint,
 	gap_stop	boolean,
-	dead_letter_id bigint
+	dead_letter_id bigint,
+	replay_from	text
 ) WITH (autovacuum_enabled = false);
 CREATE UNLOGGED TABLE @extschema@.staging_1 (LIKE @extschema@.staging_0)
 	WITH (autovacuum_enabled = false);
@@ -335,7 +338,10 @@ CREATE TABLE @extschema@.dead_letters (
 	replay_requested_at timestamptz,
 	replay_attempts int NOT NULL DEFAULT 0,
 	replayed_at	timestamptz,
-	replay_cursor bigint
+	replay_cursor bigint,
+	-- how the replay got the message: 'kafka' (read again) or 'stored' (Kafka
+	-- no longer had it: this row's key and payload, no headers or timestamp)
+	replayed_from text CHECK (replayed_from IN ('kafka', 'stored'))
 );
 
 CREATE TABLE @extschema@.gaps (

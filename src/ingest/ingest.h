@@ -1,10 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * ingest.h
- *	  The door to src/ingest: Kafka sources (source.c), the ingest worker
- *	  that stages their messages (consumer.c, json_check.c), the promoter
- *	  that moves staged batches into the spool (promoter.c), and the spool's
- *	  readers (reader.c).
+ *	  The door to src/ingest: Kafka sources (source.c, source_ops.c), the
+ *	  ingest worker that stages their messages (consumer*.c, private header
+ *	  consumer.h; json_check.c), the promoter that moves staged batches
+ *	  into the spool (promoter.c), and the spool's readers (reader.c).
  *
  *-------------------------------------------------------------------------
  */

@@ -300,6 +300,7 @@ promote_sql(uint32 which, bool others, int32 segment)
 									  "  RETURNING cursor),"
 									  " rpm AS ("
 									  "  UPDATE spool.dead_letters d SET replayed_at = now(), replay_cursor = $1 + r.pos,"
+									  "         replayed_from = r.replay_from,"
 									  "         replay_requested_at = NULL, replay_attempts = d.replay_attempts + 1"
 									  "    FROM other r WHERE r.kind = 'r' AND d.id = r.dead_letter_id"
 									  "     AND d.replay_cursor IS NULL),", tab, target) : "",
