@@ -56,6 +56,7 @@
 #include "miscadmin.h"
 #include "storage/proc.h"
 #include "storage/spin.h"
+#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -706,6 +707,8 @@ spool_lease_acquire(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	spool_require_shmem();
+	/* A standby would answer "held by another" where it cannot grant. */
+	PreventCommandDuringRecovery("spool.lease_acquire()");
 	check_not_reserved(resource);
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");

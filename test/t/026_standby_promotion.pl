@@ -8,7 +8,8 @@
 #       every view of the extension and every set-returning function
 #       without required arguments (found in the catalog, so new ones are
 #       covered), plus spool.metrics(), answers; source_status shows the
-#       replicated offsets with NULL runtime columns.
+#       replicated offsets with NULL runtime columns; writing functions
+#       (a lease, a queued nonce, an enqueue) fail with 25006 at once.
 #   (b) asynchronous replication that loses the primary's last
 #       transactions: a client lease sb:res is granted on the primary
 #       (token 1, short ttl) and replicated; more messages are produced and,
@@ -90,6 +91,15 @@ for my $q ((map { "SELECT count(*) FROM $_" } @views),
 {
 	my ($out, $state, $err) = $s->query($q);
 	is($state, '00000', "standby: $q answers") or diag($err);
+}
+# Writing functions fail at once with 25006 (read-only), the nonce queue too
+# (no worker would answer it there).
+for my $q ("SELECT spool.lease_acquire('sb:res', 'x', '1 min')",
+	"SELECT spool.nonce_request('0xsb', 'r1')",
+	"SELECT spool.enqueue('test', 'k', '{}')")
+{
+	my ($out, $state, $err) = $s->query($q);
+	is($state, '25006', "standby: $q fails as read-only");
 }
 $s->quit;
 is( ssql(q{SELECT sum(next_offset) || ' ' || count(*) || ' ' || count(pid) || ' '
