@@ -134,6 +134,8 @@ poll_ok($primary,
 	"SELECT count(*) > " . ($n1 + $na) . " FROM delivered",
 	'primary: deliveries the standby does not have');
 my $max_old = $primary->safe_psql('postgres', 'SELECT max(token) FROM spool.lease_store');
+is( ssql("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'spool%'"),
+	'0', 'standby: still no spool worker, seconds later');
 $primary->stop('immediate');
 note('at the promotion the standby has: '
 	  . ssql(q{SELECT (SELECT count(*) FROM spool.entries) || ' entries, '
