@@ -275,8 +275,24 @@ CREATE UNLOGGED TABLE @extschema@.staging_0 (
 ) WITH (autovacuum_enabled = false);
 CREATE UNLOGGED TABLE @extschema@.staging_1 (LIKE @extschema@.staging_0)
 	WITH (autovacuum_enabled = false);
+-- PostgreSQL refuses to plan a read of an UNLOGGED table on a hot standby,
+-- so the views read staging and the runtime tables below through functions
+-- that return no rows there (no worker runs on a standby: nothing is staged).
+CREATE FUNCTION @extschema@._staging()
+RETURNS SETOF @extschema@.staging_0
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF NOT pg_catalog.pg_is_in_recovery() THEN
+		RETURN QUERY SELECT * FROM @extschema@.staging_0
+					 UNION ALL SELECT * FROM @extschema@.staging_1;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._staging() IS
+'Internal: the rows of spool.staging; none on a hot standby';
 CREATE VIEW @extschema@.staging AS
-	SELECT * FROM @extschema@.staging_0 UNION ALL SELECT * FROM @extschema@.staging_1;
+	SELECT * FROM @extschema@._staging();
 CREATE UNLOGGED SEQUENCE @extschema@.staging_batch;
 
 -- The spool: WAL-logged, partitioned into segments by cursor range.
@@ -377,6 +393,33 @@ CREATE UNLOGGED TABLE @extschema@.partition_runtime (
 	updated_at	timestamptz NOT NULL,
 	PRIMARY KEY (source, topic, kafka_partition)
 );
+-- The status views read these through functions (see spool._staging).
+CREATE FUNCTION @extschema@._source_runtime()
+RETURNS SETOF @extschema@.source_runtime
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 16
+AS $$
+BEGIN
+	IF NOT pg_catalog.pg_is_in_recovery() THEN
+		RETURN QUERY SELECT * FROM @extschema@.source_runtime;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._source_runtime() IS
+'Internal: the rows of spool.source_runtime; none on a hot standby';
+CREATE FUNCTION @extschema@._partition_runtime()
+RETURNS SETOF @extschema@.partition_runtime
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 64
+AS $$
+BEGIN
+	IF NOT pg_catalog.pg_is_in_recovery() THEN
+		RETURN QUERY SELECT * FROM @extschema@.partition_runtime;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._partition_runtime() IS
+'Internal: the rows of spool.partition_runtime; none on a hot standby';
 
 CREATE FUNCTION @extschema@.create_source(name text, brokers text, topics text[],
 										  options jsonb DEFAULT '{}')
@@ -481,14 +524,15 @@ CREATE VIEW @extschema@.source_status AS
 		   -- per partition while the worker runs (see docs/sources.md)
 		   CASE WHEN NOT s.enabled THEN 'stopped'
 				WHEN r.state IN ('running', 'error') AND p.state IS NOT NULL THEN p.state
+				WHEN pg_catalog.pg_is_in_recovery() THEN NULL	-- a hot standby
 				ELSE coalesce(r.state, 'starting') END AS state,
 		   r.last_error, r.last_error_at, p.msgs_per_sec, p.position, r.pid,
 		   greatest(p.updated_at, r.updated_at) AS updated_at,
 		   coalesce(r.errors, 0) AS errors, p.error_since
 	  FROM @extschema@.sources s
-	  LEFT JOIN @extschema@.source_runtime r ON r.source = s.name
+	  LEFT JOIN @extschema@._source_runtime() r ON r.source = s.name
 	  -- every partition a worker assigned or an offset was stored for
-	  LEFT JOIN (@extschema@.partition_runtime p
+	  LEFT JOIN (@extschema@._partition_runtime() p
 				 FULL JOIN @extschema@.offsets o
 						ON (o.source, o.topic, o.kafka_partition) = (p.source, p.topic, p.kafka_partition))
 			 ON coalesce(p.source, o.source) = s.name;
@@ -688,6 +732,7 @@ COMMENT ON FUNCTION @extschema@.processor_runtime() IS
 CREATE VIEW @extschema@.processor_status AS
 	SELECT p.name AS processor, r.replica, r.pid,
 		   CASE WHEN NOT p.enabled THEN 'stopped'
+				WHEN pg_catalog.pg_is_in_recovery() THEN NULL	-- a hot standby
 				ELSE coalesce(r.role, 'starting') END AS role,
 		   r.cursor, c.committed_cursor,
 		   greatest((SELECT next_cursor - 1 FROM @extschema@.spool_state) - r.cursor, 0) AS lag,
@@ -1469,6 +1514,8 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.redrive(bigint)
 	TO spool_admin;
 GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()
+	TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@._source_runtime(), @extschema@._partition_runtime()
 	TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
 	TO spool_admin, spool_client;
