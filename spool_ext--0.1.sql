@@ -39,7 +39,7 @@ CREATE TYPE @extschema@.lease AS (
 CREATE TABLE @extschema@.lease_store (
 	resource	text PRIMARY KEY CHECK (resource <> ''),
 	owner		text,
-	role		oid,
+	role		regrole,
 	token		bigint NOT NULL DEFAULT 0 CHECK (token >= 0),
 	expires_at	timestamptz,
 	granted_at	timestamptz,
@@ -103,7 +103,7 @@ CREATE TYPE @extschema@.nonce_state AS ENUM ('allocated', 'consumed', 'released'
 -- through spool.nonce_request, its first requester's).
 CREATE TABLE @extschema@.nonce_signer (
 	signer		text PRIMARY KEY CHECK (signer <> ''),
-	role		oid,
+	role		regrole,
 	next_nonce	bigint NOT NULL DEFAULT 0 CHECK (next_nonce >= 0),
 	released	bigint NOT NULL DEFAULT 0 CHECK (released >= 0),
 	lease_token	bigint NOT NULL DEFAULT 0
@@ -714,7 +714,7 @@ CREATE SEQUENCE @extschema@.target_id_seq AS int;
 -- the owner's members may anyway.
 CREATE TABLE @extschema@.target_grants (
 	target_id	int NOT NULL REFERENCES @extschema@.targets (id) ON DELETE CASCADE,
-	role		oid NOT NULL,
+	role		regrole NOT NULL,
 	PRIMARY KEY (target_id, role)
 );
 
@@ -1495,6 +1495,8 @@ GRANT SELECT ON @extschema@.processor_checkpoints TO spool_admin;
 -- workers.  The spool's segments (spool.entries_<n>) and the outbox rings
 -- (spool.outbox_t<id>[_<slot>]) are made later, are not members of the
 -- extension, and pg_dump dumps them with their rows as attached partitions.
+-- Columns naming roles are regrole, never oid: a dump holds the role's name,
+-- so a restore into another cluster maps it to the same role there.
 -- One call per statement: each call updates the extension's catalog row.
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.lease_store', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nonce_signer', '');

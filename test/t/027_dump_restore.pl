@@ -73,6 +73,11 @@ is("@s1", '0 1 2 3', 'source: S1 allocated nonces 0 .. 3');
 my @s2 = map { s_sql("SELECT spool.nonce_request('S2', 'r$_')") } 1 .. 3;
 is("@s2", '0 1 2', 'source: S2 served nonces 0 .. 2 through the nonce workers');
 my $ts2 = s_sql("SELECT token FROM spool.lease_store WHERE resource = 'signer:S2'");
+# A lease and a target grant of a role whose oid differs on the destination
+# (roles are created there in name order).
+s_sql(q{CREATE ROLE zz_leaser; GRANT spool_client TO zz_leaser;
+	SET ROLE zz_leaser; SELECT spool.lease_acquire('app:z1', 'z', '1 h'); RESET ROLE;
+	SELECT spool.grant_target('test', 'zz_leaser')});
 
 produce(400);
 wait_processed($src, $proc, 400, 'source, first 400');
@@ -102,6 +107,8 @@ my %dumped;
 	note("largest dumped token: $dumped{token}");
 	cmp_ok($dumped{token}, '>=', $t2, 'the dump holds the lease tokens');
 }
+my $zz_oid = s_sql("SELECT oid FROM pg_roles WHERE rolname = 'zz_leaser'");
+sub s_oid_zz { return $zz_oid; }
 $src->stop('fast');
 produce(200);
 my $total = $next_seq;
@@ -174,6 +181,19 @@ is(d_sql(q{SELECT string_agg(format('%s %s %s', t.seq, s.last_value, t.mx), ', '
 	'', 'restored: every sequence is at or above the largest id of its table');
 cmp_ok(d_sql("SELECT last_value FROM spool.outbox_id_seq"), '>=', 400,
 	'restored: the outbox ids continue');
+
+# Roles are restored by name.
+isnt(d_sql("SELECT oid FROM pg_roles WHERE rolname = 'zz_leaser'"),
+	s_oid_zz(), 'zz_leaser has another oid on the destination');
+is(d_sql(q{SELECT (SELECT role::text FROM spool.lease_store WHERE resource = 'app:z1') || ' '
+	|| (SELECT string_agg(role::text, ',') FROM spool.target_grants)}),
+	'zz_leaser zz_leaser', 'restored: the lease and the target grant belong to zz_leaser');
+my ($zrc, $zout, $zerr) = $dst->psql('postgres',
+	"SET ROLE proc_owner; SELECT spool.lease_acquire('app:z1', 'p', '1 s')");
+like($zerr, qr/belongs to another role.*It belongs to role "zz_leaser"/s, 'restored: another role cannot take the lease of zz_leaser');
+my $tz = d_sql("SELECT token FROM spool.lease_store WHERE resource = 'app:z1'");
+is(d_sql("SET ROLE zz_leaser; SELECT spool.lease_renew('app:z1', 'z', $tz) IS NOT NULL"),
+	't', 'restored: zz_leaser renews its lease');
 
 # The holder leaves: the launcher starts the pipeline.
 d_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_restore'");
