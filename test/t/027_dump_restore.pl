@@ -21,7 +21,11 @@
 #     continue above the dumped nonces, the old S1 token is fenced off;
 #     every sequence is at or above the largest id of its table, and the
 #     spool's next cursor above every restored entry;
-#   - bt_index_check passes on every index of the restored spool schema.
+#   - bt_index_check passes on every index of the restored spool schema;
+#   - retention on the restored spool (segments of 100 cursors, kept until
+#     then by consumer 'keep'): with segment 1 locked as pg_dump locks it,
+#     the drop times out without ending the promoter, and the same promoter
+#     drops it once the lock is gone.
 use strict;
 use warnings;
 
@@ -41,7 +45,7 @@ use Time::HiRes qw(time);
 my $t_start = time;
 my $nparts = 4;
 my $kafka = SpoolKafka->start(topics => ["td:$nparts"]);
-my $src = spool_node('dump_src');
+my $src = spool_node('dump_src', 'spool.segment_size' => 100);
 my $next_seq = 0;
 
 sub produce
@@ -57,6 +61,8 @@ sub s_sql { return $src->safe_psql('postgres', $_[0]); }
 # The processor's outputs go to a sql target (created before
 # processor_setup, which then keeps it).
 sql_target($src, 'test', '{"batch_interval": "5ms"}');
+# A consumer that keeps every segment (dropped on the destination, at the end).
+s_sql("SELECT spool.register_consumer('keep', 0)");
 my $proc = processor_setup($src, $kafka->bootstrap, 'td',
 	options => '{"batch_size": 50, "checkpoint_every": 100}');
 wait_dispatchers($src, 'test', 1);
@@ -118,7 +124,8 @@ my $dst = PostgreSQL::Test::Cluster->new('dump_dst');
 $dst->init;
 $dst->append_conf('postgresql.conf', join('', map { "$_\n" }
 	  "shared_preload_libraries = 'spool_ext'", "spool.database = 'postgres'",
-	  'max_worker_processes = 32', 'max_connections = 40', "log_line_prefix = '%m [%p] %b '"));
+	  'max_worker_processes = 32', 'max_connections = 40', "log_line_prefix = '%m [%p] %b '",
+	  'spool.segment_size = 100', 'spool.min_retention = 0', "spool.retention_interval = '200ms'"));
 $dst->start;
 sub d_sql { return $dst->safe_psql('postgres', $_[0]); }
 
@@ -243,6 +250,29 @@ is(d_sql(q{SELECT count(*) FILTER (WHERE NOT ok) || ' of ' || (count(*) > 20)
 		  WHERE c.relkind = 'i' AND a.amname = 'btree'
 			AND c.relnamespace = 'spool'::regnamespace) x}),
 	'0 of true', 'bt_index_check passes on every btree index of schema spool');
+
+# Retention on the restored spool, with a segment locked as pg_dump locks it:
+# the drop times out, the promoter goes on, and drops it once the lock is gone.
+cmp_ok(d_sql("SELECT count(*) FROM spool.segment_info WHERE hi <= $total"), '>=', 5,
+	'the restored spool has several sealed segments');
+my $promoter = d_sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool promoter'");
+my $locker = SpoolTest::Session->new($dst, 'locker');
+$locker->query_ok('BEGIN');
+$locker->query_ok('LOCK TABLE spool.entries_1 IN ACCESS SHARE MODE');
+$log_offset = -s $dst->logfile;
+d_sql("SELECT spool.drop_consumer('keep')");
+$dst->wait_for_log(qr/spool segment 1 not dropped: another session holds a lock on it/, $log_offset);
+pass('retention could not drop the locked segment 1');
+is(d_sql("SELECT count(*) FROM spool.segment_info WHERE dropped_at IS NOT NULL"), '0',
+	'nothing dropped while segment 1 is locked');
+is(d_sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool promoter'"), $promoter,
+	'the promoter did not exit on the lock timeout');
+$locker->query_ok('COMMIT');
+$locker->quit;
+poll_ok($dst, "SELECT dropped_at IS NOT NULL FROM spool.segment_info WHERE segment = 1",
+	'segment 1 to be dropped once the lock is gone');
+is(d_sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'spool promoter'"), $promoter,
+	'the same promoter dropped it');
 
 note(sprintf('total test time %.1fs', time - $t_start));
 $dst->stop;
