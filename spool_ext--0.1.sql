@@ -39,7 +39,7 @@ CREATE TYPE @extschema@.lease AS (
 CREATE TABLE @extschema@.lease_store (
 	resource	text PRIMARY KEY CHECK (resource <> ''),
 	owner		text,
-	role		oid,
+	role		regrole,
 	token		bigint NOT NULL DEFAULT 0 CHECK (token >= 0),
 	expires_at	timestamptz,
 	granted_at	timestamptz,
@@ -103,7 +103,7 @@ CREATE TYPE @extschema@.nonce_state AS ENUM ('allocated', 'consumed', 'released'
 -- through spool.nonce_request, its first requester's).
 CREATE TABLE @extschema@.nonce_signer (
 	signer		text PRIMARY KEY CHECK (signer <> ''),
-	role		oid,
+	role		regrole,
 	next_nonce	bigint NOT NULL DEFAULT 0 CHECK (next_nonce >= 0),
 	released	bigint NOT NULL DEFAULT 0 CHECK (released >= 0),
 	lease_token	bigint NOT NULL DEFAULT 0
@@ -765,7 +765,7 @@ CREATE SEQUENCE @extschema@.target_id_seq AS int;
 -- the owner's members may anyway.
 CREATE TABLE @extschema@.target_grants (
 	target_id	int NOT NULL REFERENCES @extschema@.targets (id) ON DELETE CASCADE,
-	role		oid NOT NULL,
+	role		regrole NOT NULL,
 	PRIMARY KEY (target_id, role)
 );
 
@@ -1535,5 +1535,69 @@ GRANT SELECT ON @extschema@.entries, @extschema@.dead_letters, @extschema@.gaps,
 	TO spool_admin, spool_client;
 -- Checkpoints hold processor state, which may be business data.
 GRANT SELECT ON @extschema@.processor_checkpoints TO spool_admin;
+
+------------------------------------------------------------------------------
+-- Backup and restore (docs/operations.md, "Backup and restore")
+------------------------------------------------------------------------------
+
+-- pg_dump keeps the rows of every table whose rows matter, and the values of
+-- the sequences, so a restored database continues where the dump was taken:
+-- tokens, nonces, cursors, offsets, checkpoints, positions and ids only grow.
+-- UNLOGGED runtime and staging tables (staging_0/1, staging_batch,
+-- source_runtime, partition_runtime) stay out: they are rebuilt by the
+-- workers.  The spool's segments (spool.entries_<n>) and the outbox rings
+-- (spool.outbox_t<id>[_<slot>]) are made later, are not members of the
+-- extension, and pg_dump dumps them with their rows as attached partitions.
+-- Columns naming roles are regrole, never oid: a dump holds the role's name,
+-- so a restore into another cluster maps it to the same role there.
+-- One call per statement: each call updates the extension's catalog row.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.lease_store', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nonce_signer', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nonce_store', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nonce_set_next_log', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nonce_set_next_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.sources', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.spool_state', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.segment_info', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.consumers', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.dead_letters_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.gaps', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.gaps_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.source_seeks', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.source_seeks_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.processors', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.processor_checkpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.processor_rewinds', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.processor_rewinds_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.targets', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.target_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.target_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_positions', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_retry', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_dead', '');
+
+-- This script inserts the spool_state row, and a restore inserts the dumped
+-- one after it: the restored row's next_cursor wins when it is larger, so the
+-- cursor never goes back.  Only this script and a restore insert here.
+CREATE FUNCTION @extschema@._spool_state_restore() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	UPDATE @extschema@.spool_state
+	   SET next_cursor = greatest(next_cursor, NEW.next_cursor)
+	 WHERE id = NEW.id;
+	IF FOUND THEN
+		RETURN NULL;
+	END IF;
+	RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._spool_state_restore() IS
+'Trigger: a restored spool_state row is merged into the one CREATE EXTENSION made (the larger next_cursor wins)';
+REVOKE ALL ON FUNCTION @extschema@._spool_state_restore() FROM PUBLIC;
+CREATE TRIGGER spool_state_restore BEFORE INSERT ON @extschema@.spool_state
+	FOR EACH ROW EXECUTE FUNCTION @extschema@._spool_state_restore();
 
 SELECT @extschema@._launcher_wakeup();

@@ -529,7 +529,9 @@ promote_once(bool flip)
 /*
  * Drop the oldest sealed segment that every consumer has passed and that is
  * older than spool.min_retention, with a short lock timeout so that readers
- * are never held up for long.  Returns false when there was none.
+ * are never held up for long.  Returns false when there was none, or when
+ * its lock timed out (a long reader, or pg_dump, which holds a share lock on
+ * every segment while it runs): the next retention pass tries again.
  */
 static bool
 drop_expired_segment(void)
@@ -538,6 +540,8 @@ drop_expired_segment(void)
 	int64		seg;
 	bool		isnull;
 	int			save_timeout = LockTimeout;
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		locked_out = false;
 
 	spool_begin_txn("dropping an old segment");
 	spool_plan(&plan_expired,
@@ -560,11 +564,33 @@ drop_expired_segment(void)
 									 " WHERE segment = " INT64_FORMAT, seg), false, 0) < 0)
 				elog(ERROR, "could not drop segment " INT64_FORMAT, seg);
 		}
-		PG_FINALLY();
+		PG_CATCH();
 		{
+			ErrorData  *edata;
+
 			LockTimeout = save_timeout;
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+				PG_RE_THROW();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			MemoryContextSwitchTo(cxt);
+			pgstat_report_activity(STATE_IDLE, NULL);
+			FreeErrorData(edata);
+			locked_out = true;
 		}
 		PG_END_TRY();
+		LockTimeout = save_timeout;
+		if (locked_out)
+		{
+			ereport(LOG,
+					(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+					 errmsg("spool segment " INT64_FORMAT " not dropped: another session holds a lock on it",
+							seg),
+					 errhint("Retention tries again at its next pass.")));
+			return false;
+		}
 		ereport(LOG, (errcode(ERRCODE_SUCCESSFUL_COMPLETION),
 					  errmsg("spool segment " INT64_FORMAT " dropped by retention", seg)));
 	}

@@ -9,7 +9,9 @@
  *	  shard, and the nonce service workers.  The table of kinds below names
  *	  each kind; its subsystem says what to run and keeps its shared slots;
  *	  this file only decides when to look.  When the extension is dropped,
- *	  it stops them all.
+ *	  it stops them all.  While pg_restore is connected to the database,
+ *	  an extension that appears there is not yet acted on: its rows may be
+ *	  half restored (docs/operations.md, "Backup and restore").
  *
  *	  It starts when recovery has finished (BgWorkerStart_RecoveryFinished):
  *	  on a hot standby the postmaster does not start it, so no spool worker
@@ -26,6 +28,7 @@
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/backend_status.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -63,7 +66,8 @@ static SpoolSupervisor *supervisors[lengthof(kinds)];
 
 static void launcher_attach(void);
 static void launcher_detach(int code, Datum arg);
-static bool extension_installed(void);
+static bool extension_installed(bool was);
+static bool restore_running(void);
 static void supervise_all(TimestampTz now, bool refresh);
 
 void
@@ -110,7 +114,7 @@ spool_launcher_main(Datum main_arg)
 		{
 			bool		was = installed;
 
-			installed = extension_installed();
+			installed = extension_installed(was);
 			next_check = TimestampTzPlusMilliseconds(now, EXTENSION_CHECK_MS);
 			for (k = 0; k < lengthof(kinds); k++)
 			{
@@ -170,15 +174,58 @@ launcher_detach(int code, Datum arg)
 	LWLockRelease(spool_core_shared->lock);
 }
 
+/*
+ * Whether the extension exists and its workers may run.  An extension that
+ * appears while a pg_restore session is connected to this database counts
+ * as not installed until that session is gone, so no worker runs on a half
+ * restored database (a restore made with --single-transaction shows the
+ * extension only with all its rows anyway).  Once the workers run (was), a
+ * pg_restore session changes nothing.
+ */
 static bool
-extension_installed(void)
+extension_installed(bool was)
 {
+	static bool logged = false;
 	bool		found;
+	bool		restoring = false;
 
 	spool_begin_txn("checking for spool_ext");
 	found = OidIsValid(get_extension_oid("spool_ext", true));
+	if (found && !was)
+		restoring = restore_running();
 	spool_end_txn();
-	return found;
+	if (restoring && !logged)
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("spool_ext waits for pg_restore to finish before starting workers")));
+	logged = restoring;
+	return found && !restoring;
+}
+
+/*
+ * A client backend of this database named pg_restore (its default
+ * application_name), within the current transaction's snapshot of the
+ * backends' status.
+ */
+static bool
+restore_running(void)
+{
+	int			n = pgstat_fetch_stat_numbackends();
+	int			i;
+
+	for (i = 1; i <= n; i++)
+	{
+		LocalPgBackendStatus *l = pgstat_fetch_stat_local_beentry(i);
+		PgBackendStatus *b;
+
+		if (l == NULL)
+			continue;
+		b = &l->backendStatus;
+		if (b->st_backendType == B_BACKEND && b->st_databaseid == MyDatabaseId &&
+			b->st_procpid != MyProcPid && strcmp(b->st_appname, "pg_restore") == 0)
+			return true;
+	}
+	return false;
 }
 
 /*

@@ -201,7 +201,7 @@ load_grantees(TargetCacheEntry *t)
 	bool		isnull;
 	int			i;
 
-	if (SPI_execute_with_args("SELECT coalesce(array_agg(role), '{}') FROM spool.target_grants"
+	if (SPI_execute_with_args("SELECT coalesce(array_agg(role::oid), '{}') FROM spool.target_grants"
 							  " WHERE target_id = $1",
 							  1, (Oid[]) {INT4OID}, (Datum[]) {Int32GetDatum(t->id)},
 							  NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
