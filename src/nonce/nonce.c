@@ -31,6 +31,7 @@
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "storage/itemptr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 
@@ -121,10 +122,12 @@ nonce_lookup_requests(const char *signer, int n, const char **request_ids,
 	if (!any)
 		return 0;
 
+	/* One index probe per id (see spool_nonce_report_batch). */
 	spool_plan(&plan_find_req,
-			   "SELECT request_id, nonce, state = 'released'"
-			   " FROM spool.nonce_store"
-			   " WHERE signer = $1 AND request_id = ANY ($2)",
+			   "SELECT u.r, s.nonce, s.state = 'released'"
+			   "  FROM unnest($2::text[]) AS u(r),"
+			   "       LATERAL (SELECT nonce, state FROM spool.nonce_store"
+			   "                 WHERE signer = $1 AND request_id = u.r OFFSET 0) s",
 			   2, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
@@ -158,7 +161,11 @@ nonce_forget_released_requests(const char *signer, int n, const char **request_i
 
 	spool_plan(&plan_forget_req,
 			   "UPDATE spool.nonce_store SET request_id = NULL"
-			   " WHERE signer = $1 AND request_id = ANY ($2) AND state = 'released'",
+			   " WHERE ctid = ANY (ARRAY("
+			   "   SELECT s.ctid FROM unnest($2::text[]) AS u(r),"
+			   "          LATERAL (SELECT ctid FROM spool.nonce_store"
+			   "                    WHERE signer = $1 AND request_id = u.r"
+			   "                      AND state = 'released' OFFSET 0) s))",
 			   2, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
@@ -311,14 +318,14 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	uint64		i;
 
 	spool_plan(&plan_reuse,
-			   "WITH h AS (SELECT nonce, row_number() OVER (ORDER BY nonce) AS o"
+			   "WITH h AS (SELECT nonce, ctid, row_number() OVER (ORDER BY nonce) AS o"
 			   "             FROM spool.nonce_store"
 			   "            WHERE signer = $1 AND state = 'released'"
 			   "            ORDER BY nonce LIMIT $4),"
 			   " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
 			   "        token = $3, request_id = ($5::text[])[h.o],"
 			   "        updated_at = clock_timestamp()"
-			   "         FROM h WHERE n.signer = $1 AND n.nonce = h.nonce"
+			   "         FROM h WHERE n.ctid = h.ctid"
 			   "       RETURNING n.nonce, h.o),"
 			   " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
 			   "        WHERE signer = $1)"
@@ -358,12 +365,13 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 	int			npending = 0;
 	int			done = 0;
 	int64		released;
+	int			reissued;
 	int			i;
 	int			j;
 
 	for (i = 0; i < n; i++)
 		nonces[i] = -1;
-	released = nonce_lookup_requests(signer, n, request_ids, nonces);
+	reissued = nonce_lookup_requests(signer, n, request_ids, nonces);
 
 	/* Pending: no nonce yet, and not a repeat of an earlier request in the batch. */
 	for (i = 0; i < n; i++)
@@ -383,11 +391,11 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 	}
 
 	/* Common case: one fenced statement; otherwise lock, check, and reuse holes. */
-	if (npending == 0 || released > 0 ||
+	if (npending == 0 || reissued > 0 ||
 		!nonce_take_new(signer, owner, token, npending, pending_ids, got, role))
 	{
 		released = signer_lock_and_check(signer, owner, token, role);
-		if (npending > 0)
+		if (npending > 0 && reissued > 0)
 			nonce_forget_released_requests(signer, npending, pending_ids);
 		if (npending > 0 && released > 0)
 		{
@@ -473,13 +481,15 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 						 Oid role, int n, SpoolNonceReport *reports)
 {
 	Oid			t2[2] = {TEXTOID, INT8ARRAYOID};
-	Oid			t6[6] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, INT8OID, INT8OID};
+	Oid			t6[6] = {TEXTOID, TIDARRAYOID, TIDARRAYOID, TEXTOID, INT8OID, INT8OID};
 	Datum		v[6];
 	Datum	   *nd = palloc(sizeof(Datum) * Max(n, 1));
 	int64	   *rows_nonce;
 	char	  **rows_state;
 	char	  **rows_rid;
+	ItemPointerData *rows_tid;
 	bool	   *rows_changed;
+	int			nd_n = 0;
 	int			nrows;
 	int			nchanged = 0;
 	int64		nreleased = 0;
@@ -493,18 +503,36 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	 */
 	(void) signer_lock_and_check(signer, owner, token, role);
 
+	/* Each nonce once: a row is changed at most once below. */
 	for (i = 0; i < n; i++)
-		nd[i] = Int64GetDatum(reports[i].nonce);
+	{
+		for (r = 0; r < nd_n && DatumGetInt64(nd[r]) != reports[i].nonce; r++)
+			;
+		if (r == nd_n)
+			nd[nd_n++] = Int64GetDatum(reports[i].nonce);
+	}
+
+	/*
+	 * One index probe per nonce (a lateral subquery that is not flattened):
+	 * written as "nonce = ANY ($2)" or as a join, the planner may pick a scan
+	 * of all the signer's rows, which looks cheap while the statistics do not
+	 * know the signer yet (a new, hot signer) and costs O(rows) per batch.
+	 * ctid names the row for the update below; it cannot change before then,
+	 * because every writer of a non-consumed row holds the signer row lock.
+	 */
 	spool_plan(&plan_get_nonce,
-			   "SELECT nonce, state::text, request_id FROM spool.nonce_store"
-			   " WHERE signer = $1 AND nonce = ANY ($2)",
+			   "SELECT u.n, s.state::text, s.request_id, s.ctid"
+			   "  FROM unnest($2::bigint[]) AS u(n),"
+			   "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
+			   "                 WHERE signer = $1 AND nonce = u.n OFFSET 0) s",
 			   2, t2);
 	v[0] = CStringGetTextDatum(signer);
-	v[1] = PointerGetDatum(construct_array(nd, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	v[1] = PointerGetDatum(construct_array(nd, nd_n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	nrows = (int) spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT);
 	rows_nonce = palloc(sizeof(int64) * Max(nrows, 1));
 	rows_state = palloc(sizeof(char *) * Max(nrows, 1));
 	rows_rid = palloc(sizeof(char *) * Max(nrows, 1));
+	rows_tid = palloc(sizeof(ItemPointerData) * Max(nrows, 1));
 	rows_changed = palloc0(sizeof(bool) * Max(nrows, 1));
 	for (r = 0; r < nrows; r++)
 	{
@@ -515,6 +543,8 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 		rows_nonce[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		rows_state[r] = SPI_getvalue(tup, desc, 2);
 		rows_rid[r] = SPI_getvalue(tup, desc, 3);
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 4, &isnull)),
+						&rows_tid[r]);
 	}
 
 	for (i = 0; i < n; i++)
@@ -594,28 +624,37 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 			nchanged++;
 	if (nchanged > 0)
 	{
-		Datum	   *cn = palloc(sizeof(Datum) * nchanged);
-		const char **cs = palloc(sizeof(char *) * nchanged);
+		Datum	   *ct = palloc(sizeof(Datum) * nchanged);
+		Datum	   *rt = palloc(sizeof(Datum) * Max(nreleased, 1));
 		int			k = 0;
+		int			kr = 0;
 
 		for (r = 0; r < nrows; r++)
 			if (rows_changed[r])
 			{
-				cn[k] = Int64GetDatum(rows_nonce[r]);
-				cs[k++] = rows_state[r];
+				ct[k++] = PointerGetDatum(&rows_tid[r]);
+				if (strcmp(rows_state[r], "released") == 0)
+					rt[kr++] = PointerGetDatum(&rows_tid[r]);
 			}
-		/* The rows and the signer's count of released ones, in one statement. */
+
+		/*
+		 * The rows (by the ctids read above under the signer lock: a TID
+		 * scan, whatever the statistics say) and the signer's count of
+		 * released ones, in one statement.
+		 */
 		spool_plan(&plan_set_state,
-				   "WITH u AS (UPDATE spool.nonce_store n SET state = u.s::spool.nonce_state,"
-				   "            owner = $4, token = $5, updated_at = clock_timestamp()"
-				   "             FROM unnest($2::bigint[], $3::text[]) AS u(n, s)"
-				   "            WHERE n.signer = $1 AND n.nonce = u.n)"
+				   "WITH u AS (UPDATE spool.nonce_store n"
+				   "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
+				   "                               ELSE 'consumed' END::spool.nonce_state,"
+				   "                  owner = $4, token = $5, updated_at = clock_timestamp()"
+				   "            WHERE n.ctid = ANY ($2))"
 				   " UPDATE spool.nonce_signer SET released = released + $6"
 				   "  WHERE signer = $1 AND $6 > 0",
 				   6, t6);
-		v[1] = PointerGetDatum(construct_array(cn, nchanged, INT8OID, 8, FLOAT8PASSBYVAL,
-											   TYPALIGN_DOUBLE));
-		v[2] = PointerGetDatum(text_array(nchanged, cs));
+		v[1] = PointerGetDatum(construct_array(ct, nchanged, TIDOID, sizeof(ItemPointerData),
+											   false, TYPALIGN_SHORT));
+		v[2] = PointerGetDatum(construct_array(rt, kr, TIDOID, sizeof(ItemPointerData),
+											   false, TYPALIGN_SHORT));
 		v[3] = CStringGetTextDatum(owner);
 		v[4] = Int64GetDatum(token);
 		v[5] = Int64GetDatum(nreleased);
