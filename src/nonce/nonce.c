@@ -75,11 +75,38 @@ static void nonce_reuse_lowest(const char *signer, const char *owner,
 							   int64 token, int n, const char **request_ids,
 							   int64 *nonces);
 static int	nonce_lookup_requests(const char *signer, int n,
-								  const char **request_ids, int64 *nonces);
+								  const char **request_ids, const bool *fresh_ids,
+								  int64 *nonces);
 static void nonce_forget_released_requests(const char *signer, int n,
 										   const char **request_ids);
 static bool nonce_removed(const char *signer, int64 nonce);
 static void nonce_mark(FunctionCallInfo fcinfo, bool to_released);
+
+/*
+ * spool_plan with a generic plan, for this part's statements: a custom plan
+ * would be planned again at every call (most of a small batch's CPU time),
+ * and it would trust statistics that do not know a new signer yet.  The
+ * statements are written so that their plan does not depend on the signer:
+ * probes of the primary key or of the request index per element, updates
+ * by ctid.
+ */
+SPIPlanPtr
+spool_nonce_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes,
+											  CURSOR_OPT_GENERIC_PLAN);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*cache = plan;
+	}
+	return *cache;
+}
 
 static ArrayType *
 text_array(int n, const char **items)
@@ -106,7 +133,7 @@ text_array(int n, const char **items)
  */
 static int
 nonce_lookup_requests(const char *signer, int n, const char **request_ids,
-					  int64 *nonces)
+					  const bool *fresh_ids, int64 *nonces)
 {
 	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
 	Datum		v[2];
@@ -117,13 +144,14 @@ nonce_lookup_requests(const char *signer, int n, const char **request_ids,
 	int			nreleased = 0;
 	bool		any = false;
 
+	/* Ids made for their call and never queued before own no nonce. */
 	for (j = 0; j < n; j++)
-		any |= (request_ids[j] != NULL);
+		any |= (request_ids[j] != NULL && !(fresh_ids && fresh_ids[j]));
 	if (!any)
 		return 0;
 
 	/* One index probe per id (see spool_nonce_report_batch). */
-	spool_plan(&plan_find_req,
+	spool_nonce_plan(&plan_find_req,
 			   "SELECT u.r, s.nonce, s.state = 'released'"
 			   "  FROM unnest($2::text[]) AS u(r),"
 			   "       LATERAL (SELECT nonce, state FROM spool.nonce_store"
@@ -159,7 +187,7 @@ nonce_forget_released_requests(const char *signer, int n, const char **request_i
 	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
 	Datum		v[2];
 
-	spool_plan(&plan_forget_req,
+	spool_nonce_plan(&plan_forget_req,
 			   "UPDATE spool.nonce_store SET request_id = NULL"
 			   " WHERE ctid = ANY (ARRAY("
 			   "   SELECT s.ctid FROM unnest($2::text[]) AS u(r),"
@@ -178,7 +206,7 @@ signer_guard_lock(const char *signer)
 {
 	Datum		arg = CStringGetTextDatum(signer);
 
-	spool_exec(spool_plan(&plan_guard_lock,
+	spool_exec(spool_nonce_plan(&plan_guard_lock,
 						  "SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
 						  1, (Oid[]) {TEXTOID}),
 			   &arg, NULL, false, SPI_OK_SELECT);
@@ -195,7 +223,7 @@ signer_guard_granted(const char *signer, int64 token, Oid role)
 	Datum		v[3];
 	char		nulls[3] = {' ', ' ', role == SPOOL_LEASE_INTERNAL ? 'n' : ' '};
 
-	spool_plan(&plan_guard_stamp,
+	spool_nonce_plan(&plan_guard_stamp,
 			   "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
 			   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
 			   " role = coalesce(nonce_signer.role, EXCLUDED.role)",
@@ -231,7 +259,7 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 	int64		base;
 	int			i;
 
-	spool_plan(&plan_take_new,
+	spool_nonce_plan(&plan_take_new,
 			   "WITH s AS ("
 			   "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
 			   "    FROM spool.lease_store l"
@@ -279,7 +307,7 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 	bool		role_null;
 	SpoolLeaseRow row = {.found = true};
 
-	spool_plan(&plan_lock_signer,
+	spool_nonce_plan(&plan_lock_signer,
 			   "SELECT ns.released, ns.lease_token, l.owner,"
 			   "       coalesce(l.expires_at > clock_timestamp(), false), l.role"
 			   "  FROM spool.nonce_signer ns"
@@ -317,7 +345,7 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	uint64		got;
 	uint64		i;
 
-	spool_plan(&plan_reuse,
+	spool_nonce_plan(&plan_reuse,
 			   "WITH h AS (SELECT nonce, ctid, row_number() OVER (ORDER BY nonce) AS o"
 			   "             FROM spool.nonce_store"
 			   "            WHERE signer = $1 AND state = 'released'"
@@ -353,11 +381,16 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
  * Allocate n nonces for signer in the current transaction, fenced by
  * (owner, token), for role (a client's, or SPOOL_LEASE_INTERNAL).
  * request_ids[i] may be NULL; a repeated id returns the nonce it got before,
- * also when it repeats within the batch.  The caller is connected to SPI.
+ * also when it repeats within the batch; fresh_ids (may be NULL) marks ids
+ * known to own no nonce, which are not looked up.  locked_released >= 0 says
+ * that this transaction already locked the signer row and checked the fence
+ * (spool_nonce_report_batch returned it), and how many nonces are RELEASED:
+ * the lock and the check are not repeated.  The caller is connected to SPI.
  */
 void
 spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
-						   int n, const char **request_ids, int64 *nonces, Oid role)
+						   int n, const char **request_ids, const bool *fresh_ids,
+						   int64 *nonces, Oid role, int64 locked_released)
 {
 	const char **pending_ids = palloc(sizeof(char *) * n);
 	int		   *pending_at = palloc(sizeof(int) * n);
@@ -371,7 +404,7 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 
 	for (i = 0; i < n; i++)
 		nonces[i] = -1;
-	reissued = nonce_lookup_requests(signer, n, request_ids, nonces);
+	reissued = nonce_lookup_requests(signer, n, request_ids, fresh_ids, nonces);
 
 	/* Pending: no nonce yet, and not a repeat of an earlier request in the batch. */
 	for (i = 0; i < n; i++)
@@ -390,11 +423,16 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 		npending++;
 	}
 
-	/* Common case: one fenced statement; otherwise lock, check, and reuse holes. */
-	if (npending == 0 || reissued > 0 ||
+	/*
+	 * Common case: one fenced statement; otherwise lock, check, and reuse
+	 * holes.  With the signer locked and checked already, go straight to the
+	 * holes when there are any.
+	 */
+	if (npending == 0 || reissued > 0 || locked_released > 0 ||
 		!nonce_take_new(signer, owner, token, npending, pending_ids, got, role))
 	{
-		released = signer_lock_and_check(signer, owner, token, role);
+		released = locked_released >= 0 ? locked_released :
+			signer_lock_and_check(signer, owner, token, role);
 		if (npending > 0 && reissued > 0)
 			nonce_forget_released_requests(signer, npending, pending_ids);
 		if (npending > 0 && released > 0)
@@ -435,7 +473,8 @@ spool_nonce_allocate(PG_FUNCTION_ARGS)
 	spool_require_shmem();
 	spool_enter(&caller);
 	SPI_connect();
-	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, &nonce, caller.role);
+	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, NULL, &nonce,
+							   caller.role, -1);
 	SPI_finish();
 	spool_leave(&caller);
 	PG_RETURN_INT64(nonce);
@@ -473,10 +512,11 @@ nonce_removed(const char *signer, int64 nonce)
  *
  * Fence and role problems raise (they concern every report); a report's own
  * problem (SP005, SP006) is returned in it, so one bad report fails nobody
- * else.  Changes are written with one statement whatever n is.  The caller
- * is connected to SPI.
+ * else.  Changes are written with one statement whatever n is.  Returns
+ * how many of the signer's nonces are RELEASED now; the signer row stays
+ * locked until the transaction ends.  The caller is connected to SPI.
  */
-void
+int64
 spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 						 Oid role, int n, SpoolNonceReport *reports)
 {
@@ -493,6 +533,7 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	int			nrows;
 	int			nchanged = 0;
 	int64		nreleased = 0;
+	int64		released;
 	int			i;
 	int			r;
 
@@ -501,7 +542,7 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	 * writer of the signer's nonce rows holds that lock, so the rows need no
 	 * lock of their own.
 	 */
-	(void) signer_lock_and_check(signer, owner, token, role);
+	released = signer_lock_and_check(signer, owner, token, role);
 
 	/* Each nonce once: a row is changed at most once below. */
 	for (i = 0; i < n; i++)
@@ -520,7 +561,7 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	 * ctid names the row for the update below; it cannot change before then,
 	 * because every writer of a non-consumed row holds the signer row lock.
 	 */
-	spool_plan(&plan_get_nonce,
+	spool_nonce_plan(&plan_get_nonce,
 			   "SELECT u.n, s.state::text, s.request_id, s.ctid"
 			   "  FROM unnest($2::bigint[]) AS u(n),"
 			   "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
@@ -642,7 +683,7 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 		 * scan, whatever the statistics say) and the signer's count of
 		 * released ones, in one statement.
 		 */
-		spool_plan(&plan_set_state,
+		spool_nonce_plan(&plan_set_state,
 				   "WITH u AS (UPDATE spool.nonce_store n"
 				   "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
 				   "                               ELSE 'consumed' END::spool.nonce_state,"
@@ -660,6 +701,7 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 		v[5] = Int64GetDatum(nreleased);
 		spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
 	}
+	return released + nreleased;
 }
 
 /* Raise the error a report recorded, if any. */
@@ -689,7 +731,7 @@ nonce_mark(FunctionCallInfo fcinfo, bool to_released)
 	spool_require_shmem();
 	spool_enter(&caller);
 	SPI_connect();
-	spool_nonce_report_batch(signer, owner, token, caller.role, 1, &rep);
+	(void) spool_nonce_report_batch(signer, owner, token, caller.role, 1, &rep);
 	spool_nonce_report_raise(&rep);
 	SPI_finish();
 	spool_leave(&caller);
@@ -754,7 +796,7 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	v[3] = Int64GetDatum(token);
 
 	/* Under the signer row lock, which every writer of these rows takes. */
-	spool_plan(&plan_below_count,
+	spool_nonce_plan(&plan_below_count,
 			   "SELECT count(*), count(*) FILTER (WHERE state = 'released')"
 			   "  FROM spool.nonce_store"
 			   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
@@ -766,7 +808,7 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	was_released = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	if (consumed > 0)
 	{
-		spool_plan(&plan_below_consume,
+		spool_nonce_plan(&plan_below_consume,
 				   "UPDATE spool.nonce_store SET state = 'consumed', owner = $3, token = $4,"
 				   " updated_at = clock_timestamp()"
 				   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
@@ -774,7 +816,7 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 		spool_exec(plan_below_consume, v, NULL, false, SPI_OK_UPDATE);
 	}
 
-	spool_plan(&plan_set_next,
+	spool_nonce_plan(&plan_set_next,
 			   "WITH o AS (SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1),"
 			   " u AS (UPDATE spool.nonce_signer SET next_nonce = greatest(next_nonce, $2),"
 			   "        released = released - $3 WHERE signer = $1"
@@ -797,7 +839,7 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	new_next = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	next_out = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 
-	spool_plan(&plan_set_next_log,
+	spool_nonce_plan(&plan_set_next_log,
 			   "INSERT INTO spool.nonce_set_next_log"
 			   " (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)"
 			   " VALUES ($1, $2, $5, $6, $7, $8, $3, $4)",
@@ -833,7 +875,7 @@ spool_nonce_set_next(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	if (PG_ARGISNULL(2) && PG_ARGISNULL(3))
-		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL));
+		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL, false));
 	owner = spool_arg_name(fcinfo, 2, "owner");
 	token = spool_arg_int64(fcinfo, 3, "token", true);
 	spool_require_shmem();

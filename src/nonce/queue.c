@@ -44,7 +44,7 @@ static SPIPlanPtr plan_report_by_request = NULL;
 static void request_abandon(int code, Datum arg);
 static void check_queue_mode(void);
 static int	request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
-						   const char *request_id);
+						   const char *request_id, bool fresh_id);
 static void request_wait(SpoolNonceReq *req);
 static void nonce_attach(bool found);
 
@@ -78,6 +78,7 @@ spool_request_enqueue(int w, int idx, bool at_head)
 	req->state = REQ_QUEUED;
 	req->worker = w;
 	req->in_queue = true;
+	req->fresh_id = false;		/* queued before: its batch may have committed */
 	if (slot->nqueued == 0 && slot->ninprogress == 0)
 		slot->heartbeat = GetCurrentTimestamp();	/* stall clock starts now */
 	if (slot->head < 0)
@@ -123,6 +124,14 @@ request_abandon(int code, Datum arg)
 	LWLockRelease(spool_nonce_shared->lock);
 }
 
+/* A request id of this backend's own, unique for its lifetime. */
+static char *
+auto_request_id(void)
+{
+	return psprintf("auto:%d.%ld.%lu", (int) MyProcPid, (long) MyStartTimestamp,
+					(unsigned long) ++auto_request_counter);
+}
+
 /*
  * SQL: spool.nonce_request(signer, request_id) RETURNS bigint
  */
@@ -133,11 +142,9 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	char	   *request_id = spool_arg_name_opt(fcinfo, 1, "request_id");
 
 	check_queue_mode();
-	if (request_id == NULL)
-		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
-							  (long) MyStartTimestamp,
-							  (unsigned long) ++auto_request_counter);
-	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1, request_id));
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1,
+										   request_id ? request_id : auto_request_id(),
+										   request_id == NULL));
 }
 
 /*
@@ -189,7 +196,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	if (by_nonce)
 	{
 		v[1] = Int64GetDatum(nonce);
-		plan = spool_plan(&plan_report_by_nonce,
+		plan = spool_nonce_plan(&plan_report_by_nonce,
 						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
 						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.nonce = $2"
 						  " WHERE s.signer = $1",
@@ -198,7 +205,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	else
 	{
 		v[1] = CStringGetTextDatum(request_id);
-		plan = spool_plan(&plan_report_by_request,
+		plan = spool_nonce_plan(&plan_report_by_request,
 						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
 						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.request_id = $2"
 						  " WHERE s.signer = $1",
@@ -236,7 +243,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	SPI_finish();
 	spool_leave(&caller);
 
-	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid));
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid, false));
 }
 
 /*
@@ -247,7 +254,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
  */
 int64
 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
-					   const char *request_id)
+					   const char *request_id, bool fresh_id)
 {
 	SpoolNonceReq *req;
 	SpoolReqState state;
@@ -259,7 +266,7 @@ spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
 
 	check_queue_mode();
 	w = spool_route_signer(signer, spool_nonce_shared->nworkers);
-	idx = request_submit(w, signer, kind, arg, request_id);
+	idx = request_submit(w, signer, kind, arg, request_id, fresh_id);
 	req = &spool_requests[idx];
 
 	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
@@ -320,7 +327,7 @@ check_queue_mode(void)
  */
 static int
 request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
-			   const char *request_id)
+			   const char *request_id, bool fresh_id)
 {
 	SpoolNonceReq *req;
 	Latch	   *latch;
@@ -349,6 +356,7 @@ request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
 	req->sqlerrcode = 0;
 	req->errmsg[0] = '\0';
 	spool_request_enqueue(w, idx, false);
+	req->fresh_id = fresh_id;	/* enqueue cleared it: a re-queue is not fresh */
 	latch = spool_nonce_shared->workers[w].latch;
 	LWLockRelease(spool_nonce_shared->lock);
 	if (latch)
