@@ -16,6 +16,11 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -24,6 +29,8 @@
 #include "pgstat.h"
 #include "storage/ipc.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -38,8 +45,6 @@ PG_FUNCTION_INFO_V1(spool_nonce_report);
 PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
 
 static uint64 auto_request_counter = 0;
-static SPIPlanPtr plan_report_by_nonce = NULL;
-static SPIPlanPtr plan_report_by_request = NULL;
 
 static void request_abandon(int code, Datum arg);
 static void check_queue_mode(void);
@@ -148,6 +153,86 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 }
 
 /*
+ * One index probe of relation relid through index idxname (schema spool)
+ * with nkeys equality keys (columns attnos of the relation), under snapshot;
+ * returns a copy of the tuple found (NULL: none) and the relation's
+ * descriptor.
+ */
+static HeapTuple
+probe_row(Oid relid, Oid nsp, const char *idxname, Snapshot snapshot,
+		  int nkeys, const AttrNumber *attnos, const Oid *eqfuncs, const Datum *keys,
+		  TupleDesc *desc)
+{
+	Relation	rel = table_open(relid, AccessShareLock);
+	ScanKeyData sk[2];
+	SysScanDesc scan;
+	HeapTuple	tup;
+	int			i;
+
+	for (i = 0; i < nkeys; i++)
+		ScanKeyInit(&sk[i], attnos[i], BTEqualStrategyNumber, eqfuncs[i], keys[i]);
+	scan = systable_beginscan(rel, get_relname_relid(idxname, nsp), true, snapshot, nkeys, sk);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		tup = heap_copytuple(tup);
+	systable_endscan(scan);
+	*desc = CreateTupleDescCopy(RelationGetDescr(rel));
+	table_close(rel, AccessShareLock);
+	return tup;
+}
+
+/*
+ * nonce_report's look-up, in the latest committed state (not the caller's
+ * snapshot: a repeatable read transaction must find the nonce a worker
+ * committed for it after its snapshot was taken).  Returns whether the
+ * signer has a row; then *role is its role, and *has_nonce says whether the
+ * nonce (by_nonce) or the request id has a row, whose nonce and request id
+ * (NULL: none) are returned.  Two index probes, without the executor: this
+ * runs for every report, in the calling backend.
+ */
+static bool
+report_lookup(const char *signer, bool by_nonce, int64 nonce, const char *request_id,
+			  Oid *role, bool *has_nonce, int64 *found, char **rid)
+{
+	Oid			nsp = get_namespace_oid("spool", false);
+	Oid			signer_rel = get_relname_relid("nonce_signer", nsp);
+	Oid			store_rel = get_relname_relid("nonce_store", nsp);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Datum		keys[2] = {CStringGetTextDatum(signer), (Datum) 0};
+	TupleDesc	desc;
+	HeapTuple	tup;
+	bool		isnull;
+	Datum		d;
+
+	*has_nonce = false;
+	tup = probe_row(signer_rel, nsp, "nonce_signer_pkey", snapshot, 1,
+					(AttrNumber[]) {get_attnum(signer_rel, "signer")},
+					(Oid[]) {F_TEXTEQ}, keys, &desc);
+	if (!HeapTupleIsValid(tup))
+	{
+		UnregisterSnapshot(snapshot);
+		return false;
+	}
+	d = heap_getattr(tup, get_attnum(signer_rel, "role"), desc, &isnull);
+	*role = isnull ? InvalidOid : DatumGetObjectId(d);
+
+	keys[1] = by_nonce ? Int64GetDatum(nonce) : CStringGetTextDatum(request_id);
+	tup = probe_row(store_rel, nsp, by_nonce ? "nonce_store_pkey" : "nonce_store_request",
+					snapshot, 2,
+					(AttrNumber[]) {get_attnum(store_rel, "signer"),
+					get_attnum(store_rel, by_nonce ? "nonce" : "request_id")},
+					(Oid[]) {F_TEXTEQ, by_nonce ? F_INT8EQ : F_TEXTEQ}, keys, &desc);
+	UnregisterSnapshot(snapshot);
+	if (!HeapTupleIsValid(tup))
+		return true;
+	*has_nonce = true;
+	*found = DatumGetInt64(heap_getattr(tup, get_attnum(store_rel, "nonce"), desc, &isnull));
+	d = heap_getattr(tup, get_attnum(store_rel, "request_id"), desc, &isnull);
+	*rid = isnull ? NULL : TextDatumGetCString(d);
+	return true;
+}
+
+/*
  * SQL: spool.nonce_report(signer, outcome, nonce, request_id) RETURNS bigint
  *
  * The caller names the allocation it reports on by its nonce or request id;
@@ -166,13 +251,11 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
 	SpoolReqKind kind;
 	SpoolCaller caller;
-	Datum		v[2];
-	bool		isnull = true;
-	char	   *rid;
-	Oid			role;
+	bool		has_signer;
+	bool		has_nonce;
+	char	   *rid = NULL;
+	Oid			role = InvalidOid;
 	int64		found = -1;
-	SPIPlanPtr	plan;
-	MemoryContext outer = CurrentMemoryContext;
 
 	if (strcmp(outcome, "used") == 0)
 		kind = SPOOL_REQ_USED;
@@ -191,56 +274,19 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	check_queue_mode();
 
 	spool_enter(&caller);
-	SPI_connect();
-	v[0] = CStringGetTextDatum(signer);
-	if (by_nonce)
-	{
-		v[1] = Int64GetDatum(nonce);
-		plan = spool_nonce_plan(&plan_report_by_nonce,
-						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
-						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.nonce = $2"
-						  " WHERE s.signer = $1",
-						  2, (Oid[]) {TEXTOID, INT8OID});
-	}
-	else
-	{
-		v[1] = CStringGetTextDatum(request_id);
-		plan = spool_nonce_plan(&plan_report_by_request,
-						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
-						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.request_id = $2"
-						  " WHERE s.signer = $1",
-						  2, (Oid[]) {TEXTOID, TEXTOID});
-	}
-
-	/*
-	 * The latest committed state, not the caller's snapshot: a repeatable
-	 * read transaction must find the nonce a worker committed for it after
-	 * its snapshot was taken.
-	 */
-	PushActiveSnapshot(GetLatestSnapshot());
-	spool_exec(plan, v, NULL, true, SPI_OK_SELECT);
-	PopActiveSnapshot();
-	if (SPI_processed == 1)
-	{
-		role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-											  &isnull));
-		if (!isnull && !spool_role_is_member(caller.role, role))
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("signer \"%s\" belongs to another role", signer)));
-		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
-											&isnull));
-	}
-	if (SPI_processed != 1 || isnull)
+	has_signer = report_lookup(signer, by_nonce, nonce, request_id, &role, &has_nonce,
+							   &found, &rid);
+	if (has_signer && OidIsValid(role) && !spool_role_is_member(caller.role, role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("signer \"%s\" belongs to another role", signer)));
+	if (!has_signer || !has_nonce)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
 				 by_nonce ?
 				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
 				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", request_id, signer),
 				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
-	rid = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
-	rid = rid ? MemoryContextStrdup(outer, rid) : NULL;
-	SPI_finish();
 	spool_leave(&caller);
 
 	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid, false));

@@ -443,6 +443,10 @@ signer_lease(const char *signer)
 }
 
 /*
+ * Messages kept in items are copied to loop_cxt: what is allocated here
+ * belongs to SPI and is gone once the transaction ends, before
+ * worker_complete reads them.
+ *
  * Serve one signer's requests, (re)acquiring its lease when needed: first
  * the set_next calls, then the reports (so a nonce given back is handed out
  * at once), then the allocations, all with the kernel basic mode uses.  A
@@ -474,7 +478,9 @@ worker_serve_signer(BatchItem *items, int n)
 		if (!allowed[i])
 		{
 			items[i].sqlerrcode = ERRCODE_INSUFFICIENT_PRIVILEGE;
-			items[i].errmsg = psprintf("signer \"%s\" belongs to another role", signer);
+			items[i].errmsg = MemoryContextStrdup(loop_cxt,
+												  psprintf("signer \"%s\" belongs to another role",
+														   signer));
 		}
 	}
 
@@ -506,7 +512,7 @@ worker_serve_signer(BatchItem *items, int n)
 			else
 			{
 				it->sqlerrcode = reports[i].sqlerrcode;
-				it->errmsg = reports[i].errmsg;
+				it->errmsg = MemoryContextStrdup(loop_cxt, reports[i].errmsg);
 			}
 		}
 	}
