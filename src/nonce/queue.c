@@ -184,39 +184,24 @@ probe_row(Oid relid, Oid nsp, const char *idxname, Snapshot snapshot,
 /*
  * nonce_report's look-up, in the latest committed state (not the caller's
  * snapshot: a repeatable read transaction must find the nonce a worker
- * committed for it after its snapshot was taken).  Returns whether the
- * signer has a row; then *role is its role, and *has_nonce says whether the
- * nonce (by_nonce) or the request id has a row, whose nonce and request id
- * (NULL: none) are returned.  Two index probes, without the executor: this
- * runs for every report, in the calling backend.
+ * committed for it after its snapshot was taken): the nonce (by_nonce) or
+ * the request id.  Returns whether it has a row, and then its nonce and
+ * request id (NULL: none).  Index probes without the executor: this runs in
+ * every reporting backend.
  */
 static bool
-report_lookup(const char *signer, bool by_nonce, int64 nonce, const char *request_id,
-			  Oid *role, bool *has_nonce, int64 *found, char **rid)
+report_lookup(Oid nsp, const char *signer, bool by_nonce, int64 nonce,
+			  const char *request_id, int64 *found, char **rid)
 {
-	Oid			nsp = get_namespace_oid("spool", false);
-	Oid			signer_rel = get_relname_relid("nonce_signer", nsp);
 	Oid			store_rel = get_relname_relid("nonce_store", nsp);
 	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
-	Datum		keys[2] = {CStringGetTextDatum(signer), (Datum) 0};
+	Datum		keys[2] = {CStringGetTextDatum(signer),
+	by_nonce ? Int64GetDatum(nonce) : CStringGetTextDatum(request_id)};
 	TupleDesc	desc;
 	HeapTuple	tup;
 	bool		isnull;
 	Datum		d;
 
-	*has_nonce = false;
-	tup = probe_row(signer_rel, nsp, "nonce_signer_pkey", snapshot, 1,
-					(AttrNumber[]) {get_attnum(signer_rel, "signer")},
-					(Oid[]) {F_TEXTEQ}, keys, &desc);
-	if (!HeapTupleIsValid(tup))
-	{
-		UnregisterSnapshot(snapshot);
-		return false;
-	}
-	d = heap_getattr(tup, get_attnum(signer_rel, "role"), desc, &isnull);
-	*role = isnull ? InvalidOid : DatumGetObjectId(d);
-
-	keys[1] = by_nonce ? Int64GetDatum(nonce) : CStringGetTextDatum(request_id);
 	tup = probe_row(store_rel, nsp, by_nonce ? "nonce_store_pkey" : "nonce_store_request",
 					snapshot, 2,
 					(AttrNumber[]) {get_attnum(store_rel, "signer"),
@@ -224,12 +209,35 @@ report_lookup(const char *signer, bool by_nonce, int64 nonce, const char *reques
 					(Oid[]) {F_TEXTEQ, by_nonce ? F_INT8EQ : F_TEXTEQ}, keys, &desc);
 	UnregisterSnapshot(snapshot);
 	if (!HeapTupleIsValid(tup))
-		return true;
-	*has_nonce = true;
+		return false;
 	*found = DatumGetInt64(heap_getattr(tup, get_attnum(store_rel, "nonce"), desc, &isnull));
 	d = heap_getattr(tup, get_attnum(store_rel, "request_id"), desc, &isnull);
 	*rid = isnull ? NULL : TextDatumGetCString(d);
 	return true;
+}
+
+/*
+ * The role signer belongs to (InvalidOid: none, or no such signer), in the
+ * latest committed state.
+ */
+static Oid
+signer_role_lookup(Oid nsp, const char *signer)
+{
+	Oid			signer_rel = get_relname_relid("nonce_signer", nsp);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Datum		key = CStringGetTextDatum(signer);
+	TupleDesc	desc;
+	HeapTuple	tup;
+	bool		isnull = true;
+	Datum		d = (Datum) 0;
+
+	tup = probe_row(signer_rel, nsp, "nonce_signer_pkey", snapshot, 1,
+					(AttrNumber[]) {get_attnum(signer_rel, "signer")},
+					(Oid[]) {F_TEXTEQ}, &key, &desc);
+	UnregisterSnapshot(snapshot);
+	if (HeapTupleIsValid(tup))
+		d = heap_getattr(tup, get_attnum(signer_rel, "role"), desc, &isnull);
+	return isnull ? InvalidOid : DatumGetObjectId(d);
 }
 
 /*
@@ -251,10 +259,8 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
 	SpoolReqKind kind;
 	SpoolCaller caller;
-	bool		has_signer;
-	bool		has_nonce;
+	Oid			nsp;
 	char	   *rid = NULL;
-	Oid			role = InvalidOid;
 	int64		found = -1;
 
 	if (strcmp(outcome, "used") == 0)
@@ -273,20 +279,29 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 				 errhint("Name the nonce, or the request_id it was requested with.")));
 	check_queue_mode();
 
+	/*
+	 * A nonce that was found goes to the worker, which checks the caller's
+	 * role like for every request (42501, nothing changed); only a miss
+	 * reads the signer here, so that another role's signer answers 42501
+	 * rather than saying which nonces it has.
+	 */
 	spool_enter(&caller);
-	has_signer = report_lookup(signer, by_nonce, nonce, request_id, &role, &has_nonce,
-							   &found, &rid);
-	if (has_signer && OidIsValid(role) && !spool_role_is_member(caller.role, role))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("signer \"%s\" belongs to another role", signer)));
-	if (!has_signer || !has_nonce)
+	nsp = get_namespace_oid("spool", false);
+	if (!report_lookup(nsp, signer, by_nonce, nonce, request_id, &found, &rid))
+	{
+		Oid			role = signer_role_lookup(nsp, signer);
+
+		if (OidIsValid(role) && !spool_role_is_member(caller.role, role))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("signer \"%s\" belongs to another role", signer)));
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
 				 by_nonce ?
 				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
 				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", request_id, signer),
 				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
+	}
 	spool_leave(&caller);
 
 	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid, false));
