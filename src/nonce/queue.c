@@ -258,7 +258,6 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	int64		nonce = by_nonce ? spool_arg_int64(fcinfo, 2, "nonce", true) : -1;
 	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
 	SpoolReqKind kind;
-	SpoolCaller caller;
 	Oid			nsp;
 	char	   *rid = NULL;
 	int64		found = -1;
@@ -283,15 +282,16 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	 * A nonce that was found goes to the worker, which checks the caller's
 	 * role like for every request (42501, nothing changed); only a miss
 	 * reads the signer here, so that another role's signer answers 42501
-	 * rather than saying which nonces it has.
+	 * rather than saying which nonces it has.  No SQL runs here, so the
+	 * caller's user and search_path stay as they are (the probes check no
+	 * privileges).
 	 */
-	spool_enter(&caller);
 	nsp = get_namespace_oid("spool", false);
 	if (!report_lookup(nsp, signer, by_nonce, nonce, request_id, &found, &rid))
 	{
 		Oid			role = signer_role_lookup(nsp, signer);
 
-		if (OidIsValid(role) && !spool_role_is_member(caller.role, role))
+		if (OidIsValid(role) && !spool_role_is_member(GetUserId(), role))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("signer \"%s\" belongs to another role", signer)));
@@ -302,8 +302,6 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", request_id, signer),
 				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
 	}
-	spool_leave(&caller);
-
 	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid, false));
 }
 
