@@ -251,7 +251,9 @@ CREATE TABLE @extschema@.offsets (
 -- turns: the workers write into the active one while the promoter moves the
 -- other out whole and truncates it, so staging never holds dead tuples.
 -- kind: 'm' message, 'd' dead letter, 'g' gap [kafka_offset, gap_to],
--- 'r' a replayed dead letter (dead_letter_id) re-read from Kafka.
+-- 'r' a replayed dead letter (dead_letter_id), re-read from Kafka or, when
+-- Kafka no longer has it, built from the dead letter's key and payload
+-- (replay_from 'kafka' | 'stored').
 CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	batch_id	bigint NOT NULL,
 	pos			bigint,			-- messages: position in this table, reserved per batch
@@ -268,12 +270,29 @@ CREATE UNLOGGED TABLE @extschema@.staging_0 (
 	error		text,
 	gap_to		bigint,
 	gap_stop	boolean,
-	dead_letter_id bigint
+	dead_letter_id bigint,
+	replay_from	text
 ) WITH (autovacuum_enabled = false);
 CREATE UNLOGGED TABLE @extschema@.staging_1 (LIKE @extschema@.staging_0)
 	WITH (autovacuum_enabled = false);
+-- PostgreSQL refuses to plan a read of an UNLOGGED table on a hot standby,
+-- so the views read staging and the runtime tables below through functions
+-- that return no rows there (no worker runs on a standby: nothing is staged).
+CREATE FUNCTION @extschema@._staging()
+RETURNS SETOF @extschema@.staging_0
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF NOT pg_catalog.pg_is_in_recovery() THEN
+		RETURN QUERY SELECT * FROM @extschema@.staging_0
+					 UNION ALL SELECT * FROM @extschema@.staging_1;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._staging() IS
+'Internal: the rows of spool.staging; none on a hot standby';
 CREATE VIEW @extschema@.staging AS
-	SELECT * FROM @extschema@.staging_0 UNION ALL SELECT * FROM @extschema@.staging_1;
+	SELECT * FROM @extschema@._staging();
 CREATE UNLOGGED SEQUENCE @extschema@.staging_batch;
 
 -- The spool: WAL-logged, partitioned into segments by cursor range.
@@ -335,7 +354,10 @@ CREATE TABLE @extschema@.dead_letters (
 	replay_requested_at timestamptz,
 	replay_attempts int NOT NULL DEFAULT 0,
 	replayed_at	timestamptz,
-	replay_cursor bigint
+	replay_cursor bigint,
+	-- how the replay got the message: 'kafka' (read again) or 'stored' (Kafka
+	-- no longer had it: this row's key and payload, no headers or timestamp)
+	replayed_from text CHECK (replayed_from IN ('kafka', 'stored'))
 );
 
 CREATE TABLE @extschema@.gaps (
@@ -356,6 +378,7 @@ CREATE UNLOGGED TABLE @extschema@.source_runtime (
 	state		text NOT NULL,
 	last_error	text,
 	last_error_at timestamptz,
+	errors		bigint NOT NULL DEFAULT 0,	-- since the server started
 	updated_at	timestamptz NOT NULL
 );
 CREATE UNLOGGED TABLE @extschema@.partition_runtime (
@@ -365,9 +388,38 @@ CREATE UNLOGGED TABLE @extschema@.partition_runtime (
 	high_watermark bigint,
 	position	bigint,
 	msgs_per_sec float8,
+	state		text NOT NULL DEFAULT 'running',	-- 'running' or 'error'
+	error_since timestamptz,	-- error state since (its last error)
 	updated_at	timestamptz NOT NULL,
 	PRIMARY KEY (source, topic, kafka_partition)
 );
+-- The status views read these through functions (see spool._staging).
+CREATE FUNCTION @extschema@._source_runtime()
+RETURNS SETOF @extschema@.source_runtime
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 16
+AS $$
+BEGIN
+	IF NOT pg_catalog.pg_is_in_recovery() THEN
+		RETURN QUERY SELECT * FROM @extschema@.source_runtime;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._source_runtime() IS
+'Internal: the rows of spool.source_runtime; none on a hot standby';
+CREATE FUNCTION @extschema@._partition_runtime()
+RETURNS SETOF @extschema@.partition_runtime
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 64
+AS $$
+BEGIN
+	IF NOT pg_catalog.pg_is_in_recovery() THEN
+		RETURN QUERY SELECT * FROM @extschema@.partition_runtime;
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION @extschema@._partition_runtime() IS
+'Internal: the rows of spool.partition_runtime; none on a hot standby';
 
 CREATE FUNCTION @extschema@.create_source(name text, brokers text, topics text[],
 										  options jsonb DEFAULT '{}')
@@ -469,13 +521,18 @@ CREATE VIEW @extschema@.source_status AS
 		   CASE WHEN p.high_watermark IS NOT NULL
 				THEN greatest(p.high_watermark - coalesce(o.next_offset, p.position, 0), 0)
 		   END AS lag,
-		   CASE WHEN NOT s.enabled THEN 'stopped' ELSE coalesce(r.state, 'starting') END AS state,
+		   -- per partition while the worker runs (see docs/sources.md)
+		   CASE WHEN NOT s.enabled THEN 'stopped'
+				WHEN r.state IN ('running', 'error') AND p.state IS NOT NULL THEN p.state
+				WHEN pg_catalog.pg_is_in_recovery() THEN NULL	-- a hot standby
+				ELSE coalesce(r.state, 'starting') END AS state,
 		   r.last_error, r.last_error_at, p.msgs_per_sec, p.position, r.pid,
-		   greatest(p.updated_at, r.updated_at) AS updated_at
+		   greatest(p.updated_at, r.updated_at) AS updated_at,
+		   coalesce(r.errors, 0) AS errors, p.error_since
 	  FROM @extschema@.sources s
-	  LEFT JOIN @extschema@.source_runtime r ON r.source = s.name
+	  LEFT JOIN @extschema@._source_runtime() r ON r.source = s.name
 	  -- every partition a worker assigned or an offset was stored for
-	  LEFT JOIN (@extschema@.partition_runtime p
+	  LEFT JOIN (@extschema@._partition_runtime() p
 				 FULL JOIN @extschema@.offsets o
 						ON (o.source, o.topic, o.kafka_partition) = (p.source, p.topic, p.kafka_partition))
 			 ON coalesce(p.source, o.source) = s.name;
@@ -559,8 +616,26 @@ CREATE TABLE @extschema@.processor_checkpoints (
 	state_hash	bigint,
 	outputs		bigint NOT NULL DEFAULT 0,
 	batches		bigint NOT NULL DEFAULT 0,
-	updated_at	timestamptz NOT NULL DEFAULT now()
+	updated_at	timestamptz NOT NULL DEFAULT now(),
+	-- Where the fold starts (the initial state '{}' is as of this cursor), and
+	-- the number of rewinds: a replica commits only in the epoch it loaded.
+	start_cursor bigint NOT NULL DEFAULT 0,
+	epoch		bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 50);
+
+-- One row per spool.rewind_processor call (processor_ops.c).
+CREATE TABLE @extschema@.processor_rewinds (
+	id			bigserial PRIMARY KEY,
+	processor	text NOT NULL REFERENCES @extschema@.processors ON DELETE CASCADE,
+	epoch		bigint NOT NULL,
+	from_cursor	bigint NOT NULL,		-- the committed cursor before
+	to_cursor	bigint NOT NULL,
+	replay_from	bigint NOT NULL,		-- the snapshot or start the state is rebuilt from
+	outputs		text NOT NULL CHECK (outputs IN ('suppress', 'emit')),
+	token		bigint NOT NULL,		-- the gate's token the rewind took: later commits carry a larger one
+	by_role		regrole NOT NULL,
+	at			timestamptz NOT NULL DEFAULT now()
+);
 
 -- Snapshots can be megabytes; lz4 compresses them several times faster than pglz.
 DO $$
@@ -603,6 +678,21 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION @extschema@.drop_processor(text) IS
 'Remove a processor and its checkpoint (its outbox rows stay); it no longer holds spool segments back';
 
+CREATE FUNCTION @extschema@.alter_processor(name text, options jsonb)
+RETURNS void
+AS 'MODULE_PATHNAME', 'spool_alter_processor'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.alter_processor(text, jsonb) IS
+'Change replicas, batch_size, lease_ttl or checkpoint_every of a processor (merged over the stored options; null resets one); running replicas pick the change up, the checkpoint stays';
+
+CREATE FUNCTION @extschema@.rewind_processor(name text, to_cursor bigint,
+											 outputs text DEFAULT 'suppress')
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_rewind_processor'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.rewind_processor(text, bigint, text) IS
+'Rebuild a processor''s state from the spool as of to_cursor and continue from there; outputs ''suppress'' (not written again up to the old committed cursor) or ''emit'' (written again after to_cursor).  Returns the new epoch';
+
 CREATE FUNCTION @extschema@.window_alert(state jsonb, entries @extschema@.entries[])
 RETURNS @extschema@.step
 AS 'MODULE_PATHNAME', 'spool_window_alert'
@@ -642,13 +732,15 @@ COMMENT ON FUNCTION @extschema@.processor_runtime() IS
 CREATE VIEW @extschema@.processor_status AS
 	SELECT p.name AS processor, r.replica, r.pid,
 		   CASE WHEN NOT p.enabled THEN 'stopped'
+				WHEN pg_catalog.pg_is_in_recovery() THEN NULL	-- a hot standby
 				ELSE coalesce(r.role, 'starting') END AS role,
 		   r.cursor, c.committed_cursor,
 		   greatest((SELECT next_cursor - 1 FROM @extschema@.spool_state) - r.cursor, 0) AS lag,
 		   r.state_hash, r.state_hash_cursor, r.token, r.takeovers,
 		   r.last_takeover_at, r.last_takeover_ms, r.entries, r.batches, r.outputs,
 		   r.hash_checks, r.hash_mismatches, r.errors, r.last_error, r.last_error_at,
-		   r.started_at, c.token AS gate_token, c.state_cursor AS snapshot_cursor
+		   r.started_at, c.token AS gate_token, c.state_cursor AS snapshot_cursor,
+		   c.epoch AS rewinds
 	  FROM @extschema@.processors p
 	  LEFT JOIN @extschema@.processor_checkpoints c ON c.processor = p.name
 	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
@@ -810,10 +902,10 @@ CREATE FUNCTION @extschema@.outbox_runtime(
 	OUT target_id int, OUT shard int, OUT pid int, OUT state text,
 	OUT delivered bigint, OUT flushes_size bigint, OUT flushes_interval bigint,
 	OUT flushes_barrier bigint, OUT flushes_close bigint,
-	OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
-	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
+	OUT batch_p50_le float8, OUT batch_p99_le float8, OUT batch_max bigint,
+	OUT flush_ms_p50_le float8, OUT flush_ms_p99_le float8, OUT flush_ms_max float8,
 	OUT barriers bigint, OUT barrier_drain_ms_last float8,
-	OUT barrier_drain_ms_p50 float8, OUT barrier_drain_ms_max float8,
+	OUT barrier_drain_ms_p50_le float8, OUT barrier_drain_ms_max float8,
 	OUT retries bigint, OUT blocked_keys int, OUT last_error text,
 	OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
 	OUT started_at timestamptz, OUT batch_hist bigint[], OUT flush_hist bigint[],
@@ -861,9 +953,9 @@ CREATE FUNCTION @extschema@._outbox_status(
 	OUT "position" bigint, OUT backlog bigint, OUT waiting bigint, OUT blocked_keys int,
 	OUT oldest_undelivered_age interval, OUT delivered bigint,
 	OUT flushes_size bigint, OUT flushes_interval bigint, OUT flushes_barrier bigint,
-	OUT flushes_close bigint, OUT batch_p50 float8, OUT batch_p99 float8, OUT batch_max bigint,
-	OUT flush_ms_p50 float8, OUT flush_ms_p99 float8, OUT flush_ms_max float8,
-	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50 float8,
+	OUT flushes_close bigint, OUT batch_p50_le float8, OUT batch_p99_le float8, OUT batch_max bigint,
+	OUT flush_ms_p50_le float8, OUT flush_ms_p99_le float8, OUT flush_ms_max float8,
+	OUT barriers bigint, OUT barrier_drain_ms_last float8, OUT barrier_drain_ms_p50_le float8,
 	OUT barrier_drain_ms_max float8, OUT retries bigint, OUT dead_letters bigint,
 	OUT last_error text, OUT last_error_at timestamptz, OUT last_flush_at timestamptz,
 	OUT started_at timestamptz)
@@ -886,10 +978,10 @@ AS $$
 		   coalesce(r.flushes_interval, 0) AS flushes_interval,
 		   coalesce(r.flushes_barrier, 0) AS flushes_barrier,
 		   coalesce(r.flushes_close, 0) AS flushes_close,
-		   r.batch_p50, r.batch_p99, r.batch_max,
-		   r.flush_ms_p50, r.flush_ms_p99, r.flush_ms_max,
+		   r.batch_p50_le, r.batch_p99_le, r.batch_max,
+		   r.flush_ms_p50_le, r.flush_ms_p99_le, r.flush_ms_max,
 		   coalesce(r.barriers, 0) AS barriers,
-		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50, r.barrier_drain_ms_max,
+		   r.barrier_drain_ms_last, r.barrier_drain_ms_p50_le, r.barrier_drain_ms_max,
 		   coalesce(r.retries, 0) AS retries,
 		   (SELECT count(*) FROM @extschema@.outbox_dead d
 			 WHERE d.target_id = t.id AND d.shard = s.shard) AS dead_letters,
@@ -961,6 +1053,158 @@ CREATE VIEW @extschema@.consumer_status AS
 						  WHERE e.cursor > x.cursor ORDER BY e.cursor LIMIT 1) b ON true;
 
 ------------------------------------------------------------------------------
+-- Stage numbers: histograms and counters of every stage (ingest, promoter,
+-- processors, outbox), from shared memory, since the server started.
+------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@._ingest_histograms(
+	OUT stage text, OUT object text, OUT instance int, OUT histogram text, OUT unit text,
+	OUT bounds float8[], OUT counts bigint[], OUT count bigint, OUT sum float8,
+	OUT max float8, OUT last float8, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_ingest_histograms'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._ingest_histograms() IS
+'Internal: the ingest workers'' and the promoter''s histograms (see spool.stage_histograms)';
+
+CREATE FUNCTION @extschema@._ingest_counters(
+	OUT source text, OUT errors bigint, OUT ended_size bigint, OUT ended_bytes bigint,
+	OUT ended_time bigint, OUT ended_stop bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_ingest_counters'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._ingest_counters() IS
+'Internal: per source, errors and batches by what ended them (see spool.ingest_stats)';
+
+CREATE FUNCTION @extschema@._processor_histograms(
+	OUT stage text, OUT object text, OUT instance int, OUT histogram text, OUT unit text,
+	OUT bounds float8[], OUT counts bigint[], OUT count bigint, OUT sum float8,
+	OUT max float8, OUT last float8, OUT last_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spool_processor_histograms'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._processor_histograms() IS
+'Internal: the processor replicas'' histograms (see spool.stage_histograms)';
+
+-- One row per histogram: bounds[i] is the upper bound of bucket i, counts
+-- has one more element (the values above the last bound); cumulative[i]
+-- counts the values up to bounds[i], as Prometheus buckets do; base_bounds
+-- and base_sum are in Prometheus' base units (seconds where unit is ms).
+CREATE VIEW @extschema@.stage_histograms AS
+	SELECT h.*,
+		   ARRAY(SELECT sum(c) OVER (ORDER BY i)
+				   FROM unnest(h.counts) WITH ORDINALITY u(c, i)
+				  ORDER BY i LIMIT cardinality(h.bounds))::bigint[] AS cumulative,
+		   CASE WHEN h.unit = 'ms'
+				THEN ARRAY(SELECT b / 1000 FROM unnest(h.bounds) WITH ORDINALITY u(b, i) ORDER BY i)
+				ELSE h.bounds END AS base_bounds,
+		   CASE WHEN h.unit = 'ms' THEN h.sum / 1000 ELSE h.sum END AS base_sum
+	  FROM (
+	SELECT * FROM @extschema@._ingest_histograms()
+	UNION ALL
+	SELECT * FROM @extschema@._processor_histograms()
+	UNION ALL
+	SELECT 'outbox', t.name, r.shard, h.histogram, h.unit, h.bounds, h.counts,
+		   (SELECT sum(c)::bigint FROM unnest(h.counts) c), h.sum, h.max, h.last, r.last_flush_at
+	  FROM @extschema@.outbox_runtime() r
+	  JOIN @extschema@.targets t ON t.id = r.target_id
+	  CROSS JOIN LATERAL (VALUES
+		('batch_rows', 'rows', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 14) i)::float8[],
+		 r.batch_hist, r.batch_sum::float8, r.batch_max::float8, NULL::float8),
+		('flush_ms', 'ms', ARRAY(SELECT 0.25 * 2.0 ^ i FROM generate_series(0, 15) i)::float8[],
+		 r.flush_hist, r.flush_ms_sum, r.flush_ms_max, NULL),
+		('barrier_drain_ms', 'ms', ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
+		 r.drain_hist, r.drain_ms_sum, r.barrier_drain_ms_max, r.barrier_drain_ms_last))
+		AS h(histogram, unit, bounds, counts, sum, max, last)
+	 WHERE h.histogram <> 'barrier_drain_ms' OR r.shard = 0) h;
+
+-- The upper bound of the bucket holding the q-quantile, capped at max:
+-- "at most this", not an exact quantile.  NULL when the histogram is empty.
+CREATE FUNCTION @extschema@._hist_le(bounds float8[], counts bigint[], q float8, max float8)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$
+	SELECT least(coalesce(min(bounds[i]) FILTER (WHERE acc >= q * total), max), max)
+	  FROM (SELECT i, sum(counts[i]) OVER (ORDER BY i) AS acc,
+				   (SELECT sum(c) FROM unnest(counts) c) AS total
+			  FROM generate_series(1, cardinality(counts)) i) x
+	 WHERE total > 0
+$$;
+COMMENT ON FUNCTION @extschema@._hist_le(float8[], bigint[], float8, float8) IS
+'Internal: the bucket bound holding a quantile of a stage histogram';
+
+CREATE VIEW @extschema@.ingest_stats AS
+	SELECT c.source, h.count AS batches,
+		   c.ended_size, c.ended_bytes, c.ended_time, c.ended_stop, c.errors,
+		   h.sum::bigint AS rows,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
+		   h.max::bigint AS rows_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   @extschema@._hist_le(w.bounds, w.counts, 0.5, w.max) AS stage_ms_p50_le,
+		   @extschema@._hist_le(w.bounds, w.counts, 0.99, w.max) AS stage_ms_p99_le,
+		   w.max AS stage_ms_max,
+		   h.last_at AS last_batch_at
+	  FROM @extschema@._ingest_counters() c
+	  JOIN @extschema@._ingest_histograms() h
+		ON h.stage = 'ingest' AND h.object = c.source AND h.histogram = 'batch_rows'
+	  JOIN @extschema@._ingest_histograms() b
+		ON b.stage = 'ingest' AND b.object = c.source AND b.histogram = 'batch_ms'
+	  JOIN @extschema@._ingest_histograms() w
+		ON w.stage = 'ingest' AND w.object = c.source AND w.histogram = 'stage_ms';
+
+CREATE VIEW @extschema@.promoter_status AS
+	SELECT (SELECT next_cursor - 1 FROM @extschema@.spool_state) AS cursor,
+		   h.count AS promotions, h.sum::bigint AS entries,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS rows_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS rows_p99_le,
+		   h.max::bigint AS rows_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   l.last AS lag_ms_last,
+		   @extschema@._hist_le(l.bounds, l.counts, 0.5, l.max) AS lag_ms_p50_le,
+		   @extschema@._hist_le(l.bounds, l.counts, 0.99, l.max) AS lag_ms_p99_le,
+		   l.max AS lag_ms_max,
+		   h.last_at AS last_promotion_at
+	  FROM @extschema@._ingest_histograms() h
+	  JOIN @extschema@._ingest_histograms() b ON b.stage = 'promoter' AND b.histogram = 'batch_ms'
+	  JOIN @extschema@._ingest_histograms() l ON l.stage = 'promoter' AND l.histogram = 'lag_ms'
+	 WHERE h.stage = 'promoter' AND h.histogram = 'batch_rows';
+
+CREATE VIEW @extschema@.processor_stats AS
+	SELECT e.object AS processor, e.instance AS replica, e.count AS batches,
+		   e.sum::bigint AS entries,
+		   @extschema@._hist_le(e.bounds, e.counts, 0.5, e.max) AS entries_p50_le,
+		   e.max::bigint AS entries_max,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.5, b.max) AS batch_ms_p50_le,
+		   @extschema@._hist_le(b.bounds, b.counts, 0.99, b.max) AS batch_ms_p99_le,
+		   b.max AS batch_ms_max,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.5, h.max) AS handler_ms_p50_le,
+		   @extschema@._hist_le(h.bounds, h.counts, 0.99, h.max) AS handler_ms_p99_le,
+		   h.max AS handler_ms_max,
+		   c.count AS commits,
+		   @extschema@._hist_le(c.bounds, c.counts, 0.5, c.max) AS commit_ms_p50_le,
+		   @extschema@._hist_le(c.bounds, c.counts, 0.99, c.max) AS commit_ms_p99_le,
+		   c.max AS commit_ms_max,
+		   s.count AS snapshots,
+		   @extschema@._hist_le(s.bounds, s.counts, 0.5, s.max) AS snapshot_ms_p50_le,
+		   s.max AS snapshot_ms_max,
+		   e.last_at AS last_batch_at
+	  FROM @extschema@._processor_histograms() e
+	  JOIN @extschema@._processor_histograms() b
+		ON (b.object, b.instance, b.histogram) = (e.object, e.instance, 'batch_ms')
+	  JOIN @extschema@._processor_histograms() h
+		ON (h.object, h.instance, h.histogram) = (e.object, e.instance, 'handler_ms')
+	  JOIN @extschema@._processor_histograms() c
+		ON (c.object, c.instance, c.histogram) = (e.object, e.instance, 'commit_ms')
+	  JOIN @extschema@._processor_histograms() s
+		ON (s.object, s.instance, s.histogram) = (e.object, e.instance, 'snapshot_ms')
+	 WHERE e.histogram = 'batch_entries';
+
+------------------------------------------------------------------------------
 -- Metrics in the Prometheus text format
 ------------------------------------------------------------------------------
 
@@ -1010,15 +1254,18 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
 AS $$
 	WITH st AS MATERIALIZED (SELECT * FROM @extschema@.outbox_status),
 	rt AS MATERIALIZED (SELECT * FROM @extschema@.outbox_runtime()),
+	sh AS MATERIALIZED (SELECT * FROM @extschema@._ingest_histograms()
+						UNION ALL SELECT * FROM @extschema@._processor_histograms()),
 	m(ord, name, type, help, lines) AS (
 		VALUES
 		(1, 'spool_cursor', 'gauge', 'Last committed spool cursor.',
 		 ARRAY(SELECT @extschema@._metric('spool_cursor', '{}', next_cursor - 1)
 				 FROM @extschema@.spool_state)),
-		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which).',
-		 ARRAY(SELECT DISTINCT @extschema@._metric('spool_source_up',
+		(2, 'spool_source_up', 'gauge', 'Source state: 1 running, 0 otherwise (state label says which; error when any partition is).',
+		 ARRAY(SELECT @extschema@._metric('spool_source_up',
 					ARRAY['source', source, 'state', state], (state = 'running')::int)
-				 FROM @extschema@.source_status)),
+				 FROM (SELECT source, CASE WHEN bool_or(state = 'error') THEN 'error' ELSE min(state) END AS state
+						 FROM @extschema@.source_status GROUP BY source) x ORDER BY source)),
 		(3, 'spool_source_lag', 'gauge', 'Kafka messages not yet durable in the spool, per partition.',
 		 ARRAY(SELECT @extschema@._metric('spool_source_lag',
 					ARRAY['source', source, 'topic', topic, 'partition', kafka_partition::text], lag)
@@ -1137,11 +1384,59 @@ AS $$
 					ARRAY(SELECT 2.0 ^ i FROM generate_series(0, 16) i)::float8[],
 					r.drain_hist, r.drain_ms_sum, 0.001))
 				 FROM rt r JOIN @extschema@.targets t ON t.id = r.target_id WHERE r.shard = 0)),
-		(40, 'spool_consumer_stale', 'gauge', '1 for a spool consumer or processor that has not moved for spool.max_retention while the spool did.',
+		(32, 'spool_source_errors_total', 'counter', 'Errors the source''s ingest worker recorded (broker, partition, metadata).',
+		 ARRAY(SELECT @extschema@._metric('spool_source_errors_total', ARRAY['source', source], errors)
+				 FROM @extschema@._ingest_counters() ORDER BY source)),
+		(33, 'spool_ingest_batches_total', 'counter', 'Batches staged, by what ended the batch.',
+		 ARRAY(SELECT @extschema@._metric('spool_ingest_batches_total',
+					ARRAY['source', source, 'reason', x.reason], x.n)
+				 FROM @extschema@._ingest_counters(),
+					  LATERAL (VALUES ('size', ended_size), ('bytes', ended_bytes),
+									  ('time', ended_time), ('stop', ended_stop)) x(reason, n)
+				 ORDER BY source, x.reason)),
+		(34, 'spool_ingest_batch_rows', 'histogram', 'Rows per staged batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_batch_rows', ARRAY['source', object],
+					bounds, counts, sum, 1)) FROM sh WHERE stage = 'ingest' AND histogram = 'batch_rows')),
+		(35, 'spool_ingest_batch_seconds', 'histogram', 'From a batch''s first message to its commit into staging.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_batch_seconds', ARRAY['source', object],
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'ingest' AND histogram = 'batch_ms')),
+		(36, 'spool_ingest_stage_seconds', 'histogram', 'The transaction writing a batch into staging.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_ingest_stage_seconds', ARRAY['source', object],
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'ingest' AND histogram = 'stage_ms')),
+		(37, 'spool_promoter_batch_entries', 'histogram', 'Entries made durable per promotion.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_batch_entries', '{}',
+					bounds, counts, sum, 1)) FROM sh WHERE stage = 'promoter' AND histogram = 'batch_rows')),
+		(38, 'spool_promoter_batch_seconds', 'histogram', 'The promotion transaction.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_batch_seconds', '{}',
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'promoter' AND histogram = 'batch_ms')),
+		(39, 'spool_promoter_lag_seconds', 'histogram', 'From the oldest staged batch of a promotion to its promotion.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_promoter_lag_seconds', '{}',
+					bounds, counts, sum, 0.001)) FROM sh WHERE stage = 'promoter' AND histogram = 'lag_ms')),
+		(40, 'spool_processor_batch_entries', 'histogram', 'Entries per processed batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_batch_entries',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 1))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'batch_entries')),
+		(41, 'spool_processor_batch_seconds', 'histogram', 'A batch''s transaction, from reading to commit.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_batch_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'batch_ms')),
+		(42, 'spool_processor_handler_seconds', 'histogram', 'The handler''s part of a batch.',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_handler_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'handler_ms')),
+		(43, 'spool_processor_commit_seconds', 'histogram', 'Writing the outputs, the gate check and the commit (active replica).',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_commit_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'commit_ms')),
+		(44, 'spool_processor_snapshot_seconds', 'histogram', 'Building and hashing a state snapshot (checkpoint).',
+		 ARRAY(SELECT unnest(@extschema@._histogram('spool_processor_snapshot_seconds',
+					ARRAY['processor', object, 'replica', instance::text], bounds, counts, sum, 0.001))
+				 FROM sh WHERE stage = 'processor' AND histogram = 'snapshot_ms')),
+		(45, 'spool_consumer_stale', 'gauge', '1 for a spool consumer or processor that has not moved for spool.max_retention while the spool did.',
 		 ARRAY(SELECT @extschema@._metric('spool_consumer_stale',
 					ARRAY['kind', kind, 'consumer', name], stale::int)
 				 FROM @extschema@.consumer_status ORDER BY kind, name)),
-		(41, 'spool_consumer_lag', 'gauge', 'Spool entries after the cursor a consumer or processor holds segments back at.',
+		(46, 'spool_consumer_lag', 'gauge', 'Spool entries after the cursor a consumer or processor holds segments back at.',
 		 ARRAY(SELECT @extschema@._metric('spool_consumer_lag',
 					ARRAY['kind', kind, 'consumer', name], lag)
 				 FROM @extschema@.consumer_status WHERE cursor IS NOT NULL ORDER BY kind, name))
@@ -1194,6 +1489,11 @@ GRANT EXECUTE ON FUNCTION
 	@extschema@.drop_processor(text)
 	TO spool_admin;
 GRANT EXECUTE ON FUNCTION
+	@extschema@.alter_processor(text, jsonb),
+	@extschema@.rewind_processor(text, bigint, text)
+	TO spool_admin;
+GRANT SELECT ON @extschema@.processor_rewinds TO spool_admin;
+GRANT EXECUTE ON FUNCTION
 	@extschema@.window_alert(jsonb, @extschema@.entries[]),
 	@extschema@.current_replica(),
 	@extschema@.handler_settings(),
@@ -1215,7 +1515,15 @@ GRANT EXECUTE ON FUNCTION
 	TO spool_admin;
 GRANT EXECUTE ON FUNCTION @extschema@.outbox_runtime(), @extschema@._outbox_status()
 	TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@._source_runtime(), @extschema@._partition_runtime()
+	TO spool_admin, spool_client;
 GRANT SELECT ON @extschema@.outbox_status, @extschema@.target_config
+	TO spool_admin, spool_client;
+GRANT EXECUTE ON FUNCTION @extschema@._ingest_histograms(), @extschema@._ingest_counters(),
+	@extschema@._processor_histograms(), @extschema@._hist_le(float8[], bigint[], float8, float8)
+	TO spool_admin, spool_client;
+GRANT SELECT ON @extschema@.stage_histograms, @extschema@.ingest_stats,
+	@extschema@.promoter_status, @extschema@.processor_stats
 	TO spool_admin, spool_client;
 -- Parked rows and dead letters hold payloads, which may be business data.
 GRANT SELECT ON @extschema@.outbox_retry, @extschema@.outbox_dead TO spool_admin;

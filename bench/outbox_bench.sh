@@ -478,8 +478,8 @@ STATUS=
 if [ "$SKIP_OUTBOX" != 1 ]; then
 	STATUS=$(sql -P pager=off -P footer=off -c "\\pset format aligned" -c "\\pset tuples_only off" -c "
 		SELECT target, shard, state, delivered, flushes_size AS f_size, flushes_interval AS f_interval,
-		       flushes_barrier AS f_barrier, flushes_close AS f_close, batch_p50, batch_p99, batch_max,
-		       flush_ms_p50, flush_ms_p99, flush_ms_max, retries, dead_letters
+		       flushes_barrier AS f_barrier, flushes_close AS f_close, batch_p50_le, batch_p99_le, batch_max,
+		       flush_ms_p50_le, flush_ms_p99_le, flush_ms_max, retries, dead_letters
 		  FROM spool.outbox_status ORDER BY target <> 'out4', target, shard")
 fi
 LOG_ERRORS=$(grep -E '(ERROR|FATAL|PANIC):' "$work/log" | grep -vc 'terminating connection due to administrator command' || true)

@@ -137,7 +137,7 @@ echo "SELECT pg_terminate_backend($old)  -- the active replica"
 val "SELECT pg_terminate_backend($old)" >/dev/null
 ostatus() {
 	sql -c "SELECT target, shard, state, position, backlog, flushes_size, flushes_interval,
-	               round(batch_p50::numeric, 1) AS batch_p50, round(flush_ms_p50::numeric, 2) AS flush_ms_p50
+	               round(batch_p50_le::numeric, 1) AS batch_p50_le, round(flush_ms_p50_le::numeric, 2) AS flush_ms_p50_le
 	          FROM spool.outbox_status ORDER BY target, shard"
 }
 echo "meanwhile the outbox dispatchers deliver the alerts already written:"

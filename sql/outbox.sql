@@ -605,8 +605,8 @@ SELECT (SELECT count(*) FROM spool.outbox_dead WHERE target = 'ob_flaky') AS dea
 SELECT target, shard, kind FROM spool.outbox_status ORDER BY target COLLATE "C", shard;
 SELECT target, shard, state, position, backlog, waiting, blocked_keys, oldest_undelivered_age,
 	   delivered, flushes_size, flushes_interval, flushes_barrier, flushes_close,
-	   batch_p50, batch_p99, batch_max, flush_ms_p50, flush_ms_p99, flush_ms_max,
-	   barriers, barrier_drain_ms_last, barrier_drain_ms_p50, barrier_drain_ms_max,
+	   batch_p50_le, batch_p99_le, batch_max, flush_ms_p50_le, flush_ms_p99_le, flush_ms_max,
+	   barriers, barrier_drain_ms_last, barrier_drain_ms_p50_le, barrier_drain_ms_max,
 	   retries, dead_letters, last_error, last_error_at
   FROM spool.outbox_status LIMIT 0;
 SELECT count(*) FILTER (WHERE state NOT IN ('idle', 'delivering', 'barrier', 'retrying', 'error', 'stopped'))

@@ -103,6 +103,8 @@ SELECT try($$INSERT INTO spool.lease_store (resource, owner, token) VALUES ('sec
 SELECT try($$DELETE FROM spool.nonce_store$$);
 SELECT try($$UPDATE spool.nonce_signer SET next_nonce = 0$$);
 SELECT try($$SELECT spool._launcher_wakeup()$$);
+SELECT try($$SELECT * FROM spool._staging()$$);
+SELECT try($$SELECT * FROM spool.staging$$);
 -- A client cannot raise the lease limits (superuser-only settings).
 SELECT try($$SET spool.lease_max_ttl = '365 d'$$);
 SELECT try($$SET spool.lease_wait_timeout = '10 min'$$);

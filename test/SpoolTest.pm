@@ -24,10 +24,12 @@ our @EXPORT = qw(spool_node poll_ok poll_within start_pgbench finish_pgbench
   wait_pid_gone wait_workers worker_row sql_list crash_restart_ok);
 
 # A node with spool_ext preloaded and created in database 'postgres'.
-# %conf overrides or adds postgresql.conf settings (values verbatim).
+# %conf overrides or adds postgresql.conf settings (values verbatim);
+# _init => { ... } passes parameters to init (e.g. allows_streaming => 1).
 sub spool_node
 {
 	my ($name, %conf) = @_;
+	my $init = delete $conf{_init} // {};
 	my %c = (
 		shared_preload_libraries => "'spool_ext'",
 		'spool.database' => "'postgres'",
@@ -36,7 +38,7 @@ sub spool_node
 		log_line_prefix => "'%m [%p] %b '",
 		%conf);
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(%$init);
 	$node->append_conf('postgresql.conf',
 		join('', map { "$_ = $c{$_}\n" } sort keys %c));
 	$node->start;
@@ -99,10 +101,21 @@ sub wait_pid_gone
 {
 	my ($node, $pid, $what) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	return poll_ok($node,
+	return 0
+	  unless poll_ok($node,
 		"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $pid",
-		"$what (pid $pid) to exit")
-	  && ok(!kill(0, $pid), "$what (pid $pid) no longer exists");
+		"$what (pid $pid) to exit");
+
+	# A backend leaves pg_stat_activity before its process ends, and the
+	# postmaster reaps it a moment later: wait for that too (up to 60 s).
+	my $gone = 0;
+	for (1 .. 1200)
+	{
+		$gone = !kill(0, $pid);
+		last if $gone;
+		select(undef, undef, undef, 0.05);
+	}
+	return ok($gone, "$what (pid $pid) no longer exists");
 }
 
 # Wait until all $n nonce workers run; returns { worker => pid }.

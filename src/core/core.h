@@ -178,6 +178,35 @@ extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 extern void spool_text_param(Datum *values, char *nulls, int i, const char *s);
 
 /*
+ * Stage histograms in shared memory (hist.c).  Bucket i counts values up to
+ * first * 2^i (i < SPOOL_HIST_BUCKETS), the last bucket the rest; quantiles
+ * read from them are bucket bounds.  Writers hold their area's lock.
+ */
+#define SPOOL_HIST_BUCKETS	20
+
+typedef struct SpoolHist
+{
+	double		first;			/* upper bound of bucket 0 */
+	uint64		counts[SPOOL_HIST_BUCKETS + 1];
+	uint64		count;
+	double		sum;
+	double		max;
+	double		last;
+	TimestampTz last_at;
+} SpoolHist;
+
+struct ReturnSetInfo;
+extern void spool_hist_init(SpoolHist *h, double first);
+extern void spool_hist_add(SpoolHist *h, double v, TimestampTz now);
+extern void spool_hist_bucket_add(uint64 *hist, int nb, double v, double first);
+extern double spool_hist_quantile(const uint64 *hist, int nb, double first, double q,
+								  double max);
+extern Datum spool_hist_array(const uint64 *hist, int nb);
+extern void spool_hist_put(struct ReturnSetInfo *rsinfo, const char *stage,
+						   const char *object, int replica, const char *name,
+						   const char *unit, const SpoolHist *h);
+
+/*
  * Workers (worker.c): what every background worker of spool_ext shares.
  * A worker learns what to work on from its arguments, which the supervisor
  * puts in bgw_extra.

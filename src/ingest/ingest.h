@@ -1,10 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * ingest.h
- *	  The door to src/ingest: Kafka sources (source.c), the ingest worker
- *	  that stages their messages (consumer.c, json_check.c), the promoter
- *	  that moves staged batches into the spool (promoter.c), and the spool's
- *	  readers (reader.c).
+ *	  The door to src/ingest: Kafka sources (source.c, source_ops.c), the
+ *	  ingest worker that stages their messages (consumer*.c, private header
+ *	  consumer.h; json_check.c), the promoter that moves staged batches
+ *	  into the spool (promoter.c), and the spool's readers (reader.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -17,6 +17,31 @@
 
 #define SPOOL_SOURCE_NAME_MAX SPOOL_PROC_NAME_MAX	/* spool_check_object_name */
 #define SPOOL_MAX_SOURCES 256	/* enabled sources with a worker */
+
+/* What ended an ingest batch (spool.ingest_stats). */
+typedef enum SpoolBatchEnd
+{
+	BATCH_END_SIZE,				/* batch_size messages */
+	BATCH_END_BYTES,			/* the byte limit */
+	BATCH_END_TIME,				/* batch_ms after its first message */
+	BATCH_END_STOP,				/* a gap stops the source */
+	NUM_BATCH_ENDS
+} SpoolBatchEnd;
+
+/*
+ * One source's counters since the server started, kept by name (a
+ * restarted worker goes on counting).  Written by its ingest worker under
+ * the ingest lock.
+ */
+typedef struct SpoolSourceStats
+{
+	char		name[SPOOL_SOURCE_NAME_MAX + 1];	/* "": free */
+	uint64		errors;
+	uint64		ended[NUM_BATCH_ENDS];
+	SpoolHist	rows;			/* rows per batch */
+	SpoolHist	batch_ms;		/* first message to staged */
+	SpoolHist	stage_ms;		/* the staging transaction */
+} SpoolSourceStats;
 
 /*
  * What the ingest workers and the promoter share.  Ingest workers fill the
@@ -32,6 +57,13 @@ typedef struct SpoolIngestShared
 	pg_atomic_uint64 staged_msgs[2];	/* messages staged per table, upper bound */
 	pg_atomic_uint64 staged_other[2];	/* dead-letter and gap rows staged per table */
 	ConditionVariable spool_cv; /* broadcast after each promotion */
+	pg_atomic_uint64 staged_first_at[2];	/* oldest staging commit per table, 0: none */
+	/* Under lock: the promoter's numbers, then each source's. */
+	uint64		promotions;
+	SpoolHist	promote_rows;	/* entries per promotion */
+	SpoolHist	promote_ms;		/* the promotion transaction */
+	SpoolHist	promote_lag_ms; /* oldest staged batch to its promotion */
+	SpoolSourceStats sources[SPOOL_MAX_SOURCES];
 } SpoolIngestShared;
 
 extern SpoolIngestShared *spool_ingest_shared;
@@ -44,5 +76,8 @@ extern const SpoolKindOps spool_source_ops;
 
 /* promoter.c */
 extern void spool_wake_promoter(void);
+extern void spool_note_staged(uint32 which, TimestampTz at);
+extern SpoolSourceStats *spool_source_stats(const char *source);
+extern void spool_source_stats_forget(const char *source);
 
 #endif							/* SPOOL_INGEST_H */

@@ -6,15 +6,22 @@
  *	  of them starts, both staging tables are emptied.  A source's unit
  *	  carries its config_version (moved by alter_source, seek_source and
  *	  replay_dead_letter): a worker started at another version is restarted
- *	  at once, and applies the change at its start.
+ *	  at once, and applies the change at its start.  Their stage numbers
+ *	  are spool._ingest_histograms and spool._ingest_counters.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
 
 #include "ingest/ingest.h"
+
+PG_FUNCTION_INFO_V1(spool_ingest_histograms);
+PG_FUNCTION_INFO_V1(spool_ingest_counters);
 
 static void list_promoter(SpoolSupervisor *s);
 static void list_sources(SpoolSupervisor *s);
@@ -166,5 +173,80 @@ reset_staging(void)
 	pg_atomic_write_u64(&spool_ingest_shared->staged_other[0], 0);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_other[1], 0);
 	pg_atomic_write_u32(&spool_ingest_shared->staging_active, 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_first_at[0], 0);
+	pg_atomic_write_u64(&spool_ingest_shared->staged_first_at[1], 0);
 	spool_end_txn();
+}
+
+/*
+ * SQL: spool._ingest_histograms() — the ingest workers' and the promoter's
+ * histograms, in the row shape of spool.stage_histograms.
+ */
+Datum
+spool_ingest_histograms(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	SpoolHist	h[3];
+	int			i;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
+	h[0] = spool_ingest_shared->promote_rows;
+	h[1] = spool_ingest_shared->promote_ms;
+	h[2] = spool_ingest_shared->promote_lag_ms;
+	LWLockRelease(spool_ingest_shared->lock);
+	spool_hist_put(rsinfo, "promoter", "", 0, "batch_rows", "rows", &h[0]);
+	spool_hist_put(rsinfo, "promoter", "", 0, "batch_ms", "ms", &h[1]);
+	spool_hist_put(rsinfo, "promoter", "", 0, "lag_ms", "ms", &h[2]);
+	for (i = 0; i < SPOOL_MAX_SOURCES; i++)
+	{
+		SpoolSourceStats st;
+
+		LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
+		st = spool_ingest_shared->sources[i];
+		LWLockRelease(spool_ingest_shared->lock);
+		if (st.name[0] == '\0')
+			continue;
+		spool_hist_put(rsinfo, "ingest", st.name, 0, "batch_rows", "rows", &st.rows);
+		spool_hist_put(rsinfo, "ingest", st.name, 0, "batch_ms", "ms", &st.batch_ms);
+		spool_hist_put(rsinfo, "ingest", st.name, 0, "stage_ms", "ms", &st.stage_ms);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * SQL: spool._ingest_counters() — per source (since the server started):
+ * errors and batches by what ended them; and the promoter's promotions as
+ * the row with source NULL.
+ */
+Datum
+spool_ingest_counters(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum		v[6];
+	bool		n[6];
+	int			i;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	for (i = 0; i < SPOOL_MAX_SOURCES; i++)
+	{
+		SpoolSourceStats st;
+
+		LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
+		st = spool_ingest_shared->sources[i];
+		LWLockRelease(spool_ingest_shared->lock);
+		if (st.name[0] == '\0')
+			continue;
+		memset(n, false, sizeof(n));
+		v[0] = CStringGetTextDatum(st.name);
+		v[1] = Int64GetDatum((int64) st.errors);
+		v[2] = Int64GetDatum((int64) st.ended[BATCH_END_SIZE]);
+		v[3] = Int64GetDatum((int64) st.ended[BATCH_END_BYTES]);
+		v[4] = Int64GetDatum((int64) st.ended[BATCH_END_TIME]);
+		v[5] = Int64GetDatum((int64) st.ended[BATCH_END_STOP]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
+	}
+	return (Datum) 0;
 }

@@ -73,6 +73,7 @@ static const char *const staging_table[2] = {"staging_0", "staging_1"};
 static MemoryContext loop_cxt;
 static TimestampTz next_retention = 0;
 static bool history_pending = false;	/* history rows left to remove */
+static int64 promoted_entries;	/* by the last promote_table */
 
 static PromotePlan plan_promote[2][2];	/* [staging table][dead letters or gaps] */
 static SPIPlanPtr plan_staged[2];
@@ -99,6 +100,7 @@ static int32 segment_for(int64 lo, int64 hi);
 static void seal_and_count(int64 lo, int64 n, bool dense);
 static void retention(void);
 static bool drop_expired_segment(void);
+static void note_promotion(int64 entries, TimestampTz t_start, TimestampTz staged_at);
 static int64 plan_int8(SPIPlanPtr plan, Datum *values, bool read_only);
 static void ingest_attach(bool found);
 
@@ -298,6 +300,7 @@ promote_sql(uint32 which, bool others, int32 segment)
 									  "  RETURNING cursor),"
 									  " rpm AS ("
 									  "  UPDATE spool.dead_letters d SET replayed_at = now(), replay_cursor = $1 + r.pos,"
+									  "         replayed_from = r.replay_from,"
 									  "         replay_requested_at = NULL, replay_attempts = d.replay_attempts + 1"
 									  "    FROM other r WHERE r.kind = 'r' AND d.id = r.dead_letter_id"
 									  "     AND d.replay_cursor IS NULL),", tab, target) : "",
@@ -376,6 +379,7 @@ promote_table(uint32 which, int64 next)
 	if (inserted > nmsg)
 		elog(ERROR, "promotion inserted " INT64_FORMAT " entries for at most " INT64_FORMAT
 			 " staged messages; rolled back", inserted, nmsg);
+	promoted_entries = inserted;
 	if (inserted < nmsg)
 		ereport(DEBUG1,
 				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
@@ -403,6 +407,86 @@ promote_table(uint32 which, int64 next)
 }
 
 /*
+ * An ingest worker committed a batch into staging table which (called in
+ * its transaction, holding its lock on the table): the oldest such time of
+ * the table is what the promoter's lag is measured from.
+ */
+void
+spool_note_staged(uint32 which, TimestampTz at)
+{
+	uint64		zero = 0;
+
+	if (pg_atomic_read_u64(&spool_ingest_shared->staged_first_at[which]) == 0)
+		(void) pg_atomic_compare_exchange_u64(&spool_ingest_shared->staged_first_at[which],
+											  &zero, (uint64) at);
+}
+
+/*
+ * The counters of source, found or claimed by name; NULL when every slot
+ * is taken (the source then has no stage numbers).
+ */
+SpoolSourceStats *
+spool_source_stats(const char *source)
+{
+	SpoolSourceStats *found = NULL;
+	SpoolSourceStats *free_slot = NULL;
+	int			i;
+
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < SPOOL_MAX_SOURCES && found == NULL; i++)
+	{
+		SpoolSourceStats *st = &spool_ingest_shared->sources[i];
+
+		if (strcmp(st->name, source) == 0)
+			found = st;
+		else if (st->name[0] == '\0' && free_slot == NULL)
+			free_slot = st;
+	}
+	if (found == NULL && free_slot != NULL)
+	{
+		found = free_slot;
+		memset(found, 0, sizeof(*found));
+		strlcpy(found->name, source, sizeof(found->name));
+		spool_hist_init(&found->rows, 1);
+		spool_hist_init(&found->batch_ms, 0.25);
+		spool_hist_init(&found->stage_ms, 0.25);
+	}
+	LWLockRelease(spool_ingest_shared->lock);
+	return found;
+}
+
+/* drop_source: the source's counters are gone, its slot free again. */
+void
+spool_source_stats_forget(const char *source)
+{
+	int			i;
+
+	if (spool_ingest_shared == NULL)
+		return;
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < SPOOL_MAX_SOURCES; i++)
+		if (strcmp(spool_ingest_shared->sources[i].name, source) == 0)
+			spool_ingest_shared->sources[i].name[0] = '\0';
+	LWLockRelease(spool_ingest_shared->lock);
+}
+
+/* The promotion's numbers (after it committed). */
+static void
+note_promotion(int64 entries, TimestampTz t_start, TimestampTz staged_at)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	spool_ingest_shared->promotions++;
+	spool_hist_add(&spool_ingest_shared->promote_rows, (double) entries, now);
+	spool_hist_add(&spool_ingest_shared->promote_ms, (double) (now - t_start) / 1000.0, now);
+	if (staged_at != 0)
+		spool_hist_add(&spool_ingest_shared->promote_lag_ms,
+					   (double) Max(now - staged_at, 0) / 1000.0, now);
+	LWLockRelease(spool_ingest_shared->lock);
+}
+
+/*
  * One promotion (see promotion_begin for flip), in one transaction; the
  * readers waiting for new cursors are woken after it commits.  Returns the
  * number of staged rows found (0 or 1: the table is only probed).
@@ -410,10 +494,12 @@ promote_table(uint32 which, int64 next)
 static uint64
 promote_once(bool flip)
 {
+	TimestampTz t_start = GetCurrentTimestamp();
 	uint32		which = promotion_begin(flip);
 	int64		next;
 	int64		staged;
 	int64		last = -1;
+	TimestampTz staged_at;
 
 	spool_plan(&plan_next_cursor,
 			   "SELECT next_cursor FROM spool.spool_state WHERE id = 1 FOR UPDATE", 0, NULL);
@@ -423,10 +509,15 @@ promote_once(bool flip)
 			   : "SELECT count(*) FROM (SELECT 1 FROM spool.staging_0 LIMIT 1) x",
 			   0, NULL);
 	staged = plan_int8(plan_staged[which], NULL, false);
+	promoted_entries = 0;
 	if (staged > 0)
 		last = promote_table(which, next);
+	/* Under the table's exclusive lock: no ingest worker stamps it meanwhile. */
+	staged_at = (TimestampTz) pg_atomic_exchange_u64(&spool_ingest_shared->staged_first_at[which], 0);
 	spool_end_txn();
 
+	if (staged > 0)
+		note_promotion(promoted_entries, t_start, staged_at);
 	if (last >= 0)
 	{
 		pg_atomic_write_u64(&spool_ingest_shared->published_cursor, (uint64) last);
@@ -588,6 +679,11 @@ ingest_attach(bool found)
 	pg_atomic_init_u64(&s->staged_other[0], 0);
 	pg_atomic_init_u64(&s->staged_other[1], 0);
 	ConditionVariableInit(&s->spool_cv);
+	pg_atomic_init_u64(&s->staged_first_at[0], 0);
+	pg_atomic_init_u64(&s->staged_first_at[1], 0);
+	spool_hist_init(&s->promote_rows, 1);
+	spool_hist_init(&s->promote_ms, 0.25);
+	spool_hist_init(&s->promote_lag_ms, 1);
 }
 
 /* Shared memory: what the ingest workers and the promoter share. */

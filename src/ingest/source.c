@@ -300,6 +300,7 @@ spool_drop_source(PG_FUNCTION_ARGS)
 					   " r AS (DELETE FROM spool.source_runtime WHERE source = $1),"
 					   " p AS (DELETE FROM spool.partition_runtime WHERE source = $1)"
 					   " SELECT * FROM d");
+	spool_source_stats_forget(name);
 	PG_RETURN_VOID();
 }
 

@@ -5,7 +5,7 @@
  *	  offset or a time) and replay_dead_letter.  Both only record a request
  *	  and bump the source's config_version; the launcher restarts the ingest
  *	  worker, which applies the request at its start, once nothing of the
- *	  source is left in staging (consumer.c), so the stored offsets, the
+ *	  source is left in staging (consumer_pending.c), so the stored offsets, the
  *	  staged rows and the worker's position can never disagree.
  *
  *	  seek_source checks at call time what it can: the rewind rule against
@@ -41,6 +41,26 @@ typedef struct PartitionLog
 	int64		at_time;		/* first offset at or after the time; -1 */
 } PartitionLog;
 
+/* A seek as asked for: seek_source's arguments, checked. */
+typedef struct SeekRequest
+{
+	char	   *name;
+	char	   *topic;
+	int32		partition;
+	int64		to_offset;		/* -1: to_time given */
+	int64		time_ms;		/* to_time in unix ms; -1: to_offset given */
+	bool		allow_rewind;
+} SeekRequest;
+
+/* The source as the seek needs it: read under FOR UPDATE. */
+typedef struct SeekSource
+{
+	Oid			owner;
+	char	   *brokers;
+	Jsonb	   *options;
+	int64		durable;		/* the partition's next_offset; -1: none stored */
+} SeekSource;
+
 static void check_rewind(const char *name, const char *topic, int32 partition,
 						 int64 durable, int64 to_offset, bool allow_rewind);
 static void ask_partition(const char *name, const char *brokers, Jsonb *options,
@@ -48,6 +68,11 @@ static void ask_partition(const char *name, const char *brokers, Jsonb *options,
 						  int64 time_ms, PartitionLog *log);
 static int64 offset_for(rd_kafka_t *rk, const char *topic, int32 partition,
 						int64 which, rd_kafka_resp_err_t *err);
+static void seek_args(FunctionCallInfo fcinfo, SeekRequest *req);
+static void seek_read_source(const SeekRequest *req, Oid role, SeekSource *src);
+static int64 seek_resolve(const SeekRequest *req, const SeekSource *src);
+static Datum seek_record(const SeekRequest *req, int64 to_offset, Datum to_time,
+						 bool time_null, Oid role);
 
 /* SP001 when to_offset goes back over what is durable and no rewind is allowed. */
 static void
@@ -155,45 +180,20 @@ ask_partition(const char *name, const char *brokers, Jsonb *options, Oid owner,
 				 errdetail("The brokers at \"%s\" know %d partitions of it.", brokers, Max(nparts, 0))));
 }
 
-/*
- * SQL: spool.seek_source(name, topic, kafka_partition, to_offset, to_time,
- * allow_rewind) RETURNS spool.source_seeks.  Exactly one of to_offset and
- * to_time.  Records a pending seek (the ingest worker applies it at its
- * next start, which the launcher brings about) and returns its row.
- */
-Datum
-spool_seek_source(PG_FUNCTION_ARGS)
+/* seek_source's arguments: SP001 for a NULL, negative or missing one. */
+static void
+seek_args(FunctionCallInfo fcinfo, SeekRequest *req)
 {
-	char	   *name = spool_arg_name(fcinfo, 0, "name");
-	char	   *topic = spool_arg_name(fcinfo, 1, "topic");
-	int32		partition;
-	int64		to_offset = -1;
-	int64		time_ms = -1;
-	bool		allow_rewind;
-	HeapTuple	tup;
-	TupleDesc	desc;
-	Datum		v[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	bool		isnull;
-	Oid			owner;
-	char	   *brokers;
-	Jsonb	   *options;
-	ArrayType  *topics;
-	Datum	   *elems;
-	int			ntopics;
-	bool		reads_topic = false;
-	int64		durable = -1;
-	PartitionLog log = {0, 0, -1};
-	Datum		result;
-	SpoolCaller caller;
-
-	spool_require_pipeline_database("source");
+	req->name = spool_arg_name(fcinfo, 0, "name");
+	req->topic = spool_arg_name(fcinfo, 1, "topic");
+	req->to_offset = -1;
+	req->time_ms = -1;
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("kafka_partition must not be null")));
-	partition = PG_GETARG_INT32(2);
-	if (partition < 0)
+	req->partition = PG_GETARG_INT32(2);
+	if (req->partition < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("kafka_partition must not be negative")));
@@ -203,7 +203,7 @@ spool_seek_source(PG_FUNCTION_ARGS)
 				 errmsg("give either to_offset or to_time"),
 				 errhint("to_offset is a Kafka offset; to_time seeks to the first message at or after that time.")));
 	if (!PG_ARGISNULL(3))
-		to_offset = spool_arg_int64(fcinfo, 3, "to_offset", true);
+		req->to_offset = spool_arg_int64(fcinfo, 3, "to_offset", true);
 	else
 	{
 		TimestampTz t = PG_GETARG_TIMESTAMPTZ(4);
@@ -213,8 +213,8 @@ spool_seek_source(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("to_time must be finite")));
 		/* Microseconds since 2000 to Kafka's milliseconds since 1970. */
-		time_ms = t / 1000 + (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000;
-		if (time_ms < 0)
+		req->time_ms = t / 1000 + (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000;
+		if (req->time_ms < 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 					 errmsg("to_time must not be before 1970")));
@@ -223,57 +223,98 @@ spool_seek_source(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
 				 errmsg("allow_rewind must not be null")));
-	allow_rewind = PG_GETARG_BOOL(5);
+	req->allow_rewind = PG_GETARG_BOOL(5);
+}
 
-	spool_enter(&caller);
-	SPI_connect();
-	v[0] = CStringGetTextDatum(name);
+/*
+ * The source's row (locked: the seek is recorded against it), checked to be
+ * the caller's and to read the topic, and the partition's durable offset.
+ */
+static void
+seek_read_source(const SeekRequest *req, Oid role, SeekSource *src)
+{
+	Datum		v[3];
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum	   *elems;
+	int			ntopics;
+	bool		reads_topic = false;
+
+	v[0] = CStringGetTextDatum(req->name);
 	if (SPI_execute_with_args("SELECT owner, brokers, options, topics FROM spool.sources"
 							  " WHERE name = $1 FOR UPDATE",
 							  1, (Oid[]) {TEXTOID}, v, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.sources");
-	tup = spool_owned_row("source", name, 1, caller.role);
+	tup = spool_owned_row("source", req->name, 1, role);
 	desc = SPI_tuptable->tupdesc;
-	owner = DatumGetObjectId(SPI_getbinval(tup, desc, 1, &isnull));
-	brokers = SPI_getvalue(tup, desc, 2);
-	options = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
-	topics = DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 4, &isnull));
-	deconstruct_array(topics, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &ntopics);
+	src->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 1, &isnull));
+	src->brokers = SPI_getvalue(tup, desc, 2);
+	src->options = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
+	deconstruct_array(DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 4, &isnull)),
+					  TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &ntopics);
 	for (int i = 0; i < ntopics; i++)
-		reads_topic |= strcmp(TextDatumGetCString(elems[i]), topic) == 0;
+		reads_topic |= strcmp(TextDatumGetCString(elems[i]), req->topic) == 0;
 	if (!reads_topic)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_OBJECT),
-				 errmsg("source \"%s\" does not read topic \"%s\"", name, topic)));
+				 errmsg("source \"%s\" does not read topic \"%s\"", req->name, req->topic)));
 
-	v[1] = CStringGetTextDatum(topic);
-	v[2] = Int32GetDatum(partition);
+	v[1] = CStringGetTextDatum(req->topic);
+	v[2] = Int32GetDatum(req->partition);
 	if (SPI_execute_with_args("SELECT next_offset FROM spool.offsets"
 							  " WHERE source = $1 AND topic = $2 AND kafka_partition = $3",
 							  3, (Oid[]) {TEXTOID, TEXTOID, INT4OID}, v, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.offsets");
+	src->durable = -1;
 	if (SPI_processed == 1)
-		durable = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	/* Fail fast, without the network, where we can. */
-	if (to_offset >= 0)
-		check_rewind(name, topic, partition, durable, to_offset, allow_rewind);
+		src->durable = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
 
-	ask_partition(name, brokers, options, owner, topic, partition, time_ms, &log);
-	if (time_ms >= 0)
+/*
+ * Ask the brokers: the partition must exist and the offset (a time is
+ * resolved to one here) lie in its log; then the rewind rule once more.
+ * Returns the offset to seek to.
+ */
+static int64
+seek_resolve(const SeekRequest *req, const SeekSource *src)
+{
+	PartitionLog log = {0, 0, -1};
+	int64		to_offset = req->to_offset;
+
+	ask_partition(req->name, src->brokers, src->options, src->owner, req->topic,
+				  req->partition, req->time_ms, &log);
+	if (req->time_ms >= 0)
 		to_offset = log.at_time >= 0 ? log.at_time : log.high;
 	if (to_offset < log.low || to_offset > log.high)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("offset " INT64_FORMAT " is not in the log of %s [%d]", to_offset, topic, partition),
+				 errmsg("offset " INT64_FORMAT " is not in the log of %s [%d]", to_offset, req->topic, req->partition),
 				 errdetail("Kafka holds offsets " INT64_FORMAT " to " INT64_FORMAT " of it; " INT64_FORMAT " is its end.",
 						   log.low, log.high - 1, log.high)));
-	check_rewind(name, topic, partition, durable, to_offset, allow_rewind);
+	check_rewind(req->name, req->topic, req->partition, src->durable, to_offset, req->allow_rewind);
+	return to_offset;
+}
 
+/*
+ * Record the pending seek and move the source's config_version (so the
+ * launcher restarts its worker); returns the new spool.source_seeks row.
+ */
+static Datum
+seek_record(const SeekRequest *req, int64 to_offset, Datum to_time, bool time_null,
+			Oid role)
+{
+	Datum		v[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+
+	v[0] = CStringGetTextDatum(req->name);
+	v[1] = CStringGetTextDatum(req->topic);
+	v[2] = Int32GetDatum(req->partition);
 	v[3] = Int64GetDatum(to_offset);
-	v[4] = PG_ARGISNULL(4) ? (Datum) 0 : PG_GETARG_DATUM(4);
-	nulls[4] = PG_ARGISNULL(4) ? 'n' : ' ';
-	v[5] = BoolGetDatum(allow_rewind);
-	v[6] = ObjectIdGetDatum(caller.role);
+	v[4] = time_null ? (Datum) 0 : to_time;
+	nulls[4] = time_null ? 'n' : ' ';
+	v[5] = BoolGetDatum(req->allow_rewind);
+	v[6] = ObjectIdGetDatum(role);
 	if (SPI_execute_with_args("WITH v AS (UPDATE spool.sources SET config_version = config_version + 1"
 							  "            WHERE name = $1)"
 							  " INSERT INTO spool.source_seeks (source, topic, kafka_partition, to_offset,"
@@ -282,7 +323,36 @@ spool_seek_source(PG_FUNCTION_ARGS)
 							  7, (Oid[]) {TEXTOID, TEXTOID, INT4OID, INT8OID, TIMESTAMPTZOID, BOOLOID, OIDOID},
 							  v, nulls, false, 0) != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "could not record the seek");
-	result = PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], SPI_tuptable->tupdesc));
+	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], SPI_tuptable->tupdesc));
+}
+
+/*
+ * SQL: spool.seek_source(name, topic, kafka_partition, to_offset, to_time,
+ * allow_rewind) RETURNS spool.source_seeks.  Exactly one of to_offset and
+ * to_time.  Records a pending seek (the ingest worker applies it at its
+ * next start, which the launcher brings about) and returns its row.
+ */
+Datum
+spool_seek_source(PG_FUNCTION_ARGS)
+{
+	SeekRequest req;
+	SeekSource	src;
+	int64		to_offset;
+	Datum		result;
+	SpoolCaller caller;
+
+	spool_require_pipeline_database("source");
+	seek_args(fcinfo, &req);
+
+	spool_enter(&caller);
+	SPI_connect();
+	seek_read_source(&req, caller.role, &src);
+	/* Fail fast, without the network, where we can. */
+	if (req.to_offset >= 0)
+		check_rewind(req.name, req.topic, req.partition, src.durable, req.to_offset, req.allow_rewind);
+	to_offset = seek_resolve(&req, &src);
+	result = seek_record(&req, to_offset, PG_ARGISNULL(4) ? (Datum) 0 : PG_GETARG_DATUM(4),
+						 PG_ARGISNULL(4), caller.role);
 	SPI_finish();
 	spool_leave(&caller);
 	spool_wake_launcher();

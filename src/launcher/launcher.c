@@ -11,6 +11,11 @@
  *	  this file only decides when to look.  When the extension is dropped,
  *	  it stops them all.
  *
+ *	  It starts when recovery has finished (BgWorkerStart_RecoveryFinished):
+ *	  on a hot standby the postmaster does not start it, so no spool worker
+ *	  runs there (they all write); after a promotion the postmaster starts it
+ *	  and it starts every worker, which resume from the replicated tables.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"

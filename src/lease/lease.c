@@ -7,6 +7,13 @@
  * never deleted, so tokens keep increasing across restarts and crash
  * recovery (the row is WAL-logged).  The database clock decides expiry.
  *
+ * The token epoch: a standby promoted after asynchronous replication may
+ * lack the last grants of the old primary, so its stored tokens can be
+ * below tokens already handed out.  A grant on timeline T > 1 therefore
+ * issues at least T << 40 (token_floor): every timeline starts above
+ * all tokens of the timelines before it, as long as no resource is granted
+ * 2^40 times on one timeline.  On timeline 1 tokens count from 1 as before.
+ *
  * fence() takes a FOR KEY SHARE lock on the row; granting a new token takes
  * FOR UPDATE, which conflicts with it.  So a new token cannot be granted while
  * a transaction fenced with the old one is still open (L-2).  Renewal and
@@ -41,6 +48,7 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -48,6 +56,7 @@
 #include "miscadmin.h"
 #include "storage/proc.h"
 #include "storage/spin.h"
+#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -303,6 +312,28 @@ spool_lease_extend(const char *resource, const char *owner, int64 token,
 }
 
 /*
+ * The least token a grant issues now: 0 on timeline 1, else the timeline's
+ * epoch, timeline << 40 (see the top of this file).  A grant writes, so the
+ * server is out of recovery and its WAL insertion timeline is known.
+ */
+static int64
+token_floor(void)
+{
+	TimeLineID	tli;
+
+	if (RecoveryInProgress())
+		return 0;				/* the grant's UPDATE fails anyway */
+	tli = GetWALInsertionTimeLine();
+	if (tli <= 1)
+		return 0;
+	if (tli >= (TimeLineID) 1 << 22)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("timeline %u is too high for lease token epochs", tli)));
+	return (int64) tli << 40;
+}
+
+/*
  * Acquire or renew resource for owner.  The caller is connected to SPI.
  * role is the caller's, or SPOOL_LEASE_INTERNAL for the extension's own
  * workers: a client may not use a lease of another role (42501), the
@@ -321,8 +352,8 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 	for (attempt = 0; attempt < 4; attempt++)
 	{
 		LeaseRow	row = lease_fetch(read_plan(), resource);
-		Oid			t[4] = {TEXTOID, TEXTOID, INTERVALOID, OIDOID};
-		Datum		v[4];
+		Oid			t[5] = {TEXTOID, TEXTOID, INTERVALOID, OIDOID, INT8OID};
+		Datum		v[5];
 		bool		isnull;
 
 		if (!row.found)
@@ -382,16 +413,18 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 
 		/* The first grant gives the lease to the role; later ones keep it. */
 		spool_plan(&plan_grant,
-				   "UPDATE spool.lease_store SET owner = $2, token = token + 1,"
+				   "UPDATE spool.lease_store SET owner = $2,"
+				   " token = greatest(token + 1, $5),"
 				   " expires_at = clock_timestamp() + $3,"
 				   " granted_at = clock_timestamp(), renewed_at = NULL,"
 				   " grants = grants + 1, role = coalesce(role, $4)"
 				   " WHERE resource = $1 RETURNING token, expires_at",
-				   4, t);
+				   5, t);
 		v[0] = CStringGetTextDatum(resource);
 		v[1] = CStringGetTextDatum(owner);
 		v[2] = spool_ttl_datum(ttl_us);
 		v[3] = ObjectIdGetDatum(role);
+		v[4] = Int64GetDatum(token_floor());
 		if (spool_exec(plan_grant, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
 			elog(ERROR, "lease \"%s\" vanished while locked", resource);
 		result.held = true;
@@ -674,6 +707,8 @@ spool_lease_acquire(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	spool_require_shmem();
+	/* A standby would answer "held by another" where it cannot grant. */
+	PreventCommandDuringRecovery("spool.lease_acquire()");
 	check_not_reserved(resource);
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");

@@ -20,6 +20,7 @@
 #include "access/htup_details.h"
 #include "access/stratnum.h"
 #include "access/table.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
@@ -367,6 +368,12 @@ static void
 check_queue_mode(void)
 {
 	spool_require_shmem();
+	/* No worker runs on a hot standby: fail at once, not after the timeout. */
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("the nonce service does not run during recovery"),
+				 errhint("Call it on the primary.")));
 	if (spool_nonce_shared->nworkers == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),

@@ -153,7 +153,6 @@ static int64 backoff_us(int attempts);
 static void deliver_local(OutboxRow **rows, int n, bool careful);
 static bool deliver_in_subxact(OutboxRow *r);
 static void note_flush(FlushReason reason, int n, double ms);
-static void hist_add(uint64 *hist, int nb, double v, double first);
 static void wait_for_work(TimestampTz now);
 static TimestampTz batch_deadline(void);
 
@@ -682,20 +681,6 @@ read_rows(TimestampTz now)
 /* ---- flushing ---- */
 
 static void
-hist_add(uint64 *hist, int nb, double v, double first)
-{
-	int			b = 0;
-	double		ub = first;
-
-	while (b < nb && v > ub)
-	{
-		b++;
-		ub *= 2;
-	}
-	hist[b]++;
-}
-
-static void
 note_flush(FlushReason reason, int n, double ms)
 {
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
@@ -704,10 +689,10 @@ note_flush(FlushReason reason, int n, double ms)
 	ds->position = position;
 	ds->batch_sum += n;
 	ds->batch_max = Max(ds->batch_max, n);
-	hist_add(ds->batch_hist, HIST_BATCH, n, 1);
+	spool_hist_bucket_add(ds->batch_hist, HIST_BATCH, n, 1);
 	ds->flush_ms_sum += ms;
 	ds->flush_ms_max = Max(ds->flush_ms_max, ms);
-	hist_add(ds->flush_hist, HIST_FLUSH, ms, 0.25);
+	spool_hist_bucket_add(ds->flush_hist, HIST_FLUSH, ms, 0.25);
 	ds->last_flush_at = GetCurrentTimestamp();
 	ds->blocked_keys = (int) hash_get_num_entries(blocked);
 	if (ds->state == DS_ERROR)
@@ -1082,7 +1067,7 @@ barrier_passed(void)
 	ds->drain_ms_last = drain_ms;
 	ds->drain_ms_sum += drain_ms;
 	ds->drain_ms_max = Max(ds->drain_ms_max, drain_ms);
-	hist_add(ds->drain_hist, HIST_DRAIN, drain_ms, 1);
+	spool_hist_bucket_add(ds->drain_hist, HIST_DRAIN, drain_ms, 1);
 	ds->state = DS_IDLE;
 	for (s = 1; s < target->shards; s++)
 	{

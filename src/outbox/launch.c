@@ -132,39 +132,6 @@ check_shard(const SpoolUnit *u, int i, TimestampTz now)
 	return (loaded != 0 && loaded != u->version) ? SPOOL_RESTART : SPOOL_KEEP;
 }
 
-/* The value below which a fraction q of a histogram's samples lie. */
-static double
-hist_quantile(const uint64 *hist, int nb, double first, double q, double max)
-{
-	uint64		total = 0;
-	uint64		acc = 0;
-	int			b;
-	double		ub = first;
-
-	for (b = 0; b <= nb; b++)
-		total += hist[b];
-	if (total == 0)
-		return -1;
-	for (b = 0; b < nb; b++, ub *= 2)
-	{
-		acc += hist[b];
-		if ((double) acc >= q * (double) total)
-			return Min(ub, max);
-	}
-	return max;
-}
-
-static Datum
-hist_array(const uint64 *hist, int nb)
-{
-	Datum	   *d = palloc(sizeof(Datum) * (nb + 1));
-	int			b;
-
-	for (b = 0; b <= nb; b++)
-		d[b] = Int64GetDatum((int64) hist[b]);
-	return PointerGetDatum(construct_array(d, nb + 1, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-}
-
 static const char *
 state_name(DispatchState st)
 {
@@ -219,7 +186,7 @@ spool_outbox_runtime(PG_FUNCTION_ARGS)
 		v[k++] = Int64GetDatum(c.flushes[FLUSH_BARRIER]);
 		v[k++] = Int64GetDatum(c.flushes[FLUSH_CLOSE]);
 #define QUANT(h, nb, first, q, max) \
-		do { double x_ = hist_quantile((h), (nb), (first), (q), (max)); \
+		do { double x_ = spool_hist_quantile((h), (nb), (first), (q), (max)); \
 			 v[k] = Float8GetDatum(x_); n[k++] = x_ < 0; } while (0)
 		QUANT(c.batch_hist, HIST_BATCH, 1, 0.5, (double) c.batch_max);
 		QUANT(c.batch_hist, HIST_BATCH, 1, 0.99, (double) c.batch_max);
@@ -246,9 +213,9 @@ spool_outbox_runtime(PG_FUNCTION_ARGS)
 		n[k++] = c.last_flush_at == 0;
 		v[k] = TimestampTzGetDatum(c.started_at);
 		n[k++] = c.started_at == 0;
-		v[k++] = hist_array(c.batch_hist, HIST_BATCH);
-		v[k++] = hist_array(c.flush_hist, HIST_FLUSH);
-		v[k++] = hist_array(c.drain_hist, HIST_DRAIN);
+		v[k++] = spool_hist_array(c.batch_hist, HIST_BATCH);
+		v[k++] = spool_hist_array(c.flush_hist, HIST_FLUSH);
+		v[k++] = spool_hist_array(c.drain_hist, HIST_DRAIN);
 		v[k++] = Int64GetDatum(c.batch_sum);
 		v[k++] = Float8GetDatum(c.flush_ms_sum);
 		v[k++] = Float8GetDatum(c.drain_ms_sum);

@@ -3,6 +3,7 @@
  * processor_admin.c
  *	  SQL functions that define and control processors: create_processor
  *	  (validating the handler, its run-as role and every option),
+ *	  alter_processor (the options that do not change the fold),
  *	  start_processor, stop_processor, drop_processor, and the runtime view
  *	  behind spool.processor_status.  The launcher starts and stops the
  *	  replicas; these functions change spool.processors and wake it.
@@ -36,7 +37,9 @@ PG_FUNCTION_INFO_V1(spool_create_processor);
 PG_FUNCTION_INFO_V1(spool_start_processor);
 PG_FUNCTION_INFO_V1(spool_stop_processor);
 PG_FUNCTION_INFO_V1(spool_drop_processor);
+PG_FUNCTION_INFO_V1(spool_alter_processor);
 PG_FUNCTION_INFO_V1(spool_processor_runtime);
+PG_FUNCTION_INFO_V1(spool_processor_histograms);
 
 /* start_cursor: where a new processor starts, unless a cursor. */
 #define START_EARLIEST	(-1)
@@ -72,7 +75,7 @@ static const SpoolOption processor_option_specs[] = {
 	{.name = "handler", .type = SPOOL_OPT_OBJECT, PROC(handler), .what = "handler settings"},
 };
 
-static const SpoolOptionTable processor_options = {
+const SpoolOptionTable spool_processor_options = {
 	SPOOL_OPT_TABLE(processor_option_specs, SpoolProcessorOptions),
 	.prefix = "", .noun = "processor option", .subject = "option ", .listing = "Options are",
 	.not_object = "processor options must be a JSON object",
@@ -212,7 +215,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 				 errmsg("handler must not be null")));
 	handler = PG_GETARG_OID(1);
 	/* Handler settings live under "handler"; they are checked with the handler. */
-	o = spool_parse_options(&processor_options, -1,
+	o = spool_parse_options(&spool_processor_options, -1,
 							spool_arg_jsonb(fcinfo, 2, "options must not be null",
 											"Pass '{}' for the defaults."));
 
@@ -229,7 +232,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	if (native)
 	{
 		if (o->handler == NULL)
-			spool_option_error(&processor_options,
+			spool_option_error(&spool_processor_options,
 							   psprintf("spool.%s needs its settings in options.handler", native->name),
 							   native->example);
 		(void) native->configure(o->handler);
@@ -255,7 +258,7 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	v[1] = ObjectIdGetDatum(handler);
 	v[2] = ObjectIdGetDatum(run_as);
 	v[3] = ObjectIdGetDatum(caller.role);
-	v[4] = JsonbPGetDatum(spool_options_jsonb(&processor_options, -1, o));
+	v[4] = JsonbPGetDatum(spool_options_jsonb(&spool_processor_options, -1, o));
 	rc = SPI_execute_with_args("INSERT INTO spool.processors (name, handler, run_as, owner, options)"
 							   " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
 							   5, t, v, NULL, false, 0);
@@ -268,7 +271,8 @@ spool_create_processor(PG_FUNCTION_ARGS)
 	cv[0] = v[0];
 	cv[1] = Int64GetDatum(start);
 	if (SPI_execute_with_args("INSERT INTO spool.processor_checkpoints"
-							  " (processor, committed_cursor, state_cursor) VALUES ($1, $2, $2)",
+							  " (processor, committed_cursor, state_cursor, start_cursor)"
+							  " VALUES ($1, $2, $2, $2)",
 							  2, ct, cv, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert the processor checkpoint");
 	/* A spool consumer at its snapshot cursor: replay needs what follows it. */
@@ -339,6 +343,110 @@ spool_drop_processor(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/*
+ * The options alter_processor changes.  None of them changes what the state
+ * at a cursor is: batches may be cut anywhere (a handler is a fold),
+ * snapshots only say when the state is written down, the lease how long a
+ * stalled active keeps the gate, and replicas how many compute it.  The
+ * others define the fold (sources, handler settings, start) or who runs it
+ * (run_as): replicas and snapshots computed before and after such a change
+ * would disagree at the same cursor, so they are refused.
+ */
+static const char *const alterable_options[] = {
+	"replicas", "batch_size", "lease_ttl", "checkpoint_every", NULL
+};
+
+/* SP001 unless every key of changes is an option alter_processor may change. */
+static void
+check_alterable(Jsonb *changes)
+{
+	JsonbIterator *it = JsonbIteratorInit(&changes->root);
+	JsonbValue	v;
+	char	   *key;
+	const char *hint = "Options alter_processor changes are replicas, batch_size, lease_ttl and checkpoint_every.";
+
+	while (spool_object_next(&it, &key, &v))
+	{
+		int			i;
+		bool		known = false;
+
+		if (spool_str_in_list(key, alterable_options))
+			continue;
+		for (i = 0; i < spool_processor_options.noptions; i++)
+			known |= strcmp(key, spool_processor_options.options[i].name) == 0;
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("unknown processor option \"%s\"", key),
+					 errhint("%s", hint)));
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("processor option \"%s\" cannot be changed", key),
+				 errdetail("It defines what the processor computes or who runs its handler: replicas and snapshots computed before and after the change would disagree."),
+				 errhint("%s  To change it, create a new processor (it can start at \"latest\" or at a cursor).", hint)));
+	}
+}
+
+/*
+ * SQL: spool.alter_processor(name, options).  The options given are merged
+ * over the stored ones (a JSON null resets one to its default) and the
+ * result is checked by the option table exactly as create_processor checks
+ * it.  The checkpoint is not touched.  After the commit the launcher
+ * publishes the new options' version: replicas re-read batch_size,
+ * lease_ttl and checkpoint_every in place, and the supervisor starts or
+ * stops replicas to match the new count (a stopped active hands the gate
+ * over as on any clean exit).
+ */
+Datum
+spool_alter_processor(PG_FUNCTION_ARGS)
+{
+	char	   *name = spool_arg_name(fcinfo, 0, "name");
+	Jsonb	   *changes;
+	Oid			t[2] = {TEXTOID, JSONBOID};
+	Datum		v[2];
+	bool		isnull;
+	HeapTuple	tup;
+	SpoolProcessorOptions *o;
+	Jsonb	   *stored;
+	SpoolCaller caller;
+
+	spool_require_pipeline_database("processor");
+	changes = spool_arg_jsonb(fcinfo, 1, "options must not be null",
+							  "Pass the options to change, e.g. '{\"batch_size\": 500}'.");
+	if (!JB_ROOT_IS_OBJECT(changes) || JB_ROOT_IS_SCALAR(changes))
+		spool_option_error(&spool_processor_options, spool_processor_options.not_object,
+						   "Pass the options to change, e.g. '{\"batch_size\": 500}'.");
+	check_alterable(changes);
+
+	spool_enter(&caller);
+	SPI_connect();
+	v[0] = CStringGetTextDatum(name);
+	v[1] = JsonbPGetDatum(changes);
+	if (SPI_execute_with_args("SELECT owner, (options - ARRAY(SELECT k FROM jsonb_each($2) j(k, v)"
+							  "                           WHERE v = 'null'))"
+							  "   || (SELECT coalesce(jsonb_object_agg(k, v), '{}') FROM jsonb_each($2) j(k, v)"
+							  "        WHERE v <> 'null')"
+							  " FROM spool.processors WHERE name = $1 FOR UPDATE",
+							  2, t, v, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.processors");
+	tup = spool_owned_row("processor", name, 1, caller.role);
+	o = spool_parse_options(&spool_processor_options, -1,
+							DatumGetJsonbPCopy(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull)));
+	stored = spool_options_jsonb(&spool_processor_options, -1, o);
+	v[1] = JsonbPGetDatum(stored);
+	if (SPI_execute_with_args("UPDATE spool.processors SET options = $2 WHERE name = $1",
+							  2, t, v, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not update spool.processors");
+	SPI_finish();
+	spool_leave(&caller);
+	ereport(LOG,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("processor \"%s\" altered: replicas %d, batch_size %d, lease_ttl " INT64_FORMAT " ms, checkpoint_every " INT64_FORMAT,
+					name, o->replicas, o->batch_size, o->lease_ttl_ms, o->checkpoint_every)));
+	spool_wake_launcher();
+	PG_RETURN_VOID();
+}
+
 static const char *
 role_name(SpoolReplicaRole role, pid_t pid)
 {
@@ -355,6 +463,45 @@ role_name(SpoolReplicaRole role, pid_t pid)
 		default:
 			return "down";
 	}
+}
+
+/*
+ * SQL: spool._processor_histograms() — each replica's histograms, in the
+ * row shape of spool.stage_histograms.
+ */
+Datum
+spool_processor_histograms(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+	int			r;
+
+	spool_require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	for (i = 0; i < SPOOL_MAX_PROCESSORS; i++)
+	{
+		for (r = 0; r < SPOOL_MAX_REPLICAS; r++)
+		{
+			SpoolReplicaSlot rs;
+			char		name[NAMEDATALEN];
+			bool		in_use;
+
+			LWLockAcquire(spool_processor_shared->lock, LW_SHARED);
+			in_use = spool_processor_shared->processors[i].in_use;
+			strlcpy(name, spool_processor_shared->processors[i].name, NAMEDATALEN);
+			rs = spool_processor_shared->processors[i].replicas[r];
+			LWLockRelease(spool_processor_shared->lock);
+			if (!in_use || (rs.started_at == 0 && rs.errors == 0))
+				continue;
+			spool_hist_put(rsinfo, "processor", name, r + 1, "batch_entries", "entries",
+						   &rs.batch_entries);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "batch_ms", "ms", &rs.batch_ms);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "handler_ms", "ms", &rs.handler_ms);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "commit_ms", "ms", &rs.commit_ms);
+			spool_hist_put(rsinfo, "processor", name, r + 1, "snapshot_ms", "ms", &rs.snapshot_ms);
+		}
+	}
+	return (Datum) 0;
 }
 
 /* SQL: spool.processor_runtime(), one row per replica that has run. */

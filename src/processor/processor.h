@@ -58,6 +58,12 @@ typedef struct SpoolReplicaSlot
 	char		last_error[SPOOL_ERRMSG_MAX];
 	TimestampTz last_error_at;
 	TimestampTz started_at;
+	/* Stage numbers of the slot (spool.processor_stats) */
+	SpoolHist	batch_entries;	/* entries per batch */
+	SpoolHist	batch_ms;		/* a batch's transaction, read to commit */
+	SpoolHist	handler_ms;		/* the handler's part */
+	SpoolHist	commit_ms;		/* outputs, gate and commit (active only) */
+	SpoolHist	snapshot_ms;	/* building and hashing a state snapshot */
 } SpoolReplicaSlot;
 
 /*
@@ -76,6 +82,10 @@ typedef struct SpoolProcessorSlot
 	int64		committed_cursor;
 	int64		snapshot_cursor;
 	uint64		snapshot_hash;
+	int64		epoch;			/* rewinds of the checkpoint the cursors above
+								 * belong to (see rewind.c) */
+	uint32		options_wanted; /* hash of the stored options, from the
+								 * launcher: replicas reload when it changes */
 	ConditionVariable cv;
 	SpoolReplicaSlot replicas[SPOOL_MAX_REPLICAS];
 } SpoolProcessorSlot;
@@ -106,8 +116,13 @@ typedef struct SpoolProcessorOptions
 
 
 
+/* Options (admin.c), the table create_processor and alter_processor check */
+extern const SpoolOptionTable spool_processor_options;
+
 /* Launcher side (launch.c) */
+extern void spool_replica_stats_init(SpoolReplicaSlot *rs);
 extern const SpoolKindOps spool_processor_ops;
 extern SpoolSlots spool_processor_slots;
+extern uint32 spool_processor_options_hash(const char *options_text);
 
 #endif							/* SPOOL_PROCESSOR_H */

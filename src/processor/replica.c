@@ -20,6 +20,14 @@
  *	  lease (stealing it, since its holder is gone).  A stalled active keeps
  *	  both until its lease expires.  See docs/processors.md.
  *
+ *	  alter_processor: the launcher publishes the stored options' version in
+ *	  shared memory and a replica with another one re-reads batch_size,
+ *	  lease_ttl and checkpoint_every in place.  rewind_processor (rewind.c)
+ *	  bumps the checkpoint's epoch and takes the gate's lease: a replica
+ *	  commits only in the epoch it loaded (the compare-and-set checks it),
+ *	  and one that sees a newer epoch, in shared memory or when it claims the
+ *	  gate, reloads the checkpoint and replays from it.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -78,6 +86,8 @@ static int	batch_size;
 static int64 lease_ttl_ms;
 static int64 checkpoint_every;
 static Jsonb *handler_settings;
+static uint32 options_loaded;	/* version of the options read */
+static uint32 options_acted;	/* the last published version acted upon */
 static const SpoolNativeHandler *native;	/* a built-in handler, or NULL */
 
 static MemoryContext loop_cxt;
@@ -94,6 +104,7 @@ static Jsonb *state;			/* generic handlers */
 static void *native_config;
 static void *native_state;
 static int64 cursor;
+static int64 my_epoch;			/* of the checkpoint the state comes from */
 
 /* The gate, while active. */
 static int64 token;
@@ -135,6 +146,8 @@ typedef struct GateView
 	TimestampTz lease_expires_at;
 	int64		committed_cursor;
 	int64		snapshot_cursor;
+	int64		epoch;
+	uint32		options_wanted;
 } GateView;
 
 /* A batch being read: what read_batch needs per row, set up once. */
@@ -161,6 +174,7 @@ static bool replica_step(void);
 static bool standby_pass(void);
 static void read_gate(GateView *g);
 static void load_processor(void);
+static void reload_options(void);
 static void check_run_as(void);
 static void load_checkpoint(bool publish);
 static void state_reset(Jsonb *snapshot, int64 at);
@@ -184,7 +198,8 @@ static void active_committed(Batch *b, Jsonb *staged, bool snapshot, uint64 hash
 							 int noutputs);
 static void standby_step(int64 target);
 static bool try_takeover(void);
-static int64 claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease);
+static int64 claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease,
+						int64 *epoch);
 static void catch_up(int64 committed, bool took_over);
 static void become_standby(const char *why);
 static bool renew_lease(void);
@@ -194,6 +209,8 @@ static HeapTuple read_own_row(const char *activity, const char *sql, TupleDesc *
 static void wait_for_work(void);
 static void record_error(void);
 static void check_snapshot_hash(void);
+static void note_batch(int64 n, TimestampTz t0, double handler_ms, double commit_ms,
+					   double snapshot_ms);
 
 
 /* ---------------------------------------------------------------------
@@ -291,6 +308,8 @@ read_gate(GateView *g)
 	g->lease_expires_at = ps->lease_expires_at;
 	g->committed_cursor = ps->committed_cursor;
 	g->snapshot_cursor = ps->snapshot_cursor;
+	g->epoch = ps->epoch;
+	g->options_wanted = ps->options_wanted;
 	LWLockRelease(spool_processor_shared->lock);
 }
 
@@ -307,6 +326,12 @@ standby_pass(void)
 	int64		committed;
 
 	read_gate(&g);
+	if (g.epoch != my_epoch)
+	{
+		/* Rewound: the state comes from the new checkpoint. */
+		load_checkpoint(false);
+		return true;
+	}
 	committed = g.committed_cursor;
 	if (g.snapshot_cursor > cursor && g.snapshot_cursor < committed)
 		committed = g.snapshot_cursor;
@@ -329,6 +354,20 @@ standby_pass(void)
 static bool
 replica_step(void)
 {
+	GateView	g;
+
+	read_gate(&g);
+	if (g.options_wanted != 0 && g.options_wanted != options_loaded &&
+		g.options_wanted != options_acted)
+	{
+		options_acted = g.options_wanted;
+		reload_options();
+	}
+	if (rs->role == ROLE_ACTIVE && g.epoch != my_epoch)
+	{
+		become_standby("the processor was rewound");
+		return true;
+	}
 	if (rs->role != ROLE_ACTIVE)
 		return standby_pass();
 	if (GetCurrentTimestamp() >= next_renew && !renew_lease())
@@ -448,7 +487,8 @@ load_processor(void)
 					   "    CASE jsonb_typeof(options->'sources') WHEN 'array'"
 					   "    THEN options->'sources' END) s),"
 					   " (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
-					   " (options->>'checkpoint_every')::bigint, options->'handler', owner::oid"
+					   " (options->>'checkpoint_every')::bigint, options->'handler', owner::oid,"
+					   " options::text"
 					   " FROM spool.processors WHERE name = $1", &desc);
 	if (tup == NULL)
 		ereport(LOG, (errcode(ERRCODE_ADMIN_SHUTDOWN),
@@ -470,6 +510,7 @@ load_processor(void)
 	handler_settings = isnull ? NULL : DatumGetJsonbPCopy(d);
 	spool_handler_context_set(my_replica + 1, handler_settings);
 	proc_owner = DatumGetObjectId(SPI_getbinval(tup, desc, 9, &isnull));
+	options_loaded = spool_processor_options_hash(SPI_getvalue(tup, desc, 10));
 	check_run_as();
 	native = spool_native_handler(handler_oid);
 	if (native)
@@ -479,8 +520,46 @@ load_processor(void)
 }
 
 /*
+ * alter_processor changed the stored options: take the ones that may change
+ * (the others cannot: see admin.c).  Exit if the processor is gone.
+ */
+static void
+reload_options(void)
+{
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	TimestampTz renew_by;
+
+	tup = read_own_row("reloading options",
+					   "SELECT (options->>'batch_size')::int, (options->>'lease_ttl')::bigint,"
+					   " (options->>'checkpoint_every')::bigint, options::text"
+					   " FROM spool.processors WHERE name = $1", &desc);
+	if (tup == NULL)
+	{
+		spool_end_txn();
+		proc_exit(0);
+	}
+	batch_size = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+	lease_ttl_ms = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+	checkpoint_every = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+	options_loaded = spool_processor_options_hash(SPI_getvalue(tup, desc, 4));
+	spool_end_txn();
+	/* A shorter lease must be renewed sooner. */
+	renew_by = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);
+	if (rs->role == ROLE_ACTIVE && next_renew > renew_by)
+		next_renew = renew_by;
+	ereport(LOG,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("processor \"%s\" replica %d now runs with batch_size %d, lease_ttl " INT64_FORMAT " ms, checkpoint_every " INT64_FORMAT,
+					proc_name, my_replica + 1, batch_size, lease_ttl_ms, checkpoint_every)));
+}
+
+/*
  * Load the latest snapshot and its cursor (the state is replayed from
- * there); with publish, also make the committed cursor known to the others.
+ * there), in the checkpoint's epoch.  Another epoch than shared memory shows
+ * (a rewind) replaces what is published there; with publish, also make the
+ * committed cursor of the same epoch known to the others.
  */
 static void
 load_checkpoint(bool publish)
@@ -494,9 +573,11 @@ load_checkpoint(bool publish)
 	int64		at;
 	int64		hash;
 	bool		hash_null;
+	int64		epoch;
+	bool		newer = false;
 
 	tup = read_own_row("loading checkpoint",
-					   "SELECT committed_cursor, state, state_cursor, state_hash"
+					   "SELECT committed_cursor, state, state_cursor, state_hash, epoch"
 					   " FROM spool.processor_checkpoints WHERE processor = $1", &desc);
 	if (tup == NULL)
 		ereport(ERROR,
@@ -513,12 +594,27 @@ load_checkpoint(bool publish)
 	}
 	at = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 	hash = DatumGetInt64(SPI_getbinval(tup, desc, 4, &hash_null));
+	epoch = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
 	spool_end_txn();
 
 	state_reset(snap, at);
-	if (publish)
+	my_epoch = epoch;
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+	if (epoch != ps->epoch)
 	{
-		LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+		/*
+		 * Epochs only grow, so a newer one is a rewind.  An older one means
+		 * the processor was dropped and created again under the same name:
+		 * the table is the truth either way.
+		 */
+		newer = true;
+		ps->epoch = epoch;
+		ps->committed_cursor = committed;
+		ps->snapshot_cursor = hash_null ? 0 : at;
+		ps->snapshot_hash = hash_null ? 0 : (uint64) hash;
+	}
+	else if (publish && epoch == ps->epoch)
+	{
 		if (committed > ps->committed_cursor)
 			ps->committed_cursor = committed;
 		if (!hash_null && at > ps->snapshot_cursor)
@@ -526,8 +622,10 @@ load_checkpoint(bool publish)
 			ps->snapshot_cursor = at;
 			ps->snapshot_hash = (uint64) hash;
 		}
-		LWLockRelease(spool_processor_shared->lock);
 	}
+	LWLockRelease(spool_processor_shared->lock);
+	if (newer)
+		ConditionVariableBroadcast(&ps->cv);
 }
 
 /* Replace the state with snapshot (NULL: the initial state) as of cursor at. */
@@ -552,6 +650,7 @@ state_reset(Jsonb *snapshot, int64 at)
 	rs->cursor = at;
 	since_snapshot = 0;
 	last_snapshot_at = GetCurrentTimestamp();
+	last_checked_snapshot = -1;
 }
 
 /* ---------------------------------------------------------------------
@@ -559,7 +658,13 @@ state_reset(Jsonb *snapshot, int64 at)
  * ---------------------------------------------------------------------
  */
 
-/* The last committed spool cursor (all entries up to it are visible). */
+/*
+ * The last committed spool cursor (all entries up to it are visible), read
+ * in the transaction's snapshot, the one read_batch reads the entries in: a
+ * fresh snapshot here could see a promotion that the entries' read does not,
+ * and the empty batch would move the committed cursor past entries that
+ * were never handled.
+ */
 static int64
 spool_end(void)
 {
@@ -567,7 +672,7 @@ spool_end(void)
 
 	spool_plan(&plan_spool_end, "SELECT next_cursor - 1 FROM spool.spool_state WHERE id = 1",
 			   0, NULL);
-	if (spool_exec(plan_spool_end, NULL, NULL, false, SPI_OK_SELECT) != 1)
+	if (spool_exec(plan_spool_end, NULL, NULL, true, SPI_OK_SELECT) != 1)
 		elog(ERROR, "spool.spool_state is empty");
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
@@ -960,8 +1065,8 @@ advance_consumer(int64 end)
 static bool
 gate_commit(Batch *b, StepResult *res, Jsonb *snap, uint64 hash)
 {
-	Datum		v[7];
-	char		nulls[7];
+	Datum		v[8];
+	char		nulls[8];
 
 	if (!spool_fence_lease(lease_resource, token, SPOOL_LEASE_INTERNAL, false))
 		return false;
@@ -972,8 +1077,8 @@ gate_commit(Batch *b, StepResult *res, Jsonb *snap, uint64 hash)
 			   " state = CASE WHEN $5 IS NULL THEN state ELSE $5 END,"
 			   " state_cursor = CASE WHEN $5 IS NULL THEN state_cursor ELSE $3 END,"
 			   " state_hash = CASE WHEN $5 IS NULL THEN state_hash ELSE $6 END"
-			   " WHERE processor = $1 AND token = $2 AND committed_cursor = $4",
-			   7, (Oid[]) {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID});
+			   " WHERE processor = $1 AND token = $2 AND committed_cursor = $4 AND epoch = $8",
+			   8, (Oid[]) {TEXTOID, INT8OID, INT8OID, INT8OID, JSONBOID, INT8OID, INT4OID, INT8OID});
 	memset(nulls, ' ', sizeof(nulls));
 	v[0] = CStringGetTextDatum(proc_name);
 	v[1] = Int64GetDatum(token);
@@ -983,6 +1088,7 @@ gate_commit(Batch *b, StepResult *res, Jsonb *snap, uint64 hash)
 	nulls[4] = snap ? ' ' : 'n';
 	v[5] = Int64GetDatum((int64) hash);
 	v[6] = Int32GetDatum(res->noutputs);
+	v[7] = Int64GetDatum(my_epoch);
 	return spool_exec(plan_commit, v, nulls, false, SPI_OK_UPDATE) == 1;
 }
 
@@ -996,7 +1102,11 @@ active_committed(Batch *b, Jsonb *staged, bool snapshot, uint64 hash, int noutpu
 		last_snapshot_at = GetCurrentTimestamp();
 
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
-	ps->committed_cursor = b->end;
+	/* A rewind since our commit owns what is published now. */
+	if (ps->epoch != my_epoch)
+		snapshot = false;
+	else
+		ps->committed_cursor = b->end;
 	if (snapshot)
 	{
 		ps->snapshot_cursor = b->end;
@@ -1025,6 +1135,10 @@ active_step(void)
 	uint64		hash = 0;
 	Jsonb	   *staged;
 	int			noutputs;
+	TimestampTz t0 = GetCurrentTimestamp();
+	TimestampTz t_read;
+	TimestampTz t_applied;
+	TimestampTz t_snap;
 
 	spool_begin_txn("processing");
 	if (!active_read(&b, &snapshot))
@@ -1032,13 +1146,16 @@ active_step(void)
 		spool_end_txn();
 		return false;
 	}
+	t_read = GetCurrentTimestamp();
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, true);
+	t_applied = GetCurrentTimestamp();
 	if (since_snapshot + b.n >= checkpoint_every)
 		snapshot = true;
 	if (snapshot)
 		hash = snapshot_of(&res, &snap);
+	t_snap = GetCurrentTimestamp();
 	/* The outputs first: the fenced part in gate_commit is kept as short as possible. */
 	if (res.noutputs > 0)
 		spool_outbox_insert_outputs(DatumGetArrayTypeP(res.outputs), proc_name, b.end, token,
@@ -1057,7 +1174,30 @@ active_step(void)
 	noutputs = res.noutputs;
 	spool_end_txn();
 	active_committed(&b, staged, snapshot, hash, noutputs);
+	note_batch(b.n, t0, (double) (t_applied - t_read) / 1000.0,
+			   (double) (GetCurrentTimestamp() - t_snap) / 1000.0,
+			   snap ? (double) (t_snap - t_applied) / 1000.0 : -1);
 	return true;
+}
+
+/*
+ * A committed batch's numbers: entries, the whole batch, the handler, the
+ * commit (< 0: none, as on a standby) and the snapshot (< 0: none).
+ */
+static void
+note_batch(int64 n, TimestampTz t0, double handler_ms, double commit_ms, double snapshot_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+	spool_hist_add(&rs->batch_entries, (double) n, now);
+	spool_hist_add(&rs->batch_ms, (double) (now - t0) / 1000.0, now);
+	spool_hist_add(&rs->handler_ms, handler_ms, now);
+	if (commit_ms >= 0)
+		spool_hist_add(&rs->commit_ms, commit_ms, now);
+	if (snapshot_ms >= 0)
+		spool_hist_add(&rs->snapshot_ms, snapshot_ms, now);
+	LWLockRelease(spool_processor_shared->lock);
 }
 
 /* ---------------------------------------------------------------------
@@ -1072,17 +1212,22 @@ standby_step(int64 target)
 	Batch		b;
 	StepResult	res;
 	Jsonb	   *staged;
+	TimestampTz t0 = GetCurrentTimestamp();
+	TimestampTz t_read;
 
 	spool_begin_txn("following");
 	read_batch(cursor, target, &b);
+	t_read = GetCurrentTimestamp();
 	memset(&res, 0, sizeof(res));
 	if (b.n > 0)
 		apply_batch(&b, &res, false);
 	staged = state_stage(&res);
 	spool_end_txn();
 	state_adopt(staged, b.end);
+	since_snapshot += b.n;		/* due for a snapshot once this replica is active */
 	rs->entries += b.n;
 	rs->batches++;
+	note_batch(b.n, t0, (double) (GetCurrentTimestamp() - t_read) / 1000.0, -1, -1);
 }
 
 /*
@@ -1113,7 +1258,9 @@ check_snapshot_hash(void)
 	rs->state_hash = mine;
 	rs->state_hash_cursor = cursor;
 	rs->hash_checks++;
-	if (mine != snap_hash)
+	if (mine == snap_hash)
+		since_snapshot = 0;
+	else
 	{
 		rs->hash_mismatches++;
 		rs->last_error_at = GetCurrentTimestamp();
@@ -1154,10 +1301,11 @@ advisory_lock(bool take)
  * In one transaction: take the lease (after a clean exit only the standby
  * holding the advisory lock goes for it) and write its token into the
  * checkpoint row, from where on the old active's commits fail.  Returns
- * the committed cursor, or -1 when the gate was not taken.
+ * the committed cursor (and the checkpoint's epoch), or -1 when the gate
+ * was not taken.
  */
 static int64
-claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease)
+claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease, int64 *epoch)
 {
 	bool		got_lock = false;
 	bool		isnull;
@@ -1184,11 +1332,15 @@ claim_gate(TimestampTz now, TimestampTz expires, SpoolLease *lease)
 		{
 			if (SPI_execute_with_args("UPDATE spool.processor_checkpoints SET token = $2"
 									  " WHERE processor = $1 AND token <= $2"
-									  " RETURNING committed_cursor",
+									  " RETURNING committed_cursor, epoch",
 									  2, (Oid[]) {TEXTOID, INT8OID}, v, NULL, false, 0) == SPI_OK_UPDATE_RETURNING &&
 				SPI_processed == 1)
+			{
 				committed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 														SPI_tuptable->tupdesc, 1, &isnull));
+				*epoch = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 2, &isnull));
+			}
 		}
 		PG_FINALLY();
 		{
@@ -1216,13 +1368,17 @@ try_takeover(void)
 	TimestampTz now = GetCurrentTimestamp();
 	SpoolLease	lease;
 	int64		committed;
+	int64		epoch = 0;
 
 	read_gate(&g);
 	if (g.active_pid != 0 && now < g.lease_expires_at)
 		return false;
-	committed = claim_gate(now, g.lease_expires_at, &lease);
+	committed = claim_gate(now, g.lease_expires_at, &lease, &epoch);
 	if (committed < 0)
 		return false;
+	/* Rewound since we loaded: our state is not the checkpoint's. */
+	if (epoch != my_epoch)
+		load_checkpoint(true);
 
 	token = lease.token;
 	next_renew = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), lease_ttl_ms / 3);

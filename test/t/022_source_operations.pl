@@ -17,6 +17,11 @@
 #       message is spooled once with a new cursor at the end and the dead
 #       letter is marked replayed; a message that fails another check keeps
 #       its new error.
+#   (5b) dead-letter replay of a message Kafka no longer has (pushed below
+#       the partition's log start by the test cluster's retention): the
+#       entry is built once from the dead letter's key and payload
+#       (replayed_from 'stored', NULL headers and kafka_ts); a dead letter
+#       without a payload cannot be rebuilt and keeps a new error.
 #   (6) partitions added to a topic while the source runs (the test
 #       cluster's proxy shows 2 of 4 partitions, then all 4): the worker
 #       picks them up without a restart and reads them from their log
@@ -35,7 +40,7 @@ use SpoolKafka;
 use SpoolIngest;
 use Test::More;
 
-my $kafka = SpoolKafka->start(topics => [ 'ops_a:2', 'ops_ts:1', 'ops_dl:1', 'ops_grow:4' ]);
+my $kafka = SpoolKafka->start(topics => [ 'ops_a:2', 'ops_ts:1', 'ops_dl:1', 'ops_grow:4', 'ops_gone:1' ]);
 my $bootstrap = $kafka->bootstrap;
 # Through the proxy, ops_grow has 2 partitions until the test adds the
 # others; the proxy also answers ListOffsets by timestamp, which the mock
@@ -265,6 +270,8 @@ is( sql(qq{SELECT count(*) || ' ' || bool_and(e.cursor = d.replay_cursor)
 	'the replayed message is one entry, with a new cursor after the later offsets, and the dead letter points at it');
 ok(sql(qq{SELECT replayed_at IS NOT NULL FROM spool.dead_letters WHERE id = $dl1}) eq 't',
 	'the dead letter is marked replayed, not deleted');
+is(sql(qq{SELECT replayed_from FROM spool.dead_letters WHERE id = $dl1}), 'kafka',
+	'... from the message read again from Kafka');
 like(sql(qq{SELECT error || ' ' || (replay_cursor IS NULL) FROM spool.dead_letters WHERE id = $dl2}),
 	qr/invalid JSON.* true$/, 'the other message fails a later check: it keeps the new error');
 is(sql(q{SELECT next_offset FROM spool.offsets WHERE source = 'sd'}), '4',
@@ -272,6 +279,58 @@ is(sql(q{SELECT next_offset FROM spool.offsets WHERE source = 'sd'}), '4',
 ($rc, $out, $err) = $node->psql('postgres', qq{SELECT spool.replay_dead_letter($dl1)});
 like($err, qr/was replayed already/, 'a replayed dead letter is not replayed twice');
 is(sql(q{SELECT count(*) FROM spool.entries WHERE source = 'sd'}), '3', 'sd: 3 entries in all');
+
+############################################################################
+# (5b) Replay of a dead letter whose message Kafka no longer has.
+############################################################################
+
+my $gone_value = 'not json {';
+produce_one('ops_gone', 'kg', $gone_value);
+produce_one('ops_gone', 'kb', '\big:5000');
+sql(qq{SELECT spool.create_source('sgone', '$bootstrap', ARRAY['ops_gone'],
+	'{"format": "json", "max_message_bytes": 3000, "on_gap": "continue"}')});
+sql(q{SELECT spool.start_source('sgone')});
+poll_ok($node, q{SELECT count(*) = 2 FROM spool.dead_letters WHERE source = 'sgone'},
+	'sgone: offsets 0 (not JSON) and 1 (too large) are dead letters');
+my $dlg = sql(q{SELECT id FROM spool.dead_letters WHERE source = 'sgone' AND kafka_offset = 0});
+my $dlb = sql(q{SELECT id FROM spool.dead_letters WHERE source = 'sgone' AND kafka_offset = 1});
+is(sql(qq{SELECT payload IS NOT NULL FROM spool.dead_letters WHERE id = $dlb}), 'f',
+	'sgone: the too large one holds no payload');
+# The test cluster keeps about 5 MiB per partition: 7.5 MB more pushes the
+# oldest batches, offsets 0 and 1 among them, below the log start.
+$kafka->cmd('produce ops_gone 5000 0 1500 100');
+my ($glow) = $kafka->wmarks('ops_gone', 0);
+cmp_ok($glow, '>', 1, "ops_gone [0]: offsets 0 and 1 are gone from Kafka (log start $glow)");
+poll_ok($node, q{SELECT next_offset = 5002 FROM spool.offsets WHERE source = 'sgone'},
+	'sgone: read to the end');
+# Fix the cause of the first (bytes take anything), replay both.
+sql(q{SELECT spool.alter_source('sgone', NULL, '{"format": "bytes"}')});
+$log_offset = -s $node->logfile;
+sql(qq{SELECT spool.replay_dead_letter($dlg), spool.replay_dead_letter($dlb)});
+poll_ok($node,
+	qq{SELECT count(*) = 2 FROM spool.dead_letters WHERE id IN ($dlg, $dlb)
+	   AND replay_requested_at IS NULL AND replay_attempts = 1},
+	'sgone: both replays tried');
+is( sql(qq{SELECT count(*) || ' ' || bool_and(e.cursor = d.replay_cursor)
+			  || ' ' || bool_and(e.payload = d.payload AND e.payload = '$gone_value'::bytea)
+			  || ' ' || bool_and(e.key = 'kg'::bytea)
+			  || ' ' || bool_and(e.headers IS NULL AND e.kafka_ts IS NULL AND e.value IS NULL)
+			  || ' ' || d.replayed_from
+		FROM spool.entries e JOIN spool.dead_letters d ON d.id = $dlg
+		WHERE e.source = 'sgone' AND e.kafka_offset = 0 GROUP BY d.replayed_from}),
+	'1 true true true true stored',
+	'sgone: the gone message is one entry, built from the stored key and payload, without headers or Kafka timestamp');
+is( sql(qq{SELECT (replay_cursor IS NULL) || ' ' || (replayed_from IS NULL) || ' ' || error
+		FROM spool.dead_letters WHERE id = $dlb}),
+	'true true message no longer in Kafka, and the dead letter holds no payload',
+	'sgone: a gone message without a stored payload keeps a new error');
+is(sql(q{SELECT count(*) FROM spool.entries WHERE source = 'sgone' AND kafka_offset < 2}), '1',
+	'sgone: nothing else of offsets 0 and 1 in the spool');
+ok($node->log_contains(qr/source "sgone": 2 dead letters replayed, 2 of them from their stored payload/,
+		$log_offset),
+	'the replay is in the server log');
+is(sql(q{SELECT next_offset FROM spool.offsets WHERE source = 'sgone'}), '5002',
+	'sgone: replays do not move the offset');
 
 ############################################################################
 # (6) Partitions added while the source runs.
