@@ -31,6 +31,7 @@
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "storage/itemptr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 
@@ -74,11 +75,38 @@ static void nonce_reuse_lowest(const char *signer, const char *owner,
 							   int64 token, int n, const char **request_ids,
 							   int64 *nonces);
 static int	nonce_lookup_requests(const char *signer, int n,
-								  const char **request_ids, int64 *nonces);
+								  const char **request_ids, const bool *fresh_ids,
+								  int64 *nonces);
 static void nonce_forget_released_requests(const char *signer, int n,
 										   const char **request_ids);
 static bool nonce_removed(const char *signer, int64 nonce);
 static void nonce_mark(FunctionCallInfo fcinfo, bool to_released);
+
+/*
+ * spool_plan with a generic plan, for this part's statements: a custom plan
+ * would be planned again at every call (most of a small batch's CPU time),
+ * and it would trust statistics that do not know a new signer yet.  The
+ * statements are written so that their plan does not depend on the signer:
+ * probes of the primary key or of the request index per element, updates
+ * by ctid.
+ */
+SPIPlanPtr
+spool_nonce_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes,
+											  CURSOR_OPT_GENERIC_PLAN);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*cache = plan;
+	}
+	return *cache;
+}
 
 static ArrayType *
 text_array(int n, const char **items)
@@ -105,7 +133,7 @@ text_array(int n, const char **items)
  */
 static int
 nonce_lookup_requests(const char *signer, int n, const char **request_ids,
-					  int64 *nonces)
+					  const bool *fresh_ids, int64 *nonces)
 {
 	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
 	Datum		v[2];
@@ -116,16 +144,19 @@ nonce_lookup_requests(const char *signer, int n, const char **request_ids,
 	int			nreleased = 0;
 	bool		any = false;
 
+	/* Ids made for their call and never queued before own no nonce. */
 	for (j = 0; j < n; j++)
-		any |= (request_ids[j] != NULL);
+		any |= (request_ids[j] != NULL && !(fresh_ids && fresh_ids[j]));
 	if (!any)
 		return 0;
 
-	spool_plan(&plan_find_req,
-			   "SELECT request_id, nonce, state = 'released'"
-			   " FROM spool.nonce_store"
-			   " WHERE signer = $1 AND request_id = ANY ($2)",
-			   2, t);
+	/* One index probe per id (see spool_nonce_report_batch). */
+	spool_nonce_plan(&plan_find_req,
+					 "SELECT u.r, s.nonce, s.state = 'released'"
+					 "  FROM unnest($2::text[]) AS u(r),"
+					 "       LATERAL (SELECT nonce, state FROM spool.nonce_store"
+					 "                 WHERE signer = $1 AND request_id = u.r OFFSET 0) s",
+					 2, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
 	spool_exec(plan_find_req, v, NULL, false, SPI_OK_SELECT);
@@ -156,10 +187,14 @@ nonce_forget_released_requests(const char *signer, int n, const char **request_i
 	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
 	Datum		v[2];
 
-	spool_plan(&plan_forget_req,
-			   "UPDATE spool.nonce_store SET request_id = NULL"
-			   " WHERE signer = $1 AND request_id = ANY ($2) AND state = 'released'",
-			   2, t);
+	spool_nonce_plan(&plan_forget_req,
+					 "UPDATE spool.nonce_store SET request_id = NULL"
+					 " WHERE ctid = ANY (ARRAY("
+					 "   SELECT s.ctid FROM unnest($2::text[]) AS u(r),"
+					 "          LATERAL (SELECT ctid FROM spool.nonce_store"
+					 "                    WHERE signer = $1 AND request_id = u.r"
+					 "                      AND state = 'released' OFFSET 0) s))",
+					 2, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
 	spool_exec(plan_forget_req, v, NULL, false, SPI_OK_UPDATE);
@@ -171,9 +206,9 @@ signer_guard_lock(const char *signer)
 {
 	Datum		arg = CStringGetTextDatum(signer);
 
-	spool_exec(spool_plan(&plan_guard_lock,
-						  "SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
-						  1, (Oid[]) {TEXTOID}),
+	spool_exec(spool_nonce_plan(&plan_guard_lock,
+								"SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
+								1, (Oid[]) {TEXTOID}),
 			   &arg, NULL, false, SPI_OK_SELECT);
 }
 
@@ -188,11 +223,11 @@ signer_guard_granted(const char *signer, int64 token, Oid role)
 	Datum		v[3];
 	char		nulls[3] = {' ', ' ', role == SPOOL_LEASE_INTERNAL ? 'n' : ' '};
 
-	spool_plan(&plan_guard_stamp,
-			   "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
-			   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
-			   " role = coalesce(nonce_signer.role, EXCLUDED.role)",
-			   3, (Oid[]) {TEXTOID, INT8OID, OIDOID});
+	spool_nonce_plan(&plan_guard_stamp,
+					 "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
+					 " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
+					 " role = coalesce(nonce_signer.role, EXCLUDED.role)",
+					 3, (Oid[]) {TEXTOID, INT8OID, OIDOID});
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum(token);
 	v[2] = ObjectIdGetDatum(role);
@@ -224,20 +259,20 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 	int64		base;
 	int			i;
 
-	spool_plan(&plan_take_new,
-			   "WITH s AS ("
-			   "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
-			   "    FROM spool.lease_store l"
-			   "   WHERE ns.signer = $1 AND ns.released = 0 AND ns.lease_token = $4"
-			   "     AND l.resource = 'signer:' || $1 AND l.owner = $3"
-			   "     AND l.token = $4 AND l.expires_at > clock_timestamp()"
-			   "  RETURNING ns.next_nonce - $2 AS base, l.role),"
-			   " ins AS ("
-			   "  INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id)"
-			   "  SELECT $1, s.base + u.o - 1, 'allocated', $3, $4, u.r"
-			   "    FROM s, unnest($5::text[]) WITH ORDINALITY AS u(r, o))"
-			   " SELECT base, role FROM s",
-			   5, t);
+	spool_nonce_plan(&plan_take_new,
+					 "WITH s AS ("
+					 "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
+					 "    FROM spool.lease_store l"
+					 "   WHERE ns.signer = $1 AND ns.released = 0 AND ns.lease_token = $4"
+					 "     AND l.resource = 'signer:' || $1 AND l.owner = $3"
+					 "     AND l.token = $4 AND l.expires_at > clock_timestamp()"
+					 "  RETURNING ns.next_nonce - $2 AS base, l.role),"
+					 " ins AS ("
+					 "  INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id)"
+					 "  SELECT $1, s.base + u.o - 1, 'allocated', $3, $4, u.r"
+					 "    FROM s, unnest($5::text[]) WITH ORDINALITY AS u(r, o))"
+					 " SELECT base, role FROM s",
+					 5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum((int64) n);
 	v[2] = CStringGetTextDatum(owner);
@@ -272,13 +307,13 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 	bool		role_null;
 	SpoolLeaseRow row = {.found = true};
 
-	spool_plan(&plan_lock_signer,
-			   "SELECT ns.released, ns.lease_token, l.owner,"
-			   "       coalesce(l.expires_at > clock_timestamp(), false), l.role"
-			   "  FROM spool.nonce_signer ns"
-			   "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
-			   " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
-			   1, (Oid[]) {TEXTOID});
+	spool_nonce_plan(&plan_lock_signer,
+					 "SELECT ns.released, ns.lease_token, l.owner,"
+					 "       coalesce(l.expires_at > clock_timestamp(), false), l.role"
+					 "  FROM spool.nonce_signer ns"
+					 "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
+					 " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
+					 1, (Oid[]) {TEXTOID});
 	v[0] = CStringGetTextDatum(signer);
 	if (spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT) == 0)
 		ereport(ERROR,
@@ -310,20 +345,20 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	uint64		got;
 	uint64		i;
 
-	spool_plan(&plan_reuse,
-			   "WITH h AS (SELECT nonce, row_number() OVER (ORDER BY nonce) AS o"
-			   "             FROM spool.nonce_store"
-			   "            WHERE signer = $1 AND state = 'released'"
-			   "            ORDER BY nonce LIMIT $4),"
-			   " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
-			   "        token = $3, request_id = ($5::text[])[h.o],"
-			   "        updated_at = clock_timestamp()"
-			   "         FROM h WHERE n.signer = $1 AND n.nonce = h.nonce"
-			   "       RETURNING n.nonce, h.o),"
-			   " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
-			   "        WHERE signer = $1)"
-			   " SELECT nonce FROM u ORDER BY o",
-			   5, t);
+	spool_nonce_plan(&plan_reuse,
+					 "WITH h AS (SELECT nonce, ctid, row_number() OVER (ORDER BY nonce) AS o"
+					 "             FROM spool.nonce_store"
+					 "            WHERE signer = $1 AND state = 'released'"
+					 "            ORDER BY nonce LIMIT $4),"
+					 " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
+					 "        token = $3, request_id = ($5::text[])[h.o],"
+					 "        updated_at = clock_timestamp()"
+					 "         FROM h WHERE n.ctid = h.ctid"
+					 "       RETURNING n.nonce, h.o),"
+					 " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
+					 "        WHERE signer = $1)"
+					 " SELECT nonce FROM u ORDER BY o",
+					 5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
@@ -346,11 +381,16 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
  * Allocate n nonces for signer in the current transaction, fenced by
  * (owner, token), for role (a client's, or SPOOL_LEASE_INTERNAL).
  * request_ids[i] may be NULL; a repeated id returns the nonce it got before,
- * also when it repeats within the batch.  The caller is connected to SPI.
+ * also when it repeats within the batch; fresh_ids (may be NULL) marks ids
+ * known to own no nonce, which are not looked up.  locked_released >= 0 says
+ * that this transaction already locked the signer row and checked the fence
+ * (spool_nonce_report_batch returned it), and how many nonces are RELEASED:
+ * the lock and the check are not repeated.  The caller is connected to SPI.
  */
 void
 spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
-						   int n, const char **request_ids, int64 *nonces, Oid role)
+						   int n, const char **request_ids, const bool *fresh_ids,
+						   int64 *nonces, Oid role, int64 locked_released)
 {
 	const char **pending_ids = palloc(sizeof(char *) * n);
 	int		   *pending_at = palloc(sizeof(int) * n);
@@ -358,12 +398,13 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 	int			npending = 0;
 	int			done = 0;
 	int64		released;
+	int			reissued;
 	int			i;
 	int			j;
 
 	for (i = 0; i < n; i++)
 		nonces[i] = -1;
-	released = nonce_lookup_requests(signer, n, request_ids, nonces);
+	reissued = nonce_lookup_requests(signer, n, request_ids, fresh_ids, nonces);
 
 	/* Pending: no nonce yet, and not a repeat of an earlier request in the batch. */
 	for (i = 0; i < n; i++)
@@ -382,12 +423,17 @@ spool_nonce_allocate_batch(const char *signer, const char *owner, int64 token,
 		npending++;
 	}
 
-	/* Common case: one fenced statement; otherwise lock, check, and reuse holes. */
-	if (npending == 0 || released > 0 ||
+	/*
+	 * Common case: one fenced statement; otherwise lock, check, and reuse
+	 * holes.  With the signer locked and checked already, go straight to the
+	 * holes when there are any.
+	 */
+	if (npending == 0 || reissued > 0 || locked_released > 0 ||
 		!nonce_take_new(signer, owner, token, npending, pending_ids, got, role))
 	{
-		released = signer_lock_and_check(signer, owner, token, role);
-		if (npending > 0)
+		released = locked_released >= 0 ? locked_released :
+			signer_lock_and_check(signer, owner, token, role);
+		if (npending > 0 && reissued > 0)
 			nonce_forget_released_requests(signer, npending, pending_ids);
 		if (npending > 0 && released > 0)
 		{
@@ -427,7 +473,8 @@ spool_nonce_allocate(PG_FUNCTION_ARGS)
 	spool_require_shmem();
 	spool_enter(&caller);
 	SPI_connect();
-	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, &nonce, caller.role);
+	spool_nonce_allocate_batch(signer, owner, token, 1, &request_id, NULL, &nonce,
+							   caller.role, -1);
 	SPI_finish();
 	spool_leave(&caller);
 	PG_RETURN_INT64(nonce);
@@ -465,24 +512,28 @@ nonce_removed(const char *signer, int64 nonce)
  *
  * Fence and role problems raise (they concern every report); a report's own
  * problem (SP005, SP006) is returned in it, so one bad report fails nobody
- * else.  Changes are written with one statement whatever n is.  The caller
- * is connected to SPI.
+ * else.  Changes are written with one statement whatever n is.  Returns
+ * how many of the signer's nonces are RELEASED now; the signer row stays
+ * locked until the transaction ends.  The caller is connected to SPI.
  */
-void
+int64
 spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 						 Oid role, int n, SpoolNonceReport *reports)
 {
 	Oid			t2[2] = {TEXTOID, INT8ARRAYOID};
-	Oid			t6[6] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID, TEXTOID, INT8OID, INT8OID};
+	Oid			t6[6] = {TEXTOID, TIDARRAYOID, TIDARRAYOID, TEXTOID, INT8OID, INT8OID};
 	Datum		v[6];
 	Datum	   *nd = palloc(sizeof(Datum) * Max(n, 1));
 	int64	   *rows_nonce;
 	char	  **rows_state;
 	char	  **rows_rid;
+	ItemPointerData *rows_tid;
 	bool	   *rows_changed;
+	int			nd_n = 0;
 	int			nrows;
 	int			nchanged = 0;
 	int64		nreleased = 0;
+	int64		released;
 	int			i;
 	int			r;
 
@@ -491,20 +542,38 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	 * writer of the signer's nonce rows holds that lock, so the rows need no
 	 * lock of their own.
 	 */
-	(void) signer_lock_and_check(signer, owner, token, role);
+	released = signer_lock_and_check(signer, owner, token, role);
 
+	/* Each nonce once: a row is changed at most once below. */
 	for (i = 0; i < n; i++)
-		nd[i] = Int64GetDatum(reports[i].nonce);
-	spool_plan(&plan_get_nonce,
-			   "SELECT nonce, state::text, request_id FROM spool.nonce_store"
-			   " WHERE signer = $1 AND nonce = ANY ($2)",
-			   2, t2);
+	{
+		for (r = 0; r < nd_n && DatumGetInt64(nd[r]) != reports[i].nonce; r++)
+			;
+		if (r == nd_n)
+			nd[nd_n++] = Int64GetDatum(reports[i].nonce);
+	}
+
+	/*
+	 * One index probe per nonce (a lateral subquery that is not flattened):
+	 * written as "nonce = ANY ($2)" or as a join, the planner may pick a scan
+	 * of all the signer's rows, which looks cheap while the statistics do not
+	 * know the signer yet (a new, hot signer) and costs O(rows) per batch.
+	 * ctid names the row for the update below; it cannot change before then,
+	 * because every writer of a non-consumed row holds the signer row lock.
+	 */
+	spool_nonce_plan(&plan_get_nonce,
+					 "SELECT u.n, s.state::text, s.request_id, s.ctid"
+					 "  FROM unnest($2::bigint[]) AS u(n),"
+					 "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
+					 "                 WHERE signer = $1 AND nonce = u.n OFFSET 0) s",
+					 2, t2);
 	v[0] = CStringGetTextDatum(signer);
-	v[1] = PointerGetDatum(construct_array(nd, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	v[1] = PointerGetDatum(construct_array(nd, nd_n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	nrows = (int) spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT);
 	rows_nonce = palloc(sizeof(int64) * Max(nrows, 1));
 	rows_state = palloc(sizeof(char *) * Max(nrows, 1));
 	rows_rid = palloc(sizeof(char *) * Max(nrows, 1));
+	rows_tid = palloc(sizeof(ItemPointerData) * Max(nrows, 1));
 	rows_changed = palloc0(sizeof(bool) * Max(nrows, 1));
 	for (r = 0; r < nrows; r++)
 	{
@@ -515,6 +584,8 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 		rows_nonce[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		rows_state[r] = SPI_getvalue(tup, desc, 2);
 		rows_rid[r] = SPI_getvalue(tup, desc, 3);
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 4, &isnull)),
+						&rows_tid[r]);
 	}
 
 	for (i = 0; i < n; i++)
@@ -594,33 +665,43 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 			nchanged++;
 	if (nchanged > 0)
 	{
-		Datum	   *cn = palloc(sizeof(Datum) * nchanged);
-		const char **cs = palloc(sizeof(char *) * nchanged);
+		Datum	   *ct = palloc(sizeof(Datum) * nchanged);
+		Datum	   *rt = palloc(sizeof(Datum) * Max(nreleased, 1));
 		int			k = 0;
+		int			kr = 0;
 
 		for (r = 0; r < nrows; r++)
 			if (rows_changed[r])
 			{
-				cn[k] = Int64GetDatum(rows_nonce[r]);
-				cs[k++] = rows_state[r];
+				ct[k++] = PointerGetDatum(&rows_tid[r]);
+				if (strcmp(rows_state[r], "released") == 0)
+					rt[kr++] = PointerGetDatum(&rows_tid[r]);
 			}
-		/* The rows and the signer's count of released ones, in one statement. */
-		spool_plan(&plan_set_state,
-				   "WITH u AS (UPDATE spool.nonce_store n SET state = u.s::spool.nonce_state,"
-				   "            owner = $4, token = $5, updated_at = clock_timestamp()"
-				   "             FROM unnest($2::bigint[], $3::text[]) AS u(n, s)"
-				   "            WHERE n.signer = $1 AND n.nonce = u.n)"
-				   " UPDATE spool.nonce_signer SET released = released + $6"
-				   "  WHERE signer = $1 AND $6 > 0",
-				   6, t6);
-		v[1] = PointerGetDatum(construct_array(cn, nchanged, INT8OID, 8, FLOAT8PASSBYVAL,
-											   TYPALIGN_DOUBLE));
-		v[2] = PointerGetDatum(text_array(nchanged, cs));
+
+		/*
+		 * The rows (by the ctids read above under the signer lock: a TID
+		 * scan, whatever the statistics say) and the signer's count of
+		 * released ones, in one statement.
+		 */
+		spool_nonce_plan(&plan_set_state,
+						 "WITH u AS (UPDATE spool.nonce_store n"
+						 "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
+						 "                               ELSE 'consumed' END::spool.nonce_state,"
+						 "                  owner = $4, token = $5, updated_at = clock_timestamp()"
+						 "            WHERE n.ctid = ANY ($2))"
+						 " UPDATE spool.nonce_signer SET released = released + $6"
+						 "  WHERE signer = $1 AND $6 > 0",
+						 6, t6);
+		v[1] = PointerGetDatum(construct_array(ct, nchanged, TIDOID, sizeof(ItemPointerData),
+											   false, TYPALIGN_SHORT));
+		v[2] = PointerGetDatum(construct_array(rt, kr, TIDOID, sizeof(ItemPointerData),
+											   false, TYPALIGN_SHORT));
 		v[3] = CStringGetTextDatum(owner);
 		v[4] = Int64GetDatum(token);
 		v[5] = Int64GetDatum(nreleased);
 		spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
 	}
+	return released + nreleased;
 }
 
 /* Raise the error a report recorded, if any. */
@@ -650,7 +731,7 @@ nonce_mark(FunctionCallInfo fcinfo, bool to_released)
 	spool_require_shmem();
 	spool_enter(&caller);
 	SPI_connect();
-	spool_nonce_report_batch(signer, owner, token, caller.role, 1, &rep);
+	(void) spool_nonce_report_batch(signer, owner, token, caller.role, 1, &rep);
 	spool_nonce_report_raise(&rep);
 	SPI_finish();
 	spool_leave(&caller);
@@ -715,11 +796,11 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	v[3] = Int64GetDatum(token);
 
 	/* Under the signer row lock, which every writer of these rows takes. */
-	spool_plan(&plan_below_count,
-			   "SELECT count(*), count(*) FILTER (WHERE state = 'released')"
-			   "  FROM spool.nonce_store"
-			   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
-			   2, (Oid[]) {TEXTOID, INT8OID});
+	spool_nonce_plan(&plan_below_count,
+					 "SELECT count(*), count(*) FILTER (WHERE state = 'released')"
+					 "  FROM spool.nonce_store"
+					 " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
+					 2, (Oid[]) {TEXTOID, INT8OID});
 	spool_exec(plan_below_count, v, NULL, false, SPI_OK_SELECT);
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -727,25 +808,25 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	was_released = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	if (consumed > 0)
 	{
-		spool_plan(&plan_below_consume,
-				   "UPDATE spool.nonce_store SET state = 'consumed', owner = $3, token = $4,"
-				   " updated_at = clock_timestamp()"
-				   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
-				   4, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID});
+		spool_nonce_plan(&plan_below_consume,
+						 "UPDATE spool.nonce_store SET state = 'consumed', owner = $3, token = $4,"
+						 " updated_at = clock_timestamp()"
+						 " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
+						 4, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID});
 		spool_exec(plan_below_consume, v, NULL, false, SPI_OK_UPDATE);
 	}
 
-	spool_plan(&plan_set_next,
-			   "WITH o AS (SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1),"
-			   " u AS (UPDATE spool.nonce_signer SET next_nonce = greatest(next_nonce, $2),"
-			   "        released = released - $3 WHERE signer = $1"
-			   "       RETURNING next_nonce)"
-			   " SELECT o.next_nonce, u.next_nonce,"
-			   "        coalesce((SELECT min(nonce) FROM spool.nonce_store"
-			   "                   WHERE signer = $1 AND state = 'released' AND nonce >= $2),"
-			   "                 u.next_nonce)"
-			   "   FROM o, u",
-			   3, (Oid[]) {TEXTOID, INT8OID, INT8OID});
+	spool_nonce_plan(&plan_set_next,
+					 "WITH o AS (SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1),"
+					 " u AS (UPDATE spool.nonce_signer SET next_nonce = greatest(next_nonce, $2),"
+					 "        released = released - $3 WHERE signer = $1"
+					 "       RETURNING next_nonce)"
+					 " SELECT o.next_nonce, u.next_nonce,"
+					 "        coalesce((SELECT min(nonce) FROM spool.nonce_store"
+					 "                   WHERE signer = $1 AND state = 'released' AND nonce >= $2),"
+					 "                 u.next_nonce)"
+					 "   FROM o, u",
+					 3, (Oid[]) {TEXTOID, INT8OID, INT8OID});
 	{
 		Datum		sv[3] = {v[0], v[1], Int64GetDatum(was_released)};
 
@@ -758,11 +839,11 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	new_next = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	next_out = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 
-	spool_plan(&plan_set_next_log,
-			   "INSERT INTO spool.nonce_set_next_log"
-			   " (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)"
-			   " VALUES ($1, $2, $5, $6, $7, $8, $3, $4)",
-			   8, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID});
+	spool_nonce_plan(&plan_set_next_log,
+					 "INSERT INTO spool.nonce_set_next_log"
+					 " (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)"
+					 " VALUES ($1, $2, $5, $6, $7, $8, $3, $4)",
+					 8, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID});
 	{
 		Datum		lv[8] = {v[0], v[1], v[2], v[3], Int64GetDatum(old_next),
 		Int64GetDatum(new_next), Int64GetDatum(consumed), Int64GetDatum(next_out)};
@@ -794,7 +875,7 @@ spool_nonce_set_next(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	if (PG_ARGISNULL(2) && PG_ARGISNULL(3))
-		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL));
+		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL, false));
 	owner = spool_arg_name(fcinfo, 2, "owner");
 	token = spool_arg_int64(fcinfo, 3, "token", true);
 	spool_require_shmem();

@@ -49,6 +49,8 @@ typedef struct SpoolNonceReq
 	SpoolReqKind kind;
 	int64		arg;			/* reports: the nonce; set_next: the chain's */
 	bool		has_request_id; /* reports: false when the nonce has none */
+	bool		fresh_id;		/* request_id was made for this call and was
+								 * never queued before: no nonce has it yet */
 	char		request_id[SPOOL_REQID_MAX];
 	Oid			role;			/* who asked: the signer must be its role's */
 	int64		nonce;
@@ -91,12 +93,16 @@ extern SpoolNonceReq *spool_requests;
 extern const SpoolShmemArea spool_nonce_shmem;
 
 /* nonce.c */
+extern SPIPlanPtr spool_nonce_plan(SPIPlanPtr *cache, const char *sql, int nargs,
+								   Oid *argtypes);
 extern const SpoolLeaseGuard spool_signer_guard;
 extern char *spool_signer_resource(const char *signer);
 extern void spool_nonce_allocate_batch(const char *signer, const char *owner,
 									   int64 token, int n,
 									   const char **request_ids,
-									   int64 *nonces, Oid role);
+									   const bool *fresh_ids,
+									   int64 *nonces, Oid role,
+									   int64 locked_released);
 
 /*
  * One report on a nonce (nonce.c's state machine): in, the nonce, the
@@ -115,16 +121,16 @@ typedef struct SpoolNonceReport
 	char	   *errhint;
 } SpoolNonceReport;
 
-extern void spool_nonce_report_batch(const char *signer, const char *owner,
-									 int64 token, Oid role, int n,
-									 SpoolNonceReport *reports);
+extern int64 spool_nonce_report_batch(const char *signer, const char *owner,
+									  int64 token, Oid role, int n,
+									  SpoolNonceReport *reports);
 extern void spool_nonce_report_raise(const SpoolNonceReport *rep);
 extern int64 spool_nonce_set_next_kernel(const char *signer, int64 next,
 										 const char *owner, int64 token, Oid role);
 
 /* queue.c */
 extern int64 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
-									const char *request_id);
+									const char *request_id, bool fresh_id);
 extern int	spool_route_signer(const char *signer, int nworkers);
 extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);

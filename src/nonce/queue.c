@@ -16,7 +16,12 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/stratnum.h"
+#include "access/table.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -25,6 +30,8 @@
 #include "pgstat.h"
 #include "storage/ipc.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -39,13 +46,11 @@ PG_FUNCTION_INFO_V1(spool_nonce_report);
 PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
 
 static uint64 auto_request_counter = 0;
-static SPIPlanPtr plan_report_by_nonce = NULL;
-static SPIPlanPtr plan_report_by_request = NULL;
 
 static void request_abandon(int code, Datum arg);
 static void check_queue_mode(void);
 static int	request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
-						   const char *request_id);
+						   const char *request_id, bool fresh_id);
 static void request_wait(SpoolNonceReq *req);
 static void nonce_attach(bool found);
 
@@ -79,6 +84,7 @@ spool_request_enqueue(int w, int idx, bool at_head)
 	req->state = REQ_QUEUED;
 	req->worker = w;
 	req->in_queue = true;
+	req->fresh_id = false;		/* queued before: its batch may have committed */
 	if (slot->nqueued == 0 && slot->ninprogress == 0)
 		slot->heartbeat = GetCurrentTimestamp();	/* stall clock starts now */
 	if (slot->head < 0)
@@ -124,6 +130,14 @@ request_abandon(int code, Datum arg)
 	LWLockRelease(spool_nonce_shared->lock);
 }
 
+/* A request id of this backend's own, unique for its lifetime. */
+static char *
+auto_request_id(void)
+{
+	return psprintf("auto:%d.%ld.%lu", (int) MyProcPid, (long) MyStartTimestamp,
+					(unsigned long) ++auto_request_counter);
+}
+
 /*
  * SQL: spool.nonce_request(signer, request_id) RETURNS bigint
  */
@@ -134,11 +148,97 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	char	   *request_id = spool_arg_name_opt(fcinfo, 1, "request_id");
 
 	check_queue_mode();
-	if (request_id == NULL)
-		request_id = psprintf("auto:%d.%ld.%lu", (int) MyProcPid,
-							  (long) MyStartTimestamp,
-							  (unsigned long) ++auto_request_counter);
-	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1, request_id));
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1,
+										   request_id ? request_id : auto_request_id(),
+										   request_id == NULL));
+}
+
+/*
+ * One index probe of relation relid through index idxname (schema spool)
+ * with nkeys equality keys (columns attnos of the relation), under snapshot;
+ * returns a copy of the tuple found (NULL: none) and the relation's
+ * descriptor.
+ */
+static HeapTuple
+probe_row(Oid relid, Oid nsp, const char *idxname, Snapshot snapshot,
+		  int nkeys, const AttrNumber *attnos, const Oid *eqfuncs, const Datum *keys,
+		  TupleDesc *desc)
+{
+	Relation	rel = table_open(relid, AccessShareLock);
+	ScanKeyData sk[2];
+	SysScanDesc scan;
+	HeapTuple	tup;
+	int			i;
+
+	for (i = 0; i < nkeys; i++)
+		ScanKeyInit(&sk[i], attnos[i], BTEqualStrategyNumber, eqfuncs[i], keys[i]);
+	scan = systable_beginscan(rel, get_relname_relid(idxname, nsp), true, snapshot, nkeys, sk);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		tup = heap_copytuple(tup);
+	systable_endscan(scan);
+	*desc = CreateTupleDescCopy(RelationGetDescr(rel));
+	table_close(rel, AccessShareLock);
+	return tup;
+}
+
+/*
+ * nonce_report's look-up, in the latest committed state (not the caller's
+ * snapshot: a repeatable read transaction must find the nonce a worker
+ * committed for it after its snapshot was taken): the nonce (by_nonce) or
+ * the request id.  Returns whether it has a row, and then its nonce and
+ * request id (NULL: none).  Index probes without the executor: this runs in
+ * every reporting backend.
+ */
+static bool
+report_lookup(Oid nsp, const char *signer, bool by_nonce, int64 nonce,
+			  const char *request_id, int64 *found, char **rid)
+{
+	Oid			store_rel = get_relname_relid("nonce_store", nsp);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Datum		keys[2] = {CStringGetTextDatum(signer),
+	by_nonce ? Int64GetDatum(nonce) : CStringGetTextDatum(request_id)};
+	TupleDesc	desc;
+	HeapTuple	tup;
+	bool		isnull;
+	Datum		d;
+
+	tup = probe_row(store_rel, nsp, by_nonce ? "nonce_store_pkey" : "nonce_store_request",
+					snapshot, 2,
+					(AttrNumber[]) {get_attnum(store_rel, "signer"),
+					get_attnum(store_rel, by_nonce ? "nonce" : "request_id")},
+					(Oid[]) {F_TEXTEQ, by_nonce ? F_INT8EQ : F_TEXTEQ}, keys, &desc);
+	UnregisterSnapshot(snapshot);
+	if (!HeapTupleIsValid(tup))
+		return false;
+	*found = DatumGetInt64(heap_getattr(tup, get_attnum(store_rel, "nonce"), desc, &isnull));
+	d = heap_getattr(tup, get_attnum(store_rel, "request_id"), desc, &isnull);
+	*rid = isnull ? NULL : TextDatumGetCString(d);
+	return true;
+}
+
+/*
+ * The role signer belongs to (InvalidOid: none, or no such signer), in the
+ * latest committed state.
+ */
+static Oid
+signer_role_lookup(Oid nsp, const char *signer)
+{
+	Oid			signer_rel = get_relname_relid("nonce_signer", nsp);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Datum		key = CStringGetTextDatum(signer);
+	TupleDesc	desc;
+	HeapTuple	tup;
+	bool		isnull = true;
+	Datum		d = (Datum) 0;
+
+	tup = probe_row(signer_rel, nsp, "nonce_signer_pkey", snapshot, 1,
+					(AttrNumber[]) {get_attnum(signer_rel, "signer")},
+					(Oid[]) {F_TEXTEQ}, &key, &desc);
+	UnregisterSnapshot(snapshot);
+	if (HeapTupleIsValid(tup))
+		d = heap_getattr(tup, get_attnum(signer_rel, "role"), desc, &isnull);
+	return isnull ? InvalidOid : DatumGetObjectId(d);
 }
 
 /*
@@ -159,14 +259,9 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	int64		nonce = by_nonce ? spool_arg_int64(fcinfo, 2, "nonce", true) : -1;
 	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
 	SpoolReqKind kind;
-	SpoolCaller caller;
-	Datum		v[2];
-	bool		isnull = true;
-	char	   *rid;
-	Oid			role;
+	Oid			nsp;
+	char	   *rid = NULL;
 	int64		found = -1;
-	SPIPlanPtr	plan;
-	MemoryContext outer = CurrentMemoryContext;
 
 	if (strcmp(outcome, "used") == 0)
 		kind = SPOOL_REQ_USED;
@@ -184,60 +279,31 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 				 errhint("Name the nonce, or the request_id it was requested with.")));
 	check_queue_mode();
 
-	spool_enter(&caller);
-	SPI_connect();
-	v[0] = CStringGetTextDatum(signer);
-	if (by_nonce)
-	{
-		v[1] = Int64GetDatum(nonce);
-		plan = spool_plan(&plan_report_by_nonce,
-						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
-						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.nonce = $2"
-						  " WHERE s.signer = $1",
-						  2, (Oid[]) {TEXTOID, INT8OID});
-	}
-	else
-	{
-		v[1] = CStringGetTextDatum(request_id);
-		plan = spool_plan(&plan_report_by_request,
-						  "SELECT s.role, n.nonce, n.request_id FROM spool.nonce_signer s"
-						  "  LEFT JOIN spool.nonce_store n ON n.signer = s.signer AND n.request_id = $2"
-						  " WHERE s.signer = $1",
-						  2, (Oid[]) {TEXTOID, TEXTOID});
-	}
-
 	/*
-	 * The latest committed state, not the caller's snapshot: a repeatable
-	 * read transaction must find the nonce a worker committed for it after
-	 * its snapshot was taken.
+	 * A nonce that was found goes to the worker, which checks the caller's
+	 * role like for every request (42501, nothing changed); only a miss
+	 * reads the signer here, so that another role's signer answers 42501
+	 * rather than saying which nonces it has.  No SQL runs here, so the
+	 * caller's user and search_path stay as they are (the probes check no
+	 * privileges).
 	 */
-	PushActiveSnapshot(GetLatestSnapshot());
-	spool_exec(plan, v, NULL, true, SPI_OK_SELECT);
-	PopActiveSnapshot();
-	if (SPI_processed == 1)
+	nsp = get_namespace_oid("spool", false);
+	if (!report_lookup(nsp, signer, by_nonce, nonce, request_id, &found, &rid))
 	{
-		role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-											  &isnull));
-		if (!isnull && !spool_role_is_member(caller.role, role))
+		Oid			role = signer_role_lookup(nsp, signer);
+
+		if (OidIsValid(role) && !spool_role_is_member(GetUserId(), role))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("signer \"%s\" belongs to another role", signer)));
-		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
-											&isnull));
-	}
-	if (SPI_processed != 1 || isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
 				 by_nonce ?
 				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
 				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", request_id, signer),
 				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
-	rid = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
-	rid = rid ? MemoryContextStrdup(outer, rid) : NULL;
-	SPI_finish();
-	spool_leave(&caller);
-
-	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid));
+	}
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid, false));
 }
 
 /*
@@ -248,7 +314,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
  */
 int64
 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
-					   const char *request_id)
+					   const char *request_id, bool fresh_id)
 {
 	SpoolNonceReq *req;
 	SpoolReqState state;
@@ -260,7 +326,7 @@ spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
 
 	check_queue_mode();
 	w = spool_route_signer(signer, spool_nonce_shared->nworkers);
-	idx = request_submit(w, signer, kind, arg, request_id);
+	idx = request_submit(w, signer, kind, arg, request_id, fresh_id);
 	req = &spool_requests[idx];
 
 	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
@@ -327,7 +393,7 @@ check_queue_mode(void)
  */
 static int
 request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
-			   const char *request_id)
+			   const char *request_id, bool fresh_id)
 {
 	SpoolNonceReq *req;
 	Latch	   *latch;
@@ -356,6 +422,7 @@ request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
 	req->sqlerrcode = 0;
 	req->errmsg[0] = '\0';
 	spool_request_enqueue(w, idx, false);
+	req->fresh_id = fresh_id;	/* enqueue cleared it: a re-queue is not fresh */
 	latch = spool_nonce_shared->workers[w].latch;
 	LWLockRelease(spool_nonce_shared->lock);
 	if (latch)

@@ -51,6 +51,7 @@ typedef struct BatchItem
 	SpoolReqKind kind;
 	int64		arg;
 	char	   *request_id;		/* NULL: a report on a nonce without one */
+	bool		fresh_id;		/* request_id owns no nonce yet */
 	Oid			role;
 	int64		nonce;
 	int			sqlerrcode;
@@ -247,6 +248,7 @@ worker_dequeue(BatchItem *items, int max)
 		items[n].kind = req->kind;
 		items[n].arg = req->arg;
 		items[n].request_id = req->has_request_id ? pstrdup(req->request_id) : NULL;
+		items[n].fresh_id = req->fresh_id;
 		items[n].role = req->role;
 		items[n].nonce = -1;
 		items[n].sqlerrcode = 0;
@@ -385,10 +387,10 @@ signer_role(const char *signer, Oid first)
 	Datum		v[2] = {CStringGetTextDatum(signer), ObjectIdGetDatum(first)};
 	bool		isnull;
 
-	spool_plan(&plan_signer_role,
-			   "UPDATE spool.nonce_signer SET role = coalesce(role, $2)"
-			   " WHERE signer = $1 RETURNING role",
-			   2, (Oid[]) {TEXTOID, OIDOID});
+	spool_nonce_plan(&plan_signer_role,
+					 "UPDATE spool.nonce_signer SET role = coalesce(role, $2)"
+					 " WHERE signer = $1 RETURNING role",
+					 2, (Oid[]) {TEXTOID, OIDOID});
 	if (spool_exec(plan_signer_role, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
 		elog(ERROR, "signer \"%s\" has no row", signer);
 	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
@@ -441,6 +443,10 @@ signer_lease(const char *signer)
 }
 
 /*
+ * Messages kept in items are copied to loop_cxt: what is allocated here
+ * belongs to SPI and is gone once the transaction ends, before
+ * worker_complete reads them.
+ *
  * Serve one signer's requests, (re)acquiring its lease when needed: first
  * the set_next calls, then the reports (so a nonce given back is handed out
  * at once), then the allocations, all with the kernel basic mode uses.  A
@@ -451,6 +457,8 @@ worker_serve_signer(BatchItem *items, int n)
 {
 	const char *signer = items[0].signer;
 	const char **ids = palloc(sizeof(char *) * n);
+	bool	   *fresh = palloc(sizeof(bool) * n);
+	int64		locked_released = -1;
 	int64	   *nonces = palloc(sizeof(int64) * n);
 	int		   *at = palloc(sizeof(int) * n);
 	SpoolNonceReport *reports = palloc0(sizeof(SpoolNonceReport) * n);
@@ -470,7 +478,9 @@ worker_serve_signer(BatchItem *items, int n)
 		if (!allowed[i])
 		{
 			items[i].sqlerrcode = ERRCODE_INSUFFICIENT_PRIVILEGE;
-			items[i].errmsg = psprintf("signer \"%s\" belongs to another role", signer);
+			items[i].errmsg = MemoryContextStrdup(loop_cxt,
+												  psprintf("signer \"%s\" belongs to another role",
+														   signer));
 		}
 	}
 
@@ -491,8 +501,8 @@ worker_serve_signer(BatchItem *items, int n)
 		}
 	if (nreports > 0)
 	{
-		spool_nonce_report_batch(signer, my_owner, hl->token, SPOOL_LEASE_INTERNAL,
-								 nreports, reports);
+		locked_released = spool_nonce_report_batch(signer, my_owner, hl->token,
+												   SPOOL_LEASE_INTERNAL, nreports, reports);
 		for (i = 0; i < nreports; i++)
 		{
 			BatchItem  *it = &items[at[i]];
@@ -502,7 +512,7 @@ worker_serve_signer(BatchItem *items, int n)
 			else
 			{
 				it->sqlerrcode = reports[i].sqlerrcode;
-				it->errmsg = reports[i].errmsg;
+				it->errmsg = MemoryContextStrdup(loop_cxt, reports[i].errmsg);
 			}
 		}
 	}
@@ -511,12 +521,13 @@ worker_serve_signer(BatchItem *items, int n)
 		if (allowed[i] && items[i].kind == SPOOL_REQ_ALLOCATE)
 		{
 			ids[nallowed] = items[i].request_id;
+			fresh[nallowed] = items[i].fresh_id;
 			at[nallowed++] = i;
 		}
 	if (nallowed == 0)
 		return;
-	spool_nonce_allocate_batch(signer, my_owner, hl->token, nallowed, ids, nonces,
-							   SPOOL_LEASE_INTERNAL);
+	spool_nonce_allocate_batch(signer, my_owner, hl->token, nallowed, ids, fresh, nonces,
+							   SPOOL_LEASE_INTERNAL, locked_released);
 	for (i = 0; i < nallowed; i++)
 		items[at[i]].nonce = nonces[i];
 }
