@@ -67,6 +67,17 @@ const SpoolLeaseGuard spool_signer_guard = {
 	.granted = signer_guard_granted,
 };
 
+/* The rows of a batch's reported nonces, read under the signer lock. */
+typedef struct ReportRows
+{
+	int			n;
+	int64	   *nonce;
+	const char **state;			/* 'allocated', 'released' or 'consumed' */
+	char	  **rid;			/* request_id, or NULL */
+	ItemPointerData *tid;		/* ctid, for the update */
+	bool	   *changed;		/* state changed by this batch */
+} ReportRows;
+
 static bool nonce_take_new(const char *signer, const char *owner, int64 token,
 						   int n, const char **request_ids, int64 *nonces, Oid role);
 static int64 signer_lock_and_check(const char *signer, const char *owner,
@@ -80,6 +91,11 @@ static int	nonce_lookup_requests(const char *signer, int n,
 static void nonce_forget_released_requests(const char *signer, int n,
 										   const char **request_ids);
 static bool nonce_removed(const char *signer, int64 nonce);
+static void report_rows_read(const char *signer, int n, const SpoolNonceReport *reports,
+							 ReportRows *rows);
+static int	report_decide(const char *signer, SpoolNonceReport *rep, const ReportRows *rows);
+static void report_rows_write(const char *signer, const char *owner, int64 token,
+							  const ReportRows *rows, int64 nreleased);
 static void nonce_mark(FunctionCallInfo fcinfo, bool to_released);
 
 /*
@@ -501,6 +517,191 @@ nonce_removed(const char *signer, int64 nonce)
 }
 
 /*
+ * Read the rows of the reported nonces (each once) with their ctids, for
+ * report_decide and report_rows_write.  The caller holds the signer lock.
+ */
+static void
+report_rows_read(const char *signer, int n, const SpoolNonceReport *reports, ReportRows *rows)
+{
+	Oid			t2[2] = {TEXTOID, INT8ARRAYOID};
+	Datum		v[2];
+	Datum	   *nd = palloc(sizeof(Datum) * Max(n, 1));
+	int			nd_n = 0;
+	int			i;
+	int			r;
+
+	/* Each nonce once: a row is changed at most once. */
+	for (i = 0; i < n; i++)
+	{
+		for (r = 0; r < nd_n && DatumGetInt64(nd[r]) != reports[i].nonce; r++)
+			;
+		if (r == nd_n)
+			nd[nd_n++] = Int64GetDatum(reports[i].nonce);
+	}
+
+	/*
+	 * One index probe per nonce (a lateral subquery that is not flattened):
+	 * written as "nonce = ANY ($2)" or as a join, the planner may pick a scan
+	 * of all the signer's rows, which looks cheap while the statistics do not
+	 * know the signer yet (a new, hot signer) and costs O(rows) per batch.
+	 * ctid names the row for the update; it cannot change before then,
+	 * because every writer of a non-consumed row holds the signer row lock.
+	 */
+	spool_nonce_plan(&plan_get_nonce,
+					 "SELECT u.n, s.state::text, s.request_id, s.ctid"
+					 "  FROM unnest($2::bigint[]) AS u(n),"
+					 "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
+					 "                 WHERE signer = $1 AND nonce = u.n OFFSET 0) s",
+					 2, t2);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = PointerGetDatum(construct_array(nd, nd_n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	rows->n = (int) spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT);
+	rows->nonce = palloc(sizeof(int64) * Max(rows->n, 1));
+	rows->state = palloc(sizeof(char *) * Max(rows->n, 1));
+	rows->rid = palloc(sizeof(char *) * Max(rows->n, 1));
+	rows->tid = palloc(sizeof(ItemPointerData) * Max(rows->n, 1));
+	rows->changed = palloc0(sizeof(bool) * Max(rows->n, 1));
+	for (r = 0; r < rows->n; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		rows->nonce[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		rows->state[r] = SPI_getvalue(tup, desc, 2);
+		rows->rid[r] = SPI_getvalue(tup, desc, 3);
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 4, &isnull)),
+						&rows->tid[r]);
+	}
+}
+
+/* Set rep's error: SP006 (illegal transition) with its message and detail. */
+static void
+report_transition_error(SpoolNonceReport *rep, const char *signer, const char *what,
+						const char *detail)
+{
+	rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
+	rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" %s", rep->nonce, signer, what);
+	rep->errdetail = unconstify(char *, detail);
+}
+
+/*
+ * The state machine for one report against the rows read: returns the index
+ * of the row to move from ALLOCATED to the reported state, or -1 when there
+ * is nothing to change (a repeat) or the report fails (its error set in rep).
+ */
+static int
+report_decide(const char *signer, SpoolNonceReport *rep, const ReportRows *rows)
+{
+	const char *target = rep->to_released ? "released" : "consumed";
+	int			r;
+
+	rep->sqlerrcode = 0;
+	for (r = 0; r < rows->n && rows->nonce[r] != rep->nonce; r++)
+		;
+	if (r == rows->n && nonce_removed(signer, rep->nonce))
+	{
+		/*
+		 * Every nonce below next_nonce has a row until retention removes it,
+		 * and retention removes only consumed ones: CONSUMED stays final, and
+		 * marking it used again is a repeat.
+		 */
+		if (rep->to_released)
+			report_transition_error(rep, signer, "is consumed and cannot be released",
+									"It was consumed and later removed by spool.nonce_history_retention.");
+		return -1;
+	}
+	if (r == rows->n)
+	{
+		rep->sqlerrcode = ERRCODE_SPOOL_UNKNOWN_NONCE;
+		rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" was never allocated",
+							   rep->nonce, signer);
+		rep->errhint = "Only nonces returned by spool.nonce_allocate or spool.nonce_request can be marked.";
+		return -1;
+	}
+	if (rep->match_request &&
+		!((rep->request_id == NULL && rows->rid[r] == NULL) ||
+		  (rep->request_id != NULL && rows->rid[r] != NULL &&
+		   strcmp(rep->request_id, rows->rid[r]) == 0)))
+	{
+		/* The reported allocation was given back (and maybe reused). */
+		if (!rep->to_released)
+			report_transition_error(rep, signer, "was given back and cannot be marked used",
+									"The allocation reported on was released; the nonce may have been handed out again.");
+		return -1;				/* else a repeat */
+	}
+	if (strcmp(rows->state[r], target) == 0)
+		return -1;				/* a repeat: nothing to do */
+	if (strcmp(rows->state[r], "consumed") == 0)
+	{
+		report_transition_error(rep, signer, "is consumed and cannot be released",
+								"CONSUMED is final.");
+		return -1;
+	}
+	if (strcmp(rows->state[r], "released") == 0)
+	{
+		report_transition_error(rep, signer, "is released and cannot be marked used",
+								"A released nonce was given back and may be handed out again.");
+		rep->errhint = "Allocate it again with spool.nonce_allocate before using it.";
+		return -1;
+	}
+	return r;
+}
+
+/*
+ * Write the changed rows (by the ctids read under the signer lock: a TID
+ * scan, whatever the statistics say) and the signer's count of released
+ * ones, in one statement.
+ */
+static void
+report_rows_write(const char *signer, const char *owner, int64 token,
+				  const ReportRows *rows, int64 nreleased)
+{
+	Oid			t6[6] = {TEXTOID, TIDARRAYOID, TIDARRAYOID, TEXTOID, INT8OID, INT8OID};
+	Datum		v[6];
+	Datum	   *ct;
+	Datum	   *rt;
+	int			nchanged = 0;
+	int			k = 0;
+	int			kr = 0;
+	int			r;
+
+	for (r = 0; r < rows->n; r++)
+		if (rows->changed[r])
+			nchanged++;
+	if (nchanged == 0)
+		return;
+	ct = palloc(sizeof(Datum) * nchanged);
+	rt = palloc(sizeof(Datum) * Max(nreleased, 1));
+	for (r = 0; r < rows->n; r++)
+		if (rows->changed[r])
+		{
+			ct[k++] = PointerGetDatum(&rows->tid[r]);
+			if (strcmp(rows->state[r], "released") == 0)
+				rt[kr++] = PointerGetDatum(&rows->tid[r]);
+		}
+
+	spool_nonce_plan(&plan_set_state,
+					 "WITH u AS (UPDATE spool.nonce_store n"
+					 "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
+					 "                               ELSE 'consumed' END::spool.nonce_state,"
+					 "                  owner = $4, token = $5, updated_at = clock_timestamp()"
+					 "            WHERE n.ctid = ANY ($2))"
+					 " UPDATE spool.nonce_signer SET released = released + $6"
+					 "  WHERE signer = $1 AND $6 > 0",
+					 6, t6);
+	v[0] = CStringGetTextDatum(signer);
+	v[1] = PointerGetDatum(construct_array(ct, nchanged, TIDOID, sizeof(ItemPointerData),
+										   false, TYPALIGN_SHORT));
+	v[2] = PointerGetDatum(construct_array(rt, kr, TIDOID, sizeof(ItemPointerData),
+										   false, TYPALIGN_SHORT));
+	v[3] = CStringGetTextDatum(owner);
+	v[4] = Int64GetDatum(token);
+	v[5] = Int64GetDatum(nreleased);
+	spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
+}
+
+/*
  * The one state machine of a nonce, for basic mode and the worker queue:
  * apply reports[0..n) in order to signer's nonces, in the current
  * transaction, fenced by (owner, token) for role.  ALLOCATED may move to
@@ -520,22 +721,10 @@ int64
 spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 						 Oid role, int n, SpoolNonceReport *reports)
 {
-	Oid			t2[2] = {TEXTOID, INT8ARRAYOID};
-	Oid			t6[6] = {TEXTOID, TIDARRAYOID, TIDARRAYOID, TEXTOID, INT8OID, INT8OID};
-	Datum		v[6];
-	Datum	   *nd = palloc(sizeof(Datum) * Max(n, 1));
-	int64	   *rows_nonce;
-	char	  **rows_state;
-	char	  **rows_rid;
-	ItemPointerData *rows_tid;
-	bool	   *rows_changed;
-	int			nd_n = 0;
-	int			nrows;
-	int			nchanged = 0;
+	ReportRows	rows;
 	int64		nreleased = 0;
 	int64		released;
 	int			i;
-	int			r;
 
 	/*
 	 * Signer row first, in the same order as allocation (no deadlock).  Every
@@ -543,164 +732,20 @@ spool_nonce_report_batch(const char *signer, const char *owner, int64 token,
 	 * lock of their own.
 	 */
 	released = signer_lock_and_check(signer, owner, token, role);
-
-	/* Each nonce once: a row is changed at most once below. */
+	report_rows_read(signer, n, reports, &rows);
 	for (i = 0; i < n; i++)
 	{
-		for (r = 0; r < nd_n && DatumGetInt64(nd[r]) != reports[i].nonce; r++)
-			;
-		if (r == nd_n)
-			nd[nd_n++] = Int64GetDatum(reports[i].nonce);
-	}
+		int			r = report_decide(signer, &reports[i], &rows);
 
-	/*
-	 * One index probe per nonce (a lateral subquery that is not flattened):
-	 * written as "nonce = ANY ($2)" or as a join, the planner may pick a scan
-	 * of all the signer's rows, which looks cheap while the statistics do not
-	 * know the signer yet (a new, hot signer) and costs O(rows) per batch.
-	 * ctid names the row for the update below; it cannot change before then,
-	 * because every writer of a non-consumed row holds the signer row lock.
-	 */
-	spool_nonce_plan(&plan_get_nonce,
-					 "SELECT u.n, s.state::text, s.request_id, s.ctid"
-					 "  FROM unnest($2::bigint[]) AS u(n),"
-					 "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
-					 "                 WHERE signer = $1 AND nonce = u.n OFFSET 0) s",
-					 2, t2);
-	v[0] = CStringGetTextDatum(signer);
-	v[1] = PointerGetDatum(construct_array(nd, nd_n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	nrows = (int) spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT);
-	rows_nonce = palloc(sizeof(int64) * Max(nrows, 1));
-	rows_state = palloc(sizeof(char *) * Max(nrows, 1));
-	rows_rid = palloc(sizeof(char *) * Max(nrows, 1));
-	rows_tid = palloc(sizeof(ItemPointerData) * Max(nrows, 1));
-	rows_changed = palloc0(sizeof(bool) * Max(nrows, 1));
-	for (r = 0; r < nrows; r++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[r];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
-
-		rows_nonce[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		rows_state[r] = SPI_getvalue(tup, desc, 2);
-		rows_rid[r] = SPI_getvalue(tup, desc, 3);
-		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 4, &isnull)),
-						&rows_tid[r]);
-	}
-
-	for (i = 0; i < n; i++)
-	{
-		SpoolNonceReport *rep = &reports[i];
-		const char *target = rep->to_released ? "released" : "consumed";
-
-		rep->sqlerrcode = 0;
-		for (r = 0; r < nrows && rows_nonce[r] != rep->nonce; r++)
-			;
-		if (r == nrows && nonce_removed(signer, rep->nonce))
-		{
-			/*
-			 * Every nonce below next_nonce has a row until retention removes
-			 * it, and retention removes only consumed ones: CONSUMED stays
-			 * final, and marking it used again is a repeat.
-			 */
-			if (rep->to_released)
-			{
-				rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
-				rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
-									   rep->nonce, signer);
-				rep->errdetail = "It was consumed and later removed by spool.nonce_history_retention.";
-			}
+		if (r < 0)
 			continue;
-		}
-		if (r == nrows)
-		{
-			rep->sqlerrcode = ERRCODE_SPOOL_UNKNOWN_NONCE;
-			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" was never allocated",
-								   rep->nonce, signer);
-			rep->errhint = "Only nonces returned by spool.nonce_allocate or spool.nonce_request can be marked.";
-			continue;
-		}
-		if (rep->match_request &&
-			!((rep->request_id == NULL && rows_rid[r] == NULL) ||
-			  (rep->request_id != NULL && rows_rid[r] != NULL &&
-			   strcmp(rep->request_id, rows_rid[r]) == 0)))
-		{
-			/* The reported allocation was given back (and maybe reused). */
-			if (rep->to_released)
-				continue;		/* a repeat */
-			rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
-			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" was given back and cannot be marked used",
-								   rep->nonce, signer);
-			rep->errdetail = "The allocation reported on was released; the nonce may have been handed out again.";
-			continue;
-		}
-		if (strcmp(rows_state[r], target) == 0)
-			continue;			/* a repeat: nothing to do */
-		if (strcmp(rows_state[r], "consumed") == 0)
-		{
-			rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
-			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" is consumed and cannot be released",
-								   rep->nonce, signer);
-			rep->errdetail = "CONSUMED is final.";
-			continue;
-		}
-		if (strcmp(rows_state[r], "released") == 0)
-		{
-			rep->sqlerrcode = ERRCODE_SPOOL_NONCE_TRANSITION;
-			rep->errmsg = psprintf("nonce " INT64_FORMAT " of signer \"%s\" is released and cannot be marked used",
-								   rep->nonce, signer);
-			rep->errdetail = "A released nonce was given back and may be handed out again.";
-			rep->errhint = "Allocate it again with spool.nonce_allocate before using it.";
-			continue;
-		}
-		/* ALLOCATED -> target */
-		rows_state[r] = (char *) target;
-		rows_changed[r] = true;
-		if (rep->to_released)
+		/* ALLOCATED -> the reported state */
+		rows.state[r] = reports[i].to_released ? "released" : "consumed";
+		rows.changed[r] = true;
+		if (reports[i].to_released)
 			nreleased++;
 	}
-
-	for (r = 0; r < nrows; r++)
-		if (rows_changed[r])
-			nchanged++;
-	if (nchanged > 0)
-	{
-		Datum	   *ct = palloc(sizeof(Datum) * nchanged);
-		Datum	   *rt = palloc(sizeof(Datum) * Max(nreleased, 1));
-		int			k = 0;
-		int			kr = 0;
-
-		for (r = 0; r < nrows; r++)
-			if (rows_changed[r])
-			{
-				ct[k++] = PointerGetDatum(&rows_tid[r]);
-				if (strcmp(rows_state[r], "released") == 0)
-					rt[kr++] = PointerGetDatum(&rows_tid[r]);
-			}
-
-		/*
-		 * The rows (by the ctids read above under the signer lock: a TID
-		 * scan, whatever the statistics say) and the signer's count of
-		 * released ones, in one statement.
-		 */
-		spool_nonce_plan(&plan_set_state,
-						 "WITH u AS (UPDATE spool.nonce_store n"
-						 "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
-						 "                               ELSE 'consumed' END::spool.nonce_state,"
-						 "                  owner = $4, token = $5, updated_at = clock_timestamp()"
-						 "            WHERE n.ctid = ANY ($2))"
-						 " UPDATE spool.nonce_signer SET released = released + $6"
-						 "  WHERE signer = $1 AND $6 > 0",
-						 6, t6);
-		v[1] = PointerGetDatum(construct_array(ct, nchanged, TIDOID, sizeof(ItemPointerData),
-											   false, TYPALIGN_SHORT));
-		v[2] = PointerGetDatum(construct_array(rt, kr, TIDOID, sizeof(ItemPointerData),
-											   false, TYPALIGN_SHORT));
-		v[3] = CStringGetTextDatum(owner);
-		v[4] = Int64GetDatum(token);
-		v[5] = Int64GetDatum(nreleased);
-		spool_exec(plan_set_state, v, NULL, false, SPI_OK_UPDATE);
-	}
+	report_rows_write(signer, owner, token, &rows, nreleased);
 	return released + nreleased;
 }
 
