@@ -173,6 +173,8 @@ extern void spool_end_txn(void);
 extern void spool_abort_txn(void);
 extern SPIPlanPtr spool_plan(SPIPlanPtr *cache, const char *sql, int nargs,
 							 Oid *argtypes);
+extern SPIPlanPtr spool_plan_generic(SPIPlanPtr *cache, const char *sql, int nargs,
+									 Oid *argtypes);
 extern uint64 spool_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 						 bool read_only, int expected);
 extern void spool_text_param(Datum *values, char *nulls, int i, const char *s);

@@ -156,16 +156,13 @@ spool_ttl_datum(int64 ttl_us)
 	return IntervalPGetDatum(iv);
 }
 
-/*
- * Prepare sql once per backend and keep the plan.  Plans reference tables by
- * schema-qualified name, so they survive DROP/CREATE EXTENSION by replanning.
- */
-SPIPlanPtr
-spool_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+/* Prepare sql with cursor_options into *cache once per backend and keep it. */
+static SPIPlanPtr
+keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes, int cursor_options)
 {
 	if (*cache == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, cursor_options);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
@@ -175,6 +172,28 @@ spool_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 		*cache = plan;
 	}
 	return *cache;
+}
+
+/*
+ * Prepare sql once per backend and keep the plan.  Plans reference tables by
+ * schema-qualified name, so they survive DROP/CREATE EXTENSION by replanning.
+ */
+SPIPlanPtr
+spool_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	return keep_plan(cache, sql, nargs, argtypes, 0);
+}
+
+/*
+ * spool_plan that always runs a generic plan: for statements written so
+ * that their plan does not depend on the parameters (probes of a key per
+ * element, updates by ctid), where a custom plan would be planned again at
+ * every call and would trust statistics that may not know the values yet.
+ */
+SPIPlanPtr
+spool_plan_generic(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	return keep_plan(cache, sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
 }
 
 /* Run a kept plan; raise on SPI failure; return SPI_processed. */

@@ -99,30 +99,13 @@ static void report_rows_write(const char *signer, const char *owner, int64 token
 static void nonce_mark(FunctionCallInfo fcinfo, bool to_released);
 
 /*
- * spool_plan with a generic plan, for this part's statements: a custom plan
- * would be planned again at every call (most of a small batch's CPU time),
- * and it would trust statistics that do not know a new signer yet.  The
- * statements are written so that their plan does not depend on the signer:
- * probes of the primary key or of the request index per element, updates
- * by ctid.
+ * This part's statements run generic plans (spool_plan_generic): a custom
+ * plan would be planned again at every call (most of a small batch's CPU
+ * time), and it would trust statistics that do not know a new signer yet.
+ * The statements are written so that their plan does not depend on the
+ * signer: probes of the primary key or of the request index per element,
+ * updates by ctid.
  */
-SPIPlanPtr
-spool_nonce_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*cache == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes,
-											  CURSOR_OPT_GENERIC_PLAN);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-				 sql, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*cache = plan;
-	}
-	return *cache;
-}
 
 static ArrayType *
 text_array(int n, const char **items)
@@ -167,12 +150,12 @@ nonce_lookup_requests(const char *signer, int n, const char **request_ids,
 		return 0;
 
 	/* One index probe per id (see spool_nonce_report_batch). */
-	spool_nonce_plan(&plan_find_req,
-					 "SELECT u.r, s.nonce, s.state = 'released'"
-					 "  FROM unnest($2::text[]) AS u(r),"
-					 "       LATERAL (SELECT nonce, state FROM spool.nonce_store"
-					 "                 WHERE signer = $1 AND request_id = u.r OFFSET 0) s",
-					 2, t);
+	spool_plan_generic(&plan_find_req,
+					   "SELECT u.r, s.nonce, s.state = 'released'"
+					   "  FROM unnest($2::text[]) AS u(r),"
+					   "       LATERAL (SELECT nonce, state FROM spool.nonce_store"
+					   "                 WHERE signer = $1 AND request_id = u.r OFFSET 0) s",
+					   2, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
 	spool_exec(plan_find_req, v, NULL, false, SPI_OK_SELECT);
@@ -203,14 +186,14 @@ nonce_forget_released_requests(const char *signer, int n, const char **request_i
 	Oid			t[2] = {TEXTOID, TEXTARRAYOID};
 	Datum		v[2];
 
-	spool_nonce_plan(&plan_forget_req,
-					 "UPDATE spool.nonce_store SET request_id = NULL"
-					 " WHERE ctid = ANY (ARRAY("
-					 "   SELECT s.ctid FROM unnest($2::text[]) AS u(r),"
-					 "          LATERAL (SELECT ctid FROM spool.nonce_store"
-					 "                    WHERE signer = $1 AND request_id = u.r"
-					 "                      AND state = 'released' OFFSET 0) s))",
-					 2, t);
+	spool_plan_generic(&plan_forget_req,
+					   "UPDATE spool.nonce_store SET request_id = NULL"
+					   " WHERE ctid = ANY (ARRAY("
+					   "   SELECT s.ctid FROM unnest($2::text[]) AS u(r),"
+					   "          LATERAL (SELECT ctid FROM spool.nonce_store"
+					   "                    WHERE signer = $1 AND request_id = u.r"
+					   "                      AND state = 'released' OFFSET 0) s))",
+					   2, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(text_array(n, request_ids));
 	spool_exec(plan_forget_req, v, NULL, false, SPI_OK_UPDATE);
@@ -222,9 +205,9 @@ signer_guard_lock(const char *signer)
 {
 	Datum		arg = CStringGetTextDatum(signer);
 
-	spool_exec(spool_nonce_plan(&plan_guard_lock,
-								"SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
-								1, (Oid[]) {TEXTOID}),
+	spool_exec(spool_plan_generic(&plan_guard_lock,
+								  "SELECT FROM spool.nonce_signer WHERE signer = $1 FOR UPDATE",
+								  1, (Oid[]) {TEXTOID}),
 			   &arg, NULL, false, SPI_OK_SELECT);
 }
 
@@ -239,11 +222,11 @@ signer_guard_granted(const char *signer, int64 token, Oid role)
 	Datum		v[3];
 	char		nulls[3] = {' ', ' ', role == SPOOL_LEASE_INTERNAL ? 'n' : ' '};
 
-	spool_nonce_plan(&plan_guard_stamp,
-					 "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
-					 " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
-					 " role = coalesce(nonce_signer.role, EXCLUDED.role)",
-					 3, (Oid[]) {TEXTOID, INT8OID, OIDOID});
+	spool_plan_generic(&plan_guard_stamp,
+					   "INSERT INTO spool.nonce_signer (signer, lease_token, role) VALUES ($1, $2, $3)"
+					   " ON CONFLICT (signer) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
+					   " role = coalesce(nonce_signer.role, EXCLUDED.role)",
+					   3, (Oid[]) {TEXTOID, INT8OID, OIDOID});
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum(token);
 	v[2] = ObjectIdGetDatum(role);
@@ -275,20 +258,20 @@ nonce_take_new(const char *signer, const char *owner, int64 token,
 	int64		base;
 	int			i;
 
-	spool_nonce_plan(&plan_take_new,
-					 "WITH s AS ("
-					 "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
-					 "    FROM spool.lease_store l"
-					 "   WHERE ns.signer = $1 AND ns.released = 0 AND ns.lease_token = $4"
-					 "     AND l.resource = 'signer:' || $1 AND l.owner = $3"
-					 "     AND l.token = $4 AND l.expires_at > clock_timestamp()"
-					 "  RETURNING ns.next_nonce - $2 AS base, l.role),"
-					 " ins AS ("
-					 "  INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id)"
-					 "  SELECT $1, s.base + u.o - 1, 'allocated', $3, $4, u.r"
-					 "    FROM s, unnest($5::text[]) WITH ORDINALITY AS u(r, o))"
-					 " SELECT base, role FROM s",
-					 5, t);
+	spool_plan_generic(&plan_take_new,
+					   "WITH s AS ("
+					   "  UPDATE spool.nonce_signer ns SET next_nonce = ns.next_nonce + $2"
+					   "    FROM spool.lease_store l"
+					   "   WHERE ns.signer = $1 AND ns.released = 0 AND ns.lease_token = $4"
+					   "     AND l.resource = 'signer:' || $1 AND l.owner = $3"
+					   "     AND l.token = $4 AND l.expires_at > clock_timestamp()"
+					   "  RETURNING ns.next_nonce - $2 AS base, l.role),"
+					   " ins AS ("
+					   "  INSERT INTO spool.nonce_store (signer, nonce, state, owner, token, request_id)"
+					   "  SELECT $1, s.base + u.o - 1, 'allocated', $3, $4, u.r"
+					   "    FROM s, unnest($5::text[]) WITH ORDINALITY AS u(r, o))"
+					   " SELECT base, role FROM s",
+					   5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = Int64GetDatum((int64) n);
 	v[2] = CStringGetTextDatum(owner);
@@ -323,13 +306,13 @@ signer_lock_and_check(const char *signer, const char *owner, int64 token, Oid ro
 	bool		role_null;
 	SpoolLeaseRow row = {.found = true};
 
-	spool_nonce_plan(&plan_lock_signer,
-					 "SELECT ns.released, ns.lease_token, l.owner,"
-					 "       coalesce(l.expires_at > clock_timestamp(), false), l.role"
-					 "  FROM spool.nonce_signer ns"
-					 "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
-					 " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
-					 1, (Oid[]) {TEXTOID});
+	spool_plan_generic(&plan_lock_signer,
+					   "SELECT ns.released, ns.lease_token, l.owner,"
+					   "       coalesce(l.expires_at > clock_timestamp(), false), l.role"
+					   "  FROM spool.nonce_signer ns"
+					   "  LEFT JOIN spool.lease_store l ON l.resource = 'signer:' || ns.signer"
+					   " WHERE ns.signer = $1 FOR NO KEY UPDATE OF ns",
+					   1, (Oid[]) {TEXTOID});
 	v[0] = CStringGetTextDatum(signer);
 	if (spool_exec(plan_lock_signer, v, NULL, false, SPI_OK_SELECT) == 0)
 		ereport(ERROR,
@@ -361,20 +344,20 @@ nonce_reuse_lowest(const char *signer, const char *owner, int64 token,
 	uint64		got;
 	uint64		i;
 
-	spool_nonce_plan(&plan_reuse,
-					 "WITH h AS (SELECT nonce, ctid, row_number() OVER (ORDER BY nonce) AS o"
-					 "             FROM spool.nonce_store"
-					 "            WHERE signer = $1 AND state = 'released'"
-					 "            ORDER BY nonce LIMIT $4),"
-					 " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
-					 "        token = $3, request_id = ($5::text[])[h.o],"
-					 "        updated_at = clock_timestamp()"
-					 "         FROM h WHERE n.ctid = h.ctid"
-					 "       RETURNING n.nonce, h.o),"
-					 " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
-					 "        WHERE signer = $1)"
-					 " SELECT nonce FROM u ORDER BY o",
-					 5, t);
+	spool_plan_generic(&plan_reuse,
+					   "WITH h AS (SELECT nonce, ctid, row_number() OVER (ORDER BY nonce) AS o"
+					   "             FROM spool.nonce_store"
+					   "            WHERE signer = $1 AND state = 'released'"
+					   "            ORDER BY nonce LIMIT $4),"
+					   " u AS (UPDATE spool.nonce_store n SET state = 'allocated', owner = $2,"
+					   "        token = $3, request_id = ($5::text[])[h.o],"
+					   "        updated_at = clock_timestamp()"
+					   "         FROM h WHERE n.ctid = h.ctid"
+					   "       RETURNING n.nonce, h.o),"
+					   " c AS (UPDATE spool.nonce_signer SET released = released - (SELECT count(*) FROM u)"
+					   "        WHERE signer = $1)"
+					   " SELECT nonce FROM u ORDER BY o",
+					   5, t);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = CStringGetTextDatum(owner);
 	v[2] = Int64GetDatum(token);
@@ -547,12 +530,12 @@ report_rows_read(const char *signer, int n, const SpoolNonceReport *reports, Rep
 	 * ctid names the row for the update; it cannot change before then,
 	 * because every writer of a non-consumed row holds the signer row lock.
 	 */
-	spool_nonce_plan(&plan_get_nonce,
-					 "SELECT u.n, s.state::text, s.request_id, s.ctid"
-					 "  FROM unnest($2::bigint[]) AS u(n),"
-					 "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
-					 "                 WHERE signer = $1 AND nonce = u.n OFFSET 0) s",
-					 2, t2);
+	spool_plan_generic(&plan_get_nonce,
+					   "SELECT u.n, s.state::text, s.request_id, s.ctid"
+					   "  FROM unnest($2::bigint[]) AS u(n),"
+					   "       LATERAL (SELECT state, request_id, ctid FROM spool.nonce_store"
+					   "                 WHERE signer = $1 AND nonce = u.n OFFSET 0) s",
+					   2, t2);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(construct_array(nd, nd_n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	rows->n = (int) spool_exec(plan_get_nonce, v, NULL, false, SPI_OK_SELECT);
@@ -681,15 +664,15 @@ report_rows_write(const char *signer, const char *owner, int64 token,
 				rt[kr++] = PointerGetDatum(&rows->tid[r]);
 		}
 
-	spool_nonce_plan(&plan_set_state,
-					 "WITH u AS (UPDATE spool.nonce_store n"
-					 "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
-					 "                               ELSE 'consumed' END::spool.nonce_state,"
-					 "                  owner = $4, token = $5, updated_at = clock_timestamp()"
-					 "            WHERE n.ctid = ANY ($2))"
-					 " UPDATE spool.nonce_signer SET released = released + $6"
-					 "  WHERE signer = $1 AND $6 > 0",
-					 6, t6);
+	spool_plan_generic(&plan_set_state,
+					   "WITH u AS (UPDATE spool.nonce_store n"
+					   "              SET state = CASE WHEN n.ctid = ANY ($3) THEN 'released'"
+					   "                               ELSE 'consumed' END::spool.nonce_state,"
+					   "                  owner = $4, token = $5, updated_at = clock_timestamp()"
+					   "            WHERE n.ctid = ANY ($2))"
+					   " UPDATE spool.nonce_signer SET released = released + $6"
+					   "  WHERE signer = $1 AND $6 > 0",
+					   6, t6);
 	v[0] = CStringGetTextDatum(signer);
 	v[1] = PointerGetDatum(construct_array(ct, nchanged, TIDOID, sizeof(ItemPointerData),
 										   false, TYPALIGN_SHORT));
@@ -841,11 +824,11 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	v[3] = Int64GetDatum(token);
 
 	/* Under the signer row lock, which every writer of these rows takes. */
-	spool_nonce_plan(&plan_below_count,
-					 "SELECT count(*), count(*) FILTER (WHERE state = 'released')"
-					 "  FROM spool.nonce_store"
-					 " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
-					 2, (Oid[]) {TEXTOID, INT8OID});
+	spool_plan_generic(&plan_below_count,
+					   "SELECT count(*), count(*) FILTER (WHERE state = 'released')"
+					   "  FROM spool.nonce_store"
+					   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
+					   2, (Oid[]) {TEXTOID, INT8OID});
 	spool_exec(plan_below_count, v, NULL, false, SPI_OK_SELECT);
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -853,25 +836,25 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	was_released = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	if (consumed > 0)
 	{
-		spool_nonce_plan(&plan_below_consume,
-						 "UPDATE spool.nonce_store SET state = 'consumed', owner = $3, token = $4,"
-						 " updated_at = clock_timestamp()"
-						 " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
-						 4, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID});
+		spool_plan_generic(&plan_below_consume,
+						   "UPDATE spool.nonce_store SET state = 'consumed', owner = $3, token = $4,"
+						   " updated_at = clock_timestamp()"
+						   " WHERE signer = $1 AND nonce < $2 AND state <> 'consumed'",
+						   4, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID});
 		spool_exec(plan_below_consume, v, NULL, false, SPI_OK_UPDATE);
 	}
 
-	spool_nonce_plan(&plan_set_next,
-					 "WITH o AS (SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1),"
-					 " u AS (UPDATE spool.nonce_signer SET next_nonce = greatest(next_nonce, $2),"
-					 "        released = released - $3 WHERE signer = $1"
-					 "       RETURNING next_nonce)"
-					 " SELECT o.next_nonce, u.next_nonce,"
-					 "        coalesce((SELECT min(nonce) FROM spool.nonce_store"
-					 "                   WHERE signer = $1 AND state = 'released' AND nonce >= $2),"
-					 "                 u.next_nonce)"
-					 "   FROM o, u",
-					 3, (Oid[]) {TEXTOID, INT8OID, INT8OID});
+	spool_plan_generic(&plan_set_next,
+					   "WITH o AS (SELECT next_nonce FROM spool.nonce_signer WHERE signer = $1),"
+					   " u AS (UPDATE spool.nonce_signer SET next_nonce = greatest(next_nonce, $2),"
+					   "        released = released - $3 WHERE signer = $1"
+					   "       RETURNING next_nonce)"
+					   " SELECT o.next_nonce, u.next_nonce,"
+					   "        coalesce((SELECT min(nonce) FROM spool.nonce_store"
+					   "                   WHERE signer = $1 AND state = 'released' AND nonce >= $2),"
+					   "                 u.next_nonce)"
+					   "   FROM o, u",
+					   3, (Oid[]) {TEXTOID, INT8OID, INT8OID});
 	{
 		Datum		sv[3] = {v[0], v[1], Int64GetDatum(was_released)};
 
@@ -884,11 +867,11 @@ spool_nonce_set_next_kernel(const char *signer, int64 next, const char *owner,
 	new_next = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	next_out = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 
-	spool_nonce_plan(&plan_set_next_log,
-					 "INSERT INTO spool.nonce_set_next_log"
-					 " (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)"
-					 " VALUES ($1, $2, $5, $6, $7, $8, $3, $4)",
-					 8, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID});
+	spool_plan_generic(&plan_set_next_log,
+					   "INSERT INTO spool.nonce_set_next_log"
+					   " (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)"
+					   " VALUES ($1, $2, $5, $6, $7, $8, $3, $4)",
+					   8, (Oid[]) {TEXTOID, INT8OID, TEXTOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID});
 	{
 		Datum		lv[8] = {v[0], v[1], v[2], v[3], Int64GetDatum(old_next),
 		Int64GetDatum(new_next), Int64GetDatum(consumed), Int64GetDatum(next_out)};

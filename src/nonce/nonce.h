@@ -93,8 +93,6 @@ extern SpoolNonceReq *spool_requests;
 extern const SpoolShmemArea spool_nonce_shmem;
 
 /* nonce.c */
-extern SPIPlanPtr spool_nonce_plan(SPIPlanPtr *cache, const char *sql, int nargs,
-								   Oid *argtypes);
 extern const SpoolLeaseGuard spool_signer_guard;
 extern char *spool_signer_resource(const char *signer);
 extern void spool_nonce_allocate_batch(const char *signer, const char *owner,

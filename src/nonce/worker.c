@@ -387,10 +387,10 @@ signer_role(const char *signer, Oid first)
 	Datum		v[2] = {CStringGetTextDatum(signer), ObjectIdGetDatum(first)};
 	bool		isnull;
 
-	spool_nonce_plan(&plan_signer_role,
-					 "UPDATE spool.nonce_signer SET role = coalesce(role, $2)"
-					 " WHERE signer = $1 RETURNING role",
-					 2, (Oid[]) {TEXTOID, OIDOID});
+	spool_plan_generic(&plan_signer_role,
+					   "UPDATE spool.nonce_signer SET role = coalesce(role, $2)"
+					   " WHERE signer = $1 RETURNING role",
+					   2, (Oid[]) {TEXTOID, OIDOID});
 	if (spool_exec(plan_signer_role, v, NULL, false, SPI_OK_UPDATE_RETURNING) != 1)
 		elog(ERROR, "signer \"%s\" has no row", signer);
 	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
