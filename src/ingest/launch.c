@@ -31,6 +31,7 @@ static SpoolVerdict source_check(const SpoolUnit *u, int i, TimestampTz now);
 static bool source_failed(const SpoolUnit *u, int i);
 static void source_gone(const SpoolUnit *u, int i, const char *why);
 static void reset_staging(void);
+static bool source_stats_copy(int i, SpoolSourceStats *st);
 
 /*
  * In the launcher: the config_version each running ingest worker was
@@ -178,6 +179,16 @@ reset_staging(void)
 	spool_end_txn();
 }
 
+/* Copy source stats slot i into *st; false when the slot is free. */
+static bool
+source_stats_copy(int i, SpoolSourceStats *st)
+{
+	LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
+	*st = spool_ingest_shared->sources[i];
+	LWLockRelease(spool_ingest_shared->lock);
+	return st->name[0] != '\0';
+}
+
 /*
  * SQL: spool._ingest_histograms() — the ingest workers' and the promoter's
  * histograms, in the row shape of spool.stage_histograms.
@@ -203,10 +214,7 @@ spool_ingest_histograms(PG_FUNCTION_ARGS)
 	{
 		SpoolSourceStats st;
 
-		LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
-		st = spool_ingest_shared->sources[i];
-		LWLockRelease(spool_ingest_shared->lock);
-		if (st.name[0] == '\0')
+		if (!source_stats_copy(i, &st))
 			continue;
 		spool_hist_put(rsinfo, "ingest", st.name, 0, "batch_rows", "rows", &st.rows);
 		spool_hist_put(rsinfo, "ingest", st.name, 0, "batch_ms", "ms", &st.batch_ms);
@@ -234,10 +242,7 @@ spool_ingest_counters(PG_FUNCTION_ARGS)
 	{
 		SpoolSourceStats st;
 
-		LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
-		st = spool_ingest_shared->sources[i];
-		LWLockRelease(spool_ingest_shared->lock);
-		if (st.name[0] == '\0')
+		if (!source_stats_copy(i, &st))
 			continue;
 		memset(n, false, sizeof(n));
 		v[0] = CStringGetTextDatum(st.name);
