@@ -6,6 +6,7 @@
 #    "unknown": [metric names alerts.yaml uses that no query produces]}
 use strict;
 use warnings;
+use JSON::PP;
 
 my ($queries, $alerts) = @ARGV;
 my (@q, $cur, $in_query);
@@ -56,20 +57,8 @@ while (my $l = <$fh>)
 close $fh;
 delete $unknown{$_} for grep { !/^spool_/ } keys %unknown;
 
-sub js
-{
-	my ($s) = @_;
-	$s =~ s/\\/\\\\/g;
-	$s =~ s/"/\\"/g;
-	$s =~ s/\n/\\n/g;
-	$s =~ s/\t/\\t/g;
-	return "\"$s\"";
-}
-print '{"queries": [',
-  join(', ', map {
-	  my $e = $_;
-	  '{"name": ' . js($e->{name}) . ', "query": ' . js($e->{query})
-		. ', "columns": [' . join(', ', map { js($_) } @{ $e->{columns} }) . ']'
-		. ', "usages": [' . join(', ', map { js($_) } @{ $e->{usages} }) . ']}'
-  } @q),
-  '], "unknown": [', join(', ', map { js($_) } sort keys %unknown), "]}\n";
+print JSON::PP->new->canonical->encode({
+	queries => [ map { {
+		name => $_->{name}, query => $_->{query},
+		columns => $_->{columns}, usages => $_->{usages} } } @q ],
+	unknown => [ sort keys %unknown ] }), "\n";

@@ -6,6 +6,7 @@
 # placeholder N (a nonce read from the chain) becomes 5.
 use strict;
 use warnings;
+use JSON::PP;
 
 my ($file) = @ARGV;
 open(my $fh, '<', $file) or die "$file: $!";
@@ -33,13 +34,4 @@ close $fh;
 die "no runbook statements found in $file\n" unless @stmts;
 die "unterminated statement: $stmt\n" if $stmt ne '';
 
-sub js
-{
-	my ($s) = @_;
-	$s =~ s/\\/\\\\/g;
-	$s =~ s/"/\\"/g;
-	$s =~ s/\n/\\n/g;
-	$s =~ s/\t/\\t/g;
-	return "\"$s\"";
-}
-print '[', join(",\n", map { js($_) } @stmts), "]\n";
+print JSON::PP->new->encode(\@stmts), "\n";
