@@ -203,9 +203,10 @@ extension_installed(bool was)
 }
 
 /*
- * A client backend of this database named pg_restore (its default
- * application_name), within the current transaction's snapshot of the
- * backends' status.
+ * A superuser's client backend of this database named pg_restore (its
+ * default application_name), within the current transaction's snapshot of
+ * the backends' status.  Only a superuser can restore this extension; any
+ * other role could name its session so and hold the workers back.
  */
 static bool
 restore_running(void)
@@ -222,7 +223,8 @@ restore_running(void)
 			continue;
 		b = &l->backendStatus;
 		if (b->st_backendType == B_BACKEND && b->st_databaseid == MyDatabaseId &&
-			b->st_procpid != MyProcPid && strcmp(b->st_appname, "pg_restore") == 0)
+			b->st_procpid != MyProcPid && strcmp(b->st_appname, "pg_restore") == 0 &&
+			superuser_arg(b->st_userid))
 			return true;
 	}
 	return false;

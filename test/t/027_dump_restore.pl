@@ -142,6 +142,15 @@ my $holder = IPC::Run::start(
 	'<', \$hin, '>', \$hout, '2>', \$herr);
 poll_ok($dst, "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'pg_restore'",
 	'the pg_restore-named session to connect');
+# Attack: a plain role names its session pg_restore too; it must not hold
+# the workers back (only a superuser can restore the extension).
+d_sql("CREATE ROLE zz_plain LOGIN");
+my ($pin, $pout, $perr) = ('', '', '');
+my $plain = IPC::Run::start(
+	[ 'psql', '-XAtq', '-d', $dst->connstr('postgres') . ' user=zz_plain application_name=pg_restore' ],
+	'<', \$pin, '>', \$pout, '2>', \$perr);
+poll_ok($dst, "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'pg_restore'"
+	  . " AND usename = 'zz_plain'", "zz_plain's pg_restore-named session to connect");
 my $log_offset = -s $dst->logfile;
 
 # The documented restore: one transaction, without the worker-made
@@ -203,9 +212,13 @@ is(d_sql("SET ROLE zz_leaser; SELECT spool.lease_renew('app:z1', 'z', $tz) IS NO
 	't', 'restored: zz_leaser renews its lease');
 
 # The holder leaves: the launcher starts the pipeline.
-d_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_restore'");
+d_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_restore'"
+	  . " AND usename <> 'zz_plain'");
 $holder->finish;
 wait_processed($dst, $proc, $total, "destination, all $total", 120);
+pass("the workers run although zz_plain's pg_restore-named session is still connected");
+d_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'zz_plain'");
+$plain->finish;
 spool_partitions_exact($dst, $kafka, 'src', 'td', $nparts, $total);
 outputs_exact($dst, $proc, $nparts, $total, 'destination');
 tokens_ordered($dst, $proc, 'destination');
