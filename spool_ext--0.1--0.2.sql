@@ -6,3 +6,19 @@
 -- catalog and an updated one are made by the same statements.  Every block
 -- below must also work on a 0.1 catalog that holds data and whose workers
 -- run (ALTER EXTENSION UPDATE takes no lock that stops them).
+
+------------------------------------------------------------------------------
+-- Versions: the workers run only when the library and the catalog agree
+------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@.library_version()
+RETURNS text
+AS 'MODULE_PATHNAME', 'spool_library_version'
+LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION @extschema@.library_version() IS
+'The version of the spool_ext library the server has loaded; the workers run only while it equals the extension''s version in pg_extension';
+REVOKE ALL ON FUNCTION @extschema@.library_version() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.library_version() TO spool_admin, spool_client;
+
+-- Keep this last: the launcher looks again once the update commits.
+SELECT @extschema@._launcher_wakeup();

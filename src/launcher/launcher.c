@@ -11,7 +11,12 @@
  *	  this file only decides when to look.  When the extension is dropped,
  *	  it stops them all.  While pg_restore is connected to the database,
  *	  an extension that appears there is not yet acted on: its rows may be
- *	  half restored (docs/operations.md, "Backup and restore").
+ *	  half restored (docs/operations.md, "Backup and restore").  Nor is an
+ *	  extension whose catalog version is not this library's (SPOOL_EXT_VERSION):
+ *	  after a new library is installed and the server restarted, the workers
+ *	  wait for ALTER EXTENSION spool_ext UPDATE; if the catalog is updated
+ *	  under a running library, its workers stop until the restart that loads
+ *	  the library of that version (docs/operations.md, "Upgrading").
  *
  *	  It starts when recovery has finished (BgWorkerStart_RecoveryFinished):
  *	  on a hot standby the postmaster does not start it, so no spool worker
@@ -22,6 +27,11 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -29,6 +39,8 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "utils/backend_status.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -39,6 +51,8 @@
 #include "processor/processor.h"
 
 PGDLLEXPORT void spool_launcher_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(spool_library_version);
 
 #define LAUNCHER_NAPTIME_MS			250
 #define EXTENSION_CHECK_MS			2000
@@ -67,6 +81,7 @@ static SpoolSupervisor *supervisors[lengthof(kinds)];
 static void launcher_attach(void);
 static void launcher_detach(int code, Datum arg);
 static bool extension_installed(bool was);
+static char *catalog_version(MemoryContext cxt);
 static bool restore_running(void);
 static void supervise_all(TimestampTz now, bool refresh);
 
@@ -119,7 +134,7 @@ spool_launcher_main(Datum main_arg)
 			for (k = 0; k < lengthof(kinds); k++)
 			{
 				if (was && !installed)
-					spool_supervise_stop(supervisors[k], "the extension was dropped");
+					spool_supervise_stop(supervisors[k], "the extension was dropped or updated");
 				if (!was && installed && kinds[k].ops->reset)
 					kinds[k].ops->reset();
 			}
@@ -180,26 +195,85 @@ launcher_detach(int code, Datum arg)
  * as not installed until that session is gone, so no worker runs on a half
  * restored database (a restore made with --single-transaction shows the
  * extension only with all its rows anyway).  Once the workers run (was), a
- * pg_restore session changes nothing.
+ * pg_restore session changes nothing.  A catalog of another version than
+ * this library's counts as not installed at any time.
  */
 static bool
 extension_installed(bool was)
 {
-	static bool logged = false;
-	bool		found;
+	static bool restore_logged = false;
+	static char *version_logged = NULL;
+	char	   *version;
 	bool		restoring = false;
+	bool		other_version;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	spool_begin_txn("checking for spool_ext");
-	found = OidIsValid(get_extension_oid("spool_ext", true));
-	if (found && !was)
+	version = catalog_version(cxt);
+	other_version = version != NULL && strcmp(version, SPOOL_EXT_VERSION) != 0;
+	if (version != NULL && !other_version && !was)
 		restoring = restore_running();
 	spool_end_txn();
-	if (restoring && !logged)
+
+	if (restoring && !restore_logged)
 		ereport(LOG,
 				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
 				 errmsg("spool_ext waits for pg_restore to finish before starting workers")));
-	logged = restoring;
-	return found && !restoring;
+	restore_logged = restoring;
+
+	if (other_version && (version_logged == NULL || strcmp(version_logged, version) != 0))
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("spool_ext workers wait: the library is version %s, the extension in database \"%s\" is version %s",
+						SPOOL_EXT_VERSION, spool_database, version),
+				 errhint("Run ALTER EXTENSION spool_ext UPDATE TO '%s' there, or, if the extension is newer, install its library and restart the server.",
+						 SPOOL_EXT_VERSION)));
+	if (version_logged != NULL)
+		pfree(version_logged);
+	version_logged = other_version ? MemoryContextStrdup(TopMemoryContext, version) : NULL;
+
+	return version != NULL && !other_version && !restoring;
+}
+
+/*
+ * spool.library_version(): the version this library runs against.
+ */
+Datum
+spool_library_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(SPOOL_EXT_VERSION));
+}
+
+/*
+ * The installed extension's version, allocated in cxt, or NULL if it is not
+ * installed.  Needs a transaction.
+ */
+static char *
+catalog_version(MemoryContext cxt)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	char	   *version = NULL;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("spool_ext"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tuple, Anum_pg_extension_extversion,
+									 RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = MemoryContextStrdup(cxt, TextDatumGetCString(d));
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
 }
 
 /*
