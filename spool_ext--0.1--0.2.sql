@@ -18,6 +18,16 @@ ALTER TABLE @extschema@.gaps ADD CONSTRAINT gaps_action_check
 	CHECK (action IN ('continued', 'stopped', 'seek', 'handover'));
 
 ------------------------------------------------------------------------------
+-- Retention of the operations logs (spool.operations_retention)
+------------------------------------------------------------------------------
+
+-- Retention removes the oldest rows first, through these indexes.
+CREATE INDEX nonce_set_next_log_at ON @extschema@.nonce_set_next_log (at);
+CREATE INDEX source_seeks_requested_at ON @extschema@.source_seeks (requested_at)
+	WHERE state <> 'pending';
+CREATE INDEX processor_rewinds_at ON @extschema@.processor_rewinds (at);
+
+------------------------------------------------------------------------------
 -- Versions: the workers run only when the library and the catalog agree
 ------------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ extern int	spool_dead_letters_retention_s;
 extern int	spool_gaps_retention_s;
 extern int	spool_outbox_dead_retention_s;
 extern int	spool_nonce_history_retention_s;
+extern int	spool_operations_retention_s;
 extern int	spool_retention_batch_size;
 extern int	spool_retention_interval_ms;
 extern int	spool_max_retention_s;

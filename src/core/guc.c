@@ -34,6 +34,7 @@ int			spool_dead_letters_retention_s = 30 * 86400;
 int			spool_gaps_retention_s = 90 * 86400;
 int			spool_outbox_dead_retention_s = 30 * 86400;
 int			spool_nonce_history_retention_s = 7 * 86400;
+int			spool_operations_retention_s = 365 * 86400;
 int			spool_retention_batch_size = 1000;
 int			spool_retention_interval_ms = 10000;
 int			spool_max_retention_s = 7 * 86400;
@@ -206,6 +207,14 @@ spool_define_gucs(void)
 							"A removed nonce is never handed out again; a request id removed with it is no longer recognised.",
 							&spool_nonce_history_retention_s,
 							7 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.operations_retention",
+							"Rows of the operations logs (spool.nonce_set_next_log, spool.source_seeks, spool.processor_rewinds) older than this are removed (0 keeps them forever).",
+							"Pending seeks are kept until applied.",
+							&spool_operations_retention_s,
+							365 * 86400, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
