@@ -55,9 +55,13 @@ is(ssql('SELECT pg_is_in_recovery()'), 't', 'standby: in recovery');
 
 # At the replicated committed cursor: both replicas, role standby, cursor
 # equal to the checkpoint row's committed cursor.
-my $at_committed = q{SELECT count(*) = 2
-	AND bool_and(role = 'standby' AND cursor = committed_cursor)
-	FROM spool.processor_status WHERE processor = 'p'};
+sub at_committed
+{
+	my ($more) = @_;
+	return q{SELECT count(*) = 2 AND bool_and(role = 'standby' AND cursor = committed_cursor}
+	  . ($more // '') . q{) FROM spool.processor_status WHERE processor = 'p'};
+}
+my $at_committed = at_committed();
 
 # (a) the replicas follow.
 $primary->wait_for_catchup($standby, 'replay');
@@ -73,7 +77,7 @@ poll_ok($primary,
 	'primary: an idle snapshot at the committed cursor');
 $primary->wait_for_catchup($standby, 'replay');
 poll_ok($standby,
-	$at_committed . q{ AND bool_and(hash_checks > 0 AND state_hash_cursor = committed_cursor)},
+	at_committed(' AND hash_checks > 0 AND state_hash_cursor = committed_cursor'),
 	'standby: both replicas followed and compared with the replicated snapshot');
 is( ssql(q{SELECT sum(hash_mismatches) || ' ' || sum(errors) || ' ' || sum(outputs) || ' '
 	|| count(token) || ' ' || count(last_error) FROM spool.processor_status WHERE processor = 'p'}),
