@@ -14,7 +14,8 @@
 # pg_promote(wait => false) and a server-side loop (1 ms) times the moment
 # the promoted server's processor has an active replica at the committed
 # cursor of the promotion:
-#   takeover ms      from pg_promote() to that moment;
+#   takeover ms      from pg_promote() to that moment (and, within it, to
+#                    the first time pg_is_in_recovery() is false);
 #   entries applied  what the new active applied before it was ready, from
 #                    its log line ("it applied N entries ... since its start"
 #                    without standby replicas, "... since the promotion"
@@ -27,7 +28,7 @@
 # Environment:
 #   GAP=N          entries past the last snapshot at the crash (default 3000)
 #   CHECKPOINT=N   the processor's checkpoint_every (default 5000, > GAP)
-#   WORK=N         md5 rounds per entry in the handler (default 20)
+#   WORK=N         md5 rounds per entry in the handler (default 50)
 #   SPOOL_BENCH_PORT  first server port (default 54363; unix sockets only)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +36,7 @@ ROUNDS=${1:-5}
 N=${2:-20000}
 GAP=${GAP:-3000}
 CHECKPOINT=${CHECKPOINT:-5000}
-WORK=${WORK:-20}
+WORK=${WORK:-50}
 [ "$ROUNDS" -ge 1 ] && [ "$GAP" -lt "$CHECKPOINT" ] && [ "$N" -gt $((GAP * 2)) ] ||
 	{ echo "usage: $0 [ROUNDS >= 1] [ENTRIES > 2 * GAP]  (GAP < CHECKPOINT)" >&2; exit 2; }
 
@@ -146,14 +147,20 @@ CONF
 	lag=$(psql_s -c "SELECT coalesce($c - max(cursor), -1) FROM spool.processor_status WHERE processor = 'p' AND pid IS NOT NULL")
 	# Timed on the server: pg_promote() to an active replica at the cursor c.
 	ms=$(psql_s -c "SET statement_timeout = '120s'" -c "DO \$\$
-		DECLARE t0 timestamptz := clock_timestamp();
+		DECLARE
+			t0 timestamptz := clock_timestamp();
+			t_end timestamptz;
 		BEGIN
 			PERFORM pg_promote(false);
 			WHILE NOT EXISTS (SELECT FROM spool.processor_status WHERE processor = 'p'
 							  AND role = 'active' AND cursor >= $c) LOOP
+				IF t_end IS NULL AND NOT pg_is_in_recovery() THEN
+					t_end := clock_timestamp();
+				END IF;
 				PERFORM pg_sleep(0.001);
 			END LOOP;
-			RAISE NOTICE 'ms %', round(extract(epoch FROM clock_timestamp() - t0) * 1000, 1);
+			RAISE NOTICE 'ms % %', round(extract(epoch FROM clock_timestamp() - t0) * 1000, 1),
+				round(extract(epoch FROM coalesce(t_end, clock_timestamp()) - t0) * 1000, 1);
 		END \$\$" 2>&1 | sed -n 's/.*NOTICE:  ms //p')
 	line=$(grep -o 'is ready at cursor [0-9]*: it applied [0-9]* entries' "$w/s/log" | head -n 1)
 	applied=$(echo "$line" | sed -n 's/.*it applied \([0-9]*\) entries/\1/p')
@@ -163,12 +170,13 @@ CONF
 	echo "$ms ${applied:--1} $lag $c"
 }
 
-declare -A MS APPLIED
+declare -A MS END APPLIED
 for r in $(seq 1 "$ROUNDS"); do
 	for mode in off on; do
-		read -r ms applied lag c < <(round "$mode" "$r")
-		log "round $r standby_processors=$mode: committed cursor $c, standby replica lag $lag, takeover $ms ms, applied $applied entries"
+		read -r ms end applied lag c < <(round "$mode" "$r")
+		log "round $r standby_processors=$mode: committed cursor $c, standby replica lag $lag, end of recovery $end ms, takeover $ms ms, applied $applied entries"
 		MS[$mode]="${MS[$mode]:-} $ms"
+		END[$mode]="${END[$mode]:-} $end"
 		APPLIED[$mode]="${APPLIED[$mode]:-} $applied"
 	done
 done
@@ -178,10 +186,15 @@ ms_off=$(median ${MS[off]})
 # shellcheck disable=SC2086
 ms_on=$(median ${MS[on]})
 # shellcheck disable=SC2086
+end_off=$(median ${END[off]})
+# shellcheck disable=SC2086
+end_on=$(median ${END[on]})
+# shellcheck disable=SC2086
 ap_off=$(median ${APPLIED[off]})
 # shellcheck disable=SC2086
 ap_on=$(median ${APPLIED[on]})
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "n/a" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }'; }
+since_end() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
 bench_result standby_takeover_off_ms "$ms_off" lower
 bench_result standby_takeover_on_ms "$ms_on" lower
 bench_result standby_takeover_off_applied "$ap_off" lower
@@ -194,6 +207,8 @@ echo
 echo "| median over $ROUNDS rounds | standby_processors off | on | off / on |"
 echo "|---|---|---|---|"
 echo "| pg_promote() to an active replica at the committed cursor (ms) | $ms_off | $ms_on | $(ratio "$ms_off" "$ms_on") |"
+echo "| of which pg_promote() to the end of recovery (ms) | $end_off | $end_on | |"
+echo "| of which the end of recovery to that replica (ms, difference of the medians) | $(since_end "$ms_off" "$end_off") | $(since_end "$ms_on" "$end_on") | $(ratio "$(since_end "$ms_off" "$end_off")" "$(since_end "$ms_on" "$end_on")") |"
 echo "| entries the new active applied before it was ready | $ap_off | $ap_on | $(ratio "$ap_off" "$ap_on") |"
 echo
 echo "per round (ms): off${MS[off]}; on${MS[on]}"

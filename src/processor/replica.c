@@ -413,6 +413,10 @@ follow_replicated(void)
 	spool_end_txn();
 	if (epoch != my_epoch)
 	{
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("processor \"%s\" replica %d reloads its checkpoint: the processor was rewound on the primary (epoch " INT64_FORMAT ")",
+						proc_name, my_replica + 1, epoch)));
 		load_checkpoint(false);
 		return false;
 	}

@@ -10,7 +10,9 @@
 #       'active', no token, no lock, no output, no error (no read-only
 #       failure in the log);
 #   (b) turning the setting off stops them (only the launcher is left),
-#       turning it on again starts them, and they catch up;
+#       turning it on again starts them, and they catch up; a rewind on the
+#       primary (a new epoch in the replicated checkpoint) makes them reload
+#       and follow again, without a mismatch;
 #   (c) while a stream is being processed on the primary (a commit pause
 #       keeps it going), the primary stops in immediate mode; once the
 #       standby replicas are at the replicated committed cursor, the standby
@@ -99,6 +101,20 @@ is(ssql(q{SELECT count(role) FROM spool.processor_status WHERE processor = 'p'})
 	'0', 'standby: processor_status shows no role without replicas');
 ssql(q{ALTER SYSTEM RESET spool.standby_processors; SELECT pg_reload_conf()});
 poll_ok($standby, $at_committed, 'standby: setting on again, both replicas back at the committed cursor');
+my $c_mid = int(committed_cursor($primary, 'p') / 2);
+$primary->safe_psql('postgres', "SELECT spool.rewind_processor('p', $c_mid)");
+$primary->wait_for_catchup($standby, 'replay');
+my $t_rw = time;
+my $reloads = 0;
+while (time - $t_rw < $PostgreSQL::Test::Utils::timeout_default)
+{
+	$reloads = () = slurp_file($standby->logfile) =~ /reloads its checkpoint: the processor was rewound/g;
+	last if $reloads >= 2;
+	$standby->poll_query_until('postgres', 'SELECT true');
+}
+cmp_ok($reloads, '>=', 2, 'standby: both replicas saw the new epoch and reloaded');
+poll_ok($standby, at_committed(' AND rewinds = 1 AND hash_mismatches = 0'),
+	'standby: after a rewind on the primary, both replicas reloaded and caught up');
 my $pids_before = replica_pids($standby, 'p');
 
 # (c) a stream on the primary, stopped in its middle; then the promotion.
