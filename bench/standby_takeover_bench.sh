@@ -75,7 +75,8 @@ for r in $(seq 1 "$ROUNDS"); do topics+=(--topic "off$r:4" --topic "on$r:4"); do
 start_kafka "$work" "$tree" --brokers 1 "${topics[@]}"
 BOOT=$KAFKA_BOOTSTRAP
 
-# round MODE R: one primary and standby pair; prints "ms applied lag".
+# round MODE R: one primary and standby pair; writes "ms end applied lag
+# cursor" into $work/result (run in this shell, so cleanup sees its servers).
 round() {
 	local mode=$1 r=$2 w=$work/$1$2 c ms applied lag line
 	mkdir -p "$w" "$w/s"
@@ -123,7 +124,7 @@ CONF
 	as_user pg_ctl -D "$w/s/data" -l "$w/s/log" -w start >/dev/null
 	s_up=$w/s/data
 	if [ "$mode" = on ]; then
-		psql_s -c "DO \$\$ BEGIN
+		psql_s -c "SET statement_timeout = '120s'" -c "DO \$\$ BEGIN
 			WHILE NOT EXISTS (SELECT FROM spool.processor_status WHERE processor = 'p' AND role = 'standby') LOOP
 				PERFORM pg_sleep(0.01);
 			END LOOP; END \$\$" >/dev/null
@@ -138,11 +139,25 @@ CONF
 		END LOOP; END \$\$" >/dev/null
 	as_user pg_ctl -D "$w/data" -m immediate stop >/dev/null
 	p_up=
-	psql_s -c "DO \$\$ BEGIN
-		WHILE pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
-			  OR EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming') LOOP
-			PERFORM pg_sleep(0.01);
-		END LOOP; END \$\$" >/dev/null
+	# Replayed all it received: no receiver streaming and the replay position
+	# still for 300 ms (after a crash the received WAL may end in a partial
+	# record, so the receive position can stay ahead of the replay position).
+	psql_s -c "SET statement_timeout = '120s'" -c "DO \$\$
+		DECLARE
+			last pg_lsn;
+			still int := 0;
+		BEGIN
+			WHILE still < 30 LOOP
+				IF EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming')
+				   OR last IS DISTINCT FROM pg_last_wal_replay_lsn() THEN
+					still := 0;
+				ELSE
+					still := still + 1;
+				END IF;
+				last := pg_last_wal_replay_lsn();
+				PERFORM pg_sleep(0.01);
+			END LOOP;
+		END \$\$" >/dev/null
 	c=$(psql_s -c "SELECT committed_cursor FROM spool.processor_checkpoints WHERE processor = 'p'")
 	lag=$(psql_s -c "SELECT coalesce($c - max(cursor), -1) FROM spool.processor_status WHERE processor = 'p' AND pid IS NOT NULL")
 	# Timed on the server: pg_promote() to an active replica at the cursor c.
@@ -167,13 +182,14 @@ CONF
 	as_user pg_ctl -D "$w/s/data" -m fast stop >/dev/null
 	s_up=
 	rm -rf "$w"
-	echo "$ms ${applied:--1} $lag $c"
+	echo "$ms ${applied:--1} $lag $c" > "$work/result"
 }
 
 declare -A MS END APPLIED
 for r in $(seq 1 "$ROUNDS"); do
 	for mode in off on; do
-		read -r ms end applied lag c < <(round "$mode" "$r")
+		round "$mode" "$r"
+		read -r ms end applied lag c < "$work/result"
 		log "round $r standby_processors=$mode: committed cursor $c, standby replica lag $lag, end of recovery $end ms, takeover $ms ms, applied $applied entries"
 		MS[$mode]="${MS[$mode]:-} $ms"
 		END[$mode]="${END[$mode]:-} $end"
