@@ -87,6 +87,9 @@ is( ssql(q{SELECT sum(hash_mismatches) || ' ' || sum(errors) || ' ' || sum(outpu
 is(ssql(q{SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 	WHERE a.backend_type = 'spool processor' AND l.locktype = 'advisory'}),
 	'0', 'standby: the replicas hold no advisory lock');
+is( ssql(q{SELECT count(*) || ' ' || bool_and(batches > 0) || ' ' || (length(spool.metrics()) > 0)
+	FROM spool.processor_stats WHERE processor = 'p'}),
+	'2 true true', 'standby: processor_stats shows both replicas\' batches, metrics() answers');
 is( ssql(q{SELECT string_agg(backend_type, ',' ORDER BY backend_type) FROM pg_stat_activity
 	WHERE backend_type LIKE 'spool%'}),
 	'spool launcher,spool processor,spool processor',
