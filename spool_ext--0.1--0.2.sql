@@ -40,5 +40,28 @@ COMMENT ON FUNCTION @extschema@.library_version() IS
 REVOKE ALL ON FUNCTION @extschema@.library_version() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.library_version() TO spool_admin, spool_client;
 
+------------------------------------------------------------------------------
+-- Standby processors: replicas on a hot standby (spool.standby_processors)
+------------------------------------------------------------------------------
+
+-- On a hot standby the role column shows the replicas running there
+-- ('starting', 'standby'), NULL for a processor none runs for; the columns
+-- are unchanged.
+CREATE OR REPLACE VIEW @extschema@.processor_status AS
+	SELECT p.name AS processor, r.replica, r.pid,
+		   CASE WHEN NOT p.enabled THEN 'stopped'
+				WHEN pg_catalog.pg_is_in_recovery() THEN r.role	-- a hot standby
+				ELSE coalesce(r.role, 'starting') END AS role,
+		   r.cursor, c.committed_cursor,
+		   greatest((SELECT next_cursor - 1 FROM @extschema@.spool_state) - r.cursor, 0) AS lag,
+		   r.state_hash, r.state_hash_cursor, r.token, r.takeovers,
+		   r.last_takeover_at, r.last_takeover_ms, r.entries, r.batches, r.outputs,
+		   r.hash_checks, r.hash_mismatches, r.errors, r.last_error, r.last_error_at,
+		   r.started_at, c.token AS gate_token, c.state_cursor AS snapshot_cursor,
+		   c.epoch AS rewinds
+	  FROM @extschema@.processors p
+	  LEFT JOIN @extschema@.processor_checkpoints c ON c.processor = p.name
+	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
+
 -- Keep this last: the launcher looks again once the update commits.
 SELECT @extschema@._launcher_wakeup();

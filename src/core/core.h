@@ -84,6 +84,7 @@ extern int	spool_retention_batch_size;
 extern int	spool_retention_interval_ms;
 extern int	spool_max_retention_s;
 extern int	spool_max_retention_action;
+extern bool spool_standby_processors;
 
 /* spool.max_retention_action */
 #define SPOOL_MAX_RETENTION_WARN 0

@@ -39,6 +39,7 @@ int			spool_retention_batch_size = 1000;
 int			spool_retention_interval_ms = 10000;
 int			spool_max_retention_s = 7 * 86400;
 int			spool_max_retention_action = SPOOL_MAX_RETENTION_WARN;
+bool		spool_standby_processors = false;
 
 static const struct config_enum_entry max_retention_actions[] = {
 	{"warn", SPOOL_MAX_RETENTION_WARN, false},
@@ -247,6 +248,14 @@ spool_define_gucs(void)
 							 NULL,
 							 &spool_max_retention_action,
 							 SPOOL_MAX_RETENTION_WARN, max_retention_actions,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("spool.standby_processors",
+							 "On a hot standby, run the replicas of enabled processors read-only, following the replicated committed cursor, so that they take over at once after a promotion.",
+							 NULL,
+							 &spool_standby_processors,
+							 false,
 							 PGC_SIGHUP, 0,
 							 NULL, NULL, NULL);
 

@@ -277,7 +277,8 @@ start_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	/* The launcher starts only read-only kinds on a hot standby (launcher.c). */
+	bgw.bgw_start_time = BgWorkerStart_ConsistentState;
 	bgw.bgw_restart_time = BGW_NEVER_RESTART;
 	snprintf(bgw.bgw_library_name, BGW_MAXLEN, "spool_ext");
 	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "%s", s->kind->function);

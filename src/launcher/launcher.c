@@ -18,10 +18,16 @@
  *	  under a running library, its workers stop until the restart that loads
  *	  the library of that version (docs/operations.md, "Upgrading").
  *
- *	  It starts when recovery has finished (BgWorkerStart_RecoveryFinished):
- *	  on a hot standby the postmaster does not start it, so no spool worker
- *	  runs there (they all write); after a promotion the postmaster starts it
- *	  and it starts every worker, which resume from the replicated tables.
+ *	  It also runs on a hot standby (BgWorkerStart_ConsistentState), where
+ *	  it only reads.  While recovery is in progress it starts nothing, but
+ *	  with spool.standby_processors the replicas of every enabled processor:
+ *	  they fold the replicated spool read-only up to the replicated committed
+ *	  cursor (replica.c), every other kind writes.  When recovery ends (a
+ *	  promotion) it starts every other kind; the processor replicas it
+ *	  already runs stay (same supervisor, same slots) and one of them takes
+ *	  the output gate at once.  Without the setting, nothing of spool_ext but
+ *	  the launcher runs on a standby, and every worker starts at promotion
+ *	  and resumes from the replicated tables.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,6 +36,7 @@
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
+#include "access/xlog.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
@@ -77,13 +84,15 @@ static const SpoolWorkerKind kinds[] = {
 };
 
 static SpoolSupervisor *supervisors[lengthof(kinds)];
+static bool live[lengthof(kinds)];	/* the kind's workers may run now */
 
 static void launcher_attach(void);
 static void launcher_detach(int code, Datum arg);
 static bool extension_installed(bool was);
 static char *catalog_version(MemoryContext cxt);
 static bool restore_running(void);
-static void supervise_all(TimestampTz now, bool refresh);
+static void supervise_all(TimestampTz now, bool refresh, bool installed);
+static bool kind_allowed(int k, bool installed, bool recovering);
 
 void
 spool_register_launcher(void)
@@ -92,7 +101,7 @@ spool_register_launcher(void)
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	bgw.bgw_start_time = BgWorkerStart_ConsistentState;
 	bgw.bgw_restart_time = 5;
 	snprintf(bgw.bgw_library_name, BGW_MAXLEN, "spool_ext");
 	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "spool_launcher_main");
@@ -131,21 +140,11 @@ spool_launcher_main(Datum main_arg)
 
 			installed = extension_installed(was);
 			next_check = TimestampTzPlusMilliseconds(now, EXTENSION_CHECK_MS);
-			for (k = 0; k < lengthof(kinds); k++)
-			{
-				if (was && !installed)
-					spool_supervise_stop(supervisors[k], "the extension was dropped or updated");
-				if (!was && installed && kinds[k].ops->reset)
-					kinds[k].ops->reset();
-			}
 		}
-		if (installed)
-		{
-			refresh = now >= next_catalog_check;
-			supervise_all(now, refresh);
-			if (refresh)
-				next_catalog_check = TimestampTzPlusMilliseconds(now, CATALOG_CHECK_MS);
-		}
+		refresh = now >= next_catalog_check;
+		supervise_all(now, refresh, installed);
+		if (refresh)
+			next_catalog_check = TimestampTzPlusMilliseconds(now, CATALOG_CHECK_MS);
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   LAUNCHER_NAPTIME_MS, PG_WAIT_EXTENSION);
@@ -305,14 +304,62 @@ restore_running(void)
 }
 
 /*
- * Kinds whose units come from the catalog re-read it with refresh; the
- * others (a fixed number of workers) are listed every pass, which is free.
+ * May kind k run now?  Only with the extension installed and, during
+ * recovery (a hot standby), only the processor replicas and only with
+ * spool.standby_processors: every other kind writes.
+ */
+static bool
+kind_allowed(int k, bool installed, bool recovering)
+{
+	if (!installed)
+		return false;
+	if (!recovering)
+		return true;
+	return kinds[k].ops == &spool_processor_ops && spool_standby_processors;
+}
+
+/*
+ * Start, stop and tend every kind.  A kind that may run now and did not
+ * is reset first (nothing of it runs yet); one that may no longer run is
+ * stopped.  Kinds whose units come from the catalog re-read it with
+ * refresh; the others (a fixed number of workers) are listed every pass,
+ * which is free.  Once recovery has ended, RecoveryInProgress() costs
+ * nothing.
  */
 static void
-supervise_all(TimestampTz now, bool refresh)
+supervise_all(TimestampTz now, bool refresh, bool installed)
 {
+	static bool recovery_logged = false;
+	bool		recovering = RecoveryInProgress();
 	int			k;
 
+	if (recovering != recovery_logged && installed)
+	{
+		if (recovering)
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("spool_ext on a hot standby: %s",
+							spool_standby_processors ?
+							"processor replicas follow the replicated spool read-only" :
+							"no worker runs until the end of recovery")));
+		else
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("spool_ext: recovery has ended; starting every worker")));
+		recovery_logged = recovering;
+	}
 	for (k = 0; k < lengthof(kinds); k++)
-		spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
+	{
+		bool		allowed = kind_allowed(k, installed, recovering);
+
+		if (live[k] && !allowed)
+			spool_supervise_stop(supervisors[k], !installed ?
+								 "the extension was dropped or updated" :
+								 "spool.standby_processors was turned off");
+		if (!live[k] && allowed && kinds[k].ops->reset)
+			kinds[k].ops->reset();
+		live[k] = allowed;
+		if (allowed)
+			spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
+	}
 }
