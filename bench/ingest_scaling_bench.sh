@@ -47,9 +47,9 @@ now() { date +%s.%N; }
 # durable, print msg/s.
 ingest() {
 	local t0 t1 done_n got s
-	sql -c "CHECKPOINT"
+	sql -c "CHECKPOINT" >/dev/null
 	t0=$(now)
-	for s in "$@"; do sql -c "SELECT spool.start_source('$s')"; done
+	for s in "$@"; do sql -c "SELECT spool.start_source('$s')" >/dev/null; done
 	for _ in $(seq 1 6000); do
 		done_n=$(sql -c "SELECT coalesce(sum(next_offset), 0) FROM spool.offsets
 			WHERE source IN ($(printf "'%s'," "$@" | sed 's/,$//'))")
@@ -58,8 +58,12 @@ ingest() {
 	done
 	t1=$(now)
 	got=$(sql -c "SELECT count(*) FROM spool.entries WHERE source IN ($(printf "'%s'," "$@" | sed 's/,$//'))")
-	[ "$got" -eq "$N" ] || { echo "spool has $got of $N entries" >&2; exit 1; }
-	for s in "$@"; do sql -c "SELECT spool.stop_source('$s')"; done
+	[ "$got" -eq "$N" ] || {
+		echo "spool has $got of $N entries; offsets $done_n; dead letters and gaps:" >&2
+		sql -c "SELECT 'dead', count(*) FROM spool.dead_letters UNION ALL SELECT 'gaps', count(*) FROM spool.gaps" >&2
+		exit 1
+	}
+	for s in "$@"; do sql -c "SELECT spool.stop_source('$s')" >/dev/null; done
 	echo "$N / ($t1 - $t0)" | bc -l
 }
 
