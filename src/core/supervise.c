@@ -124,28 +124,48 @@ spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh)
 	}
 }
 
-/* The extension is gone: stop every worker of the kind and forget its units. */
+/*
+ * The extension is gone: no unit of the kind is wanted any more, and every
+ * worker is told to stop (a registered worker that has not started yet
+ * never starts).  The units, their handles and their slots are kept until
+ * spool_supervise_drain sees the workers gone, so no slot is handed out
+ * again while an old worker may still use it.
+ */
 void
 spool_supervise_stop(SpoolSupervisor *s, const char *why)
 {
+	int			n;
 	int			i;
+	int			running = 0;
 
-	while (s->nunits > 0)
+	for (n = 0; n < s->nunits; n++)
 	{
-		SpoolUnit  *u = &s->units[s->nunits - 1];
+		SpoolUnit  *u = &s->units[n];
 
+		u->wanted = false;
 		for (i = 0; i < SPOOL_UNIT_MAX_WORKERS; i++)
-		{
-			if (u->w[i].handle == NULL)
-				continue;
-			TerminateBackgroundWorker(u->w[i].handle);
-			pfree(u->w[i].handle);
-			u->w[i].handle = NULL;
-			if (s->kind->ops->gone)
-				s->kind->ops->gone(u, i, why);
-		}
-		forget_unit(s, s->nunits - 1);
+			if (u->w[i].handle != NULL)
+			{
+				TerminateBackgroundWorker(u->w[i].handle);
+				running++;
+			}
 	}
+	if (running > 0)
+		ereport(LOG,
+				(errcode(ERRCODE_ADMIN_SHUTDOWN),
+				 errmsg("stopping %d %s workers because %s", running, s->kind->type, why)));
+}
+
+/*
+ * A pass over a stopped kind (spool_supervise_stop): forget the units whose
+ * workers have exited, freeing their slots.  Returns how many units still
+ * wait for a worker to exit.
+ */
+int
+spool_supervise_drain(SpoolSupervisor *s, TimestampTz now)
+{
+	spool_supervise(s, now, false);
+	return s->nunits;
 }
 
 /* Describe a kind's slots (see SpoolSlots); from its shmem attach. */
@@ -185,8 +205,9 @@ refresh_units(SpoolSupervisor *s)
 		return;
 	}
 	spool_begin_txn("reading what to run");
-	/* The extension may have been dropped since the launcher last looked. */
-	if (OidIsValid(get_extension_oid("spool_ext", true)))
+	/* The extension may have been dropped (and created again) meanwhile. */
+	if (OidIsValid(s->extension) &&
+		get_extension_oid("spool_ext", true) == s->extension)
 		s->kind->ops->list(s);
 	spool_end_txn();
 }
@@ -271,6 +292,7 @@ start_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 	args.launcher_generation = pg_atomic_read_u32(&spool_core_shared->launcher_generation);
 	args.slot = u->slot;
 	args.index = i;
+	args.extension = s->extension;
 	strlcpy(args.name, u->name, NAMEDATALEN);
 	if (s->kind->ops->prepare)
 		s->kind->ops->prepare(u, i, &args);

@@ -8,8 +8,10 @@
  *	  replicas of every enabled processor, one dispatcher per outbox target
  *	  shard, and the nonce service workers.  The table of kinds below names
  *	  each kind; its subsystem says what to run and keeps its shared slots;
- *	  this file only decides when to look.  When the extension is dropped,
- *	  it stops them all.  While pg_restore is connected to the database,
+ *	  this file only decides when to look.  When the extension is dropped
+ *	  (or dropped and created again: a new oid), it stops them all, and
+ *	  starts workers for a new extension only once every old one has
+ *	  exited and freed its slot.  While pg_restore is connected to the database,
  *	  an extension that appears there is not yet acted on: its rows may be
  *	  half restored (docs/operations.md, "Backup and restore").
  *
@@ -43,6 +45,7 @@ PGDLLEXPORT void spool_launcher_main(Datum main_arg);
 #define LAUNCHER_NAPTIME_MS			250
 #define EXTENSION_CHECK_MS			2000
 #define CATALOG_CHECK_MS			1000
+#define DRAIN_WARN_MS				10000
 
 /*
  * Every kind of dynamic worker, in the order they are started: its bgw_type,
@@ -66,7 +69,9 @@ static SpoolSupervisor *supervisors[lengthof(kinds)];
 
 static void launcher_attach(void);
 static void launcher_detach(int code, Datum arg);
-static bool extension_installed(bool was);
+static Oid	extension_installed(Oid running);
+static void stop_all(const char *why);
+static bool drain_all(TimestampTz now, TimestampTz since);
 static bool restore_running(void);
 static void supervise_all(TimestampTz now, bool refresh);
 
@@ -91,7 +96,9 @@ spool_launcher_main(Datum main_arg)
 {
 	TimestampTz next_check = 0;
 	TimestampTz next_catalog_check = 0;
-	bool		installed = false;
+	TimestampTz drain_since = 0;
+	Oid			installed = InvalidOid;
+	bool		draining = false;
 	MemoryContext loop_cxt;
 	int			k;
 
@@ -112,19 +119,37 @@ spool_launcher_main(Datum main_arg)
 		now = GetCurrentTimestamp();
 		if (now >= next_check)
 		{
-			bool		was = installed;
+			Oid			found = extension_installed(installed);
 
-			installed = extension_installed(was);
 			next_check = TimestampTzPlusMilliseconds(now, EXTENSION_CHECK_MS);
-			for (k = 0; k < lengthof(kinds); k++)
+			if (OidIsValid(installed) && found != installed)
 			{
-				if (was && !installed)
-					spool_supervise_stop(supervisors[k], "the extension was dropped");
-				if (!was && installed && kinds[k].ops->reset)
-					kinds[k].ops->reset();
+				/* Dropped, or dropped and created again: a new catalog. */
+				stop_all(OidIsValid(found) ?
+						 "the extension was dropped and created again" :
+						 "the extension was dropped");
+				installed = InvalidOid;
+				draining = true;
+				drain_since = now;
+			}
+			if (!draining && !OidIsValid(installed) && OidIsValid(found))
+			{
+				installed = found;
+				for (k = 0; k < lengthof(kinds); k++)
+				{
+					supervisors[k]->extension = installed;
+					if (kinds[k].ops->reset)
+						kinds[k].ops->reset();
+				}
 			}
 		}
-		if (installed)
+		if (draining && drain_all(now, drain_since))
+		{
+			draining = false;
+			next_check = 0;		/* a new extension may be waiting */
+			continue;
+		}
+		if (OidIsValid(installed))
 		{
 			refresh = now >= next_catalog_check;
 			supervise_all(now, refresh);
@@ -136,13 +161,73 @@ spool_launcher_main(Datum main_arg)
 					   LAUNCHER_NAPTIME_MS, PG_WAIT_EXTENSION);
 		if (rc & WL_LATCH_SET)
 		{
-			/* A wakeup: CREATE EXTENSION, or a definition changed. */
-			if (!installed)
-				next_check = 0;
+			/*
+			 * A wakeup: CREATE or DROP EXTENSION, or a definition changed;
+			 * look for the extension and read the catalog again.
+			 */
+			next_check = 0;
 			next_catalog_check = 0;
 		}
 		ResetLatch(MyLatch);
 	}
+}
+
+/*
+ * The extension was dropped: tell every kind's workers to stop, and each
+ * subsystem to forget what the old catalog's objects left in shared memory
+ * (requests waiting for a nonce fail at once).  Their slots are freed as
+ * the workers exit (drain_all).
+ */
+static void
+stop_all(const char *why)
+{
+	int			k;
+
+	ereport(LOG,
+			(errcode(ERRCODE_ADMIN_SHUTDOWN),
+			 errmsg("spool launcher: %s; stopping every spool worker", why)));
+	for (k = 0; k < lengthof(kinds); k++)
+	{
+		spool_supervise_stop(supervisors[k], why);
+		supervisors[k]->extension = InvalidOid;
+		if (kinds[k].ops->dropped)
+			kinds[k].ops->dropped();
+	}
+}
+
+/*
+ * A pass while the workers of a dropped extension stop: true once none is
+ * left.  No worker starts for a new extension before then, so an old worker
+ * never shares a slot with a new one.  Says once after a while which kinds
+ * it still waits for (a worker that does not react to SIGTERM).
+ */
+static bool
+drain_all(TimestampTz now, TimestampTz since)
+{
+	static TimestampTz warned_for = 0;
+	int			left = 0;
+	int			k;
+
+	for (k = 0; k < lengthof(kinds); k++)
+		left += spool_supervise_drain(supervisors[k], now);
+	if (left == 0)
+	{
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("spool launcher: every worker of the dropped extension has stopped")));
+		return true;
+	}
+	if (warned_for != since &&
+		now - since >= (int64) DRAIN_WARN_MS * 1000)
+	{
+		warned_for = since;
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("spool launcher: %d units of the dropped extension still have workers running after %d ms",
+						left, DRAIN_WARN_MS),
+				 errhint("No spool worker starts until they exit; see pg_stat_activity for spool workers that ignore SIGTERM.")));
+	}
+	return false;
 }
 
 /*
@@ -175,23 +260,24 @@ launcher_detach(int code, Datum arg)
 }
 
 /*
- * Whether the extension exists and its workers may run.  An extension that
- * appears while a pg_restore session is connected to this database counts
- * as not installed until that session is gone, so no worker runs on a half
- * restored database (a restore made with --single-transaction shows the
- * extension only with all its rows anyway).  Once the workers run (was), a
- * pg_restore session changes nothing.
+ * The extension's oid when it exists and its workers may run, else
+ * InvalidOid.  An extension that appears while a pg_restore session is
+ * connected to this database counts as not installed until that session is
+ * gone, so no worker runs on a half restored database (a restore made with
+ * --single-transaction shows the extension only with all its rows anyway).
+ * Once the workers run for it (running), a pg_restore session changes
+ * nothing.  A new oid is a new catalog (DROP then CREATE EXTENSION).
  */
-static bool
-extension_installed(bool was)
+static Oid
+extension_installed(Oid running)
 {
 	static bool logged = false;
-	bool		found;
+	Oid			found;
 	bool		restoring = false;
 
 	spool_begin_txn("checking for spool_ext");
-	found = OidIsValid(get_extension_oid("spool_ext", true));
-	if (found && !was)
+	found = get_extension_oid("spool_ext", true);
+	if (OidIsValid(found) && found != running)
 		restoring = restore_running();
 	spool_end_txn();
 	if (restoring && !logged)
@@ -199,7 +285,7 @@ extension_installed(bool was)
 				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
 				 errmsg("spool_ext waits for pg_restore to finish before starting workers")));
 	logged = restoring;
-	return found && !restoring;
+	return restoring ? InvalidOid : found;
 }
 
 /*

@@ -1,0 +1,161 @@
+/*-------------------------------------------------------------------------
+ *
+ * drop.c
+ *	  DROP EXTENSION spool_ext, seen by a ProcessUtility hook: a seatbelt
+ *	  (the drop is refused while signers have handed out nonces, which the
+ *	  drop would forget, unless spool.allow_drop_with_nonces is on), and a
+ *	  wake-up of the launcher when the drop (or a CREATE EXTENSION)
+ *	  commits, so it stops (or starts) the workers at once rather than at
+ *	  its next periodic check.
+ *
+ *	  The hook only reads and only acts for a role that may drop the
+ *	  extension (its owner or a superuser); any other role goes straight to
+ *	  PostgreSQL's own permission error.  Lease tokens need nothing here:
+ *	  every grant already records the database's highest token where a
+ *	  drop cannot reach it (lease.c, "the token floor").
+ *
+ *	  DROP SCHEMA spool CASCADE also drops the extension; it is checked
+ *	  like DROP EXTENSION.  Other ways (DROP OWNED BY the extension's owner)
+ *	  pass the seatbelt; the launcher notices them at its next check.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "tcop/utility.h"
+#include "utils/acl.h"
+
+#include "launcher/launcher.h"
+#include "nonce/nonce.h"
+
+static ProcessUtility_hook_type prev_process_utility = NULL;
+static bool wake_at_commit = false;
+
+static void drop_process_utility(PlannedStmt *pstmt, const char *queryString,
+								 bool readOnlyTree, ProcessUtilityContext context,
+								 ParamListInfo params, QueryEnvironment *queryEnv,
+								 DestReceiver *dest, QueryCompletion *qc);
+static bool drops_extension(Node *parsetree);
+static void check_nonce_state(Oid extension);
+static void drop_xact_callback(XactEvent event, void *arg);
+
+/* From _PG_init. */
+void
+spool_register_drop_hook(void)
+{
+	prev_process_utility = ProcessUtility_hook;
+	ProcessUtility_hook = drop_process_utility;
+	RegisterXactCallback(drop_xact_callback, NULL);
+}
+
+static void
+drop_process_utility(PlannedStmt *pstmt, const char *queryString,
+					 bool readOnlyTree, ProcessUtilityContext context,
+					 ParamListInfo params, QueryEnvironment *queryEnv,
+					 DestReceiver *dest, QueryCompletion *qc)
+{
+	bool		dropping = drops_extension(pstmt->utilityStmt);
+
+	if (dropping)
+	{
+		Oid			extension = get_extension_oid("spool_ext", true);
+
+		if (OidIsValid(extension) &&
+			pg_extension_ownercheck(extension, GetUserId()))
+			check_nonce_state(extension);
+	}
+	if (prev_process_utility)
+		prev_process_utility(pstmt, queryString, readOnlyTree, context,
+							 params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+	/* A new catalog is also worth an early look (its workers start). */
+	if (dropping ||
+		(IsA(pstmt->utilityStmt, CreateExtensionStmt) &&
+		 strcmp(((CreateExtensionStmt *) pstmt->utilityStmt)->extname, "spool_ext") == 0))
+		wake_at_commit = true;
+}
+
+/*
+ * DROP EXTENSION naming spool_ext, or DROP SCHEMA naming the extension's
+ * schema with CASCADE.
+ */
+static bool
+drops_extension(Node *parsetree)
+{
+	DropStmt   *stmt;
+	ListCell   *lc;
+
+	if (parsetree == NULL || !IsA(parsetree, DropStmt))
+		return false;
+	stmt = (DropStmt *) parsetree;
+	if (stmt->removeType == OBJECT_EXTENSION)
+	{
+		foreach(lc, stmt->objects)
+			if (strcmp(strVal(lfirst(lc)), "spool_ext") == 0)
+				return true;
+	}
+	else if (stmt->removeType == OBJECT_SCHEMA && stmt->behavior == DROP_CASCADE)
+	{
+		/* The extension is not relocatable: its schema is always spool. */
+		foreach(lc, stmt->objects)
+			if (strcmp(strVal(lfirst(lc)), "spool") == 0)
+				return true;
+	}
+	return false;
+}
+
+/*
+ * Refuse the drop while signers have handed out nonces, unless
+ * spool.allow_drop_with_nonces (superuser only) says the caller saved them.
+ */
+static void
+check_nonce_state(Oid extension)
+{
+	SpoolCaller caller;
+	int64		signers;
+
+	if (spool_allow_drop_with_nonces)
+		return;
+	spool_enter(&caller);
+	SPI_connect();
+	signers = spool_nonce_signers_in_use();
+	SPI_finish();
+	spool_leave(&caller);
+	if (signers > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST),
+				 errmsg("cannot drop extension spool_ext: " INT64_FORMAT " signers have handed out nonces",
+						signers),
+				 errdetail("The drop forgets each signer's next nonce; after CREATE EXTENSION every signer would start again at nonce 0."),
+				 errhint("Save the next nonces (SELECT signer, next_nonce FROM spool.nonce_signer), drop with SET spool.allow_drop_with_nonces = on (superuser), and restore them after CREATE EXTENSION with spool.nonce_set_next.")));
+}
+
+/* After a drop commits, wake the launcher (any drop: a no-op elsewhere). */
+static void
+drop_xact_callback(XactEvent event, void *arg)
+{
+	if (!wake_at_commit)
+		return;
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+			wake_at_commit = false;
+			if (spool_core_shared != NULL)
+				spool_wake_launcher();
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
