@@ -350,6 +350,7 @@ extern void spool_want(struct SpoolSupervisor *s, const char *name, int64 id,
 extern void spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh);
 extern void spool_supervise_stop(SpoolSupervisor *s, const char *why);
 extern int	spool_supervise_drain(SpoolSupervisor *s, TimestampTz now);
+extern void spool_supervise_reset(SpoolSupervisor *s);
 extern void spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,
 							   Size in_use, void (*fill) (void *slot, const SpoolUnit *u));
 extern bool spool_slot_flag(LWLock *lock, const bool *flag);

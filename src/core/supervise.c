@@ -168,6 +168,26 @@ spool_supervise_drain(SpoolSupervisor *s, TimestampTz now)
 	return s->nunits;
 }
 
+/*
+ * Before the first worker of the kind starts for an extension (the units
+ * list is empty then): free every slot.  Slots still marked in use belong to
+ * units of an earlier launcher, whose workers exit by themselves
+ * (spool_exit_if_orphaned); a launcher that saw a drop has freed its own.
+ */
+void
+spool_supervise_reset(SpoolSupervisor *s)
+{
+	SpoolSlots *slots = s->kind->slots;
+	int			i;
+
+	if (slots == NULL || s->nunits > 0)
+		return;
+	LWLockAcquire(slots->lock, LW_EXCLUSIVE);
+	for (i = 0; i < s->kind->max_units; i++)
+		*(bool *) ((char *) slots->array + i * slots->size + slots->in_use) = false;
+	LWLockRelease(slots->lock);
+}
+
 /* Describe a kind's slots (see SpoolSlots); from its shmem attach. */
 void
 spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,

@@ -8,11 +8,13 @@
  *	  commits, so it stops (or starts) the workers at once rather than at
  *	  its next periodic check.
  *
- *	  The hook only reads and only acts for a role that may drop the
- *	  extension (its owner or a superuser); any other role goes straight to
- *	  PostgreSQL's own permission error.  Lease tokens need nothing here:
- *	  every grant already records the database's highest token where a
- *	  drop cannot reach it (lease.c, "the token floor").
+ *	  The hook acts only for a role that may drop the extension (its owner
+ *	  or a superuser); any other role goes straight to PostgreSQL's own
+ *	  permission error, and causes no write.  Lease tokens need little
+ *	  here: every grant already records the database's highest token where
+ *	  a drop cannot reach it (lease.c, "the token floor"); the hook records
+ *	  it once more from spool.lease_store, for tokens no grant here wrote
+ *	  (restored by pg_restore).
  *
  *	  DROP SCHEMA spool CASCADE also drops the extension; it is checked
  *	  like DROP EXTENSION.  Other ways (DROP OWNED BY the extension's owner)
@@ -31,6 +33,7 @@
 #include "utils/acl.h"
 
 #include "launcher/launcher.h"
+#include "lease/lease.h"
 #include "nonce/nonce.h"
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
@@ -41,7 +44,7 @@ static void drop_process_utility(PlannedStmt *pstmt, const char *queryString,
 								 ParamListInfo params, QueryEnvironment *queryEnv,
 								 DestReceiver *dest, QueryCompletion *qc);
 static bool drops_extension(Node *parsetree);
-static void check_nonce_state(Oid extension);
+static void before_drop(void);
 static void drop_xact_callback(XactEvent event, void *arg);
 
 /* From _PG_init. */
@@ -67,7 +70,7 @@ drop_process_utility(PlannedStmt *pstmt, const char *queryString,
 
 		if (OidIsValid(extension) &&
 			pg_extension_ownercheck(extension, GetUserId()))
-			check_nonce_state(extension);
+			before_drop();
 	}
 	if (prev_process_utility)
 		prev_process_utility(pstmt, queryString, readOnlyTree, context,
@@ -113,19 +116,23 @@ drops_extension(Node *parsetree)
 
 /*
  * Refuse the drop while signers have handed out nonces, unless
- * spool.allow_drop_with_nonces (superuser only) says the caller saved them.
+ * spool.allow_drop_with_nonces (superuser only) says the caller saved them;
+ * then record the highest lease token as the floor (grants have recorded
+ * theirs already; this covers tokens that came in by pg_restore).  The
+ * origin's progress is not transactional: if the drop fails later, the
+ * floor stays where the tokens are, which changes nothing.
  */
 static void
-check_nonce_state(Oid extension)
+before_drop(void)
 {
 	SpoolCaller caller;
 	int64		signers;
 
-	if (spool_allow_drop_with_nonces)
-		return;
 	spool_enter(&caller);
 	SPI_connect();
-	signers = spool_nonce_signers_in_use();
+	signers = spool_allow_drop_with_nonces ? 0 : spool_nonce_signers_in_use();
+	if (signers == 0)
+		spool_token_floor_record();
 	SPI_finish();
 	spool_leave(&caller);
 	if (signers > 0)

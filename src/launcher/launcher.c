@@ -138,6 +138,7 @@ spool_launcher_main(Datum main_arg)
 				for (k = 0; k < lengthof(kinds); k++)
 				{
 					supervisors[k]->extension = installed;
+					spool_supervise_reset(supervisors[k]);
 					if (kinds[k].ops->reset)
 						kinds[k].ops->reset();
 				}

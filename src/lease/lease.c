@@ -903,6 +903,25 @@ spool_fence(PG_FUNCTION_ARGS)
 }
 
 /*
+ * Record the highest token of spool.lease_store as the floor, whether or
+ * not a grant recorded it (rows restored by pg_restore were never granted
+ * here): called by DROP EXTENSION before it drops the table.  The caller
+ * is connected to SPI.
+ */
+void
+spool_token_floor_record(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute("SELECT max(token) FROM spool.lease_store", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.lease_store");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (!isnull)
+		note_token(DatumGetInt64(d));
+}
+
+/*
  * SQL: spool._token_floor_init() RETURNS bigint — from CREATE EXTENSION and
  * ALTER EXTENSION UPDATE (superuser only): make sure the database's token
  * origin exists and holds a replication state (so no grant fails for want
