@@ -21,8 +21,10 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "postmaster/bgworker.h"
+#include "storage/lmgr.h"
 #include "utils/memutils.h"
 
 #include "core/core.h"
@@ -225,10 +227,18 @@ refresh_units(SpoolSupervisor *s)
 		return;
 	}
 	spool_begin_txn("reading what to run");
-	/* The extension may have been dropped (and created again) meanwhile. */
-	if (OidIsValid(s->extension) &&
-		get_extension_oid("spool_ext", true) == s->extension)
-		s->kind->ops->list(s);
+
+	/*
+	 * The extension may have been dropped (and created again) meanwhile.
+	 * Held like a worker holds it (spool_worker_check_extension), it cannot
+	 * be dropped while list reads its tables.
+	 */
+	if (OidIsValid(s->extension))
+	{
+		LockDatabaseObject(ExtensionRelationId, s->extension, 0, AccessShareLock);
+		if (get_extension_oid("spool_ext", true) == s->extension)
+			s->kind->ops->list(s);
+	}
 	spool_end_txn();
 }
 

@@ -35,9 +35,11 @@
 #include "launcher/launcher.h"
 #include "lease/lease.h"
 #include "nonce/nonce.h"
+#include "outbox/outbox.h"
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
 static bool wake_at_commit = false;
+static bool dropped = false;	/* the transaction drops spool_ext */
 
 static void drop_process_utility(PlannedStmt *pstmt, const char *queryString,
 								 bool readOnlyTree, ProcessUtilityContext context,
@@ -79,6 +81,8 @@ drop_process_utility(PlannedStmt *pstmt, const char *queryString,
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
 								params, queryEnv, dest, qc);
 	/* A new catalog is also worth an early look (its workers start). */
+	if (dropping)
+		dropped = true;
 	if (dropping ||
 		(IsA(pstmt->utilityStmt, CreateExtensionStmt) &&
 		 strcmp(((CreateExtensionStmt *) pstmt->utilityStmt)->extname, "spool_ext") == 0))
@@ -144,7 +148,11 @@ before_drop(void)
 				 errhint("Save the next nonces (SELECT signer, next_nonce FROM spool.nonce_signer), drop with SET spool.allow_drop_with_nonces = on (superuser), and restore them after CREATE EXTENSION with spool.nonce_set_next.")));
 }
 
-/* After a drop commits, wake the launcher (any drop: a no-op elsewhere). */
+/*
+ * After a drop commits, wake the launcher (any drop or create: a no-op
+ * elsewhere).  The drop is checked before the commit, in the transaction
+ * (a drop in a subtransaction that rolled back dropped nothing).
+ */
 static void
 drop_xact_callback(XactEvent event, void *arg)
 {
@@ -152,15 +160,30 @@ drop_xact_callback(XactEvent event, void *arg)
 		return;
 	switch (event)
 	{
+		case XACT_EVENT_PRE_COMMIT:
+			if (dropped)
+				dropped = !OidIsValid(get_extension_oid("spool_ext", true));
+			break;
 		case XACT_EVENT_COMMIT:
 			wake_at_commit = false;
-			if (spool_core_shared != NULL)
-				spool_wake_launcher();
+			if (spool_core_shared == NULL)
+				break;
+
+			/*
+			 * In the pipeline database, forget the outbox's shared state of
+			 * the dropped catalog before any CREATE EXTENSION can commit
+			 * (the launcher does it again when it notices the drop).
+			 */
+			if (dropped && spool_core_shared->database_oid == MyDatabaseId)
+				spool_outbox_forget_catalog();
+			dropped = false;
+			spool_wake_launcher();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			wake_at_commit = false;
+			dropped = false;
 			break;
 		default:
 			break;

@@ -405,7 +405,8 @@ request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
 		LWLockRelease(spool_nonce_shared->lock);
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
-				 errmsg("the nonce service stopped: the extension spool_ext was dropped")));
+				 errmsg("the nonce service is not running: the extension spool_ext was dropped"),
+				 errhint("Retry once the launcher has started the nonce workers of the new extension.")));
 	}
 	idx = spool_nonce_shared->free_head;
 	if (idx < 0)

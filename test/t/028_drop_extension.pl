@@ -256,6 +256,10 @@ for my $cycle (2 .. 5)
 }
 ok(!$node->log_contains(qr/more than \d+ .*is not started|could not start spool/),
 	'no slot or worker limit was hit over five cycles');
+ok(!$node->log_contains(qr/spool launcher (?:ERROR|FATAL):/),
+	'the launcher never failed (it reads the catalog only while it holds the extension)');
+ok(!$node->log_contains(qr/still have workers running after/),
+	'no worker of a dropped extension outlived SIGTERM');
 
 $kafka->stop;
 $node->stop;
