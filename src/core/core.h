@@ -340,6 +340,7 @@ typedef struct SpoolSupervisor
 {
 	const SpoolWorkerKind *kind;
 	Oid			extension;		/* what its workers are started for */
+	bool		extension_gone; /* a refresh found it dropped */
 	int			nunits;
 	SpoolUnit  *units;			/* kind->max_units of them */
 } SpoolSupervisor;

@@ -238,6 +238,8 @@ refresh_units(SpoolSupervisor *s)
 		LockDatabaseObject(ExtensionRelationId, s->extension, 0, AccessShareLock);
 		if (get_extension_oid("spool_ext", true) == s->extension)
 			s->kind->ops->list(s);
+		else
+			s->extension_gone = true;	/* the launcher looks again at once */
 	}
 	spool_end_txn();
 }

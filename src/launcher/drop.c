@@ -3,7 +3,8 @@
  * drop.c
  *	  DROP EXTENSION spool_ext, seen by a ProcessUtility hook: a seatbelt
  *	  (the drop is refused while signers have handed out nonces, which the
- *	  drop would forget, unless spool.allow_drop_with_nonces is on), and a
+ *	  drop would forget, unless spool.allow_drop_with_nonces is on), the
+ *	  workers terminated so the drop waits for none of them, and a
  *	  wake-up of the launcher when the drop (or a CREATE EXTENSION)
  *	  commits, so it stops (or starts) the workers at once rather than at
  *	  its next periodic check.
@@ -24,13 +25,20 @@
  */
 #include "postgres.h"
 
+#include <signal.h>
+
 #include "access/xact.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "storage/lmgr.h"
 #include "tcop/utility.h"
 #include "utils/acl.h"
+#include "utils/backend_status.h"
 
 #include "launcher/launcher.h"
 #include "lease/lease.h"
@@ -46,7 +54,8 @@ static void drop_process_utility(PlannedStmt *pstmt, const char *queryString,
 								 ParamListInfo params, QueryEnvironment *queryEnv,
 								 DestReceiver *dest, QueryCompletion *qc);
 static bool drops_extension(Node *parsetree);
-static void before_drop(void);
+static void before_drop(Oid extension);
+static void stop_workers(Oid extension);
 static void drop_xact_callback(XactEvent event, void *arg);
 
 /* From _PG_init. */
@@ -72,7 +81,7 @@ drop_process_utility(PlannedStmt *pstmt, const char *queryString,
 
 		if (OidIsValid(extension) &&
 			pg_extension_ownercheck(extension, GetUserId()))
-			before_drop();
+			before_drop(extension);
 	}
 	if (prev_process_utility)
 		prev_process_utility(pstmt, queryString, readOnlyTree, context,
@@ -127,7 +136,7 @@ drops_extension(Node *parsetree)
  * floor stays where the tokens are, which changes nothing.
  */
 static void
-before_drop(void)
+before_drop(Oid extension)
 {
 	SpoolCaller caller;
 	int64		signers;
@@ -146,6 +155,43 @@ before_drop(void)
 						signers),
 				 errdetail("The drop forgets each signer's next nonce; after CREATE EXTENSION every signer would start again at nonce 0."),
 				 errhint("Save the next nonces (SELECT signer, next_nonce FROM spool.nonce_signer), drop with SET spool.allow_drop_with_nonces = on (superuser), and restore them after CREATE EXTENSION with spool.nonce_set_next.")));
+	stop_workers(extension);
+}
+
+/*
+ * Make the drop wait for no worker: a worker transaction holds the
+ * extension until it ends, and one may be long (a handler or a target
+ * function that sleeps or waits for a lock).  So terminate every spool
+ * worker of this database (not the launcher), then take the lock the drop
+ * takes first: its queue holds back the workers the launcher starts again
+ * meanwhile, before they touch any table, and once the drop commits they
+ * find the extension gone and exit.  A dispatcher delivers what it holds
+ * first, within spool.outbox_close_timeout.  If the drop fails, the
+ * launcher has restarted the workers, as after pg_terminate_backend.
+ */
+static void
+stop_workers(Oid extension)
+{
+	int			n = pgstat_fetch_stat_numbackends();
+	int			i;
+
+	for (i = 1; i <= n; i++)
+	{
+		LocalPgBackendStatus *l = pgstat_fetch_stat_local_beentry(i);
+		PgBackendStatus *b;
+		const char *type;
+
+		if (l == NULL)
+			continue;
+		b = &l->backendStatus;
+		if (b->st_backendType != B_BG_WORKER || b->st_databaseid != MyDatabaseId)
+			continue;
+		type = GetBackgroundWorkerTypeByPid(b->st_procpid);
+		if (type != NULL && strncmp(type, "spool ", 6) == 0 &&
+			strcmp(type, "spool launcher") != 0)
+			(void) kill(b->st_procpid, SIGTERM);
+	}
+	LockDatabaseObject(ExtensionRelationId, extension, 0, AccessExclusiveLock);
 }
 
 /*

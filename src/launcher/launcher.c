@@ -74,6 +74,7 @@ static void stop_all(const char *why);
 static bool drain_all(TimestampTz now, TimestampTz since);
 static bool restore_running(void);
 static void supervise_all(TimestampTz now, bool refresh);
+static bool extension_lost(void);
 
 void
 spool_register_launcher(void)
@@ -156,6 +157,11 @@ spool_launcher_main(Datum main_arg)
 			supervise_all(now, refresh);
 			if (refresh)
 				next_catalog_check = TimestampTzPlusMilliseconds(now, CATALOG_CHECK_MS);
+			if (extension_lost())
+			{
+				next_check = 0; /* see at once what became of it */
+				continue;
+			}
 		}
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -328,4 +334,22 @@ supervise_all(TimestampTz now, bool refresh)
 
 	for (k = 0; k < lengthof(kinds); k++)
 		spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
+}
+
+/*
+ * Did a refresh find the extension dropped?  (Its wake-up may have been
+ * consumed by the lock wait behind the drop.)
+ */
+static bool
+extension_lost(void)
+{
+	bool		lost = false;
+	int			k;
+
+	for (k = 0; k < lengthof(kinds); k++)
+	{
+		lost |= supervisors[k]->extension_gone;
+		supervisors[k]->extension_gone = false;
+	}
+	return lost;
 }

@@ -14,7 +14,9 @@
 #       token floor covers every token granted before the drop, and the
 #       first grants of the new catalog are above it; the recreated
 #       pipeline runs and delivers everything again.
-#   (e) Four more cycles, the last three with DROP and CREATE back to back
+#   (e) Four more cycles, the first while both replicas sleep in the handler
+#       (the drop terminates them instead of waiting for the handler), the
+#       last three with DROP and CREATE back to back
 #       (no pause between them: the launcher sees a new extension oid): no
 #       old worker survives into the new catalog, slots are reused, tokens
 #       keep rising.
@@ -48,7 +50,8 @@ my $workers_q = "SELECT coalesce(string_agg(backend_type || ' ' || pid, ', '), '
 
 # Objects outside the extension survive a drop: the roles, the delivery
 # table and the sql target's function.
-sql(q{CREATE ROLE proc_owner; GRANT spool_admin TO proc_owner;});
+sql(q{CREATE ROLE proc_owner; GRANT spool_admin TO proc_owner;
+	CREATE TABLE public.slow (b boolean); GRANT SELECT ON public.slow TO proc_owner;});
 sql_target($node, 't', '{"batch_interval": "5ms"}');
 
 # The handler takes spool types, so DROP EXTENSION ... CASCADE drops it:
@@ -62,6 +65,7 @@ RETURNS spool.step LANGUAGE sql AS $$
 	SELECT ROW(state, coalesce((SELECT array_agg(ROW('t', e.value->>'seq', e.value)::spool.output
 	                                              ORDER BY e.cursor)
 	                              FROM unnest(entries) e), '{}'))::spool.step
+	  FROM pg_sleep(CASE WHEN EXISTS (SELECT FROM public.slow) THEN 60 ELSE 0 END)
 $$;
 GRANT EXECUTE ON FUNCTION public.h(jsonb, spool.entries[]) TO proc_owner;
 });
@@ -231,16 +235,38 @@ is(sql("SELECT spool.nonce_request('s1')"), '1', '(d) s1 goes on at nonce 1');
 for my $cycle (2 .. 5)
 {
 	my $what = "cycle $cycle";
+	# Cycle 2 drops while both replicas sleep in the handler (60 s).
+	my $stuck = $cycle == 2;
+	sql('INSERT INTO public.slow VALUES (true)') if $stuck;
 	produce(50);
-	delivered_all($what);
+	if ($stuck)
+	{
+		poll_ok($node,
+			"SELECT count(*) > 0 FROM pg_stat_activity"
+			  . " WHERE backend_type = 'spool processor' AND wait_event = 'PgSleep'",
+			"$what: a processor replica sleeps in its handler");
+	}
+	else
+	{
+		delivered_all($what);
+	}
 	my @old = split /\n/, sql(
 		"SELECT pid FROM pg_stat_activity WHERE backend_type LIKE 'spool %'"
 		  . " AND backend_type <> 'spool launcher'");
 	cmp_ok(scalar(@old), '>=', 6, "$what: the pipeline's workers run (" . scalar(@old) . ')');
 	$max_before = max_token();
 	my $back_to_back = $cycle >= 3;
+	my $t0 = time;
 	sql("SET spool.allow_drop_with_nonces = on; DROP EXTENSION spool_ext CASCADE;"
 		  . ($back_to_back ? ' CREATE EXTENSION spool_ext;' : ''));
+	my $took = time - $t0;
+	if ($stuck)
+	{
+		cmp_ok($took, '<', 30,
+			sprintf('%s: DROP EXTENSION returned after %.1fs, not after the handler\'s sleep',
+				$what, $took));
+		sql('DELETE FROM public.slow');
+	}
 	no_workers_left($what) unless $back_to_back;
 	poll_within($node, 30,
 		'SELECT count(*) = 0 FROM pg_stat_activity WHERE pid IN (' . join(', ', @old) . ')',
