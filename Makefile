@@ -7,7 +7,10 @@ EXTENSION = spool_ext
 DATA = $(sort $(wildcard spool_ext--*.sql))
 PGFILEDESC = "spool_ext - leases, fencing, nonces and Kafka-fed pipelines"
 
-PG_CPPFLAGS = -I$(srcdir)/src
+# The library runs only against a catalog of its own version: the control
+# file's default_version (src/launcher/launcher.c).
+EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'$$/\1/p" $(srcdir)/spool_ext.control)
+PG_CPPFLAGS = -I$(srcdir)/src -DSPOOL_EXT_VERSION='"$(EXTVERSION)"'
 SHLIB_LINK = -lrdkafka -ljansson
 
 # Every test layer runs against a throwaway instance with the library preloaded.
@@ -26,6 +29,7 @@ include $(PGXS)
 
 # Every object depends on the shared headers (PGXS tracks no header dependencies).
 $(OBJS): $(wildcard src/*/*.h)
+src/launcher/launcher.o: spool_ext.control
 
 # Set after PGXS, which resets it: lets TAP tests find test/SpoolTest.pm.
 PROVE_FLAGS = -I $(srcdir)/test

@@ -7,7 +7,9 @@
 -- below must also work on a 0.1 catalog that holds data and whose workers
 -- run (ALTER EXTENSION UPDATE takes no lock that stops them).
 
--- DROP EXTENSION: the lease token floor ------------------------------------
+------------------------------------------------------------------------------
+-- DROP EXTENSION: the lease token floor
+------------------------------------------------------------------------------
 
 -- The highest lease token this database had when the extension was
 -- (re)created, read from the replication origin every grant advances
@@ -35,3 +37,19 @@ REVOKE ALL ON @extschema@.token_floor FROM PUBLIC;
 GRANT SELECT ON @extschema@.token_floor TO spool_admin;
 
 SELECT @extschema@._token_floor_init();
+
+------------------------------------------------------------------------------
+-- Versions: the workers run only when the library and the catalog agree
+------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@.library_version()
+RETURNS text
+AS 'MODULE_PATHNAME', 'spool_library_version'
+LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION @extschema@.library_version() IS
+'The version of the spool_ext library the server has loaded; the workers run only while it equals the extension''s version in pg_extension';
+REVOKE ALL ON FUNCTION @extschema@.library_version() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.library_version() TO spool_admin, spool_client;
+
+-- Keep this last: the launcher looks again once the update commits.
+SELECT @extschema@._launcher_wakeup();

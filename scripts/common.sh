@@ -34,6 +34,35 @@ prepare_build_tree() {
 	echo "$tree"
 }
 
+# prepare_release VERSION DIR: the library of a released VERSION (test/releases
+# names its commit), built from git history and installed into a private
+# copy of this PostgreSQL installation made under DIR; prints the copy's installation
+# directory (the parent of its bin/), for PostgreSQL::Test::Cluster's
+# install_path.  The copy keeps this tree's extension scripts, so it can
+# create any released catalog.  Fails if the commit is not in git history.
+prepare_release() {
+	local version=$1 dest=$2/$1 here rev bindir sharedir pkglibdir
+	here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+	rev=$(awk -v v="$version" '$1 == v { print $2 }' "$here/test/releases")
+	[ -n "$rev" ] || { echo "no release $version in test/releases" >&2; return 1; }
+	git -C "$here" cat-file -e "$rev^{commit}" 2>/dev/null ||
+		{ echo "commit $rev of release $version is not in git history" >&2; return 1; }
+	bindir=$("$PG_CONFIG" --bindir)
+	sharedir=$("$PG_CONFIG" --sharedir)
+	pkglibdir=$("$PG_CONFIG" --pkglibdir)
+	mkdir -p "$dest/src" "$dest/root$(dirname "$(dirname "$bindir")")" "$dest/root$(dirname "$sharedir")"
+	cp -a "$(dirname "$bindir")" "$dest/root$(dirname "$(dirname "$bindir")")/"
+	cp -a "$sharedir" "$dest/root$(dirname "$sharedir")/"
+	git -C "$here" archive "$rev" | tar -x -C "$dest/src" || return 1
+	[ "$(id -u)" -eq 0 ] && chown -R "$RUN_AS" "$dest"
+	as_user make -s -C "$dest/src" PG_CONFIG="$PG_CONFIG" -j2 >&2 || return 1
+	# Its library replaces this tree's in the copy (and no JIT bitcode of
+	# another version stays beside it).
+	rm -rf "$dest/root$pkglibdir/bitcode/spool_ext"*
+	cp "$dest/src/spool_ext.so" "$dest/root$pkglibdir/spool_ext.so" || return 1
+	echo "$dest/root$(dirname "$bindir")"
+}
+
 # start_server WORK PORT [EXTRA_CONF_LINES]: initdb a throwaway cluster in
 # WORK/data (WORK must exist), preload spool_ext, listen only on a unix socket
 # in WORK, and start it.  stop_server WORK stops it.

@@ -25,7 +25,22 @@ case $layer in
 		[ $# -gt 0 ] && only+=("PROVE_TESTS=$*") ;;
 	*) echo "usage: $0 [all|regress|isolation|tap] [TAP test files]" >&2; exit 2 ;;
 esac
-as_user make -C "$tree" PG_CONFIG="$PG_CONFIG" "${only[@]}" installcheck || status=$?
+# The libraries of released versions, for the upgrade test (TAP 028):
+# SPOOL_RELEASE_0_1=<installation> and so on.
+releases=()
+release_dir=$(mktemp -d /tmp/spool_ext-releases.XXXXXX)
+chmod 755 "$release_dir"
+if [ "$layer" = all ] || [ "$layer" = tap ]; then
+	while read -r version rev; do
+		case $version in '' | '#'*) continue ;; esac
+		if dir=$(prepare_release "$version" "$release_dir"); then
+			releases+=("SPOOL_RELEASE_${version//./_}=$dir")
+		else
+			echo "spool_ext: the library of release $version cannot be built; the upgrade test skips it" >&2
+		fi
+	done < "$here/test/releases"
+fi
+as_user env "${releases[@]}" make -C "$tree" PG_CONFIG="$PG_CONFIG" "${only[@]}" installcheck || status=$?
 if [ $status -ne 0 ]; then
 	for f in "$tree"/regression.diffs "$tree"/output_iso/regression.diffs; do
 		[ -s "$f" ] && { echo "==== $f"; head -c 20000 "$f"; }
@@ -44,4 +59,4 @@ if [ $status -ne 0 ]; then
 	exit $status
 fi
 echo "spool_ext: all tests passed"
-rm -rf "$tree"
+rm -rf "$tree" "$release_dir"

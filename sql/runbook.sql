@@ -4,6 +4,8 @@
 -- or function signature fails this test instead of an operator mid-incident.
 --
 \set rb `perl test/runbook_sql.pl docs/operations.md`
+-- The checks after planned work use amcheck, as the runbook says.
+CREATE EXTENSION IF NOT EXISTS amcheck;
 CREATE TEMP TABLE rb AS
 	SELECT ord, stmt FROM jsonb_array_elements_text(:'rb'::jsonb) WITH ORDINALITY AS x(stmt, ord);
 SELECT count(*) >= 15 AS enough_statements FROM rb;

@@ -6,6 +6,9 @@ CREATE EXTENSION spool_ext;
 -- The extension's objects exist where the contract says.
 SELECT extname, extversion, extnamespace::regnamespace AS schema
   FROM pg_extension WHERE extname = 'spool_ext';
+-- The library loaded is of the catalog's version (its workers run).
+SELECT spool.library_version() = extversion AS library_matches
+  FROM pg_extension WHERE extname = 'spool_ext';
 
 -- try(stmt): run stmt and report 'ok' or 'SQLSTATE: message'.  An error is
 -- caught in a subtransaction, so whatever stmt did is undone either way.

@@ -13,7 +13,12 @@
  *	  starts workers for a new extension only once every old one has
  *	  exited and freed its slot.  While pg_restore is connected to the database,
  *	  an extension that appears there is not yet acted on: its rows may be
- *	  half restored (docs/operations.md, "Backup and restore").
+ *	  half restored (docs/operations.md, "Backup and restore").  Nor is an
+ *	  extension whose catalog version is not this library's (SPOOL_EXT_VERSION):
+ *	  after a new library is installed and the server restarted, the workers
+ *	  wait for ALTER EXTENSION spool_ext UPDATE; if the catalog is updated
+ *	  under a running library, its workers stop until the restart that loads
+ *	  the library of that version (docs/operations.md, "Upgrading").
  *
  *	  It starts when recovery has finished (BgWorkerStart_RecoveryFinished):
  *	  on a hot standby the postmaster does not start it, so no spool worker
@@ -24,6 +29,11 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -31,6 +41,8 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "utils/backend_status.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -41,6 +53,8 @@
 #include "processor/processor.h"
 
 PGDLLEXPORT void spool_launcher_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(spool_library_version);
 
 #define LAUNCHER_NAPTIME_MS			250
 #define EXTENSION_CHECK_MS			2000
@@ -69,8 +83,9 @@ static SpoolSupervisor *supervisors[lengthof(kinds)];
 
 static void launcher_attach(void);
 static void launcher_detach(int code, Datum arg);
-static Oid	extension_installed(Oid running);
-static void stop_all(const char *why);
+static Oid	extension_installed(Oid running, bool *other_version);
+static char *catalog_version(MemoryContext cxt, Oid *oid);
+static void stop_all(const char *why, bool dropped);
 static bool drain_all(TimestampTz now, TimestampTz since);
 static bool restore_running(void);
 static void supervise_all(TimestampTz now, bool refresh);
@@ -120,15 +135,18 @@ spool_launcher_main(Datum main_arg)
 		now = GetCurrentTimestamp();
 		if (now >= next_check)
 		{
-			Oid			found = extension_installed(installed);
+			bool		other_version;
+			Oid			found = extension_installed(installed, &other_version);
 
 			next_check = TimestampTzPlusMilliseconds(now, EXTENSION_CHECK_MS);
 			if (OidIsValid(installed) && found != installed)
 			{
 				/* Dropped, or dropped and created again: a new catalog. */
-				stop_all(OidIsValid(found) ?
+				stop_all(other_version ?
+						 "the extension was updated to a version other than the library's" :
+						 OidIsValid(found) ?
 						 "the extension was dropped and created again" :
-						 "the extension was dropped");
+						 "the extension was dropped", !other_version);
 				installed = InvalidOid;
 				draining = true;
 				drain_since = now;
@@ -180,13 +198,14 @@ spool_launcher_main(Datum main_arg)
 }
 
 /*
- * The extension was dropped: tell every kind's workers to stop, and each
- * subsystem to forget what the old catalog's objects left in shared memory
- * (requests waiting for a nonce fail at once).  Their slots are freed as
- * the workers exit (drain_all).
+ * The extension was dropped (or updated to another version than the
+ * library's): tell every kind's workers to stop.  When it was dropped, each
+ * subsystem also forgets what the old catalog's objects left in shared
+ * memory (requests waiting for a nonce fail at once).  Their slots are freed
+ * as the workers exit (drain_all).
  */
 static void
-stop_all(const char *why)
+stop_all(const char *why, bool dropped)
 {
 	int			k;
 
@@ -197,7 +216,7 @@ stop_all(const char *why)
 	{
 		spool_supervise_stop(supervisors[k], why);
 		supervisors[k]->extension = InvalidOid;
-		if (kinds[k].ops->dropped)
+		if (dropped && kinds[k].ops->dropped)
 			kinds[k].ops->dropped();
 	}
 }
@@ -267,32 +286,94 @@ launcher_detach(int code, Datum arg)
 }
 
 /*
- * The extension's oid when it exists and its workers may run, else
- * InvalidOid.  An extension that appears while a pg_restore session is
- * connected to this database counts as not installed until that session is
- * gone, so no worker runs on a half restored database (a restore made with
- * --single-transaction shows the extension only with all its rows anyway).
- * Once the workers run for it (running), a pg_restore session changes
- * nothing.  A new oid is a new catalog (DROP then CREATE EXTENSION).
+ * The extension's oid when it exists, has this library's version and its
+ * workers may run, else InvalidOid (with *other_version set when it exists
+ * in another version: a catalog of another version than this library's
+ * counts as not installed at any time).  An extension that appears while a
+ * pg_restore session is connected to this database counts as not installed
+ * until that session is gone, so no worker runs on a half restored database
+ * (a restore made with --single-transaction shows the extension only with
+ * all its rows anyway).  Once the workers run for it (running), a
+ * pg_restore session changes nothing.  A new oid is a new catalog (DROP
+ * then CREATE EXTENSION).
  */
 static Oid
-extension_installed(Oid running)
+extension_installed(Oid running, bool *other_version)
 {
-	static bool logged = false;
-	Oid			found;
+	static bool restore_logged = false;
+	static char *version_logged = NULL;
+	char	   *version;
+	Oid			found = InvalidOid;
 	bool		restoring = false;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	spool_begin_txn("checking for spool_ext");
-	found = get_extension_oid("spool_ext", true);
-	if (OidIsValid(found) && found != running)
+	version = catalog_version(cxt, &found);
+	*other_version = version != NULL && strcmp(version, SPOOL_EXT_VERSION) != 0;
+	if (version != NULL && !*other_version && found != running)
 		restoring = restore_running();
 	spool_end_txn();
-	if (restoring && !logged)
+
+	if (restoring && !restore_logged)
 		ereport(LOG,
 				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
 				 errmsg("spool_ext waits for pg_restore to finish before starting workers")));
-	logged = restoring;
-	return restoring ? InvalidOid : found;
+	restore_logged = restoring;
+
+	if (*other_version && (version_logged == NULL || strcmp(version_logged, version) != 0))
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("spool_ext workers wait: the library is version %s, the extension in database \"%s\" is version %s",
+						SPOOL_EXT_VERSION, spool_database, version),
+				 errhint("Run ALTER EXTENSION spool_ext UPDATE TO '%s' there, or, if the extension is newer, install its library and restart the server.",
+						 SPOOL_EXT_VERSION)));
+	if (version_logged != NULL)
+		pfree(version_logged);
+	version_logged = *other_version ? MemoryContextStrdup(TopMemoryContext, version) : NULL;
+
+	return version != NULL && !*other_version && !restoring ? found : InvalidOid;
+}
+
+/*
+ * spool.library_version(): the version this library runs against.
+ */
+Datum
+spool_library_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(SPOOL_EXT_VERSION));
+}
+
+/*
+ * The installed extension's version, allocated in cxt, and its oid in *oid,
+ * or NULL if it is not installed.  Needs a transaction.
+ */
+static char *
+catalog_version(MemoryContext cxt, Oid *oid)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	char	   *version = NULL;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("spool_ext"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tuple, Anum_pg_extension_extversion,
+									 RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = MemoryContextStrdup(cxt, TextDatumGetCString(d));
+		*oid = ((Form_pg_extension) GETSTRUCT(tuple))->oid;
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
 }
 
 /*
