@@ -172,6 +172,15 @@ is(sql("SELECT count(*) FROM pg_extension WHERE extname = 'spool_ext'"), '1',
 	"CREATE ROLE plain_r LOGIN; SET ROLE plain_r; SET spool.allow_drop_with_nonces = on");
 like($err, qr/permission denied to set parameter "spool.allow_drop_with_nonces"/,
 	'(a) a plain role cannot set spool.allow_drop_with_nonces');
+# A role that may not drop the extension stops no worker (the hook acts only
+# for the owner): the same workers run after its attempt.
+my $pids_q = "SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity"
+  . " WHERE backend_type LIKE 'spool %' AND backend_type <> 'spool launcher'";
+my $pids = sql($pids_q);
+($rc, $out, $err) = $node->psql('postgres',
+	"SET ROLE plain_r; DROP EXTENSION spool_ext CASCADE");
+like($err, qr/must be owner of extension spool_ext/, '(a) a plain role may not drop the extension');
+is(sql($pids_q), $pids, '(a) and its attempt terminated no worker');
 
 # (b) A client waits in nonce_request for stopped nonce workers.
 poll_ok($node,
