@@ -219,10 +219,10 @@ refresh_units(SpoolSupervisor *s)
 {
 	int			n;
 
-	for (n = 0; n < s->nunits; n++)
-		s->units[n].wanted = false;
 	if (!s->kind->reads_catalog)
 	{
+		for (n = 0; n < s->nunits; n++)
+			s->units[n].wanted = false;
 		s->kind->ops->list(s);
 		return;
 	}
@@ -231,11 +231,15 @@ refresh_units(SpoolSupervisor *s)
 	/*
 	 * The extension may have been dropped (and created again) meanwhile.
 	 * Held like a worker holds it (spool_worker_check_extension), it cannot
-	 * be dropped while list reads its tables.
+	 * be dropped while list reads its tables.  While a DROP EXTENSION holds
+	 * it, keep what runs and look again later: the launcher never waits for
+	 * a drop, which may itself wait for a client's transaction.
 	 */
-	if (OidIsValid(s->extension))
+	if (OidIsValid(s->extension) &&
+		ConditionalLockDatabaseObject(ExtensionRelationId, s->extension, 0, AccessShareLock))
 	{
-		LockDatabaseObject(ExtensionRelationId, s->extension, 0, AccessShareLock);
+		for (n = 0; n < s->nunits; n++)
+			s->units[n].wanted = false;
 		if (get_extension_oid("spool_ext", true) == s->extension)
 			s->kind->ops->list(s);
 		else
