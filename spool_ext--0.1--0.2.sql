@@ -39,6 +39,16 @@ GRANT SELECT ON @extschema@.token_floor TO spool_admin;
 SELECT @extschema@._token_floor_init();
 
 ------------------------------------------------------------------------------
+-- Sources sharing a topic with other servers (options "share", "partitions")
+------------------------------------------------------------------------------
+
+-- The offsets of a partition another server consumed before this one took
+-- it over are recorded as a gap with action 'handover'.
+ALTER TABLE @extschema@.gaps DROP CONSTRAINT gaps_action_check;
+ALTER TABLE @extschema@.gaps ADD CONSTRAINT gaps_action_check
+	CHECK (action IN ('continued', 'stopped', 'seek', 'handover'));
+
+------------------------------------------------------------------------------
 -- Versions: the workers run only when the library and the catalog agree
 ------------------------------------------------------------------------------
 

@@ -34,6 +34,13 @@ SELECT try($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', '{"kafka": {
 SELECT try($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', '{"kafka": {"enable.auto.commit": "true"}}')$$);
 SELECT try($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', '{"kafka": {"group.id": "g"}}')$$);
 SELECT try($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', '{"kafka": {"fetch.wait.max.ms": [1]}}')$$);
+-- Sharing a topic with other servers: a share "i/n" or a partition list, not both.
+SELECT try(format($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', %L)$$, o))
+  FROM unnest(ARRAY['{"share": "0/2"}', '{"share": "3/2"}', '{"share": "1/0"}',
+					'{"share": "a/b"}', '{"share": "1/2 "}', '{"share": 1}', '{"share": "1/2000"}',
+					'{"partitions": []}', '{"partitions": [1, 1]}', '{"partitions": [-1]}',
+					'{"partitions": ["0"]}', '{"partitions": 3}', '{"partitions": [0.5]}',
+					'{"share": "1/2", "partitions": [0]}', '{"claim_timeout": "10ms"}']) AS o;
 SELECT count(*) AS sources FROM spool.sources;
 
 -- Valid sources: options are stored with every default filled in.  (Nobody
@@ -44,8 +51,11 @@ SELECT spool.create_source('s2', '127.0.0.1:1', '{a,b}',
 	'{"format": "text", "start": "latest", "batch_size": 500, "on_gap": "continue",
 	  "group_id": "g2", "kafka": {"fetch.wait.max.ms": 50, "sasl.password": "hunter2",
 	  "enable.ssl.certificate.verification": false}}');
+SELECT spool.create_source('s_share', '127.0.0.1:1', '{t}', '{"share": "2/3", "claim_timeout": "5 s"}');
+SELECT spool.create_source('s_parts', '127.0.0.1:1', '{t}', '{"partitions": [3, 0, 7]}');
 RESET client_min_messages;
 SELECT name, brokers, topics, options, enabled FROM spool.sources ORDER BY name;
+SELECT spool.drop_source('s_share'), spool.drop_source('s_parts');
 
 -- Names are unique: SP010.
 SELECT try($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}')$$);

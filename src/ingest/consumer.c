@@ -19,7 +19,8 @@
  * and where it resumes), consumer_pending.c (seeks and dead-letter replays
  * applied at start), consumer_partitions.c (assignment and discovery),
  * consumer_message.c (a message to a staged row), consumer_stage.c (the
- * staging transaction) and consumer_status.c (errors and runtime rows).
+ * staging transaction), consumer_status.c (errors and runtime rows) and
+ * consumer_claims.c (partitions shared with other servers).
  *
  *-------------------------------------------------------------------------
  */
@@ -300,6 +301,7 @@ spool_ingest_main(Datum main_arg)
 	{
 		kafka_open();
 		kafka_assign();
+		claims_pass(true);		/* claim before the first message */
 		replay_dead_letters();
 		for (;;)
 		{
@@ -312,6 +314,7 @@ spool_ingest_main(Datum main_arg)
 				refresh_status(false);
 			if (stop_after_batch)
 				ingest_stop();
+			claims_pass(false);
 		}
 	}
 	PG_CATCH();

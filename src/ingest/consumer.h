@@ -28,6 +28,7 @@ typedef struct PartState
 	char	   *topic;
 	int32		partition;
 	int64		position;		/* next offset expected; -1 unknown */
+	int64		start;			/* where it was assigned; -1 unknown */
 	int64		high;			/* high watermark, -1 unknown */
 	uint64		count;			/* messages since the last status */
 	TimestampTz error_at;		/* in the error state since; 0: not */
@@ -89,6 +90,7 @@ extern List *replay_payload;	/* bytea *, or NULL */
 extern bool load_source(void);
 
 /* consumer_pending.c */
+extern void staging_snapshot_txn(const char *activity);
 extern void wait_for_staging_drained(Datum *name);
 extern void replay_dead_letters(void);
 
@@ -102,6 +104,16 @@ extern void kafka_assign(void);
 extern void reassign_all(void);
 extern int64 log_start(const char *topic, int32 partition);
 extern void discover_new_partitions(void);
+extern void add_part(const char *topic, int32 partition, int64 offset);
+extern void drop_part(int part);
+
+/* consumer_claims.c */
+extern bool sharing;			/* the source has a share or a partition list */
+extern void claims_init(void);
+extern void claims_note_release(const char *topic, int32 partition);
+extern bool claims_waiting(const char *topic, int32 partition);
+extern bool claims_admit(const char *topic, int32 partition, int64 *offset, bool quiet);
+extern void claims_pass(bool now);
 
 /* consumer_message.c */
 extern Staged *new_staged(int part, int64 offset, char kind);

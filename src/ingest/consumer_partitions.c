@@ -29,7 +29,7 @@ int			discovery_ms;		/* how often to look for new partitions; <= 0 never */
 TimestampTz	next_discovery = 0;
 
 static int64 resume_offset(const char *topic, int32 partition);
-static bool add_topic(rd_kafka_topic_partition_list_t *list, const char *topic, int *cap);
+static bool add_topic(rd_kafka_topic_partition_list_t *list, const char *topic);
 static bool discover_and_assign(void);
 
 int
@@ -64,13 +64,45 @@ resume_offset(const char *topic, int32 partition)
 	return offset;
 }
 
+/* Consume topic [partition] from offset (-1 or a logical offset: the start option). */
+void
+add_part(const char *topic, int32 partition, int64 offset)
+{
+	PartState  *ps;
+
+	if (nparts == parts_cap)
+	{
+		parts_cap *= 2;
+		parts = repalloc(parts, sizeof(PartState) * parts_cap);
+	}
+	ps = &parts[nparts++];
+	ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
+	ps->partition = partition;
+	ps->position = offset >= 0 ? offset : -1;
+	ps->start = ps->position;
+	ps->high = -1;
+	ps->count = 0;
+	ps->error_at = 0;
+	ps->error_shown = false;
+}
+
+/* Stop consuming parts[part] (between batches: staged rows name parts by index). */
+void
+drop_part(int part)
+{
+	Assert(nbatch == 0);
+	memmove(&parts[part], &parts[part + 1], sizeof(PartState) * (nparts - part - 1));
+	nparts--;
+}
+
 /*
- * Add every partition of topic to parts and to list, at its resume offset.
+ * Add every partition of topic this server consumes to parts and to list,
+ * at its resume offset.
  * Returns false, with last_error set, when the brokers do not answer or the
  * topic is unknown.
  */
 static bool
-add_topic(rd_kafka_topic_partition_list_t *list, const char *topic, int *cap)
+add_topic(rd_kafka_topic_partition_list_t *list, const char *topic)
 {
 	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
 	const struct rd_kafka_metadata *md = NULL;
@@ -97,21 +129,17 @@ add_topic(rd_kafka_topic_partition_list_t *list, const char *topic, int *cap)
 	{
 		int32		partition = md->topics[0].partitions[p].id;
 		int64		offset = resume_offset(topic, partition);
-		PartState  *ps;
 
-		if (nparts == *cap)
+		if (!spool_source_takes_partition(opts, partition))
 		{
-			*cap *= 2;
-			parts = repalloc(parts, sizeof(PartState) * *cap);
+			/* It left this server's share: hand it on once drained. */
+			if (offset >= 0)
+				claims_note_release(topic, partition);
+			continue;
 		}
-		ps = &parts[nparts++];
-		ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
-		ps->partition = partition;
-		ps->position = offset >= 0 ? offset : -1;
-		ps->high = -1;
-		ps->count = 0;
-		ps->error_at = 0;
-		ps->error_shown = false;
+		if (sharing && !claims_admit(topic, partition, &offset, false))
+			continue;
+		add_part(topic, partition, offset);
 		rd_kafka_topic_partition_list_add(list, topic, partition)->offset = offset;
 	}
 	rd_kafka_metadata_destroy(md);
@@ -133,10 +161,11 @@ discover_and_assign(void)
 	parts_cap = 64;
 	parts = MemoryContextAlloc(TopMemoryContext, sizeof(PartState) * parts_cap);
 	nparts = 0;
+	claims_init();
 	list = rd_kafka_topic_partition_list_new(parts_cap);
 	foreach(lc, topics)
 	{
-		if (!add_topic(list, lfirst(lc), &parts_cap))
+		if (!add_topic(list, lfirst(lc)))
 		{
 			rd_kafka_topic_partition_list_destroy(list);
 			return false;
@@ -262,9 +291,11 @@ discover_new_partitions(void)
 		{
 			int32		partition = md->topics[0].partitions[p].id;
 			int64		low;
-			PartState  *ps;
 
-			if (find_part(topic, partition) >= 0 || (low = log_start(topic, partition)) < 0)
+			if (find_part(topic, partition) >= 0 || !spool_source_takes_partition(opts, partition) ||
+				claims_waiting(topic, partition) || (low = log_start(topic, partition)) < 0)
+				continue;
+			if (sharing && !claims_admit(topic, partition, &low, false))
 				continue;
 			spool_begin_txn("storing the start of a new partition");
 			if (SPI_execute_with_args("INSERT INTO spool.offsets (source, topic, kafka_partition,"
@@ -276,17 +307,7 @@ discover_new_partitions(void)
 									  Int64GetDatum(low)}, NULL, false, 0) != SPI_OK_INSERT)
 				elog(ERROR, "could not store the offset of a new partition");
 			spool_end_txn();
-			if (nparts == parts_cap)
-			{
-				parts_cap *= 2;
-				parts = repalloc(parts, sizeof(PartState) * parts_cap);
-			}
-			ps = &parts[nparts++];
-			ps->topic = MemoryContextStrdup(TopMemoryContext, topic);
-			ps->partition = partition;
-			ps->position = low;
-			ps->high = -1;
-			ps->count = 0;
+			add_part(topic, partition, low);
 			added++;
 			ereport(LOG,
 					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),

@@ -29,6 +29,20 @@ static rd_kafka_message_t *fetch_one(rd_kafka_t *handle, const char *topic, int3
 									 int64 offset, char **why, bool *gone);
 
 /*
+ * Start a transaction whose snapshot sees staging and spool.offsets in
+ * step: locking both staging tables first waits out a promotion in flight,
+ * so the snapshot sees its offsets if it moved rows out of staging.
+ */
+void
+staging_snapshot_txn(const char *activity)
+{
+	spool_start_txn(XACT_READ_COMMITTED);
+	(void) RangeVarGetRelid(makeRangeVar("spool", "staging_0", -1), AccessShareLock, false);
+	(void) RangeVarGetRelid(makeRangeVar("spool", "staging_1", -1), AccessShareLock, false);
+	spool_snapshot_txn(activity);
+}
+
+/*
  * Wait (polling, no transaction open while waiting) until staging holds no
  * row of this source, then apply the pending seeks in the same transaction.
  * Locking both staging tables before the snapshot waits out a promotion
@@ -42,10 +56,7 @@ wait_for_staging_drained(Datum *name)
 		bool		staged;
 		bool		isnull;
 
-		spool_start_txn(XACT_READ_COMMITTED);
-		(void) RangeVarGetRelid(makeRangeVar("spool", "staging_0", -1), AccessShareLock, false);
-		(void) RangeVarGetRelid(makeRangeVar("spool", "staging_1", -1), AccessShareLock, false);
-		spool_snapshot_txn("waiting for staged rows to be promoted");
+		staging_snapshot_txn("waiting for staged rows to be promoted");
 		if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM spool.staging WHERE source = $1)",
 								  1, (Oid[]) {TEXTOID}, name, NULL, false, 1) != SPI_OK_SELECT)
 			elog(ERROR, "could not read spool.staging");

@@ -317,7 +317,12 @@ refresh_status(bool force)
 		spool_begin_txn("writing the source's status");
 	write_source_runtime();
 	write_partition_runtime(secs);
-	if (rk && now - last_commit >= (int64) COMMIT_INTERVAL_MS * 1000)
+	/*
+	 * A source sharing its topics commits claims instead (consumer_claims.c):
+	 * a commit without a claim would erase another server's.
+	 */
+	if (rk && opts->share == NULL && opts->npartitions == 0 &&
+		now - last_commit >= (int64) COMMIT_INTERVAL_MS * 1000)
 	{
 		last_commit = now;
 		commit_offsets_to_broker();

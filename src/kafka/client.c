@@ -23,6 +23,12 @@
 static void kafka_option(const SpoolOptionTable *table, const SpoolOption *opt,
 						 JsonbValue *v, void *result);
 static bool kafka_render(const SpoolOption *opt, const void *result, StringInfo buf);
+static void share_option(const SpoolOptionTable *table, const SpoolOption *opt,
+						 JsonbValue *v, void *result);
+static void partitions_option(const SpoolOptionTable *table, const SpoolOption *opt,
+							  JsonbValue *v, void *result);
+static bool partitions_render(const SpoolOption *opt, const void *result, StringInfo buf);
+static bool claim_timeout_render(const SpoolOption *opt, const void *result, StringInfo buf);
 
 /* librdkafka properties spool_ext owns: exactly-once depends on them. */
 static const char *const reserved_properties[] = {
@@ -32,6 +38,9 @@ static const char *const reserved_properties[] = {
 };
 
 #define MAX_KAFKA_PROPERTIES 64
+#define MAX_SHARE_OF		1024	/* servers sharing a topic */
+#define MAX_PARTITION		1000000 /* a partition number, as Kafka allows */
+#define MAX_PARTITIONS		1024	/* listed in "partitions" */
 
 /* In the order of SpoolFormat. */
 static const char *const format_names[] = {"json", "text", "bytes", NULL};
@@ -53,6 +62,15 @@ static const SpoolOption source_option_specs[] = {
 		.dflt = 1024 * 1024, .lo = 1, .hi = 256 * 1024 * 1024},
 	{.name = "on_gap", .type = SPOOL_OPT_CHOICE, SRC(on_gap_stop), .dflt = true,
 		.choices = on_gap_names},
+	{.name = "share", .type = SPOOL_OPT_STRING, SRC(share), .hi = 16,
+		.parse = share_option,
+		.doc = "\"i/n\": this server consumes the partitions p with p % n = i - 1."},
+	{.name = "partitions", .type = SPOOL_OPT_CUSTOM, .parse = partitions_option,
+		.render = partitions_render,
+		.doc = "A list of partition numbers: this server consumes only those."},
+	{.name = "claim_timeout", .type = SPOOL_OPT_DURATION, SRC(claim_timeout_ms),
+		.dflt = 30000, .lo = 1000, .hi = 3600000, .unit = 1000,
+		.render = claim_timeout_render},
 	{.name = "kafka", .type = SPOOL_OPT_CUSTOM, .what = "librdkafka properties",
 		.parse = kafka_option, .render = kafka_render},
 };
@@ -137,6 +155,102 @@ kafka_render(const SpoolOption *opt, const void *result, StringInfo buf)
 	return true;
 }
 
+/* "share": "i/n" with 1 <= i <= n. */
+static void
+share_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+			 void *result)
+{
+	SpoolSourceOptions *o = result;
+	int			i,
+				n,
+				used = 0;
+
+	spool_option_value(table, opt, v, result);
+	if (sscanf(o->share, "%d/%d%n", &i, &n, &used) != 2 || o->share[used] != '\0' ||
+		n < 1 || n > MAX_SHARE_OF || i < 1 || i > n)
+		spool_option_bad(table, opt, NULL,
+						 psprintf("must be \"i/n\" with 1 <= i <= n <= %d", MAX_SHARE_OF));
+	o->share_member = i;
+	o->share_of = n;
+}
+
+/* "partitions": a non-empty array of distinct partition numbers. */
+static void
+partitions_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+				  void *result)
+{
+	SpoolSourceOptions *o = result;
+	const char *requirement = psprintf("must be a non-empty array of at most %d distinct partition numbers (0 .. %d)",
+									   MAX_PARTITIONS, MAX_PARTITION);
+	JsonbIterator *it;
+	JsonbValue	ev;
+	JsonbIteratorToken tok;
+
+	if (v->type != jbvBinary || !JsonContainerIsArray(v->val.binary.data) ||
+		JsonContainerSize(v->val.binary.data) < 1 ||
+		JsonContainerSize(v->val.binary.data) > MAX_PARTITIONS)
+		spool_option_bad(table, opt, NULL, requirement);
+	o->partitions = palloc(sizeof(int) * JsonContainerSize(v->val.binary.data));
+	o->npartitions = 0;
+	it = JsonbIteratorInit(v->val.binary.data);
+	while ((tok = JsonbIteratorNext(&it, &ev, true)) != WJB_DONE)
+	{
+		int			p,
+					k;
+
+		if (tok != WJB_ELEM)
+			continue;
+		p = (int) spool_option_integer(table, opt, &ev, 0, MAX_PARTITION);
+		for (k = 0; k < o->npartitions; k++)
+			if (o->partitions[k] == p)
+				spool_option_bad(table, opt, NULL, requirement);
+		o->partitions[o->npartitions++] = p;
+	}
+}
+
+static bool
+partitions_render(const SpoolOption *opt, const void *result, StringInfo buf)
+{
+	const SpoolSourceOptions *o = result;
+	int			i;
+
+	if (o->npartitions == 0)
+		return false;
+	appendStringInfoChar(buf, '[');
+	for (i = 0; i < o->npartitions; i++)
+		appendStringInfo(buf, i > 0 ? ", %d" : "%d", o->partitions[i]);
+	appendStringInfoChar(buf, ']');
+	return true;
+}
+
+/* claim_timeout matters only to a source that shares its topics. */
+static bool
+claim_timeout_render(const SpoolOption *opt, const void *result, StringInfo buf)
+{
+	const SpoolSourceOptions *o = result;
+
+	if (o->share == NULL && o->npartitions == 0)
+		return false;
+	appendStringInfo(buf, "%d", o->claim_timeout_ms);
+	return true;
+}
+
+/* Whether this server consumes partition (of every topic of the source). */
+bool
+spool_source_takes_partition(const SpoolSourceOptions *o, int32 partition)
+{
+	int			i;
+
+	if (o->share_of > 0)
+		return partition % o->share_of == o->share_member - 1;
+	if (o->npartitions == 0)
+		return true;
+	for (i = 0; i < o->npartitions; i++)
+		if (o->partitions[i] == partition)
+			return true;
+	return false;
+}
+
 /*
  * Parse and validate source options; unknown keys and bad values raise SP001.
  * The result has every default filled in.
@@ -144,7 +258,12 @@ kafka_render(const SpoolOption *opt, const void *result, StringInfo buf)
 SpoolSourceOptions *
 spool_parse_source_options(Jsonb *options)
 {
-	return spool_parse_options(&source_options, -1, options);
+	SpoolSourceOptions *o = spool_parse_options(&source_options, -1, options);
+
+	if (o->share != NULL && o->npartitions > 0)
+		spool_option_error(&source_options,
+						   "source options \"share\" and \"partitions\" exclude each other", NULL);
+	return o;
 }
 
 /* The options with defaults filled in, as stored in spool.sources. */

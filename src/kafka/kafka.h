@@ -31,6 +31,13 @@ typedef struct SpoolSourceOptions
 	int			batch_ms;
 	int			max_message_bytes;
 	bool		on_gap_stop;
+	/* Which partitions this server consumes (docs/sources.md, "Sharing a topic"). */
+	char	   *share;			/* "i/n": member i (1-based) of n; NULL: none */
+	int			share_member;
+	int			share_of;
+	int			npartitions;	/* "partitions": only these; 0: every one */
+	int		   *partitions;
+	int			claim_timeout_ms;	/* how long another server's claim holds */
 	int			nkafka;
 	char	  **kafka_keys;
 	char	  **kafka_values;
@@ -40,6 +47,7 @@ typedef struct SpoolSourceOptions
 extern SpoolSourceOptions *spool_parse_source_options(Jsonb *options);
 extern char *spool_kafka_property_text(JsonbValue *v);
 extern Jsonb *spool_source_options_jsonb(SpoolSourceOptions *o);
+extern bool spool_source_takes_partition(const SpoolSourceOptions *o, int32 partition);
 extern rd_kafka_conf_t *spool_kafka_conf(const char *brokers, SpoolSourceOptions *o,
 										 const char *default_group,
 										 char *errbuf, size_t errlen);
