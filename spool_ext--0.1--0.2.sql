@@ -8,6 +8,37 @@
 -- run (ALTER EXTENSION UPDATE takes no lock that stops them).
 
 ------------------------------------------------------------------------------
+-- DROP EXTENSION: the lease token floor
+------------------------------------------------------------------------------
+
+-- The highest lease token this database had when the extension was
+-- (re)created, read from the replication origin every grant advances
+-- (spool_ext_tokens_<database oid>), which DROP EXTENSION does not remove.
+-- Grants issue at least floor + 1, so tokens never go back across a
+-- DROP/CREATE.  One row; not dumped (a restore brings its tokens in
+-- spool.lease_store).
+CREATE TABLE @extschema@.token_floor (
+	one			boolean PRIMARY KEY DEFAULT true CHECK (one),
+	floor		bigint NOT NULL CHECK (floor >= 0),
+	origin		text,
+	set_at		timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE @extschema@.token_floor IS
+'The highest lease token of this database before the extension was created (kept in replication origin "origin"); grants issue more';
+
+CREATE FUNCTION @extschema@._token_floor_init()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_token_floor_init'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@._token_floor_init() IS
+'Internal (superuser): keep this database''s highest lease token in its replication origin and copy it into spool.token_floor; returns the floor';
+REVOKE ALL ON FUNCTION @extschema@._token_floor_init() FROM PUBLIC;
+REVOKE ALL ON @extschema@.token_floor FROM PUBLIC;
+GRANT SELECT ON @extschema@.token_floor TO spool_admin;
+
+SELECT @extschema@._token_floor_init();
+
+------------------------------------------------------------------------------
 -- Sources sharing a topic with other servers (options "share", "partitions")
 ------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ int			spool_retention_interval_ms = 10000;
 int			spool_max_retention_s = 7 * 86400;
 int			spool_max_retention_action = SPOOL_MAX_RETENTION_WARN;
 bool		spool_standby_processors = false;
+bool		spool_allow_drop_with_nonces = false;
 
 static const struct config_enum_entry max_retention_actions[] = {
 	{"warn", SPOOL_MAX_RETENTION_WARN, false},
@@ -257,6 +258,14 @@ spool_define_gucs(void)
 							 &spool_standby_processors,
 							 false,
 							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("spool.allow_drop_with_nonces",
+							 "Lets DROP EXTENSION spool_ext forget the next nonces of signers that handed nonces out.",
+							 NULL,
+							 &spool_allow_drop_with_nonces,
+							 false,
+							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("spool");
