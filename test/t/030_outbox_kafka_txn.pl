@@ -1,0 +1,210 @@
+
+# Transactional kafka targets (docs/outbox.md, "Exactly once into Kafka"),
+# against the test cluster through its proxy, which keeps the offsets of
+# committed transactions and fences older producers of a transactional.id
+# (librdkafka 2.0.2's mock does neither; see spool_kafka_mock.c).
+#
+# Target tx: kafka, "transactional": true, 2 shards, batch_size 200, topic
+# out (4 partitions), brokers = the proxy.  Every enqueued row is recorded
+# in the table sent; read_back() reads the whole topic with kcat and
+# isolation.level=read_committed and counts the copies of each
+# spool-outbox-id.
+# (a) Options: "transactional" must be a boolean (SP001); transactional.id
+#     in "kafka" is refused for a superuser (SP001) and, as an attack, for
+#     a spool_admin role that may use the brokers (42501, create and alter);
+#     that role may create a transactional target.
+# (b) 3000 rows on 40 keys in 30 transactions: every id exactly once,
+#     backlog 0; per shard, the offset committed for group
+#     spool-postgres-tx-<shard> on out [0] equals the shard's position, and
+#     the proxy committed offsets at EndTxn.
+# (c) spool.test_kafka_commit_pause holds a dispatcher after Kafka committed
+#     a batch, before PostgreSQL marks it; kill -9 it (server restart).
+#     Kafka's committed offset is then above the shard's position in
+#     PostgreSQL; after recovery the log says the batch was settled without
+#     sending it again, and every id is in the topic exactly once.
+# (d) A zombie: a second producer takes transactional id
+#     spool-postgres-tx-0 (init_transactions).  Shard 0's next transaction
+#     is fenced (last_error), the dispatcher starts a new producer (fencing
+#     the zombie in turn) and delivers; the zombie's commit then fails as
+#     fenced and its message is not in the topic; every id exactly once.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use FindBin;
+use lib "$FindBin::RealBin/..";
+use SpoolTest;
+use SpoolKafka;
+use SpoolOutbox;
+use Test::More;
+use Time::HiRes qw(time);
+
+my $t_start = time;
+my $kafka = SpoolKafka->start(topics => ['out:4']);
+my ($proxy) = $kafka->cmd('proxy') =~ /^OK (\S+)$/ or die 'no proxy';
+my $direct = $kafka->bootstrap;
+my $node = spool_node(
+	'outbox_kafka_txn',
+	restart_after_crash => 'on',
+	'spool.kafka_allowed_brokers' => "'127.0.0.1:*'");
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+# (SQLSTATE, stderr) of $q run as $role (undef: the superuser).
+sub state_of
+{
+	my ($q, $role) = @_;
+	my ($ret, $out, $err) = $node->psql('postgres', $q,
+		extra_params => [ '-v', 'VERBOSITY=verbose', $role ? ('-U', $role) : () ]);
+	my ($state) = $err =~ /ERROR:\s+([0-9A-Z]{5}):/;
+	return ($state // '', $err);
+}
+
+# ---- (a) options and the attack ----
+my ($st, $err) = state_of(qq{SELECT spool.create_target('bad', 'kafka',
+	'{"brokers": "$proxy", "topic": "out", "transactional": "yes"}')});
+is($st, 'SP001', '(a) "transactional" must be a boolean') or diag($err);
+($st, $err) = state_of(qq{SELECT spool.create_target('bad', 'kafka',
+	'{"brokers": "$proxy", "topic": "out", "transactional": true,
+	  "kafka": {"transactional.id": "spool-postgres-tx-0"}}')});
+is($st, 'SP001', '(a) a superuser may not set transactional.id either') or diag($err);
+like($err, qr/set transactional.id themselves/, '(a) the error says why');
+sql(q{CREATE ROLE mallory LOGIN IN ROLE spool_admin});
+($st, $err) = state_of(qq{SELECT spool.create_target('m1', 'kafka',
+	'{"brokers": "$proxy", "topic": "out", "transactional": true,
+	  "kafka": {"transactional.id": "spool-postgres-tx-0"}}')}, 'mallory');
+is($st, '42501', '(a) attack: a spool_admin role may not name a transactional.id') or diag($err);
+($st, $err) = state_of(qq{SELECT spool.create_target('m2', 'kafka',
+	'{"brokers": "$proxy", "topic": "other", "transactional": true}')}, 'mallory');
+is($st, '', '(a) that role may create a transactional target') or diag($err);
+($st, $err) = state_of(q{SELECT spool.alter_target('m2',
+	'{"kafka": {"transactional.id": "spool-postgres-tx-1"}}')}, 'mallory');
+is($st, '42501', '(a) attack: nor set one with alter_target') or diag($err);
+is(sql(q{SELECT options->>'transactional' FROM spool.targets WHERE name = 'm2'}), 'true',
+	'(a) the option is stored');
+sql(q{SELECT spool.drop_target('m2', force => true)});
+
+# ---- the target ----
+sql(q{CREATE TABLE sent (id bigint PRIMARY KEY, key text, payload jsonb)});
+sql(qq{SELECT spool.create_target('tx', 'kafka', '{"brokers": "$proxy", "topic": "out",
+	"transactional": true, "shards": 2, "batch_size": 200, "retry_backoff_max": "1s",
+	"kafka": {"reconnect.backoff.max.ms": 500}}')});
+wait_dispatchers($node, 'tx', 2);
+
+sub enqueue
+{
+	my ($phase, $tx, $per) = @_;
+	for my $t (1 .. $tx)
+	{
+		sql(qq{INSERT INTO sent SELECT spool.enqueue('tx', 'k' || (g % 40),
+			jsonb_build_object('phase', '$phase', 't', $t, 'g', g)), 'k' || (g % 40),
+			jsonb_build_object('phase', '$phase', 't', $t, 'g', g)
+			FROM generate_series(1, $per) g});
+	}
+}
+
+# { outbox id => copies } of the whole topic, read committed.
+sub read_back
+{
+	my %n;
+	my $out = `timeout 60 kcat -C -b $direct -t out -e -o beginning -q -X isolation.level=read_committed -f '%h\\n' 2>&1`;
+	for my $l (split /\n/, $out)
+	{
+		next unless $l =~ /spool-outbox-id=(\d+)/;
+		$n{$1}++;
+	}
+	return \%n;
+}
+
+sub exactly_once
+{
+	my ($what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $n = read_back();
+	my @ids = split /\n/, sql('SELECT id FROM sent ORDER BY id');
+	my @missing = grep { !$n->{$_} } @ids;
+	my @twice = grep { $n->{$_} > 1 } keys %$n;
+	my %sent = map { $_ => 1 } @ids;
+	my @unknown = grep { !$sent{$_} } keys %$n;
+	note("$what: " . scalar(@ids) . ' ids sent, ' . scalar(keys %$n) . ' in the topic');
+	is(scalar(@missing), 0, "$what: every id in the topic (read_committed)")
+	  or diag("missing: @missing[0 .. ($#missing < 9 ? $#missing : 9)]");
+	is(scalar(@twice), 0, "$what: no id twice") or diag("twice: @twice[0 .. ($#twice < 9 ? $#twice : 9)]");
+	is(scalar(@unknown), 0, "$what: no unknown id") or diag("unknown: @unknown");
+}
+
+sub committed
+{
+	my ($shard) = @_;
+	my $ans = $kafka->cmd("committed spool-postgres-tx-$shard out 0");
+	my ($off) = $ans =~ /^OK (-?\d+)/ or die "committed: $ans";
+	return $off;
+}
+
+# ---- (b) normal delivery ----
+enqueue('b', 30, 100);
+wait_drained($node, 'tx', '(b)');
+exactly_once('(b)');
+for my $s (0, 1)
+{
+	my $pos = sql(qq{SELECT position FROM spool.outbox_status WHERE target = 'tx' AND shard = $s});
+	is(committed($s), $pos, "(b) shard $s: Kafka's committed offset is the shard's position ($pos)");
+}
+my ($fenced0, $commits0) = $kafka->cmd('txnstat') =~ /^OK (\d+) (\d+)$/;
+cmp_ok($commits0, '>', 0, "(b) offsets were committed with the transactions ($commits0)");
+is(sql(q{SELECT count(*) FROM spool.outbox_status WHERE target = 'tx' AND state = 'error'}), '0',
+	'(b) no shard in error');
+
+# ---- (c) kill -9 between the Kafka commit and the PostgreSQL mark ----
+sql(q{ALTER SYSTEM SET spool.test_kafka_commit_pause = '10min'});
+sql(q{SELECT pg_reload_conf()});
+# The setting reaches the workers at their next pass; rows make them pass.
+poll_within($node, 60, q{SELECT current_setting('spool.test_kafka_commit_pause') = '10min'},
+	'(c) the pause setting to be loaded');
+enqueue('c', 5, 50);
+poll_ok($node, q{SELECT count(*) > 0 FROM pg_stat_activity
+	WHERE application_name LIKE 'spool dispatch tx/%' AND query = 'test pause after a kafka commit'},
+	'(c) a dispatcher to pause after a Kafka commit');
+my ($pid, $shard) = split /\|/, sql(q{SELECT pid, split_part(application_name, '/', 2)
+	FROM pg_stat_activity WHERE application_name LIKE 'spool dispatch tx/%'
+	AND query = 'test pause after a kafka commit' LIMIT 1});
+my $pg_pos = sql(qq{SELECT position FROM spool.outbox_positions p JOIN spool.targets t
+	ON t.id = p.target_id WHERE t.name = 'tx' AND p.shard = $shard});
+cmp_ok(committed($shard), '>', $pg_pos,
+	"(c) shard $shard: Kafka committed past PostgreSQL's position ($pg_pos)");
+sql(q{ALTER SYSTEM RESET spool.test_kafka_commit_pause});
+sql(q{SELECT pg_reload_conf()});
+my $log_offset = -s $node->logfile;
+kill 'KILL', $pid;
+crash_restart_ok($node, $pid, $log_offset, '(c)');
+wait_dispatchers($node, 'tx', 2);
+wait_drained($node, 'tx', '(c)');
+ok($node->log_contains(qr/spool dispatch tx\/$shard: Kafka committed up to \d+, PostgreSQL had $pg_pos; settled \d+ rows as delivered/,
+		$log_offset),
+	'(c) the restarted dispatcher settled the committed batch without sending it again');
+exactly_once('(c)');
+
+# ---- (d) a zombie producer of shard 0's transactional id ----
+is($kafka->cmd('txn_init spool-postgres-tx-0'), 'OK', '(d) a second producer took spool-postgres-tx-0');
+my $err_before = sql(q{SELECT coalesce(last_error_at, '-infinity') FROM spool.outbox_status
+	WHERE target = 'tx' AND shard = 0});
+enqueue('d', 10, 40);
+poll_ok($node, qq{SELECT last_error LIKE '%fatal%' AND last_error_at > '$err_before'
+	FROM spool.outbox_status WHERE target = 'tx' AND shard = 0},
+	'(d) shard 0 to report its fenced transaction');
+wait_drained($node, 'tx', '(d)');
+my ($fenced1) = $kafka->cmd('txnstat') =~ /^OK (\d+) /;
+cmp_ok($fenced1, '>', $fenced0, "(d) the proxy fenced the older producer's requests");
+like($kafka->cmd('txn_commit out zombie-value', allow_error => 1), qr/^ERR fatal/,
+	'(d) the zombie, fenced by the new dispatcher producer, cannot commit');
+$kafka->cmd('txn_close');
+my $zombie = `timeout 60 kcat -C -b $direct -t out -e -o beginning -q -X isolation.level=read_committed -f '%s\\n' 2>&1`;
+unlike($zombie, qr/zombie-value/, "(d) the zombie's message is not in the topic");
+exactly_once('(d)');
+is(sql(q{SELECT count(*) FROM spool.outbox_status WHERE target = 'tx' AND state = 'error'}), '0',
+	'(d) no shard left in error');
+
+note(sprintf('030_outbox_kafka_txn took %.1f s', time - $t_start));
+$node->stop;
+$kafka->stop;
+done_testing();
