@@ -1121,7 +1121,10 @@ txn_batch(int64 to)
 			if (r->failed)
 				failed_keys[nfailed++] = h;
 			else if (!behind)
+			{
+				r->sent = true; /* for the metadata; used only once committed */
 				send[nsend++] = r;
+			}
 		}
 		initStringInfo(&meta);
 		appendStringInfoString(&meta, "v1");
@@ -1144,8 +1147,6 @@ txn_batch(int64 to)
 			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
 		if (res == KTXN_COMMITTED)
 		{
-			for (i = 0; i < nsend; i++)
-				send[i]->sent = true;
 			kafka_commit_pause();
 			return to;
 		}
