@@ -83,6 +83,7 @@ spool_kafka_start(OutboxTarget *t)
 	SETPROP("client.id", "spool_ext");
 	SETPROP("message.timeout.ms", KAFKA_DEFAULT_MESSAGE_TIMEOUT);
 	SETPROP("linger.ms", "1");
+	SETPROP("socket.nagle.disable", "true");
 	spool_outbox_kafka_props(conf, target->kafka);
 	/* Set last: the guarantees rely on it. */
 	SETPROP("enable.idempotence", "true");
@@ -96,6 +97,27 @@ spool_kafka_start(OutboxTarget *t)
 		ereport(ERROR,
 				(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
 				 errmsg("target \"%s\": could not create a Kafka producer: %s", target->name, err)));
+}
+
+/*
+ * Fetch the topic's metadata now (bounded, errors ignored), so that the
+ * first batch does not wait for it (and for the connections) when it comes.
+ * Outside any transaction.
+ */
+void
+spool_kafka_warm(void)
+{
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
+
+	if (rk == NULL)
+		return;
+	rkt = rd_kafka_topic_new(rk, target->topic, NULL);
+	if (rkt == NULL)
+		return;
+	if (rd_kafka_metadata(rk, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
 }
 
 /* On librdkafka's poll, on our thread: no PostgreSQL calls here. */

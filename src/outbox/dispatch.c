@@ -1662,6 +1662,8 @@ dispatch_lock_shard(void)
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
 	next_poll = 0;
 	next_rotation = 0;
+	if (spool_deliver_external())
+		spool_kafka_warm();
 }
 
 /* With rows held, read again only when it may fill the batch. */

@@ -184,6 +184,7 @@ extern void spool_deliver_shutdown(void);
 extern void spool_kafka_start(OutboxTarget *t);
 extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);
 extern void spool_kafka_stop(void);
+extern void spool_kafka_warm(void);
 
 typedef enum KafkaTxnResult
 {

@@ -147,6 +147,9 @@
  *   defaults it resets to the end, or to low with earliest).
  *
  * OTHER MOCK BEHAVIOUR WORTH KNOWING
+ *   - The mock brokers leave Nagle's algorithm on; this program turns it
+ *     off on their connections (TCP_NODELAY, as a real broker does), or a
+ *     client waiting for several responses stalls ~40 ms per round.
  *   - Unknown topics are auto-created (4 partitions) by any metadata
  *     request, so "wmarks nosuch 0" answers OK 0 0.
  *   - "down" does not move leadership: requests for partitions led by a
@@ -188,13 +191,16 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -450,6 +456,70 @@ static rd_kafka_t *
 new_handle(rd_kafka_conf_t *conf, const char *what)
 {
 	return new_handle_type(RD_KAFKA_PRODUCER, conf, what);
+}
+
+/*
+ * librdkafka 2.0.2's mock leaves Nagle's algorithm on for the connections
+ * its brokers accept (a real broker turns it off).  A client that sends a
+ * request and waits for several responses (a batch to many partitions)
+ * then waits ~40 ms per round for its own delayed ACK.  This thread sets
+ * TCP_NODELAY on every TCP socket of this process whose local port is a
+ * broker's, every 20 ms, as a broker does on accept.
+ */
+static int nodelay_ports[MAX_BROKERS];
+static int nodelay_nports;
+
+static void *
+nodelay_main(void *arg)
+{
+	(void) arg;
+	while (!stop_requested)
+	{
+		DIR *d = opendir("/proc/self/fd");
+		struct dirent *e;
+
+		while (d != NULL && (e = readdir(d)) != NULL)
+		{
+			int fd = atoi(e->d_name), i, on = 1, cur = 0;
+			struct stat st;
+			struct sockaddr_in a;
+			socklen_t alen = sizeof(a), olen = sizeof(cur);
+
+			if (e->d_name[0] < '0' || e->d_name[0] > '9' || fstat(fd, &st) != 0 ||
+				!S_ISSOCK(st.st_mode) || getsockname(fd, (struct sockaddr *) &a, &alen) != 0 ||
+				a.sin_family != AF_INET)
+				continue;
+			for (i = 0; i < nodelay_nports; i++)
+				if (ntohs(a.sin_port) == nodelay_ports[i] &&
+					getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &cur, &olen) == 0 && !cur)
+					(void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+		}
+		struct timespec tick = {0, 20 * 1000 * 1000};
+
+		if (d != NULL)
+			closedir(d);
+		nanosleep(&tick, NULL);
+	}
+	return NULL;
+}
+
+static void
+start_nodelay(void)
+{
+	char *list = strdup(g.bootstrap), *save = NULL, *item;
+	pthread_t t;
+
+	for (item = strtok_r(list, ",", &save); item && nodelay_nports < MAX_BROKERS;
+		 item = strtok_r(NULL, ",", &save))
+	{
+		char *colon = strrchr(item, ':');
+
+		if (colon)
+			nodelay_ports[nodelay_nports++] = atoi(colon + 1);
+	}
+	free(list);
+	if (pthread_create(&t, NULL, nodelay_main, NULL) == 0)
+		pthread_detach(t);
 }
 
 static int
@@ -2910,6 +2980,7 @@ main(int argc, char **argv)
 		teardown();
 		return 1;
 	}
+	start_nodelay();
 
 	for (i = 0; i < ntopics; i++)
 	{
