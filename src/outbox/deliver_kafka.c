@@ -46,6 +46,7 @@ static bool txn_ready = false;
 
 #define TXN_CALL_MIN_MS 100		/* the least a transaction call is given */
 #define TXN_READ_TIMEOUT_MS 10000	/* reading the committed offset */
+#define TXN_META_MAX 4000		/* bytes of offset metadata (Kafka's default limit: 4096) */
 
 /* Delivery reports of the current Kafka batch: error code per row. */
 static rd_kafka_resp_err_t dr_err[KAFKA_MAX_INFLIGHT];
@@ -437,18 +438,31 @@ spool_kafka_txn_committed(int64 *offset, char **meta, char **err)
 	return rerr == RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
+/* Do two rows have the same key (NULL: no key)? */
+static bool
+same_key(OutboxRow *a, OutboxRow *b)
+{
+	if (a->key == NULL || b->key == NULL)
+		return a->key == b->key;
+	return strcmp(a->key, b->key) == 0;
+}
+
 /*
- * Produce rows[0..n) in one Kafka transaction
- * that also commits offset to with meta for the shard's group, within
- * wait_ms.  KTXN_COMMITTED: Kafka committed it.  KTXN_REFUSED: a row was
- * refused for good (marked failed) and the transaction was aborted; the
- * caller leaves that row (and its key's later rows) out and tries again.
+ * Produce rows[0..n) in one Kafka transaction that also commits offset to,
+ * with the metadata meta_fn returns then, for the shard's group, within
+ * wait_ms.  Each row produced is marked sent.  A row librdkafka refuses at
+ * once (too large) is marked failed and the later rows of its key are not
+ * produced (not sent); the transaction goes on without them.
+ * KTXN_COMMITTED: Kafka committed it.  KTXN_REFUSED: the broker refused a
+ * row for good (marked failed) and the transaction was aborted; the caller
+ * leaves that row out (and its key's later rows) and tries again.
+ * KTXN_TOO_LONG: meta_fn's metadata is over TXN_META_MAX bytes; aborted.
  * KTXN_FAILED, with *err: the transaction failed or its outcome is not
  * known (a commit that timed out); the caller reconciles with
  * spool_kafka_txn_committed before it delivers again.
  */
 KafkaTxnResult
-spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, const char *meta,
+spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (void),
 						int64 wait_ms, char **err)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
@@ -458,7 +472,10 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, const char *meta,
 	rd_kafka_consumer_group_metadata_t *cgmd;
 	int			expected = 0;
 	int			i;
+	int			j;
 	bool		refused = false;
+	bool		too_long = false;
+	char	   *meta = NULL;
 	char		fatal[512];
 
 	Assert(n <= KAFKA_MAX_INFLIGHT);
@@ -472,7 +489,18 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, const char *meta,
 	kafka_generation++;
 	dr_done = 0;
 	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+	{
+		bool		behind = false;
+
+		rows[i]->sent = false;
+		dr_err[i] = RD_KAFKA_RESP_ERR_NO_ERROR;
+		for (j = 0; j < i && !behind; j++)
+			behind = rows[j]->failed && same_key(rows[i], rows[j]);
+		if (behind)
+			continue;			/* waits behind a refused row of its key */
 		transient = produce_row(rows[i], i, deadline, &expected);
+		rows[i]->sent = !rows[i]->failed;
+	}
 	if (!await_reports(expected, deadline))
 		transient = RD_KAFKA_RESP_ERR__TIMED_OUT;
 	if (rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -482,10 +510,19 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, const char *meta,
 		return KTXN_FAILED;
 	}
 	if (transient == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		/* Refused by the broker: in the transaction already, so it is aborted. */
+		for (i = 0; i < n; i++)
+			refused |= rows[i]->sent && dr_err[i] != RD_KAFKA_RESP_ERR_NO_ERROR &&
+				permanent_error(dr_err[i]);
 		transient = collect_reports(rows, n);
-	for (i = 0; i < n; i++)
-		refused |= rows[i]->failed;
-	if (transient != RD_KAFKA_RESP_ERR_NO_ERROR || refused)
+	}
+	if (transient == RD_KAFKA_RESP_ERR_NO_ERROR && !refused)
+	{
+		meta = meta_fn();
+		too_long = strlen(meta) > TXN_META_MAX;
+	}
+	if (transient != RD_KAFKA_RESP_ERR_NO_ERROR || refused || too_long)
 	{
 		/* Nothing of it may become visible: abort, and say why. */
 		error = rd_kafka_abort_transaction(rk, txn_ms(deadline));
@@ -494,8 +531,8 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, const char *meta,
 			(void) txn_failed("abort_transaction", error, deadline, err);
 			return KTXN_FAILED;
 		}
-		if (refused && transient == RD_KAFKA_RESP_ERR_NO_ERROR)
-			return KTXN_REFUSED;
+		if (transient == RD_KAFKA_RESP_ERR_NO_ERROR)
+			return refused ? KTXN_REFUSED : KTXN_TOO_LONG;
 		*err = psprintf("kafka delivery to topic \"%s\" failed: %s",
 						target->topic, rd_kafka_err2str(transient));
 		return KTXN_FAILED;

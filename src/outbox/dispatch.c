@@ -57,7 +57,6 @@ PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 #define ERROR_BACKOFF_MAX_MS 30000
 #define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
 #define STOP_WATCH_MS		100		/* how often an overdue stop is checked */
-#define TXN_META_MAX		4000	/* bytes of offset metadata (Kafka's default limit: 4096) */
 
 typedef struct BlockedKey
 {
@@ -1035,32 +1034,69 @@ kafka_commit_pause(void)
 	}
 }
 
-/* Append ";<tag>:" and the ids of rows[i] for which pick is true, if any. */
+/* The rows the metadata of the transaction under way describes. */
+static OutboxRow **meta_rows;
+static int	meta_n;
+
+/* Append ";<tag>:" and the ids of meta_rows[i] for which pick is true, if any. */
 static void
-meta_ids(StringInfo m, const char *tag, OutboxRow **rows, int n, int pick)
+meta_ids(StringInfo m, const char *tag, int pick)
 {
 	bool		first = true;
 	int			i;
 
-	for (i = 0; i < n; i++)
+	for (i = 0; i < meta_n; i++)
 	{
+		OutboxRow  *r = meta_rows[i];
 		bool		is;
 
 		if (pick == 'f')
-			is = rows[i]->failed;
+			is = r->failed;
 		else if (pick == 'w')
-			is = !rows[i]->failed && !rows[i]->sent;
+			is = !r->failed && !r->sent;
 		else
-			is = !rows[i]->failed;
+			is = r->sent;
 		if (!is)
 			continue;
 		if (first)
 			appendStringInfo(m, ";%s:", tag);
 		else
 			appendStringInfoChar(m, ',');
-		appendStringInfo(m, INT64_FORMAT, rows[i]->id);
+		appendStringInfo(m, INT64_FORMAT, r->id);
 		first = false;
 	}
+}
+
+/* A batch's metadata: the rows refused, and those left waiting. */
+static char *
+batch_meta(void)
+{
+	StringInfoData m;
+
+	initStringInfo(&m);
+	appendStringInfoString(&m, "v1");
+	meta_ids(&m, "f", 'f');
+	meta_ids(&m, "w", 'w');
+	return m.data;
+}
+
+/* A retry's metadata: the parked rows it delivers. */
+static char *
+retry_meta(void)
+{
+	StringInfoData m;
+
+	initStringInfo(&m);
+	appendStringInfoString(&m, "v1");
+	meta_ids(&m, "r", 'r');
+	return m.data;
+}
+
+/* A barrier's metadata: nothing to list. */
+static char *
+barrier_meta(void)
+{
+	return pstrdup("v1");
 }
 
 /* Is id in the list tag (";f:", ...) of meta? */
@@ -1085,13 +1121,13 @@ meta_has(const char *meta, const char *tag, int64 id)
 }
 
 /*
- * Kafka's part of a flush: produce the held rows that may go (not failed,
+ * Kafka's part of a flush: produce the held rows that may go (not refused,
  * their key not parked, not behind a refused row of their key) in one
- * transaction that commits position to.  A row refused for good is left
- * out and the transaction tried again; rows whose ids would not fit in the
- * offset metadata cut the batch.  Marks the rows sent; returns the
- * position to move to (lower than to after a cut).  A failed transaction
- * raises, and the next step reconciles.
+ * transaction that commits position to.  After a row the broker refused
+ * for good the transaction is tried again without it; rows whose ids would
+ * not fit in the offset metadata cut the batch.  Marks the rows sent;
+ * returns the position to move to (lower than to after a cut).  A failed
+ * transaction raises, and the next step reconciles.
  */
 static int64
 txn_batch(int64 to)
@@ -1101,7 +1137,6 @@ txn_batch(int64 to)
 
 	for (;;)
 	{
-		StringInfoData meta;
 		int			nsend = 0;
 		int			nfailed = 0;
 		int			i;
@@ -1121,26 +1156,14 @@ txn_batch(int64 to)
 			if (r->failed)
 				failed_keys[nfailed++] = h;
 			else if (!behind)
-			{
-				r->sent = true; /* for the metadata; used only once committed */
 				send[nsend++] = r;
-			}
-		}
-		initStringInfo(&meta);
-		appendStringInfoString(&meta, "v1");
-		meta_ids(&meta, "f", held, nheld, 'f');
-		meta_ids(&meta, "w", held, nheld, 'w');
-		if (meta.len > TXN_META_MAX && nheld > 1)
-		{
-			/* Leave the second half for the next batch (read again). */
-			nheld /= 2;
-			to = held[nheld]->id - 1;
-			continue;
 		}
 		if (nsend == 0)
 			return to;			/* all parked: PostgreSQL only */
+		meta_rows = held;
+		meta_n = nheld;
 		need_reconcile = true;
-		res = spool_kafka_txn_deliver(send, nsend, to, meta.data,
+		res = spool_kafka_txn_deliver(send, nsend, to, batch_meta,
 									  ShutdownRequestPending && spool_outbox_close_timeout_ms > 0 ?
 									  spool_outbox_close_timeout_ms : 60000, &err);
 		if (res == KTXN_FAILED)
@@ -1150,14 +1173,21 @@ txn_batch(int64 to)
 			kafka_commit_pause();
 			return to;
 		}
-		need_reconcile = false; /* refused rows: aborted; again without them */
+		need_reconcile = false; /* aborted */
+		if (res == KTXN_TOO_LONG && nheld > 1)
+		{
+			/* Leave the second half for the next batch (read again). */
+			nheld /= 2;
+			to = held[nheld]->id - 1;
+		}
 	}
 }
 
 /*
- * Kafka's part of retrying parked heads: the ones not refused, in one
- * transaction that commits the unchanged position with their ids.
- * Returns how many of rows to settle (fewer when the ids would not fit).
+ * Kafka's part of retrying parked heads (one per key): the ones not
+ * refused, in one transaction that commits the unchanged position with
+ * their ids.  Returns how many of rows to settle (fewer when the ids would
+ * not fit).
  */
 static int
 txn_retry(OutboxRow **rows, int nrows)
@@ -1166,27 +1196,23 @@ txn_retry(OutboxRow **rows, int nrows)
 
 	for (;;)
 	{
-		StringInfoData meta;
 		int			nsend = 0;
 		int			i;
 		KafkaTxnResult res;
 		char	   *err = NULL;
 
 		for (i = 0; i < nrows; i++)
+		{
+			rows[i]->sent = false;
 			if (!rows[i]->failed)
 				send[nsend++] = rows[i];
-		initStringInfo(&meta);
-		appendStringInfoString(&meta, "v1");
-		meta_ids(&meta, "r", rows, nrows, 'r');
-		if (meta.len > TXN_META_MAX && nrows > 1)
-		{
-			nrows /= 2;
-			continue;
 		}
 		if (nsend == 0)
 			return nrows;
+		meta_rows = rows;
+		meta_n = nrows;
 		need_reconcile = true;
-		res = spool_kafka_txn_deliver(send, nsend, position, meta.data, 60000, &err);
+		res = spool_kafka_txn_deliver(send, nsend, position, retry_meta, 60000, &err);
 		if (res == KTXN_FAILED)
 			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
 		if (res == KTXN_COMMITTED)
@@ -1195,6 +1221,8 @@ txn_retry(OutboxRow **rows, int nrows)
 			return nrows;
 		}
 		need_reconcile = false;
+		if (res == KTXN_TOO_LONG && nrows > 1)
+			nrows /= 2;
 	}
 }
 
@@ -1361,7 +1389,7 @@ deliver_barrier(TimestampTz now)
 		char	   *err = NULL;
 
 		need_reconcile = true;
-		res = spool_kafka_txn_deliver(&b, 1, barrier_at, "v1", 60000, &err);
+		res = spool_kafka_txn_deliver(&b, 1, barrier_at, barrier_meta, 60000, &err);
 		if (res == KTXN_FAILED)
 			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
 		if (res == KTXN_COMMITTED)

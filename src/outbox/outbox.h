@@ -189,14 +189,15 @@ extern void spool_kafka_warm(void);
 typedef enum KafkaTxnResult
 {
 	KTXN_COMMITTED,
-	KTXN_REFUSED,				/* a row was refused for good; aborted */
+	KTXN_REFUSED,				/* the broker refused a row for good; aborted */
+	KTXN_TOO_LONG,				/* the metadata would be too long; aborted */
 	KTXN_FAILED					/* failed, or its outcome is not known */
 } KafkaTxnResult;
 
 extern void spool_kafka_transactional(const char *id);
 extern bool spool_kafka_txn_committed(int64 *offset, char **meta, char **err);
 extern KafkaTxnResult spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to,
-											  const char *meta, int64 wait_ms,
+											  char *(*meta_fn) (void), int64 wait_ms,
 											  char **err);
 
 #endif							/* SPOOL_OUTBOX_H */

@@ -27,6 +27,11 @@
 #     is fenced (last_error), the dispatcher starts a new producer (fencing
 #     the zombie in turn) and delivers; the zombie's commit then fails as
 #     fenced and its message is not in the topic; every id exactly once.
+# (e) A row refused for good (over message.max.bytes) on target tx2 (topic
+#     out2, retry_limit 1): it is dead-lettered after one retry, the later
+#     row of its key waits behind it and is delivered after it, the other
+#     key's rows are delivered; in out2 every other row exactly once, in
+#     order per key, the refused one never.
 use strict;
 use warnings;
 
@@ -41,7 +46,7 @@ use Test::More;
 use Time::HiRes qw(time);
 
 my $t_start = time;
-my $kafka = SpoolKafka->start(topics => ['out:4']);
+my $kafka = SpoolKafka->start(topics => ['out:4', 'out2:1']);
 my ($proxy) = $kafka->cmd('proxy') =~ /^OK (\S+)$/ or die 'no proxy';
 my $direct = $kafka->bootstrap;
 my $node = spool_node(
@@ -203,6 +208,27 @@ unlike($zombie, qr/zombie-value/, "(d) the zombie's message is not in the topic"
 exactly_once('(d)');
 is(sql(q{SELECT count(*) FROM spool.outbox_status WHERE target = 'tx' AND state = 'error'}), '0',
 	'(d) no shard left in error');
+
+# ---- (e) a row refused for good ----
+sql(qq{SELECT spool.create_target('tx2', 'kafka', '{"brokers": "$proxy", "topic": "out2",
+	"transactional": true, "retry_limit": 1, "retry_backoff": "100ms",
+	"kafka": {"message.max.bytes": 1000}}')});
+wait_dispatchers($node, 'tx2', 1);
+my @e = split /\n/, sql(q{BEGIN;
+CREATE TABLE sent2 AS
+SELECT n, spool.enqueue('tx2', k, jsonb_build_object('n', n, 'pad', repeat('x', CASE WHEN n = 2 THEN 2000 ELSE 10 END))) AS id
+  FROM (VALUES (1, 'a'), (2, 'a'), (3, 'a'), (4, 'b'), (5, 'b')) v(n, k) ORDER BY n;
+COMMIT;
+SELECT id FROM sent2 ORDER BY n});
+poll_ok($node, qq{SELECT EXISTS (SELECT FROM spool.outbox_dead WHERE id = $e[1] AND attempts = 2)
+	AND (SELECT backlog = 0 AND waiting = 0 FROM spool.outbox_status WHERE target = 'tx2')},
+	'(e) the refused row to be dead-lettered after its retry and the rest delivered');
+my @got = map { /spool-outbox-id=(\d+)/ ? $1 : () } split /\n/,
+  `timeout 60 kcat -C -b $direct -t out2 -e -o beginning -q -X isolation.level=read_committed -f '%h\\n' 2>&1`;
+is("@got", "$e[0] $e[3] $e[4] $e[2]",
+	'(e) out2 holds the other rows once each: a1, then b1 b2 (same batch), then a3 after the refused a2 was dead-lettered');
+like(sql(qq{SELECT last_error FROM spool.outbox_dead WHERE id = $e[1]}), qr/too large/i,
+	'(e) the dead letter says why');
 
 note(sprintf('030_outbox_kafka_txn took %.1f s', time - $t_start));
 $node->stop;
