@@ -23,6 +23,8 @@
 # Environment:
 #   KEYS=K    distinct keys (default 10000)
 #   BATCH=B   the targets' batch_size (default 1000, the option's default)
+#   PARTS=P   partitions of each topic (default 8)
+#   CASES="kcat idem1 ..."  the cases to run (default all; kcat must be one)
 #   SPOOL_BENCH_PORT  server port (default 54359; unix socket only)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -63,7 +65,7 @@ now() { date +%s.%N; }
 WAIT_S=$((N / 200 > 120 ? N / 200 : 120))
 
 sql -c "CREATE EXTENSION spool_ext"
-CASES=(kcat idem1 idem4 txn1 txn4)
+read -r -a CASES <<< "${CASES:-kcat idem1 idem4 txn1 txn4}"
 declare -A label=([kcat]="kcat -P (idempotent producer)" [idem1]="target, idempotent, 1 shard"
 	[idem4]="target, idempotent, 4 shards" [txn1]="target, transactional, 1 shard"
 	[txn4]="target, transactional, 4 shards")
