@@ -1753,11 +1753,15 @@ dispatch_step(TimestampTz now)
 	return did;
 }
 
-/* close: a stop was requested; what is held is delivered before we go. */
+/*
+ * close: a stop was requested; what is held is delivered before we go.  Not
+ * when a transactional target has to reconcile first: Kafka may hold the
+ * batch already, and the next worker settles it.
+ */
 static void
 dispatch_close(void)
 {
-	if (nheld > 0)
+	if (nheld > 0 && !need_reconcile)
 		flush(FLUSH_CLOSE);
 	watch_stop(false);
 	proc_exit(0);
