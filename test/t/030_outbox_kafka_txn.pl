@@ -32,6 +32,13 @@
 #     row of its key waits behind it and is delivered after it, the other
 #     key's rows are delivered; in out2 every other row exactly once, in
 #     order per key, the refused one never.
+# (f) Crashes inside the settling of left-out rows (target tx3, topic out3,
+#     retry_limit 0, the test pause on): a1, a2 (refused), a3 in one batch;
+#     kill -9 after the batch's Kafka commit: the restarted worker settles
+#     it from the offset's metadata (a2 dead-lettered, a3 parked behind it),
+#     retries a3 and pauses after that Kafka commit; kill -9 again: the next
+#     worker takes a3 out of spool.outbox_retry as delivered.  out3 holds
+#     a1 and a3 once each.
 use strict;
 use warnings;
 
@@ -46,7 +53,7 @@ use Test::More;
 use Time::HiRes qw(time);
 
 my $t_start = time;
-my $kafka = SpoolKafka->start(topics => ['out:4', 'out2:1']);
+my $kafka = SpoolKafka->start(topics => ['out:4', 'out2:1', 'out3:1']);
 my ($proxy) = $kafka->cmd('proxy') =~ /^OK (\S+)$/ or die 'no proxy';
 my $direct = $kafka->bootstrap;
 my $node = spool_node(
@@ -229,6 +236,47 @@ is("@got", "$e[0] $e[3] $e[4] $e[2]",
 	'(e) out2 holds the other rows once each: a1, then b1 b2 (same batch), then a3 after the refused a2 was dead-lettered');
 like(sql(qq{SELECT last_error FROM spool.outbox_dead WHERE id = $e[1]}), qr/too large/i,
 	'(e) the dead letter says why');
+
+# ---- (f) crashes while left-out rows are settled ----
+sql(qq{SELECT spool.create_target('tx3', 'kafka', '{"brokers": "$proxy", "topic": "out3",
+	"transactional": true, "retry_limit": 0, "kafka": {"message.max.bytes": 1000}}')});
+wait_dispatchers($node, 'tx3', 1);
+sql(q{ALTER SYSTEM SET spool.test_kafka_commit_pause = '10min'});
+sql(q{SELECT pg_reload_conf()});
+poll_within($node, 60, q{SELECT current_setting('spool.test_kafka_commit_pause') = '10min'},
+	'(f) the pause setting to be loaded');
+my @f = split /\n/, sql(q{BEGIN;
+CREATE TABLE sent3 AS
+SELECT n, spool.enqueue('tx3', 'a', jsonb_build_object('n', n, 'pad', repeat('x', CASE WHEN n = 2 THEN 2000 ELSE 10 END))) AS id
+  FROM generate_series(1, 3) n ORDER BY n;
+COMMIT;
+SELECT id FROM sent3 ORDER BY n});
+my $paused = q{SELECT pid FROM pg_stat_activity WHERE application_name = 'spool dispatch tx3/0'
+	AND query = 'test pause after a kafka commit'};
+poll_ok($node, "SELECT EXISTS ($paused)", '(f) tx3 to pause after its batch commit');
+my $pid1 = sql($paused);
+$log_offset = -s $node->logfile;
+kill 'KILL', $pid1;
+crash_restart_ok($node, $pid1, $log_offset, '(f) first kill');
+poll_ok($node, "SELECT EXISTS ($paused)", '(f) tx3 to settle the batch and pause after retrying a3');
+ok($node->log_contains(qr/spool dispatch tx3\/0: Kafka committed up to $f[2], PostgreSQL had \d+; settled 1 rows/, $log_offset),
+	'(f) the batch was settled from the metadata: a1 delivered');
+is(sql(qq{SELECT (SELECT count(*) FROM spool.outbox_dead WHERE id = $f[1]) || ' ' ||
+	(SELECT count(*) FROM spool.outbox_retry WHERE id = $f[2])}), '1 1',
+	'(f) a2 dead-lettered, a3 still parked while its retry is held after the Kafka commit');
+my $pid2 = sql($paused);
+sql(q{ALTER SYSTEM RESET spool.test_kafka_commit_pause});
+sql(q{SELECT pg_reload_conf()});
+$log_offset = -s $node->logfile;
+kill 'KILL', $pid2;
+crash_restart_ok($node, $pid2, $log_offset, '(f) second kill');
+poll_ok($node, qq{SELECT NOT EXISTS (SELECT FROM spool.outbox_retry WHERE id = $f[2])},
+	'(f) a3 to leave spool.outbox_retry');
+ok($node->log_contains(qr/spool dispatch tx3\/0: settled 1 parked rows Kafka committed as delivered/, $log_offset),
+	'(f) the restarted worker settled the retried row from the metadata');
+my @got3 = map { /spool-outbox-id=(\d+)/ ? $1 : () } split /\n/,
+  `timeout 60 kcat -C -b $direct -t out3 -e -o beginning -q -X isolation.level=read_committed -f '%h\\n' 2>&1`;
+is("@got3", "$f[0] $f[2]", '(f) out3 holds a1 and a3 once each');
 
 note(sprintf('030_outbox_kafka_txn took %.1f s', time - $t_start));
 $node->stop;
