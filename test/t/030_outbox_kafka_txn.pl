@@ -39,6 +39,13 @@
 #     retries a3 and pauses after that Kafka commit; kill -9 again: the next
 #     worker takes a3 out of spool.outbox_retry as delivered.  out3 holds
 #     a1 and a3 once each.
+# (g) An abortable error: the test cluster fails the next TxnOffsetCommit
+#     with GROUP_AUTHORIZATION_FAILED (librdkafka: the transaction must be
+#     aborted).  tx2's shard reports the failed send_offsets_to_transaction,
+#     aborts, reconciles and delivers the batch in a new transaction: every
+#     row in out2, Kafka's committed offset equals the shard's position, no
+#     error state left.  (The mock keeps the aborted transaction's messages
+#     readable: their copies are counted, not asserted away.)
 use strict;
 use warnings;
 
@@ -277,6 +284,27 @@ ok($node->log_contains(qr/spool dispatch tx3\/0: settled 1 parked rows Kafka com
 my @got3 = map { /spool-outbox-id=(\d+)/ ? $1 : () } split /\n/,
   `timeout 60 kcat -C -b $direct -t out3 -e -o beginning -q -X isolation.level=read_committed -f '%h\\n' 2>&1`;
 is("@got3", "$f[0] $f[2]", '(f) out3 holds a1 and a3 once each');
+
+# ---- (g) an abortable error in the middle of a transaction ----
+is($kafka->cmd('error 28 30 1'), 'OK', '(g) the next TxnOffsetCommit will fail');
+my $g_before = sql(q{SELECT coalesce(last_error_at, '-infinity') FROM spool.outbox_status WHERE target = 'tx2'});
+my @g = split /\n/, sql(q{BEGIN;
+CREATE TABLE sent4 AS SELECT g, spool.enqueue('tx2', 'c' || (g % 3), jsonb_build_object('g', g)) AS id
+  FROM generate_series(1, 20) g ORDER BY g;
+COMMIT;
+SELECT id FROM sent4 ORDER BY g});
+poll_ok($node, qq{SELECT last_error LIKE '%send_offsets_to_transaction failed%' AND last_error_at > '$g_before'
+	FROM spool.outbox_status WHERE target = 'tx2'}, '(g) tx2 to report the aborted transaction');
+poll_ok($node, q{SELECT backlog = 0 AND waiting = 0 AND state <> 'error' FROM spool.outbox_status WHERE target = 'tx2'},
+	'(g) tx2 to deliver the batch again');
+my %g_n;
+$g_n{$_}++ for map { /spool-outbox-id=(\d+)/ ? $1 : () } split /\n/,
+  `timeout 60 kcat -C -b $direct -t out2 -e -o beginning -q -X isolation.level=read_committed -f '%h\\n' 2>&1`;
+is(scalar(grep { !$g_n{$_} } @g), 0, '(g) every row of the batch is in out2');
+note('(g) copies of the aborted transaction the mock does not hide: ' . scalar(grep { $g_n{$_} > 1 } @g));
+my ($g_ans) = $kafka->cmd('committed spool-postgres-tx2-0 out2 0') =~ /^OK (-?\d+)/;
+is($g_ans, sql(q{SELECT position FROM spool.outbox_status WHERE target = 'tx2'}),
+	"(g) Kafka's committed offset is tx2's position");
 
 note(sprintf('030_outbox_kafka_txn took %.1f s', time - $t_start));
 $node->stop;
