@@ -106,6 +106,8 @@ static TimeoutId stop_watch_id;
 
 /* Transactional kafka targets: reconcile with Kafka before delivering again */
 static bool need_reconcile;
+static OutboxRow **meta_rows;	/* the rows the offset's metadata is about */
+static int	meta_n;
 
 static SPIPlanPtr plan_read;
 static SPIPlanPtr plan_barrier;
@@ -1001,13 +1003,7 @@ retry_parked(TimestampTz now)
 
 /* ---- transactional kafka targets ---- */
 
-/*
- * The committed offset's metadata says what a transaction left out or
- * retried, so that a restart can settle it exactly as the lost PostgreSQL
- * transaction would have: "v1", then ";f:" ids refused for good, ";w:" ids
- * that wait behind a parked row of their key (both of a batch), or ";r:"
- * parked ids that a retry delivered.
- */
+/* Is the target a transactional kafka target? */
 static bool
 txn_mode(void)
 {
@@ -1034,9 +1030,14 @@ kafka_commit_pause(void)
 	}
 }
 
-/* The rows the metadata of the transaction under way describes. */
-static OutboxRow **meta_rows;
-static int	meta_n;
+/*
+ * The committed offset's metadata says what a transaction left out or
+ * retried, so that a restart can settle it exactly as the lost PostgreSQL
+ * transaction would have: "v1", then ";f:" ids refused for good, ";w:" ids
+ * that wait behind a parked row of their key (both of a batch), or ";r:"
+ * parked ids that a retry delivered.  meta_rows[0..meta_n) are the rows
+ * the transaction under way is about.
+ */
 
 /* Append ";<tag>:" and the ids of meta_rows[i] for which pick is true, if any. */
 static void
