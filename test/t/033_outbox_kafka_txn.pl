@@ -306,7 +306,7 @@ my ($g_ans) = $kafka->cmd('committed spool-postgres-tx2-0 out2 0') =~ /^OK (-?\d
 is($g_ans, sql(q{SELECT position FROM spool.outbox_status WHERE target = 'tx2'}),
 	"(g) Kafka's committed offset is tx2's position");
 
-note(sprintf('032_outbox_kafka_txn took %.1f s', time - $t_start));
+note(sprintf('033_outbox_kafka_txn took %.1f s', time - $t_start));
 $node->stop;
 $kafka->stop;
 done_testing();
