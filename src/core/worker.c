@@ -17,6 +17,7 @@
 
 #include <signal.h>
 
+#include "access/xact.h"
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
@@ -35,12 +36,14 @@
 PG_FUNCTION_INFO_V1(spool_launcher_wakeup);
 
 static SpoolWorkerArgs worker_args;
+static bool wake_at_commit = false;
 
 static void forget_identity(int code, Datum arg);
+static void set_launcher_latch(void);
+static void wake_xact_callback(XactEvent event, void *arg);
 
-/* Wake the launcher: a source, processor or target was created or changed. */
-void
-spool_wake_launcher(void)
+static void
+set_launcher_latch(void)
 {
 	Latch	   *latch;
 
@@ -49,6 +52,51 @@ spool_wake_launcher(void)
 	LWLockRelease(spool_core_shared->lock);
 	if (latch)
 		SetLatch(latch);
+}
+
+/*
+ * Wake the launcher: a source, processor or target was created or changed.
+ * Inside a transaction the wake-up waits for its commit (and an abort drops
+ * it): a launcher woken earlier would read the catalog without the change
+ * and only see it at its next periodic check, a second later.
+ */
+void
+spool_wake_launcher(void)
+{
+	static bool registered = false;
+
+	if (!IsTransactionState())
+	{
+		set_launcher_latch();
+		return;
+	}
+	if (!registered)
+	{
+		RegisterXactCallback(wake_xact_callback, NULL);
+		registered = true;
+	}
+	wake_at_commit = true;
+}
+
+static void
+wake_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_PREPARE:
+			if (wake_at_commit && spool_core_shared != NULL)
+				set_launcher_latch();
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
 }
 
 /*

@@ -29,7 +29,9 @@
  */
 #include "postgres.h"
 
+#include "access/table.h"
 #include "access/xact.h"
+#include "catalog/heap.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -49,6 +51,7 @@
 #include "utils/timestamp.h"
 
 #include "ingest/ingest.h"
+#include "ingest/promoter.h"
 #include "retention/retention.h"
 
 SpoolIngestShared *spool_ingest_shared = NULL;
@@ -74,10 +77,10 @@ static MemoryContext loop_cxt;
 static TimestampTz next_retention = 0;
 static bool history_pending = false;	/* history rows left to remove */
 static int64 promoted_entries;	/* by the last promote_table */
+static Oid	staging_oid;		/* the table the current promotion moves out */
 
 static PromotePlan plan_promote[2][2];	/* [staging table][dead letters or gaps] */
 static SPIPlanPtr plan_staged[2];
-static SPIPlanPtr plan_truncate[2];
 static SPIPlanPtr plan_next_cursor;
 static SPIPlanPtr plan_advance;
 static SPIPlanPtr plan_segment_top;
@@ -93,6 +96,7 @@ static bool promoter_step(void);
 static uint32 promotion_begin(bool flip);
 static uint64 promote_once(bool flip);
 static int64 promote_table(uint32 which, int64 next);
+static void empty_staging(uint32 which);
 static SPIPlanPtr promote_plan(uint32 which, bool others, int32 segment);
 static char *promote_sql(uint32 which, bool others, int32 segment);
 static void ensure_segments(int64 upto);
@@ -348,16 +352,17 @@ promotion_begin(bool flip)
 		pg_atomic_write_u32(&spool_ingest_shared->staging_active, 1 - which);
 	else
 		which = 1 - which;
-	(void) RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
-							AccessExclusiveLock, false);
+	staging_oid = RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
+								   AccessExclusiveLock, false);
 	spool_snapshot_txn("promoting staged entries");
 	return which;
 }
 
 /*
  * Move staging table which out whole (messages, dead letters, gaps,
- * offsets) and truncate it, numbering cursors from next.  Returns the last
- * cursor used, or -1 when no entry was inserted.
+ * offsets), numbering cursors from next; empty_staging empties it once
+ * this has committed.  Returns the last cursor used, or -1 when no entry
+ * was inserted.
  *
  * Each staging batch reserved positions 0, 1, ... in the table under its
  * lock, in staging order, so next + position numbers the cursors in an
@@ -370,11 +375,21 @@ promote_table(uint32 which, int64 next)
 	int64		nmsg = (int64) pg_atomic_read_u64(&spool_ingest_shared->staged_msgs[which]);
 	bool		others = pg_atomic_read_u64(&spool_ingest_shared->staged_other[which]) > 0;
 	Datum		v[1] = {Int64GetDatum(next)};
-	int64		inserted;
+	int64		inserted = 0;
 	int64		last = -1;
+	bool		moved = false;
 
 	ensure_segments(next + nmsg);
-	inserted = plan_int8(promote_plan(which, others, segment_for(next, next + nmsg)), v, false);
+	/* Messages only (the rule): multi-inserts; otherwise the statement. */
+	if (!others)
+	{
+		Relation	rel = table_open(staging_oid, NoLock);
+
+		moved = spool_promote_messages(rel, next, nmsg, &inserted);
+		table_close(rel, NoLock);
+	}
+	if (!moved)
+		inserted = plan_int8(promote_plan(which, others, segment_for(next, next + nmsg)), v, false);
 	/* Rows of a dropped source, or of a staging transaction that failed, explain a shortfall. */
 	if (inserted > nmsg)
 		elog(ERROR, "promotion inserted " INT64_FORMAT " entries for at most " INT64_FORMAT
@@ -398,12 +413,41 @@ promote_table(uint32 which, int64 next)
 		seal_and_count(next, nmsg, inserted == nmsg);
 		last = next + nmsg - 1;
 	}
-	spool_plan(&plan_truncate[which],
-			   which ? "TRUNCATE spool.staging_1" : "TRUNCATE spool.staging_0", 0, NULL);
-	(void) spool_exec(plan_truncate[which], NULL, NULL, false, SPI_OK_UTILITY);
+	return last;
+}
+
+/*
+ * Empty staging table which after its promotion committed, in a short
+ * transaction of its own, and reset its counters.  The truncation is done
+ * in place (heap_truncate_one_rel, as TRUNCATE does for a table created in
+ * the same transaction): the table keeps its relfilenode, so no catalog row
+ * changes, no init fork is written and synced, no WAL is written, and
+ * neither the kept plans that name it nor the ingest workers' relcache
+ * entries are invalidated.  In place is not transactional, which is why it
+ * waits for the commit: if the promoter stops in between, its next start
+ * promotes the same rows again, and they are all below the stored offsets
+ * (dead letters and gaps too; replays have their replay cursor), so nothing
+ * is inserted twice.  The table is inactive, so no ingest worker writes it;
+ * the lock keeps out readers of spool.staging.
+ */
+static void
+empty_staging(uint32 which)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	Relation	rel;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	pgstat_report_activity(STATE_RUNNING, "emptying a promoted staging table");
+	rel = table_open(RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
+									  AccessExclusiveLock, false), NoLock);
+	heap_truncate_one_rel(rel);
+	table_close(rel, NoLock);
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[which], 0);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_other[which], 0);
-	return last;
 }
 
 /*
@@ -515,6 +559,8 @@ promote_once(bool flip)
 	/* Under the table's exclusive lock: no ingest worker stamps it meanwhile. */
 	staged_at = (TimestampTz) pg_atomic_exchange_u64(&spool_ingest_shared->staged_first_at[which], 0);
 	spool_end_txn();
+	if (staged > 0)
+		empty_staging(which);
 
 	if (staged > 0)
 		note_promotion(promoted_entries, t_start, staged_at);
