@@ -45,8 +45,10 @@ staging_snapshot_txn(const char *activity)
 /*
  * Wait (polling, no transaction open while waiting) until staging holds no
  * row of this source, then apply the pending seeks in the same transaction.
- * Locking both staging tables before the snapshot waits out a promotion
- * in flight, so the snapshot sees its offsets if it moved our rows.
+ * Rows leave staging only when the promoter empties a table, after the
+ * promotion that moved them committed and under the table's exclusive lock;
+ * locking both tables before the snapshot therefore means that a snapshot
+ * that finds our rows gone also sees the offsets they moved.
  */
 void
 wait_for_staging_drained(Datum *name)

@@ -31,7 +31,9 @@
 #define STAGING_SLOTS		1000	/* rows per heap multi-insert */
 
 static TupleTableSlot **slots;
+static int	writing = -1;		/* the staging table this transaction writes, -1: none */
 
+static void writer_xact_callback(XactEvent event, void *arg);
 static Relation open_active_staging(uint32 *which);
 static inline void set_column(TupleTableSlot *slot, int col, Datum value);
 static void fill_slot(TupleTableSlot *slot, Staged *s, int64 batch_id, int64 pos,
@@ -40,25 +42,59 @@ static void insert_batch(Relation rel, int64 first_pos);
 static void record_failed_replays(void);
 static void note_batch(int n, TimestampTz t_start);
 
+/* The staging transaction ended (committed: its rows are visible): unregister. */
+static void
+writer_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			if (writing >= 0)
+				spool_staging_writer_done((uint32) writing);
+			writing = -1;
+			break;
+		default:
+			break;
+	}
+}
+
 /*
- * Open the active staging table for writing.  Check the flag again once we
- * hold the lock: if the promoter flipped it meanwhile, it may be about to
- * move and truncate the table we locked, so use the new active one.
+ * Open the active staging table for writing.  The transaction counts itself
+ * as a writer of the table until it ends (the promoter waits for a table's
+ * writers after flipping the flag, instead of locking the table), then
+ * checks the flag again: if the promoter flipped it meanwhile, it may be
+ * waiting to move the table out, so use the new active one.  Both sides
+ * write before they read, through atomics that are full barriers, so
+ * either the writer sees the flip or the promoter sees the writer.
  */
 static Relation
 open_active_staging(uint32 *which)
 {
+	static bool registered = false;
 	Oid			staging_oid;
 	Relation	rel;
 
+	if (!registered)
+	{
+		RegisterXactCallback(writer_xact_callback, NULL);
+		registered = true;
+	}
 	for (;;)
 	{
 		*which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
-		staging_oid = RangeVarGetRelid(makeRangeVar("spool", *which ? "staging_1" : "staging_0", -1),
-									   RowExclusiveLock, false);
+		(void) pg_atomic_fetch_add_u32(&spool_ingest_shared->staging_writers[*which], 1);
+		writing = (int) *which;
 		if (pg_atomic_read_u32(&spool_ingest_shared->staging_active) == *which)
 			break;
+		writing = -1;
+		spool_staging_writer_done(*which);
 	}
+	staging_oid = RangeVarGetRelid(makeRangeVar("spool", *which ? "staging_1" : "staging_0", -1),
+								   RowExclusiveLock, false);
 	rel = table_open(staging_oid, RowExclusiveLock);
 	if (RelationGetDescr(rel)->natts != STAGING_NATTS)
 		elog(ERROR, "spool staging table has %d columns, expected %d",
@@ -230,7 +266,7 @@ stage_batch(void)
 		pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_other[which], (uint64) nother);
 
 	refresh_status(false);
-	/* Under our lock on the table: the promoter cannot have moved it out yet. */
+	/* Still a writer of the table: the promoter cannot have moved it out yet. */
 	spool_note_staged(which, GetCurrentTimestamp());
 	spool_end_txn();
 	spool_wake_promoter();

@@ -58,6 +58,8 @@ typedef struct SpoolIngestShared
 	pg_atomic_uint64 staged_other[2];	/* dead-letter and gap rows staged per table */
 	ConditionVariable spool_cv; /* broadcast after each promotion */
 	pg_atomic_uint64 staged_first_at[2];	/* oldest staging commit per table, 0: none */
+	pg_atomic_uint32 staging_writers[2];	/* staging transactions under way per table */
+	ConditionVariable staging_cv;	/* broadcast when a table's last writer ends */
 	/* Under lock: the promoter's numbers, then each source's. */
 	uint64		promotions;
 	SpoolHist	promote_rows;	/* entries per promotion */
@@ -77,6 +79,7 @@ extern const SpoolKindOps spool_source_ops;
 /* promoter.c */
 extern void spool_wake_promoter(void);
 extern void spool_note_staged(uint32 which, TimestampTz at);
+extern void spool_staging_writer_done(uint32 which);
 extern SpoolSourceStats *spool_source_stats(const char *source);
 extern void spool_source_stats_forget(const char *source);
 

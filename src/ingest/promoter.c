@@ -42,6 +42,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
@@ -334,26 +335,36 @@ promote_plan(uint32 which, bool others, int32 segment)
 
 /*
  * Start a promotion.  With flip, first make the other staging table the
- * active one.  The table to move out is locked before the snapshot, so the
- * lock waits for the ingest transactions still writing into it and the
- * snapshot sees all their rows; one REPEATABLE READ snapshot serves every
- * statement: spool_start_txn and spool_snapshot_txn, the two halves of
- * spool_begin_txn, with the lock in between; spool_end_txn commits.
- * Returns the number of the staging table to move out.
+ * active one.  Then wait, before the transaction starts, until no ingest
+ * transaction writes the table to move out any more (they count themselves
+ * in staging_writers until they end, see open_active_staging), so the
+ * snapshot sees all their rows.  No lock of the table waits for them: an
+ * exclusive lock per promotion cost a trip through every backend's
+ * fast-path lock slots, and its wait could not be interrupted where a
+ * condition variable can.  One REPEATABLE READ snapshot serves every
+ * statement; spool_end_txn commits.  Returns the number of the staging
+ * table to move out.
  */
 static uint32
 promotion_begin(bool flip)
 {
-	uint32		which;
+	uint32		which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
 
-	spool_start_txn(XACT_REPEATABLE_READ);
-	which = pg_atomic_read_u32(&spool_ingest_shared->staging_active);
 	if (flip)
-		pg_atomic_write_u32(&spool_ingest_shared->staging_active, 1 - which);
+		(void) pg_atomic_exchange_u32(&spool_ingest_shared->staging_active, 1 - which);
 	else
 		which = 1 - which;
+	if (pg_atomic_read_u32(&spool_ingest_shared->staging_writers[which]) != 0)
+	{
+		pgstat_report_activity(STATE_RUNNING, "waiting for staging writers");
+		ConditionVariablePrepareToSleep(&spool_ingest_shared->staging_cv);
+		while (pg_atomic_read_u32(&spool_ingest_shared->staging_writers[which]) != 0)
+			ConditionVariableSleep(&spool_ingest_shared->staging_cv, PG_WAIT_EXTENSION);
+		ConditionVariableCancelSleep();
+	}
+	spool_start_txn(XACT_REPEATABLE_READ);
 	staging_oid = RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
-								   AccessExclusiveLock, false);
+								   AccessShareLock, false);
 	spool_snapshot_txn("promoting staged entries");
 	return which;
 }
@@ -424,25 +435,37 @@ promote_table(uint32 which, int64 next)
  * changes, no init fork is written and synced, no WAL is written, and
  * neither the kept plans that name it nor the ingest workers' relcache
  * entries are invalidated.  In place is not transactional, which is why it
- * waits for the commit: if the promoter stops in between, its next start
- * promotes the same rows again, and they are all below the stored offsets
- * (dead letters and gaps too; replays have their replay cursor), so nothing
- * is inserted twice.  The table is inactive, so no ingest worker writes it;
- * the lock keeps out readers of spool.staging.
+ * waits for the commit.  The rows it removes are promoted, so removing them
+ * late is harmless: a promotion of them again (after the promoter stopped
+ * in between, or when the table is active again) inserts nothing, as they
+ * are all below the stored offsets (dead letters and gaps too; replays have
+ * their replay cursor).  So the lock is only tried: a reader of
+ * spool.staging holding the table leaves the rows for the next time.  No
+ * ingest worker writes the table (it is inactive).
  */
 static void
 empty_staging(uint32 which)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	Relation	rel;
+	Oid			relid;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	pgstat_report_activity(STATE_RUNNING, "emptying a promoted staging table");
-	rel = table_open(RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
-									  AccessExclusiveLock, false), NoLock);
-	heap_truncate_one_rel(rel);
-	table_close(rel, NoLock);
+	relid = RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
+							 NoLock, false);
+	if (ConditionalLockRelationOid(relid, AccessExclusiveLock))
+	{
+		Relation	rel = table_open(relid, NoLock);
+
+		heap_truncate_one_rel(rel);
+		table_close(rel, NoLock);
+	}
+	else
+		ereport(DEBUG1,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("promoted rows left in spool.%s: another session holds it",
+						staging_table[which])));
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
@@ -463,6 +486,17 @@ spool_note_staged(uint32 which, TimestampTz at)
 	if (pg_atomic_read_u64(&spool_ingest_shared->staged_first_at[which]) == 0)
 		(void) pg_atomic_compare_exchange_u64(&spool_ingest_shared->staged_first_at[which],
 											  &zero, (uint64) at);
+}
+
+/*
+ * An ingest transaction that wrote (or meant to write) staging table which
+ * ended: the promoter may be waiting for the table's last writer.
+ */
+void
+spool_staging_writer_done(uint32 which)
+{
+	if (pg_atomic_sub_fetch_u32(&spool_ingest_shared->staging_writers[which], 1) == 0)
+		ConditionVariableBroadcast(&spool_ingest_shared->staging_cv);
 }
 
 /*
@@ -556,7 +590,7 @@ promote_once(bool flip)
 	promoted_entries = 0;
 	if (staged > 0)
 		last = promote_table(which, next);
-	/* Under the table's exclusive lock: no ingest worker stamps it meanwhile. */
+	/* No ingest worker writes the table, so none stamps it meanwhile. */
 	staged_at = (TimestampTz) pg_atomic_exchange_u64(&spool_ingest_shared->staged_first_at[which], 0);
 	spool_end_txn();
 	if (staged > 0)
@@ -753,6 +787,9 @@ ingest_attach(bool found)
 	ConditionVariableInit(&s->spool_cv);
 	pg_atomic_init_u64(&s->staged_first_at[0], 0);
 	pg_atomic_init_u64(&s->staged_first_at[1], 0);
+	pg_atomic_init_u32(&s->staging_writers[0], 0);
+	pg_atomic_init_u32(&s->staging_writers[1], 0);
+	ConditionVariableInit(&s->staging_cv);
 	spool_hist_init(&s->promote_rows, 1);
 	spool_hist_init(&s->promote_ms, 0.25);
 	spool_hist_init(&s->promote_lag_ms, 1);
