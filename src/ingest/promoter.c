@@ -95,9 +95,9 @@ static void promoter_detach(int code, Datum arg);
 static void promoter_load(void);
 static bool promoter_step(void);
 static uint32 promotion_begin(bool flip);
-static uint64 promote_once(bool flip);
+static bool promote_once(bool flip);
 static int64 promote_table(uint32 which, int64 next);
-static void empty_staging(uint32 which);
+static bool empty_staging(uint32 which);
 static SPIPlanPtr promote_plan(uint32 which, bool others, int32 segment);
 static char *promote_sql(uint32 which, bool others, int32 segment);
 static void ensure_segments(int64 upto);
@@ -443,18 +443,20 @@ promote_table(uint32 which, int64 next)
  * spool.staging holding the table leaves the rows for the next time.  No
  * ingest worker writes the table (it is inactive).
  */
-static void
+static bool
 empty_staging(uint32 which)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	Oid			relid;
+	bool		emptied;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	pgstat_report_activity(STATE_RUNNING, "emptying a promoted staging table");
 	relid = RangeVarGetRelid(makeRangeVar("spool", (char *) staging_table[which], -1),
 							 NoLock, false);
-	if (ConditionalLockRelationOid(relid, AccessExclusiveLock))
+	emptied = ConditionalLockRelationOid(relid, AccessExclusiveLock);
+	if (emptied)
 	{
 		Relation	rel = table_open(relid, NoLock);
 
@@ -471,6 +473,7 @@ empty_staging(uint32 which)
 	pgstat_report_activity(STATE_IDLE, NULL);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[which], 0);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_other[which], 0);
+	return emptied;
 }
 
 /*
@@ -566,10 +569,12 @@ note_promotion(int64 entries, TimestampTz t_start, TimestampTz staged_at)
 
 /*
  * One promotion (see promotion_begin for flip), in one transaction; the
- * readers waiting for new cursors are woken after it commits.  Returns the
- * number of staged rows found (0 or 1: the table is only probed).
+ * readers waiting for new cursors are woken after it commits.  Returns
+ * whether it did anything: inserted entries, or emptied a staging table
+ * (promoted rows left behind by a reader of spool.staging are tried again
+ * after a wait, not in a loop).
  */
-static uint64
+static bool
 promote_once(bool flip)
 {
 	TimestampTz t_start = GetCurrentTimestamp();
@@ -577,6 +582,7 @@ promote_once(bool flip)
 	int64		next;
 	int64		staged;
 	int64		last = -1;
+	bool		emptied = false;
 	TimestampTz staged_at;
 
 	spool_plan(&plan_next_cursor,
@@ -594,7 +600,7 @@ promote_once(bool flip)
 	staged_at = (TimestampTz) pg_atomic_exchange_u64(&spool_ingest_shared->staged_first_at[which], 0);
 	spool_end_txn();
 	if (staged > 0)
-		empty_staging(which);
+		emptied = empty_staging(which);
 
 	if (staged > 0)
 		note_promotion(promoted_entries, t_start, staged_at);
@@ -603,7 +609,7 @@ promote_once(bool flip)
 		pg_atomic_write_u64(&spool_ingest_shared->published_cursor, (uint64) last);
 		ConditionVariableBroadcast(&spool_ingest_shared->spool_cv);
 	}
-	return (uint64) staged;
+	return staged > 0 && (promoted_entries > 0 || emptied);
 }
 
 /*
@@ -733,13 +739,13 @@ promoter_load(void)
  * every spool.retention_interval (stale consumers first, so that what a dropped
  * one held goes in the same pass).  History rows are removed one batch per
  * pass, so a promotion waits for at most one batch.  Returns false when
- * nothing was staged and no history batch is left (the loop then waits; a
- * backlog is promoted pass after pass).
+ * nothing was promoted or emptied and no history batch is left (the loop
+ * then waits; a backlog is promoted pass after pass).
  */
 static bool
 promoter_step(void)
 {
-	uint64		moved = promote_once(true);
+	bool		moved = promote_once(true);
 	TimestampTz now = GetCurrentTimestamp();
 
 	if (now >= next_retention)
@@ -751,7 +757,7 @@ promoter_step(void)
 	}
 	if (history_pending)
 		history_pending = spool_history_step();
-	return moved > 0 || history_pending;
+	return moved || history_pending;
 }
 
 void

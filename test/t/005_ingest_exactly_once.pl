@@ -135,6 +135,29 @@ is( sql(q{SELECT count(*) FROM spool.source_status WHERE source = 'eo'
 	'4', 'source_status shows the pid of the running ingest worker');
 
 # ---------------------------------------------------------------------------
+# A reader holds both staging tables: the promoter cannot empty them, so
+# promoted rows stay there and are promoted again with the new ones, which
+# must insert each offset once.  Once the reader is gone, staging empties.
+# ---------------------------------------------------------------------------
+my $reader = SpoolTest::Session->new($node, 'staging reader');
+$reader->query_ok('BEGIN');
+$reader->query_ok('LOCK TABLE spool.staging_0, spool.staging_1 IN ACCESS SHARE MODE');
+my $M2 = $M + 8000;
+is($kafka->produce('eo_json', 8000, -1, 200, $M), 'OK produced 8000',
+	'produce 8000 more while a reader holds the staging tables');
+poll_ok($node, "SELECT count(*) = $M2 FROM spool.entries WHERE source = 'eo'",
+	"eo: $M2 entries with the staging tables held");
+ok(sql(q{SELECT count(*) FROM spool.staging WHERE source = 'eo'}) > 0,
+	'promoted rows are still in staging while the reader holds it');
+check_offsets_exact('eo', 'eo_json', 4, $M2);
+check_cursors('after promotions with staging held');
+$reader->query_ok('COMMIT');
+$reader->quit;
+poll_ok($node, q{SELECT count(*) = 0 FROM spool.staging},
+	'staging to be emptied once the reader is gone');
+check_offsets_exact('eo', 'eo_json', 4, $M2);
+
+# ---------------------------------------------------------------------------
 # text, bytes and headers.
 # ---------------------------------------------------------------------------
 sql(qq{SELECT spool.create_source('eo_t', '$bootstrap', ARRAY['eo_text'],

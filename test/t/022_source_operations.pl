@@ -112,7 +112,9 @@ my $blocker = SpoolTest::Session->new($node, 'blocker');
 $blocker->query_ok('BEGIN');
 $blocker->query_ok('SELECT next_cursor FROM spool.spool_state FOR SHARE');
 my $held_sql = q{SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-	WHERE c.relname IN ('staging_0', 'staging_1') AND l.mode = 'AccessExclusiveLock' AND l.granted};
+	JOIN pg_stat_activity a USING (pid)
+	WHERE c.relname IN ('staging_0', 'staging_1') AND a.backend_type = 'spool promoter'
+	  AND a.wait_event_type = 'Lock' AND l.granted};
 poll_ok($node, "SELECT count(*) = 1 FROM ($held_sql) h",
 	'the promoter holds one staging table and waits for the spool_state row');
 my $active = sql($held_sql) eq 'staging_0' ? 'staging_1' : 'staging_0';
@@ -129,8 +131,9 @@ my $seek = sql(q{SELECT id || ' ' || to_offset || ' ' || state
 like($seek, qr/^\d+ 2900 pending$/, 'the seek is recorded, pending');
 my ($seek_id) = split / /, $seek;
 poll_ok($node,
-	q{SELECT count(*) = 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-	   WHERE a.application_name = 'spool ingest sa' AND NOT l.granted},
+	q{SELECT count(*) = 1 FROM pg_stat_activity
+	   WHERE application_name = 'spool ingest sa'
+	     AND query = 'waiting for staged rows to be promoted'},
 	'the restarted worker waits for the staged rows to be promoted');
 is(sql(qq{SELECT state FROM spool.source_seeks WHERE id = $seek_id}), 'pending',
 	'the seek waits while rows of the source are staged');
