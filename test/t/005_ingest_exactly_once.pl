@@ -308,6 +308,40 @@ is( sql(q{SELECT count(*) FROM spool.entries WHERE source = 'eo'
 	AND abs(extract(epoch FROM kafka_ts) * 1000 - (value->>'ts')::numeric) > 60000}),
 	'0', 'eo: kafka_ts is the produce time (within a minute of the value ts)');
 
+# JSON values are the jsonb jsonb_in makes, whichever way the worker parsed
+# them (plain documents without jsonb_in's lexer, the rest with it):
+# repeated keys (the last one wins), key order, numbers, escapes, nesting,
+# UTF-8, whitespace, scalars at the top.
+my @docs = (
+	'{"b":1,"a":2,"b":3,"a":{"y":[1,2.50,-0,1e3,1E-2],"x":null}}',
+	'{"s":"plain","e":"esc\\"aped \\u00e9 \\n","n":123456789012345678901234567890.5}',
+	'[1,{"k":true,"k":false},"x",[],{}]',
+	'{"":"","aa":1,"b":2,"a":3,"":4}',
+	'"just a string"',
+	'42',
+	'{"deep":[[[[[[{"a":1,"a":[]}]]]]]]}',
+	"{\"u\":\"caf\xc3\xa9 \xe2\x98\x83\"}",
+	"{ \"a\" :\t1 ,\"b\":[ true , false ,null ] }  ");
+my $first_doc;
+for my $d (@docs)
+{
+	my $ans = $kafka->cmd("produce_one eo_hdr 0 jdoc $d");
+	my ($off) = $ans =~ /^OK produced 1 0 (\d+)$/;
+	$first_doc //= $off;
+}
+my $ndocs = scalar @docs;
+poll_ok($node,
+	"SELECT count(*) = $ndocs FROM spool.entries WHERE source = 'eo_h' AND key = 'jdoc'::bytea",
+	"eo_h: the $ndocs JSON documents");
+for my $i (0 .. $#docs)
+{
+	my $off = $first_doc + $i;
+	is( sql(qq{SELECT value = d AND value::text = d::text
+		FROM spool.entries, (SELECT \$jdoc\$$docs[$i]\$jdoc\$::jsonb AS d) x
+		WHERE source = 'eo_h' AND kafka_offset = $off}),
+		't', "eo_h: document $i is stored as jsonb_in makes it");
+}
+
 check_cursors('at the end');
 is( sql(q{SELECT count(*) FROM (SELECT kafka_offset, lag(kafka_offset)
 	OVER (PARTITION BY source, topic, kafka_partition ORDER BY cursor) AS prev
