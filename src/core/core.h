@@ -412,7 +412,8 @@ typedef enum SpoolLockKind
 {
 	SPOOL_LOCK_INGEST = 1,		/* one ingest worker per source */
 	SPOOL_LOCK_PROCESSOR = 2,	/* the active replica of a processor */
-	SPOOL_LOCK_DISPATCH = 3		/* one worker per target shard */
+	SPOOL_LOCK_DISPATCH = 3,	/* one worker per target shard */
+	SPOOL_LOCK_PROMOTER = 4		/* one promoter */
 } SpoolLockKind;
 
 extern bool spool_internal_lock(SpoolLockKind kind, const char *name, uint32 key);

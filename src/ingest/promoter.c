@@ -92,6 +92,7 @@ static SPIPlanPtr plan_published;
 
 static void promoter_attach(void);
 static void promoter_detach(int code, Datum arg);
+static void promoter_lock(void);
 static void promoter_load(void);
 static bool promoter_step(void);
 static uint32 promotion_begin(bool flip);
@@ -716,6 +717,33 @@ promoter_attach(void)
 }
 
 /*
+ * One promoter, ever: a second one (started by a restarted launcher while
+ * the first still finishes a pass) would flip and empty the staging tables
+ * under the first one, which no table lock prevents any more.  Wait for
+ * the other one to exit (it does at its next pass, see
+ * spool_exit_if_orphaned).  The session lock lives as long as this process.
+ */
+static void
+promoter_lock(void)
+{
+	for (;;)
+	{
+		bool		got;
+
+		spool_begin_txn("waiting for the previous promoter to exit");
+		got = spool_internal_lock(SPOOL_LOCK_PROMOTER, "promoter", 0);
+		spool_end_txn();
+		if (got)
+			return;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 100L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		spool_exit_if_orphaned();
+	}
+}
+
+/*
  * Load: the inactive staging table may hold rows a failed round left
  * behind; they are older than anything in the active one, so they go
  * first.  Then publish the committed cursor so waiting readers start from
@@ -764,6 +792,7 @@ void
 spool_promoter_main(Datum main_arg)
 {
 	promoter_attach();
+	promoter_lock();
 	promoter_load();
 	for (;;)
 	{
