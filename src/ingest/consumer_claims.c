@@ -463,8 +463,8 @@ commit_bounded(rd_kafka_topic_partition_list_t *l)
 
 /*
  * The stored next offset of topic [partition], -1 if none; with drained,
- * also -1 while rows of it are staged.  Both staging tables are locked
- * before the snapshot, which waits out a promotion in flight.
+ * also -1 while rows of it are staged (staging_snapshot_txn: staging and
+ * the offsets are seen in step).
  */
 static int64
 stored_offset(const char *topic, int32 partition, bool drained)

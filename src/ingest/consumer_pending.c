@@ -30,8 +30,10 @@ static rd_kafka_message_t *fetch_one(rd_kafka_t *handle, const char *topic, int3
 
 /*
  * Start a transaction whose snapshot sees staging and spool.offsets in
- * step: locking both staging tables first waits out a promotion in flight,
- * so the snapshot sees its offsets if it moved rows out of staging.
+ * step.  Rows leave staging only when the promoter empties a table, after
+ * the promotion that moved them committed and under the table's exclusive
+ * lock; locking both tables before the snapshot therefore means that a
+ * snapshot that finds rows gone also sees the offsets they moved.
  */
 void
 staging_snapshot_txn(const char *activity)
@@ -44,11 +46,8 @@ staging_snapshot_txn(const char *activity)
 
 /*
  * Wait (polling, no transaction open while waiting) until staging holds no
- * row of this source, then apply the pending seeks in the same transaction.
- * Rows leave staging only when the promoter empties a table, after the
- * promotion that moved them committed and under the table's exclusive lock;
- * locking both tables before the snapshot therefore means that a snapshot
- * that finds our rows gone also sees the offsets they moved.
+ * row of this source, then apply the pending seeks in the same transaction
+ * (staging_snapshot_txn: then the offsets are those our rows moved).
  */
 void
 wait_for_staging_drained(Datum *name)
