@@ -115,8 +115,6 @@ extern bool claims_waiting(const char *topic, int32 partition);
 extern bool claims_admit(const char *topic, int32 partition, int64 *offset, bool quiet);
 extern void claims_pass(bool now);
 
-/* consumer_json.c */
-extern Jsonb *plain_json_to_jsonb(const char *json, size_t len);
 
 /* consumer_message.c */
 extern Staged *new_staged(int part, int64 offset, char kind);

@@ -308,8 +308,7 @@ handle_gap(const char *topic, int32 partition)
 }
 
 /*
- * The jsonb of one document (consumer_json.c for plain ones, else jsonb_in),
- * copied into the current context.
+ * The jsonb of one document (jsonb_in), copied into the current context.
  * The parser's own allocations (tokens, the tree of values, the sort of
  * keys: several times the document) go into a context that is reset after
  * each document and keeps its first megabyte: left in the staging
@@ -328,9 +327,7 @@ json_to_jsonb(const char *json)
 		parse_cxt = AllocSetContextCreate(TopMemoryContext, "spool ingest json",
 										  1024 * 1024, 1024 * 1024, ALLOCSET_DEFAULT_MAXSIZE);
 	MemoryContextSwitchTo(parse_cxt);
-	parsed = plain_json_to_jsonb(json, strlen(json));
-	if (parsed == NULL)
-		parsed = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(json)));
+	parsed = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(json)));
 	MemoryContextSwitchTo(cxt);
 	copy = palloc(VARSIZE(parsed));
 	memcpy(copy, parsed, VARSIZE(parsed));
