@@ -308,8 +308,7 @@ is( sql(q{SELECT count(*) FROM spool.entries WHERE source = 'eo'
 	AND abs(extract(epoch FROM kafka_ts) * 1000 - (value->>'ts')::numeric) > 60000}),
 	'0', 'eo: kafka_ts is the produce time (within a minute of the value ts)');
 
-# JSON values are the jsonb jsonb_in makes, whichever way the worker parsed
-# them (plain documents without jsonb_in's lexer, the rest with it):
+# JSON values are the jsonb jsonb_in makes, for documents with
 # repeated keys (the last one wins), key order, numbers, escapes, nesting,
 # UTF-8, whitespace, scalars at the top.
 my @docs = (
