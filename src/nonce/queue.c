@@ -276,38 +276,45 @@ report_args(FunctionCallInfo fcinfo, SpoolQueuedReport *rep, char **by_request_i
 
 /*
  * Find the allocation a report names, by its nonce (by_request_id NULL) or
- * by the request id, and complete rep with its nonce and request id.  A
- * nonce that is found goes to the worker, which checks the caller's role
- * like for every request (42501, nothing changed); only a miss reads the
- * signer here, so that another role's signer answers 42501 rather than
- * saying which nonces it has, and otherwise raises SP005.  No SQL runs
- * here, so the caller's user and search_path stay as they are (the probes
- * check no privileges).
+ * by the request id, and complete rep with its nonce and request id.
+ * Returns false when the signer has no such allocation.
  */
-static void
+static bool
 report_resolve(Oid nsp, const char *signer, const char *by_request_id,
 			   SpoolQueuedReport *rep)
 {
-	bool		by_nonce = (by_request_id == NULL);
-	int64		nonce = rep->nonce;
 	char	   *rid = NULL;
 
-	if (!report_lookup(nsp, signer, by_nonce, nonce, by_request_id, &rep->nonce, &rid))
-	{
-		Oid			role = signer_role_lookup(nsp, signer);
-
-		if (OidIsValid(role) && !spool_role_is_member(GetUserId(), role))
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("signer \"%s\" belongs to another role", signer)));
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
-				 by_nonce ?
-				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
-				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", by_request_id, signer),
-				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
-	}
+	if (!report_lookup(nsp, signer, by_request_id == NULL, rep->nonce, by_request_id,
+					   &rep->nonce, &rid))
+		return false;
 	rep->request_id = rid;
+	return true;
+}
+
+/*
+ * Raise the error for a report that found no allocation.  A nonce that is
+ * found goes to the worker, which checks the caller's role like for every
+ * request (42501, nothing changed); only a miss reads the signer here, so
+ * that another role's signer answers 42501 rather than saying which nonces
+ * it has.  No SQL runs here, so the caller's user and search_path stay as
+ * they are (the probes check no privileges).
+ */
+static void
+report_missing(Oid nsp, const char *signer, const char *by_request_id, int64 nonce)
+{
+	Oid			role = signer_role_lookup(nsp, signer);
+
+	if (OidIsValid(role) && !spool_role_is_member(GetUserId(), role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("signer \"%s\" belongs to another role", signer)));
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
+			 by_request_id == NULL ?
+			 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
+			 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", by_request_id, signer),
+			 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
 }
 
 /*
@@ -325,10 +332,13 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	char	   *signer = spool_arg_signer(fcinfo, 0);
 	SpoolQueuedReport rep;
 	char	   *by_request_id;
+	Oid			nsp;
 
 	report_args(fcinfo, &rep, &by_request_id);
 	check_queue_mode();
-	report_resolve(get_namespace_oid("spool", false), signer, by_request_id, &rep);
+	nsp = get_namespace_oid("spool", false);
+	if (!report_resolve(nsp, signer, by_request_id, &rep))
+		report_missing(nsp, signer, by_request_id, rep.nonce);
 	PG_RETURN_INT64(spool_nonce_queue_call(signer,
 										   rep.to_released ? SPOOL_REQ_RECYCLABLE : SPOOL_REQ_USED,
 										   rep.nonce, rep.request_id, false, NULL));
@@ -345,7 +355,11 @@ spool_nonce_report(PG_FUNCTION_ARGS)
  * nonce.  A request id that already holds a nonce means that this call was
  * committed before (its report and its allocation commit together): the
  * call then answers like nonce_request(signer, request_id) and does not
- * report again.
+ * report again.  That is checked after the report's look-up: should the
+ * first attempt of a retried call commit between the two, the look-up saw
+ * the reported allocation as it was before (which the worker then finds
+ * given back or consumed: a repeat) and the check sees the commit; never
+ * is a nonce's next holder reported on.
  */
 Datum
 spool_nonce_report_and_request(PG_FUNCTION_ARGS)
@@ -355,6 +369,7 @@ spool_nonce_report_and_request(PG_FUNCTION_ARGS)
 	SpoolQueuedReport rep;
 	char	   *by_request_id;
 	Oid			nsp;
+	bool		found;
 	int64		held;
 	char	   *held_rid;
 
@@ -366,10 +381,12 @@ spool_nonce_report_and_request(PG_FUNCTION_ARGS)
 				 errdetail("Request id \"%s\" names the reported allocation.", request_id)));
 	check_queue_mode();
 	nsp = get_namespace_oid("spool", false);
+	found = report_resolve(nsp, signer, by_request_id, &rep);
 	if (request_id && report_lookup(nsp, signer, false, -1, request_id, &held, &held_rid))
 		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1, request_id,
 											   false, NULL));
-	report_resolve(nsp, signer, by_request_id, &rep);
+	if (!found)
+		report_missing(nsp, signer, by_request_id, rep.nonce);
 	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_REPORT_ALLOCATE, rep.nonce,
 										   request_id ? request_id : auto_request_id(),
 										   request_id == NULL, &rep));
