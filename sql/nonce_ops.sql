@@ -171,6 +171,7 @@ SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used')$$);
 SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', 3, 'c-3')$$);
 SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', -1)$$);
 SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', 3, request_id => '')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', reported_request_id => '')$$);
 SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', reported_request_id => 'c-3',
                                                    request_id => 'c-3')$$);
 SELECT try($$SELECT spool.nonce_report_and_request('no-b', 'used', 3)$$);

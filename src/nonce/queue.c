@@ -244,16 +244,18 @@ signer_role_lookup(Oid nsp, const char *signer)
 }
 
 /*
- * A report's arguments (outcome, nonce, request_id at positions 1..3 of
- * both reporting functions) into rep; SP001 for bad input.
- * *by_request_id is the request id named, or NULL when the nonce was.
+ * A report's arguments (outcome, nonce, and the request id, named rid_arg,
+ * at positions 1..3 of both reporting functions) into rep; SP001 for bad
+ * input.  *by_request_id is the request id named, or NULL when the nonce
+ * was.
  */
 static void
-report_args(FunctionCallInfo fcinfo, SpoolQueuedReport *rep, char **by_request_id)
+report_args(FunctionCallInfo fcinfo, const char *rid_arg, SpoolQueuedReport *rep,
+			char **by_request_id)
 {
 	char	   *outcome = spool_arg_name(fcinfo, 1, "outcome");
 	bool		by_nonce = !PG_ARGISNULL(2);
-	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
+	char	   *request_id = spool_arg_name_opt(fcinfo, 3, rid_arg);
 
 	rep->nonce = by_nonce ? spool_arg_int64(fcinfo, 2, "nonce", true) : -1;
 	rep->request_id = NULL;
@@ -269,7 +271,7 @@ report_args(FunctionCallInfo fcinfo, SpoolQueuedReport *rep, char **by_request_i
 	if (by_nonce == (request_id != NULL))
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("give exactly one of nonce and request_id"),
+				 errmsg("give exactly one of nonce and %s", rid_arg),
 				 errhint("Name the nonce, or the request_id it was requested with.")));
 	*by_request_id = request_id;
 }
@@ -334,7 +336,7 @@ spool_nonce_report(PG_FUNCTION_ARGS)
 	char	   *by_request_id;
 	Oid			nsp;
 
-	report_args(fcinfo, &rep, &by_request_id);
+	report_args(fcinfo, "request_id", &rep, &by_request_id);
 	check_queue_mode();
 	nsp = get_namespace_oid("spool", false);
 	if (!report_resolve(nsp, signer, by_request_id, &rep))
@@ -373,7 +375,7 @@ spool_nonce_report_and_request(PG_FUNCTION_ARGS)
 	int64		held;
 	char	   *held_rid;
 
-	report_args(fcinfo, &rep, &by_request_id);
+	report_args(fcinfo, "reported_request_id", &rep, &by_request_id);
 	if (request_id && by_request_id && strcmp(request_id, by_request_id) == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
