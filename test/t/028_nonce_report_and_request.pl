@@ -100,6 +100,16 @@ is(sql("SELECT string_agg(nonce || ':' || state || ':' || request_id, ' ' ORDER 
 # (2) chains of report_and_request while the workers are terminated
 ##########################################################################
 
+# Four signers, two per worker (routed by the stable hash of the signer).
+sql(<<'EOSQL');
+CREATE TABLE signers AS
+	SELECT row_number() OVER (ORDER BY w, s) - 1 AS i, s
+	  FROM (SELECT s, w, row_number() OVER (PARTITION BY w ORDER BY s) AS k
+			  FROM (SELECT 'qc' || g AS s, (hashtext('qc' || g)::bigint & 4294967295) % 2 AS w
+					  FROM generate_series(0, 19) g) x) y
+	 WHERE k <= 2;
+EOSQL
+
 sql(<<'EOSQL');
 -- Each client's chain: its signer, and the request id and nonce it holds.
 CREATE TABLE chain (client int PRIMARY KEY, signer text, seq int, rid text, nonce bigint);
@@ -141,11 +151,12 @@ BEGIN
 	PERFORM set_config('spool.nonce_request_timeout', '3s', true);
 	SELECT * INTO c FROM chain WHERE client = p_client;
 	IF NOT FOUND THEN
+		c.signer := (SELECT s FROM signers WHERE i = p_client % 4);
 		v_rid := 'c' || p_client || '-0';
 		SELECT r, tries, errs INTO n, rt, e FROM retry(format(
-			'SELECT spool.nonce_request(%L, %L)', 'qc' || p_client % 3, v_rid));
-		INSERT INTO chain VALUES (p_client, 'qc' || p_client % 3, 0, v_rid, n);
-		INSERT INTO chain_log VALUES (p_client, 0, 'qc' || p_client % 3, v_rid, n, NULL, rt, e);
+			'SELECT spool.nonce_request(%L, %L)', c.signer, v_rid));
+		INSERT INTO chain VALUES (p_client, c.signer, 0, v_rid, n);
+		INSERT INTO chain_log VALUES (p_client, 0, c.signer, v_rid, n, NULL, rt, e);
 		RETURN;
 	END IF;
 	v_rid := 'c' || p_client || '-' || (c.seq + 1);
@@ -164,7 +175,7 @@ EOSQL
 sql(q{ALTER SYSTEM SET spool.test_worker_pause = '100ms'});
 sql('SELECT pg_reload_conf()');
 my $load = start_pgbench($node, 'load', "SELECT step(:client_id);\n",
-	'-c', 8, '-j', 2, '-t', 40);
+	'-c', 8, '-j', 2, '-t', 60);
 my $kills = 0;
 my %killed;
 for my $round (1 .. 4)
@@ -176,7 +187,7 @@ for my $round (1 .. 4)
 		my $r = sql('SELECT worker || \'|\' || pid FROM spool.nonce_workers'
 			  . " WHERE worker = $tw AND queued + in_progress > 0 AND pid IS NOT NULL");
 		if ($r ne '') { $row = $r; last; }
-		last if sql('SELECT count(*) FROM chain_log') >= 320;
+		last if sql('SELECT count(*) FROM chain_log') >= 480;
 		select(undef, undef, undef, 0.05);
 	}
 	last unless defined $row;
@@ -193,7 +204,10 @@ for my $round (1 .. 4)
 }
 cmp_ok($kills, '>=', 3, "terminated nonce workers $kills times with calls pending");
 is(finish_pgbench($load), 0, 'the load finished');
-is(sql('SELECT count(*) FROM chain_log'), '320', 'every client step completed');
+is(sql('SELECT count(*) FROM chain_log'), '480', 'every client step completed');
+is(sql(q{SELECT count(DISTINCT split_part(owner, ':', 2)) FROM spool.leases
+         WHERE resource IN (SELECT 'signer:' || s FROM signers)}),
+	'2', 'the signers were served by both workers');
 sql('ALTER SYSTEM RESET spool.test_worker_pause');
 sql('SELECT pg_reload_conf()');
 ok($node->log_contains(qr/re-queued \d+ in-progress requests/),
