@@ -15,7 +15,7 @@ SHLIB_LINK = -lrdkafka -ljansson
 
 # Every test layer runs against a throwaway instance with the library preloaded.
 SPOOL_TEMP_CONF = $(srcdir)/test/spool_test.conf
-REGRESS = setup lease nonce nonce_ops errors security sources source_ops processors processor_ops window_alert outbox retention metrics prometheus databases runbook
+REGRESS = setup lease nonce nonce_ops errors security sources source_ops processors processor_ops window_alert outbox retention metrics prometheus databases runbook drop_extension
 REGRESS_OPTS = --temp-instance=$(CURDIR)/tmp_regress --temp-config=$(SPOOL_TEMP_CONF)
 ISOLATION = lease_race fence_steal nonce_concurrent nonce_holes nonce_queue_reports nonce_set_next
 ISOLATION_OPTS = --temp-instance=$(CURDIR)/tmp_isolation --temp-config=$(SPOOL_TEMP_CONF) \

@@ -444,6 +444,10 @@ SELECT (SELECT count(*) FROM spool.processors) AS processors,
 	   (SELECT count(*) FROM spool.consumers WHERE name LIKE 'processor:%') AS consumers,
 	   (SELECT count(*) FROM spool.outbox_store) AS outbox_rows;
 
+-- spool.standby_processors: off by default, a reload setting; it only acts on
+-- a hot standby (test/t/029_standby_processors.pl).
+SELECT setting, context, vartype FROM pg_settings WHERE name = 'spool.standby_processors';
+
 -- Clean up (the target goes with its rows).
 SELECT spool.drop_target('alerts', force => true);
 SELECT spool.drop_source('proc_src1');

@@ -9,7 +9,7 @@ SELECT name, setting, unit, context, vartype, enumvals
   FROM pg_settings
  WHERE name IN ('spool.dead_letters_retention', 'spool.gaps_retention',
 				'spool.outbox_dead_retention', 'spool.nonce_history_retention',
-				'spool.retention_batch_size', 'spool.retention_interval', 'spool.max_retention',
+				'spool.operations_retention', 'spool.retention_batch_size', 'spool.retention_interval', 'spool.max_retention',
 				'spool.max_retention_action')
  ORDER BY name;
 SHOW spool.max_retention;

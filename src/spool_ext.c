@@ -62,6 +62,7 @@ _PG_init(void)
 	shmem_startup_hook = spool_shmem_startup_hook;
 
 	spool_register_launcher();
+	spool_register_drop_hook();
 }
 
 static void

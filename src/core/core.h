@@ -79,10 +79,13 @@ extern int	spool_dead_letters_retention_s;
 extern int	spool_gaps_retention_s;
 extern int	spool_outbox_dead_retention_s;
 extern int	spool_nonce_history_retention_s;
+extern int	spool_operations_retention_s;
 extern int	spool_retention_batch_size;
 extern int	spool_retention_interval_ms;
 extern int	spool_max_retention_s;
 extern int	spool_max_retention_action;
+extern bool spool_standby_processors;
+extern bool spool_allow_drop_with_nonces;
 
 /* spool.max_retention_action */
 #define SPOOL_MAX_RETENTION_WARN 0
@@ -220,6 +223,7 @@ typedef struct SpoolWorkerArgs
 	int32		slot;			/* its kind's shared-memory slot; -1: none */
 	int32		index;			/* its number within its unit (replica) */
 	char		name[NAMEDATALEN];	/* its source, processor or target */
+	Oid			extension;		/* pg_extension oid it works for */
 } SpoolWorkerArgs;
 
 StaticAssertDecl(sizeof(SpoolWorkerArgs) <= BGW_EXTRALEN,
@@ -228,6 +232,7 @@ StaticAssertDecl(sizeof(SpoolWorkerArgs) <= BGW_EXTRALEN,
 extern const SpoolWorkerArgs *spool_worker_args(void);
 extern void spool_worker_attach(Oid database, pqsigfunc on_sigterm);
 extern void spool_exit_if_orphaned(void);
+extern void spool_worker_check_extension(void);
 extern void spool_worker_pass(MemoryContext cxt, bool orphanable);
 extern void spool_wake_launcher(void);
 
@@ -300,6 +305,8 @@ typedef struct SpoolKindOps
 	void		(*gone) (const SpoolUnit *u, int i, const char *why);
 	/* The extension was found installed; nothing of this kind runs yet. */
 	void		(*reset) (void);
+	/* The extension was dropped: forget what the old catalog left here. */
+	void		(*dropped) (void);
 } SpoolKindOps;
 
 /*
@@ -334,6 +341,8 @@ typedef struct SpoolWorkerKind
 typedef struct SpoolSupervisor
 {
 	const SpoolWorkerKind *kind;
+	Oid			extension;		/* what its workers are started for */
+	bool		extension_gone; /* a refresh found it dropped */
 	int			nunits;
 	SpoolUnit  *units;			/* kind->max_units of them */
 } SpoolSupervisor;
@@ -343,6 +352,8 @@ extern void spool_want(struct SpoolSupervisor *s, const char *name, int64 id,
 					   int index, int nworkers, uint32 version);
 extern void spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh);
 extern void spool_supervise_stop(SpoolSupervisor *s, const char *why);
+extern int	spool_supervise_drain(SpoolSupervisor *s, TimestampTz now);
+extern void spool_supervise_reset(SpoolSupervisor *s);
 extern void spool_slots_attach(SpoolSlots *slots, LWLock *lock, void *array, Size size,
 							   Size in_use, void (*fill) (void *slot, const SpoolUnit *u));
 extern bool spool_slot_flag(LWLock *lock, const bool *flag);

@@ -34,10 +34,13 @@ int			spool_dead_letters_retention_s = 30 * 86400;
 int			spool_gaps_retention_s = 90 * 86400;
 int			spool_outbox_dead_retention_s = 30 * 86400;
 int			spool_nonce_history_retention_s = 7 * 86400;
+int			spool_operations_retention_s = 365 * 86400;
 int			spool_retention_batch_size = 1000;
 int			spool_retention_interval_ms = 10000;
 int			spool_max_retention_s = 7 * 86400;
 int			spool_max_retention_action = SPOOL_MAX_RETENTION_WARN;
+bool		spool_standby_processors = false;
+bool		spool_allow_drop_with_nonces = false;
 
 static const struct config_enum_entry max_retention_actions[] = {
 	{"warn", SPOOL_MAX_RETENTION_WARN, false},
@@ -209,6 +212,14 @@ spool_define_gucs(void)
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("spool.operations_retention",
+							"Rows of the operations logs (spool.nonce_set_next_log, spool.source_seeks, spool.processor_rewinds) older than this are removed (0 keeps them forever).",
+							"Pending seeks are kept until applied.",
+							&spool_operations_retention_s,
+							365 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	DefineCustomIntVariable("spool.retention_batch_size",
 							"Most history rows removed in one retention transaction.",
 							NULL,
@@ -239,6 +250,22 @@ spool_define_gucs(void)
 							 &spool_max_retention_action,
 							 SPOOL_MAX_RETENTION_WARN, max_retention_actions,
 							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("spool.standby_processors",
+							 "On a hot standby, run the replicas of enabled processors read-only, following the replicated committed cursor, so that they take over at once after a promotion.",
+							 NULL,
+							 &spool_standby_processors,
+							 false,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("spool.allow_drop_with_nonces",
+							 "Lets DROP EXTENSION spool_ext forget the next nonces of signers that handed nonces out.",
+							 NULL,
+							 &spool_allow_drop_with_nonces,
+							 false,
+							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("spool");

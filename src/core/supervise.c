@@ -21,8 +21,10 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "postmaster/bgworker.h"
+#include "storage/lmgr.h"
 #include "utils/memutils.h"
 
 #include "core/core.h"
@@ -124,28 +126,68 @@ spool_supervise(SpoolSupervisor *s, TimestampTz now, bool refresh)
 	}
 }
 
-/* The extension is gone: stop every worker of the kind and forget its units. */
+/*
+ * The extension is gone: no unit of the kind is wanted any more, and every
+ * worker is told to stop (a registered worker that has not started yet
+ * never starts).  The units, their handles and their slots are kept until
+ * spool_supervise_drain sees the workers gone, so no slot is handed out
+ * again while an old worker may still use it.
+ */
 void
 spool_supervise_stop(SpoolSupervisor *s, const char *why)
 {
+	int			n;
+	int			i;
+	int			running = 0;
+
+	for (n = 0; n < s->nunits; n++)
+	{
+		SpoolUnit  *u = &s->units[n];
+
+		u->wanted = false;
+		for (i = 0; i < SPOOL_UNIT_MAX_WORKERS; i++)
+			if (u->w[i].handle != NULL)
+			{
+				TerminateBackgroundWorker(u->w[i].handle);
+				running++;
+			}
+	}
+	if (running > 0)
+		ereport(LOG,
+				(errcode(ERRCODE_ADMIN_SHUTDOWN),
+				 errmsg("stopping %d %s workers because %s", running, s->kind->type, why)));
+}
+
+/*
+ * A pass over a stopped kind (spool_supervise_stop): forget the units whose
+ * workers have exited, freeing their slots.  Returns how many units still
+ * wait for a worker to exit.
+ */
+int
+spool_supervise_drain(SpoolSupervisor *s, TimestampTz now)
+{
+	spool_supervise(s, now, false);
+	return s->nunits;
+}
+
+/*
+ * Before the first worker of the kind starts for an extension (the units
+ * list is empty then): free every slot.  Slots still marked in use belong to
+ * units of an earlier launcher, whose workers exit by themselves
+ * (spool_exit_if_orphaned); a launcher that saw a drop has freed its own.
+ */
+void
+spool_supervise_reset(SpoolSupervisor *s)
+{
+	SpoolSlots *slots = s->kind->slots;
 	int			i;
 
-	while (s->nunits > 0)
-	{
-		SpoolUnit  *u = &s->units[s->nunits - 1];
-
-		for (i = 0; i < SPOOL_UNIT_MAX_WORKERS; i++)
-		{
-			if (u->w[i].handle == NULL)
-				continue;
-			TerminateBackgroundWorker(u->w[i].handle);
-			pfree(u->w[i].handle);
-			u->w[i].handle = NULL;
-			if (s->kind->ops->gone)
-				s->kind->ops->gone(u, i, why);
-		}
-		forget_unit(s, s->nunits - 1);
-	}
+	if (slots == NULL || s->nunits > 0)
+		return;
+	LWLockAcquire(slots->lock, LW_EXCLUSIVE);
+	for (i = 0; i < s->kind->max_units; i++)
+		*(bool *) ((char *) slots->array + i * slots->size + slots->in_use) = false;
+	LWLockRelease(slots->lock);
 }
 
 /* Describe a kind's slots (see SpoolSlots); from its shmem attach. */
@@ -177,17 +219,32 @@ refresh_units(SpoolSupervisor *s)
 {
 	int			n;
 
-	for (n = 0; n < s->nunits; n++)
-		s->units[n].wanted = false;
 	if (!s->kind->reads_catalog)
 	{
+		for (n = 0; n < s->nunits; n++)
+			s->units[n].wanted = false;
 		s->kind->ops->list(s);
 		return;
 	}
 	spool_begin_txn("reading what to run");
-	/* The extension may have been dropped since the launcher last looked. */
-	if (OidIsValid(get_extension_oid("spool_ext", true)))
-		s->kind->ops->list(s);
+
+	/*
+	 * The extension may have been dropped (and created again) meanwhile.
+	 * Held like a worker holds it (spool_worker_check_extension), it cannot
+	 * be dropped while list reads its tables.  While a DROP EXTENSION holds
+	 * it, keep what runs and look again later: the launcher never waits for
+	 * a drop, which may itself wait for a client's transaction.
+	 */
+	if (OidIsValid(s->extension) &&
+		ConditionalLockDatabaseObject(ExtensionRelationId, s->extension, 0, AccessShareLock))
+	{
+		for (n = 0; n < s->nunits; n++)
+			s->units[n].wanted = false;
+		if (get_extension_oid("spool_ext", true) == s->extension)
+			s->kind->ops->list(s);
+		else
+			s->extension_gone = true;	/* the launcher looks again at once */
+	}
 	spool_end_txn();
 }
 
@@ -271,13 +328,15 @@ start_worker(SpoolSupervisor *s, SpoolUnit *u, int i, TimestampTz now)
 	args.launcher_generation = pg_atomic_read_u32(&spool_core_shared->launcher_generation);
 	args.slot = u->slot;
 	args.index = i;
+	args.extension = s->extension;
 	strlcpy(args.name, u->name, NAMEDATALEN);
 	if (s->kind->ops->prepare)
 		s->kind->ops->prepare(u, i, &args);
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	/* The launcher starts only read-only kinds on a hot standby (launcher.c). */
+	bgw.bgw_start_time = BgWorkerStart_ConsistentState;
 	bgw.bgw_restart_time = BGW_NEVER_RESTART;
 	snprintf(bgw.bgw_library_name, BGW_MAXLEN, "spool_ext");
 	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "%s", s->kind->function);

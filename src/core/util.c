@@ -335,6 +335,7 @@ spool_start_txn(int isolation)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	XactIsoLevel = isolation;
+	spool_worker_check_extension();
 }
 
 void

@@ -17,8 +17,11 @@
 
 #include <signal.h>
 
+#include "catalog/pg_extension.h"
+#include "commands/extension.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
+#include "storage/lmgr.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -134,6 +137,35 @@ spool_exit_if_orphaned(void)
 							 MyBgworkerEntry->bgw_name)));
 		proc_exit(0);
 	}
+}
+
+/*
+ * At the start of each transaction of a worker the launcher started for an
+ * installed extension: hold the extension (a share lock on the pg_extension
+ * object, which DROP EXTENSION locks exclusively before it drops anything)
+ * for the rest of the transaction, and exit quietly if it is gone.  So no
+ * DROP EXTENSION commits while a worker's transaction runs, and a worker
+ * never starts one on a catalog made by a later CREATE EXTENSION (its
+ * kept plans would find the new tables by name).
+ */
+void
+spool_worker_check_extension(void)
+{
+	Oid			extension;
+
+	if (MyBgworkerEntry == NULL)
+		return;
+	extension = spool_worker_args()->extension;
+	if (!OidIsValid(extension))
+		return;					/* the launcher, or not started for one */
+	LockDatabaseObject(ExtensionRelationId, extension, 0, AccessShareLock);
+	if (get_extension_name(extension) != NULL)
+		return;
+	ereport(LOG,
+			(errcode(ERRCODE_ADMIN_SHUTDOWN),
+			 errmsg("%s: the extension spool_ext it worked for was dropped; exiting",
+					MyBgworkerEntry->bgw_name)));
+	proc_exit(0);
 }
 
 /*

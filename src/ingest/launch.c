@@ -31,6 +31,7 @@ static SpoolVerdict source_check(const SpoolUnit *u, int i, TimestampTz now);
 static bool source_failed(const SpoolUnit *u, int i);
 static void source_gone(const SpoolUnit *u, int i, const char *why);
 static void reset_staging(void);
+static void forget_dropped(void);
 static bool source_stats_copy(int i, SpoolSourceStats *st);
 
 /*
@@ -50,6 +51,7 @@ static int	nsource_runs = 0;
 const SpoolKindOps spool_promoter_ops = {
 	.list = list_promoter,
 	.reset = reset_staging,
+	.dropped = forget_dropped,
 };
 
 const SpoolKindOps spool_source_ops = {
@@ -177,6 +179,24 @@ reset_staging(void)
 	pg_atomic_write_u64(&spool_ingest_shared->staged_first_at[0], 0);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_first_at[1], 0);
 	spool_end_txn();
+}
+
+/*
+ * The extension was dropped: its spool and sources are gone.  Free every
+ * source's stats slot (a source of the same name made later starts from
+ * zero) and forget the published cursor (the next spool counts from 1; the
+ * next promoter publishes it when it starts).
+ */
+static void
+forget_dropped(void)
+{
+	int			i;
+
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < SPOOL_MAX_SOURCES; i++)
+		spool_ingest_shared->sources[i].name[0] = '\0';
+	LWLockRelease(spool_ingest_shared->lock);
+	pg_atomic_write_u64(&spool_ingest_shared->published_cursor, 0);
 }
 
 /* Copy source stats slot i into *st; false when the slot is free. */

@@ -8,8 +8,10 @@
  *	  replicas of every enabled processor, one dispatcher per outbox target
  *	  shard, and the nonce service workers.  The table of kinds below names
  *	  each kind; its subsystem says what to run and keeps its shared slots;
- *	  this file only decides when to look.  When the extension is dropped,
- *	  it stops them all.  While pg_restore is connected to the database,
+ *	  this file only decides when to look.  When the extension is dropped
+ *	  (or dropped and created again: a new oid), it stops them all, and
+ *	  starts workers for a new extension only once every old one has
+ *	  exited and freed its slot.  While pg_restore is connected to the database,
  *	  an extension that appears there is not yet acted on: its rows may be
  *	  half restored (docs/operations.md, "Backup and restore").  Nor is an
  *	  extension whose catalog version is not this library's (SPOOL_EXT_VERSION):
@@ -18,10 +20,16 @@
  *	  under a running library, its workers stop until the restart that loads
  *	  the library of that version (docs/operations.md, "Upgrading").
  *
- *	  It starts when recovery has finished (BgWorkerStart_RecoveryFinished):
- *	  on a hot standby the postmaster does not start it, so no spool worker
- *	  runs there (they all write); after a promotion the postmaster starts it
- *	  and it starts every worker, which resume from the replicated tables.
+ *	  It also runs on a hot standby (BgWorkerStart_ConsistentState), where
+ *	  it only reads.  While recovery is in progress it starts nothing, but
+ *	  with spool.standby_processors the replicas of every enabled processor:
+ *	  they fold the replicated spool read-only up to the replicated committed
+ *	  cursor (replica.c), every other kind writes.  When recovery ends (a
+ *	  promotion) it starts every other kind; the processor replicas it
+ *	  already runs stay (same supervisor, same slots) and one of them takes
+ *	  the output gate at once.  Without the setting, nothing of spool_ext but
+ *	  the launcher runs on a standby, and every worker starts at promotion
+ *	  and resumes from the replicated tables.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,6 +38,7 @@
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
+#include "access/xlog.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
@@ -57,6 +66,7 @@ PG_FUNCTION_INFO_V1(spool_library_version);
 #define LAUNCHER_NAPTIME_MS			250
 #define EXTENSION_CHECK_MS			2000
 #define CATALOG_CHECK_MS			1000
+#define DRAIN_WARN_MS				10000
 
 /*
  * Every kind of dynamic worker, in the order they are started: its bgw_type,
@@ -77,13 +87,18 @@ static const SpoolWorkerKind kinds[] = {
 };
 
 static SpoolSupervisor *supervisors[lengthof(kinds)];
+static bool live[lengthof(kinds)];	/* the kind's workers may run now */
 
 static void launcher_attach(void);
 static void launcher_detach(int code, Datum arg);
-static bool extension_installed(bool was);
-static char *catalog_version(MemoryContext cxt);
+static Oid	extension_installed(Oid running, bool *other_version);
+static char *catalog_version(MemoryContext cxt, Oid *oid);
+static void stop_all(const char *why, bool dropped);
+static bool drain_all(TimestampTz now, TimestampTz since);
 static bool restore_running(void);
 static void supervise_all(TimestampTz now, bool refresh);
+static bool kind_allowed(int k, bool recovering);
+static bool extension_lost(void);
 
 void
 spool_register_launcher(void)
@@ -92,7 +107,7 @@ spool_register_launcher(void)
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	bgw.bgw_start_time = BgWorkerStart_ConsistentState;
 	bgw.bgw_restart_time = 5;
 	snprintf(bgw.bgw_library_name, BGW_MAXLEN, "spool_ext");
 	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "spool_launcher_main");
@@ -106,7 +121,9 @@ spool_launcher_main(Datum main_arg)
 {
 	TimestampTz next_check = 0;
 	TimestampTz next_catalog_check = 0;
-	bool		installed = false;
+	TimestampTz drain_since = 0;
+	Oid			installed = InvalidOid;
+	bool		draining = false;
 	MemoryContext loop_cxt;
 	int			k;
 
@@ -127,37 +144,129 @@ spool_launcher_main(Datum main_arg)
 		now = GetCurrentTimestamp();
 		if (now >= next_check)
 		{
-			bool		was = installed;
+			bool		other_version;
+			Oid			found = extension_installed(installed, &other_version);
 
-			installed = extension_installed(was);
 			next_check = TimestampTzPlusMilliseconds(now, EXTENSION_CHECK_MS);
-			for (k = 0; k < lengthof(kinds); k++)
+			if (OidIsValid(installed) && found != installed)
 			{
-				if (was && !installed)
-					spool_supervise_stop(supervisors[k], "the extension was dropped or updated");
-				if (!was && installed && kinds[k].ops->reset)
-					kinds[k].ops->reset();
+				/* Dropped, or dropped and created again: a new catalog. */
+				stop_all(other_version ?
+						 "the extension was updated to a version other than the library's" :
+						 OidIsValid(found) ?
+						 "the extension was dropped and created again" :
+						 "the extension was dropped", !other_version);
+				installed = InvalidOid;
+				draining = true;
+				drain_since = now;
+			}
+			if (!draining && !OidIsValid(installed) && OidIsValid(found))
+			{
+				/* On a hot standby only the kinds that run there start now. */
+				bool		recovering = RecoveryInProgress();
+
+				installed = found;
+				for (k = 0; k < lengthof(kinds); k++)
+				{
+					supervisors[k]->extension = installed;
+					spool_supervise_reset(supervisors[k]);
+					live[k] = kind_allowed(k, recovering);
+					if (live[k] && kinds[k].ops->reset)
+						kinds[k].ops->reset();
+				}
 			}
 		}
-		if (installed)
+		if (draining && drain_all(now, drain_since))
+		{
+			draining = false;
+			next_check = 0;		/* a new extension may be waiting */
+			continue;
+		}
+		if (OidIsValid(installed))
 		{
 			refresh = now >= next_catalog_check;
 			supervise_all(now, refresh);
 			if (refresh)
 				next_catalog_check = TimestampTzPlusMilliseconds(now, CATALOG_CHECK_MS);
+			if (extension_lost())
+			{
+				next_check = 0; /* see at once what became of it */
+				continue;
+			}
 		}
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   LAUNCHER_NAPTIME_MS, PG_WAIT_EXTENSION);
 		if (rc & WL_LATCH_SET)
 		{
-			/* A wakeup: CREATE EXTENSION, or a definition changed. */
-			if (!installed)
-				next_check = 0;
+			/*
+			 * A wakeup: CREATE or DROP EXTENSION, or a definition changed;
+			 * look for the extension and read the catalog again.
+			 */
+			next_check = 0;
 			next_catalog_check = 0;
 		}
 		ResetLatch(MyLatch);
 	}
+}
+
+/*
+ * The extension was dropped (or updated to another version than the
+ * library's): tell every kind's workers to stop.  When it was dropped, each
+ * subsystem also forgets what the old catalog's objects left in shared
+ * memory (requests waiting for a nonce fail at once).  Their slots are freed
+ * as the workers exit (drain_all).
+ */
+static void
+stop_all(const char *why, bool dropped)
+{
+	int			k;
+
+	ereport(LOG,
+			(errcode(ERRCODE_ADMIN_SHUTDOWN),
+			 errmsg("spool launcher: %s; stopping every spool worker", why)));
+	for (k = 0; k < lengthof(kinds); k++)
+	{
+		spool_supervise_stop(supervisors[k], why);
+		supervisors[k]->extension = InvalidOid;
+		if (dropped && kinds[k].ops->dropped)
+			kinds[k].ops->dropped();
+	}
+}
+
+/*
+ * A pass while the workers of a dropped extension stop: true once none is
+ * left.  No worker starts for a new extension before then, so an old worker
+ * never shares a slot with a new one.  Says once after a while which kinds
+ * it still waits for (a worker that does not react to SIGTERM).
+ */
+static bool
+drain_all(TimestampTz now, TimestampTz since)
+{
+	static TimestampTz warned_for = 0;
+	int			left = 0;
+	int			k;
+
+	for (k = 0; k < lengthof(kinds); k++)
+		left += spool_supervise_drain(supervisors[k], now);
+	if (left == 0)
+	{
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("spool launcher: every worker of the dropped extension has stopped")));
+		return true;
+	}
+	if (warned_for != since &&
+		now - since >= (int64) DRAIN_WARN_MS * 1000)
+	{
+		warned_for = since;
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("spool launcher: %d units of the dropped extension still have workers running after %d ms",
+						left, DRAIN_WARN_MS),
+				 errhint("No spool worker starts until they exit; see pg_stat_activity for spool workers that ignore SIGTERM.")));
+	}
+	return false;
 }
 
 /*
@@ -190,28 +299,31 @@ launcher_detach(int code, Datum arg)
 }
 
 /*
- * Whether the extension exists and its workers may run.  An extension that
- * appears while a pg_restore session is connected to this database counts
- * as not installed until that session is gone, so no worker runs on a half
- * restored database (a restore made with --single-transaction shows the
- * extension only with all its rows anyway).  Once the workers run (was), a
- * pg_restore session changes nothing.  A catalog of another version than
- * this library's counts as not installed at any time.
+ * The extension's oid when it exists, has this library's version and its
+ * workers may run, else InvalidOid (with *other_version set when it exists
+ * in another version: a catalog of another version than this library's
+ * counts as not installed at any time).  An extension that appears while a
+ * pg_restore session is connected to this database counts as not installed
+ * until that session is gone, so no worker runs on a half restored database
+ * (a restore made with --single-transaction shows the extension only with
+ * all its rows anyway).  Once the workers run for it (running), a
+ * pg_restore session changes nothing.  A new oid is a new catalog (DROP
+ * then CREATE EXTENSION).
  */
-static bool
-extension_installed(bool was)
+static Oid
+extension_installed(Oid running, bool *other_version)
 {
 	static bool restore_logged = false;
 	static char *version_logged = NULL;
 	char	   *version;
+	Oid			found = InvalidOid;
 	bool		restoring = false;
-	bool		other_version;
 	MemoryContext cxt = CurrentMemoryContext;
 
 	spool_begin_txn("checking for spool_ext");
-	version = catalog_version(cxt);
-	other_version = version != NULL && strcmp(version, SPOOL_EXT_VERSION) != 0;
-	if (version != NULL && !other_version && !was)
+	version = catalog_version(cxt, &found);
+	*other_version = version != NULL && strcmp(version, SPOOL_EXT_VERSION) != 0;
+	if (version != NULL && !*other_version && found != running)
 		restoring = restore_running();
 	spool_end_txn();
 
@@ -221,7 +333,7 @@ extension_installed(bool was)
 				 errmsg("spool_ext waits for pg_restore to finish before starting workers")));
 	restore_logged = restoring;
 
-	if (other_version && (version_logged == NULL || strcmp(version_logged, version) != 0))
+	if (*other_version && (version_logged == NULL || strcmp(version_logged, version) != 0))
 		ereport(WARNING,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("spool_ext workers wait: the library is version %s, the extension in database \"%s\" is version %s",
@@ -230,9 +342,9 @@ extension_installed(bool was)
 						 SPOOL_EXT_VERSION)));
 	if (version_logged != NULL)
 		pfree(version_logged);
-	version_logged = other_version ? MemoryContextStrdup(TopMemoryContext, version) : NULL;
+	version_logged = *other_version ? MemoryContextStrdup(TopMemoryContext, version) : NULL;
 
-	return version != NULL && !other_version && !restoring;
+	return version != NULL && !*other_version && !restoring ? found : InvalidOid;
 }
 
 /*
@@ -245,11 +357,11 @@ spool_library_version(PG_FUNCTION_ARGS)
 }
 
 /*
- * The installed extension's version, allocated in cxt, or NULL if it is not
- * installed.  Needs a transaction.
+ * The installed extension's version, allocated in cxt, and its oid in *oid,
+ * or NULL if it is not installed.  Needs a transaction.
  */
 static char *
-catalog_version(MemoryContext cxt)
+catalog_version(MemoryContext cxt, Oid *oid)
 {
 	Relation	rel;
 	ScanKeyData key;
@@ -270,6 +382,7 @@ catalog_version(MemoryContext cxt)
 
 		if (!isnull)
 			version = MemoryContextStrdup(cxt, TextDatumGetCString(d));
+		*oid = ((Form_pg_extension) GETSTRUCT(tuple))->oid;
 	}
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
@@ -305,14 +418,76 @@ restore_running(void)
 }
 
 /*
- * Kinds whose units come from the catalog re-read it with refresh; the
- * others (a fixed number of workers) are listed every pass, which is free.
+ * May kind k run now (the extension being installed)?  During recovery (a
+ * hot standby), only the processor replicas and only with
+ * spool.standby_processors: every other kind writes.
+ */
+static bool
+kind_allowed(int k, bool recovering)
+{
+	if (!recovering)
+		return true;
+	return kinds[k].ops == &spool_processor_ops && spool_standby_processors;
+}
+
+/*
+ * Start, stop and tend every kind.  A kind that may run now and did not
+ * is reset first (nothing of it runs yet); one that may no longer run is
+ * stopped.  Kinds whose units come from the catalog re-read it with
+ * refresh; the others (a fixed number of workers) are listed every pass,
+ * which is free.  Once recovery has ended, RecoveryInProgress() costs
+ * nothing.
  */
 static void
 supervise_all(TimestampTz now, bool refresh)
 {
+	static bool recovery_logged = false;
+	bool		recovering = RecoveryInProgress();
+	int			k;
+
+	if (recovering != recovery_logged)
+	{
+		if (recovering)
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("spool_ext on a hot standby: %s",
+							spool_standby_processors ?
+							"processor replicas follow the replicated spool read-only" :
+							"no worker runs until the end of recovery")));
+		else
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("spool_ext: recovery has ended; starting every worker")));
+		recovery_logged = recovering;
+	}
+	for (k = 0; k < lengthof(kinds); k++)
+	{
+		bool		allowed = kind_allowed(k, recovering);
+
+		if (live[k] && !allowed)
+			spool_supervise_stop(supervisors[k], "spool.standby_processors was turned off");
+		if (!live[k] && allowed && kinds[k].ops->reset)
+			kinds[k].ops->reset();
+		live[k] = allowed;
+		if (allowed)
+			spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
+	}
+}
+
+/*
+ * Did a refresh find the extension dropped?  (Its wake-up may have been
+ * consumed by the lock wait behind the drop.)
+ */
+static bool
+extension_lost(void)
+{
+	bool		lost = false;
 	int			k;
 
 	for (k = 0; k < lengthof(kinds); k++)
-		spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
+	{
+		lost |= supervisors[k]->extension_gone;
+		supervisors[k]->extension_gone = false;
+	}
+	return lost;
 }

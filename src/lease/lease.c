@@ -14,6 +14,17 @@
  * all tokens of the timelines before it, as long as no resource is granted
  * 2^40 times on one timeline.  On timeline 1 tokens count from 1 as before.
  *
+ * The token floor: DROP EXTENSION removes spool.lease_store, and with it
+ * every token.  So each grant also records the database's highest token in
+ * the progress of a replication origin named after the database
+ * (spool_ext_tokens_<database oid>): it is WAL-logged, replicated to
+ * standbys, survives crash recovery, never moves backwards, and no DROP
+ * EXTENSION (or DROP SCHEMA ... CASCADE, DROP OWNED) reaches it.  CREATE
+ * EXTENSION copies it into spool.token_floor (spool._token_floor_init), and
+ * every grant then issues at least floor + 1.  A fresh database has no
+ * floor, so its first token is still 1.  Without max_replication_slots
+ * there are no origins and no floor (CREATE EXTENSION warns).
+ *
  * fence() takes a FOR KEY SHARE lock on the row; granting a new token takes
  * FOR UPDATE, which conflicts with it.  So a new token cannot be granted while
  * a transaction fenced with the old one is still open (L-2).  Renewal and
@@ -49,15 +60,19 @@
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "replication/origin.h"
+#include "replication/slot.h"
 #include "storage/proc.h"
 #include "storage/spin.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
 #include "lease/lease.h"
@@ -68,6 +83,11 @@ PG_FUNCTION_INFO_V1(spool_lease_acquire);
 PG_FUNCTION_INFO_V1(spool_lease_renew);
 PG_FUNCTION_INFO_V1(spool_lease_release);
 PG_FUNCTION_INFO_V1(spool_fence);
+PG_FUNCTION_INFO_V1(spool_token_floor_init);
+
+static char *floor_origin_name(void);
+static int64 drop_floor(void);
+static void note_token(int64 token);
 
 typedef SpoolLeaseRow LeaseRow;
 
@@ -312,25 +332,80 @@ spool_lease_extend(const char *resource, const char *owner, int64 token,
 }
 
 /*
- * The least token a grant issues now: 0 on timeline 1, else the timeline's
- * epoch, timeline << 40 (see the top of this file).  A grant writes, so the
- * server is out of recovery and its WAL insertion timeline is known.
+ * The least token a grant issues now: the token floor plus one (0 when
+ * there is none), and on a timeline above 1 at least its epoch, timeline <<
+ * 40 (see the top of this file).  A grant writes, so the server is out of
+ * recovery and its WAL insertion timeline is known.  The caller is
+ * connected to SPI.
  */
 static int64
 token_floor(void)
 {
 	TimeLineID	tli;
+	int64		dropped = drop_floor();
+	int64		least = dropped > 0 ? dropped + 1 : 0;
 
 	if (RecoveryInProgress())
 		return 0;				/* the grant's UPDATE fails anyway */
 	tli = GetWALInsertionTimeLine();
 	if (tli <= 1)
-		return 0;
+		return least;
 	if (tli >= (TimeLineID) 1 << 22)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("timeline %u is too high for lease token epochs", tli)));
-	return (int64) tli << 40;
+	return Max(least, (int64) tli << 40);
+}
+
+/* The replication origin that keeps this database's highest token. */
+static char *
+floor_origin_name(void)
+{
+	return psprintf("spool_ext_tokens_%u", MyDatabaseId);
+}
+
+/*
+ * The floor this catalog was created on (spool.token_floor): grants issue
+ * more.  0 on a 0.1 catalog, which has no such table until it is updated.
+ * The caller is connected to SPI.
+ */
+static int64
+drop_floor(void)
+{
+	static SPIPlanPtr plan_floor = NULL;
+	Oid			nsp = get_namespace_oid("spool", true);
+	bool		isnull;
+	Datum		d;
+
+	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("token_floor", nsp)))
+		return 0;
+	spool_plan(&plan_floor, "SELECT floor FROM spool.token_floor", 0, NULL);
+	if (spool_exec(plan_floor, NULL, NULL, true, SPI_OK_SELECT) != 1)
+		return 0;
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * Record a granted token as the database's highest, if it is (see the top
+ * of this file).  Before the grant commits: its commit record follows this
+ * one in the WAL, so no committed token is above the recorded floor, on
+ * this server or on a standby.  An aborted grant leaves a floor a little
+ * high, which only skips tokens.
+ */
+static void
+note_token(int64 token)
+{
+	RepOriginId origin;
+
+	if (max_replication_slots == 0 || token <= 0)
+		return;
+	origin = replorigin_by_name(floor_origin_name(), true);
+	if (origin == InvalidRepOriginId)
+		return;					/* no floor kept (see spool._token_floor_init) */
+	if (replorigin_get_progress(origin, false) >= (XLogRecPtr) token)
+		return;
+	replorigin_advance(origin, (XLogRecPtr) token, InvalidXLogRecPtr, false, true);
 }
 
 /*
@@ -433,6 +508,7 @@ spool_lease_acquire_internal(const char *resource, const char *owner,
 												   SPI_tuptable->tupdesc, 1, &isnull));
 		result.expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 															  SPI_tuptable->tupdesc, 2, &isnull));
+		note_token(result.token);
 		if (guard)
 			guard->granted(resource + strlen(guard->prefix), result.token, role);
 		return result;
@@ -824,6 +900,93 @@ spool_fence(PG_FUNCTION_ARGS)
 	SPI_finish();
 	spool_leave(&caller);
 	PG_RETURN_VOID();
+}
+
+/*
+ * Record the highest token of spool.lease_store as the floor, whether or
+ * not a grant recorded it (rows restored by pg_restore were never granted
+ * here): called by DROP EXTENSION before it drops the table.  The caller
+ * is connected to SPI.
+ */
+void
+spool_token_floor_record(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute("SELECT max(token) FROM spool.lease_store", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read spool.lease_store");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (!isnull)
+		note_token(DatumGetInt64(d));
+}
+
+/*
+ * SQL: spool._token_floor_init() RETURNS bigint — from CREATE EXTENSION and
+ * ALTER EXTENSION UPDATE (superuser only): make sure the database's token
+ * origin exists and holds a replication state (so no grant fails for want
+ * of one), record the tokens already in spool.lease_store (an update), and
+ * copy the floor into spool.token_floor; returns it.  Calling it again
+ * changes nothing but raising the floor to what grants have since recorded.
+ */
+Datum
+spool_token_floor_init(PG_FUNCTION_ARGS)
+{
+	int64		floor = 0;
+	char	   *name = floor_origin_name();
+	bool		kept = max_replication_slots > 0;
+	Oid			t[2] = {INT8OID, TEXTOID};
+	Datum		v[2];
+	char		nulls[2] = {' ', ' '};
+
+	if (!superuser())
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("only a superuser may set the lease token floor"),
+				 errdetail("It is set by CREATE EXTENSION spool_ext and ALTER EXTENSION spool_ext UPDATE.")));
+	SPI_connect();
+	if (kept)
+	{
+		RepOriginId origin = replorigin_by_name(name, true);
+		int64		highest;
+		bool		isnull;
+		Datum		d;
+
+		if (origin == InvalidRepOriginId)
+			origin = replorigin_create(name);
+		floor = (int64) replorigin_get_progress(origin, false);
+		if (SPI_execute("SELECT max(token) FROM spool.lease_store", true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read spool.lease_store");
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		highest = isnull ? 0 : DatumGetInt64(d);
+		/* Also claims the origin's replication state if it has none yet. */
+		replorigin_advance(origin, (XLogRecPtr) Max(floor, highest), InvalidXLogRecPtr,
+						   false, true);
+	}
+	else
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("max_replication_slots is 0: lease tokens may repeat after DROP and CREATE EXTENSION spool_ext"),
+				 errdetail("The highest token of a database is kept in replication origin \"%s\", which needs a replication state.", name),
+				 errhint("Set max_replication_slots to at least 1 per database with spool_ext (plus what replication uses), restart, and run ALTER EXTENSION spool_ext UPDATE or CREATE EXTENSION again.")));
+	v[0] = Int64GetDatum(floor);
+	v[1] = CStringGetTextDatum(name);
+	if (!kept)
+		nulls[1] = 'n';
+	if (SPI_execute_with_args("INSERT INTO spool.token_floor AS f (floor, origin) VALUES ($1, $2)"
+							  " ON CONFLICT (one) DO UPDATE SET floor = greatest(f.floor, excluded.floor),"
+							  " origin = excluded.origin, set_at = clock_timestamp()"
+							  " RETURNING floor",
+							  2, t, v, nulls, false, 1) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "could not write spool.token_floor");
+	{
+		bool		isnull;
+
+		floor = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	SPI_finish();
+	PG_RETURN_INT64(floor);
 }
 
 static void

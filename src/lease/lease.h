@@ -87,4 +87,7 @@ typedef struct SpoolFenceSlot
 
 extern const SpoolShmemArea spool_lease_shmem;
 
+/* The token floor (lease.c): the database's highest token, kept outside the extension. */
+extern void spool_token_floor_record(void);
+
 #endif							/* SPOOL_LEASE_H */

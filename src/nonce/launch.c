@@ -32,6 +32,7 @@ const SpoolKindOps spool_nonce_worker_ops = {
 	.check = check_worker,
 	.gone = worker_gone,
 	.reset = reclaim_all,
+	.dropped = spool_nonce_queue_close,
 };
 
 static void
@@ -103,6 +104,10 @@ reclaim_all(void)
 	for (w = 0; w < spool_nonce_shared->nworkers; w++)
 		if (spool_nonce_shared->workers[w].pid != 0)
 			reclaim_worker(w, "the launcher restarted");
+	/* Requests are taken again (spool_nonce_queue_close refused them). */
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+	spool_nonce_shared->closed = false;
+	LWLockRelease(spool_nonce_shared->lock);
 }
 
 /*

@@ -915,3 +915,19 @@ spool_nonce_set_next(PG_FUNCTION_ARGS)
 	spool_leave(&caller);
 	PG_RETURN_INT64(next_out);
 }
+
+/*
+ * How many signers have handed out nonces (their next nonce is not 0): what
+ * DROP EXTENSION would lose.  The caller is connected to SPI.
+ */
+int64
+spool_nonce_signers_in_use(void)
+{
+	bool		isnull;
+
+	if (SPI_execute("SELECT count(*) FROM spool.nonce_signer WHERE next_nonce > 0",
+					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not count the signers of spool.nonce_signer");
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
+}

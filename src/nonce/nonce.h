@@ -98,6 +98,7 @@ typedef struct SpoolNonceShared
 	int			free_head;
 	int			nworkers;
 	int			queue_size;
+	bool		closed;			/* the extension was dropped: no new requests */
 	SpoolNonceWorkerSlot workers[SPOOL_MAX_NONCE_WORKERS];
 } SpoolNonceShared;
 
@@ -147,6 +148,8 @@ extern int64 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64
 extern int	spool_route_signer(const char *signer, int nworkers);
 extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);
+extern void spool_nonce_queue_close(void);
+extern int64 spool_nonce_signers_in_use(void);
 
 /* launch.c */
 extern const SpoolKindOps spool_nonce_worker_ops;

@@ -492,6 +492,14 @@ request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
 	int			idx;
 
 	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+	if (spool_nonce_shared->closed)
+	{
+		LWLockRelease(spool_nonce_shared->lock);
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
+				 errmsg("the nonce service is not running: the extension spool_ext was dropped"),
+				 errhint("Retry once the launcher has started the nonce workers of the new extension.")));
+	}
 	idx = spool_nonce_shared->free_head;
 	if (idx < 0)
 	{
@@ -550,6 +558,59 @@ request_wait(SpoolNonceReq *req)
 		ConditionVariableTimedSleep(&req->cv, remaining, PG_WAIT_EXTENSION);
 	}
 	ConditionVariableCancelSleep();
+}
+
+/*
+ * The extension was dropped (from the launcher): fail every queued and
+ * in-progress request at once with SP007, so no caller waits for
+ * spool.nonce_request_timeout; take every slot from its worker (its
+ * generation moves, so an old worker touches no request) and refuse new
+ * requests until the launcher finds the extension again (reclaim_all).
+ * What an old worker committed is gone with the extension's tables.
+ */
+void
+spool_nonce_queue_close(void)
+{
+	int		   *failed = palloc(sizeof(int) * spool_nonce_shared->queue_size);
+	int			nfailed = 0;
+	int			i;
+
+	LWLockAcquire(spool_nonce_shared->lock, LW_EXCLUSIVE);
+	spool_nonce_shared->closed = true;
+	for (i = 0; i < spool_nonce_shared->queue_size; i++)
+	{
+		SpoolNonceReq *req = &spool_requests[i];
+
+		if (req->state == REQ_QUEUED || req->state == REQ_INPROGRESS)
+		{
+			req->state = REQ_FAILED;
+			req->in_queue = false;
+			req->sqlerrcode = ERRCODE_SPOOL_SERVICE_UNAVAILABLE;
+			strlcpy(req->errmsg,
+					"the extension spool_ext was dropped while the request waited",
+					sizeof(req->errmsg));
+			failed[nfailed++] = i;
+		}
+		else if (req->state == REQ_ABANDONED)
+			spool_request_free(i);
+	}
+	for (i = 0; i < SPOOL_MAX_NONCE_WORKERS; i++)
+	{
+		SpoolNonceWorkerSlot *slot = &spool_nonce_shared->workers[i];
+
+		slot->generation++;
+		slot->head = slot->tail = -1;
+		slot->nqueued = 0;
+		slot->ninprogress = 0;
+	}
+	LWLockRelease(spool_nonce_shared->lock);
+	for (i = 0; i < nfailed; i++)
+		ConditionVariableBroadcast(&spool_requests[failed[i]].cv);
+	if (nfailed > 0)
+		ereport(LOG,
+				(errcode(ERRCODE_ADMIN_SHUTDOWN),
+				 errmsg("spool_ext was dropped: %d waiting nonce requests failed", nfailed)));
+	pfree(failed);
 }
 
 /*

@@ -77,6 +77,7 @@ static MemoryContext target_cache_cxt = NULL;
 static HTAB *slot_plans = NULL;
 static uint32 target_cache_generation = 0;
 static Oid	seq_oid = InvalidOid;
+static LocalTransactionId seq_looked_up_in = InvalidLocalTransactionId;
 static bool callback_registered = false;
 static bool published = false;
 static Touched touched[MAX_TOUCHED];
@@ -126,6 +127,20 @@ void
 spool_outbox_targets_changed(void)
 {
 	pg_atomic_fetch_add_u32(&spool_outbox_shared->targets_generation, 1);
+}
+
+/*
+ * The extension was dropped: its outbox ids are gone (the next catalog's
+ * sequence starts again at 1, so the highest id handed out must too, or the
+ * horizon would let dispatchers pass ids still being written), and every
+ * backend drops its cached targets (a new target may reuse a name or an id,
+ * with other grants).
+ */
+void
+spool_outbox_forget_catalog(void)
+{
+	pg_atomic_write_u64(&spool_outbox_shared->outbox_seen, 0);
+	spool_outbox_targets_changed();
 }
 
 static TargetCacheEntry *
@@ -297,8 +312,12 @@ next_id(void)
 		published = true;
 		pg_memory_barrier();
 	}
-	if (!OidIsValid(seq_oid))
+	/* Looked up once per transaction: DROP and CREATE EXTENSION make a new one. */
+	if (seq_looked_up_in != MyProc->lxid || !OidIsValid(seq_oid))
+	{
 		seq_oid = get_relname_relid("outbox_id_seq", get_namespace_oid("spool", false));
+		seq_looked_up_in = MyProc->lxid;
+	}
 	id = nextval_internal(seq_oid, false);
 	spool_outbox_fold_sequence(id);
 	return id;

@@ -41,6 +41,7 @@ const SpoolKindOps spool_dispatcher_ops = {
 	.label = shard_label,
 	.failed = shard_failed,
 	.check = check_shard,
+	.dropped = spool_outbox_forget_catalog,
 };
 
 /* The slot of a target's shard, or NULL (caller may hold the outbox lock). */

@@ -149,6 +149,7 @@ extern int64 spool_outbox_safe_bound(void);
 extern void spool_outbox_fold_sequence(int64 last_value);
 extern int	spool_outbox_slot_of(int64 id);
 extern void spool_outbox_targets_changed(void);
+extern void spool_outbox_forget_catalog(void);
 
 /* launch.c */
 extern const SpoolKindOps spool_dispatcher_ops;

@@ -28,6 +28,15 @@
  *	  and one that sees a newer epoch, in shared memory or when it claims the
  *	  gate, reloads the checkpoint and replays from it.
  *
+ *	  On a hot standby (spool.standby_processors) replicas are shadows that
+ *	  write nothing: nobody publishes the gate there, so each one reads the
+ *	  replicated checkpoint row (committed cursor, snapshot, epoch) and
+ *	  publishes it into shared memory itself, follows it, compares state
+ *	  hashes at the snapshot cursor, and never claims the gate.  When
+ *	  recovery ends it is a shadow like any other: the old primary's lease
+ *	  holder is no live worker here, so one of them takes the gate at once
+ *	  and has at most what was committed since its last look to catch up.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -35,6 +44,7 @@
 #include "access/detoast.h"
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
@@ -71,6 +81,8 @@ PGDLLEXPORT void spool_processor_main(Datum main_arg);
 
 #define IDLE_SNAPSHOT_MS	1000	/* snapshot a changed state after this idle time */
 #define STANDBY_POLL_MS		250
+#define RECOVERY_POLL_MS	100 /* on a hot standby: read the checkpoint row */
+#define PROMOTION_POLL_MS	5	/* on a hot standby: look for the promotion */
 #define GATE_FREE_POLL_MS	10
 #define READ_CHUNK			4096	/* rows per fetch: small, large fields stay toasted */
 #define BATCH_MAX_BYTES		(64 * 1024 * 1024)	/* of the entries of one batch */
@@ -114,6 +126,13 @@ static TimestampTz takeover_from;	/* when the gate became free, for latency */
 static int64 since_snapshot;	/* entries applied since the last snapshot */
 static TimestampTz last_snapshot_at;
 static int64 last_checked_snapshot = -1;
+
+/* What a replica did before its first takeover, for the log. */
+static TimestampTz mark_at;		/* its start, or the promotion it saw */
+static const char *mark_what = "its start";
+static int64 applied_since_mark;
+static bool followed_in_recovery;	/* it runs on a hot standby */
+static bool saw_promotion;		/* it ran on one that was promoted */
 
 static SPIPlanPtr plan_read_entries = NULL;
 static SPIPlanPtr plan_read_rows = NULL;
@@ -172,6 +191,8 @@ static void replica_attach(void);
 static void replica_detach(int code, Datum arg);
 static bool replica_step(void);
 static bool standby_pass(void);
+static bool follow_replicated(void);
+static void note_promotion(void);
 static void read_gate(GateView *g);
 static void load_processor(void);
 static void reload_options(void);
@@ -324,7 +345,12 @@ standby_pass(void)
 {
 	GateView	g;
 	int64		committed;
+	bool		recovering = RecoveryInProgress();
 
+	if (recovering && !follow_replicated())
+		return true;
+	if (!recovering && followed_in_recovery)
+		note_promotion();
 	read_gate(&g);
 	if (g.epoch != my_epoch)
 	{
@@ -344,7 +370,88 @@ standby_pass(void)
 	if (rs->role == ROLE_STARTING)
 		rs->role = ROLE_STANDBY;
 	check_snapshot_hash();
+	/* A hot standby writes nothing: the gate waits for the promotion. */
+	if (recovering)
+		return false;
 	return try_takeover();
+}
+
+/*
+ * On a hot standby, where no active replica publishes the gate: read the
+ * replicated checkpoint row and publish its committed cursor and snapshot
+ * into shared memory, as an active's commits would.  Another epoch than
+ * ours (the processor was rewound on the primary) reloads the checkpoint:
+ * then false.  Exits when the processor's checkpoint is gone (dropped).
+ */
+static bool
+follow_replicated(void)
+{
+	bool		isnull;
+	bool		hash_null;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	int64		committed;
+	int64		at;
+	int64		hash;
+	int64		epoch;
+
+	followed_in_recovery = true;
+	tup = read_own_row("following the replicated checkpoint",
+					   "SELECT committed_cursor, state_cursor, state_hash, epoch"
+					   " FROM spool.processor_checkpoints WHERE processor = $1", &desc);
+	if (tup == NULL)
+	{
+		spool_end_txn();
+		ereport(LOG, (errcode(ERRCODE_ADMIN_SHUTDOWN),
+					  errmsg("processor \"%s\" no longer exists; replica exiting", proc_name)));
+		proc_exit(0);
+	}
+	committed = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	at = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+	hash = DatumGetInt64(SPI_getbinval(tup, desc, 3, &hash_null));
+	epoch = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+	spool_end_txn();
+	if (epoch != my_epoch)
+	{
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("processor \"%s\" replica %d reloads its checkpoint: the processor was rewound on the primary (epoch " INT64_FORMAT ")",
+						proc_name, my_replica + 1, epoch)));
+		load_checkpoint(false);
+		return false;
+	}
+	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
+	if (ps->epoch == epoch)
+	{
+		if (committed > ps->committed_cursor)
+			ps->committed_cursor = committed;
+		if (!hash_null && at > ps->snapshot_cursor)
+		{
+			ps->snapshot_cursor = at;
+			ps->snapshot_hash = (uint64) hash;
+		}
+	}
+	LWLockRelease(spool_processor_shared->lock);
+	return true;
+}
+
+/*
+ * Recovery has ended under a replica that followed on the hot standby:
+ * from now on it is a shadow like any other.  Its first takeover reports
+ * what it did since.
+ */
+static void
+note_promotion(void)
+{
+	followed_in_recovery = false;
+	mark_at = GetCurrentTimestamp();
+	mark_what = "the promotion";
+	saw_promotion = true;
+	applied_since_mark = 0;
+	ereport(LOG,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("processor \"%s\" replica %d saw the end of recovery at cursor " INT64_FORMAT,
+					proc_name, my_replica + 1, cursor)));
 }
 
 /*
@@ -382,6 +489,7 @@ void
 spool_processor_main(Datum main_arg)
 {
 	replica_attach();
+	mark_at = GetCurrentTimestamp();
 	PG_TRY();
 	{
 		load_processor();
@@ -423,7 +531,9 @@ record_error(void)
 	LWLockReleaseAll();
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	rs->errors++;
-	rs->exit_error = true;
+	/* A query cancelled by a recovery conflict is not the handler's fault. */
+	rs->exit_error = !(RecoveryInProgress() &&
+					   edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE);
 	rs->last_error_at = GetCurrentTimestamp();
 	snprintf(rs->last_error, SPOOL_ERRMSG_MAX, "at cursor " INT64_FORMAT ": %s",
 			 cursor, edata->message ? edata->message : "unknown error");
@@ -1225,6 +1335,7 @@ standby_step(int64 target)
 	spool_end_txn();
 	state_adopt(staged, b.end);
 	since_snapshot += b.n;		/* due for a snapshot once this replica is active */
+	applied_since_mark += b.n;
 	rs->entries += b.n;
 	rs->batches++;
 	note_batch(b.n, t0, (double) (GetCurrentTimestamp() - t_read) / 1000.0, -1, -1);
@@ -1393,9 +1504,14 @@ try_takeover(void)
 	{
 		rs->takeovers++;
 		rs->last_takeover_at = GetCurrentTimestamp();
-		/* From the old active's exit, or from its lease's expiry after a stall. */
+		/*
+		 * From the old active's exit, or from its lease's expiry after a
+		 * stall, or from the promotion this replica saw on a hot standby.
+		 */
 		takeover_from = (g.active_pid == 0 && g.active_gone_at != 0) ?
 			g.active_gone_at : g.lease_expires_at;
+		if (takeover_from == 0 && saw_promotion && mark_at != 0)
+			takeover_from = mark_at;
 	}
 	LWLockRelease(spool_processor_shared->lock);
 	ereport(LOG,
@@ -1426,6 +1542,16 @@ catch_up(int64 committed, bool took_over)
 		LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 		rs->last_takeover_ms = (double) (GetCurrentTimestamp() - takeover_from) / 1000.0;
 		LWLockRelease(spool_processor_shared->lock);
+	}
+	if (mark_at != 0)
+	{
+		/* The first time: what it took from its start, or from the promotion. */
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("processor \"%s\" replica %d is ready at cursor " INT64_FORMAT ": it applied " INT64_FORMAT " entries in %.1f ms since %s",
+						proc_name, my_replica + 1, cursor, applied_since_mark,
+						(double) (GetCurrentTimestamp() - mark_at) / 1000.0, mark_what)));
+		mark_at = 0;
 	}
 }
 
@@ -1482,6 +1608,20 @@ wait_for_work(void)
 		if (pg_atomic_read_u64(&spool_ingest_shared->published_cursor) <= (uint64) cursor)
 			(void) ConditionVariableTimedSleep(&spool_ingest_shared->spool_cv, Max(timeout, 1),
 											   PG_WAIT_EXTENSION);
+		ConditionVariableCancelSleep();
+	}
+	else if (RecoveryInProgress())
+	{
+		/*
+		 * A hot standby: nothing wakes us when a commit is replayed, so look
+		 * at the checkpoint row again soon, and for the promotion sooner.
+		 */
+		TimestampTz until = TimestampTzPlusMilliseconds(now, RECOVERY_POLL_MS);
+
+		ConditionVariablePrepareToSleep(&ps->cv);
+		while (RecoveryInProgress() && GetCurrentTimestamp() < until &&
+			   ConditionVariableTimedSleep(&ps->cv, PROMOTION_POLL_MS, PG_WAIT_EXTENSION))
+			;
 		ConditionVariableCancelSleep();
 	}
 	else

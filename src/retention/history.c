@@ -2,7 +2,8 @@
  *
  * history.c
  *	  Retention of the history tables: dead letters, gaps, outbox dead
- *	  letters and consumed nonces.  Rows older than their table's
+ *	  letters, consumed nonces and the operations logs (nonce_set_next,
+ *	  seeks, rewinds).  Rows older than their table's
  *	  spool.*_retention setting are removed oldest first, in batches of
  *	  spool.retention_batch_size rows, one short transaction per batch, so
  *	  that no long transaction holds vacuum back and the caller (the
@@ -59,6 +60,13 @@ static HistoryTable tables[] = {
 	BATCH_DELETE("spool.outbox_dead", "failed_at", "")},
 	{"spool.nonce_store (consumed)", &spool_nonce_history_retention_s,
 	BATCH_DELETE("spool.nonce_store", "updated_at", " AND state = 'consumed'")},
+	/* The operations logs (since 0.2). */
+	{"spool.nonce_set_next_log", &spool_operations_retention_s,
+	BATCH_DELETE("spool.nonce_set_next_log", "at", "")},
+	{"spool.source_seeks", &spool_operations_retention_s,
+	BATCH_DELETE("spool.source_seeks", "requested_at", " AND state <> 'pending'")},
+	{"spool.processor_rewinds", &spool_operations_retention_s,
+	BATCH_DELETE("spool.processor_rewinds", "at", "")},
 };
 
 #define NTABLES lengthof(tables)

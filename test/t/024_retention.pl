@@ -6,6 +6,8 @@
 #   - dead letters, gaps and outbox dead letters older than 1 h disappear,
 #     in DELETE statements of at most 10 rows (a statement trigger counts
 #     them), while the newer rows stay;
+#   - rows of the operations logs older than 1 h (nonce_set_next_log, and
+#     source_seeks except a pending seek) are removed, newer ones stay;
 #   - consumed nonces older than 1 h are removed, allocated and released
 #     ones stay; afterwards the released ones are still handed out lowest
 #     first and new ones are above every removed one; a removed nonce cannot
@@ -40,6 +42,7 @@ my $node = spool_node(
 	'spool.gaps_retention' => "'1h'",
 	'spool.outbox_dead_retention' => "'1h'",
 	'spool.nonce_history_retention' => "'1h'",
+	'spool.operations_retention' => "'1h'",
 	'spool.max_retention' => "'10min'",
 	'spool.segment_size' => 100,
 	'spool.min_retention' => 0);
@@ -64,6 +67,10 @@ CREATE TRIGGER d AFTER DELETE ON spool.outbox_dead REFERENCING OLD TABLE AS old_
 	FOR EACH STATEMENT EXECUTE FUNCTION public.log_del('failed_at');
 CREATE TRIGGER d AFTER DELETE ON spool.nonce_store REFERENCING OLD TABLE AS old_rows
 	FOR EACH STATEMENT EXECUTE FUNCTION public.log_del('updated_at');
+CREATE TRIGGER d AFTER DELETE ON spool.nonce_set_next_log REFERENCING OLD TABLE AS old_rows
+	FOR EACH STATEMENT EXECUTE FUNCTION public.log_del('at');
+CREATE TRIGGER d AFTER DELETE ON spool.source_seeks REFERENCING OLD TABLE AS old_rows
+	FOR EACH STATEMENT EXECUTE FUNCTION public.log_del('requested_at');
 EOSQL
 
 # ---- History tables ----
@@ -82,6 +89,20 @@ INSERT INTO spool.outbox_dead (id, target, target_id, shard, payload, created_at
 	SELECT i, 't', 1, 0, '{}', now(), 3, now() - interval '61 min' FROM generate_series(1, 33) i;
 INSERT INTO spool.outbox_dead (id, target, target_id, shard, payload, created_at, attempts)
 	SELECT i, 't', 1, 0, '{}', now(), 3 FROM generate_series(100, 101) i;
+INSERT INTO spool.nonce_set_next_log (signer, chain_next, old_next, new_next, consumed, next_out, owner, token, at)
+	SELECT 'x', i, i, i, 0, i, 'o', 1, now() - interval '2 h' FROM generate_series(1, 18) i;
+INSERT INTO spool.nonce_set_next_log (signer, chain_next, old_next, new_next, consumed, next_out, owner, token)
+	SELECT 'x', i, i, i, 0, i, 'o', 1 FROM generate_series(100, 101) i;
+EOSQL
+sql("SELECT spool.create_source('rs_ops', '$bootstrap', '{ret}')");
+sql(<<'EOSQL');
+INSERT INTO spool.source_seeks (source, topic, kafka_partition, to_offset, allow_rewind, state,
+		requested_by, requested_at)
+	SELECT 'rs_ops', 'ret', 0, i, false, CASE WHEN i = 13 THEN 'pending' ELSE 'applied' END,
+		   current_user::regrole, now() - interval '2 h'
+	  FROM generate_series(1, 13) i;
+INSERT INTO spool.source_seeks (source, topic, kafka_partition, to_offset, allow_rewind, state, requested_by)
+	SELECT 'rs_ops', 'ret', 0, i, false, 'applied', current_user::regrole FROM generate_series(100, 101) i;
 EOSQL
 
 # ---- Nonces (basic mode) ----
@@ -100,7 +121,9 @@ poll_within($node, 60,
 	q{SELECT (SELECT count(*) FROM spool.dead_letters) = 7
 		 AND (SELECT count(*) FROM spool.gaps) = 3
 		 AND (SELECT count(*) FROM spool.outbox_dead) = 2
-		 AND (SELECT count(*) FROM spool.nonce_store WHERE signer = 'r1' AND state = 'consumed') = 1},
+		 AND (SELECT count(*) FROM spool.nonce_store WHERE signer = 'r1' AND state = 'consumed') = 1
+		 AND (SELECT count(*) FROM spool.nonce_set_next_log) = 2
+		 AND (SELECT count(*) FROM spool.source_seeks) = 3},
 	'retention to remove the rows older than 1 h');
 is(sql(q{SELECT count(*) FROM spool.dead_letters WHERE kafka_offset > 1000}), '7', 'the new dead letters stay');
 is(sql(q{SELECT min(from_offset) FROM spool.gaps}), '100', 'the new gaps stay');
@@ -109,9 +132,14 @@ is(sql(q{SELECT string_agg(id::text, ',' ORDER BY id) FROM spool.outbox_dead}), 
 is( sql(q{SELECT string_agg(nonce || ':' || state, ',' ORDER BY nonce) FROM spool.nonce_store WHERE signer = 'r1'}),
 	'40:released,41:released,42:released,43:released,44:released,59:consumed',
 	'only the old consumed nonces are gone');
+is(sql(q{SELECT string_agg(chain_next::text, ',' ORDER BY id) FROM spool.nonce_set_next_log}), '100,101',
+	'the new nonce_set_next_log rows stay');
+is(sql(q{SELECT string_agg(to_offset || ':' || state, ',' ORDER BY id) FROM spool.source_seeks}),
+	'13:pending,100:applied,101:applied', 'the pending seek and the new seeks stay');
 is( sql(q{SELECT string_agg(tab || '=' || rows, ',' ORDER BY tab) FROM
 		(SELECT tab, sum(n) AS rows FROM del_log GROUP BY tab) x}),
-	'dead_letters=95,gaps=25,nonce_store=54,outbox_dead=33', 'every old row was deleted once');
+	'dead_letters=95,gaps=25,nonce_set_next_log=18,nonce_store=54,outbox_dead=33,source_seeks=12',
+	'every old row was deleted once');
 is(sql(q{SELECT max(n) FROM del_log}), '10', 'no DELETE removed more than 10 rows (the batch size)');
 cmp_ok(sql(q{SELECT count(*) FROM del_log WHERE tab = 'dead_letters' AND n > 0}), '>=', 10,
 	'the 95 dead letters went in at least 10 statements');

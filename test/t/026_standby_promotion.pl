@@ -4,7 +4,9 @@
 # cluster (4 partitions), processor 'p' (test_handler) whose outputs go to
 # the sql target 'test' (one row per delivery in table delivered).  A hot
 # standby streams from it.
-#   (a) on the standby: no spool worker runs (not even the launcher), and
+#   (a) on the standby (spool.standby_processors off, the default): only
+#       the launcher runs, no other spool worker (test/t/029 runs processor
+#       replicas there), and
 #       every view of the extension and every set-returning function
 #       without required arguments (found in the catalog, so new ones are
 #       covered), plus spool.metrics(), answers; source_status shows the
@@ -17,7 +19,7 @@
 #       the primary goes on: it grants sb:res again (token 2, never
 #       replicated), ingests, processes and delivers more; then it is
 #       stopped in immediate mode and the standby promoted.
-#   (c) the promoted server starts the launcher and every worker; at the
+#   (c) the launcher of the promoted server starts every worker; at the
 #       end: every Kafka offset once in the spool, the processor's outputs
 #       exactly the reference outputs, each delivered once into the sql
 #       target's table; the lease acquired again carries a token above
@@ -72,8 +74,11 @@ $primary->wait_for_catchup($standby, 'replay');
 sub ssql { return $standby->safe_psql('postgres', $_[0]); }
 
 is(ssql('SELECT pg_is_in_recovery()'), 't', 'standby: in recovery');
+poll_ok($standby,
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'spool launcher'",
+	'standby: the launcher to run');
 is( ssql("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'spool%'"),
-	'0', 'standby: no spool worker runs, not even the launcher');
+	'1', 'standby: no spool worker runs but the launcher');
 
 # (a) every view and every argument-less set-returning function answers.
 my @views = split /\n/, ssql(q{SELECT format('%I.%I', schemaname, viewname)
@@ -134,8 +139,9 @@ poll_ok($primary,
 	"SELECT count(*) > " . ($n1 + $na) . " FROM delivered",
 	'primary: deliveries the standby does not have');
 my $max_old = $primary->safe_psql('postgres', 'SELECT max(token) FROM spool.lease_store');
-is( ssql("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'spool%'"),
-	'0', 'standby: still no spool worker, seconds later');
+is( ssql("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'spool%'"
+		  . " AND backend_type <> 'spool launcher'"),
+	'0', 'standby: still no spool worker but the launcher, seconds later');
 $primary->stop('immediate');
 note('at the promotion the standby has: '
 	  . ssql(q{SELECT (SELECT count(*) FROM spool.entries) || ' entries, '
@@ -147,8 +153,8 @@ my $promoted_at = ssql('SELECT clock_timestamp()');
 
 # (c) everything resumes from the replicated state.
 poll_ok($standby,
-	"SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'spool launcher'",
-	'promoted: the launcher to run');
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'spool processor'",
+	'promoted: the processor replicas to run');
 my $n = $n1 + $na + $nb;
 wait_processed($standby, 'p', $n, 'promoted');
 spool_partitions_exact($standby, $kafka, 'src', $topic, $nparts, $n);
