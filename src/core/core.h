@@ -69,6 +69,7 @@ extern int	spool_nonce_stall_timeout_ms;
 extern int	spool_lease_wait_timeout_ms;
 extern int	spool_lease_max_ttl_s;
 extern int	spool_test_worker_pause_ms;
+extern int	spool_test_kafka_commit_pause_ms;
 extern int	spool_segment_size;
 extern int	spool_min_retention_s;
 extern int	spool_outbox_segment_size;

@@ -24,6 +24,7 @@ int			spool_nonce_stall_timeout_ms = 3000;
 int			spool_lease_wait_timeout_ms = 1000;
 int			spool_lease_max_ttl_s = 86400;
 int			spool_test_worker_pause_ms = 0;
+int			spool_test_kafka_commit_pause_ms = 0;
 int			spool_segment_size = 1000000;
 int			spool_outbox_segment_size = 100000;
 int			spool_outbox_poll_interval_ms = 1000;
@@ -127,6 +128,14 @@ spool_define_gucs(void)
 							"Testing only: nonce workers and processor replicas wait this long after fencing a batch, before committing it.",
 							NULL,
 							&spool_test_worker_pause_ms,
+							0, 0, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS | GUC_NOT_IN_SAMPLE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("spool.test_kafka_commit_pause",
+							"Testing only: transactional kafka dispatchers wait this long after Kafka committed a batch, before PostgreSQL marks it.",
+							NULL,
+							&spool_test_kafka_commit_pause_ms,
 							0, 0, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS | GUC_NOT_IN_SAMPLE,
 							NULL, NULL, NULL);

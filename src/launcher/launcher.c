@@ -471,6 +471,8 @@ supervise_all(TimestampTz now, bool refresh)
 		live[k] = allowed;
 		if (allowed)
 			spool_supervise(supervisors[k], now, refresh || !kinds[k].reads_catalog);
+		else
+			(void) spool_supervise_drain(supervisors[k], now);	/* frees stopped units' slots */
 	}
 }
 

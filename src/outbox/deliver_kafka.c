@@ -8,6 +8,15 @@
  *	  delivery reports are served by rd_kafka_poll on this thread and only
  *	  write into a fixed array.
  *
+ *	  A target with "transactional": true uses the transactional producer
+ *	  instead (transactional.id spool-<database>-<target>-<shard>): a batch
+ *	  is produced in one Kafka transaction that also commits the shard's
+ *	  position, as the offset of partition 0 of the target's topic, for the
+ *	  consumer group named like the transactional id (send_offsets_to_
+ *	  transaction).  The dispatcher reads that offset back when it starts
+ *	  and after any failure (spool_kafka_txn_committed), to settle a batch
+ *	  Kafka committed but PostgreSQL did not mark.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -19,6 +28,7 @@
 #include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
 
 #include "kafka/kafka.h"
 #include "outbox/outbox.h"
@@ -29,6 +39,14 @@
 static OutboxTarget *target;
 static rd_kafka_t *rk = NULL;
 static uint32 kafka_generation = 0;
+
+/* Transactional mode: the id (and group), and whether init_transactions ran. */
+static char *txn_id = NULL;
+static bool txn_ready = false;
+
+#define TXN_CALL_MIN_MS 100		/* the least a transaction call is given */
+#define TXN_READ_TIMEOUT_MS 10000	/* reading the committed offset */
+#define TXN_META_MAX 4000		/* bytes of offset metadata (Kafka's default limit: 4096) */
 
 /* Delivery reports of the current Kafka batch: error code per row. */
 static rd_kafka_resp_err_t dr_err[KAFKA_MAX_INFLIGHT];
@@ -66,16 +84,41 @@ spool_kafka_start(OutboxTarget *t)
 	SETPROP("client.id", "spool_ext");
 	SETPROP("message.timeout.ms", KAFKA_DEFAULT_MESSAGE_TIMEOUT);
 	SETPROP("linger.ms", "1");
+	SETPROP("socket.nagle.disable", "true");
 	spool_outbox_kafka_props(conf, target->kafka);
 	/* Set last: the guarantees rely on it. */
 	SETPROP("enable.idempotence", "true");
+	if (target->transactional && txn_id != NULL)
+		SETPROP("transactional.id", txn_id);
 #undef SETPROP
 	rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
 	rk = spool_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
+	txn_ready = false;
 	if (rk == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
 				 errmsg("target \"%s\": could not create a Kafka producer: %s", target->name, err)));
+}
+
+/*
+ * Fetch the topic's metadata now (bounded, errors ignored), so that the
+ * first batch does not wait for it (and for the connections) when it comes.
+ * Outside any transaction.
+ */
+void
+spool_kafka_warm(void)
+{
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
+
+	if (rk == NULL)
+		return;
+	rkt = rd_kafka_topic_new(rk, target->topic, NULL);
+	if (rkt == NULL)
+		return;
+	if (rd_kafka_metadata(rk, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
 }
 
 /* On librdkafka's poll, on our thread: no PostgreSQL calls here. */
@@ -261,4 +304,275 @@ spool_kafka_stop(void)
 	kafka_generation++;
 	rd_kafka_destroy(rk);
 	rk = NULL;
+	txn_ready = false;
+}
+
+/* ---- transactional mode ---- */
+
+/*
+ * Make target t's producer transactional with id (and consumer group) id;
+ * before spool_kafka_start.
+ */
+void
+spool_kafka_transactional(const char *id)
+{
+	txn_id = MemoryContextStrdup(TopMemoryContext, id);
+}
+
+/* Milliseconds left until deadline, at least TXN_CALL_MIN_MS. */
+static int
+txn_ms(TimestampTz deadline)
+{
+	long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+
+	return (int) Max(Min(ms, INT_MAX), TXN_CALL_MIN_MS);
+}
+
+/*
+ * Note a failed transaction call: *err says what failed.  A fatal error
+ * (fenced by a newer producer of the same transactional.id, among others)
+ * drops the producer; one that needs an abort is aborted, and a failed
+ * abort drops the producer too.  Dropping is always safe: the next
+ * producer's init_transactions finishes or aborts what this one left, and
+ * the dispatcher reconciles with the committed offset.  Returns false.
+ */
+static bool
+txn_failed(const char *what, rd_kafka_error_t *error, TimestampTz deadline, char **err)
+{
+	bool		fatal = rd_kafka_error_is_fatal(error);
+	bool		abortable = rd_kafka_error_txn_requires_abort(error);
+
+	*err = psprintf("kafka transaction: %s failed%s: %s", what,
+					fatal ? " (fatal)" : "", rd_kafka_error_string(error));
+	rd_kafka_error_destroy(error);
+	if (!fatal && abortable)
+	{
+		rd_kafka_error_t *e2 = rd_kafka_abort_transaction(rk, txn_ms(deadline));
+
+		if (e2 == NULL)
+			return false;
+		rd_kafka_error_destroy(e2);
+	}
+	spool_kafka_stop();
+	return false;
+}
+
+/* The producer, with init_transactions done (fencing older producers of the id). */
+static bool
+txn_producer(TimestampTz deadline, char **err)
+{
+	rd_kafka_error_t *error;
+
+	if (rk == NULL)
+		spool_kafka_start(target);
+	if (txn_ready)
+		return true;
+	error = rd_kafka_init_transactions(rk, txn_ms(deadline));
+	if (error != NULL)
+	{
+		*err = psprintf("kafka transaction: init_transactions failed: %s",
+						rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+		spool_kafka_stop();
+		return false;
+	}
+	txn_ready = true;
+	return true;
+}
+
+/*
+ * The position Kafka committed for this shard (*offset, -1 if none) and
+ * the metadata committed with it (*meta, palloc'd, "" if none).  Starts
+ * the producer first: its init_transactions fences older producers and
+ * completes or aborts a transaction they left, so the offset read is
+ * settled.  The offset is read by a consumer handle of the group, with
+ * isolation.level=read_committed (so a broker answers only stable
+ * offsets).  Returns false, with *err, when either fails.
+ */
+bool
+spool_kafka_txn_committed(int64 *offset, char **meta, char **err)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), TXN_READ_TIMEOUT_MS);
+	rd_kafka_conf_t *conf;
+	rd_kafka_t *c;
+	rd_kafka_topic_partition_list_t *parts;
+	rd_kafka_resp_err_t rerr;
+	char		errbuf[512];
+
+	if (!txn_producer(deadline, err))
+		return false;
+	conf = rd_kafka_conf_new();
+	spool_outbox_kafka_props(conf, target->kafka);
+	if (rd_kafka_conf_set(conf, "bootstrap.servers", target->brokers, errbuf, sizeof(errbuf)) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "group.id", txn_id, errbuf, sizeof(errbuf)) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "client.id", "spool_ext", errbuf, sizeof(errbuf)) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "enable.auto.commit", "false", errbuf, sizeof(errbuf)) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "isolation.level", "read_committed", errbuf, sizeof(errbuf)) != RD_KAFKA_CONF_OK)
+	{
+		rd_kafka_conf_destroy(conf);
+		*err = psprintf("kafka transaction: consumer settings: %s", errbuf);
+		return false;
+	}
+	c = spool_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
+	if (c == NULL)
+	{
+		*err = psprintf("kafka transaction: could not create a consumer: %s", errbuf);
+		return false;
+	}
+	parts = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(parts, target->topic, 0);
+	rerr = rd_kafka_committed(c, parts, txn_ms(deadline));
+	if (rerr == RD_KAFKA_RESP_ERR_NO_ERROR)
+		rerr = parts->elems[0].err;
+	if (rerr == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		*offset = parts->elems[0].offset >= 0 ? parts->elems[0].offset : -1;
+		*meta = parts->elems[0].metadata && parts->elems[0].metadata_size > 0 ?
+			pnstrdup(parts->elems[0].metadata, parts->elems[0].metadata_size) : pstrdup("");
+	}
+	else
+		*err = psprintf("kafka transaction: reading the committed offset of group \"%s\" failed: %s",
+						txn_id, rd_kafka_err2str(rerr));
+	rd_kafka_topic_partition_list_destroy(parts);
+	rd_kafka_destroy(c);
+	return rerr == RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+/* Do two rows have the same key (NULL: no key)? */
+static bool
+same_key(OutboxRow *a, OutboxRow *b)
+{
+	if (a->key == NULL || b->key == NULL)
+		return a->key == b->key;
+	return strcmp(a->key, b->key) == 0;
+}
+
+/*
+ * Produce rows[0..n) in one Kafka transaction that also commits offset to,
+ * with the metadata meta_fn returns then, for the shard's group, within
+ * wait_ms.  Each row produced is marked sent.  A row librdkafka refuses at
+ * once (too large) is marked failed and the later rows of its key are not
+ * produced (not sent); the transaction goes on without them.
+ * KTXN_COMMITTED: Kafka committed it.  KTXN_REFUSED: the broker refused a
+ * row for good (marked failed) and the transaction was aborted; the caller
+ * leaves that row out (and its key's later rows) and tries again.
+ * KTXN_TOO_LONG: meta_fn's metadata is over TXN_META_MAX bytes; aborted.
+ * KTXN_FAILED, with *err: the transaction failed or its outcome is not
+ * known (a commit that timed out); the caller reconciles with
+ * spool_kafka_txn_committed before it delivers again.
+ */
+KafkaTxnResult
+spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (void),
+						int64 wait_ms, char **err)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
+	rd_kafka_error_t *error;
+	rd_kafka_resp_err_t transient = RD_KAFKA_RESP_ERR_NO_ERROR;
+	rd_kafka_topic_partition_list_t *offsets;
+	rd_kafka_consumer_group_metadata_t *cgmd;
+	int			expected = 0;
+	int			i;
+	int			j;
+	bool		refused = false;
+	bool		too_long = false;
+	char	   *meta = NULL;
+	char		fatal[512];
+
+	Assert(n <= KAFKA_MAX_INFLIGHT);
+	if (!txn_producer(deadline, err))
+		return KTXN_FAILED;
+	if ((error = rd_kafka_begin_transaction(rk)) != NULL)
+	{
+		(void) txn_failed("begin_transaction", error, deadline, err);
+		return KTXN_FAILED;
+	}
+	kafka_generation++;
+	dr_done = 0;
+	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+	{
+		bool		behind = false;
+
+		rows[i]->sent = false;
+		dr_err[i] = RD_KAFKA_RESP_ERR_NO_ERROR;
+		for (j = 0; j < i && !behind; j++)
+			behind = rows[j]->failed && same_key(rows[i], rows[j]);
+		if (behind)
+			continue;			/* waits behind a refused row of its key */
+		transient = produce_row(rows[i], i, deadline, &expected);
+		rows[i]->sent = !rows[i]->failed;
+	}
+	if (!await_reports(expected, deadline))
+		transient = RD_KAFKA_RESP_ERR__TIMED_OUT;
+	if (rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		*err = psprintf("kafka transaction: fatal producer error: %s", fatal);
+		spool_kafka_stop();
+		return KTXN_FAILED;
+	}
+	if (transient == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		/* Refused by the broker: in the transaction already, so it is aborted. */
+		for (i = 0; i < n; i++)
+			refused |= rows[i]->sent && dr_err[i] != RD_KAFKA_RESP_ERR_NO_ERROR &&
+				permanent_error(dr_err[i]);
+		transient = collect_reports(rows, n);
+	}
+	if (transient == RD_KAFKA_RESP_ERR_NO_ERROR && !refused)
+	{
+		meta = meta_fn();
+		too_long = strlen(meta) > TXN_META_MAX;
+	}
+	if (transient != RD_KAFKA_RESP_ERR_NO_ERROR || refused || too_long)
+	{
+		/* Nothing of it may become visible: abort, and say why. */
+		error = rd_kafka_abort_transaction(rk, txn_ms(deadline));
+		if (error != NULL)
+		{
+			(void) txn_failed("abort_transaction", error, deadline, err);
+			return KTXN_FAILED;
+		}
+		if (transient == RD_KAFKA_RESP_ERR_NO_ERROR)
+			return refused ? KTXN_REFUSED : KTXN_TOO_LONG;
+		*err = psprintf("kafka delivery to topic \"%s\" failed: %s",
+						target->topic, rd_kafka_err2str(transient));
+		return KTXN_FAILED;
+	}
+
+	offsets = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(offsets, target->topic, 0)->offset = to;
+	offsets->elems[0].metadata = strdup(meta);
+	offsets->elems[0].metadata_size = strlen(meta);
+	cgmd = rd_kafka_consumer_group_metadata_new(txn_id);
+	error = rd_kafka_send_offsets_to_transaction(rk, offsets, cgmd, txn_ms(deadline));
+	rd_kafka_consumer_group_metadata_destroy(cgmd);
+	rd_kafka_topic_partition_list_destroy(offsets);
+	if (error != NULL)
+	{
+		(void) txn_failed("send_offsets_to_transaction", error, deadline, err);
+		return KTXN_FAILED;
+	}
+
+	for (;;)
+	{
+		error = rd_kafka_commit_transaction(rk, txn_ms(deadline));
+		if (error == NULL)
+			return KTXN_COMMITTED;
+		/* A retriable error (a timeout): the same call may be repeated. */
+		if (!rd_kafka_error_is_retriable(error) || rd_kafka_error_txn_requires_abort(error) ||
+			rd_kafka_error_is_fatal(error) || GetCurrentTimestamp() >= deadline)
+			break;
+		rd_kafka_error_destroy(error);
+		CHECK_FOR_INTERRUPTS();
+	}
+	if (rd_kafka_error_is_retriable(error) && !rd_kafka_error_txn_requires_abort(error))
+	{
+		/* The outcome is not known: a new producer settles it. */
+		*err = psprintf("kafka transaction: commit_transaction did not finish: %s",
+						rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+		spool_kafka_stop();
+		return KTXN_FAILED;
+	}
+	(void) txn_failed("commit_transaction", error, deadline, err);
+	return KTXN_FAILED;
 }

@@ -5,7 +5,10 @@
  *	  shard's rows below the commit-safe horizon in id order, holds them in a
  *	  batch, and flushes the batch (size, interval, barrier, close) by
  *	  delivering it and moving the shard's position in one transaction
- *	  (kafka: after the broker acknowledged it).
+ *	  (kafka: after the broker acknowledged it; a transactional kafka target
+ *	  commits the batch and the position in a Kafka transaction first, and
+ *	  reconciles with the position Kafka committed when it starts and after
+ *	  a failure).
  *
  *	  Failed rows are parked in spool.outbox_retry with the later rows of
  *	  their key, retried with backoff, and dead-lettered after the limit.
@@ -21,6 +24,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "common/hashfn.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
@@ -100,6 +104,11 @@ static volatile TimestampTz stop_requested_at = 0;	/* see stop_requested */
 static volatile sig_atomic_t close_timed_out = false;
 static TimeoutId stop_watch_id;
 
+/* Transactional kafka targets: reconcile with Kafka before delivering again */
+static bool need_reconcile;
+static OutboxRow **meta_rows;	/* the rows the offset's metadata is about */
+static int	meta_n;
+
 static SPIPlanPtr plan_read;
 static SPIPlanPtr plan_barrier;
 static SPIPlanPtr plan_position;
@@ -140,6 +149,12 @@ static int	flush_attempt(OutboxRow **send, int nsend, bool careful, int64 to);
 static void reset_held(void);
 static int	settle_held(void);
 static void kafka_deliver(OutboxRow **rows, int n, int64 wait_ms);
+static bool txn_mode(void);
+static void kafka_commit_pause(void);
+static int64 txn_batch(int64 to);
+static int	txn_retry(OutboxRow **rows, int nrows);
+static void reconcile(void);
+static void drop_held(void);
 static bool barrier_step(TimestampTz now);
 static bool barrier_arrive(void);
 static bool deliver_barrier(TimestampTz now);
@@ -823,9 +838,15 @@ flush(FlushReason reason)
 
 	/* Rows whose key waits behind a parked row are parked too, in order. */
 	reset_held();
-	for (i = 0; i < nheld; i++)
-		if (!key_blocked(held[i]->key))
-			send[nsend++] = held[i];
+	if (txn_mode())
+	{
+		pgstat_report_activity(STATE_RUNNING, "delivering to kafka in a transaction");
+		to = txn_batch(to);
+	}
+	else
+		for (i = 0; i < nheld; i++)
+			if (!key_blocked(held[i]->key))
+				send[nsend++] = held[i];
 	if (spool_deliver_external() && nsend > 0)
 	{
 		pgstat_report_activity(STATE_RUNNING, "delivering to kafka");
@@ -840,7 +861,9 @@ flush(FlushReason reason)
 		delivered = flush_attempt(send, nsend, true, to);
 	}
 
+	need_reconcile = false;
 	position = to;
+	read_upto = to;				/* lower than read when txn_batch cut the batch */
 	note_flush(reason, delivered, (double) (GetCurrentTimestamp() - t0) / 1000.0);
 	nheld = 0;
 	MemoryContextReset(batch_cxt);
@@ -952,7 +975,9 @@ retry_parked(TimestampTz now)
 	nrows = due_heads(now, CurrentMemoryContext, &rows);
 	if (nrows == 0)
 		return false;
-	if (spool_deliver_external())
+	if (txn_mode())
+		nrows = txn_retry(rows, nrows);
+	else if (spool_deliver_external())
 		kafka_deliver(rows, nrows, 60000);
 	spool_begin_txn("retrying parked rows");
 	if (!spool_deliver_external())
@@ -960,6 +985,7 @@ retry_parked(TimestampTz now)
 	settle_retried(rows, nrows);
 	spool_test_pause();
 	spool_end_txn();
+	need_reconcile = false;
 
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nrows; i++)
@@ -973,6 +999,335 @@ retry_parked(TimestampTz now)
 	/* Heads changed: rebuild what is blocked and when the next one is due. */
 	reload_parked();
 	return true;
+}
+
+/* ---- transactional kafka targets ---- */
+
+/* Is the target a transactional kafka target? */
+static bool
+txn_mode(void)
+{
+	return target->kind == KIND_KAFKA && target->transactional;
+}
+
+/* Testing only (spool.test_kafka_commit_pause): wait after Kafka committed. */
+static void
+kafka_commit_pause(void)
+{
+	TimestampTz until;
+
+	if (spool_test_kafka_commit_pause_ms <= 0)
+		return;
+	pgstat_report_activity(STATE_RUNNING, "test pause after a kafka commit");
+	until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), spool_test_kafka_commit_pause_ms);
+	while (GetCurrentTimestamp() < until)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until), 1),
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/*
+ * The committed offset's metadata says what a transaction left out or
+ * retried, so that a restart can settle it exactly as the lost PostgreSQL
+ * transaction would have: "v1", then ";f:" ids refused for good, ";w:" ids
+ * that wait behind a parked row of their key (both of a batch), or ";r:"
+ * parked ids that a retry delivered.  meta_rows[0..meta_n) are the rows
+ * the transaction under way is about.
+ */
+
+/* Append ";<tag>:" and the ids of meta_rows[i] for which pick is true, if any. */
+static void
+meta_ids(StringInfo m, const char *tag, int pick)
+{
+	bool		first = true;
+	int			i;
+
+	for (i = 0; i < meta_n; i++)
+	{
+		OutboxRow  *r = meta_rows[i];
+		bool		is;
+
+		if (pick == 'f')
+			is = r->failed;
+		else if (pick == 'w')
+			is = !r->failed && !r->sent;
+		else
+			is = r->sent;
+		if (!is)
+			continue;
+		if (first)
+			appendStringInfo(m, ";%s:", tag);
+		else
+			appendStringInfoChar(m, ',');
+		appendStringInfo(m, INT64_FORMAT, r->id);
+		first = false;
+	}
+}
+
+/* A batch's metadata: the rows refused, and those left waiting. */
+static char *
+batch_meta(void)
+{
+	StringInfoData m;
+
+	initStringInfo(&m);
+	appendStringInfoString(&m, "v1");
+	meta_ids(&m, "f", 'f');
+	meta_ids(&m, "w", 'w');
+	return m.data;
+}
+
+/* A retry's metadata: the parked rows it delivers. */
+static char *
+retry_meta(void)
+{
+	StringInfoData m;
+
+	initStringInfo(&m);
+	appendStringInfoString(&m, "v1");
+	meta_ids(&m, "r", 'r');
+	return m.data;
+}
+
+/* A barrier's metadata: nothing to list. */
+static char *
+barrier_meta(void)
+{
+	return pstrdup("v1");
+}
+
+/* Is id in the list tag (";f:", ...) of meta? */
+static bool
+meta_has(const char *meta, const char *tag, int64 id)
+{
+	const char *p = strstr(meta, tag);
+
+	if (p == NULL)
+		return false;
+	p += strlen(tag);
+	while (*p >= '0' && *p <= '9')
+	{
+		char	   *end;
+		int64		v = strtoi64(p, &end, 10);
+
+		if (v == id)
+			return true;
+		p = *end == ',' ? end + 1 : end;
+	}
+	return false;
+}
+
+/*
+ * Kafka's part of a flush: produce the held rows that may go (not refused,
+ * their key not parked, not behind a refused row of their key) in one
+ * transaction that commits position to.  After a row the broker refused
+ * for good the transaction is tried again without it; rows whose ids would
+ * not fit in the offset metadata cut the batch.  Marks the rows sent;
+ * returns the position to move to (lower than to after a cut).  A failed
+ * transaction raises, and the next step reconciles.
+ */
+static int64
+txn_batch(int64 to)
+{
+	OutboxRow **send = palloc(sizeof(OutboxRow *) * Max(nheld, 1));
+	uint64	   *failed_keys = palloc(sizeof(uint64) * Max(nheld, 1));
+
+	for (;;)
+	{
+		int			nsend = 0;
+		int			nfailed = 0;
+		int			i;
+		int			j;
+		KafkaTxnResult res;
+		char	   *err = NULL;
+
+		for (i = 0; i < nheld; i++)
+		{
+			OutboxRow  *r = held[i];
+			uint64		h = key_hash(r->key);
+			bool		behind = key_blocked(r->key);
+
+			r->sent = false;
+			for (j = 0; j < nfailed && !behind; j++)
+				behind = failed_keys[j] == h;
+			if (r->failed)
+				failed_keys[nfailed++] = h;
+			else if (!behind)
+				send[nsend++] = r;
+		}
+		if (nsend == 0)
+			return to;			/* all parked: PostgreSQL only */
+		meta_rows = held;
+		meta_n = nheld;
+		need_reconcile = true;
+		res = spool_kafka_txn_deliver(send, nsend, to, batch_meta,
+									  ShutdownRequestPending && spool_outbox_close_timeout_ms > 0 ?
+									  spool_outbox_close_timeout_ms : 60000, &err);
+		if (res == KTXN_FAILED)
+			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
+		if (res == KTXN_COMMITTED)
+		{
+			kafka_commit_pause();
+			return to;
+		}
+		need_reconcile = false; /* aborted */
+		if (res == KTXN_TOO_LONG && nheld > 1)
+		{
+			/* Leave the second half for the next batch (read again). */
+			nheld /= 2;
+			to = held[nheld]->id - 1;
+		}
+	}
+}
+
+/*
+ * Kafka's part of retrying parked heads (one per key): the ones not
+ * refused, in one transaction that commits the unchanged position with
+ * their ids.  Returns how many of rows to settle (fewer when the ids would
+ * not fit).
+ */
+static int
+txn_retry(OutboxRow **rows, int nrows)
+{
+	OutboxRow **send = palloc(sizeof(OutboxRow *) * Max(nrows, 1));
+
+	for (;;)
+	{
+		int			nsend = 0;
+		int			i;
+		KafkaTxnResult res;
+		char	   *err = NULL;
+
+		for (i = 0; i < nrows; i++)
+		{
+			rows[i]->sent = false;
+			if (!rows[i]->failed)
+				send[nsend++] = rows[i];
+		}
+		if (nsend == 0)
+			return nrows;
+		meta_rows = rows;
+		meta_n = nrows;
+		need_reconcile = true;
+		res = spool_kafka_txn_deliver(send, nsend, position, retry_meta, 60000, &err);
+		if (res == KTXN_FAILED)
+			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
+		if (res == KTXN_COMMITTED)
+		{
+			kafka_commit_pause();
+			return nrows;
+		}
+		need_reconcile = false;
+		if (res == KTXN_TOO_LONG && nrows > 1)
+			nrows /= 2;
+	}
+}
+
+/* Forget the held batch: it is read again from the outbox. */
+static void
+drop_held(void)
+{
+	nheld = 0;
+	more_rows = false;
+	read_upto = position;
+	MemoryContextReset(batch_cxt);
+	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
+}
+
+/*
+ * Reconcile with the position Kafka committed (at start, and after a
+ * transaction failed or its PostgreSQL part did not commit).  Kafka ahead
+ * of us means that a batch was committed there and not marked here: its
+ * rows, read again, are settled as that transaction's metadata says, and
+ * the position moves to Kafka's, without producing anything.  At our
+ * position, the metadata may name parked rows a retry delivered: they
+ * leave spool.outbox_retry.  Kafka behind us is normal (batches whose rows
+ * were all parked, dead-lettered barriers move only here).  Raises when
+ * Kafka cannot be asked.
+ */
+static void
+reconcile(void)
+{
+	int64		k;
+	char	   *meta;
+	char	   *err = NULL;
+	Datum		v[3];
+	uint64		i;
+	int			delivered = 0;
+
+	pgstat_report_activity(STATE_RUNNING, "reconciling with kafka");
+	if (!spool_kafka_txn_committed(&k, &meta, &err))
+		ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
+	drop_held();
+	if (k > position)
+	{
+		spool_begin_txn("settling a kafka transaction");
+		v[0] = Int32GetDatum(my_shard);
+		v[1] = Int64GetDatum(position);
+		v[2] = Int64GetDatum(k);
+		if (SPI_execute_with_args(psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at"
+										   " FROM %s WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id",
+										   store),
+								  3, (Oid[]) {INT4OID, INT8OID, INT8OID}, v, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read %s", store);
+		held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
+		for (i = 0; i < SPI_processed; i++)
+		{
+			OutboxRow  *r = row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, batch_cxt);
+
+			r->failed = meta_has(meta, ";f:", r->id);
+			r->error = r->failed ? pstrdup("refused by Kafka (settled after a restart)") : NULL;
+			r->sent = !r->failed && !meta_has(meta, ";w:", r->id);
+			held[nheld++] = r;
+		}
+		delivered = settle_held();
+		move_position(k);
+		spool_end_txn();
+		ereport(LOG,
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("%s: Kafka committed up to " INT64_FORMAT ", PostgreSQL had " INT64_FORMAT
+						"; settled %d rows as delivered without sending them again",
+						MyBgworkerEntry->bgw_name, k, position, delivered)));
+		position = k;
+		drop_held();
+		LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
+		ds->position = position;
+		ds->delivered += delivered;
+		LWLockRelease(spool_outbox_shared->lock);
+	}
+	else if (k == position && strstr(meta, ";r:") != NULL)
+	{
+		const char *p = strstr(meta, ";r:") + 3;
+		int			n = 0;
+
+		spool_begin_txn("settling a kafka transaction");
+		while (*p >= '0' && *p <= '9')
+		{
+			char	   *end;
+
+			v[0] = Int32GetDatum(target->id);
+			v[1] = Int32GetDatum(my_shard);
+			v[2] = Int64GetDatum(strtoi64(p, &end, 10));
+			if (SPI_execute_with_args("DELETE FROM spool.outbox_retry WHERE target_id = $1 AND shard = $2 AND id = $3",
+									  3, (Oid[]) {INT4OID, INT4OID, INT8OID}, v, NULL, false, 0) != SPI_OK_DELETE)
+				elog(ERROR, "could not settle parked rows");
+			n += (int) SPI_processed;
+			p = *end == ',' ? end + 1 : end;
+		}
+		spool_end_txn();
+		if (n > 0)
+			ereport(LOG,
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("%s: settled %d parked rows Kafka committed as delivered",
+							MyBgworkerEntry->bgw_name, n)));
+		reload_parked();
+	}
+	need_reconcile = false;
+	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
 /* ---- barriers ---- */
@@ -1029,7 +1384,21 @@ deliver_barrier(TimestampTz now)
 	b->cursor = -1;
 	b->created_at = now;
 	b->payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{\"barrier\": true}")));
-	if (spool_deliver_external())
+	if (txn_mode())
+	{
+		KafkaTxnResult res;
+		char	   *err = NULL;
+
+		need_reconcile = true;
+		res = spool_kafka_txn_deliver(&b, 1, barrier_at, barrier_meta, 60000, &err);
+		if (res == KTXN_FAILED)
+			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
+		if (res == KTXN_COMMITTED)
+			kafka_commit_pause();
+		else
+			need_reconcile = false; /* refused, and aborted */
+	}
+	else if (spool_deliver_external())
 		kafka_deliver(&b, 1, 60000);
 	spool_begin_txn("delivering a barrier");
 	if (!spool_deliver_external())
@@ -1049,6 +1418,7 @@ deliver_barrier(TimestampTz now)
 	move_position(barrier_at);
 	spool_test_pause();
 	spool_end_txn();
+	need_reconcile = false;
 	return true;
 }
 
@@ -1285,6 +1655,12 @@ dispatch_load(void)
 		spool_outbox_fold_sequence(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 																SPI_tuptable->tupdesc, 1, &isnull)));
 	load_parked();
+	if (txn_mode())
+	{
+		spool_kafka_transactional(psprintf("spool-%s-%s-%d", get_database_name(MyDatabaseId),
+										   target->name, my_shard));
+		need_reconcile = true;
+	}
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	spool_deliver_init(target);
 	MemoryContextSwitchTo(old);
@@ -1315,6 +1691,8 @@ dispatch_lock_shard(void)
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
 	next_poll = 0;
 	next_rotation = 0;
+	if (spool_deliver_external())
+		spool_kafka_warm();
 }
 
 /* With rows held, read again only when it may fill the batch. */
@@ -1355,6 +1733,11 @@ dispatch_step(TimestampTz now)
 
 	if (now < error_until)
 		return false;
+	if (need_reconcile)
+	{
+		reconcile();
+		did = true;
+	}
 	did |= retry_parked(now);
 	if (nheld < target->batch_size && read_wanted(now))
 		did |= read_rows(now);
@@ -1371,11 +1754,15 @@ dispatch_step(TimestampTz now)
 	return did;
 }
 
-/* close: a stop was requested; what is held is delivered before we go. */
+/*
+ * close: a stop was requested; what is held is delivered before we go.  Not
+ * when a transactional target has to reconcile first: Kafka may hold the
+ * batch already, and the next worker settles it.
+ */
 static void
 dispatch_close(void)
 {
-	if (nheld > 0)
+	if (nheld > 0 && !need_reconcile)
 		flush(FLUSH_CLOSE);
 	watch_stop(false);
 	proc_exit(0);

@@ -71,6 +71,7 @@ typedef struct OutboxTarget
 	char	   *brokers;		/* kafka */
 	char	   *topic;
 	Jsonb	   *kafka;			/* kafka: librdkafka properties, or NULL */
+	bool		transactional;	/* kafka: one Kafka transaction per batch */
 	uint32		options_hash;	/* loaded: of the stored options' text */
 } OutboxTarget;
 
@@ -184,5 +185,20 @@ extern void spool_deliver_shutdown(void);
 extern void spool_kafka_start(OutboxTarget *t);
 extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);
 extern void spool_kafka_stop(void);
+extern void spool_kafka_warm(void);
+
+typedef enum KafkaTxnResult
+{
+	KTXN_COMMITTED,
+	KTXN_REFUSED,				/* the broker refused a row for good; aborted */
+	KTXN_TOO_LONG,				/* the metadata would be too long; aborted */
+	KTXN_FAILED					/* failed, or its outcome is not known */
+} KafkaTxnResult;
+
+extern void spool_kafka_transactional(const char *id);
+extern bool spool_kafka_txn_committed(int64 *offset, char **meta, char **err);
+extern KafkaTxnResult spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to,
+											  char *(*meta_fn) (void), int64 wait_ms,
+											  char **err);
 
 #endif							/* SPOOL_OUTBOX_H */

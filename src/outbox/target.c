@@ -45,6 +45,9 @@ static void targets_changed(SpoolCaller *caller);
 static Jsonb *target_options_jsonb(OutboxTarget *t);
 static void function_option(const SpoolOptionTable *table, const SpoolOption *opt,
 							JsonbValue *v, void *result);
+static void transactional_option(const SpoolOptionTable *table, const SpoolOption *opt,
+								 JsonbValue *v, void *result);
+static bool transactional_render(const SpoolOption *opt, const void *result, StringInfo buf);
 
 /* In the order of OutboxKind. */
 static const char *const kind_names[] = {"sql", "notify", "kafka", NULL};
@@ -65,6 +68,9 @@ static const SpoolOption target_option_specs[] = {
 	{.name = "topic", .type = SPOOL_OPT_STRING, .scopes = KAFKA, TGT(topic)},
 	{.name = "kafka", .type = SPOOL_OPT_OBJECT, .scopes = KAFKA, TGT(kafka), .dflt_text = "{}",
 		.what = "librdkafka properties"},
+	{.name = "transactional", .type = SPOOL_OPT_CUSTOM, .scopes = KAFKA, TGT(transactional),
+		.doc = "true or false: true produces each batch in one Kafka transaction that also commits the shard's position.",
+		.parse = transactional_option, .render = transactional_render},
 	{.name = "shards", .type = SPOOL_OPT_INT, TGT(shards), .dflt = 1, .lo = 1,
 		.hi = SPOOL_MAX_SHARDS},
 	{.name = "batch_size", .type = SPOOL_OPT_INT, TGT(batch_size), .dflt = 1000, .lo = 1,
@@ -121,6 +127,26 @@ function_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValu
 	if (n < 2)
 		spool_option_bad(table, opt, NULL,
 						 psprintf("must be schema-qualified, not \"%s\"", t->function));
+}
+
+/* transactional: a JSON boolean. */
+static void
+transactional_option(const SpoolOptionTable *table, const SpoolOption *opt, JsonbValue *v,
+					 void *result)
+{
+	if (v->type != jbvBool)
+		spool_option_bad(table, opt, NULL, "must be true or false");
+	((OutboxTarget *) result)->transactional = v->val.boolean;
+}
+
+/* Written back only when true, so that the options of other targets stay as they were. */
+static bool
+transactional_render(const SpoolOption *opt, const void *result, StringInfo buf)
+{
+	if (!((const OutboxTarget *) result)->transactional)
+		return false;
+	appendStringInfoString(buf, "true");
+	return true;
 }
 
 /*
@@ -220,6 +246,12 @@ spool_outbox_kafka_props(rd_kafka_conf_t *conf, Jsonb *kafka)
 		}
 		else if (strcmp(key, "bootstrap.servers") == 0 || strcmp(key, "metadata.broker.list") == 0)
 			bad = psprintf("kafka property \"%s\" is set by option \"brokers\"", key);
+		else if (strcmp(key, "transactional.id") == 0)
+		{
+			/* A chosen id could fence another target's (or database's) producer. */
+			bad = "kafka targets set transactional.id themselves";
+			hint = "Use option \"transactional\": true; the id is spool-<database>-<target>-<shard>.";
+		}
 		else if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
 		{
 			/* Some librdkafka messages end with a newline. */

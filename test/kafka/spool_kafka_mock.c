@@ -103,6 +103,19 @@
  *       The proxy also answers ListOffsets by timestamp (which the mock
  *       answers with -1) for partitions produce_ts wrote to: the first
  *       offset produce_ts wrote with a timestamp at or after the one asked.
+ *   txn_init TXNID                           OK
+ *   txn_commit TOPIC VALUE                   OK committed | ERR [fatal: ]...
+ *   txn_close                                OK
+ *       A transactional producer of the test's own, through the proxy when
+ *       it runs: txn_init calls init_transactions with TXNID (fencing the
+ *       older producer of that id), txn_commit produces VALUE to partition 0
+ *       in a transaction and commits it.  Used as the "zombie" of a
+ *       dispatcher's transactional id.
+ *   committed GROUP TOPIC PARTITION          OK OFFSET METADATA
+ *       The offset GROUP committed for the partition (-1 when none).
+ *   txnstat                                  OK FENCED COMMITS
+ *       Requests the proxy fenced, and offsets it committed at EndTxn (see
+ *       "Transactions through the proxy").
  *   quit  (or EOF on stdin)                  OK, then the cluster is
  *       destroyed and the program exits 0.  SIGTERM and SIGINT also make it
  *       shut down cleanly and exit 0 (no answer line).
@@ -134,6 +147,9 @@
  *   defaults it resets to the end, or to low with earliest).
  *
  * OTHER MOCK BEHAVIOUR WORTH KNOWING
+ *   - The mock brokers leave Nagle's algorithm on; this program turns it
+ *     off on their connections (TCP_NODELAY, as a real broker does), or a
+ *     client waiting for several responses stalls ~40 ms per round.
  *   - Unknown topics are auto-created (4 partitions) by any metadata
  *     request, so "wmarks nosuch 0" answers OK 0 0.
  *   - "down" does not move leadership: requests for partitions led by a
@@ -175,13 +191,16 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -419,18 +438,88 @@ bootstrap_is_loopback(const char *list)
 }
 
 static rd_kafka_t *
-new_handle(rd_kafka_conf_t *conf, const char *what)
+new_handle_type(rd_kafka_type_t type, rd_kafka_conf_t *conf, const char *what)
 {
 	char errstr[512];
 	rd_kafka_t *rk;
 
-	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	rk = rd_kafka_new(type, conf, errstr, sizeof(errstr));
 	if (rk == NULL)
 	{
 		fprintf(stderr, "spool_kafka_mock: creating %s: %s\n", what, errstr);
 		rd_kafka_conf_destroy(conf);
 	}
 	return rk;
+}
+
+static rd_kafka_t *
+new_handle(rd_kafka_conf_t *conf, const char *what)
+{
+	return new_handle_type(RD_KAFKA_PRODUCER, conf, what);
+}
+
+/*
+ * librdkafka 2.0.2's mock leaves Nagle's algorithm on for the connections
+ * its brokers accept (a real broker turns it off).  A client that sends a
+ * request and waits for several responses (a batch to many partitions)
+ * then waits ~40 ms per round for its own delayed ACK.  This thread sets
+ * TCP_NODELAY on every TCP socket of this process whose local port is a
+ * broker's, every 20 ms, as a broker does on accept.
+ */
+static int nodelay_ports[MAX_BROKERS];
+static int nodelay_nports;
+
+static void *
+nodelay_main(void *arg)
+{
+	(void) arg;
+	while (!stop_requested)
+	{
+		DIR *d = opendir("/proc/self/fd");
+		struct dirent *e;
+
+		while (d != NULL && (e = readdir(d)) != NULL)
+		{
+			int fd = atoi(e->d_name), i, on = 1, cur = 0;
+			struct stat st;
+			struct sockaddr_in a;
+			socklen_t alen = sizeof(a), olen = sizeof(cur);
+
+			if (e->d_name[0] < '0' || e->d_name[0] > '9' || fstat(fd, &st) != 0 ||
+				!S_ISSOCK(st.st_mode) || getsockname(fd, (struct sockaddr *) &a, &alen) != 0 ||
+				a.sin_family != AF_INET)
+				continue;
+			for (i = 0; i < nodelay_nports; i++)
+				if (ntohs(a.sin_port) == nodelay_ports[i] &&
+					getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &cur, &olen) == 0 && !cur)
+					(void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+		}
+		struct timespec tick = {0, 20 * 1000 * 1000};
+
+		if (d != NULL)
+			closedir(d);
+		nanosleep(&tick, NULL);
+	}
+	return NULL;
+}
+
+static void
+start_nodelay(void)
+{
+	char *list = strdup(g.bootstrap), *save = NULL, *item;
+	pthread_t t;
+
+	for (item = strtok_r(list, ",", &save); item && nodelay_nports < MAX_BROKERS;
+		 item = strtok_r(NULL, ",", &save))
+	{
+		char *colon = strrchr(item, ':');
+
+		if (colon)
+			nodelay_ports[nodelay_nports++] = atoi(colon + 1);
+	}
+	free(list);
+	if (pthread_create(&t, NULL, nodelay_main, NULL) == 0)
+		pthread_detach(t);
 }
 
 static int
@@ -1387,6 +1476,8 @@ typedef struct ProxyConn
 	int64_t asked_ts[PROXY_PENDING];   /* ListOffsets: the (first) timestamp asked */
 	int16_t key[PROXY_PENDING];    /* ApiKey and version */
 	int16_t ver[PROXY_PENDING];
+	int16_t txn[PROXY_PENDING];    /* transactions: index in px_txns, -1: none */
+	int8_t commit[PROXY_PENDING];  /* EndTxn: commit (1) or abort (0) */
 	int npending;
 } ProxyConn;
 
@@ -1848,6 +1939,361 @@ patch_listoffsets(unsigned char *body, size_t len, int ver, int64_t ts)
 	free(sink.data);
 }
 
+/* ------------------------------------------------------------------ */
+/* Transactions through the proxy, as a broker keeps them              */
+/* ------------------------------------------------------------------ */
+
+/*
+ * librdkafka 2.0.2's mock accepts TxnOffsetCommit and drops the offsets,
+ * writes no commit or abort markers, and hands a producer that calls
+ * InitProducerId a new producer id without fencing the older producer of
+ * the same transactional.id.  For clients of the proxy, two of those are
+ * done here as a broker does them:
+ *   - offsets: a TxnOffsetCommit's offsets (and metadata) are held per
+ *     transactional.id, and when an EndTxn that commits succeeds they are
+ *     committed to the mock's group store with an OffsetCommit (so
+ *     OffsetFetch, rd_kafka_committed, reads them); an abort, or a new
+ *     InitProducerId of the id, drops them.  The EndTxn answer reaches the
+ *     client only after that commit.
+ *   - fencing: the producer id of the latest InitProducerId answer of a
+ *     transactional.id is its current one; AddPartitionsToTxn,
+ *     AddOffsetsToTxn, TxnOffsetCommit and EndTxn requests of an older
+ *     producer id get their epoch changed on the way, so the mock answers
+ *     INVALID_PRODUCER_EPOCH, as a broker answers a fenced producer.
+ * Produce requests pass unchanged, and messages of aborted transactions
+ * stay readable (no read_committed filtering): that the mock cannot show.
+ */
+#define PROXY_MAX_TXNS 64
+#define PROXY_MAX_TXN_OFFSETS 16
+#define PROXY_MAX_META 8192
+
+typedef struct TxnOffset
+{
+	char group[256];
+	char topic[256];
+	int32_t partition;
+	int64_t offset;
+	char meta[PROXY_MAX_META];
+	int meta_null;
+} TxnOffset;
+
+typedef struct TxnState
+{
+	char id[256];
+	int64_t pid;                   /* current producer id; 0: none yet */
+	int noffsets;
+	TxnOffset offsets[PROXY_MAX_TXN_OFFSETS];
+} TxnState;
+
+static TxnState *px_txns;          /* [PROXY_MAX_TXNS], proxy thread only */
+static int px_ntxns;
+static long px_fenced;             /* requests of older producers (px_lock) */
+static long px_txn_commits;        /* offsets committed at EndTxn (px_lock) */
+
+/* Reader over a request, which may be changed in place. */
+typedef struct Rq
+{
+	unsigned char *p;
+	unsigned char *end;
+	int bad;
+} Rq;
+
+static unsigned char *
+rq_take(Rq *r, size_t n)
+{
+	unsigned char *at = r->p;
+
+	if (r->bad || (size_t) (r->end - r->p) < n)
+	{
+		r->bad = 1;
+		return NULL;
+	}
+	r->p += n;
+	return at;
+}
+
+static uint64_t
+rq_uvarint(Rq *r)
+{
+	uint64_t v = 0;
+	int shift = 0;
+	unsigned char *b;
+
+	while ((b = rq_take(r, 1)) != NULL && shift < 64)
+	{
+		v |= (uint64_t) (*b & 0x7f) << shift;
+		if (!(*b & 0x80))
+			return v;
+		shift += 7;
+	}
+	r->bad = 1;
+	return 0;
+}
+
+static int64_t
+rq_int(Rq *r, int bytes)
+{
+	unsigned char *b = rq_take(r, (size_t) bytes);
+	int64_t v = 0;
+	int i;
+
+	if (b == NULL)
+		return 0;
+	for (i = 0; i < bytes; i++)
+		v = (v << 8) | b[i];
+	if (bytes == 2)
+		return (int16_t) v;
+	if (bytes == 4)
+		return (int32_t) v;
+	return v;
+}
+
+/* A string (compact when flex) into out (cut to outlen - 1); -1 for null. */
+static int
+rq_str(Rq *r, int flex, char *out, size_t outlen)
+{
+	int64_t n = flex ? (int64_t) rq_uvarint(r) - 1 : rq_int(r, 2);
+	unsigned char *b;
+
+	if (out && outlen)
+		out[0] = '\0';
+	if (r->bad || n < 0)
+		return -1;
+	b = rq_take(r, (size_t) n);
+	if (b && out && outlen)
+	{
+		size_t k = (size_t) n < outlen - 1 ? (size_t) n : outlen - 1;
+
+		memcpy(out, b, k);
+		out[k] = '\0';
+	}
+	return (int) n;
+}
+
+static int64_t
+rq_count(Rq *r, int flex)
+{
+	return flex ? (int64_t) rq_uvarint(r) - 1 : rq_int(r, 4);
+}
+
+static void
+rq_tags(Rq *r)
+{
+	uint64_t n = rq_uvarint(r);
+
+	while (!r->bad && n-- > 0)
+	{
+		(void) rq_uvarint(r);
+		(void) rq_take(r, (size_t) rq_uvarint(r));
+	}
+}
+
+static int
+txn_find(const char *id)
+{
+	int i;
+
+	if (px_txns == NULL && (px_txns = calloc(PROXY_MAX_TXNS, sizeof(TxnState))) == NULL)
+		return -1;
+	for (i = 0; i < px_ntxns; i++)
+		if (strcmp(px_txns[i].id, id) == 0)
+			return i;
+	if (px_ntxns == PROXY_MAX_TXNS || strlen(id) >= sizeof(px_txns[0].id))
+		return -1;
+	strcpy(px_txns[px_ntxns].id, id);
+	return px_ntxns++;
+}
+
+/* A request of producer pid of transaction t: fence it if pid is not current. */
+static int
+txn_fence(int t, int64_t pid, unsigned char *epoch)
+{
+	if (t < 0 || epoch == NULL || px_txns[t].pid == 0 || px_txns[t].pid == pid)
+		return 0;
+	epoch[1] ^= 0x55;              /* not the epoch the mock knows */
+	pthread_mutex_lock(&px_lock);
+	px_fenced++;
+	pthread_mutex_unlock(&px_lock);
+	return 1;
+}
+
+/*
+ * Note a transactional request (req: from the ApiKey on, len bytes) in
+ * pending slot i of c; fence it if it comes from an older producer.
+ */
+static void
+note_txn_request(ProxyConn *c, int i, unsigned char *req, size_t len)
+{
+	Rq r = {req, req + len, 0};
+	int key = (int) rq_int(&r, 2);
+	int ver = (int) rq_int(&r, 2);
+	int flex = (key == 22 && ver >= 2) || (key >= 24 && key <= 26 && ver >= 3) ||
+		(key == 28 && ver >= 3);
+	char id[256];
+	int t;
+	int64_t pid;
+	unsigned char *epoch;
+
+	c->txn[i] = -1;
+	if (key != 22 && (key < 24 || key > 26) && key != 28)
+		return;
+	(void) rq_int(&r, 4);                      /* correlation id */
+	(void) rq_str(&r, 0, NULL, 0);             /* client id */
+	if (flex)
+		rq_tags(&r);
+	if (rq_str(&r, flex, id, sizeof(id)) < 0 || r.bad || (t = txn_find(id)) < 0)
+		return;
+	c->txn[i] = (int16_t) t;
+	if (key == 22)
+		return;                                /* the answer names the producer */
+	if (key == 28)
+	{
+		char group[256];
+		int64_t nt, np;
+		int fenced;
+
+		(void) rq_str(&r, flex, group, sizeof(group));
+		pid = rq_int(&r, 8);
+		epoch = rq_take(&r, 2);
+		fenced = txn_fence(t, pid, epoch);
+		if (ver >= 3)
+		{
+			(void) rq_int(&r, 4);
+			(void) rq_str(&r, flex, NULL, 0);
+			(void) rq_str(&r, flex, NULL, 0);
+		}
+		for (nt = rq_count(&r, flex); !r.bad && nt > 0; nt--)
+		{
+			char topic[256];
+
+			(void) rq_str(&r, flex, topic, sizeof(topic));
+			for (np = rq_count(&r, flex); !r.bad && np > 0; np--)
+			{
+				TxnState *s = &px_txns[t];
+				TxnOffset o;
+				int k;
+
+				memset(&o, 0, sizeof(o));
+				strcpy(o.group, group);
+				strcpy(o.topic, topic);
+				o.partition = (int32_t) rq_int(&r, 4);
+				o.offset = rq_int(&r, 8);
+				if (ver >= 2)
+					(void) rq_int(&r, 4);
+				o.meta_null = rq_str(&r, flex, o.meta, sizeof(o.meta)) < 0;
+				if (flex)
+					rq_tags(&r);
+				if (r.bad || fenced)
+					continue;
+				for (k = 0; k < s->noffsets; k++)
+					if (strcmp(s->offsets[k].group, o.group) == 0 &&
+						strcmp(s->offsets[k].topic, o.topic) == 0 &&
+						s->offsets[k].partition == o.partition)
+						break;
+				if (k < PROXY_MAX_TXN_OFFSETS)
+				{
+					s->offsets[k] = o;
+					if (k == s->noffsets)
+						s->noffsets++;
+				}
+			}
+			if (flex)
+				rq_tags(&r);
+		}
+		return;
+	}
+	pid = rq_int(&r, 8);
+	epoch = rq_take(&r, 2);
+	(void) txn_fence(t, pid, epoch);
+	if (key == 26)
+	{
+		unsigned char *b = rq_take(&r, 1);
+
+		c->commit[i] = (int8_t) (b && *b);
+	}
+}
+
+/* Commit transaction t's held offsets to the mock's group store. */
+static void
+txn_apply(TxnState *s)
+{
+	int k;
+
+	for (k = 0; k < s->noffsets; k++)
+	{
+		TxnOffset *o = &s->offsets[k];
+		rd_kafka_conf_t *conf = rd_kafka_conf_new();
+		rd_kafka_topic_partition_list_t *l;
+		rd_kafka_t *rk;
+		rd_kafka_resp_err_t err;
+
+		rd_kafka_conf_set_log_cb(conf, log_cb);
+		if (conf_set(conf, "bootstrap.servers", g.bootstrap) != 0 ||
+			conf_set(conf, "group.id", o->group) != 0 ||
+			conf_set(conf, "enable.auto.commit", "false") != 0 ||
+			(rk = new_handle_type(RD_KAFKA_CONSUMER, conf, "txn offset committer")) == NULL)
+		{
+			note("transaction %s: could not create the offset committer", s->id);
+			continue;
+		}
+		l = rd_kafka_topic_partition_list_new(1);
+		rd_kafka_topic_partition_list_add(l, o->topic, o->partition)->offset = o->offset;
+		if (!o->meta_null)
+		{
+			l->elems[0].metadata = strdup(o->meta);
+			l->elems[0].metadata_size = strlen(o->meta);
+		}
+		err = rd_kafka_commit(rk, l, 0);
+		if (err)
+			note("transaction %s: committing offset %lld of %s [%d] for group %s failed: %s",
+				 s->id, (long long) o->offset, o->topic, (int) o->partition, o->group,
+				 rd_kafka_err2str(err));
+		else
+		{
+			pthread_mutex_lock(&px_lock);
+			px_txn_commits++;
+			pthread_mutex_unlock(&px_lock);
+		}
+		rd_kafka_topic_partition_list_destroy(l);
+		rd_kafka_destroy(rk);
+	}
+	s->noffsets = 0;
+}
+
+/* The answer to a transactional request of pending slot i (body: after the correlation id). */
+static void
+note_txn_response(ProxyConn *c, int key, int ver, int t, int commit,
+				  const unsigned char *body, size_t len)
+{
+	Rq r = {(unsigned char *) body, (unsigned char *) body + len, 0};
+	int err;
+
+	(void) c;
+	if (t < 0 || px_txns == NULL)
+		return;
+	if (key == 22)
+	{
+		if (ver >= 2)
+			rq_tags(&r);                       /* response header v1 */
+		(void) rq_int(&r, 4);
+		err = (int) rq_int(&r, 2);
+		if (!r.bad && err == 0)
+		{
+			px_txns[t].pid = rq_int(&r, 8);
+			px_txns[t].noffsets = 0;           /* a new producer aborts the open transaction */
+		}
+	}
+	else if (key == 26)
+	{
+		(void) rq_int(&r, 4);
+		err = (int) rq_int(&r, 2);
+		if (!r.bad && err == 0 && commit)
+			txn_apply(&px_txns[t]);
+		else if (!r.bad && err == 0)
+			px_txns[t].noffsets = 0;
+	}
+}
+
 /* Note the requests that became whole in from_client; they may go upstream. */
 static void
 note_requests(ProxyConn *c)
@@ -1866,6 +2312,7 @@ note_requests(ProxyConn *c)
 			c->ver[c->npending] = rd16(c->from_client.data + off + 6);
 			c->corr[c->npending] = rd32(c->from_client.data + off + 8);
 			c->asked_ts[c->npending] = -1;
+			note_txn_request(c, c->npending, c->from_client.data + off + 4, (size_t) size);
 			if (c->key[c->npending] == 2 && c->ver[c->npending] >= 1 && c->ver[c->npending] <= 5)
 				c->asked_ts[c->npending] =
 					listoffsets_asked(c->from_client.data + off + 4, (size_t) size,
@@ -1901,7 +2348,7 @@ pass_responses(ProxyConn *c)
 	{
 		int32_t size = rd32(c->from_upstream.data);
 		int32_t corr = rd32(c->from_upstream.data + 4);
-		int i, key = -1, ver = 0;
+		int i, key = -1, ver = 0, txn = -1, commit = 0;
 		int64_t asked = -1;
 		ProxyBuf body = {NULL, 0, 0};
 		unsigned char hdr[4];
@@ -1914,13 +2361,20 @@ pass_responses(ProxyConn *c)
 				key = c->key[i];
 				ver = c->ver[i];
 				asked = c->asked_ts[i];
+				txn = c->txn[i];
+				commit = c->commit[i];
 				c->npending--;
+				c->txn[i] = c->txn[c->npending];
+				c->commit[i] = c->commit[c->npending];
 				c->asked_ts[i] = c->asked_ts[c->npending];
 				c->corr[i] = c->corr[c->npending];
 				c->key[i] = c->key[c->npending];
 				c->ver[i] = c->ver[c->npending];
 				break;
 			}
+		if (txn >= 0)
+			note_txn_response(c, key, ver, txn, commit, c->from_upstream.data + 8,
+							  (size_t) size - 4);
 		if (key == 2 && asked >= 0)
 			patch_listoffsets(c->from_upstream.data + 8, (size_t) size - 4, ver, asked);
 		if ((key == 3 && ver <= 2 &&
@@ -2175,6 +2629,138 @@ cmd_partitions(char *args)
 }
 
 /*
+ * A transactional producer of the tests' own (a "zombie" of a transactional
+ * id that a client of the proxy uses): txn_init TXNID starts it through the
+ * proxy (or directly without one) and calls init_transactions, which fences
+ * the older producer of that id; txn_commit TOPIC VALUE produces VALUE to
+ * partition 0 in a transaction and commits it; txn_close drops it.
+ */
+static rd_kafka_t *txn_producer;
+
+static void
+cmd_txn_init(char *args)
+{
+	char *id = next_token(&args);
+	rd_kafka_conf_t *conf;
+	rd_kafka_error_t *error;
+
+	if (id == NULL || next_token(&args) != NULL)
+	{
+		reply("ERR usage: txn_init TXNID");
+		return;
+	}
+	if (txn_producer != NULL)
+		rd_kafka_destroy(txn_producer);
+	conf = rd_kafka_conf_new();
+	rd_kafka_conf_set_log_cb(conf, log_cb);
+	if (conf_set(conf, "bootstrap.servers", px.running ? px.bootstrap : g.bootstrap) != 0 ||
+		conf_set(conf, "client.id", "spool_kafka_mock_txn") != 0 ||
+		conf_set(conf, "transactional.id", id) != 0 ||
+		(txn_producer = new_handle(conf, "transactional producer")) == NULL)
+	{
+		txn_producer = NULL;
+		reply("ERR could not create the transactional producer");
+		return;
+	}
+	error = rd_kafka_init_transactions(txn_producer, 10000);
+	if (error != NULL)
+	{
+		reply("ERR init_transactions: %s", rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+		return;
+	}
+	reply("OK");
+}
+
+static void
+cmd_txn_commit(char *args)
+{
+	char *topic = next_token(&args);
+	char *value = next_token(&args);
+	rd_kafka_error_t *error;
+	rd_kafka_resp_err_t err;
+
+	if (topic == NULL || value == NULL || txn_producer == NULL)
+	{
+		reply("ERR usage: txn_commit TOPIC VALUE (after txn_init)");
+		return;
+	}
+	if ((error = rd_kafka_begin_transaction(txn_producer)) != NULL)
+		goto failed;
+	err = rd_kafka_producev(txn_producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(0),
+							RD_KAFKA_V_VALUE(value, strlen(value)),
+							RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+	if (err)
+	{
+		reply("ERR produce: %s", rd_kafka_err2str(err));
+		return;
+	}
+	if ((error = rd_kafka_commit_transaction(txn_producer, 10000)) != NULL)
+		goto failed;
+	reply("OK committed");
+	return;
+failed:
+	reply("ERR %s%s", rd_kafka_error_is_fatal(error) ? "fatal: " : "",
+		  rd_kafka_error_string(error));
+	rd_kafka_error_destroy(error);
+}
+
+/* committed GROUP TOPIC PARTITION: OK OFFSET METADATA (-1 and "" when none) */
+static void
+cmd_committed(char *args)
+{
+	char *group = next_token(&args);
+	char *topic = next_token(&args);
+	long part;
+	rd_kafka_conf_t *conf;
+	rd_kafka_t *rk;
+	rd_kafka_topic_partition_list_t *l;
+	rd_kafka_resp_err_t err;
+
+	if (group == NULL || topic == NULL ||
+		parse_long(next_token(&args), 0, MAX_PARTITIONS, &part) != 0)
+	{
+		reply("ERR usage: committed GROUP TOPIC PARTITION");
+		return;
+	}
+	conf = rd_kafka_conf_new();
+	rd_kafka_conf_set_log_cb(conf, log_cb);
+	if (conf_set(conf, "bootstrap.servers", g.bootstrap) != 0 ||
+		conf_set(conf, "group.id", group) != 0 ||
+		(rk = new_handle_type(RD_KAFKA_CONSUMER, conf, "offset reader")) == NULL)
+	{
+		reply("ERR could not create a consumer");
+		return;
+	}
+	l = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(l, topic, (int32_t) part);
+	err = rd_kafka_committed(rk, l, 10000);
+	if (!err)
+		err = l->elems[0].err;
+	if (err)
+		reply("ERR %s", rd_kafka_err2str(err));
+	else
+		reply("OK %lld %.*s", (long long) l->elems[0].offset,
+			  (int) l->elems[0].metadata_size,
+			  l->elems[0].metadata ? (const char *) l->elems[0].metadata : "");
+	rd_kafka_topic_partition_list_destroy(l);
+	rd_kafka_destroy(rk);
+}
+
+/* txnstat: OK FENCED COMMITS (see "Transactions through the proxy") */
+static void
+cmd_txnstat(void)
+{
+	long f, n;
+
+	pthread_mutex_lock(&px_lock);
+	f = px_fenced;
+	n = px_txn_commits;
+	pthread_mutex_unlock(&px_lock);
+	reply("OK %ld %ld", f, n);
+}
+
+/*
  * Execute one command line.  Returns 1 when the program should exit.
  */
 static int
@@ -2220,6 +2806,21 @@ dispatch(char *line)
 		cmd_proxy(p);
 	else if (strcmp(cmd, "partitions") == 0)
 		cmd_partitions(p);
+	else if (strcmp(cmd, "txn_init") == 0)
+		cmd_txn_init(p);
+	else if (strcmp(cmd, "txn_commit") == 0)
+		cmd_txn_commit(p);
+	else if (strcmp(cmd, "txn_close") == 0)
+	{
+		if (txn_producer != NULL)
+			rd_kafka_destroy(txn_producer);
+		txn_producer = NULL;
+		reply("OK");
+	}
+	else if (strcmp(cmd, "txnstat") == 0)
+		cmd_txnstat();
+	else if (strcmp(cmd, "committed") == 0)
+		cmd_committed(p);
 	else
 		reply("ERR unknown command '%s'", cmd);
 	return 0;
@@ -2379,6 +2980,7 @@ main(int argc, char **argv)
 		teardown();
 		return 1;
 	}
+	start_nodelay();
 
 	for (i = 0; i < ntopics; i++)
 	{

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Benchmark: the kafka target against `kcat -P` of the same rows into the
+# test Kafka cluster (librdkafka's mock, 1 broker, on 127.0.0.1), side by
+# side in one run.  Rows: N rows on KEYS keys with ~130-byte jsonb payloads;
+# the messages kcat sends are the very texts the dispatcher sends (key, and
+# the payload as jsonb text), read out of the outbox after the run.
+# Cases, each RUNS times, interleaved, each into a fresh topic of 8
+# partitions:
+#   kcat: kcat -P -K '\t' -X enable.idempotence=true -X linger.ms=1 (the
+#     producer settings of the target) of a file of N "key<TAB>value"
+#     lines; rows/s = N / wall time of the kcat process (it exits once every
+#     message is acknowledged);
+#   target, idempotent (the default mode) and transactional ("transactional":
+#     true), each with 1 and with 4 shards, batch_size BATCH: N rows written
+#     with spool.enqueue in ONE transaction while the dispatchers run; rows/s
+#     = N / (the time every shard's position covered its rows - the commit
+#     of that transaction).  The rows are marked delivered only after Kafka
+#     acknowledged (idempotent) or committed (transactional) them.
+# Each case checks that the topic holds N messages (sum of high watermarks).
+# At the end: a side-by-side table with medians and ratios to kcat.
+#
+# Usage: bash bench/kafka_target_bench.sh [N] [RUNS]   (defaults 100000, 3)
+# Environment:
+#   KEYS=K    distinct keys (default 10000)
+#   BATCH=B   the targets' batch_size (default 1000, the option's default)
+#   PARTS=P   partitions of each topic (default 8)
+#   CASES="kcat idem1 ..."  the cases to run (default all; kcat must be one)
+#   SPOOL_BENCH_PORT  server port (default 54359; unix socket only)
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+N=${1:-100000}
+RUNS=${2:-3}
+KEYS=${KEYS:-10000}
+BATCH=${BATCH:-1000}
+PARTS=${PARTS:-8}
+[ "$N" -ge 1000 ] && [ "$RUNS" -ge 1 ] && [ "$KEYS" -ge 1 ] && [ "$BATCH" -ge 1 ] ||
+	{ echo "usage: $0 [N >= 1000] [RUNS >= 1]  (KEYS, BATCH >= 1)" >&2; exit 2; }
+bench_start=$(date +%s)
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+
+"$here/scripts/deps.sh"
+. "$here/scripts/common.sh"
+tree=$(prepare_build_tree "$(bench_src "$here")")
+work=$(mktemp -d /tmp/spool_ext-kafka-bench.XXXXXX)
+PORT=${SPOOL_BENCH_PORT:-54359}
+server_up=0
+on_exit() {
+	local rc=$?
+	[ "$server_up" = 1 ] && stop_server "$work"
+	stop_kafka
+	keep_failed_log "$rc" "$work" kafka_target_bench
+	rm -rf "$work" "$tree"
+}
+trap on_exit EXIT
+
+start_kafka "$work" "$tree"
+start_server "$work" "$PORT" "shared_buffers = 512MB
+max_wal_size = 4GB
+spool.nonce_workers = 0
+spool.outbox_segment_size = 1000000"
+server_up=1
+sql() { as_user "$PG_BIN/psql" -X -q -At -h "$work" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 "$@"; }
+log() { echo "$*" >&2; }
+now() { date +%s.%N; }
+WAIT_S=$((N / 200 > 120 ? N / 200 : 120))
+
+sql -c "CREATE EXTENSION spool_ext"
+read -r -a CASES <<< "${CASES:-kcat idem1 idem4 txn1 txn4}"
+declare -A label=([kcat]="kcat -P (idempotent producer)" [idem1]="target, idempotent, 1 shard"
+	[idem4]="target, idempotent, 4 shards" [txn1]="target, transactional, 1 shard"
+	[txn4]="target, transactional, 4 shards")
+declare -A rate stat
+topic_n=0
+
+# Messages in topic: the sum of its partitions' high watermarks.
+count_topic() {
+	local t=$1 p sum=0 hi
+	for p in $(seq 0 $((PARTS - 1))); do
+		hi=$(kafka wmarks "$t" "$p" | awk '$1 == "OK" {print $3}')
+		sum=$((sum + ${hi:-0}))
+	done
+	echo "$sum"
+}
+
+# new_topic: a fresh topic of 8 partitions, named in $T.
+new_topic() {
+	topic_n=$((topic_n + 1))
+	T="bench$topic_n"
+	[ "$(kafka topic "$T" "$PARTS")" = OK ] || { log "could not create topic $T"; exit 1; }
+}
+
+# The rows (kcat's input; the targets enqueue the same).
+sql <<SQL
+CREATE TABLE bench_rows AS
+SELECT 'key' || (g % $KEYS) AS key,
+       jsonb_build_object('g', g, 'k', 'key' || (g % $KEYS), 'amount', g % 1000,
+                          'note', repeat('x', 60), 'ts', 1796596169000 + g) AS payload
+  FROM generate_series(1, $N) g;
+SQL
+sql -c "COPY (SELECT key || E'\t' || payload::text FROM bench_rows ORDER BY key) TO STDOUT" > "$work/rows.tsv"
+log "rows: $N, $(wc -c < "$work/rows.tsv") bytes of key<TAB>value"
+
+run_kcat() {
+	local r=$1 t t0 t1 got
+	new_topic
+	t=$T
+	t0=$(now)
+	kcat -P -b "$KAFKA_BOOTSTRAP" -t "$t" -K $'\t' -X enable.idempotence=true -X linger.ms=1 \
+		-l "$work/rows.tsv" 2> "$work/kcat.err" || { cat "$work/kcat.err" >&2; exit 1; }
+	t1=$(now)
+	got=$(count_topic "$t")
+	[ "$got" = "$N" ] || { log "kcat run $r: topic $t holds $got of $N messages"; exit 1; }
+	rate[kcat,$r]=$(echo "$N / ($t1 - $t0)" | bc -l)
+}
+
+run_target() {
+	local c=$1 r=$2 t name shards txn t0 t1 got res
+	new_topic
+	t=$T
+	name="${c}_$r"
+	shards=${c: -1}
+	txn=false
+	[ "${c#txn}" != "$c" ] && txn=true
+	sql -c "SELECT spool.create_target('$name', 'kafka', '{\"brokers\": \"$KAFKA_BOOTSTRAP\", \"topic\": \"$t\",
+		\"shards\": $shards, \"batch_size\": $BATCH, \"transactional\": $txn}')" >/dev/null
+	# Every shard running (its producer started) before the rows come.
+	for _ in $(seq 1 3000); do
+		[ "$(sql -c "SELECT count(*) FROM spool.outbox_status WHERE target = '$name' AND state = 'idle'")" = "$shards" ] && break
+		sleep 0.01
+	done
+	t0=$(sql <<SQL
+BEGIN;
+SELECT count(spool.enqueue('$name', key, payload)) FROM bench_rows \gset
+COMMIT;
+SELECT extract(epoch FROM clock_timestamp());
+SQL
+)
+	res=$(sql <<SQL
+DO \$\$
+DECLARE
+	deadline timestamptz := clock_timestamp() + interval '$WAIT_S s';
+BEGIN
+	LOOP
+		EXIT WHEN (SELECT sum(backlog) = 0 AND sum(waiting) = 0 FROM spool.outbox_status WHERE target = '$name');
+		IF clock_timestamp() > deadline THEN
+			RAISE EXCEPTION 'timeout: %', (SELECT string_agg(state || ' backlog ' || backlog || ' ' || coalesce(last_error, ''), '; ')
+											 FROM spool.outbox_status WHERE target = '$name');
+		END IF;
+		PERFORM pg_sleep(0.005);
+	END LOOP;
+END \$\$;
+SELECT extract(epoch FROM clock_timestamp());
+SQL
+)
+	t1=$res
+	got=$(count_topic "$t")
+	[ "$got" = "$N" ] || { log "$name: topic $t holds $got of $N messages"; exit 1; }
+	rate[$c,$r]=$(echo "$N / ($t1 - $t0)" | bc -l)
+	# Where the time went: flushes and their sizes and times (summed / worst over the shards).
+	stat[$c,$r]=$(sql -c "SELECT format('flushes %s (size %s, interval %s), batch p50 <= %s max %s, flush ms p50 <= %s p99 <= %s max %s',
+		sum(flushes_size + flushes_interval + flushes_barrier + flushes_close), sum(flushes_size), sum(flushes_interval),
+		max(batch_p50_le), max(batch_max), max(flush_ms_p50_le), max(flush_ms_p99_le), round(max(flush_ms_max)::numeric, 1))
+		FROM spool.outbox_status WHERE target = '$name'")
+	sql -c "SELECT spool.drop_target('$name', force => true)" >/dev/null
+}
+
+for r in $(seq 1 "$RUNS"); do
+	for c in "${CASES[@]}"; do
+		if [ "$c" = kcat ]; then run_kcat "$r"; else run_target "$c" "$r"; fi
+		log "run $r, $c: $(printf '%.0f' "${rate[$c,$r]}") rows/s ${stat[$c,$r]:-}"
+	done
+done
+
+declare -A M
+for c in "${CASES[@]}"; do
+	vals=()
+	for r in $(seq 1 "$RUNS"); do vals+=("${rate[$c,$r]}"); done
+	M[$c]=$(median "${vals[@]}")
+	bench_result "kafka_$c" "${M[$c]}" higher
+done
+
+echo
+echo "kafka target vs kcat -P, $N rows ($KEYS keys, ~130-byte payloads), batch_size $BATCH, $RUNS runs, test Kafka (librdkafka mock, 1 broker, topics of 8 partitions)"
+echo "machine: $(nproc) cores; load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| case | runs | median rows/s | min | max | vs kcat -P |"
+echo "|------|-----:|--------------:|----:|----:|-----------:|"
+for c in "${CASES[@]}"; do
+	vals=()
+	for r in $(seq 1 "$RUNS"); do vals+=("${rate[$c,$r]}"); done
+	lo=$(printf '%s\n' "${vals[@]}" | sort -g | head -1)
+	hi=$(printf '%s\n' "${vals[@]}" | sort -g | tail -1)
+	printf '| %s | %d | %.0f | %.0f | %.0f | %s |\n' "${label[$c]}" "$RUNS" "${M[$c]}" "$lo" "$hi" \
+		"$([ "$c" = kcat ] && echo baseline || printf '%.2fx' "$(echo "${M[$c]} / ${M[kcat]}" | bc -l)")"
+done
+r=$(echo "${M[idem1]} / ${M[kcat]}" | bc -l)
+echo
+printf '| goal (issue 14) | measured | result |\n|---|---|---|\n| default mode >= 0.8x kcat -P, 1 shard | %.2fx | %s |\n' \
+	"$r" "$([ "$(echo "$r >= 0.8" | bc -l)" = 1 ] && echo met || echo "NOT met")"
+echo
+echo "total run time of this benchmark: $(($(date +%s) - bench_start)) s"
