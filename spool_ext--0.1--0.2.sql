@@ -72,6 +72,23 @@ REVOKE ALL ON FUNCTION @extschema@.library_version() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.library_version() TO spool_admin, spool_client;
 
 ------------------------------------------------------------------------------
+-- Nonces: a report and the next request in one worker commit (docs/nonces.md)
+------------------------------------------------------------------------------
+
+CREATE FUNCTION @extschema@.nonce_report_and_request(signer text, outcome text,
+													 nonce bigint DEFAULT NULL,
+													 reported_request_id text DEFAULT NULL,
+													 request_id text DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'spool_nonce_report_and_request'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.nonce_report_and_request(text, text, bigint, text, text) IS
+'Worker-queue mode: report a nonce (by nonce or reported_request_id) ''used'' or ''recyclable'' and request the next one, in one commit of the signer''s nonce worker; no nonce is handed out if the report fails';
+REVOKE ALL ON FUNCTION @extschema@.nonce_report_and_request(text, text, bigint, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.nonce_report_and_request(text, text, bigint, text, text)
+	TO spool_client;
+
+------------------------------------------------------------------------------
 -- Standby processors: replicas on a hot standby (spool.standby_processors)
 ------------------------------------------------------------------------------
 

@@ -48,11 +48,14 @@ echo
 echo "$bench bench, side by side: $revname (before) vs $headname (after), $ROUNDS rounds each (A B B A ...), args: $*"
 echo "$(nproc) cores, $(date -u +%Y-%m-%d)"
 printf '%-58s %12s %12s %8s  %s\n' "figure (median over rounds)" "$revname" "$headname" "ratio" "after is"
-cut -f1 "$work/rev.results" | awk '!seen[$0]++' | while IFS= read -r c; do
+cut -f1 "$work/rev.results" "$work/head.results" | awk '!seen[$0]++' | while IFS= read -r c; do
 	a=$(median $(awk -F'\t' -v c="$c" '$1 == c {print $2}' "$work/rev.results"))
 	b=$(median $(awk -F'\t' -v c="$c" '$1 == c {print $2}' "$work/head.results"))
-	better=$(awk -F'\t' -v c="$c" '$1 == c {print $3; exit}' "$work/rev.results")
-	[ -n "$a" ] && [ -n "$b" ] || continue
+	better=$(awk -F'\t' -v c="$c" '$1 == c {print $3; exit}' "$work/rev.results" "$work/head.results")
+	if [ -z "$a" ] || [ -z "$b" ]; then	# a figure only one of the builds has
+		printf '%-58s %12s %12s %8s  %s\n' "$c" "${a:--}" "${b:--}" "" "(one build only)"
+		continue
+	fi
 	r=$(echo "$b / $a" | bc -l)
 	if [ "$better" = higher ]; then pct=$(echo "($r - 1) * 100" | bc -l); else pct=$(echo "(1 - $r) * 100" | bc -l); fi
 	verdict=$(printf '%+.1f%% %s' "$pct" "$([ "$(echo "$pct >= 0" | bc -l)" = 1 ] && echo better || echo worse)")

@@ -7,6 +7,9 @@
 #   qreport   spool.nonce_request, then spool.nonce_report of that nonce (9 in
 #             10 'used', 1 in 10 'recyclable'): one pgbench transaction is
 #             both calls, i.e. a nonce's whole life in worker-queue mode
+#   qcombo    the same life with one call per nonce: each client reports its
+#             previous nonce and takes the next in one spool.nonce_report_and_request
+#             (skipped when the extension built has no such function)
 # each on one hot signer/row and spread over 100 signers/rows.
 # Prints tps per run, the median of RUNS runs, and the ratio to the baseline.
 #
@@ -68,9 +71,31 @@ cat > "$work/qreport_spread.sql" <<'SQL'
 SELECT spool.nonce_request('PREFIX-' || :s) AS n \gset
 SELECT spool.nonce_report('PREFIX-' || :s, CASE WHEN :r = 1 THEN 'recyclable' ELSE 'used' END, :n);
 SQL
+cat > "$work/qcombo_hot.sql" <<'SQL'
+\set r random(1, 10)
+\if :prev < 0
+SELECT spool.nonce_request('PREFIX-hot') AS prev \gset
+\else
+SELECT spool.nonce_report_and_request('PREFIX-hot', CASE WHEN :r = 1 THEN 'recyclable' ELSE 'used' END, :prev) AS prev \gset
+\endif
+SQL
+# A client keeps its signer, so that it always has a nonce of it to report.
+cat > "$work/qcombo_spread.sql" <<'SQL'
+\set r random(1, 10)
+\if :prev < 0
+\set s random(1, 100)
+SELECT spool.nonce_request('PREFIX-' || :s) AS prev \gset
+\else
+SELECT spool.nonce_report_and_request('PREFIX-' || :s, CASE WHEN :r = 1 THEN 'recyclable' ELSE 'used' END, :prev) AS prev \gset
+\endif
+SQL
 chmod 644 "$work"/*.sql; [ "$(id -u)" -eq 0 ] && chown "$RUN_AS" "$work"/*.sql
 
-cases=(naive_hot basic_hot queue_hot qreport_hot naive_spread basic_spread queue_spread qreport_spread)
+modes=(naive basic queue qreport)
+[ "$(psql -Atc "SELECT to_regprocedure('spool.nonce_report_and_request(text,text,bigint,text,text)') IS NOT NULL")" = t ] &&
+	modes+=(qcombo)
+cases=()
+for scope in hot spread; do for mode in "${modes[@]}"; do cases+=("${mode}_$scope"); done; done
 declare -A tps
 for run in $(seq 1 "$RUNS"); do
 	for c in "${cases[@]}"; do
@@ -81,7 +106,7 @@ for run in $(seq 1 "$RUNS"); do
 		           FROM generate_series(1, 100) g" >/dev/null
 		psql -c "CHECKPOINT" >/dev/null
 		sed "s/PREFIX/$prefix/" "$work/$c.sql" > "$work/run.sql"
-		out=$(pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "$SECS" -f "$work/run.sql" 2>&1)
+		out=$(pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "$SECS" -D prev=-1 -f "$work/run.sql" 2>&1)
 		t=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
 		[ -n "$t" ] || { echo "$out" >&2; exit 1; }
 		tps[$c,$run]=$t
@@ -93,6 +118,8 @@ done
 dups=$(psql -Atc "SELECT count(*) FROM (SELECT signer, nonce FROM spool.nonces GROUP BY 1, 2 HAVING count(*) > 1) d")
 # Every nonce of the qreport cases was reported: none is left allocated.
 unreported=$(psql -Atc "SELECT count(*) FROM spool.nonces WHERE signer LIKE '%qreport%' AND state = 'allocated'")
+# qcombo: each client's last nonce of a run is left allocated, no other.
+combo_left=$(psql -Atc "SELECT count(*) FROM spool.nonces WHERE signer LIKE '%qcombo%' AND state = 'allocated'")
 gaps=$(psql -Atc "SELECT count(*) FROM (SELECT signer FROM spool.nonces GROUP BY signer HAVING max(nonce) + 1 <> count(*)) g")
 
 
@@ -101,7 +128,7 @@ echo "nonce allocation, pgbench -M prepared, $CLIENTS clients, ${SECS}s per case
 printf '%-42s %10s %10s %10s   %s\n' "case" "median tps" "min" "max" "vs naive"
 for scope in hot spread; do
 	base=$(median $(for r in $(seq 1 "$RUNS"); do echo "${tps[naive_$scope,$r]}"; done))
-	for mode in naive basic queue qreport; do
+	for mode in "${modes[@]}"; do
 		c=${mode}_$scope
 		vals=$(for r in $(seq 1 "$RUNS"); do echo "${tps[$c,$r]}"; done)
 		m=$(median $vals)
@@ -112,6 +139,7 @@ for scope in hot spread; do
 			basic) label="nonce_allocate (basic, fenced)" ;;
 			queue) label="nonce_request (worker queue)" ;;
 			qreport) label="request + report (worker queue)" ;;
+			qcombo) label="report_and_request (worker queue)" ;;
 		esac
 		[ "$scope" = hot ] && label="$label, 1 hot" || label="$label, 100"
 		printf '%-42s %10.0f %10.0f %10.0f   %6.2fx\n' "$label" "$m" "$lo" "$hi" "$(echo "$m / $base" | bc -l)"
@@ -119,4 +147,6 @@ for scope in hot spread; do
 	done
 done
 echo "duplicate (signer, nonce) pairs: $dups; signers with gaps: $gaps; request + report: nonces left unreported: $unreported"
+[[ " ${modes[*]} " == *" qcombo "* ]] &&
+	echo "report_and_request: nonces left allocated: $combo_left (the last one of each client and run, at most $((2 * CLIENTS * RUNS)))"
 echo "(request + report: one transaction is a nonce_request and a nonce_report, so its tps counts nonces whose whole life went through the workers)"

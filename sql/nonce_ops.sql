@@ -133,3 +133,68 @@ SET ROLE regress_nops_a;
 SELECT spool.nonce_report('no-ra', 'used', 0) AS a_reports;
 SELECT spool.nonce_set_next('no-rb', 5, 'a-node', 1) AS a_sets;
 RESET ROLE;
+
+-- nonce_report_and_request: a report and the next nonce in one worker
+-- commit.  Signer 'no-c', nonces 0..2 allocated.
+SELECT spool.nonce_request('no-c', 'c-' || g) AS nonce FROM generate_series(0, 2) g;
+-- 0 used (by nonce), and a new nonce.
+SELECT spool.nonce_report_and_request('no-c', 'used', 0, request_id => 'c-3') AS gets_3;
+-- 1 given back (by request id): it goes to this very call.
+SELECT spool.nonce_report_and_request('no-c', 'recyclable', reported_request_id => 'c-1',
+                                      request_id => 'c-4') AS gets_1;
+-- Repeats of committed calls (their request ids hold nonces) return the
+-- same nonces and report nothing again.
+SELECT spool.nonce_report_and_request('no-c', 'used', 0, request_id => 'c-3') AS again_3;
+SELECT spool.nonce_report_and_request('no-c', 'recyclable', reported_request_id => 'c-1',
+                                      request_id => 'c-4') AS again_1;
+SELECT spool.nonce_report_and_request('no-c', 'recyclable', 1, request_id => 'c-4') AS again_1_by_nonce;
+-- Without a request id (an 'auto:' one).
+SELECT spool.nonce_report_and_request('no-c', 'used', 2) AS gets_4;
+SELECT nonce, state, CASE WHEN request_id LIKE 'auto:%' THEN 'auto' ELSE request_id END AS request_id
+  FROM spool.nonces WHERE signer = 'no-c' ORDER BY nonce;
+SELECT next_nonce, released FROM spool.nonce_signer WHERE signer = 'no-c';
+
+-- A report that fails fails the call, and no nonce is handed out: the state
+-- machine in the worker (SP006), unknown nonces and request ids (SP005),
+-- bad input (SP001), a signer in basic mode (SP008).
+SELECT spool_state() AS before \gset
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'recyclable', 0, request_id => 'c-x')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'recyclable', 0)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', 99, request_id => 'c-x')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', reported_request_id => 'nope')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-none', 'used', 0)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'sent', 3)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', NULL, 3)$$);
+SELECT try($$SELECT spool.nonce_report_and_request(NULL, 'used', 3)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('', 'used', 3)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', 3, 'c-3')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', -1)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', 3, request_id => '')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', reported_request_id => '')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', reported_request_id => 'c-3',
+                                                   request_id => 'c-3')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-b', 'used', 3)$$);
+SELECT spool_state() = :'before' AS unchanged;
+SELECT count(*) AS c_x_nonces FROM spool.nonces WHERE request_id = 'c-x';
+
+-- Roles: another role's signer (42501, nothing changes), whether the report
+-- names a nonce it has, one it lacks, or the request id repeats one of its
+-- calls; a role outside spool_client may not call it at all.
+CREATE ROLE regress_nops_c;
+SELECT spool_state() AS before \gset
+SET ROLE regress_nops_b;
+SELECT try($$SELECT spool.nonce_report_and_request('no-ra', 'used', 0, request_id => 'rb-1')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-ra', 'recyclable', 0)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-ra', 'used', 7)$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-ra', 'used', reported_request_id => 'nope')$$);
+SELECT try($$SELECT spool.nonce_report_and_request('no-ra', 'used', 7, request_id => 'ra-0')$$);
+SET ROLE regress_nops_c;
+SELECT try($$SELECT spool.nonce_report_and_request('no-c', 'used', 3)$$);
+RESET ROLE;
+SELECT spool_state() = :'before' AS unchanged;
+SET ROLE regress_nops_a;
+SELECT spool.nonce_request('no-ra', 'ra-1') AS a_nonce;
+SELECT spool.nonce_report_and_request('no-ra', 'used', 1, request_id => 'ra-2') AS a_next;
+RESET ROLE;
+DROP ROLE regress_nops_c;

@@ -903,7 +903,8 @@ spool_nonce_set_next(PG_FUNCTION_ARGS)
 	SpoolCaller caller;
 
 	if (PG_ARGISNULL(2) && PG_ARGISNULL(3))
-		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL, false));
+		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_SET_NEXT, next, NULL, false,
+											   NULL));
 	owner = spool_arg_name(fcinfo, 2, "owner");
 	token = spool_arg_int64(fcinfo, 3, "token", true);
 	spool_require_shmem();

@@ -34,8 +34,18 @@ typedef enum SpoolReqKind
 	SPOOL_REQ_ALLOCATE = 0,		/* nonce_request */
 	SPOOL_REQ_USED,				/* nonce_report(..., 'used') */
 	SPOOL_REQ_RECYCLABLE,		/* nonce_report(..., 'recyclable') */
-	SPOOL_REQ_SET_NEXT			/* nonce_set_next without owner and token */
+	SPOOL_REQ_SET_NEXT,			/* nonce_set_next without owner and token */
+	SPOOL_REQ_REPORT_ALLOCATE	/* nonce_report_and_request: a report, then
+								 * an allocation if the report holds */
 } SpoolReqKind;
+
+/* The report that a SPOOL_REQ_REPORT_ALLOCATE request makes first. */
+typedef struct SpoolQueuedReport
+{
+	int64		nonce;
+	const char *request_id;		/* the reported allocation's; NULL: none */
+	bool		to_released;
+} SpoolQueuedReport;
 
 /* One worker-queue nonce request; lives in a shared pool. */
 typedef struct SpoolNonceReq
@@ -49,6 +59,10 @@ typedef struct SpoolNonceReq
 	SpoolReqKind kind;
 	int64		arg;			/* reports: the nonce; set_next: the chain's */
 	bool		has_request_id; /* reports: false when the nonce has none */
+	/* REPORT_ALLOCATE: the report (arg is its nonce; request_id the new one) */
+	bool		report_released;
+	bool		report_has_rid;
+	char		report_rid[SPOOL_REQID_MAX];
 	bool		fresh_id;		/* request_id was made for this call and was
 								 * never queued before: no nonce has it yet */
 	char		request_id[SPOOL_REQID_MAX];
@@ -129,7 +143,8 @@ extern int64 spool_nonce_set_next_kernel(const char *signer, int64 next,
 
 /* queue.c */
 extern int64 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
-									const char *request_id, bool fresh_id);
+									const char *request_id, bool fresh_id,
+									const SpoolQueuedReport *report);
 extern int	spool_route_signer(const char *signer, int nworkers);
 extern void spool_request_free(int idx);
 extern void spool_request_enqueue(int w, int idx, bool at_head);

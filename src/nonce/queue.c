@@ -43,6 +43,7 @@ SpoolNonceReq *spool_requests = NULL;
 
 PG_FUNCTION_INFO_V1(spool_nonce_request);
 PG_FUNCTION_INFO_V1(spool_nonce_report);
+PG_FUNCTION_INFO_V1(spool_nonce_report_and_request);
 PG_FUNCTION_INFO_V1(spool_nonce_worker_status);
 
 static uint64 auto_request_counter = 0;
@@ -50,7 +51,8 @@ static uint64 auto_request_counter = 0;
 static void request_abandon(int code, Datum arg);
 static void check_queue_mode(void);
 static int	request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
-						   const char *request_id, bool fresh_id);
+						   const char *request_id, bool fresh_id,
+						   const SpoolQueuedReport *report);
 static void request_wait(SpoolNonceReq *req);
 static void nonce_attach(bool found);
 
@@ -150,7 +152,7 @@ spool_nonce_request(PG_FUNCTION_ARGS)
 	check_queue_mode();
 	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1,
 										   request_id ? request_id : auto_request_id(),
-										   request_id == NULL));
+										   request_id == NULL, NULL));
 }
 
 /*
@@ -242,6 +244,82 @@ signer_role_lookup(Oid nsp, const char *signer)
 }
 
 /*
+ * A report's arguments (outcome, nonce, and the request id, named rid_arg,
+ * at positions 1..3 of both reporting functions) into rep; SP001 for bad
+ * input.  *by_request_id is the request id named, or NULL when the nonce
+ * was.
+ */
+static void
+report_args(FunctionCallInfo fcinfo, const char *rid_arg, SpoolQueuedReport *rep,
+			char **by_request_id)
+{
+	char	   *outcome = spool_arg_name(fcinfo, 1, "outcome");
+	bool		by_nonce = !PG_ARGISNULL(2);
+	char	   *request_id = spool_arg_name_opt(fcinfo, 3, rid_arg);
+
+	rep->nonce = by_nonce ? spool_arg_int64(fcinfo, 2, "nonce", true) : -1;
+	rep->request_id = NULL;
+	if (strcmp(outcome, "used") == 0)
+		rep->to_released = false;
+	else if (strcmp(outcome, "recyclable") == 0)
+		rep->to_released = true;
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("unknown nonce outcome \"%s\"", outcome),
+				 errhint("Use 'used' (the transaction was sent) or 'recyclable' (it was not).")));
+	if (by_nonce == (request_id != NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("give exactly one of nonce and %s", rid_arg),
+				 errhint("Name the nonce, or the request_id it was requested with.")));
+	*by_request_id = request_id;
+}
+
+/*
+ * Find the allocation a report names, by its nonce (by_request_id NULL) or
+ * by the request id, and complete rep with its nonce and request id.
+ * Returns false when the signer has no such allocation.
+ */
+static bool
+report_resolve(Oid nsp, const char *signer, const char *by_request_id,
+			   SpoolQueuedReport *rep)
+{
+	char	   *rid = NULL;
+
+	if (!report_lookup(nsp, signer, by_request_id == NULL, rep->nonce, by_request_id,
+					   &rep->nonce, &rid))
+		return false;
+	rep->request_id = rid;
+	return true;
+}
+
+/*
+ * Raise the error for a report that found no allocation.  A nonce that is
+ * found goes to the worker, which checks the caller's role like for every
+ * request (42501, nothing changed); only a miss reads the signer here, so
+ * that another role's signer answers 42501 rather than saying which nonces
+ * it has.  No SQL runs here, so the caller's user and search_path stay as
+ * they are (the probes check no privileges).
+ */
+static void
+report_missing(Oid nsp, const char *signer, const char *by_request_id, int64 nonce)
+{
+	Oid			role = signer_role_lookup(nsp, signer);
+
+	if (OidIsValid(role) && !spool_role_is_member(GetUserId(), role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("signer \"%s\" belongs to another role", signer)));
+	ereport(ERROR,
+			(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
+			 by_request_id == NULL ?
+			 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
+			 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", by_request_id, signer),
+			 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
+}
+
+/*
  * SQL: spool.nonce_report(signer, outcome, nonce, request_id) RETURNS bigint
  *
  * The caller names the allocation it reports on by its nonce or request id;
@@ -254,67 +332,79 @@ Datum
 spool_nonce_report(PG_FUNCTION_ARGS)
 {
 	char	   *signer = spool_arg_signer(fcinfo, 0);
-	char	   *outcome = spool_arg_name(fcinfo, 1, "outcome");
-	bool		by_nonce = !PG_ARGISNULL(2);
-	int64		nonce = by_nonce ? spool_arg_int64(fcinfo, 2, "nonce", true) : -1;
-	char	   *request_id = spool_arg_name_opt(fcinfo, 3, "request_id");
-	SpoolReqKind kind;
+	SpoolQueuedReport rep;
+	char	   *by_request_id;
 	Oid			nsp;
-	char	   *rid = NULL;
-	int64		found = -1;
 
-	if (strcmp(outcome, "used") == 0)
-		kind = SPOOL_REQ_USED;
-	else if (strcmp(outcome, "recyclable") == 0)
-		kind = SPOOL_REQ_RECYCLABLE;
-	else
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("unknown nonce outcome \"%s\"", outcome),
-				 errhint("Use 'used' (the transaction was sent) or 'recyclable' (it was not).")));
-	if (by_nonce == (request_id != NULL))
-		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
-				 errmsg("give exactly one of nonce and request_id"),
-				 errhint("Name the nonce, or the request_id it was requested with.")));
+	report_args(fcinfo, "request_id", &rep, &by_request_id);
 	check_queue_mode();
-
-	/*
-	 * A nonce that was found goes to the worker, which checks the caller's
-	 * role like for every request (42501, nothing changed); only a miss
-	 * reads the signer here, so that another role's signer answers 42501
-	 * rather than saying which nonces it has.  No SQL runs here, so the
-	 * caller's user and search_path stay as they are (the probes check no
-	 * privileges).
-	 */
 	nsp = get_namespace_oid("spool", false);
-	if (!report_lookup(nsp, signer, by_nonce, nonce, request_id, &found, &rid))
-	{
-		Oid			role = signer_role_lookup(nsp, signer);
+	if (!report_resolve(nsp, signer, by_request_id, &rep))
+		report_missing(nsp, signer, by_request_id, rep.nonce);
+	PG_RETURN_INT64(spool_nonce_queue_call(signer,
+										   rep.to_released ? SPOOL_REQ_RECYCLABLE : SPOOL_REQ_USED,
+										   rep.nonce, rep.request_id, false, NULL));
+}
 
-		if (OidIsValid(role) && !spool_role_is_member(GetUserId(), role))
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("signer \"%s\" belongs to another role", signer)));
+/*
+ * SQL: spool.nonce_report_and_request(signer, outcome, nonce,
+ *		reported_request_id, request_id) RETURNS bigint
+ *
+ * nonce_report, then nonce_request, as one queued request: the worker
+ * applies the report and, only if it holds (applied or a harmless repeat),
+ * allocates, in the same transaction, so the caller waits for one commit
+ * instead of two.  A report that fails fails the call and hands out no
+ * nonce.  A request id that already holds a nonce means that this call was
+ * committed before (its report and its allocation commit together): the
+ * call then answers like nonce_request(signer, request_id) and does not
+ * report again.  That is checked after the report's look-up: should the
+ * first attempt of a retried call commit between the two, the look-up saw
+ * the reported allocation as it was before (which the worker then finds
+ * given back or consumed: a repeat) and the check sees the commit; never
+ * is a nonce's next holder reported on.
+ */
+Datum
+spool_nonce_report_and_request(PG_FUNCTION_ARGS)
+{
+	char	   *signer = spool_arg_signer(fcinfo, 0);
+	char	   *request_id = spool_arg_name_opt(fcinfo, 4, "request_id");
+	SpoolQueuedReport rep;
+	char	   *by_request_id;
+	Oid			nsp;
+	bool		found;
+	int64		held;
+	char	   *held_rid;
+
+	report_args(fcinfo, "reported_request_id", &rep, &by_request_id);
+	if (request_id && by_request_id && strcmp(request_id, by_request_id) == 0)
 		ereport(ERROR,
-				(errcode(ERRCODE_SPOOL_UNKNOWN_NONCE),
-				 by_nonce ?
-				 errmsg("nonce " INT64_FORMAT " of signer \"%s\" was never allocated", nonce, signer) :
-				 errmsg("request id \"%s\" of signer \"%s\" holds no nonce", request_id, signer),
-				 errhint("Only nonces returned by spool.nonce_request can be reported; a nonce given back and handed out again no longer belongs to its first request id.")));
-	}
-	PG_RETURN_INT64(spool_nonce_queue_call(signer, kind, found, rid, false));
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("the new request needs a request id of its own"),
+				 errdetail("Request id \"%s\" names the reported allocation.", request_id)));
+	check_queue_mode();
+	nsp = get_namespace_oid("spool", false);
+	found = report_resolve(nsp, signer, by_request_id, &rep);
+	if (request_id && report_lookup(nsp, signer, false, -1, request_id, &held, &held_rid))
+		PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_ALLOCATE, -1, request_id,
+											   false, NULL));
+	if (!found)
+		report_missing(nsp, signer, by_request_id, rep.nonce);
+	PG_RETURN_INT64(spool_nonce_queue_call(signer, SPOOL_REQ_REPORT_ALLOCATE, rep.nonce,
+										   request_id ? request_id : auto_request_id(),
+										   request_id == NULL, &rep));
 }
 
 /*
  * Queue one request of kind for signer's worker and wait until it is
  * committed; returns its nonce (set_next: the nonce handed out next).
+ * report: the report of a SPOOL_REQ_REPORT_ALLOCATE request, else NULL.
  * Raises the worker's error for it, or SP007 after
  * spool.nonce_request_timeout.
  */
 int64
 spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
-					   const char *request_id, bool fresh_id)
+					   const char *request_id, bool fresh_id,
+					   const SpoolQueuedReport *report)
 {
 	SpoolNonceReq *req;
 	SpoolReqState state;
@@ -326,7 +416,7 @@ spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
 
 	check_queue_mode();
 	w = spool_route_signer(signer, spool_nonce_shared->nworkers);
-	idx = request_submit(w, signer, kind, arg, request_id, fresh_id);
+	idx = request_submit(w, signer, kind, arg, request_id, fresh_id, report);
 	req = &spool_requests[idx];
 
 	PG_ENSURE_ERROR_CLEANUP(request_abandon, Int32GetDatum(idx));
@@ -346,13 +436,15 @@ spool_nonce_queue_call(const char *signer, SpoolReqKind kind, int64 arg,
 				(errcode(sqlerrcode),
 				 errmsg("%s", errmsg_buf),
 				 errdetail("Reported by nonce worker %d for signer \"%s\".", w, signer)));
-	if (state != REQ_DONE && kind == SPOOL_REQ_ALLOCATE)
+	if (state != REQ_DONE && (kind == SPOOL_REQ_ALLOCATE || kind == SPOOL_REQ_REPORT_ALLOCATE))
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
 				 errmsg("timed out waiting for a nonce for signer \"%s\"", signer),
 				 errdetail("Nonce worker %d did not answer within %d ms; request id \"%s\".",
 						   w, spool_nonce_request_timeout_ms, request_id),
-				 errhint("Repeat the call with the same request_id: it returns the nonce if one was committed meanwhile.")));
+				 kind == SPOOL_REQ_ALLOCATE ?
+				 errhint("Repeat the call with the same request_id: it returns the nonce if one was committed meanwhile.") :
+				 errhint("Repeat the call with the same request_id: it returns the nonce if the call was committed meanwhile, and reports only if it was not.")));
 	if (state != REQ_DONE)
 		ereport(ERROR,
 				(errcode(ERRCODE_SPOOL_SERVICE_UNAVAILABLE),
@@ -393,7 +485,7 @@ check_queue_mode(void)
  */
 static int
 request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
-			   const char *request_id, bool fresh_id)
+			   const char *request_id, bool fresh_id, const SpoolQueuedReport *report)
 {
 	SpoolNonceReq *req;
 	Latch	   *latch;
@@ -425,6 +517,10 @@ request_submit(int w, const char *signer, SpoolReqKind kind, int64 arg,
 	req->arg = arg;
 	req->has_request_id = (request_id != NULL);
 	strlcpy(req->request_id, request_id ? request_id : "", sizeof(req->request_id));
+	req->report_released = report && report->to_released;
+	req->report_has_rid = report && report->request_id;
+	strlcpy(req->report_rid, req->report_has_rid ? report->request_id : "",
+			sizeof(req->report_rid));
 	req->role = GetUserId();
 	req->nonce = -1;
 	req->sqlerrcode = 0;

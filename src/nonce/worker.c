@@ -52,6 +52,8 @@ typedef struct BatchItem
 	int64		arg;
 	char	   *request_id;		/* NULL: a report on a nonce without one */
 	bool		fresh_id;		/* request_id owns no nonce yet */
+	bool		report_released;	/* REPORT_ALLOCATE: the report's outcome */
+	char	   *report_rid;		/* ... and its allocation's request id */
 	Oid			role;
 	int64		nonce;
 	int			sqlerrcode;
@@ -249,6 +251,8 @@ worker_dequeue(BatchItem *items, int max)
 		items[n].arg = req->arg;
 		items[n].request_id = req->has_request_id ? pstrdup(req->request_id) : NULL;
 		items[n].fresh_id = req->fresh_id;
+		items[n].report_released = req->report_released;
+		items[n].report_rid = req->report_has_rid ? pstrdup(req->report_rid) : NULL;
 		items[n].role = req->role;
 		items[n].nonce = -1;
 		items[n].sqlerrcode = 0;
@@ -450,7 +454,8 @@ signer_lease(const char *signer)
  * Serve one signer's requests, (re)acquiring its lease when needed: first
  * the set_next calls, then the reports (so a nonce given back is handed out
  * at once), then the allocations, all with the kernel basic mode uses.  A
- * report's own error (SP005, SP006) fails only that report.
+ * report's own error (SP005, SP006) fails only that report; a
+ * REPORT_ALLOCATE request whose report fails gets no allocation.
  */
 static void
 worker_serve_signer(BatchItem *items, int n)
@@ -499,6 +504,14 @@ worker_serve_signer(BatchItem *items, int n)
 			reports[nreports].to_released = (items[i].kind == SPOOL_REQ_RECYCLABLE);
 			at[nreports++] = i;
 		}
+		else if (allowed[i] && items[i].kind == SPOOL_REQ_REPORT_ALLOCATE)
+		{
+			reports[nreports].nonce = items[i].arg;
+			reports[nreports].request_id = items[i].report_rid;
+			reports[nreports].match_request = true;
+			reports[nreports].to_released = items[i].report_released;
+			at[nreports++] = i;
+		}
 	if (nreports > 0)
 	{
 		locked_released = spool_nonce_report_batch(signer, my_owner, hl->token,
@@ -508,7 +521,10 @@ worker_serve_signer(BatchItem *items, int n)
 			BatchItem  *it = &items[at[i]];
 
 			if (reports[i].sqlerrcode == 0)
-				it->nonce = reports[i].nonce;
+			{
+				if (it->kind != SPOOL_REQ_REPORT_ALLOCATE)
+					it->nonce = reports[i].nonce;
+			}
 			else
 			{
 				it->sqlerrcode = reports[i].sqlerrcode;
@@ -518,7 +534,9 @@ worker_serve_signer(BatchItem *items, int n)
 	}
 
 	for (i = 0; i < n; i++)
-		if (allowed[i] && items[i].kind == SPOOL_REQ_ALLOCATE)
+		if (allowed[i] && (items[i].kind == SPOOL_REQ_ALLOCATE ||
+						   (items[i].kind == SPOOL_REQ_REPORT_ALLOCATE &&
+							items[i].sqlerrcode == 0)))
 		{
 			ids[nallowed] = items[i].request_id;
 			fresh[nallowed] = items[i].fresh_id;
