@@ -312,7 +312,10 @@ spool_check_run_as(Oid caller, const char *run_as, const char *object, const cha
  * One worker transaction with SPI and a snapshot (not nested).  Anything
  * allocated between spool_begin_txn and spool_end_txn lives in SPI's memory
  * and is gone after spool_end_txn; results that must outlive it are copied
- * out first.
+ * out first.  Each end flushes the worker's table statistics (at most once a
+ * second: pgstat_report_stat is rate-limited), which a client backend does
+ * when it goes idle and a background worker must do itself: without it
+ * pg_stat_user_tables and autovacuum never see the workers' writes.
  */
 static MemoryContext txn_caller_cxt;
 
@@ -353,6 +356,7 @@ spool_end_txn(void)
 	SPI_finish();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(txn_caller_cxt);
+	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
@@ -363,6 +367,7 @@ spool_abort_txn(void)
 	SPI_finish();
 	AbortCurrentTransaction();
 	MemoryContextSwitchTo(txn_caller_cxt);
+	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 

@@ -471,6 +471,7 @@ empty_staging(uint32 which)
 						staging_table[which])));
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
+	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[which], 0);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_other[which], 0);

@@ -89,6 +89,14 @@ my $pids = wait_workers($node, 2, 'the launcher to start 2 nonce workers');
 sql("SELECT spool.nonce_request(s, 'x-warm-' || s) FROM unnest(ARRAY["
 	  . sql_list(@signers) . ']) s');
 
+# The workers flush their table statistics, so pg_stat_user_tables (and
+# autovacuum) see the rows they insert; every poll queues one more request,
+# a new transaction for the worker.
+poll_ok($node,
+	"SELECT spool.nonce_request('stats-probe', 'x-probe-' || clock_timestamp()) IS NOT NULL AND n_tup_ins > 0"
+	  . " FROM pg_stat_user_tables WHERE relid = 'spool.nonce_store'::regclass",
+	'the nonce workers\' inserts to show in pg_stat_user_tables');
+
 sub signers_of
 {
 	my ($w) = @_;
