@@ -197,6 +197,7 @@ static void read_gate(GateView *g);
 static void load_processor(void);
 static void reload_options(void);
 static void check_run_as(void);
+static void publish_progress(int64 committed, int64 at, int64 hash, bool hash_null);
 static void load_checkpoint(bool publish);
 static void state_reset(Jsonb *snapshot, int64 at);
 static int64 spool_end(void);
@@ -422,17 +423,26 @@ follow_replicated(void)
 	}
 	LWLockAcquire(spool_processor_shared->lock, LW_EXCLUSIVE);
 	if (ps->epoch == epoch)
-	{
-		if (committed > ps->committed_cursor)
-			ps->committed_cursor = committed;
-		if (!hash_null && at > ps->snapshot_cursor)
-		{
-			ps->snapshot_cursor = at;
-			ps->snapshot_hash = (uint64) hash;
-		}
-	}
+		publish_progress(committed, at, hash, hash_null);
 	LWLockRelease(spool_processor_shared->lock);
 	return true;
+}
+
+/*
+ * Move the processor's published committed and snapshot cursors forward
+ * to those read from the checkpoint row (never back).  Under the
+ * processor lock, in the epoch they were read in.
+ */
+static void
+publish_progress(int64 committed, int64 at, int64 hash, bool hash_null)
+{
+	if (committed > ps->committed_cursor)
+		ps->committed_cursor = committed;
+	if (!hash_null && at > ps->snapshot_cursor)
+	{
+		ps->snapshot_cursor = at;
+		ps->snapshot_hash = (uint64) hash;
+	}
 }
 
 /*
@@ -724,15 +734,7 @@ load_checkpoint(bool publish)
 		ps->snapshot_hash = hash_null ? 0 : (uint64) hash;
 	}
 	else if (publish && epoch == ps->epoch)
-	{
-		if (committed > ps->committed_cursor)
-			ps->committed_cursor = committed;
-		if (!hash_null && at > ps->snapshot_cursor)
-		{
-			ps->snapshot_cursor = at;
-			ps->snapshot_hash = (uint64) hash;
-		}
-	}
+		publish_progress(committed, at, hash, hash_null);
 	LWLockRelease(spool_processor_shared->lock);
 	if (newer)
 		ConditionVariableBroadcast(&ps->cv);
