@@ -79,6 +79,9 @@ static void take_over(const char *topic, int32 partition, int64 from, int64 to,
 static bool commit_claims(void);
 static void release_drained(void);
 static rd_kafka_resp_err_t commit_bounded(rd_kafka_topic_partition_list_t *l);
+static void wait_for(const char *topic, int32 partition, bool release);
+static void set_metadata(rd_kafka_topic_partition_t *e, const char *meta);
+static long long unix_ms(void);
 static int64 stored_offset(const char *topic, int32 partition, bool drained);
 
 /*
@@ -121,14 +124,7 @@ claims_waiting(const char *topic, int32 partition)
 void
 claims_note_release(const char *topic, int32 partition)
 {
-	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-	Waiting    *w = palloc(sizeof(Waiting));
-
-	w->topic = pstrdup(topic);
-	w->partition = partition;
-	w->release = true;
-	waiting = lappend(waiting, w);
-	MemoryContextSwitchTo(old);
+	wait_for(topic, partition, true);
 }
 
 /*
@@ -156,9 +152,6 @@ claims_admit(const char *topic, int32 partition, int64 *offset, bool quiet)
 
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR || kind == CLAIM_LIVE)
 	{
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-		Waiting    *w = palloc(sizeof(Waiting));
-
 		if (quiet)
 			;					/* said when it was first refused */
 		else if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -175,11 +168,7 @@ claims_admit(const char *topic, int32 partition, int64 *offset, bool quiet)
 							source_name, topic, partition, holder),
 					 errdetail("Servers sharing a topic must have shares that do not overlap; this server does not consume the partition while the other one claims it."),
 					 errhint("Check the \"share\" or \"partitions\" option of the source on both servers.")));
-		w->topic = pstrdup(topic);
-		w->partition = partition;
-		w->release = false;
-		waiting = lappend(waiting, w);
-		MemoryContextSwitchTo(old);
+		wait_for(topic, partition, false);
 		return false;
 	}
 	if (kind == CLAIM_FREE && committed >= 0 && committed > *offset)
@@ -219,8 +208,7 @@ read_claim(const rd_kafka_topic_partition_t *e, int64 *offset, char *holder,
 		return CLAIM_MINE;
 	if (strcmp(what, "release") == 0)
 		return CLAIM_FREE;
-	age_ms = (int64) (GetCurrentTimestamp() / 1000 +
-					  (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * (int64) SECS_PER_DAY * 1000) - ms;
+	age_ms = unix_ms() - ms;
 	return age_ms < opts->claim_timeout_ms ? CLAIM_LIVE : CLAIM_FREE;
 }
 
@@ -314,9 +302,7 @@ commit_claims(void)
 {
 	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(Max(nparts, 1));
 	rd_kafka_resp_err_t err;
-	long long	ms = (long long) (GetCurrentTimestamp() / 1000 +
-								  (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * (int64) SECS_PER_DAY * 1000);
-	char	   *meta = psprintf(CLAIM_MAGIC " claim %lld %s", ms, identity);
+	char	   *meta = psprintf(CLAIM_MAGIC " claim %lld %s", unix_ms(), identity);
 	bool		changed = false;
 	int			i;
 
@@ -353,10 +339,7 @@ commit_claims(void)
 			rd_kafka_topic_partition_list_del_by_idx(l, i);
 			continue;
 		}
-		if (e->metadata)
-			free(e->metadata);
-		e->metadata = strdup(meta);
-		e->metadata_size = strlen(meta);
+		set_metadata(e, meta);
 	}
 	if (l->cnt > 0)
 	{
@@ -387,9 +370,7 @@ release_drained(void)
 {
 	ListCell   *lc;
 	List	   *keep = NIL;
-	long long	ms = (long long) (GetCurrentTimestamp() / 1000 +
-								  (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * (int64) SECS_PER_DAY * 1000);
-	char	   *meta = psprintf(CLAIM_MAGIC " release %lld %s", ms, identity);
+	char	   *meta = psprintf(CLAIM_MAGIC " release %lld %s", unix_ms(), identity);
 
 	foreach(lc, waiting)
 	{
@@ -422,10 +403,7 @@ release_drained(void)
 		if (read_claim(&l->elems[0], &committed, holder, sizeof(holder)) != CLAIM_LIVE)
 		{
 			l->elems[0].offset = durable;
-			if (l->elems[0].metadata)
-				free(l->elems[0].metadata);
-			l->elems[0].metadata = strdup(meta);
-			l->elems[0].metadata_size = strlen(meta);
+			set_metadata(&l->elems[0], meta);
 			if (commit_bounded(l) != RD_KAFKA_RESP_ERR_NO_ERROR)
 			{
 				rd_kafka_topic_partition_list_destroy(l);
@@ -486,4 +464,36 @@ stored_offset(const char *topic, int32 partition, bool drained)
 		next = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	spool_end_txn();
 	return next;
+}
+
+/* Keep topic [partition] waiting: to ask again, or to release once drained. */
+static void
+wait_for(const char *topic, int32 partition, bool release)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	Waiting    *w = palloc(sizeof(Waiting));
+
+	w->topic = pstrdup(topic);
+	w->partition = partition;
+	w->release = release;
+	waiting = lappend(waiting, w);
+	MemoryContextSwitchTo(old);
+}
+
+/* The commit metadata of e (librdkafka frees it with the list). */
+static void
+set_metadata(rd_kafka_topic_partition_t *e, const char *meta)
+{
+	if (e->metadata)
+		free(e->metadata);
+	e->metadata = strdup(meta);
+	e->metadata_size = strlen(meta);
+}
+
+/* Now, in milliseconds since 1970: claims are read by other servers. */
+static long long
+unix_ms(void)
+{
+	return (long long) (GetCurrentTimestamp() / 1000 +
+						(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * (int64) SECS_PER_DAY * 1000);
 }
