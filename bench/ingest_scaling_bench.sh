@@ -17,27 +17,7 @@ PARTS=${2:-64}
 RUNS=${3:-3}
 "$here/scripts/deps.sh"
 . "$here/scripts/common.sh"
-tree=$(prepare_build_tree "$(bench_src "$here")")
-work=$(mktemp -d /tmp/spool_ext-scaling-bench.XXXXXX)
-PORT=${SPOOL_BENCH_PORT:-54351}
-cleanup() {
-	stop_kafka
-	stop_server "$work"
-	rm -rf "$work" "$tree"
-}
-trap cleanup EXIT
-
-start_server "$work" "$PORT" "shared_buffers = 1GB
-max_wal_size = 4GB
-spool.nonce_workers = 0"
-sql() { as_user "$PG_BIN/psql" -X -q -At -h "$work" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 "$@"; }
-
-start_kafka "$work" "$tree" --brokers 1 --topic "bench:$PARTS"
-BOOT=$KAFKA_BOOTSTRAP
-echo "producing $N messages of ~200 bytes over $PARTS partitions to $BOOT ..." >&2
-reply=$(kafka "produce bench $N -1 200")
-case $reply in OK*) ;; *) echo "produce failed: $reply"; exit 1 ;; esac
-sql -c "CREATE EXTENSION spool_ext"
+. "$here/bench/ingest_setup.sh" scaling 54351
 
 even=$(seq -s, 0 2 $((PARTS - 1)))
 odd=$(seq -s, 1 2 $((PARTS - 1)))
