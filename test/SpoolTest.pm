@@ -21,7 +21,8 @@ use Test::More;
 use Time::HiRes qw(time);
 
 our @EXPORT = qw(spool_node poll_ok poll_within start_pgbench finish_pgbench
-  wait_pid_gone wait_workers worker_row sql_list crash_restart_ok);
+  wait_pid_gone wait_workers worker_row sql_list crash_restart_ok
+  terminate_busy_nonce_workers);
 
 # A node with spool_ext preloaded and created in database 'postgres'.
 # %conf overrides or adds postgresql.conf settings (values verbatim);
@@ -116,6 +117,46 @@ sub wait_pid_gone
 		select(undef, undef, undef, 0.05);
 	}
 	return ok($gone, "$what (pid $pid) no longer exists");
+}
+
+# terminate_busy_nonce_workers($node, $done_sql, $done_n, $what): four
+# rounds, taking turns between nonce workers 0 and 1 (two terminations per
+# worker: the launcher backs off when a worker exits again soon after its
+# start); each waits (bounded) for the worker to have $what pending, unless
+# $done_sql already counts $done_n, terminates it and waits for the launcher
+# to replace it.  Returns how many workers were terminated.
+sub terminate_busy_nonce_workers
+{
+	my ($node, $done_sql, $done_n, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $sql = sub { $node->safe_psql('postgres', $_[0]) };
+	my $kills = 0;
+	my %killed;
+	for my $round (1 .. 4)
+	{
+		my $row;
+		my $tw = $round % 2;
+		for my $i (0 .. 400)
+		{
+			my $r = $sql->('SELECT worker || \'|\' || pid FROM spool.nonce_workers'
+				  . " WHERE worker = $tw AND queued + in_progress > 0 AND pid IS NOT NULL");
+			if ($r ne '') { $row = $r; last; }
+			last if $sql->($done_sql) >= $done_n;
+			select(undef, undef, undef, 0.05);
+		}
+		last unless defined $row;
+		my ($kw, $pid) = split /\|/, $row;
+		next if $killed{$pid}++;
+		if ($sql->("SELECT pg_terminate_backend($pid)") eq 't')
+		{
+			$kills++;
+			note "round $round: terminated nonce worker $kw (pid $pid) with $what pending";
+			poll_ok($node,
+				"SELECT pid IS NOT NULL AND pid <> $pid FROM spool.nonce_workers WHERE worker = $kw",
+				"the launcher to replace nonce worker $kw");
+		}
+	}
+	return $kills;
 }
 
 # Wait until all $n nonce workers run; returns { worker => pid }.

@@ -176,32 +176,7 @@ sql(q{ALTER SYSTEM SET spool.test_worker_pause = '100ms'});
 sql('SELECT pg_reload_conf()');
 my $load = start_pgbench($node, 'load', "SELECT step(:client_id);\n",
 	'-c', 8, '-j', 2, '-t', 60);
-my $kills = 0;
-my %killed;
-for my $round (1 .. 4)
-{
-	my $row;
-	my $tw = $round % 2;
-	for my $i (0 .. 400)
-	{
-		my $r = sql('SELECT worker || \'|\' || pid FROM spool.nonce_workers'
-			  . " WHERE worker = $tw AND queued + in_progress > 0 AND pid IS NOT NULL");
-		if ($r ne '') { $row = $r; last; }
-		last if sql('SELECT count(*) FROM chain_log') >= 480;
-		select(undef, undef, undef, 0.05);
-	}
-	last unless defined $row;
-	my ($kw, $pid) = split /\|/, $row;
-	next if $killed{$pid}++;
-	if (sql("SELECT pg_terminate_backend($pid)") eq 't')
-	{
-		$kills++;
-		note "round $round: terminated nonce worker $kw (pid $pid) with calls pending";
-		poll_ok($node,
-			"SELECT pid IS NOT NULL AND pid <> $pid FROM spool.nonce_workers WHERE worker = $kw",
-			"the launcher to replace nonce worker $kw");
-	}
-}
+my $kills = terminate_busy_nonce_workers($node, 'SELECT count(*) FROM chain_log', 480, 'calls');
 cmp_ok($kills, '>=', 3, "terminated nonce workers $kills times with calls pending");
 is(finish_pgbench($load), 0, 'the load finished');
 is(sql('SELECT count(*) FROM chain_log'), '480', 'every client step completed');
