@@ -79,23 +79,43 @@ sub poll_within
 }
 
 # crash_restart_ok($node, $pid, $log_offset [, $what]): after process $pid
-# (a backend or a background worker) was killed with SIGKILL, wait for the
-# server to accept connections again and assert from the log (read from
-# $log_offset) that the postmaster noticed the kill and restarted every
-# backend.  $what prefixes the test names.
+# (a backend or a background worker) was killed with SIGKILL, assert from
+# the log (read from $log_offset) that the postmaster noticed the kill and
+# restarted every backend, then wait for the server to accept connections
+# again.  The log is waited for (bounded), not read once: a connection can
+# still succeed in the moment between the kill and the postmaster noticing
+# it, so "accepts connections" alone does not say the restart happened.
+# $what prefixes the test names.
 sub crash_restart_ok
 {
 	my ($node, $pid, $log_offset, $what) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
 	my $p = defined $what ? "$what: " : '';
 
-	poll_ok($node, 'SELECT true', "${p}the server to accept connections after the crash");
-	ok( $node->log_contains(
+	ok(log_wait($node,
 			qr/(?:server process|background worker "[^"]+") \(PID $pid\) was terminated by signal 9/,
 			$log_offset),
 		"${p}the postmaster noticed the killed process $pid");
-	ok($node->log_contains(qr/all server processes terminated; reinitializing/, $log_offset),
-		"${p}the whole server restarted");
+	my $reinit = log_wait($node, qr/all server processes terminated; reinitializing/, $log_offset);
+	ok($reinit, "${p}the whole server restarted");
+	log_wait($node, qr/database system is ready to accept connections/, $reinit) if $reinit;
+	poll_ok($node, 'SELECT true', "${p}the server to accept connections after the crash");
+}
+
+# log_wait($node, $regexp, $offset [, $secs]): wait (up to $secs, default
+# 180) for the server log after $offset to match; returns the log offset
+# just past the match, or 0 when it never matched.
+sub log_wait
+{
+	my ($node, $re, $offset, $secs) = @_;
+	$secs //= 180;
+	for (1 .. $secs * 10)
+	{
+		my $log = PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset);
+		return $offset + $+[0] if $log =~ $re;
+		select(undef, undef, undef, 0.1);
+	}
+	return 0;
 }
 
 sub wait_pid_gone

@@ -118,14 +118,18 @@ sub all_committed
 		"$what: one active and one standby, both at cursor $next_seq");
 }
 
-# Stop $pid at a moment $want accepts: up to $tries times, SIGSTOP, look at
-# its pg_stat_activity row, and SIGCONT unless wanted.  Returns the time of
-# the stop and the row (state, query, has xid, lease token, lease expiry,
-# lease time left in seconds at the look, committed cursor, messages
-# produced), or () if never wanted.  Keeps a stream going meanwhile.
+# Stop $pid, the active with lease token $token, at a moment $want accepts:
+# up to $tries times, SIGSTOP, look at its pg_stat_activity row, and SIGCONT
+# unless wanted.  Returns the time of the stop and the row (state, query,
+# has xid, lease token, lease expiry, lease time left in seconds at the
+# look, committed cursor, messages produced), or () if never wanted, or
+# ('moved') if the lease no longer carries $token: on a loaded machine a
+# stop that was not wanted can still last longer than the lease, and then
+# the standby takes over before the wanted moment came.  Keeps a stream
+# going meanwhile.
 sub stop_when
 {
-	my ($pid, $want, $tries) = @_;
+	my ($pid, $want, $tries, $token) = @_;
 	for my $try (1 .. $tries)
 	{
 		# Keep the active busy: more entries beyond its committed cursor.
@@ -150,6 +154,14 @@ sub stop_when
 			  . " FROM pg_stat_activity a, spool.leases l, spool.processor_checkpoints c"
 			  . " WHERE a.pid = $pid AND l.resource = 'processor:$proc'"
 			  . " AND c.processor = '$proc'"), -1;
+		if (@r && $r[3] ne $token)
+		{
+			note("the lease moved to token $r[3] while $pid (token $token) was stopped"
+				  . " for a look (attempt $try); continuing it");
+			kill('CONT', $pid);
+			@stopped = grep { $_ != $pid } @stopped;
+			return ('moved');
+		}
 		if (@r && $want->(@r) && connects_now())
 		{
 			note("stopped $pid after $try attempt(s): state $r[0], query '$r[1]',"
@@ -201,19 +213,26 @@ sub stall_round
 {
 	my ($what, $want, $optional) = @_;
 
-	all_committed("$what: before");
-	my ($apid, $areplica, $atoken) = row(
-		"SELECT pid, replica, token FROM spool.processor_status"
-		  . " WHERE processor = '$proc' AND role = 'active'");
-	my ($spid, $sreplica) = row(
-		"SELECT pid, replica FROM spool.processor_status"
-		  . " WHERE processor = '$proc' AND role = 'standby'");
-	note("$what: active pid $apid (replica $areplica, token $atoken),"
-		  . " standby pid $spid (replica $sreplica)");
-
-	# Stop the active in the middle of a stream.
-	my ($t_stop, $state, $query, $xid, $ltoken, $expires, $left) =
-	  stop_when($apid, $want, 2000);
+	# Stop the active in the middle of a stream; if the lease moves to the
+	# standby during the attempts, start again with the new active.
+	my ($apid, $areplica, $atoken, $spid, $sreplica);
+	my ($t_stop, $state, $query, $xid, $ltoken, $expires, $left);
+	for my $pick (1 .. 5)
+	{
+		all_committed("$what: before");
+		($apid, $areplica, $atoken) = row(
+			"SELECT pid, replica, token FROM spool.processor_status"
+			  . " WHERE processor = '$proc' AND role = 'active'");
+		($spid, $sreplica) = row(
+			"SELECT pid, replica FROM spool.processor_status"
+			  . " WHERE processor = '$proc' AND role = 'standby'");
+		note("$what: active pid $apid (replica $areplica, token $atoken),"
+			  . " standby pid $spid (replica $sreplica)");
+		($t_stop, $state, $query, $xid, $ltoken, $expires, $left) =
+		  stop_when($apid, $want, 2000, $atoken);
+		last unless defined $t_stop && $t_stop eq 'moved';
+		undef $t_stop;
+	}
 	return not_met($what, $apid, $optional) unless defined $t_stop;
 	pass("$what: the active $apid is stopped ($state, '$query', xid: $xid)");
 	is($ltoken, $atoken, "$what: it holds the lease with token $atoken");
