@@ -3,11 +3,13 @@
 # throwaway server and one test Kafka cluster in one run, the same preloaded
 # messages each time:
 #   (a) one source over every partition of the topic       -- the baseline
-#   (b) two sources, each with half of the partitions ("partitions" lists:
-#       even and odd), so two ingest workers stage in parallel and the one
+#   (b) one source with "workers": 2: two ingest workers split its
+#       partitions (even and odd) and stage in parallel, and the one
 #       promoter makes both durable, in one commit-ordered spool
+#   (c) two sources, each with half of the partitions ("partitions" lists:
+#       even and odd): the same split done by hand
 # Prints messages/s per run (time until every offset is durable), medians and
-# the ratio b/a.
+# the ratios b/a and c/a.
 #
 # Usage: bash bench/ingest_scaling_bench.sh [MESSAGES] [PARTITIONS] [RUNS]
 set -euo pipefail
@@ -47,26 +49,36 @@ ingest() {
 	echo "$N / ($t1 - $t0)" | bc -l
 }
 
-declare -a one two
+declare -a one two hand
 opts='"batch_size": 20000, "batch_ms": 50'
 for run in $(seq 1 "$RUNS"); do
 	sql -c "SELECT spool.create_source('one$run', '$BOOT', '{bench}', '{$opts}')"
 	one[$run]=$(ingest "one$run")
+	sql -c "SELECT spool.create_source('two$run', '$BOOT', '{bench}', '{$opts, \"workers\": 2}')"
+	two[$run]=$(ingest "two$run")
 	sql -c "SELECT spool.create_source('even$run', '$BOOT', '{bench}', '{$opts, \"partitions\": [$even]}')" \
 		-c "SELECT spool.create_source('odd$run', '$BOOT', '{bench}', '{$opts, \"partitions\": [$odd]}')"
-	two[$run]=$(ingest "even$run" "odd$run")
-	printf '  run %d: one worker %8.0f msg/s   two workers %8.0f msg/s\n' "$run" "${one[$run]}" "${two[$run]}" >&2
+	hand[$run]=$(ingest "even$run" "odd$run")
+	printf '  run %d: one worker %8.0f msg/s   workers 2 %8.0f msg/s   two sources %8.0f msg/s\n' \
+		"$run" "${one[$run]}" "${two[$run]}" "${hand[$run]}" >&2
 done
 
 m1=$(median "${one[@]}")
 m2=$(median "${two[@]}")
+m3=$(median "${hand[@]}")
+row() {
+	local label=$1 m=$2
+	shift 2
+	printf '%-60s %12.0f %12.0f %12.0f\n' "$label" "$m" \
+		"$(printf '%s\n' "$@" | sort -g | head -1)" "$(printf '%s\n' "$@" | sort -g | tail -1)"
+}
 echo
 echo "Ingest workers, $N messages (~200-byte JSON) preloaded over $PARTS partitions, $RUNS runs, $(nproc) cores, $(date -u +%Y-%m-%d)"
 printf '%-60s %12s %12s %12s\n' "case" "median msg/s" "min" "max"
-printf '%-60s %12.0f %12.0f %12.0f\n' "(a) one source, one ingest worker" "$m1" \
-	"$(printf '%s\n' "${one[@]}" | sort -g | head -1)" "$(printf '%s\n' "${one[@]}" | sort -g | tail -1)"
-printf '%-60s %12.0f %12.0f %12.0f\n' "(b) two sources (even/odd partitions), two ingest workers" "$m2" \
-	"$(printf '%s\n' "${two[@]}" | sort -g | head -1)" "$(printf '%s\n' "${two[@]}" | sort -g | tail -1)"
-printf 'ratio b/a: %.2fx\n' "$(echo "$m2 / $m1" | bc -l)"
+row "(a) one source, one ingest worker" "$m1" "${one[@]}"
+row "(b) one source, \"workers\": 2" "$m2" "${two[@]}"
+row "(c) two sources (even/odd partitions), two ingest workers" "$m3" "${hand[@]}"
+printf 'ratio b/a: %.2fx   ratio c/a: %.2fx\n' "$(echo "$m2 / $m1" | bc -l)" "$(echo "$m3 / $m1" | bc -l)"
 bench_result "(a) one ingest worker, msg/s" "$m1" higher
-bench_result "(b) two ingest workers, msg/s" "$m2" higher
+bench_result "(b) workers 2, msg/s" "$m2" higher
+bench_result "(c) two sources, msg/s" "$m3" higher

@@ -41,6 +41,9 @@ SELECT try(format($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', %L)$$
 					'{"partitions": []}', '{"partitions": [1, 1]}', '{"partitions": [-1]}',
 					'{"partitions": ["0"]}', '{"partitions": 3}', '{"partitions": [0.5]}',
 					'{"share": "1/2", "partitions": [0]}', '{"claim_timeout": "10ms"}']) AS o;
+-- Several ingest workers split a source's partitions: 1 to 8 of them.
+SELECT try(format($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}', %L)$$, o))
+  FROM unnest(ARRAY['{"workers": 0}', '{"workers": 9}', '{"workers": "two"}', '{"workers": 1.5}']) AS o;
 SELECT count(*) AS sources FROM spool.sources;
 
 -- Valid sources: options are stored with every default filled in.  (Nobody
@@ -52,10 +55,11 @@ SELECT spool.create_source('s2', '127.0.0.1:1', '{a,b}',
 	  "group_id": "g2", "kafka": {"fetch.wait.max.ms": 50, "sasl.password": "hunter2",
 	  "enable.ssl.certificate.verification": false}}');
 SELECT spool.create_source('s_share', '127.0.0.1:1', '{t}', '{"share": "2/3", "claim_timeout": "5 s"}');
-SELECT spool.create_source('s_parts', '127.0.0.1:1', '{t}', '{"partitions": [3, 0, 7]}');
+SELECT spool.create_source('s_parts', '127.0.0.1:1', '{t}', '{"partitions": [3, 0, 7], "workers": 2}');
+SELECT spool.create_source('s_one', '127.0.0.1:1', '{t}', '{"workers": 1}');
 RESET client_min_messages;
 SELECT name, brokers, topics, options, enabled FROM spool.sources ORDER BY name;
-SELECT spool.drop_source('s_share'), spool.drop_source('s_parts');
+SELECT spool.drop_source('s_share'), spool.drop_source('s_parts'), spool.drop_source('s_one');
 
 -- Names are unique: SP010.
 SELECT try($$SELECT spool.create_source('s1', '127.0.0.1:1', '{t}')$$);

@@ -78,6 +78,7 @@ static void
 ingest_attach(void)
 {
 	strlcpy(source_name, spool_worker_args()->name, sizeof(source_name));
+	worker_index = spool_worker_args()->index;
 	spool_worker_attach(InvalidOid, NULL);
 
 	batch_cxt = AllocSetContextCreate(TopMemoryContext, "spool ingest batch",

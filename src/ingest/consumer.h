@@ -72,6 +72,7 @@ extern SpoolSourceStats *stats;	/* this source's counters, or NULL */
 
 /* consumer_load.c */
 extern char	source_name[SPOOL_SOURCE_NAME_MAX + 1];
+extern int	worker_index;		/* which of the source's workers: 0 .. workers - 1 */
 extern SpoolSourceOptions *opts;
 extern char *brokers;
 extern List *topics;
@@ -88,6 +89,7 @@ extern List *replay_offset;
 extern List *replay_key;		/* bytea *, or NULL */
 extern List *replay_payload;	/* bytea *, or NULL */
 extern bool load_source(void);
+extern bool worker_takes(int32 partition);
 
 /* consumer_pending.c */
 extern void staging_snapshot_txn(const char *activity);

@@ -13,13 +13,19 @@
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 
 #include "ingest/consumer.h"
 
+#define REGISTER_WAIT_MS	60000	/* longest wait for workers of another count */
+
 char		source_name[SPOOL_SOURCE_NAME_MAX + 1];
+int			worker_index;		/* which of the source's workers: 0 .. workers - 1 */
 SpoolSourceOptions *opts;
 char	   *brokers;
 List	   *topics;
@@ -41,6 +47,8 @@ static bool read_source(Datum *name);
 static bytea *copy_bytea(HeapTuple tup, TupleDesc desc, int col);
 static void read_pending_work(Datum *name);
 static void read_resume_offsets(Datum *name);
+static void register_worker(void);
+static void unregister_worker(int code, Datum arg);
 
 /*
  * The source's row: brokers, topics, options, owner.  False when it is gone
@@ -111,7 +119,10 @@ read_pending_work(Datum *name)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
 
+		if (!worker_takes(DatumGetInt32(SPI_getbinval(tup, desc, 3, &isnull))))
+			continue;			/* another worker of this source replays it */
 		replay_ids = lappend(replay_ids, SPI_getvalue(tup, desc, 1));
 		replay_topic = lappend(replay_topic, SPI_getvalue(tup, desc, 2));
 		replay_part = lappend(replay_part, SPI_getvalue(tup, desc, 3));
@@ -120,11 +131,88 @@ read_pending_work(Datum *name)
 		replay_payload = lappend(replay_payload, copy_bytea(tup, desc, 6));
 	}
 	MemoryContextSwitchTo(old);
-	pending_work = SPI_processed > 0;
-	if (SPI_execute_with_args("SELECT 1 FROM spool.source_seeks WHERE source = $1 AND state = 'pending'",
-							  1, (Oid[]) {TEXTOID}, name, NULL, true, 1) != SPI_OK_SELECT)
+	pending_work = replay_ids != NIL;
+	if (SPI_execute_with_args("SELECT kafka_partition FROM spool.source_seeks WHERE source = $1 AND state = 'pending'",
+							  1, (Oid[]) {TEXTOID}, name, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.source_seeks");
-	pending_work |= SPI_processed > 0;
+	for (i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		pending_work |= worker_takes(DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
+																 SPI_tuptable->tupdesc, 1, &isnull)));
+	}
+}
+
+/* Does this worker consume partition (of any of the source's topics)? */
+bool
+worker_takes(int32 partition)
+{
+	return spool_source_worker_of(opts, partition) == worker_index;
+}
+
+/*
+ * The workers of a source split its partitions by their number and their
+ * count (spool_source_worker_of), so a worker may run only beside workers
+ * of the same count: after alter_source changed the count, a worker of the
+ * old count could still read a partition a new one reads.  Each worker
+ * registers in the source's shared slot; one of a new count waits (bounded)
+ * until those of the old count have exited.  The bit goes at exit (also
+ * on an error), once an open staging transaction is aborted; a crash
+ * restart empties shared memory.
+ */
+static void
+register_worker(void)
+{
+	uint32		me = (uint32) 1 << worker_index;
+	int			waited_ms;
+
+	if (stats == NULL)
+	{
+		if (opts->workers > 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("source \"%s\" cannot run %d workers: no counter slot is free",
+							source_name, opts->workers)));
+		return;
+	}
+	for (waited_ms = 0;; waited_ms += 100)
+	{
+		bool		ok;
+
+		LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+		ok = (stats->workers_running & ~me) == 0 || stats->workers_of == opts->workers;
+		if (ok)
+		{
+			stats->workers_running |= me;
+			stats->workers_of = opts->workers;
+		}
+		LWLockRelease(spool_ingest_shared->lock);
+		if (ok)
+			break;
+		if (waited_ms == 0)
+			pgstat_report_activity(STATE_RUNNING, "waiting for the workers of another count to exit");
+		if (waited_ms >= REGISTER_WAIT_MS)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_IN_USE),
+					 errmsg("workers of source \"%s\" with another worker count are still running",
+							source_name)));
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 100L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	/* After the exit's abort of an open staging transaction (before_shmem_exit). */
+	on_shmem_exit(unregister_worker, (Datum) 0);
+}
+
+static void
+unregister_worker(int code, Datum arg)
+{
+	LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
+	if (strcmp(stats->name, source_name) == 0)	/* not freed by drop_source */
+		stats->workers_running &= ~((uint32) 1 << worker_index);
+	LWLockRelease(spool_ingest_shared->lock);
 }
 
 /*
@@ -186,7 +274,7 @@ load_source(void)
 	 * launcher while the first still runs) would stage offsets twice.  The
 	 * session lock lives as long as this process.
 	 */
-	if (!spool_internal_lock(SPOOL_LOCK_INGEST, source_name, 0))
+	if (!spool_internal_lock(SPOOL_LOCK_INGEST, source_name, (uint32) worker_index))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_IN_USE),
 				 errmsg("another ingest worker is running for source \"%s\"", source_name)));
@@ -196,6 +284,7 @@ load_source(void)
 	spool_end_txn();
 	if (!found)
 		return false;
+	register_worker();
 
 	/*
 	 * Seeks and replays are applied once everything an earlier worker staged

@@ -31,6 +31,7 @@ TimestampTz	next_discovery = 0;
 static int64 resume_offset(const char *topic, int32 partition);
 static bool add_topic(rd_kafka_topic_partition_list_t *list, const char *topic);
 static bool discover_and_assign(void);
+static void log_my_partitions(void);
 
 int
 find_part(const char *topic, int32 partition)
@@ -130,6 +131,8 @@ add_topic(rd_kafka_topic_partition_list_t *list, const char *topic)
 		int32		partition = md->topics[0].partitions[p].id;
 		int64		offset = resume_offset(topic, partition);
 
+		if (!worker_takes(partition))
+			continue;			/* another worker of this source's */
 		if (!spool_source_takes_partition(opts, partition))
 		{
 			/* It left this server's share: hand it on once drained. */
@@ -178,7 +181,33 @@ discover_and_assign(void)
 		set_error("could not assign partitions: %s", rd_kafka_err2str(err));
 		return false;
 	}
+	if (opts->workers > 1)
+		log_my_partitions();
 	return true;
+}
+
+/* One of several workers: say which partitions it reads, as topic[p,p,...]. */
+static void
+log_my_partitions(void)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	for (i = 0; i < nparts; i++)
+	{
+		bool		same_topic = i > 0 && strcmp(parts[i - 1].topic, parts[i].topic) == 0;
+
+		if (!same_topic)
+			appendStringInfo(&buf, "%s%s[", i > 0 ? "] " : "", parts[i].topic);
+		appendStringInfo(&buf, "%s%d", same_topic ? "," : "", parts[i].partition);
+	}
+	appendStringInfoString(&buf, nparts > 0 ? "]" : "no partition");
+	ereport(LOG,
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("source \"%s\": worker %d of %d reads %s",
+					source_name, worker_index, opts->workers, buf.data)));
+	pfree(buf.data);
 }
 
 /* Assign the partitions; until the brokers answer, keep retrying with the reason visible. */
@@ -292,7 +321,8 @@ discover_new_partitions(void)
 			int32		partition = md->topics[0].partitions[p].id;
 			int64		low;
 
-			if (find_part(topic, partition) >= 0 || !spool_source_takes_partition(opts, partition) ||
+			if (find_part(topic, partition) >= 0 || !worker_takes(partition) ||
+				!spool_source_takes_partition(opts, partition) ||
 				claims_waiting(topic, partition) || (low = log_start(topic, partition)) < 0)
 				continue;
 			if (sharing && !claims_admit(topic, partition, &low, false))

@@ -46,7 +46,7 @@ staging_snapshot_txn(const char *activity)
 
 /*
  * Wait (polling, no transaction open while waiting) until staging holds no
- * row of this source, then apply the pending seeks in the same transaction
+ * row of this worker's partitions, then apply the pending seeks in the same transaction
  * (staging_snapshot_txn: then the offsets are those our rows moved).
  */
 void
@@ -58,10 +58,14 @@ wait_for_staging_drained(Datum *name)
 		bool		isnull;
 
 		staging_snapshot_txn("waiting for staged rows to be promoted");
-		if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM spool.staging WHERE source = $1)",
-								  1, (Oid[]) {TEXTOID}, name, NULL, false, 1) != SPI_OK_SELECT)
+		if (SPI_execute_with_args("SELECT DISTINCT kafka_partition FROM spool.staging WHERE source = $1",
+								  1, (Oid[]) {TEXTOID}, name, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read spool.staging");
-		staged = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		/* The other workers of this source go on staging their partitions. */
+		staged = false;
+		for (uint64 i = 0; i < SPI_processed && !staged; i++)
+			staged = worker_takes(DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
+															  SPI_tuptable->tupdesc, 1, &isnull)));
 		if (!staged)
 			apply_pending_seeks(name);
 		spool_end_txn();
@@ -136,6 +140,8 @@ apply_pending_seeks(Datum *name)
 			char	   *dir;
 			char	   *from;
 
+			if (!worker_takes(partition))
+				continue;		/* another worker of this source applies it */
 			v[0] = name[0];
 			v[1] = CStringGetTextDatum(topic);
 			v[2] = Int32GetDatum(partition);
@@ -273,6 +279,15 @@ replay_dead_letters(void)
 		rd_kafka_message_t *m = NULL;
 		Staged	   *s;
 
+		if (pi < 0 && nparts == 0)
+		{
+			ereport(LOG,
+					(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+					 errmsg("source \"%s\": dead letter %s of %s [%d] is not replayed: this worker reads no partition",
+							source_name, (char *) lfirst(a), topic, partition)));
+			i++;
+			continue;
+		}
 		if (pi < 0)
 		{
 			/* Any assigned partition will do to carry the error. */

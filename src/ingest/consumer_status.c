@@ -140,18 +140,23 @@ note_error(int part, const char *msg)
 	errors++;
 	if (stats)
 	{
+		/* The source's count: its other workers add theirs. */
 		LWLockAcquire(spool_ingest_shared->lock, LW_EXCLUSIVE);
-		stats->errors = errors;
+		errors = ++stats->errors;
 		LWLockRelease(spool_ingest_shared->lock);
 	}
 }
 
-/* The worker's row of spool.source_runtime. */
+/*
+ * The worker's row of spool.source_runtime.  Several workers of one source
+ * write the same row: each its own pid and state, and the latest error of
+ * any of them stays until a later one replaces it.
+ */
 static void
 write_source_runtime(void)
 {
-	Datum		v[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		v[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 
 	v[0] = CStringGetTextDatum(source_name);
 	v[1] = Int32GetDatum(MyProcPid);
@@ -163,16 +168,26 @@ write_source_runtime(void)
 	}
 	else
 		nulls[3] = nulls[4] = 'n';
+	if (stats)
+	{
+		LWLockAcquire(spool_ingest_shared->lock, LW_SHARED);
+		errors = stats->errors;
+		LWLockRelease(spool_ingest_shared->lock);
+	}
 	v[5] = Int64GetDatum((int64) errors);
+	v[6] = BoolGetDatum(opts->workers > 1);
 	spool_plan(&plan_source_runtime,
 			   "INSERT INTO spool.source_runtime AS r"
 			   " (source, pid, state, last_error, last_error_at, errors, updated_at)"
 			   " VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp())"
 			   " ON CONFLICT (source) DO UPDATE SET pid = EXCLUDED.pid,"
-			   " state = EXCLUDED.state, last_error = EXCLUDED.last_error,"
-			   " last_error_at = EXCLUDED.last_error_at, errors = EXCLUDED.errors,"
-			   " updated_at = EXCLUDED.updated_at",
-			   6, (Oid[]) {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, INT8OID});
+			   " state = EXCLUDED.state,"
+			   " last_error = CASE WHEN $7 AND r.last_error_at > coalesce(EXCLUDED.last_error_at, '-infinity')"
+			   "                   THEN r.last_error ELSE EXCLUDED.last_error END,"
+			   " last_error_at = CASE WHEN $7 AND r.last_error_at > coalesce(EXCLUDED.last_error_at, '-infinity')"
+			   "                      THEN r.last_error_at ELSE EXCLUDED.last_error_at END,"
+			   " errors = EXCLUDED.errors, updated_at = EXCLUDED.updated_at",
+			   7, (Oid[]) {TEXTOID, INT4OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, INT8OID, BOOLOID});
 	(void) spool_exec(plan_source_runtime, v, nulls, false, SPI_OK_INSERT);
 }
 
@@ -319,9 +334,10 @@ refresh_status(bool force)
 	write_partition_runtime(secs);
 	/*
 	 * A source sharing its topics commits claims instead (consumer_claims.c):
-	 * a commit without a claim would erase another server's.
+	 * a commit without a claim would erase another server's.  Of several
+	 * workers, the first commits every partition's offset.
 	 */
-	if (rk && opts->share == NULL && opts->npartitions == 0 &&
+	if (rk && opts->share == NULL && opts->npartitions == 0 && worker_index == 0 &&
 		now - last_commit >= (int64) COMMIT_INTERVAL_MS * 1000)
 	{
 		last_commit = now;

@@ -30,12 +30,14 @@ typedef enum SpoolBatchEnd
 
 /*
  * One source's counters since the server started, kept by name (a
- * restarted worker goes on counting).  Written by its ingest worker under
- * the ingest lock.
+ * restarted worker goes on counting), and which of its workers run.
+ * Written by its ingest workers under the ingest lock.
  */
 typedef struct SpoolSourceStats
 {
 	char		name[SPOOL_SOURCE_NAME_MAX + 1];	/* "": free */
+	int			workers_of;		/* the worker count the running workers split by */
+	uint32		workers_running;	/* bit i: worker i runs */
 	uint64		errors;
 	uint64		ended[NUM_BATCH_ENDS];
 	SpoolHist	rows;			/* rows per batch */

@@ -2,7 +2,8 @@
  *
  * launch.c
  *	  The ingest side's workers as kinds the launcher supervises: the
- *	  promoter (one), and one ingest worker per enabled source.  Before any
+ *	  promoter (one), and the ingest workers of each enabled source (its
+ *	  option workers, 1 unless set; they split its partitions).  Before any
  *	  of them starts, both staging tables are emptied.  A source's unit
  *	  carries its config_version (moved by alter_source, seek_source and
  *	  replay_dead_letter): a worker started at another version is restarted
@@ -41,11 +42,12 @@ static bool source_stats_copy(int i, SpoolSourceStats *st);
 typedef struct SourceRun
 {
 	char		name[NAMEDATALEN];
+	int			index;			/* which of the source's workers */
 	uint32		version;
 	bool		replaced;
 } SourceRun;
 
-static SourceRun source_runs[SPOOL_MAX_SOURCES];
+static SourceRun source_runs[SPOOL_MAX_SOURCES * SPOOL_UNIT_MAX_WORKERS];
 static int	nsource_runs = 0;
 
 const SpoolKindOps spool_promoter_ops = {
@@ -74,7 +76,8 @@ list_sources(SpoolSupervisor *s)
 {
 	uint64		n;
 
-	if (SPI_execute("SELECT name, config_version FROM spool.sources WHERE enabled ORDER BY name",
+	if (SPI_execute("SELECT name, config_version, coalesce((options->>'workers')::int, 1)"
+					" FROM spool.sources WHERE enabled ORDER BY name",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.sources");
 	for (n = 0; n < SPI_processed; n++)
@@ -82,19 +85,20 @@ list_sources(SpoolSupervisor *s)
 		bool		isnull;
 
 		spool_want(s, SPI_getvalue(SPI_tuptable->vals[n], SPI_tuptable->tupdesc, 1),
-				   0, 0, 1,
+				   0, 0,
+				   DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[n], SPI_tuptable->tupdesc, 3, &isnull)),
 				   (uint32) DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[n],
 														SPI_tuptable->tupdesc, 2, &isnull)));
 	}
 }
 
 static SourceRun *
-find_run(const char *name)
+find_run(const char *name, int index)
 {
 	int			i;
 
 	for (i = 0; i < nsource_runs; i++)
-		if (strcmp(source_runs[i].name, name) == 0)
+		if (source_runs[i].index == index && strcmp(source_runs[i].name, name) == 0)
 			return &source_runs[i];
 	return NULL;
 }
@@ -103,12 +107,13 @@ find_run(const char *name)
 static void
 source_prepare(const SpoolUnit *u, int i, SpoolWorkerArgs *args)
 {
-	SourceRun  *r = find_run(u->name);
+	SourceRun  *r = find_run(u->name, i);
 
-	if (r == NULL && nsource_runs < SPOOL_MAX_SOURCES)
+	if (r == NULL && nsource_runs < lengthof(source_runs))
 	{
 		r = &source_runs[nsource_runs++];
 		strlcpy(r->name, u->name, NAMEDATALEN);
+		r->index = i;
 	}
 	if (r)
 	{
@@ -125,7 +130,7 @@ source_prepare(const SpoolUnit *u, int i, SpoolWorkerArgs *args)
 static SpoolVerdict
 source_check(const SpoolUnit *u, int i, TimestampTz now)
 {
-	SourceRun  *r = find_run(u->name);
+	SourceRun  *r = find_run(u->name, i);
 
 	if (r == NULL || r->version == u->version)
 		return SPOOL_KEEP;
@@ -136,7 +141,7 @@ source_check(const SpoolUnit *u, int i, TimestampTz now)
 static bool
 source_failed(const SpoolUnit *u, int i)
 {
-	SourceRun  *r = find_run(u->name);
+	SourceRun  *r = find_run(u->name, i);
 
 	return !(r && r->replaced);
 }
@@ -144,16 +149,17 @@ source_failed(const SpoolUnit *u, int i)
 static void
 source_gone(const SpoolUnit *u, int i, const char *why)
 {
-	SourceRun  *r = find_run(u->name);
+	SourceRun  *r = find_run(u->name, i);
 
 	if (r)
 		*r = source_runs[--nsource_runs];
 }
 
+/* The source's name, and which worker it is when there are several. */
 static char *
 source_label(const SpoolUnit *u, int i)
 {
-	return pstrdup(u->name);
+	return u->nworkers > 1 ? psprintf("%s/%d", u->name, i) : pstrdup(u->name);
 }
 
 /*

@@ -29,6 +29,7 @@ static void partitions_option(const SpoolOptionTable *table, const SpoolOption *
 							  JsonbValue *v, void *result);
 static bool partitions_render(const SpoolOption *opt, const void *result, StringInfo buf);
 static bool claim_timeout_render(const SpoolOption *opt, const void *result, StringInfo buf);
+static bool workers_render(const SpoolOption *opt, const void *result, StringInfo buf);
 
 /* librdkafka properties spool_ext owns: exactly-once depends on them. */
 static const char *const reserved_properties[] = {
@@ -41,6 +42,7 @@ static const char *const reserved_properties[] = {
 #define MAX_SHARE_OF		1024	/* servers sharing a topic */
 #define MAX_PARTITION		1000000 /* a partition number, as Kafka allows */
 #define MAX_PARTITIONS		1024	/* listed in "partitions" */
+#define MAX_WORKERS			8	/* ingest workers of one source */
 
 /* In the order of SpoolFormat. */
 static const char *const format_names[] = {"json", "text", "bytes", NULL};
@@ -71,6 +73,9 @@ static const SpoolOption source_option_specs[] = {
 	{.name = "claim_timeout", .type = SPOOL_OPT_DURATION, SRC(claim_timeout_ms),
 		.dflt = 30000, .lo = 1000, .hi = 3600000, .unit = 1000,
 		.render = claim_timeout_render},
+	{.name = "workers", .type = SPOOL_OPT_INT, SRC(workers), .dflt = 1,
+		.lo = 1, .hi = MAX_WORKERS, .render = workers_render,
+		.doc = "Ingest workers splitting the source's partitions between them."},
 	{.name = "kafka", .type = SPOOL_OPT_CUSTOM, .what = "librdkafka properties",
 		.parse = kafka_option, .render = kafka_render},
 };
@@ -235,6 +240,18 @@ claim_timeout_render(const SpoolOption *opt, const void *result, StringInfo buf)
 	return true;
 }
 
+/* workers is shown once it is more than the one worker every source has. */
+static bool
+workers_render(const SpoolOption *opt, const void *result, StringInfo buf)
+{
+	const SpoolSourceOptions *o = result;
+
+	if (o->workers <= 1)
+		return false;
+	appendStringInfo(buf, "%d", o->workers);
+	return true;
+}
+
 /* Whether this server consumes partition (of every topic of the source). */
 bool
 spool_source_takes_partition(const SpoolSourceOptions *o, int32 partition)
@@ -249,6 +266,28 @@ spool_source_takes_partition(const SpoolSourceOptions *o, int32 partition)
 		if (o->partitions[i] == partition)
 			return true;
 	return false;
+}
+
+/*
+ * Which of the source's workers (0 .. workers - 1) consumes partition: the
+ * partitions of this server's part are dealt out in turn (by rank in the
+ * share or the list), so each worker gets as many as the others, give or
+ * take one.  A partition outside this server's part belongs to a worker
+ * too: that one hands it on (consumer_claims.c).
+ */
+int
+spool_source_worker_of(const SpoolSourceOptions *o, int32 partition)
+{
+	int			i;
+
+	if (o->workers <= 1)
+		return 0;
+	if (o->share_of > 0)
+		return (partition / o->share_of) % o->workers;
+	for (i = 0; i < o->npartitions; i++)
+		if (o->partitions[i] == partition)
+			return i % o->workers;
+	return partition % o->workers;
 }
 
 /*

@@ -38,6 +38,7 @@ typedef struct SpoolSourceOptions
 	int			npartitions;	/* "partitions": only these; 0: every one */
 	int		   *partitions;
 	int			claim_timeout_ms;	/* how long another server's claim holds */
+	int			workers;		/* ingest workers splitting its partitions */
 	int			nkafka;
 	char	  **kafka_keys;
 	char	  **kafka_values;
@@ -48,6 +49,7 @@ extern SpoolSourceOptions *spool_parse_source_options(Jsonb *options);
 extern char *spool_kafka_property_text(JsonbValue *v);
 extern Jsonb *spool_source_options_jsonb(SpoolSourceOptions *o);
 extern bool spool_source_takes_partition(const SpoolSourceOptions *o, int32 partition);
+extern int	spool_source_worker_of(const SpoolSourceOptions *o, int32 partition);
 extern rd_kafka_conf_t *spool_kafka_conf(const char *brokers, SpoolSourceOptions *o,
 										 const char *default_group,
 										 char *errbuf, size_t errlen);
