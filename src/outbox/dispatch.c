@@ -585,22 +585,26 @@ deliver_local(OutboxRow **rows, int n, bool careful)
  * An outbox row from a query whose first columns are id, key, payload,
  * barrier, processor, cursor, created_at; allocated in cxt.
  */
+#define ROW_TUPLE_MAX 16			/* columns of the queries row_from_tuple reads */
+
 static OutboxRow *
 row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	OutboxRow  *r = palloc0(sizeof(OutboxRow));
-	bool		isnull;
-	Datum		d;
+	Datum		v[ROW_TUPLE_MAX];
+	bool		n[ROW_TUPLE_MAX];
 
-	r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-	r->key = SPI_getvalue(tup, desc, 2);
-	r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
-	r->barrier = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
-	r->processor = SPI_getvalue(tup, desc, 5);
-	d = SPI_getbinval(tup, desc, 6, &isnull);
-	r->cursor = isnull ? -1 : DatumGetInt64(d);
-	r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
+	/* The columns at once (text, jsonb are varlena: no cached offsets). */
+	Assert(desc->natts <= ROW_TUPLE_MAX);
+	heap_deform_tuple(tup, desc, v, n);
+	r->id = DatumGetInt64(v[0]);
+	r->key = n[1] ? NULL : TextDatumGetCString(v[1]);
+	r->payload = DatumGetJsonbPCopy(v[2]);
+	r->barrier = DatumGetBool(v[3]);
+	r->processor = n[4] ? NULL : TextDatumGetCString(v[4]);
+	r->cursor = n[5] ? -1 : DatumGetInt64(v[5]);
+	r->created_at = DatumGetTimestampTz(v[6]);
 	MemoryContextSwitchTo(old);
 	return r;
 }

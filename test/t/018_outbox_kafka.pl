@@ -477,6 +477,10 @@ for my $shard (sort keys %paused_pid)
 }
 sql('ALTER SYSTEM RESET spool.test_worker_pause; SELECT pg_reload_conf();');
 is(sql($paused_q), $paused, '(c) still inside the same transactions (nothing committed)');
+# Marks commit without waiting for their WAL flush (a mark lost in a crash
+# only means more copies); a synchronous commit flushes the ones before it,
+# so that the copies are exactly the unmarked batches.
+sql('SELECT pg_current_xact_id()');
 my $victim = $paused_pid{0} // (values %paused_pid)[0];
 BAIL_OUT('no paused dispatcher to kill') unless defined $victim && $victim =~ /^\d+$/;
 my $log_offset = -s $node->logfile;
