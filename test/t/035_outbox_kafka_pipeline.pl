@@ -154,7 +154,7 @@ my $sent_c = enqueue_rows('pc', 3000, 30);
 my $max_c = sql('SELECT max(id) FROM sent_pc');
 poll_within($node, $wait_s, q{SELECT delivered > 0 FROM spool.outbox_status WHERE target = 'pc'},
 	'(c) the first batches marked');
-is($kafka->cmd('error 0 29 1000000'), 'OK', '(c) every produce request fails from now on');
+is($kafka->cmd('error 0 29 100000'), 'OK', '(c) every produce request fails from now on');
 poll_within($node, $wait_s,
 	q{SELECT last_error LIKE '%kafka delivery%' FROM spool.outbox_status WHERE target = 'pc'},
 	'(c) the shard reports the failed delivery');
