@@ -32,7 +32,9 @@
 
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
@@ -246,6 +248,14 @@ spool_kafka_done(int slot)
 		return false;
 	rd_kafka_poll(rk, 0);
 	return dr_done[slot] >= dr_expected[slot];
+}
+
+/* Wait up to 1 ms for a delivery report (batches are in flight). */
+void
+spool_kafka_nap(void)
+{
+	if (rk != NULL)
+		(void) nap(DT_NOEND);
 }
 
 /* Wait until every report of slot came; false at the deadline. */
@@ -517,7 +527,9 @@ await_reports(int slot, TimestampTz deadline)
 }
 
 /*
- * 1 ms on the latch (interrupts served), then librdkafka's callbacks;
+ * Up to 1 ms in librdkafka's poll, which returns as soon as a callback was
+ * served (a report wakes it at once, where a 1 ms sleep on the latch would
+ * not), after serving interrupts and checking that the postmaster lives;
  * false, without waiting, once deadline has passed.
  */
 static bool
@@ -526,10 +538,11 @@ nap(TimestampTz deadline)
 	if (GetCurrentTimestamp() >= deadline)
 		return false;
 	CHECK_FOR_INTERRUPTS();
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1,
-					 PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-	rd_kafka_poll(rk, 0);
+	if (!PostmasterIsAlive())
+		proc_exit(1);
+	pgstat_report_wait_start(PG_WAIT_EXTENSION);
+	rd_kafka_poll(rk, 1);
+	pgstat_report_wait_end();
 	return true;
 }
 

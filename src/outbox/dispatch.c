@@ -1787,10 +1787,13 @@ wait_for_work(TimestampTz now)
 		until = Min(until, TimestampTzPlusMilliseconds(now, BOUND_POLL_MS));
 	if (my_shard == 0)
 		until = Min(until, next_rotation);
-	/* Batches in flight: look for their acknowledgements every millisecond. */
-	if (inflight_n > 0)
-		until = Min(until, TimestampTzPlusMilliseconds(now, 1));
 	ms = TimestampDifferenceMilliseconds(now, until);
+	/* Batches in flight: wait (up to 1 ms) for their acknowledgements instead. */
+	if (inflight_n > 0 && ms > 0 && !stop_requested())
+	{
+		spool_kafka_nap();
+		return;
+	}
 	/* A stop request whose latch wake-up user code consumed (pg_sleep) is not slept on. */
 	if (ms <= 0 || stop_requested())
 		return;

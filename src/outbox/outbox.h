@@ -188,6 +188,7 @@ extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **t
 extern bool spool_kafka_produce(int slot, OutboxRow **rows, int n, TimestampTz deadline,
 								char **target_error);
 extern bool spool_kafka_done(int slot);
+extern void spool_kafka_nap(void);
 extern bool spool_kafka_wait(int slot, TimestampTz deadline);
 extern bool spool_kafka_finish(int slot, OutboxRow **rows, int n, char **target_error);
 extern void spool_kafka_abandon(void);
