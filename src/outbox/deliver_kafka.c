@@ -240,12 +240,15 @@ spool_kafka_produce(int slot, OutboxRow **rows, int n, TimestampTz deadline, cha
 	return true;
 }
 
-/* Serve delivery reports; have all of slot's come? */
+/*
+ * Serve delivery reports; have all of slot's come?  Without a producer
+ * (dropped after a fatal error) yes: spool_kafka_finish then says so.
+ */
 bool
 spool_kafka_done(int slot)
 {
 	if (rk == NULL)
-		return false;
+		return true;
 	rd_kafka_poll(rk, 0);
 	return dr_done[slot] >= dr_expected[slot];
 }
