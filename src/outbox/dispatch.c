@@ -35,6 +35,8 @@
 #include "common/hashfn.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "nodes/params.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -588,16 +590,11 @@ deliver_local(OutboxRow **rows, int n, bool careful)
 #define ROW_TUPLE_MAX 16			/* columns of the queries row_from_tuple reads */
 
 static OutboxRow *
-row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
+row_from_values(Datum *v, bool *n, MemoryContext cxt)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	OutboxRow  *r = palloc0(sizeof(OutboxRow));
-	Datum		v[ROW_TUPLE_MAX];
-	bool		n[ROW_TUPLE_MAX];
 
-	/* The columns at once (text, jsonb are varlena: no cached offsets). */
-	Assert(desc->natts <= ROW_TUPLE_MAX);
-	heap_deform_tuple(tup, desc, v, n);
 	r->id = DatumGetInt64(v[0]);
 	r->key = n[1] ? NULL : TextDatumGetCString(v[1]);
 	r->payload = DatumGetJsonbPCopy(v[2]);
@@ -607,6 +604,57 @@ row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
 	r->created_at = DatumGetTimestampTz(v[6]);
 	MemoryContextSwitchTo(old);
 	return r;
+}
+
+static OutboxRow *
+row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
+{
+	Datum		v[ROW_TUPLE_MAX];
+	bool		n[ROW_TUPLE_MAX];
+
+	/* The columns at once (text, jsonb are varlena: no cached offsets). */
+	Assert(desc->natts <= ROW_TUPLE_MAX);
+	heap_deform_tuple(tup, desc, v, n);
+	return row_from_values(v, n, cxt);
+}
+
+/*
+ * Where read_held's query sends its rows: straight into the held batch,
+ * without SPI's tuple table (a copy of every tuple, then a second one).
+ */
+typedef struct HeldReceiver
+{
+	DestReceiver pub;
+	TimestampTz now;
+	uint64		count;
+} HeldReceiver;
+
+static bool
+held_receive(TupleTableSlot *slot, DestReceiver *self)
+{
+	HeldReceiver *hr = (HeldReceiver *) self;
+
+	slot_getallattrs(slot);
+	if (nheld == 0)
+		first_held_at = hr->now;
+	held[nheld++] = row_from_values(slot->tts_values, slot->tts_isnull, batch_cxt);
+	hr->count++;
+	return true;
+}
+
+static void
+held_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
+{
+}
+
+static void
+held_shutdown(DestReceiver *self)
+{
+}
+
+static void
+held_destroy(DestReceiver *self)
+{
 }
 
 /* ---- reading ---- */
@@ -669,28 +717,47 @@ find_barrier(int64 after, int64 bound, TimestampTz now)
 static bool
 read_held(int64 limit_hi, int want, TimestampTz now)
 {
+	ParamListInfo params = makeParamList(4);
+	SPIExecuteOptions opts = {0};
+	HeldReceiver hr = {{0}};
+	Oid			types[4] = {INT4OID, INT8OID, INT8OID, INT4OID};
 	Datum		v[4];
-	uint64		i;
+	int			rc;
+	int			i;
 
 	v[0] = Int32GetDatum(my_shard);
 	v[1] = Int64GetDatum(read_upto);
 	v[2] = Int64GetDatum(limit_hi);
 	v[3] = Int32GetDatum(want);
+	for (i = 0; i < 4; i++)
+	{
+		params->params[i].value = v[i];
+		params->params[i].isnull = false;
+		params->params[i].pflags = PARAM_FLAG_CONST;
+		params->params[i].ptype = types[i];
+	}
 	if (plan_read == NULL)
 		spool_plan(&plan_read,
 				   psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at FROM %s"
 							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
-				   4, (Oid[]) {INT4OID, INT8OID, INT8OID, INT4OID});
-	(void) spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
-	for (i = 0; i < SPI_processed; i++)
-	{
-		if (nheld == 0)
-			first_held_at = now;
-		held[nheld++] = row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, batch_cxt);
-	}
-	more_rows = SPI_processed == (uint64) want;
+				   4, types);
+	hr.pub.receiveSlot = held_receive;
+	hr.pub.rStartup = held_startup;
+	hr.pub.rShutdown = held_shutdown;
+	hr.pub.rDestroy = held_destroy;
+	/* Not DestNone (SPI would not say SPI_OK_SELECT) nor DestSPI (it checks its tuple table). */
+	hr.pub.mydest = DestTuplestore;
+	hr.now = now;
+	opts.params = params;
+	opts.read_only = true;
+	opts.dest = (DestReceiver *) &hr;
+	rc = SPI_execute_plan_extended(plan_read, &opts);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_plan_extended returned %s, expected %s",
+			 SPI_result_code_string(rc), SPI_result_code_string(SPI_OK_SELECT));
+	more_rows = hr.count == (uint64) want;
 	read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
-	return SPI_processed > 0;
+	return hr.count > 0;
 }
 
 /*
