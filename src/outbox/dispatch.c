@@ -745,7 +745,7 @@ read_held(int64 limit_hi, int want, TimestampTz now)
 	hr.pub.rStartup = held_startup;
 	hr.pub.rShutdown = held_shutdown;
 	hr.pub.rDestroy = held_destroy;
-	/* Not DestNone (SPI would not say SPI_OK_SELECT) nor DestSPI (it checks its tuple table). */
+	/* Neither DestNone (no SPI_OK_SELECT then) nor DestSPI (checked against its tuple table). */
 	hr.pub.mydest = DestTuplestore;
 	hr.now = now;
 	opts.params = params;
@@ -846,10 +846,10 @@ reset_held(void)
 }
 
 /*
- * In the delivering transaction, in id order (rows[0..n)): park or dead-letter the rows
- * that failed (a failed row blocks its key for the rows after it), and park
- * the rows that were not sent because their key waits.  Returns how many
- * were delivered.
+ * In the delivering transaction, in id order (rows[0..n)): park or
+ * dead-letter the rows that failed (a failed row blocks its key for the
+ * rows after it), and park the rows that were not sent because their key
+ * waits.  Returns how many were delivered.
  */
 static int
 settle_rows(OutboxRow **rows, int n)
