@@ -8,6 +8,13 @@
  *	  delivery reports are served by rd_kafka_poll on this thread and only
  *	  write into a fixed array.
  *
+ *	  The default (idempotent) mode can also be pipelined: the dispatcher
+ *	  produces a batch into one of KAFKA_PIPE_DEPTH slots
+ *	  (spool_kafka_produce) and goes on reading while the acknowledgements
+ *	  come; it collects each slot's outcome in order (spool_kafka_finish).
+ *	  Each slot has its own report array and generation, so a slot that is
+ *	  abandoned (spool_kafka_abandon) ignores reports that come late.
+ *
  *	  A target with "transactional": true uses the transactional producer
  *	  instead (transactional.id spool-<database>-<target>-<shard>): a batch
  *	  is produced in one Kafka transaction that also commits the shard's
@@ -25,10 +32,13 @@
 
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 
 #include "kafka/kafka.h"
 #include "outbox/outbox.h"
@@ -38,7 +48,6 @@
 
 static OutboxTarget *target;
 static rd_kafka_t *rk = NULL;
-static uint32 kafka_generation = 0;
 
 /* Transactional mode: the id (and group), and whether init_transactions ran. */
 static char *txn_id = NULL;
@@ -48,17 +57,32 @@ static bool txn_ready = false;
 #define TXN_READ_TIMEOUT_MS 10000	/* reading the committed offset */
 #define TXN_META_MAX 4000		/* bytes of offset metadata (Kafka's default limit: 4096) */
 
-/* Delivery reports of the current Kafka batch: error code per row. */
-static rd_kafka_resp_err_t dr_err[KAFKA_MAX_INFLIGHT];
-static int	dr_done;
+/*
+ * Delivery reports per slot: error code per row of the slot's batch, the
+ * reports that came, and the number expected.  Slots 0 .. KAFKA_PIPE_DEPTH-1
+ * are the pipeline's; SYNC_SLOT is for the batches that are waited for at
+ * once (spool_kafka_deliver, transactions).  A message's opaque tag holds
+ * the slot's generation (12 bits), the slot (4 bits) and the row's index
+ * plus one (16 bits).
+ */
+#define KAFKA_SLOTS (KAFKA_PIPE_DEPTH + 1)
+#define SYNC_SLOT KAFKA_PIPE_DEPTH
+#define TAG(slot, i) ((void *) (((uintptr_t) (slot_gen[slot] & 0xFFF) << 20) | \
+								((uintptr_t) (slot) << 16) | (uintptr_t) ((i) + 1)))
+static rd_kafka_resp_err_t dr_err[KAFKA_SLOTS][KAFKA_MAX_INFLIGHT];
+static int	dr_done[KAFKA_SLOTS];
+static int	dr_expected[KAFKA_SLOTS];
+static uint32 slot_gen[KAFKA_SLOTS];
+
+StaticAssertDecl(KAFKA_SLOTS <= 16 && KAFKA_MAX_INFLIGHT < 0xFFFF, "tag layout");
 
 static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque);
 static bool permanent_error(rd_kafka_resp_err_t err);
-static rd_kafka_resp_err_t produce_row(OutboxRow *r, int i, TimestampTz deadline,
-									   int *expected);
-static bool await_reports(int expected, TimestampTz deadline);
+static void slot_reset(int slot);
+static rd_kafka_resp_err_t produce_row(int slot, OutboxRow *r, int i, TimestampTz deadline);
+static bool await_reports(int slot, TimestampTz deadline);
 static bool nap(TimestampTz deadline);
-static rd_kafka_resp_err_t collect_reports(OutboxRow **rows, int n);
+static rd_kafka_resp_err_t collect_reports(int slot, OutboxRow **rows, int n);
 
 /* The idempotent producer of target t. */
 void
@@ -126,13 +150,24 @@ static void
 dr_msg_cb(rd_kafka_t *k, const rd_kafka_message_t *msg, void *opaque)
 {
 	uintptr_t	tag = (uintptr_t) msg->_private;
-	uint32		gen = (uint32) (tag >> 20);
-	int			idx = (int) (tag & 0xFFFFF) - 1;
+	uint32		gen = (uint32) ((tag >> 20) & 0xFFF);
+	int			slot = (int) ((tag >> 16) & 0xF);
+	int			idx = (int) (tag & 0xFFFF) - 1;
 
-	if (gen != (kafka_generation & 0xFFF) || idx < 0 || idx >= KAFKA_MAX_INFLIGHT)
+	if (slot >= KAFKA_SLOTS || gen != (slot_gen[slot] & 0xFFF) ||
+		idx < 0 || idx >= KAFKA_MAX_INFLIGHT)
 		return;
-	dr_err[idx] = msg->err;
-	dr_done++;
+	dr_err[slot][idx] = msg->err;
+	dr_done[slot]++;
+}
+
+/* A new batch in slot: reports of its earlier batches are ignored from now on. */
+static void
+slot_reset(int slot)
+{
+	slot_gen[slot]++;
+	dr_done[slot] = 0;
+	dr_expected[slot] = 0;
 }
 
 /* A message the broker will never take, whatever we do: park the row. */
@@ -157,29 +192,45 @@ bool
 spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
-	int			expected = 0;
-	int			i;
-	rd_kafka_resp_err_t transient = RD_KAFKA_RESP_ERR_NO_ERROR;
-	char		fatal[512];
+	char	   *produce_error = NULL;
+	bool		produced = spool_kafka_produce(SYNC_SLOT, rows, n, deadline, &produce_error);
 
-	Assert(n <= KAFKA_MAX_INFLIGHT);
-	if (rk == NULL)
-		spool_kafka_start(target);
-	kafka_generation++;
-	dr_done = 0;
-	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
-		transient = produce_row(rows[i], i, deadline, &expected);
 	/* Even after an error, the reports of what was produced are awaited. */
-	if (!await_reports(expected, deadline))
-		transient = RD_KAFKA_RESP_ERR__TIMED_OUT;
-	if (rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	if (!await_reports(SYNC_SLOT, deadline))
+		produce_error = psprintf("kafka delivery to topic \"%s\" failed: %s", target->topic,
+								 rd_kafka_err2str(RD_KAFKA_RESP_ERR__TIMED_OUT));
+	if (!spool_kafka_finish(SYNC_SLOT, rows, n, target_error))
+		return false;
+	if (!produced || produce_error != NULL)
 	{
-		*target_error = psprintf("fatal producer error: %s", fatal);
-		spool_kafka_stop();
+		*target_error = produce_error;
 		return false;
 	}
-	if (transient == RD_KAFKA_RESP_ERR_NO_ERROR)
-		transient = collect_reports(rows, n);
+	return true;
+}
+
+/*
+ * Produce rows[0..n) into slot (a pipeline slot, 0 .. KAFKA_PIPE_DEPTH-1,
+ * or the one spool_kafka_deliver uses) without waiting for the
+ * acknowledgements, only while librdkafka's queue is full (until
+ * deadline).  Returns false, with *target_error, when a row could not be
+ * produced for a reason other than its own (the target failed as a whole);
+ * the reports of what was produced are then still to come, and the slot
+ * is to be abandoned.
+ */
+bool
+spool_kafka_produce(int slot, OutboxRow **rows, int n, TimestampTz deadline, char **target_error)
+{
+	rd_kafka_resp_err_t transient = RD_KAFKA_RESP_ERR_NO_ERROR;
+	int			i;
+
+	Assert(n <= KAFKA_MAX_INFLIGHT && slot >= 0 && slot < KAFKA_SLOTS);
+	if (rk == NULL)
+		spool_kafka_start(target);
+	slot_reset(slot);
+	memset(dr_err[slot], 0, sizeof(rd_kafka_resp_err_t) * n);	/* NO_ERROR is 0 */
+	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+		transient = produce_row(slot, rows[i], i, deadline);
 	if (transient != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		*target_error = psprintf("kafka delivery to topic \"%s\" failed: %s",
@@ -190,21 +241,247 @@ spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error)
 }
 
 /*
- * Produce row (number i of the batch), waiting while librdkafka's local
+ * Serve delivery reports; have all of slot's come?  Without a producer
+ * (dropped after a fatal error) yes: spool_kafka_finish then says so.
+ */
+bool
+spool_kafka_done(int slot)
+{
+	if (rk == NULL)
+		return true;
+	rd_kafka_poll(rk, 0);
+	return dr_done[slot] >= dr_expected[slot];
+}
+
+/* Wait up to 1 ms for a delivery report (batches are in flight). */
+void
+spool_kafka_nap(void)
+{
+	if (rk != NULL)
+		(void) nap(DT_NOEND);
+}
+
+/* Wait until every report of slot came; false at the deadline. */
+bool
+spool_kafka_wait(int slot, TimestampTz deadline)
+{
+	return rk != NULL && await_reports(slot, deadline);
+}
+
+/*
+ * Once every report of slot came (rows[0..n) are the rows produced into
+ * it): as spool_kafka_deliver's result.
+ */
+bool
+spool_kafka_finish(int slot, OutboxRow **rows, int n, char **target_error)
+{
+	rd_kafka_resp_err_t transient;
+	char		fatal[512];
+
+	if (rk == NULL)
+	{
+		*target_error = pstrdup("the Kafka producer was dropped");
+		return false;
+	}
+	if (rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		*target_error = psprintf("fatal producer error: %s", fatal);
+		spool_kafka_stop();
+		return false;
+	}
+	transient = collect_reports(slot, rows, n);
+	if (transient != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		*target_error = psprintf("kafka delivery to topic \"%s\" failed: %s",
+								 target->topic, rd_kafka_err2str(transient));
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Give up every pipeline slot (after a failure): their late reports are
+ * ignored, and what librdkafka has not sent yet is purged, so that no
+ * later batch reaches the broker after an earlier one failed (what is in
+ * flight may still arrive: delivered again later, at least once).
+ */
+void
+spool_kafka_abandon(void)
+{
+	int			s;
+
+	for (s = 0; s < KAFKA_SLOTS; s++)
+		slot_reset(s);
+	if (rk == NULL)
+		return;
+	rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE);
+	rd_kafka_poll(rk, 0);
+}
+
+/*
+ * Append str[0..len) as a JSON string, escaped as escape_json does, but a
+ * run of bytes that need no escape at a time.
+ */
+static void
+append_json_string(StringInfo out, const char *str, int len)
+{
+	const char *p = str;
+	const char *end = str + len;
+
+	appendStringInfoCharMacro(out, '"');
+	while (p < end)
+	{
+		const char *run = p;
+		unsigned char c;
+
+		while (p < end && (unsigned char) *p >= ' ' && *p != '"' && *p != '\\')
+			p++;
+		if (p > run)
+			appendBinaryStringInfo(out, run, p - run);
+		if (p == end)
+			break;
+		c = (unsigned char) *p++;
+		switch (c)
+		{
+			case '\b':
+				appendBinaryStringInfo(out, "\\b", 2);
+				break;
+			case '\f':
+				appendBinaryStringInfo(out, "\\f", 2);
+				break;
+			case '\n':
+				appendBinaryStringInfo(out, "\\n", 2);
+				break;
+			case '\r':
+				appendBinaryStringInfo(out, "\\r", 2);
+				break;
+			case '\t':
+				appendBinaryStringInfo(out, "\\t", 2);
+				break;
+			case '"':
+				appendBinaryStringInfo(out, "\\\"", 2);
+				break;
+			case '\\':
+				appendBinaryStringInfo(out, "\\\\", 2);
+				break;
+			default:
+				appendStringInfo(out, "\\u%04x", (int) c);
+				break;
+		}
+	}
+	appendStringInfoCharMacro(out, '"');
+}
+
+/* A scalar, as JsonbToCString writes it. */
+static void
+append_json_scalar(StringInfo out, JsonbValue *v)
+{
+	switch (v->type)
+	{
+		case jbvNull:
+			appendBinaryStringInfo(out, "null", 4);
+			break;
+		case jbvString:
+			append_json_string(out, v->val.string.val, v->val.string.len);
+			break;
+		case jbvNumeric:
+			appendStringInfoString(out, DatumGetCString(DirectFunctionCall1(numeric_out,
+																			NumericGetDatum(v->val.numeric))));
+			break;
+		case jbvBool:
+			if (v->val.boolean)
+				appendBinaryStringInfo(out, "true", 4);
+			else
+				appendBinaryStringInfo(out, "false", 5);
+			break;
+		default:
+			elog(ERROR, "unknown jsonb scalar type");
+	}
+}
+
+/*
+ * The text of a payload, byte for byte what JsonbToCString (jsonb's output
+ * function) gives, palloc'd: the same walk, with strings escaped without a
+ * copy and a byte at a time only where an escape is needed (the value text
+ * was the largest part of producing a row).
+ */
+static char *
+value_text(Jsonb *jb)
+{
+	StringInfoData out;
+	JsonbIterator *it = JsonbIteratorInit(&jb->root);
+	JsonbValue	v;
+	JsonbIteratorToken type;
+	bool		first = true;
+	bool		raw_scalar = false;
+
+	initStringInfo(&out);
+	enlargeStringInfo(&out, VARSIZE(jb));
+	while ((type = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		switch (type)
+		{
+			case WJB_BEGIN_ARRAY:
+				if (!first)
+					appendBinaryStringInfo(&out, ", ", 2);
+				if (v.val.array.rawScalar)
+					raw_scalar = true;
+				else
+					appendStringInfoCharMacro(&out, '[');
+				first = true;
+				break;
+			case WJB_BEGIN_OBJECT:
+				if (!first)
+					appendBinaryStringInfo(&out, ", ", 2);
+				appendStringInfoCharMacro(&out, '{');
+				first = true;
+				break;
+			case WJB_KEY:
+				if (!first)
+					appendBinaryStringInfo(&out, ", ", 2);
+				append_json_string(&out, v.val.string.val, v.val.string.len);
+				appendBinaryStringInfo(&out, ": ", 2);
+				/* A container value comes next as its BEGIN token: no comma before it. */
+				first = true;
+				break;
+			case WJB_VALUE:
+			case WJB_ELEM:
+				if (!first)
+					appendBinaryStringInfo(&out, ", ", 2);
+				append_json_scalar(&out, &v);
+				first = false;
+				break;
+			case WJB_END_ARRAY:
+				if (!raw_scalar)
+					appendStringInfoCharMacro(&out, ']');
+				first = false;
+				break;
+			case WJB_END_OBJECT:
+				appendStringInfoCharMacro(&out, '}');
+				first = false;
+				break;
+			default:
+				elog(ERROR, "unknown jsonb iterator token type");
+		}
+	}
+	return out.data;
+}
+
+/*
+ * Produce row (number i of slot's batch), waiting while librdkafka's local
  * queue is full.  A row the broker will never take is marked failed; a
- * transient error is returned and ends the batch.  *expected counts the
- * messages whose delivery report is to come.
+ * transient error is returned and ends the batch.  dr_expected[slot]
+ * counts the messages whose delivery report is to come.
  */
 static rd_kafka_resp_err_t
-produce_row(OutboxRow *r, int i, TimestampTz deadline, int *expected)
+produce_row(int slot, OutboxRow *r, int i, TimestampTz deadline)
 {
 	rd_kafka_headers_t *h = rd_kafka_headers_new(2);
 	char		idbuf[32];
-	char	   *value = r->barrier ? "{\"barrier\": true}" :
-		JsonbToCString(NULL, &r->payload->root, VARSIZE(r->payload));
+	char	   *value = r->barrier ? "{\"barrier\": true}" : value_text(r->payload);
 	rd_kafka_resp_err_t err;
 
-	dr_err[i] = RD_KAFKA_RESP_ERR_NO_ERROR;
+	dr_err[slot][i] = RD_KAFKA_RESP_ERR_NO_ERROR;
 	snprintf(idbuf, sizeof(idbuf), INT64_FORMAT, r->id);
 	rd_kafka_header_add(h, "spool-outbox-id", -1, idbuf, -1);
 	if (r->barrier)
@@ -217,15 +494,16 @@ produce_row(OutboxRow *r, int i, TimestampTz deadline, int *expected)
 								RD_KAFKA_V_KEY(r->key, r->key ? strlen(r->key) : 0),
 								RD_KAFKA_V_VALUE(value, strlen(value)),
 								RD_KAFKA_V_HEADERS(h),
-								RD_KAFKA_V_OPAQUE((void *) (((uintptr_t) (kafka_generation & 0xFFF) << 20) |
-															(uintptr_t) (i + 1))),
+								RD_KAFKA_V_OPAQUE(TAG(slot, i)),
 								RD_KAFKA_V_END);
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL || !nap(deadline))
 			break;
 	}
+	if (!r->barrier)
+		pfree(value);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
-		(*expected)++;
+		dr_expected[slot]++;
 		return err;
 	}
 	rd_kafka_headers_destroy(h);
@@ -233,18 +511,18 @@ produce_row(OutboxRow *r, int i, TimestampTz deadline, int *expected)
 		return err;
 	r->failed = true;
 	r->error = pstrdup(rd_kafka_err2str(err));
-	dr_err[i] = err;
+	dr_err[slot][i] = err;
 	return RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
-/* Serve delivery reports until expected have come; false at the deadline. */
+/* Serve delivery reports until all of slot's have come; false at the deadline. */
 static bool
-await_reports(int expected, TimestampTz deadline)
+await_reports(int slot, TimestampTz deadline)
 {
 	for (;;)
 	{
 		rd_kafka_poll(rk, 0);
-		if (dr_done >= expected)
+		if (dr_done[slot] >= dr_expected[slot])
 			return true;
 		if (!nap(deadline))
 			return false;
@@ -252,7 +530,9 @@ await_reports(int expected, TimestampTz deadline)
 }
 
 /*
- * 1 ms on the latch (interrupts served), then librdkafka's callbacks;
+ * Up to 1 ms in librdkafka's poll, which returns as soon as a callback was
+ * served (a report wakes it at once, where a 1 ms sleep on the latch would
+ * not), after serving interrupts and checking that the postmaster lives;
  * false, without waiting, once deadline has passed.
  */
 static bool
@@ -261,10 +541,11 @@ nap(TimestampTz deadline)
 	if (GetCurrentTimestamp() >= deadline)
 		return false;
 	CHECK_FOR_INTERRUPTS();
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1,
-					 PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-	rd_kafka_poll(rk, 0);
+	if (!PostmasterIsAlive())
+		proc_exit(1);
+	pgstat_report_wait_start(PG_WAIT_EXTENSION);
+	rd_kafka_poll(rk, 1);
+	pgstat_report_wait_end();
 	return true;
 }
 
@@ -273,22 +554,23 @@ nap(TimestampTz deadline)
  * first other error is returned (the batch is tried again).
  */
 static rd_kafka_resp_err_t
-collect_reports(OutboxRow **rows, int n)
+collect_reports(int slot, OutboxRow **rows, int n)
 {
 	rd_kafka_resp_err_t transient = RD_KAFKA_RESP_ERR_NO_ERROR;
+	rd_kafka_resp_err_t *errs = dr_err[slot];
 	int			i;
 
 	for (i = 0; i < n; i++)
 	{
-		if (dr_err[i] == RD_KAFKA_RESP_ERR_NO_ERROR || rows[i]->failed)
+		if (errs[i] == RD_KAFKA_RESP_ERR_NO_ERROR || rows[i]->failed)
 			continue;
-		if (permanent_error(dr_err[i]))
+		if (permanent_error(errs[i]))
 		{
 			rows[i]->failed = true;
-			rows[i]->error = pstrdup(rd_kafka_err2str(dr_err[i]));
+			rows[i]->error = pstrdup(rd_kafka_err2str(errs[i]));
 		}
 		else if (transient == RD_KAFKA_RESP_ERR_NO_ERROR)
-			transient = dr_err[i];
+			transient = errs[i];
 	}
 	return transient;
 }
@@ -297,11 +579,14 @@ collect_reports(OutboxRow **rows, int n)
 void
 spool_kafka_stop(void)
 {
+	int			s;
+
 	if (rk == NULL)
 		return;
 	rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_poll(rk, 0);
-	kafka_generation++;
+	for (s = 0; s < KAFKA_SLOTS; s++)
+		slot_reset(s);
 	rd_kafka_destroy(rk);
 	rk = NULL;
 	txn_ready = false;
@@ -470,7 +755,6 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 	rd_kafka_resp_err_t transient = RD_KAFKA_RESP_ERR_NO_ERROR;
 	rd_kafka_topic_partition_list_t *offsets;
 	rd_kafka_consumer_group_metadata_t *cgmd;
-	int			expected = 0;
 	int			i;
 	int			j;
 	bool		refused = false;
@@ -486,22 +770,21 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 		(void) txn_failed("begin_transaction", error, deadline, err);
 		return KTXN_FAILED;
 	}
-	kafka_generation++;
-	dr_done = 0;
+	slot_reset(SYNC_SLOT);
+	memset(dr_err[SYNC_SLOT], 0, sizeof(rd_kafka_resp_err_t) * n);
 	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
 	{
 		bool		behind = false;
 
 		rows[i]->sent = false;
-		dr_err[i] = RD_KAFKA_RESP_ERR_NO_ERROR;
 		for (j = 0; j < i && !behind; j++)
 			behind = rows[j]->failed && same_key(rows[i], rows[j]);
 		if (behind)
 			continue;			/* waits behind a refused row of its key */
-		transient = produce_row(rows[i], i, deadline, &expected);
+		transient = produce_row(SYNC_SLOT, rows[i], i, deadline);
 		rows[i]->sent = !rows[i]->failed;
 	}
-	if (!await_reports(expected, deadline))
+	if (!await_reports(SYNC_SLOT, deadline))
 		transient = RD_KAFKA_RESP_ERR__TIMED_OUT;
 	if (rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
@@ -513,9 +796,9 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 	{
 		/* Refused by the broker: in the transaction already, so it is aborted. */
 		for (i = 0; i < n; i++)
-			refused |= rows[i]->sent && dr_err[i] != RD_KAFKA_RESP_ERR_NO_ERROR &&
-				permanent_error(dr_err[i]);
-		transient = collect_reports(rows, n);
+			refused |= rows[i]->sent && dr_err[SYNC_SLOT][i] != RD_KAFKA_RESP_ERR_NO_ERROR &&
+				permanent_error(dr_err[SYNC_SLOT][i]);
+		transient = collect_reports(SYNC_SLOT, rows, n);
 	}
 	if (transient == RD_KAFKA_RESP_ERR_NO_ERROR && !refused)
 	{

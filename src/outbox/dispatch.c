@@ -10,6 +10,13 @@
  *	  reconciles with the position Kafka committed when it starts and after
  *	  a failure).
  *
+ *	  An idempotent kafka target is pipelined: a flush produces the batch and
+ *	  the shard reads and produces the next ones while the acknowledgements
+ *	  come, up to KAFKA_PIPE_DEPTH batches in flight; batches are marked in
+ *	  order, each once every message of it (and of the ones before it) was
+ *	  acknowledged.  A failure of one drops the batches after it unmarked:
+ *	  they are read and delivered again.
+ *
  *	  Failed rows are parked in spool.outbox_retry with the later rows of
  *	  their key, retried with backoff, and dead-lettered after the limit.
  *	  Barriers: every shard stops before an undelivered barrier and reports
@@ -28,6 +35,8 @@
 #include "common/hashfn.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "nodes/params.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -39,6 +48,7 @@
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
@@ -104,6 +114,27 @@ static volatile TimestampTz stop_requested_at = 0;	/* see stop_requested */
 static volatile sig_atomic_t close_timed_out = false;
 static TimeoutId stop_watch_id;
 
+/*
+ * Idempotent kafka targets: the batches produced and not yet marked, oldest
+ * first, in a ring whose index is also the batch's slot in deliver_kafka.c.
+ */
+typedef struct InflightBatch
+{
+	MemoryContext cxt;			/* holds its rows */
+	OutboxRow **rows;			/* the rows it held, in id order */
+	int			n;
+	OutboxRow **send;			/* those produced (their key not parked) */
+	int			nsend;
+	int64		to;				/* its mark moves the position here */
+	FlushReason reason;
+	TimestampTz t0;				/* produced at */
+	TimestampTz deadline;		/* every acknowledgement due by */
+} InflightBatch;
+
+static InflightBatch inflight[KAFKA_PIPE_DEPTH];
+static int	inflight_head;
+static int	inflight_n;
+
 /* Transactional kafka targets: reconcile with Kafka before delivering again */
 static bool need_reconcile;
 static OutboxRow **meta_rows;	/* the rows the offset's metadata is about */
@@ -147,7 +178,11 @@ static bool flush_due(void);
 static void flush(FlushReason reason);
 static int	flush_attempt(OutboxRow **send, int nsend, bool careful, int64 to);
 static void reset_held(void);
-static int	settle_held(void);
+static int	settle_rows(OutboxRow **rows, int n);
+static bool pipelined(void);
+static void pipe_push(FlushReason reason);
+static bool pipe_settle(int keep);
+static void pipe_abandon(void);
 static void kafka_deliver(OutboxRow **rows, int n, int64 wait_ms);
 static bool txn_mode(void);
 static void kafka_commit_pause(void);
@@ -552,24 +587,74 @@ deliver_local(OutboxRow **rows, int n, bool careful)
  * An outbox row from a query whose first columns are id, key, payload,
  * barrier, processor, cursor, created_at; allocated in cxt.
  */
+#define ROW_TUPLE_MAX 16			/* columns of the queries row_from_tuple reads */
+
 static OutboxRow *
-row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
+row_from_values(Datum *v, bool *n, MemoryContext cxt)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	OutboxRow  *r = palloc0(sizeof(OutboxRow));
-	bool		isnull;
-	Datum		d;
 
-	r->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-	r->key = SPI_getvalue(tup, desc, 2);
-	r->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 3, &isnull));
-	r->barrier = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
-	r->processor = SPI_getvalue(tup, desc, 5);
-	d = SPI_getbinval(tup, desc, 6, &isnull);
-	r->cursor = isnull ? -1 : DatumGetInt64(d);
-	r->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
+	r->id = DatumGetInt64(v[0]);
+	r->key = n[1] ? NULL : TextDatumGetCString(v[1]);
+	r->payload = DatumGetJsonbPCopy(v[2]);
+	r->barrier = DatumGetBool(v[3]);
+	r->processor = n[4] ? NULL : TextDatumGetCString(v[4]);
+	r->cursor = n[5] ? -1 : DatumGetInt64(v[5]);
+	r->created_at = DatumGetTimestampTz(v[6]);
 	MemoryContextSwitchTo(old);
 	return r;
+}
+
+static OutboxRow *
+row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
+{
+	Datum		v[ROW_TUPLE_MAX];
+	bool		n[ROW_TUPLE_MAX];
+
+	/* The columns at once (text, jsonb are varlena: no cached offsets). */
+	Assert(desc->natts <= ROW_TUPLE_MAX);
+	heap_deform_tuple(tup, desc, v, n);
+	return row_from_values(v, n, cxt);
+}
+
+/*
+ * Where read_held's query sends its rows: straight into the held batch,
+ * without SPI's tuple table (a copy of every tuple, then a second one).
+ */
+typedef struct HeldReceiver
+{
+	DestReceiver pub;
+	TimestampTz now;
+	uint64		count;
+} HeldReceiver;
+
+static bool
+held_receive(TupleTableSlot *slot, DestReceiver *self)
+{
+	HeldReceiver *hr = (HeldReceiver *) self;
+
+	slot_getallattrs(slot);
+	if (nheld == 0)
+		first_held_at = hr->now;
+	held[nheld++] = row_from_values(slot->tts_values, slot->tts_isnull, batch_cxt);
+	hr->count++;
+	return true;
+}
+
+static void
+held_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
+{
+}
+
+static void
+held_shutdown(DestReceiver *self)
+{
+}
+
+static void
+held_destroy(DestReceiver *self)
+{
 }
 
 /* ---- reading ---- */
@@ -632,28 +717,47 @@ find_barrier(int64 after, int64 bound, TimestampTz now)
 static bool
 read_held(int64 limit_hi, int want, TimestampTz now)
 {
+	ParamListInfo params = makeParamList(4);
+	SPIExecuteOptions opts = {0};
+	HeldReceiver hr = {{0}};
+	Oid			types[4] = {INT4OID, INT8OID, INT8OID, INT4OID};
 	Datum		v[4];
-	uint64		i;
+	int			rc;
+	int			i;
 
 	v[0] = Int32GetDatum(my_shard);
 	v[1] = Int64GetDatum(read_upto);
 	v[2] = Int64GetDatum(limit_hi);
 	v[3] = Int32GetDatum(want);
+	for (i = 0; i < 4; i++)
+	{
+		params->params[i].value = v[i];
+		params->params[i].isnull = false;
+		params->params[i].pflags = PARAM_FLAG_CONST;
+		params->params[i].ptype = types[i];
+	}
 	if (plan_read == NULL)
 		spool_plan(&plan_read,
 				   psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at FROM %s"
 							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
-				   4, (Oid[]) {INT4OID, INT8OID, INT8OID, INT4OID});
-	(void) spool_exec(plan_read, v, NULL, true, SPI_OK_SELECT);
-	for (i = 0; i < SPI_processed; i++)
-	{
-		if (nheld == 0)
-			first_held_at = now;
-		held[nheld++] = row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, batch_cxt);
-	}
-	more_rows = SPI_processed == (uint64) want;
+				   4, types);
+	hr.pub.receiveSlot = held_receive;
+	hr.pub.rStartup = held_startup;
+	hr.pub.rShutdown = held_shutdown;
+	hr.pub.rDestroy = held_destroy;
+	/* Neither DestNone (no SPI_OK_SELECT then) nor DestSPI (checked against its tuple table). */
+	hr.pub.mydest = DestTuplestore;
+	hr.now = now;
+	opts.params = params;
+	opts.read_only = true;
+	opts.dest = (DestReceiver *) &hr;
+	rc = SPI_execute_plan_extended(plan_read, &opts);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_plan_extended returned %s, expected %s",
+			 SPI_result_code_string(rc), SPI_result_code_string(SPI_OK_SELECT));
+	more_rows = hr.count == (uint64) want;
 	read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
-	return SPI_processed > 0;
+	return hr.count > 0;
 }
 
 /*
@@ -742,20 +846,20 @@ reset_held(void)
 }
 
 /*
- * In the delivering transaction, in id order: park or dead-letter the rows
- * that failed (a failed row blocks its key for the rows after it), and park
- * the rows that were not sent because their key waits.  Returns how many
- * were delivered.
+ * In the delivering transaction, in id order (rows[0..n)): park or
+ * dead-letter the rows that failed (a failed row blocks its key for the
+ * rows after it), and park the rows that were not sent because their key
+ * waits.  Returns how many were delivered.
  */
 static int
-settle_held(void)
+settle_rows(OutboxRow **rows, int n)
 {
 	int			delivered = 0;
 	int			i;
 
-	for (i = 0; i < nheld; i++)
+	for (i = 0; i < n; i++)
 	{
-		OutboxRow  *r = held[i];
+		OutboxRow  *r = rows[i];
 
 		if (r->failed)
 		{
@@ -793,7 +897,7 @@ flush_attempt(OutboxRow **send, int nsend, bool careful, int64 to)
 	{
 		if (!spool_deliver_external())
 			deliver_local(send, nsend, careful);
-		delivered = settle_held();
+		delivered = settle_rows(held, nheld);
 		move_position(to);
 		spool_test_pause();
 		spool_end_txn();
@@ -836,6 +940,11 @@ flush(FlushReason reason)
 	int			delivered;
 	int			i;
 
+	if (pipelined())
+	{
+		pipe_push(reason);
+		return;
+	}
 	/* Rows whose key waits behind a parked row are parked too, in order. */
 	reset_held();
 	if (txn_mode())
@@ -869,6 +978,164 @@ flush(FlushReason reason)
 	MemoryContextReset(batch_cxt);
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
 	error_backoff_ms = 0;
+}
+
+/* ---- the pipeline of an idempotent kafka target ---- */
+
+/* Is the target an idempotent (pipelined) kafka target? */
+static bool
+pipelined(void)
+{
+	return target->kind == KIND_KAFKA && !target->transactional;
+}
+
+/*
+ * Flush of a pipelined target: produce the held rows whose key is not
+ * parked (the others are parked when the batch is marked) and put the
+ * batch in flight, without waiting for the acknowledgements; with
+ * KAFKA_PIPE_DEPTH batches in flight, the oldest is waited for and marked
+ * first.  The held rows move to the batch (its memory context is swapped
+ * with the held one).
+ */
+static void
+pipe_push(FlushReason reason)
+{
+	TimestampTz now;
+	InflightBatch *b;
+	MemoryContext spare;
+	char	   *err = NULL;
+	int			slot;
+	int			i;
+
+	if (inflight_n == KAFKA_PIPE_DEPTH)
+		(void) pipe_settle(KAFKA_PIPE_DEPTH - 1);
+	slot = (inflight_head + inflight_n) % KAFKA_PIPE_DEPTH;
+	b = &inflight[slot];
+	now = GetCurrentTimestamp();
+	reset_held();
+	b->send = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * Max(nheld, 1));
+	b->nsend = 0;
+	for (i = 0; i < nheld; i++)
+		if (!key_blocked(held[i]->key))
+		{
+			held[i]->sent = true;
+			b->send[b->nsend++] = held[i];
+		}
+	b->rows = held;
+	b->n = nheld;
+	b->to = read_upto;
+	b->reason = reason;
+	b->t0 = now;
+	b->deadline = TimestampTzPlusMilliseconds(now, ShutdownRequestPending &&
+											  spool_outbox_close_timeout_ms > 0 ?
+											  spool_outbox_close_timeout_ms : 60000);
+	spare = b->cxt;
+	b->cxt = batch_cxt;
+	batch_cxt = spare;
+	nheld = 0;
+	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
+	inflight_n++;
+	pgstat_report_activity(STATE_RUNNING, "delivering to kafka");
+	/* Also with nothing to send: the slot then counts as acknowledged. */
+	if (!spool_kafka_produce(slot, b->send, b->nsend, b->deadline, &err))
+		ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
+}
+
+/*
+ * Mark the oldest batches in flight whose every acknowledgement came, in
+ * order, in one transaction that parks their failed and waiting rows and
+ * moves the position to the last one's end; first wait for the oldest
+ * until at most keep are left unmarked.  The commit does not wait for its
+ * WAL flush: a mark lost in a crash only makes its rows delivered again
+ * (at least once).  A failure of the target as a whole (a timeout, a
+ * transient error of any row) raises; the caller abandons the pipeline.
+ * Returns true if a batch was marked.
+ */
+static bool
+pipe_settle(int keep)
+{
+	int			ndone = 0;
+	int			delivered[KAFKA_PIPE_DEPTH];
+	char	   *err = NULL;
+	TimestampTz now;
+	InflightBatch *last = NULL;
+	int			k;
+
+	while (ndone < inflight_n)
+	{
+		int			slot = (inflight_head + ndone) % KAFKA_PIPE_DEPTH;
+		InflightBatch *b = &inflight[slot];
+
+		if (!spool_kafka_done(slot))
+		{
+			if (inflight_n - ndone <= keep)
+				break;
+			pgstat_report_activity(STATE_RUNNING, "waiting for kafka acknowledgements");
+			if (!spool_kafka_wait(slot, b->deadline))
+				ereport(ERROR,
+						(errcode(ERRCODE_CONNECTION_FAILURE),
+						 errmsg("kafka delivery to topic \"%s\" failed: not every message was acknowledged in time",
+								target->topic)));
+		}
+		if (!spool_kafka_finish(slot, b->send, b->nsend, &err))
+			ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE), errmsg("%s", err)));
+		last = b;
+		ndone++;
+	}
+	if (ndone == 0)
+		return false;
+
+	spool_begin_txn("marking rows delivered to kafka");
+	(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+	for (k = 0; k < ndone; k++)
+	{
+		InflightBatch *b = &inflight[(inflight_head + k) % KAFKA_PIPE_DEPTH];
+
+		delivered[k] = settle_rows(b->rows, b->n);
+	}
+	move_position(last->to);
+	spool_test_pause();
+	spool_end_txn();
+
+	position = last->to;
+	now = GetCurrentTimestamp();
+	for (k = 0; k < ndone; k++)
+	{
+		InflightBatch *b = &inflight[inflight_head];
+
+		note_flush(b->reason, delivered[k], (double) (now - b->t0) / 1000.0);
+		MemoryContextReset(b->cxt);
+		b->rows = b->send = NULL;
+		b->n = b->nsend = 0;
+		inflight_head = (inflight_head + 1) % KAFKA_PIPE_DEPTH;
+		inflight_n--;
+	}
+	error_backoff_ms = 0;
+	return true;
+}
+
+/*
+ * After a failure: forget every batch in flight and the held rows (all are
+ * read again from the position on), and let librdkafka send nothing more
+ * of them.  The in-memory parked keys are rebuilt before they are used.
+ */
+static void
+pipe_abandon(void)
+{
+	int			k;
+
+	spool_kafka_abandon();
+	for (k = 0; k < KAFKA_PIPE_DEPTH; k++)
+	{
+		MemoryContextReset(inflight[k].cxt);
+		inflight[k].rows = inflight[k].send = NULL;
+		inflight[k].n = inflight[k].nsend = 0;
+	}
+	inflight_head = 0;
+	inflight_n = 0;
+	drop_held();
+	next_parked_reload = 0;
 }
 
 /* Rebuild the blocked keys from spool.outbox_retry, in a transaction of its own. */
@@ -966,9 +1233,17 @@ retry_parked(TimestampTz now)
 	int			i;
 
 	if (pg_atomic_read_u32(&ds->retry_dirty) != 0 || now >= next_parked_reload)
+	{
+		/* Rows in flight may wait behind a parked row that is gone now. */
+		if (inflight_n > 0 && nparked > 0)
+			(void) pipe_settle(0);
 		reload_parked();
+	}
 	if (nparked == 0 || now < next_retry_at)
 		return false;
+	/* A retried head must not overtake rows of its key still in flight. */
+	if (inflight_n > 0)
+		(void) pipe_settle(0);
 
 	set_state(DS_RETRYING);
 	/* In the loop's memory, reset each pass. */
@@ -1284,7 +1559,7 @@ reconcile(void)
 			r->sent = !r->failed && !meta_has(meta, ";w:", r->id);
 			held[nheld++] = r;
 		}
-		delivered = settle_held();
+		delivered = settle_rows(held, nheld);
 		move_position(k);
 		spool_end_txn();
 		ereport(LOG,
@@ -1580,6 +1855,12 @@ wait_for_work(TimestampTz now)
 	if (my_shard == 0)
 		until = Min(until, next_rotation);
 	ms = TimestampDifferenceMilliseconds(now, until);
+	/* Batches in flight: wait (up to 1 ms) for their acknowledgements instead. */
+	if (inflight_n > 0 && ms > 0 && !stop_requested())
+	{
+		spool_kafka_nap();
+		return;
+	}
 	/* A stop request whose latch wake-up user code consumed (pg_sleep) is not slept on. */
 	if (ms <= 0 || stop_requested())
 		return;
@@ -1675,6 +1956,8 @@ dispatch_load(void)
 static void
 dispatch_lock_shard(void)
 {
+	int			i;
+
 	while (!spool_internal_lock(SPOOL_LOCK_DISPATCH, store, (uint32) my_shard))
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100,
@@ -1689,6 +1972,9 @@ dispatch_lock_shard(void)
 	ds->options_hash = target->options_hash;
 	LWLockRelease(spool_outbox_shared->lock);
 	held = MemoryContextAlloc(batch_cxt, sizeof(OutboxRow *) * target->batch_size);
+	for (i = 0; i < KAFKA_PIPE_DEPTH; i++)
+		inflight[i].cxt = AllocSetContextCreate(TopMemoryContext, "spool dispatch batch in flight",
+												ALLOCSET_DEFAULT_SIZES);
 	next_poll = 0;
 	next_rotation = 0;
 	if (spool_deliver_external())
@@ -1738,13 +2024,20 @@ dispatch_step(TimestampTz now)
 		reconcile();
 		did = true;
 	}
+	if (inflight_n > 0)
+		did |= pipe_settle(KAFKA_PIPE_DEPTH);	/* only what was acknowledged */
 	did |= retry_parked(now);
 	if (nheld < target->batch_size && read_wanted(now))
 		did |= read_rows(now);
 	did |= flush_due();
 	if (nheld == 0 && barrier_at != 0 && read_upto >= barrier_at - 1)
+	{
+		/* Every row before the barrier is marked before it is arrived at. */
+		if (inflight_n > 0)
+			did |= pipe_settle(0);
 		did |= barrier_step(GetCurrentTimestamp());
-	if (nheld == 0 && barrier_at == 0 && nparked == 0 && !more_rows)
+	}
+	if (nheld == 0 && inflight_n == 0 && barrier_at == 0 && nparked == 0 && !more_rows)
 		set_state(DS_IDLE);
 	if (my_shard == 0 && GetCurrentTimestamp() >= next_rotation)
 	{
@@ -1764,6 +2057,8 @@ dispatch_close(void)
 {
 	if (nheld > 0 && !need_reconcile)
 		flush(FLUSH_CLOSE);
+	if (inflight_n > 0)
+		(void) pipe_settle(0);
 	watch_stop(false);
 	proc_exit(0);
 }
@@ -1799,6 +2094,8 @@ dispatch_failed(void)
 	LWLockReleaseAll();
 	MemoryContextSwitchTo(loop_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	if (inflight_n > 0)
+		pipe_abandon();
 	note_error(ed->message, true);
 	error_backoff_ms = Min(Max(error_backoff_ms * 2, ERROR_BACKOFF_MIN_MS),
 						   ERROR_BACKOFF_MAX_MS);
