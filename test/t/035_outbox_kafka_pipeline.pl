@@ -1,5 +1,5 @@
 # The pipeline of an idempotent kafka target (docs/outbox.md, "Kafka
-# targets"): a shard produces up to 3 batches before the oldest is
+# targets"): a shard produces up to 8 batches (KAFKA_PIPE_DEPTH) before the oldest is
 # acknowledged and marked; marks go in order, only for acknowledged rows.
 # Single-broker test cluster; every topic is read back with consume_all.
 # (a) The value text: payloads with escapes, control characters,
