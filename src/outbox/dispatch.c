@@ -779,9 +779,10 @@ part_close(PartScan *ps)
  * Read up to want of my rows in (read_upto, limit_hi] into the batch, in id
  * order: the partitions' index scans merged.  What the query "... WHERE
  * shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4" on the
- * target's outbox gives, without the executor and without a plan (a
- * generic plan of it chose a bitmap scan and a sort of every row in the
- * range, for each batch).
+ * target's outbox gives, without the executor and without a plan (the
+ * kept plan of it, over all eight partitions, ran as bitmap scans and a
+ * top-N sort of every row in the range, for each batch: a batch cost
+ * grew with the backlog).
  */
 static bool
 read_held(int64 limit_hi, int want, TimestampTz now)
