@@ -372,6 +372,90 @@ append_json_string(StringInfo out, const char *str, int len)
 	appendStringInfoCharMacro(out, '"');
 }
 
+/*
+ * The numeric's on-disk layout, as numeric.c defines it (it is stored, so
+ * it does not change): a uint16 header whose top two bits say short (10),
+ * special (11) or long (0x); a short header also holds the sign, the
+ * display scale and the weight, a long one the sign and display scale, and
+ * an int16 weight after it; then base-10000 digits, the first of weight
+ * "weight".
+ */
+#define NUM_SHORT 0x8000
+#define NUM_FLAGS 0xC000
+#define NUM_NEG 0x4000
+#define NUM_SHORT_NEG 0x2000
+#define NUM_SHORT_DSCALE 0x1F80
+#define NUM_SHORT_WEIGHT_NEG 0x0040
+#define NUM_SHORT_WEIGHT 0x003F
+#define NUM_DSCALE 0x3FFF
+
+/*
+ * Append an integral numeric of at most 16 digits (display scale 0) as
+ * numeric_out writes it, without numeric_out's conversion and pallocs; false
+ * (nothing appended) for any other numeric.  Most numbers in payloads are
+ * such (ids, counts, timestamps); numeric_out was ~8% of producing a row.
+ */
+static bool
+append_integral_numeric(StringInfo out, Numeric num)
+{
+	const char *p = (const char *) num;
+	uint16		head;
+	bool		neg;
+	int			dscale;
+	int			weight;
+	const int16 *digits;
+	int			ndigits;
+	uint64		val = 0;
+	char		buf[24];
+	int			len = 0;
+	int			i;
+
+	if (!VARATT_IS_4B_U(p))
+		return false;
+	memcpy(&head, p + VARHDRSZ, sizeof(head));
+	if ((head & NUM_FLAGS) == NUM_SHORT)
+	{
+		neg = (head & NUM_SHORT_NEG) != 0;
+		dscale = (head & NUM_SHORT_DSCALE) >> 7;
+		weight = (head & NUM_SHORT_WEIGHT_NEG) ? (int) (int16) (head | ~NUM_SHORT_WEIGHT) :
+			(head & NUM_SHORT_WEIGHT);
+		digits = (const int16 *) (p + VARHDRSZ + sizeof(uint16));
+		ndigits = (VARSIZE(p) - VARHDRSZ - sizeof(uint16)) / sizeof(int16);
+	}
+	else if ((head & NUM_FLAGS) == NUM_FLAGS)
+		return false;			/* NaN, infinities */
+	else
+	{
+		int16		w;
+
+		neg = (head & NUM_FLAGS) == NUM_NEG;
+		dscale = head & NUM_DSCALE;
+		memcpy(&w, p + VARHDRSZ + sizeof(uint16), sizeof(w));
+		weight = w;
+		digits = (const int16 *) (p + VARHDRSZ + 2 * sizeof(uint16));
+		ndigits = (VARSIZE(p) - VARHDRSZ - 2 * sizeof(uint16)) / sizeof(int16);
+	}
+	if (dscale != 0 || weight > 3 || (ndigits > 0 && (weight < 0 || ndigits > weight + 1)))
+		return false;
+	for (i = 0; i <= weight && ndigits > 0; i++)
+	{
+		int			d = i < ndigits ? digits[i] : 0;
+
+		if (d < 0 || d > 9999)
+			return false;
+		val = val * 10000 + d;
+	}
+	if (neg)
+	{
+		if (val == 0)
+			return false;		/* "-0": numeric_out's business */
+		buf[len++] = '-';
+	}
+	len += pg_ulltoa_n(val, buf + len);
+	appendBinaryStringInfo(out, buf, len);
+	return true;
+}
+
 /* A scalar, as JsonbToCString writes it. */
 static void
 append_json_scalar(StringInfo out, JsonbValue *v)
@@ -385,8 +469,9 @@ append_json_scalar(StringInfo out, JsonbValue *v)
 			append_json_string(out, v->val.string.val, v->val.string.len);
 			break;
 		case jbvNumeric:
-			appendStringInfoString(out, DatumGetCString(DirectFunctionCall1(numeric_out,
-																			NumericGetDatum(v->val.numeric))));
+			if (!append_integral_numeric(out, v->val.numeric))
+				appendStringInfoString(out, DatumGetCString(DirectFunctionCall1(numeric_out,
+																				NumericGetDatum(v->val.numeric))));
 			break;
 		case jbvBool:
 			if (v->val.boolean)
@@ -401,70 +486,86 @@ append_json_scalar(StringInfo out, JsonbValue *v)
 
 /*
  * The text of a payload, byte for byte what JsonbToCString (jsonb's output
- * function) gives, palloc'd: the same walk, with strings escaped without a
- * copy and a byte at a time only where an escape is needed (the value text
- * was the largest part of producing a row).
+ * function) gives, in a buffer kept across rows (valid until the next
+ * call): the same walk, with strings escaped without a copy and a byte at a
+ * time only where an escape is needed (the value text was the largest part
+ * of producing a row).
  */
+static StringInfoData value_buf;	/* value_text's, kept across rows */
+#define VALUE_BUF_KEEP (1024 * 1024)	/* a larger one is not kept */
+
 static char *
 value_text(Jsonb *jb)
 {
-	StringInfoData out;
+	StringInfo	out = &value_buf;
 	JsonbIterator *it = JsonbIteratorInit(&jb->root);
 	JsonbValue	v;
 	JsonbIteratorToken type;
 	bool		first = true;
 	bool		raw_scalar = false;
 
-	initStringInfo(&out);
-	enlargeStringInfo(&out, VARSIZE(jb));
+	if (value_buf.data != NULL && value_buf.maxlen > VALUE_BUF_KEEP)
+	{
+		pfree(value_buf.data);
+		value_buf.data = NULL;
+	}
+	if (value_buf.data == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		initStringInfo(&value_buf);
+		MemoryContextSwitchTo(old);
+	}
+	resetStringInfo(out);
+	enlargeStringInfo(out, VARSIZE(jb));
 	while ((type = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
 	{
 		switch (type)
 		{
 			case WJB_BEGIN_ARRAY:
 				if (!first)
-					appendBinaryStringInfo(&out, ", ", 2);
+					appendBinaryStringInfo(out, ", ", 2);
 				if (v.val.array.rawScalar)
 					raw_scalar = true;
 				else
-					appendStringInfoCharMacro(&out, '[');
+					appendStringInfoCharMacro(out, '[');
 				first = true;
 				break;
 			case WJB_BEGIN_OBJECT:
 				if (!first)
-					appendBinaryStringInfo(&out, ", ", 2);
-				appendStringInfoCharMacro(&out, '{');
+					appendBinaryStringInfo(out, ", ", 2);
+				appendStringInfoCharMacro(out, '{');
 				first = true;
 				break;
 			case WJB_KEY:
 				if (!first)
-					appendBinaryStringInfo(&out, ", ", 2);
-				append_json_string(&out, v.val.string.val, v.val.string.len);
-				appendBinaryStringInfo(&out, ": ", 2);
+					appendBinaryStringInfo(out, ", ", 2);
+				append_json_string(out, v.val.string.val, v.val.string.len);
+				appendBinaryStringInfo(out, ": ", 2);
 				/* A container value comes next as its BEGIN token: no comma before it. */
 				first = true;
 				break;
 			case WJB_VALUE:
 			case WJB_ELEM:
 				if (!first)
-					appendBinaryStringInfo(&out, ", ", 2);
-				append_json_scalar(&out, &v);
+					appendBinaryStringInfo(out, ", ", 2);
+				append_json_scalar(out, &v);
 				first = false;
 				break;
 			case WJB_END_ARRAY:
 				if (!raw_scalar)
-					appendStringInfoCharMacro(&out, ']');
+					appendStringInfoCharMacro(out, ']');
 				first = false;
 				break;
 			case WJB_END_OBJECT:
-				appendStringInfoCharMacro(&out, '}');
+				appendStringInfoCharMacro(out, '}');
 				first = false;
 				break;
 			default:
 				elog(ERROR, "unknown jsonb iterator token type");
 		}
 	}
-	return out.data;
+	return out->data;
 }
 
 /*
@@ -499,8 +600,6 @@ produce_row(int slot, OutboxRow *r, int i, TimestampTz deadline)
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL || !nap(deadline))
 			break;
 	}
-	if (!r->barrier)
-		pfree(value);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		dr_expected[slot]++;

@@ -29,13 +29,21 @@
 
 #include <math.h>
 
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "common/hashfn.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
+#include "nodes/makefuncs.h"
 #include "nodes/params.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -50,8 +58,11 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
+#include "utils/fmgroids.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
@@ -140,7 +151,6 @@ static bool need_reconcile;
 static OutboxRow **meta_rows;	/* the rows the offset's metadata is about */
 static int	meta_n;
 
-static SPIPlanPtr plan_read;
 static SPIPlanPtr plan_barrier;
 static SPIPlanPtr plan_position;
 static SPIPlanPtr plan_park;
@@ -588,6 +598,7 @@ deliver_local(OutboxRow **rows, int n, bool careful)
  * barrier, processor, cursor, created_at; allocated in cxt.
  */
 #define ROW_TUPLE_MAX 16			/* columns of the queries row_from_tuple reads */
+#define READ_COLS 7				/* the columns row_from_values reads */
 
 static OutboxRow *
 row_from_values(Datum *v, bool *n, MemoryContext cxt)
@@ -616,45 +627,6 @@ row_from_tuple(HeapTuple tup, TupleDesc desc, MemoryContext cxt)
 	Assert(desc->natts <= ROW_TUPLE_MAX);
 	heap_deform_tuple(tup, desc, v, n);
 	return row_from_values(v, n, cxt);
-}
-
-/*
- * Where read_held's query sends its rows: straight into the held batch,
- * without SPI's tuple table (a copy of every tuple, then a second one).
- */
-typedef struct HeldReceiver
-{
-	DestReceiver pub;
-	TimestampTz now;
-	uint64		count;
-} HeldReceiver;
-
-static bool
-held_receive(TupleTableSlot *slot, DestReceiver *self)
-{
-	HeldReceiver *hr = (HeldReceiver *) self;
-
-	slot_getallattrs(slot);
-	if (nheld == 0)
-		first_held_at = hr->now;
-	held[nheld++] = row_from_values(slot->tts_values, slot->tts_isnull, batch_cxt);
-	hr->count++;
-	return true;
-}
-
-static void
-held_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
-{
-}
-
-static void
-held_shutdown(DestReceiver *self)
-{
-}
-
-static void
-held_destroy(DestReceiver *self)
-{
 }
 
 /* ---- reading ---- */
@@ -713,51 +685,152 @@ find_barrier(int64 after, int64 bound, TimestampTz now)
 	return true;
 }
 
-/* Read up to want of my rows in (read_upto, limit_hi] into the batch. */
+/*
+ * One partition (ring slot) of the target's outbox, read by read_held: an
+ * index scan of its (shard, id) index, and where the columns row_from_values
+ * wants are in its rows (by name: a partition's attribute numbers can differ
+ * from its parent's).
+ */
+typedef struct PartScan
+{
+	Relation	heap;
+	Relation	index;
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	AttrNumber	att[READ_COLS];
+	bool		has;			/* slot holds the next row */
+	int64		id;				/* its id */
+} PartScan;
+
+static const char *const read_cols[READ_COLS] = {
+	"id", "key", "payload", "barrier", "processor", "cursor", "created_at"
+};
+
+/* The partition's next row in id order into ps->slot; false at the end. */
+static bool
+part_next(PartScan *ps)
+{
+	bool		isnull;
+
+	ps->has = index_getnext_slot(ps->scan, ForwardScanDirection, ps->slot);
+	if (ps->has)
+		ps->id = DatumGetInt64(slot_getattr(ps->slot, ps->att[0], &isnull));
+	return ps->has;
+}
+
+/*
+ * Open partition relid for read_held and start its scan of my rows in
+ * (lo, hi]: the btree index on (shard, id), which every partition has (it
+ * comes from spool.outbox_store's).
+ */
+static void
+part_open(PartScan *ps, Oid relid, int64 lo, int64 hi)
+{
+	ScanKeyData keys[3];
+	AttrNumber	shard_att;
+	List	   *indexes;
+	ListCell   *lc;
+	int			i;
+
+	ps->heap = table_open(relid, NoLock);	/* locked by find_inheritance_children */
+	for (i = 0; i < READ_COLS; i++)
+		if ((ps->att[i] = get_attnum(relid, read_cols[i])) == InvalidAttrNumber)
+			elog(ERROR, "no column %s in %s", read_cols[i], RelationGetRelationName(ps->heap));
+	shard_att = get_attnum(relid, "shard");
+	ps->index = NULL;
+	indexes = RelationGetIndexList(ps->heap);
+	foreach(lc, indexes)
+	{
+		Relation	ix = index_open(lfirst_oid(lc), AccessShareLock);
+
+		if (ix->rd_rel->relam == BTREE_AM_OID && ix->rd_index->indisvalid &&
+			ix->rd_index->indnkeyatts == 2 && RelationGetIndexExpressions(ix) == NIL &&
+			RelationGetIndexPredicate(ix) == NIL &&
+			ix->rd_index->indkey.values[0] == shard_att &&
+			ix->rd_index->indkey.values[1] == ps->att[0])
+		{
+			ps->index = ix;
+			break;
+		}
+		index_close(ix, AccessShareLock);
+	}
+	list_free(indexes);
+	if (ps->index == NULL)
+		elog(ERROR, "no (shard, id) index on %s", RelationGetRelationName(ps->heap));
+	ScanKeyInit(&keys[0], 1, BTEqualStrategyNumber, F_INT4EQ, Int32GetDatum(my_shard));
+	ScanKeyInit(&keys[1], 2, BTGreaterStrategyNumber, F_INT8GT, Int64GetDatum(lo));
+	ScanKeyInit(&keys[2], 2, BTLessEqualStrategyNumber, F_INT8LE, Int64GetDatum(hi));
+	ps->slot = table_slot_create(ps->heap, NULL);
+	ps->scan = index_beginscan(ps->heap, ps->index, GetActiveSnapshot(), 3, 0);
+	index_rescan(ps->scan, keys, 3, NULL, 0);
+	part_next(ps);
+}
+
+static void
+part_close(PartScan *ps)
+{
+	index_endscan(ps->scan);
+	ExecDropSingleTupleTableSlot(ps->slot);
+	index_close(ps->index, NoLock);
+	table_close(ps->heap, NoLock);
+}
+
+/*
+ * Read up to want of my rows in (read_upto, limit_hi] into the batch, in id
+ * order: the partitions' index scans merged.  What the query "... WHERE
+ * shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4" on the
+ * target's outbox gives, without the executor and without a plan (the
+ * kept plan of it, over all eight partitions, ran as bitmap scans and a
+ * top-N sort of every row in the range, for each batch: a batch cost
+ * grew with the backlog).
+ */
 static bool
 read_held(int64 limit_hi, int want, TimestampTz now)
 {
-	ParamListInfo params = makeParamList(4);
-	SPIExecuteOptions opts = {0};
-	HeldReceiver hr = {{0}};
-	Oid			types[4] = {INT4OID, INT8OID, INT8OID, INT4OID};
-	Datum		v[4];
-	int			rc;
+	Oid			parent;
+	List	   *parts;
+	ListCell   *lc;
+	PartScan   *ps;
+	int			nparts = 0;
+	int			count = 0;
 	int			i;
 
-	v[0] = Int32GetDatum(my_shard);
-	v[1] = Int64GetDatum(read_upto);
-	v[2] = Int64GetDatum(limit_hi);
-	v[3] = Int32GetDatum(want);
-	for (i = 0; i < 4; i++)
+	parent = RangeVarGetRelid(makeRangeVar("spool", psprintf("outbox_t%d", target->id), -1),
+							  AccessShareLock, false);
+	parts = find_inheritance_children(parent, AccessShareLock);
+	ps = palloc0(sizeof(PartScan) * Max(list_length(parts), 1));
+	foreach(lc, parts)
+		part_open(&ps[nparts++], lfirst_oid(lc), read_upto, limit_hi);
+	while (count < want)
 	{
-		params->params[i].value = v[i];
-		params->params[i].isnull = false;
-		params->params[i].pflags = PARAM_FLAG_CONST;
-		params->params[i].ptype = types[i];
+		PartScan   *best = NULL;
+		Datum		v[READ_COLS];
+		bool		n[READ_COLS];
+
+		for (i = 0; i < nparts; i++)
+			if (ps[i].has && (best == NULL || ps[i].id < best->id))
+				best = &ps[i];
+		if (best == NULL)
+			break;
+		slot_getallattrs(best->slot);
+		for (i = 0; i < READ_COLS; i++)
+		{
+			v[i] = best->slot->tts_values[best->att[i] - 1];
+			n[i] = best->slot->tts_isnull[best->att[i] - 1];
+		}
+		if (nheld == 0)
+			first_held_at = now;
+		held[nheld++] = row_from_values(v, n, batch_cxt);
+		count++;
+		part_next(best);
 	}
-	if (plan_read == NULL)
-		spool_plan(&plan_read,
-				   psprintf("SELECT id, key, payload, barrier, processor, cursor, created_at FROM %s"
-							" WHERE shard = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4", store),
-				   4, types);
-	hr.pub.receiveSlot = held_receive;
-	hr.pub.rStartup = held_startup;
-	hr.pub.rShutdown = held_shutdown;
-	hr.pub.rDestroy = held_destroy;
-	/* Neither DestNone (no SPI_OK_SELECT then) nor DestSPI (checked against its tuple table). */
-	hr.pub.mydest = DestTuplestore;
-	hr.now = now;
-	opts.params = params;
-	opts.read_only = true;
-	opts.dest = (DestReceiver *) &hr;
-	rc = SPI_execute_plan_extended(plan_read, &opts);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "SPI_execute_plan_extended returned %s, expected %s",
-			 SPI_result_code_string(rc), SPI_result_code_string(SPI_OK_SELECT));
-	more_rows = hr.count == (uint64) want;
+	for (i = 0; i < nparts; i++)
+		part_close(&ps[i]);
+	pfree(ps);
+	list_free(parts);
+	more_rows = count == want;
 	read_upto = more_rows ? held[nheld - 1]->id : limit_hi;
-	return hr.count > 0;
+	return count > 0;
 }
 
 /*

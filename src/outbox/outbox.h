@@ -182,7 +182,7 @@ extern bool spool_deliver_external(void);
 extern void spool_deliver_shutdown(void);
 
 /* deliver_kafka.c: kafka targets, outside the transaction. */
-#define KAFKA_PIPE_DEPTH 3		/* idempotent mode: batches produced, not yet marked */
+#define KAFKA_PIPE_DEPTH 8		/* idempotent mode: batches produced, not yet marked */
 extern void spool_kafka_start(OutboxTarget *t);
 extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error);
 extern bool spool_kafka_produce(int slot, OutboxRow **rows, int n, TimestampTz deadline,

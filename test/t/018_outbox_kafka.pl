@@ -472,8 +472,8 @@ for my $shard (sort keys %paused_pid)
 	my $n = grep { $sent->{$_}{shard} == $shard } keys %inflight;
 	cmp_ok($n, '>', 0,
 		"(c) shard $shard: the broker acknowledged its paused batch ($n messages above position $pos_c->{$shard})");
-	cmp_ok($n, '<=', 3 * $batch_size,
-		"(c) shard $shard: at most 3 batches (the pipeline's depth) in flight");
+	cmp_ok($n, "<=", 8 * $batch_size,
+		"(c) shard $shard: at most 8 batches (the pipeline's depth) in flight");
 }
 sql('ALTER SYSTEM RESET spool.test_worker_pause; SELECT pg_reload_conf();');
 is(sql($paused_q), $paused, '(c) still inside the same transactions (nothing committed)');

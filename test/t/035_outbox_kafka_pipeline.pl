@@ -1,5 +1,5 @@
 # The pipeline of an idempotent kafka target (docs/outbox.md, "Kafka
-# targets"): a shard produces up to 3 batches before the oldest is
+# targets"): a shard produces up to 8 batches (KAFKA_PIPE_DEPTH) before the oldest is
 # acknowledged and marked; marks go in order, only for acknowledged rows.
 # Single-broker test cluster; every topic is read back with consume_all.
 # (a) The value text: payloads with escapes, control characters,
@@ -105,6 +105,7 @@ SELECT spool.enqueue('pa', 'k', p) AS id, p
     '{"s": "quote\" back\\\\ slash/ nl\n tab\t cr\r bs\b ff\f ctl\u0001\u001f del\u007f"}',
     '{"u": "é 日本 😀", "é": "key"}',
     '[1, 2.50, -0, 1e3, 1.0e-5, 123456789012345678901234567890, true, false, null, "x", [], {}, [[]], {"a": {"b": []}}]',
+    '[0, -1, 7, 9999, 10000, -10000, 10001, 99990000, 100000000, 1234567890123456, 9999999999999999, -9999999999999999, 10000000000000000, 1e16, 12e3, 1.0, 100.00, -0.0, 0.0001, 123456789012345678901234567890]',
     '"raw string"', '123.4500', 'null', 'true', '{}', '[]', '""',
     '{"b": [1, {"c": null, "d": [true, "\\\\u0041"]}], "a": 1, "long key with spaces": "v", "": ""}'
   ]::jsonb[]) p});
