@@ -23,6 +23,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
 #include "ingest/consumer.h"
@@ -260,6 +261,14 @@ stage_batch(void)
 				   (batch[i].kind == 'm' && batch[i].dead_letter_id != 0));
 	}
 	first_pos = (int64) pg_atomic_fetch_add_u64(&spool_ingest_shared->staged_msgs[which], (uint64) nmsg);
+
+	/*
+	 * The first batch since the table was emptied: its kept pages are free
+	 * again, and our cached insertion page would send the batch into the
+	 * middle of them; the free space map hands them out from the first.
+	 */
+	if (first_pos == 0)
+		RelationSetTargetBlock(rel, InvalidBlockNumber);
 	insert_batch(rel, first_pos);
 	table_close(rel, NoLock);
 	if (nother > 0)

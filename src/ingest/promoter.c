@@ -30,16 +30,21 @@
 #include "postgres.h"
 
 #include "access/table.h"
+#include "access/visibilitymap.h"
 #include "access/xact.h"
 #include "catalog/heap.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "catalog/storage.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/bufmgr.h"
+#include "storage/freespace.h"
+#include "storage/fsm_internals.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lmgr.h"
@@ -60,6 +65,7 @@ SpoolIngestShared *spool_ingest_shared = NULL;
 PGDLLEXPORT void spool_promoter_main(Datum main_arg);
 
 #define IDLE_WAIT_MS		1000
+#define STAGING_KEEP_BLOCKS	4096	/* pages of a staging table kept when emptied (32 MB) */
 
 /*
  * The row-moving statement of one staging table, kept for the segment it
@@ -99,6 +105,8 @@ static uint32 promotion_begin(bool flip);
 static bool promote_once(bool flip);
 static int64 promote_table(uint32 which, int64 next);
 static bool empty_staging(uint32 which);
+static void reset_staging(Relation rel);
+static void fsm_search_from_start(Relation rel);
 static SPIPlanPtr promote_plan(uint32 which, bool others, int32 segment);
 static char *promote_sql(uint32 which, bool others, int32 segment);
 static void ensure_segments(int64 upto);
@@ -430,9 +438,10 @@ promote_table(uint32 which, int64 next)
 
 /*
  * Empty staging table which after its promotion committed, in a short
- * transaction of its own, and reset its counters.  The truncation is done
- * in place (heap_truncate_one_rel, as TRUNCATE does for a table created in
- * the same transaction): the table keeps its relfilenode, so no catalog row
+ * transaction of its own, and reset its counters.  It is emptied in place
+ * (reset_staging keeps its first pages, initialized empty, and truncates the
+ * rest as TRUNCATE does for a table created in the same transaction): the
+ * table keeps its relfilenode, so no catalog row
  * changes, no init fork is written and synced, no WAL is written, and
  * neither the kept plans that name it nor the ingest workers' relcache
  * entries are invalidated.  In place is not transactional, which is why it
@@ -461,7 +470,7 @@ empty_staging(uint32 which)
 	{
 		Relation	rel = table_open(relid, NoLock);
 
-		heap_truncate_one_rel(rel);
+		reset_staging(rel);
 		table_close(rel, NoLock);
 	}
 	else
@@ -476,6 +485,90 @@ empty_staging(uint32 which)
 	pg_atomic_write_u64(&spool_ingest_shared->staged_msgs[which], 0);
 	pg_atomic_write_u64(&spool_ingest_shared->staged_other[which], 0);
 	return emptied;
+}
+
+/*
+ * Empty staging table rel (held exclusively) and keep its first
+ * STAGING_KEEP_BLOCKS pages for the next batches: each page is initialized
+ * empty in shared buffers (no read, no WAL: the table is unlogged) and
+ * entered in the free space map as empty, and the map's searches start
+ * again at the first page, so that the next batches fill the pages in
+ * order and the promoter still reads them in staging order.  Truncating the
+ * file instead made the ingest worker extend it again page by page for
+ * every batch (a write of a zero page each) and scanned all of shared
+ * buffers for the dropped pages.  The table's TOAST table is truncated
+ * when it holds anything; a table with indexes or a visibility map (a
+ * manual VACUUM) is truncated as before.
+ */
+static void
+reset_staging(Relation rel)
+{
+	BlockNumber nblocks = RelationGetNumberOfBlocks(rel);
+	BlockNumber keep = Min(nblocks, STAGING_KEEP_BLOCKS);
+	SMgrRelation smgr = RelationGetSmgr(rel);
+	BlockNumber blk;
+
+	if (keep == 0 || rel->rd_rel->relhasindex ||
+		(smgrexists(smgr, VISIBILITYMAP_FORKNUM) &&
+		 smgrnblocks(smgr, VISIBILITYMAP_FORKNUM) > 0))
+	{
+		heap_truncate_one_rel(rel);
+		return;
+	}
+	if (keep < nblocks)
+		RelationTruncate(rel, keep);
+	for (blk = 0; blk < keep; blk++)
+	{
+		Buffer		buf = ReadBufferExtended(rel, MAIN_FORKNUM, blk, RBM_ZERO_AND_LOCK, NULL);
+		Page		page = BufferGetPage(buf);
+		Size		avail;
+
+		PageInit(page, BufferGetPageSize(buf), 0);
+		avail = PageGetHeapFreeSpace(page);
+		MarkBufferDirty(buf);
+		UnlockReleaseBuffer(buf);
+		RecordPageWithFreeSpace(rel, blk, avail);
+	}
+	FreeSpaceMapVacuumRange(rel, 0, keep);
+	fsm_search_from_start(rel);
+	RelationSetTargetBlock(rel, InvalidBlockNumber);
+	if (OidIsValid(rel->rd_rel->reltoastrelid))
+	{
+		Relation	toast = table_open(rel->rd_rel->reltoastrelid, AccessExclusiveLock);
+
+		if (RelationGetNumberOfBlocks(toast) > 0)
+			heap_truncate_one_rel(toast);
+		table_close(toast, NoLock);
+	}
+}
+
+/*
+ * The free space map hands out pages round-robin from where its last
+ * search ended (fp_next_slot of each map page); start them at the first.
+ */
+static void
+fsm_search_from_start(Relation rel)
+{
+	SMgrRelation smgr = RelationGetSmgr(rel);
+	BlockNumber n;
+	BlockNumber blk;
+
+	if (!smgrexists(smgr, FSM_FORKNUM))
+		return;
+	n = smgrnblocks(smgr, FSM_FORKNUM);
+	for (blk = 0; blk < n; blk++)
+	{
+		Buffer		buf = ReadBufferExtended(rel, FSM_FORKNUM, blk, RBM_ZERO_ON_ERROR, NULL);
+		Page		page = BufferGetPage(buf);
+
+		LockBuffer(buf, BUFFER_LOCK_EXCLUSIVE);
+		if (!PageIsNew(page))
+		{
+			((FSMPage) PageGetContents(page))->fp_next_slot = 0;
+			MarkBufferDirtyHint(buf, false);
+		}
+		UnlockReleaseBuffer(buf);
+	}
 }
 
 /*
