@@ -12,7 +12,9 @@
 # Then the other formats: a 'text' source (payload filled, value NULL, bad
 # UTF-8 to the dead letters), a 'bytes' source (payload byte for byte, also
 # bad UTF-8) and messages with headers (entries.headers is a JSON object,
-# key is bytea, kafka_ts is set).
+# key is bytea, kafka_ts is set).  Last, values large enough for TOAST in
+# several rounds: staging keeps its pages when it is emptied (and truncates
+# its TOAST table), and every round's values arrive whole.
 use strict;
 use warnings;
 
@@ -26,7 +28,7 @@ use SpoolIngest;
 use Test::More;
 
 my $kafka = SpoolKafka->start(
-	topics => [ 'eo_json:4', 'eo_text:2', 'eo_bytes:2', 'eo_hdr:1' ]);
+	topics => [ 'eo_json:4', 'eo_text:2', 'eo_bytes:2', 'eo_hdr:1', 'eo_big:1' ]);
 my $bootstrap = $kafka->bootstrap;
 my $node = spool_node('ingest_exactly_once');
 
@@ -341,14 +343,55 @@ for my $i (0 .. $#docs)
 		't', "eo_h: document $i is stored as jsonb_in makes it");
 }
 
+# ---------------------------------------------------------------------------
+# Values stored out of line in staging (random hex does not compress), in
+# rounds with a promotion between them: the emptied staging table keeps its
+# pages and empties its TOAST table, and no round sees another's values.
+# ---------------------------------------------------------------------------
+sql(qq{SELECT spool.create_source('eo_g', '$bootstrap', ARRAY['eo_big'], '{"batch_ms": 10}')});
+sql("SELECT spool.start_source('eo_g')");
+my %big;
+for my $round (0 .. 3)
+{
+	my $produced = 0;
+	for my $i (0 .. 9)
+	{
+		my $n = $round * 10 + $i;
+		my $hex = join('', map { sprintf('%04x', int(rand(65536))) } 1 .. 1500);
+		$big{$n} = $hex;
+		$produced++
+		  if $kafka->cmd(qq{produce_one eo_big 0 g$n {"n": $n, "r": "$hex"}}) =~
+		  /^OK produced 1 0 $n$/;
+	}
+	is($produced, 10, "eo_big: round $round, 10 values of 6000 hex digits at their offsets");
+	my $upto = ($round + 1) * 10;
+	poll_ok($node, "SELECT count(*) = $upto FROM spool.entries WHERE source = 'eo_g'",
+		"eo_g: round $round promoted");
+}
+my $wrong = 0;
+for my $n (sort { $a <=> $b } keys %big)
+{
+	$wrong++ unless sql(qq{SELECT value->>'r' FROM spool.entries
+		WHERE source = 'eo_g' AND (value->>'n')::int = $n}) eq $big{$n};
+}
+is($wrong, 0, 'eo_g: each of the 40 large values is in the spool whole, at its own offset');
+is(sql(q{SELECT count(*) || '/' || count(DISTINCT kafka_offset) FROM spool.entries WHERE source = 'eo_g'}),
+	'40/40', 'eo_g: 40 entries, one per offset');
+poll_ok($node,
+	q{SELECT (SELECT count(*) FROM spool.staging) = 0
+	    AND pg_relation_size('spool.staging_0') + pg_relation_size('spool.staging_1') > 0
+	    AND (SELECT sum(pg_relation_size(reltoastrelid)) FROM pg_class
+	         WHERE oid IN ('spool.staging_0'::regclass, 'spool.staging_1'::regclass)) = 0},
+	'staging empty, with its pages kept and its TOAST tables emptied');
+
 check_cursors('at the end');
 is( sql(q{SELECT count(*) FROM (SELECT kafka_offset, lag(kafka_offset)
 	OVER (PARTITION BY source, topic, kafka_partition ORDER BY cursor) AS prev
 	FROM spool.entries) x WHERE kafka_offset <= prev}),
 	'0', 'all sources: within a partition, cursor order is offset order');
 poll_ok($node,
-	q{SELECT count(*) = 9 FROM spool.source_status WHERE lag = 0 AND state = 'running'},
-	'all 4 sources (9 partitions) caught up and running');
+	q{SELECT count(*) = 10 FROM spool.source_status WHERE lag = 0 AND state = 'running'},
+	'all 5 sources (10 partitions) caught up and running');
 
 $node->stop;
 $kafka->stop;
