@@ -341,6 +341,14 @@ spool_kafka_conf(const char *brokers, SpoolSourceOptions *o,
 	SETPROP("isolation.level", "read_committed");
 	SETPROP("client.id", "spool_ext");
 	SETPROP("queued.max.messages.kbytes", "65536");
+
+	/*
+	 * librdkafka counts this per consumer queue, not per partition: 100000
+	 * (its default) is less than a second of a fast source, and 2.0's fetcher
+	 * looks at a full queue again only once a second, so the worker waited
+	 * for messages; the 64 MB above stays the bound of the prefetch.
+	 */
+	SETPROP("queued.min.messages", "10000000");
 	for (i = 0; i < o->nkafka; i++)
 		SETPROP(o->kafka_keys[i], o->kafka_values[i]);
 #undef SETPROP
