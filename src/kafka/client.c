@@ -343,12 +343,14 @@ spool_kafka_conf(const char *brokers, SpoolSourceOptions *o,
 	SETPROP("queued.max.messages.kbytes", "65536");
 
 	/*
-	 * librdkafka counts this per consumer queue, not per partition: 100000
-	 * (its default) is less than a second of a fast source, and 2.0's fetcher
-	 * looks at a full queue again only once a second, so the worker waited
-	 * for messages; the 64 MB above stays the bound of the prefetch.
+	 * librdkafka counts queued.min.messages per consumer queue, not per
+	 * partition: its default (100000) is less than a second of a fast source,
+	 * and librdkafka 2.0 looks at a full queue again only once a second, so
+	 * the worker waited for messages.  With 500000 the 64 MB of payload
+	 * above is the bound for messages of more than about 130 bytes; the
+	 * count still bounds librdkafka's overhead per message for small ones.
 	 */
-	SETPROP("queued.min.messages", "10000000");
+	SETPROP("queued.min.messages", "500000");
 	for (i = 0; i < o->nkafka; i++)
 		SETPROP(o->kafka_keys[i], o->kafka_values[i]);
 #undef SETPROP
