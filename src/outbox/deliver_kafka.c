@@ -372,90 +372,6 @@ append_json_string(StringInfo out, const char *str, int len)
 	appendStringInfoCharMacro(out, '"');
 }
 
-/*
- * The numeric's on-disk layout, as numeric.c defines it (it is stored, so
- * it does not change): a uint16 header whose top two bits say short (10),
- * special (11) or long (0x); a short header also holds the sign, the
- * display scale and the weight, a long one the sign and display scale, and
- * an int16 weight after it; then base-10000 digits, the first of weight
- * "weight".
- */
-#define NUM_SHORT 0x8000
-#define NUM_FLAGS 0xC000
-#define NUM_NEG 0x4000
-#define NUM_SHORT_NEG 0x2000
-#define NUM_SHORT_DSCALE 0x1F80
-#define NUM_SHORT_WEIGHT_NEG 0x0040
-#define NUM_SHORT_WEIGHT 0x003F
-#define NUM_DSCALE 0x3FFF
-
-/*
- * Append an integral numeric of at most 16 digits (display scale 0) as
- * numeric_out writes it, without numeric_out's conversion and pallocs; false
- * (nothing appended) for any other numeric.  Most numbers in payloads are
- * such (ids, counts, timestamps); numeric_out was ~8% of producing a row.
- */
-static bool
-append_integral_numeric(StringInfo out, Numeric num)
-{
-	const char *p = (const char *) num;
-	uint16		head;
-	bool		neg;
-	int			dscale;
-	int			weight;
-	const int16 *digits;
-	int			ndigits;
-	uint64		val = 0;
-	char		buf[24];
-	int			len = 0;
-	int			i;
-
-	if (!VARATT_IS_4B_U(p))
-		return false;
-	memcpy(&head, p + VARHDRSZ, sizeof(head));
-	if ((head & NUM_FLAGS) == NUM_SHORT)
-	{
-		neg = (head & NUM_SHORT_NEG) != 0;
-		dscale = (head & NUM_SHORT_DSCALE) >> 7;
-		weight = (head & NUM_SHORT_WEIGHT_NEG) ? (int) (int16) (head | ~NUM_SHORT_WEIGHT) :
-			(head & NUM_SHORT_WEIGHT);
-		digits = (const int16 *) (p + VARHDRSZ + sizeof(uint16));
-		ndigits = (VARSIZE(p) - VARHDRSZ - sizeof(uint16)) / sizeof(int16);
-	}
-	else if ((head & NUM_FLAGS) == NUM_FLAGS)
-		return false;			/* NaN, infinities */
-	else
-	{
-		int16		w;
-
-		neg = (head & NUM_FLAGS) == NUM_NEG;
-		dscale = head & NUM_DSCALE;
-		memcpy(&w, p + VARHDRSZ + sizeof(uint16), sizeof(w));
-		weight = w;
-		digits = (const int16 *) (p + VARHDRSZ + 2 * sizeof(uint16));
-		ndigits = (VARSIZE(p) - VARHDRSZ - 2 * sizeof(uint16)) / sizeof(int16);
-	}
-	if (dscale != 0 || weight > 3 || (ndigits > 0 && (weight < 0 || ndigits > weight + 1)))
-		return false;
-	for (i = 0; i <= weight && ndigits > 0; i++)
-	{
-		int			d = i < ndigits ? digits[i] : 0;
-
-		if (d < 0 || d > 9999)
-			return false;
-		val = val * 10000 + d;
-	}
-	if (neg)
-	{
-		if (val == 0)
-			return false;		/* "-0": numeric_out's business */
-		buf[len++] = '-';
-	}
-	len += pg_ulltoa_n(val, buf + len);
-	appendBinaryStringInfo(out, buf, len);
-	return true;
-}
-
 /* A scalar, as JsonbToCString writes it. */
 static void
 append_json_scalar(StringInfo out, JsonbValue *v)
@@ -469,9 +385,8 @@ append_json_scalar(StringInfo out, JsonbValue *v)
 			append_json_string(out, v->val.string.val, v->val.string.len);
 			break;
 		case jbvNumeric:
-			if (!append_integral_numeric(out, v->val.numeric))
-				appendStringInfoString(out, DatumGetCString(DirectFunctionCall1(numeric_out,
-																				NumericGetDatum(v->val.numeric))));
+			appendStringInfoString(out, DatumGetCString(DirectFunctionCall1(numeric_out,
+																			NumericGetDatum(v->val.numeric))));
 			break;
 		case jbvBool:
 			if (v->val.boolean)
