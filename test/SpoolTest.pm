@@ -22,7 +22,7 @@ use Time::HiRes qw(time);
 
 our @EXPORT = qw(spool_node poll_ok poll_within start_pgbench finish_pgbench
   wait_pid_gone wait_workers worker_row sql_list crash_restart_ok
-  terminate_busy_nonce_workers);
+  terminate_busy_nonce_workers create_retry_function);
 
 # A node with spool_ext preloaded and created in database 'postgres'.
 # %conf overrides or adds postgresql.conf settings (values verbatim);
@@ -137,6 +137,36 @@ sub wait_pid_gone
 		select(undef, undef, undef, 0.05);
 	}
 	return ok($gone, "$what (pid $pid) no longer exists");
+}
+
+# create_retry_function($node): in database postgres, the SQL function
+# retry(stmt) used by client steps under worker terminations: it runs stmt
+# (which returns one bigint) until it succeeds, at most 30 times 50 ms
+# apart, and returns (r, tries, errs: the SQLSTATEs seen).
+sub create_retry_function
+{
+	my ($node) = @_;
+	$node->safe_psql('postgres', <<'EOSQL');
+-- Repeat a call until it succeeds; returns (result, tries, errors seen).
+CREATE FUNCTION retry(p_stmt text, OUT r bigint, OUT tries int, OUT errs text)
+LANGUAGE plpgsql AS $$
+BEGIN
+	tries := 0;
+	errs := '';
+	LOOP
+		tries := tries + 1;
+		BEGIN
+			EXECUTE p_stmt INTO r;
+			RETURN;
+		EXCEPTION WHEN OTHERS THEN
+			errs := errs || SQLSTATE || ' ';
+			IF tries >= 30 THEN RAISE; END IF;
+			PERFORM pg_sleep(0.05);
+		END;
+	END LOOP;
+END
+$$;
+EOSQL
 }
 
 # terminate_busy_nonce_workers($node, $done_sql, $done_n, $what): four

@@ -122,29 +122,11 @@ $lock->quit;
 # (2) request, then report, while the workers are terminated
 ##########################################################################
 
+create_retry_function($node);
 sql(<<'EOSQL');
 CREATE SEQUENCE rid_seq;
 CREATE TABLE req_log (rid text PRIMARY KEY, signer text, nonce bigint,
 					  outcome text, req_tries int, rep_tries int, rep_errs text);
--- Repeat a call until it succeeds; returns (result, tries, errors seen).
-CREATE FUNCTION retry(p_stmt text, OUT r bigint, OUT tries int, OUT errs text)
-LANGUAGE plpgsql AS $$
-BEGIN
-	tries := 0;
-	errs := '';
-	LOOP
-		tries := tries + 1;
-		BEGIN
-			EXECUTE p_stmt INTO r;
-			RETURN;
-		EXCEPTION WHEN OTHERS THEN
-			errs := errs || SQLSTATE || ' ';
-			IF tries >= 30 THEN RAISE; END IF;
-			PERFORM pg_sleep(0.05);
-		END;
-	END LOOP;
-END
-$$;
 -- One client step: request a nonce, then report it (used by nonce, or 1 in
 -- 8 recyclable by request id), each repeated until it succeeds.  A repeated
 -- recyclable report may find its request id gone (SP005) when the first

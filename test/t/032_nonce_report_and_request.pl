@@ -110,31 +110,13 @@ CREATE TABLE signers AS
 	 WHERE k <= 2;
 EOSQL
 
+create_retry_function($node);
 sql(<<'EOSQL');
 -- Each client's chain: its signer, and the request id and nonce it holds.
 CREATE TABLE chain (client int PRIMARY KEY, signer text, seq int, rid text, nonce bigint);
 -- Every nonce a client got; outcome: how the next step reported it.
 CREATE TABLE chain_log (client int, seq int, signer text, rid text, nonce bigint,
 						outcome text, tries int, errs text, PRIMARY KEY (client, seq));
--- Repeat a call until it succeeds; returns (result, tries, errors seen).
-CREATE FUNCTION retry(p_stmt text, OUT r bigint, OUT tries int, OUT errs text)
-LANGUAGE plpgsql AS $$
-BEGIN
-	tries := 0;
-	errs := '';
-	LOOP
-		tries := tries + 1;
-		BEGIN
-			EXECUTE p_stmt INTO r;
-			RETURN;
-		EXCEPTION WHEN OTHERS THEN
-			errs := errs || SQLSTATE || ' ';
-			IF tries >= 30 THEN RAISE; END IF;
-			PERFORM pg_sleep(0.05);
-		END;
-	END LOOP;
-END
-$$;
 -- One client step: the first requests a nonce; every later one reports the
 -- nonce held (by nonce) and takes the next with a new request id, repeated
 -- with that same request id until it succeeds.
