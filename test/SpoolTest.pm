@@ -22,7 +22,7 @@ use Time::HiRes qw(time);
 
 our @EXPORT = qw(spool_node poll_ok poll_within start_pgbench finish_pgbench
   wait_pid_gone wait_workers worker_row sql_list crash_restart_ok
-  terminate_busy_nonce_workers create_retry_function);
+  terminate_busy_nonce_workers create_call_functions start_logged_call);
 
 # A node with spool_ext preloaded and created in database 'postgres'.
 # %conf overrides or adds postgresql.conf settings (values verbatim);
@@ -139,14 +139,28 @@ sub wait_pid_gone
 	return ok($gone, "$what (pid $pid) no longer exists");
 }
 
-# create_retry_function($node): in database postgres, the SQL function
-# retry(stmt) used by client steps under worker terminations: it runs stmt
-# (which returns one bigint) until it succeeds, at most 30 times 50 ms
-# apart, and returns (r, tries, errs: the SQLSTATEs seen).
-sub create_retry_function
+# create_call_functions($node): in database postgres, what the nonce tests'
+# clients call through: table calls and call_logged(tag, stmt), which runs
+# stmt (returning one bigint) and records its result or SQLSTATE under tag;
+# and retry(stmt), for client steps under worker terminations, which runs
+# stmt until it succeeds, at most 30 times 50 ms apart, and returns (r,
+# tries, errs: the SQLSTATEs seen).
+sub create_call_functions
 {
 	my ($node) = @_;
 	$node->safe_psql('postgres', <<'EOSQL');
+CREATE TABLE calls (tag text PRIMARY KEY, result bigint, sqlstate text);
+-- Run one call and record what it returned or raised.
+CREATE FUNCTION call_logged(p_tag text, p_stmt text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE r bigint;
+BEGIN
+	EXECUTE p_stmt INTO r;
+	INSERT INTO calls VALUES (p_tag, r, '00000');
+EXCEPTION WHEN OTHERS THEN
+	INSERT INTO calls VALUES (p_tag, NULL, SQLSTATE);
+END
+$$;
 -- Repeat a call until it succeeds; returns (result, tries, errors seen).
 CREATE FUNCTION retry(p_stmt text, OUT r bigint, OUT tries int, OUT errs text)
 LANGUAGE plpgsql AS $$
@@ -167,6 +181,15 @@ BEGIN
 END
 $$;
 EOSQL
+}
+
+# start_logged_call($node, $tag, $stmt): run call_logged($tag, $stmt) in
+# a client of its own, in the background (finish it with finish_pgbench).
+sub start_logged_call
+{
+	my ($node, $tag, $stmt) = @_;
+	return start_pgbench($node, $tag,
+		"SELECT call_logged('$tag', \$q\$$stmt\$q\$);\n", '-c', 1, '-t', 1);
 }
 
 # terminate_busy_nonce_workers($node, $done_sql, $done_n, $what): four

@@ -30,20 +30,7 @@ my $node = spool_node(
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
-sql(<<'EOSQL');
-CREATE TABLE calls (tag text PRIMARY KEY, result bigint, sqlstate text);
--- Run one call and record what it returned or raised.
-CREATE FUNCTION call_logged(p_tag text, p_stmt text) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE r bigint;
-BEGIN
-	EXECUTE p_stmt INTO r;
-	INSERT INTO calls VALUES (p_tag, r, '00000');
-EXCEPTION WHEN OTHERS THEN
-	INSERT INTO calls VALUES (p_tag, NULL, SQLSTATE);
-END
-$$;
-EOSQL
+create_call_functions($node);
 
 wait_workers($node, 2, 'the launcher to start 2 nonce workers');
 
@@ -63,12 +50,7 @@ my $batches = worker_row($node, $w)->{batches};
 
 # The first call is taken by the worker, which then waits for the row lock.
 my @runs;
-sub call_async
-{
-	my ($tag, $stmt) = @_;
-	push @runs, start_pgbench($node, $tag,
-		"SELECT call_logged('$tag', \$q\$$stmt\$q\$);\n", '-c', 1, '-t', 1);
-}
+sub call_async { push @runs, start_logged_call($node, @_); }
 call_async('first', "SELECT spool.nonce_request('$s', 'a-first')");
 poll_ok($node, "SELECT in_progress = 1 FROM spool.nonce_workers WHERE worker = $w",
 	'the worker to take the first request and wait for the signer row');
@@ -122,7 +104,6 @@ $lock->quit;
 # (2) request, then report, while the workers are terminated
 ##########################################################################
 
-create_retry_function($node);
 sql(<<'EOSQL');
 CREATE SEQUENCE rid_seq;
 CREATE TABLE req_log (rid text PRIMARY KEY, signer text, nonce bigint,
