@@ -232,6 +232,7 @@ StaticAssertDecl(sizeof(SpoolWorkerArgs) <= BGW_EXTRALEN,
 
 extern const SpoolWorkerArgs *spool_worker_args(void);
 extern void spool_worker_attach(Oid database, pqsigfunc on_sigterm);
+extern void spool_worker_keep_memory(size_t mmap_threshold, size_t trim_threshold);
 extern void spool_exit_if_orphaned(void);
 extern void spool_worker_check_extension(void);
 extern void spool_worker_pass(MemoryContext cxt, bool orphanable);

@@ -16,6 +16,9 @@
 #include "postgres.h"
 
 #include <signal.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "access/xact.h"
 #include "catalog/pg_extension.h"
@@ -123,6 +126,23 @@ spool_worker_args(void)
 		loaded = true;
 	}
 	return &worker_args;
+}
+
+/*
+ * Keep memory the worker frees for its reuse, for a worker whose every
+ * batch allocates and frees megabytes: glibc would otherwise give the freed
+ * top of the heap, and each block above its adaptive mmap threshold, back
+ * to the kernel after each batch, and the next batch would fault the same
+ * pages in again, zeroed.  A fixed mmap threshold and a high trim threshold
+ * keep them; the peak stays what one batch needs.
+ */
+void
+spool_worker_keep_memory(size_t mmap_threshold, size_t trim_threshold)
+{
+#ifdef __GLIBC__
+	(void) mallopt(M_MMAP_THRESHOLD, (int) mmap_threshold);
+	(void) mallopt(M_TRIM_THRESHOLD, (int) trim_threshold);
+#endif
 }
 
 /*

@@ -28,9 +28,6 @@
 
 #include <fcntl.h>
 #include <unistd.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -82,22 +79,15 @@ static void ingest_failed(void) pg_attribute_noreturn();
 
 /*
  * Attach: signals, the connection, pinned settings, the batch's memory.
- *
  * Each batch allocates and frees tens of megabytes (its messages, the rows
- * formed for the multi-insert, the staging transaction's memory).  glibc
- * would give the freed top of the heap, and every block above its adaptive
- * mmap threshold, back to the kernel after each batch, and the next batch
- * would fault the same pages in again, zeroed: about a sixth of the
- * worker's CPU.  A fixed mmap threshold and a high trim threshold keep that
- * memory for reuse; the peak stays what one batch needs.
+ * formed for the multi-insert, the staging transaction's memory), which
+ * the worker keeps for the next batch instead of faulting it in again
+ * (about a sixth of its CPU).
  */
 static void
 ingest_attach(void)
 {
-#ifdef __GLIBC__
-	(void) mallopt(M_MMAP_THRESHOLD, INGEST_MMAP_THRESHOLD);
-	(void) mallopt(M_TRIM_THRESHOLD, INGEST_TRIM_THRESHOLD);
-#endif
+	spool_worker_keep_memory(INGEST_MMAP_THRESHOLD, INGEST_TRIM_THRESHOLD);
 	strlcpy(source_name, spool_worker_args()->name, sizeof(source_name));
 	worker_index = spool_worker_args()->index;
 	spool_worker_attach(InvalidOid, NULL);

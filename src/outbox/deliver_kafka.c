@@ -48,6 +48,7 @@
 
 static OutboxTarget *target;
 static rd_kafka_t *rk = NULL;
+static rd_kafka_topic_t *rkt = NULL;	/* target->topic's handle, while rk lives */
 
 /* Transactional mode: the id (and group), and whether init_transactions ran. */
 static char *txn_id = NULL;
@@ -122,6 +123,23 @@ spool_kafka_start(OutboxTarget *t)
 		ereport(ERROR,
 				(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
 				 errmsg("target \"%s\": could not create a Kafka producer: %s", target->name, err)));
+
+	/*
+	 * The topic's handle, kept: producing by name would look the topic up,
+	 * under librdkafka's instance-wide write lock, for every message.
+	 */
+	rkt = rd_kafka_topic_new(rk, target->topic, NULL);
+	if (rkt == NULL)
+	{
+		rd_kafka_resp_err_t terr = rd_kafka_last_error();
+
+		rd_kafka_destroy(rk);
+		rk = NULL;
+		ereport(ERROR,
+				(errcode(ERRCODE_SPOOL_INVALID_ARGUMENT),
+				 errmsg("target \"%s\": kafka topic \"%s\": %s", target->name, target->topic,
+						rd_kafka_err2str(terr))));
+	}
 }
 
 /*
@@ -132,17 +150,12 @@ spool_kafka_start(OutboxTarget *t)
 void
 spool_kafka_warm(void)
 {
-	rd_kafka_topic_t *rkt;
 	const struct rd_kafka_metadata *md = NULL;
 
 	if (rk == NULL)
 		return;
-	rkt = rd_kafka_topic_new(rk, target->topic, NULL);
-	if (rkt == NULL)
-		return;
 	if (rd_kafka_metadata(rk, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR)
 		rd_kafka_metadata_destroy(md);
-	rd_kafka_topic_destroy(rkt);
 }
 
 /* On librdkafka's poll, on our thread: no PostgreSQL calls here. */
@@ -319,57 +332,90 @@ spool_kafka_abandon(void)
 }
 
 /*
- * Append str[0..len) as a JSON string, escaped as escape_json does, but a
- * run of bytes that need no escape at a time.
+ * Does any byte of the 8 in w need an escape in a JSON string (below 0x20,
+ * '"' or '\\')?  The bit tests of "Bit Twiddling Hacks" (a byte below n,
+ * a zero byte of w ^ c), each exact as a whole: a byte of 0x80 and above is
+ * never taken for one below 0x20.
+ */
+#define BYTES(c)		((uint64) 0x0101010101010101 * (c))
+#define HAS_ZERO(w)		(((w) - BYTES(0x01)) & ~(w) & BYTES(0x80))
+#define HAS_BELOW(w, n)	(((w) - BYTES(n)) & ~(w) & BYTES(0x80))
+
+static inline bool
+chunk_needs_escape(uint64 w)
+{
+	return (HAS_BELOW(w, 0x20) | HAS_ZERO(w ^ BYTES('"')) | HAS_ZERO(w ^ BYTES('\\'))) != 0;
+}
+
+/*
+ * Append str[0..len) as a JSON string, escaped as escape_json does: eight
+ * bytes at a time while none needs an escape, a byte at a time in a chunk
+ * where one does, written straight into out (room for the worst case, six
+ * bytes for one, is made once).
  */
 static void
 append_json_string(StringInfo out, const char *str, int len)
 {
 	const char *p = str;
 	const char *end = str + len;
+	char	   *o;
 
-	appendStringInfoCharMacro(out, '"');
+	enlargeStringInfo(out, len * 6 + 2);
+	o = out->data + out->len;
+	*o++ = '"';
 	while (p < end)
 	{
-		const char *run = p;
 		unsigned char c;
 
-		while (p < end && (unsigned char) *p >= ' ' && *p != '"' && *p != '\\')
-			p++;
-		if (p > run)
-			appendBinaryStringInfo(out, run, p - run);
-		if (p == end)
-			break;
+		if (end - p >= 8)
+		{
+			uint64		w;
+
+			memcpy(&w, p, 8);
+			if (!chunk_needs_escape(w))
+			{
+				memcpy(o, p, 8);
+				o += 8;
+				p += 8;
+				continue;
+			}
+		}
 		c = (unsigned char) *p++;
+		if (c >= ' ' && c != '"' && c != '\\')
+		{
+			*o++ = (char) c;
+			continue;
+		}
+		*o++ = '\\';
 		switch (c)
 		{
 			case '\b':
-				appendBinaryStringInfo(out, "\\b", 2);
+				*o++ = 'b';
 				break;
 			case '\f':
-				appendBinaryStringInfo(out, "\\f", 2);
+				*o++ = 'f';
 				break;
 			case '\n':
-				appendBinaryStringInfo(out, "\\n", 2);
+				*o++ = 'n';
 				break;
 			case '\r':
-				appendBinaryStringInfo(out, "\\r", 2);
+				*o++ = 'r';
 				break;
 			case '\t':
-				appendBinaryStringInfo(out, "\\t", 2);
+				*o++ = 't';
 				break;
 			case '"':
-				appendBinaryStringInfo(out, "\\\"", 2);
-				break;
 			case '\\':
-				appendBinaryStringInfo(out, "\\\\", 2);
+				*o++ = (char) c;
 				break;
 			default:
-				appendStringInfo(out, "\\u%04x", (int) c);
+				o += sprintf(o, "u%04x", (int) c);
 				break;
 		}
 	}
-	appendStringInfoCharMacro(out, '"');
+	*o++ = '"';
+	*o = '\0';
+	out->len = o - out->data;
 }
 
 /* A scalar, as JsonbToCString writes it. */
@@ -410,7 +456,7 @@ static StringInfoData value_buf;	/* value_text's, kept across rows */
 #define VALUE_BUF_KEEP (1024 * 1024)	/* a larger one is not kept */
 
 static char *
-value_text(Jsonb *jb)
+value_text(Jsonb *jb, size_t *len)
 {
 	StringInfo	out = &value_buf;
 	JsonbIterator *it = JsonbIteratorInit(&jb->root);
@@ -480,6 +526,7 @@ value_text(Jsonb *jb)
 				elog(ERROR, "unknown jsonb iterator token type");
 		}
 	}
+	*len = out->len;
 	return out->data;
 }
 
@@ -492,23 +539,25 @@ value_text(Jsonb *jb)
 static rd_kafka_resp_err_t
 produce_row(int slot, OutboxRow *r, int i, TimestampTz deadline)
 {
-	rd_kafka_headers_t *h = rd_kafka_headers_new(2);
-	char		idbuf[32];
-	char	   *value = r->barrier ? "{\"barrier\": true}" : value_text(r->payload);
+	rd_kafka_headers_t *h = rd_kafka_headers_new(r->barrier ? 2 : 1);
+	char		idbuf[MAXINT8LEN + 1];
+	int			idlen = pg_lltoa(r->id, idbuf);
+	static const char barrier_value[] = "{\"barrier\": true}";
+	size_t		len = sizeof(barrier_value) - 1;
+	const char *value = r->barrier ? barrier_value : value_text(r->payload, &len);
 	rd_kafka_resp_err_t err;
 
 	dr_err[slot][i] = RD_KAFKA_RESP_ERR_NO_ERROR;
-	snprintf(idbuf, sizeof(idbuf), INT64_FORMAT, r->id);
-	rd_kafka_header_add(h, "spool-outbox-id", -1, idbuf, -1);
+	rd_kafka_header_add(h, "spool-outbox-id", 15, idbuf, idlen);
 	if (r->barrier)
-		rd_kafka_header_add(h, "spool-barrier", -1, "true", -1);
+		rd_kafka_header_add(h, "spool-barrier", 13, "true", 4);
 	for (;;)
 	{
 		err = rd_kafka_producev(rk,
-								RD_KAFKA_V_TOPIC(target->topic),
+								RD_KAFKA_V_RKT(rkt),
 								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 								RD_KAFKA_V_KEY(r->key, r->key ? strlen(r->key) : 0),
-								RD_KAFKA_V_VALUE(value, strlen(value)),
+								RD_KAFKA_V_VALUE((void *) value, len),
 								RD_KAFKA_V_HEADERS(h),
 								RD_KAFKA_V_OPAQUE(TAG(slot, i)),
 								RD_KAFKA_V_END);
@@ -601,6 +650,8 @@ spool_kafka_stop(void)
 	rd_kafka_poll(rk, 0);
 	for (s = 0; s < KAFKA_SLOTS; s++)
 		slot_reset(s);
+	rd_kafka_topic_destroy(rkt);
+	rkt = NULL;
 	rd_kafka_destroy(rk);
 	rk = NULL;
 	txn_ready = false;

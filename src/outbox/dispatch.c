@@ -78,6 +78,8 @@ PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 #define ERROR_BACKOFF_MAX_MS 30000
 #define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
 #define STOP_WATCH_MS		100		/* how often an overdue stop is checked */
+#define KEEP_MMAP_THRESHOLD	(4 * 1024 * 1024)	/* freed batch memory kept for reuse */
+#define KEEP_TRIM_THRESHOLD	(8 * 1024 * 1024)
 
 typedef struct BlockedKey
 {
@@ -1951,6 +1953,8 @@ static void
 dispatch_attach(void)
 {
 	stop_watch_id = RegisterTimeout(USER_TIMEOUT, stop_watch_handler);
+	/* Batches (and librdkafka's messages) allocate and free megabytes each. */
+	spool_worker_keep_memory(KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD);
 	spool_worker_attach(spool_core_shared->database_oid, SignalHandlerForShutdownRequest);
 
 	ds = &spool_outbox_shared->dispatchers[spool_worker_args()->slot];

@@ -109,6 +109,13 @@ SELECT spool.enqueue('pa', 'k', p) AS id, p
     '"raw string"', '123.4500', 'null', 'true', '{}', '[]', '""',
     '{"b": [1, {"c": null, "d": [true, "\\\\u0041"]}], "a": 1, "long key with spaces": "v", "": ""}'
   ]::jsonb[]) p});
+# Strings escaped eight bytes at a time: an escape (or a multibyte
+# character) at each place of a chunk, and across two chunks.
+sql(q{INSERT INTO sent_pa
+SELECT spool.enqueue('pa', 'k', p), p
+  FROM (SELECT jsonb_build_array(repeat('x', i) || chr(c) || repeat('é', i % 3) || repeat('y', 17 - i),
+                                 repeat(chr(c), i)) AS p
+          FROM generate_series(0, 17) i, unnest(ARRAY[1, 9, 10, 31, 34, 92, 127, 233, 26085]) c) s});
 wait_drained($node, 'pa', '(a)', $wait_s);
 my %want = map { split /\|/ }
   split /\n/, sql(q{SELECT id, encode(textsend(p::text), 'hex') FROM sent_pa});
