@@ -20,7 +20,11 @@
 #     spool.outbox_status once, after.  The rows are marked delivered only after Kafka
 #     acknowledged (idempotent) or committed (transactional) them.
 # Each case checks that the topic holds N messages (sum of high watermarks).
-# At the end: a side-by-side table with medians and ratios to kcat.
+# At the end: a side-by-side table with medians and ratios to kcat, and the
+# CPU each case used per row (from /proc: the producing process, its main
+# thread where a dispatcher reads and renders rows, and the test cluster),
+# beside what two cores allow per row at that rate.
+# CPU_DEBUG=1 logs the raw CPU readings of each target run.
 #
 # Usage: bash bench/kafka_target_bench.sh [N] [RUNS]   (defaults 100000, 3)
 # Environment:
@@ -72,7 +76,7 @@ read -r -a CASES <<< "${CASES:-kcat idem1 idem4 txn1 txn4}"
 declare -A label=([kcat]="kcat -P (idempotent producer)" [idem1]="target, idempotent, 1 shard"
 	[idem4]="target, idempotent, 4 shards" [txn1]="target, transactional, 1 shard"
 	[txn4]="target, transactional, 4 shards")
-declare -A rate stat
+declare -A rate stat cpu_main cpu_all cpu_mock
 topic_n=0
 
 # Messages in topic: the sum of its partitions' high watermarks.
@@ -103,21 +107,38 @@ SQL
 sql -c "COPY (SELECT key || E'\t' || payload::text FROM bench_rows ORDER BY key) TO STDOUT" > "$work/rows.tsv"
 log "rows: $N, $(wc -c < "$work/rows.tsv") bytes of key<TAB>value"
 
+# cpu_s PID [main]: CPU seconds (user + system) used so far by every thread
+# of process PID, or by its main thread only.
+# (/proc/PID/stat counts the threads that have exited too.)
+cpu_s() {
+	local f=/proc/$1/stat
+	[ "${2:-}" = main ] && f=/proc/$1/task/$1/stat
+	sed 's/.*) //' "$f" 2> /dev/null |
+		awk -v hz="$(getconf CLK_TCK)" '{t += $12 + $13} END {printf "%.3f\n", t / hz}'
+}
+# per_row CPU_SECONDS: microseconds per row.
+per_row() { echo "($1) * 1000000 / $N" | bc -l; }
+
 run_kcat() {
-	local r=$1 t t0 t1 got
+	local r=$1 t t0 t1 got m0 m1
 	new_topic
 	t=$T
+	m0=$(cpu_s "$KAFKA_PID")
 	t0=$(now)
-	kcat -P -b "$KAFKA_BOOTSTRAP" -t "$t" -K $'\t' -X enable.idempotence=true -X linger.ms=1 \
-		-l "$work/rows.tsv" 2> "$work/kcat.err" || { cat "$work/kcat.err" >&2; exit 1; }
+	( TIMEFORMAT='%U %S'
+	  time kcat -P -b "$KAFKA_BOOTSTRAP" -t "$t" -K $'\t' -X enable.idempotence=true -X linger.ms=1 \
+		-l "$work/rows.tsv" 2> "$work/kcat.err" ) 2> "$work/kcat.time" || { cat "$work/kcat.err" >&2; exit 1; }
 	t1=$(now)
+	m1=$(cpu_s "$KAFKA_PID")
 	got=$(count_topic "$t")
 	[ "$got" = "$N" ] || { log "kcat run $r: topic $t holds $got of $N messages"; exit 1; }
 	rate[kcat,$r]=$(echo "$N / ($t1 - $t0)" | bc -l)
+	cpu_all[kcat,$r]=$(per_row "$(awk '{print $1 + $2}' "$work/kcat.time")")
+	cpu_mock[kcat,$r]=$(per_row "$m1 - $m0")
 }
 
 run_target() {
-	local c=$1 r=$2 t name shards txn t0 t1 got res
+	local c=$1 r=$2 t name shards txn t0 t1 got res pids p m0 m1 cpu0_main cpu0_all cpu1_main cpu1_all
 	new_topic
 	t=$T
 	name="${c}_$r"
@@ -131,6 +152,14 @@ run_target() {
 		[ "$(sql -c "SELECT count(*) FROM spool.outbox_status WHERE target = '$name' AND state = 'idle'")" = "$shards" ] && break
 		sleep 0.01
 	done
+	pids=$(sql -c "SELECT string_agg(pid::text, ' ') FROM spool.outbox_status WHERE target = '$name'")
+	read -r -a pids <<< "$pids"
+	cpu0_main=0 cpu0_all=0
+	for p in "${pids[@]}"; do
+		cpu0_main=$(echo "$cpu0_main + $(cpu_s "$p" main)" | bc -l)
+		cpu0_all=$(echo "$cpu0_all + $(cpu_s "$p")" | bc -l)
+	done
+	m0=$(cpu_s "$KAFKA_PID")
 	# The last row of each shard, noted before the commit: the wait polls
 	# only the shards' positions (a few rows), not spool.outbox_status,
 	# whose backlog counts every row above the position and took most of a
@@ -169,6 +198,16 @@ SELECT extract(epoch FROM clock_timestamp());
 SQL
 )
 	t1=$res
+	m1=$(cpu_s "$KAFKA_PID")
+	cpu1_main=0 cpu1_all=0
+	for p in "${pids[@]}"; do
+		cpu1_main=$(echo "$cpu1_main + $(cpu_s "$p" main)" | bc -l)
+		cpu1_all=$(echo "$cpu1_all + $(cpu_s "$p")" | bc -l)
+	done
+	[ -n "${CPU_DEBUG:-}" ] && log "pids ${pids[*]}: main $cpu0_main -> $cpu1_main, all $cpu0_all -> $cpu1_all, mock $m0 -> $m1"
+	cpu_main[$c,$r]=$(per_row "$cpu1_main - $cpu0_main")
+	cpu_all[$c,$r]=$(per_row "$cpu1_all - $cpu0_all")
+	cpu_mock[$c,$r]=$(per_row "$m1 - $m0")
 	# Covered means delivered: nothing left, nothing parked for a retry.
 	[ "$(sql -c "SELECT sum(backlog) = 0 AND sum(waiting) = 0 FROM spool.outbox_status WHERE target = '$name'")" = t ] ||
 		{ log "$name: positions cover every row, but rows are left or waiting"; exit 1; }
@@ -211,6 +250,28 @@ for c in "${CASES[@]}"; do
 	hi=$(printf '%s\n' "${vals[@]}" | sort -g | tail -1)
 	printf '| %s | %d | %.0f | %.0f | %.0f | %s |\n' "${label[$c]}" "$RUNS" "${M[$c]}" "$lo" "$hi" \
 		"$([ "$c" = kcat ] && echo baseline || printf '%.2fx' "$(echo "${M[$c]} / ${M[kcat]}" | bc -l)")"
+done
+# Where the CPU went, per row: the producing process (kcat, or the shards'
+# dispatchers: their main threads, where PostgreSQL reads and renders the
+# rows, and all threads, with librdkafka's) and the test cluster.  Two cores
+# give at most 2 / rate of CPU per row.
+echo
+echo "CPU per row, microseconds (median over runs; CPU time from /proc, 10 ms ticks)"
+echo
+echo "| case | producer, main thread | producer, all threads | test cluster | total | 2 cores at this rate allow |"
+echo "|------|----------------------:|----------------------:|-------------:|------:|---------------------------:|"
+for c in "${CASES[@]}"; do
+	mains=() alls=() mocks=() tots=()
+	for r in $(seq 1 "$RUNS"); do
+		[ "$c" != kcat ] && mains+=("${cpu_main[$c,$r]}")
+		alls+=("${cpu_all[$c,$r]}")
+		mocks+=("${cpu_mock[$c,$r]}")
+		tots+=("$(echo "${cpu_all[$c,$r]} + ${cpu_mock[$c,$r]}" | bc -l)")
+	done
+	printf '| %s | %s | %.2f | %.2f | %.2f | %.2f |\n' "${label[$c]}" \
+		"$([ "$c" = kcat ] && echo - || printf '%.2f' "$(median "${mains[@]}")")" \
+		"$(median "${alls[@]}")" "$(median "${mocks[@]}")" "$(median "${tots[@]}")" \
+		"$(echo "2000000 / ${M[$c]}" | bc -l)"
 done
 r=$(echo "${M[idem1]} / ${M[kcat]}" | bc -l)
 echo
