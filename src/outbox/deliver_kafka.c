@@ -49,6 +49,7 @@
 static OutboxTarget *target;
 static rd_kafka_t *rk = NULL;
 static rd_kafka_topic_t *rkt = NULL;	/* target->topic's handle, while rk lives */
+static int64 batch_wait_ms = 0;	/* idempotent mode: the target's message.timeout.ms */
 
 /* Transactional mode: the id (and group), and whether init_transactions ran. */
 static char *txn_id = NULL;
@@ -111,6 +112,27 @@ spool_kafka_start(OutboxTarget *t)
 	SETPROP("linger.ms", "1");
 	SETPROP("socket.nagle.disable", "true");
 	spool_outbox_kafka_props(conf, target->kafka);
+
+	/*
+	 * Idempotent mode: librdkafka's own message timeout is turned off, and
+	 * the target's message.timeout.ms bounds the dispatcher's wait instead
+	 * (spool_kafka_wait_ms), after which everything still queued is purged.
+	 * librdkafka times messages out one by one, in the order produced: a
+	 * later message of a partition could then still be written after an
+	 * earlier one of the same key timed out, and the earlier one, sent
+	 * again, would land after it.  A purge takes every queued message of a
+	 * partition at once, so what reaches the broker is always a prefix.
+	 */
+	if (!target->transactional)
+	{
+		char		val[64];
+		size_t		len = sizeof(val);
+
+		if (rd_kafka_conf_get(conf, "message.timeout.ms", val, &len) != RD_KAFKA_CONF_OK)
+			strlcpy(val, KAFKA_DEFAULT_MESSAGE_TIMEOUT, sizeof(val));
+		batch_wait_ms = strtol(val, NULL, 10);
+		SETPROP("message.timeout.ms", "0");
+	}
 	/* Set last: the guarantees rely on it. */
 	SETPROP("enable.idempotence", "true");
 	if (target->transactional && txn_id != NULL)
@@ -140,6 +162,19 @@ spool_kafka_start(OutboxTarget *t)
 				 errmsg("target \"%s\": kafka topic \"%s\": %s", target->name, target->topic,
 						rd_kafka_err2str(terr))));
 	}
+}
+
+/*
+ * How long a batch of the idempotent mode may wait for its acknowledgements
+ * (the target's message.timeout.ms, 30 s by default); -1: no limit (0 was
+ * set).  Starts the producer if it is not running.
+ */
+int64
+spool_kafka_wait_ms(void)
+{
+	if (rk == NULL)
+		spool_kafka_start(target);
+	return batch_wait_ms > 0 ? batch_wait_ms : -1;
 }
 
 /*
@@ -195,16 +230,18 @@ permanent_error(rd_kafka_resp_err_t err)
 }
 
 /*
- * Produce rows[0..n) and wait up to wait_ms for every acknowledgement.
+ * Produce rows[0..n) and wait up to wait ms (-1: no limit) for every
+ * acknowledgement.
  * Returns true when each row was either acknowledged or refused for good
  * (row->failed, row->error set); false, with *target_error, when the
  * target as a whole failed (unreachable, timed out): then nothing may be
  * marked, and the batch is tried again later.
  */
 bool
-spool_kafka_deliver(OutboxRow **rows, int n, int64 wait_ms, char **target_error)
+spool_kafka_deliver(OutboxRow **rows, int n, int64 wait, char **target_error)
 {
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
+	TimestampTz deadline = wait < 0 ? DT_NOEND :
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait);
 	char	   *produce_error = NULL;
 	bool		produced = spool_kafka_produce(SYNC_SLOT, rows, n, deadline, &produce_error);
 

@@ -195,7 +195,8 @@ static bool pipelined(void);
 static void pipe_push(FlushReason reason);
 static bool pipe_settle(int keep);
 static void pipe_abandon(void);
-static void kafka_deliver(OutboxRow **rows, int n, int64 wait_ms);
+static int64 kafka_wait_ms(void);
+static void kafka_deliver(OutboxRow **rows, int n);
 static bool txn_mode(void);
 static void kafka_commit_pause(void);
 static int64 txn_batch(int64 to);
@@ -894,13 +895,26 @@ note_flush(FlushReason reason, int n, double ms)
 	LWLockRelease(spool_outbox_shared->lock);
 }
 
+/*
+ * How long a kafka delivery may wait for its acknowledgements: the target's
+ * message.timeout.ms, or what is left of spool.outbox_close_timeout once a
+ * stop was requested; -1: no limit.
+ */
+static int64
+kafka_wait_ms(void)
+{
+	if (ShutdownRequestPending && spool_outbox_close_timeout_ms > 0)
+		return spool_outbox_close_timeout_ms;
+	return spool_kafka_wait_ms();
+}
+
 /* A Kafka delivery the target as a whole failed (brokers down, timed out): 08006. */
 static void
-kafka_deliver(OutboxRow **rows, int n, int64 wait_ms)
+kafka_deliver(OutboxRow **rows, int n)
 {
 	char	   *err = NULL;
 
-	if (!spool_kafka_deliver(rows, n, wait_ms, &err))
+	if (!spool_kafka_deliver(rows, n, kafka_wait_ms(), &err))
 		ereport(ERROR,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("%s", err)));
@@ -1034,8 +1048,7 @@ flush(FlushReason reason)
 	if (spool_deliver_external() && nsend > 0)
 	{
 		pgstat_report_activity(STATE_RUNNING, "delivering to kafka");
-		kafka_deliver(send, nsend, ShutdownRequestPending && spool_outbox_close_timeout_ms > 0 ?
-					  spool_outbox_close_timeout_ms : 60000);
+		kafka_deliver(send, nsend);
 		for (i = 0; i < nsend; i++)
 			send[i]->sent = true;
 	}
@@ -1079,6 +1092,7 @@ pipe_push(FlushReason reason)
 	InflightBatch *b;
 	MemoryContext spare;
 	char	   *err = NULL;
+	int64		wait;
 	int			slot;
 	int			i;
 
@@ -1101,9 +1115,8 @@ pipe_push(FlushReason reason)
 	b->to = read_upto;
 	b->reason = reason;
 	b->t0 = now;
-	b->deadline = TimestampTzPlusMilliseconds(now, ShutdownRequestPending &&
-											  spool_outbox_close_timeout_ms > 0 ?
-											  spool_outbox_close_timeout_ms : 60000);
+	wait = kafka_wait_ms();
+	b->deadline = wait < 0 ? DT_NOEND : TimestampTzPlusMilliseconds(now, wait);
 	spare = b->cxt;
 	b->cxt = batch_cxt;
 	batch_cxt = spare;
@@ -1143,7 +1156,8 @@ pipe_settle(int keep)
 
 		if (!spool_kafka_done(slot))
 		{
-			if (inflight_n - ndone <= keep)
+			/* Past its deadline (librdkafka times nothing out): the target failed. */
+			if (inflight_n - ndone <= keep && GetCurrentTimestamp() < b->deadline)
 				break;
 			pgstat_report_activity(STATE_RUNNING, "waiting for kafka acknowledgements");
 			if (!spool_kafka_wait(slot, b->deadline))
@@ -1328,7 +1342,7 @@ retry_parked(TimestampTz now)
 	if (txn_mode())
 		nrows = txn_retry(rows, nrows);
 	else if (spool_deliver_external())
-		kafka_deliver(rows, nrows, 60000);
+		kafka_deliver(rows, nrows);
 	spool_begin_txn("retrying parked rows");
 	if (!spool_deliver_external())
 		deliver_local(rows, nrows, true);
@@ -1749,7 +1763,7 @@ deliver_barrier(TimestampTz now)
 			need_reconcile = false; /* refused, and aborted */
 	}
 	else if (spool_deliver_external())
-		kafka_deliver(&b, 1, 60000);
+		kafka_deliver(&b, 1);
 	spool_begin_txn("delivering a barrier");
 	if (!spool_deliver_external())
 		deliver_local(&b, 1, true);
@@ -2173,6 +2187,8 @@ dispatch_failed(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 	if (inflight_n > 0)
 		pipe_abandon();
+	else if (spool_deliver_external() && !txn_mode())
+		spool_kafka_abandon();	/* nothing it sent may be sent after a retry */
 	note_error(ed->message, true);
 	error_backoff_ms = Min(Max(error_backoff_ms * 2, ERROR_BACKOFF_MIN_MS),
 						   ERROR_BACKOFF_MAX_MS);

@@ -23,6 +23,13 @@
 # (d) kill -9 of a dispatcher with batches in flight (acknowledgements
 #     slowed by 200 ms): after the crash and restart every row is in the
 #     topic at least once (none lost), with the same per-key rule.
+# (e) The broker down for longer than message.timeout.ms (2 s) while two
+#     groups of rows on the same keys are produced a second apart, then up
+#     again: the shard gives up by its own deadline ("not every message was
+#     acknowledged in time"; librdkafka, whose own message timeout is off,
+#     timed nothing out, so no later message of a partition can be written
+#     while an earlier one of the same key was dropped), every row arrives,
+#     and per key each copy is a new highest id or a repeat.
 use strict;
 use warnings;
 
@@ -38,7 +45,7 @@ use Time::HiRes qw(time);
 
 my $t_start = time;
 my $wait_s = 90;
-my $kafka = SpoolKafka->start(brokers => 1, topics => [ 'pa:1', 'pb:2', 'pc:2', 'pd:2' ]);
+my $kafka = SpoolKafka->start(brokers => 1, topics => [ 'pa:1', 'pb:2', 'pc:2', 'pd:2', 'pe:2' ]);
 my $bs = $kafka->bootstrap;
 # The test framework turns restart_after_crash off; (d) needs it.
 my $node = spool_node('outbox_kafka_pipeline', restart_after_crash => 'on');
@@ -207,6 +214,34 @@ is(scalar(@missing_d), 0, '(d) every row is in the topic at least once') or diag
 is(scalar(@$bad_d), 0, '(d) per key, each copy is a new highest id or a repeat') or diag(show(@$bad_d));
 is(position_of('pd'), sql('SELECT max(id) FROM sent_pd'), '(d) the position covers every row');
 note '(d) copies: ' . scalar(grep { $count_d->{$_} > 1 } keys %$count_d);
+
+# ---------------------------------------------------------------------------
+# (e) The broker down for longer than message.timeout.ms.
+# ---------------------------------------------------------------------------
+sql(qq{SELECT spool.create_target('pe', 'kafka', '{"brokers": "$bs", "topic": "pe", "batch_size": 10,
+	"kafka": {"message.timeout.ms": 2000, "reconnect.backoff.max.ms": 500}}')});
+wait_dispatchers($node, 'pe', 1);
+my $t_e = sql('SELECT clock_timestamp()');
+is($kafka->cmd('down -1'), 'OK', '(e) the broker down');
+sql(q{CREATE TABLE sent_pe (g int, key text, id bigint)});
+my $enqueue_e = q{INSERT INTO sent_pe
+SELECT g, 'k' || (g % 20), spool.enqueue('pe', 'k' || (g % 20), jsonb_build_object('g', g))
+  FROM generate_series(%d, %d) g ORDER BY g};
+sql(sprintf($enqueue_e, 1, 300));
+sleep 1;
+sql(sprintf($enqueue_e, 301, 600));
+poll_within($node, $wait_s,
+	"SELECT last_error_at >= '$t_e' AND last_error LIKE '%not every message was acknowledged in time%'"
+	  . " FROM spool.outbox_status WHERE target = 'pe'",
+	'(e) the shard gave up by its own deadline, not by a librdkafka message timeout');
+is($kafka->cmd('up -1'), 'OK', '(e) the broker up again');
+wait_drained($node, 'pe', '(e)', $wait_s);
+my $sent_e = { map { split /\|/ } split /\n/, sql('SELECT id, key FROM sent_pe') };
+my ($count_e, $bad_e) = read_topic('pe', 2);
+my @missing_e = grep { !$count_e->{$_} } sort { $a <=> $b } keys %$sent_e;
+is(scalar(@missing_e), 0, '(e) every row arrived') or diag(show(@missing_e));
+is(scalar(@$bad_e), 0, '(e) per key, each copy is a new highest id or a repeat') or diag(show(@$bad_e));
+is(position_of('pe'), sql('SELECT max(id) FROM sent_pe'), '(e) the position covers every row');
 
 $kafka->stop;
 $node->stop;
