@@ -859,6 +859,8 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 	rd_kafka_consumer_group_metadata_t *cgmd;
 	int			i;
 	int			j;
+	OutboxRow **failed;			/* rows[0..i) that failed */
+	int			nfailed = 0;
 	bool		refused = false;
 	bool		too_long = false;
 	char	   *meta = NULL;
@@ -874,17 +876,22 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 	}
 	slot_reset(SYNC_SLOT);
 	memset(dr_err[SYNC_SLOT], 0, sizeof(rd_kafka_resp_err_t) * n);
+	failed = palloc(sizeof(OutboxRow *) * Max(n, 1));
 	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
 	{
 		bool		behind = false;
 
 		rows[i]->sent = false;
-		for (j = 0; j < i && !behind; j++)
-			behind = rows[j]->failed && same_key(rows[i], rows[j]);
-		if (behind)
-			continue;			/* waits behind a refused row of its key */
-		transient = produce_row(SYNC_SLOT, rows[i], i, deadline);
-		rows[i]->sent = !rows[i]->failed;
+		/* Only the failed rows before it are compared (a batch has few, if any). */
+		for (j = 0; j < nfailed && !behind; j++)
+			behind = same_key(rows[i], failed[j]);
+		if (!behind)			/* else it waits behind a refused row of its key */
+		{
+			transient = produce_row(SYNC_SLOT, rows[i], i, deadline);
+			rows[i]->sent = !rows[i]->failed;
+		}
+		if (rows[i]->failed)
+			failed[nfailed++] = rows[i];
 	}
 	if (!await_reports(SYNC_SLOT, deadline))
 		transient = RD_KAFKA_RESP_ERR__TIMED_OUT;
