@@ -825,15 +825,6 @@ spool_kafka_txn_committed(int64 *offset, char **meta, char **err)
 	return rerr == RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
-/* Do two rows have the same key (NULL: no key)? */
-static bool
-same_key(OutboxRow *a, OutboxRow *b)
-{
-	if (a->key == NULL || b->key == NULL)
-		return a->key == b->key;
-	return strcmp(a->key, b->key) == 0;
-}
-
 /*
  * Produce rows[0..n) in one Kafka transaction that also commits offset to,
  * with the metadata meta_fn returns then, for the shard's group, within
@@ -884,7 +875,7 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 		rows[i]->sent = false;
 		/* Only the failed rows before it are compared (a batch has few, if any). */
 		for (j = 0; j < nfailed && !behind; j++)
-			behind = same_key(rows[i], failed[j]);
+			behind = spool_same_key(rows[i]->key, failed[j]->key);
 		if (!behind)			/* else it waits behind a refused row of its key */
 		{
 			transient = produce_row(SYNC_SLOT, rows[i], i, deadline);

@@ -76,7 +76,8 @@ PGDLLEXPORT void spool_dispatch_main(Datum main_arg);
 #define ROTATE_LOCK_MS		50
 #define ERROR_BACKOFF_MIN_MS 100
 #define ERROR_BACKOFF_MAX_MS 30000
-#define RETRY_HEADS_MAX		1000	/* parked keys retried per pass */
+#define RETRY_ROWS_MAX		1000	/* parked rows tried per pass */
+#define TXN_RETRY_ROWS_MAX	150		/* in a transactional target: their ids fit its offset's metadata */
 #define STOP_WATCH_MS		100		/* how often an overdue stop is checked */
 #define KEEP_MMAP_THRESHOLD	(4 * 1024 * 1024)	/* freed batch memory kept for reuse */
 #define KEEP_TRIM_THRESHOLD	(8 * 1024 * 1024)
@@ -179,7 +180,7 @@ static void block_key(const char *key, int delta);
 static void load_parked(void);
 static void reload_parked(void);
 static bool retry_parked(TimestampTz now);
-static int	due_heads(TimestampTz now, MemoryContext cxt, OutboxRow ***rows);
+static int	due_rows(TimestampTz now, MemoryContext cxt, OutboxRow ***rows, int max);
 static void settle_retried(OutboxRow **rows, int nrows);
 static bool read_wanted(TimestampTz now);
 static bool read_rows(TimestampTz now);
@@ -1237,34 +1238,53 @@ reload_parked(void)
 }
 
 /*
- * The heads (lowest id) of the blocked keys that are due, at most
- * RETRY_HEADS_MAX, allocated in cxt; returns how many.
+ * The parked rows to try in one pass, at most max, in key and id order,
+ * allocated in cxt: the head (lowest id) of each blocked key that is due,
+ * and after it the rows of its key that only wait behind it (attempts 0).
+ * So a key whose head gets through drains in one pass, not one row per
+ * pass (and each pass reads every parked row of the shard).  A row tried
+ * after a failed one of its key is not tried (it stays parked); a row
+ * that failed on its own ends its key's run and is tried later, as a head.
+ * Returns how many.
  */
 static int
-due_heads(TimestampTz now, MemoryContext cxt, OutboxRow ***rows)
+due_rows(TimestampTz now, MemoryContext cxt, OutboxRow ***rows, int max)
 {
 	Datum		v[2] = {Int32GetDatum(target->id), Int32GetDatum(my_shard)};
 	bool		isnull;
 	int			nrows = 0;
+	bool		take = false;
+	char	   *prev_key = NULL;
 	uint64		i;
 
 	spool_begin_txn("retrying parked rows");
-	if (SPI_execute_with_args("SELECT DISTINCT ON (key) id, key, payload, barrier, processor, cursor,"
+	if (SPI_execute_with_args("SELECT id, key, payload, barrier, processor, cursor,"
 							  " created_at, attempts, next_attempt_at FROM spool.outbox_retry"
 							  " WHERE target_id = $1 AND shard = $2 ORDER BY key, id",
 							  2, (Oid[]) {INT4OID, INT4OID}, v, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read spool.outbox_retry");
-	*rows = MemoryContextAlloc(cxt, sizeof(OutboxRow *) * Max(SPI_processed, 1));
-	for (i = 0; i < SPI_processed && nrows < RETRY_HEADS_MAX; i++)
+	*rows = MemoryContextAlloc(cxt, sizeof(OutboxRow *) * Max(Min(SPI_processed, max), 1));
+	for (i = 0; i < SPI_processed && nrows < max; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		Datum		due = SPI_getbinval(tup, desc, 9, &isnull);
+		Datum		kd = SPI_getbinval(tup, desc, 2, &isnull);
+		char	   *key = isnull ? NULL : TextDatumGetCString(kd);
+		int32		attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
 
-		if (!isnull && DatumGetTimestampTz(due) > now)
+		if (i == 0 || !spool_same_key(key, prev_key))
+		{
+			Datum		due = SPI_getbinval(tup, desc, 9, &isnull);
+
+			take = isnull || DatumGetTimestampTz(due) <= now;	/* a head */
+		}
+		else if (attempts > 0)
+			take = false;		/* failed on its own: a head of a later pass */
+		prev_key = key;
+		if (!take)
 			continue;
 		(*rows)[nrows] = row_from_tuple(tup, desc, cxt);
-		(*rows)[nrows++]->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		(*rows)[nrows++]->attempts = attempts;
 	}
 	spool_end_txn();
 	return nrows;
@@ -1286,6 +1306,8 @@ settle_retried(OutboxRow **rows, int nrows)
 		OutboxRow  *r = rows[i];
 		Datum		a[4];
 
+		if (!r->sent && !r->failed)
+			continue;			/* not tried (behind a failed row of its key): stays parked */
 		a[0] = Int64GetDatum(r->id);
 		if (r->failed)
 			note_error(r->error, false);
@@ -1336,13 +1358,18 @@ retry_parked(TimestampTz now)
 
 	set_state(DS_RETRYING);
 	/* In the loop's memory, reset each pass. */
-	nrows = due_heads(now, CurrentMemoryContext, &rows);
+	nrows = due_rows(now, CurrentMemoryContext, &rows,
+					 txn_mode() ? TXN_RETRY_ROWS_MAX : RETRY_ROWS_MAX);
 	if (nrows == 0)
 		return false;
 	if (txn_mode())
 		nrows = txn_retry(rows, nrows);
 	else if (spool_deliver_external())
+	{
 		kafka_deliver(rows, nrows);
+		for (i = 0; i < nrows; i++)
+			rows[i]->sent = true;
+	}
 	spool_begin_txn("retrying parked rows");
 	if (!spool_deliver_external())
 		deliver_local(rows, nrows, true);
@@ -1354,9 +1381,9 @@ retry_parked(TimestampTz now)
 	LWLockAcquire(spool_outbox_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < nrows; i++)
 	{
-		if (!rows[i]->failed)
+		if (rows[i]->sent && !rows[i]->failed)
 			ds->delivered++;
-		else if (rows[i]->attempts + 1 <= target->retry_limit)
+		else if (rows[i]->failed && rows[i]->attempts + 1 <= target->retry_limit)
 			ds->retries++;
 	}
 	LWLockRelease(spool_outbox_shared->lock);
@@ -1569,8 +1596,13 @@ txn_retry(OutboxRow **rows, int nrows)
 		for (i = 0; i < nrows; i++)
 		{
 			rows[i]->sent = false;
-			if (!rows[i]->failed)
-				send[nsend++] = rows[i];
+			/* Rows come in key and id order: none goes after a failed row of its key. */
+			if (rows[i]->failed ||
+				(i > 0 && spool_same_key(rows[i]->key, rows[i - 1]->key) &&
+				 (rows[i - 1]->failed || !rows[i - 1]->sent)))
+				continue;
+			rows[i]->sent = true;	/* for now: spool_kafka_txn_deliver says */
+			send[nsend++] = rows[i];
 		}
 		if (nsend == 0)
 			return nrows;

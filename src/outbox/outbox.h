@@ -174,6 +174,15 @@ typedef struct OutboxRow
 	char	   *error;
 } OutboxRow;
 
+/* Are two outbox keys the same (NULL: no key, the same as another NULL)? */
+static inline bool
+spool_same_key(const char *a, const char *b)
+{
+	if (a == NULL || b == NULL)
+		return a == b;
+	return strcmp(a, b) == 0;
+}
+
 struct SpoolBox;
 extern void spool_deliver_init(OutboxTarget *t);
 extern void spool_deliver_box_open(struct SpoolBox *box);

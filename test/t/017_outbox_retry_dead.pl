@@ -24,6 +24,11 @@
 #   (e) A row that fails on its own (its id listed in fail_ids) while the
 #       later rows of its key, in the same batch, would succeed: they wait
 #       behind it and are delivered once each, in order, after it is dead.
+#   (f) 2500 rows parked on one key (target rf, whose function fails for
+#       the keys in fail_keys): once the key recovers they drain in a few
+#       passes, each delivering up to 1000 of the key's rows in order (the
+#       function records its transaction ids: at most 10 transactions, where
+#       one row per pass took 2500), each row once.
 use strict;
 use warnings;
 
@@ -201,6 +206,39 @@ is( sql("SELECT count(*) FROM delivered d, spool.outbox_dead x"
 		  . " WHERE d.key = 'solo' AND x.id = $r1 AND d.at < x.failed_at"),
 	'0', "(e) no later row of the key was delivered before $r1 went to dead letters");
 $e->quit;
+
+# ---------------------------------------------------------------------------
+# (f) Many rows parked on one key drain in few passes.
+# ---------------------------------------------------------------------------
+sql(q{CREATE TABLE rf_tx (xid bigint NOT NULL, outbox_id bigint NOT NULL)});
+sql_target($node, 'rf',
+	'{"retry_limit": 100, "retry_backoff": "50ms", "retry_backoff_max": "200ms", "batch_interval": "5ms"}',
+	table => 'rf_delivered',
+	pre => q{
+	IF EXISTS (SELECT 1 FROM public.fail_keys f WHERE f.key = $2) THEN
+		RAISE EXCEPTION 'injected failure for key % (outbox id %)', $2, $3;
+	END IF;
+	INSERT INTO public.rf_tx VALUES (txid_current(), $3);});
+sql(q{GRANT INSERT ON rf_tx TO deliverer});
+wait_dispatchers($node, 'rf', 1);
+sql(q{INSERT INTO fail_keys VALUES ('hot')});
+sql(q{CREATE TABLE rf_sent AS
+SELECT spool.enqueue('rf', 'hot', jsonb_build_object('n', n)) AS id FROM generate_series(1, 2500) n});
+poll_within($node, 60,
+	q{SELECT count(*) = 2500 FROM spool.outbox_retry r JOIN spool.targets t ON t.id = r.target_id
+	   WHERE t.name = 'rf'},
+	'(f) all 2500 rows of key hot parked');
+sql(q{DELETE FROM fail_keys WHERE key = 'hot'});
+poll_within($node, 120, q{SELECT count(*) = 2500 FROM rf_delivered},
+	'(f) all 2500 delivered once the key recovered');
+is(sql(q{SELECT count(*) FROM (SELECT outbox_id FROM rf_delivered GROUP BY 1 HAVING count(*) > 1) d}),
+	'0', '(f) each row delivered once');
+is(sql(q{SELECT count(*) FROM (SELECT seq, outbox_id, lag(outbox_id) OVER (ORDER BY seq) AS before
+	       FROM rf_delivered) d WHERE outbox_id < before}),
+	'0', '(f) in id order');
+cmp_ok(sql(q{SELECT count(DISTINCT xid) FROM rf_tx}), '<=', 10,
+	'(f) in at most 10 delivering transactions');
+note('(f) delivering transactions: ' . sql(q{SELECT count(DISTINCT xid) FROM rf_tx}));
 
 note(sprintf('total test time %.1fs', time - $t_start));
 $s->quit;
