@@ -111,5 +111,15 @@ CREATE OR REPLACE VIEW @extschema@.processor_status AS
 	  LEFT JOIN @extschema@.processor_checkpoints c ON c.processor = p.name
 	  LEFT JOIN @extschema@.processor_runtime() r ON r.processor = p.name;
 
+------------------------------------------------------------------------------
+-- Segments: the promoter's per-batch lookups read only the live segments
+------------------------------------------------------------------------------
+
+-- Every promotion looks up the top segment (max(hi), max(segment)) and the
+-- live segments its cursors fall in (hi above the range's start); segment_info
+-- keeps a row for each segment ever made, so without an index on hi each of
+-- these read them all.
+CREATE INDEX segment_info_hi ON @extschema@.segment_info (hi);
+
 -- Keep this last: the launcher looks again once the update commits.
 SELECT @extschema@._launcher_wakeup();
