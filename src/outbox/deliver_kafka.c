@@ -826,6 +826,41 @@ spool_kafka_txn_committed(int64 *offset, char **meta, char **err)
 }
 
 /*
+ * Produce rows[0..n) into the sync slot, in the transaction begun: each row
+ * produced is marked sent; a row behind a refused one of its key (failed,
+ * at once or before) is not produced.  Returns the first transient error.
+ */
+static rd_kafka_resp_err_t
+txn_produce(OutboxRow **rows, int n, TimestampTz deadline)
+{
+	rd_kafka_resp_err_t transient = RD_KAFKA_RESP_ERR_NO_ERROR;
+	OutboxRow **failed = palloc(sizeof(OutboxRow *) * Max(n, 1));	/* rows[0..i) that failed */
+	int			nfailed = 0;
+	int			i;
+	int			j;
+
+	slot_reset(SYNC_SLOT);
+	memset(dr_err[SYNC_SLOT], 0, sizeof(rd_kafka_resp_err_t) * n);
+	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+	{
+		bool		behind = false;
+
+		rows[i]->sent = false;
+		/* Only the failed rows before it are compared (a batch has few, if any). */
+		for (j = 0; j < nfailed && !behind; j++)
+			behind = spool_same_key(rows[i]->key, failed[j]->key);
+		if (!behind)			/* else it waits behind a refused row of its key */
+		{
+			transient = produce_row(SYNC_SLOT, rows[i], i, deadline);
+			rows[i]->sent = !rows[i]->failed;
+		}
+		if (rows[i]->failed)
+			failed[nfailed++] = rows[i];
+	}
+	return transient;
+}
+
+/*
  * Produce rows[0..n) in one Kafka transaction that also commits offset to,
  * with the metadata meta_fn returns then, for the shard's group, within
  * wait_ms.  Each row produced is marked sent.  A row librdkafka refuses at
@@ -849,9 +884,6 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 	rd_kafka_topic_partition_list_t *offsets;
 	rd_kafka_consumer_group_metadata_t *cgmd;
 	int			i;
-	int			j;
-	OutboxRow **failed;			/* rows[0..i) that failed */
-	int			nfailed = 0;
 	bool		refused = false;
 	bool		too_long = false;
 	char	   *meta = NULL;
@@ -865,25 +897,7 @@ spool_kafka_txn_deliver(OutboxRow **rows, int n, int64 to, char *(*meta_fn) (voi
 		(void) txn_failed("begin_transaction", error, deadline, err);
 		return KTXN_FAILED;
 	}
-	slot_reset(SYNC_SLOT);
-	memset(dr_err[SYNC_SLOT], 0, sizeof(rd_kafka_resp_err_t) * n);
-	failed = palloc(sizeof(OutboxRow *) * Max(n, 1));
-	for (i = 0; i < n && transient == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
-	{
-		bool		behind = false;
-
-		rows[i]->sent = false;
-		/* Only the failed rows before it are compared (a batch has few, if any). */
-		for (j = 0; j < nfailed && !behind; j++)
-			behind = spool_same_key(rows[i]->key, failed[j]->key);
-		if (!behind)			/* else it waits behind a refused row of its key */
-		{
-			transient = produce_row(SYNC_SLOT, rows[i], i, deadline);
-			rows[i]->sent = !rows[i]->failed;
-		}
-		if (rows[i]->failed)
-			failed[nfailed++] = rows[i];
-	}
+	transient = txn_produce(rows, n, deadline);
 	if (!await_reports(SYNC_SLOT, deadline))
 		transient = RD_KAFKA_RESP_ERR__TIMED_OUT;
 	if (rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
