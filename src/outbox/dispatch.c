@@ -198,6 +198,7 @@ static bool pipe_settle(int keep);
 static void pipe_abandon(void);
 static int64 kafka_wait_ms(void);
 static void kafka_deliver(OutboxRow **rows, int n);
+static void kafka_retry(OutboxRow **rows, int n);
 static bool txn_mode(void);
 static void kafka_commit_pause(void);
 static int64 txn_batch(int64 to);
@@ -1238,6 +1239,45 @@ reload_parked(void)
 }
 
 /*
+ * A retry pass of a kafka target in the default mode (rows[0..n) in key and
+ * id order, as due_rows gives them): the keys' first rows are produced and
+ * acknowledged first, and only then the rows waiting behind those that got
+ * through, so that a first row refused again still holds its key's later
+ * rows back (it is parked, and they stay parked untried).  Rows after a
+ * refused one among those are produced all the same, as in a batch of the
+ * pipeline.  Each row produced is marked sent.
+ */
+static void
+kafka_retry(OutboxRow **rows, int n)
+{
+	OutboxRow **send = palloc(sizeof(OutboxRow *) * Max(n, 1));
+	int			nsend = 0;
+	bool		through = false;	/* the current key's first row got through */
+	int			i;
+
+	for (i = 0; i < n; i++)
+		if (i == 0 || !spool_same_key(rows[i]->key, rows[i - 1]->key))
+			send[nsend++] = rows[i];
+	kafka_deliver(send, nsend);
+	for (i = 0; i < nsend; i++)
+		send[i]->sent = true;
+	nsend = 0;
+	for (i = 0; i < n; i++)
+	{
+		if (i == 0 || !spool_same_key(rows[i]->key, rows[i - 1]->key))
+			through = !rows[i]->failed; /* a first row, produced above */
+		else if (through)
+			send[nsend++] = rows[i];
+		/* else behind a refused first row: not tried, stays parked */
+	}
+	if (nsend == 0)
+		return;
+	kafka_deliver(send, nsend);
+	for (i = 0; i < nsend; i++)
+		send[i]->sent = true;
+}
+
+/*
  * The parked rows to try in one pass, at most max, in key and id order,
  * allocated in cxt: the head (lowest id) of each blocked key that is due,
  * and after it the rows of its key that only wait behind it (attempts 0).
@@ -1365,11 +1405,7 @@ retry_parked(TimestampTz now)
 	if (txn_mode())
 		nrows = txn_retry(rows, nrows);
 	else if (spool_deliver_external())
-	{
-		kafka_deliver(rows, nrows);
-		for (i = 0; i < nrows; i++)
-			rows[i]->sent = true;
-	}
+		kafka_retry(rows, nrows);
 	spool_begin_txn("retrying parked rows");
 	if (!spool_deliver_external())
 		deliver_local(rows, nrows, true);

@@ -10,7 +10,8 @@
 #     batches after it are in flight (acknowledgements slowed by 30 ms,
 #     batch_size 20): it is parked, retried and dead-lettered; every other
 #     row is in the topic exactly once, ids rise per key, nothing is left
-#     parked and the position covers every row.
+#     parked and the position covers every row; the rows of its key parked
+#     behind it are not produced by the pass that retries it.
 # (c) A transient failure of every produce request (the broker answers
 #     TOPIC_AUTHORIZATION_FAILED, an error the target treats as one of the
 #     target as a whole) while batches are in flight (acknowledgements
@@ -157,6 +158,17 @@ is(sql("SELECT count(*) FROM spool.outbox_retry WHERE target = 'pb'"), '0', '(b)
 is(position_of('pb'), sql('SELECT max(id) FROM sent_pb'), '(b) the position covers every row');
 like(sql("SELECT last_error FROM spool.outbox_dead WHERE id = $big"), qr/too large/i,
 	'(b) the dead letter says why');
+# Rows of its key parked behind it are not produced by the pass that retries
+# it (its retry is produced alone first, and refused): none of them was
+# produced in the 60 ms before it went to dead letters (that pass ran at
+# least retry_backoff after the rows in flight at its first failure).
+my $k_big = sql('SELECT key FROM sent_pb WHERE g = 65');
+my $dead_ms = sql("SELECT (extract(epoch FROM failed_at) * 1000)::bigint FROM spool.outbox_dead WHERE id = $big");
+my @early_b = map { $_->{outbox_id} }
+  grep { ($_->{key} // '') eq $k_big && $_->{outbox_id} > $big
+	  && $_->{timestamp} > $dead_ms - 60 && $_->{timestamp} <= $dead_ms } $kafka->consume_all('pb', 2);
+is(scalar(@early_b), 0, "(b) no row of key $k_big was produced with its retry, ahead of its dead letter")
+  or diag(show(@early_b));
 
 # ---------------------------------------------------------------------------
 # (c) Every produce request fails while batches are in flight.
