@@ -230,18 +230,16 @@ permanent_error(rd_kafka_resp_err_t err)
 }
 
 /*
- * Produce rows[0..n) and wait up to wait ms (-1: no limit) for every
- * acknowledgement.
+ * Produce rows[0..n) and wait until deadline (DT_NOEND: no limit) for
+ * every acknowledgement.
  * Returns true when each row was either acknowledged or refused for good
  * (row->failed, row->error set); false, with *target_error, when the
  * target as a whole failed (unreachable, timed out): then nothing may be
  * marked, and the batch is tried again later.
  */
 bool
-spool_kafka_deliver(OutboxRow **rows, int n, int64 wait, char **target_error)
+spool_kafka_deliver(OutboxRow **rows, int n, TimestampTz deadline, char **target_error)
 {
-	TimestampTz deadline = wait < 0 ? DT_NOEND :
-		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait);
 	char	   *produce_error = NULL;
 	bool		produced = spool_kafka_produce(SYNC_SLOT, rows, n, deadline, &produce_error);
 

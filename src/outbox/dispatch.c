@@ -196,9 +196,10 @@ static bool pipelined(void);
 static void pipe_push(FlushReason reason);
 static bool pipe_settle(int keep);
 static void pipe_abandon(void);
-static int64 kafka_wait_ms(void);
+static TimestampTz kafka_deadline(TimestampTz now);
 static void kafka_deliver(OutboxRow **rows, int n);
 static void kafka_retry(OutboxRow **rows, int n);
+static inline bool first_of_key(OutboxRow **rows, int i);
 static bool txn_mode(void);
 static void kafka_commit_pause(void);
 static int64 txn_batch(int64 to);
@@ -898,16 +899,17 @@ note_flush(FlushReason reason, int n, double ms)
 }
 
 /*
- * How long a kafka delivery may wait for its acknowledgements: the target's
- * message.timeout.ms, or what is left of spool.outbox_close_timeout once a
- * stop was requested; -1: no limit.
+ * Until when a kafka delivery begun at now may wait for its
+ * acknowledgements: the target's message.timeout.ms, or
+ * spool.outbox_close_timeout once a stop was requested; DT_NOEND: no limit.
  */
-static int64
-kafka_wait_ms(void)
+static TimestampTz
+kafka_deadline(TimestampTz now)
 {
-	if (ShutdownRequestPending && spool_outbox_close_timeout_ms > 0)
-		return spool_outbox_close_timeout_ms;
-	return spool_kafka_wait_ms();
+	int64		wait = ShutdownRequestPending && spool_outbox_close_timeout_ms > 0 ?
+		spool_outbox_close_timeout_ms : spool_kafka_wait_ms();
+
+	return wait < 0 ? DT_NOEND : TimestampTzPlusMilliseconds(now, wait);
 }
 
 /* A Kafka delivery the target as a whole failed (brokers down, timed out): 08006. */
@@ -916,7 +918,7 @@ kafka_deliver(OutboxRow **rows, int n)
 {
 	char	   *err = NULL;
 
-	if (!spool_kafka_deliver(rows, n, kafka_wait_ms(), &err))
+	if (!spool_kafka_deliver(rows, n, kafka_deadline(GetCurrentTimestamp()), &err))
 		ereport(ERROR,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("%s", err)));
@@ -1094,7 +1096,6 @@ pipe_push(FlushReason reason)
 	InflightBatch *b;
 	MemoryContext spare;
 	char	   *err = NULL;
-	int64		wait;
 	int			slot;
 	int			i;
 
@@ -1117,8 +1118,7 @@ pipe_push(FlushReason reason)
 	b->to = read_upto;
 	b->reason = reason;
 	b->t0 = now;
-	wait = kafka_wait_ms();
-	b->deadline = wait < 0 ? DT_NOEND : TimestampTzPlusMilliseconds(now, wait);
+	b->deadline = kafka_deadline(now);
 	spare = b->cxt;
 	b->cxt = batch_cxt;
 	batch_cxt = spare;
@@ -1238,6 +1238,13 @@ reload_parked(void)
 	spool_end_txn();
 }
 
+/* Is rows[i] the first of its key in rows, which come in key and id order? */
+static inline bool
+first_of_key(OutboxRow **rows, int i)
+{
+	return i == 0 || !spool_same_key(rows[i]->key, rows[i - 1]->key);
+}
+
 /*
  * A retry pass of a kafka target in the default mode (rows[0..n) in key and
  * id order, as due_rows gives them): the keys' first rows are produced and
@@ -1256,7 +1263,7 @@ kafka_retry(OutboxRow **rows, int n)
 	int			i;
 
 	for (i = 0; i < n; i++)
-		if (i == 0 || !spool_same_key(rows[i]->key, rows[i - 1]->key))
+		if (first_of_key(rows, i))
 			send[nsend++] = rows[i];
 	kafka_deliver(send, nsend);
 	for (i = 0; i < nsend; i++)
@@ -1264,7 +1271,7 @@ kafka_retry(OutboxRow **rows, int n)
 	nsend = 0;
 	for (i = 0; i < n; i++)
 	{
-		if (i == 0 || !spool_same_key(rows[i]->key, rows[i - 1]->key))
+		if (first_of_key(rows, i))
 			through = !rows[i]->failed; /* a first row, produced above */
 		else if (through)
 			send[nsend++] = rows[i];
@@ -1634,7 +1641,7 @@ txn_retry(OutboxRow **rows, int nrows)
 			rows[i]->sent = false;
 			/* Rows come in key and id order: none goes after a failed row of its key. */
 			if (rows[i]->failed ||
-				(i > 0 && spool_same_key(rows[i]->key, rows[i - 1]->key) &&
+				(!first_of_key(rows, i) &&
 				 (rows[i - 1]->failed || !rows[i - 1]->sent)))
 				continue;
 			rows[i]->sent = true;	/* for now: spool_kafka_txn_deliver says */

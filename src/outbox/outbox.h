@@ -194,7 +194,8 @@ extern void spool_deliver_shutdown(void);
 #define KAFKA_PIPE_DEPTH 8		/* idempotent mode: batches produced, not yet marked */
 extern void spool_kafka_start(OutboxTarget *t);
 extern int64 spool_kafka_wait_ms(void);
-extern bool spool_kafka_deliver(OutboxRow **rows, int n, int64 wait, char **target_error);
+extern bool spool_kafka_deliver(OutboxRow **rows, int n, TimestampTz deadline,
+								char **target_error);
 extern bool spool_kafka_produce(int slot, OutboxRow **rows, int n, TimestampTz deadline,
 								char **target_error);
 extern bool spool_kafka_done(int slot);
