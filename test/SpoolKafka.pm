@@ -123,6 +123,19 @@ sub produce
 	return $self->cmd(join(' ', 'produce', $topic, $count, @rest));
 }
 
+# $kafka->produce_next($topic, $n, $size, \$seq): produce $n messages of
+# about $size bytes numbered $seq .. $seq + $n - 1 over every partition,
+# check (a test) that all were produced, and move $seq past them.
+sub produce_next
+{
+	my ($self, $topic, $n, $size, $seq) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	Test::More::is($self->produce($topic, $n, -1, $size, $$seq), "OK produced $n",
+		"produce seq $$seq .. " . ($$seq + $n - 1));
+	$$seq += $n;
+	return;
+}
+
 sub wmarks
 {
 	my ($self, $topic, $partition) = @_;

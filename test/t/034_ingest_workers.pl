@@ -39,11 +39,8 @@ my $next_seq = 0;
 
 sub produce
 {
-	my ($n) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	is($kafka->produce('iw', $n, -1, 200, $next_seq), "OK produced $n",
-		"produce seq $next_seq .. " . ($next_seq + $n - 1));
-	$next_seq += $n;
+	$kafka->produce_next('iw', $_[0], 200, \$next_seq);
 }
 
 # The running ingest workers of iw, as "name:pid;..." sorted by name.
