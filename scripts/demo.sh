@@ -277,8 +277,15 @@ sleep 3
 stopped_pid=$(val "SELECT pid FROM spool.nonce_workers WHERE worker = 1")
 echo "stalling nonce worker 1 (pid $stopped_pid) with SIGSTOP under load"
 kill -STOP "$stopped_pid"
+# Continued once the load's 10 s are over at the latest: a worker stopped
+# inside one of its short holds of the nonce lock holds every nonce request
+# up (as any stopped PostgreSQL process holding a lock does), and pgbench
+# would then never finish.
+( sleep 8; kill -CONT "$stopped_pid" 2>/dev/null ) &
+unstall=$!
 wait "$bench" || true
 kill -CONT "$stopped_pid"
+kill "$unstall" 2>/dev/null || true
 echo "load finished; the stalled worker was continued and exits on its own"
 grep -E "^(number of transactions actually processed|number of failed|tps)" "$work/pgbench.out" || cat "$work/pgbench.out"
 
