@@ -284,7 +284,7 @@ kill -STOP "$stopped_pid"
 ( sleep 8; kill -CONT "$stopped_pid" 2>/dev/null ) &
 unstall=$!
 wait "$bench" || true
-kill -CONT "$stopped_pid"
+kill -CONT "$stopped_pid" 2>/dev/null || true	# (continued already, it may have exited)
 kill "$unstall" 2>/dev/null || true
 echo "load finished; the stalled worker was continued and exits on its own"
 grep -E "^(number of transactions actually processed|number of failed|tps)" "$work/pgbench.out" || cat "$work/pgbench.out"
